@@ -1,0 +1,55 @@
+# haproxy-connect. `make test` is what CI runs; it installs what it needs.
+SHELL := /bin/bash
+GO    ?= go
+# A built consul is kept outside the work tree too, keyed by the hash of its
+# module, so a fresh clone on a warm machine does not rebuild it.
+CONSUL_CACHE ?= $(HOME)/.cache/haproxy-connect
+CONSUL_KEY    = $(shell cat testenv/consulbin/go.mod testenv/consulbin/go.sum testenv/consulbin/main.go | sha256sum | cut -c1-16)
+FUZZTIME     ?= 10s
+
+.PHONY: all build deps packages consul test lint bench demo clean
+
+all: build
+
+build:
+	$(GO) build -o bin/haproxy-connect ./cmd/haproxy-connect
+
+deps: packages consul
+
+# haproxy and socat from Debian when missing (we are root on CI machines).
+packages:
+	@missing=""; \
+	command -v haproxy >/dev/null 2>&1 || missing="$$missing haproxy"; \
+	command -v socat   >/dev/null 2>&1 || missing="$$missing socat"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+	@haproxy -v | head -1
+
+# bin/consul from the github.com/hashicorp/consul module (not in Debian).
+# About 10 minutes cold on 2 cores, then seconds.
+consul:
+	@mkdir -p bin $(CONSUL_CACHE); \
+	cached=$(CONSUL_CACHE)/consul-$(CONSUL_KEY); \
+	if [ -x bin/consul ] && cmp -s bin/consul $$cached; then exit 0; fi; \
+	if [ ! -x $$cached ]; then \
+		echo "building consul (first time: about 10 minutes)"; \
+		(cd testenv/consulbin && $(GO) build -trimpath -ldflags='-s -w' -o $$cached.tmp .) && mv $$cached.tmp $$cached || exit 1; \
+	fi; \
+	cp $$cached bin/consul; bin/consul version | head -1
+
+test: deps
+	$(GO) vet ./...
+	$(GO) test -count=1 ./...
+	$(GO) test -count=1 -race ./runtime/... ./controller/... ./spoa/...
+	$(GO) test ./bootstrap -run '^$$' -fuzz FuzzRender -fuzztime $(FUZZTIME)
+
+lint:
+	$(GO) vet ./...
+	$(GO) mod tidy -diff
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@2025.1.1 ./...
+
+clean:
+	rm -rf bin

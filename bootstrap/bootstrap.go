@@ -1,0 +1,393 @@
+// Package bootstrap renders the HAProxy configuration (and its SPOE file)
+// for one sidecar from a Spec: the public mTLS listener, the local app
+// backend, and per upstream a frontend and a backend of server slots. It is
+// pure: it validates every value and returns text; it writes nothing.
+package bootstrap
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/haproxy-connect/haproxy-connect/slots"
+)
+
+// ErrInvalid is wrapped by every validation error.
+var ErrInvalid = errors.New("invalid sidecar spec")
+
+// Spec describes one sidecar. Every string in it may come from Consul, and
+// is validated before it reaches the configuration.
+type Spec struct {
+	// Service is the destination service this sidecar fronts (logs only).
+	Service string
+	// Files, all absolute paths. Leaf holds the leaf chain and its key,
+	// Roots every trusted CA root.
+	LeafFile, RootsFile, SPOEFile string
+	// SPOAAddr is the SPOE agent's loopback address:port.
+	SPOAAddr string
+	// HardStopAfter bounds how long an old worker may live after a reload.
+	HardStopAfter time.Duration
+	// AccessLog sends one log line per connection/request to stdout.
+	AccessLog bool
+	Public    Public
+	Upstreams []Upstream
+}
+
+// Public is the inbound mTLS listener and the local application behind it.
+type Public struct {
+	BindAddr       string
+	BindPort       int
+	Protocol       string // tcp (default), http, http2, grpc
+	LocalAddr      string
+	LocalPort      int
+	ConnectTimeout time.Duration // local_connect_timeout_ms
+}
+
+// Upstream is one local port forwarding to a service's endpoints.
+type Upstream struct {
+	// Name is the backend and frontend identifier (see UpstreamName).
+	Name string
+	// Destination is the upstream service (or prepared query) name.
+	Destination    string
+	BindAddr       string
+	BindPort       int
+	Protocol       string
+	ConnectTimeout time.Duration
+	// Slots is the current endpoint-to-slot assignment; its size is the
+	// number of servers rendered.
+	Slots slots.Table
+}
+
+// Names of the fixed sections, used by the controller too.
+const (
+	PublicFrontend = "public_listener"
+	LocalBackend   = "local_app"
+	SPOEBackend    = "spoe_agents"
+	SPOEEngine     = "intentions"
+	VarPrefix      = "hc"
+	SlotPrefix     = "s"
+)
+
+var (
+	identRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
+	pathRE  = regexp.MustCompile(`^/[A-Za-z0-9_./+-]{1,255}$`)
+)
+
+// UpstreamName derives the HAProxy identifier of an upstream from its
+// destination and datacenter ("up_web", "up_web_dc2"). It fails for names
+// outside HAProxy's identifier alphabet instead of rewriting them, so two
+// names can never collide into one backend.
+func UpstreamName(destination, datacenter string) (string, error) {
+	if !identRE.MatchString(destination) {
+		return "", fmt.Errorf("%w: upstream destination %q: only letters, digits, '-', '_' and '.' are allowed", ErrInvalid, destination)
+	}
+	name := "up_" + destination
+	if datacenter != "" {
+		if !identRE.MatchString(datacenter) {
+			return "", fmt.Errorf("%w: upstream %q datacenter %q", ErrInvalid, destination, datacenter)
+		}
+		name += "_" + datacenter
+	}
+	return name, nil
+}
+
+// Mode maps a Consul protocol to an HAProxy mode. Unknown protocols are
+// served as tcp, as Consul's own proxies do.
+func Mode(protocol string) string {
+	switch protocol {
+	case "http", "http2", "grpc":
+		return "http"
+	}
+	return "tcp"
+}
+
+func checkProtocol(what, p string) error {
+	switch p {
+	case "", "tcp", "http", "http2", "grpc":
+		return nil
+	}
+	return fmt.Errorf("%w: %s protocol %q (want tcp, http, http2 or grpc)", ErrInvalid, what, p)
+}
+
+func checkAddrPort(what, addr string, port int) error {
+	if _, err := netip.ParseAddr(addr); err != nil {
+		return fmt.Errorf("%w: %s address %q is not an IP literal", ErrInvalid, what, addr)
+	}
+	if port < 1 || port > 65535 {
+		return fmt.Errorf("%w: %s port %d out of range 1-65535", ErrInvalid, what, port)
+	}
+	return nil
+}
+
+func checkTimeout(what string, d time.Duration) error {
+	if d < 0 || d > 24*time.Hour {
+		return fmt.Errorf("%w: %s timeout %s out of range 0-24h", ErrInvalid, what, d)
+	}
+	return nil
+}
+
+// ValidateUpstream checks one upstream on its own, so that a caller can
+// drop a bad one and keep the rest.
+func ValidateUpstream(u Upstream) error {
+	if !identRE.MatchString(u.Name) {
+		return fmt.Errorf("%w: upstream name %q", ErrInvalid, u.Name)
+	}
+	if !identRE.MatchString(u.Destination) {
+		return fmt.Errorf("%w: upstream %s destination %q", ErrInvalid, u.Name, u.Destination)
+	}
+	if err := checkAddrPort("upstream "+u.Name+" bind", u.BindAddr, u.BindPort); err != nil {
+		return err
+	}
+	if err := checkProtocol("upstream "+u.Name, u.Protocol); err != nil {
+		return err
+	}
+	if err := checkTimeout("upstream "+u.Name+" connect", u.ConnectTimeout); err != nil {
+		return err
+	}
+	if u.Slots.Backend != u.Name || u.Slots.Prefix != SlotPrefix || len(u.Slots.Slots) == 0 {
+		return fmt.Errorf("%w: upstream %s slot table (backend %q, prefix %q, %d slots)", ErrInvalid, u.Name, u.Slots.Backend, u.Slots.Prefix, len(u.Slots.Slots))
+	}
+	for _, s := range u.Slots.Slots {
+		if s.Used {
+			if err := checkAddrPort("upstream "+u.Name+" endpoint", s.Addr, s.Port); err != nil {
+				return err
+			}
+			if s.Weight < 0 || s.Weight > slots.MaxWeight {
+				return fmt.Errorf("%w: upstream %s endpoint weight %d", ErrInvalid, u.Name, s.Weight)
+			}
+		}
+	}
+	return nil
+}
+
+// Validate checks the whole spec.
+func (s Spec) Validate() error {
+	if s.Service != "" && !identRE.MatchString(s.Service) {
+		return fmt.Errorf("%w: service name %q", ErrInvalid, s.Service)
+	}
+	for _, f := range []string{s.LeafFile, s.RootsFile, s.SPOEFile} {
+		if !pathRE.MatchString(f) {
+			return fmt.Errorf("%w: file path %q", ErrInvalid, f)
+		}
+	}
+	host, port, err := splitHostPort(s.SPOAAddr)
+	if err != nil {
+		return fmt.Errorf("%w: spoe agent address %q: %v", ErrInvalid, s.SPOAAddr, err)
+	}
+	if err := checkAddrPort("spoe agent", host, port); err != nil {
+		return err
+	}
+	if s.HardStopAfter <= 0 || s.HardStopAfter > 24*time.Hour {
+		return fmt.Errorf("%w: hard-stop-after %s", ErrInvalid, s.HardStopAfter)
+	}
+	p := s.Public
+	if err := checkAddrPort("public listener", p.BindAddr, p.BindPort); err != nil {
+		return err
+	}
+	if err := checkAddrPort("local service", p.LocalAddr, p.LocalPort); err != nil {
+		return err
+	}
+	if err := checkProtocol("public listener", p.Protocol); err != nil {
+		return err
+	}
+	if err := checkTimeout("local connect", p.ConnectTimeout); err != nil {
+		return err
+	}
+	seenName := map[string]bool{}
+	seenBind := map[string]string{netip.AddrPortFrom(netip.MustParseAddr(p.BindAddr), uint16(p.BindPort)).String(): "public listener"}
+	for _, u := range s.Upstreams {
+		if err := ValidateUpstream(u); err != nil {
+			return err
+		}
+		if seenName[u.Name] {
+			return fmt.Errorf("%w: two upstreams named %s", ErrInvalid, u.Name)
+		}
+		seenName[u.Name] = true
+		b := netip.AddrPortFrom(netip.MustParseAddr(u.BindAddr), uint16(u.BindPort)).String()
+		if other, ok := seenBind[b]; ok {
+			return fmt.Errorf("%w: upstream %s binds %s, already bound by %s", ErrInvalid, u.Name, b, other)
+		}
+		seenBind[b] = u.Name
+	}
+	return nil
+}
+
+func splitHostPort(s string) (string, int, error) {
+	ap, err := netip.ParseAddrPort(s)
+	if err != nil {
+		return "", 0, err
+	}
+	return ap.Addr().String(), int(ap.Port()), nil
+}
+
+// addr renders an address for a bind or server line (IPv6 in brackets is
+// not needed by HAProxy's "addr:port" parser, which splits on the last
+// colon, but brackets read better and are accepted).
+func addr(a string, port int) string {
+	return netip.AddrPortFrom(netip.MustParseAddr(a), uint16(port)).String()
+}
+
+func ms(d time.Duration) string { return strconv.FormatInt(d.Milliseconds(), 10) + "ms" }
+
+// Render returns the HAProxy configuration for s.
+func Render(s Spec) (string, error) {
+	if err := s.Validate(); err != nil {
+		return "", err
+	}
+	var b strings.Builder
+	w := func(format string, args ...any) { fmt.Fprintf(&b, format+"\n", args...) }
+
+	w("# Rendered by haproxy-connect for service %s. Endpoints and certificates", orDash(s.Service))
+	w("# change at run time through the master socket; this file changes only")
+	w("# when upstreams, binds or modes do.")
+	w("global")
+	w("    hard-stop-after %s", ms(s.HardStopAfter))
+	w("    ssl-default-bind-options ssl-min-ver TLSv1.2")
+	w("    ssl-default-server-options ssl-min-ver TLSv1.2")
+	w("    tune.ssl.default-dh-param 2048")
+	if s.AccessLog {
+		w("    log stdout format raw local0 info")
+	}
+	w("")
+	w("defaults")
+	w("    log global")
+	w("    timeout connect 5s")
+	w("    timeout client 1h")
+	w("    timeout server 1h")
+	w("    timeout http-request 30s")
+	w("    timeout http-keep-alive 1m")
+	w("")
+
+	p := s.Public
+	mode := Mode(p.Protocol)
+	w("frontend %s", PublicFrontend)
+	w("    mode %s", mode)
+	alpn := ""
+	if mode == "http" {
+		alpn = " alpn h2,http/1.1"
+	}
+	w("    bind %s ssl crt %s ca-file %s verify required%s", addr(p.BindAddr, p.BindPort), s.LeafFile, s.RootsFile, alpn)
+	w("    filter spoe engine %s config %s", SPOEEngine, s.SPOEFile)
+	w("    tcp-request inspect-delay 5s")
+	w("    tcp-request content reject unless { var(sess.%s.allowed) -m bool }", VarPrefix)
+	if s.AccessLog {
+		if mode == "http" {
+			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] %%HM %%HU %%ST %%B %%Tt %%b/%%s"`, VarPrefix)
+		} else {
+			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] %%B %%Tt %%b/%%s %%ts"`, VarPrefix)
+		}
+	} else {
+		w("    no log")
+	}
+	w("    default_backend %s", LocalBackend)
+	w("")
+	w("backend %s", LocalBackend)
+	w("    mode %s", mode)
+	if p.ConnectTimeout > 0 {
+		w("    timeout connect %s", ms(p.ConnectTimeout))
+	}
+	w("    server app %s", addr(p.LocalAddr, p.LocalPort))
+	w("")
+	w("backend %s", SPOEBackend)
+	w("    mode tcp")
+	w("    timeout connect 1s")
+	w("    timeout server 3m")
+	w("    server agent %s", s.SPOAAddr)
+
+	ups := slices.Clone(s.Upstreams)
+	slices.SortFunc(ups, func(a, b Upstream) int { return strings.Compare(a.Name, b.Name) })
+	for _, u := range ups {
+		mode := Mode(u.Protocol)
+		w("")
+		w("frontend %s", u.Name)
+		w("    mode %s", mode)
+		w("    bind %s", addr(u.BindAddr, u.BindPort))
+		if s.AccessLog {
+			if mode == "http" {
+				w("    option httplog")
+			} else {
+				w("    option tcplog")
+			}
+		} else {
+			w("    no log")
+		}
+		w("    default_backend %s", u.Name)
+		w("")
+		w("backend %s", u.Name)
+		w("    mode %s", mode)
+		w("    balance roundrobin")
+		if u.ConnectTimeout > 0 {
+			w("    timeout connect %s", ms(u.ConnectTimeout))
+		}
+		alpn := ""
+		if mode == "http" && u.Protocol != "http" {
+			alpn = " alpn h2"
+		}
+		w("    default-server ssl crt %s ca-file %s verify required%s", s.LeafFile, s.RootsFile, alpn)
+		renderSlots(w, u.Slots)
+	}
+	return b.String(), nil
+}
+
+// renderSlots writes used slots as servers at their endpoints and runs of
+// free slots as server-template ranges parked in maintenance.
+func renderSlots(w func(string, ...any), t slots.Table) {
+	run := 0 // first slot number of the current free run, 0 for none
+	flush := func(end int) {
+		if run > 0 {
+			w("    server-template %s %d-%d %s:%d disabled", t.Prefix, run, end, slots.ParkAddr, slots.ParkPort)
+			run = 0
+		}
+	}
+	for i, sl := range t.Slots {
+		n := i + 1
+		if !sl.Used {
+			if run == 0 {
+				run = n
+			}
+			continue
+		}
+		flush(n - 1)
+		w("    server %s %s weight %d", sl.Name, addr(sl.Addr, sl.Port), sl.Weight)
+	}
+	flush(len(t.Slots))
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// RenderSPOE returns the SPOE configuration that sends each inbound
+// connection's client certificate (HAProxy 2.6 cannot read URI SANs, so the
+// whole DER goes to the agent) and expects sess.<prefix>.allowed back. The
+// message fires only in the public listener, the one frontend with the
+// filter. On agent errors or timeouts the variable stays unset and the
+// listener rejects: fail closed.
+func RenderSPOE(s Spec) (string, error) {
+	if err := s.Validate(); err != nil {
+		return "", err
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "[%s]\n", SPOEEngine)
+	fmt.Fprintf(&b, "spoe-agent %s-agent\n", SPOEEngine)
+	b.WriteString("    messages authorize\n")
+	fmt.Fprintf(&b, "    option var-prefix %s\n", VarPrefix)
+	b.WriteString("    option set-on-error error\n")
+	b.WriteString("    timeout hello 2s\n")
+	b.WriteString("    timeout idle 2m\n")
+	b.WriteString("    timeout processing 1s\n")
+	fmt.Fprintf(&b, "    use-backend %s\n", SPOEBackend)
+	b.WriteString("\n")
+	b.WriteString("spoe-message authorize\n")
+	b.WriteString("    args cert=ssl_c_der\n")
+	b.WriteString("    event on-frontend-tcp-request\n")
+	return b.String(), nil
+}

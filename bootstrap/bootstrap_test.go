@@ -1,0 +1,185 @@
+package bootstrap
+
+import (
+	"errors"
+	"flag"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/haproxy-connect/haproxy-connect/slots"
+	"github.com/haproxy-connect/haproxy-connect/testenv"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files")
+
+// goldenState is the state directory the golden files are rendered with; the
+// haproxy -c check substitutes a real directory.
+const goldenState = "/state"
+
+func baseSpec() Spec {
+	return Spec{
+		Service:       "web",
+		LeafFile:      goldenState + "/leaf.pem",
+		RootsFile:     goldenState + "/roots.pem",
+		SPOEFile:      goldenState + "/spoe.cfg",
+		SPOAAddr:      "127.0.0.1:21999",
+		HardStopAfter: 30 * time.Second,
+		Public: Public{
+			BindAddr: "0.0.0.0", BindPort: 21000, Protocol: "tcp",
+			LocalAddr: "127.0.0.1", LocalPort: 8080,
+		},
+	}
+}
+
+func upstream(dest string, port int, protocol string, n int, used ...slots.Endpoint) Upstream {
+	name, err := UpstreamName(dest, "")
+	if err != nil {
+		panic(err)
+	}
+	_, table, _ := slots.Plan(slots.New(name, SlotPrefix, n), used)
+	return Upstream{Name: name, Destination: dest, BindAddr: "127.0.0.1", BindPort: port, Protocol: protocol, Slots: table}
+}
+
+func goldenSpecs() map[string]Spec {
+	tcpOnly := baseSpec()
+
+	http := baseSpec()
+	http.Public.Protocol = "http"
+	http.Public.ConnectTimeout = 1500 * time.Millisecond
+	http.AccessLog = true
+	db := upstream("db", 9192, "tcp", 8)
+	db.ConnectTimeout = 250 * time.Millisecond
+	http.Upstreams = []Upstream{
+		upstream("api", 9191, "http", 8,
+			slots.Endpoint{Addr: "10.0.0.1", Port: 21000, Weight: 1},
+			slots.Endpoint{Addr: "10.0.0.2", Port: 21000, Weight: 5}),
+		db,
+		upstream("grpc-svc", 9193, "grpc", 4, slots.Endpoint{Addr: "fd00::7", Port: 21000, Weight: 1}),
+	}
+
+	// Freed slots in the middle render as several template ranges.
+	holes := baseSpec()
+	u := upstream("api", 9191, "tcp", 8,
+		slots.Endpoint{Addr: "10.0.0.1", Port: 1, Weight: 1}, slots.Endpoint{Addr: "10.0.0.2", Port: 2, Weight: 1},
+		slots.Endpoint{Addr: "10.0.0.3", Port: 3, Weight: 1}, slots.Endpoint{Addr: "10.0.0.4", Port: 4, Weight: 1})
+	_, u.Slots, _ = slots.Plan(u.Slots, []slots.Endpoint{{Addr: "10.0.0.1", Port: 1, Weight: 1}, {Addr: "10.0.0.3", Port: 3, Weight: 1}})
+	holes.Upstreams = []Upstream{u}
+	holes.Public.BindAddr = "::"
+
+	return map[string]Spec{"tcp_no_upstreams": tcpOnly, "http_three_upstreams": http, "slot_holes_ipv6_bind": holes}
+}
+
+func TestRenderGolden(t *testing.T) {
+	for name, spec := range goldenSpecs() {
+		t.Run(name, func(t *testing.T) {
+			got, err := Render(spec)
+			if err != nil {
+				t.Fatal(err)
+			}
+			path := filepath.Join("testdata", name+".golden")
+			if *update {
+				if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatalf("%v (run go test ./bootstrap -update)", err)
+			}
+			if diff := cmp.Diff(string(want), got); diff != "" {
+				t.Errorf("config (-golden +rendered):\n%s", diff)
+			}
+		})
+	}
+}
+
+// TestGoldenFilesPassHAProxyCheck runs haproxy -c on every golden file, with
+// real certificate files and the rendered SPOE file in place.
+func TestGoldenFilesPassHAProxyCheck(t *testing.T) {
+	bin := testenv.HAProxyBin(t)
+	goldens, err := filepath.Glob("testdata/*.golden")
+	if err != nil || len(goldens) == 0 {
+		t.Fatalf("no golden files: %v", err)
+	}
+	ca := testenv.NewCA(t, "test root")
+	cert, key := ca.Leaf(t, "spiffe://test.consul/ns/default/dc/dc1/svc/web")
+	for _, g := range goldens {
+		t.Run(filepath.Base(g), func(t *testing.T) {
+			dir := t.TempDir()
+			testenv.WriteFile(t, dir, "leaf.pem", cert+key)
+			testenv.WriteFile(t, dir, "roots.pem", ca.CertPEM)
+			spoe, err := RenderSPOE(baseSpec())
+			if err != nil {
+				t.Fatal(err)
+			}
+			testenv.WriteFile(t, dir, "spoe.cfg", spoe)
+			text, err := os.ReadFile(g)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg := testenv.WriteFile(t, dir, "haproxy.cfg", strings.ReplaceAll(string(text), goldenState+"/", dir+"/"))
+			out, err := exec.Command(bin, "-c", "-f", cfg).CombinedOutput()
+			if err != nil {
+				t.Fatalf("haproxy -c: %v\n%s", err, out)
+			}
+			if strings.Contains(string(out), "[WARNING]") || strings.Contains(string(out), "[ALERT]") {
+				t.Errorf("haproxy -c warns:\n%s", out)
+			}
+		})
+	}
+}
+
+func TestValidateRejects(t *testing.T) {
+	tests := []struct {
+		name   string
+		mutate func(*Spec)
+	}{
+		{"newline in upstream name", func(s *Spec) { s.Upstreams[0].Name = "up_x\n    server evil 1.2.3.4:80" }},
+		{"space in destination", func(s *Spec) { s.Upstreams[0].Destination = "a b" }},
+		{"hostname bind", func(s *Spec) { s.Upstreams[0].BindAddr = "localhost" }},
+		{"bind port out of range", func(s *Spec) { s.Upstreams[0].BindPort = 70000 }},
+		{"bind port zero", func(s *Spec) { s.Upstreams[0].BindPort = 0 }},
+		{"unknown protocol", func(s *Spec) { s.Upstreams[0].Protocol = "tcp\nglobal" }},
+		{"negative timeout", func(s *Spec) { s.Upstreams[0].ConnectTimeout = -time.Second }},
+		{"duplicate bind", func(s *Spec) { s.Upstreams[0].BindPort = 21000; s.Upstreams[0].BindAddr = "0.0.0.0" }},
+		{"duplicate upstream", func(s *Spec) { s.Upstreams = append(s.Upstreams, s.Upstreams[0]) }},
+		{"public local address", func(s *Spec) { s.Public.LocalAddr = "127.0.0.1 check" }},
+		{"relative leaf file", func(s *Spec) { s.LeafFile = "leaf.pem" }},
+		{"file with space", func(s *Spec) { s.RootsFile = "/a b.pem" }},
+		{"spoe addr", func(s *Spec) { s.SPOAAddr = "127.0.0.1" }},
+		{"slot endpoint hostname", func(s *Spec) { s.Upstreams[0].Slots.Slots[0].Addr = "evil host" }},
+		{"slot table of another backend", func(s *Spec) { s.Upstreams[0].Slots.Backend = "up_other" }},
+		{"no hard stop", func(s *Spec) { s.HardStopAfter = 0 }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := baseSpec()
+			s.Upstreams = []Upstream{upstream("api", 9191, "tcp", 2, slots.Endpoint{Addr: "10.0.0.1", Port: 80, Weight: 1})}
+			tt.mutate(&s)
+			if _, err := Render(s); !errors.Is(err, ErrInvalid) {
+				t.Fatalf("Render: got %v, want ErrInvalid", err)
+			}
+		})
+	}
+}
+
+func TestUpstreamName(t *testing.T) {
+	for _, tt := range []struct{ dest, dc, want string }{
+		{"web", "", "up_web"}, {"web", "dc2", "up_web_dc2"}, {"a.b-c_d", "", "up_a.b-c_d"},
+	} {
+		if got, err := UpstreamName(tt.dest, tt.dc); err != nil || got != tt.want {
+			t.Errorf("UpstreamName(%q, %q) = %q, %v; want %q", tt.dest, tt.dc, got, err, tt.want)
+		}
+	}
+	for _, bad := range []string{"", "a b", "a;b", "a\nb", "-x", "a/b", "a{b}", strings.Repeat("x", 64)} {
+		if _, err := UpstreamName(bad, ""); !errors.Is(err, ErrInvalid) {
+			t.Errorf("UpstreamName(%q) accepted", bad)
+		}
+	}
+}

@@ -1,0 +1,231 @@
+package runtime
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"regexp"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Why this package owns the socket instead of client-native's runtime
+// (NOTES §2, checked against client-native v6.2.0): in master mode its
+// SingleRuntime sends "set severity-output number;@1 <cmd>;quit", which the
+// master does not know, so error replies are swallowed (SetServerAddr on a
+// missing server returns nil); it opens one connection per command; it trims
+// the reply and ignores read errors, so a truncated reply looks like success;
+// and a payload without a final newline hangs for its 30 s deadline. What is
+// sound there, version parsing and comparison, is used (see proc.go).
+//
+// Framing: a batch is one connection in interactive ("prompt") mode. The
+// master prints its prompt before each reply, so the replies are the pieces
+// between prompts. That survives replies without a trailing empty line
+// (several 2.6 error replies have none) and empty replies (state, weight),
+// which splitting on blank lines cannot tell apart. A routing error ("Can't
+// find the target PID") makes the master close the session: the commands
+// after it come back as ErrNotExecuted.
+
+// Client sends runtime commands to HAProxy's master socket.
+type Client struct {
+	sock    string
+	log     *zap.Logger
+	timeout time.Duration
+}
+
+// Option configures a Client.
+type Option func(*Client)
+
+// WithTimeout bounds one batch (connect, write, read). Default 10 s.
+func WithTimeout(d time.Duration) Option { return func(c *Client) { c.timeout = d } }
+
+// New returns a client for the master socket at path.
+func New(path string, log *zap.Logger, opts ...Option) *Client {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	c := &Client{sock: path, log: log, timeout: 10 * time.Second}
+	for _, o := range opts {
+		o(c)
+	}
+	return c
+}
+
+// Socket is the master socket path.
+func (c *Client) Socket() string { return c.sock }
+
+// Result is one command's outcome in a batch.
+type Result struct {
+	Command Command
+	Reply   string // HAProxy's reply, payload prompts removed
+	Err     error  // nil, a *ReplyError, or ErrNotExecuted
+}
+
+// Results is a batch outcome, in command order.
+type Results []Result
+
+// Err joins the errors of the batch, or nil when every command succeeded.
+func (rs Results) Err() error {
+	var errs []error
+	for _, r := range rs {
+		if r.Err != nil {
+			errs = append(errs, r.Err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// SocatLine is the shell command an operator pastes to send cmd by hand.
+func (c *Client) SocatLine(cmd Command) string {
+	if cmd.Payload != "" {
+		return fmt.Sprintf("(echo '%s'; cat <pem-file>; echo) | socat stdio unix-connect:%s", cmd.String(), c.sock)
+	}
+	return fmt.Sprintf("echo '%s' | socat stdio unix-connect:%s", cmd.String(), c.sock)
+}
+
+// Exec sends cmds in one round trip and classifies each reply. The error is
+// non-nil only when the batch could not be exchanged at all (socket
+// unreachable, timeout, reply framing lost); per-command failures are in the
+// Results.
+func (c *Client) Exec(ctx context.Context, cmds ...Command) (Results, error) {
+	if len(cmds) == 0 {
+		return nil, nil
+	}
+	for _, cmd := range cmds {
+		if ce := c.log.Check(zap.DebugLevel, "runtime command"); ce != nil {
+			fields := []zap.Field{zap.String("cmd", cmd.String()), zap.String("socat", c.SocatLine(cmd))}
+			if cmd.Payload != "" {
+				fields = append(fields, zap.Int("payload_bytes", len(cmd.Payload)))
+			}
+			ce.Write(fields...)
+		}
+	}
+	raw, err := c.roundTrip(ctx, encodeBatch(cmds))
+	if err != nil {
+		return nil, err
+	}
+	replies, err := splitReplies(raw)
+	if err != nil {
+		return nil, fmt.Errorf("batch of %d commands: %w", len(cmds), err)
+	}
+	rs := make(Results, len(cmds))
+	for i, cmd := range cmds {
+		rs[i].Command = cmd
+		if i >= len(replies) {
+			rs[i].Err = fmt.Errorf("%s: %w", cmd.String(), ErrNotExecuted)
+			continue
+		}
+		rs[i].Reply = replies[i]
+		rs[i].Err = classify(cmd, replies[i])
+		if rs[i].Err != nil {
+			c.log.Debug("runtime reply", zap.String("cmd", cmd.String()), zap.String("reply", strings.TrimSpace(replies[i])), zap.Error(rs[i].Err))
+		}
+	}
+	return rs, nil
+}
+
+// Do sends one command and returns its reply, or its classified error.
+func (c *Client) Do(ctx context.Context, cmd Command) (string, error) {
+	rs, err := c.Exec(ctx, cmd)
+	if err != nil {
+		return "", err
+	}
+	return rs[0].Reply, rs[0].Err
+}
+
+// encodeBatch writes "prompt", each command (with its payload and the empty
+// line that ends it), and "quit".
+func encodeBatch(cmds []Command) []byte {
+	var b strings.Builder
+	b.WriteString("prompt\n")
+	for _, cmd := range cmds {
+		b.WriteString(cmd.String())
+		b.WriteByte('\n')
+		if cmd.Payload != "" {
+			b.WriteString(cmd.Payload)
+			b.WriteByte('\n')
+		}
+	}
+	b.WriteString("quit\n")
+	return []byte(b.String())
+}
+
+func (c *Client) roundTrip(ctx context.Context, req []byte) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", c.sock)
+	if err != nil {
+		return "", fmt.Errorf("%w: %v", ErrMasterUnreachable, err)
+	}
+	defer conn.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = conn.SetDeadline(dl)
+	}
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Now()) })
+	defer stop()
+
+	// Write while reading: a large batch fills both socket buffers.
+	werr := make(chan error, 1)
+	go func() {
+		_, err := conn.Write(req)
+		werr <- err
+	}()
+	out, rerr := io.ReadAll(bufio.NewReaderSize(conn, 64<<10))
+	// A write error after the master closed early (routing error) is
+	// expected: the replies read so far tell what ran.
+	<-werr
+	if rerr != nil {
+		if ctx.Err() != nil {
+			return "", fmt.Errorf("master socket %s: %w", c.sock, ctx.Err())
+		}
+		return "", fmt.Errorf("read master socket %s: %w", c.sock, rerr)
+	}
+	return string(out), nil
+}
+
+// promptRE matches the interactive prompt the master prints: "master> " on
+// 2.6; later versions decorate it ("master [ReloadCounter:1]> "), so the
+// prompt is taken from the start of the output, which is always a prompt.
+var promptRE = regexp.MustCompile(`^master[^\n>]*> `)
+
+// payloadPromptRE matches the "+ " the CLI echoes for each payload line.
+var payloadPromptRE = regexp.MustCompile(`^(\+ )+`)
+
+// splitReplies cuts the output of one prompt-mode session into replies.
+// Each reply keeps its text without the trailing empty line.
+func splitReplies(out string) ([]string, error) {
+	if out == "" {
+		return nil, nil
+	}
+	prompt := promptRE.FindString(out)
+	if prompt == "" {
+		return nil, fmt.Errorf("%w: output does not start with a master prompt: %q", ErrUnrecognizedReply, truncate(out, 120))
+	}
+	parts := strings.Split(out[len(prompt):], prompt)
+	// The last piece follows the prompt printed after the last reply, before
+	// "quit" closes: it is empty. When the master closed the session early
+	// there is no such prompt, and the last piece is a reply.
+	if parts[len(parts)-1] == "" {
+		parts = parts[:len(parts)-1]
+	}
+	for i, p := range parts {
+		p = payloadPromptRE.ReplaceAllString(p, "")
+		p = strings.TrimSuffix(p, "\n")
+		p = strings.TrimSuffix(p, "\n")
+		parts[i] = p
+	}
+	return parts, nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "..."
+}

@@ -1,0 +1,342 @@
+package runtime_test
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/zap/zaptest"
+
+	"github.com/haproxy-connect/haproxy-connect/bootstrap"
+	"github.com/haproxy-connect/haproxy-connect/runtime"
+	"github.com/haproxy-connect/haproxy-connect/slots"
+	"github.com/haproxy-connect/haproxy-connect/testenv"
+)
+
+// skeleton is a rendered sidecar config on real files, running in HAProxy.
+type skeleton struct {
+	dir      string
+	h        *testenv.HAProxyProc
+	rt       *runtime.Client
+	ca       *testenv.CA
+	spec     bootstrap.Spec
+	upPort   int
+	pubPort  int
+	leafFile string
+}
+
+func startSkeleton(t *testing.T) *skeleton {
+	t.Helper()
+	dir := testenv.ShortTempDir(t)
+	ca := testenv.NewCA(t, "root")
+	cert, key := ca.Leaf(t, "spiffe://t.consul/ns/default/dc/dc1/svc/web")
+	leaf := testenv.WriteFile(t, dir, "leaf.pem", cert+key)
+	roots := testenv.WriteFile(t, dir, "roots.pem", ca.CertPEM)
+	ports := testenv.FreePorts(t, 4)
+	name, _ := bootstrap.UpstreamName("api", "")
+	spec := bootstrap.Spec{
+		Service: "web", LeafFile: leaf, RootsFile: roots, SPOEFile: filepath.Join(dir, "spoe.cfg"),
+		SPOAAddr: fmt.Sprintf("127.0.0.1:%d", ports[0]), HardStopAfter: 5 * time.Second,
+		Public: bootstrap.Public{BindAddr: "127.0.0.1", BindPort: ports[1], LocalAddr: "127.0.0.1", LocalPort: ports[2]},
+		Upstreams: []bootstrap.Upstream{{Name: name, Destination: "api", BindAddr: "127.0.0.1", BindPort: ports[3],
+			Slots: slots.New(name, bootstrap.SlotPrefix, 2)}},
+	}
+	spoe, err := bootstrap.RenderSPOE(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	testenv.WriteFile(t, dir, "spoe.cfg", spoe)
+	cfg, err := bootstrap.Render(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := testenv.StartHAProxy(t, dir, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &skeleton{dir: dir, h: h, rt: runtime.New(h.MasterSock, zaptest.NewLogger(t)), ca: ca, spec: spec,
+		upPort: ports[3], pubPort: ports[1], leafFile: leaf}
+}
+
+// tlsEcho is an upstream endpoint: a TLS server requiring a client
+// certificate from the CA, answering each connection with its name and the
+// URI SAN of the client certificate it saw.
+func tlsEcho(t *testing.T, ca *testenv.CA, name string) (port int) {
+	t.Helper()
+	cert, key := ca.Leaf(t, "spiffe://t.consul/ns/default/dc/dc1/svc/api")
+	kp, err := tls.X509KeyPair([]byte(cert), []byte(key))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(ca.Cert)
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{kp}, ClientCAs: pool, ClientAuth: tls.RequireAndVerifyClientCert})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func(c net.Conn) {
+				defer c.Close()
+				tc := c.(*tls.Conn)
+				if err := tc.Handshake(); err != nil {
+					return
+				}
+				peer := tc.ConnectionState().PeerCertificates[0]
+				fmt.Fprintf(c, "%s %s %s\n", name, peer.URIs[0], peer.SerialNumber)
+			}(c)
+		}
+	}()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// call connects to the upstream's local port and returns the line the
+// endpoint answered, or an error.
+func call(port int) (string, error) {
+	c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), time.Second)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimSpace(line), nil
+}
+
+func mustExec(t *testing.T, rt *runtime.Client, cmds ...runtime.Command) {
+	t.Helper()
+	rs, err := rt.Exec(context.Background(), cmds...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rs.Err(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func must(t *testing.T) func(runtime.Command, error) runtime.Command {
+	return func(c runtime.Command, err error) runtime.Command {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+}
+
+func TestSlotTrafficAndMaint(t *testing.T) {
+	sk := startSkeleton(t)
+	m := must(t)
+	port := tlsEcho(t, sk.ca, "ep1")
+	if _, err := call(sk.upPort); err == nil {
+		t.Fatal("a backend with only parked slots served a connection")
+	}
+	mustExec(t, sk.rt,
+		m(runtime.SetServerAddr("up_api", "s1", "127.0.0.1", port)),
+		m(runtime.SetServerState("up_api", "s1", runtime.StateReady)))
+	got, err := call(sk.upPort)
+	if err != nil || !strings.HasPrefix(got, "ep1 spiffe://t.consul/ns/default/dc/dc1/svc/web") {
+		t.Fatalf("through slot s1: %q, %v", got, err)
+	}
+	st, err := sk.rt.ServersState(context.Background(), "up_api")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st[0].Addr != "127.0.0.1" || st[0].Port != port || st[0].Maint() || !st[1].Maint() {
+		t.Fatalf("servers state after enabling s1: %+v", st)
+	}
+	mustExec(t, sk.rt, m(runtime.SetServerState("up_api", "s1", runtime.StateMaint)))
+	if got, err := call(sk.upPort); err == nil {
+		t.Fatalf("slot in maint still served: %q", got)
+	}
+}
+
+func TestAddServerBeyondTemplate(t *testing.T) {
+	sk := startSkeleton(t)
+	m := must(t)
+	port := tlsEcho(t, sk.ca, "dyn")
+	opts := runtime.ServerOptions{Weight: 1, SSL: true, CrtFile: sk.leafFile, CAFile: sk.spec.RootsFile}
+	mustExec(t, sk.rt,
+		m(runtime.AddServer("up_api", "s3", "127.0.0.1", port, opts)),
+		m(runtime.SetServerState("up_api", "s3", runtime.StateReady)))
+	if got, err := call(sk.upPort); err != nil || !strings.HasPrefix(got, "dyn ") {
+		t.Fatalf("through dynamic server: %q, %v", got, err)
+	}
+	_, err := sk.rt.Do(context.Background(), m(runtime.AddServer("up_api", "s3", "127.0.0.1", port, opts)))
+	if !errors.Is(err, runtime.ErrServerExists) {
+		t.Fatalf("second add: %v, want ErrServerExists", err)
+	}
+}
+
+func TestErrorsAreGoErrors(t *testing.T) {
+	sk := startSkeleton(t)
+	m := must(t)
+	ctx := context.Background()
+	rs, err := sk.rt.Exec(ctx,
+		m(runtime.SetServerState("up_api", "s9", runtime.StateReady)),
+		m(runtime.SetServerState("up_nope", "s1", runtime.StateReady)),
+		m(runtime.SetServerWeight("up_api", "s1", 7)),
+		m(runtime.SetSSLCert("/nonexistent.pem", "x")),
+		runtime.Command{Target: "@1", Line: "frobnicate"},
+		runtime.Command{Target: "@77", Line: "show info"},
+		m(runtime.SetServerWeight("up_api", "s2", 3)),
+	)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []error{runtime.ErrNoSuchServer, runtime.ErrNoSuchBackend, nil, runtime.ErrCertNotReferenced,
+		runtime.ErrUnknownCommand, runtime.ErrNoSuchProcess, runtime.ErrNotExecuted}
+	for i, w := range want {
+		if w == nil && rs[i].Err != nil || w != nil && !errors.Is(rs[i].Err, w) {
+			t.Errorf("%s: got %v, want %v", rs[i].Command, rs[i].Err, w)
+		}
+	}
+	// The master is still fine after a routing error.
+	if _, err := sk.rt.Procs(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func peerSerial(t *testing.T, port int) string {
+	t.Helper()
+	c, err := tls.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port), &tls.Config{InsecureSkipVerify: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	return c.ConnectionState().PeerCertificates[0].SerialNumber.String()
+}
+
+func TestCertRotationWithoutReload(t *testing.T) {
+	sk := startSkeleton(t)
+	m := must(t)
+	ctx := context.Background()
+	port := tlsEcho(t, sk.ca, "ep")
+	mustExec(t, sk.rt,
+		m(runtime.SetServerAddr("up_api", "s1", "127.0.0.1", port)),
+		m(runtime.SetServerState("up_api", "s1", runtime.StateReady)))
+	before, _ := call(sk.upPort)
+	pubBefore := peerSerial(t, sk.pubPort)
+	procsBefore, err := sk.rt.Procs(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	cert, key := sk.ca.Leaf(t, "spiffe://t.consul/ns/default/dc/dc1/svc/web")
+	if err := sk.rt.UpdateCert(ctx, sk.leafFile, cert+"\n\n"+key); err != nil {
+		t.Fatal(err)
+	}
+	info, err := sk.rt.SSLCert(ctx, sk.leafFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pubAfter := peerSerial(t, sk.pubPort)
+	after, err := call(sk.upPort)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pubAfter == pubBefore {
+		t.Errorf("public listener still serves serial %s", pubBefore)
+	}
+	if f := strings.Fields(after); len(f) != 3 || f[2] == strings.Fields(before)[2] || f[2] != pubAfter {
+		t.Errorf("upstream saw client cert %q before, %q after; want new serial %s", before, after, pubAfter)
+	}
+	if info.Serial == "" || info.Filename != sk.leafFile {
+		t.Errorf("show ssl cert: %+v", info)
+	}
+	procsAfter, _ := sk.rt.Procs(ctx)
+	if procsAfter.Master.Reloads != procsBefore.Master.Reloads {
+		t.Errorf("certificate rotation reloaded haproxy")
+	}
+	if err := sk.rt.UpdateCert(ctx, sk.leafFile, "-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n"); !errors.Is(err, runtime.ErrBadCertificate) {
+		t.Errorf("garbage certificate: %v, want ErrBadCertificate", err)
+	}
+	if peerSerial(t, sk.pubPort) != pubAfter {
+		t.Errorf("a rejected certificate changed what is served")
+	}
+}
+
+func TestReloadKeepsServing(t *testing.T) {
+	sk := startSkeleton(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	port := tlsEcho(t, sk.ca, "ep")
+	// Render the assignment into the config, as the controller does before a reload.
+	_, table, _ := slots.Plan(sk.spec.Upstreams[0].Slots, []slots.Endpoint{{Addr: "127.0.0.1", Port: port, Weight: 1}})
+	sk.spec.Upstreams[0].Slots = table
+	cfg, err := bootstrap.Render(sk.spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(sk.h.ConfigPath, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	// A client calls in a loop across the reload; every call must succeed.
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	var failures []error
+	var calls int
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			// The first calls may precede the reload, when the slot is parked.
+			if _, err := call(sk.upPort); err != nil && calls > 0 {
+				failures = append(failures, err)
+			} else if err == nil {
+				calls++
+			}
+		}
+	}()
+	time.Sleep(50 * time.Millisecond)
+	before, _ := sk.rt.Procs(ctx)
+	after, err := sk.rt.Reload(ctx, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	bcur, _ := before.Current()
+	acur, _ := after.Current()
+	if acur.PID == bcur.PID || after.Master.Reloads != before.Master.Reloads+1 {
+		t.Errorf("reload not visible in show proc: before %+v after %+v", before, after)
+	}
+	if calls == 0 || len(failures) > 0 {
+		t.Errorf("%d calls succeeded, %d failed across the reload: %v", calls, len(failures), failures)
+	}
+	// A broken config: the reload fails, the old worker keeps serving.
+	if err := os.WriteFile(sk.h.ConfigPath, []byte(cfg+"\n    bogus-keyword\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sk.rt.Reload(ctx, "broken config"); !errors.Is(err, runtime.ErrReloadFailed) {
+		t.Fatalf("reload with a broken config: %v, want ErrReloadFailed", err)
+	}
+	if got, err := call(sk.upPort); err != nil {
+		t.Errorf("after a failed reload: %q, %v", got, err)
+	}
+}

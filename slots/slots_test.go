@@ -1,0 +1,156 @@
+package slots
+
+import (
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+func ep(addr string, port, weight int) Endpoint {
+	return Endpoint{Addr: addr, Port: port, Weight: weight}
+}
+
+// TestPlanSequence feeds a sequence of desired endpoint sets through Plan,
+// carrying the reached table from step to step, and checks each step's exact
+// operations.
+func TestPlanSequence(t *testing.T) {
+	steps := []struct {
+		name    string
+		desired []Endpoint
+		want    []Op
+		used    int
+		slots   int
+	}{
+		{"first endpoints fill the lowest slots", []Endpoint{ep("10.0.0.2", 80, 1), ep("10.0.0.1", 80, 3)}, []Op{
+			{Kind: OpSetAddr, Server: "s1", Addr: "10.0.0.1", Port: 80},
+			{Kind: OpSetWeight, Server: "s1", Weight: 3},
+			{Kind: OpReady, Server: "s1"},
+			{Kind: OpSetAddr, Server: "s2", Addr: "10.0.0.2", Port: 80},
+			{Kind: OpReady, Server: "s2"},
+		}, 2, 3},
+		{"same set is no work", []Endpoint{ep("10.0.0.1", 80, 3), ep("10.0.0.2", 80, 1)}, nil, 2, 3},
+		{"weight change only", []Endpoint{ep("10.0.0.1", 80, 3), ep("10.0.0.2", 80, 7)}, []Op{
+			{Kind: OpSetWeight, Server: "s2", Weight: 7},
+		}, 2, 3},
+		{"replace one: fill free slot before parking", []Endpoint{ep("10.0.0.2", 80, 7), ep("10.0.0.3", 80, 1)}, []Op{
+			{Kind: OpSetAddr, Server: "s3", Addr: "10.0.0.3", Port: 80},
+			{Kind: OpReady, Server: "s3"},
+			{Kind: OpMaint, Server: "s1"},
+			{Kind: OpSetAddr, Server: "s1", Addr: ParkAddr, Port: ParkPort},
+		}, 2, 3},
+		{"a freed slot is reused", []Endpoint{ep("10.0.0.2", 80, 7), ep("10.0.0.3", 80, 1), ep("10.0.0.4", 80, 1)}, []Op{
+			{Kind: OpSetAddr, Server: "s1", Addr: "10.0.0.4", Port: 80},
+			{Kind: OpSetWeight, Server: "s1", Weight: 1},
+			{Kind: OpReady, Server: "s1"},
+		}, 3, 3},
+		{"overflow grows with add server, numbering on", []Endpoint{ep("10.0.0.2", 80, 7), ep("10.0.0.3", 80, 1), ep("10.0.0.4", 80, 1), ep("10.0.0.5", 80, 2)}, []Op{
+			{Kind: OpAdd, Server: "s4", Addr: "10.0.0.5", Port: 80, Weight: 2},
+			{Kind: OpReady, Server: "s4"},
+		}, 4, 4},
+		{"removal parks and never deletes", []Endpoint{ep("10.0.0.3", 80, 1)}, []Op{
+			{Kind: OpMaint, Server: "s1"},
+			{Kind: OpSetAddr, Server: "s1", Addr: ParkAddr, Port: ParkPort},
+			{Kind: OpMaint, Server: "s2"},
+			{Kind: OpSetAddr, Server: "s2", Addr: ParkAddr, Port: ParkPort},
+			{Kind: OpMaint, Server: "s4"},
+			{Kind: OpSetAddr, Server: "s4", Addr: ParkAddr, Port: ParkPort},
+		}, 1, 4},
+		{"duplicates merge to highest weight, big weights clamp, ipv6", []Endpoint{ep("10.0.0.3", 80, 1), ep("::1", 8080, 2), ep("::1", 8080, 1000)}, []Op{
+			{Kind: OpSetAddr, Server: "s1", Addr: "::1", Port: 8080},
+			{Kind: OpSetWeight, Server: "s1", Weight: MaxWeight},
+			{Kind: OpReady, Server: "s1"},
+		}, 2, 4},
+		{"everything gone", nil, []Op{
+			{Kind: OpMaint, Server: "s1"},
+			{Kind: OpSetAddr, Server: "s1", Addr: ParkAddr, Port: ParkPort},
+			{Kind: OpMaint, Server: "s3"},
+			{Kind: OpSetAddr, Server: "s3", Addr: ParkAddr, Port: ParkPort},
+		}, 0, 4},
+	}
+	table := New("up_web", "s", 3)
+	for _, st := range steps {
+		t.Run(st.name, func(t *testing.T) {
+			before := table.Clone()
+			ops, next, rejected := Plan(table, st.desired)
+			if len(rejected) > 0 {
+				t.Fatalf("rejected: %v", rejected)
+			}
+			if diff := cmp.Diff(st.want, ops); diff != "" {
+				t.Errorf("ops (-want +got):\n%s", diff)
+			}
+			if diff := cmp.Diff(before, table); diff != "" {
+				t.Errorf("Plan changed its input table:\n%s", diff)
+			}
+			if next.Used() != st.used || len(next.Slots) != st.slots {
+				t.Errorf("next table used %d of %d slots, want %d of %d", next.Used(), len(next.Slots), st.used, st.slots)
+			}
+			// Re-planning the reached table against the same set is a no-op.
+			if again, _, _ := Plan(next, st.desired); len(again) != 0 {
+				t.Errorf("plan is not idempotent: %v", again)
+			}
+			table = next
+		})
+	}
+}
+
+func TestPlanRejectsBadEndpoints(t *testing.T) {
+	tests := []struct {
+		name string
+		e    Endpoint
+	}{
+		{"hostname", ep("web.service.consul", 80, 1)},
+		{"injection", ep("10.0.0.1 port 80;shutdown sessions", 80, 1)},
+		{"port zero", ep("10.0.0.1", 0, 1)},
+		{"port high", ep("10.0.0.1", 65536, 1)},
+		{"weight zero", ep("10.0.0.1", 80, 0)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ops, next, rejected := Plan(New("b", "s", 2), []Endpoint{tt.e, ep("10.0.0.9", 80, 1)})
+			if len(rejected) != 1 {
+				t.Fatalf("rejected = %v, want one error", rejected)
+			}
+			if next.Used() != 1 || len(ops) != 2 {
+				t.Errorf("the valid endpoint was not planned: ops %v", ops)
+			}
+		})
+	}
+}
+
+func TestFromObservedRoundTrip(t *testing.T) {
+	_, table, _ := Plan(New("b", "s", 2), []Endpoint{ep("10.0.0.1", 80, 1), ep("10.0.0.2", 81, 5), ep("10.0.0.3", 82, 1)})
+	var obs []Observed
+	for _, s := range table.Slots {
+		obs = append(obs, Observed{Name: s.Name, Addr: s.Addr, Port: s.Port, Weight: s.Weight, Maint: !s.Used})
+	}
+	obs = append(obs, Observed{Name: "other", Addr: "1.2.3.4", Port: 1})
+	got := FromObserved("b", "s", 2, obs)
+	if diff := cmp.Diff(table, got); diff != "" {
+		t.Errorf("(-planned +observed):\n%s", diff)
+	}
+}
+
+func TestResizeKeepsSlots(t *testing.T) {
+	_, table, _ := Plan(New("b", "s", 2), []Endpoint{ep("10.0.0.1", 80, 1), ep("10.0.0.2", 80, 1), ep("10.0.0.3", 80, 1), ep("10.0.0.4", 80, 1)})
+	_, table, _ = Plan(table, []Endpoint{ep("10.0.0.2", 80, 1), ep("10.0.0.4", 80, 1)}) // s1, s3 freed; s4 dynamic
+	got := Resize(table, 3)
+	if len(got.Slots) != 3 || got.Slots[1].Addr != "10.0.0.2" || got.Slots[0].Addr != "10.0.0.4" || got.Slots[2].Used {
+		t.Errorf("resize: %+v", got.Slots)
+	}
+	for _, s := range got.Slots {
+		if s.Dynamic {
+			t.Errorf("resized slot %s still dynamic", s.Name)
+		}
+	}
+	if diff := cmp.Diff(table.Endpoints(), got.Endpoints()); diff != "" {
+		t.Errorf("endpoints changed: %s", diff)
+	}
+}
+
+func TestSize(t *testing.T) {
+	for _, tt := range []struct{ used, min, want int }{{0, 8, 8}, {3, 8, 8}, {5, 8, 16}, {40, 8, 80}, {0, 0, 8}, {1, 0, 8}} {
+		if got := Size(tt.used, tt.min); got != tt.want {
+			t.Errorf("Size(%d, %d) = %d, want %d", tt.used, tt.min, got, tt.want)
+		}
+	}
+}

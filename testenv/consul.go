@@ -1,0 +1,271 @@
+package testenv
+
+import (
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+)
+
+const consulReadyTimeout = 30 * time.Second
+
+// ConsulOptions configures the Consul dev agent started by Consul.
+type ConsulOptions struct {
+	// DefaultDeny sets default_intention_policy = "deny": connections
+	// without a matching intention are refused. Otherwise the Consul
+	// default applies (allow, as ACLs are disabled).
+	DefaultDeny bool
+	// DNS enables the DNS interface on a free port (ConsulProc.DNSPort).
+	DNS bool
+	// GRPC enables the plain-text gRPC (xDS) port on a free port
+	// (ConsulProc.GRPCPort). grpc_tls is always disabled.
+	GRPC bool
+	// LeafCertTTL sets connect.ca_config.leaf_cert_ttl, e.g. "1h". Empty
+	// means the Consul default (72h). The built-in CA accepts 1h up to
+	// 2920h (intermediate_cert_ttl, default 8760h, must be at least
+	// 3 * leaf_cert_ttl); anything else makes the agent exit at startup
+	// (Consul, and so StartConsul, fails fast) unless SkipCAValidation.
+	// Consul backdates NotBefore by 1 minute and computes NotAfter from
+	// that, so a fresh leaf is valid for LeafCertTTL minus 1 minute.
+	LeafCertTTL string
+	// SkipCAValidation sets the CA provider's undocumented SkipValidate
+	// knob (meant for Consul's own tests) so that LeafCertTTL may be below
+	// 1h, e.g. "2m" for certificate rotation tests.
+	SkipCAValidation bool
+	// ExtraHCL is appended verbatim to the agent config file. It must not
+	// repeat a key or block the generated config already sets (ports,
+	// connect, default_intention_policy, ...).
+	ExtraHCL string
+}
+
+// ConsulProc is a running Consul dev agent (a single server with Connect
+// enabled) listening on 127.0.0.1.
+type ConsulProc struct {
+	// Addr is the HTTP API address, 127.0.0.1:HTTPPort.
+	Addr string
+	// HTTPPort is the HTTP API port.
+	HTTPPort int
+	// DNSPort is the DNS port, 0 unless ConsulOptions.DNS.
+	DNSPort int
+	// GRPCPort is the plain-text gRPC port, 0 unless ConsulOptions.GRPC.
+	GRPCPort int
+	// Dir holds the config file and the data dir.
+	Dir string
+	// ConfigPath is the agent config file.
+	ConfigPath string
+	// DataDir is the agent data dir.
+	DataDir string
+	// Client is an API client for Addr.
+	Client *api.Client
+
+	proc *process
+}
+
+// Consul starts a Consul dev agent on free loopback ports and waits (up to
+// 30 s) until it has a leader and an active Connect CA root. The test fails
+// with the agent's output if it exits or is not ready in time. The agent is
+// stopped when the test ends.
+func Consul(t testing.TB, opts ConsulOptions) *ConsulProc {
+	t.Helper()
+	c, err := StartConsul(t, ShortTempDir(t), opts)
+	if err != nil {
+		t.Fatalf("%v", err)
+	}
+	return c
+}
+
+// StartConsul is Consul with a caller-chosen dir and an error instead of a
+// test failure. It still skips (or fails in CI) when consul is not
+// installed. On success the agent is stopped when the test ends; on error it
+// has already been stopped and the error holds its output.
+func StartConsul(t testing.TB, dir string, opts ConsulOptions) (*ConsulProc, error) {
+	t.Helper()
+	bin := ConsulBin(t)
+
+	ports, err := freePorts(5)
+	if err != nil {
+		return nil, err
+	}
+	c := &ConsulProc{
+		HTTPPort:   ports[0],
+		Addr:       net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[0])),
+		Dir:        dir,
+		ConfigPath: filepath.Join(dir, "consul.hcl"),
+		DataDir:    filepath.Join(dir, "data"),
+	}
+	if opts.DNS {
+		c.DNSPort = ports[3]
+	}
+	if opts.GRPC {
+		c.GRPCPort = ports[4]
+	}
+	cfg := consulConfig(c, ports[1], ports[2], opts)
+	if err := os.WriteFile(c.ConfigPath, []byte(cfg), 0o600); err != nil {
+		return nil, fmt.Errorf("write consul config: %w", err)
+	}
+
+	client, err := newConsulClient(c.Addr, 0)
+	if err != nil {
+		return nil, err
+	}
+	c.Client = client
+	// The readiness probe gets its own client with a short timeout;
+	// c.Client has none so that blocking queries work.
+	probe, err := newConsulClient(c.Addr, 2*time.Second)
+	if err != nil {
+		return nil, err
+	}
+
+	p, err := startProcess("consul", bin, dir,
+		"agent", "-dev",
+		"-bind", "127.0.0.1",
+		"-client", "127.0.0.1",
+		"-config-file", c.ConfigPath,
+		"-log-level", "info")
+	if err != nil {
+		return nil, err
+	}
+	c.proc = p
+	t.Cleanup(func() {
+		c.Stop()
+		if t.Failed() {
+			t.Logf("consul output (%s):\n%s", c.Dir, c.Output())
+		}
+	})
+
+	if err := c.waitReady(probe, consulReadyTimeout); err != nil {
+		c.Stop()
+		return nil, err
+	}
+	return c, nil
+}
+
+// newConsulClient returns an API client for addr over plain HTTP. It brings
+// its own http.Client so that CONSUL_CACERT and friends from the
+// environment cannot break it.
+func newConsulClient(addr string, timeout time.Duration) (*api.Client, error) {
+	client, err := api.NewClient(&api.Config{
+		Address: addr,
+		Scheme:  "http",
+		HttpClient: &http.Client{
+			Transport: http.DefaultTransport.(*http.Transport).Clone(),
+			Timeout:   timeout,
+		},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create consul api client: %w", err)
+	}
+	return client, nil
+}
+
+// consulConfig renders the agent config file.
+func consulConfig(c *ConsulProc, serverPort, serfLANPort int, opts ConsulOptions) string {
+	dns, grpc := -1, -1
+	if opts.DNS {
+		dns = c.DNSPort
+	}
+	if opts.GRPC {
+		grpc = c.GRPCPort
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "node_name = %q\n", "testenv")
+	fmt.Fprintf(&b, "data_dir = %q\n", c.DataDir)
+	b.WriteString("disable_update_check = true\n")
+	fmt.Fprintf(&b, `ports {
+  http     = %d
+  https    = -1
+  server   = %d
+  serf_lan = %d
+  serf_wan = -1
+  dns      = %d
+  grpc     = %d
+  grpc_tls = -1
+}
+`, c.HTTPPort, serverPort, serfLANPort, dns, grpc)
+	b.WriteString("connect {\n  enabled = true\n")
+	if opts.LeafCertTTL != "" || opts.SkipCAValidation {
+		// An explicit ca_provider makes the agent validate ca_config at
+		// startup and exit on error; without it a bad value only shows up
+		// as a CA that never initializes.
+		b.WriteString("  ca_provider = \"consul\"\n  ca_config {\n")
+		if opts.LeafCertTTL != "" {
+			fmt.Fprintf(&b, "    leaf_cert_ttl = %q\n", opts.LeafCertTTL)
+		}
+		if opts.SkipCAValidation {
+			// The key is matched against the Go field name: the
+			// snake_case form is silently ignored.
+			b.WriteString("    SkipValidate = true\n")
+		}
+		b.WriteString("  }\n")
+	}
+	b.WriteString("}\n")
+	if opts.DefaultDeny {
+		b.WriteString("default_intention_policy = \"deny\"\n")
+	}
+	if opts.ExtraHCL != "" {
+		b.WriteString(opts.ExtraHCL)
+		b.WriteString("\n")
+	}
+	return b.String()
+}
+
+func (c *ConsulProc) waitReady(probe *api.Client, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		err := checkConsulReady(probe)
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("consul not ready after %s (last error: %v); output:\n%s", timeout, err, c.Output())
+		}
+		select {
+		case <-c.proc.done:
+			return c.proc.exitError()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func checkConsulReady(client *api.Client) error {
+	leader, err := client.Status().Leader()
+	if err != nil {
+		return fmt.Errorf("get leader: %w", err)
+	}
+	if leader == "" {
+		return fmt.Errorf("no leader yet")
+	}
+	roots, _, err := client.Connect().CARoots(nil)
+	if err != nil {
+		return fmt.Errorf("get ca roots: %w", err)
+	}
+	for _, r := range roots.Roots {
+		if r.Active {
+			return nil
+		}
+	}
+	return fmt.Errorf("no active ca root yet")
+}
+
+// Output returns everything consul wrote to stdout and stderr so far.
+func (c *ConsulProc) Output() string {
+	return c.proc.out.String()
+}
+
+// PID returns the process id of the agent.
+func (c *ConsulProc) PID() int {
+	return c.proc.pid
+}
+
+// Stop sends SIGTERM to the agent, waits up to 5 s, then kills its process
+// group. It is idempotent.
+func (c *ConsulProc) Stop() {
+	c.proc.stop(stopGrace)
+}

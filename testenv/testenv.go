@@ -1,0 +1,194 @@
+// Package testenv starts and stops real haproxy and consul processes for
+// integration tests: binary lookup, free ports, short temp dirs, readiness
+// waits and cleanup (process-group kill, output logged on failure).
+// It does not generate HAProxy configs or register Consul services.
+package testenv
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+)
+
+// modulePath is the module whose root holds the bin/ directory filled by
+// "make deps".
+const modulePath = "github.com/haproxy-connect/haproxy-connect"
+
+// HAProxyBin returns the path of the haproxy binary: $HAPROXY_BIN, then
+// <module root>/bin/haproxy, then haproxy (or /usr/sbin/haproxy) on the
+// system. If none is found the test is skipped, or fails when CI=true.
+func HAProxyBin(t testing.TB) string {
+	t.Helper()
+	return findBin(t, "haproxy", "HAPROXY_BIN", "/usr/sbin/haproxy")
+}
+
+// ConsulBin returns the path of the consul binary: $CONSUL_BIN, then
+// <module root>/bin/consul, then consul on $PATH. If none is found the test
+// is skipped, or fails when CI=true.
+func ConsulBin(t testing.TB) string {
+	t.Helper()
+	return findBin(t, "consul", "CONSUL_BIN")
+}
+
+func findBin(t testing.TB, name, envVar string, fallbacks ...string) string {
+	t.Helper()
+	if p := os.Getenv(envVar); p != "" {
+		// An explicitly configured path that does not work is a setup
+		// error, never a reason to skip.
+		if err := checkExecutable(p); err != nil {
+			t.Fatalf("%s=%q is not usable: %v", envVar, p, err)
+		}
+		return p
+	}
+	if root, err := ModuleRoot(); err == nil {
+		p := filepath.Join(root, "bin", name)
+		if checkExecutable(p) == nil {
+			return p
+		}
+	}
+	if p, err := exec.LookPath(name); err == nil {
+		return p
+	}
+	for _, p := range fallbacks {
+		if checkExecutable(p) == nil {
+			return p
+		}
+	}
+	msg := fmt.Sprintf("%s not found (set %s or run make deps)", name, envVar)
+	if isCI() {
+		t.Fatalf("%s", msg)
+		return ""
+	}
+	t.Skipf("%s", msg)
+	return ""
+}
+
+func checkExecutable(p string) error {
+	fi, err := os.Stat(p)
+	if err != nil {
+		return err
+	}
+	if fi.IsDir() {
+		return fmt.Errorf("%s is a directory", p)
+	}
+	if fi.Mode().Perm()&0o111 == 0 {
+		return fmt.Errorf("%s is not executable", p)
+	}
+	return nil
+}
+
+func isCI() bool {
+	ci, _ := strconv.ParseBool(os.Getenv("CI"))
+	return ci
+}
+
+var (
+	moduleRootOnce sync.Once
+	moduleRoot     string
+	moduleRootErr  error
+)
+
+// ModuleRoot returns the directory holding the go.mod of
+// github.com/haproxy-connect/haproxy-connect, found by walking up from the
+// working directory.
+func ModuleRoot() (string, error) {
+	moduleRootOnce.Do(func() {
+		moduleRoot, moduleRootErr = findModuleRoot()
+	})
+	return moduleRoot, moduleRootErr
+}
+
+func findModuleRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", fmt.Errorf("get working dir: %w", err)
+	}
+	for {
+		if isOurGoMod(filepath.Join(dir, "go.mod")) {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", fmt.Errorf("no go.mod with module %s above working dir", modulePath)
+		}
+		dir = parent
+	}
+}
+
+func isOurGoMod(path string) bool {
+	f, err := os.Open(path)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) >= 2 && fields[0] == "module" {
+			return strings.Trim(fields[1], `"`) == modulePath
+		}
+	}
+	return false
+}
+
+// FreePort returns a TCP port on 127.0.0.1 that was free a moment ago.
+func FreePort(t testing.TB) int {
+	t.Helper()
+	return FreePorts(t, 1)[0]
+}
+
+// FreePorts returns n distinct TCP ports on 127.0.0.1 that were free a
+// moment ago. All listeners are held open until every port is picked, so the
+// ports are distinct.
+func FreePorts(t testing.TB, n int) []int {
+	t.Helper()
+	ports, err := freePorts(n)
+	if err != nil {
+		t.Fatalf("%v", err)
+	}
+	return ports
+}
+
+func freePorts(n int) ([]int, error) {
+	ports := make([]int, 0, n)
+	listeners := make([]net.Listener, 0, n)
+	defer func() {
+		for _, l := range listeners {
+			l.Close()
+		}
+	}()
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, fmt.Errorf("find free port: %w", err)
+		}
+		listeners = append(listeners, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	return ports, nil
+}
+
+// ShortTempDir returns a new directory directly under /tmp with a short path,
+// removed when the test ends. Use it for unix sockets: their paths are
+// limited to 108 bytes and t.TempDir() paths are often longer.
+func ShortTempDir(t testing.TB) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("/tmp", "hc")
+	if err != nil {
+		t.Fatalf("create short temp dir: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := os.RemoveAll(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+			t.Logf("remove temp dir %s: %v", dir, err)
+		}
+	})
+	return dir
+}
