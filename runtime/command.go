@@ -134,7 +134,10 @@ type ServerOptions struct {
 	CrtFile string
 	CAFile  string
 	SNI     string // optional constant SNI
+	ALPN    string // optional ALPN list, e.g. "h2"
 }
+
+var alpnRE = regexp.MustCompile(`^[a-z0-9/.-]+(,[a-z0-9/.-]+)*$`)
 
 // AddServer adds a dynamic server. HAProxy 2.6 needs a backend with a dynamic
 // balance algorithm, and the server starts in maintenance.
@@ -165,6 +168,12 @@ func AddServer(backend, server, addr string, port int, o ServerOptions) (Command
 				return Command{}, fmt.Errorf("%w: sni %q", ErrInvalidArgument, o.SNI)
 			}
 			line += " sni str(" + o.SNI + ")"
+		}
+		if o.ALPN != "" {
+			if !alpnRE.MatchString(o.ALPN) {
+				return Command{}, fmt.Errorf("%w: alpn %q", ErrInvalidArgument, o.ALPN)
+			}
+			line += " alpn " + o.ALPN
 		}
 	}
 	return worker(line, expectPrefix("New server registered.")), nil

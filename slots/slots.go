@@ -5,7 +5,6 @@
 package slots
 
 import (
-	"cmp"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -36,6 +35,11 @@ type Endpoint struct {
 // Key identifies the endpoint.
 func (e Endpoint) Key() string {
 	return netip.AddrPortFrom(netip.MustParseAddr(e.Addr), uint16(e.Port)).String()
+}
+
+// Compare orders endpoints by address (numerically), then port.
+func (e Endpoint) Compare(o Endpoint) int {
+	return netip.AddrPortFrom(netip.MustParseAddr(e.Addr), uint16(e.Port)).Compare(netip.AddrPortFrom(netip.MustParseAddr(o.Addr), uint16(o.Port)))
 }
 
 // Validate rejects an endpoint the runtime API cannot take.
@@ -103,7 +107,7 @@ func (t Table) Endpoints() []Endpoint {
 			out = append(out, Endpoint{Addr: s.Addr, Port: s.Port, Weight: s.Weight})
 		}
 	}
-	slices.SortFunc(out, func(a, b Endpoint) int { return cmp.Compare(a.Key(), b.Key()) })
+	slices.SortFunc(out, Endpoint.Compare)
 	return out
 }
 
@@ -182,7 +186,7 @@ func Plan(applied Table, desired []Endpoint) (ops []Op, next Table, rejected []e
 	for _, e := range want {
 		adds = append(adds, e)
 	}
-	slices.SortFunc(adds, func(a, b Endpoint) int { return cmp.Compare(a.Key(), b.Key()) })
+	slices.SortFunc(adds, Endpoint.Compare)
 
 	fill := func(i int, e Endpoint) {
 		s := &next.Slots[i]

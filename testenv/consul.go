@@ -135,14 +135,14 @@ func StartConsul(t testing.TB, dir string, opts ConsulOptions) (*ConsulProc, err
 	c.proc = p
 	t.Cleanup(func() {
 		c.Stop()
-		if t.Failed() {
+		// A start error already carries the output: don't log it twice.
+		if t.Failed() && !c.proc.outputReported {
 			t.Logf("consul output (%s):\n%s", c.Dir, c.Output())
 		}
 	})
 
 	if err := c.waitReady(probe, consulReadyTimeout); err != nil {
-		c.Stop()
-		return nil, err
+		return nil, c.proc.failStart(err)
 	}
 	return c, nil
 }
@@ -224,7 +224,7 @@ func (c *ConsulProc) waitReady(probe *api.Client, timeout time.Duration) error {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("consul not ready after %s (last error: %v); output:\n%s", timeout, err, c.Output())
+			return fmt.Errorf("consul not ready after %s (last error: %v)", timeout, err)
 		}
 		select {
 		case <-c.proc.done:
@@ -262,6 +262,11 @@ func (c *ConsulProc) Output() string {
 // PID returns the process id of the agent.
 func (c *ConsulProc) PID() int {
 	return c.proc.pid
+}
+
+// Exited returns a channel closed once the agent has exited.
+func (c *ConsulProc) Exited() <-chan struct{} {
+	return c.proc.done
 }
 
 // Stop sends SIGTERM to the agent, waits up to 5 s, then kills its process

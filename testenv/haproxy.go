@@ -77,14 +77,14 @@ func StartHAProxy(t testing.TB, dir, config string) (*HAProxyProc, error) {
 	h.proc = p
 	t.Cleanup(func() {
 		h.Stop()
-		if t.Failed() {
+		// A start error already carries the output: don't log it twice.
+		if t.Failed() && !h.proc.outputReported {
 			t.Logf("haproxy output (%s):\n%s", h.Dir, h.Output())
 		}
 	})
 
 	if err := h.waitReady(haproxyReadyTimeout); err != nil {
-		h.Stop()
-		return nil, err
+		return nil, h.proc.failStart(err)
 	}
 	return h, nil
 }
@@ -102,7 +102,7 @@ func (h *HAProxyProc) waitReady(timeout time.Duration) error {
 		}
 		lastErr = err
 		if time.Now().After(deadline) {
-			return fmt.Errorf("haproxy not ready after %s (last error: %v); output:\n%s", timeout, lastErr, h.Output())
+			return fmt.Errorf("haproxy not ready after %s (last error: %v)", timeout, lastErr)
 		}
 		select {
 		case <-h.proc.done:

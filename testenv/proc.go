@@ -46,6 +46,9 @@ type process struct {
 	waitErr error         // valid once done is closed
 
 	stopOnce sync.Once
+	// outputReported is set once an error holding the whole output has
+	// been returned, so that cleanup does not log it again.
+	outputReported bool
 }
 
 // startProcess starts bin with args in dir. The output goes through an
@@ -134,15 +137,22 @@ func (p *process) waitOutput(d time.Duration) {
 	}
 }
 
-// exitError describes how the process ended, with its output. Call it only
-// after done is closed.
+// exitError describes how the process ended. Call it only after done is
+// closed.
 func (p *process) exitError() error {
-	p.waitOutput(2 * time.Second)
 	state := "exited"
 	if p.waitErr != nil {
 		state = p.waitErr.Error()
 	} else if p.cmd.ProcessState != nil {
 		state = p.cmd.ProcessState.String()
 	}
-	return fmt.Errorf("%s exited early (%s); output:\n%s", p.name, state, p.out.String())
+	return fmt.Errorf("%s exited early (%s)", p.name, state)
+}
+
+// failStart stops the process after a failed start and returns err with the
+// whole output appended; cleanup then does not log the output again.
+func (p *process) failStart(err error) error {
+	p.stop(stopGrace)
+	p.outputReported = true
+	return fmt.Errorf("%w; %s output:\n%s", err, p.name, p.out.String())
 }

@@ -1,0 +1,660 @@
+// Package controller is the sidecar's one loop. It watches Consul (the proxy
+// registration, the leaf certificate, the CA roots, every upstream's healthy
+// endpoints), plans desired - applied, and applies the plan to HAProxy as
+// runtime commands, or as a reload with a logged reason. It is the only
+// package that knows both Consul and HAProxy.
+package controller
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"go.uber.org/zap"
+
+	"github.com/haproxy-connect/haproxy-connect/bootstrap"
+	"github.com/haproxy-connect/haproxy-connect/certs"
+	"github.com/haproxy-connect/haproxy-connect/runtime"
+	"github.com/haproxy-connect/haproxy-connect/slots"
+)
+
+// Config wires a Controller.
+type Config struct {
+	Consul     *api.Client
+	ProxyID    string
+	StateDir   string
+	HAProxyBin string
+	SPOAAddr   string // the SPOE agent's loopback address:port
+	Log        *zap.Logger
+	// HAProxyOutput receives HAProxy's own output (default os.Stderr).
+	HAProxyOutput io.Writer
+	// MinSlots is the smallest number of server slots per upstream (default 8).
+	MinSlots int
+	// HardStopAfter bounds old workers after a reload (default 30 s).
+	HardStopAfter time.Duration
+	// InitialWait is how long the first start waits for every upstream's
+	// first endpoint list, so HAProxy starts with endpoints (default 3 s).
+	InitialWait time.Duration
+	AccessLog   bool
+}
+
+// haproxyAPI is what the controller needs of the runtime client; tests
+// replace it to record the exact command transcript.
+type haproxyAPI interface {
+	Exec(ctx context.Context, cmds ...runtime.Command) (runtime.Results, error)
+	Reload(ctx context.Context, reason string) (runtime.ProcList, error)
+	UpdateCert(ctx context.Context, file, pem string) error
+	ServersState(ctx context.Context, backend string) ([]runtime.ServerStatus, error)
+	Socket() string
+}
+
+// Controller owns the applied state of one sidecar's HAProxy.
+type Controller struct {
+	cfg Config
+	log *zap.Logger
+	rt  haproxyAPI
+	// startMaster starts HAProxy on the rendered configuration.
+	startMaster func(ctx context.Context) (*runtime.Master, error)
+	events      chan func(*desired)
+	metrics     *Metrics
+	ready       atomic.Bool
+
+	// Owned by the loop goroutine.
+	desired  desired
+	applied  applied
+	master   *runtime.Master
+	watches  map[string]*upstreamWatch
+	leafStop context.CancelFunc
+	leafFor  string
+	retry    *time.Timer
+}
+
+// desired is what the watchers last saw. Values are never mutated after they
+// are published: a watcher builds a new one and the loop swaps it in.
+type desired struct {
+	sidecar      *Sidecar
+	sidecarSince time.Time
+	leaf         *certs.Bundle
+	roots        *certs.Roots
+	endpoints    map[string][]slots.Endpoint // by upstream name; absent until the first answer
+}
+
+// applied is what HAProxy runs.
+type applied struct {
+	sidecar  Sidecar
+	leafPEM  string
+	rootsPEM string
+	tables   map[string]slots.Table
+}
+
+type upstreamWatch struct {
+	up     Upstream
+	cancel context.CancelFunc
+}
+
+// New checks cfg and returns a controller; Run starts it.
+func New(cfg Config) (*Controller, error) {
+	if cfg.Consul == nil || cfg.ProxyID == "" || cfg.StateDir == "" || cfg.SPOAAddr == "" {
+		return nil, errors.New("controller: Consul, ProxyID, StateDir and SPOAAddr are required")
+	}
+	if cfg.Log == nil {
+		cfg.Log = zap.NewNop()
+	}
+	if cfg.HAProxyOutput == nil {
+		cfg.HAProxyOutput = os.Stderr
+	}
+	if cfg.HAProxyBin == "" {
+		cfg.HAProxyBin = "haproxy"
+	}
+	if cfg.MinSlots <= 0 {
+		cfg.MinSlots = 8
+	}
+	if cfg.HardStopAfter <= 0 {
+		cfg.HardStopAfter = 30 * time.Second
+	}
+	if cfg.InitialWait <= 0 {
+		cfg.InitialWait = 3 * time.Second
+	}
+	c := &Controller{
+		cfg:     cfg,
+		log:     cfg.Log,
+		rt:      runtime.New(filepath.Join(cfg.StateDir, "master.sock"), cfg.Log.Named("runtime")),
+		events:  make(chan func(*desired), 1024),
+		metrics: newMetrics(),
+		desired: desired{endpoints: map[string][]slots.Endpoint{}},
+		watches: map[string]*upstreamWatch{},
+	}
+	c.retry = time.NewTimer(time.Hour)
+	c.retry.Stop()
+	c.startMaster = func(ctx context.Context) (*runtime.Master, error) {
+		return runtime.StartMaster(ctx, cfg.HAProxyBin, c.path("haproxy.cfg"), c.rt.Socket(), cfg.HAProxyOutput)
+	}
+	return c, nil
+}
+
+// Ready reports whether HAProxy runs the applied state.
+func (c *Controller) Ready() bool { return c.ready.Load() }
+
+// Metrics returns the controller's counters.
+func (c *Controller) Metrics() *Metrics { return c.metrics }
+
+// MasterSocket is the path of HAProxy's master socket.
+func (c *Controller) MasterSocket() string { return c.rt.Socket() }
+
+func (c *Controller) path(name string) string { return filepath.Join(c.cfg.StateDir, name) }
+
+// Run watches and applies until ctx ends, then stops HAProxy. It returns
+// an error when HAProxy cannot start or exits on its own.
+func (c *Controller) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go watchLoop(ctx, c.log, "registration", time.Second, c.fetchRegistration, func(svc *api.AgentService) {
+		c.publishRegistration(svc)
+	})
+	go watchLoop(ctx, c.log, "roots", time.Second, c.fetchRoots, func(r *certs.Roots) {
+		c.send(ctx, func(d *desired) { d.roots = r })
+	})
+	defer c.shutdown()
+	for {
+		var masterDone <-chan struct{}
+		if c.master != nil {
+			masterDone = c.master.Done()
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-masterDone:
+			c.ready.Store(false)
+			return fmt.Errorf("haproxy master exited: %v", c.master.Err())
+		case f := <-c.events:
+			f(&c.desired)
+			// Drain what else is queued: act once on the newest state.
+			for drained := false; !drained; {
+				select {
+				case f := <-c.events:
+					f(&c.desired)
+				default:
+					drained = true
+				}
+			}
+		case <-c.retry.C:
+		}
+		if err := c.reconcile(ctx); err != nil {
+			return err
+		}
+	}
+}
+
+func (c *Controller) send(ctx context.Context, f func(*desired)) {
+	select {
+	case c.events <- f:
+	case <-ctx.Done():
+	}
+}
+
+func (c *Controller) shutdown() {
+	c.ready.Store(false)
+	if c.master != nil {
+		c.log.Info("stopping haproxy")
+		if err := c.master.Stop(10 * time.Second); err != nil {
+			c.log.Warn("haproxy stop", zap.Error(err))
+		}
+	}
+}
+
+func (c *Controller) scheduleRetry(d time.Duration) {
+	c.retry.Stop()
+	c.retry.Reset(d)
+}
+
+// reconcile moves HAProxy toward the desired state. Only a failure to start
+// HAProxy is returned; everything else is logged and retried.
+func (c *Controller) reconcile(ctx context.Context) error {
+	d := &c.desired
+	if d.sidecar == nil {
+		return nil
+	}
+	c.syncWatches(ctx)
+	if d.leaf == nil || d.roots == nil {
+		return nil
+	}
+	if c.master == nil {
+		for _, u := range d.sidecar.Upstreams {
+			if _, ok := d.endpoints[u.Name]; !ok {
+				if wait := c.cfg.InitialWait - time.Since(d.sidecarSince); wait > 0 {
+					c.scheduleRetry(wait)
+					return nil
+				}
+				c.log.Warn("starting before the first endpoint list of an upstream", zap.String("upstream", u.Name))
+			}
+		}
+		return c.start(ctx)
+	}
+
+	var reasons []string
+	if !d.sidecar.Equal(c.applied.sidecar) {
+		reasons = append(reasons, "registration: "+c.applied.sidecar.Diff(*d.sidecar))
+	}
+	if d.roots.PEM != c.applied.rootsPEM {
+		// HAProxy 2.6 breaks on "commit ssl ca-file" (haproxy GH #3165,
+		// fixed in 3.3): roots change by rewriting the file and reloading.
+		reasons = append(reasons, "CA roots changed")
+	}
+	if len(reasons) > 0 {
+		c.reload(ctx, strings.Join(reasons, "; "))
+		return nil
+	}
+	if d.leaf.PEM != c.applied.leafPEM {
+		c.rotateLeaf(ctx)
+	}
+	c.applyEndpoints(ctx)
+	return nil
+}
+
+// plannedTables is the slot assignment to render into a new configuration:
+// each upstream's table moved to its desired endpoints and resized to have
+// room to grow, keeping slots where they are.
+func (c *Controller) plannedTables() map[string]slots.Table {
+	out := map[string]slots.Table{}
+	for _, u := range c.desired.sidecar.Upstreams {
+		t, ok := c.applied.tables[u.Name]
+		if !ok {
+			t = slots.New(u.Name, bootstrap.SlotPrefix, c.cfg.MinSlots)
+		}
+		if eps, seen := c.desired.endpoints[u.Name]; seen {
+			_, t, _ = slots.Plan(t, eps)
+		}
+		out[u.Name] = slots.Resize(t, slots.Size(t.Used(), c.cfg.MinSlots))
+	}
+	return out
+}
+
+func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.Spec {
+	s := bootstrap.Spec{
+		Service:       sc.Service,
+		LeafFile:      c.path("leaf.pem"),
+		RootsFile:     c.path("roots.pem"),
+		SPOEFile:      c.path("spoe.cfg"),
+		SPOAAddr:      c.cfg.SPOAAddr,
+		HardStopAfter: c.cfg.HardStopAfter,
+		AccessLog:     c.cfg.AccessLog,
+		Public:        sc.Public,
+	}
+	for _, u := range sc.Upstreams {
+		s.Upstreams = append(s.Upstreams, bootstrap.Upstream{
+			Name: u.Name, Destination: u.Destination, BindAddr: u.BindAddr, BindPort: u.BindPort,
+			Protocol: u.Protocol, ConnectTimeout: u.ConnectTimeout, Slots: tables[u.Name],
+		})
+	}
+	return s
+}
+
+// writeConfig renders and writes every file HAProxy reads.
+func (c *Controller) writeConfig(spec bootstrap.Spec) error {
+	cfg, err := bootstrap.Render(spec)
+	if err != nil {
+		return err
+	}
+	spoe, err := bootstrap.RenderSPOE(spec)
+	if err != nil {
+		return err
+	}
+	for _, f := range []struct{ path, content string }{
+		{spec.LeafFile, c.desired.leaf.PEM},
+		{spec.RootsFile, c.desired.roots.PEM},
+		{spec.SPOEFile, spoe},
+		{c.path("haproxy.cfg"), cfg},
+	} {
+		if err := certs.WriteFile(f.path, f.content); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (c *Controller) start(ctx context.Context) error {
+	sc := *c.desired.sidecar
+	tables := c.plannedTables()
+	if err := c.writeConfig(c.spec(sc, tables)); err != nil {
+		return fmt.Errorf("render configuration: %w", err)
+	}
+	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	m, err := c.startMaster(sctx)
+	if err != nil {
+		return err
+	}
+	c.master = m
+	c.applied = applied{sidecar: sc, leafPEM: c.desired.leaf.PEM, rootsPEM: c.desired.roots.PEM, tables: tables}
+	c.ready.Store(true)
+	c.metrics.setEndpoints(tables)
+	c.log.Info("haproxy started", zap.Int("master_pid", m.PID()), zap.String("master_socket", c.rt.Socket()),
+		zap.String("config", c.path("haproxy.cfg")), zap.Int("upstreams", len(sc.Upstreams)))
+	return nil
+}
+
+func (c *Controller) reload(ctx context.Context, reason string) {
+	sc := *c.desired.sidecar
+	tables := c.plannedTables()
+	if err := c.writeConfig(c.spec(sc, tables)); err != nil {
+		c.log.Error("reload skipped: configuration not rendered", zap.String("reason", reason), zap.Error(err))
+		c.metrics.reloadFailures.Add(1)
+		c.scheduleRetry(5 * time.Second)
+		return
+	}
+	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	start := time.Now()
+	if _, err := c.rt.Reload(rctx, reason); err != nil {
+		c.log.Error("reload failed; the previous worker keeps serving", zap.String("reason", reason), zap.Error(err))
+		c.metrics.reloadFailures.Add(1)
+		c.scheduleRetry(5 * time.Second)
+		return
+	}
+	c.metrics.reloads.Add(1)
+	c.applied = applied{sidecar: sc, leafPEM: c.desired.leaf.PEM, rootsPEM: c.desired.roots.PEM, tables: tables}
+	c.metrics.setEndpoints(tables)
+	c.log.Info("reload applied", zap.String("reason", reason), zap.Duration("took", time.Since(start)))
+}
+
+// rotateLeaf writes the new leaf to disk (for the next reload) and swaps it
+// in memory: one "set ssl cert" + "commit" replaces it on the public bind
+// and on every upstream server that uses it as client certificate.
+func (c *Controller) rotateLeaf(ctx context.Context) {
+	leaf := c.desired.leaf
+	file := c.path("leaf.pem")
+	if err := certs.WriteFile(file, leaf.PEM); err != nil {
+		c.log.Error("leaf rotation: write file", zap.Error(err))
+		c.scheduleRetry(5 * time.Second)
+		return
+	}
+	if err := c.rt.UpdateCert(ctx, file, leaf.PEM); err != nil {
+		c.log.Error("leaf rotation failed", zap.String("serial", leaf.Serial), zap.Error(err))
+		c.metrics.runtimeErrors.Add(1)
+		c.scheduleRetry(5 * time.Second)
+		return
+	}
+	c.applied.leafPEM = leaf.PEM
+	c.metrics.leafRotations.Add(1)
+	c.log.Info("leaf certificate rotated", zap.String("serial", leaf.Serial), zap.Time("not_after", leaf.NotAfter), zap.String("spiffe", leaf.SPIFFE))
+}
+
+// applyEndpoints sends every upstream's slot operations in one batch.
+func (c *Controller) applyEndpoints(ctx context.Context) {
+	type planned struct {
+		next  slots.Table
+		ops   int
+		first int // index of its first command in the batch
+	}
+	plans := map[string]planned{}
+	var cmds []runtime.Command
+	names := make([]string, 0, len(c.applied.tables))
+	for name := range c.applied.tables {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	for _, name := range names {
+		eps, seen := c.desired.endpoints[name]
+		if !seen {
+			continue
+		}
+		ops, next, _ := slots.Plan(c.applied.tables[name], eps)
+		if len(ops) == 0 {
+			continue
+		}
+		p := planned{next: next, first: len(cmds)}
+		for _, op := range ops {
+			cmd, err := c.command(name, op)
+			if err != nil {
+				c.log.Error("cannot build runtime command", zap.String("upstream", name), zap.Error(err))
+				continue
+			}
+			cmds = append(cmds, cmd)
+			p.ops++
+		}
+		plans[name] = p
+	}
+	if len(cmds) == 0 {
+		return
+	}
+	start := time.Now()
+	rs, err := c.rt.Exec(ctx, cmds...)
+	c.metrics.runtimeCommands.Add(uint64(len(cmds)))
+	c.metrics.batches.Add(1)
+	if err != nil {
+		c.log.Error("runtime batch failed", zap.Int("commands", len(cmds)), zap.Error(err))
+		c.metrics.runtimeErrors.Add(1)
+		for name := range plans {
+			c.resync(ctx, name)
+		}
+		c.scheduleRetry(time.Second)
+		return
+	}
+	failed := false
+	for name, p := range plans {
+		var errs []error
+		for _, r := range rs[p.first : p.first+p.ops] {
+			if r.Err != nil {
+				errs = append(errs, r.Err)
+			}
+		}
+		if len(errs) == 0 {
+			c.applied.tables[name] = p.next
+			continue
+		}
+		failed = true
+		c.metrics.runtimeErrors.Add(uint64(len(errs)))
+		c.log.Error("runtime commands failed; re-reading the backend", zap.String("upstream", name), zap.Errors("errors", errs))
+		c.resync(ctx, name)
+	}
+	c.metrics.setEndpoints(c.applied.tables)
+	c.log.Debug("endpoints applied", zap.Int("commands", len(cmds)), zap.Duration("took", time.Since(start)))
+	if failed {
+		c.scheduleRetry(time.Second)
+	}
+}
+
+// resync rebuilds an upstream's applied table from what HAProxy reports.
+func (c *Controller) resync(ctx context.Context, name string) {
+	st, err := c.rt.ServersState(ctx, name)
+	if err != nil {
+		c.log.Error("re-read backend failed", zap.String("upstream", name), zap.Error(err))
+		return
+	}
+	obs := make([]slots.Observed, 0, len(st))
+	for _, s := range st {
+		obs = append(obs, slots.Observed{Name: s.Name, Addr: s.Addr, Port: s.Port, Weight: s.Weight, Maint: s.Maint()})
+	}
+	templates := 0
+	for _, s := range c.applied.tables[name].Slots {
+		if !s.Dynamic {
+			templates++
+		}
+	}
+	c.applied.tables[name] = slots.FromObserved(name, bootstrap.SlotPrefix, templates, obs)
+}
+
+// command translates a planned slot operation into a runtime command.
+func (c *Controller) command(backend string, op slots.Op) (runtime.Command, error) {
+	switch op.Kind {
+	case slots.OpSetAddr:
+		return runtime.SetServerAddr(backend, op.Server, op.Addr, op.Port)
+	case slots.OpSetWeight:
+		return runtime.SetServerWeight(backend, op.Server, op.Weight)
+	case slots.OpReady:
+		return runtime.SetServerState(backend, op.Server, runtime.StateReady)
+	case slots.OpMaint:
+		return runtime.SetServerState(backend, op.Server, runtime.StateMaint)
+	case slots.OpAdd:
+		o := runtime.ServerOptions{Weight: op.Weight, SSL: true, CrtFile: c.path("leaf.pem"), CAFile: c.path("roots.pem")}
+		for _, u := range c.applied.sidecar.Upstreams {
+			if u.Name == backend && bootstrap.Mode(u.Protocol) == "http" && u.Protocol != "http" {
+				o.ALPN = "h2"
+			}
+		}
+		return runtime.AddServer(backend, op.Server, op.Addr, op.Port, o)
+	}
+	return runtime.Command{}, fmt.Errorf("unknown slot operation %d", op.Kind)
+}
+
+// syncWatches runs one endpoint watch per desired upstream and the leaf
+// watch for the destination service.
+func (c *Controller) syncWatches(ctx context.Context) {
+	sc := c.desired.sidecar
+	want := map[string]Upstream{}
+	for _, u := range sc.Upstreams {
+		want[u.Name] = u
+	}
+	for name, w := range c.watches {
+		if u, ok := want[name]; !ok || u != w.up {
+			w.cancel()
+			delete(c.watches, name)
+			delete(c.desired.endpoints, name)
+		}
+	}
+	for name, u := range want {
+		if _, ok := c.watches[name]; ok {
+			continue
+		}
+		wctx, cancel := context.WithCancel(ctx)
+		c.watches[name] = &upstreamWatch{up: u, cancel: cancel}
+		go c.watchUpstream(wctx, u)
+	}
+	if c.leafFor != sc.Service {
+		if c.leafStop != nil {
+			c.leafStop()
+		}
+		lctx, cancel := context.WithCancel(ctx)
+		c.leafStop, c.leafFor = cancel, sc.Service
+		service := sc.Service
+		go watchLoop(lctx, c.log, "leaf", time.Second, func(ctx context.Context, cur cursor) (*certs.Bundle, cursor, error) {
+			return c.fetchLeaf(ctx, service, cur)
+		}, func(b *certs.Bundle) { c.send(lctx, func(d *desired) { d.leaf = b }) })
+	}
+}
+
+func (c *Controller) publishRegistration(svc *api.AgentService) {
+	sc, rejected, err := ParseRegistration(svc)
+	if err != nil {
+		c.log.Error("proxy registration rejected; keeping the applied configuration", zap.String("proxy_id", c.cfg.ProxyID), zap.Error(err))
+		return
+	}
+	for _, r := range rejected {
+		c.log.Error("upstream rejected; the other upstreams keep working", zap.String("proxy_id", c.cfg.ProxyID), zap.Error(r))
+	}
+	c.send(context.Background(), func(d *desired) {
+		if d.sidecar == nil {
+			d.sidecarSince = time.Now()
+		}
+		d.sidecar = &sc
+	})
+}
+
+func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
+	var last []slots.Endpoint
+	first := true
+	publish := func(eps []slots.Endpoint) {
+		if !first && slices.Equal(eps, last) {
+			return
+		}
+		first, last = false, eps
+		c.metrics.endpointUpdates.Add(1)
+		c.send(ctx, func(d *desired) {
+			if w, ok := c.watches[u.Name]; ok && w.up == u { // not a stale watch
+				d.endpoints[u.Name] = eps
+			}
+		})
+	}
+	if u.Type == string(api.UpstreamDestTypePreparedQuery) {
+		// Prepared queries do not block: poll.
+		watchLoop(ctx, c.log, "query "+u.Destination, 2*time.Second, func(ctx context.Context, _ cursor) ([]slots.Endpoint, cursor, error) {
+			resp, _, err := c.cfg.Consul.PreparedQuery().Execute(u.Destination, (&api.QueryOptions{Connect: true, Datacenter: u.Datacenter}).WithContext(ctx))
+			if err != nil {
+				return nil, cursor{}, err
+			}
+			entries := make([]*api.ServiceEntry, len(resp.Nodes))
+			for i := range resp.Nodes {
+				entries[i] = &resp.Nodes[i]
+			}
+			return c.endpointsOf(u, entries), cursor{}, nil
+		}, publish)
+		return
+	}
+	watchLoop(ctx, c.log, "upstream "+u.Name, 10*time.Millisecond, func(ctx context.Context, cur cursor) ([]slots.Endpoint, cursor, error) {
+		q := &api.QueryOptions{Datacenter: u.Datacenter, WaitIndex: cur.index, WaitTime: 5 * time.Minute}
+		entries, meta, err := c.cfg.Consul.Health().Connect(u.Destination, "", true, q.WithContext(ctx))
+		if err != nil {
+			return nil, cur, err
+		}
+		return c.endpointsOf(u, entries), cursor{index: meta.LastIndex}, nil
+	}, publish)
+}
+
+// endpointsOf turns Consul's passing Connect entries into endpoints: the
+// service address, else the node address; Consul's passing weight. Entries
+// HAProxy cannot take (a hostname address, a bad port) are logged and left out.
+func (c *Controller) endpointsOf(u Upstream, entries []*api.ServiceEntry) []slots.Endpoint {
+	out := make([]slots.Endpoint, 0, len(entries))
+	for _, e := range entries {
+		if e.Service == nil {
+			continue
+		}
+		addr := e.Service.Address
+		if addr == "" && e.Node != nil {
+			addr = e.Node.Address
+		}
+		ep := slots.Endpoint{Addr: addr, Port: e.Service.Port, Weight: max(e.Service.Weights.Passing, 1)}
+		if err := ep.Validate(); err != nil {
+			c.log.Warn("endpoint rejected", zap.String("upstream", u.Name), zap.String("service_id", e.Service.ID), zap.Error(err))
+			continue
+		}
+		out = append(out, ep)
+	}
+	slices.SortFunc(out, slots.Endpoint.Compare)
+	return out
+}
+
+func (c *Controller) fetchRegistration(ctx context.Context, cur cursor) (*api.AgentService, cursor, error) {
+	svc, meta, err := c.cfg.Consul.Agent().Service(c.cfg.ProxyID, (&api.QueryOptions{WaitHash: cur.hash, WaitTime: 5 * time.Minute}).WithContext(ctx))
+	if err != nil {
+		return nil, cur, fmt.Errorf("proxy registration %s: %w", c.cfg.ProxyID, err)
+	}
+	return svc, cursor{hash: meta.LastContentHash}, nil
+}
+
+func (c *Controller) fetchLeaf(ctx context.Context, service string, cur cursor) (*certs.Bundle, cursor, error) {
+	leaf, meta, err := c.cfg.Consul.Agent().ConnectCALeaf(service, (&api.QueryOptions{WaitIndex: cur.index, WaitTime: 5 * time.Minute}).WithContext(ctx))
+	if err != nil {
+		return nil, cur, fmt.Errorf("leaf certificate for %s: %w", service, err)
+	}
+	b, err := certs.NewBundle(leaf.CertPEM, leaf.PrivateKeyPEM, time.Now())
+	if err != nil {
+		// Bad material from Consul: keep what is applied, try again later.
+		return nil, cur, fmt.Errorf("leaf certificate for %s rejected: %w", service, err)
+	}
+	return &b, cursor{index: meta.LastIndex}, nil
+}
+
+func (c *Controller) fetchRoots(ctx context.Context, cur cursor) (*certs.Roots, cursor, error) {
+	list, meta, err := c.cfg.Consul.Agent().ConnectCARoots((&api.QueryOptions{WaitIndex: cur.index, WaitTime: 5 * time.Minute}).WithContext(ctx))
+	if err != nil {
+		return nil, cur, fmt.Errorf("CA roots: %w", err)
+	}
+	pems := make([]string, 0, len(list.Roots))
+	for _, r := range list.Roots {
+		pems = append(pems, r.RootCertPEM)
+	}
+	roots, err := certs.NewRoots(pems)
+	if err != nil {
+		return nil, cur, fmt.Errorf("CA roots rejected: %w", err)
+	}
+	return &roots, cursor{index: meta.LastIndex}, nil
+}

@@ -1,0 +1,206 @@
+package controller
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/hashicorp/consul/api"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/haproxy-connect/haproxy-connect/bootstrap"
+	"github.com/haproxy-connect/haproxy-connect/certs"
+	"github.com/haproxy-connect/haproxy-connect/runtime"
+	"github.com/haproxy-connect/haproxy-connect/slots"
+	"github.com/haproxy-connect/haproxy-connect/testenv"
+)
+
+// fakeHAProxy records what the controller does to HAProxy as text, and can
+// fail commands whose text contains failOn.
+type fakeHAProxy struct {
+	transcript []string
+	failOn     string
+	state      []runtime.ServerStatus
+}
+
+func (f *fakeHAProxy) Exec(_ context.Context, cmds ...runtime.Command) (runtime.Results, error) {
+	rs := make(runtime.Results, len(cmds))
+	for i, c := range cmds {
+		f.transcript = append(f.transcript, c.String())
+		rs[i].Command = c
+		if f.failOn != "" && strings.Contains(c.String(), f.failOn) {
+			rs[i].Err = &runtime.ReplyError{Command: c.String(), Reply: "No such server.", Err: runtime.ErrNoSuchServer}
+		}
+	}
+	return rs, nil
+}
+
+func (f *fakeHAProxy) Reload(_ context.Context, reason string) (runtime.ProcList, error) {
+	f.transcript = append(f.transcript, "reload: "+reason)
+	return runtime.ProcList{}, nil
+}
+
+func (f *fakeHAProxy) UpdateCert(_ context.Context, file, _ string) error {
+	f.transcript = append(f.transcript, "update cert "+filepath.Base(file))
+	return nil
+}
+
+func (f *fakeHAProxy) ServersState(_ context.Context, backend string) ([]runtime.ServerStatus, error) {
+	f.transcript = append(f.transcript, "show servers state "+backend)
+	return f.state, nil
+}
+
+func (f *fakeHAProxy) Socket() string { return "/fake/master.sock" }
+
+func (f *fakeHAProxy) take() []string {
+	t := f.transcript
+	f.transcript = nil
+	return t
+}
+
+func ep(last, port int) slots.Endpoint {
+	return slots.Endpoint{Addr: fmt.Sprintf("10.0.0.%d", last), Port: port, Weight: 1}
+}
+
+func sidecar(ups ...Upstream) *Sidecar {
+	return &Sidecar{ProxyID: "web-sidecar-proxy", Service: "web", Upstreams: ups,
+		Public: bootstrap.Public{BindAddr: "127.0.0.1", BindPort: 21000, LocalAddr: "127.0.0.1", LocalPort: 8080}}
+}
+
+func up(name string, port int) Upstream {
+	return Upstream{Name: "up_" + name, Type: "service", Destination: name, BindAddr: "127.0.0.1", BindPort: port}
+}
+
+// TestReconcileTranscript drives the loop's reconcile step through a
+// sequence of desired states and checks the exact runtime transcript.
+func TestReconcileTranscript(t *testing.T) {
+	ca := testenv.NewCA(t, "root")
+	leaf := func() *certs.Bundle {
+		c, k := ca.Leaf(t, "spiffe://td.consul/ns/default/dc/dc1/svc/web")
+		b, err := certs.NewBundle(c, k, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &b
+	}
+	roots := func(pems ...string) *certs.Roots {
+		r, err := certs.NewRoots(pems)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &r
+	}
+	consul, _ := api.NewClient(api.DefaultConfig())
+	dir := t.TempDir()
+	c, err := New(Config{Consul: consul, ProxyID: "web-sidecar-proxy", StateDir: dir, SPOAAddr: "127.0.0.1:1", Log: zaptest.NewLogger(t), MinSlots: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fake := &fakeHAProxy{}
+	c.rt = fake
+	started := 0
+	c.startMaster = func(context.Context) (*runtime.Master, error) {
+		started++
+		return &runtime.Master{}, nil
+	}
+	// Watches are not under test: pretend they already run.
+	c.watches["up_api"] = &upstreamWatch{up: up("api", 9191), cancel: func() {}}
+	c.leafFor, c.leafStop = "web", func() {}
+
+	otherCA := testenv.NewCA(t, "next root")
+	steps := []struct {
+		name   string
+		change func(d *desired)
+		failOn string
+		want   []string
+	}{
+		{"starts with the endpoints rendered, no runtime commands", func(d *desired) {
+			d.sidecar, d.sidecarSince = sidecar(up("api", 9191)), time.Now()
+			d.leaf, d.roots = leaf(), roots(ca.CertPEM)
+			d.endpoints["up_api"] = []slots.Endpoint{ep(1, 21000), ep(2, 21000)}
+		}, "", nil},
+		{"an endpoint joins: one free slot filled", func(d *desired) {
+			d.endpoints["up_api"] = []slots.Endpoint{ep(1, 21000), ep(2, 21000), ep(3, 21000)}
+		}, "", []string{
+			"@1 set server up_api/s3 addr 10.0.0.3 port 21000",
+			"@1 set server up_api/s3 state ready",
+		}},
+		{"an endpoint leaves: parked, not deleted", func(d *desired) {
+			d.endpoints["up_api"] = []slots.Endpoint{ep(2, 21000), ep(3, 21000)}
+		}, "", []string{
+			"@1 set server up_api/s1 state maint",
+			"@1 set server up_api/s1 addr 127.0.0.1 port 1",
+		}},
+		{"weight change", func(d *desired) {
+			d.endpoints["up_api"] = []slots.Endpoint{ep(2, 21000), {Addr: "10.0.0.3", Port: 21000, Weight: 9}}
+		}, "", []string{"@1 set server up_api/s3 weight 9"}},
+		{"leaf rotation is a cert update, not a reload", func(d *desired) { d.leaf = leaf() }, "", []string{"update cert leaf.pem"}},
+		{"more endpoints than slots: add server, no reload", func(d *desired) {
+			d.endpoints["up_api"] = []slots.Endpoint{ep(2, 21000), {Addr: "10.0.0.3", Port: 21000, Weight: 9}, ep(4, 21000), ep(5, 21000), ep(6, 21000), ep(7, 21000), ep(8, 21000), ep(9, 21000), ep(10, 21000)}
+		}, "", []string{
+			"@1 set server up_api/s1 addr 10.0.0.4 port 21000",
+			"@1 set server up_api/s1 state ready",
+			"@1 set server up_api/s4 addr 10.0.0.5 port 21000",
+			"@1 set server up_api/s4 state ready",
+			"@1 set server up_api/s5 addr 10.0.0.6 port 21000",
+			"@1 set server up_api/s5 state ready",
+			"@1 set server up_api/s6 addr 10.0.0.7 port 21000",
+			"@1 set server up_api/s6 state ready",
+			"@1 set server up_api/s7 addr 10.0.0.8 port 21000",
+			"@1 set server up_api/s7 state ready",
+			"@1 set server up_api/s8 addr 10.0.0.9 port 21000",
+			"@1 set server up_api/s8 state ready",
+			fmt.Sprintf("@1 add server up_api/s9 10.0.0.10:21000 weight 1 ssl crt %[1]s/leaf.pem ca-file %[1]s/roots.pem verify required", dir),
+			"@1 set server up_api/s9 state ready",
+		}},
+		{"a new upstream is a reload with its reason", func(d *desired) {
+			d.sidecar = sidecar(up("api", 9191), up("db", 9192))
+			c.watches["up_db"] = &upstreamWatch{up: up("db", 9192), cancel: func() {}}
+			d.endpoints["up_db"] = []slots.Endpoint{ep(20, 21000)}
+		}, "", []string{"reload: registration: upstream up_db added"}},
+		{"new CA roots are a reload on 2.6", func(d *desired) { d.roots = roots(ca.CertPEM, otherCA.CertPEM) }, "", []string{"reload: CA roots changed"}},
+		{"nothing changed: nothing sent", func(d *desired) {}, "", nil},
+		{"a failed command re-reads the backend", func(d *desired) {
+			d.endpoints["up_db"] = []slots.Endpoint{ep(20, 21000), ep(21, 21000)}
+		}, "up_db/s2 state ready", []string{
+			"@1 set server up_db/s2 addr 10.0.0.21 port 21000",
+			"@1 set server up_db/s2 state ready",
+			"show servers state up_db",
+		}},
+	}
+	for _, st := range steps {
+		t.Run(st.name, func(t *testing.T) {
+			st.change(&c.desired)
+			fake.failOn = st.failOn
+			if err := c.reconcile(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			got := fake.take()
+			if diff := cmp.Diff(st.want, got); diff != "" {
+				t.Errorf("transcript (-want +got):\n%s", diff)
+			}
+		})
+	}
+	if started != 1 {
+		t.Errorf("haproxy started %d times, want 1", started)
+	}
+	if c.metrics.Reloads() != 2 {
+		t.Errorf("reloads = %d, want 2", c.metrics.Reloads())
+	}
+	cfg, err := os.ReadFile(filepath.Join(dir, "haproxy.cfg"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// After the reloads, the rendered config carries the assignment, the
+	// dynamic server included, in a template sized with room to grow.
+	for _, want := range []string{"server s9 10.0.0.10:21000 weight 1", "server s1 10.0.0.4:21000 weight 1", "server s3 10.0.0.3:21000 weight 9", "backend up_db", "server-template s 10-24 127.0.0.1:1 disabled"} {
+		if !strings.Contains(string(cfg), want) {
+			t.Errorf("rendered config lacks %q:\n%s", want, cfg)
+		}
+	}
+}

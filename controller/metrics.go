@@ -1,0 +1,77 @@
+package controller
+
+import (
+	"fmt"
+	"io"
+	"slices"
+	"sync"
+	"sync/atomic"
+
+	"github.com/haproxy-connect/haproxy-connect/slots"
+)
+
+// Metrics are the controller's counters, exposed in Prometheus text format.
+type Metrics struct {
+	reloads, reloadFailures, leafRotations  atomic.Uint64
+	runtimeCommands, runtimeErrors, batches atomic.Uint64
+	endpointUpdates                         atomic.Uint64
+	mu                                      sync.Mutex
+	endpoints, slotsTotal                   map[string]int
+}
+
+func newMetrics() *Metrics {
+	return &Metrics{endpoints: map[string]int{}, slotsTotal: map[string]int{}}
+}
+
+func (m *Metrics) setEndpoints(tables map[string]slots.Table) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	clear(m.endpoints)
+	clear(m.slotsTotal)
+	for name, t := range tables {
+		m.endpoints[name] = t.Used()
+		m.slotsTotal[name] = len(t.Slots)
+	}
+}
+
+// Reloads is the number of confirmed reloads since start.
+func (m *Metrics) Reloads() uint64 { return m.reloads.Load() }
+
+// WriteTo writes the metrics in Prometheus text exposition format.
+func (m *Metrics) WriteTo(w io.Writer) (int64, error) {
+	var n int64
+	p := func(format string, a ...any) {
+		k, _ := fmt.Fprintf(w, format+"\n", a...)
+		n += int64(k)
+	}
+	counter := func(name, help string, v uint64) {
+		p("# HELP %s %s", name, help)
+		p("# TYPE %s counter", name)
+		p("%s %d", name, v)
+	}
+	counter("haproxy_connect_reloads_total", "Confirmed HAProxy reloads.", m.reloads.Load())
+	counter("haproxy_connect_reload_failures_total", "Reloads that failed or were not confirmed.", m.reloadFailures.Load())
+	counter("haproxy_connect_leaf_rotations_total", "Leaf certificates swapped through the runtime API.", m.leafRotations.Load())
+	counter("haproxy_connect_runtime_commands_total", "Runtime commands sent to the master socket.", m.runtimeCommands.Load())
+	counter("haproxy_connect_runtime_errors_total", "Runtime commands or batches that failed.", m.runtimeErrors.Load())
+	counter("haproxy_connect_runtime_batches_total", "Batches of runtime commands sent.", m.batches.Load())
+	counter("haproxy_connect_endpoint_updates_total", "Changed endpoint lists received from Consul.", m.endpointUpdates.Load())
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	names := make([]string, 0, len(m.endpoints))
+	for k := range m.endpoints {
+		names = append(names, k)
+	}
+	slices.Sort(names)
+	p("# HELP haproxy_connect_upstream_endpoints Endpoints in service per upstream.")
+	p("# TYPE haproxy_connect_upstream_endpoints gauge")
+	for _, k := range names {
+		p("haproxy_connect_upstream_endpoints{upstream=%q} %d", k, m.endpoints[k])
+	}
+	p("# HELP haproxy_connect_upstream_slots Server slots per upstream backend.")
+	p("# TYPE haproxy_connect_upstream_slots gauge")
+	for _, k := range names {
+		p("haproxy_connect_upstream_slots{upstream=%q} %d", k, m.slotsTotal[k])
+	}
+	return n, nil
+}

@@ -1,0 +1,277 @@
+package controller
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"net"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/haproxy-connect/haproxy-connect/bootstrap"
+	"github.com/haproxy-connect/haproxy-connect/slots"
+)
+
+// ErrNoSidecar and ErrManySidecars are the two ways -sidecar-for can fail.
+var (
+	ErrNoSidecar    = errors.New("no connect-proxy registration for that service")
+	ErrManySidecars = errors.New("more than one connect-proxy registration for that service")
+)
+
+// FindSidecar returns the ID of the one connect-proxy registered on the
+// local agent for serviceID, as "consul connect proxy -sidecar-for" does:
+// Kind connect-proxy and Proxy.DestinationServiceID equal to serviceID,
+// compared case-insensitively.
+func FindSidecar(services map[string]*api.AgentService, serviceID string) (string, error) {
+	var found []string
+	for id, s := range services {
+		if s.Kind == api.ServiceKindConnectProxy && s.Proxy != nil && strings.EqualFold(s.Proxy.DestinationServiceID, serviceID) {
+			found = append(found, id)
+		}
+	}
+	slices.Sort(found)
+	switch len(found) {
+	case 0:
+		return "", fmt.Errorf("%w %q", ErrNoSidecar, serviceID)
+	case 1:
+		return found[0], nil
+	}
+	return "", fmt.Errorf("%w %q: %s", ErrManySidecars, serviceID, strings.Join(found, ", "))
+}
+
+// Sidecar is the shape of the proxy taken from its registration: what the
+// rendered configuration depends on, apart from endpoints and certificates.
+// Two equal Sidecars render the same frontends and backends; a change means
+// a reload.
+type Sidecar struct {
+	ProxyID   string
+	Service   string // destination service name
+	Public    bootstrap.Public
+	Upstreams []Upstream // sorted by Name
+}
+
+// Upstream is one upstream of the registration.
+type Upstream struct {
+	Name           string // HAProxy frontend and backend name
+	Type           string // service or prepared_query
+	Destination    string
+	Datacenter     string
+	Namespace      string
+	Partition      string
+	BindAddr       string
+	BindPort       int
+	Protocol       string
+	ConnectTimeout time.Duration
+}
+
+// Equal compares two shapes.
+func (s Sidecar) Equal(o Sidecar) bool {
+	return s.ProxyID == o.ProxyID && s.Service == o.Service && s.Public == o.Public && slices.Equal(s.Upstreams, o.Upstreams)
+}
+
+// Diff says in a few words what differs, for the reload reason.
+func (s Sidecar) Diff(o Sidecar) string {
+	var parts []string
+	if s.Service != o.Service {
+		parts = append(parts, fmt.Sprintf("service %s -> %s", s.Service, o.Service))
+	}
+	if s.Public != o.Public {
+		parts = append(parts, "public listener changed")
+	}
+	old := map[string]Upstream{}
+	for _, u := range s.Upstreams {
+		old[u.Name] = u
+	}
+	for _, u := range o.Upstreams {
+		prev, ok := old[u.Name]
+		switch {
+		case !ok:
+			parts = append(parts, "upstream "+u.Name+" added")
+		case prev != u:
+			parts = append(parts, "upstream "+u.Name+" changed")
+		}
+		delete(old, u.Name)
+	}
+	for name := range old {
+		parts = append(parts, "upstream "+name+" removed")
+	}
+	slices.Sort(parts)
+	return strings.Join(parts, ", ")
+}
+
+// ParseRegistration reads a connect-proxy registration. Upstreams that are
+// invalid are left out and reported in rejected, so one bad upstream does
+// not take the others down; an invalid public listener is an error.
+func ParseRegistration(svc *api.AgentService) (sc Sidecar, rejected []error, err error) {
+	if svc == nil || svc.Kind != api.ServiceKindConnectProxy || svc.Proxy == nil {
+		return Sidecar{}, nil, errors.New("registration is not a connect-proxy")
+	}
+	p := svc.Proxy
+	sc.ProxyID, sc.Service = svc.ID, p.DestinationServiceName
+	if _, err := bootstrap.UpstreamName(sc.Service, ""); err != nil {
+		return Sidecar{}, nil, fmt.Errorf("destination service: %w", err)
+	}
+	if p.LocalServiceSocketPath != "" {
+		return Sidecar{}, nil, fmt.Errorf("local_service_socket_path %q: unix sockets are not supported yet", p.LocalServiceSocketPath)
+	}
+
+	pub := bootstrap.Public{BindAddr: svc.Address, BindPort: svc.Port, LocalAddr: p.LocalServiceAddress, LocalPort: p.LocalServicePort}
+	if pub.BindAddr == "" {
+		pub.BindAddr = "0.0.0.0"
+	}
+	if pub.LocalAddr == "" {
+		pub.LocalAddr = "127.0.0.1"
+	}
+	cfg := p.Config
+	if v, ok, err := configString(cfg, "bind_address"); err != nil {
+		return Sidecar{}, nil, err
+	} else if ok {
+		pub.BindAddr = v
+	}
+	if v, ok, err := configInt(cfg, "bind_port", 1, 65535); err != nil {
+		return Sidecar{}, nil, err
+	} else if ok {
+		pub.BindPort = v
+	}
+	if pub.Protocol, _, err = configString(cfg, "protocol"); err != nil {
+		return Sidecar{}, nil, err
+	}
+	pub.Protocol = strings.ToLower(pub.Protocol)
+	if v, ok, err := configInt(cfg, "local_connect_timeout_ms", 1, 3_600_000); err != nil {
+		return Sidecar{}, nil, err
+	} else if ok {
+		pub.ConnectTimeout = time.Duration(v) * time.Millisecond
+	}
+	sc.Public = pub
+
+	seen := map[string]bool{}
+	binds := map[string]string{bindKey(pub.BindAddr, pub.BindPort): "the public listener"}
+	for i, u := range p.Upstreams {
+		up, err := parseUpstream(u)
+		if err != nil {
+			rejected = append(rejected, fmt.Errorf("upstream %d (%s): %w", i, u.DestinationName, err))
+			continue
+		}
+		if seen[up.Name] {
+			rejected = append(rejected, fmt.Errorf("upstream %d (%s): another upstream already uses the name %s", i, u.DestinationName, up.Name))
+			continue
+		}
+		if other, ok := binds[bindKey(up.BindAddr, up.BindPort)]; ok {
+			rejected = append(rejected, fmt.Errorf("upstream %d (%s): %s:%d is already bound by %s", i, u.DestinationName, up.BindAddr, up.BindPort, other))
+			continue
+		}
+		seen[up.Name] = true
+		binds[bindKey(up.BindAddr, up.BindPort)] = "upstream " + up.Name
+		sc.Upstreams = append(sc.Upstreams, up)
+	}
+	slices.SortFunc(sc.Upstreams, func(a, b Upstream) int { return strings.Compare(a.Name, b.Name) })
+	return sc, rejected, nil
+}
+
+func parseUpstream(u api.Upstream) (Upstream, error) {
+	up := Upstream{
+		Type:        string(u.DestinationType),
+		Destination: u.DestinationName,
+		Datacenter:  u.Datacenter,
+		Namespace:   u.DestinationNamespace,
+		Partition:   u.DestinationPartition,
+		BindAddr:    u.LocalBindAddress,
+		BindPort:    u.LocalBindPort,
+	}
+	if up.Type == "" {
+		up.Type = string(api.UpstreamDestTypeService)
+	}
+	if up.Type != string(api.UpstreamDestTypeService) && up.Type != string(api.UpstreamDestTypePreparedQuery) {
+		return Upstream{}, fmt.Errorf("destination type %q is not service or prepared_query", up.Type)
+	}
+	if u.LocalBindSocketPath != "" {
+		return Upstream{}, fmt.Errorf("local_bind_socket_path %q: unix sockets are not supported yet", u.LocalBindSocketPath)
+	}
+	if up.BindAddr == "" {
+		up.BindAddr = "127.0.0.1"
+	}
+	var err error
+	if up.Name, err = bootstrap.UpstreamName(u.DestinationName, u.Datacenter); err != nil {
+		return Upstream{}, err
+	}
+	if up.Type == string(api.UpstreamDestTypePreparedQuery) {
+		up.Name = "q" + up.Name // up_x for a service, qup_x for a query of the same name
+	}
+	if up.Protocol, _, err = configString(u.Config, "protocol"); err != nil {
+		return Upstream{}, err
+	}
+	up.Protocol = strings.ToLower(up.Protocol)
+	if v, ok, err := configInt(u.Config, "connect_timeout_ms", 1, 3_600_000); err != nil {
+		return Upstream{}, err
+	} else if ok {
+		up.ConnectTimeout = time.Duration(v) * time.Millisecond
+	}
+	for _, ns := range []string{up.Namespace, up.Partition} {
+		if ns != "" && ns != "default" {
+			return Upstream{}, fmt.Errorf("namespace/partition %q: only the default namespace and partition are supported (Consul CE)", ns)
+		}
+	}
+	// The same checks Render makes, so a bad upstream is dropped here with
+	// its reason rather than failing the whole configuration later.
+	probe := bootstrap.Upstream{Name: up.Name, Destination: up.Destination, BindAddr: up.BindAddr, BindPort: up.BindPort,
+		Protocol: up.Protocol, ConnectTimeout: up.ConnectTimeout}
+	probe.Slots.Backend, probe.Slots.Prefix = up.Name, bootstrap.SlotPrefix
+	probe.Slots.Slots = make([]slots.Slot, 1)
+	if err := bootstrap.ValidateUpstream(probe); err != nil {
+		return Upstream{}, err
+	}
+	return up, nil
+}
+
+func configString(cfg map[string]any, key string) (string, bool, error) {
+	v, ok := cfg[key]
+	if !ok || v == nil {
+		return "", false, nil
+	}
+	s, ok := v.(string)
+	if !ok {
+		return "", false, fmt.Errorf("config %s: want a string, got %T", key, v)
+	}
+	return s, true, nil
+}
+
+// configInt reads an integer from an opaque Config map, where JSON gives
+// float64 and HCL or the CLI may give strings.
+func configInt(cfg map[string]any, key string, lo, hi int) (int, bool, error) {
+	v, ok := cfg[key]
+	if !ok || v == nil {
+		return 0, false, nil
+	}
+	var n float64
+	switch x := v.(type) {
+	case float64:
+		n = x
+	case int:
+		n = float64(x)
+	case json.Number:
+		f, err := x.Float64()
+		if err != nil {
+			return 0, false, fmt.Errorf("config %s: %q is not a number", key, x)
+		}
+		n = f
+	case string:
+		f, err := strconv.ParseFloat(strings.TrimSpace(x), 64)
+		if err != nil {
+			return 0, false, fmt.Errorf("config %s: %q is not a number", key, x)
+		}
+		n = f
+	default:
+		return 0, false, fmt.Errorf("config %s: want a number, got %T", key, v)
+	}
+	if n != math.Trunc(n) || n < float64(lo) || n > float64(hi) {
+		return 0, false, fmt.Errorf("config %s: %v is not an integer in %d-%d", key, v, lo, hi)
+	}
+	return int(n), true, nil
+}
+
+func bindKey(addr string, port int) string { return net.JoinHostPort(addr, strconv.Itoa(port)) }
