@@ -13,6 +13,11 @@ all: build
 
 build:
 	$(GO) build -o bin/haproxy-connect ./cmd/haproxy-connect
+	$(GO) build -o bin/demo ./cmd/demo
+
+# A local mesh: consul, two apps, two haproxy-connect sidecars. Ctrl-C stops it.
+demo: deps build
+	bin/demo -consul-bin bin/consul -sidecar-bin bin/haproxy-connect
 
 deps: packages consul
 

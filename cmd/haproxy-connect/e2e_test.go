@@ -1,0 +1,380 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/haproxy-connect/haproxy-connect/testenv"
+)
+
+// TestMinimalMesh is the seed's minimal working example, over HTTP and over
+// TCP, with deny-by-default intentions: refused until an allow intention
+// exists, and refused again within 1 s of a deny.
+func TestMinimalMesh(t *testing.T) {
+	for _, proto := range []string{"http", "tcp"} {
+		t.Run(proto, func(t *testing.T) {
+			consul := testenv.Consul(t, testenv.ConsulOptions{DefaultDeny: true})
+			c := consul.Client
+			var appPort int
+			if proto == "http" {
+				appPort = httpApp(t, "server")
+			} else {
+				appPort = tcpApp(t, "hello from server")
+			}
+			ports := testenv.FreePorts(t, 4)
+			register(t, c, "server", appPort, ports[0], map[string]any{"protocol": proto})
+			register(t, c, "client", ports[1], ports[2], nil,
+				api.Upstream{DestinationName: "server", LocalBindPort: ports[3], Config: map[string]any{"protocol": proto}})
+			startSidecar(t, consul, "server")
+			client := startSidecar(t, consul, "client")
+
+			call := func() error {
+				if proto == "http" {
+					code, body, err := get(ports[3])
+					if err != nil {
+						return err
+					}
+					if code != 200 || body != "hello from server" {
+						return fmt.Errorf("status %d %q", code, body)
+					}
+					return nil
+				}
+				line, err := tcpLine(ports[3])
+				if err != nil {
+					return err
+				}
+				if line != "hello from server" {
+					return fmt.Errorf("got %q", line)
+				}
+				return nil
+			}
+			// The client's upstream has the server's sidecar as endpoint.
+			eventually(t, 10*time.Second, "client sidecar has the server endpoint", func() error {
+				st, err := client.rt.ServersState(context.Background(), "up_server")
+				if err != nil {
+					return err
+				}
+				for _, s := range st {
+					if !s.Maint() && s.Port == ports[0] {
+						return nil
+					}
+				}
+				return fmt.Errorf("servers: %+v", st)
+			})
+			for i := 0; i < 5; i++ {
+				if err := call(); err == nil {
+					t.Fatal("a request went through with deny-by-default and no intention")
+				}
+			}
+			intention(t, c, "client", "server", api.IntentionActionAllow)
+			took := eventually(t, 5*time.Second, "allowed after the allow intention", call)
+			t.Logf("%s: allow effective after %s", proto, took)
+
+			intention(t, c, "client", "server", api.IntentionActionDeny)
+			took = eventually(t, time.Second, "refused within 1s of the deny intention", func() error {
+				if err := call(); err == nil {
+					return errors.New("still allowed")
+				}
+				return nil
+			})
+			t.Logf("%s: deny effective after %s", proto, took)
+			// And it stays refused.
+			for i := 0; i < 5; i++ {
+				if err := call(); err == nil {
+					t.Fatal("allowed again after the deny")
+				}
+			}
+		})
+	}
+}
+
+// TestChurn registers and deregisters healthy endpoints of the upstream
+// while a client sends requests: no reload, no failed request, and the
+// client sidecar's slots equal Consul's passing set after every settle,
+// past the initial slot count.
+func TestChurn(t *testing.T) {
+	consul := testenv.Consul(t, testenv.ConsulOptions{})
+	c := consul.Client
+	appPort := httpApp(t, "server")
+	ports := testenv.FreePorts(t, 4)
+	register(t, c, "server", appPort, ports[0], map[string]any{"protocol": "http"})
+	register(t, c, "client", ports[1], ports[2], nil,
+		api.Upstream{DestinationName: "server", LocalBindPort: ports[3], Config: map[string]any{"protocol": "http"}})
+	startSidecar(t, consul, "server")
+	client := startSidecar(t, consul, "client", "-min-slots", "8", "-log-level", "info")
+	reloadsBefore := client.reloads(t)
+
+	// Extra endpoints of "server": connect-proxy registrations of their
+	// own, each on its own loopback port, each a relay to the real server
+	// sidecar, so that every slot HAProxy fills really serves.
+	type endpoint struct {
+		id   string
+		port int
+	}
+	var pool []endpoint
+	for i := 0; i < 24; i++ {
+		pool = append(pool, endpoint{id: fmt.Sprintf("server-extra-%d", i), port: relay(t, ports[0])})
+	}
+	regEndpoint := func(e endpoint) error {
+		return c.Agent().ServiceRegister(&api.AgentServiceRegistration{
+			ID: e.id, Name: "server-sidecar-proxy", Kind: api.ServiceKindConnectProxy, Port: e.port, Address: "127.0.0.1",
+			Checks: passing(), Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: "server", DestinationServiceID: "server"},
+		})
+	}
+
+	var ok, failed atomic.Int64
+	var firstErr atomic.Value
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			code, _, err := get(ports[3])
+			if err == nil && code == 200 {
+				ok.Add(1)
+				continue
+			}
+			failed.Add(1)
+			if err == nil {
+				err = fmt.Errorf("status %d", code)
+			}
+			firstErr.CompareAndSwap(nil, err)
+		}
+	}()
+
+	settle := func(step int) {
+		t.Helper()
+		eventually(t, 5*time.Second, fmt.Sprintf("step %d: slots equal Consul's passing set", step), func() error {
+			entries, _, err := c.Health().Connect("server", "", true, nil)
+			if err != nil {
+				return err
+			}
+			var want []string
+			for _, e := range entries {
+				want = append(want, fmt.Sprintf("127.0.0.1:%d", e.Service.Port))
+			}
+			st, err := client.rt.ServersState(context.Background(), "up_server")
+			if err != nil {
+				return err
+			}
+			var got []string
+			for _, s := range st {
+				if !s.Maint() {
+					got = append(got, fmt.Sprintf("%s:%d", s.Addr, s.Port))
+				}
+			}
+			slices.Sort(want)
+			slices.Sort(got)
+			if !slices.Equal(want, got) {
+				return fmt.Errorf("consul %v, haproxy %v", want, got)
+			}
+			return nil
+		})
+	}
+
+	// 200 events: grow to all 24 extra endpoints (past the 8 slots), then
+	// churn by removing and re-adding, settling every 10 events.
+	live := map[int]bool{}
+	events := 0
+	for events < 200 {
+		i := events % len(pool)
+		var err error
+		if events < len(pool) || !live[i] {
+			err = regEndpoint(pool[i])
+			live[i] = true
+		} else {
+			err = c.Agent().ServiceDeregister(pool[i].id)
+			live[i] = false
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		events++
+		if events%10 == 0 {
+			settle(events)
+		}
+	}
+	settle(events)
+	time.Sleep(100 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+
+	if got := client.reloads(t) - reloadsBefore; got != 0 {
+		t.Errorf("%d reloads during churn, want 0", got)
+	}
+	if failed.Load() > 0 {
+		t.Errorf("%d of %d requests failed during churn; first: %v", failed.Load(), ok.Load()+failed.Load(), firstErr.Load())
+	}
+	t.Logf("200 endpoint events, %d requests ok, %d failed", ok.Load(), failed.Load())
+}
+
+// relay listens on a free loopback port and forwards to target: a stand-in
+// for another instance of a sidecar (the TLS bytes pass through untouched).
+func relay(t *testing.T, target int) int {
+	t.Helper()
+	return testenv.Relay(t, fmt.Sprintf("127.0.0.1:%d", target))
+}
+
+// TestAddUpstream adds an upstream to a running sidecar's registration:
+// exactly one reload, the new port serves, the old one never stops.
+func TestAddUpstream(t *testing.T) {
+	consul := testenv.Consul(t, testenv.ConsulOptions{})
+	c := consul.Client
+	ports := testenv.FreePorts(t, 7)
+	register(t, c, "one", httpApp(t, "one"), ports[0], map[string]any{"protocol": "http"})
+	register(t, c, "two", httpApp(t, "two"), ports[1], map[string]any{"protocol": "http"})
+	up1 := api.Upstream{DestinationName: "one", LocalBindPort: ports[4], Config: map[string]any{"protocol": "http"}}
+	register(t, c, "client", ports[2], ports[3], nil, up1)
+	startSidecar(t, consul, "one")
+	startSidecar(t, consul, "two")
+	client := startSidecar(t, consul, "client")
+	eventually(t, 10*time.Second, "upstream one serves", func() error {
+		code, body, err := get(ports[4])
+		if err != nil || code != 200 || body != "hello from one" {
+			return fmt.Errorf("%d %q %v", code, body, err)
+		}
+		return nil
+	})
+	before := client.reloads(t)
+
+	var failed atomic.Int64
+	var calls atomic.Int64
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			calls.Add(1)
+			if code, _, err := get(ports[4]); err != nil || code != 200 {
+				failed.Add(1)
+			}
+		}
+	}()
+	register(t, c, "client", ports[2], ports[3], nil, up1,
+		api.Upstream{DestinationName: "two", LocalBindPort: ports[5], Config: map[string]any{"protocol": "http"}})
+	eventually(t, 10*time.Second, "upstream two serves", func() error {
+		code, body, err := get(ports[5])
+		if err != nil || code != 200 || body != "hello from two" {
+			return fmt.Errorf("%d %q %v", code, body, err)
+		}
+		return nil
+	})
+	time.Sleep(300 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	if got := client.reloads(t) - before; got != 1 {
+		t.Errorf("%d reloads for one new upstream, want exactly 1", got)
+	}
+	if failed.Load() > 0 {
+		t.Errorf("%d of %d calls to the old upstream failed across the reload", failed.Load(), calls.Load())
+	}
+	if !strings.Contains(client.out.String(), "upstream up_two added") {
+		t.Errorf("the reload reason is not logged")
+	}
+}
+
+// TestLeafRotation: Consul renews the leaf (a 100 s TTL: Consul backdates
+// NotBefore by a minute, so the leaf lives 40 s and is renewed at 60-90 %
+// of its TTL, 0-30 s from now); the sidecar swaps
+// it through the runtime API without a reload, and clients see the new one.
+func TestLeafRotation(t *testing.T) {
+	consul := testenv.Consul(t, testenv.ConsulOptions{LeafCertTTL: "100s", SkipCAValidation: true})
+	c := consul.Client
+	ports := testenv.FreePorts(t, 1)
+	register(t, c, "server", httpApp(t, "server"), ports[0], map[string]any{"protocol": "http"})
+	s := startSidecar(t, consul, "server")
+	serial := func() string {
+		conn, err := tls.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", ports[0]), &tls.Config{InsecureSkipVerify: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		return conn.ConnectionState().PeerCertificates[0].SerialNumber.String()
+	}
+	first := serial()
+	before := s.reloads(t)
+	took := eventually(t, 60*time.Second, "a renewed leaf is served", func() error {
+		if serial() == first {
+			return errors.New("still the first leaf")
+		}
+		return nil
+	})
+	t.Logf("new leaf served after %s", took)
+	if got := s.reloads(t) - before; got != 0 {
+		t.Errorf("%d reloads for a leaf rotation, want 0", got)
+	}
+	if !strings.Contains(s.out.String(), "leaf certificate rotated") {
+		t.Errorf("rotation not logged")
+	}
+}
+
+// TestBadRegistration: upstreams that would inject config or have a port
+// out of range are reported with a clear error; the good one works.
+func TestBadRegistration(t *testing.T) {
+	consul := testenv.Consul(t, testenv.ConsulOptions{})
+	c := consul.Client
+	ports := testenv.FreePorts(t, 6)
+	register(t, c, "server", httpApp(t, "server"), ports[0], map[string]any{"protocol": "http"})
+	register(t, c, "client", ports[1], ports[2], nil,
+		api.Upstream{DestinationName: "server", LocalBindPort: ports[3], Config: map[string]any{"protocol": "http"}},
+		api.Upstream{DestinationName: "evil\n    server x 1.2.3.4:80", LocalBindPort: ports[4]},
+		api.Upstream{DestinationName: "server", Datacenter: "dc1", LocalBindPort: 70000},
+		api.Upstream{DestinationName: "other", LocalBindPort: ports[5], Config: map[string]any{"protocol": "tcp\nglobal"}},
+	)
+	startSidecar(t, consul, "server")
+	client := startSidecar(t, consul, "client")
+	eventually(t, 10*time.Second, "the good upstream serves", func() error {
+		code, body, err := get(ports[3])
+		if err != nil || code != 200 || body != "hello from server" {
+			return fmt.Errorf("%d %q %v", code, body, err)
+		}
+		return nil
+	})
+	logs := client.out.String()
+	for _, want := range []string{"upstream rejected", "only letters, digits", "port 70000 out of range", "protocol"} {
+		if !strings.Contains(logs, want) {
+			t.Errorf("log lacks %q", want)
+		}
+	}
+	// A later bad change (a public port out of range) keeps the running config.
+	err := c.Agent().ServiceRegister(&api.AgentServiceRegistration{
+		ID: "client-sidecar-proxy", Name: "client-sidecar-proxy", Kind: api.ServiceKindConnectProxy, Port: ports[2], Address: "127.0.0.1",
+		Checks: passing(), Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: "client", DestinationServiceID: "client",
+			Config:    map[string]any{"bind_port": 123456},
+			Upstreams: []api.Upstream{{DestinationName: "server", LocalBindPort: ports[3], Config: map[string]any{"protocol": "http"}}}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "the bad public config is reported", func() error {
+		if !strings.Contains(client.out.String(), "proxy registration rejected") {
+			return errors.New("not yet")
+		}
+		return nil
+	})
+	if code, _, err := get(ports[3]); err != nil || code != 200 {
+		t.Errorf("the running config stopped serving: %d %v", code, err)
+	}
+}

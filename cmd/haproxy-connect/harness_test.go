@@ -1,0 +1,248 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/haproxy-connect/haproxy-connect/runtime"
+	"github.com/haproxy-connect/haproxy-connect/testenv"
+)
+
+// sidecarBin is the haproxy-connect binary under test, built once.
+var sidecarBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "hcbin")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	sidecarBin = filepath.Join(dir, "haproxy-connect")
+	if out, err := exec.Command("go", "build", "-o", sidecarBin, ".").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "build haproxy-connect: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+type syncBuf struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// sidecar is a running haproxy-connect process.
+type sidecar struct {
+	cmd      *exec.Cmd
+	out      *syncBuf
+	stateDir string
+	stats    string
+	rt       *runtime.Client
+	done     chan struct{}
+}
+
+// startSidecar runs the built binary for service id against consul and
+// waits until /readyz answers.
+func startSidecar(t *testing.T, consul *testenv.ConsulProc, id string, extra ...string) *sidecar {
+	t.Helper()
+	haproxy := testenv.HAProxyBin(t)
+	s := &sidecar{out: &syncBuf{}, stateDir: testenv.ShortTempDir(t), stats: fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t)), done: make(chan struct{})}
+	args := append([]string{"-sidecar-for", id, "-http-addr", consul.Addr, "-haproxy-bin", haproxy,
+		"-state-dir", s.stateDir, "-stats-addr", s.stats, "-log-level", "debug"}, extra...)
+	s.cmd = exec.Command(sidecarBin, args...)
+	s.cmd.Stdout, s.cmd.Stderr = s.out, s.out
+	s.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = s.cmd.Wait(); close(s.done) }()
+	t.Cleanup(func() {
+		_ = s.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-s.done:
+		case <-time.After(15 * time.Second):
+			_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
+			<-s.done
+		}
+		if t.Failed() {
+			t.Logf("sidecar %s output:\n%s", id, tail(s.out.String(), 200))
+		}
+	})
+	s.rt = runtime.New(filepath.Join(s.stateDir, "master.sock"), nil)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		resp, err := http.Get("http://" + s.stats + "/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return s
+			}
+		}
+		select {
+		case <-s.done:
+			t.Fatalf("sidecar for %s exited:\n%s", id, s.out.String())
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("sidecar for %s not ready in 30s:\n%s", id, tail(s.out.String(), 100))
+		}
+	}
+}
+
+func tail(s string, lines int) string {
+	l := strings.Split(s, "\n")
+	if len(l) > lines {
+		l = l[len(l)-lines:]
+	}
+	return strings.Join(l, "\n")
+}
+
+// reloads is the master's reload counter.
+func (s *sidecar) reloads(t *testing.T) int {
+	t.Helper()
+	pl, err := s.rt.Procs(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pl.Master.Reloads
+}
+
+// passing is a check that is passing from the start, so tests do not wait
+// for Consul's first TCP check.
+func passing() api.AgentServiceChecks {
+	return api.AgentServiceChecks{{Name: "alive", TTL: "1h", Status: api.HealthPassing}}
+}
+
+// register registers a service with a sidecar on sidecarPort.
+func register(t *testing.T, c *api.Client, name string, port, sidecarPort int, proxyCfg map[string]any, ups ...api.Upstream) {
+	t.Helper()
+	err := c.Agent().ServiceRegister(&api.AgentServiceRegistration{
+		ID: name, Name: name, Port: port, Address: "127.0.0.1", Checks: passing(),
+		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
+			Port: sidecarPort, Address: "127.0.0.1", Checks: passing(),
+			Proxy: &api.AgentServiceConnectProxyConfig{Config: proxyCfg, Upstreams: ups},
+		}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// httpApp serves "hello from <name>" on a free loopback port.
+func httpApp(t *testing.T, name string) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "hello from %s\n", name)
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// tcpApp answers every connection with one line and closes.
+func tcpApp(t *testing.T, line string) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				fmt.Fprintln(c, line)
+			}()
+		}
+	}()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// noKeepAlive is an HTTP client that opens a new connection per request.
+var noKeepAlive = &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+
+// get returns the status and body of GET http://127.0.0.1:port/.
+func get(port int) (int, string, error) {
+	resp, err := noKeepAlive.Get(fmt.Sprintf("http://127.0.0.1:%d/", port))
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, strings.TrimSpace(string(b)), err
+}
+
+// tcpLine connects to port and returns the first line, or an error when the
+// connection is closed without one.
+func tcpLine(port int) (string, error) {
+	c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), 2*time.Second)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	return strings.TrimSpace(line), err
+}
+
+// eventually polls f every 20 ms until it returns nil or d passes, and
+// returns how long it took.
+func eventually(t *testing.T, d time.Duration, what string, f func() error) time.Duration {
+	t.Helper()
+	start := time.Now()
+	var err error
+	for time.Since(start) < d {
+		if err = f(); err == nil {
+			return time.Since(start)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("%s: not within %s: %v", what, d, err)
+	return 0
+}
+
+func intention(t *testing.T, c *api.Client, src, dst string, action api.IntentionAction) {
+	t.Helper()
+	_, _, err := c.ConfigEntries().Set(&api.ServiceIntentionsConfigEntry{
+		Kind: api.ServiceIntentions, Name: dst,
+		Sources: []*api.SourceIntention{{Name: src, Action: action}},
+	}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+}

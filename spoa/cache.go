@@ -1,0 +1,146 @@
+package spoa
+
+import (
+	"context"
+	"fmt"
+)
+
+// The decision cache. Keys are (SPIFFE ID, serial): a renewed leaf is a new
+// key. Allow and deny answers are both cached until Invalidate, which the
+// intention watch calls on every change; errors are never cached, so the
+// next connection asks again.
+//
+// Per-key single flight: the first miss starts one Decider call and later
+// misses for the same key wait for it, so a burst of new connections from a
+// new source costs one Consul call.
+//
+// Invalidate bumps a generation: a call that started before it still
+// answers the connections that were waiting for it (they arrived under the
+// old intentions) but its answer is not stored, and connections arriving
+// after it start a new call instead of joining the old one. Without this, a
+// call racing an intention change could store the old answer forever.
+//
+// Bound: at most cacheSize entries; inserting into a full cache evicts one
+// arbitrary entry (Go's randomized map iteration). That costs one Consul
+// call for the evicted key later and never a burst of them, which dropping
+// the whole cache would.
+
+type cacheKey struct{ uri, serial string }
+
+type verdict struct {
+	allowed bool
+	reason  string
+}
+
+// origin says how a decision was reached.
+type origin int
+
+const (
+	originCall      origin = iota // this connection's own Decider call
+	originCache                   // a cached decision
+	originCoalesced               // another connection's call in flight
+)
+
+type flight struct {
+	done chan struct{} // closed when v and err are set
+	v    verdict
+	err  error
+}
+
+// lookup returns the decision for k from the cache, from a call in flight,
+// or from a new Decider call.
+func (a *Authorizer) lookup(k cacheKey) (verdict, origin, error) {
+	a.mu.Lock()
+	if v, ok := a.cache[k]; ok {
+		a.mu.Unlock()
+		a.stats.cacheHits.Add(1)
+		return v, originCache, nil
+	}
+	how := originCoalesced
+	f, ok := a.inflight[k]
+	if !ok {
+		how = originCall
+		f = &flight{done: make(chan struct{})}
+		a.inflight[k] = f
+		go a.fly(k, f, a.gen)
+	}
+	a.mu.Unlock()
+	if how == originCoalesced {
+		a.stats.coalesced.Add(1)
+	}
+	<-f.done
+	return f.v, how, f.err
+}
+
+type answer struct {
+	v   verdict
+	err error
+}
+
+// fly runs one Decider call for k under generation gen and completes f
+// after the answer or the timeout, whichever comes first. The Decider may
+// ignore ctx (api.Agent.ConnectAuthorize takes none): the call then runs on
+// in its goroutine, and a late answer still fills the cache.
+func (a *Authorizer) fly(k cacheKey, f *flight, gen uint64) {
+	a.stats.consulCalls.Add(1)
+	ctx, cancel := context.WithTimeout(a.ctx, a.timeout)
+	defer cancel()
+	ch := make(chan answer, 1)
+	go func() {
+		var ans answer
+		defer func() {
+			if r := recover(); r != nil {
+				ans = answer{err: fmt.Errorf("authorize %s: decider panicked: %v", k.uri, r)}
+			}
+			ch <- ans
+		}()
+		allowed, reason, err := a.decider.Authorize(ctx, a.target, k.uri, k.serial)
+		ans = answer{v: verdict{allowed: allowed, reason: reason}, err: err}
+		if err == nil {
+			a.store(k, ans.v, gen)
+		}
+	}()
+	var ans answer
+	select {
+	case ans = <-ch:
+	case <-ctx.Done():
+		ans.err = fmt.Errorf("authorize %s: %w", k.uri, ctx.Err())
+	}
+	if ans.err != nil {
+		ans.v = verdict{}
+	}
+	f.v, f.err = ans.v, ans.err
+	a.mu.Lock()
+	if a.inflight[k] == f {
+		delete(a.inflight, k)
+	}
+	a.mu.Unlock()
+	close(f.done)
+}
+
+// store caches v for k unless the cache was invalidated since gen.
+func (a *Authorizer) store(k cacheKey, v verdict, gen uint64) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if gen != a.gen {
+		return
+	}
+	if _, ok := a.cache[k]; !ok && len(a.cache) >= a.cacheSize {
+		for old := range a.cache {
+			delete(a.cache, old)
+			break
+		}
+	}
+	a.cache[k] = v
+}
+
+// Invalidate drops every cached decision: the next connection from each
+// source asks the Decider again. Calls in flight are not stored.
+func (a *Authorizer) Invalidate() {
+	a.mu.Lock()
+	a.gen++
+	clear(a.cache)
+	clear(a.inflight)
+	a.mu.Unlock()
+	a.stats.invalidations.Add(1)
+}

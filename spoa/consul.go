@@ -1,0 +1,133 @@
+package spoa
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"go.uber.org/zap"
+)
+
+// ConsulDecider asks the local Consul agent
+// (POST /v1/agent/connect/authorize), which evaluates intentions from its
+// own cache and applies default_intention_policy when none matches.
+type ConsulDecider struct {
+	Client *api.Client
+}
+
+// Authorize implements Decider. api v1.33.0's ConnectAuthorize takes no
+// context, so ctx is only checked before the call; the Authorizer stops
+// waiting at its timeout, and the HTTP client's own timeout (if any) ends
+// the request.
+func (d ConsulDecider) Authorize(ctx context.Context, target, clientCertURI, clientCertSerial string) (bool, string, error) {
+	if err := ctx.Err(); err != nil {
+		return false, "", err
+	}
+	res, err := d.Client.Agent().ConnectAuthorize(&api.AgentAuthorizeParams{
+		Target:           target,
+		ClientCertURI:    clientCertURI,
+		ClientCertSerial: clientCertSerial,
+	})
+	if err != nil {
+		return false, "", fmt.Errorf("consul authorize %s to %s: %w", clientCertURI, target, err)
+	}
+	return res.Authorized, res.Reason, nil
+}
+
+const (
+	watchWait       = 5 * time.Minute
+	watchBackoffMin = 100 * time.Millisecond
+	watchBackoffMax = 10 * time.Second
+)
+
+// WatchIntentions invalidates the decision cache whenever the intentions
+// that match the destination change, until ctx ends (then it returns nil).
+// It is a blocking-query loop on /v1/connect/intentions/match: a new index
+// invalidates at once (a new deny must refuse new connections within 1 s);
+// an index that goes backwards resets to 0 and invalidates; errors back off
+// from 100 ms to 10 s with jitter, reset after a success, and cached
+// decisions keep being served meanwhile. Query starts are at least 100 ms
+// apart, which bounds the loop if Consul misbehaves (index 0) and delays
+// only the second of two changes in a burst.
+//
+// The query is ?cached and names the destination as
+// "default/default/<target>": on Consul CE that is the very agent-cache
+// entry the authorize endpoint reads (agent/agent_endpoint.go
+// AgentConnectAuthorize asks cachetype.IntentionMatch for partition and
+// namespace "default"; agent/intentions_endpoint.go IntentionMatch parses
+// "partition/namespace/name"). So when this query returns a new index,
+// authorize already answers from the new intentions; a query to the
+// servers could return first, and the next connection would cache the old
+// answer until the next change. This needs the agent's http_config.use_cache
+// (default true). Namespaces and partitions are not supported.
+//
+// Not visible here: a change of the agent's default_intention_policy or
+// of ACL defaults (agent configuration, applied by restarting the agent,
+// which also restarts us through the sidecar), and L7 permissions on a
+// matching intention (Consul answers deny to L4 authorize either way).
+// The client must not have an HTTP timeout shorter than 5 minutes.
+func (a *Authorizer) WatchIntentions(ctx context.Context, client *api.Client) error {
+	match := &api.IntentionMatch{
+		By:    api.IntentionMatchDestination,
+		Names: []string{watchName(a.target)},
+	}
+	log := a.log.With(zap.String("watch", "intentions"))
+	var (
+		idx     uint64
+		backoff time.Duration
+		started time.Time
+	)
+	for {
+		if !sleep(ctx, a.watchMinInterval-time.Since(started)) {
+			return nil
+		}
+		started = time.Now()
+		q := (&api.QueryOptions{WaitIndex: idx, WaitTime: watchWait, UseCache: true}).WithContext(ctx)
+		_, meta, err := client.Connect().IntentionMatch(match, q)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if err != nil {
+			backoff = min(max(2*backoff, watchBackoffMin), watchBackoffMax)
+			wait := backoff/2 + rand.N(backoff/2+1)
+			log.Warn("intention watch failed; serving cached decisions", zap.Error(err), zap.Duration("retry_in", wait))
+			if !sleep(ctx, wait) {
+				return nil
+			}
+			continue
+		}
+		backoff = 0
+		next := meta.LastIndex
+		switch {
+		case next == idx:
+			continue // the wait expired without a change
+		case next < idx:
+			log.Info("intention index went backwards, resetting", zap.Uint64("index", idx), zap.Uint64("new_index", next))
+			next = 0
+		}
+		a.Invalidate()
+		log.Info("intentions changed, decision cache dropped", zap.Uint64("index", next))
+		idx = next
+	}
+}
+
+// watchName names the destination as the agent's authorize endpoint does
+// on Consul CE (see WatchIntentions).
+func watchName(target string) string { return "default/default/" + target }
+
+// sleep waits d (nothing if d <= 0) and reports whether ctx is still live.
+func sleep(ctx context.Context, d time.Duration) bool {
+	if d <= 0 {
+		return ctx.Err() == nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}

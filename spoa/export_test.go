@@ -1,0 +1,5 @@
+package spoa
+
+// WatchName lets the integration test query the agent-cache entry the
+// watch uses.
+var WatchName = watchName

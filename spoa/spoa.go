@@ -1,0 +1,409 @@
+// Package spoa is the SPOE agent that authorizes inbound connections against
+// Consul intentions: it reads the client certificate HAProxy sends, asks
+// Consul, and answers sess.<prefix>.allowed. It fails closed, owns the
+// decision cache and its invalidation, and knows nothing of the runtime socket.
+package spoa
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	spoe "github.com/criteo/haproxy-spoe-go"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+)
+
+// Names shared with the SPOE configuration that bootstrap.RenderSPOE writes
+// ("spoe-message authorize", "args cert=ssl_c_der") and with the listener's
+// "reject unless { var(sess.hc.allowed) -m bool }" rule.
+const (
+	messageName = "authorize"
+	argCert     = "cert"
+	varAllowed  = "allowed"
+	varSource   = "source"
+	noSource    = "-"
+)
+
+const (
+	// DefaultTimeout bounds one Consul authorize call. HAProxy waits 1 s
+	// for the agent ("timeout processing 1s" in the rendered SPOE file):
+	// answering a deny a little before that keeps the decision, its log
+	// line and its counters ours, instead of an SPOE timeout that HAProxy
+	// alone sees.
+	DefaultTimeout = 900 * time.Millisecond
+	// DefaultCacheSize bounds the decision cache (entries).
+	DefaultCacheSize = 65536
+
+	// agentIdleTimeout is how long an agent connection may stay silent.
+	// The library closes idle connections itself (its default is 30 s); a
+	// NOTIFY HAProxy sends while that close is under way is lost and the
+	// connection it belongs to is refused. Waiting longer than HAProxy's
+	// own "timeout idle 2m" leaves the closing of idle connections to it.
+	agentIdleTimeout = 5 * time.Minute
+	// frameTimeout bounds reading the rest of a frame once its length has
+	// arrived, and writing one frame.
+	frameTimeout = time.Second
+)
+
+// ErrClosed is returned by Serve after Close.
+var ErrClosed = errors.New("spoa: authorizer closed")
+
+// Decider makes one authorization decision: may the client whose leaf
+// carries clientCertURI (a SPIFFE ID) and clientCertSerial (colon-hex) open
+// a connection to the target service?
+type Decider interface {
+	Authorize(ctx context.Context, target, clientCertURI, clientCertSerial string) (allowed bool, reason string, err error)
+}
+
+// Option configures an Authorizer.
+type Option func(*Authorizer)
+
+// WithTimeout bounds one Decider call (default DefaultTimeout). Past it the
+// connection is denied; a late answer still fills the cache.
+func WithTimeout(d time.Duration) Option { return func(a *Authorizer) { a.timeout = d } }
+
+// WithCacheSize bounds the number of cached decisions (default
+// DefaultCacheSize). A full cache evicts one arbitrary entry per insert.
+func WithCacheSize(n int) Option { return func(a *Authorizer) { a.cacheSize = n } }
+
+// Authorizer answers HAProxy's "authorize" SPOE messages for one
+// destination service. Create it with New. Its methods are safe for
+// concurrent use.
+type Authorizer struct {
+	target    string
+	decider   Decider
+	log       *zap.Logger
+	timeout   time.Duration
+	cacheSize int
+	// watchMinInterval spaces the starts of two intention queries.
+	watchMinInterval time.Duration
+
+	// ctx ends with Close: it cancels Decider calls in flight.
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	mu       sync.Mutex
+	gen      uint64 // bumped by Invalidate
+	cache    map[cacheKey]verdict
+	inflight map[cacheKey]*flight
+
+	// connMu guards the listeners and agent connections Serve tracks, the
+	// closed flag and the count of handlers running.
+	connMu    sync.Mutex
+	closed    bool
+	listeners map[net.Listener]struct{}
+	conns     map[*trackedConn]struct{}
+	handlers  sync.WaitGroup
+
+	stats counters
+}
+
+// New returns an Authorizer for connections to the target service (its
+// Consul name), deciding with d. A nil log discards logs.
+func New(target string, d Decider, log *zap.Logger, opts ...Option) *Authorizer {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	a := &Authorizer{
+		target:           target,
+		decider:          d,
+		log:              log.With(zap.String("destination", target)),
+		timeout:          DefaultTimeout,
+		cacheSize:        DefaultCacheSize,
+		watchMinInterval: 100 * time.Millisecond,
+		ctx:              ctx,
+		cancel:           cancel,
+		cache:            map[cacheKey]verdict{},
+		inflight:         map[cacheKey]*flight{},
+		listeners:        map[net.Listener]struct{}{},
+		conns:            map[*trackedConn]struct{}{},
+	}
+	for _, o := range opts {
+		o(a)
+	}
+	if a.timeout <= 0 {
+		a.timeout = DefaultTimeout
+	}
+	if a.cacheSize <= 0 {
+		a.cacheSize = DefaultCacheSize
+	}
+	return a
+}
+
+// Notes on github.com/criteo/haproxy-spoe-go v1.0.6, read from its source:
+//
+//   - HAProxy 2.6 announces "pipelining,async" and the library accepts
+//     both. With async, the library sends an ACK on any connection of the
+//     same engine-id (one shared channel per engine-id). HAProxy looks an
+//     ACK up only in the queue of the thread that owns the connection it
+//     arrived on (flt_spoe.c, agent->rt[tid].waiting_queue) and ignores it
+//     elsewhere, so this is only right because each thread has its own
+//     engine-id (spoe_init_per_thread). Checked on 2.6.12 with nbthread 2:
+//     a burst of 300 connections opened 21 agent connections under two
+//     engine-ids. The integration test's burst would catch a regression:
+//     a misrouted ACK costs a connection the 1 s processing timeout.
+//   - Each NOTIFY frame is handled on a worker goroutine; ACKs go out in
+//     completion order (pipelining), so a slow Consul call for one client
+//     does not hold up cached answers for others.
+//   - A handler error sends no ACK: HAProxy would wait its whole processing
+//     timeout. The handler therefore never returns an error; every failure
+//     is an explicit allowed=false.
+//   - Agent.Serve returns on the first Accept error, temporary or not, and
+//     leaves established connections running when the listener closes.
+//     Serve wraps the listener to retry temporary errors and to close the
+//     connections it accepted, so that a stopped agent answers nothing
+//     and HAProxy refuses (fail closed).
+//   - A worker whose connection (and, with async, every connection of its
+//     engine-id) has gone blocks forever sending its ACK: one goroutine per
+//     message in flight at disconnect. Close makes handlers answer at once
+//     but cannot free those.
+//   - It logs through logrus's global logger: connection errors at warn,
+//     one pair of lines per connection when Close drops them.
+
+// Serve runs the SPOE agent on ln until ln is closed or Close is called,
+// and returns nil then. When Serve returns, the agent connections it
+// accepted are closed too: HAProxy gets no more answers and refuses new
+// inbound connections.
+func (a *Authorizer) Serve(ln net.Listener) error {
+	a.connMu.Lock()
+	if a.closed {
+		a.connMu.Unlock()
+		ln.Close()
+		return ErrClosed
+	}
+	a.listeners[ln] = struct{}{}
+	a.connMu.Unlock()
+
+	tl := &trackingListener{Listener: ln, a: a}
+	agent := spoe.NewWithConfig(a.handle, spoe.Config{
+		ReadTimeout:  frameTimeout,
+		WriteTimeout: frameTimeout,
+		IdleTimeout:  agentIdleTimeout,
+	})
+	err := agent.Serve(tl)
+
+	a.connMu.Lock()
+	delete(a.listeners, ln)
+	var mine []*trackedConn
+	for c := range a.conns {
+		if c.ln == tl {
+			mine = append(mine, c)
+		}
+	}
+	a.connMu.Unlock()
+	for _, c := range mine {
+		c.Close()
+	}
+	if errors.Is(err, net.ErrClosed) {
+		return nil
+	}
+	return fmt.Errorf("spoe agent on %s: %w", ln.Addr(), err)
+}
+
+// Close stops every Serve, drops the agent connections, cancels Decider
+// calls in flight and waits for running handlers to answer (deny). It is
+// idempotent. With the agent gone, HAProxy 2.6 refuses each new inbound
+// connection once its SPOE processing timeout (1 s) expires.
+func (a *Authorizer) Close() error {
+	a.connMu.Lock()
+	if a.closed {
+		a.connMu.Unlock()
+		return nil
+	}
+	a.closed = true
+	a.cancel()
+	var lns []net.Listener
+	for ln := range a.listeners {
+		lns = append(lns, ln)
+	}
+	var conns []*trackedConn
+	for c := range a.conns {
+		conns = append(conns, c)
+	}
+	a.connMu.Unlock()
+	for _, ln := range lns {
+		ln.Close()
+	}
+	for _, c := range conns {
+		c.Close()
+	}
+	a.handlers.Wait()
+	return nil
+}
+
+// enter registers a running handler; it fails once Close has begun.
+func (a *Authorizer) enter() bool {
+	a.connMu.Lock()
+	defer a.connMu.Unlock()
+	if a.closed {
+		return false
+	}
+	a.handlers.Add(1)
+	return true
+}
+
+// handle answers one NOTIFY frame. It never returns an error (see the
+// notes above Serve) and recovers from panics in the library's decoding.
+func (a *Authorizer) handle(msgs *spoe.MessageIterator) (actions []spoe.Action, err error) {
+	if !a.enter() {
+		return verdictActions(false, noSource), nil
+	}
+	defer a.handlers.Done()
+	defer func() {
+		if r := recover(); r != nil {
+			a.stats.errors.Add(1)
+			a.stats.denied.Add(1)
+			a.log.Error("spoe message handler panicked, denying", zap.Any("panic", r))
+			actions, err = verdictActions(false, noSource), nil
+		}
+	}()
+
+	seen := false
+	var der []byte
+	var argErr error
+	for msgs.Next() {
+		if msgs.Message.Name != messageName {
+			continue
+		}
+		seen = true
+		der, argErr = nil, errNoCert
+		for msgs.Message.Args.Next() {
+			arg := msgs.Message.Args.Arg
+			if arg.Name != argCert {
+				continue
+			}
+			switch v := arg.Value.(type) {
+			case []byte:
+				der, argErr = v, nil
+			case nil:
+				// HAProxy sends NULL when the sample fetch fails.
+				der, argErr = nil, errNoCert
+			default:
+				der, argErr = nil, fmt.Errorf("%w: argument %q has type %T, want binary", errBadCert, argCert, v)
+			}
+		}
+	}
+	if err := msgs.Error(); err != nil {
+		seen, argErr = true, fmt.Errorf("decode spoe message: %w", err)
+	}
+	if !seen {
+		// Not ours: leave the variables unset, which the listener
+		// treats as a deny.
+		return nil, nil
+	}
+	d := a.decide(der, argErr)
+	return verdictActions(d.allowed, d.source), nil
+}
+
+func verdictActions(allowed bool, source string) []spoe.Action {
+	return []spoe.Action{
+		spoe.ActionSetVar{Name: varAllowed, Scope: spoe.VarScopeSession, Value: allowed},
+		spoe.ActionSetVar{Name: varSource, Scope: spoe.VarScopeSession, Value: source},
+	}
+}
+
+// decision is the outcome for one inbound connection.
+type decision struct {
+	allowed bool
+	source  string // SPIFFE ID, or noSource
+	serial  string
+	reason  string
+	how     origin
+	err     error
+}
+
+// decide authorizes the client certificate der (argErr: HAProxy sent none
+// or something else). Every failure is a deny. It logs one line.
+func (a *Authorizer) decide(der []byte, argErr error) decision {
+	d := decision{source: noSource, err: argErr}
+	if d.err == nil {
+		var id identity
+		id, d.err = parseIdentity(der)
+		d.source, d.serial = id.uri, id.serial
+		if d.source == "" {
+			d.source = noSource
+		}
+	}
+	if d.err == nil {
+		var v verdict
+		v, d.how, d.err = a.lookup(cacheKey{uri: d.source, serial: d.serial})
+		d.allowed, d.reason = v.allowed, v.reason
+	}
+	if d.err != nil {
+		d.allowed, d.reason = false, d.err.Error()
+		a.stats.errors.Add(1)
+	}
+	if d.allowed {
+		a.stats.allowed.Add(1)
+	} else {
+		a.stats.denied.Add(1)
+	}
+	a.logDecision(d)
+	return d
+}
+
+// logDecision writes one line per decision: info when this connection
+// caused the decision (a Consul call or a failure), debug when it reused
+// one (cache hit, or a call another connection had in flight).
+func (a *Authorizer) logDecision(d decision) {
+	lvl := zapcore.InfoLevel
+	if d.err == nil && d.how != originCall {
+		lvl = zapcore.DebugLevel
+	}
+	ce := a.log.Check(lvl, "inbound connection decision")
+	if ce == nil {
+		return
+	}
+	ce.Write(
+		zap.String("source", d.source),
+		zap.String("serial", d.serial),
+		zap.Bool("allowed", d.allowed),
+		zap.String("reason", d.reason),
+		zap.Bool("cached", d.how != originCall),
+	)
+}
+
+// Stats are counters since New, for metrics.
+type Stats struct {
+	// Allowed and Denied count answers sent to HAProxy.
+	Allowed, Denied uint64
+	// CacheHits counts decisions served from the cache; Coalesced those
+	// that waited for a Decider call another connection had in flight.
+	CacheHits, Coalesced uint64
+	// ConsulCalls counts Decider calls.
+	ConsulCalls uint64
+	// Errors counts denies caused by a failure (no or bad certificate,
+	// Decider error or timeout) rather than by a decision.
+	Errors uint64
+	// Invalidations counts cache drops.
+	Invalidations uint64
+	// CacheEntries is the current number of cached decisions.
+	CacheEntries int
+}
+
+type counters struct {
+	allowed, denied, cacheHits, coalesced, consulCalls, errors, invalidations atomic.Uint64
+}
+
+// Stats returns the current counters.
+func (a *Authorizer) Stats() Stats {
+	a.mu.Lock()
+	n := len(a.cache)
+	a.mu.Unlock()
+	return Stats{
+		Allowed:       a.stats.allowed.Load(),
+		Denied:        a.stats.denied.Load(),
+		CacheHits:     a.stats.cacheHits.Load(),
+		Coalesced:     a.stats.coalesced.Load(),
+		ConsulCalls:   a.stats.consulCalls.Load(),
+		Errors:        a.stats.errors.Load(),
+		Invalidations: a.stats.invalidations.Load(),
+		CacheEntries:  n,
+	}
+}

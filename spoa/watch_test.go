@@ -1,0 +1,97 @@
+package spoa
+
+import (
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/hashicorp/consul/api"
+)
+
+// TestWatchIntentionsIndex drives the watch loop with a fake Consul that
+// answers a scripted sequence, and checks the index each query sent and
+// the invalidations it caused.
+func TestWatchIntentionsIndex(t *testing.T) {
+	type reply struct {
+		index  uint64
+		status int // 0 for 200
+	}
+	script := []reply{
+		{index: 5},              // first answer: invalidate
+		{index: 5},              // wait expired, no change
+		{index: 7},              // change: invalidate
+		{index: 3},              // backwards: reset to 0, invalidate
+		{status: 500},           // error: back off, keep the index
+		{index: 3},              // from 0: invalidate
+		{index: 9, status: 503}, // error again
+		{index: 4},              // change: invalidate
+	}
+	var (
+		mu       sync.Mutex
+		sent     []string
+		problems []string
+	)
+	done := make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		mu.Lock()
+		n := len(sent)
+		sent = append(sent, q.Get("index"))
+		if r.URL.Path != "/v1/connect/intentions/match" || q.Get("by") != "destination" ||
+			q.Get("name") != "default/default/web" || !q.Has("cached") || q.Get("wait") == "" {
+			problems = append(problems, r.URL.String())
+		}
+		mu.Unlock()
+		if n >= len(script) {
+			if n == len(script) {
+				close(done)
+			}
+			<-r.Context().Done() // block like a quiet Consul
+			return
+		}
+		rep := script[n]
+		w.Header().Set("X-Consul-Index", strconv.FormatUint(rep.index, 10))
+		if rep.status != 0 {
+			w.WriteHeader(rep.status)
+			return
+		}
+		_, _ = w.Write([]byte(`{"default/default/web":[]}`))
+	}))
+	defer srv.Close()
+	client, err := api.NewClient(&api.Config{Address: srv.URL})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	a := newTest(t, &fakeDecider{})
+	a.watchMinInterval = 0
+	ctx, cancel := context.WithCancel(context.Background())
+	ret := make(chan error)
+	go func() { ret <- a.WatchIntentions(ctx, client) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("script not consumed in 10s")
+	}
+	cancel()
+	if err := <-ret; err != nil {
+		t.Errorf("WatchIntentions returned %v after cancel, want nil", err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	want := []string{"", "5", "5", "7", "", "", "3", "3", "4"}
+	if diff := cmp.Diff(want, sent); diff != "" {
+		t.Errorf("index sent per query (-want +got):\n%s", diff)
+	}
+	if len(problems) > 0 {
+		t.Errorf("malformed queries: %q", problems)
+	}
+	if n := a.Stats().Invalidations; n != 5 {
+		t.Errorf("%d invalidations, want 5", n)
+	}
+}
