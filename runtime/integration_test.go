@@ -80,29 +80,15 @@ func tlsEcho(t *testing.T, ca *testenv.CA, name string) (port int) {
 	}
 	pool := x509.NewCertPool()
 	pool.AddCert(ca.Cert)
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{kp}, ClientCAs: pool, ClientAuth: tls.RequireAndVerifyClientCert})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func(c net.Conn) {
-				defer c.Close()
-				tc := c.(*tls.Conn)
-				if err := tc.Handshake(); err != nil {
-					return
-				}
-				peer := tc.ConnectionState().PeerCertificates[0]
-				fmt.Fprintf(c, "%s %s %s\n", name, peer.URIs[0], peer.SerialNumber)
-			}(c)
+	cfg := &tls.Config{Certificates: []tls.Certificate{kp}, ClientCAs: pool, ClientAuth: tls.RequireAndVerifyClientCert}
+	return testenv.ServeTCP(t, func(c net.Conn) {
+		tc := tls.Server(c, cfg)
+		if err := tc.Handshake(); err != nil {
+			return
 		}
-	}()
-	return ln.Addr().(*net.TCPAddr).Port
+		peer := tc.ConnectionState().PeerCertificates[0]
+		fmt.Fprintf(tc, "%s %s %s\n", name, peer.URIs[0], peer.SerialNumber)
+	})
 }
 
 // call connects to the upstream's local port and returns the line the

@@ -105,22 +105,7 @@ func startSidecar(t *testing.T) *sidecar {
 // okServer is the local application: it writes "ok\n" and closes.
 func okServer(t *testing.T) int {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			fmt.Fprint(c, "ok\n")
-			c.Close()
-		}
-	}()
-	return ln.Addr().(*net.TCPAddr).Port
+	return testenv.ServeTCP(t, func(c net.Conn) { fmt.Fprint(c, "ok\n") })
 }
 
 // clientCert returns a TLS certificate for service name from Consul.

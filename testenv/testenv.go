@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -147,8 +148,15 @@ func FreePort(t testing.TB) int {
 }
 
 // FreePorts returns n distinct TCP ports on 127.0.0.1 that were free a
-// moment ago. All listeners are held open until every port is picked, so the
-// ports are distinct.
+// moment ago.
+//
+// They are drawn at random below the kernel's ephemeral range
+// (net.ipv4.ip_local_port_range, 32768-60999 by default), not from port 0:
+// a port the kernel hands out for ":0" comes from the range every outgoing
+// connection takes its local port from, so in a busy parallel test run
+// another test's client socket can take it between our close and the
+// server's bind. Below that range only another explicit bind can, and the
+// ports are also not repeated within this process.
 func FreePorts(t testing.TB, n int) []int {
 	t.Helper()
 	ports, err := freePorts(n)
@@ -158,21 +166,35 @@ func FreePorts(t testing.TB, n int) []int {
 	return ports
 }
 
+const (
+	portLow  = 10000
+	portHigh = 32000 // below the default ephemeral range
+)
+
+var (
+	portMu   sync.Mutex
+	portUsed = map[int]bool{}
+)
+
 func freePorts(n int) ([]int, error) {
+	portMu.Lock()
+	defer portMu.Unlock()
 	ports := make([]int, 0, n)
-	listeners := make([]net.Listener, 0, n)
-	defer func() {
-		for _, l := range listeners {
-			l.Close()
+	for tries := 0; len(ports) < n; tries++ {
+		if tries > 1000 {
+			return nil, fmt.Errorf("find free port: no free port in %d-%d after %d tries", portLow, portHigh, tries)
 		}
-	}()
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+		p := portLow + rand.IntN(portHigh-portLow)
+		if portUsed[p] {
+			continue
+		}
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
 		if err != nil {
-			return nil, fmt.Errorf("find free port: %w", err)
+			continue
 		}
-		listeners = append(listeners, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+		l.Close()
+		portUsed[p] = true
+		ports = append(ports, p)
 	}
 	return ports, nil
 }
@@ -194,10 +216,10 @@ func ShortTempDir(t testing.TB) string {
 	return dir
 }
 
-// Relay listens on a free loopback port and copies bytes both ways to
-// target: a stand-in for another instance of a service in churn tests.
-// It stops when the test ends.
-func Relay(t testing.TB, target string) int {
+// ServeTCP listens on a free loopback port and runs handle for each
+// connection in its own goroutine, closing the connection after it. It
+// returns the port; the listener closes when the test ends.
+func ServeTCP(t testing.TB, handle func(net.Conn)) int {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -212,17 +234,26 @@ func Relay(t testing.TB, target string) int {
 			}
 			go func() {
 				defer c.Close()
-				u, err := net.Dial("tcp", target)
-				if err != nil {
-					return
-				}
-				defer u.Close()
-				done := make(chan struct{}, 2)
-				go func() { _, _ = io.Copy(u, c); done <- struct{}{} }()
-				go func() { _, _ = io.Copy(c, u); done <- struct{}{} }()
-				<-done
+				handle(c)
 			}()
 		}
 	}()
 	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// Relay listens on a free loopback port and copies bytes both ways to
+// target: a stand-in for another instance of a service in churn tests.
+func Relay(t testing.TB, target string) int {
+	t.Helper()
+	return ServeTCP(t, func(c net.Conn) {
+		u, err := net.Dial("tcp", target)
+		if err != nil {
+			return
+		}
+		defer u.Close()
+		done := make(chan struct{}, 2)
+		go func() { _, _ = io.Copy(u, c); done <- struct{}{} }()
+		go func() { _, _ = io.Copy(c, u); done <- struct{}{} }()
+		<-done
+	})
 }

@@ -21,10 +21,10 @@ func TestScriptedDemo(t *testing.T) {
 	if out, err := exec.Command("go", "build", "-o", bin, "../haproxy-connect").CombinedOutput(); err != nil {
 		t.Fatalf("build: %v\n%s", err, out)
 	}
-	ports := testenv.FreePorts(t, 8)
+	ports := testenv.FreePorts(t, 10)
 	var out bytes.Buffer
 	d := &Demo{ConsulBin: consul, SidecarBin: bin, HAProxyBin: haproxy, Dir: testenv.ShortTempDir(t), Out: &out,
-		Ports: Ports{Consul: ports[0], Web: ports[1], WebSidecar: ports[2], Client: ports[3], ClientSidecar: ports[4], Upstream: ports[5], WebStats: ports[6], ClientStats: ports[7]}}
+		Ports: Ports{Consul: ports[0], ConsulServer: ports[8], ConsulSerf: ports[9], Web: ports[1], WebSidecar: ports[2], Client: ports[3], ClientSidecar: ports[4], Upstream: ports[5], WebStats: ports[6], ClientStats: ports[7]}}
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	if err := d.Run(ctx, true); err != nil {

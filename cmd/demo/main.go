@@ -25,10 +25,11 @@ import (
 
 // Ports is where everything listens (all on 127.0.0.1).
 type Ports struct {
-	Consul, Web, WebSidecar, Client, ClientSidecar, Upstream, WebStats, ClientStats int
+	Consul, ConsulServer, ConsulSerf                                        int
+	Web, WebSidecar, Client, ClientSidecar, Upstream, WebStats, ClientStats int
 }
 
-var defaultPorts = Ports{Consul: 8500, Web: 9090, WebSidecar: 21000, Client: 9091, ClientSidecar: 21001, Upstream: 9191, WebStats: 19000, ClientStats: 19001}
+var defaultPorts = Ports{Consul: 8500, ConsulServer: 8300, ConsulSerf: 8301, Web: 9090, WebSidecar: 21000, Client: 9091, ClientSidecar: 21001, Upstream: 9191, WebStats: 19000, ClientStats: 19001}
 
 func main() {
 	consulBin := flag.String("consul-bin", "bin/consul", "consul binary")
@@ -51,7 +52,25 @@ type Demo struct {
 	ConsulBin, SidecarBin, HAProxyBin, Dir string
 	Ports                                  Ports
 	Out                                    io.Writer
-	procs                                  []*exec.Cmd
+	procs                                  []*proc
+}
+
+type proc struct {
+	name, log string
+	cmd       *exec.Cmd
+	done      chan struct{}
+}
+
+// alive fails once any started process has exited, naming its log.
+func (d *Demo) alive() error {
+	for _, p := range d.procs {
+		select {
+		case <-p.done:
+			return fmt.Errorf("%s exited: %v (see %s)", p.name, p.cmd.ProcessState, p.log)
+		default:
+		}
+	}
+	return nil
 }
 
 // Run starts the mesh; it returns when ctx ends (or, scripted, when the
@@ -80,8 +99,8 @@ func (d *Demo) Run(ctx context.Context, scripted bool) error {
 	p := d.Ports
 	consulAddr := fmt.Sprintf("127.0.0.1:%d", p.Consul)
 	hcl := fmt.Sprintf(`default_intention_policy = "deny"
-ports { http = %d, dns = -1, grpc = -1, grpc_tls = -1 }
-`, p.Consul)
+ports { http = %d, server = %d, serf_lan = %d, serf_wan = -1, dns = -1, grpc = -1, grpc_tls = -1 }
+`, p.Consul, p.ConsulServer, p.ConsulSerf)
 	if err := os.WriteFile(filepath.Join(d.Dir, "consul.hcl"), []byte(hcl), 0o600); err != nil {
 		return err
 	}
@@ -95,7 +114,7 @@ ports { http = %d, dns = -1, grpc = -1, grpc_tls = -1 }
 	if err != nil {
 		return err
 	}
-	if err := waitFor(ctx, 30*time.Second, "consul leader and CA", func() error {
+	if err := d.waitFor(ctx, 30*time.Second, "consul leader and CA", func() error {
 		leader, err := client.Status().Leader()
 		if err != nil || leader == "" {
 			return fmt.Errorf("no leader yet: %v", err)
@@ -139,12 +158,12 @@ ports { http = %d, dns = -1, grpc = -1, grpc_tls = -1 }
 		}
 	}
 	for _, stats := range []int{p.WebStats, p.ClientStats} {
-		if err := waitFor(ctx, 30*time.Second, "sidecar ready", func() error { return httpOK(fmt.Sprintf("http://127.0.0.1:%d/readyz", stats)) }); err != nil {
+		if err := d.waitFor(ctx, 30*time.Second, "sidecar ready", func() error { return httpOK(fmt.Sprintf("http://127.0.0.1:%d/readyz", stats)) }); err != nil {
 			return err
 		}
 	}
 	// Consul marks a new sidecar passing after its first TCP check.
-	if err := waitFor(ctx, 30*time.Second, "web's sidecar passing in Consul", func() error {
+	if err := d.waitFor(ctx, 30*time.Second, "web's sidecar passing in Consul", func() error {
 		entries, _, err := client.Health().Connect("web", "", true, nil)
 		if err != nil || len(entries) == 0 {
 			return fmt.Errorf("not passing yet: %v", err)
@@ -266,7 +285,7 @@ func serveApps(p Ports) func() {
 
 func (d *Demo) checkPortsFree() error {
 	p := d.Ports
-	for _, port := range []int{p.Consul, p.Web, p.WebSidecar, p.Client, p.ClientSidecar, p.Upstream, p.WebStats, p.ClientStats} {
+	for _, port := range []int{p.Consul, p.ConsulServer, p.ConsulSerf, p.Web, p.WebSidecar, p.Client, p.ClientSidecar, p.Upstream, p.WebStats, p.ClientStats} {
 		ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
 		if err != nil {
 			return fmt.Errorf("port %d is busy (is another demo or consul running?)", port)
@@ -289,25 +308,38 @@ func (d *Demo) start(name, bin string, args ...string) error {
 		return fmt.Errorf("start %s: %w", name, err)
 	}
 	fmt.Fprintf(d.Out, "started %-15s pid %-7d log %s\n", name, cmd.Process.Pid, logf.Name())
-	d.procs = append(d.procs, cmd)
+	p := &proc{name: name, log: logf.Name(), cmd: cmd, done: make(chan struct{})}
+	go func() { _ = cmd.Wait(); logf.Close(); close(p.done) }()
+	d.procs = append(d.procs, p)
 	return nil
 }
 
 // stopAll stops the processes in reverse order: sidecars, then consul.
 func (d *Demo) stopAll() {
 	for i := len(d.procs) - 1; i >= 0; i-- {
-		c := d.procs[i]
-		_ = c.Process.Signal(syscall.SIGTERM)
-		done := make(chan struct{})
-		go func() { _ = c.Wait(); close(done) }()
+		p := d.procs[i]
+		_ = p.cmd.Process.Signal(syscall.SIGTERM)
 		select {
-		case <-done:
+		case <-p.done:
 		case <-time.After(10 * time.Second):
-			_ = syscall.Kill(-c.Process.Pid, syscall.SIGKILL)
-			<-done
+			_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+			<-p.done
 		}
 	}
 }
+
+// waitFor polls f until it succeeds, d passes, or a process dies.
+func (d *Demo) waitFor(ctx context.Context, limit time.Duration, what string, f func() error) error {
+	return waitFor(ctx, limit, what, func() error {
+		if err := d.alive(); err != nil {
+			return backoffStop{err}
+		}
+		return f()
+	})
+}
+
+// backoffStop ends waitFor at once.
+type backoffStop struct{ error }
 
 func waitFor(ctx context.Context, d time.Duration, what string, f func() error) error {
 	deadline := time.Now().Add(d)
@@ -315,6 +347,10 @@ func waitFor(ctx context.Context, d time.Duration, what string, f func() error) 
 	for time.Now().Before(deadline) {
 		if err = f(); err == nil {
 			return nil
+		}
+		var stop backoffStop
+		if errors.As(err, &stop) {
+			return fmt.Errorf("%s: %w", what, stop.error)
 		}
 		select {
 		case <-ctx.Done():

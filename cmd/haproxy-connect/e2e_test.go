@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"slices"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -132,31 +130,7 @@ func TestChurn(t *testing.T) {
 		})
 	}
 
-	var ok, failed atomic.Int64
-	var firstErr atomic.Value
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			code, _, err := get(ports[3])
-			if err == nil && code == 200 {
-				ok.Add(1)
-				continue
-			}
-			failed.Add(1)
-			if err == nil {
-				err = fmt.Errorf("status %d", code)
-			}
-			firstErr.CompareAndSwap(nil, err)
-		}
-	}()
+	stopLoad := load(get200(ports[3]))
 
 	settle := func(step int) {
 		t.Helper()
@@ -212,16 +186,15 @@ func TestChurn(t *testing.T) {
 	}
 	settle(events)
 	time.Sleep(100 * time.Millisecond)
-	close(stop)
-	wg.Wait()
+	ok, failed, firstErr := stopLoad()
 
 	if got := client.reloads(t) - reloadsBefore; got != 0 {
 		t.Errorf("%d reloads during churn, want 0", got)
 	}
-	if failed.Load() > 0 {
-		t.Errorf("%d of %d requests failed during churn; first: %v", failed.Load(), ok.Load()+failed.Load(), firstErr.Load())
+	if failed > 0 {
+		t.Errorf("%d of %d requests failed during churn; first: %v", failed, ok+failed, firstErr)
 	}
-	t.Logf("200 endpoint events, %d requests ok, %d failed", ok.Load(), failed.Load())
+	t.Logf("200 endpoint events, %d requests ok, %d failed", ok, failed)
 }
 
 // relay listens on a free loopback port and forwards to target: a stand-in
@@ -253,25 +226,7 @@ func TestAddUpstream(t *testing.T) {
 	})
 	before := client.reloads(t)
 
-	var failed atomic.Int64
-	var calls atomic.Int64
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			calls.Add(1)
-			if code, _, err := get(ports[4]); err != nil || code != 200 {
-				failed.Add(1)
-			}
-		}
-	}()
+	stopLoad := load(get200(ports[4]))
 	register(t, c, "client", ports[2], ports[3], nil, up1,
 		api.Upstream{DestinationName: "two", LocalBindPort: ports[5], Config: map[string]any{"protocol": "http"}})
 	eventually(t, 10*time.Second, "upstream two serves", func() error {
@@ -282,13 +237,12 @@ func TestAddUpstream(t *testing.T) {
 		return nil
 	})
 	time.Sleep(300 * time.Millisecond)
-	close(stop)
-	wg.Wait()
+	ok, failed, firstErr := stopLoad()
 	if got := client.reloads(t) - before; got != 1 {
 		t.Errorf("%d reloads for one new upstream, want exactly 1", got)
 	}
-	if failed.Load() > 0 {
-		t.Errorf("%d of %d calls to the old upstream failed across the reload", failed.Load(), calls.Load())
+	if ok == 0 || failed > 0 {
+		t.Errorf("%d of %d calls to the old upstream failed across the reload; first: %v", failed, ok+failed, firstErr)
 	}
 	if !strings.Contains(client.out.String(), "upstream up_two added") {
 		t.Errorf("the reload reason is not logged")

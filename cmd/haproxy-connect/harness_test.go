@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -172,25 +173,50 @@ func httpApp(t *testing.T, name string) int {
 
 // tcpApp answers every connection with one line and closes.
 func tcpApp(t *testing.T, line string) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
+	return testenv.ServeTCP(t, func(c net.Conn) { fmt.Fprintln(c, line) })
+}
+
+// load calls f in a loop until the returned stop is called; stop reports
+// how many calls succeeded and failed, and the first failure.
+func load(f func() error) (stop func() (ok, failed int64, first error)) {
+	var okN, failedN atomic.Int64
+	var firstErr atomic.Value
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
 	go func() {
+		defer wg.Done()
 		for {
-			c, err := ln.Accept()
-			if err != nil {
+			select {
+			case <-done:
 				return
+			default:
 			}
-			go func() {
-				defer c.Close()
-				fmt.Fprintln(c, line)
-			}()
+			if err := f(); err != nil {
+				failedN.Add(1)
+				firstErr.CompareAndSwap(nil, err)
+				continue
+			}
+			okN.Add(1)
 		}
 	}()
-	return ln.Addr().(*net.TCPAddr).Port
+	return func() (int64, int64, error) {
+		close(done)
+		wg.Wait()
+		err, _ := firstErr.Load().(error)
+		return okN.Load(), failedN.Load(), err
+	}
+}
+
+// get200 is a load call: GET on port must answer 200.
+func get200(port int) func() error {
+	return func() error {
+		code, _, err := get(port)
+		if err == nil && code != 200 {
+			err = fmt.Errorf("status %d", code)
+		}
+		return err
+	}
 }
 
 // noKeepAlive is an HTTP client that opens a new connection per request.
