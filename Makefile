@@ -24,14 +24,14 @@ deps: packages consul
 # haproxy and socat from Debian when missing (we are root on CI machines).
 packages:
 	@missing=""; \
-	command -v haproxy >/dev/null 2>&1 || missing="$$missing haproxy"; \
+	command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
 	command -v socat   >/dev/null 2>&1 || missing="$$missing socat"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
-	@haproxy -v | head -1
+	@$$(command -v haproxy || echo /usr/sbin/haproxy) -v | head -1
 
 # bin/consul from the github.com/hashicorp/consul module (not in Debian).
 # About 10 minutes cold on 2 cores, then seconds.

@@ -246,6 +246,7 @@ func Render(s Spec) (string, error) {
 	w("# change at run time through the master socket; this file changes only")
 	w("# when upstreams, binds or modes do.")
 	w("global")
+	w("    master-worker")
 	w("    hard-stop-after %s", ms(s.HardStopAfter))
 	w("    ssl-default-bind-options ssl-min-ver TLSv1.2")
 	w("    ssl-default-server-options ssl-min-ver TLSv1.2")

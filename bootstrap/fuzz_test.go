@@ -15,7 +15,7 @@ import (
 var lineRE = regexp.MustCompile(`^(` + strings.Join([]string{
 	`# [^\n]*`,
 	``,
-	`global`, `defaults`,
+	`global`, `defaults`, `    master-worker`,
 	`    hard-stop-after \d+ms`,
 	`    ssl-default-(bind|server)-options ssl-min-ver TLSv1\.2`,
 	`    tune\.ssl\.default-dh-param 2048`,
