@@ -157,7 +157,7 @@ func (c *Controller) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go watchLoop(ctx, c.log, "registration", time.Second, c.fetchRegistration, func(svc *api.AgentService) {
-		c.publishRegistration(svc)
+		c.publishRegistration(ctx, svc)
 	})
 	go watchLoop(ctx, c.log, "roots", time.Second, c.fetchRoots, func(r *certs.Roots) {
 		c.send(ctx, func(d *desired) { d.roots = r })
@@ -541,7 +541,7 @@ func (c *Controller) syncWatches(ctx context.Context) {
 	}
 }
 
-func (c *Controller) publishRegistration(svc *api.AgentService) {
+func (c *Controller) publishRegistration(ctx context.Context, svc *api.AgentService) {
 	sc, rejected, err := ParseRegistration(svc)
 	if err != nil {
 		c.log.Error("proxy registration rejected; keeping the applied configuration", zap.String("proxy_id", c.cfg.ProxyID), zap.Error(err))
@@ -550,7 +550,7 @@ func (c *Controller) publishRegistration(svc *api.AgentService) {
 	for _, r := range rejected {
 		c.log.Error("upstream rejected; the other upstreams keep working", zap.String("proxy_id", c.cfg.ProxyID), zap.Error(r))
 	}
-	c.send(context.Background(), func(d *desired) {
+	c.send(ctx, func(d *desired) {
 		if d.sidecar == nil {
 			d.sidecarSince = time.Now()
 		}
