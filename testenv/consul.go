@@ -87,8 +87,23 @@ func Consul(t testing.TB, opts ConsulOptions) *ConsulProc {
 // has already been stopped and the error holds its output.
 func StartConsul(t testing.TB, dir string, opts ConsulOptions) (*ConsulProc, error) {
 	t.Helper()
-	bin := ConsulBin(t)
+	c, err := LaunchConsul(ConsulBin(t), dir, opts)
+	if err != nil {
+		return nil, err
+	}
+	t.Cleanup(func() {
+		c.Stop()
+		if t.Failed() {
+			t.Logf("consul output (%s):\n%s", c.Dir, c.Output())
+		}
+	})
+	return c, nil
+}
 
+// LaunchConsul starts the agent outside a test (meshbench uses it): the
+// caller stops it. On error the process is already stopped and the error
+// holds its output.
+func LaunchConsul(bin, dir string, opts ConsulOptions) (*ConsulProc, error) {
 	ports, err := freePorts(5)
 	if err != nil {
 		return nil, err
@@ -133,14 +148,6 @@ func StartConsul(t testing.TB, dir string, opts ConsulOptions) (*ConsulProc, err
 		return nil, err
 	}
 	c.proc = p
-	t.Cleanup(func() {
-		c.Stop()
-		// A start error already carries the output: don't log it twice.
-		if t.Failed() && !c.proc.outputReported {
-			t.Logf("consul output (%s):\n%s", c.Dir, c.Output())
-		}
-	})
-
 	if err := c.waitReady(probe, consulReadyTimeout); err != nil {
 		return nil, c.proc.failStart(err)
 	}

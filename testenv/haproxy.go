@@ -51,8 +51,23 @@ func HAProxy(t testing.TB, config string) *HAProxyProc {
 // error it has already been stopped and the error holds its output.
 func StartHAProxy(t testing.TB, dir, config string) (*HAProxyProc, error) {
 	t.Helper()
-	bin := HAProxyBin(t)
+	h, err := LaunchHAProxy(HAProxyBin(t), dir, config)
+	if err != nil {
+		return nil, err
+	}
+	t.Cleanup(func() {
+		h.Stop()
+		if t.Failed() {
+			t.Logf("haproxy output (%s):\n%s", h.Dir, h.Output())
+		}
+	})
+	return h, nil
+}
 
+// LaunchHAProxy starts haproxy outside a test (meshbench uses it): the
+// caller stops it. On error the process is already stopped and the error
+// holds its output.
+func LaunchHAProxy(bin, dir, config string) (*HAProxyProc, error) {
 	h := &HAProxyProc{
 		Dir:        dir,
 		MasterSock: filepath.Join(dir, "master.sock"),
@@ -75,14 +90,6 @@ func StartHAProxy(t testing.TB, dir, config string) (*HAProxyProc, error) {
 		return nil, err
 	}
 	h.proc = p
-	t.Cleanup(func() {
-		h.Stop()
-		// A start error already carries the output: don't log it twice.
-		if t.Failed() && !h.proc.outputReported {
-			t.Logf("haproxy output (%s):\n%s", h.Dir, h.Output())
-		}
-	})
-
 	if err := h.waitReady(haproxyReadyTimeout); err != nil {
 		return nil, h.proc.failStart(err)
 	}

@@ -46,9 +46,6 @@ type process struct {
 	waitErr error         // valid once done is closed
 
 	stopOnce sync.Once
-	// outputReported is set once an error holding the whole output has
-	// been returned, so that cleanup does not log it again.
-	outputReported bool
 }
 
 // startProcess starts bin with args in dir. The output goes through an
@@ -153,6 +150,5 @@ func (p *process) exitError() error {
 // whole output appended; cleanup then does not log the output again.
 func (p *process) failStart(err error) error {
 	p.stop(stopGrace)
-	p.outputReported = true
 	return fmt.Errorf("%w; %s output:\n%s", err, p.name, p.out.String())
 }

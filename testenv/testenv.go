@@ -40,31 +40,48 @@ func ConsulBin(t testing.TB) string {
 	return findBin(t, "consul", "CONSUL_BIN")
 }
 
-func findBin(t testing.TB, name, envVar string, fallbacks ...string) string {
-	t.Helper()
+// errNotFound is FindBinary's error when no binary is found at all.
+var errNotFound = errors.New("not found")
+
+// FindBinary looks name up as HAProxyBin and ConsulBin do ($envVar, then
+// <module root>/bin/name, then $PATH, then fallbacks), for callers outside
+// tests.
+func FindBinary(name, envVar string, fallbacks ...string) (string, error) {
 	if p := os.Getenv(envVar); p != "" {
-		// An explicitly configured path that does not work is a setup
-		// error, never a reason to skip.
 		if err := checkExecutable(p); err != nil {
-			t.Fatalf("%s=%q is not usable: %v", envVar, p, err)
+			return "", fmt.Errorf("%s=%q is not usable: %w", envVar, p, err)
 		}
-		return p
+		return p, nil
 	}
 	if root, err := ModuleRoot(); err == nil {
 		p := filepath.Join(root, "bin", name)
 		if checkExecutable(p) == nil {
-			return p
+			return p, nil
 		}
 	}
 	if p, err := exec.LookPath(name); err == nil {
-		return p
+		return p, nil
 	}
 	for _, p := range fallbacks {
 		if checkExecutable(p) == nil {
-			return p
+			return p, nil
 		}
 	}
-	msg := fmt.Sprintf("%s not found (set %s or run make deps)", name, envVar)
+	return "", fmt.Errorf("%s %w (set %s or run make deps)", name, errNotFound, envVar)
+}
+
+func findBin(t testing.TB, name, envVar string, fallbacks ...string) string {
+	t.Helper()
+	p, err := FindBinary(name, envVar, fallbacks...)
+	if err == nil {
+		return p
+	}
+	// An explicitly configured path that does not work is a setup error,
+	// never a reason to skip.
+	if !errors.Is(err, errNotFound) {
+		t.Fatalf("%v", err)
+	}
+	msg := err.Error()
 	if isCI() {
 		t.Fatalf("%s", msg)
 		return ""
