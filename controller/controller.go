@@ -85,6 +85,17 @@ type desired struct {
 	leaf         *certs.Bundle
 	roots        *certs.Roots
 	endpoints    map[string][]slots.Endpoint // by upstream name; absent until the first answer
+	// dirty names the upstreams whose endpoints changed since they were
+	// last applied: only those are planned, so one endpoint event costs
+	// one plan, not one per upstream.
+	dirty map[string]bool
+}
+
+// setEndpoints records an upstream's new endpoint list and marks it for
+// planning.
+func (d *desired) setEndpoints(name string, eps []slots.Endpoint) {
+	d.endpoints[name] = eps
+	d.dirty[name] = true
 }
 
 // applied is what HAProxy runs.
@@ -129,7 +140,7 @@ func New(cfg Config) (*Controller, error) {
 		rt:      runtime.New(filepath.Join(cfg.StateDir, "master.sock"), cfg.Log.Named("runtime")),
 		events:  make(chan func(*desired), 1024),
 		metrics: newMetrics(),
-		desired: desired{endpoints: map[string][]slots.Endpoint{}},
+		desired: desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]bool{}},
 		watches: map[string]*upstreamWatch{},
 	}
 	c.retry = time.NewTimer(time.Hour)
@@ -334,6 +345,7 @@ func (c *Controller) start(ctx context.Context) error {
 	}
 	c.master = m
 	c.applied = applied{sidecar: sc, leafPEM: c.desired.leaf.PEM, rootsPEM: c.desired.roots.PEM, tables: tables}
+	clear(c.desired.dirty)
 	c.ready.Store(true)
 	c.metrics.setEndpoints(tables)
 	c.log.Info("haproxy started", zap.Int("master_pid", m.PID()), zap.String("master_socket", c.rt.Socket()),
@@ -361,6 +373,7 @@ func (c *Controller) reload(ctx context.Context, reason string) {
 	}
 	c.metrics.reloads.Add(1)
 	c.applied = applied{sidecar: sc, leafPEM: c.desired.leaf.PEM, rootsPEM: c.desired.roots.PEM, tables: tables}
+	clear(c.desired.dirty)
 	c.metrics.setEndpoints(tables)
 	c.log.Info("reload applied", zap.String("reason", reason), zap.Duration("took", time.Since(start)))
 }
@@ -396,18 +409,20 @@ func (c *Controller) applyEndpoints(ctx context.Context) {
 	}
 	plans := map[string]planned{}
 	var cmds []runtime.Command
-	names := make([]string, 0, len(c.applied.tables))
-	for name := range c.applied.tables {
+	names := make([]string, 0, len(c.desired.dirty))
+	for name := range c.desired.dirty {
 		names = append(names, name)
 	}
 	slices.Sort(names)
 	for _, name := range names {
 		eps, seen := c.desired.endpoints[name]
-		if !seen {
-			continue
+		table, applied := c.applied.tables[name]
+		if !seen || !applied {
+			continue // a new upstream: its reload applies it
 		}
-		ops, next, _ := slots.Plan(c.applied.tables[name], eps)
+		ops, next, _ := slots.Plan(table, eps)
 		if len(ops) == 0 {
+			delete(c.desired.dirty, name)
 			continue
 		}
 		p := planned{next: next, first: len(cmds)}
@@ -448,6 +463,7 @@ func (c *Controller) applyEndpoints(ctx context.Context) {
 		}
 		if len(errs) == 0 {
 			c.applied.tables[name] = p.next
+			delete(c.desired.dirty, name)
 			continue
 		}
 		failed = true
@@ -569,7 +585,7 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 		c.metrics.endpointUpdates.Add(1)
 		c.send(ctx, func(d *desired) {
 			if w, ok := c.watches[u.Name]; ok && w.up == u { // not a stale watch
-				d.endpoints[u.Name] = eps
+				d.setEndpoints(u.Name, eps)
 			}
 		})
 	}

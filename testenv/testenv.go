@@ -183,6 +183,9 @@ func FreePorts(t testing.TB, n int) []int {
 	return ports
 }
 
+// PickPorts is FreePorts for callers outside tests.
+func PickPorts(n int) ([]int, error) { return freePorts(n) }
+
 const (
 	portLow  = 10000
 	portHigh = 32000 // below the default ephemeral range

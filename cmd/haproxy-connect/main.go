@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -46,7 +47,7 @@ func main() {
 	fs.StringVar(&o.token, "token", "", "Consul ACL token (default: CONSUL_HTTP_TOKEN)")
 	fs.StringVar(&o.haproxyBin, "haproxy-bin", "haproxy", "path to haproxy")
 	fs.StringVar(&o.stateDir, "state-dir", "", "directory for the config, PEM files and sockets (default: a new private temp dir)")
-	fs.StringVar(&o.statsAddr, "stats-addr", "", "listen address for /metrics, /healthz and /readyz (off when empty)")
+	fs.StringVar(&o.statsAddr, "stats-addr", "", "listen address for /metrics, /healthz, /readyz and /debug/pprof (off when empty; keep it private)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug|info|warn|error")
 	fs.StringVar(&o.logFormat, "log-format", "console", "console|json")
 	fs.IntVar(&o.minSlots, "min-slots", 8, "smallest number of server slots per upstream")
@@ -262,6 +263,11 @@ func prepareStateDir(dir string) (string, error) {
 
 func statsHandler(ctl *controller.Controller, auth *spoa.Authorizer) http.Handler {
 	mux := http.NewServeMux()
+	// Profiles, for the operator and for meshbench: the stats address is
+	// meant to be loopback or otherwise private.
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/heap", pprof.Index)
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if !ctl.Ready() {

@@ -1,0 +1,311 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"io"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/haproxy-connect/haproxy-connect/runtime"
+	"github.com/haproxy-connect/haproxy-connect/testenv"
+)
+
+// Env is the machine a benchmark runs on: binaries, a work directory, and
+// everything started, stopped in reverse order by Close.
+type Env struct {
+	Dir                                           string
+	HAProxy, Consul, Sidecar, ConsulTemplate, Wrk string
+	Verbose                                       bool
+	mu                                            sync.Mutex
+	cleanups                                      []func()
+	n                                             int
+}
+
+// Logf prints progress to stderr.
+func (e *Env) Logf(format string, a ...any) {
+	fmt.Fprintf(os.Stderr, "meshbench: "+format+"\n", a...)
+}
+
+// Defer registers f to run at Close.
+func (e *Env) Defer(f func()) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.cleanups = append(e.cleanups, f)
+}
+
+// Close stops everything, newest first.
+func (e *Env) Close() {
+	e.mu.Lock()
+	fs := e.cleanups
+	e.cleanups = nil
+	e.mu.Unlock()
+	for i := len(fs) - 1; i >= 0; i-- {
+		fs[i]()
+	}
+}
+
+// Subdir makes a new short directory under the work dir (unix socket paths
+// must stay under 108 bytes).
+func (e *Env) Subdir(prefix string) (string, error) {
+	e.mu.Lock()
+	e.n++
+	n := e.n
+	e.mu.Unlock()
+	d := filepath.Join(e.Dir, fmt.Sprintf("%s%d", prefix, n))
+	return d, os.MkdirAll(d, 0o700)
+}
+
+// Ports returns n free loopback ports.
+func (e *Env) Ports(n int) ([]int, error) { return testenv.PickPorts(n) }
+
+// StartConsul starts a Consul dev agent.
+func (e *Env) StartConsul(opts testenv.ConsulOptions) (*testenv.ConsulProc, error) {
+	dir, err := e.Subdir("c")
+	if err != nil {
+		return nil, err
+	}
+	c, err := testenv.LaunchConsul(e.Consul, dir, opts)
+	if err != nil {
+		return nil, err
+	}
+	e.Defer(c.Stop)
+	return c, nil
+}
+
+// StartHAProxy starts haproxy (master-worker, master socket in its dir).
+func (e *Env) StartHAProxy(config string) (*testenv.HAProxyProc, error) {
+	dir, err := e.Subdir("h")
+	if err != nil {
+		return nil, err
+	}
+	h, err := testenv.LaunchHAProxy(e.HAProxy, dir, config)
+	if err != nil {
+		return nil, err
+	}
+	e.Defer(h.Stop)
+	return h, nil
+}
+
+// Proc is a started process.
+type Proc struct {
+	Cmd  *exec.Cmd
+	Log  string
+	done chan struct{}
+}
+
+// Done is closed when the process has exited.
+func (p *Proc) Done() <-chan struct{} { return p.done }
+
+// Start runs bin with its output in a log file under the work dir; Close
+// stops it (SIGTERM, then SIGKILL to its group after 10 s).
+func (e *Env) Start(name, bin string, args ...string) (*Proc, error) {
+	logPath := filepath.Join(e.Dir, fmt.Sprintf("%s.%d.log", name, time.Now().UnixNano()))
+	logf, err := os.Create(logPath)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		return nil, fmt.Errorf("start %s: %w", name, err)
+	}
+	p := &Proc{Cmd: cmd, Log: logPath, done: make(chan struct{})}
+	go func() { _ = cmd.Wait(); logf.Close(); close(p.done) }()
+	e.Defer(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-p.done:
+		case <-time.After(10 * time.Second):
+			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+			<-p.done
+		}
+	})
+	return p, nil
+}
+
+// Sidecar is a running haproxy-connect.
+type Sidecar struct {
+	*Proc
+	StateDir string
+	Stats    string
+	RT       *runtime.Client
+}
+
+// StartSidecar runs haproxy-connect for service id and waits for /readyz.
+func (e *Env) StartSidecar(consul *testenv.ConsulProc, id string, extra ...string) (*Sidecar, error) {
+	dir, err := e.Subdir("s")
+	if err != nil {
+		return nil, err
+	}
+	ports, err := e.Ports(1)
+	if err != nil {
+		return nil, err
+	}
+	s := &Sidecar{StateDir: dir, Stats: fmt.Sprintf("127.0.0.1:%d", ports[0]), RT: runtime.New(filepath.Join(dir, "master.sock"), nil)}
+	args := append([]string{"-sidecar-for", id, "-http-addr", consul.Addr, "-haproxy-bin", e.HAProxy,
+		"-state-dir", dir, "-stats-addr", s.Stats, "-access-log=false"}, extra...)
+	if s.Proc, err = e.Start("sidecar-"+id, e.Sidecar, args...); err != nil {
+		return nil, err
+	}
+	err = WaitFor(context.Background(), 30*time.Second, func() error {
+		select {
+		case <-s.Done():
+			return Stop(fmt.Errorf("sidecar %s exited, see %s", id, s.Log))
+		default:
+		}
+		resp, err := http.Get("http://" + s.Stats + "/readyz")
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			return fmt.Errorf("readyz %d", resp.StatusCode)
+		}
+		return nil
+	})
+	return s, err
+}
+
+// stopErr ends WaitFor at once.
+type stopErr struct{ error }
+
+// Stop wraps err so that WaitFor returns it without retrying.
+func Stop(err error) error { return stopErr{err} }
+
+// WaitFor polls f every 10 ms until it succeeds, d passes, or f returns Stop(err).
+func WaitFor(ctx context.Context, d time.Duration, f func() error) error {
+	deadline := time.Now().Add(d)
+	for {
+		err := f()
+		if err == nil {
+			return nil
+		}
+		var s stopErr
+		if errors.As(err, &s) {
+			return s.error
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("not within %s: %w", d, err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// Passing is a check passing from the start.
+func Passing() api.AgentServiceChecks {
+	return api.AgentServiceChecks{{Name: "alive", TTL: "24h", Status: api.HealthPassing}}
+}
+
+// RegisterWithSidecar registers service name on port with a sidecar on
+// sidecarPort, both passing at once.
+func RegisterWithSidecar(c *api.Client, name string, port, sidecarPort int, proxyCfg map[string]any, ups ...api.Upstream) error {
+	return c.Agent().ServiceRegister(&api.AgentServiceRegistration{
+		ID: name, Name: name, Port: port, Address: "127.0.0.1", Checks: Passing(),
+		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
+			Port: sidecarPort, Address: "127.0.0.1", Checks: Passing(),
+			Proxy: &api.AgentServiceConnectProxyConfig{Config: proxyCfg, Upstreams: ups},
+		}},
+	})
+}
+
+// HTTPApp serves a small fixed body on a free loopback port until Close.
+func (e *Env) HTTPApp(body string) (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+		_, _ = w.Write([]byte(body))
+	}), ReadHeaderTimeout: 5 * time.Second}
+	go srv.Serve(ln)
+	e.Defer(func() { srv.Close() })
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// ProcUsage is a process's CPU time and peak resident memory, from /proc.
+type ProcUsage struct {
+	CPU     time.Duration
+	PeakRSS int64 // bytes (VmHWM)
+	RSS     int64 // bytes (VmRSS)
+}
+
+// Usage reads /proc/<pid>/stat and /proc/<pid>/status.
+func Usage(pid int) (ProcUsage, error) {
+	var u ProcUsage
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return u, err
+	}
+	// Fields after the command name, which is in parentheses.
+	f := strings.Fields(string(stat[strings.LastIndexByte(string(stat), ')')+2:]))
+	if len(f) < 13 {
+		return u, fmt.Errorf("short /proc/%d/stat", pid)
+	}
+	ut, _ := strconv.ParseInt(f[11], 10, 64)
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	u.CPU = time.Duration(ut+st) * time.Second / 100 // USER_HZ is 100 on Linux
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return u, err
+	}
+	for _, l := range strings.Split(string(status), "\n") {
+		k, v, ok := strings.Cut(l, ":")
+		if !ok {
+			continue
+		}
+		kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+		switch k {
+		case "VmHWM":
+			u.PeakRSS = kb << 10
+		case "VmRSS":
+			u.RSS = kb << 10
+		}
+	}
+	return u, nil
+}
+
+// Profile saves a CPU profile of the sidecar over d into dir/name.pprof, in
+// the background; wait on the returned channel.
+func (s *Sidecar) Profile(dir, name string, d time.Duration) <-chan error {
+	done := make(chan error, 1)
+	go func() {
+		resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", s.Stats, int(d.Seconds())))
+		if err != nil {
+			done <- err
+			return
+		}
+		defer resp.Body.Close()
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			done <- err
+			return
+		}
+		f, err := os.Create(filepath.Join(dir, name+".pprof"))
+		if err != nil {
+			done <- err
+			return
+		}
+		defer f.Close()
+		_, err = io.Copy(f, resp.Body)
+		done <- err
+	}()
+	return done
+}

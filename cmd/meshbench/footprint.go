@@ -1,0 +1,265 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/haproxy-connect/haproxy-connect/testenv"
+)
+
+func init() { workloads = append(workloads, workload{"footprint", runFootprint}) }
+
+// runFootprint: one haproxy-connect sidecar with 50 upstreams and 1 000
+// endpoints in all, under churn; the controller's CPU seconds and peak RSS
+// (from /proc), HAProxy's own memory, and the HAProxy worker count sampled
+// every 250 ms (old workers must not pile up: churn never reloads).
+func runFootprint(ctx context.Context, b *Bench) error {
+	const upstreams, perUpstream = 50, 20
+	churnFor := 30 * time.Second
+	if b.Quick {
+		churnFor = 5 * time.Second
+	}
+	const churnRate = 100 // changes per second
+	sec := b.Report.Add(fmt.Sprintf("Footprint: %d upstreams, %d endpoints, churn at %d changes/s for %s", upstreams, upstreams*perUpstream, churnRate, churnFor),
+		"round", "changes", "startup CPU", "churn CPU", "churn CPU per 1 000 changes", "controller peak RSS", "HAProxy worker RSS", "workers (max seen)", "reloads")
+	var cpuPer1k, peak Rounds
+	for round := 1; round <= b.Rounds; round++ {
+		r, err := footprintRound(ctx, b, upstreams, perUpstream, churnFor, churnRate)
+		if err != nil {
+			return err
+		}
+		cpuPer1k = append(cpuPer1k, r.cpu.Seconds()/float64(r.changes)*1000)
+		peak = append(peak, float64(r.peakRSS))
+		sec.Row(fmt.Sprint(round), fmt.Sprint(r.changes), Dur(r.startCPU.Seconds()), Dur(r.cpu.Seconds()), Dur(r.cpu.Seconds()/float64(r.changes)*1000),
+			MiB(float64(r.peakRSS)), MiB(float64(r.workerRSS)), fmt.Sprint(r.maxWorkers), fmt.Sprint(r.reloads))
+	}
+	sec.Note("Median over %d rounds: controller CPU %s per 1 000 endpoint changes, peak RSS %s (target: under 40 MB).",
+		b.Rounds, cpuPer1k.Format(Dur), peak.Format(MiB))
+	sec.Note("Controller = the haproxy-connect process (watches, planner, runtime client, SPOE agent), read from /proc/<pid>/stat and VmHWM. Startup CPU is until HAProxy serves all 1 000 endpoints; churn CPU is the rest. Changes are issued on a 100/s ticker, each in its own goroutine (Consul's register call takes longer than 10 ms under load). HAProxy worker RSS is the current worker's VmRSS (50 backends of TLS server slots). Workers are counted from the master's `show proc` every 250 ms.")
+	return nil
+}
+
+type footprintResult struct {
+	changes, maxWorkers, reloads int
+	cpu, startCPU                time.Duration
+	peakRSS, workerRSS           int64
+}
+
+func footprintRound(ctx context.Context, b *Bench, upstreams, perUpstream int, churnFor time.Duration, rate int) (footprintResult, error) {
+	var res footprintResult
+	env := &Env{Dir: b.Dir, HAProxy: b.HAProxy, Consul: b.Consul, Sidecar: b.Sidecar}
+	defer env.Close()
+	consul, err := env.StartConsul(testenv.ConsulOptions{})
+	if err != nil {
+		return res, err
+	}
+	c := consul.Client
+	ports, err := env.Ports(upstreams + 3)
+	if err != nil {
+		return res, err
+	}
+	// Endpoints: connect-proxy registrations of svc<i>, passing at once. They
+	// need not listen: this workload measures the control plane.
+	endpoint := func(svc, j int) *api.AgentServiceRegistration {
+		name := fmt.Sprintf("svc%02d", svc)
+		return &api.AgentServiceRegistration{
+			ID: fmt.Sprintf("%s-ep%03d", name, j), Name: name + "-sidecar-proxy", Kind: api.ServiceKindConnectProxy,
+			Address: fmt.Sprintf("127.1.%d.%d", svc, j+1), Port: 20000, Checks: Passing(),
+			Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: name},
+		}
+	}
+	if err := parallel(8, upstreams*perUpstream, func(k int) error {
+		return c.Agent().ServiceRegister(endpoint(k/perUpstream, k%perUpstream))
+	}); err != nil {
+		return res, fmt.Errorf("register endpoints: %w", err)
+	}
+	var ups []api.Upstream
+	for i := 0; i < upstreams; i++ {
+		ups = append(ups, api.Upstream{DestinationName: fmt.Sprintf("svc%02d", i), LocalBindPort: ports[3+i]})
+	}
+	if err := RegisterWithSidecar(c, "client", ports[0], ports[1], nil, ups...); err != nil {
+		return res, err
+	}
+	sc, err := env.StartSidecar(consul, "client")
+	if err != nil {
+		return res, err
+	}
+	pid := sc.Cmd.Process.Pid
+	// Wait until HAProxy serves all 1 000 endpoints.
+	if err := WaitFor(ctx, 60*time.Second, func() error {
+		st, err := sc.RT.ServersState(ctx, "")
+		if err != nil {
+			return err
+		}
+		n := 0
+		for _, s := range st {
+			if strings.HasPrefix(s.Backend, "up_") && !s.Maint() {
+				n++
+			}
+		}
+		if n != upstreams*perUpstream {
+			return fmt.Errorf("%d of %d endpoints in service", n, upstreams*perUpstream)
+		}
+		return nil
+	}); err != nil {
+		return res, err
+	}
+	before, err := sc.RT.Procs(ctx)
+	if err != nil {
+		return res, err
+	}
+	atStart, err := Usage(pid)
+	if err != nil {
+		return res, err
+	}
+	res.startCPU = atStart.CPU
+
+	var profiled <-chan error
+	if b.ProfileDir != "" {
+		profiled = sc.Profile(b.ProfileDir, "footprint-churn", churnFor)
+	}
+	// Sample the worker count while churning.
+	stopSampling := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		t := time.NewTicker(250 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-stopSampling:
+				return
+			case <-t.C:
+			}
+			if pl, err := sc.RT.Procs(ctx); err == nil {
+				res.maxWorkers = max(res.maxWorkers, len(pl.Workers))
+			}
+		}
+	}()
+
+	// Churn: each tick deregisters a random live endpoint or re-registers
+	// a missing one, keeping about 10 % of them out. The Consul call runs in
+	// its own goroutine so a slow call does not lower the rate.
+	var mu sync.Mutex
+	var churnErr error
+	var calls sync.WaitGroup
+	out := map[int]bool{}
+	busy := map[int]bool{}
+	tick := time.NewTicker(time.Second / time.Duration(rate))
+	end := time.Now().Add(churnFor)
+	for time.Now().Before(end) && ctx.Err() == nil {
+		<-tick.C
+		mu.Lock()
+		k := rand.IntN(upstreams * perUpstream)
+		if len(out) >= upstreams*perUpstream/10 {
+			for o := range out { // at the limit: bring one back
+				k = o
+				break
+			}
+		}
+		if busy[k] {
+			mu.Unlock()
+			continue
+		}
+		busy[k] = true
+		wasOut := out[k]
+		mu.Unlock()
+		res.changes++
+		calls.Add(1)
+		go func() {
+			defer calls.Done()
+			ep := endpoint(k/perUpstream, k%perUpstream)
+			var err error
+			if wasOut {
+				err = c.Agent().ServiceRegister(ep)
+			} else {
+				err = c.Agent().ServiceDeregister(ep.ID)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			delete(busy, k)
+			if err != nil {
+				churnErr = err
+				return
+			}
+			if wasOut {
+				delete(out, k)
+			} else {
+				out[k] = true
+			}
+		}()
+	}
+	tick.Stop()
+	calls.Wait()
+	if churnErr != nil {
+		return res, churnErr
+	}
+	time.Sleep(time.Second) // let the last changes land
+	close(stopSampling)
+	wg.Wait()
+	if profiled != nil {
+		if err := <-profiled; err != nil {
+			b.Logf("profile: %v", err)
+		}
+	}
+
+	u, err := Usage(pid)
+	if err != nil {
+		return res, err
+	}
+	res.cpu, res.peakRSS = u.CPU-res.startCPU, u.PeakRSS
+	after, err := sc.RT.Procs(ctx)
+	if err != nil {
+		return res, err
+	}
+	res.reloads = after.Master.Reloads - before.Master.Reloads
+	if cur, ok := after.Current(); ok {
+		if wu, err := Usage(cur.PID); err == nil {
+			res.workerRSS = wu.RSS
+		}
+	}
+	return res, nil
+}
+
+// MiB formats bytes in MiB.
+func MiB(v float64) string { return fmt.Sprintf("%.1f MiB", v/(1<<20)) }
+
+// parallel runs f(0..n-1) on w goroutines and returns the first error.
+func parallel(w, n int, f func(int) error) error {
+	var mu sync.Mutex
+	var first error
+	next := 0
+	var wg sync.WaitGroup
+	for range w {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				mu.Lock()
+				if next >= n || first != nil {
+					mu.Unlock()
+					return
+				}
+				k := next
+				next++
+				mu.Unlock()
+				if err := f(k); err != nil {
+					mu.Lock()
+					if first == nil {
+						first = err
+					}
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	return first
+}
