@@ -6,8 +6,10 @@ GO    ?= go
 CONSUL_CACHE ?= $(HOME)/.cache/haproxy-connect
 CONSUL_KEY    = $(shell cat testenv/consulbin/go.mod testenv/consulbin/go.sum testenv/consulbin/main.go | sha256sum | cut -c1-16)
 FUZZTIME     ?= 10s
+CONSUL_TEMPLATE_VERSION ?= v0.41.3
+ROUNDS       ?= 3
 
-.PHONY: all build deps packages consul test lint bench demo clean
+.PHONY: all build deps packages consul consul-template bench-deps test lint bench demo clean
 
 all: build
 
@@ -44,6 +46,25 @@ consul:
 		(cd testenv/consulbin && $(GO) build -trimpath -ldflags='-s -w' -o $$cached.tmp .) && mv $$cached.tmp $$cached || exit 1; \
 	fi; \
 	cp $$cached bin/consul; bin/consul version | head -1
+
+# consul-template for the benchmark's consul-template + reload contender.
+consul-template:
+	@mkdir -p bin $(CONSUL_CACHE); \
+	cached=$(CONSUL_CACHE)/consul-template-$(CONSUL_TEMPLATE_VERSION); \
+	if [ ! -x $$cached ]; then \
+		echo "building consul-template $(CONSUL_TEMPLATE_VERSION)"; \
+		GOBIN=$(CONSUL_CACHE)/ct.tmp $(GO) install -trimpath -ldflags='-s -w' github.com/hashicorp/consul-template@$(CONSUL_TEMPLATE_VERSION) \
+			&& mv $(CONSUL_CACHE)/ct.tmp/consul-template $$cached || exit 1; \
+	fi; \
+	cmp -s $$cached bin/consul-template || cp $$cached bin/consul-template
+
+bench-deps: deps consul-template
+	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
+
+# Benchmarks side by side (cmd/meshbench); writes BENCHMARKS.md.
+bench: bench-deps build
+	$(GO) build -o bin/meshbench ./cmd/meshbench
+	bin/meshbench -rounds $(ROUNDS) -md BENCHMARKS.md
 
 test: deps
 	$(GO) vet ./...
