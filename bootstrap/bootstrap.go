@@ -274,11 +274,18 @@ func Render(s Spec) (string, error) {
 	}
 	w("    bind %s ssl crt %s ca-file %s verify required%s", addr(p.BindAddr, p.BindPort), s.LeafFile, s.RootsFile, alpn)
 	w("    filter spoe engine %s config %s", SPOEEngine, s.SPOEFile)
-	w("    tcp-request inspect-delay 5s")
-	w("    tcp-request content reject unless { var(sess.%s.allowed) -m bool }", VarPrefix)
+	if mode == "http" {
+		// Every request is authorized (the verdict lives in the
+		// transaction), so a deny also stops requests on kept-alive and
+		// reused connections, as Envoy's HTTP RBAC filter does.
+		w("    http-request deny deny_status 403 unless { var(txn.%s.allowed) -m bool }", VarPrefix)
+	} else {
+		w("    tcp-request inspect-delay 5s")
+		w("    tcp-request content reject unless { var(sess.%s.allowed) -m bool }", VarPrefix)
+	}
 	if s.AccessLog {
 		if mode == "http" {
-			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] %%HM %%HU %%ST %%B %%Tt %%b/%%s"`, VarPrefix)
+			w(`    log-format "%%ci:%%cp src=%%[var(txn.%s.source)] %%HM %%HU %%ST %%B %%Tt %%b/%%s"`, VarPrefix)
 		} else {
 			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] %%B %%Tt %%b/%%s %%ts"`, VarPrefix)
 		}
@@ -366,9 +373,10 @@ func orDash(s string) string {
 	return s
 }
 
-// RenderSPOE returns the SPOE configuration that sends each inbound
-// connection's client certificate (HAProxy 2.6 cannot read URI SANs, so the
-// whole DER goes to the agent) and expects sess.<prefix>.allowed back. The
+// RenderSPOE returns the SPOE configuration that sends the client
+// certificate of each inbound connection (TCP) or request (HTTP) to the
+// agent (HAProxy 2.6 cannot read URI SANs, so the whole DER goes) and
+// expects <scope>.<prefix>.allowed back. The
 // message fires only in the public listener, the one frontend with the
 // filter. On agent errors or timeouts the variable stays unset and the
 // listener rejects: fail closed.
@@ -376,10 +384,16 @@ func RenderSPOE(s Spec) (string, error) {
 	if err := s.Validate(); err != nil {
 		return "", err
 	}
+	// TCP: once per connection, verdict in the session. HTTP: once per
+	// request, verdict in the transaction (see Render).
+	message, event := "authorize", "on-frontend-tcp-request"
+	if Mode(s.Public.Protocol) == "http" {
+		message, event = "authorize-request", "on-frontend-http-request"
+	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "[%s]\n", SPOEEngine)
 	fmt.Fprintf(&b, "spoe-agent %s-agent\n", SPOEEngine)
-	b.WriteString("    messages authorize\n")
+	fmt.Fprintf(&b, "    messages %s\n", message)
 	fmt.Fprintf(&b, "    option var-prefix %s\n", VarPrefix)
 	b.WriteString("    option set-on-error error\n")
 	b.WriteString("    timeout hello 2s\n")
@@ -387,8 +401,8 @@ func RenderSPOE(s Spec) (string, error) {
 	b.WriteString("    timeout processing 1s\n")
 	fmt.Fprintf(&b, "    use-backend %s\n", SPOEBackend)
 	b.WriteString("\n")
-	b.WriteString("spoe-message authorize\n")
+	fmt.Fprintf(&b, "spoe-message %s\n", message)
 	b.WriteString("    args cert=ssl_c_der\n")
-	b.WriteString("    event on-frontend-tcp-request\n")
+	fmt.Fprintf(&b, "    event %s\n", event)
 	return b.String(), nil
 }

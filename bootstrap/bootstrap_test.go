@@ -75,55 +75,63 @@ func goldenSpecs() map[string]Spec {
 	return map[string]Spec{"tcp_no_upstreams": tcpOnly, "http_three_upstreams": http, "slot_holes_ipv6_bind": holes}
 }
 
+// render returns the HAProxy config and the SPOE file for spec.
+func render(t *testing.T, spec Spec) (cfg, spoe string) {
+	t.Helper()
+	cfg, err := Render(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spoe, err = RenderSPOE(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg, spoe
+}
+
 func TestRenderGolden(t *testing.T) {
 	for name, spec := range goldenSpecs() {
 		t.Run(name, func(t *testing.T) {
-			got, err := Render(spec)
-			if err != nil {
-				t.Fatal(err)
-			}
-			path := filepath.Join("testdata", name+".golden")
-			if *update {
-				if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
-					t.Fatal(err)
+			cfg, spoe := render(t, spec)
+			for file, got := range map[string]string{name + ".golden": cfg, name + ".spoe.golden": spoe} {
+				path := filepath.Join("testdata", file)
+				if *update {
+					if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
+						t.Fatal(err)
+					}
 				}
-			}
-			want, err := os.ReadFile(path)
-			if err != nil {
-				t.Fatalf("%v (run go test ./bootstrap -update)", err)
-			}
-			if diff := cmp.Diff(string(want), got); diff != "" {
-				t.Errorf("config (-golden +rendered):\n%s", diff)
+				want, err := os.ReadFile(path)
+				if err != nil {
+					t.Fatalf("%v (run go test ./bootstrap -update)", err)
+				}
+				if diff := cmp.Diff(string(want), got); diff != "" {
+					t.Errorf("%s (-golden +rendered):\n%s", file, diff)
+				}
 			}
 		})
 	}
 }
 
-// TestGoldenFilesPassHAProxyCheck runs haproxy -c on every golden file, with
-// real certificate files and the rendered SPOE file in place.
+// TestGoldenFilesPassHAProxyCheck runs haproxy -c on every golden
+// configuration, with its golden SPOE file and real certificates in place.
 func TestGoldenFilesPassHAProxyCheck(t *testing.T) {
 	bin := testenv.HAProxyBin(t)
-	goldens, err := filepath.Glob("testdata/*.golden")
-	if err != nil || len(goldens) == 0 {
-		t.Fatalf("no golden files: %v", err)
-	}
 	ca := testenv.NewCA(t, "test root")
 	cert, key := ca.Leaf(t, "spiffe://test.consul/ns/default/dc/dc1/svc/web")
-	for _, g := range goldens {
-		t.Run(filepath.Base(g), func(t *testing.T) {
+	for name := range goldenSpecs() {
+		t.Run(name, func(t *testing.T) {
 			dir := t.TempDir()
 			testenv.WriteFile(t, dir, "leaf.pem", cert+key)
 			testenv.WriteFile(t, dir, "roots.pem", ca.CertPEM)
-			spoe, err := RenderSPOE(baseSpec())
-			if err != nil {
-				t.Fatal(err)
+			read := func(file string) string {
+				b, err := os.ReadFile(filepath.Join("testdata", file))
+				if err != nil {
+					t.Fatal(err)
+				}
+				return strings.ReplaceAll(string(b), goldenState+"/", dir+"/")
 			}
-			testenv.WriteFile(t, dir, "spoe.cfg", spoe)
-			text, err := os.ReadFile(g)
-			if err != nil {
-				t.Fatal(err)
-			}
-			cfg := testenv.WriteFile(t, dir, "haproxy.cfg", strings.ReplaceAll(string(text), goldenState+"/", dir+"/"))
+			testenv.WriteFile(t, dir, "spoe.cfg", read(name+".spoe.golden"))
+			cfg := testenv.WriteFile(t, dir, "haproxy.cfg", read(name+".golden"))
 			out, err := exec.Command(bin, "-c", "-f", cfg).CombinedOutput()
 			if err != nil {
 				t.Fatalf("haproxy -c: %v\n%s", err, out)

@@ -30,6 +30,7 @@ var lineRE = regexp.MustCompile(`^(` + strings.Join([]string{
 	`    filter spoe engine intentions config /[A-Za-z0-9_./+-]+`,
 	`    tcp-request inspect-delay 5s`,
 	`    tcp-request content reject unless \{ var\(sess\.hc\.allowed\) -m bool \}`,
+	`    http-request deny deny_status 403 unless \{ var\(txn\.hc\.allowed\) -m bool \}`,
 	`    default_backend [A-Za-z0-9_.-]+`,
 	`    balance roundrobin`,
 	`    default-server ssl crt /[A-Za-z0-9_./+-]+ ca-file /[A-Za-z0-9_./+-]+ verify required( alpn h2)?`,

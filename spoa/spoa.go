@@ -22,7 +22,15 @@ import (
 // ("spoe-message authorize", "args cert=ssl_c_der") and with the listener's
 // "reject unless { var(sess.hc.allowed) -m bool }" rule.
 const (
+	// messageName authorizes a connection (TCP mode, event
+	// on-frontend-tcp-request): the verdict is set in the session scope.
 	messageName = "authorize"
+	// requestMessageName authorizes one HTTP request (HTTP mode, event
+	// on-frontend-http-request): the verdict is set in the transaction
+	// scope, so a request whose evaluation fails cannot inherit an earlier
+	// request's allow, and a deny reaches requests on connections HAProxy
+	// keeps alive or reuses between sidecars.
+	requestMessageName = "authorize-request"
 	argCert     = "cert"
 	varAllowed  = "allowed"
 	varSource   = "source"
@@ -252,7 +260,7 @@ func (a *Authorizer) enter() bool {
 // notes above Serve) and recovers from panics in the library's decoding.
 func (a *Authorizer) handle(msgs *spoe.MessageIterator) (actions []spoe.Action, err error) {
 	if !a.enter() {
-		return verdictActions(false, noSource), nil
+		return denyAll(), nil
 	}
 	defer a.handlers.Done()
 	defer func() {
@@ -260,15 +268,20 @@ func (a *Authorizer) handle(msgs *spoe.MessageIterator) (actions []spoe.Action, 
 			a.stats.errors.Add(1)
 			a.stats.denied.Add(1)
 			a.log.Error("spoe message handler panicked, denying", zap.Any("panic", r))
-			actions, err = verdictActions(false, noSource), nil
+			actions, err = denyAll(), nil
 		}
 	}()
 
-	seen := false
+	seen, perRequest := false, false
 	var der []byte
 	var argErr error
 	for msgs.Next() {
-		if msgs.Message.Name != messageName {
+		switch msgs.Message.Name {
+		case messageName:
+			perRequest = false
+		case requestMessageName:
+			perRequest = true
+		default:
 			continue
 		}
 		seen = true
@@ -298,14 +311,25 @@ func (a *Authorizer) handle(msgs *spoe.MessageIterator) (actions []spoe.Action, 
 		return nil, nil
 	}
 	d := a.decide(der, argErr)
-	return verdictActions(d.allowed, d.source), nil
+	return verdictActions(d.allowed, d.source, perRequest), nil
 }
 
-func verdictActions(allowed bool, source string) []spoe.Action {
-	return []spoe.Action{
-		spoe.ActionSetVar{Name: varAllowed, Scope: spoe.VarScopeSession, Value: allowed},
-		spoe.ActionSetVar{Name: varSource, Scope: spoe.VarScopeSession, Value: source},
+// verdictActions sets the verdict in the session scope, or for a
+// per-request message in the transaction scope.
+func verdictActions(allowed bool, source string, perRequest bool) []spoe.Action {
+	scope := spoe.VarScopeSession
+	if perRequest {
+		scope = spoe.VarScopeTransaction
 	}
+	return []spoe.Action{
+		spoe.ActionSetVar{Name: varAllowed, Scope: scope, Value: allowed},
+		spoe.ActionSetVar{Name: varSource, Scope: scope, Value: source},
+	}
+}
+
+// denyAll answers a message that could not be read: deny in both scopes.
+func denyAll() []spoe.Action {
+	return append(verdictActions(false, noSource, false), verdictActions(false, noSource, true)...)
 }
 
 // decision is the outcome for one inbound connection.

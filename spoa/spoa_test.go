@@ -375,7 +375,7 @@ func TestClosedDenies(t *testing.T) {
 }
 
 func TestVerdictActions(t *testing.T) {
-	got := verdictActions(true, clientID)
+	got := verdictActions(true, clientID, false)
 	want := []spoe.Action{
 		spoe.ActionSetVar{Name: "allowed", Scope: spoe.VarScopeSession, Value: true},
 		spoe.ActionSetVar{Name: "source", Scope: spoe.VarScopeSession, Value: clientID},

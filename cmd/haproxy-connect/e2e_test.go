@@ -5,8 +5,12 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptrace"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -331,4 +335,60 @@ func TestBadRegistration(t *testing.T) {
 	if code, _, err := get(ports[3]); err != nil || code != 200 {
 		t.Errorf("the running config stopped serving: %d %v", code, err)
 	}
+}
+
+// TestDenyReachesKeptAliveConnections: in HTTP mode every request is
+// authorized, so a deny refuses the next request on a client connection
+// that is kept alive (and on the pooled connections between sidecars)
+// within 1 s, not only new connections.
+func TestDenyReachesKeptAliveConnections(t *testing.T) {
+	consul := testenv.Consul(t, testenv.ConsulOptions{DefaultDeny: true})
+	c := consul.Client
+	ports := testenv.FreePorts(t, 4)
+	register(t, c, "server", httpApp(t, "server"), ports[0], map[string]any{"protocol": "http"})
+	register(t, c, "client", ports[1], ports[2], nil,
+		api.Upstream{DestinationName: "server", LocalBindPort: ports[3], Config: map[string]any{"protocol": "http"}})
+	startSidecar(t, consul, "server")
+	startSidecar(t, consul, "client")
+	intention(t, c, "client", "server", api.IntentionActionAllow)
+
+	keepAlive := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 1}}
+	var reused atomic.Bool
+	ctx := httptrace.WithClientTrace(context.Background(), &httptrace.ClientTrace{
+		GotConn: func(i httptrace.GotConnInfo) { reused.Store(i.Reused) },
+	})
+	call := func() (int, error) {
+		req, _ := http.NewRequestWithContext(ctx, "GET", fmt.Sprintf("http://127.0.0.1:%d/", ports[3]), nil)
+		resp, err := keepAlive.Do(req)
+		if err != nil {
+			return 0, err
+		}
+		defer resp.Body.Close()
+		_, _ = io.Copy(io.Discard, resp.Body)
+		return resp.StatusCode, nil
+	}
+	eventually(t, 10*time.Second, "allowed", func() error {
+		if code, err := call(); err != nil || code != 200 {
+			return fmt.Errorf("%d %v", code, err)
+		}
+		return nil
+	})
+	if code, err := call(); err != nil || code != 200 || !reused.Load() {
+		t.Fatalf("second request on the kept-alive connection: %d %v reused=%v", code, err, reused.Load())
+	}
+	intention(t, c, "client", "server", api.IntentionActionDeny)
+	took := eventually(t, time.Second, "denied on the kept-alive connection", func() error {
+		code, err := call()
+		if err == nil && code == 200 {
+			return errors.New("still allowed")
+		}
+		if !reused.Load() {
+			return errors.New("the client connection was not reused")
+		}
+		if code != 403 {
+			return fmt.Errorf("status %d %v, want 403", code, err)
+		}
+		return nil
+	})
+	t.Logf("deny effective on a kept-alive connection after %s", took)
 }
