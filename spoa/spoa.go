@@ -31,10 +31,10 @@ const (
 	// request's allow, and a deny reaches requests on connections HAProxy
 	// keeps alive or reuses between sidecars.
 	requestMessageName = "authorize-request"
-	argCert     = "cert"
-	varAllowed  = "allowed"
-	varSource   = "source"
-	noSource    = "-"
+	argCert            = "cert"
+	varAllowed         = "allowed"
+	varSource          = "source"
+	noSource           = "-"
 )
 
 const (
