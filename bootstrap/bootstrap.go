@@ -277,7 +277,14 @@ func Render(s Spec) (string, error) {
 	if mode == "http" {
 		// Every request is authorized (the verdict lives in the
 		// transaction), so a deny also stops requests on kept-alive and
-		// reused connections, as Envoy's HTTP RBAC filter does.
+		// reused connections, as Envoy's HTTP RBAC filter does. No verdict
+		// means the agent could not decide: in a worker that is stopping
+		// after a reload (its SPOE applets are gone) the connection is
+		// closed without a response, which the calling sidecar retries on
+		// a new connection, so on the new worker; otherwise 503. A deny is
+		// 403. Either way nothing reaches the application: fail closed.
+		w("    http-request reject if !{ var(txn.%s.allowed) -m found } { stopping }", VarPrefix)
+		w("    http-request deny deny_status 503 unless { var(txn.%s.allowed) -m found }", VarPrefix)
 		w("    http-request deny deny_status 403 unless { var(txn.%s.allowed) -m bool }", VarPrefix)
 	} else {
 		w("    tcp-request inspect-delay 5s")
@@ -329,6 +336,15 @@ func Render(s Spec) (string, error) {
 		w("backend %s", u.Name)
 		w("    mode %s", mode)
 		w("    balance roundrobin")
+		// A connection refused by an endpoint that is going away (before
+		// Consul says so) is retried on another; in HTTP mode so is a
+		// request the other sidecar closed without answering (a reused
+		// connection it was closing, or its worker stopping after a
+		// reload): nothing was forwarded to the application then.
+		w("    option redispatch")
+		if mode == "http" {
+			w("    retry-on conn-failure empty-response")
+		}
 		if u.ConnectTimeout > 0 {
 			w("    timeout connect %s", ms(u.ConnectTimeout))
 		}

@@ -125,14 +125,19 @@ func tail(s string, lines int) string {
 	return strings.Join(l, "\n")
 }
 
-// reloads is the master's reload counter.
+// reloads is the master's reload counter. The master socket refuses
+// connections while the master re-executes for a reload: retry briefly.
 func (s *sidecar) reloads(t *testing.T) int {
 	t.Helper()
-	pl, err := s.rt.Procs(context.Background())
-	if err != nil {
-		t.Fatal(err)
+	var pl runtime.ProcList
+	var err error
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if pl, err = s.rt.Procs(context.Background()); err == nil {
+			return pl.Master.Reloads
+		}
 	}
-	return pl.Master.Reloads
+	t.Fatal(err)
+	return 0
 }
 
 // passing is a check that is passing from the start, so tests do not wait
