@@ -463,3 +463,80 @@ func TestCARotation(t *testing.T) {
 		t.Logf("server sidecar:\n%s", server.out.String())
 	}
 }
+
+// TestPreparedQueryUpstream: an upstream of type prepared_query serves the
+// query's Connect endpoints, and follows them as they change.
+func TestPreparedQueryUpstream(t *testing.T) {
+	consul := testenv.Consul(t, testenv.ConsulOptions{})
+	c := consul.Client
+	ports := testenv.FreePorts(t, 4)
+	register(t, c, "server", httpApp(t, "server"), ports[0], map[string]any{"protocol": "http"})
+	if _, _, err := c.PreparedQuery().Create(&api.PreparedQueryDefinition{
+		Name: "server-query", Service: api.ServiceQuery{Service: "server", OnlyPassing: true},
+	}, nil); err != nil {
+		t.Fatal(err)
+	}
+	register(t, c, "client", ports[1], ports[2], nil, api.Upstream{
+		DestinationType: api.UpstreamDestTypePreparedQuery, DestinationName: "server-query",
+		LocalBindPort: ports[3], Config: map[string]any{"protocol": "http"},
+	})
+	startSidecar(t, consul, "server")
+	client := startSidecar(t, consul, "client")
+	eventually(t, 10*time.Second, "the query's endpoint serves", get200(ports[3]))
+	// The backend follows the query: a second endpoint appears within the
+	// polling interval.
+	extra := testenv.Relay(t, fmt.Sprintf("127.0.0.1:%d", ports[0]))
+	if err := c.Agent().ServiceRegister(&api.AgentServiceRegistration{
+		ID: "server-extra", Name: "server-sidecar-proxy", Kind: api.ServiceKindConnectProxy, Port: extra, Address: "127.0.0.1",
+		Checks: passing(), Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: "server", DestinationServiceID: "server"},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "the new endpoint is in the backend", func() error {
+		st, err := client.rt.ServersState(context.Background(), "qup_server-query")
+		if err != nil {
+			return err
+		}
+		for _, s := range st {
+			if !s.Maint() && s.Port == extra {
+				return nil
+			}
+		}
+		return fmt.Errorf("servers: %+v", st)
+	})
+}
+
+// TestConsulOutage: with Consul gone, what was applied stays applied:
+// requests from a source already authorized keep flowing on the cached
+// decision and the existing slots, the sidecars stay up and say they retry.
+func TestConsulOutage(t *testing.T) {
+	consul := testenv.Consul(t, testenv.ConsulOptions{DefaultDeny: true})
+	c := consul.Client
+	ports := testenv.FreePorts(t, 4)
+	register(t, c, "server", httpApp(t, "server"), ports[0], map[string]any{"protocol": "http"})
+	register(t, c, "client", ports[1], ports[2], nil,
+		api.Upstream{DestinationName: "server", LocalBindPort: ports[3], Config: map[string]any{"protocol": "http"}})
+	server := startSidecar(t, consul, "server")
+	client := startSidecar(t, consul, "client")
+	intention(t, c, "client", "server", api.IntentionActionAllow)
+	eventually(t, 10*time.Second, "allowed", get200(ports[3]))
+
+	consul.Stop()
+	stopLoad := load(get200(ports[3]))
+	time.Sleep(3 * time.Second)
+	ok, failed, firstErr := stopLoad()
+	if ok == 0 || failed > 0 {
+		t.Errorf("with Consul down: %d of %d requests failed; first: %v", failed, ok+failed, firstErr)
+	}
+	for name, s := range map[string]*sidecar{"server": server, "client": client} {
+		select {
+		case <-s.done:
+			t.Errorf("%s sidecar exited while Consul was down", name)
+		default:
+		}
+		if !strings.Contains(s.out.String(), "watch failed, retrying") {
+			t.Errorf("%s sidecar does not report the failing watches", name)
+		}
+	}
+	t.Logf("Consul down for 3s: %d requests ok, %d failed", ok, failed)
+}
