@@ -221,25 +221,13 @@ func TestAddUpstream(t *testing.T) {
 	startSidecar(t, consul, "one")
 	startSidecar(t, consul, "two")
 	client := startSidecar(t, consul, "client")
-	eventually(t, 10*time.Second, "upstream one serves", func() error {
-		code, body, err := get(ports[4])
-		if err != nil || code != 200 || body != "hello from one" {
-			return fmt.Errorf("%d %q %v", code, body, err)
-		}
-		return nil
-	})
+	eventually(t, 10*time.Second, "upstream one serves", serves(ports[4], "hello from one"))
 	before := client.reloads(t)
 
 	stopLoad := load(get200(ports[4]))
 	register(t, c, "client", ports[2], ports[3], nil, up1,
 		api.Upstream{DestinationName: "two", LocalBindPort: ports[5], Config: map[string]any{"protocol": "http"}})
-	eventually(t, 10*time.Second, "upstream two serves", func() error {
-		code, body, err := get(ports[5])
-		if err != nil || code != 200 || body != "hello from two" {
-			return fmt.Errorf("%d %q %v", code, body, err)
-		}
-		return nil
-	})
+	eventually(t, 10*time.Second, "upstream two serves", serves(ports[5], "hello from two"))
 	time.Sleep(300 * time.Millisecond)
 	ok, failed, firstErr := stopLoad()
 	if got := client.reloads(t) - before; got != 1 {
@@ -303,13 +291,7 @@ func TestBadRegistration(t *testing.T) {
 	)
 	startSidecar(t, consul, "server")
 	client := startSidecar(t, consul, "client")
-	eventually(t, 10*time.Second, "the good upstream serves", func() error {
-		code, body, err := get(ports[3])
-		if err != nil || code != 200 || body != "hello from server" {
-			return fmt.Errorf("%d %q %v", code, body, err)
-		}
-		return nil
-	})
+	eventually(t, 10*time.Second, "the good upstream serves", serves(ports[3], "hello from server"))
 	logs := client.out.String()
 	for _, want := range []string{"upstream rejected", "only letters, digits", "port 70000 out of range", "protocol"} {
 		if !strings.Contains(logs, want) {

@@ -238,6 +238,17 @@ func get(port int) (int, string, error) {
 	return resp.StatusCode, strings.TrimSpace(string(b)), err
 }
 
+// serves is a check that GET on port answers 200 with body.
+func serves(port int, body string) func() error {
+	return func() error {
+		code, got, err := get(port)
+		if err != nil || code != 200 || got != body {
+			return fmt.Errorf("%d %q %v", code, got, err)
+		}
+		return nil
+	}
+}
+
 // tcpLine connects to port and returns the first line, or an error when the
 // connection is closed without one.
 func tcpLine(port int) (string, error) {
