@@ -26,8 +26,9 @@ type Spec struct {
 	// Service is the destination service this sidecar fronts (logs only).
 	Service string
 	// Files, all absolute paths. Leaf holds the leaf chain and its key,
-	// Roots every trusted CA root.
-	LeafFile, RootsFile, SPOEFile string
+	// Roots every trusted CA root. AuthzMap holds one entry, "gen <n>":
+	// the intentions generation, changed at run time with "set map".
+	LeafFile, RootsFile, SPOEFile, AuthzMap string
 	// SPOAAddr is the SPOE agent's loopback address:port.
 	SPOAAddr string
 	// HardStopAfter bounds how long an old worker may live after a reload.
@@ -69,8 +70,11 @@ const (
 	LocalBackend   = "local_app"
 	SPOEBackend    = "spoe_agents"
 	SPOEEngine     = "intentions"
+	SPOEGroup      = "authz"
 	VarPrefix      = "hc"
-	SlotPrefix     = "s"
+	// AuthzGenKey is the AuthzMap key holding the intentions generation.
+	AuthzGenKey = "gen"
+	SlotPrefix  = "s"
 )
 
 var (
@@ -170,7 +174,7 @@ func (s Spec) Validate() error {
 	if s.Service != "" && !identRE.MatchString(s.Service) {
 		return fmt.Errorf("%w: service name %q", ErrInvalid, s.Service)
 	}
-	for _, f := range []string{s.LeafFile, s.RootsFile, s.SPOEFile} {
+	for _, f := range []string{s.LeafFile, s.RootsFile, s.SPOEFile, s.AuthzMap} {
 		if !pathRE.MatchString(f) {
 			return fmt.Errorf("%w: file path %q", ErrInvalid, f)
 		}
@@ -275,24 +279,30 @@ func Render(s Spec) (string, error) {
 	w("    bind %s ssl crt %s ca-file %s verify required%s", addr(p.BindAddr, p.BindPort), s.LeafFile, s.RootsFile, alpn)
 	w("    filter spoe engine %s config %s", SPOEEngine, s.SPOEFile)
 	if mode == "http" {
-		// Every request is authorized (the verdict lives in the
-		// transaction), so a deny also stops requests on kept-alive and
-		// reused connections, as Envoy's HTTP RBAC filter does. No verdict
-		// means the agent could not decide: in a worker that is stopping
+		// A connection is authorized on its first request, and again on
+		// the first request after the intentions changed: the verdict
+		// carries the generation it was made under, and the controller
+		// publishes the current one in the authz map. So a deny reaches
+		// kept-alive connections (as Envoy's HTTP RBAC filter does) at the
+		// cost of a map lookup per request, not an agent call. An unset
+		// verdict means the agent could not decide: in a worker stopping
 		// after a reload (its SPOE applets are gone) the connection is
-		// closed without a response, which the calling sidecar retries on
-		// a new connection, so on the new worker; otherwise 503. A deny is
-		// 403. Either way nothing reaches the application: fail closed.
-		w("    http-request reject if !{ var(txn.%s.allowed) -m found } { stopping }", VarPrefix)
-		w("    http-request deny deny_status 503 unless { var(txn.%s.allowed) -m found }", VarPrefix)
-		w("    http-request deny deny_status 403 unless { var(txn.%s.allowed) -m bool }", VarPrefix)
+		// closed without a response, which the calling sidecar retries on a
+		// new connection, so on the new worker; otherwise 503. A deny is
+		// 403. Nothing reaches the application without an allow.
+		w("    acl authz_stale str(%s),map_str_int(%s,0),sub(sess.%s.gen) -m int gt 0", AuthzGenKey, s.AuthzMap, VarPrefix)
+		w("    http-request unset-var(sess.%s.allowed) if authz_stale", VarPrefix)
+		w("    http-request send-spoe-group %s %s if !{ var(sess.%s.allowed) -m found }", SPOEEngine, SPOEGroup, VarPrefix)
+		w("    http-request reject if !{ var(sess.%s.allowed) -m found } { stopping }", VarPrefix)
+		w("    http-request deny deny_status 503 unless { var(sess.%s.allowed) -m found }", VarPrefix)
+		w("    http-request deny deny_status 403 unless { var(sess.%s.allowed) -m bool }", VarPrefix)
 	} else {
 		w("    tcp-request inspect-delay 5s")
 		w("    tcp-request content reject unless { var(sess.%s.allowed) -m bool }", VarPrefix)
 	}
 	if s.AccessLog {
 		if mode == "http" {
-			w(`    log-format "%%ci:%%cp src=%%[var(txn.%s.source)] %%HM %%HU %%ST %%B %%Tt %%b/%%s"`, VarPrefix)
+			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] %%HM %%HU %%ST %%B %%Tt %%b/%%s"`, VarPrefix)
 		} else {
 			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] %%B %%Tt %%b/%%s %%ts"`, VarPrefix)
 		}
@@ -390,9 +400,9 @@ func orDash(s string) string {
 }
 
 // RenderSPOE returns the SPOE configuration that sends the client
-// certificate of each inbound connection (TCP) or request (HTTP) to the
-// agent (HAProxy 2.6 cannot read URI SANs, so the whole DER goes) and
-// expects <scope>.<prefix>.allowed back. The
+// certificate of an inbound connection to the agent (HAProxy 2.6 cannot
+// read URI SANs, so the whole DER goes) and expects sess.<prefix>.allowed,
+// .source and .gen back. The
 // message fires only in the public listener, the one frontend with the
 // filter. On agent errors or timeouts the variable stays unset and the
 // listener rejects: fail closed.
@@ -400,16 +410,17 @@ func RenderSPOE(s Spec) (string, error) {
 	if err := s.Validate(); err != nil {
 		return "", err
 	}
-	// TCP: once per connection, verdict in the session. HTTP: once per
-	// request, verdict in the transaction (see Render).
-	message, event := "authorize", "on-frontend-tcp-request"
-	if Mode(s.Public.Protocol) == "http" {
-		message, event = "authorize-request", "on-frontend-http-request"
-	}
+	// TCP: the message fires on each connection. HTTP: the listener sends
+	// it through a group when the connection has no current verdict (see
+	// Render). Either way the verdict lives in the session.
 	var b strings.Builder
 	fmt.Fprintf(&b, "[%s]\n", SPOEEngine)
 	fmt.Fprintf(&b, "spoe-agent %s-agent\n", SPOEEngine)
-	fmt.Fprintf(&b, "    messages %s\n", message)
+	if Mode(s.Public.Protocol) == "http" {
+		fmt.Fprintf(&b, "    groups %s\n", SPOEGroup)
+	} else {
+		b.WriteString("    messages authorize\n")
+	}
 	fmt.Fprintf(&b, "    option var-prefix %s\n", VarPrefix)
 	b.WriteString("    option set-on-error error\n")
 	b.WriteString("    timeout hello 2s\n")
@@ -417,8 +428,16 @@ func RenderSPOE(s Spec) (string, error) {
 	b.WriteString("    timeout processing 1s\n")
 	fmt.Fprintf(&b, "    use-backend %s\n", SPOEBackend)
 	b.WriteString("\n")
-	fmt.Fprintf(&b, "spoe-message %s\n", message)
+	b.WriteString("spoe-message authorize\n")
 	b.WriteString("    args cert=ssl_c_der\n")
-	fmt.Fprintf(&b, "    event %s\n", event)
+	if Mode(s.Public.Protocol) == "http" {
+		fmt.Fprintf(&b, "\nspoe-group %s\n", SPOEGroup)
+		b.WriteString("    messages authorize\n")
+	} else {
+		b.WriteString("    event on-frontend-tcp-request\n")
+	}
 	return b.String(), nil
 }
+
+// RenderAuthzMap is the content of the authz map for generation gen.
+func RenderAuthzMap(gen uint64) string { return fmt.Sprintf("%s %d\n", AuthzGenKey, gen) }

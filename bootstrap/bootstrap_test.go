@@ -28,6 +28,7 @@ func baseSpec() Spec {
 		LeafFile:      goldenState + "/leaf.pem",
 		RootsFile:     goldenState + "/roots.pem",
 		SPOEFile:      goldenState + "/spoe.cfg",
+		AuthzMap:      goldenState + "/authz.map",
 		SPOAAddr:      "127.0.0.1:21999",
 		HardStopAfter: 30 * time.Second,
 		Public: Public{
@@ -123,6 +124,7 @@ func TestGoldenFilesPassHAProxyCheck(t *testing.T) {
 			dir := t.TempDir()
 			testenv.WriteFile(t, dir, "leaf.pem", cert+key)
 			testenv.WriteFile(t, dir, "roots.pem", ca.CertPEM)
+			testenv.WriteFile(t, dir, "authz.map", RenderAuthzMap(0))
 			read := func(file string) string {
 				b, err := os.ReadFile(filepath.Join("testdata", file))
 				if err != nil {

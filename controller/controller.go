@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -66,6 +67,10 @@ type Controller struct {
 	events      chan func(*desired)
 	metrics     *Metrics
 	ready       atomic.Bool
+	// authzGen is the intentions generation published by the SPOE agent;
+	// authzKick wakes the loop to apply it.
+	authzGen  atomic.Uint64
+	authzKick chan struct{}
 
 	// Owned by the loop goroutine.
 	desired  desired
@@ -104,6 +109,7 @@ type applied struct {
 	leafPEM  string
 	rootsPEM string
 	tables   map[string]slots.Table
+	authzGen uint64 // the generation in HAProxy's authz map
 }
 
 type upstreamWatch struct {
@@ -135,13 +141,14 @@ func New(cfg Config) (*Controller, error) {
 		cfg.InitialWait = 3 * time.Second
 	}
 	c := &Controller{
-		cfg:     cfg,
-		log:     cfg.Log,
-		rt:      runtime.New(filepath.Join(cfg.StateDir, "master.sock"), cfg.Log.Named("runtime")),
-		events:  make(chan func(*desired), 1024),
-		metrics: newMetrics(),
-		desired: desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]bool{}},
-		watches: map[string]*upstreamWatch{},
+		cfg:       cfg,
+		log:       cfg.Log,
+		rt:        runtime.New(filepath.Join(cfg.StateDir, "master.sock"), cfg.Log.Named("runtime")),
+		events:    make(chan func(*desired), 1024),
+		authzKick: make(chan struct{}, 1),
+		metrics:   newMetrics(),
+		desired:   desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]bool{}},
+		watches:   map[string]*upstreamWatch{},
 	}
 	c.retry = time.NewTimer(time.Hour)
 	c.retry.Stop()
@@ -149,6 +156,17 @@ func New(cfg Config) (*Controller, error) {
 		return runtime.StartMaster(ctx, cfg.HAProxyBin, c.path("haproxy.cfg"), c.rt.Socket(), cfg.HAProxyOutput)
 	}
 	return c, nil
+}
+
+// SetAuthzGeneration publishes the SPOE agent's intentions generation.
+// HAProxy re-authorizes a kept-alive HTTP connection whose verdict is older
+// than it. Safe to call from any goroutine; it does not block.
+func (c *Controller) SetAuthzGeneration(gen uint64) {
+	c.authzGen.Store(gen)
+	select {
+	case c.authzKick <- struct{}{}:
+	default:
+	}
 }
 
 // Ready reports whether HAProxy runs the applied state.
@@ -197,6 +215,7 @@ func (c *Controller) Run(ctx context.Context) error {
 				}
 			}
 		case <-c.retry.C:
+		case <-c.authzKick:
 		}
 		if err := c.reconcile(ctx); err != nil {
 			return err
@@ -266,8 +285,39 @@ func (c *Controller) reconcile(ctx context.Context) error {
 	if d.leaf.PEM != c.applied.leafPEM {
 		c.rotateLeaf(ctx)
 	}
+	c.applyAuthzGeneration(ctx)
 	c.applyEndpoints(ctx)
 	return nil
+}
+
+// applyAuthzGeneration writes the intentions generation to the authz map
+// file (for the next reload) and to HAProxy's copy in memory.
+func (c *Controller) applyAuthzGeneration(ctx context.Context) {
+	gen := c.authzGen.Load()
+	if gen == c.applied.authzGen {
+		return
+	}
+	file := c.path("authz.map")
+	if err := certs.WriteFile(file, bootstrap.RenderAuthzMap(gen)); err != nil {
+		c.log.Error("authz generation: write map", zap.Error(err))
+		c.scheduleRetry(time.Second)
+		return
+	}
+	cmd, err := runtime.SetMap(file, bootstrap.AuthzGenKey, strconv.FormatUint(gen, 10))
+	if err == nil {
+		var rs runtime.Results
+		if rs, err = c.rt.Exec(ctx, cmd); err == nil {
+			err = rs.Err()
+		}
+	}
+	if err != nil {
+		c.log.Error("authz generation not applied; retrying", zap.Uint64("generation", gen), zap.Error(err))
+		c.metrics.runtimeErrors.Add(1)
+		c.scheduleRetry(100 * time.Millisecond)
+		return
+	}
+	c.applied.authzGen = gen
+	c.log.Debug("authz generation applied", zap.Uint64("generation", gen))
 }
 
 // plannedTables is the slot assignment to render into a new configuration:
@@ -294,6 +344,7 @@ func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.S
 		LeafFile:      c.path("leaf.pem"),
 		RootsFile:     c.path("roots.pem"),
 		SPOEFile:      c.path("spoe.cfg"),
+		AuthzMap:      c.path("authz.map"),
 		SPOAAddr:      c.cfg.SPOAAddr,
 		HardStopAfter: c.cfg.HardStopAfter,
 		AccessLog:     c.cfg.AccessLog,
@@ -309,7 +360,7 @@ func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.S
 }
 
 // writeConfig renders and writes every file HAProxy reads.
-func (c *Controller) writeConfig(spec bootstrap.Spec) error {
+func (c *Controller) writeConfig(spec bootstrap.Spec, authzGen uint64) error {
 	cfg, err := bootstrap.Render(spec)
 	if err != nil {
 		return err
@@ -322,6 +373,7 @@ func (c *Controller) writeConfig(spec bootstrap.Spec) error {
 		{spec.LeafFile, c.desired.leaf.PEM},
 		{spec.RootsFile, c.desired.roots.PEM},
 		{spec.SPOEFile, spoe},
+		{spec.AuthzMap, bootstrap.RenderAuthzMap(authzGen)},
 		{c.path("haproxy.cfg"), cfg},
 	} {
 		if err := certs.WriteFile(f.path, f.content); err != nil {
@@ -334,7 +386,8 @@ func (c *Controller) writeConfig(spec bootstrap.Spec) error {
 func (c *Controller) start(ctx context.Context) error {
 	sc := *c.desired.sidecar
 	tables := c.plannedTables()
-	if err := c.writeConfig(c.spec(sc, tables)); err != nil {
+	gen := c.authzGen.Load()
+	if err := c.writeConfig(c.spec(sc, tables), gen); err != nil {
 		return fmt.Errorf("render configuration: %w", err)
 	}
 	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -344,7 +397,7 @@ func (c *Controller) start(ctx context.Context) error {
 		return err
 	}
 	c.master = m
-	c.applied = applied{sidecar: sc, leafPEM: c.desired.leaf.PEM, rootsPEM: c.desired.roots.PEM, tables: tables}
+	c.applied = applied{sidecar: sc, leafPEM: c.desired.leaf.PEM, rootsPEM: c.desired.roots.PEM, tables: tables, authzGen: gen}
 	clear(c.desired.dirty)
 	c.ready.Store(true)
 	c.metrics.setEndpoints(tables)
@@ -356,7 +409,8 @@ func (c *Controller) start(ctx context.Context) error {
 func (c *Controller) reload(ctx context.Context, reason string) {
 	sc := *c.desired.sidecar
 	tables := c.plannedTables()
-	if err := c.writeConfig(c.spec(sc, tables)); err != nil {
+	gen := c.authzGen.Load()
+	if err := c.writeConfig(c.spec(sc, tables), gen); err != nil {
 		c.log.Error("reload skipped: configuration not rendered", zap.String("reason", reason), zap.Error(err))
 		c.metrics.reloadFailures.Add(1)
 		c.scheduleRetry(5 * time.Second)
@@ -372,7 +426,7 @@ func (c *Controller) reload(ctx context.Context, reason string) {
 		return
 	}
 	c.metrics.reloads.Add(1)
-	c.applied = applied{sidecar: sc, leafPEM: c.desired.leaf.PEM, rootsPEM: c.desired.roots.PEM, tables: tables}
+	c.applied = applied{sidecar: sc, leafPEM: c.desired.leaf.PEM, rootsPEM: c.desired.roots.PEM, tables: tables, authzGen: gen}
 	clear(c.desired.dirty)
 	c.metrics.setEndpoints(tables)
 	c.log.Info("reload applied", zap.String("reason", reason), zap.Duration("took", time.Since(start)))

@@ -165,6 +165,9 @@ func TestReconcileTranscript(t *testing.T) {
 		}, "", []string{"reload: registration: upstream up_db added"}},
 		{"new CA roots are a reload on 2.6", func(d *desired) { d.roots = roots(ca.CertPEM, otherCA.CertPEM) }, "", []string{"reload: CA roots changed"}},
 		{"nothing changed: nothing sent", func(d *desired) {}, "", nil},
+		{"an intentions change publishes its generation", func(d *desired) { c.SetAuthzGeneration(3) }, "", []string{
+			fmt.Sprintf("@1 set map %s/authz.map gen 3", dir),
+		}},
 		{"a failed command re-reads the backend", func(d *desired) {
 			d.setEndpoints("up_db", []slots.Endpoint{ep(20, 21000), ep(21, 21000)})
 		}, "up_db/s2 state ready", []string{

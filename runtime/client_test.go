@@ -70,6 +70,7 @@ func TestClassify(t *testing.T) {
 	add := m(AddServer("b", "d1", "10.0.0.1", 80, ServerOptions{Weight: 1}))
 	set := m(SetSSLCert("/s/leaf.pem", "x"))
 	commit := m(CommitSSLCert("/s/leaf.pem"))
+	setMap := m(SetMap("/s/authz.map", "gen", "5"))
 	tests := []struct {
 		name  string
 		cmd   Command
@@ -97,6 +98,9 @@ func TestClassify(t *testing.T) {
 		{"commit failed", commit, "Committing /s/leaf.pem\nunable to do X\nFailed!", ErrCommitFailed},
 		{"commit none", commit, "No ongoing transaction! !\nCan't commit /s/leaf.pem!", ErrNoTransaction},
 		{"unknown command", state, "Unknown command, but maybe one of the following ones is a better match:\n  help", ErrUnknownCommand},
+		{"set map ok", setMap, "", nil},
+		{"set map unknown file", setMap, "Unknown map identifier. Please use #<id> or <file>.", ErrNoSuchMap},
+		{"set map unknown key", setMap, "entry not found.", ErrNoSuchMapEntry},
 		{"routing error", state, "Can't find the target PID matching the prefix '@9'", ErrNoSuchProcess},
 	}
 	for _, tt := range tests {
@@ -132,6 +136,8 @@ func TestCommandValidation(t *testing.T) {
 		{"relative cert path", func() (Command, error) { return SetSSLCert("leaf.pem", "x") }},
 		{"cert path with space", func() (Command, error) { return CommitSSLCert("/a b.pem") }},
 		{"empty payload", func() (Command, error) { return SetSSLCert("/a.pem", "\n\n") }},
+		{"map value with space", func() (Command, error) { return SetMap("/a.map", "gen", "1 2") }},
+		{"map key with newline", func() (Command, error) { return SetMap("/a.map", "g\nshow info", "1") }},
 		{"add server sni injection", func() (Command, error) {
 			return AddServer("b", "d1", "10.0.0.1", 80, ServerOptions{SSL: true, CrtFile: "/a.pem", CAFile: "/b.pem", SNI: "x) crt /etc/passwd"})
 		}},

@@ -212,6 +212,23 @@ func AbortSSLCert(file string) (Command, error) {
 	return worker("abort ssl cert "+file, expectPrefix("Transaction aborted for certificate")), nil
 }
 
+// mapKeyRE and mapValueRE bound what "set map" may carry: one token each.
+var (
+	mapKeyRE   = regexp.MustCompile(`^[A-Za-z0-9_.:/-]{1,128}$`)
+	mapValueRE = regexp.MustCompile(`^[A-Za-z0-9_.:/-]{1,128}$`)
+)
+
+// SetMap changes the value of an existing key in the map loaded from file.
+func SetMap(file, key, value string) (Command, error) {
+	if !pathRE.MatchString(file) {
+		return Command{}, fmt.Errorf("%w: map path %q", ErrInvalidArgument, file)
+	}
+	if !mapKeyRE.MatchString(key) || !mapValueRE.MatchString(value) {
+		return Command{}, fmt.Errorf("%w: map entry %q %q", ErrInvalidArgument, key, value)
+	}
+	return worker(fmt.Sprintf("set map %s %s %s", file, key, value), expectEmpty), nil
+}
+
 // ShowServersState lists the servers of backend ("" for all backends).
 func ShowServersState(backend string) (Command, error) {
 	if backend != "" && !ValidIdent(backend) {

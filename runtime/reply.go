@@ -28,6 +28,8 @@ var (
 	ErrReloadFailed      = errors.New("reload failed")
 	ErrReloadUnconfirmed = errors.New("reload not confirmed before the deadline")
 	ErrMasterUnreachable = errors.New("master socket unreachable")
+	ErrNoSuchMap         = errors.New("no such map")
+	ErrNoSuchMapEntry    = errors.New("no such map entry")
 )
 
 // knownErrors are the error sentences HAProxy 2.6 prints for the commands
@@ -59,6 +61,8 @@ var knownErrors = []struct {
 	{"unable to load", ErrBadCertificate},
 	{"No ongoing transaction", ErrNoTransaction},
 	{"The ongoing transaction is about", ErrTransactionBusy},
+	{"Unknown map identifier", ErrNoSuchMap},
+	{"entry not found.", ErrNoSuchMapEntry},
 }
 
 // ReplyError is a classified error reply, with the command and HAProxy's own

@@ -42,25 +42,27 @@ const (
 )
 
 type flight struct {
+	gen  uint64        // the generation the call started under
 	done chan struct{} // closed when v and err are set
 	v    verdict
 	err  error
 }
 
 // lookup returns the decision for k from the cache, from a call in flight,
-// or from a new Decider call.
-func (a *Authorizer) lookup(k cacheKey) (verdict, origin, error) {
+// or from a new Decider call, with the generation it was made under.
+func (a *Authorizer) lookup(k cacheKey) (verdict, origin, uint64, error) {
 	a.mu.Lock()
 	if v, ok := a.cache[k]; ok {
+		gen := a.gen
 		a.mu.Unlock()
 		a.stats.cacheHits.Add(1)
-		return v, originCache, nil
+		return v, originCache, gen, nil
 	}
 	how := originCoalesced
 	f, ok := a.inflight[k]
 	if !ok {
 		how = originCall
-		f = &flight{done: make(chan struct{})}
+		f = &flight{gen: a.gen, done: make(chan struct{})}
 		a.inflight[k] = f
 		go a.fly(k, f, a.gen)
 	}
@@ -69,7 +71,7 @@ func (a *Authorizer) lookup(k cacheKey) (verdict, origin, error) {
 		a.stats.coalesced.Add(1)
 	}
 	<-f.done
-	return f.v, how, f.err
+	return f.v, how, f.gen, f.err
 }
 
 type answer struct {
@@ -135,12 +137,26 @@ func (a *Authorizer) store(k cacheKey, v verdict, gen uint64) {
 }
 
 // Invalidate drops every cached decision: the next connection from each
-// source asks the Decider again. Calls in flight are not stored.
+// source asks the Decider again. Calls in flight are not stored. The new
+// generation goes to the hook given WithInvalidateHook, so that HAProxy
+// re-checks connections authorized under an older one.
 func (a *Authorizer) Invalidate() {
 	a.mu.Lock()
 	a.gen++
+	gen := a.gen
 	clear(a.cache)
 	clear(a.inflight)
 	a.mu.Unlock()
 	a.stats.invalidations.Add(1)
+	if a.onInvalidate != nil {
+		a.onInvalidate(gen)
+	}
+}
+
+// Generation is the current intentions generation: 0 at start, plus one
+// per Invalidate.
+func (a *Authorizer) Generation() uint64 {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.gen
 }

@@ -58,6 +58,7 @@ func startSidecar(t *testing.T) *sidecar {
 		LeafFile:      testenv.WriteFile(t, dir, "leaf.pem", strings.TrimSpace(leaf.CertPEM)+"\n"+leaf.PrivateKeyPEM),
 		RootsFile:     testenv.WriteFile(t, dir, "roots.pem", rootsPEM.String()),
 		SPOEFile:      filepath.Join(dir, "spoe.cfg"),
+		AuthzMap:      testenv.WriteFile(t, dir, "authz.map", bootstrap.RenderAuthzMap(0)),
 		SPOAAddr:      fmt.Sprintf("127.0.0.1:%d", ports[0]),
 		HardStopAfter: 5 * time.Second,
 		Public: bootstrap.Public{BindAddr: "127.0.0.1", BindPort: ports[1],

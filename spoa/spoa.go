@@ -22,19 +22,20 @@ import (
 // ("spoe-message authorize", "args cert=ssl_c_der") and with the listener's
 // "reject unless { var(sess.hc.allowed) -m bool }" rule.
 const (
-	// messageName authorizes a connection (TCP mode, event
-	// on-frontend-tcp-request): the verdict is set in the session scope.
+	// messageName authorizes a connection: HAProxy sends it once per
+	// connection (TCP: event on-frontend-tcp-request; HTTP: from an
+	// "http-request send-spoe-group" rule on the first request, and again
+	// when the connection's verdict is older than the intentions).
 	messageName = "authorize"
-	// requestMessageName authorizes one HTTP request (HTTP mode, event
-	// on-frontend-http-request): the verdict is set in the transaction
-	// scope, so a request whose evaluation fails cannot inherit an earlier
-	// request's allow, and a deny reaches requests on connections HAProxy
-	// keeps alive or reuses between sidecars.
-	requestMessageName = "authorize-request"
-	argCert            = "cert"
-	varAllowed         = "allowed"
-	varSource          = "source"
-	noSource           = "-"
+	argCert     = "cert"
+	varAllowed  = "allowed"
+	varSource   = "source"
+	// varGen is the intentions generation the verdict was made under.
+	// HAProxy compares it with the generation the controller publishes
+	// (an "authz" map) and asks again when it is older, so a changed
+	// intention reaches connections that stay open.
+	varGen   = "gen"
+	noSource = "-"
 )
 
 const (
@@ -75,6 +76,10 @@ type Option func(*Authorizer)
 // connection is denied; a late answer still fills the cache.
 func WithTimeout(d time.Duration) Option { return func(a *Authorizer) { a.timeout = d } }
 
+// WithInvalidateHook calls f with the new generation after every
+// Invalidate (it must not block for long: the intention watch waits).
+func WithInvalidateHook(f func(gen uint64)) Option { return func(a *Authorizer) { a.onInvalidate = f } }
+
 // WithCacheSize bounds the number of cached decisions (default
 // DefaultCacheSize). A full cache evicts one arbitrary entry per insert.
 func WithCacheSize(n int) Option { return func(a *Authorizer) { a.cacheSize = n } }
@@ -94,6 +99,8 @@ type Authorizer struct {
 	// ctx ends with Close: it cancels Decider calls in flight.
 	ctx    context.Context
 	cancel context.CancelFunc
+
+	onInvalidate func(gen uint64)
 
 	mu       sync.Mutex
 	gen      uint64 // bumped by Invalidate
@@ -272,16 +279,11 @@ func (a *Authorizer) handle(msgs *spoe.MessageIterator) (actions []spoe.Action, 
 		}
 	}()
 
-	seen, perRequest := false, false
+	seen := false
 	var der []byte
 	var argErr error
 	for msgs.Next() {
-		switch msgs.Message.Name {
-		case messageName:
-			perRequest = false
-		case requestMessageName:
-			perRequest = true
-		default:
+		if msgs.Message.Name != messageName {
 			continue
 		}
 		seen = true
@@ -311,26 +313,21 @@ func (a *Authorizer) handle(msgs *spoe.MessageIterator) (actions []spoe.Action, 
 		return nil, nil
 	}
 	d := a.decide(der, argErr)
-	return verdictActions(d.allowed, d.source, perRequest), nil
+	return verdictActions(d.allowed, d.source, d.gen), nil
 }
 
-// verdictActions sets the verdict in the session scope, or for a
-// per-request message in the transaction scope.
-func verdictActions(allowed bool, source string, perRequest bool) []spoe.Action {
-	scope := spoe.VarScopeSession
-	if perRequest {
-		scope = spoe.VarScopeTransaction
-	}
+// verdictActions sets the verdict, its source and its generation in the
+// session scope.
+func verdictActions(allowed bool, source string, gen uint64) []spoe.Action {
 	return []spoe.Action{
-		spoe.ActionSetVar{Name: varAllowed, Scope: scope, Value: allowed},
-		spoe.ActionSetVar{Name: varSource, Scope: scope, Value: source},
+		spoe.ActionSetVar{Name: varAllowed, Scope: spoe.VarScopeSession, Value: allowed},
+		spoe.ActionSetVar{Name: varSource, Scope: spoe.VarScopeSession, Value: source},
+		spoe.ActionSetVar{Name: varGen, Scope: spoe.VarScopeSession, Value: int64(gen)},
 	}
 }
 
-// denyAll answers a message that could not be read: deny in both scopes.
-func denyAll() []spoe.Action {
-	return append(verdictActions(false, noSource, false), verdictActions(false, noSource, true)...)
-}
+// denyAll answers a message that could not be read.
+func denyAll() []spoe.Action { return verdictActions(false, noSource, 0) }
 
 // decision is the outcome for one inbound connection.
 type decision struct {
@@ -339,6 +336,7 @@ type decision struct {
 	serial  string
 	reason  string
 	how     origin
+	gen     uint64 // the intentions generation the decision was made under
 	err     error
 }
 
@@ -356,7 +354,7 @@ func (a *Authorizer) decide(der []byte, argErr error) decision {
 	}
 	if d.err == nil {
 		var v verdict
-		v, d.how, d.err = a.lookup(cacheKey{uri: d.source, serial: d.serial})
+		v, d.how, d.gen, d.err = a.lookup(cacheKey{uri: d.source, serial: d.serial})
 		d.allowed, d.reason = v.allowed, v.reason
 	}
 	if d.err != nil {

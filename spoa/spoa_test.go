@@ -375,10 +375,11 @@ func TestClosedDenies(t *testing.T) {
 }
 
 func TestVerdictActions(t *testing.T) {
-	got := verdictActions(true, clientID, false)
+	got := verdictActions(true, clientID, 7)
 	want := []spoe.Action{
 		spoe.ActionSetVar{Name: "allowed", Scope: spoe.VarScopeSession, Value: true},
 		spoe.ActionSetVar{Name: "source", Scope: spoe.VarScopeSession, Value: clientID},
+		spoe.ActionSetVar{Name: "gen", Scope: spoe.VarScopeSession, Value: int64(7)},
 	}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("actions (-want +got):\n%s", diff)
@@ -393,5 +394,33 @@ func waitFor(t *testing.T, cond func() bool) {
 			t.Fatal("condition not reached in 10s")
 		}
 		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestGenerationAndHook: every Invalidate publishes the new generation
+// through the hook, and a verdict carries the generation it was made under,
+// which HAProxy compares with the published one.
+func TestGenerationAndHook(t *testing.T) {
+	ca := testenv.NewCA(t, "root")
+	der := leafDER(t, ca, 1, clientID)
+	var published []uint64
+	a := newTest(t, &fakeDecider{allowed: map[string]bool{clientID: true}},
+		WithInvalidateHook(func(gen uint64) { published = append(published, gen) }))
+	if d := a.decide(der, nil); !d.allowed || d.gen != 0 {
+		t.Fatalf("first decision: %+v", d)
+	}
+	a.Invalidate()
+	a.Invalidate()
+	if d := a.decide(der, nil); d.gen != 2 || d.how != originCall {
+		t.Errorf("after two invalidations: gen %d how %v, want 2 from a new call", d.gen, d.how)
+	}
+	if d := a.decide(der, nil); d.gen != 2 || d.how != originCache {
+		t.Errorf("cached: gen %d how %v, want 2 from the cache", d.gen, d.how)
+	}
+	if diff := cmp.Diff([]uint64{1, 2}, published); diff != "" {
+		t.Errorf("published generations (-want +got):\n%s", diff)
+	}
+	if a.Generation() != 2 {
+		t.Errorf("Generation() = %d", a.Generation())
 	}
 }

@@ -24,6 +24,7 @@ const (
 	spopBinary = 9
 	spopNull   = 0
 	spopBool   = 1
+	spopInt64  = 4
 )
 
 func putVarint(b []byte, i uint64) []byte {
@@ -184,6 +185,12 @@ func (s *spopConn) notify(streamID uint64, msgs ...message) (map[string]any, err
 				return nil, fmt.Errorf("bad string: % x", rest)
 			}
 			vars[key], rest = string(r[:n]), r[n:]
+		case spopInt64:
+			n, r, err := getVarint(rest)
+			if err != nil {
+				return nil, fmt.Errorf("bad int64: % x", rest)
+			}
+			vars[key], rest = int64(n), r
 		default:
 			return nil, fmt.Errorf("unexpected type %d", typ)
 		}
@@ -206,20 +213,21 @@ func TestHandlerOverSPOP(t *testing.T) {
 
 	auth := func(args ...[2]any) message { return message{name: "authorize", args: args} }
 	const sess = "1:" // VarScopeSession
-	deny := map[string]any{sess + "allowed": false, sess + "source": "-"}
+	deny := map[string]any{sess + "allowed": false, sess + "source": "-", sess + "gen": int64(0)}
+	allow := map[string]any{sess + "allowed": true, sess + "source": clientID, sess + "gen": int64(0)}
 	tests := []struct {
 		name string
 		msgs []message
 		want map[string]any
 	}{
-		{"allowed", []message{auth([2]any{"cert", der})}, map[string]any{sess + "allowed": true, sess + "source": clientID}},
+		{"allowed", []message{auth([2]any{"cert", der})}, allow},
 		{"null cert (fetch failed)", []message{auth([2]any{"cert", nil})}, deny},
 		{"empty cert", []message{auth([2]any{"cert", []byte{}})}, deny},
 		{"cert as a string", []message{auth([2]any{"cert", string(der)})}, deny},
 		{"no cert argument", []message{auth([2]any{"other", der})}, deny},
 		{"garbage", []message{auth([2]any{"cert", []byte("garbage")})}, deny},
 		{"another message only", []message{{name: "other", args: [][2]any{{"cert", der}}}}, map[string]any{}},
-		{"after another message", []message{{name: "other", args: [][2]any{{"x", "y"}}}, auth([2]any{"cert", der})}, map[string]any{sess + "allowed": true, sess + "source": clientID}},
+		{"after another message", []message{{name: "other", args: [][2]any{{"x", "y"}}}, auth([2]any{"cert", der})}, allow},
 	}
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -141,8 +141,14 @@ func run(o options) error {
 	if err != nil {
 		return fmt.Errorf("spoe agent listener: %w", err)
 	}
-	auth := spoa.New(proxy.Proxy.DestinationServiceName, spoa.ConsulDecider{Client: authClient}, log.Named("spoa"))
-	ctl, err := controller.New(controller.Config{
+	// Each intentions change bumps the agent's generation; the controller
+	// publishes it to HAProxy so that kept-alive HTTP connections are
+	// authorized again. The watch that calls the hook starts below, after
+	// ctl is set.
+	var ctl *controller.Controller
+	auth := spoa.New(proxy.Proxy.DestinationServiceName, spoa.ConsulDecider{Client: authClient}, log.Named("spoa"),
+		spoa.WithInvalidateHook(func(gen uint64) { ctl.SetAuthzGeneration(gen) }))
+	ctl, err = controller.New(controller.Config{
 		Consul: client, ProxyID: proxy.ID, StateDir: stateDir, HAProxyBin: bin,
 		SPOAAddr: ln.Addr().String(), Log: log.Named("controller"), MinSlots: o.minSlots, AccessLog: o.accessLog,
 	})

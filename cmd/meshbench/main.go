@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"runtime"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -35,8 +36,11 @@ type workload struct {
 	run  func(ctx context.Context, b *Bench) error
 }
 
-// workloads run in this order; each adds its sections to the report.
+// workloads register themselves (init in their files); they run in
+// workloadOrder, each adding its sections to the report.
 var workloads []workload
+
+var workloadOrder = []string{"churn", "datapath", "authz", "footprint"}
 
 func main() {
 	rounds := flag.Int("rounds", 3, "rounds per figure (median, min and max are reported)")
@@ -87,6 +91,9 @@ func run(ctx context.Context, rounds int, only string, quick bool, md, dir, prof
 			selected[w] = true
 		}
 	}
+	slices.SortStableFunc(workloads, func(a, b workload) int {
+		return slices.Index(workloadOrder, a.name) - slices.Index(workloadOrder, b.name)
+	})
 	for _, w := range workloads {
 		if len(selected) > 0 && !selected[w.name] {
 			continue

@@ -1,0 +1,818 @@
+package main
+
+// The authorization workload: the SPOE agent's decision time, cached and
+// uncached, timed at the agent's socket by a minimal SPOP client; and the
+// rate of new connections through the sidecars with authorization on and
+// off.
+
+import (
+	"bufio"
+	"context"
+	"crypto/x509"
+	"encoding/binary"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"github.com/sirupsen/logrus"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/haproxy-connect/haproxy-connect/bootstrap"
+	"github.com/haproxy-connect/haproxy-connect/spoa"
+	"github.com/haproxy-connect/haproxy-connect/testenv"
+)
+
+func init() { workloads = append(workloads, workload{"authz", runAuthz}) }
+
+// authzCell is one row group of the on/off comparison.
+type authzCell struct {
+	mode    httpMode
+	clients int
+}
+
+// authzCells: the new-connection rate the target is about, and keep-alive,
+// where what authorization costs depends on whether the agent is asked per
+// request or per connection.
+var authzCells = []authzCell{{modeNewConn, 16}, {modeNewConn, 128}, {modeKeepAlive, 16}}
+
+// authzSources are the client services whose leaves the decision-time
+// client presents, in turn.
+const authzSources = 8
+
+// authzVariant is one way the inbound side is run.
+type authzVariant struct {
+	name string
+	// port is the client sidecar's upstream bind for it.
+	port int
+	// sessions counts connections accepted on its public listener.
+	sessions func() (int64, error)
+	// decisions counts its agent's decisions; nil without an agent.
+	decisions func() (int64, error)
+}
+
+// authzFigures are one variant's figures at one concurrency, one per round.
+type authzFigures struct {
+	rate, p99, connsPerReq, authzPerReq Rounds
+	requests, errors                    int64
+	firstErr                            string
+}
+
+// decisionCase is one kind of SPOP exchange timed at the agent's socket.
+type decisionCase struct {
+	name string
+	// message is the SPOE message sent: bootstrap.RenderSPOE's
+	// "authorize", once per connection (and again on an HTTP connection
+	// after the intentions changed).
+	message string
+	// uncached drops the agent's cache before each request, so that each
+	// one makes a Consul authorize call.
+	uncached bool
+	// noDecision sends a message the agent ignores: what is left is
+	// loopback, framing and the library's dispatch.
+	noDecision bool
+	samples    int
+}
+
+type decisionFigures struct {
+	p50, p99, max Rounds
+}
+
+func runAuthz(ctx context.Context, b *Bench) error {
+	if b.Wrk == "" {
+		return errors.New("wrk not found (apt-get install -y wrk, or set WRK_BIN)")
+	}
+	// haproxy-spoe-go logs through logrus' global logger; the sidecar keeps
+	// only its warnings, and so do we.
+	logrus.SetLevel(logrus.WarnLevel)
+	consul, err := b.StartConsul(testenv.ConsulOptions{})
+	if err != nil {
+		return err
+	}
+	app, err := startCountingApp(b.Env, "hello from server\n")
+	if err != nil {
+		return err
+	}
+	ports, err := b.Ports(8)
+	if err != nil {
+		return err
+	}
+	var (
+		serverSidecar, onPublic, offPublic, clientApp, clientSidecar = ports[0], ports[1], ports[2], ports[3], ports[4]
+		upServer, upOn, upOff                                        = ports[5], ports[6], ports[7]
+	)
+	c := consul.Client
+	httpCfg := map[string]any{"protocol": "http", "bind_address": "127.0.0.1"}
+	// "server" is served by a haproxy-connect sidecar; "authz-on" and
+	// "authz-off" by HAProxy run here from bootstrap.Render, with (its
+	// messages going to the server sidecar's agent) and without the SPOE
+	// filter. All three front the same app.
+	for _, r := range []struct {
+		name string
+		port int
+	}{{"server", serverSidecar}, {"authz-on", onPublic}, {"authz-off", offPublic}} {
+		if err := RegisterWithSidecar(c, r.name, app.port, r.port, httpCfg); err != nil {
+			return err
+		}
+	}
+	up := func(name string, port int) api.Upstream {
+		return api.Upstream{DestinationName: name, LocalBindAddress: "127.0.0.1", LocalBindPort: port, Config: map[string]any{"protocol": "http"}}
+	}
+	err = RegisterWithSidecar(c, "client", clientApp, clientSidecar, map[string]any{"bind_address": "127.0.0.1"},
+		up("server", upServer), up("authz-on", upOn), up("authz-off", upOff))
+	if err != nil {
+		return err
+	}
+
+	server, err := b.StartSidecar(consul, "server")
+	if err != nil {
+		return err
+	}
+	if _, err := b.StartSidecar(consul, "client"); err != nil {
+		return err
+	}
+	agentAddr, err := sidecarAgentAddr(server.StateDir)
+	if err != nil {
+		return err
+	}
+	onProc, offProc, err := startRenderedPair(b, consul, agentAddr, app.port, onPublic, offPublic)
+	if err != nil {
+		return err
+	}
+	serverDecisions := func() (int64, error) { return sidecarDecisions(server.Stats) }
+	variants := []authzVariant{
+		{
+			name: "on: haproxy-connect sidecar", port: upServer,
+			sessions: func() (int64, error) {
+				return frontendSessions(filepath.Join(server.StateDir, "master.sock"), bootstrap.PublicFrontend)
+			},
+			decisions: serverDecisions,
+		},
+		{
+			name: "on: rendered config + the sidecar's agent", port: upOn,
+			sessions:  func() (int64, error) { return frontendSessions(onProc.MasterSock, bootstrap.PublicFrontend) },
+			decisions: serverDecisions,
+		},
+		{
+			name: "off: rendered config without the SPOE filter", port: upOff,
+			sessions: func() (int64, error) { return frontendSessions(offProc.MasterSock, bootstrap.PublicFrontend) },
+		},
+	}
+	if err := waitUpstreams(ctx, app.body, upServer, upOn, upOff); err != nil {
+		return err
+	}
+
+	authClient, err := authorizeClient(consul.Addr)
+	if err != nil {
+		return err
+	}
+	timing, err := startAuthzAgent(b.Env, "server", authClient)
+	if err != nil {
+		return err
+	}
+	certs, err := sourceCerts(c, authzSources)
+	if err != nil {
+		return err
+	}
+	cached, uncached, floor := 20000, 2000, 20000
+	if b.Quick {
+		cached, uncached, floor = 2000, 200, 2000
+	}
+	cases := []decisionCase{
+		{name: "cached", message: "authorize", samples: cached},
+		{name: "uncached (a Consul authorize call)", message: "authorize", uncached: true, samples: uncached},
+		{name: "no decision (SPOP round-trip floor)", noDecision: true, samples: floor},
+	}
+
+	rates := map[string]map[authzCell]*authzFigures{}
+	times := map[string]*decisionFigures{}
+	for r := 0; r < b.Rounds; r++ {
+		b.Logf("authz round %d/%d", r+1, b.Rounds)
+		for i := range variants {
+			v := variants[(i+r)%len(variants)]
+			if rates[v.name] == nil {
+				rates[v.name] = map[authzCell]*authzFigures{}
+			}
+			if err := measureOnOff(ctx, b, v, rates[v.name]); err != nil {
+				return fmt.Errorf("%s: %w", v.name, err)
+			}
+		}
+		if err := measureDecisions(timing, certs, cases, times); err != nil {
+			return err
+		}
+	}
+	reportDecisions(b, cases, times)
+	reportOnOff(b, variants, rates)
+	return nil
+}
+
+// authorizeClient is a Consul client for the agents' authorize calls, set
+// up as the sidecar does: the pooled transport of api.DefaultConfig and a
+// 2 s timeout (but no CONSUL_HTTP_* settings from the environment).
+func authorizeClient(addr string) (*api.Client, error) {
+	cfg := api.DefaultConfig()
+	cfg.Address, cfg.Scheme, cfg.Token, cfg.TokenFile = addr, "http", "", ""
+	hc, err := api.NewHttpClient(cfg.Transport, api.TLSConfig{})
+	if err != nil {
+		return nil, err
+	}
+	hc.Timeout = 2 * time.Second
+	cfg.HttpClient = hc
+	return api.NewClient(cfg)
+}
+
+type authzAgent struct {
+	a    *spoa.Authorizer
+	addr string
+}
+
+// startAuthzAgent runs a spoa.Authorizer for target on a free loopback
+// port, deciding with Consul. It logs as the sidecar does (info, console
+// encoding), to nowhere: decisions that call Consul pay for their log line.
+func startAuthzAgent(e *Env, target string, client *api.Client) (*authzAgent, error) {
+	log := zap.New(zapcore.NewCore(zapcore.NewConsoleEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(io.Discard), zapcore.InfoLevel))
+	a := spoa.New(target, spoa.ConsulDecider{Client: client}, log)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	go func() { _ = a.Serve(ln) }()
+	e.Defer(func() { a.Close() })
+	return &authzAgent{a: a, addr: ln.Addr().String()}, nil
+}
+
+// sidecarAgentAddr reads the SPOE agent's address from a sidecar's
+// rendered config: the server line of the bootstrap.SPOEBackend backend.
+func sidecarAgentAddr(stateDir string) (string, error) {
+	cfg, err := os.ReadFile(filepath.Join(stateDir, "haproxy.cfg"))
+	if err != nil {
+		return "", err
+	}
+	in := false
+	for _, line := range strings.Split(string(cfg), "\n") {
+		f := strings.Fields(line)
+		switch {
+		case len(f) == 0:
+		case f[0] == "backend" || f[0] == "frontend" || f[0] == "defaults" || f[0] == "global":
+			in = len(f) > 1 && f[0] == "backend" && f[1] == bootstrap.SPOEBackend
+		case in && f[0] == "server" && len(f) >= 3:
+			return f[2], nil
+		}
+	}
+	return "", fmt.Errorf("no server in backend %s of %s/haproxy.cfg", bootstrap.SPOEBackend, stateDir)
+}
+
+// startRenderedPair renders the inbound config of authz-on and authz-off
+// with bootstrap.Render, from their own leaves and Consul's roots, as the
+// sidecar does, and runs it: authz-on as rendered, its SPOE messages going
+// to agentAddr; authz-off without the SPOE filter and its verdict rules,
+// so that every request is served without asking anyone.
+func startRenderedPair(b *Bench, consul *testenv.ConsulProc, agentAddr string, appPort, onPort, offPort int) (on, off *testenv.HAProxyProc, err error) {
+	roots, _, err := consul.Client.Agent().ConnectCARoots(nil)
+	if err != nil {
+		return nil, nil, fmt.Errorf("ca roots: %w", err)
+	}
+	var rootsPEM strings.Builder
+	for _, r := range roots.Roots {
+		rootsPEM.WriteString(strings.TrimSpace(r.RootCertPEM) + "\n")
+	}
+	render := func(service string, port int) (string, error) {
+		dir, err := b.Subdir("r")
+		if err != nil {
+			return "", err
+		}
+		leaf, _, err := consul.Client.Agent().ConnectCALeaf(service, nil)
+		if err != nil {
+			return "", fmt.Errorf("leaf for %s: %w", service, err)
+		}
+		spec := bootstrap.Spec{
+			Service:       service,
+			LeafFile:      filepath.Join(dir, "leaf.pem"),
+			RootsFile:     filepath.Join(dir, "roots.pem"),
+			SPOEFile:      filepath.Join(dir, "spoe.cfg"),
+			AuthzMap:      filepath.Join(dir, "authz.map"),
+			SPOAAddr:      agentAddr,
+			HardStopAfter: 30 * time.Second, // as the sidecar renders it
+			Public: bootstrap.Public{BindAddr: "127.0.0.1", BindPort: port, Protocol: "http",
+				LocalAddr: "127.0.0.1", LocalPort: appPort},
+		}
+		spoe, err := bootstrap.RenderSPOE(spec)
+		if err != nil {
+			return "", err
+		}
+		cfg, err := bootstrap.Render(spec)
+		if err != nil {
+			return "", err
+		}
+		for _, f := range []struct{ path, text string }{
+			{spec.LeafFile, strings.TrimSpace(leaf.CertPEM) + "\n" + leaf.PrivateKeyPEM},
+			{spec.RootsFile, rootsPEM.String()},
+			{spec.SPOEFile, spoe},
+			{spec.AuthzMap, bootstrap.RenderAuthzMap(0)},
+		} {
+			if err := os.WriteFile(f.path, []byte(f.text), 0o600); err != nil {
+				return "", err
+			}
+		}
+		return cfg, nil
+	}
+	onCfg, err := render("authz-on", onPort)
+	if err != nil {
+		return nil, nil, err
+	}
+	offCfg, err := render("authz-off", offPort)
+	if err != nil {
+		return nil, nil, err
+	}
+	if offCfg, err = withoutSPOE(offCfg); err != nil {
+		return nil, nil, err
+	}
+	if on, err = b.StartHAProxy(onCfg); err != nil {
+		return nil, nil, fmt.Errorf("haproxy authz-on: %w", err)
+	}
+	if off, err = b.StartHAProxy(offCfg); err != nil {
+		return nil, nil, fmt.Errorf("haproxy authz-off: %w", err)
+	}
+	return on, off, nil
+}
+
+// withoutSPOE removes the public listener's SPOE filter, the rules that
+// check its verdict (any line reading var(<scope>.hc.allowed): the
+// tcp-request rule in TCP mode, the http-request rules in HTTP mode) and
+// the tcp-request inspect-delay that waits for it. It fails unless it
+// removed the filter and at least one verdict rule and nothing mentioning
+// either is left, so that a change in the renderer cannot silently make
+// "off" equal to "on".
+func withoutSPOE(cfg string) (string, error) {
+	verdict := "." + bootstrap.VarPrefix + ".allowed)"
+	var out []string
+	filters, rules := 0, 0
+	for _, line := range strings.Split(cfg, "\n") {
+		t := strings.TrimSpace(line)
+		switch {
+		case strings.HasPrefix(t, "filter spoe "):
+			filters++
+		case strings.Contains(t, verdict):
+			rules++
+		case strings.HasPrefix(t, "tcp-request inspect-delay "):
+		default:
+			out = append(out, line)
+			continue
+		}
+	}
+	res := strings.Join(out, "\n")
+	if filters != 1 || rules == 0 || strings.Contains(res, "spoe engine") || strings.Contains(res, verdict) {
+		return "", fmt.Errorf("removing the SPOE filter: %d filter lines and %d verdict rules matched; has bootstrap.Render changed?", filters, rules)
+	}
+	return res, nil
+}
+
+// waitUpstreams waits until GET through each client upstream port answers
+// the app's body.
+func waitUpstreams(ctx context.Context, body string, ports ...int) error {
+	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	return WaitFor(ctx, 30*time.Second, func() error {
+		for _, p := range ports {
+			resp, err := client.Get(fmt.Sprintf("http://127.0.0.1:%d/", p))
+			if err != nil {
+				return fmt.Errorf("upstream port %d: %w", p, err)
+			}
+			got, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if err != nil {
+				return err
+			}
+			if resp.StatusCode != 200 || string(got) != body {
+				return fmt.Errorf("upstream port %d: %d %q", p, resp.StatusCode, got)
+			}
+		}
+		return nil
+	})
+}
+
+// measureOnOff runs wrk through v for each cell.
+func measureOnOff(ctx context.Context, b *Bench, v authzVariant, figs map[authzCell]*authzFigures) error {
+	url := fmt.Sprintf("http://127.0.0.1:%d/", v.port)
+	if _, err := runWrk(ctx, b.Wrk, url, 16, time.Second, true); err != nil {
+		return fmt.Errorf("warm-up: %w", err)
+	}
+	for _, cell := range authzCells {
+		f := figs[cell]
+		if f == nil {
+			f = &authzFigures{}
+			figs[cell] = f
+		}
+		s0, err := v.sessions()
+		if err != nil {
+			return err
+		}
+		var d0 int64
+		if v.decisions != nil {
+			if d0, err = v.decisions(); err != nil {
+				return err
+			}
+		}
+		res, err := runWrk(ctx, b.Wrk, url, cell.clients, wrkCellTime(b), cell.mode.close)
+		if err != nil {
+			return err
+		}
+		s1, err := v.sessions()
+		if err != nil {
+			return err
+		}
+		f.rate = append(f.rate, res.RPS)
+		f.p99 = append(f.p99, res.P99)
+		f.requests += res.Requests
+		if res.Requests > 0 {
+			f.connsPerReq = append(f.connsPerReq, float64(s1-s0)/float64(res.Requests))
+		}
+		if v.decisions != nil && res.Requests > 0 {
+			d1, err := v.decisions()
+			if err != nil {
+				return err
+			}
+			f.authzPerReq = append(f.authzPerReq, float64(d1-d0)/float64(res.Requests))
+		}
+		if e := res.Errors(); e > 0 {
+			f.errors += e
+			if f.firstErr == "" {
+				f.firstErr = res.ErrorText()
+			}
+		}
+	}
+	return nil
+}
+
+// measureDecisions times each case over one SPOP connection, one request
+// at a time, and checks from the agent's counters that each request was
+// decided the way the case says.
+func measureDecisions(ag *authzAgent, certs [][]byte, cases []decisionCase, figs map[string]*decisionFigures) error {
+	cl, err := dialSPOP(ag.addr)
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	// Warm up: fill the cache, start the agent's workers, touch the code.
+	for i := 0; i < 200; i++ {
+		if _, err := cl.authorize("authorize", certs[i%len(certs)]); err != nil {
+			return err
+		}
+	}
+	for _, c := range cases {
+		before := ag.a.Stats()
+		s := make(Samples, 0, c.samples)
+		for i := 0; i < c.samples; i++ {
+			if c.uncached {
+				ag.a.Invalidate()
+			}
+			start := time.Now()
+			var allowed bool
+			if c.noDecision {
+				err = cl.ignored()
+				allowed = true
+			} else {
+				allowed, err = cl.authorize(c.message, certs[i%len(certs)])
+			}
+			d := time.Since(start)
+			if err != nil {
+				return fmt.Errorf("%s: %w", c.name, err)
+			}
+			if !allowed {
+				return fmt.Errorf("%s: the agent denied a client with default-allow intentions", c.name)
+			}
+			s = append(s, d.Seconds())
+		}
+		after := ag.a.Stats()
+		hits, calls := after.CacheHits-before.CacheHits, after.ConsulCalls-before.ConsulCalls
+		n := uint64(c.samples)
+		switch {
+		case c.noDecision && (hits != 0 || calls != 0):
+			return fmt.Errorf("%s: the agent decided (%d cache hits, %d Consul calls)", c.name, hits, calls)
+		case c.uncached && calls != n:
+			return fmt.Errorf("%s: %d Consul calls for %d requests", c.name, calls, n)
+		case !c.uncached && !c.noDecision && (hits != n || calls != 0):
+			return fmt.Errorf("%s: %d cache hits and %d Consul calls for %d requests", c.name, hits, calls, n)
+		}
+		f := figs[c.name]
+		if f == nil {
+			f = &decisionFigures{}
+			figs[c.name] = f
+		}
+		f.p50 = append(f.p50, s.Percentile(50))
+		f.p99 = append(f.p99, s.Percentile(99))
+		f.max = append(f.max, s.Max())
+	}
+	return nil
+}
+
+// sourceCerts returns the DER leaf of n client services from Consul's CA.
+func sourceCerts(c *api.Client, n int) ([][]byte, error) {
+	var certs [][]byte
+	for i := 0; i < n; i++ {
+		name := fmt.Sprintf("source-%d", i)
+		leaf, _, err := c.Agent().ConnectCALeaf(name, nil)
+		if err != nil {
+			return nil, fmt.Errorf("leaf for %s: %w", name, err)
+		}
+		blk, _ := pem.Decode([]byte(leaf.CertPEM))
+		if blk == nil {
+			return nil, fmt.Errorf("leaf for %s: no PEM block", name)
+		}
+		if _, err := x509.ParseCertificate(blk.Bytes); err != nil {
+			return nil, fmt.Errorf("leaf for %s: %w", name, err)
+		}
+		certs = append(certs, blk.Bytes)
+	}
+	return certs, nil
+}
+
+func reportDecisions(b *Bench, cases []decisionCase, figs map[string]*decisionFigures) {
+	sec := b.Report.Add("Authorization: SPOE agent decision time, measured at the agent's socket",
+		"case", "requests/round", "p50", "p99", "max")
+	for _, c := range cases {
+		f := figs[c.name]
+		if f == nil {
+			continue
+		}
+		sec.Row(c.name, strconv.Itoa(c.samples), f.p50.Format(Dur), f.p99.Format(Dur), f.max.Format(Dur))
+	}
+	sec.Note("A spoa.Authorizer (the sidecar's agent, deciding with Consul's /v1/agent/connect/authorize, logging "+
+		"as the sidecar does) runs inside meshbench; a minimal SPOP 2.0 client in meshbench sends one NOTIFY "+
+		"(`authorize`, what the listener sends once per connection, and again on a kept-alive HTTP connection "+
+		"after the intentions changed) with a real Consul leaf (DER, %d source services in turn) and times it until the ACK, one "+
+		"request at a time on one connection, as HAProxy would over one agent connection. Each figure therefore "+
+		"includes loopback, SPOP framing and the library's dispatch; the floor row (a message the agent ignores) "+
+		"is that overhead alone. Uncached: the cache is dropped (Invalidate, as on an intention change) before "+
+		"each request, outside the timed span (Consul's own agent cache stays warm). The agent's counters are checked after each case: every cached "+
+		"request was a cache hit, every uncached one a Consul call.", authzSources)
+}
+
+func reportOnOff(b *Bench, variants []authzVariant, figs map[string]map[authzCell]*authzFigures) {
+	sec := b.Report.Add("Authorization: request rate with authorization on and off",
+		"mode", "clients", "inbound side", "req/s", "p99", "conns/req", "authz/req", "errors", "÷ off")
+	off := variants[len(variants)-1].name
+	var errNotes []string
+	for _, cell := range authzCells {
+		n := cell.clients
+		base := figs[off][cell]
+		for _, v := range variants {
+			f := figs[v.name][cell]
+			if f == nil {
+				continue
+			}
+			vsOff := "n/a"
+			if base != nil {
+				vsOff = Ratio(f.rate.Median(), base.rate.Median())
+			}
+			sec.Row(cell.mode.name, strconv.Itoa(n), v.name, f.rate.Format(Num), f.p99.Format(Dur), f.connsPerReq.Format(perReq),
+				optPerReq(f.authzPerReq), strconv.FormatInt(f.errors, 10), vsOff)
+			if f.errors > 0 {
+				errNotes = append(errNotes, fmt.Sprintf("%s, %s, %d clients: %d errors in %d requests (%s)",
+					v.name, cell.mode.name, n, f.errors, f.requests, f.firstErr))
+			}
+		}
+	}
+	sec.Note("wrk (%s per cell) → haproxy-connect client sidecar (http) → the inbound side → the app (in "+
+		"meshbench). new conn: wrk sends `Connection: close`, so each request is a new connection and, between "+
+		"the sidecars, a new mTLS handshake (req/s is then new connections per second); keep-alive: connections "+
+		"are reused (authz/req shows whether requests on them are still authorized one by one). Inbound sides: the haproxy-connect "+
+		"sidecar of `server`; and, for a like-for-like pair, HAProxy run by meshbench from bootstrap.Render "+
+		"(the sidecar's renderer, own leaf, Consul's roots), once as rendered with its SPOE messages going to the "+
+		"server sidecar's agent (in the haproxy-connect process), once with the `filter spoe` line and the rules "+
+		"that check its verdict removed: the like-for-like pair differs only in those lines. "+
+		"÷ off compares with the last; the target is at least 0.9 for authorization on in new-conn mode. "+
+		"conns/req is the inbound public listener's new sessions per request (HAProxy stats), so about 1 means one mTLS handshake "+
+		"per request; authz/req is the agent's decisions per request (all cached after the first: one client "+
+		"identity).", wrkCellTime(b))
+	errText := "no wrk errors (socket errors or non-2xx responses) in any cell."
+	if len(errNotes) > 0 {
+		errText = "wrk errors (socket errors + non-2xx responses, summed over rounds): " + strings.Join(errNotes, "; ") + "."
+	}
+	sec.Note("%s", errText)
+}
+
+// A minimal HAProxy side of SPOP 2.0 (haproxy doc/SPOE.txt, section 3):
+// HAPROXY-HELLO, then NOTIFY frames, one at a time, each answered by an
+// ACK. Frames: a 4-byte big-endian length, then type, 4 bytes of flags
+// (FIN), stream-id and frame-id as varints, and the payload.
+
+const (
+	spopHaproxyHello = 1
+	spopHaproxyDisc  = 2
+	spopNotify       = 3
+	spopAgentHello   = 101
+	spopAgentDiscon  = 102
+	spopAck          = 103
+
+	spopTypeBool   = 1
+	spopTypeUint32 = 3
+	spopTypeString = 8
+	spopTypeBinary = 9
+	spopFlagTrue   = 0x10
+
+	spopActionSetVar = 1
+)
+
+type spopClient struct {
+	c      net.Conn
+	r      *bufio.Reader
+	buf    []byte
+	stream uint64
+}
+
+func dialSPOP(addr string) (*spopClient, error) {
+	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	s := &spopClient{c: c, r: bufio.NewReader(c)}
+	var hello []byte
+	hello = spopKV(hello, "supported-versions", spopTypeString, []byte("2.0"))
+	hello = spopKV(hello, "max-frame-size", spopTypeUint32, nil, 16380)
+	// What HAProxy 2.6 announces; pipelining is required by the library.
+	hello = spopKV(hello, "capabilities", spopTypeString, []byte("pipelining,async"))
+	hello = spopKV(hello, "engine-id", spopTypeString, []byte("meshbench-"+strconv.Itoa(os.Getpid())))
+	typ, _, payload, err := s.roundTrip(spopHaproxyHello, 0, hello)
+	if err != nil {
+		c.Close()
+		return nil, fmt.Errorf("spop hello: %w", err)
+	}
+	if typ != spopAgentHello {
+		c.Close()
+		return nil, fmt.Errorf("spop hello: agent answered frame type %d (% x)", typ, payload)
+	}
+	return s, nil
+}
+
+// Close says goodbye as HAProxy does (HAPROXY-DISCONNECT, status 0), waits
+// briefly for the agent's AGENT-DISCONNECT, and closes.
+func (s *spopClient) Close() error {
+	var p []byte
+	p = spopKV(p, "status-code", spopTypeUint32, nil, 0)
+	p = spopKV(p, "message", spopTypeString, []byte("normal"))
+	_, _, _, _ = s.roundTrip(spopHaproxyDisc, 0, p)
+	return s.c.Close()
+}
+
+// authorize sends message (with its argument cert=der, as
+// bootstrap.RenderSPOE declares it) and returns the allowed variable the
+// ACK sets, whatever its scope.
+func (s *spopClient) authorize(message string, der []byte) (bool, error) {
+	vars, err := s.notify(message, "cert", der)
+	if err != nil {
+		return false, err
+	}
+	allowed, ok := vars["allowed"]
+	if !ok {
+		return false, fmt.Errorf("ack without the allowed variable: %v", vars)
+	}
+	return allowed, nil
+}
+
+// ignored sends a message the agent does not handle; it answers an empty
+// ACK.
+func (s *spopClient) ignored() error {
+	vars, err := s.notify("meshbench-ignored", "x", []byte{0})
+	if err == nil && len(vars) > 0 {
+		err = fmt.Errorf("ack for an ignored message sets %v", vars)
+	}
+	return err
+}
+
+// notify sends one NOTIFY with one message of one binary argument and
+// returns the boolean variables its ACK sets.
+func (s *spopClient) notify(msg, arg string, val []byte) (map[string]bool, error) {
+	s.stream++
+	p := spopBytes(nil, []byte(msg))
+	p = append(p, 1) // nb-args
+	p = spopKV(p, arg, spopTypeBinary, val)
+	typ, sid, payload, err := s.roundTrip(spopNotify, s.stream, p)
+	if err != nil {
+		return nil, err
+	}
+	if typ != spopAck || sid != s.stream {
+		return nil, fmt.Errorf("got frame type %d for stream %d, want an ACK for %d (% x)", typ, sid, s.stream, payload)
+	}
+	return parseAck(payload)
+}
+
+func (s *spopClient) roundTrip(typ byte, stream uint64, payload []byte) (byte, uint64, []byte, error) {
+	_ = s.c.SetDeadline(time.Now().Add(5 * time.Second))
+	f := append(s.buf[:0], 0, 0, 0, 0, typ, 0, 0, 0, 1) // length, type, flags FIN
+	f = spopVarint(f, stream)
+	f = spopVarint(f, 1) // frame-id
+	f = append(f, payload...)
+	binary.BigEndian.PutUint32(f, uint32(len(f)-4))
+	s.buf = f
+	if _, err := s.c.Write(f); err != nil {
+		return 0, 0, nil, err
+	}
+	var n [4]byte
+	if _, err := io.ReadFull(s.r, n[:]); err != nil {
+		return 0, 0, nil, err
+	}
+	fr := make([]byte, binary.BigEndian.Uint32(n[:]))
+	if _, err := io.ReadFull(s.r, fr); err != nil {
+		return 0, 0, nil, err
+	}
+	if len(fr) < 5 {
+		return 0, 0, nil, errors.New("short spop frame")
+	}
+	rtyp, b := fr[0], fr[5:]
+	if rtyp == spopAgentDiscon {
+		return rtyp, 0, b, fmt.Errorf("agent disconnected: % x", b)
+	}
+	sid, b, err := spopGetVarint(b)
+	if err != nil {
+		return 0, 0, nil, err
+	}
+	_, b, err = spopGetVarint(b)
+	return rtyp, sid, b, err
+}
+
+// parseAck reads the set-var actions of an ACK that set booleans (and
+// skips string values, such as sess.source).
+func parseAck(b []byte) (map[string]bool, error) {
+	vars := map[string]bool{}
+	for len(b) > 0 {
+		if len(b) < 3 || b[0] != spopActionSetVar || b[1] != 3 {
+			return nil, fmt.Errorf("unexpected action % x", b)
+		}
+		n, rest, err := spopGetVarint(b[3:])
+		if err != nil || uint64(len(rest)) < n+1 {
+			return nil, fmt.Errorf("bad variable name in % x", b)
+		}
+		name := string(rest[:n])
+		typ, rest := rest[n], rest[n+1:]
+		switch typ & 0x0f {
+		case spopTypeBool:
+			vars[name] = typ&spopFlagTrue != 0
+		case spopTypeString, spopTypeBinary:
+			l, r, err := spopGetVarint(rest)
+			if err != nil || uint64(len(r)) < l {
+				return nil, fmt.Errorf("bad value of %s in % x", name, b)
+			}
+			rest = r[l:]
+		default:
+			return nil, fmt.Errorf("variable %s has unexpected type %d", name, typ)
+		}
+		b = rest
+	}
+	return vars, nil
+}
+
+// spopVarint encodes i as SPOP's variable-length integer.
+func spopVarint(b []byte, i uint64) []byte {
+	if i < 240 {
+		return append(b, byte(i))
+	}
+	b = append(b, byte(i)|240)
+	i = (i - 240) >> 4
+	for i >= 128 {
+		b = append(b, byte(i)|128)
+		i = (i - 128) >> 7
+	}
+	return append(b, byte(i))
+}
+
+func spopGetVarint(b []byte) (uint64, []byte, error) {
+	if len(b) == 0 {
+		return 0, nil, io.ErrUnexpectedEOF
+	}
+	v, b := uint64(b[0]), b[1:]
+	if v < 240 {
+		return v, b, nil
+	}
+	for shift := 4; ; shift += 7 {
+		if len(b) == 0 {
+			return 0, nil, io.ErrUnexpectedEOF
+		}
+		c := b[0]
+		b = b[1:]
+		v += uint64(c) << shift
+		if c < 128 {
+			return v, b, nil
+		}
+	}
+}
+
+func spopBytes(b, s []byte) []byte { return append(spopVarint(b, uint64(len(s))), s...) }
+
+// spopKV appends a key and a typed value: data for strings and binaries,
+// num for integers.
+func spopKV(b []byte, key string, typ byte, data []byte, num ...uint64) []byte {
+	b = append(spopBytes(b, []byte(key)), typ)
+	if typ == spopTypeUint32 {
+		return spopVarint(b, num[0])
+	}
+	return spopBytes(b, data)
+}

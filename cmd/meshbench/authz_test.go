@@ -1,0 +1,101 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/haproxy-connect/haproxy-connect/bootstrap"
+)
+
+func TestWithoutSPOE(t *testing.T) {
+	for _, proto := range []string{"tcp", "http"} {
+		t.Run(proto, func(t *testing.T) {
+			spec := bootstrap.Spec{
+				Service: "web", LeafFile: "/x/leaf.pem", RootsFile: "/x/roots.pem", SPOEFile: "/x/spoe.cfg", AuthzMap: "/x/authz.map",
+				SPOAAddr: "127.0.0.1:9000", HardStopAfter: time.Second,
+				Public: bootstrap.Public{BindAddr: "127.0.0.1", BindPort: 20000, Protocol: proto, LocalAddr: "127.0.0.1", LocalPort: 20001},
+			}
+			cfg, err := bootstrap.Render(spec)
+			if err != nil {
+				t.Fatal(err)
+			}
+			off, err := withoutSPOE(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Exactly the filter, the verdict rules and the inspect
+			// delay go; everything else stays, in order.
+			var want []string
+			for _, l := range strings.Split(cfg, "\n") {
+				if !strings.Contains(l, "filter spoe") && !strings.Contains(l, ".hc.allowed)") && !strings.Contains(l, "inspect-delay") {
+					want = append(want, l)
+				}
+			}
+			if got := strings.Join(want, "\n"); off != got || len(want) > len(strings.Split(cfg, "\n"))-2 {
+				t.Errorf("got:\n%s\nwant:\n%s", off, got)
+			}
+			if _, err := withoutSPOE(off); err == nil {
+				t.Error("a config without the filter passed")
+			}
+		})
+	}
+}
+
+func TestSidecarAgentAddr(t *testing.T) {
+	dir := t.TempDir()
+	cfg := "frontend public_listener\n    mode tcp\n\nbackend local_app\n    server app 127.0.0.1:1\n\n" +
+		"backend spoe_agents\n    mode tcp\n    server agent 127.0.0.1:43013\n\nfrontend up_x\n    bind 127.0.0.1:2\n"
+	if err := os.WriteFile(filepath.Join(dir, "haproxy.cfg"), []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	got, err := sidecarAgentAddr(dir)
+	if err != nil || got != "127.0.0.1:43013" {
+		t.Errorf("got %q, %v", got, err)
+	}
+}
+
+func TestSPOPEncoding(t *testing.T) {
+	for _, v := range []uint64{0, 1, 239, 240, 241, 2287, 2288, 264431, 264432, 1 << 40} {
+		b := spopVarint([]byte{0xaa}, v)
+		got, rest, err := spopGetVarint(b[1:])
+		if err != nil || got != v || len(rest) != 0 {
+			t.Errorf("varint %d: got %d, rest % x, %v", v, got, rest, err)
+		}
+	}
+	// An ACK as the agent writes it: set-var sess.allowed true, set-var
+	// sess.source "spiffe://x", set-var txn.other false.
+	var ack []byte
+	ack = append(ack, spopActionSetVar, 3, 1)
+	ack = append(spopBytes(ack, []byte("allowed")), spopTypeBool|spopFlagTrue)
+	ack = append(ack, spopActionSetVar, 3, 1)
+	ack = append(spopBytes(ack, []byte("source")), spopTypeString)
+	ack = spopBytes(ack, []byte("spiffe://x"))
+	ack = append(ack, spopActionSetVar, 3, 2)
+	ack = append(spopBytes(ack, []byte("other")), spopTypeBool)
+	vars, err := parseAck(ack)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(vars) != 2 || !vars["allowed"] || vars["other"] {
+		t.Errorf("vars %v", vars)
+	}
+	if _, err := parseAck([]byte{2, 3, 1}); err == nil {
+		t.Error("unknown action parsed")
+	}
+}
+
+func TestParseDecisions(t *testing.T) {
+	m := "# TYPE haproxy_connect_authz_decisions_total counter\n" +
+		"haproxy_connect_authz_decisions_total{result=\"allow\"} 16082\n" +
+		"haproxy_connect_authz_decisions_total{result=\"deny\"} 3\n" +
+		"haproxy_connect_authz_cache_hits_total 16080\n"
+	if got, err := parseDecisions(m); err != nil || got != 16085 {
+		t.Errorf("got %d, %v", got, err)
+	}
+	if _, err := parseDecisions("other 1\n"); err == nil {
+		t.Error("metrics without decisions parsed")
+	}
+}
