@@ -80,6 +80,13 @@ func WithTimeout(d time.Duration) Option { return func(a *Authorizer) { a.timeou
 // Invalidate (it must not block for long: the intention watch waits).
 func WithInvalidateHook(f func(gen uint64)) Option { return func(a *Authorizer) { a.onInvalidate = f } }
 
+// WithObserver calls f after every decision with how long the agent took
+// to make it (parsing the certificate, cache or Consul) and whether it came
+// from the cache. f must be cheap: it runs on the decision path.
+func WithObserver(f func(cached bool, took time.Duration)) Option {
+	return func(a *Authorizer) { a.observe = f }
+}
+
 // WithCacheSize bounds the number of cached decisions (default
 // DefaultCacheSize). A full cache evicts one arbitrary entry per insert.
 func WithCacheSize(n int) Option { return func(a *Authorizer) { a.cacheSize = n } }
@@ -101,6 +108,7 @@ type Authorizer struct {
 	cancel context.CancelFunc
 
 	onInvalidate func(gen uint64)
+	observe      func(cached bool, took time.Duration)
 
 	mu       sync.Mutex
 	gen      uint64 // bumped by Invalidate
@@ -343,6 +351,16 @@ type decision struct {
 // decide authorizes the client certificate der (argErr: HAProxy sent none
 // or something else). Every failure is a deny. It logs one line.
 func (a *Authorizer) decide(der []byte, argErr error) decision {
+	if a.observe == nil {
+		return a.decideNow(der, argErr)
+	}
+	start := time.Now()
+	d := a.decideNow(der, argErr)
+	a.observe(d.err == nil && d.how == originCache, time.Since(start))
+	return d
+}
+
+func (a *Authorizer) decideNow(der []byte, argErr error) decision {
 	d := decision{source: noSource, err: argErr}
 	if d.err == nil {
 		var id identity

@@ -424,3 +424,22 @@ func TestGenerationAndHook(t *testing.T) {
 		t.Errorf("Generation() = %d", a.Generation())
 	}
 }
+
+func TestObserver(t *testing.T) {
+	ca := testenv.NewCA(t, "root")
+	der := leafDER(t, ca, 1, clientID)
+	var cached []bool
+	a := newTest(t, &fakeDecider{allowed: map[string]bool{clientID: true}},
+		WithObserver(func(c bool, took time.Duration) {
+			if took <= 0 {
+				t.Errorf("non-positive duration %v", took)
+			}
+			cached = append(cached, c)
+		}))
+	a.decide(der, nil)
+	a.decide(der, nil)
+	a.decide([]byte("garbage"), nil)
+	if diff := cmp.Diff([]bool{false, true, false}, cached); diff != "" {
+		t.Errorf("observed cached flags (-want +got):\n%s", diff)
+	}
+}

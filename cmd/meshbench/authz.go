@@ -20,6 +20,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/consul/api"
@@ -85,6 +86,9 @@ type decisionCase struct {
 
 type decisionFigures struct {
 	p50, p99, max Rounds
+	// agentP50 and agentP99 are the agent's own decision times, from
+	// spoa.WithObserver: no loopback, no framing.
+	agentP50, agentP99 Rounds
 }
 
 func runAuthz(ctx context.Context, b *Bench) error {
@@ -233,6 +237,18 @@ func authorizeClient(addr string) (*api.Client, error) {
 type authzAgent struct {
 	a    *spoa.Authorizer
 	addr string
+	// inAgent collects the agent's own decision times (spoa.WithObserver).
+	mu      sync.Mutex
+	inAgent Samples
+}
+
+// takeInAgent returns and clears the decision times recorded so far.
+func (ag *authzAgent) takeInAgent() Samples {
+	ag.mu.Lock()
+	defer ag.mu.Unlock()
+	s := ag.inAgent
+	ag.inAgent = nil
+	return s
 }
 
 // startAuthzAgent runs a spoa.Authorizer for target on a free loopback
@@ -240,14 +256,20 @@ type authzAgent struct {
 // encoding), to nowhere: decisions that call Consul pay for their log line.
 func startAuthzAgent(e *Env, target string, client *api.Client) (*authzAgent, error) {
 	log := zap.New(zapcore.NewCore(zapcore.NewConsoleEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(io.Discard), zapcore.InfoLevel))
-	a := spoa.New(target, spoa.ConsulDecider{Client: client}, log)
+	ag := &authzAgent{}
+	ag.a = spoa.New(target, spoa.ConsulDecider{Client: client}, log, spoa.WithObserver(func(_ bool, took time.Duration) {
+		ag.mu.Lock()
+		ag.inAgent = append(ag.inAgent, took.Seconds())
+		ag.mu.Unlock()
+	}))
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
 	}
-	go func() { _ = a.Serve(ln) }()
-	e.Defer(func() { a.Close() })
-	return &authzAgent{a: a, addr: ln.Addr().String()}, nil
+	go func() { _ = ag.a.Serve(ln) }()
+	e.Defer(func() { ag.a.Close() })
+	ag.addr = ln.Addr().String()
+	return ag, nil
 }
 
 // sidecarAgentAddr reads the SPOE agent's address from a sidecar's
@@ -469,6 +491,7 @@ func measureDecisions(ag *authzAgent, certs [][]byte, cases []decisionCase, figs
 	}
 	for _, c := range cases {
 		before := ag.a.Stats()
+		ag.takeInAgent()
 		s := make(Samples, 0, c.samples)
 		for i := 0; i < c.samples; i++ {
 			if c.uncached {
@@ -510,6 +533,10 @@ func measureDecisions(ag *authzAgent, certs [][]byte, cases []decisionCase, figs
 		f.p50 = append(f.p50, s.Percentile(50))
 		f.p99 = append(f.p99, s.Percentile(99))
 		f.max = append(f.max, s.Max())
+		if in := ag.takeInAgent(); len(in) > 0 {
+			f.agentP50 = append(f.agentP50, in.Percentile(50))
+			f.agentP99 = append(f.agentP99, in.Percentile(99))
+		}
 	}
 	return nil
 }
@@ -536,14 +563,14 @@ func sourceCerts(c *api.Client, n int) ([][]byte, error) {
 }
 
 func reportDecisions(b *Bench, cases []decisionCase, figs map[string]*decisionFigures) {
-	sec := b.Report.Add("Authorization: SPOE agent decision time, measured at the agent's socket",
-		"case", "requests/round", "p50", "p99", "max")
+	sec := b.Report.Add("Authorization: SPOE agent decision time",
+		"case", "requests/round", "p50 in agent", "p99 in agent", "p50 at socket", "p99 at socket", "max at socket")
 	for _, c := range cases {
 		f := figs[c.name]
 		if f == nil {
 			continue
 		}
-		sec.Row(c.name, strconv.Itoa(c.samples), f.p50.Format(Dur), f.p99.Format(Dur), f.max.Format(Dur))
+		sec.Row(c.name, strconv.Itoa(c.samples), f.agentP50.Format(Dur), f.agentP99.Format(Dur), f.p50.Format(Dur), f.p99.Format(Dur), f.max.Format(Dur))
 	}
 	sec.Note("A spoa.Authorizer (the sidecar's agent, deciding with Consul's /v1/agent/connect/authorize, logging "+
 		"as the sidecar does) runs inside meshbench; a minimal SPOP 2.0 client in meshbench sends one NOTIFY "+
@@ -553,7 +580,8 @@ func reportDecisions(b *Bench, cases []decisionCase, figs map[string]*decisionFi
 		"includes loopback, SPOP framing and the library's dispatch; the floor row (a message the agent ignores) "+
 		"is that overhead alone. Uncached: the cache is dropped (Invalidate, as on an intention change) before "+
 		"each request, outside the timed span (Consul's own agent cache stays warm). The agent's counters are checked after each case: every cached "+
-		"request was a cache hit, every uncached one a Consul call.", authzSources)
+		"request was a cache hit, every uncached one a Consul call. In agent: the agent's own time per decision "+
+		"(spoa.WithObserver: certificate parse, cache or Consul call, log line), without loopback or framing.", authzSources)
 }
 
 func reportOnOff(b *Bench, variants []authzVariant, figs map[string]map[authzCell]*authzFigures) {
@@ -615,6 +643,7 @@ const (
 
 	spopTypeBool   = 1
 	spopTypeUint32 = 3
+	spopTypeInt64  = 4
 	spopTypeString = 8
 	spopTypeBinary = 9
 	spopFlagTrue   = 0x10
@@ -762,6 +791,12 @@ func parseAck(b []byte) (map[string]bool, error) {
 				return nil, fmt.Errorf("bad value of %s in % x", name, b)
 			}
 			rest = r[l:]
+		case spopTypeInt64:
+			_, r, err := spopGetVarint(rest)
+			if err != nil {
+				return nil, fmt.Errorf("bad value of %s in % x", name, b)
+			}
+			rest = r
 		default:
 			return nil, fmt.Errorf("variable %s has unexpected type %d", name, typ)
 		}
