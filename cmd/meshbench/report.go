@@ -82,7 +82,14 @@ func Ratio(a, b float64) string {
 	if math.IsNaN(a) || math.IsNaN(b) || b == 0 {
 		return "n/a"
 	}
-	return fmt.Sprintf("%.2gx", a/b)
+	switch r := a / b; {
+	case r >= 100:
+		return fmt.Sprintf("%.0fx", r)
+	case r >= 10:
+		return fmt.Sprintf("%.1fx", r)
+	default:
+		return fmt.Sprintf("%.2gx", r)
+	}
 }
 
 // Section is one workload's results.

@@ -22,6 +22,12 @@ func TestPercentileAndRounds(t *testing.T) {
 	if got := Ratio(10, 4); got != "2.5x" {
 		t.Errorf("ratio %q", got)
 	}
+	if got := Ratio(312, 1); got != "312x" {
+		t.Errorf("large ratio %q", got)
+	}
+	if got := Ratio(23, 2); got != "11.5x" {
+		t.Errorf("ratio %q", got)
+	}
 	if got := Ratio(1, 0); got != "n/a" {
 		t.Errorf("ratio by zero %q", got)
 	}
