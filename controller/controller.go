@@ -80,6 +80,11 @@ type Controller struct {
 	leafStop context.CancelFunc
 	leafFor  string
 	retry    *time.Timer
+	// reloadBackoff spaces attempts after a failed reload (5 s doubling to
+	// 1 min, reset by a success); until reloadAfter, runtime changes keep
+	// being applied to the running configuration.
+	reloadBackoff time.Duration
+	reloadAfter   time.Time
 }
 
 // desired is what the watchers last saw. Values are never mutated after they
@@ -279,8 +284,13 @@ func (c *Controller) reconcile(ctx context.Context) error {
 		reasons = append(reasons, "CA roots changed")
 	}
 	if len(reasons) > 0 {
-		c.reload(ctx, strings.Join(reasons, "; "))
-		return nil
+		if wait := time.Until(c.reloadAfter); wait > 0 {
+			// A reload failed recently: retry later, and meanwhile keep the
+			// running configuration's endpoints and certificates current.
+			c.scheduleRetry(wait)
+		} else if c.reload(ctx, strings.Join(reasons, "; ")) {
+			return nil
+		}
 	}
 	if d.leaf.PEM != c.applied.leafPEM {
 		c.rotateLeaf(ctx)
@@ -406,30 +416,41 @@ func (c *Controller) start(ctx context.Context) error {
 	return nil
 }
 
-func (c *Controller) reload(ctx context.Context, reason string) {
+// reload renders the desired configuration and reloads HAProxy; it reports
+// whether the reload was applied.
+func (c *Controller) reload(ctx context.Context, reason string) bool {
 	sc := *c.desired.sidecar
 	tables := c.plannedTables()
 	gen := c.authzGen.Load()
 	if err := c.writeConfig(c.spec(sc, tables), gen); err != nil {
 		c.log.Error("reload skipped: configuration not rendered", zap.String("reason", reason), zap.Error(err))
-		c.metrics.reloadFailures.Add(1)
-		c.scheduleRetry(5 * time.Second)
-		return
+		c.reloadFailed()
+		return false
 	}
 	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	start := time.Now()
 	if _, err := c.rt.Reload(rctx, reason); err != nil {
-		c.log.Error("reload failed; the previous worker keeps serving", zap.String("reason", reason), zap.Error(err))
-		c.metrics.reloadFailures.Add(1)
-		c.scheduleRetry(5 * time.Second)
-		return
+		c.log.Error("reload failed; the previous worker keeps serving", zap.String("reason", reason), zap.Error(err),
+			zap.Duration("retry_in", c.reloadFailed()))
+		return false
 	}
+	c.reloadBackoff, c.reloadAfter = 0, time.Time{}
 	c.metrics.reloads.Add(1)
 	c.applied = applied{sidecar: sc, leafPEM: c.desired.leaf.PEM, rootsPEM: c.desired.roots.PEM, tables: tables, authzGen: gen}
 	clear(c.desired.dirty)
 	c.metrics.setEndpoints(tables)
 	c.log.Info("reload applied", zap.String("reason", reason), zap.Duration("took", time.Since(start)))
+	return true
+}
+
+// reloadFailed counts a failed reload and backs off the next attempt.
+func (c *Controller) reloadFailed() time.Duration {
+	c.metrics.reloadFailures.Add(1)
+	c.reloadBackoff = min(max(2*c.reloadBackoff, 5*time.Second), time.Minute)
+	c.reloadAfter = time.Now().Add(c.reloadBackoff)
+	c.scheduleRetry(c.reloadBackoff)
+	return c.reloadBackoff
 }
 
 // rotateLeaf writes the new leaf to disk (for the next reload) and swaps it

@@ -25,6 +25,7 @@ import (
 type fakeHAProxy struct {
 	transcript []string
 	failOn     string
+	failReload bool
 	state      []runtime.ServerStatus
 }
 
@@ -42,6 +43,9 @@ func (f *fakeHAProxy) Exec(_ context.Context, cmds ...runtime.Command) (runtime.
 
 func (f *fakeHAProxy) Reload(_ context.Context, reason string) (runtime.ProcList, error) {
 	f.transcript = append(f.transcript, "reload: "+reason)
+	if f.failReload {
+		return runtime.ProcList{}, runtime.ErrReloadFailed
+	}
 	return runtime.ProcList{}, nil
 }
 
@@ -168,11 +172,28 @@ func TestReconcileTranscript(t *testing.T) {
 		{"an intentions change publishes its generation", func(d *desired) { c.SetAuthzGeneration(3) }, "", []string{
 			fmt.Sprintf("@1 set map %s/authz.map gen 3", dir),
 		}},
+		{"a failed reload leaves the running config", func(d *desired) {
+			fake.failReload = true
+			d.sidecar = sidecar(up("api", 9191), up("db", 9192), up("cache", 9193))
+			c.watches["up_cache"] = &upstreamWatch{up: up("cache", 9193), cancel: func() {}}
+		}, "", []string{"reload: registration: upstream up_cache added"}},
+		{"while the reload backs off, endpoint churn still applies", func(d *desired) {
+			d.setEndpoints("up_db", []slots.Endpoint{ep(20, 21000), ep(22, 21000)})
+		}, "", []string{
+			"@1 set server up_db/s2 addr 10.0.0.22 port 21000",
+			"@1 set server up_db/s2 state ready",
+		}},
+		{"after the backoff the reload is tried again", func(d *desired) {
+			fake.failReload = false
+			c.reloadAfter = time.Time{}
+		}, "", []string{"reload: registration: upstream up_cache added"}},
 		{"a failed command re-reads the backend", func(d *desired) {
 			d.setEndpoints("up_db", []slots.Endpoint{ep(20, 21000), ep(21, 21000)})
-		}, "up_db/s2 state ready", []string{
-			"@1 set server up_db/s2 addr 10.0.0.21 port 21000",
-			"@1 set server up_db/s2 state ready",
+		}, "up_db/s3 state ready", []string{
+			"@1 set server up_db/s3 addr 10.0.0.21 port 21000",
+			"@1 set server up_db/s3 state ready",
+			"@1 set server up_db/s2 state maint",
+			"@1 set server up_db/s2 addr 127.0.0.1 port 1",
 			"show servers state up_db",
 		}},
 	}
@@ -192,8 +213,8 @@ func TestReconcileTranscript(t *testing.T) {
 	if started != 1 {
 		t.Errorf("haproxy started %d times, want 1", started)
 	}
-	if c.metrics.Reloads() != 2 {
-		t.Errorf("reloads = %d, want 2", c.metrics.Reloads())
+	if c.metrics.Reloads() != 3 {
+		t.Errorf("reloads = %d, want 3", c.metrics.Reloads())
 	}
 	cfg, err := os.ReadFile(filepath.Join(dir, "haproxy.cfg"))
 	if err != nil {

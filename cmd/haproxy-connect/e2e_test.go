@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptrace"
 	"slices"
@@ -521,4 +522,50 @@ func TestConsulOutage(t *testing.T) {
 		}
 	}
 	t.Logf("Consul down for 3s: %d requests ok, %d failed", ok, failed)
+}
+
+// TestReloadFailureKeepsServing: an upstream whose local port another
+// process holds makes the reload fail; the running configuration keeps
+// serving and keeps following endpoint churn while the reload backs off.
+func TestReloadFailureKeepsServing(t *testing.T) {
+	consul := testenv.Consul(t, testenv.ConsulOptions{})
+	c := consul.Client
+	ports := testenv.FreePorts(t, 4)
+	register(t, c, "server", httpApp(t, "server"), ports[0], map[string]any{"protocol": "http"})
+	up := api.Upstream{DestinationName: "server", LocalBindPort: ports[3], Config: map[string]any{"protocol": "http"}}
+	register(t, c, "client", ports[1], ports[2], nil, up)
+	startSidecar(t, consul, "server")
+	client := startSidecar(t, consul, "client")
+	eventually(t, 10*time.Second, "upstream serves", serves(ports[3], "hello from server"))
+
+	taken := testenv.ServeTCP(t, func(net.Conn) {})
+	register(t, c, "client", ports[1], ports[2], nil, up, api.Upstream{DestinationName: "other", LocalBindPort: taken})
+	eventually(t, 10*time.Second, "the failed reload is reported", func() error {
+		if !strings.Contains(client.out.String(), "reload failed; the previous worker keeps serving") {
+			return errors.New("not yet")
+		}
+		return nil
+	})
+	extra := testenv.Relay(t, fmt.Sprintf("127.0.0.1:%d", ports[0]))
+	if err := c.Agent().ServiceRegister(&api.AgentServiceRegistration{
+		ID: "server-extra", Name: "server-sidecar-proxy", Kind: api.ServiceKindConnectProxy, Port: extra, Address: "127.0.0.1",
+		Checks: passing(), Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: "server", DestinationServiceID: "server"},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 3*time.Second, "churn applied while the reload backs off", func() error {
+		st, err := client.rt.ServersState(context.Background(), "up_server")
+		if err != nil {
+			return err
+		}
+		for _, s := range st {
+			if !s.Maint() && s.Port == extra {
+				return nil
+			}
+		}
+		return fmt.Errorf("servers: %+v", st)
+	})
+	if err := serves(ports[3], "hello from server")(); err != nil {
+		t.Errorf("the running configuration stopped serving: %v", err)
+	}
 }

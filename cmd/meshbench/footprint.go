@@ -27,7 +27,7 @@ func runFootprint(ctx context.Context, b *Bench) error {
 	}
 	const churnRate = 100 // changes per second
 	sec := b.Report.Add(fmt.Sprintf("Footprint: %d upstreams, %d endpoints, churn at %d changes/s for %s", upstreams, upstreams*perUpstream, churnRate, churnFor),
-		"round", "changes", "startup CPU", "churn CPU", "churn CPU per 1 000 changes", "controller peak RSS", "HAProxy worker RSS", "workers (max seen)", "reloads")
+		"round", "changes", "changes/s", "startup CPU", "churn CPU", "churn CPU per 1 000 changes", "controller peak RSS", "HAProxy worker RSS", "workers (max seen)", "reloads")
 	var cpuPer1k, peak Rounds
 	for round := 1; round <= b.Rounds; round++ {
 		r, err := footprintRound(ctx, b, upstreams, perUpstream, churnFor, churnRate)
@@ -36,7 +36,7 @@ func runFootprint(ctx context.Context, b *Bench) error {
 		}
 		cpuPer1k = append(cpuPer1k, r.cpu.Seconds()/float64(r.changes)*1000)
 		peak = append(peak, float64(r.peakRSS))
-		sec.Row(fmt.Sprint(round), fmt.Sprint(r.changes), Dur(r.startCPU.Seconds()), Dur(r.cpu.Seconds()), Dur(r.cpu.Seconds()/float64(r.changes)*1000),
+		sec.Row(fmt.Sprint(round), fmt.Sprint(r.changes), Num(r.rate), Dur(r.startCPU.Seconds()), Dur(r.cpu.Seconds()), Dur(r.cpu.Seconds()/float64(r.changes)*1000),
 			MiB(float64(r.peakRSS)), MiB(float64(r.workerRSS)), fmt.Sprint(r.maxWorkers), fmt.Sprint(r.reloads))
 	}
 	sec.Note("Median over %d rounds: controller CPU %s per 1 000 endpoint changes, peak RSS %s (target: under 40 MB).",
@@ -47,6 +47,7 @@ func runFootprint(ctx context.Context, b *Bench) error {
 
 type footprintResult struct {
 	changes, maxWorkers, reloads int
+	rate                         float64 // changes per second reached
 	cpu, startCPU                time.Duration
 	peakRSS, workerRSS           int64
 }
@@ -146,12 +147,17 @@ func footprintRound(ctx context.Context, b *Bench, upstreams, perUpstream int, c
 
 	// Churn: each tick deregisters a random live endpoint or re-registers
 	// a missing one, keeping about 10 % of them out. The Consul call runs in
-	// its own goroutine so a slow call does not lower the rate.
+	// its own goroutine so a slow call does not lower the rate, at most 32
+	// at once (Consul refuses more than 200 connections per client, 429):
+	// when they are all busy the tick waits, and the rate reached is
+	// reported.
 	var mu sync.Mutex
 	var churnErr error
 	var calls sync.WaitGroup
 	out := map[int]bool{}
 	busy := map[int]bool{}
+	inflight := make(chan struct{}, 32)
+	churnStart := time.Now()
 	tick := time.NewTicker(time.Second / time.Duration(rate))
 	end := time.Now().Add(churnFor)
 	for time.Now().Before(end) && ctx.Err() == nil {
@@ -173,8 +179,10 @@ func footprintRound(ctx context.Context, b *Bench, upstreams, perUpstream int, c
 		mu.Unlock()
 		res.changes++
 		calls.Add(1)
+		inflight <- struct{}{}
 		go func() {
 			defer calls.Done()
+			defer func() { <-inflight }()
 			ep := endpoint(k/perUpstream, k%perUpstream)
 			var err error
 			if wasOut {
@@ -198,6 +206,7 @@ func footprintRound(ctx context.Context, b *Bench, upstreams, perUpstream int, c
 	}
 	tick.Stop()
 	calls.Wait()
+	res.rate = float64(res.changes) / time.Since(churnStart).Seconds()
 	if churnErr != nil {
 		return res, churnErr
 	}

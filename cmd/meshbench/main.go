@@ -91,6 +91,7 @@ func run(ctx context.Context, rounds int, only string, quick bool, md, dir, prof
 			selected[w] = true
 		}
 	}
+	var failed []string
 	slices.SortStableFunc(workloads, func(a, b workload) int {
 		return slices.Index(workloadOrder, a.name) - slices.Index(workloadOrder, b.name)
 	})
@@ -100,22 +101,27 @@ func run(ctx context.Context, rounds int, only string, quick bool, md, dir, prof
 		}
 		env.Logf("workload %s", w.name)
 		start := time.Now()
+		// A failed workload is reported and the others still run: the
+		// report is written, and meshbench exits non-zero at the end.
 		if err := w.run(ctx, b); err != nil {
-			return fmt.Errorf("%s: %w", w.name, err)
+			env.Logf("workload %s failed: %v", w.name, err)
+			b.Report.Add(fmt.Sprintf("Workload %s FAILED", w.name)).Note("%v", err)
+			failed = append(failed, w.name)
+		} else {
+			env.Logf("workload %s done in %s", w.name, time.Since(start).Round(time.Second))
 		}
-		env.Logf("workload %s done in %s", w.name, time.Since(start).Round(time.Second))
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
 	}
 	b.Report.Text(os.Stdout)
 	if md != "" {
-		f, err := os.Create(md)
-		if err != nil {
+		if err := writeBenchmarksMD(md, b.Report); err != nil {
 			return err
 		}
-		defer f.Close()
-		writeBenchmarksMD(f, b.Report)
+	}
+	if len(failed) > 0 {
+		return fmt.Errorf("workloads failed: %s", strings.Join(failed, ", "))
 	}
 	return nil
 }

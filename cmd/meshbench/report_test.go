@@ -2,6 +2,8 @@ package main
 
 import (
 	"math"
+	"os"
+	"strings"
 	"testing"
 )
 
@@ -30,5 +32,26 @@ func TestPercentileAndRounds(t *testing.T) {
 	}
 	if got := Ratio(1, 0); got != "n/a" {
 		t.Errorf("ratio by zero %q", got)
+	}
+}
+
+func TestBenchmarksMDKeepsAnalysis(t *testing.T) {
+	path := t.TempDir() + "/BENCHMARKS.md"
+	r := &Report{Command: "make bench"}
+	r.Add("A", "x").Row("1")
+	if err := writeBenchmarksMD(path, r); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(path)
+	if err := os.WriteFile(path, append(b, []byte("\n"+analysisMarker+"\nmy notes\n")...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	r.Sections[0].Rows[0][0] = "2"
+	if err := writeBenchmarksMD(path, r); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := os.ReadFile(path)
+	if !strings.Contains(string(got), "| 2 |") || strings.Contains(string(got), "| 1 |") || !strings.HasSuffix(string(got), analysisMarker+"\nmy notes\n") {
+		t.Errorf("rewritten file:\n%s", got)
 	}
 }
