@@ -65,18 +65,25 @@ func footprintRound(ctx context.Context, b *Bench, upstreams, perUpstream int, c
 	if err != nil {
 		return res, err
 	}
-	// Endpoints: connect-proxy registrations of svc<i>, passing at once. They
-	// need not listen: this workload measures the control plane.
-	endpoint := func(svc, j int) *api.AgentServiceRegistration {
+	// Endpoints: connect-proxy instances of svc<i>, passing at once, each
+	// on a node of its own in the catalog, as instances on other hosts are
+	// (the churn workload explains why not on the local agent: each local
+	// connect-proxy starts the agent's per-proxy machinery, and 1 000 of
+	// them overloaded it here so that its catalog sync lagged by minutes).
+	// They need not listen: this workload measures the control plane.
+	endpoint := func(svc, j int) (*api.CatalogRegistration, *api.CatalogDeregistration) {
 		name := fmt.Sprintf("svc%02d", svc)
-		return &api.AgentServiceRegistration{
-			ID: fmt.Sprintf("%s-ep%03d", name, j), Name: name + "-sidecar-proxy", Kind: api.ServiceKindConnectProxy,
-			Address: fmt.Sprintf("127.1.%d.%d", svc, j+1), Port: 20000, Checks: Passing(),
-			Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: name},
-		}
+		id, node, addr := fmt.Sprintf("%s-ep%03d", name, j), fmt.Sprintf("%s-node%03d", name, j), fmt.Sprintf("127.1.%d.%d", svc, j+1)
+		return &api.CatalogRegistration{Node: node, Address: addr,
+				Service: &api.AgentService{ID: id, Service: name + "-sidecar-proxy", Kind: api.ServiceKindConnectProxy,
+					Address: addr, Port: 20000, Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: name}},
+				Check: &api.AgentCheck{Node: node, CheckID: "alive", Name: "alive", Status: api.HealthPassing, ServiceID: id}},
+			&api.CatalogDeregistration{Node: node, ServiceID: id}
 	}
 	if err := parallel(8, upstreams*perUpstream, func(k int) error {
-		return c.Agent().ServiceRegister(endpoint(k/perUpstream, k%perUpstream))
+		reg, _ := endpoint(k/perUpstream, k%perUpstream)
+		_, err := c.Catalog().Register(reg, nil)
+		return err
 	}); err != nil {
 		return res, fmt.Errorf("register endpoints: %w", err)
 	}
@@ -183,12 +190,12 @@ func footprintRound(ctx context.Context, b *Bench, upstreams, perUpstream int, c
 		go func() {
 			defer calls.Done()
 			defer func() { <-inflight }()
-			ep := endpoint(k/perUpstream, k%perUpstream)
+			reg, dereg := endpoint(k/perUpstream, k%perUpstream)
 			var err error
 			if wasOut {
-				err = c.Agent().ServiceRegister(ep)
+				_, err = c.Catalog().Register(reg, nil)
 			} else {
-				err = c.Agent().ServiceDeregister(ep.ID)
+				_, err = c.Catalog().Deregister(dereg, nil)
 			}
 			mu.Lock()
 			defer mu.Unlock()

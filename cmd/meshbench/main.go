@@ -132,7 +132,7 @@ func versions(e *Env) []string {
 			return "not installed"
 		}
 		out, err := exec.Command(bin, args...).CombinedOutput()
-		if err != nil {
+		if err != nil && len(out) == 0 { // wrk -v prints its version and exits 1
 			return "unknown (" + err.Error() + ")"
 		}
 		return strings.TrimSpace(strings.SplitN(string(out), "\n", 2)[0])
