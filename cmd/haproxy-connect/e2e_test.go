@@ -62,18 +62,7 @@ func TestMinimalMesh(t *testing.T) {
 				return nil
 			}
 			// The client's upstream has the server's sidecar as endpoint.
-			eventually(t, 10*time.Second, "client sidecar has the server endpoint", func() error {
-				st, err := client.rt.ServersState(context.Background(), "up_server")
-				if err != nil {
-					return err
-				}
-				for _, s := range st {
-					if !s.Maint() && s.Port == ports[0] {
-						return nil
-					}
-				}
-				return fmt.Errorf("servers: %+v", st)
-			})
+			eventually(t, 10*time.Second, "client sidecar has the server endpoint", client.inBackend("up_server", ports[0]))
 			for i := 0; i < 5; i++ {
 				if err := call(); err == nil {
 					t.Fatal("a request went through with deny-by-default and no intention")
@@ -468,25 +457,8 @@ func TestPreparedQueryUpstream(t *testing.T) {
 	eventually(t, 10*time.Second, "the query's endpoint serves", get200(ports[3]))
 	// The backend follows the query: a second endpoint appears within the
 	// polling interval.
-	extra := testenv.Relay(t, fmt.Sprintf("127.0.0.1:%d", ports[0]))
-	if err := c.Agent().ServiceRegister(&api.AgentServiceRegistration{
-		ID: "server-extra", Name: "server-sidecar-proxy", Kind: api.ServiceKindConnectProxy, Port: extra, Address: "127.0.0.1",
-		Checks: passing(), Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: "server", DestinationServiceID: "server"},
-	}); err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, 10*time.Second, "the new endpoint is in the backend", func() error {
-		st, err := client.rt.ServersState(context.Background(), "qup_server-query")
-		if err != nil {
-			return err
-		}
-		for _, s := range st {
-			if !s.Maint() && s.Port == extra {
-				return nil
-			}
-		}
-		return fmt.Errorf("servers: %+v", st)
-	})
+	extra := addServerEndpoint(t, c, "server-extra", ports[0])
+	eventually(t, 10*time.Second, "the new endpoint is in the backend", client.inBackend("qup_server-query", extra))
 }
 
 // TestConsulOutage: with Consul gone, what was applied stays applied:
@@ -546,25 +518,8 @@ func TestReloadFailureKeepsServing(t *testing.T) {
 		}
 		return nil
 	})
-	extra := testenv.Relay(t, fmt.Sprintf("127.0.0.1:%d", ports[0]))
-	if err := c.Agent().ServiceRegister(&api.AgentServiceRegistration{
-		ID: "server-extra", Name: "server-sidecar-proxy", Kind: api.ServiceKindConnectProxy, Port: extra, Address: "127.0.0.1",
-		Checks: passing(), Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: "server", DestinationServiceID: "server"},
-	}); err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, 3*time.Second, "churn applied while the reload backs off", func() error {
-		st, err := client.rt.ServersState(context.Background(), "up_server")
-		if err != nil {
-			return err
-		}
-		for _, s := range st {
-			if !s.Maint() && s.Port == extra {
-				return nil
-			}
-		}
-		return fmt.Errorf("servers: %+v", st)
-	})
+	extra := addServerEndpoint(t, c, "server-extra", ports[0])
+	eventually(t, 3*time.Second, "churn applied while the reload backs off", client.inBackend("up_server", extra))
 	if err := serves(ports[3], "hello from server")(); err != nil {
 		t.Errorf("the running configuration stopped serving: %v", err)
 	}

@@ -249,6 +249,37 @@ func serves(port int, body string) func() error {
 	}
 }
 
+// addServerEndpoint registers one more endpoint of "server": a relay on a
+// new port to the server sidecar at sidecarPort. It returns the relay's port.
+func addServerEndpoint(t *testing.T, c *api.Client, id string, sidecarPort int) int {
+	t.Helper()
+	port := testenv.Relay(t, fmt.Sprintf("127.0.0.1:%d", sidecarPort))
+	if err := c.Agent().ServiceRegister(&api.AgentServiceRegistration{
+		ID: id, Name: "server-sidecar-proxy", Kind: api.ServiceKindConnectProxy, Port: port, Address: "127.0.0.1",
+		Checks: passing(), Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: "server", DestinationServiceID: "server"},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return port
+}
+
+// inBackend is a check that a server of backend, not in maintenance,
+// points at port.
+func (s *sidecar) inBackend(backend string, port int) func() error {
+	return func() error {
+		st, err := s.rt.ServersState(context.Background(), backend)
+		if err != nil {
+			return err
+		}
+		for _, srv := range st {
+			if !srv.Maint() && srv.Port == port {
+				return nil
+			}
+		}
+		return fmt.Errorf("%s servers: %+v", backend, st)
+	}
+}
+
 // tcpLine connects to port and returns the first line, or an error when the
 // connection is closed without one.
 func tcpLine(port int) (string, error) {
