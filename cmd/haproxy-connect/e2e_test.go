@@ -26,20 +26,8 @@ import (
 func TestMinimalMesh(t *testing.T) {
 	for _, proto := range []string{"http", "tcp"} {
 		t.Run(proto, func(t *testing.T) {
-			consul := testenv.Consul(t, testenv.ConsulOptions{DefaultDeny: true})
-			c := consul.Client
-			var appPort int
-			if proto == "http" {
-				appPort = httpApp(t, "server")
-			} else {
-				appPort = tcpApp(t, "hello from server")
-			}
-			ports := testenv.FreePorts(t, 4)
-			register(t, c, "server", appPort, ports[0], map[string]any{"protocol": proto})
-			register(t, c, "client", ports[1], ports[2], nil,
-				api.Upstream{DestinationName: "server", LocalBindPort: ports[3], Config: map[string]any{"protocol": proto}})
-			startSidecar(t, consul, "server")
-			client := startSidecar(t, consul, "client")
+			m := startMesh(t, testenv.ConsulOptions{DefaultDeny: true}, proto)
+			c, ports, client := m.c, m.ports, m.client
 
 			call := func() error {
 				if proto == "http" {
@@ -95,15 +83,8 @@ func TestMinimalMesh(t *testing.T) {
 // client sidecar's slots equal Consul's passing set after every settle,
 // past the initial slot count.
 func TestChurn(t *testing.T) {
-	consul := testenv.Consul(t, testenv.ConsulOptions{})
-	c := consul.Client
-	appPort := httpApp(t, "server")
-	ports := testenv.FreePorts(t, 4)
-	register(t, c, "server", appPort, ports[0], map[string]any{"protocol": "http"})
-	register(t, c, "client", ports[1], ports[2], nil,
-		api.Upstream{DestinationName: "server", LocalBindPort: ports[3], Config: map[string]any{"protocol": "http"}})
-	startSidecar(t, consul, "server")
-	client := startSidecar(t, consul, "client", "-min-slots", "8", "-log-level", "info")
+	m := startMesh(t, testenv.ConsulOptions{}, "http", "-min-slots", "8", "-log-level", "info")
+	c, ports, client := m.c, m.ports, m.client
 	reloadsBefore := client.reloads(t)
 
 	// Extra endpoints of "server": connect-proxy registrations of their
@@ -314,14 +295,8 @@ func TestBadRegistration(t *testing.T) {
 // that is kept alive (and on the pooled connections between sidecars)
 // within 1 s, not only new connections.
 func TestDenyReachesKeptAliveConnections(t *testing.T) {
-	consul := testenv.Consul(t, testenv.ConsulOptions{DefaultDeny: true})
-	c := consul.Client
-	ports := testenv.FreePorts(t, 4)
-	register(t, c, "server", httpApp(t, "server"), ports[0], map[string]any{"protocol": "http"})
-	register(t, c, "client", ports[1], ports[2], nil,
-		api.Upstream{DestinationName: "server", LocalBindPort: ports[3], Config: map[string]any{"protocol": "http"}})
-	startSidecar(t, consul, "server")
-	startSidecar(t, consul, "client")
+	m := startMesh(t, testenv.ConsulOptions{DefaultDeny: true}, "http")
+	c, ports := m.c, m.ports
 	intention(t, c, "client", "server", api.IntentionActionAllow)
 
 	keepAlive := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 1}}
@@ -370,14 +345,8 @@ func TestDenyReachesKeptAliveConnections(t *testing.T) {
 // for the new roots (HAProxy 2.6 cannot hot-swap CA files safely), take the
 // re-issued leaves, and requests keep succeeding throughout.
 func TestCARotation(t *testing.T) {
-	consul := testenv.Consul(t, testenv.ConsulOptions{})
-	c := consul.Client
-	ports := testenv.FreePorts(t, 4)
-	register(t, c, "server", httpApp(t, "server"), ports[0], map[string]any{"protocol": "http"})
-	register(t, c, "client", ports[1], ports[2], nil,
-		api.Upstream{DestinationName: "server", LocalBindPort: ports[3], Config: map[string]any{"protocol": "http"}})
-	server := startSidecar(t, consul, "server")
-	client := startSidecar(t, consul, "client")
+	m := startMesh(t, testenv.ConsulOptions{}, "http")
+	c, ports, server, client := m.c, m.ports, m.server, m.client
 	eventually(t, 10*time.Second, "mesh serves", get200(ports[3]))
 	rootsBefore, _, err := c.Agent().ConnectCARoots(nil)
 	if err != nil {
@@ -465,18 +434,12 @@ func TestPreparedQueryUpstream(t *testing.T) {
 // requests from a source already authorized keep flowing on the cached
 // decision and the existing slots, the sidecars stay up and say they retry.
 func TestConsulOutage(t *testing.T) {
-	consul := testenv.Consul(t, testenv.ConsulOptions{DefaultDeny: true})
-	c := consul.Client
-	ports := testenv.FreePorts(t, 4)
-	register(t, c, "server", httpApp(t, "server"), ports[0], map[string]any{"protocol": "http"})
-	register(t, c, "client", ports[1], ports[2], nil,
-		api.Upstream{DestinationName: "server", LocalBindPort: ports[3], Config: map[string]any{"protocol": "http"}})
-	server := startSidecar(t, consul, "server")
-	client := startSidecar(t, consul, "client")
-	intention(t, c, "client", "server", api.IntentionActionAllow)
+	m := startMesh(t, testenv.ConsulOptions{DefaultDeny: true}, "http")
+	ports, server, client := m.ports, m.server, m.client
+	intention(t, m.c, "client", "server", api.IntentionActionAllow)
 	eventually(t, 10*time.Second, "allowed", get200(ports[3]))
 
-	consul.Stop()
+	m.consul.Stop()
 	stopLoad := load(get200(ports[3]))
 	time.Sleep(3 * time.Second)
 	ok, failed, firstErr := stopLoad()
@@ -500,14 +463,8 @@ func TestConsulOutage(t *testing.T) {
 // process holds makes the reload fail; the running configuration keeps
 // serving and keeps following endpoint churn while the reload backs off.
 func TestReloadFailureKeepsServing(t *testing.T) {
-	consul := testenv.Consul(t, testenv.ConsulOptions{})
-	c := consul.Client
-	ports := testenv.FreePorts(t, 4)
-	register(t, c, "server", httpApp(t, "server"), ports[0], map[string]any{"protocol": "http"})
-	up := api.Upstream{DestinationName: "server", LocalBindPort: ports[3], Config: map[string]any{"protocol": "http"}}
-	register(t, c, "client", ports[1], ports[2], nil, up)
-	startSidecar(t, consul, "server")
-	client := startSidecar(t, consul, "client")
+	m := startMesh(t, testenv.ConsulOptions{}, "http")
+	c, ports, up, client := m.c, m.ports, m.upstream, m.client
 	eventually(t, 10*time.Second, "upstream serves", serves(ports[3], "hello from server"))
 
 	taken := testenv.ServeTCP(t, func(net.Conn) {})

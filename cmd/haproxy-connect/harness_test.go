@@ -161,6 +161,39 @@ func register(t *testing.T, c *api.Client, name string, port, sidecarPort int, p
 	}
 }
 
+// mesh is the seed's minimal example: the app "server" behind its sidecar,
+// and "client" whose upstream "server" listens on ports[3], one sidecar each,
+// against one Consul agent.
+type mesh struct {
+	consul *testenv.ConsulProc
+	c      *api.Client
+	// ports: server sidecar, client app, client sidecar, client's upstream.
+	ports          []int
+	upstream       api.Upstream
+	server, client *sidecar
+}
+
+// startMesh starts the mesh with protocol proto: for http the app answers
+// "hello from server", for tcp it writes that line. clientArgs go to the
+// client's sidecar.
+func startMesh(t *testing.T, opts testenv.ConsulOptions, proto string, clientArgs ...string) *mesh {
+	t.Helper()
+	m := &mesh{consul: testenv.Consul(t, opts), ports: testenv.FreePorts(t, 4)}
+	m.c = m.consul.Client
+	appPort := 0
+	if proto == "http" {
+		appPort = httpApp(t, "server")
+	} else {
+		appPort = tcpApp(t, "hello from server")
+	}
+	register(t, m.c, "server", appPort, m.ports[0], map[string]any{"protocol": proto})
+	m.upstream = api.Upstream{DestinationName: "server", LocalBindPort: m.ports[3], Config: map[string]any{"protocol": proto}}
+	register(t, m.c, "client", m.ports[1], m.ports[2], nil, m.upstream)
+	m.server = startSidecar(t, m.consul, "server")
+	m.client = startSidecar(t, m.consul, "client", clientArgs...)
+	return m
+}
+
 // httpApp serves "hello from <name>" on a free loopback port.
 func httpApp(t *testing.T, name string) int {
 	t.Helper()
