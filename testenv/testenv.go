@@ -18,6 +18,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 // modulePath is the module whose root holds the bin/ directory filled by
@@ -265,15 +266,19 @@ func ServeTCP(t testing.TB, handle func(net.Conn)) int {
 // target: a stand-in for another instance of a service in churn tests.
 func Relay(t testing.TB, target string) int {
 	t.Helper()
-	return ServeTCP(t, func(c net.Conn) {
-		u, err := net.Dial("tcp", target)
-		if err != nil {
-			return
-		}
-		defer u.Close()
-		done := make(chan struct{}, 2)
-		go func() { _, _ = io.Copy(u, c); done <- struct{}{} }()
-		go func() { _, _ = io.Copy(c, u); done <- struct{}{} }()
-		<-done
-	})
+	return ServeTCP(t, func(c net.Conn) { Pipe(c, target) })
+}
+
+// Pipe dials target and copies bytes both ways between it and c until
+// either side ends; the caller closes c. For relays in tests and meshbench.
+func Pipe(c net.Conn, target string) {
+	u, err := net.DialTimeout("tcp", target, 5*time.Second)
+	if err != nil {
+		return
+	}
+	defer u.Close()
+	done := make(chan struct{}, 2)
+	go func() { _, _ = io.Copy(u, c); done <- struct{}{} }()
+	go func() { _, _ = io.Copy(c, u); done <- struct{}{} }()
+	<-done
 }

@@ -316,15 +316,7 @@ func (p *churnPool) serve(ln net.Listener, key, target string) {
 		}
 		go func() {
 			defer c.Close()
-			u, err := net.DialTimeout("tcp", target, 5*time.Second)
-			if err != nil {
-				return
-			}
-			defer u.Close()
-			done := make(chan struct{}, 2)
-			go func() { _, _ = io.Copy(u, c); done <- struct{}{} }()
-			go func() { _, _ = io.Copy(c, u); done <- struct{}{} }()
-			<-done
+			testenv.Pipe(c, target)
 		}()
 	}
 }
