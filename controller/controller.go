@@ -29,7 +29,9 @@ import (
 
 // Config wires a Controller.
 type Config struct {
-	Consul     *api.Client
+	// Consul configures the Consul client (api.DefaultConfig with the
+	// command line's address and token applied).
+	Consul     *api.Config
 	ProxyID    string
 	StateDir   string
 	HAProxyBin string
@@ -59,9 +61,11 @@ type haproxyAPI interface {
 
 // Controller owns the applied state of one sidecar's HAProxy.
 type Controller struct {
-	cfg Config
-	log *zap.Logger
-	rt  haproxyAPI
+	cfg    Config
+	consul *api.Client
+	health *healthReader
+	log    *zap.Logger
+	rt     haproxyAPI
 	// startMaster starts HAProxy on the rendered configuration.
 	startMaster func(ctx context.Context) (*runtime.Master, error)
 	events      chan func(*desired)
@@ -96,16 +100,19 @@ type desired struct {
 	roots        *certs.Roots
 	endpoints    map[string][]slots.Endpoint // by upstream name; absent until the first answer
 	// dirty names the upstreams whose endpoints changed since they were
-	// last applied: only those are planned, so one endpoint event costs
-	// one plan, not one per upstream.
-	dirty map[string]bool
+	// last applied, with when the oldest unapplied change arrived from
+	// Consul: only those are planned, so one endpoint event costs one
+	// plan, not one per upstream.
+	dirty map[string]time.Time
 }
 
-// setEndpoints records an upstream's new endpoint list and marks it for
-// planning.
-func (d *desired) setEndpoints(name string, eps []slots.Endpoint) {
+// setEndpoints records an upstream's new endpoint list, which arrived from
+// Consul at at, and marks it for planning.
+func (d *desired) setEndpoints(name string, eps []slots.Endpoint, at time.Time) {
 	d.endpoints[name] = eps
-	d.dirty[name] = true
+	if _, ok := d.dirty[name]; !ok {
+		d.dirty[name] = at
+	}
 }
 
 // applied is what HAProxy runs.
@@ -145,14 +152,20 @@ func New(cfg Config) (*Controller, error) {
 	if cfg.InitialWait <= 0 {
 		cfg.InitialWait = 3 * time.Second
 	}
+	consul, err := api.NewClient(cfg.Consul) // normalises cfg.Consul in place
+	if err != nil {
+		return nil, fmt.Errorf("controller: consul client: %w", err)
+	}
 	c := &Controller{
 		cfg:       cfg,
+		consul:    consul,
+		health:    newHealthReader(cfg.Consul),
 		log:       cfg.Log,
 		rt:        runtime.New(filepath.Join(cfg.StateDir, "master.sock"), cfg.Log.Named("runtime")),
 		events:    make(chan func(*desired), 1024),
 		authzKick: make(chan struct{}, 1),
 		metrics:   newMetrics(),
-		desired:   desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]bool{}},
+		desired:   desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}},
 		watches:   map[string]*upstreamWatch{},
 	}
 	c.retry = time.NewTimer(time.Hour)
@@ -538,6 +551,7 @@ func (c *Controller) applyEndpoints(ctx context.Context) {
 		}
 		if len(errs) == 0 {
 			c.applied.tables[name] = p.next
+			c.metrics.propagation.observe(time.Since(c.desired.dirty[name]))
 			delete(c.desired.dirty, name)
 			continue
 		}
@@ -652,59 +666,74 @@ func (c *Controller) publishRegistration(ctx context.Context, svc *api.AgentServ
 func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 	var last []slots.Endpoint
 	first := true
-	publish := func(eps []slots.Endpoint) {
-		if !first && slices.Equal(eps, last) {
+	publish := func(l endpointList) {
+		if !first && slices.Equal(l.eps, last) {
 			return
 		}
-		first, last = false, eps
+		first, last = false, l.eps
 		c.metrics.endpointUpdates.Add(1)
 		c.send(ctx, func(d *desired) {
 			if w, ok := c.watches[u.Name]; ok && w.up == u { // not a stale watch
-				d.setEndpoints(u.Name, eps)
+				d.setEndpoints(u.Name, l.eps, l.at)
 			}
 		})
 	}
 	if u.Type == string(api.UpstreamDestTypePreparedQuery) {
 		// Prepared queries do not block: poll.
-		watchLoop(ctx, c.log, "query "+u.Destination, 2*time.Second, func(ctx context.Context, _ cursor) ([]slots.Endpoint, cursor, error) {
-			resp, _, err := c.cfg.Consul.PreparedQuery().Execute(u.Destination, (&api.QueryOptions{Connect: true, Datacenter: u.Datacenter}).WithContext(ctx))
+		watchLoop(ctx, c.log, "query "+u.Destination, 2*time.Second, func(ctx context.Context, _ cursor) (endpointList, cursor, error) {
+			resp, _, err := c.consul.PreparedQuery().Execute(u.Destination, (&api.QueryOptions{Connect: true, Datacenter: u.Datacenter}).WithContext(ctx))
 			if err != nil {
-				return nil, cursor{}, err
+				return endpointList{}, cursor{}, err
 			}
-			entries := make([]*api.ServiceEntry, len(resp.Nodes))
-			for i := range resp.Nodes {
-				entries[i] = &resp.Nodes[i]
+			at := time.Now()
+			entries := make([]healthEntry, 0, len(resp.Nodes))
+			for _, e := range resp.Nodes {
+				if e.Service == nil {
+					continue
+				}
+				he := healthEntry{ID: e.Service.ID, Address: e.Service.Address, Port: e.Service.Port, Weight: e.Service.Weights.Passing}
+				if e.Node != nil {
+					he.NodeAddress = e.Node.Address
+				}
+				entries = append(entries, he)
 			}
-			return c.endpointsOf(u, entries), cursor{}, nil
+			return endpointList{eps: c.endpointsOf(u, entries, nil), at: at}, cursor{}, nil
 		}, publish)
 		return
 	}
-	watchLoop(ctx, c.log, "upstream "+u.Name, 10*time.Millisecond, func(ctx context.Context, cur cursor) ([]slots.Endpoint, cursor, error) {
-		q := &api.QueryOptions{Datacenter: u.Datacenter, WaitIndex: cur.index, WaitTime: 5 * time.Minute}
-		entries, meta, err := c.cfg.Consul.Health().Connect(u.Destination, "", true, q.WithContext(ctx))
+	q := &healthQuery{r: c.health}
+	watchLoop(ctx, c.log, "upstream "+u.Name, 10*time.Millisecond, func(ctx context.Context, cur cursor) (endpointList, cursor, error) {
+		entries, bad, index, at, err := q.connect(ctx, u.Destination, u.Datacenter, cur.index, 5*time.Minute)
 		if err != nil {
-			return nil, cur, err
+			return endpointList{}, cur, err
 		}
-		return c.endpointsOf(u, entries), cursor{index: meta.LastIndex}, nil
+		return endpointList{eps: c.endpointsOf(u, entries, bad), at: at}, cursor{index: index}, nil
 	}, publish)
+}
+
+// endpointList is one answer of an upstream's watch, and when it arrived.
+type endpointList struct {
+	eps []slots.Endpoint
+	at  time.Time
 }
 
 // endpointsOf turns Consul's passing Connect entries into endpoints: the
 // service address, else the node address; Consul's passing weight. Entries
-// HAProxy cannot take (a hostname address, a bad port) are logged and left out.
-func (c *Controller) endpointsOf(u Upstream, entries []*api.ServiceEntry) []slots.Endpoint {
+// HAProxy cannot take (a hostname address, a bad port), and those the
+// answer did not carry readably (bad), are logged and left out.
+func (c *Controller) endpointsOf(u Upstream, entries []healthEntry, bad []error) []slots.Endpoint {
+	for _, err := range bad {
+		c.log.Warn("endpoint rejected", zap.String("upstream", u.Name), zap.Error(err))
+	}
 	out := make([]slots.Endpoint, 0, len(entries))
 	for _, e := range entries {
-		if e.Service == nil {
-			continue
+		addr := e.Address
+		if addr == "" {
+			addr = e.NodeAddress
 		}
-		addr := e.Service.Address
-		if addr == "" && e.Node != nil {
-			addr = e.Node.Address
-		}
-		ep := slots.Endpoint{Addr: addr, Port: e.Service.Port, Weight: max(e.Service.Weights.Passing, 1)}
+		ep := slots.Endpoint{Addr: addr, Port: e.Port, Weight: max(e.Weight, 1)}
 		if err := ep.Validate(); err != nil {
-			c.log.Warn("endpoint rejected", zap.String("upstream", u.Name), zap.String("service_id", e.Service.ID), zap.Error(err))
+			c.log.Warn("endpoint rejected", zap.String("upstream", u.Name), zap.String("service_id", e.ID), zap.Error(err))
 			continue
 		}
 		out = append(out, ep)
@@ -714,7 +743,7 @@ func (c *Controller) endpointsOf(u Upstream, entries []*api.ServiceEntry) []slot
 }
 
 func (c *Controller) fetchRegistration(ctx context.Context, cur cursor) (*api.AgentService, cursor, error) {
-	svc, meta, err := c.cfg.Consul.Agent().Service(c.cfg.ProxyID, (&api.QueryOptions{WaitHash: cur.hash, WaitTime: 5 * time.Minute}).WithContext(ctx))
+	svc, meta, err := c.consul.Agent().Service(c.cfg.ProxyID, (&api.QueryOptions{WaitHash: cur.hash, WaitTime: 5 * time.Minute}).WithContext(ctx))
 	if err != nil {
 		return nil, cur, fmt.Errorf("proxy registration %s: %w", c.cfg.ProxyID, err)
 	}
@@ -722,7 +751,7 @@ func (c *Controller) fetchRegistration(ctx context.Context, cur cursor) (*api.Ag
 }
 
 func (c *Controller) fetchLeaf(ctx context.Context, service string, cur cursor) (*certs.Bundle, cursor, error) {
-	leaf, meta, err := c.cfg.Consul.Agent().ConnectCALeaf(service, (&api.QueryOptions{WaitIndex: cur.index, WaitTime: 5 * time.Minute}).WithContext(ctx))
+	leaf, meta, err := c.consul.Agent().ConnectCALeaf(service, (&api.QueryOptions{WaitIndex: cur.index, WaitTime: 5 * time.Minute}).WithContext(ctx))
 	if err != nil {
 		return nil, cur, fmt.Errorf("leaf certificate for %s: %w", service, err)
 	}
@@ -735,7 +764,7 @@ func (c *Controller) fetchLeaf(ctx context.Context, service string, cur cursor) 
 }
 
 func (c *Controller) fetchRoots(ctx context.Context, cur cursor) (*certs.Roots, cursor, error) {
-	list, meta, err := c.cfg.Consul.Agent().ConnectCARoots((&api.QueryOptions{WaitIndex: cur.index, WaitTime: 5 * time.Minute}).WithContext(ctx))
+	list, meta, err := c.consul.Agent().ConnectCARoots((&api.QueryOptions{WaitIndex: cur.index, WaitTime: 5 * time.Minute}).WithContext(ctx))
 	if err != nil {
 		return nil, cur, fmt.Errorf("CA roots: %w", err)
 	}

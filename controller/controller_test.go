@@ -99,9 +99,8 @@ func TestReconcileTranscript(t *testing.T) {
 		}
 		return &r
 	}
-	consul, _ := api.NewClient(api.DefaultConfig())
 	dir := t.TempDir()
-	c, err := New(Config{Consul: consul, ProxyID: "web-sidecar-proxy", StateDir: dir, SPOAAddr: "127.0.0.1:1", Log: zaptest.NewLogger(t), MinSlots: 2})
+	c, err := New(Config{Consul: api.DefaultConfig(), ProxyID: "web-sidecar-proxy", StateDir: dir, SPOAAddr: "127.0.0.1:1", Log: zaptest.NewLogger(t), MinSlots: 2})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -126,26 +125,26 @@ func TestReconcileTranscript(t *testing.T) {
 		{"starts with the endpoints rendered, no runtime commands", func(d *desired) {
 			d.sidecar, d.sidecarSince = sidecar(up("api", 9191)), time.Now()
 			d.leaf, d.roots = leaf(), roots(ca.CertPEM)
-			d.setEndpoints("up_api", []slots.Endpoint{ep(1, 21000), ep(2, 21000)})
+			d.setEndpoints("up_api", []slots.Endpoint{ep(1, 21000), ep(2, 21000)}, time.Now())
 		}, "", nil},
 		{"an endpoint joins: one free slot filled", func(d *desired) {
-			d.setEndpoints("up_api", []slots.Endpoint{ep(1, 21000), ep(2, 21000), ep(3, 21000)})
+			d.setEndpoints("up_api", []slots.Endpoint{ep(1, 21000), ep(2, 21000), ep(3, 21000)}, time.Now())
 		}, "", []string{
 			"@1 set server up_api/s3 addr 10.0.0.3 port 21000",
 			"@1 set server up_api/s3 state ready",
 		}},
 		{"an endpoint leaves: parked, not deleted", func(d *desired) {
-			d.setEndpoints("up_api", []slots.Endpoint{ep(2, 21000), ep(3, 21000)})
+			d.setEndpoints("up_api", []slots.Endpoint{ep(2, 21000), ep(3, 21000)}, time.Now())
 		}, "", []string{
 			"@1 set server up_api/s1 state maint",
 			"@1 set server up_api/s1 addr 127.0.0.1 port 1",
 		}},
 		{"weight change", func(d *desired) {
-			d.setEndpoints("up_api", []slots.Endpoint{ep(2, 21000), {Addr: "10.0.0.3", Port: 21000, Weight: 9}})
+			d.setEndpoints("up_api", []slots.Endpoint{ep(2, 21000), {Addr: "10.0.0.3", Port: 21000, Weight: 9}}, time.Now())
 		}, "", []string{"@1 set server up_api/s3 weight 9"}},
 		{"leaf rotation is a cert update, not a reload", func(d *desired) { d.leaf = leaf() }, "", []string{"update cert leaf.pem"}},
 		{"more endpoints than slots: add server, no reload", func(d *desired) {
-			d.setEndpoints("up_api", []slots.Endpoint{ep(2, 21000), {Addr: "10.0.0.3", Port: 21000, Weight: 9}, ep(4, 21000), ep(5, 21000), ep(6, 21000), ep(7, 21000), ep(8, 21000), ep(9, 21000), ep(10, 21000)})
+			d.setEndpoints("up_api", []slots.Endpoint{ep(2, 21000), {Addr: "10.0.0.3", Port: 21000, Weight: 9}, ep(4, 21000), ep(5, 21000), ep(6, 21000), ep(7, 21000), ep(8, 21000), ep(9, 21000), ep(10, 21000)}, time.Now())
 		}, "", []string{
 			"@1 set server up_api/s1 addr 10.0.0.4 port 21000",
 			"@1 set server up_api/s1 state ready",
@@ -165,7 +164,7 @@ func TestReconcileTranscript(t *testing.T) {
 		{"a new upstream is a reload with its reason", func(d *desired) {
 			d.sidecar = sidecar(up("api", 9191), up("db", 9192))
 			c.watches["up_db"] = &upstreamWatch{up: up("db", 9192), cancel: func() {}}
-			d.setEndpoints("up_db", []slots.Endpoint{ep(20, 21000)})
+			d.setEndpoints("up_db", []slots.Endpoint{ep(20, 21000)}, time.Now())
 		}, "", []string{"reload: registration: upstream up_db added"}},
 		{"new CA roots are a reload on 2.6", func(d *desired) { d.roots = roots(ca.CertPEM, otherCA.CertPEM) }, "", []string{"reload: CA roots changed"}},
 		{"nothing changed: nothing sent", func(d *desired) {}, "", nil},
@@ -178,7 +177,7 @@ func TestReconcileTranscript(t *testing.T) {
 			c.watches["up_cache"] = &upstreamWatch{up: up("cache", 9193), cancel: func() {}}
 		}, "", []string{"reload: registration: upstream up_cache added"}},
 		{"while the reload backs off, endpoint churn still applies", func(d *desired) {
-			d.setEndpoints("up_db", []slots.Endpoint{ep(20, 21000), ep(22, 21000)})
+			d.setEndpoints("up_db", []slots.Endpoint{ep(20, 21000), ep(22, 21000)}, time.Now())
 		}, "", []string{
 			"@1 set server up_db/s2 addr 10.0.0.22 port 21000",
 			"@1 set server up_db/s2 state ready",
@@ -188,7 +187,7 @@ func TestReconcileTranscript(t *testing.T) {
 			c.reloadAfter = time.Time{}
 		}, "", []string{"reload: registration: upstream up_cache added"}},
 		{"a failed command re-reads the backend", func(d *desired) {
-			d.setEndpoints("up_db", []slots.Endpoint{ep(20, 21000), ep(21, 21000)})
+			d.setEndpoints("up_db", []slots.Endpoint{ep(20, 21000), ep(21, 21000)}, time.Now())
 		}, "up_db/s3 state ready", []string{
 			"@1 set server up_db/s3 addr 10.0.0.21 port 21000",
 			"@1 set server up_db/s3 state ready",

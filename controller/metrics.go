@@ -6,6 +6,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/haproxy-connect/haproxy-connect/slots"
 )
@@ -15,8 +16,11 @@ type Metrics struct {
 	reloads, reloadFailures, leafRotations  atomic.Uint64
 	runtimeCommands, runtimeErrors, batches atomic.Uint64
 	endpointUpdates                         atomic.Uint64
-	mu                                      sync.Mutex
-	endpoints, slotsTotal                   map[string]int
+	// propagation is, per applied endpoint change, the time from Consul's
+	// answer arriving to HAProxy confirming the runtime batch.
+	propagation           histogram
+	mu                    sync.Mutex
+	endpoints, slotsTotal map[string]int
 }
 
 func newMetrics() *Metrics {
@@ -56,6 +60,8 @@ func (m *Metrics) WriteTo(w io.Writer) (int64, error) {
 	counter("haproxy_connect_runtime_errors_total", "Runtime commands or batches that failed.", m.runtimeErrors.Load())
 	counter("haproxy_connect_runtime_batches_total", "Batches of runtime commands sent.", m.batches.Load())
 	counter("haproxy_connect_endpoint_updates_total", "Changed endpoint lists received from Consul.", m.endpointUpdates.Load())
+	m.propagation.write(p, "haproxy_connect_endpoint_propagation_seconds",
+		"Time from an upstream's changed endpoint list arriving from Consul to HAProxy confirming it (runtime batch done).")
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	names := make([]string, 0, len(m.endpoints))
@@ -74,4 +80,40 @@ func (m *Metrics) WriteTo(w io.Writer) (int64, error) {
 		p("haproxy_connect_upstream_slots{upstream=%q} %d", k, m.slotsTotal[k])
 	}
 	return n, nil
+}
+
+// propagationBuckets are the histogram's upper bounds, in seconds.
+var propagationBuckets = [...]float64{0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5}
+
+// histogram is a Prometheus histogram with propagationBuckets.
+type histogram struct {
+	mu     sync.Mutex
+	counts [len(propagationBuckets) + 1]uint64 // one per bucket, then +Inf
+	sum    float64
+	n      uint64
+}
+
+func (h *histogram) observe(d time.Duration) {
+	s := d.Seconds()
+	i, _ := slices.BinarySearch(propagationBuckets[:], s)
+	h.mu.Lock()
+	h.counts[i]++
+	h.sum += s
+	h.n++
+	h.mu.Unlock()
+}
+
+func (h *histogram) write(p func(string, ...any), name, help string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	p("# HELP %s %s", name, help)
+	p("# TYPE %s histogram", name)
+	var cum uint64
+	for i, le := range propagationBuckets {
+		cum += h.counts[i]
+		p("%s_bucket{le=\"%g\"} %d", name, le, cum)
+	}
+	p("%s_bucket{le=\"+Inf\"} %d", name, h.n)
+	p("%s_sum %g", name, h.sum)
+	p("%s_count %d", name, h.n)
 }

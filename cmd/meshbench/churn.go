@@ -155,6 +155,7 @@ func runChurn(ctx context.Context, b *Bench) error {
 		b.Logf("churn: consul-template not installed, left out")
 		contenders = slices.DeleteFunc(contenders, func(c *churnContender) bool { return c.name == churnCT })
 	}
+	contenders = slices.DeleteFunc(contenders, func(c *churnContender) bool { return !b.Wants(c.name) })
 	res := map[string]map[string]*churnAgg{} // plan name -> contender -> rounds
 	add := func(plan, name string, r churnResult) {
 		if res[plan] == nil {
@@ -199,7 +200,7 @@ func runChurn(ctx context.Context, b *Bench) error {
 	for i, p := range append(slices.Clone(rates), burst) {
 		cb.report(p, i == 0, contenders, res[p.name])
 	}
-	if !b.Quick {
+	if !b.Quick && b.Wants(churnHC) {
 		if err := cb.endurance(ctx); err != nil {
 			return err
 		}
@@ -332,6 +333,9 @@ type churnContender struct {
 	config  string        // how it is set up, for the notes
 	start   func(ctx context.Context) error
 	stop    func()
+	// profile, when set, saves a CPU profile of the contender over d under
+	// -profile (haproxy-connect).
+	profile func(name string, d time.Duration) <-chan error
 	// poll returns the endpoints in effect (polled contenders).
 	poll func(ctx context.Context) (map[string]bool, error)
 	// reloads returns HAProxy's reload counter; nil when not applicable.
@@ -391,6 +395,9 @@ func (cb *churnBench) haproxyConnect() *churnContender {
 		rt := runtime.New(s.RT.Socket(), nil, runtime.WithTimeout(5*time.Second))
 		c.poll, c.reloads = churnServers(rt, "up_api"), churnReloads(rt)
 		return nil
+	}
+	if cb.b.ProfileDir != "" {
+		c.profile = func(name string, d time.Duration) <-chan error { return s.Profile(cb.b.ProfileDir, name, d) }
 	}
 	c.stop = func() {
 		if s != nil {
@@ -712,6 +719,16 @@ func (cb *churnBench) pass(ctx context.Context, c *churnContender, p churnPlan) 
 	var stopProbe func() (int64, int64, time.Duration)
 	if c.landing {
 		stopProbe = churnProbe(pctx, c.port, 2)
+	}
+	if c.profile != nil && p.rate > 0 {
+		name := fmt.Sprintf("churn-%s-%g", c.name, p.rate)
+		d := time.Duration(float64(p.changes)/p.rate*float64(time.Second)) - time.Second
+		profiled := c.profile(name, max(d, time.Second))
+		defer func() {
+			if err := <-profiled; err != nil {
+				cb.b.Logf("churn: profile %s: %v", name, err)
+			}
+		}()
 	}
 	var changes []churnChange
 	var err error

@@ -19,6 +19,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -135,6 +136,7 @@ func runDataPath(ctx context.Context, b *Bench) error {
 		{contBuiltin, s.startBuiltin},
 		{contHC, s.startHC},
 	}
+	contenders = slices.DeleteFunc(contenders, func(c dpContender) bool { return !b.Wants(c.name) })
 	figs := map[dpCell]*dpFigures{}
 	bulk := map[string]Rounds{}
 	for r := 0; r < b.Rounds; r++ {

@@ -28,7 +28,24 @@ type Bench struct {
 	// ProfileDir, when set, receives CPU profiles of haproxy-connect taken
 	// during the workloads that support it.
 	ProfileDir string
+	// Contenders, when set, keeps only the contenders whose name contains
+	// one of these (case-insensitive): for focused runs while developing.
+	// A run written to BENCHMARKS.md leaves it empty.
+	Contenders []string
 	Report     *Report
+}
+
+// Wants reports whether the contender called name takes part in this run.
+func (b *Bench) Wants(name string) bool {
+	if len(b.Contenders) == 0 {
+		return true
+	}
+	for _, c := range b.Contenders {
+		if strings.Contains(strings.ToLower(name), strings.ToLower(c)) {
+			return true
+		}
+	}
+	return false
 }
 
 type workload struct {
@@ -49,17 +66,18 @@ func main() {
 	md := flag.String("md", "", "write the report as Markdown to this file (e.g. BENCHMARKS.md)")
 	dir := flag.String("dir", "", "work directory (default: a new temp dir, removed at the end)")
 	profile := flag.String("profile", "", "save CPU profiles of haproxy-connect under this directory")
+	contenders := flag.String("contenders", "", "comma-separated name fragments: run only the contenders matching one (churn, datapath)")
 	flag.Parse()
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, *rounds, *only, *quick, *md, *dir, *profile); err != nil {
+	if err := run(ctx, *rounds, *only, *quick, *md, *dir, *profile, *contenders); err != nil {
 		fmt.Fprintln(os.Stderr, "meshbench:", err)
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, rounds int, only string, quick bool, md, dir, profile string) error {
+func run(ctx context.Context, rounds int, only string, quick bool, md, dir, profile, contenders string) error {
 	env := &Env{}
 	var err error
 	if env.HAProxy, err = testenv.FindBinary("haproxy", "HAPROXY_BIN", "/usr/sbin/haproxy"); err != nil {
@@ -85,6 +103,11 @@ func run(ctx context.Context, rounds int, only string, quick bool, md, dir, prof
 	b := &Bench{Env: env, Rounds: rounds, Quick: quick, ProfileDir: profile, Report: &Report{
 		Command: "make bench (" + strings.Join(os.Args, " ") + ")", Started: time.Now(), Versions: versions(env),
 	}}
+	for _, c := range strings.Split(contenders, ",") {
+		if c = strings.TrimSpace(c); c != "" {
+			b.Contenders = append(b.Contenders, c)
+		}
+	}
 	selected := map[string]bool{}
 	for _, w := range strings.Split(only, ",") {
 		if w = strings.TrimSpace(w); w != "" {

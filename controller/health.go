@@ -1,0 +1,204 @@
+package controller
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"github.com/valyala/fastjson"
+)
+
+// healthReader runs the upstream watches' blocking queries on
+// /v1/health/connect/<service>?passing itself, instead of through api's
+// Health().Connect, for one reason: every answer carries the whole instance
+// list (about 1.8 KB per instance from an agent in dev mode, 0.9 KB from
+// others), once per change, and api decodes all of it into ServiceEntry
+// values with encoding/json. That decode was 90 % of the sidecar's CPU under
+// churn (meshbench churn -profile). Here each watch reads the answer into a
+// buffer it reuses and parses it with a parser it reuses, keeping only the
+// five fields the sidecar uses: BenchmarkHealthDecode compares both on a
+// real answer of Consul's.
+type healthReader struct {
+	client *http.Client
+	base   url.URL // scheme, host and path prefix of the agent
+	token  string
+	params url.Values // dc, ns, partition from the client configuration
+}
+
+// newHealthReader takes the configuration api.NewClient has normalised (it
+// resolves unix:// addresses, TLS and the token file in place).
+func newHealthReader(cfg *api.Config) *healthReader {
+	h := &healthReader{client: cfg.HttpClient, token: cfg.Token, params: url.Values{},
+		base: url.URL{Scheme: cfg.Scheme, Host: cfg.Address, Path: cfg.PathPrefix}}
+	if h.client == nil {
+		h.client = http.DefaultClient
+	}
+	if h.base.Scheme == "" {
+		h.base.Scheme = "http"
+	}
+	for k, v := range map[string]string{"dc": cfg.Datacenter, "ns": cfg.Namespace, "partition": cfg.Partition} {
+		if v != "" {
+			h.params.Set(k, v)
+		}
+	}
+	return h
+}
+
+// healthEntry is what the sidecar uses of one instance in a health answer.
+type healthEntry struct {
+	ID          string // service ID, for logs
+	Address     string // service address; may be empty
+	NodeAddress string // the node's address, used when Address is empty
+	Port        int
+	Weight      int // Weights.Passing; 0 when absent
+}
+
+// healthQuery is one watch's reusable read buffer and parser; it is not
+// safe for concurrent use.
+type healthQuery struct {
+	r   *healthReader
+	buf bytes.Buffer
+	p   fastjson.Parser
+}
+
+// connect runs one blocking query for the passing Connect-capable
+// instances of service from index, waiting at most wait. It returns the
+// entries, the entries it could not read (each as an error naming it), the
+// answer's X-Consul-Index and when the answer arrived.
+func (q *healthQuery) connect(ctx context.Context, service, dc string, index uint64, wait time.Duration) (entries []healthEntry, bad []error, next uint64, at time.Time, err error) {
+	u := q.r.base
+	u.Path = strings.TrimSuffix(u.Path, "/") + "/v1/health/connect/" + url.PathEscape(service)
+	params := url.Values{"passing": {"1"}}
+	for k, v := range q.r.params {
+		params[k] = v
+	}
+	if dc != "" {
+		params.Set("dc", dc)
+	}
+	if index > 0 {
+		params.Set("index", strconv.FormatUint(index, 10))
+		params.Set("wait", strconv.FormatInt(wait.Milliseconds(), 10)+"ms")
+	}
+	u.RawQuery = params.Encode()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "/", nil)
+	if err != nil {
+		return nil, nil, 0, time.Time{}, err
+	}
+	// Set, not parsed: for a unix socket the host is the socket's path, as
+	// api does it.
+	req.URL, req.Host = &u, u.Host
+	if q.r.token != "" {
+		req.Header.Set("X-Consul-Token", q.r.token)
+	}
+	// Plain on the wire: compressing hundreds of KB per change costs both
+	// ends CPU for nothing on loopback (meshbench churn).
+	req.Header.Set("Accept-Encoding", "identity")
+	resp, err := q.r.client.Do(req)
+	if err != nil {
+		return nil, nil, 0, time.Time{}, err
+	}
+	defer resp.Body.Close()
+	at = time.Now()
+	q.buf.Reset()
+	if resp.ContentLength > 0 {
+		q.buf.Grow(int(resp.ContentLength))
+	}
+	if _, err := io.Copy(&q.buf, resp.Body); err != nil {
+		return nil, nil, 0, at, fmt.Errorf("health of %s: reading the answer: %w", service, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		msg := strings.TrimSpace(q.buf.String())
+		if len(msg) > 200 {
+			msg = msg[:200] + "..."
+		}
+		return nil, nil, 0, at, fmt.Errorf("health of %s: Consul answered %s: %s", service, resp.Status, msg)
+	}
+	next, err = strconv.ParseUint(resp.Header.Get("X-Consul-Index"), 10, 64)
+	if err != nil || next == 0 {
+		return nil, nil, 0, at, fmt.Errorf("health of %s: answer without a valid X-Consul-Index (%q)", service, resp.Header.Get("X-Consul-Index"))
+	}
+	entries, bad, err = q.parse(q.buf.Bytes())
+	if err != nil {
+		return nil, nil, 0, at, fmt.Errorf("health of %s: %w", service, err)
+	}
+	return entries, bad, next, at, nil
+}
+
+// parse reads a health answer: a JSON array of {Node, Service, Checks}. An
+// answer that is not an array is an error; an entry that lacks a field the
+// sidecar needs, or has it with the wrong type, is returned in bad and the
+// others are kept.
+func (q *healthQuery) parse(body []byte) (entries []healthEntry, bad []error, err error) {
+	v, err := q.p.ParseBytes(body)
+	if err != nil {
+		return nil, nil, fmt.Errorf("answer is not JSON: %w", err)
+	}
+	list, err := v.Array()
+	if err != nil {
+		return nil, nil, fmt.Errorf("answer is not a JSON array: %w", err)
+	}
+	entries = make([]healthEntry, 0, len(list))
+	for i, e := range list {
+		he, err := readHealthEntry(e)
+		if err != nil {
+			bad = append(bad, fmt.Errorf("instance %d (%s): %w", i, he.ID, err))
+			continue
+		}
+		entries = append(entries, he)
+	}
+	return entries, bad, nil
+}
+
+func readHealthEntry(e *fastjson.Value) (healthEntry, error) {
+	var he healthEntry
+	svc := e.Get("Service")
+	if svc == nil || svc.Type() != fastjson.TypeObject {
+		return he, errors.New("no Service object")
+	}
+	var err error
+	if he.ID, err = optString(svc, "ID"); err != nil {
+		return he, err
+	}
+	if he.Address, err = optString(svc, "Address"); err != nil {
+		return he, err
+	}
+	if node := e.Get("Node"); node != nil && node.Type() == fastjson.TypeObject {
+		if he.NodeAddress, err = optString(node, "Address"); err != nil {
+			return he, fmt.Errorf("Node.%w", err)
+		}
+	}
+	port := svc.Get("Port")
+	if port == nil {
+		return he, errors.New("no Service.Port")
+	}
+	if he.Port, err = port.Int(); err != nil {
+		return he, fmt.Errorf("Service.Port: %w", err)
+	}
+	if w := svc.Get("Weights", "Passing"); w != nil && w.Type() != fastjson.TypeNull {
+		if he.Weight, err = w.Int(); err != nil {
+			return he, fmt.Errorf("Service.Weights.Passing: %w", err)
+		}
+	}
+	return he, nil
+}
+
+// optString reads a string field that may be absent or null.
+func optString(o *fastjson.Value, key string) (string, error) {
+	v := o.Get(key)
+	if v == nil || v.Type() == fastjson.TypeNull {
+		return "", nil
+	}
+	b, err := v.StringBytes()
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", key, err)
+	}
+	return string(b), nil
+}

@@ -1,0 +1,227 @@
+package controller
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/haproxy-connect/haproxy-connect/testenv"
+)
+
+// testdata/health_connect_100.json is a real answer of Consul 1.22.3 to
+// /v1/health/connect/api?passing=1 with 100 connect-proxy instances
+// registered through the catalog (re-encoded without indentation).
+const healthAnswer = "testdata/health_connect_100.json"
+
+func TestHealthParse(t *testing.T) {
+	real, err := os.ReadFile(healthAnswer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name    string
+		body    string
+		n       int         // entries kept
+		first   healthEntry // when n > 0
+		bad     []string    // substrings, one per rejected entry
+		wantErr string
+	}{
+		{name: "real answer", body: string(real), n: 100,
+			first: healthEntry{ID: "api-1", Address: "127.1.0.1", NodeAddress: "127.1.0.1", Port: 20001, Weight: 1}},
+		{name: "empty list", body: `[]`},
+		{name: "node address only, no weights", body: `[{"Node":{"Address":"10.0.0.1"},"Service":{"ID":"a","Address":"","Port":80}}]`, n: 1,
+			first: healthEntry{ID: "a", NodeAddress: "10.0.0.1", Port: 80}},
+		{name: "nulls are absent", body: `[{"Node":null,"Service":{"ID":null,"Address":null,"Port":80,"Weights":{"Passing":null}}}]`, n: 1,
+			first: healthEntry{Port: 80}},
+		{name: "weight kept", body: `[{"Service":{"ID":"w","Address":"10.0.0.2","Port":81,"Weights":{"Passing":7,"Warning":1}}}]`, n: 1,
+			first: healthEntry{ID: "w", Address: "10.0.0.2", Port: 81, Weight: 7}},
+		{name: "bad entries dropped, the others kept",
+			body: `[{"Service":{"ID":"s","Address":"10.0.0.3","Port":"80"}},
+				{"Node":{"Address":"10.0.0.4"}},
+				{"Service":{"ID":"n","Address":10,"Port":80}},
+				{"Service":{"ID":"p","Address":"10.0.0.5"}},
+				{"Service":{"ID":"f","Address":"10.0.0.6","Port":80.5}},
+				{"Service":{"ID":"w","Address":"10.0.0.7","Port":80,"Weights":{"Passing":"x"}}},
+				{"Node":{"Address":[]},"Service":{"ID":"na","Port":80}},
+				{"Service":{"ID":"ok","Address":"10.0.0.8","Port":80}}]`, n: 1,
+			first: healthEntry{ID: "ok", Address: "10.0.0.8", Port: 80},
+			bad: []string{"instance 0 (s): Service.Port", "instance 1 (): no Service object", "instance 2 (n): Address",
+				"instance 3 (p): no Service.Port", "instance 4 (f): Service.Port", "instance 5 (w): Service.Weights.Passing", "instance 6 (na): Node.Address"}},
+		{name: "not JSON", body: `<html>`, wantErr: "answer is not JSON"},
+		{name: "truncated", body: string(real[:len(real)/2]), wantErr: "answer is not JSON"},
+		{name: "an object, not a list", body: `{"Service":{}}`, wantErr: "not a JSON array"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var q healthQuery
+			entries, bad, err := q.parse([]byte(tt.body))
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("err = %v, want %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(entries) != tt.n {
+				t.Fatalf("%d entries, want %d: %+v", len(entries), tt.n, entries)
+			}
+			if tt.n > 0 && entries[0] != tt.first {
+				t.Errorf("first entry %+v, want %+v", entries[0], tt.first)
+			}
+			if len(bad) != len(tt.bad) {
+				t.Fatalf("rejected %v, want %d", bad, len(tt.bad))
+			}
+			for i, want := range tt.bad {
+				if !strings.Contains(bad[i].Error(), want) {
+					t.Errorf("rejected[%d] = %v, want %q", i, bad[i], want)
+				}
+			}
+		})
+	}
+}
+
+// TestHealthParseMatchesAPI checks the parser against api's own decoding of
+// the same real answer, field by field.
+func TestHealthParseMatchesAPI(t *testing.T) {
+	body, err := os.ReadFile(healthAnswer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want []*api.ServiceEntry
+	if err := json.Unmarshal(body, &want); err != nil {
+		t.Fatal(err)
+	}
+	var q healthQuery
+	got, bad, err := q.parse(body)
+	if err != nil || len(bad) > 0 {
+		t.Fatal(err, bad)
+	}
+	if len(got) != len(want) {
+		t.Fatalf("%d entries, api has %d", len(got), len(want))
+	}
+	for i, w := range want {
+		exp := healthEntry{ID: w.Service.ID, Address: w.Service.Address, NodeAddress: w.Node.Address, Port: w.Service.Port, Weight: w.Service.Weights.Passing}
+		if got[i] != exp {
+			t.Errorf("entry %d: %+v, api reads %+v", i, got[i], exp)
+		}
+	}
+}
+
+// BenchmarkHealthDecode: one real answer (100 instances) decoded as api's
+// Health().Connect does, and as the watches do.
+func BenchmarkHealthDecode(b *testing.B) {
+	body, err := os.ReadFile(healthAnswer)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Run("api.ServiceEntry", func(b *testing.B) {
+		b.SetBytes(int64(len(body)))
+		b.ReportAllocs()
+		for b.Loop() {
+			var out []*api.ServiceEntry
+			if err := json.Unmarshal(body, &out); err != nil || len(out) != 100 {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("healthQuery.parse", func(b *testing.B) {
+		b.SetBytes(int64(len(body)))
+		b.ReportAllocs()
+		var q healthQuery
+		for b.Loop() {
+			out, _, err := q.parse(body)
+			if err != nil || len(out) != 100 {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
+// TestHealthConnectConsul runs the query against a real agent: passing
+// instances only, the blocking query waking on a change, and Consul's errors.
+func TestHealthConnectConsul(t *testing.T) {
+	c := testenv.Consul(t, testenv.ConsulOptions{})
+	register := func(i int, status string) {
+		t.Helper()
+		id, node, addr := fmt.Sprintf("api-%d", i), fmt.Sprintf("node-%d", i), fmt.Sprintf("127.1.0.%d", i)
+		_, err := c.Client.Catalog().Register(&api.CatalogRegistration{Node: node, Address: addr,
+			Service: &api.AgentService{ID: id, Service: "api-sidecar-proxy", Kind: api.ServiceKindConnectProxy, Port: 21000 + i,
+				Weights: api.AgentWeights{Passing: i, Warning: 1},
+				Proxy:   &api.AgentServiceConnectProxyConfig{DestinationServiceName: "api"}},
+			Check: &api.AgentCheck{Node: node, CheckID: "alive", Name: "alive", Status: status, ServiceID: id}}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	register(1, api.HealthPassing)
+	register(2, api.HealthCritical)
+	register(3, api.HealthPassing)
+
+	cfg := &api.Config{Address: c.Addr}
+	if _, err := api.NewClient(cfg); err != nil {
+		t.Fatal(err)
+	}
+	q := &healthQuery{r: newHealthReader(cfg)}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	entries, bad, index, at, err := q.connect(ctx, "api", "", 0, time.Minute)
+	if err != nil || len(bad) > 0 {
+		t.Fatal(err, bad)
+	}
+	if at.IsZero() || index == 0 {
+		t.Errorf("at %v, index %d", at, index)
+	}
+	var ids []string
+	for _, e := range entries {
+		ids = append(ids, fmt.Sprintf("%s@%s:%d/w%d", e.ID, e.NodeAddress, e.Port, e.Weight))
+	}
+	if got := strings.Join(ids, " "); got != "api-1@127.1.0.1:21001/w1 api-3@127.1.0.3:21003/w3" {
+		t.Errorf("passing entries: %s", got)
+	}
+
+	// No change within the wait: the same index comes back.
+	_, _, same, _, err := q.connect(ctx, "api", "", index, 200*time.Millisecond)
+	if err != nil || same != index {
+		t.Errorf("idle blocking query: index %d (was %d), err %v", same, index, err)
+	}
+
+	// A change wakes the blocking query.
+	woke := make(chan error, 1)
+	go func() {
+		entries, _, next, _, err := q.connect(ctx, "api", "", index, time.Minute)
+		if err == nil && (next <= index || len(entries) != 3) {
+			err = fmt.Errorf("after the change: index %d (was %d), %d entries", next, index, len(entries))
+		}
+		woke <- err
+	}()
+	time.Sleep(100 * time.Millisecond)
+	register(2, api.HealthPassing)
+	select {
+	case err := <-woke:
+		if err != nil {
+			t.Error(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the blocking query did not wake on a change")
+	}
+
+	// Consul's refusals come back as errors that say what Consul said.
+	var q2 healthQuery
+	q2.r = q.r
+	if _, _, _, _, err := q2.connect(ctx, "api", "nowhere", 0, time.Minute); err == nil || !strings.Contains(err.Error(), "Consul answered 500") || !strings.Contains(err.Error(), "No path to datacenter") {
+		t.Errorf("unknown datacenter: %v", err)
+	}
+	// A service with no instances is an empty list, not an error.
+	if entries, _, _, _, err := q.connect(ctx, "nothing", "", 0, time.Minute); err != nil || len(entries) != 0 {
+		t.Errorf("unknown service: %v, %v", entries, err)
+	}
+}
