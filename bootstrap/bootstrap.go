@@ -354,6 +354,17 @@ func Render(s Spec) (string, error) {
 		w("    option redispatch")
 		if mode == "http" {
 			w("    retry-on conn-failure empty-response")
+			// Every connection to another sidecar carries this sidecar's
+			// identity, whichever local client opened it, so any request
+			// may take any idle one: a local client that opens a
+			// connection per request then costs no mTLS handshake per
+			// request (meshbench datapath, new conn). The other sidecar
+			// keeps idle connections 1 min, longer than the 5 s pool
+			// purge here; a race with its close is retried (empty-response,
+			// above). HAProxy drops a server's idle connections when its
+			// address changes or it enters maintenance, so a reused slot
+			// never sends to the endpoint it held before.
+			w("    http-reuse always")
 		}
 		if u.ConnectTimeout > 0 {
 			w("    timeout connect %s", ms(u.ConnectTimeout))

@@ -128,8 +128,13 @@ func runAuthz(ctx context.Context, b *Bench) error {
 			return err
 		}
 	}
+	// The client's upstreams are tcp: one mTLS connection to the inbound
+	// side per client connection, which is what is under test. In http
+	// mode the client sidecar would pool its connections to other sidecars
+	// (http-reuse always), and a new client connection would cost the
+	// inbound side no handshake and no authorization.
 	up := func(name string, port int) api.Upstream {
-		return api.Upstream{DestinationName: name, LocalBindAddress: "127.0.0.1", LocalBindPort: port, Config: map[string]any{"protocol": "http"}}
+		return api.Upstream{DestinationName: name, LocalBindAddress: "127.0.0.1", LocalBindPort: port, Config: map[string]any{"protocol": "tcp"}}
 	}
 	err = RegisterWithSidecar(c, "client", clientApp, clientSidecar, map[string]any{"bind_address": "127.0.0.1"},
 		up("server", upServer), up("authz-on", upOn), up("authz-off", upOff))
@@ -609,7 +614,8 @@ func reportOnOff(b *Bench, variants []authzVariant, figs map[string]map[authzCel
 			}
 		}
 	}
-	sec.Note("wrk (%s per cell) → haproxy-connect client sidecar (http) → the inbound side → the app (in "+
+	sec.Note("wrk (%s per cell) → haproxy-connect client sidecar (its upstreams in tcp mode: one mTLS connection "+
+		"onward per client connection; in http mode it would pool them, see the data path) → the inbound side (http) → the app (in "+
 		"meshbench). new conn: wrk sends `Connection: close`, so each request is a new connection and, between "+
 		"the sidecars, a new mTLS handshake (req/s is then new connections per second); keep-alive: connections "+
 		"are reused (authz/req shows whether requests on them are still authorized one by one). Inbound sides: the haproxy-connect "+

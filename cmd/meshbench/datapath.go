@@ -37,9 +37,13 @@ func init() { workloads = append(workloads, workload{"datapath", runDataPath}) }
 // Contender names, as the tables show them.
 const (
 	contHC      = "haproxy-connect"
+	contHCTCP   = "haproxy-connect, tcp mode"
 	contBuiltin = "consul built-in"
 	contDirect  = "direct"
 )
+
+// dpContenderOrder is the order of the tables' rows.
+var dpContenderOrder = []string{contDirect, contBuiltin, contHC, contHCTCP}
 
 // httpMode is how wrk talks to the target.
 type httpMode struct {
@@ -101,10 +105,11 @@ type dpSetup struct {
 	consul *testenv.ConsulProc
 	http   *countingApp
 	bulk   int // bulk app port
-	// Registered ports: the server's and bulk's sidecar public listeners,
-	// the client sidecar's own public listener, and the client's
-	// upstream binds for "server" (http) and "bulk" (tcp).
-	serverSidecar, bulkSidecar, clientSidecar, upHTTP, upBulk int
+	// Registered ports: the server's, server-tcp's and bulk's sidecar
+	// public listeners, the client sidecar's own public listener, and the
+	// client's upstream binds for "server" (http), "server-tcp" (the same
+	// app, tcp) and "bulk" (tcp).
+	serverSidecar, serverTCPSidecar, bulkSidecar, clientSidecar, upHTTP, upTCP, upBulk int
 }
 
 // wrkCellTime is how long wrk runs for one table cell.
@@ -134,7 +139,8 @@ func runDataPath(ctx context.Context, b *Bench) error {
 	contenders := []dpContender{
 		{contDirect, s.startDirect},
 		{contBuiltin, s.startBuiltin},
-		{contHC, s.startHC},
+		{contHC, func(ctx context.Context) (*dpTarget, error) { return s.startHC(ctx, "server", s.upHTTP) }},
+		{contHCTCP, func(ctx context.Context) (*dpTarget, error) { return s.startHC(ctx, "server-tcp", s.upTCP) }},
 	}
 	contenders = slices.DeleteFunc(contenders, func(c dpContender) bool { return !b.Wants(c.name) })
 	figs := map[dpCell]*dpFigures{}
@@ -168,11 +174,12 @@ func setupDataPath(b *Bench) (*dpSetup, error) {
 	if s.bulk, err = startBulkApp(b.Env); err != nil {
 		return nil, err
 	}
-	ports, err := b.Ports(6)
+	ports, err := b.Ports(8)
 	if err != nil {
 		return nil, err
 	}
 	s.serverSidecar, s.bulkSidecar, s.clientSidecar, s.upHTTP, s.upBulk = ports[0], ports[1], ports[2], ports[3], ports[4]
+	s.serverTCPSidecar, s.upTCP = ports[6], ports[7]
 	clientApp := ports[5] // nothing listens there: the client only calls out
 	c := consul.Client
 	// bind_address keeps both proxies' public listeners on loopback (the
@@ -182,11 +189,15 @@ func setupDataPath(b *Bench) (*dpSetup, error) {
 	if err := RegisterWithSidecar(c, "server", s.http.port, s.serverSidecar, httpCfg); err != nil {
 		return nil, err
 	}
+	if err := RegisterWithSidecar(c, "server-tcp", s.http.port, s.serverTCPSidecar, tcpCfg); err != nil {
+		return nil, err
+	}
 	if err := RegisterWithSidecar(c, "bulk", s.bulk, s.bulkSidecar, tcpCfg); err != nil {
 		return nil, err
 	}
 	err = RegisterWithSidecar(c, "client", clientApp, s.clientSidecar, map[string]any{"bind_address": "127.0.0.1"},
 		api.Upstream{DestinationName: "server", LocalBindAddress: "127.0.0.1", LocalBindPort: s.upHTTP, Config: map[string]any{"protocol": "http"}},
+		api.Upstream{DestinationName: "server-tcp", LocalBindAddress: "127.0.0.1", LocalBindPort: s.upTCP, Config: map[string]any{"protocol": "tcp"}},
 		api.Upstream{DestinationName: "bulk", LocalBindAddress: "127.0.0.1", LocalBindPort: s.upBulk, Config: map[string]any{"protocol": "tcp"}})
 	if err != nil {
 		return nil, err
@@ -280,15 +291,17 @@ func (s *dpSetup) startDirect(context.Context) (*dpTarget, error) {
 }
 
 func (s *dpSetup) registeredPorts() []int {
-	return []int{s.serverSidecar, s.bulkSidecar, s.clientSidecar, s.upHTTP, s.upBulk}
+	return []int{s.serverSidecar, s.serverTCPSidecar, s.bulkSidecar, s.clientSidecar, s.upHTTP, s.upTCP, s.upBulk}
 }
 
-// startHC starts haproxy-connect sidecars for server, bulk and client.
-func (s *dpSetup) startHC(ctx context.Context) (*dpTarget, error) {
+// startHC starts haproxy-connect sidecars for serverID ("server" in http
+// mode, "server-tcp" in tcp mode), bulk and client; the HTTP load goes to
+// the client's upstream port for serverID.
+func (s *dpSetup) startHC(ctx context.Context, serverID string, upPort int) (*dpTarget, error) {
 	var procs []*Proc
 	stop := func() error { return stopContender(s.registeredPorts(), procs...) }
 	var server *Sidecar
-	for _, id := range []string{"server", "bulk", "client"} {
+	for _, id := range []string{serverID, "bulk", "client"} {
 		sc, err := s.b.StartSidecar(s.consul, id)
 		if sc != nil && sc.Proc != nil {
 			procs = append(procs, sc.Proc)
@@ -297,17 +310,17 @@ func (s *dpSetup) startHC(ctx context.Context) (*dpTarget, error) {
 			_ = stop()
 			return nil, err
 		}
-		if id == "server" {
+		if id == serverID {
 			server = sc
 		}
 	}
-	if err := s.waitPath(ctx, procs); err != nil {
+	if err := s.waitPath(ctx, upPort, procs); err != nil {
 		_ = stop()
 		return nil, err
 	}
 	sock := filepath.Join(server.StateDir, "master.sock")
 	return &dpTarget{
-		httpPort: s.upHTTP, bulkPort: s.upBulk, stop: stop,
+		httpPort: upPort, bulkPort: s.upBulk, stop: stop,
 		inbound: func() (int64, error) { return frontendSessions(sock, bootstrap.PublicFrontend) },
 		authz:   func() (int64, error) { return sidecarDecisions(server.Stats) },
 	}, nil
@@ -326,16 +339,16 @@ func (s *dpSetup) startBuiltin(ctx context.Context) (*dpTarget, error) {
 		}
 		procs = append(procs, p)
 	}
-	if err := s.waitPath(ctx, procs); err != nil {
+	if err := s.waitPath(ctx, s.upHTTP, procs); err != nil {
 		_ = stop()
 		return nil, err
 	}
 	return &dpTarget{httpPort: s.upHTTP, bulkPort: s.upBulk, inbound: s.http.accepted, stop: stop}, nil
 }
 
-// waitPath waits until an HTTP request and a small bulk transfer go
-// through the client's upstreams.
-func (s *dpSetup) waitPath(ctx context.Context, procs []*Proc) error {
+// waitPath waits until an HTTP request (to the client's upstream on
+// httpPort) and a small bulk transfer go through the client's upstreams.
+func (s *dpSetup) waitPath(ctx context.Context, httpPort int, procs []*Proc) error {
 	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
 	return WaitFor(ctx, 30*time.Second, func() error {
 		for _, p := range procs {
@@ -345,7 +358,7 @@ func (s *dpSetup) waitPath(ctx context.Context, procs []*Proc) error {
 			default:
 			}
 		}
-		resp, err := client.Get(fmt.Sprintf("http://127.0.0.1:%d/", s.upHTTP))
+		resp, err := client.Get(fmt.Sprintf("http://127.0.0.1:%d/", httpPort))
 		if err != nil {
 			return err
 		}
@@ -399,7 +412,7 @@ func (s *dpSetup) report(figs map[dpCell]*dpFigures, bulk map[string]Rounds) {
 		for _, n := range dataPathClients {
 			base := figs[dpCell{contBuiltin, m.name, n}]
 			direct := figs[dpCell{contDirect, m.name, n}]
-			for _, name := range []string{contDirect, contBuiltin, contHC} {
+			for _, name := range dpContenderOrder {
 				f := figs[dpCell{name, m.name, n}]
 				if f == nil {
 					continue
@@ -424,15 +437,19 @@ func (s *dpSetup) report(figs map[dpCell]*dpFigures, bulk map[string]Rounds) {
 	}
 	sec.Note("Load: wrk (a separate process, -t2, -t1 for 1 client) for %s per cell, after a 1 s warm-up; each "+
 		"contender is started, measured and stopped in turn within a round, in an order rotated every round. "+
-		"Contenders: %s = two haproxy-connect sidecars (client and server, access logs off); %s = `consul connect "+
+		"Contenders: %s = two haproxy-connect sidecars (client and server, access logs off), protocol http; "+
+		"%s = the same with protocol tcp on the registrations (L4 at both sidecars, as the built-in proxy); %s = `consul connect "+
 		"proxy -sidecar-for` for client and server (L4: it forwards HTTP as TCP); %s = wrk straight to the app.",
-		wrkCellTime(b), contHC, contBuiltin, contDirect)
-	sec.Note("new conn = wrk sends `Connection: close`, the app closes after each response and wrk reconnects. " +
+		wrkCellTime(b), contHC, contHCTCP, contBuiltin, contDirect)
+	sec.Note("new conn = wrk sends `Connection: close`, and wrk reconnects for each request. " +
 		"conns/req counts new connections at the server side per request: mTLS sessions on the server " +
 		"sidecar's public listener (HAProxy stats) for haproxy-connect, connections the app accepted for the " +
-		"built-in proxy (which dials the app once per inbound mTLS connection) and for direct. About 1 in new-conn " +
-		"mode means one mTLS handshake per request (a little above 1: connections still open, without a completed " +
-		"request, when wrk stops); near 0 with keep-alive.")
+		"built-in proxy (which dials the app once per inbound mTLS connection) and for direct. About 1 " +
+		"means one mTLS handshake per request (a little above 1: connections still open, without a completed " +
+		"request, when wrk stops). In http mode the client sidecar pools its mTLS connections to the server sidecar " +
+		"(`http-reuse always`: each carries the client's identity, whichever local connection it serves), so a new " +
+		"local connection costs no handshake and conns/req stays near 0; in tcp mode, and for the built-in proxy, " +
+		"each local connection is one mTLS connection onward.")
 	sec.Note("authz/req is the server sidecar's SPOE authorization decisions (its /metrics, allow + deny) per " +
 		"request, for haproxy-connect only; the built-in proxy authorizes once per inbound connection (conns/req).")
 	sec.Note("Latency is wrk's, from writing a request to reading its response; it does not include wrk's own TCP " +
@@ -449,8 +466,11 @@ func (s *dpSetup) report(figs map[dpCell]*dpFigures, bulk map[string]Rounds) {
 
 	tsec := b.Report.Add("Data path: TCP bulk transfer through client sidecar → server sidecar → app",
 		"contender", "MB/s", "÷ built-in", "÷ direct")
-	for _, name := range []string{contDirect, contBuiltin, contHC} {
-		r := bulk[name]
+	for _, name := range dpContenderOrder {
+		r, ok := bulk[name]
+		if !ok || name == contHCTCP { // the same tcp-mode bulk path as contHC's
+			continue
+		}
 		tsec.Row(name, r.Format(Num), Ratio(r.Median(), bulk[contBuiltin].Median()), Ratio(r.Median(), bulk[contDirect].Median()))
 	}
 	tsec.Note("One connection per round: a Go client asks the app (in meshbench) for %d MB and reads it to the "+
