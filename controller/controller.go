@@ -701,9 +701,8 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 		}, publish)
 		return
 	}
-	q := &healthQuery{r: c.health}
 	watchLoop(ctx, c.log, "upstream "+u.Name, 10*time.Millisecond, func(ctx context.Context, cur cursor) (endpointList, cursor, error) {
-		entries, bad, index, at, err := q.connect(ctx, u.Destination, u.Datacenter, cur.index, 5*time.Minute)
+		entries, bad, index, at, err := c.health.connect(ctx, u.Destination, u.Datacenter, cur.index, 5*time.Minute)
 		if err != nil {
 			return endpointList{}, cur, err
 		}

@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/consul/api"
@@ -22,15 +23,19 @@ import (
 // list (about 1.8 KB per instance from an agent in dev mode, 0.9 KB from
 // others), once per change, and api decodes all of it into ServiceEntry
 // values with encoding/json. That decode was 90 % of the sidecar's CPU under
-// churn (meshbench churn -profile). Here each watch reads the answer into a
-// buffer it reuses and parses it with a parser it reuses, keeping only the
-// five fields the sidecar uses: BenchmarkHealthDecode compares both on a
-// real answer of Consul's.
+// churn (meshbench churn -profile). Here an answer is read into a pooled
+// buffer and parsed with a pooled parser, keeping only the five fields the
+// sidecar uses: BenchmarkHealthDecode compares both on a real answer of
+// Consul's. Pooled, not one per watch: a parser keeps what it parsed until
+// its next parse, and 50 idle watches each holding theirs doubled the
+// sidecar's peak RSS (meshbench footprint).
 type healthReader struct {
-	client *http.Client
-	base   url.URL // scheme, host and path prefix of the agent
-	token  string
-	params url.Values // dc, ns, partition from the client configuration
+	client  *http.Client
+	base    url.URL // scheme, host and path prefix of the agent
+	token   string
+	params  url.Values // dc, ns, partition from the client configuration
+	parsers fastjson.ParserPool
+	bufs    sync.Pool // *bytes.Buffer
 }
 
 // newHealthReader takes the configuration api.NewClient has normalised (it
@@ -61,23 +66,15 @@ type healthEntry struct {
 	Weight      int // Weights.Passing; 0 when absent
 }
 
-// healthQuery is one watch's reusable read buffer and parser; it is not
-// safe for concurrent use.
-type healthQuery struct {
-	r   *healthReader
-	buf bytes.Buffer
-	p   fastjson.Parser
-}
-
 // connect runs one blocking query for the passing Connect-capable
 // instances of service from index, waiting at most wait. It returns the
 // entries, the entries it could not read (each as an error naming it), the
 // answer's X-Consul-Index and when the answer arrived.
-func (q *healthQuery) connect(ctx context.Context, service, dc string, index uint64, wait time.Duration) (entries []healthEntry, bad []error, next uint64, at time.Time, err error) {
-	u := q.r.base
+func (h *healthReader) connect(ctx context.Context, service, dc string, index uint64, wait time.Duration) (entries []healthEntry, bad []error, next uint64, at time.Time, err error) {
+	u := h.base
 	u.Path = strings.TrimSuffix(u.Path, "/") + "/v1/health/connect/" + url.PathEscape(service)
 	params := url.Values{"passing": {"1"}}
-	for k, v := range q.r.params {
+	for k, v := range h.params {
 		params[k] = v
 	}
 	if dc != "" {
@@ -95,27 +92,32 @@ func (q *healthQuery) connect(ctx context.Context, service, dc string, index uin
 	// Set, not parsed: for a unix socket the host is the socket's path, as
 	// api does it.
 	req.URL, req.Host = &u, u.Host
-	if q.r.token != "" {
-		req.Header.Set("X-Consul-Token", q.r.token)
+	if h.token != "" {
+		req.Header.Set("X-Consul-Token", h.token)
 	}
 	// Plain on the wire: compressing hundreds of KB per change costs both
 	// ends CPU for nothing on loopback (meshbench churn).
 	req.Header.Set("Accept-Encoding", "identity")
-	resp, err := q.r.client.Do(req)
+	resp, err := h.client.Do(req)
 	if err != nil {
 		return nil, nil, 0, time.Time{}, err
 	}
 	defer resp.Body.Close()
 	at = time.Now()
-	q.buf.Reset()
-	if resp.ContentLength > 0 {
-		q.buf.Grow(int(resp.ContentLength))
+	buf, _ := h.bufs.Get().(*bytes.Buffer)
+	if buf == nil {
+		buf = new(bytes.Buffer)
 	}
-	if _, err := io.Copy(&q.buf, resp.Body); err != nil {
+	defer h.bufs.Put(buf)
+	buf.Reset()
+	if resp.ContentLength > 0 {
+		buf.Grow(int(resp.ContentLength))
+	}
+	if _, err := io.Copy(buf, resp.Body); err != nil {
 		return nil, nil, 0, at, fmt.Errorf("health of %s: reading the answer: %w", service, err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		msg := strings.TrimSpace(q.buf.String())
+		msg := strings.TrimSpace(buf.String())
 		if len(msg) > 200 {
 			msg = msg[:200] + "..."
 		}
@@ -125,7 +127,7 @@ func (q *healthQuery) connect(ctx context.Context, service, dc string, index uin
 	if err != nil || next == 0 {
 		return nil, nil, 0, at, fmt.Errorf("health of %s: answer without a valid X-Consul-Index (%q)", service, resp.Header.Get("X-Consul-Index"))
 	}
-	entries, bad, err = q.parse(q.buf.Bytes())
+	entries, bad, err = h.parse(buf.Bytes())
 	if err != nil {
 		return nil, nil, 0, at, fmt.Errorf("health of %s: %w", service, err)
 	}
@@ -136,8 +138,10 @@ func (q *healthQuery) connect(ctx context.Context, service, dc string, index uin
 // answer that is not an array is an error; an entry that lacks a field the
 // sidecar needs, or has it with the wrong type, is returned in bad and the
 // others are kept.
-func (q *healthQuery) parse(body []byte) (entries []healthEntry, bad []error, err error) {
-	v, err := q.p.ParseBytes(body)
+func (h *healthReader) parse(body []byte) (entries []healthEntry, bad []error, err error) {
+	p := h.parsers.Get()
+	defer h.parsers.Put(p)
+	v, err := p.ParseBytes(body)
 	if err != nil {
 		return nil, nil, fmt.Errorf("answer is not JSON: %w", err)
 	}

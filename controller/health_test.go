@@ -59,8 +59,8 @@ func TestHealthParse(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			var q healthQuery
-			entries, bad, err := q.parse([]byte(tt.body))
+			var h healthReader
+			entries, bad, err := h.parse([]byte(tt.body))
 			if tt.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
 					t.Fatalf("err = %v, want %q", err, tt.wantErr)
@@ -99,8 +99,8 @@ func TestHealthParseMatchesAPI(t *testing.T) {
 	if err := json.Unmarshal(body, &want); err != nil {
 		t.Fatal(err)
 	}
-	var q healthQuery
-	got, bad, err := q.parse(body)
+	var h healthReader
+	got, bad, err := h.parse(body)
 	if err != nil || len(bad) > 0 {
 		t.Fatal(err, bad)
 	}
@@ -132,12 +132,12 @@ func BenchmarkHealthDecode(b *testing.B) {
 			}
 		}
 	})
-	b.Run("healthQuery.parse", func(b *testing.B) {
+	b.Run("healthReader.parse", func(b *testing.B) {
 		b.SetBytes(int64(len(body)))
 		b.ReportAllocs()
-		var q healthQuery
+		var h healthReader
 		for b.Loop() {
-			out, _, err := q.parse(body)
+			out, _, err := h.parse(body)
 			if err != nil || len(out) != 100 {
 				b.Fatal(err)
 			}
@@ -169,7 +169,7 @@ func TestHealthConnectConsul(t *testing.T) {
 	if _, err := api.NewClient(cfg); err != nil {
 		t.Fatal(err)
 	}
-	q := &healthQuery{r: newHealthReader(cfg)}
+	q := newHealthReader(cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 
@@ -215,9 +215,7 @@ func TestHealthConnectConsul(t *testing.T) {
 	}
 
 	// Consul's refusals come back as errors that say what Consul said.
-	var q2 healthQuery
-	q2.r = q.r
-	if _, _, _, _, err := q2.connect(ctx, "api", "nowhere", 0, time.Minute); err == nil || !strings.Contains(err.Error(), "Consul answered 500") || !strings.Contains(err.Error(), "No path to datacenter") {
+	if _, _, _, _, err := q.connect(ctx, "api", "nowhere", 0, time.Minute); err == nil || !strings.Contains(err.Error(), "Consul answered 500") || !strings.Contains(err.Error(), "No path to datacenter") {
 		t.Errorf("unknown datacenter: %v", err)
 	}
 	// A service with no instances is an empty list, not an error.

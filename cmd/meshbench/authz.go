@@ -6,10 +6,8 @@ package main
 // off.
 
 import (
-	"bufio"
 	"context"
 	"crypto/x509"
-	"encoding/binary"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -30,6 +28,7 @@ import (
 
 	"github.com/haproxy-connect/haproxy-connect/bootstrap"
 	"github.com/haproxy-connect/haproxy-connect/spoa"
+	"github.com/haproxy-connect/haproxy-connect/spoa/spoptest"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
@@ -483,14 +482,14 @@ func measureOnOff(ctx context.Context, b *Bench, v authzVariant, figs map[authzC
 // at a time, and checks from the agent's counters that each request was
 // decided the way the case says.
 func measureDecisions(ag *authzAgent, certs [][]byte, cases []decisionCase, figs map[string]*decisionFigures) error {
-	cl, err := dialSPOP(ag.addr)
+	cl, err := spoptest.Dial(ag.addr, "meshbench-"+strconv.Itoa(os.Getpid()), 5*time.Second)
 	if err != nil {
 		return err
 	}
 	defer cl.Close()
 	// Warm up: fill the cache, start the agent's workers, touch the code.
 	for i := 0; i < 200; i++ {
-		if _, err := cl.authorize("authorize", certs[i%len(certs)]); err != nil {
+		if _, err := spopAuthorize(cl, "authorize", certs[i%len(certs)]); err != nil {
 			return err
 		}
 	}
@@ -505,10 +504,10 @@ func measureDecisions(ag *authzAgent, certs [][]byte, cases []decisionCase, figs
 			start := time.Now()
 			var allowed bool
 			if c.noDecision {
-				err = cl.ignored()
+				err = spopIgnored(cl)
 				allowed = true
 			} else {
-				allowed, err = cl.authorize(c.message, certs[i%len(certs)])
+				allowed, err = spopAuthorize(cl, c.message, certs[i%len(certs)])
 			}
 			d := time.Since(start)
 			if err != nil {
@@ -634,226 +633,26 @@ func reportOnOff(b *Bench, variants []authzVariant, figs map[string]map[authzCel
 	sec.Note("%s", errText)
 }
 
-// A minimal HAProxy side of SPOP 2.0 (haproxy doc/SPOE.txt, section 3):
-// HAPROXY-HELLO, then NOTIFY frames, one at a time, each answered by an
-// ACK. Frames: a 4-byte big-endian length, then type, 4 bytes of flags
-// (FIN), stream-id and frame-id as varints, and the payload.
-
-const (
-	spopHaproxyHello = 1
-	spopHaproxyDisc  = 2
-	spopNotify       = 3
-	spopAgentHello   = 101
-	spopAgentDiscon  = 102
-	spopAck          = 103
-
-	spopTypeBool   = 1
-	spopTypeUint32 = 3
-	spopTypeInt64  = 4
-	spopTypeString = 8
-	spopTypeBinary = 9
-	spopFlagTrue   = 0x10
-
-	spopActionSetVar = 1
-)
-
-type spopClient struct {
-	c      net.Conn
-	r      *bufio.Reader
-	buf    []byte
-	stream uint64
-}
-
-func dialSPOP(addr string) (*spopClient, error) {
-	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
-	if err != nil {
-		return nil, err
-	}
-	s := &spopClient{c: c, r: bufio.NewReader(c)}
-	var hello []byte
-	hello = spopKV(hello, "supported-versions", spopTypeString, []byte("2.0"))
-	hello = spopKV(hello, "max-frame-size", spopTypeUint32, nil, 16380)
-	// What HAProxy 2.6 announces; pipelining is required by the library.
-	hello = spopKV(hello, "capabilities", spopTypeString, []byte("pipelining,async"))
-	hello = spopKV(hello, "engine-id", spopTypeString, []byte("meshbench-"+strconv.Itoa(os.Getpid())))
-	typ, _, payload, err := s.roundTrip(spopHaproxyHello, 0, hello)
-	if err != nil {
-		c.Close()
-		return nil, fmt.Errorf("spop hello: %w", err)
-	}
-	if typ != spopAgentHello {
-		c.Close()
-		return nil, fmt.Errorf("spop hello: agent answered frame type %d (% x)", typ, payload)
-	}
-	return s, nil
-}
-
-// Close says goodbye as HAProxy does (HAPROXY-DISCONNECT, status 0), waits
-// briefly for the agent's AGENT-DISCONNECT, and closes.
-func (s *spopClient) Close() error {
-	var p []byte
-	p = spopKV(p, "status-code", spopTypeUint32, nil, 0)
-	p = spopKV(p, "message", spopTypeString, []byte("normal"))
-	_, _, _, _ = s.roundTrip(spopHaproxyDisc, 0, p)
-	return s.c.Close()
-}
-
-// authorize sends message (with its argument cert=der, as
-// bootstrap.RenderSPOE declares it) and returns the allowed variable the
-// ACK sets, whatever its scope.
-func (s *spopClient) authorize(message string, der []byte) (bool, error) {
-	vars, err := s.notify(message, "cert", der)
+// spopAuthorize sends message with its argument cert=der, as
+// bootstrap.RenderSPOE declares it, and returns the verdict the ACK sets.
+func spopAuthorize(cl *spoptest.Conn, message string, der []byte) (bool, error) {
+	vars, err := cl.Notify(spoptest.Message{Name: message, Args: []spoptest.Arg{{Name: "cert", Value: der}}})
 	if err != nil {
 		return false, err
 	}
-	allowed, ok := vars["allowed"]
+	allowed, ok := vars["sess.allowed"].(bool)
 	if !ok {
 		return false, fmt.Errorf("ack without the allowed variable: %v", vars)
 	}
 	return allowed, nil
 }
 
-// ignored sends a message the agent does not handle; it answers an empty
-// ACK.
-func (s *spopClient) ignored() error {
-	vars, err := s.notify("meshbench-ignored", "x", []byte{0})
+// spopIgnored sends a message the agent does not handle; it answers an
+// empty ACK.
+func spopIgnored(cl *spoptest.Conn) error {
+	vars, err := cl.Notify(spoptest.Message{Name: "meshbench-ignored", Args: []spoptest.Arg{{Name: "x", Value: []byte{0}}}})
 	if err == nil && len(vars) > 0 {
 		err = fmt.Errorf("ack for an ignored message sets %v", vars)
 	}
 	return err
-}
-
-// notify sends one NOTIFY with one message of one binary argument and
-// returns the boolean variables its ACK sets.
-func (s *spopClient) notify(msg, arg string, val []byte) (map[string]bool, error) {
-	s.stream++
-	p := spopBytes(nil, []byte(msg))
-	p = append(p, 1) // nb-args
-	p = spopKV(p, arg, spopTypeBinary, val)
-	typ, sid, payload, err := s.roundTrip(spopNotify, s.stream, p)
-	if err != nil {
-		return nil, err
-	}
-	if typ != spopAck || sid != s.stream {
-		return nil, fmt.Errorf("got frame type %d for stream %d, want an ACK for %d (% x)", typ, sid, s.stream, payload)
-	}
-	return parseAck(payload)
-}
-
-func (s *spopClient) roundTrip(typ byte, stream uint64, payload []byte) (byte, uint64, []byte, error) {
-	_ = s.c.SetDeadline(time.Now().Add(5 * time.Second))
-	f := append(s.buf[:0], 0, 0, 0, 0, typ, 0, 0, 0, 1) // length, type, flags FIN
-	f = spopVarint(f, stream)
-	f = spopVarint(f, 1) // frame-id
-	f = append(f, payload...)
-	binary.BigEndian.PutUint32(f, uint32(len(f)-4))
-	s.buf = f
-	if _, err := s.c.Write(f); err != nil {
-		return 0, 0, nil, err
-	}
-	var n [4]byte
-	if _, err := io.ReadFull(s.r, n[:]); err != nil {
-		return 0, 0, nil, err
-	}
-	fr := make([]byte, binary.BigEndian.Uint32(n[:]))
-	if _, err := io.ReadFull(s.r, fr); err != nil {
-		return 0, 0, nil, err
-	}
-	if len(fr) < 5 {
-		return 0, 0, nil, errors.New("short spop frame")
-	}
-	rtyp, b := fr[0], fr[5:]
-	if rtyp == spopAgentDiscon {
-		return rtyp, 0, b, fmt.Errorf("agent disconnected: % x", b)
-	}
-	sid, b, err := spopGetVarint(b)
-	if err != nil {
-		return 0, 0, nil, err
-	}
-	_, b, err = spopGetVarint(b)
-	return rtyp, sid, b, err
-}
-
-// parseAck reads the set-var actions of an ACK that set booleans (and
-// skips string values, such as sess.source).
-func parseAck(b []byte) (map[string]bool, error) {
-	vars := map[string]bool{}
-	for len(b) > 0 {
-		if len(b) < 3 || b[0] != spopActionSetVar || b[1] != 3 {
-			return nil, fmt.Errorf("unexpected action % x", b)
-		}
-		n, rest, err := spopGetVarint(b[3:])
-		if err != nil || uint64(len(rest)) < n+1 {
-			return nil, fmt.Errorf("bad variable name in % x", b)
-		}
-		name := string(rest[:n])
-		typ, rest := rest[n], rest[n+1:]
-		switch typ & 0x0f {
-		case spopTypeBool:
-			vars[name] = typ&spopFlagTrue != 0
-		case spopTypeString, spopTypeBinary:
-			l, r, err := spopGetVarint(rest)
-			if err != nil || uint64(len(r)) < l {
-				return nil, fmt.Errorf("bad value of %s in % x", name, b)
-			}
-			rest = r[l:]
-		case spopTypeInt64:
-			_, r, err := spopGetVarint(rest)
-			if err != nil {
-				return nil, fmt.Errorf("bad value of %s in % x", name, b)
-			}
-			rest = r
-		default:
-			return nil, fmt.Errorf("variable %s has unexpected type %d", name, typ)
-		}
-		b = rest
-	}
-	return vars, nil
-}
-
-// spopVarint encodes i as SPOP's variable-length integer.
-func spopVarint(b []byte, i uint64) []byte {
-	if i < 240 {
-		return append(b, byte(i))
-	}
-	b = append(b, byte(i)|240)
-	i = (i - 240) >> 4
-	for i >= 128 {
-		b = append(b, byte(i)|128)
-		i = (i - 128) >> 7
-	}
-	return append(b, byte(i))
-}
-
-func spopGetVarint(b []byte) (uint64, []byte, error) {
-	if len(b) == 0 {
-		return 0, nil, io.ErrUnexpectedEOF
-	}
-	v, b := uint64(b[0]), b[1:]
-	if v < 240 {
-		return v, b, nil
-	}
-	for shift := 4; ; shift += 7 {
-		if len(b) == 0 {
-			return 0, nil, io.ErrUnexpectedEOF
-		}
-		c := b[0]
-		b = b[1:]
-		v += uint64(c) << shift
-		if c < 128 {
-			return v, b, nil
-		}
-	}
-}
-
-func spopBytes(b, s []byte) []byte { return append(spopVarint(b, uint64(len(s))), s...) }
-
-// spopKV appends a key and a typed value: data for strings and binaries,
-// num for integers.
-func spopKV(b []byte, key string, typ byte, data []byte, num ...uint64) []byte {
-	b = append(spopBytes(b, []byte(key)), typ)
-	if typ == spopTypeUint32 {
-		return spopVarint(b, num[0])
-	}
-	return spopBytes(b, data)
 }

@@ -57,36 +57,6 @@ func TestSidecarAgentAddr(t *testing.T) {
 	}
 }
 
-func TestSPOPEncoding(t *testing.T) {
-	for _, v := range []uint64{0, 1, 239, 240, 241, 2287, 2288, 264431, 264432, 1 << 40} {
-		b := spopVarint([]byte{0xaa}, v)
-		got, rest, err := spopGetVarint(b[1:])
-		if err != nil || got != v || len(rest) != 0 {
-			t.Errorf("varint %d: got %d, rest % x, %v", v, got, rest, err)
-		}
-	}
-	// An ACK as the agent writes it: set-var sess.allowed true, set-var
-	// sess.source "spiffe://x", set-var txn.other false.
-	var ack []byte
-	ack = append(ack, spopActionSetVar, 3, 1)
-	ack = append(spopBytes(ack, []byte("allowed")), spopTypeBool|spopFlagTrue)
-	ack = append(ack, spopActionSetVar, 3, 1)
-	ack = append(spopBytes(ack, []byte("source")), spopTypeString)
-	ack = spopBytes(ack, []byte("spiffe://x"))
-	ack = append(ack, spopActionSetVar, 3, 2)
-	ack = append(spopBytes(ack, []byte("other")), spopTypeBool)
-	vars, err := parseAck(ack)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(vars) != 2 || !vars["allowed"] || vars["other"] {
-		t.Errorf("vars %v", vars)
-	}
-	if _, err := parseAck([]byte{2, 3, 1}); err == nil {
-		t.Error("unknown action parsed")
-	}
-}
-
 func TestParseDecisions(t *testing.T) {
 	m := "# TYPE haproxy_connect_authz_decisions_total counter\n" +
 		"haproxy_connect_authz_decisions_total{result=\"allow\"} 16082\n" +
