@@ -247,19 +247,24 @@ func ServeTCP(t testing.TB, handle func(net.Conn)) int {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				handle(c)
-			}()
-		}
-	}()
+	go Serve(ln, handle)
 	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// Serve runs handle for each connection ln accepts, in its own goroutine,
+// closing the connection after it; it returns when ln is closed. ServeTCP
+// is Serve for a test; meshbench's in-process apps use it directly.
+func Serve(ln net.Listener, handle func(net.Conn)) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			handle(c)
+		}()
+	}
 }
 
 // Relay listens on a free loopback port and copies bytes both ways to

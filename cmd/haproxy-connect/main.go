@@ -106,10 +106,11 @@ func run(o options) error {
 	if o.token != "" {
 		ccfg.Token = o.token
 	}
-	// The local agent compresses every answer a Go client accepts gzip for;
-	// an endpoint list of 100 Connect instances is 90-180 KB per change. On
-	// loopback that is CPU spent twice for nothing (found by meshbench's
-	// churn workload), so ask for it plain.
+	// The local agent compresses every answer a Go client accepts gzip for:
+	// on loopback that is CPU spent twice for nothing (found by meshbench's
+	// churn workload), so ask for answers plain. The endpoint watches, whose
+	// answers are the large ones, ask for that themselves (controller's
+	// healthReader); this covers api's calls.
 	ccfg.Transport.DisableCompression = true
 	client, err := api.NewClient(ccfg)
 	if err != nil {

@@ -407,24 +407,33 @@ func (cb *churnBench) haproxyConnect() *churnContender {
 	return c
 }
 
-// churnCTHead is the HAProxy configuration consul-template renders, up to the
-// backend's servers; churnCTServers is the consul-template range that renders one
-// server per passing api-plain instance (its service function returns
-// passing instances only).
+// The HAProxy configuration both HAProxy contenders without mTLS
+// (consul-template and DNS SRV) share, so that only how servers are found
+// differs: churnHAProxyGlobal, then the DNS contender's resolvers, then
+// churnHAProxyProxies (its %d: the load port), then the servers.
 const (
-	churnCTHead = `global
+	churnHAProxyGlobal = `global
     master-worker
 defaults
     mode http
     timeout connect 5s
     timeout client 30s
     timeout server 30s
-frontend fe
+`
+	churnHAProxyProxies = `frontend fe
     bind 127.0.0.1:%d
     default_backend be
 backend be
     balance roundrobin
 `
+)
+
+// churnCTHead is the HAProxy configuration consul-template renders, up to the
+// backend's servers; churnCTServers is the consul-template range that renders one
+// server per passing api-plain instance (its service function returns
+// passing instances only).
+const (
+	churnCTHead    = churnHAProxyGlobal + churnHAProxyProxies
 	churnCTServers = `{{- range service "api-plain" }}
     server {{ .ID }} {{ .Address }}:{{ .Port }}
 {{- end }}
@@ -538,22 +547,10 @@ func (cb *churnBench) dnsSRV(tuned bool) *churnContender {
 			return err
 		}
 		c.port = ports[0]
-		cfg := fmt.Sprintf(`global
-    master-worker
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-resolvers consul
+		cfg := fmt.Sprintf(churnHAProxyGlobal+`resolvers consul
     nameserver consul 127.0.0.1:%d
     accepted_payload_size 65535
-%sfrontend fe
-    bind 127.0.0.1:%d
-    default_backend be
-backend be
-    balance roundrobin
-    server-template s %d _api-plain._tcp.service.consul resolvers consul resolve-prefer ipv4 init-addr none
+%s`+churnHAProxyProxies+`    server-template s %d _api-plain._tcp.service.consul resolvers consul resolve-prefer ipv4 init-addr none
 `, cb.consul.DNSPort, timers, c.port, churnDNSSlots(burst.changes))
 		if h, err = cb.b.StartHAProxy(cfg); err != nil {
 			return err

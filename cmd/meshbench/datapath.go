@@ -592,29 +592,20 @@ func startBulkApp(e *Env) (int, error) {
 	}
 	e.Defer(func() { ln.Close() })
 	buf := make([]byte, 256<<10)
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
+	go testenv.Serve(ln, func(c net.Conn) {
+		_ = c.SetDeadline(time.Now().Add(5 * time.Minute))
+		var hdr [8]byte
+		if _, err := io.ReadFull(c, hdr[:]); err != nil {
+			return
+		}
+		for left := int64(binary.BigEndian.Uint64(hdr[:])); left > 0; {
+			n := min(left, int64(len(buf)))
+			if _, err := c.Write(buf[:n]); err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				_ = c.SetDeadline(time.Now().Add(5 * time.Minute))
-				var hdr [8]byte
-				if _, err := io.ReadFull(c, hdr[:]); err != nil {
-					return
-				}
-				for left := int64(binary.BigEndian.Uint64(hdr[:])); left > 0; {
-					n := min(left, int64(len(buf)))
-					if _, err := c.Write(buf[:n]); err != nil {
-						return
-					}
-					left -= n
-				}
-			}()
+			left -= n
 		}
-	}()
+	})
 	return ln.Addr().(*net.TCPAddr).Port, nil
 }
 
