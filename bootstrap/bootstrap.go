@@ -35,6 +35,9 @@ type Spec struct {
 	HardStopAfter time.Duration
 	// AccessLog sends one log line per connection/request to stdout.
 	AccessLog bool
+	// Threads is HAProxy's nbthread; 0 leaves HAProxy's default, one
+	// thread per CPU the process may run on (which ignores CPU quotas).
+	Threads   int
 	Public    Public
 	Upstreams []Upstream
 }
@@ -75,6 +78,9 @@ const (
 	// AuthzGenKey is the AuthzMap key holding the intentions generation.
 	AuthzGenKey = "gen"
 	SlotPrefix  = "s"
+	// MaxThreads is HAProxy's build-time thread limit (MAX_THREADS, 64
+	// on the 64-bit builds Debian ships).
+	MaxThreads = 64
 )
 
 var (
@@ -189,6 +195,9 @@ func (s Spec) Validate() error {
 	if s.HardStopAfter <= 0 || s.HardStopAfter > 24*time.Hour {
 		return fmt.Errorf("%w: hard-stop-after %s", ErrInvalid, s.HardStopAfter)
 	}
+	if s.Threads < 0 || s.Threads > MaxThreads {
+		return fmt.Errorf("%w: %d threads (want 0 for HAProxy's default, or 1 to %d)", ErrInvalid, s.Threads, MaxThreads)
+	}
 	p := s.Public
 	if err := checkAddrPort("public listener", p.BindAddr, p.BindPort); err != nil {
 		return err
@@ -252,6 +261,9 @@ func Render(s Spec) (string, error) {
 	w("global")
 	w("    master-worker")
 	w("    hard-stop-after %s", ms(s.HardStopAfter))
+	if s.Threads > 0 {
+		w("    nbthread %d", s.Threads)
+	}
 	w("    ssl-default-bind-options ssl-min-ver TLSv1.2")
 	w("    ssl-default-server-options ssl-min-ver TLSv1.2")
 	w("    tune.ssl.default-dh-param 2048")
@@ -369,8 +381,18 @@ func Render(s Spec) (string, error) {
 		if u.ConnectTimeout > 0 {
 			w("    timeout connect %s", ms(u.ConnectTimeout))
 		}
+		// HTTP/1.1 upstreams also offer h2 to the other sidecar (whose
+		// http listener accepts both; a peer without it answers
+		// http/1.1): multiplexed streams on few pooled connections cost
+		// fewer wakeups and syscalls per request than one connection per
+		// request in flight. meshbench datapath, keep-alive at 128
+		// clients: p99 157 ms with HTTP/1.1 between sidecars, 18 ms with
+		// h2.
 		alpn := ""
-		if mode == "http" && u.Protocol != "http" {
+		switch {
+		case mode == "http" && u.Protocol == "http":
+			alpn = " alpn h2,http/1.1"
+		case mode == "http":
 			alpn = " alpn h2"
 		}
 		w("    default-server ssl crt %s ca-file %s verify required%s", s.LeafFile, s.RootsFile, alpn)

@@ -54,6 +54,7 @@ func goldenSpecs() map[string]Spec {
 	http.Public.Protocol = "http"
 	http.Public.ConnectTimeout = 1500 * time.Millisecond
 	http.AccessLog = true
+	http.Threads = 2
 	db := upstream("db", 9192, "tcp", 8)
 	db.ConnectTimeout = 250 * time.Millisecond
 	http.Upstreams = []Upstream{
@@ -166,6 +167,8 @@ func TestValidateRejects(t *testing.T) {
 		{"slot endpoint hostname", func(s *Spec) { s.Upstreams[0].Slots.Slots[0].Addr = "evil host" }},
 		{"slot table of another backend", func(s *Spec) { s.Upstreams[0].Slots.Backend = "up_other" }},
 		{"no hard stop", func(s *Spec) { s.HardStopAfter = 0 }},
+		{"negative threads", func(s *Spec) { s.Threads = -1 }},
+		{"threads over haproxy's limit", func(s *Spec) { s.Threads = MaxThreads + 1 }},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

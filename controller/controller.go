@@ -47,6 +47,8 @@ type Config struct {
 	// first endpoint list, so HAProxy starts with endpoints (default 3 s).
 	InitialWait time.Duration
 	AccessLog   bool
+	// Threads is HAProxy's thread count (0: HAProxy's default).
+	Threads int
 }
 
 // haproxyAPI is what the controller needs of the runtime client; tests
@@ -371,6 +373,7 @@ func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.S
 		SPOAAddr:      c.cfg.SPOAAddr,
 		HardStopAfter: c.cfg.HardStopAfter,
 		AccessLog:     c.cfg.AccessLog,
+		Threads:       c.cfg.Threads,
 		Public:        sc.Public,
 	}
 	for _, u := range sc.Upstreams {

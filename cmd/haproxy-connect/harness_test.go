@@ -168,7 +168,9 @@ type mesh struct {
 	consul *testenv.ConsulProc
 	c      *api.Client
 	// ports: server sidecar, client app, client sidecar, client's upstream.
-	ports          []int
+	ports []int
+	// app is the server application's port.
+	app            int
 	upstream       api.Upstream
 	server, client *sidecar
 }
@@ -180,13 +182,12 @@ func startMesh(t *testing.T, opts testenv.ConsulOptions, proto string, clientArg
 	t.Helper()
 	m := &mesh{consul: testenv.Consul(t, opts), ports: testenv.FreePorts(t, 4)}
 	m.c = m.consul.Client
-	appPort := 0
 	if proto == "http" {
-		appPort = httpApp(t, "server")
+		m.app = httpApp(t, "server")
 	} else {
-		appPort = tcpApp(t, "hello from server")
+		m.app = tcpApp(t, "hello from server")
 	}
-	register(t, m.c, "server", appPort, m.ports[0], map[string]any{"protocol": proto})
+	register(t, m.c, "server", m.app, m.ports[0], map[string]any{"protocol": proto})
 	m.upstream = api.Upstream{DestinationName: "server", LocalBindPort: m.ports[3], Config: map[string]any{"protocol": proto}}
 	register(t, m.c, "client", m.ports[1], m.ports[2], nil, m.upstream)
 	m.server = startSidecar(t, m.consul, "server")
@@ -217,27 +218,34 @@ func tcpApp(t *testing.T, line string) int {
 // load calls f in a loop until the returned stop is called; stop reports
 // how many calls succeeded and failed, and the first failure.
 func load(f func() error) (stop func() (ok, failed int64, first error)) {
+	return loadN(1, f)
+}
+
+// loadN is load with n concurrent loops.
+func loadN(n int, f func() error) (stop func() (ok, failed int64, first error)) {
 	var okN, failedN atomic.Int64
 	var firstErr atomic.Value
 	done := make(chan struct{})
 	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			select {
-			case <-done:
-				return
-			default:
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-done:
+					return
+				default:
+				}
+				if err := f(); err != nil {
+					failedN.Add(1)
+					firstErr.CompareAndSwap(nil, err)
+					continue
+				}
+				okN.Add(1)
 			}
-			if err := f(); err != nil {
-				failedN.Add(1)
-				firstErr.CompareAndSwap(nil, err)
-				continue
-			}
-			okN.Add(1)
-		}
-	}()
+		}()
+	}
 	return func() (int64, int64, error) {
 		close(done)
 		wg.Wait()

@@ -16,6 +16,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	goruntime "runtime"
 	"syscall"
 	"time"
 
@@ -33,7 +34,7 @@ type options struct {
 	sidecarFor, proxyID, httpAddr, token string
 	haproxyBin, stateDir, statsAddr      string
 	logLevel, logFormat                  string
-	minSlots                             int
+	minSlots, threads                    int
 	accessLog                            bool
 	startTimeout                         time.Duration
 }
@@ -51,6 +52,11 @@ func main() {
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug|info|warn|error")
 	fs.StringVar(&o.logFormat, "log-format", "console", "console|json")
 	fs.IntVar(&o.minSlots, "min-slots", 8, "smallest number of server slots per upstream")
+	// Go sizes GOMAXPROCS from the CPU affinity and the cgroup CPU limit;
+	// HAProxy's own default counts every CPU it may run on, so in a
+	// container limited to 2 CPUs of a 64-CPU node it would start 64
+	// threads, each waking for the same traffic.
+	fs.IntVar(&o.threads, "threads", goruntime.GOMAXPROCS(0), "HAProxy worker threads (default: the CPUs this process may use, after cgroup limits; 0: HAProxy's default)")
 	fs.BoolVar(&o.accessLog, "access-log", true, "HAProxy logs each connection/request (with the client SPIFFE ID) to stdout")
 	fs.DurationVar(&o.startTimeout, "start-timeout", 30*time.Second, "how long to retry Consul at start")
 	if err := fs.Parse(os.Args[1:]); err != nil {
@@ -157,6 +163,7 @@ func run(o options) error {
 	ctl, err = controller.New(controller.Config{
 		Consul: ccfg, ProxyID: proxy.ID, StateDir: stateDir, HAProxyBin: bin,
 		SPOAAddr: ln.Addr().String(), Log: log.Named("controller"), MinSlots: o.minSlots, AccessLog: o.accessLog,
+		Threads: o.threads,
 	})
 	if err != nil {
 		return err
