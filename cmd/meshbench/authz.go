@@ -62,9 +62,12 @@ type authzVariant struct {
 
 // authzFigures are one variant's figures at one concurrency, one per round.
 type authzFigures struct {
+	// Two runs per round.
 	rate, p99, connsPerReq, authzPerReq Rounds
-	requests, errors                    int64
-	firstErr                            string
+	// vsOff is the rate over the off side's, one paired ratio per round.
+	vsOff            Rounds
+	requests, errors int64
+	firstErr         string
 }
 
 // decisionCase is one kind of SPOP exchange timed at the agent's socket.
@@ -202,16 +205,46 @@ func runAuthz(ctx context.Context, b *Bench) error {
 	}
 
 	rates := map[string]map[authzCell]*authzFigures{}
+	for _, v := range variants {
+		rates[v.name] = map[authzCell]*authzFigures{}
+		for _, cell := range authzCells {
+			rates[v.name][cell] = &authzFigures{}
+		}
+	}
 	times := map[string]*decisionFigures{}
+	off := variants[len(variants)-1].name
 	for r := 0; r < b.Rounds; r++ {
 		b.Logf("authz round %d/%d", r+1, b.Rounds)
-		for i := range variants {
-			v := variants[(i+r)%len(variants)]
-			if rates[v.name] == nil {
-				rates[v.name] = map[authzCell]*authzFigures{}
+		for _, v := range variants {
+			if _, err := runWrk(ctx, b.Wrk, fmt.Sprintf("http://127.0.0.1:%d/", v.port), 16, time.Second, true); err != nil {
+				return fmt.Errorf("%s: warm-up: %w", v.name, err)
 			}
-			if err := measureOnOff(ctx, b, v, rates[v.name]); err != nil {
-				return fmt.Errorf("%s: %w", v.name, err)
+		}
+		// The differences sought are a few per cent, less than the
+		// machine's drift over a run: each cell measures every variant
+		// twice, in mirrored order (ABC CBA, rotated every round), and
+		// compares each with the off side within the round.
+		for _, cell := range authzCells {
+			order := make([]authzVariant, 0, 2*len(variants))
+			for i := range variants {
+				order = append(order, variants[(i+r)%len(variants)])
+			}
+			for i := len(variants) - 1; i >= 0; i-- {
+				order = append(order, order[i])
+			}
+			sum := map[string]float64{}
+			for _, v := range order {
+				rps, err := measureOnOff(ctx, b, v, cell, rates[v.name][cell])
+				if err != nil {
+					return fmt.Errorf("%s: %w", v.name, err)
+				}
+				sum[v.name] += rps
+			}
+			for _, v := range variants {
+				if sum[off] > 0 {
+					f := rates[v.name][cell]
+					f.vsOff = append(f.vsOff, sum[v.name]/sum[off])
+				}
 			}
 		}
 		if err := measureDecisions(timing, certs, cases, times); err != nil {
@@ -425,57 +458,48 @@ func waitUpstreams(ctx context.Context, body string, ports ...int) error {
 	})
 }
 
-// measureOnOff runs wrk through v for each cell.
-func measureOnOff(ctx context.Context, b *Bench, v authzVariant, figs map[authzCell]*authzFigures) error {
+// measureOnOff runs wrk through v for one cell, adds the figures to f and
+// returns the request rate.
+func measureOnOff(ctx context.Context, b *Bench, v authzVariant, cell authzCell, f *authzFigures) (float64, error) {
 	url := fmt.Sprintf("http://127.0.0.1:%d/", v.port)
-	if _, err := runWrk(ctx, b.Wrk, url, 16, time.Second, true); err != nil {
-		return fmt.Errorf("warm-up: %w", err)
+	s0, err := v.sessions()
+	if err != nil {
+		return 0, err
 	}
-	for _, cell := range authzCells {
-		f := figs[cell]
-		if f == nil {
-			f = &authzFigures{}
-			figs[cell] = f
-		}
-		s0, err := v.sessions()
-		if err != nil {
-			return err
-		}
-		var d0 int64
-		if v.decisions != nil {
-			if d0, err = v.decisions(); err != nil {
-				return err
-			}
-		}
-		res, err := runWrk(ctx, b.Wrk, url, cell.clients, wrkCellTime(b), cell.mode.close)
-		if err != nil {
-			return err
-		}
-		s1, err := v.sessions()
-		if err != nil {
-			return err
-		}
-		f.rate = append(f.rate, res.RPS)
-		f.p99 = append(f.p99, res.P99)
-		f.requests += res.Requests
-		if res.Requests > 0 {
-			f.connsPerReq = append(f.connsPerReq, float64(s1-s0)/float64(res.Requests))
-		}
-		if v.decisions != nil && res.Requests > 0 {
-			d1, err := v.decisions()
-			if err != nil {
-				return err
-			}
-			f.authzPerReq = append(f.authzPerReq, float64(d1-d0)/float64(res.Requests))
-		}
-		if e := res.Errors(); e > 0 {
-			f.errors += e
-			if f.firstErr == "" {
-				f.firstErr = res.ErrorText()
-			}
+	var d0 int64
+	if v.decisions != nil {
+		if d0, err = v.decisions(); err != nil {
+			return 0, err
 		}
 	}
-	return nil
+	res, err := runWrk(ctx, b.Wrk, url, cell.clients, wrkCellTime(b), cell.mode.close)
+	if err != nil {
+		return 0, err
+	}
+	s1, err := v.sessions()
+	if err != nil {
+		return 0, err
+	}
+	f.rate = append(f.rate, res.RPS)
+	f.p99 = append(f.p99, res.P99)
+	f.requests += res.Requests
+	if res.Requests > 0 {
+		f.connsPerReq = append(f.connsPerReq, float64(s1-s0)/float64(res.Requests))
+	}
+	if v.decisions != nil && res.Requests > 0 {
+		d1, err := v.decisions()
+		if err != nil {
+			return 0, err
+		}
+		f.authzPerReq = append(f.authzPerReq, float64(d1-d0)/float64(res.Requests))
+	}
+	if e := res.Errors(); e > 0 {
+		f.errors += e
+		if f.firstErr == "" {
+			f.firstErr = res.ErrorText()
+		}
+	}
+	return res.RPS, nil
 }
 
 // measureDecisions times each case over one SPOP connection, one request
@@ -603,7 +627,7 @@ func reportOnOff(b *Bench, variants []authzVariant, figs map[string]map[authzCel
 			}
 			vsOff := "n/a"
 			if base != nil {
-				vsOff = Ratio(f.rate.Median(), base.rate.Median())
+				vsOff = f.vsOff.Format(func(r float64) string { return fmt.Sprintf("%.2f", r) })
 			}
 			sec.Row(cell.mode.name, strconv.Itoa(n), v.name, f.rate.Format(Num), f.p99.Format(Dur), f.connsPerReq.Format(perReq),
 				optPerReq(f.authzPerReq), strconv.FormatInt(f.errors, 10), vsOff)
@@ -622,7 +646,11 @@ func reportOnOff(b *Bench, variants []authzVariant, figs map[string]map[authzCel
 		"(the sidecar's renderer, own leaf, Consul's roots), once as rendered with its SPOE messages going to the "+
 		"server sidecar's agent (in the haproxy-connect process), once with the `filter spoe` line and the rules "+
 		"that check its verdict removed: the like-for-like pair differs only in those lines. "+
-		"÷ off compares with the last; the target is at least 0.9 for authorization on in new-conn mode. "+
+		"Each cell runs every inbound side twice per round, in mirrored order (ABC then CBA, rotated every round), "+
+		"so req/s, p99, conns/req and authz/req are median (min–max) over 2 × rounds runs; ÷ off is the rate of the "+
+		"side over that of the last side (off), paired within each round (both runs summed), median (min–max) over "+
+		"rounds: the machine drifts more over a run than the few per cent sought. "+
+		"The target is at least 0.9 for authorization on in new-conn mode. "+
 		"conns/req is the inbound public listener's new sessions per request (HAProxy stats), so about 1 means one mTLS handshake "+
 		"per request; authz/req is the agent's decisions per request (all cached after the first: one client "+
 		"identity).", wrkCellTime(b))
