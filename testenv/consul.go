@@ -56,6 +56,8 @@ type ConsulProc struct {
 	DNSPort int
 	// GRPCPort is the plain-text gRPC port, 0 unless ConsulOptions.GRPC.
 	GRPCPort int
+	// SerfLANPort is the gossip port other agents join.
+	SerfLANPort int
 	// Dir holds the config file and the data dir.
 	Dir string
 	// ConfigPath is the agent config file.
@@ -121,6 +123,7 @@ func LaunchConsul(bin, dir string, opts ConsulOptions) (*ConsulProc, error) {
 	if opts.GRPC {
 		c.GRPCPort = ports[4]
 	}
+	c.SerfLANPort = ports[2]
 	cfg := consulConfig(c, ports[1], ports[2], opts)
 	if err := os.WriteFile(c.ConfigPath, []byte(cfg), 0o600); err != nil {
 		return nil, fmt.Errorf("write consul config: %w", err)
@@ -144,6 +147,71 @@ func LaunchConsul(bin, dir string, opts ConsulOptions) (*ConsulProc, error) {
 		"-client", "127.0.0.1",
 		"-config-file", c.ConfigPath,
 		"-log-level", "info")
+	if err != nil {
+		return nil, err
+	}
+	c.proc = p
+	if err := c.waitReady(probe, consulReadyTimeout); err != nil {
+		return nil, c.proc.failStart(err)
+	}
+	return c, nil
+}
+
+// LaunchConsulClient starts a Consul client agent (not a server) that
+// joins server, as on a host that runs services and their sidecars: its
+// HTTP answers are not indented as a dev agent's are, and the proxy
+// registrations it holds get their data over RPC and streaming from the
+// server, not from the server's own state store. Of opts only DNS and
+// GRPC apply. The caller stops it; on error it is already stopped.
+func LaunchConsulClient(bin, dir string, server *ConsulProc, opts ConsulOptions) (*ConsulProc, error) {
+	ports, err := freePorts(4)
+	if err != nil {
+		return nil, err
+	}
+	c := &ConsulProc{
+		HTTPPort:    ports[0],
+		SerfLANPort: ports[1],
+		Addr:        net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[0])),
+		Dir:         dir,
+		ConfigPath:  filepath.Join(dir, "consul.hcl"),
+		DataDir:     filepath.Join(dir, "data"),
+	}
+	dns, grpc := -1, -1
+	if opts.DNS {
+		c.DNSPort, dns = ports[2], ports[2]
+	}
+	if opts.GRPC {
+		c.GRPCPort, grpc = ports[3], ports[3]
+	}
+	cfg := fmt.Sprintf(`node_name = "testenv-client"
+data_dir = %q
+server = false
+bind_addr = "127.0.0.1"
+client_addr = "127.0.0.1"
+retry_join = ["127.0.0.1:%d"]
+retry_interval = "200ms"
+disable_update_check = true
+ports {
+  http     = %d
+  https    = -1
+  serf_lan = %d
+  serf_wan = -1
+  dns      = %d
+  grpc     = %d
+  grpc_tls = -1
+}
+`, c.DataDir, server.SerfLANPort, c.HTTPPort, c.SerfLANPort, dns, grpc)
+	if err := os.WriteFile(c.ConfigPath, []byte(cfg), 0o600); err != nil {
+		return nil, fmt.Errorf("write consul client config: %w", err)
+	}
+	if c.Client, err = newConsulClient(c.Addr, 0); err != nil {
+		return nil, err
+	}
+	probe, err := newConsulClient(c.Addr, 2*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	p, err := startProcess("consul-client", bin, dir, "agent", "-config-file", c.ConfigPath, "-log-level", "info")
 	if err != nil {
 		return nil, err
 	}

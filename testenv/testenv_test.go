@@ -3,7 +3,9 @@ package testenv
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -327,5 +329,42 @@ func TestProcessStopKillsGroup(t *testing.T) {
 	assertGroupGone(t, p.pid)
 	if got := p.out.String(); got != "started\n" {
 		t.Errorf("output = %q", got)
+	}
+}
+
+// TestConsulClientAgent: a client agent joins the dev server; what is
+// written to the server's catalog is read through the client, whose answers
+// are not indented, and the client's DNS interface answers for it.
+func TestConsulClientAgent(t *testing.T) {
+	t.Parallel()
+	server := Consul(t, ConsulOptions{})
+	client, err := LaunchConsulClient(ConsulBin(t), ShortTempDir(t), server, ConsulOptions{DNS: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(client.Stop)
+	if client.Addr == server.Addr || client.DNSPort == 0 {
+		t.Fatalf("client Addr %s (server %s), DNSPort %d", client.Addr, server.Addr, client.DNSPort)
+	}
+	members, err := client.Client.Agent().Members(false)
+	if err != nil || len(members) != 2 {
+		t.Fatalf("members seen by the client: %v, %v", members, err)
+	}
+	_, err = server.Client.Catalog().Register(&api.CatalogRegistration{Node: "other-host", Address: "127.0.9.9",
+		Service: &api.AgentService{ID: "web-1", Service: "web", Port: 8080}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.Get("http://" + client.Addr + "/v1/health/service/web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(body), `"Port":8080`) || strings.Contains(string(body), "\n  ") {
+		t.Errorf("client agent answer, want compact JSON with the server's entry:\n%s", body)
+	}
+	if info, err := client.Client.Agent().Self(); err != nil || info["Config"]["Server"] != false {
+		t.Errorf("client agent Self: Server = %v, %v", info["Config"]["Server"], err)
 	}
 }

@@ -437,7 +437,8 @@ func (s *dpSetup) report(figs map[dpCell]*dpFigures, bulk map[string]Rounds) {
 	}
 	sec.Note("Load: wrk (a separate process, -t2, -t1 for 1 client) for %s per cell, after a 1 s warm-up; each "+
 		"contender is started, measured and stopped in turn within a round, in an order rotated every round. "+
-		"Contenders: %s = two haproxy-connect sidecars (client and server, access logs off), protocol http; "+
+		"Contenders: %s = two haproxy-connect sidecars (client and server, access logs off, default -threads: 2 here), "+
+		"protocol http (h2 between the sidecars, which the client's upstream offers and the server's listener accepts); "+
 		"%s = the same with protocol tcp on the registrations (L4 at both sidecars, as the built-in proxy); %s = `consul connect "+
 		"proxy -sidecar-for` for client and server (L4: it forwards HTTP as TCP); %s = wrk straight to the app.",
 		wrkCellTime(b), contHC, contHCTCP, contBuiltin, contDirect)
@@ -447,7 +448,8 @@ func (s *dpSetup) report(figs map[dpCell]*dpFigures, bulk map[string]Rounds) {
 		"built-in proxy (which dials the app once per inbound mTLS connection) and for direct. About 1 " +
 		"means one mTLS handshake per request (a little above 1: connections still open, without a completed " +
 		"request, when wrk stops). In http mode the client sidecar pools its mTLS connections to the server sidecar " +
-		"(`http-reuse always`: each carries the client's identity, whichever local connection it serves), so a new " +
+		"(`http-reuse always`: each carries the client's identity, whichever local connection it serves) and multiplexes "+
+		"requests on them (h2), so a new " +
 		"local connection costs no handshake and conns/req stays near 0; in tcp mode, and for the built-in proxy, " +
 		"each local connection is one mTLS connection onward.")
 	sec.Note("authz/req is the server sidecar's SPOE authorization decisions (its /metrics, allow + deny) per " +

@@ -84,6 +84,21 @@ func (e *Env) StartConsul(opts testenv.ConsulOptions) (*testenv.ConsulProc, erro
 	return c, nil
 }
 
+// StartConsulClient starts a Consul client agent that joins server (see
+// testenv.LaunchConsulClient).
+func (e *Env) StartConsulClient(server *testenv.ConsulProc, opts testenv.ConsulOptions) (*testenv.ConsulProc, error) {
+	dir, err := e.Subdir("c")
+	if err != nil {
+		return nil, err
+	}
+	c, err := testenv.LaunchConsulClient(e.Consul, dir, server, opts)
+	if err != nil {
+		return nil, err
+	}
+	e.Defer(c.Stop)
+	return c, nil
+}
+
 // StartHAProxy starts haproxy (master-worker, master socket in its dir).
 func (e *Env) StartHAProxy(config string) (*testenv.HAProxyProc, error) {
 	dir, err := e.Subdir("h")
