@@ -448,7 +448,7 @@ func (s *dpSetup) report(figs map[dpCell]*dpFigures, bulk map[string]Rounds) {
 		"built-in proxy (which dials the app once per inbound mTLS connection) and for direct. About 1 " +
 		"means one mTLS handshake per request (a little above 1: connections still open, without a completed " +
 		"request, when wrk stops). In http mode the client sidecar pools its mTLS connections to the server sidecar " +
-		"(`http-reuse always`: each carries the client's identity, whichever local connection it serves) and multiplexes "+
+		"(`http-reuse always`: each carries the client's identity, whichever local connection it serves) and multiplexes " +
 		"requests on them (h2), so a new " +
 		"local connection costs no handshake and conns/req stays near 0; in tcp mode, and for the built-in proxy, " +
 		"each local connection is one mTLS connection onward.")
