@@ -371,6 +371,9 @@ type churnContender struct {
 	poll func(ctx context.Context) (map[string]bool, error)
 	// reloads returns HAProxy's reload counter; nil when not applicable.
 	reloads func(ctx context.Context) (int, error)
+	// share reads the contender's own propagation histogram
+	// (haproxy-connect's /metrics); nil when it has none.
+	share func() (churnShare, error)
 }
 
 const (
@@ -429,6 +432,8 @@ func (cb *churnBench) haproxyConnect() *churnContender {
 		}
 		rt := runtime.New(s.RT.Socket(), nil, runtime.WithTimeout(5*time.Second))
 		c.poll, c.reloads = churnServers(rt, "up_api"), churnReloads(rt)
+		stats := s.Stats
+		c.share = func() (churnShare, error) { return scrapeShare(stats) }
 		return nil
 	}
 	if cb.b.ProfileDir != "" {
@@ -673,19 +678,23 @@ func churnStop(p *Proc) {
 
 // churnResult is one contender's figures for one pass.
 type churnResult struct {
-	lat, base      Samples // seconds from ack to in effect: contender, Consul
-	unseen         int     // changes never in effect in the contender
-	changes        int
-	reloads        int // -1: not applicable
-	ok, failed     int64
-	firstErr       error
-	pollInterval   time.Duration // mean time between two observations
-	probes         int64         // built-in: prober connections
-	probeFailed    int64
-	probeSpan      time.Duration
-	rate           float64 // achieved changes per second (rate passes)
-	baseUnseen     int
-	writeDurations Samples // seconds each write took (ack - start)
+	lat, base    Samples // seconds from ack to in effect: contender, Consul
+	unseen       int     // changes never in effect in the contender
+	changes      int
+	reloads      int // -1: not applicable
+	ok, failed   int64
+	firstErr     error
+	pollInterval time.Duration // mean time between two observations
+	// share50 and share99 bound the contender's own share of propagation
+	// (the upper bounds of its histogram buckets holding p50 and p99);
+	// NaN without one.
+	share50, share99 float64
+	probes           int64 // built-in: prober connections
+	probeFailed      int64
+	probeSpan        time.Duration
+	rate             float64 // achieved changes per second (rate passes)
+	baseUnseen       int
+	writeDurations   Samples // seconds each write took (ack - start)
 }
 
 // pass runs one plan against one started contender.
@@ -755,6 +764,13 @@ func (cb *churnBench) pass(ctx context.Context, c *churnContender, p churnPlan) 
 	}
 	consulTL.restart()
 	seenTL.restart()
+	var share0 churnShare
+	if c.share != nil {
+		var err error
+		if share0, err = c.share(); err != nil {
+			return r, err
+		}
+	}
 
 	stopLoad := func() (int64, int64, error) { return 0, 0, nil }
 	if !c.alone {
@@ -803,6 +819,15 @@ func (cb *churnBench) pass(ctx context.Context, c *churnContender, p churnPlan) 
 		}
 	}
 	r.ok, r.failed, r.firstErr = stopLoad()
+	r.share50, r.share99 = math.NaN(), math.NaN()
+	if c.share != nil {
+		share1, err := c.share()
+		if err != nil {
+			return r, err
+		}
+		d := share1.sub(share0)
+		r.share50, r.share99 = d.bound(0.50), d.bound(0.99)
+	}
 	if stopProbe != nil {
 		r.probes, r.probeFailed, r.probeSpan = stopProbe()
 	}
@@ -1418,6 +1443,7 @@ type churnAgg struct {
 	probeFailed                 int64
 	writeP99                    Rounds
 	baseUnseen                  int
+	share50, share99            Rounds
 }
 
 func (a *churnAgg) add(r churnResult) {
@@ -1449,6 +1475,90 @@ func (a *churnAgg) add(r churnResult) {
 	}
 	a.writeP99 = append(a.writeP99, r.writeDurations.Percentile(99))
 	a.baseUnseen += r.baseUnseen
+	if !math.IsNaN(r.share99) {
+		a.share50 = append(a.share50, r.share50)
+		a.share99 = append(a.share99, r.share99)
+	}
+}
+
+// churnShare is a snapshot of haproxy-connect's
+// haproxy_connect_endpoint_propagation_seconds histogram: each bucket's
+// upper bound (seconds, +Inf last) and cumulative count.
+type churnShare struct {
+	le  []float64
+	cum []float64
+}
+
+const churnShareMetric = "haproxy_connect_endpoint_propagation_seconds_bucket{le=\""
+
+// scrapeShare reads the histogram from a sidecar's /metrics.
+func scrapeShare(statsAddr string) (churnShare, error) {
+	c := &http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get("http://" + statsAddr + "/metrics")
+	if err != nil {
+		return churnShare{}, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return churnShare{}, err
+	}
+	return parseShare(string(body))
+}
+
+// parseShare extracts the histogram's buckets from a Prometheus text
+// exposition.
+func parseShare(metrics string) (churnShare, error) {
+	var h churnShare
+	for _, line := range strings.Split(metrics, "\n") {
+		rest, ok := strings.CutPrefix(line, churnShareMetric)
+		if !ok {
+			continue
+		}
+		bound, count, ok := strings.Cut(rest, "\"} ")
+		if !ok {
+			return churnShare{}, fmt.Errorf("propagation histogram: bad line %q", line)
+		}
+		le, err := strconv.ParseFloat(bound, 64) // ParseFloat reads "+Inf"
+		if err != nil {
+			return churnShare{}, fmt.Errorf("propagation histogram: bad bound in %q", line)
+		}
+		n, err := strconv.ParseFloat(count, 64)
+		if err != nil {
+			return churnShare{}, fmt.Errorf("propagation histogram: bad count in %q", line)
+		}
+		h.le, h.cum = append(h.le, le), append(h.cum, n)
+	}
+	if len(h.le) == 0 {
+		return churnShare{}, errors.New("no propagation histogram in /metrics")
+	}
+	return h, nil
+}
+
+// sub returns the counts added since before (same buckets).
+func (h churnShare) sub(before churnShare) churnShare {
+	d := churnShare{le: h.le, cum: slices.Clone(h.cum)}
+	for i := range d.cum {
+		if i < len(before.cum) {
+			d.cum[i] -= before.cum[i]
+		}
+	}
+	return d
+}
+
+// bound returns the upper bound of the bucket holding quantile q; NaN when
+// the histogram is empty.
+func (h churnShare) bound(q float64) float64 {
+	if len(h.cum) == 0 || h.cum[len(h.cum)-1] <= 0 {
+		return math.NaN()
+	}
+	want := q * h.cum[len(h.cum)-1]
+	for i, n := range h.cum {
+		if n >= want {
+			return h.le[i]
+		}
+	}
+	return h.le[len(h.le)-1]
 }
 
 func churnMedian(r Rounds) float64 {
@@ -1529,6 +1639,16 @@ func (cb *churnBench) report(p churnPlan, first bool, contenders []*churnContend
 			p.changes, churnWriters, 2*p.changes, b.Rounds)
 	}
 	s.Note("Mean poll interval (resolution, see below): %s.", strings.Join(polls, "; "))
+	var shares []string
+	for _, c := range contenders {
+		if a := res[c.name]; a != nil && len(a.share99) > 0 {
+			shares = append(shares, fmt.Sprintf("%s: p50 ≤ %s (%s), p99 ≤ %s (%s)", c.name,
+				Dur(a.share50.Median()), a.share50.Format(Dur), Dur(a.share99.Median()), a.share99.Format(Dur)))
+		}
+	}
+	if len(shares) > 0 {
+		s.Note("Own share of propagation, from the sidecar's own histogram (haproxy_connect_endpoint_propagation_seconds: from an answer's headers arriving from Consul to HAProxy confirming the runtime batch that applies it, one sample per applied update of the upstream), as the upper bound of the bucket holding the quantile (buckets 0.5, 1, 2, 5, 10, 20, 50 ms, ...), median (min–max) over rounds: %s. The rest of its latency is Consul's notification and the observation's resolution.", strings.Join(shares, "; "))
+	}
 	s.Note("Achieved write rate, changes/s (first to last acknowledgement): %s.", strings.Join(rates, "; "))
 	if len(errs) > 0 {
 		s.Note("First failures: %s.", strings.Join(errs, "; "))

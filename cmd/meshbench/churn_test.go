@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"math"
 	"net/http"
 	"net/http/httptest"
 	"slices"
@@ -148,5 +149,48 @@ func TestChurnHealth(t *testing.T) {
 	want := map[string]bool{"127.1.0.5:2000": true, "10.0.0.2:3000": true}
 	if len(set) != len(want) || !set["127.1.0.5:2000"] || !set["10.0.0.2:3000"] {
 		t.Errorf("set = %v, want %v", set, want)
+	}
+}
+
+func TestParseShare(t *testing.T) {
+	const before = `# TYPE haproxy_connect_endpoint_propagation_seconds histogram
+haproxy_connect_endpoint_propagation_seconds_bucket{le="0.0005"} 10
+haproxy_connect_endpoint_propagation_seconds_bucket{le="0.001"} 20
+haproxy_connect_endpoint_propagation_seconds_bucket{le="0.002"} 20
+haproxy_connect_endpoint_propagation_seconds_bucket{le="+Inf"} 20
+haproxy_connect_endpoint_propagation_seconds_sum 0.01
+haproxy_connect_endpoint_propagation_seconds_count 20
+haproxy_connect_authz_decisions_total{verdict="allow"} 3
+`
+	// 100 more: 50 under 0.5 ms, 40 more under 1 ms, 9 under 2 ms, 1 above.
+	const after = `haproxy_connect_endpoint_propagation_seconds_bucket{le="0.0005"} 60
+haproxy_connect_endpoint_propagation_seconds_bucket{le="0.001"} 110
+haproxy_connect_endpoint_propagation_seconds_bucket{le="0.002"} 119
+haproxy_connect_endpoint_propagation_seconds_bucket{le="+Inf"} 120
+`
+	h0, err := parseShare(before)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h1, err := parseShare(after)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := h1.sub(h0)
+	for _, tt := range []struct {
+		q, want float64
+	}{{0.5, 0.0005}, {0.9, 0.001}, {0.99, 0.002}, {1, math.Inf(1)}} {
+		if got := d.bound(tt.q); got != tt.want {
+			t.Errorf("bound(%g) = %g, want %g", tt.q, got, tt.want)
+		}
+	}
+	if got := h0.sub(h0).bound(0.99); !math.IsNaN(got) {
+		t.Errorf("empty delta: bound = %g, want NaN", got)
+	}
+	for _, bad := range []string{"", "nothing here\n", `haproxy_connect_endpoint_propagation_seconds_bucket{le="x"} 1`,
+		`haproxy_connect_endpoint_propagation_seconds_bucket{le="0.1"} many`} {
+		if _, err := parseShare(bad); err == nil {
+			t.Errorf("parseShare(%q): no error", bad)
+		}
 	}
 }
