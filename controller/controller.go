@@ -15,6 +15,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -77,6 +78,11 @@ type Controller struct {
 	// authzKick wakes the loop to apply it.
 	authzGen  atomic.Uint64
 	authzKick chan struct{}
+	// authzApplied is the generation HAProxy has; authzDone is closed
+	// (and replaced) each time it moves.
+	authzApplied atomic.Uint64
+	authzMu      sync.Mutex
+	authzDone    chan struct{}
 
 	// Owned by the loop goroutine.
 	desired  desired
@@ -166,6 +172,7 @@ func New(cfg Config) (*Controller, error) {
 		rt:        runtime.New(filepath.Join(cfg.StateDir, "master.sock"), cfg.Log.Named("runtime")),
 		events:    make(chan func(*desired), 1024),
 		authzKick: make(chan struct{}, 1),
+		authzDone: make(chan struct{}),
 		metrics:   newMetrics(),
 		desired:   desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}},
 		watches:   map[string]*upstreamWatch{},
@@ -187,6 +194,46 @@ func (c *Controller) SetAuthzGeneration(gen uint64) {
 	case c.authzKick <- struct{}{}:
 	default:
 	}
+}
+
+// WaitAuthzGeneration returns once HAProxy has generation gen (or a later
+// one), or after AuthzPublishTimeout, or at once when HAProxy is not
+// running (it starts with the current generation). The SPOE agent switches
+// to a new generation only then (spoa.WithInvalidateHook).
+func (c *Controller) WaitAuthzGeneration(gen uint64) {
+	if !c.ready.Load() {
+		return // HAProxy starts (or restarts) with the current generation
+	}
+	timeout := time.NewTimer(AuthzPublishTimeout)
+	defer timeout.Stop()
+	for c.authzApplied.Load() < gen {
+		c.authzMu.Lock()
+		done := c.authzDone
+		c.authzMu.Unlock()
+		if c.authzApplied.Load() >= gen {
+			return
+		}
+		select {
+		case <-done:
+		case <-timeout.C:
+			c.log.Warn("authz generation not in HAProxy in time; the agent switches anyway",
+				zap.Uint64("generation", gen), zap.Duration("waited", AuthzPublishTimeout))
+			return
+		}
+	}
+}
+
+// AuthzPublishTimeout bounds how long an intentions change waits for
+// HAProxy to take its generation before the agent decides under it anyway.
+const AuthzPublishTimeout = time.Second
+
+// authzGenerationApplied records that HAProxy has gen and wakes the waiters.
+func (c *Controller) authzGenerationApplied(gen uint64) {
+	c.authzApplied.Store(gen)
+	c.authzMu.Lock()
+	close(c.authzDone)
+	c.authzDone = make(chan struct{})
+	c.authzMu.Unlock()
 }
 
 // Ready reports whether HAProxy runs the applied state.
@@ -328,6 +375,13 @@ func (c *Controller) applyAuthzGeneration(ctx context.Context) {
 		c.scheduleRetry(time.Second)
 		return
 	}
+	if bootstrap.Mode(c.applied.sidecar.Public.Protocol) != "http" {
+		// A tcp listener authorizes each connection once and reads no
+		// map (HAProxy has not loaded it): nothing to tell HAProxy.
+		c.applied.authzGen = gen
+		c.authzGenerationApplied(gen)
+		return
+	}
 	cmd, err := runtime.SetMap(file, bootstrap.AuthzGenKey, strconv.FormatUint(gen, 10))
 	if err == nil {
 		var rs runtime.Results
@@ -342,6 +396,7 @@ func (c *Controller) applyAuthzGeneration(ctx context.Context) {
 		return
 	}
 	c.applied.authzGen = gen
+	c.authzGenerationApplied(gen)
 	c.log.Debug("authz generation applied", zap.Uint64("generation", gen))
 }
 
@@ -424,6 +479,7 @@ func (c *Controller) start(ctx context.Context) error {
 	}
 	c.master = m
 	c.applied = applied{sidecar: sc, leafPEM: c.desired.leaf.PEM, rootsPEM: c.desired.roots.PEM, tables: tables, authzGen: gen}
+	c.authzGenerationApplied(gen)
 	clear(c.desired.dirty)
 	c.ready.Store(true)
 	c.metrics.setEndpoints(tables)
@@ -454,6 +510,7 @@ func (c *Controller) reload(ctx context.Context, reason string) bool {
 	c.reloadBackoff, c.reloadAfter = 0, time.Time{}
 	c.metrics.reloads.Add(1)
 	c.applied = applied{sidecar: sc, leafPEM: c.desired.leaf.PEM, rootsPEM: c.desired.roots.PEM, tables: tables, authzGen: gen}
+	c.authzGenerationApplied(gen)
 	clear(c.desired.dirty)
 	c.metrics.setEndpoints(tables)
 	c.log.Info("reload applied", zap.String("reason", reason), zap.Duration("took", time.Since(start)))

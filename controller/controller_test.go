@@ -73,7 +73,7 @@ func ep(last, port int) slots.Endpoint {
 
 func sidecar(ups ...Upstream) *Sidecar {
 	return &Sidecar{ProxyID: "web-sidecar-proxy", Service: "web", Upstreams: ups,
-		Public: bootstrap.Public{BindAddr: "127.0.0.1", BindPort: 21000, LocalAddr: "127.0.0.1", LocalPort: 8080}}
+		Public: bootstrap.Public{BindAddr: "127.0.0.1", BindPort: 21000, Protocol: "http", LocalAddr: "127.0.0.1", LocalPort: 8080}}
 }
 
 func up(name string, port int) Upstream {
@@ -226,4 +226,34 @@ func TestReconcileTranscript(t *testing.T) {
 			t.Errorf("rendered config lacks %q:\n%s", want, cfg)
 		}
 	}
+}
+
+// TestWaitAuthzGeneration: the SPOE agent's hook returns once HAProxy has
+// the new generation, not before; at once when HAProxy is not running.
+func TestWaitAuthzGeneration(t *testing.T) {
+	c, err := New(Config{Consul: api.DefaultConfig(), ProxyID: "web-sidecar-proxy", StateDir: t.TempDir(), SPOAAddr: "127.0.0.1:1", Log: zaptest.NewLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	c.WaitAuthzGeneration(5) // HAProxy not running: nothing to wait for
+	if d := time.Since(start); d > 100*time.Millisecond {
+		t.Fatalf("waited %s with HAProxy not running", d)
+	}
+	c.ready.Store(true)
+	returned := make(chan struct{})
+	go func() { c.WaitAuthzGeneration(2); close(returned) }()
+	c.authzGenerationApplied(1)
+	select {
+	case <-returned:
+		t.Fatal("returned when HAProxy had generation 1 of 2")
+	case <-time.After(50 * time.Millisecond):
+	}
+	c.authzGenerationApplied(2)
+	select {
+	case <-returned:
+	case <-time.After(AuthzPublishTimeout / 2):
+		t.Fatal("did not return once HAProxy had the generation")
+	}
+	c.WaitAuthzGeneration(1) // an older generation: already there
 }

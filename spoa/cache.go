@@ -141,16 +141,23 @@ func (a *Authorizer) store(k cacheKey, v verdict, gen uint64) {
 // generation goes to the hook given WithInvalidateHook, so that HAProxy
 // re-checks connections authorized under an older one.
 func (a *Authorizer) Invalidate() {
+	a.invalidating.Lock() // one switch at a time: generations stay in order
+	defer a.invalidating.Unlock()
 	a.mu.Lock()
-	a.gen++
-	gen := a.gen
+	gen := a.gen + 1
+	a.mu.Unlock()
+	// HAProxy learns the new generation first (every verdict under the
+	// old one then counts as stale), and only then are decisions made
+	// under it.
+	if a.onInvalidate != nil {
+		a.onInvalidate(gen)
+	}
+	a.mu.Lock()
+	a.gen = gen
 	clear(a.cache)
 	clear(a.inflight)
 	a.mu.Unlock()
 	a.stats.invalidations.Add(1)
-	if a.onInvalidate != nil {
-		a.onInvalidate(gen)
-	}
 }
 
 // Generation is the current intentions generation: 0 at start, plus one

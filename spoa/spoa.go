@@ -76,8 +76,13 @@ type Option func(*Authorizer)
 // connection is denied; a late answer still fills the cache.
 func WithTimeout(d time.Duration) Option { return func(a *Authorizer) { a.timeout = d } }
 
-// WithInvalidateHook calls f with the new generation after every
-// Invalidate (it must not block for long: the intention watch waits).
+// WithInvalidateHook calls f with the new generation on every Invalidate,
+// before the agent switches to it: until f returns, decisions still come
+// from the old cache under the old generation. f should return once HAProxy
+// has the new generation, so that no connection can be allowed under the
+// old intentions after one was refused under the new ones (a deny that
+// flips back for a few ms); it must bound its wait, since the intention
+// watch and the switch wait for it.
 func WithInvalidateHook(f func(gen uint64)) Option { return func(a *Authorizer) { a.onInvalidate = f } }
 
 // WithObserver calls f after every decision with how long the agent took
@@ -110,10 +115,12 @@ type Authorizer struct {
 	onInvalidate func(gen uint64)
 	observe      func(cached bool, took time.Duration)
 
-	mu       sync.Mutex
-	gen      uint64 // bumped by Invalidate
-	cache    map[cacheKey]verdict
-	inflight map[cacheKey]*flight
+	mu sync.Mutex
+	// invalidating serialises Invalidate, which calls the hook unlocked.
+	invalidating sync.Mutex
+	gen          uint64 // bumped by Invalidate
+	cache        map[cacheKey]verdict
+	inflight     map[cacheKey]*flight
 
 	// connMu guards the listeners and agent connections Serve tracks, the
 	// closed flag and the count of handlers running.

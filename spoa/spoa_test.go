@@ -404,8 +404,15 @@ func TestGenerationAndHook(t *testing.T) {
 	ca := testenv.NewCA(t, "root")
 	der := leafDER(t, ca, 1, clientID)
 	var published []uint64
-	a := newTest(t, &fakeDecider{allowed: map[string]bool{clientID: true}},
-		WithInvalidateHook(func(gen uint64) { published = append(published, gen) }))
+	var a *Authorizer
+	a = newTest(t, &fakeDecider{allowed: map[string]bool{clientID: true}},
+		WithInvalidateHook(func(gen uint64) {
+			// HAProxy learns the generation before the agent decides under it.
+			if a.Generation() != gen-1 {
+				t.Errorf("hook for generation %d ran after the switch (Generation() = %d)", gen, a.Generation())
+			}
+			published = append(published, gen)
+		}))
 	if d := a.decide(der, nil); !d.allowed || d.gen != 0 {
 		t.Fatalf("first decision: %+v", d)
 	}

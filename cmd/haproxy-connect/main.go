@@ -159,7 +159,7 @@ func run(o options) error {
 	// ctl is set.
 	var ctl *controller.Controller
 	auth := spoa.New(proxy.Proxy.DestinationServiceName, spoa.ConsulDecider{Client: authClient}, log.Named("spoa"),
-		spoa.WithInvalidateHook(func(gen uint64) { ctl.SetAuthzGeneration(gen) }))
+		spoa.WithInvalidateHook(func(gen uint64) { ctl.SetAuthzGeneration(gen); ctl.WaitAuthzGeneration(gen) }))
 	ctl, err = controller.New(controller.Config{
 		Consul: ccfg, ProxyID: proxy.ID, StateDir: stateDir, HAProxyBin: bin,
 		SPOAAddr: ln.Addr().String(), Log: log.Named("controller"), MinSlots: o.minSlots, AccessLog: o.accessLog,
