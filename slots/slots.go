@@ -143,11 +143,14 @@ type Op struct {
 // rejected, with a reason, and left out; duplicates (same key) are merged,
 // keeping the highest weight. Weights above MaxWeight are clamped.
 //
-// Order matters for traffic: new endpoints go into slots that are already
-// free before anything is taken away, then weights change, then removed
-// endpoints are parked, then freed slots are reused, and only when every
-// slot is taken does the backend grow with "add server". An endpoint keeps
-// its slot while it lives.
+// Order matters for traffic, and every command is a master CLI round trip
+// to the worker (meshbench churn: most of the sidecar's own share of
+// propagation). A removed endpoint's slot goes straight to a new endpoint:
+// one "set server addr" (and a weight, if it differs), and the slot never
+// leaves service, so capacity never dips. Other new endpoints go into free
+// slots, then weights change, then the removed endpoints left over are
+// parked, and only when every slot is taken does the backend grow with
+// "add server". An endpoint keeps its slot while it lives.
 func Plan(applied Table, desired []Endpoint) (ops []Op, next Table, rejected []error) {
 	want := map[string]Endpoint{}
 	for _, e := range desired {
@@ -198,9 +201,19 @@ func Plan(applied Table, desired []Endpoint) (ops []Op, next Table, rejected []e
 		s.Used, s.Addr, s.Port, s.Weight = true, e.Addr, e.Port, e.Weight
 	}
 
-	// Weight changes were appended above; fills of free slots come first.
+	// Weight changes were appended above; slots changing hands and fills
+	// of free slots come first.
 	weightOps := ops
 	ops = nil
+	for len(adds) > 0 && len(freed) > 0 {
+		s, e := &next.Slots[freed[0]], adds[0]
+		ops = append(ops, Op{Kind: OpSetAddr, Server: s.Name, Addr: e.Addr, Port: e.Port})
+		if s.Weight != e.Weight {
+			ops = append(ops, Op{Kind: OpSetWeight, Server: s.Name, Weight: e.Weight})
+		}
+		s.Addr, s.Port, s.Weight = e.Addr, e.Port, e.Weight
+		freed, adds = freed[1:], adds[1:]
+	}
 	for len(adds) > 0 && len(free) > 0 {
 		fill(free[0], adds[0])
 		free, adds = free[1:], adds[1:]
@@ -212,10 +225,6 @@ func Plan(applied Table, desired []Endpoint) (ops []Op, next Table, rejected []e
 			Op{Kind: OpMaint, Server: s.Name},
 			Op{Kind: OpSetAddr, Server: s.Name, Addr: ParkAddr, Port: ParkPort})
 		s.Used, s.Addr, s.Port = false, ParkAddr, ParkPort
-	}
-	for len(adds) > 0 && len(freed) > 0 {
-		fill(freed[0], adds[0])
-		freed, adds = freed[1:], adds[1:]
 	}
 	for _, e := range adds {
 		name := next.Prefix + strconv.Itoa(len(next.Slots)+1)

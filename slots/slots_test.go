@@ -32,37 +32,44 @@ func TestPlanSequence(t *testing.T) {
 		{"weight change only", []Endpoint{ep("10.0.0.1", 80, 3), ep("10.0.0.2", 80, 7)}, []Op{
 			{Kind: OpSetWeight, Server: "s2", Weight: 7},
 		}, 2, 3},
-		{"replace one: fill free slot before parking", []Endpoint{ep("10.0.0.2", 80, 7), ep("10.0.0.3", 80, 1)}, []Op{
-			{Kind: OpSetAddr, Server: "s3", Addr: "10.0.0.3", Port: 80},
-			{Kind: OpReady, Server: "s3"},
-			{Kind: OpMaint, Server: "s1"},
-			{Kind: OpSetAddr, Server: "s1", Addr: ParkAddr, Port: ParkPort},
-		}, 2, 3},
-		{"a freed slot is reused", []Endpoint{ep("10.0.0.2", 80, 7), ep("10.0.0.3", 80, 1), ep("10.0.0.4", 80, 1)}, []Op{
-			{Kind: OpSetAddr, Server: "s1", Addr: "10.0.0.4", Port: 80},
+		{"replace one: the removed endpoint's slot takes the new one, in service throughout", []Endpoint{ep("10.0.0.2", 80, 7), ep("10.0.0.3", 80, 1)}, []Op{
+			{Kind: OpSetAddr, Server: "s1", Addr: "10.0.0.3", Port: 80},
 			{Kind: OpSetWeight, Server: "s1", Weight: 1},
-			{Kind: OpReady, Server: "s1"},
+		}, 2, 3},
+		{"a free slot takes a new endpoint", []Endpoint{ep("10.0.0.2", 80, 7), ep("10.0.0.3", 80, 1), ep("10.0.0.4", 80, 1)}, []Op{
+			{Kind: OpSetAddr, Server: "s3", Addr: "10.0.0.4", Port: 80},
+			{Kind: OpReady, Server: "s3"},
 		}, 3, 3},
 		{"overflow grows with add server, numbering on", []Endpoint{ep("10.0.0.2", 80, 7), ep("10.0.0.3", 80, 1), ep("10.0.0.4", 80, 1), ep("10.0.0.5", 80, 2)}, []Op{
 			{Kind: OpAdd, Server: "s4", Addr: "10.0.0.5", Port: 80, Weight: 2},
 			{Kind: OpReady, Server: "s4"},
 		}, 4, 4},
 		{"removal parks and never deletes", []Endpoint{ep("10.0.0.3", 80, 1)}, []Op{
-			{Kind: OpMaint, Server: "s1"},
-			{Kind: OpSetAddr, Server: "s1", Addr: ParkAddr, Port: ParkPort},
 			{Kind: OpMaint, Server: "s2"},
 			{Kind: OpSetAddr, Server: "s2", Addr: ParkAddr, Port: ParkPort},
+			{Kind: OpMaint, Server: "s3"},
+			{Kind: OpSetAddr, Server: "s3", Addr: ParkAddr, Port: ParkPort},
 			{Kind: OpMaint, Server: "s4"},
 			{Kind: OpSetAddr, Server: "s4", Addr: ParkAddr, Port: ParkPort},
 		}, 1, 4},
 		{"duplicates merge to highest weight, big weights clamp, ipv6", []Endpoint{ep("10.0.0.3", 80, 1), ep("::1", 8080, 2), ep("::1", 8080, 1000)}, []Op{
-			{Kind: OpSetAddr, Server: "s1", Addr: "::1", Port: 8080},
-			{Kind: OpSetWeight, Server: "s1", Weight: MaxWeight},
-			{Kind: OpReady, Server: "s1"},
+			{Kind: OpSetAddr, Server: "s2", Addr: "::1", Port: 8080},
+			{Kind: OpSetWeight, Server: "s2", Weight: MaxWeight},
+			{Kind: OpReady, Server: "s2"},
 		}, 2, 4},
+		{"two replaced, one more added: two slots change hands, a free one fills", []Endpoint{ep("10.0.0.8", 80, 1), ep("10.0.0.9", 80, 1), ep("10.0.0.10", 80, 2)}, []Op{
+			{Kind: OpSetAddr, Server: "s1", Addr: "10.0.0.8", Port: 80},
+			{Kind: OpSetAddr, Server: "s2", Addr: "10.0.0.9", Port: 80},
+			{Kind: OpSetWeight, Server: "s2", Weight: 1},
+			{Kind: OpSetAddr, Server: "s3", Addr: "10.0.0.10", Port: 80},
+			{Kind: OpSetWeight, Server: "s3", Weight: 2},
+			{Kind: OpReady, Server: "s3"},
+		}, 3, 4},
 		{"everything gone", nil, []Op{
 			{Kind: OpMaint, Server: "s1"},
 			{Kind: OpSetAddr, Server: "s1", Addr: ParkAddr, Port: ParkPort},
+			{Kind: OpMaint, Server: "s2"},
+			{Kind: OpSetAddr, Server: "s2", Addr: ParkAddr, Port: ParkPort},
 			{Kind: OpMaint, Server: "s3"},
 			{Kind: OpSetAddr, Server: "s3", Addr: ParkAddr, Port: ParkPort},
 		}, 0, 4},
