@@ -191,13 +191,17 @@ func Plan(applied Table, desired []Endpoint) (ops []Op, next Table, rejected []e
 	}
 	slices.SortFunc(adds, Endpoint.Compare)
 
+	// fill points slot i at e; a free slot is then put in service, a slot
+	// changing hands never left it.
 	fill := func(i int, e Endpoint) {
 		s := &next.Slots[i]
 		ops = append(ops, Op{Kind: OpSetAddr, Server: s.Name, Addr: e.Addr, Port: e.Port})
 		if s.Weight != e.Weight {
 			ops = append(ops, Op{Kind: OpSetWeight, Server: s.Name, Weight: e.Weight})
 		}
-		ops = append(ops, Op{Kind: OpReady, Server: s.Name})
+		if !s.Used {
+			ops = append(ops, Op{Kind: OpReady, Server: s.Name})
+		}
 		s.Used, s.Addr, s.Port, s.Weight = true, e.Addr, e.Port, e.Weight
 	}
 
@@ -206,12 +210,7 @@ func Plan(applied Table, desired []Endpoint) (ops []Op, next Table, rejected []e
 	weightOps := ops
 	ops = nil
 	for len(adds) > 0 && len(freed) > 0 {
-		s, e := &next.Slots[freed[0]], adds[0]
-		ops = append(ops, Op{Kind: OpSetAddr, Server: s.Name, Addr: e.Addr, Port: e.Port})
-		if s.Weight != e.Weight {
-			ops = append(ops, Op{Kind: OpSetWeight, Server: s.Name, Weight: e.Weight})
-		}
-		s.Addr, s.Port, s.Weight = e.Addr, e.Port, e.Weight
+		fill(freed[0], adds[0])
 		freed, adds = freed[1:], adds[1:]
 	}
 	for len(adds) > 0 && len(free) > 0 {

@@ -124,33 +124,29 @@ func LaunchConsul(bin, dir string, opts ConsulOptions) (*ConsulProc, error) {
 		c.GRPCPort = ports[4]
 	}
 	c.SerfLANPort = ports[2]
-	cfg := consulConfig(c, ports[1], ports[2], opts)
-	if err := os.WriteFile(c.ConfigPath, []byte(cfg), 0o600); err != nil {
-		return nil, fmt.Errorf("write consul config: %w", err)
-	}
+	return c.launch(bin, "consul", consulConfig(c, ports[1], ports[2], opts),
+		"agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1")
+}
 
-	client, err := newConsulClient(c.Addr, 0)
-	if err != nil {
+// launch writes cfg to c.ConfigPath, starts the agent with args (plus the
+// config file and the log level) in c.Dir, and waits until it is ready.
+func (c *ConsulProc) launch(bin, name, cfg string, args ...string) (*ConsulProc, error) {
+	if err := os.WriteFile(c.ConfigPath, []byte(cfg), 0o600); err != nil {
+		return nil, fmt.Errorf("write %s config: %w", name, err)
+	}
+	var err error
+	if c.Client, err = newConsulClient(c.Addr, 0); err != nil {
 		return nil, err
 	}
-	c.Client = client
 	// The readiness probe gets its own client with a short timeout;
 	// c.Client has none so that blocking queries work.
 	probe, err := newConsulClient(c.Addr, 2*time.Second)
 	if err != nil {
 		return nil, err
 	}
-
-	p, err := startProcess("consul", bin, dir,
-		"agent", "-dev",
-		"-bind", "127.0.0.1",
-		"-client", "127.0.0.1",
-		"-config-file", c.ConfigPath,
-		"-log-level", "info")
-	if err != nil {
+	if c.proc, err = startProcess(name, bin, c.Dir, append(args, "-config-file", c.ConfigPath, "-log-level", "info")...); err != nil {
 		return nil, err
 	}
-	c.proc = p
 	if err := c.waitReady(probe, consulReadyTimeout); err != nil {
 		return nil, c.proc.failStart(err)
 	}
@@ -201,25 +197,7 @@ ports {
   grpc_tls = -1
 }
 `, c.DataDir, server.SerfLANPort, c.HTTPPort, c.SerfLANPort, dns, grpc)
-	if err := os.WriteFile(c.ConfigPath, []byte(cfg), 0o600); err != nil {
-		return nil, fmt.Errorf("write consul client config: %w", err)
-	}
-	if c.Client, err = newConsulClient(c.Addr, 0); err != nil {
-		return nil, err
-	}
-	probe, err := newConsulClient(c.Addr, 2*time.Second)
-	if err != nil {
-		return nil, err
-	}
-	p, err := startProcess("consul-client", bin, dir, "agent", "-config-file", c.ConfigPath, "-log-level", "info")
-	if err != nil {
-		return nil, err
-	}
-	c.proc = p
-	if err := c.waitReady(probe, consulReadyTimeout); err != nil {
-		return nil, c.proc.failStart(err)
-	}
-	return c, nil
+	return c.launch(bin, "consul-client", cfg, "agent")
 }
 
 // newConsulClient returns an API client for addr over plain HTTP. It brings

@@ -1493,17 +1493,11 @@ const churnShareMetric = "haproxy_connect_endpoint_propagation_seconds_bucket{le
 
 // scrapeShare reads the histogram from a sidecar's /metrics.
 func scrapeShare(statsAddr string) (churnShare, error) {
-	c := &http.Client{Timeout: 5 * time.Second}
-	resp, err := c.Get("http://" + statsAddr + "/metrics")
+	body, err := sidecarMetrics(statsAddr)
 	if err != nil {
 		return churnShare{}, err
 	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return churnShare{}, err
-	}
-	return parseShare(string(body))
+	return parseShare(body)
 }
 
 // parseShare extracts the histogram's buckets from a Prometheus text

@@ -500,17 +500,23 @@ func optPerReq(r Rounds) string {
 // sidecarDecisions sums haproxy_connect_authz_decisions_total (allow and
 // deny) from a sidecar's /metrics at statsAddr.
 func sidecarDecisions(statsAddr string) (int64, error) {
+	body, err := sidecarMetrics(statsAddr)
+	if err != nil {
+		return 0, err
+	}
+	return parseDecisions(body)
+}
+
+// sidecarMetrics reads a sidecar's /metrics at statsAddr.
+func sidecarMetrics(statsAddr string) (string, error) {
 	c := &http.Client{Timeout: 5 * time.Second}
 	resp, err := c.Get("http://" + statsAddr + "/metrics")
 	if err != nil {
-		return 0, err
+		return "", err
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return 0, err
-	}
-	return parseDecisions(string(body))
+	return string(body), err
 }
 
 // parseDecisions sums the haproxy_connect_authz_decisions_total samples of
