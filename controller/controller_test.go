@@ -137,7 +137,6 @@ func TestReconcileTranscript(t *testing.T) {
 			d.setEndpoints("up_api", []slots.Endpoint{ep(2, 21000), ep(3, 21000)}, time.Now())
 		}, "", []string{
 			"@1 set server up_api/s1 state maint",
-			"@1 set server up_api/s1 addr 127.0.0.1 port 1",
 		}},
 		{"weight change", func(d *desired) {
 			d.setEndpoints("up_api", []slots.Endpoint{ep(2, 21000), {Addr: "10.0.0.3", Port: 21000, Weight: 9}}, time.Now())

@@ -11,10 +11,12 @@ import (
 	"strconv"
 )
 
-// ParkAddr and ParkPort are where a free slot points: nothing listens on
-// port 1, and the slot is in maintenance anyway. Slots are never deleted
+// ParkAddr and ParkPort are where a slot that never served points: nothing
+// listens on port 1, and the slot is in maintenance anyway. A slot that
+// served and was freed is only put in maintenance and keeps its last
+// address (one master CLI command instead of two). Slots are never deleted
 // ("del server" can crash 2.6 while streams still use the server, haproxy
-// GH #2298): they are parked here and reused.
+// GH #2298): they are parked and reused.
 const (
 	ParkAddr = "127.0.0.1"
 	ParkPort = 1
@@ -62,13 +64,23 @@ type Slot struct {
 	Dynamic bool   // added with "add server"; becomes a template slot at the next reload
 	Weight  int    // the weight HAProxy has for it
 	Used    bool   // serving Endpoint; otherwise parked in maint
-	Addr    string // where HAProxy points it
+	Addr    string // where HAProxy points it (a parked slot: its last endpoint, or ParkAddr)
 	Port    int
 }
 
 // Key is the endpoint key of a used slot.
 func (s Slot) Key() string {
 	return Endpoint{Addr: s.Addr, Port: s.Port}.Key()
+}
+
+// parkedKey is the endpoint key a free slot still points at, if its
+// address (which may come from HAProxy, see FromObserved) is one.
+func (s Slot) parkedKey() (string, bool) {
+	a, err := netip.ParseAddr(s.Addr)
+	if err != nil || s.Port < 1 || s.Port > 65535 {
+		return "", false
+	}
+	return netip.AddrPortFrom(a, uint16(s.Port)).String(), true
 }
 
 // Table is the assignment of one backend's slots. It is a value: Plan
@@ -148,9 +160,11 @@ type Op struct {
 // propagation). A removed endpoint's slot goes straight to a new endpoint:
 // one "set server addr" (and a weight, if it differs), and the slot never
 // leaves service, so capacity never dips. Other new endpoints go into free
-// slots, then weights change, then the removed endpoints left over are
-// parked, and only when every slot is taken does the backend grow with
-// "add server". An endpoint keeps its slot while it lives.
+// slots, first one that still points at them (an endpoint whose health
+// flapped comes back with one "state ready"), then weights change, then
+// the removed endpoints left over are parked ("state maint" only: the slot
+// keeps its address), and only when every slot is taken does the backend
+// grow with "add server". An endpoint keeps its slot while it lives.
 func Plan(applied Table, desired []Endpoint) (ops []Op, next Table, rejected []error) {
 	want := map[string]Endpoint{}
 	for _, e := range desired {
@@ -191,11 +205,14 @@ func Plan(applied Table, desired []Endpoint) (ops []Op, next Table, rejected []e
 	}
 	slices.SortFunc(adds, Endpoint.Compare)
 
-	// fill points slot i at e; a free slot is then put in service, a slot
-	// changing hands never left it.
+	// fill points slot i at e (unless it already does: a parked slot keeps
+	// its address); a free slot is then put in service, a slot changing
+	// hands never left it.
 	fill := func(i int, e Endpoint) {
 		s := &next.Slots[i]
-		ops = append(ops, Op{Kind: OpSetAddr, Server: s.Name, Addr: e.Addr, Port: e.Port})
+		if s.Addr != e.Addr || s.Port != e.Port {
+			ops = append(ops, Op{Kind: OpSetAddr, Server: s.Name, Addr: e.Addr, Port: e.Port})
+		}
 		if s.Weight != e.Weight {
 			ops = append(ops, Op{Kind: OpSetWeight, Server: s.Name, Weight: e.Weight})
 		}
@@ -205,6 +222,25 @@ func Plan(applied Table, desired []Endpoint) (ops []Op, next Table, rejected []e
 		s.Used, s.Addr, s.Port, s.Weight = true, e.Addr, e.Port, e.Weight
 	}
 
+	// Free slots still pointing at a new endpoint: it comes back with
+	// "state ready" alone there, so slots changing hands go to the others
+	// first.
+	parked := map[string]int{}
+	for _, i := range free {
+		if k, ok := next.Slots[i].parkedKey(); ok {
+			parked[k] = i
+		}
+	}
+	var back []Endpoint
+	adds = slices.DeleteFunc(adds, func(e Endpoint) bool {
+		if _, ok := parked[e.Key()]; ok {
+			back = append(back, e)
+			return true
+		}
+		return false
+	})
+	adds = append(adds, back...)
+
 	// Weight changes were appended above; slots changing hands and fills
 	// of free slots come first.
 	weightOps := ops
@@ -213,6 +249,14 @@ func Plan(applied Table, desired []Endpoint) (ops []Op, next Table, rejected []e
 		fill(freed[0], adds[0])
 		freed, adds = freed[1:], adds[1:]
 	}
+	adds = slices.DeleteFunc(adds, func(e Endpoint) bool {
+		i, ok := parked[e.Key()]
+		if ok {
+			fill(i, e)
+		}
+		return ok
+	})
+	free = slices.DeleteFunc(free, func(i int) bool { return next.Slots[i].Used })
 	for len(adds) > 0 && len(free) > 0 {
 		fill(free[0], adds[0])
 		free, adds = free[1:], adds[1:]
@@ -220,10 +264,8 @@ func Plan(applied Table, desired []Endpoint) (ops []Op, next Table, rejected []e
 	ops = append(ops, weightOps...)
 	for _, i := range freed {
 		s := &next.Slots[i]
-		ops = append(ops,
-			Op{Kind: OpMaint, Server: s.Name},
-			Op{Kind: OpSetAddr, Server: s.Name, Addr: ParkAddr, Port: ParkPort})
-		s.Used, s.Addr, s.Port = false, ParkAddr, ParkPort
+		ops = append(ops, Op{Kind: OpMaint, Server: s.Name})
+		s.Used = false
 	}
 	for _, e := range adds {
 		name := next.Prefix + strconv.Itoa(len(next.Slots)+1)

@@ -44,35 +44,44 @@ func TestPlanSequence(t *testing.T) {
 			{Kind: OpAdd, Server: "s4", Addr: "10.0.0.5", Port: 80, Weight: 2},
 			{Kind: OpReady, Server: "s4"},
 		}, 4, 4},
-		{"removal parks and never deletes", []Endpoint{ep("10.0.0.3", 80, 1)}, []Op{
+		{"removal parks in maint, keeping the address, and never deletes", []Endpoint{ep("10.0.0.3", 80, 1)}, []Op{
 			{Kind: OpMaint, Server: "s2"},
-			{Kind: OpSetAddr, Server: "s2", Addr: ParkAddr, Port: ParkPort},
 			{Kind: OpMaint, Server: "s3"},
-			{Kind: OpSetAddr, Server: "s3", Addr: ParkAddr, Port: ParkPort},
 			{Kind: OpMaint, Server: "s4"},
-			{Kind: OpSetAddr, Server: "s4", Addr: ParkAddr, Port: ParkPort},
 		}, 1, 4},
-		{"duplicates merge to highest weight, big weights clamp, ipv6", []Endpoint{ep("10.0.0.3", 80, 1), ep("::1", 8080, 2), ep("::1", 8080, 1000)}, []Op{
-			{Kind: OpSetAddr, Server: "s2", Addr: "::1", Port: 8080},
-			{Kind: OpSetWeight, Server: "s2", Weight: MaxWeight},
-			{Kind: OpReady, Server: "s2"},
+		{"an endpoint that comes back gets its parked slot with state ready alone", []Endpoint{ep("10.0.0.3", 80, 1), ep("10.0.0.4", 80, 1)}, []Op{
+			{Kind: OpReady, Server: "s3"},
 		}, 2, 4},
-		{"two replaced, one more added: two slots change hands, a free one fills", []Endpoint{ep("10.0.0.8", 80, 1), ep("10.0.0.9", 80, 1), ep("10.0.0.10", 80, 2)}, []Op{
+		{"back with another weight: weight and ready", []Endpoint{ep("10.0.0.3", 80, 1), ep("10.0.0.4", 80, 1), ep("10.0.0.5", 80, 9)}, []Op{
+			{Kind: OpSetWeight, Server: "s4", Weight: 9},
+			{Kind: OpReady, Server: "s4"},
+		}, 3, 4},
+		{"a slot changing hands goes to an endpoint without a parked slot", []Endpoint{ep("10.0.0.2", 80, 7), ep("10.0.0.3", 80, 1), ep("10.0.0.4", 80, 1), ep("10.0.0.7", 80, 1)}, []Op{
+			{Kind: OpSetAddr, Server: "s4", Addr: "10.0.0.7", Port: 80},
+			{Kind: OpSetWeight, Server: "s4", Weight: 1},
+			{Kind: OpReady, Server: "s2"},
+		}, 4, 4},
+		{"everything gone", nil, []Op{
+			{Kind: OpMaint, Server: "s1"},
+			{Kind: OpMaint, Server: "s2"},
+			{Kind: OpMaint, Server: "s3"},
+			{Kind: OpMaint, Server: "s4"},
+		}, 0, 4},
+		{"duplicates merge to highest weight, big weights clamp, ipv6", []Endpoint{ep("::1", 8080, 2), ep("::1", 8080, 1000)}, []Op{
+			{Kind: OpSetAddr, Server: "s1", Addr: "::1", Port: 8080},
+			{Kind: OpSetWeight, Server: "s1", Weight: MaxWeight},
+			{Kind: OpReady, Server: "s1"},
+		}, 1, 4},
+		{"one replaced, two added: a slot changes hands, parked ones fill", []Endpoint{ep("10.0.0.8", 80, 1), ep("10.0.0.9", 80, 1), ep("10.0.0.10", 80, 2)}, []Op{
 			{Kind: OpSetAddr, Server: "s1", Addr: "10.0.0.8", Port: 80},
+			{Kind: OpSetWeight, Server: "s1", Weight: 1},
 			{Kind: OpSetAddr, Server: "s2", Addr: "10.0.0.9", Port: 80},
 			{Kind: OpSetWeight, Server: "s2", Weight: 1},
+			{Kind: OpReady, Server: "s2"},
 			{Kind: OpSetAddr, Server: "s3", Addr: "10.0.0.10", Port: 80},
 			{Kind: OpSetWeight, Server: "s3", Weight: 2},
 			{Kind: OpReady, Server: "s3"},
 		}, 3, 4},
-		{"everything gone", nil, []Op{
-			{Kind: OpMaint, Server: "s1"},
-			{Kind: OpSetAddr, Server: "s1", Addr: ParkAddr, Port: ParkPort},
-			{Kind: OpMaint, Server: "s2"},
-			{Kind: OpSetAddr, Server: "s2", Addr: ParkAddr, Port: ParkPort},
-			{Kind: OpMaint, Server: "s3"},
-			{Kind: OpSetAddr, Server: "s3", Addr: ParkAddr, Port: ParkPort},
-		}, 0, 4},
 	}
 	table := New("up_web", "s", 3)
 	for _, st := range steps {
@@ -121,6 +130,25 @@ func TestPlanRejectsBadEndpoints(t *testing.T) {
 				t.Errorf("the valid endpoint was not planned: ops %v", ops)
 			}
 		})
+	}
+}
+
+// TestPlanParkedAddressFromHAProxy: a parked slot's address comes from
+// HAProxy after a resync, and need not be an IP literal.
+func TestPlanParkedAddressFromHAProxy(t *testing.T) {
+	table := FromObserved("b", "s", 3, []Observed{
+		{Name: "s1", Addr: "-", Port: 0, Weight: 1, Maint: true},
+		{Name: "s2", Addr: "10.0.0.5", Port: 80, Weight: 1, Maint: true},
+		{Name: "s3", Addr: "10.0.0.6", Port: 80, Weight: 1},
+	})
+	ops, _, _ := Plan(table, []Endpoint{ep("10.0.0.5", 80, 1), ep("10.0.0.6", 80, 1), ep("10.0.0.7", 80, 1)})
+	want := []Op{
+		{Kind: OpReady, Server: "s2"},
+		{Kind: OpSetAddr, Server: "s1", Addr: "10.0.0.7", Port: 80},
+		{Kind: OpReady, Server: "s1"},
+	}
+	if diff := cmp.Diff(want, ops); diff != "" {
+		t.Errorf("ops (-want +got):\n%s", diff)
 	}
 }
 
