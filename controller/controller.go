@@ -60,6 +60,7 @@ type haproxyAPI interface {
 	UpdateCert(ctx context.Context, file, pem string) error
 	ServersState(ctx context.Context, backend string) ([]runtime.ServerStatus, error)
 	Socket() string
+	Close() error
 }
 
 // Controller owns the applied state of one sidecar's HAProxy.
@@ -299,6 +300,7 @@ func (c *Controller) send(ctx context.Context, f func(*desired)) {
 
 func (c *Controller) shutdown() {
 	c.ready.Store(false)
+	_ = c.rt.Close()
 	if c.master != nil {
 		c.log.Info("stopping haproxy")
 		if err := c.master.Stop(10 * time.Second); err != nil {

@@ -60,6 +60,7 @@ func (f *fakeHAProxy) ServersState(_ context.Context, backend string) ([]runtime
 }
 
 func (f *fakeHAProxy) Socket() string { return "/fake/master.sock" }
+func (f *fakeHAProxy) Close() error   { return nil }
 
 func (f *fakeHAProxy) take() []string {
 	t := f.transcript

@@ -21,8 +21,9 @@ func TestPropagationHistogram(t *testing.T) {
 		`haproxy_connect_endpoint_propagation_seconds_bucket{le="0.0005"} 1` + "\n",
 		`haproxy_connect_endpoint_propagation_seconds_bucket{le="0.001"} 2` + "\n", // a bound is inclusive
 		`haproxy_connect_endpoint_propagation_seconds_bucket{le="0.002"} 2` + "\n",
-		`haproxy_connect_endpoint_propagation_seconds_bucket{le="0.005"} 3` + "\n",
+		`haproxy_connect_endpoint_propagation_seconds_bucket{le="0.003"} 3` + "\n",
 		`haproxy_connect_endpoint_propagation_seconds_bucket{le="2.5"} 3` + "\n",
+		`haproxy_connect_endpoint_propagation_seconds_bucket{le="5"} 4` + "\n",
 		`haproxy_connect_endpoint_propagation_seconds_bucket{le="+Inf"} 4` + "\n",
 		"haproxy_connect_endpoint_propagation_seconds_sum 3.004",
 		"haproxy_connect_endpoint_propagation_seconds_count 4\n",

@@ -1,9 +1,13 @@
 package runtime
 
 import (
+	"context"
 	"errors"
+	"io"
+	"net"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 )
@@ -158,7 +162,7 @@ func TestEncodeBatch(t *testing.T) {
 		m(SetSSLCert("/s/leaf.pem", "-----BEGIN X-----\r\nabc\n\n-----END X-----")),
 		ShowProc(),
 	}))
-	want := "prompt\n@1 set server b/s1 addr ::1 port 8080\n@1 set ssl cert /s/leaf.pem <<\n-----BEGIN X-----\nabc\n-----END X-----\n\nshow proc\nquit\n"
+	want := "@1 set server b/s1 addr ::1 port 8080\n@1 set ssl cert /s/leaf.pem <<\n-----BEGIN X-----\nabc\n-----END X-----\n\nshow proc\n"
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("batch (-want +got):\n%s", diff)
 	}
@@ -228,5 +232,55 @@ func TestParseCertInfo(t *testing.T) {
 	}
 	if got.Serial != "08C5" || !strings.Contains(got.SAN, "svc/web") || got.NotAfter != "Nov 24 18:25:00 2026 GMT" {
 		t.Errorf("got %+v", got)
+	}
+}
+
+// TestSessionRunFraming feeds a session the captured batch output a few
+// bytes at a time (prompts split across reads) and checks when a batch is
+// complete: after the expected number of prompts, or at an early close.
+func TestSessionRunFraming(t *testing.T) {
+	tests := []struct {
+		name     string
+		out      string
+		want     int
+		close    bool
+		wantDone bool
+	}{
+		{"complete batch on a new session", capturedBatch, 7, false, true},
+		{"closed early", "master> \nmaster> Can't find the target PID matching the prefix '@9'\n", 3, true, false},
+		{"not a master", "HTTP/1.1 400 Bad Request\r\n" + strings.Repeat("x", 80), 2, true, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			client, server := net.Pipe()
+			defer client.Close()
+			go func() {
+				_, _ = io.Copy(io.Discard, io.LimitReader(server, 5)) // the request
+				for i := 0; i < len(tt.out); i += 3 {
+					if _, err := server.Write([]byte(tt.out[i:min(i+3, len(tt.out))])); err != nil {
+						return
+					}
+				}
+				if tt.close {
+					server.Close()
+				}
+			}()
+			s := &session{conn: client}
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			out, done, err := s.run(ctx, []byte("x\ny\nz"), tt.want)
+			if tt.name == "not a master" {
+				if !errors.Is(err, ErrUnrecognizedReply) {
+					t.Fatalf("err %v, want ErrUnrecognizedReply", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if done != tt.wantDone || out != tt.out || s.prompt != "master> " {
+				t.Errorf("done %v (want %v), prompt %q, out %q", done, tt.wantDone, s.prompt, out)
+			}
+		})
 	}
 }

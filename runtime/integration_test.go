@@ -326,3 +326,67 @@ func TestReloadKeepsServing(t *testing.T) {
 		t.Errorf("after a failed reload: %q, %v", got, err)
 	}
 }
+
+// TestKeptSessions: batches reuse a kept prompt-mode session; one closed
+// under the client by a reload (done by another client, as an operator
+// would with socat) is replaced without an error; concurrent batches on one
+// client each get their own replies.
+func TestKeptSessions(t *testing.T) {
+	sk := startSkeleton(t)
+	m := must(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	mustExec(t, sk.rt, m(runtime.SetServerWeight("up_api", "s1", 3)))
+	before, err := sk.rt.Procs(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	other := runtime.New(sk.h.MasterSock, zaptest.NewLogger(t))
+	defer other.Close()
+	if _, err := other.Reload(ctx, "operator"); err != nil {
+		t.Fatal(err)
+	}
+	// sk.rt's kept session was closed by the master's re-execution.
+	after, err := sk.rt.Procs(ctx)
+	if err != nil {
+		t.Fatalf("first batch after a reload elsewhere: %v", err)
+	}
+	if after.Master.Reloads != before.Master.Reloads+1 {
+		t.Errorf("reloads %d, want %d", after.Master.Reloads, before.Master.Reloads+1)
+	}
+
+	var wg sync.WaitGroup
+	errs := make(chan error, 16)
+	for i := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			server := fmt.Sprintf("s%d", i%2+1)
+			for w := 1; w <= 20; w++ {
+				weight := (i*20+w)%200 + 1
+				cmd := m(runtime.SetServerWeight("up_api", server, weight))
+				show := m(runtime.ShowServersState("up_api"))
+				rs, err := sk.rt.Exec(ctx, cmd, show)
+				if err != nil {
+					errs <- err
+					return
+				}
+				if err := rs.Err(); err != nil {
+					errs <- err
+					return
+				}
+				st, err := runtime.ParseServersState(rs[1].Reply)
+				if err != nil || len(st) != 2 {
+					errs <- fmt.Errorf("batch %d/%d: show servers state: %v, %d servers", i, w, err, len(st))
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}

@@ -39,6 +39,7 @@ func StartMaster(ctx context.Context, bin, cfg, sock string, out io.Writer) (*Ma
 		close(m.done)
 	}()
 	c := New(sock, nil, WithTimeout(2*time.Second))
+	defer c.Close()
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
 	for {

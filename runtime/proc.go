@@ -139,6 +139,7 @@ func (c *Client) Reload(ctx context.Context, reason string) (ProcList, error) {
 		return ProcList{}, fmt.Errorf("reload: before: %w", err)
 	}
 	c.log.Info("reloading haproxy", zap.String("reason", reason), zap.String("socat", c.SocatLine(Command{Line: "reload"})))
+	c.dropIdle() // the master closes them when it re-executes
 	reply, err := c.rawMaster(ctx, "reload\n")
 	if err != nil {
 		return ProcList{}, fmt.Errorf("reload: %w", err)

@@ -97,6 +97,7 @@ func startSidecar(t *testing.T, consul *testenv.ConsulProc, id string, extra ...
 		}
 	})
 	s.rt = runtime.New(filepath.Join(s.stateDir, "master.sock"), nil)
+	t.Cleanup(func() { _ = s.rt.Close() })
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		resp, err := http.Get("http://" + s.stats + "/readyz")

@@ -35,7 +35,7 @@ package main
 //     parked slot, a dropped listener during a reload), not that it lagged.
 //   - "In effect" for HAProxy contenders: polling
 //     "@1 show servers state <backend>" on the master socket every
-//     millisecond (one prompt-mode connection per poll, churnPollPeriod);
+//     millisecond (on a kept prompt-mode session, reopened after a reload; churnPollPeriod);
 //     an endpoint is in effect when a server that is not in maintenance
 //     has its address and port. Every observation is
 //     timestamped when the reply has been read, so each figure is an upper
@@ -212,7 +212,7 @@ func runChurn(ctx context.Context, b *Bench) error {
 				passStart := time.Now()
 				r, err := cb.pass(ctx, c, p)
 				if err != nil {
-					c.stop()
+					c.stopAll()
 					return fmt.Errorf("%s, %s: %w", c.name, p.name, err)
 				}
 				b.Logf("churn:   %s: p50 %s p99 %s (Consul p50 %s p99 %s), %d/%d never in effect, %d/%d requests failed, %d reloads, %s changes/s, %s",
@@ -220,7 +220,7 @@ func runChurn(ctx context.Context, b *Bench) error {
 					r.unseen, r.changes, r.failed, r.ok+r.failed, r.reloads, Num(r.rate), time.Since(passStart).Round(100*time.Millisecond))
 				add(p.name, c.name, r)
 			}
-			c.stop()
+			c.stopAll()
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
@@ -371,6 +371,9 @@ type churnContender struct {
 	poll func(ctx context.Context) (map[string]bool, error)
 	// reloads returns HAProxy's reload counter; nil when not applicable.
 	reloads func(ctx context.Context) (int, error)
+	// observer is the runtime client behind poll and reloads, closed after
+	// stop.
+	observer *runtime.Client
 	// share reads the contender's own propagation histogram
 	// (haproxy-connect's /metrics); nil when it has none.
 	share func() (churnShare, error)
@@ -384,6 +387,22 @@ const (
 	churnBuiltin    = "Consul built-in proxy"
 	churnAlone      = "Consul notification alone"
 )
+
+// observeHAProxy sets poll and reloads to read the HAProxy whose master
+// socket is sock.
+func (c *churnContender) observeHAProxy(sock, backend string) {
+	c.observer = runtime.New(sock, nil, runtime.WithTimeout(5*time.Second))
+	c.poll, c.reloads = churnServers(c.observer, backend), churnReloads(c.observer)
+}
+
+// stopAll stops the contender and closes its observer.
+func (c *churnContender) stopAll() {
+	c.stop()
+	if c.observer != nil {
+		_ = c.observer.Close()
+		c.observer = nil
+	}
+}
 
 // churnServers is a poll of "@1 show servers state <backend>": the
 // address:port of every server not in maintenance.
@@ -430,8 +449,7 @@ func (cb *churnBench) haproxyConnect() *churnContender {
 		if s, err = cb.b.StartSidecar(cb.consul, "client"); err != nil {
 			return err
 		}
-		rt := runtime.New(s.RT.Socket(), nil, runtime.WithTimeout(5*time.Second))
-		c.poll, c.reloads = churnServers(rt, "up_api"), churnReloads(rt)
+		c.observeHAProxy(s.RT.Socket(), "up_api")
 		stats := s.Stats
 		c.share = func() (churnShare, error) { return scrapeShare(stats) }
 		return nil
@@ -555,8 +573,7 @@ func (cb *churnBench) consulTemplate() *churnContender {
 		if ct, err = cb.b.Start("consul-template", cb.b.ConsulTemplate, "-config", cfgPath); err != nil {
 			return err
 		}
-		rt := runtime.New(h.MasterSock, nil, runtime.WithTimeout(5*time.Second))
-		c.poll, c.reloads = churnServers(rt, "be"), churnReloads(rt)
+		c.observeHAProxy(h.MasterSock, "be")
 		return nil
 	}
 	c.stop = func() {
@@ -598,8 +615,7 @@ func (cb *churnBench) dnsSRV(tuned bool) *churnContender {
 		if h, err = cb.b.StartHAProxy(cfg); err != nil {
 			return err
 		}
-		rt := runtime.New(h.MasterSock, nil, runtime.WithTimeout(5*time.Second))
-		c.poll, c.reloads = churnServers(rt, "be"), churnReloads(rt)
+		c.observeHAProxy(h.MasterSock, "be")
 		return nil
 	}
 	c.stop = func() {
@@ -1641,7 +1657,7 @@ func (cb *churnBench) report(p churnPlan, first bool, contenders []*churnContend
 		}
 	}
 	if len(shares) > 0 {
-		s.Note("Own share of propagation, from the sidecar's own histogram (haproxy_connect_endpoint_propagation_seconds: from an answer's headers arriving from Consul to HAProxy confirming the runtime batch that applies it, one sample per applied update of the upstream), as the upper bound of the bucket holding the quantile (buckets 0.5, 1, 2, 5, 10, 20, 50 ms, ...), median (min–max) over rounds: %s. The rest of its latency is Consul's notification and the observation's resolution.", strings.Join(shares, "; "))
+		s.Note("Own share of propagation, from the sidecar's own histogram (haproxy_connect_endpoint_propagation_seconds: from an answer's headers arriving from Consul to HAProxy confirming the runtime batch that applies it, one sample per applied update of the upstream), as the upper bound of the bucket holding the quantile (buckets 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 50 ms, ...), median (min–max) over rounds: %s. The rest of its latency is Consul's notification and the observation's resolution.", strings.Join(shares, "; "))
 	}
 	s.Note("Achieved write rate, changes/s (first to last acknowledgement): %s.", strings.Join(rates, "; "))
 	if len(errs) > 0 {
@@ -1657,7 +1673,7 @@ func (cb *churnBench) report(p churnPlan, first bool, contenders []*churnContend
 		return
 	}
 	s.Note("Latency: first observation of a change in the contender's data plane minus the return of Consul's register/deregister call (the write acknowledgement). \"Consul p99\" is Consul's own notification: a blocking query on the health endpoint the contender reads (health/connect/api or health/service/api-plain, passing only), run during the same pass and timestamped the same way; \"p99 − Consul p99\" is the per-round difference (the target for haproxy-connect, at 100 changes/s, is within 2 ms). Each notification carries the whole instance list (about 3 KB per connect instance, 300 KB at 100 live), so every blocking watcher costs Consul CPU: the baseline watch is one more watcher in every pass (kept light: no gzip, which Consul otherwise applies to every answer Go's client asks for, and only address and port decoded), and a contender's own unthrottled watch (haproxy-connect's) doubles what Consul serves in its pass; consul-template paces its queries, HAProxy DNS asks the DNS interface instead.")
-	s.Note("Resolution: HAProxy contenders are observed by polling `@1 show servers state <backend>` on the master socket (one prompt-mode connection per poll, one every %s, or, when a poll takes longer than half of that, a pause as long as the poll); an endpoint is in effect when a server not in maintenance has its address and port, and each observation is timestamped when its reply has been read. A latency is therefore an upper bound, by up to one poll interval; during a reload the master refuses connections, which lengthens consul-template's intervals.", churnPollPeriod)
+	s.Note("Resolution: HAProxy contenders are observed by polling `@1 show servers state <backend>` on the master socket (on a kept prompt-mode session, reopened after a reload, one poll every %s, or, when a poll takes longer than half of that, a pause as long as the poll); an endpoint is in effect when a server not in maintenance has its address and port, and each observation is timestamped when its reply has been read. A latency is therefore an upper bound, by up to one poll interval; during a reload the master refuses connections, which lengthens consul-template's intervals.", churnPollPeriod)
 	s.Note("Writes: in a rate pass, each write is issued at its scheduled time without waiting for the previous one (up to %d in flight; writes to one endpoint stay in order), as independent instances would; in a burst, %d writers back to back. Endpoints are written with the catalog API, each on a node of its own, as instances on other hosts (which a client's agent never holds): the acknowledgement is the catalog commit. On the one local agent instead, each connect-proxy registration started the agent's per-proxy machinery (proxycfg): 51 against 201 plain registrations/s here, a cost only the mTLS contenders would have paid.", churnWriters, churnWriters)
 	s.Note("Failed / requests: a steady load of %d GET/s, each on a new connection (no keep-alive), one at a time, through the contender's upstream port during each whole measured pass (all rounds summed). Deregistered endpoints keep serving (as an instance that deregisters before it stops), so a failure means the data plane sent a request nowhere. \"Never in effect\": changes not observed before the same endpoint's next change of the same kind or before the pass ended (all rounds summed); they are left out of the latencies.", churnLoadRate)
 	s.Note("Consul's built-in proxy resolves the upstream with a health query on every new connection and picks a passing instance at random, so for it \"in effect\" is the first connection that lands on the new endpoint (its relay records the accept). To keep that sampling short it gets adds only, one every 100 ms: each new endpoint is deregistered again once a connection has landed on it (or after %s), so that when one is added only the base instance and the new one are live and each connection picks the new one with probability 1/2; 2 prober loops open connections back to back besides the steady load. Its figure includes that wait for a landing (about one prober interval); its Consul p99 is the same blocking query during its pass. It is not measured at 100 changes/s or in a burst, where landings cannot be sampled this way.", churnLandingWait)
@@ -1681,7 +1697,7 @@ func (cb *churnBench) endurance(ctx context.Context) error {
 	if err := c.start(ctx); err != nil {
 		return err
 	}
-	defer c.stop()
+	defer c.stopAll()
 	p := churnPlan{name: "endurance", rate: churnEnduranceAt, changes: churnEndurance, window: 100}
 	r, err := cb.pass(ctx, c, p)
 	if err != nil {
