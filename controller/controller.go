@@ -651,6 +651,20 @@ func (c *Controller) resync(ctx context.Context, name string) {
 
 // command translates a planned slot operation into a runtime command.
 func (c *Controller) command(backend string, op slots.Op) (runtime.Command, error) {
+	o := runtime.ServerOptions{Weight: op.Weight, SSL: true, CrtFile: c.path("leaf.pem"), CAFile: c.path("roots.pem")}
+	if op.Kind == slots.OpAdd {
+		for _, u := range c.applied.sidecar.Upstreams {
+			if u.Name == backend && bootstrap.Mode(u.Protocol) == "http" && u.Protocol != "http" {
+				o.ALPN = "h2"
+			}
+		}
+	}
+	return SlotCommand(backend, op, o)
+}
+
+// SlotCommand is the runtime command for a planned slot operation; add
+// holds the server options of "add server" (its weight is the op's).
+func SlotCommand(backend string, op slots.Op, add runtime.ServerOptions) (runtime.Command, error) {
 	switch op.Kind {
 	case slots.OpSetAddr:
 		return runtime.SetServerAddr(backend, op.Server, op.Addr, op.Port)
@@ -661,13 +675,8 @@ func (c *Controller) command(backend string, op slots.Op) (runtime.Command, erro
 	case slots.OpMaint:
 		return runtime.SetServerState(backend, op.Server, runtime.StateMaint)
 	case slots.OpAdd:
-		o := runtime.ServerOptions{Weight: op.Weight, SSL: true, CrtFile: c.path("leaf.pem"), CAFile: c.path("roots.pem")}
-		for _, u := range c.applied.sidecar.Upstreams {
-			if u.Name == backend && bootstrap.Mode(u.Protocol) == "http" && u.Protocol != "http" {
-				o.ALPN = "h2"
-			}
-		}
-		return runtime.AddServer(backend, op.Server, op.Addr, op.Port, o)
+		add.Weight = op.Weight
+		return runtime.AddServer(backend, op.Server, op.Addr, op.Port, add)
 	}
 	return runtime.Command{}, fmt.Errorf("unknown slot operation %d", op.Kind)
 }

@@ -1,0 +1,245 @@
+package main
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"net/url"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/haproxy-connect/haproxy-connect/bootstrap"
+	"github.com/haproxy-connect/haproxy-connect/controller"
+	"github.com/haproxy-connect/haproxy-connect/runtime"
+	"github.com/haproxy-connect/haproxy-connect/slots"
+)
+
+func init() { workloads = append(workloads, workload{"runtime", runRuntimeCost}) }
+
+// runtimeWays are the ways of applying one endpoint change through the
+// master socket that the workload compares, the sidecar's first.
+var runtimeWays = []struct {
+	name string
+	// kept: one client whose session stays open between batches;
+	// otherwise a new session (connect, prompt mode) per batch.
+	kept bool
+	// parkAddr: a removal also points the slot at 127.0.0.1:1, as the
+	// planner did before it parked with "state maint" alone.
+	parkAddr bool
+}{
+	{"haproxy-connect: kept session, park = state maint", true, false},
+	{"new session per batch, park = state maint", false, false},
+	{"new session per batch, park = state maint + set addr (before)", false, true},
+}
+
+// runRuntimeCost: what one endpoint change costs on the master socket, on
+// an idle machine, for the batches the sidecar's planner produces at steady
+// churn (an add into a free slot, a removal), applied the ways compared.
+// This is the part of the sidecar's own share of propagation spent in
+// HAProxy, without Consul or load around it.
+func runRuntimeCost(ctx context.Context, b *Bench) error {
+	changes := 6000
+	if b.Quick {
+		changes = 600
+	}
+	sec := b.Report.Add("Master CLI: one endpoint change through the master socket",
+		"way", "change", "commands", "p50", "p99", "p50 ÷ haproxy-connect", "p99 ÷ haproxy-connect")
+	p50, p99 := map[runtimeKey]Rounds{}, map[runtimeKey]Rounds{}
+	cmds := map[runtimeKey]float64{}
+	for round := 0; round < b.Rounds; round++ {
+		res, n, err := runtimeCostRound(ctx, b, changes)
+		if err != nil {
+			return err
+		}
+		for k, s := range res {
+			p50[k] = append(p50[k], s.Percentile(50))
+			p99[k] = append(p99[k], s.Percentile(99))
+			cmds[k] = n[k]
+		}
+	}
+	for _, add := range []bool{true, false} {
+		for w, way := range runtimeWays {
+			k, ref := runtimeKey{w, add}, runtimeKey{0, add}
+			kind := "remove"
+			if add {
+				kind = "add"
+			}
+			sec.Row(way.name, kind, Num(cmds[k]), p50[k].Format(Dur), p99[k].Format(Dur),
+				Ratio(p50[k].Median(), p50[ref].Median()), Ratio(p99[k].Median(), p99[ref].Median()))
+		}
+	}
+	sec.Note("What: %d endpoint changes per round on a HAProxy running the sidecar's rendered configuration (bootstrap.Render: one upstream, 128 TLS server-template slots, 100 endpoints in service), adds and removes alternating as in the churn workload; each change is planned with slots.Plan, translated as the sidecar does (controller.SlotCommand), sent with runtime.Client and timed from the batch's start to its last reply. The ways take turns change by change, so each sees the same mix and the same moment; the time of a batch is p50/p99 over the changes of one kind, median (min–max) over %d rounds. Idle machine: nothing else runs, so this is the floor of the sidecar's runtime step; under the churn workload's load the same batches took several times longer (see the churn sections' own share).", changes, b.Rounds)
+	sec.Note("add: a new endpoint into a free slot (`set server addr` + `state ready`). remove: the slot is parked. A new session is what the sidecar did before it kept its sessions: connect to the master socket, `prompt`, the commands, then close.")
+	return nil
+}
+
+type runtimeKey struct {
+	way int
+	add bool
+}
+
+func runtimeCostRound(ctx context.Context, b *Bench, changes int) (map[runtimeKey]Samples, map[runtimeKey]float64, error) {
+	env := &Env{Dir: b.Dir, HAProxy: b.HAProxy}
+	defer env.Close()
+	dir, err := env.Subdir("rc")
+	if err != nil {
+		return nil, nil, err
+	}
+	ports, err := env.Ports(4)
+	if err != nil {
+		return nil, nil, err
+	}
+	certPEM, err := selfSignedLeaf("web")
+	if err != nil {
+		return nil, nil, err
+	}
+	name, err := bootstrap.UpstreamName("api", "")
+	if err != nil {
+		return nil, nil, err
+	}
+	spec := bootstrap.Spec{
+		Service: "web", LeafFile: filepath.Join(dir, "leaf.pem"), RootsFile: filepath.Join(dir, "roots.pem"),
+		SPOEFile: filepath.Join(dir, "spoe.cfg"), AuthzMap: filepath.Join(dir, "authz.map"),
+		SPOAAddr: fmt.Sprintf("127.0.0.1:%d", ports[0]), HardStopAfter: 5 * time.Second,
+		Public: bootstrap.Public{BindAddr: "127.0.0.1", BindPort: ports[1], LocalAddr: "127.0.0.1", LocalPort: ports[2]},
+		Upstreams: []bootstrap.Upstream{{Name: name, Destination: "api", BindAddr: "127.0.0.1", BindPort: ports[3],
+			Protocol: "http", Slots: slots.New(name, bootstrap.SlotPrefix, 128)}},
+	}
+	spoe, err := bootstrap.RenderSPOE(spec)
+	if err != nil {
+		return nil, nil, err
+	}
+	cfg, err := bootstrap.Render(spec)
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, f := range []struct{ path, text string }{
+		{spec.LeafFile, certPEM}, {spec.RootsFile, certPEM}, {spec.SPOEFile, spoe}, {spec.AuthzMap, bootstrap.RenderAuthzMap(0)},
+	} {
+		if err := os.WriteFile(f.path, []byte(f.text), 0o600); err != nil {
+			return nil, nil, err
+		}
+	}
+	h, err := env.StartHAProxy(cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	kept := runtime.New(h.MasterSock, nil)
+	defer kept.Close()
+	opts := runtime.ServerOptions{SSL: true, CrtFile: spec.LeafFile, CAFile: spec.RootsFile}
+
+	table := spec.Upstreams[0].Slots
+	endpoint := func(i int) slots.Endpoint {
+		return slots.Endpoint{Addr: fmt.Sprintf("127.3.%d.%d", i/250, i%250+1), Port: 21000, Weight: 1}
+	}
+	const window = 100
+	var live []slots.Endpoint
+	for i := range window {
+		live = append(live, endpoint(i))
+	}
+	apply := func(rt *runtime.Client, ops []slots.Op) error {
+		var batch []runtime.Command
+		for _, op := range ops {
+			c, err := controller.SlotCommand(name, op, opts)
+			if err != nil {
+				return err
+			}
+			batch = append(batch, c)
+		}
+		rs, err := rt.Exec(ctx, batch...)
+		if err != nil {
+			return err
+		}
+		return rs.Err()
+	}
+	ops, next, _ := slots.Plan(table, live)
+	if err := apply(kept, ops); err != nil {
+		return nil, nil, fmt.Errorf("prefill: %w", err)
+	}
+	table = next
+
+	res := map[runtimeKey]Samples{}
+	ncmds := map[runtimeKey]float64{}
+	count := map[runtimeKey]int{}
+	nextID := window
+	for i := 0; i < changes && ctx.Err() == nil; i++ {
+		add := i%2 == 0
+		if add {
+			live = append(live, endpoint(nextID%60000))
+			nextID++
+		} else {
+			live = live[1:]
+		}
+		ops, next, rejected := slots.Plan(table, live)
+		if len(rejected) > 0 {
+			return nil, nil, fmt.Errorf("plan rejected %v", rejected)
+		}
+		w := (i / 2) % len(runtimeWays)
+		way := runtimeWays[w]
+		if way.parkAddr {
+			for _, op := range ops {
+				if op.Kind == slots.OpMaint {
+					ops = append(ops, slots.Op{Kind: slots.OpSetAddr, Server: op.Server, Addr: slots.ParkAddr, Port: slots.ParkPort})
+					for j := range next.Slots {
+						if next.Slots[j].Name == op.Server {
+							next.Slots[j].Addr, next.Slots[j].Port = slots.ParkAddr, slots.ParkPort
+						}
+					}
+				}
+			}
+		}
+		rt := kept
+		if !way.kept {
+			rt = runtime.New(h.MasterSock, nil)
+		}
+		start := time.Now()
+		err := apply(rt, ops)
+		took := time.Since(start)
+		if !way.kept {
+			_ = rt.Close()
+		}
+		if err != nil {
+			return nil, nil, fmt.Errorf("change %d (%s): %w", i, way.name, err)
+		}
+		k := runtimeKey{w, add}
+		res[k] = append(res[k], took.Seconds())
+		count[k]++
+		ncmds[k] += (float64(len(ops)) - ncmds[k]) / float64(count[k]) // running mean
+		table = next
+	}
+	return res, ncmds, ctx.Err()
+}
+
+// selfSignedLeaf returns a self-signed certificate with a SPIFFE URI and its
+// key, in one PEM: HAProxy loads it as the leaf and as the roots.
+func selfSignedLeaf(service string) (string, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return "", err
+	}
+	id, _ := url.Parse("spiffe://bench.consul/ns/default/dc/dc1/svc/" + service)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: service},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		URIs: []*url.URL{id}, IsCA: true, BasicConstraintsValid: true,
+		KeyUsage:    x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return "", err
+	}
+	kder, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		return "", err
+	}
+	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})) +
+		string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})), nil
+}
