@@ -116,6 +116,20 @@ func Mode(protocol string) string {
 	return "tcp"
 }
 
+// UpstreamALPN is the ALPN list an upstream's servers offer the other
+// sidecar for protocol: "h2,http/1.1" for http (see Render), "h2" for
+// http2 and grpc, none for tcp. Dynamic servers ("add server") do not
+// inherit default-server on 2.6, so the controller adds it to each.
+func UpstreamALPN(protocol string) string {
+	switch protocol {
+	case "http":
+		return "h2,http/1.1"
+	case "http2", "grpc":
+		return "h2"
+	}
+	return ""
+}
+
 func checkProtocol(what, p string) error {
 	switch p {
 	case "", "tcp", "http", "http2", "grpc":
@@ -389,11 +403,8 @@ func Render(s Spec) (string, error) {
 		// clients: p99 157 ms with HTTP/1.1 between sidecars, 18 ms with
 		// h2.
 		alpn := ""
-		switch {
-		case mode == "http" && u.Protocol == "http":
-			alpn = " alpn h2,http/1.1"
-		case mode == "http":
-			alpn = " alpn h2"
+		if a := UpstreamALPN(u.Protocol); a != "" {
+			alpn = " alpn " + a
 		}
 		w("    default-server ssl crt %s ca-file %s verify required%s", s.LeafFile, s.RootsFile, alpn)
 		renderSlots(w, u.Slots)

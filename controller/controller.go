@@ -654,8 +654,8 @@ func (c *Controller) command(backend string, op slots.Op) (runtime.Command, erro
 	o := runtime.ServerOptions{Weight: op.Weight, SSL: true, CrtFile: c.path("leaf.pem"), CAFile: c.path("roots.pem")}
 	if op.Kind == slots.OpAdd {
 		for _, u := range c.applied.sidecar.Upstreams {
-			if u.Name == backend && bootstrap.Mode(u.Protocol) == "http" && u.Protocol != "http" {
-				o.ALPN = "h2"
+			if u.Name == backend {
+				o.ALPN = bootstrap.UpstreamALPN(u.Protocol)
 			}
 		}
 	}

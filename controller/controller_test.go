@@ -254,3 +254,31 @@ func TestWaitAuthzGeneration(t *testing.T) {
 	}
 	c.WaitAuthzGeneration(1) // an older generation: already there
 }
+
+// TestAddServerALPN: a dynamic server offers the other sidecar the same ALPN
+// as the upstream's template slots (2.6 does not apply default-server to
+// "add server").
+func TestAddServerALPN(t *testing.T) {
+	tests := []struct{ protocol, want string }{
+		{"", "verify required"},
+		{"tcp", "verify required"},
+		{"http", "verify required alpn h2,http/1.1"},
+		{"http2", "verify required alpn h2"},
+		{"grpc", "verify required alpn h2"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.protocol, func(t *testing.T) {
+			u := up("api", 9191)
+			u.Protocol = tt.protocol
+			c := &Controller{cfg: Config{StateDir: "/s"}}
+			c.applied.sidecar = *sidecar(u)
+			cmd, err := c.command("up_api", slots.Op{Kind: slots.OpAdd, Server: "s9", Addr: "10.0.0.1", Port: 80, Weight: 1})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !strings.HasSuffix(cmd.Line, tt.want) {
+				t.Errorf("%q does not end with %q", cmd.Line, tt.want)
+			}
+		})
+	}
+}

@@ -140,7 +140,10 @@ type ServerOptions struct {
 var alpnRE = regexp.MustCompile(`^[a-z0-9/.-]+(,[a-z0-9/.-]+)*$`)
 
 // AddServer adds a dynamic server. HAProxy 2.6 needs a backend with a dynamic
-// balance algorithm, and the server starts in maintenance.
+// balance algorithm, and the server starts in maintenance: "state ready"
+// puts it in service. (Adding it with the "enabled" keyword instead would
+// save that command, but on 2.6.12 such a server shows as up and never gets
+// traffic: it is left out of load balancing, and requests get 503.)
 func AddServer(backend, server, addr string, port int, o ServerOptions) (Command, error) {
 	if err := checkServer(backend, server); err != nil {
 		return Command{}, err
