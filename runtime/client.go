@@ -33,16 +33,18 @@ import (
 // PID") makes the master close the session: the commands after it come back
 // as ErrNotExecuted.
 //
-// Sessions are kept for the next batch (up to maxIdle): connecting and
+// A session is kept for the next batch (maxIdle): connecting and
 // entering prompt mode cost as much as a forwarded command (on 2.6.12,
 // idle: 175 µs for one "set server" on a new session, 104 µs on a kept
 // one), and the sidecar's batches are one or two commands. The master
 // closes every session when it re-executes (reload); a batch that finds its
 // kept session closed before any reply is retried once on a new session.
 
-// maxIdle is how many sessions a Client keeps open between batches: the
-// controller's loop, plus one for a concurrent caller.
-const maxIdle = 2
+// maxIdle is how many sessions a Client keeps open between batches. One:
+// the controller sends from one loop, and the 2.6 master serves at most 10
+// sessions at once (an 11th waits until one closes; checked on 2.6.12), which
+// operators' socat sessions share.
+const maxIdle = 1
 
 // Client sends runtime commands to HAProxy's master socket. It is safe for
 // concurrent use; Close releases its kept sessions.
