@@ -183,12 +183,9 @@ func encodeBatch(cmds []Command) []byte {
 // that are closed after use.
 func (c *Client) Close() error {
 	c.mu.Lock()
-	idle := c.idle
-	c.idle, c.closed = nil, true
+	c.closed = true
 	c.mu.Unlock()
-	for _, s := range idle {
-		_ = s.conn.Close()
-	}
+	c.dropIdle()
 	return nil
 }
 

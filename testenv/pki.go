@@ -31,9 +31,18 @@ func nextSerial() *big.Int { return serial.Add(serial, big.NewInt(1)) }
 // NewCA makes a self-signed root.
 func NewCA(t testing.TB, name string) *CA {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	ca, err := GenerateCA(name)
 	if err != nil {
 		t.Fatal(err)
+	}
+	return ca
+}
+
+// GenerateCA is NewCA for callers outside tests (meshbench).
+func GenerateCA(name string) (*CA, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          new(big.Int).Set(nextSerial()),
@@ -46,23 +55,35 @@ func NewCA(t testing.TB, name string) *CA {
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
-	cert, _ := x509.ParseCertificate(der)
-	return &CA{Cert: cert, Key: key, CertPEM: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, err
+	}
+	return &CA{Cert: cert, Key: key, CertPEM: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))}, nil
 }
 
 // Leaf issues a leaf for spiffeID (e.g. spiffe://x.consul/ns/default/dc/dc1/svc/web)
 // and returns the certificate PEM and the key PEM.
 func (ca *CA) Leaf(t testing.TB, spiffeID string) (certPEM, keyPEM string) {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	certPEM, keyPEM, err := ca.IssueLeaf(spiffeID)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return certPEM, keyPEM
+}
+
+// IssueLeaf is Leaf for callers outside tests (meshbench).
+func (ca *CA) IssueLeaf(spiffeID string) (certPEM, keyPEM string, err error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return "", "", err
+	}
 	u, err := url.Parse(spiffeID)
 	if err != nil {
-		t.Fatal(err)
+		return "", "", err
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber: new(big.Int).Set(nextSerial()),
@@ -74,14 +95,14 @@ func (ca *CA) Leaf(t testing.TB, spiffeID string) (certPEM, keyPEM string) {
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, &key.PublicKey, ca.Key)
 	if err != nil {
-		t.Fatal(err)
+		return "", "", err
 	}
 	kder, err := x509.MarshalECPrivateKey(key)
 	if err != nil {
-		t.Fatal(err)
+		return "", "", err
 	}
 	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})),
-		string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}))
+		string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})), nil
 }
 
 // WriteFile writes content to dir/name (0600) and returns the path.

@@ -2,15 +2,7 @@ package main
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"fmt"
-	"math/big"
-	"net/url"
 	"os"
 	"path/filepath"
 	"time"
@@ -19,6 +11,7 @@ import (
 	"github.com/haproxy-connect/haproxy-connect/controller"
 	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/slots"
+	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
 func init() { workloads = append(workloads, workload{"runtime", runRuntimeCost}) }
@@ -96,7 +89,11 @@ func runtimeCostRound(ctx context.Context, b *Bench, changes int) (map[runtimeKe
 	if err != nil {
 		return nil, nil, err
 	}
-	certPEM, err := selfSignedLeaf("web")
+	ca, err := testenv.GenerateCA("bench")
+	if err != nil {
+		return nil, nil, err
+	}
+	cert, key, err := ca.IssueLeaf("spiffe://bench.consul/ns/default/dc/dc1/svc/web")
 	if err != nil {
 		return nil, nil, err
 	}
@@ -121,7 +118,7 @@ func runtimeCostRound(ctx context.Context, b *Bench, changes int) (map[runtimeKe
 		return nil, nil, err
 	}
 	for _, f := range []struct{ path, text string }{
-		{spec.LeafFile, certPEM}, {spec.RootsFile, certPEM}, {spec.SPOEFile, spoe}, {spec.AuthzMap, bootstrap.RenderAuthzMap(0)},
+		{spec.LeafFile, cert + key}, {spec.RootsFile, ca.CertPEM}, {spec.SPOEFile, spoe}, {spec.AuthzMap, bootstrap.RenderAuthzMap(0)},
 	} {
 		if err := os.WriteFile(f.path, []byte(f.text), 0o600); err != nil {
 			return nil, nil, err
@@ -167,7 +164,6 @@ func runtimeCostRound(ctx context.Context, b *Bench, changes int) (map[runtimeKe
 
 	res := map[runtimeKey]Samples{}
 	ncmds := map[runtimeKey]float64{}
-	count := map[runtimeKey]int{}
 	nextID := window
 	for i := 0; i < changes && ctx.Err() == nil; i++ {
 		add := i%2 == 0
@@ -210,36 +206,11 @@ func runtimeCostRound(ctx context.Context, b *Bench, changes int) (map[runtimeKe
 		}
 		k := runtimeKey{w, add}
 		res[k] = append(res[k], took.Seconds())
-		count[k]++
-		ncmds[k] += (float64(len(ops)) - ncmds[k]) / float64(count[k]) // running mean
+		ncmds[k] += float64(len(ops))
 		table = next
 	}
+	for k := range ncmds {
+		ncmds[k] /= float64(len(res[k])) // commands per change
+	}
 	return res, ncmds, ctx.Err()
-}
-
-// selfSignedLeaf returns a self-signed certificate with a SPIFFE URI and its
-// key, in one PEM: HAProxy loads it as the leaf and as the roots.
-func selfSignedLeaf(service string) (string, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return "", err
-	}
-	id, _ := url.Parse("spiffe://bench.consul/ns/default/dc/dc1/svc/" + service)
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: service},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		URIs: []*url.URL{id}, IsCA: true, BasicConstraintsValid: true,
-		KeyUsage:    x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		return "", err
-	}
-	kder, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		return "", err
-	}
-	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})) +
-		string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})), nil
 }
