@@ -183,7 +183,8 @@ func New(target string, d Decider, log *zap.Logger, opts ...Option) *Authorizer 
 //     does not hold up cached answers for others.
 //   - A handler error sends no ACK: HAProxy would wait its whole processing
 //     timeout. The handler therefore never returns an error; every failure
-//     is an explicit allowed=false.
+//     is an explicit answer (allowed=false, or no verdict: see
+//     undecidedActions).
 //   - Agent.Serve returns on the first Accept error, temporary or not, and
 //     leaves established connections running when the listener closes.
 //     Serve wraps the listener to retry temporary errors and to close the
@@ -282,15 +283,16 @@ func (a *Authorizer) enter() bool {
 // notes above Serve) and recovers from panics in the library's decoding.
 func (a *Authorizer) handle(msgs *spoe.MessageIterator) (actions []spoe.Action, err error) {
 	if !a.enter() {
-		return denyAll(), nil
+		a.stats.undecided.Add(1)
+		return undecidedActions(noSource), nil
 	}
 	defer a.handlers.Done()
 	defer func() {
 		if r := recover(); r != nil {
 			a.stats.errors.Add(1)
-			a.stats.denied.Add(1)
-			a.log.Error("spoe message handler panicked, denying", zap.Any("panic", r))
-			actions, err = denyAll(), nil
+			a.stats.undecided.Add(1)
+			a.log.Error("spoe message handler panicked; no verdict, HAProxy refuses", zap.Any("panic", r))
+			actions, err = undecidedActions(noSource), nil
 		}
 	}()
 
@@ -328,6 +330,9 @@ func (a *Authorizer) handle(msgs *spoe.MessageIterator) (actions []spoe.Action, 
 		return nil, nil
 	}
 	d := a.decide(der, argErr)
+	if d.undecided {
+		return undecidedActions(d.source), nil
+	}
 	return verdictActions(d.allowed, d.source, d.gen), nil
 }
 
@@ -341,8 +346,17 @@ func verdictActions(allowed bool, source string, gen uint64) []spoe.Action {
 	}
 }
 
-// denyAll answers a message that could not be read.
-func denyAll() []spoe.Action { return verdictActions(false, noSource, 0) }
+// undecidedActions answers when no decision could be made (Consul
+// unreachable or too slow, the agent closing): the source only, no
+// verdict. HAProxy refuses what it was asked about (TCP: the connection;
+// HTTP: this request, with a 503) and asks again for the next request on
+// the same connection. A verdict of false instead would stay on the
+// connection until the intentions change, so one failed call would
+// refuse every request of a kept-alive or pooled connection, long after
+// Consul is back.
+func undecidedActions(source string) []spoe.Action {
+	return []spoe.Action{spoe.ActionSetVar{Name: varSource, Scope: spoe.VarScopeSession, Value: source}}
+}
 
 // decision is the outcome for one inbound connection.
 type decision struct {
@@ -353,10 +367,16 @@ type decision struct {
 	how     origin
 	gen     uint64 // the intentions generation the decision was made under
 	err     error
+	// undecided: no verdict could be had (the Decider failed or timed
+	// out); err says why. A failure that asking again cannot change (no
+	// or bad certificate) is a deny instead.
+	undecided bool
 }
 
 // decide authorizes the client certificate der (argErr: HAProxy sent none
-// or something else). Every failure is a deny. It logs one line.
+// or something else). A certificate that cannot be read is a deny; a
+// Decider failure leaves the connection undecided. Both refuse. It logs
+// one line.
 func (a *Authorizer) decide(der []byte, argErr error) decision {
 	if a.observe == nil {
 		return a.decideNow(der, argErr)
@@ -381,14 +401,18 @@ func (a *Authorizer) decideNow(der []byte, argErr error) decision {
 		var v verdict
 		v, d.how, d.gen, d.err = a.lookup(cacheKey{uri: d.source, serial: d.serial})
 		d.allowed, d.reason = v.allowed, v.reason
+		d.undecided = d.err != nil
 	}
 	if d.err != nil {
 		d.allowed, d.reason = false, d.err.Error()
 		a.stats.errors.Add(1)
 	}
-	if d.allowed {
+	switch {
+	case d.undecided:
+		a.stats.undecided.Add(1)
+	case d.allowed:
 		a.stats.allowed.Add(1)
-	} else {
+	default:
 		a.stats.denied.Add(1)
 	}
 	a.logDecision(d)
@@ -399,11 +423,14 @@ func (a *Authorizer) decideNow(der []byte, argErr error) decision {
 // caused the decision (a Consul call or a failure), debug when it reused
 // one (cache hit, or a call another connection had in flight).
 func (a *Authorizer) logDecision(d decision) {
-	lvl := zapcore.InfoLevel
-	if d.err == nil && d.how != originCall {
+	lvl, msg := zapcore.InfoLevel, "inbound connection decision"
+	switch {
+	case d.undecided:
+		lvl, msg = zapcore.WarnLevel, "inbound connection not decided; refused, the next request asks again"
+	case d.err == nil && d.how != originCall:
 		lvl = zapcore.DebugLevel
 	}
-	ce := a.log.Check(lvl, "inbound connection decision")
+	ce := a.log.Check(lvl, msg)
 	if ce == nil {
 		return
 	}
@@ -418,39 +445,50 @@ func (a *Authorizer) logDecision(d decision) {
 
 // Stats are counters since New, for metrics.
 type Stats struct {
-	// Allowed and Denied count answers sent to HAProxy.
-	Allowed, Denied uint64
+	// Allowed and Denied count verdicts sent to HAProxy; Undecided counts
+	// answers without one (Decider failure or timeout, agent closing),
+	// which HAProxy refuses and asks again about on the next request.
+	Allowed, Denied, Undecided uint64
 	// CacheHits counts decisions served from the cache; Coalesced those
 	// that waited for a Decider call another connection had in flight.
 	CacheHits, Coalesced uint64
 	// ConsulCalls counts Decider calls.
 	ConsulCalls uint64
-	// Errors counts denies caused by a failure (no or bad certificate,
+	// Errors counts refusals caused by a failure (no or bad certificate,
 	// Decider error or timeout) rather than by a decision.
 	Errors uint64
 	// Invalidations counts cache drops.
 	Invalidations uint64
+	// Generation is the current intentions generation.
+	Generation uint64
+	// IntentionsIndex is the Consul index of the intentions the watch
+	// last saw (0 before its first answer).
+	IntentionsIndex uint64
 	// CacheEntries is the current number of cached decisions.
 	CacheEntries int
 }
 
 type counters struct {
-	allowed, denied, cacheHits, coalesced, consulCalls, errors, invalidations atomic.Uint64
+	allowed, denied, undecided, cacheHits, coalesced, consulCalls, errors, invalidations atomic.Uint64
+	intentionsIndex                                                                      atomic.Uint64
 }
 
 // Stats returns the current counters.
 func (a *Authorizer) Stats() Stats {
 	a.mu.Lock()
-	n := len(a.cache)
+	n, gen := len(a.cache), a.gen
 	a.mu.Unlock()
 	return Stats{
-		Allowed:       a.stats.allowed.Load(),
-		Denied:        a.stats.denied.Load(),
-		CacheHits:     a.stats.cacheHits.Load(),
-		Coalesced:     a.stats.coalesced.Load(),
-		ConsulCalls:   a.stats.consulCalls.Load(),
-		Errors:        a.stats.errors.Load(),
-		Invalidations: a.stats.invalidations.Load(),
-		CacheEntries:  n,
+		Allowed:         a.stats.allowed.Load(),
+		Denied:          a.stats.denied.Load(),
+		Undecided:       a.stats.undecided.Load(),
+		CacheHits:       a.stats.cacheHits.Load(),
+		Coalesced:       a.stats.coalesced.Load(),
+		ConsulCalls:     a.stats.consulCalls.Load(),
+		Errors:          a.stats.errors.Load(),
+		Invalidations:   a.stats.invalidations.Load(),
+		Generation:      gen,
+		IntentionsIndex: a.stats.intentionsIndex.Load(),
+		CacheEntries:    n,
 	}
 }

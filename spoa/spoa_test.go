@@ -160,14 +160,15 @@ func newTest(t *testing.T, d Decider, opts ...Option) *Authorizer {
 
 // result is the comparable part of a decision.
 type result struct {
-	Allowed bool
-	Source  string
-	How     origin
-	Err     string // error text prefix, "" for none
+	Allowed   bool
+	Undecided bool
+	Source    string
+	How       origin
+	Err       string // error text prefix, "" for none
 }
 
 func resultOf(d decision) result {
-	r := result{Allowed: d.allowed, Source: d.source, How: d.how}
+	r := result{Allowed: d.allowed, Undecided: d.undecided, Source: d.source, How: d.how}
 	if d.err != nil {
 		r.Err = d.err.Error()
 	}
@@ -215,11 +216,11 @@ func TestDecideSequence(t *testing.T) {
 			der: client, want: result{Source: clientID, How: originCall}, wantCalls: 4,
 		},
 		{
-			name: "consul error denies", do: func() {
+			name: "consul error leaves it undecided", do: func() {
 				a.Invalidate()
 				f.set(func(f *fakeDecider) { f.allowed[clientID] = true; f.err = errors.New("agent down") })
 			},
-			der: client, want: result{Source: clientID, How: originCall, Err: "agent down"}, wantCalls: 5,
+			der: client, want: result{Undecided: true, Source: clientID, How: originCall, Err: "agent down"}, wantCalls: 5,
 		},
 		{
 			name: "errors are not cached", do: func() { f.set(func(f *fakeDecider) { f.err = nil }) },
@@ -238,7 +239,7 @@ func TestDecideSequence(t *testing.T) {
 			t.Errorf("%s: %d decider calls, want %d", s.name, n, s.wantCalls)
 		}
 	}
-	wantStats := Stats{Allowed: 4, Denied: 7, CacheHits: 2, ConsulCalls: 6, Errors: 4, Invalidations: 2, CacheEntries: 1}
+	wantStats := Stats{Allowed: 4, Denied: 6, Undecided: 1, CacheHits: 2, ConsulCalls: 6, Errors: 4, Invalidations: 2, Generation: 2, CacheEntries: 1}
 	if diff := cmp.Diff(wantStats, a.Stats()); diff != "" {
 		t.Errorf("stats (-want +got):\n%s", diff)
 	}
@@ -303,7 +304,7 @@ func TestInvalidateDuringCall(t *testing.T) {
 	}
 }
 
-func TestTimeoutDenies(t *testing.T) {
+func TestTimeoutLeavesUndecided(t *testing.T) {
 	ca := testenv.NewCA(t, "root")
 	der := leafDER(t, ca, 1, clientID)
 	gate := make(chan struct{})
@@ -316,8 +317,8 @@ func TestTimeoutDenies(t *testing.T) {
 	if took := time.Since(start); took > time.Second {
 		t.Errorf("decision took %s with a 50ms timeout", took)
 	}
-	if d.allowed || !errors.Is(d.err, context.DeadlineExceeded) {
-		t.Errorf("got allowed=%v err=%v, want a deny by deadline", d.allowed, d.err)
+	if d.allowed || !d.undecided || !errors.Is(d.err, context.DeadlineExceeded) {
+		t.Errorf("got allowed=%v undecided=%v err=%v, want undecided by deadline", d.allowed, d.undecided, d.err)
 	}
 	// The call is no longer in flight: the next connection asks again.
 	a.decide(der, nil)
@@ -326,11 +327,11 @@ func TestTimeoutDenies(t *testing.T) {
 	}
 }
 
-func TestDeciderPanicDenies(t *testing.T) {
+func TestDeciderPanicLeavesUndecided(t *testing.T) {
 	ca := testenv.NewCA(t, "root")
 	a := newTest(t, &fakeDecider{panics: true})
-	if d := a.decide(leafDER(t, ca, 1, clientID), nil); d.allowed || d.err == nil {
-		t.Errorf("got %+v, want a deny with an error", d)
+	if d := a.decide(leafDER(t, ca, 1, clientID), nil); d.allowed || !d.undecided || d.err == nil {
+		t.Errorf("got %+v, want undecided with an error", d)
 	}
 }
 

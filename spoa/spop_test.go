@@ -15,7 +15,8 @@ import (
 func TestHandlerOverSPOP(t *testing.T) {
 	ca := testenv.NewCA(t, "root")
 	der := leafDER(t, ca, 1, clientID)
-	a := newTest(t, &fakeDecider{allowed: map[string]bool{clientID: true}})
+	f := &fakeDecider{allowed: map[string]bool{clientID: true}}
+	a := newTest(t, f)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -31,22 +32,34 @@ func TestHandlerOverSPOP(t *testing.T) {
 	auth := func(args ...spoptest.Arg) spoptest.Message { return spoptest.Message{Name: "authorize", Args: args} }
 	deny := map[string]any{"sess.allowed": false, "sess.source": "-", "sess.gen": int64(0)}
 	allow := map[string]any{"sess.allowed": true, "sess.source": clientID, "sess.gen": int64(0)}
+	// Consul failing for a key not in the cache: the source and no
+	// verdict, so HAProxy refuses this request and asks again on the next.
+	consulDown := func() { f.set(func(f *fakeDecider) { f.err = errors.New("agent down") }) }
+	consulUp := func() { f.set(func(f *fakeDecider) { f.err = nil }) }
+	renewed := leafDER(t, ca, 2, clientID)
 	tests := []struct {
 		name string
+		do   func()
 		msgs []spoptest.Message
 		want map[string]any
 	}{
-		{"allowed", []spoptest.Message{auth(arg("cert", der))}, allow},
-		{"null cert (fetch failed)", []spoptest.Message{auth(arg("cert", nil))}, deny},
-		{"empty cert", []spoptest.Message{auth(arg("cert", []byte{}))}, deny},
-		{"cert as a string", []spoptest.Message{auth(arg("cert", string(der)))}, deny},
-		{"no cert argument", []spoptest.Message{auth(arg("other", der))}, deny},
-		{"garbage", []spoptest.Message{auth(arg("cert", []byte("garbage")))}, deny},
-		{"another message only", []spoptest.Message{{Name: "other", Args: []spoptest.Arg{arg("cert", der)}}}, map[string]any{}},
-		{"after another message", []spoptest.Message{{Name: "other", Args: []spoptest.Arg{arg("x", "y")}}, auth(arg("cert", der))}, allow},
+		{"allowed", nil, []spoptest.Message{auth(arg("cert", der))}, allow},
+		{"null cert (fetch failed)", nil, []spoptest.Message{auth(arg("cert", nil))}, deny},
+		{"empty cert", nil, []spoptest.Message{auth(arg("cert", []byte{}))}, deny},
+		{"cert as a string", nil, []spoptest.Message{auth(arg("cert", string(der)))}, deny},
+		{"no cert argument", nil, []spoptest.Message{auth(arg("other", der))}, deny},
+		{"garbage", nil, []spoptest.Message{auth(arg("cert", []byte("garbage")))}, deny},
+		{"another message only", nil, []spoptest.Message{{Name: "other", Args: []spoptest.Arg{arg("cert", der)}}}, map[string]any{}},
+		{"after another message", nil, []spoptest.Message{{Name: "other", Args: []spoptest.Arg{arg("x", "y")}}, auth(arg("cert", der))}, allow},
+		{"consul down, cached", consulDown, []spoptest.Message{auth(arg("cert", der))}, allow},
+		{"consul down, not cached", nil, []spoptest.Message{auth(arg("cert", renewed))}, map[string]any{"sess.source": clientID}},
+		{"consul back", consulUp, []spoptest.Message{auth(arg("cert", renewed))}, allow},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
+			if tt.do != nil {
+				tt.do()
+			}
 			got, err := s.Notify(tt.msgs...)
 			if err != nil {
 				t.Fatal(err)

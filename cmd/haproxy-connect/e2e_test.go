@@ -483,7 +483,11 @@ func TestPreparedQueryUpstream(t *testing.T) {
 func TestConsulOutage(t *testing.T) {
 	m := startMesh(t, testenv.ConsulOptions{DefaultDeny: true}, "http")
 	ports, server, client := m.ports, m.server, m.client
-	intention(t, m.c, "client", "server", api.IntentionActionAllow)
+	index := intention(t, m.c, "client", "server", api.IntentionActionAllow)
+	// The decision must be made under the new intentions: one made before
+	// the server sidecar's watch sees them is dropped when it does, and
+	// with Consul gone the next connection could not be decided.
+	eventually(t, 10*time.Second, "the server sidecar sees the intention", server.sawIntentions(index))
 	eventually(t, 10*time.Second, "allowed", get200(ports[3]))
 
 	m.consul.Stop()
@@ -504,6 +508,78 @@ func TestConsulOutage(t *testing.T) {
 		}
 	}
 	t.Logf("Consul down for 3s: %d requests ok, %d failed", ok, failed)
+}
+
+// TestUndecidedIsRetried: a connection the server sidecar cannot decide,
+// because it cannot reach Consul, is refused request by request (503), not
+// for its lifetime: once Consul is reachable again, the next request on the
+// same connection is authorized and served. A failed Consul call must not
+// stick to a kept-alive connection, since a pooled connection between
+// sidecars carries every request of a client.
+func TestUndecidedIsRetried(t *testing.T) {
+	consul := testenv.Consul(t, testenv.ConsulOptions{DefaultDeny: true})
+	c := consul.Client
+	port := testenv.FreePort(t)
+	register(t, c, "server", httpApp(t, "server"), port, map[string]any{"protocol": "http"})
+	link := testenv.NewLink(t, consul.Addr)
+	server := startSidecar(t, consul, "server", "-http-addr", link.Addr)
+	index := intention(t, c, "other", "server", api.IntentionActionAllow)
+	eventually(t, 10*time.Second, "the server sidecar sees the intention", server.sawIntentions(index))
+
+	// A direct mTLS client with a leaf of its own ("other"): a source the
+	// server sidecar has no decision for. One kept-alive connection.
+	leaf, _, err := c.Agent().ConnectCALeaf("other", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := tls.X509KeyPair([]byte(leaf.CertPEM), []byte(leaf.PrivateKeyPEM))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The server's identity is not what this test checks.
+	tr := &http.Transport{MaxIdleConnsPerHost: 1, TLSClientConfig: &tls.Config{Certificates: []tls.Certificate{cert}, InsecureSkipVerify: true}}
+	defer tr.CloseIdleConnections()
+	var reused atomic.Bool
+	ctx := httptrace.WithClientTrace(context.Background(), &httptrace.ClientTrace{
+		GotConn: func(i httptrace.GotConnInfo) { reused.Store(i.Reused) },
+	})
+	client := &http.Client{Timeout: 5 * time.Second, Transport: tr}
+	call := func() (int, error) {
+		req, _ := http.NewRequestWithContext(ctx, "GET", fmt.Sprintf("https://127.0.0.1:%d/", port), nil)
+		resp, err := client.Do(req)
+		if err != nil {
+			return 0, err
+		}
+		defer resp.Body.Close()
+		_, _ = io.Copy(io.Discard, resp.Body)
+		return resp.StatusCode, nil
+	}
+
+	link.Cut()
+	for i := range 3 {
+		code, err := call()
+		if err != nil || code != 503 {
+			t.Fatalf("request %d with Consul unreachable: %d %v, want 503", i, code, err)
+		}
+		if i > 0 && !reused.Load() {
+			t.Fatalf("request %d did not reuse the connection", i)
+		}
+	}
+	link.Restore()
+	took := eventually(t, 5*time.Second, "served on the same connection once Consul is back", func() error {
+		code, err := call()
+		if err != nil || code != 200 {
+			return fmt.Errorf("%d %v", code, err)
+		}
+		if !reused.Load() {
+			return errors.New("served on a new connection")
+		}
+		return nil
+	})
+	t.Logf("served %s after Consul became reachable", took)
+	if v, err := server.metric(`haproxy_connect_authz_decisions_total{result="undecided"}`); err != nil || v < 3 {
+		t.Errorf("undecided decisions: %v %v, want 3 or more", v, err)
+	}
 }
 
 // TestReloadFailureKeepsServing: an upstream whose local port another

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -351,7 +352,7 @@ func eventually(t *testing.T, d time.Duration, what string, f func() error) time
 	return 0
 }
 
-func intention(t *testing.T, c *api.Client, src, dst string, action api.IntentionAction) {
+func intention(t *testing.T, c *api.Client, src, dst string, action api.IntentionAction) (index uint64) {
 	t.Helper()
 	_, _, err := c.ConfigEntries().Set(&api.ServiceIntentionsConfigEntry{
 		Kind: api.ServiceIntentions, Name: dst,
@@ -359,5 +360,46 @@ func intention(t *testing.T, c *api.Client, src, dst string, action api.Intentio
 	}, nil)
 	if err != nil {
 		t.Fatal(err)
+	}
+	e, _, err := c.ConfigEntries().Get(api.ServiceIntentions, dst, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e.GetModifyIndex()
+}
+
+// metric reads one sample, by its exact name and labels, from the
+// sidecar's /metrics.
+func (s *sidecar) metric(sample string) (float64, error) {
+	resp, err := http.Get("http://" + s.stats + "/metrics")
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		name, value, ok := strings.Cut(sc.Text(), " ")
+		if ok && name == sample {
+			return strconv.ParseFloat(value, 64)
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return 0, err
+	}
+	return 0, fmt.Errorf("no sample %s in /metrics", sample)
+}
+
+// sawIntentions is a check that the sidecar's intention watch has seen
+// the intentions as of index, and so decides under them.
+func (s *sidecar) sawIntentions(index uint64) func() error {
+	return func() error {
+		v, err := s.metric("haproxy_connect_authz_intentions_index")
+		if err != nil {
+			return err
+		}
+		if uint64(v) < index {
+			return fmt.Errorf("intentions index %d, want %d or more", uint64(v), index)
+		}
+		return nil
 	}
 }
