@@ -737,13 +737,31 @@ func (c *Controller) publishRegistration(ctx context.Context, svc *api.AgentServ
 func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 	var last []slots.Endpoint
 	first := true
+	p := &pendingList{taken: make(chan struct{}, 1)}
 	publish := func(l endpointList) {
 		if !first && slices.Equal(l.eps, last) {
 			return
 		}
 		first, last = false, l.eps
 		c.metrics.endpointUpdates.Add(1)
+		if !p.put(l) {
+			// The loop has not taken the previous list yet (it is
+			// applying a batch): this one replaced it. Query again only
+			// once the loop has taken it, so that a slow apply does not
+			// have Consul encode, and this process decode, whole
+			// instance lists that are replaced unread (in a burst of
+			// 1000, about one per few ms, each about 1 MB).
+			select {
+			case <-p.taken:
+			case <-ctx.Done():
+			}
+			return
+		}
 		c.send(ctx, func(d *desired) {
+			l, ok := p.take()
+			if !ok {
+				return
+			}
 			if w, ok := c.watches[u.Name]; ok && w.up == u { // not a stale watch
 				d.setEndpoints(u.Name, l.eps, l.at)
 			}
@@ -785,6 +803,53 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 type endpointList struct {
 	eps []slots.Endpoint
 	at  time.Time
+}
+
+// pendingList holds an upstream's newest list between its watch and the
+// controller loop: at most one list waits, and a newer one replaces it.
+type pendingList struct {
+	mu    sync.Mutex
+	l     endpointList
+	full  bool
+	taken chan struct{} // a token per take of a list put into an empty slot
+}
+
+// put stores l and reports whether the slot was empty (the caller then
+// tells the loop). A list that replaces a waiting one keeps the waiting
+// one's arrival time: the propagation histogram measures from the oldest
+// change not yet applied.
+func (p *pendingList) put(l endpointList) (wasEmpty bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.full {
+		l.at = p.l.at
+		p.l = l
+		return false
+	}
+	// A token left from an earlier take is stale: the next one must mean
+	// that this list was taken.
+	select {
+	case <-p.taken:
+	default:
+	}
+	p.l, p.full = l, true
+	return true
+}
+
+// take empties the slot and returns what it held.
+func (p *pendingList) take() (endpointList, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.full {
+		return endpointList{}, false
+	}
+	l := p.l
+	p.l, p.full = endpointList{}, false
+	select {
+	case p.taken <- struct{}{}:
+	default:
+	}
+	return l, true
 }
 
 // endpointsOf turns Consul's passing Connect entries into endpoints: the
