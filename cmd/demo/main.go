@@ -264,7 +264,9 @@ func httpOK(url string) error {
 func serveApps(p Ports) func() {
 	web := &http.Server{Addr: fmt.Sprintf("127.0.0.1:%d", p.Web), ReadHeaderTimeout: 5 * time.Second,
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			fmt.Fprintf(w, "hello from web (via %s)\n", r.Header.Get("X-Forwarded-For"))
+			// The connection comes from web's sidecar, which has
+			// authenticated and authorized the caller.
+			fmt.Fprintf(w, "hello from web (%s %s, through its sidecar from %s)\n", r.Proto, r.Method, r.RemoteAddr)
 		})}
 	app := &http.Server{Addr: fmt.Sprintf("127.0.0.1:%d", p.Client), ReadHeaderTimeout: 5 * time.Second,
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
