@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -94,7 +95,7 @@ func startSidecar(t *testing.T, consul *testenv.ConsulProc, id string, extra ...
 			<-s.done
 		}
 		if t.Failed() {
-			t.Logf("sidecar %s output:\n%s", id, tail(s.out.String(), 200))
+			t.Logf("sidecar %s output:\n%s", id, failureLog(s.out.String(), 300, 20))
 		}
 	})
 	s.rt = runtime.New(filepath.Join(s.stateDir, "master.sock"), nil)
@@ -114,18 +115,40 @@ func startSidecar(t *testing.T, consul *testenv.ConsulProc, id string, extra ...
 		case <-time.After(50 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("sidecar for %s not ready in 30s:\n%s", id, tail(s.out.String(), 100))
+			t.Fatalf("sidecar for %s not ready in 30s:\n%s", id, failureLog(s.out.String(), 100, 10))
 		}
 	}
 }
 
-func tail(s string, lines int) string {
-	l := strings.Split(s, "\n")
-	if len(l) > lines {
-		l = l[len(l)-lines:]
+// failureLog is a sidecar's output for a failed test: its own lines (the
+// sidecar's log and HAProxy's notices; the last own of them) and only the
+// last access lines of HAProxy's traffic log, which would otherwise hide
+// them under a load.
+func failureLog(out string, own, access int) string {
+	var mine, traffic []string
+	for _, l := range strings.Split(strings.TrimRight(out, "\n"), "\n") {
+		if accessLine.MatchString(l) {
+			traffic = append(traffic, l)
+		} else {
+			mine = append(mine, l)
+		}
 	}
-	return strings.Join(l, "\n")
+	var b strings.Builder
+	if n := len(mine) - own; n > 0 {
+		fmt.Fprintf(&b, "(%d earlier lines of its own left out)\n", n)
+		mine = mine[n:]
+	}
+	b.WriteString(strings.Join(mine, "\n"))
+	if n := len(traffic); n > 0 {
+		fmt.Fprintf(&b, "\n(%d access log lines; the last %d:)\n", n, min(n, access))
+		b.WriteString(strings.Join(traffic[max(0, n-access):], "\n"))
+	}
+	return b.String()
 }
+
+// accessLine matches HAProxy's access log lines: they start with the
+// client's address and port.
+var accessLine = regexp.MustCompile(`^(\d{1,3}\.){3}\d{1,3}:\d+ |^\[[0-9a-f:]+\]:\d+ `)
 
 // reloads is the master's reload counter. The master socket refuses
 // connections while the master re-executes for a reload: retry briefly.
@@ -401,5 +424,32 @@ func (s *sidecar) sawIntentions(index uint64) func() error {
 			return fmt.Errorf("intentions index %d, want %d or more", uint64(v), index)
 		}
 		return nil
+	}
+}
+
+func TestFailureLog(t *testing.T) {
+	out := strings.Join([]string{
+		"2026-12-01T21:21:00.084Z\tinfo\tserving connect proxy",
+		"127.0.0.1:41784 src=spiffe://td/ns/default/dc/dc1/svc/client GET / 200 138 11 local_app/app",
+		"[NOTICE]   (16607) : New worker (16609) forked",
+		"[::1]:5000 [01/Dec/2026:21:21:00.1] up_server up_server/s1 0/0/0/0/0 200 183",
+		"127.0.0.1:41786 src=- GET / 403 192 0 public_listener/<NOSRV>",
+		"2026-12-01T21:21:01.936Z\twarn\tinbound connection not decided",
+	}, "\n") + "\n"
+	tests := []struct {
+		name        string
+		own, access int
+		want        string
+	}{
+		{"all", 10, 10, "2026-12-01T21:21:00.084Z\tinfo\tserving connect proxy\n[NOTICE]   (16607) : New worker (16609) forked\n2026-12-01T21:21:01.936Z\twarn\tinbound connection not decided\n" +
+			"(3 access log lines; the last 3:)\n" +
+			"127.0.0.1:41784 src=spiffe://td/ns/default/dc/dc1/svc/client GET / 200 138 11 local_app/app\n[::1]:5000 [01/Dec/2026:21:21:00.1] up_server up_server/s1 0/0/0/0/0 200 183\n127.0.0.1:41786 src=- GET / 403 192 0 public_listener/<NOSRV>"},
+		{"capped", 1, 1, "(2 earlier lines of its own left out)\n2026-12-01T21:21:01.936Z\twarn\tinbound connection not decided\n" +
+			"(3 access log lines; the last 1:)\n127.0.0.1:41786 src=- GET / 403 192 0 public_listener/<NOSRV>"},
+	}
+	for _, tt := range tests {
+		if got := failureLog(out, tt.own, tt.access); got != tt.want {
+			t.Errorf("%s:\ngot:\n%s\nwant:\n%s", tt.name, got, tt.want)
+		}
 	}
 }
