@@ -8,10 +8,8 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptrace"
 	"slices"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -299,21 +297,7 @@ func TestDenyReachesKeptAliveConnections(t *testing.T) {
 	c, ports := m.c, m.ports
 	intention(t, c, "client", "server", api.IntentionActionAllow)
 
-	keepAlive := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 1}}
-	var reused atomic.Bool
-	ctx := httptrace.WithClientTrace(context.Background(), &httptrace.ClientTrace{
-		GotConn: func(i httptrace.GotConnInfo) { reused.Store(i.Reused) },
-	})
-	call := func() (int, error) {
-		req, _ := http.NewRequestWithContext(ctx, "GET", fmt.Sprintf("http://127.0.0.1:%d/", ports[3]), nil)
-		resp, err := keepAlive.Do(req)
-		if err != nil {
-			return 0, err
-		}
-		defer resp.Body.Close()
-		_, _ = io.Copy(io.Discard, resp.Body)
-		return resp.StatusCode, nil
-	}
+	call, reused := keptAlive(t, &http.Transport{MaxIdleConnsPerHost: 1}, fmt.Sprintf("http://127.0.0.1:%d/", ports[3]))
 	eventually(t, 10*time.Second, "allowed", func() error {
 		if code, err := call(); err != nil || code != 200 {
 			return fmt.Errorf("%d %v", code, err)
@@ -538,22 +522,7 @@ func TestUndecidedIsRetried(t *testing.T) {
 	}
 	// The server's identity is not what this test checks.
 	tr := &http.Transport{MaxIdleConnsPerHost: 1, TLSClientConfig: &tls.Config{Certificates: []tls.Certificate{cert}, InsecureSkipVerify: true}}
-	defer tr.CloseIdleConnections()
-	var reused atomic.Bool
-	ctx := httptrace.WithClientTrace(context.Background(), &httptrace.ClientTrace{
-		GotConn: func(i httptrace.GotConnInfo) { reused.Store(i.Reused) },
-	})
-	client := &http.Client{Timeout: 5 * time.Second, Transport: tr}
-	call := func() (int, error) {
-		req, _ := http.NewRequestWithContext(ctx, "GET", fmt.Sprintf("https://127.0.0.1:%d/", port), nil)
-		resp, err := client.Do(req)
-		if err != nil {
-			return 0, err
-		}
-		defer resp.Body.Close()
-		_, _ = io.Copy(io.Discard, resp.Body)
-		return resp.StatusCode, nil
-	}
+	call, reused := keptAlive(t, tr, fmt.Sprintf("https://127.0.0.1:%d/", port))
 
 	link.Cut()
 	for i := range 3 {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -389,6 +390,28 @@ func intention(t *testing.T, c *api.Client, src, dst string, action api.Intentio
 		t.Fatal(err)
 	}
 	return e.GetModifyIndex()
+}
+
+// keptAlive returns a GET of url over tr, which keeps its connection
+// between calls, and whether the last call reused one. The transport's
+// idle connections are closed when the test ends.
+func keptAlive(t *testing.T, tr *http.Transport, url string) (call func() (int, error), reused *atomic.Bool) {
+	t.Cleanup(tr.CloseIdleConnections)
+	reused = new(atomic.Bool)
+	ctx := httptrace.WithClientTrace(context.Background(), &httptrace.ClientTrace{
+		GotConn: func(i httptrace.GotConnInfo) { reused.Store(i.Reused) },
+	})
+	client := &http.Client{Timeout: 5 * time.Second, Transport: tr}
+	return func() (int, error) {
+		req, _ := http.NewRequestWithContext(ctx, "GET", url, nil)
+		resp, err := client.Do(req)
+		if err != nil {
+			return 0, err
+		}
+		defer resp.Body.Close()
+		_, _ = io.Copy(io.Discard, resp.Body)
+		return resp.StatusCode, nil
+	}, reused
 }
 
 // metric reads one sample, by its exact name and labels, from the
