@@ -108,7 +108,7 @@ func (a *Authorizer) WatchIntentions(ctx context.Context, client *api.Client) er
 			next = 0
 		}
 		a.Invalidate()
-		a.stats.intentionsIndex.Store(next)
+		a.watchIndex.Store(next)
 		log.Info("intentions changed, decision cache dropped", zap.Uint64("index", next))
 		idx = next
 	}

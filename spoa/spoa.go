@@ -131,6 +131,9 @@ type Authorizer struct {
 	handlers  sync.WaitGroup
 
 	stats counters
+	// watchIndex is the Consul index of the intentions WatchIntentions
+	// last invalidated for.
+	watchIndex atomic.Uint64
 }
 
 // New returns an Authorizer for connections to the target service (its
@@ -470,7 +473,6 @@ type Stats struct {
 
 type counters struct {
 	allowed, denied, undecided, cacheHits, coalesced, consulCalls, errors, invalidations atomic.Uint64
-	intentionsIndex                                                                      atomic.Uint64
 }
 
 // Stats returns the current counters.
@@ -488,7 +490,7 @@ func (a *Authorizer) Stats() Stats {
 		Errors:          a.stats.errors.Load(),
 		Invalidations:   a.stats.invalidations.Load(),
 		Generation:      gen,
-		IntentionsIndex: a.stats.intentionsIndex.Load(),
+		IntentionsIndex: a.watchIndex.Load(),
 		CacheEntries:    n,
 	}
 }
