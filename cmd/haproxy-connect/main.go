@@ -33,6 +33,7 @@ import (
 type options struct {
 	sidecarFor, proxyID, httpAddr, token string
 	haproxyBin, stateDir, statsAddr      string
+	pprofAddr                            string
 	logLevel, logFormat                  string
 	minSlots, threads                    int
 	accessLog                            bool
@@ -48,7 +49,8 @@ func main() {
 	fs.StringVar(&o.token, "token", "", "Consul ACL token (default: CONSUL_HTTP_TOKEN)")
 	fs.StringVar(&o.haproxyBin, "haproxy-bin", "haproxy", "path to haproxy")
 	fs.StringVar(&o.stateDir, "state-dir", "", "directory for the config, PEM files and sockets (default: a new private temp dir)")
-	fs.StringVar(&o.statsAddr, "stats-addr", "", "listen address for /metrics, /healthz, /readyz and /debug/pprof (off when empty; keep it private)")
+	fs.StringVar(&o.statsAddr, "stats-addr", "", "listen address for /metrics, /healthz and /readyz (off when empty)")
+	fs.StringVar(&o.pprofAddr, "pprof-addr", "", "listen address for /debug/pprof (off when empty; profiles expose memory contents: keep it on loopback)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug|info|warn|error")
 	fs.StringVar(&o.logFormat, "log-format", "console", "console|json")
 	fs.IntVar(&o.minSlots, "min-slots", 8, "smallest number of server slots per upstream")
@@ -192,19 +194,10 @@ func run(o options) error {
 		return nil
 	})
 	if o.statsAddr != "" {
-		srv := &http.Server{Addr: o.statsAddr, Handler: statsHandler(ctl, auth), ReadHeaderTimeout: 5 * time.Second}
-		g.Go(func() error {
-			if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				return fmt.Errorf("stats server: %w", err)
-			}
-			return nil
-		})
-		g.Go(func() error {
-			<-gctx.Done()
-			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer cancel()
-			return srv.Shutdown(sctx)
-		})
+		serveHTTP(gctx, g, "stats server", statsServer(o.statsAddr, statsHandler(ctl, auth)))
+	}
+	if o.pprofAddr != "" {
+		serveHTTP(gctx, g, "pprof server", pprofServer(o.pprofAddr))
 	}
 	err = g.Wait()
 	log.Info("stopped", zap.Error(err))
@@ -258,9 +251,16 @@ func findProxy(ctx context.Context, log *zap.Logger, client *api.Client, addr st
 	}
 }
 
-// prepareStateDir creates (or makes) the private state directory. The
-// master socket path must fit in a unix socket address (108 bytes).
-func prepareStateDir(dir string) (string, error) {
+// prepareStateDir returns the absolute path of the private state
+// directory, creating it 0700 when it does not exist (a new temp dir when
+// dir is empty). The directory holds the master socket (full control of
+// HAProxy), the SPOE agent's socket, the leaf's private key and the config
+// HAProxy runs, so one that exists is used only if checkStateDir accepts it.
+// The master socket path must fit in a unix socket address (108 bytes).
+func prepareStateDir(dir string) (string, error) { return prepareStateDirAs(dir, os.Geteuid()) }
+
+// prepareStateDirAs is prepareStateDir for a process running as uid.
+func prepareStateDirAs(dir string, uid int) (string, error) {
 	var err error
 	if dir == "" {
 		dir, err = os.MkdirTemp("", "haproxy-connect-")
@@ -268,10 +268,22 @@ func prepareStateDir(dir string) (string, error) {
 			return "", fmt.Errorf("state dir: %w", err)
 		}
 		fmt.Fprintln(os.Stderr, "haproxy-connect: state dir", dir)
-	} else if err := os.MkdirAll(dir, 0o700); err != nil {
-		return "", fmt.Errorf("state dir: %w", err)
 	}
 	if dir, err = filepath.Abs(dir); err != nil {
+		return "", err
+	}
+	if _, err := os.Lstat(dir); errors.Is(err, os.ErrNotExist) {
+		// Parents that are missing are created 0700 too; Mkdir of the
+		// last element fails if something appeared there meanwhile, and
+		// the check below then judges what did.
+		if err := os.MkdirAll(filepath.Dir(dir), 0o700); err != nil {
+			return "", fmt.Errorf("state dir: %w", err)
+		}
+		if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+			return "", fmt.Errorf("state dir: %w", err)
+		}
+	}
+	if err := checkStateDir(dir, uid); err != nil {
 		return "", err
 	}
 	if n := len(filepath.Join(dir, "master.sock")); n > 100 {
@@ -280,13 +292,88 @@ func prepareStateDir(dir string) (string, error) {
 	return dir, nil
 }
 
+// checkStateDir refuses a state directory that another user could change
+// under us: a symlink (whoever owns the link's directory can point it
+// elsewhere), not a directory, owned by another user than uid, or writable
+// by its group or by everyone (anyone could plant a socket or a PEM file,
+// or swap one). Its parent directories are not checked.
+func checkStateDir(dir string, uid int) error {
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return fmt.Errorf("state dir: %w", err)
+	}
+	switch st, _ := fi.Sys().(*syscall.Stat_t); {
+	case fi.Mode()&os.ModeSymlink != 0:
+		return fmt.Errorf("state dir %s is a symlink: give the directory it points to", dir)
+	case !fi.IsDir():
+		return fmt.Errorf("state dir %s is not a directory", dir)
+	case st == nil:
+		return fmt.Errorf("state dir %s: cannot read its owner", dir)
+	case int(st.Uid) != uid:
+		return fmt.Errorf("state dir %s is owned by uid %d, not by this process (uid %d)", dir, st.Uid, uid)
+	case fi.Mode().Perm()&0o022 != 0:
+		return fmt.Errorf("state dir %s is writable by its group or by others (mode %04o): chmod go-w it", dir, fi.Mode().Perm())
+	}
+	return nil
+}
+
+// HTTP server limits. The stats server answers small GETs: a client that
+// sends its headers slowly, or never reads its answer, is cut off instead
+// of holding a goroutine and a socket forever. The pprof server's write
+// timeout leaves room for a CPU profile (?seconds=N must stay below it:
+// net/http/pprof refuses longer ones).
+const (
+	httpReadHeaderTimeout = 5 * time.Second
+	httpReadTimeout       = 10 * time.Second
+	httpIdleTimeout       = 2 * time.Minute
+	statsWriteTimeout     = 30 * time.Second
+	pprofWriteTimeout     = 10 * time.Minute
+	httpMaxHeaderBytes    = 64 << 10
+)
+
+func statsServer(addr string, h http.Handler) *http.Server {
+	return &http.Server{
+		Addr: addr, Handler: h,
+		ReadHeaderTimeout: httpReadHeaderTimeout, ReadTimeout: httpReadTimeout,
+		WriteTimeout: statsWriteTimeout, IdleTimeout: httpIdleTimeout, MaxHeaderBytes: httpMaxHeaderBytes,
+	}
+}
+
+// pprofServer serves net/http/pprof on its own listener, off by default:
+// profiles and the goroutine dump show memory contents and internals, so
+// they do not share the stats address, which is often opened to a scraper.
+func pprofServer(addr string) *http.Server {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	return &http.Server{
+		Addr: addr, Handler: mux,
+		ReadHeaderTimeout: httpReadHeaderTimeout, ReadTimeout: httpReadTimeout,
+		WriteTimeout: pprofWriteTimeout, IdleTimeout: httpIdleTimeout, MaxHeaderBytes: httpMaxHeaderBytes,
+	}
+}
+
+// serveHTTP runs srv in g until ctx ends, then shuts it down within 5 s.
+func serveHTTP(ctx context.Context, g *errgroup.Group, what string, srv *http.Server) {
+	g.Go(func() error {
+		if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("%s: %w", what, err)
+		}
+		return nil
+	})
+	g.Go(func() error {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		return srv.Shutdown(sctx)
+	})
+}
+
 func statsHandler(ctl *controller.Controller, auth *spoa.Authorizer) http.Handler {
 	mux := http.NewServeMux()
-	// Profiles, for the operator and for meshbench: the stats address is
-	// meant to be loopback or otherwise private.
-	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("/debug/pprof/heap", pprof.Index)
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if !ctl.Ready() {

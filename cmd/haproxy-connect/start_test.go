@@ -3,7 +3,9 @@ package main
 import (
 	"errors"
 	"fmt"
+	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 
@@ -30,6 +32,10 @@ func TestStartErrors(t *testing.T) {
 		}
 	}
 	haproxy := testenv.HAProxyBin(t)
+	worldWritable := testenv.ShortTempDir(t)
+	if err := os.Chmod(worldWritable, 0o777); err != nil {
+		t.Fatal(err)
+	}
 	tests := []struct {
 		name string
 		args []string
@@ -42,10 +48,15 @@ func TestStartErrors(t *testing.T) {
 		{"unknown proxy id", []string{"-proxy-id", "nope", "-http-addr", consul.Addr, "-haproxy-bin", haproxy}, `no service registration "nope"`},
 		{"not a proxy", []string{"-proxy-id", "web", "-http-addr", consul.Addr, "-haproxy-bin", haproxy}, "is not a connect-proxy"},
 		{"both selectors", []string{"-sidecar-for", "web", "-proxy-id", "x"}, "exactly one of"},
+		{"world-writable state dir", []string{"-sidecar-for", "web", "-http-addr", consul.Addr, "-haproxy-bin", haproxy, "-state-dir", worldWritable}, "writable by its group or by others"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			cmd := exec.Command(sidecarBin, append(tt.args, "-state-dir", testenv.ShortTempDir(t))...)
+			args := tt.args
+			if !slices.Contains(args, "-state-dir") {
+				args = append(args, "-state-dir", testenv.ShortTempDir(t))
+			}
+			cmd := exec.Command(sidecarBin, args...)
 			out, err := cmd.CombinedOutput()
 			var ee *exec.ExitError
 			if !errors.As(err, &ee) || ee.ExitCode() == 0 {

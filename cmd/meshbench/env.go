@@ -157,6 +157,7 @@ type Sidecar struct {
 	*Proc
 	StateDir string
 	Stats    string
+	Pprof    string // the -pprof-addr listener
 	RT       *runtime.Client
 }
 
@@ -166,13 +167,14 @@ func (e *Env) StartSidecar(consul *testenv.ConsulProc, id string, extra ...strin
 	if err != nil {
 		return nil, err
 	}
-	ports, err := e.Ports(1)
+	ports, err := e.Ports(2)
 	if err != nil {
 		return nil, err
 	}
-	s := &Sidecar{StateDir: dir, Stats: fmt.Sprintf("127.0.0.1:%d", ports[0]), RT: runtime.New(filepath.Join(dir, "master.sock"), nil)}
+	s := &Sidecar{StateDir: dir, Stats: fmt.Sprintf("127.0.0.1:%d", ports[0]), Pprof: fmt.Sprintf("127.0.0.1:%d", ports[1]),
+		RT: runtime.New(filepath.Join(dir, "master.sock"), nil)}
 	args := append([]string{"-sidecar-for", id, "-http-addr", consul.Addr, "-haproxy-bin", e.HAProxy,
-		"-state-dir", dir, "-stats-addr", s.Stats, "-access-log=false"}, extra...)
+		"-state-dir", dir, "-stats-addr", s.Stats, "-pprof-addr", s.Pprof, "-access-log=false"}, extra...)
 	if s.Proc, err = e.Start("sidecar-"+id, e.Sidecar, args...); err != nil {
 		return nil, err
 	}
@@ -303,7 +305,7 @@ func Usage(pid int) (ProcUsage, error) {
 func (s *Sidecar) Profile(dir, name string, d time.Duration) <-chan error {
 	done := make(chan error, 1)
 	go func() {
-		resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", s.Stats, int(d.Seconds())))
+		resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", s.Pprof, int(d.Seconds())))
 		if err != nil {
 			done <- err
 			return
