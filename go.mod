@@ -3,11 +3,9 @@ module github.com/haproxy-connect/haproxy-connect
 go 1.25.3
 
 require (
-	github.com/criteo/haproxy-spoe-go v1.0.6
 	github.com/google/go-cmp v0.7.0
 	github.com/haproxytech/client-native/v6 v6.2.0
 	github.com/hashicorp/consul/api v1.33.0
-	github.com/sirupsen/logrus v1.7.0
 	github.com/valyala/fastjson v1.6.4
 	go.uber.org/zap v1.27.0
 	golang.org/x/sync v0.16.0
@@ -44,7 +42,6 @@ require (
 	github.com/mitchellh/go-homedir v1.1.0 // indirect
 	github.com/mitchellh/mapstructure v1.5.0 // indirect
 	github.com/oklog/ulid v1.3.1 // indirect
-	github.com/pkg/errors v0.9.1 // indirect
 	go.mongodb.org/mongo-driver v1.17.3 // indirect
 	go.uber.org/multierr v1.10.0 // indirect
 	golang.org/x/exp v0.0.0-20250808145144-a408d31f581a // indirect

@@ -13,7 +13,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	spoe "github.com/criteo/haproxy-spoe-go"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 )
@@ -49,10 +48,10 @@ const (
 	DefaultCacheSize = 65536
 
 	// agentIdleTimeout is how long an agent connection may stay silent.
-	// The library closes idle connections itself (its default is 30 s); a
-	// NOTIFY HAProxy sends while that close is under way is lost and the
-	// connection it belongs to is refused. Waiting longer than HAProxy's
-	// own "timeout idle 2m" leaves the closing of idle connections to it.
+	// An agent that closes idle connections itself loses a NOTIFY HAProxy
+	// sends while that close is under way, and the connection it belongs
+	// to is refused. Waiting longer than HAProxy's own "timeout idle 2m"
+	// leaves the closing of idle connections to it.
 	agentIdleTimeout = 5 * time.Minute
 	// frameTimeout bounds reading the rest of a frame once its length has
 	// arrived, and writing one frame.
@@ -96,6 +95,11 @@ func WithObserver(f func(cached bool, took time.Duration)) Option {
 // DefaultCacheSize). A full cache evicts one arbitrary entry per insert.
 func WithCacheSize(n int) Option { return func(a *Authorizer) { a.cacheSize = n } }
 
+// WithMaxHandlers bounds the NOTIFY frames handled at once over all agent
+// connections (default DefaultMaxHandlers). When all are busy, connections
+// stop being read until one is free.
+func WithMaxHandlers(n int) Option { return func(a *Authorizer) { a.maxHandlers = n } }
+
 // Authorizer answers HAProxy's "authorize" SPOE messages for one
 // destination service. Create it with New. Its methods are safe for
 // concurrent use.
@@ -105,6 +109,9 @@ type Authorizer struct {
 	log       *zap.Logger
 	timeout   time.Duration
 	cacheSize int
+	// slots holds one token per NOTIFY being handled (capacity maxHandlers).
+	maxHandlers int
+	slots       chan struct{}
 	// watchMinInterval spaces the starts of two intention queries.
 	watchMinInterval time.Duration
 
@@ -166,44 +173,18 @@ func New(target string, d Decider, log *zap.Logger, opts ...Option) *Authorizer 
 	if a.cacheSize <= 0 {
 		a.cacheSize = DefaultCacheSize
 	}
+	if a.maxHandlers <= 0 {
+		a.maxHandlers = DefaultMaxHandlers
+	}
+	a.slots = make(chan struct{}, a.maxHandlers)
 	return a
 }
 
-// Notes on github.com/criteo/haproxy-spoe-go v1.0.6, read from its source:
-//
-//   - HAProxy 2.6 announces "pipelining,async" and the library accepts
-//     both. With async, the library sends an ACK on any connection of the
-//     same engine-id (one shared channel per engine-id). HAProxy looks an
-//     ACK up only in the queue of the thread that owns the connection it
-//     arrived on (flt_spoe.c, agent->rt[tid].waiting_queue) and ignores it
-//     elsewhere, so this is only right because each thread has its own
-//     engine-id (spoe_init_per_thread). Checked on 2.6.12 with nbthread 2:
-//     a burst of 300 connections opened 21 agent connections under two
-//     engine-ids. The integration test's burst would catch a regression:
-//     a misrouted ACK costs a connection the 1 s processing timeout.
-//   - Each NOTIFY frame is handled on a worker goroutine; ACKs go out in
-//     completion order (pipelining), so a slow Consul call for one client
-//     does not hold up cached answers for others.
-//   - A handler error sends no ACK: HAProxy would wait its whole processing
-//     timeout. The handler therefore never returns an error; every failure
-//     is an explicit answer (allowed=false, or no verdict: see
-//     undecidedActions).
-//   - Agent.Serve returns on the first Accept error, temporary or not, and
-//     leaves established connections running when the listener closes.
-//     Serve wraps the listener to retry temporary errors and to close the
-//     connections it accepted, so that a stopped agent answers nothing
-//     and HAProxy refuses (fail closed).
-//   - A worker whose connection (and, with async, every connection of its
-//     engine-id) has gone blocks forever sending its ACK: one goroutine per
-//     message in flight at disconnect. Close makes handlers answer at once
-//     but cannot free those.
-//   - It logs through logrus's global logger: connection errors at warn,
-//     one pair of lines per connection when Close drops them.
-
-// Serve runs the SPOE agent on ln until ln is closed or Close is called,
-// and returns nil then. When Serve returns, the agent connections it
-// accepted are closed too: HAProxy gets no more answers and refuses new
-// inbound connections.
+// Serve runs the SPOE agent on ln (a unix socket in the sidecar; see
+// spop.go for the protocol) until ln is closed or Close is called, and
+// returns nil then. When Serve returns, the agent connections it accepted
+// are closed too: HAProxy gets no more answers and refuses new inbound
+// connections.
 func (a *Authorizer) Serve(ln net.Listener) error {
 	a.connMu.Lock()
 	if a.closed {
@@ -215,12 +196,14 @@ func (a *Authorizer) Serve(ln net.Listener) error {
 	a.connMu.Unlock()
 
 	tl := &trackingListener{Listener: ln, a: a}
-	agent := spoe.NewWithConfig(a.handle, spoe.Config{
-		ReadTimeout:  frameTimeout,
-		WriteTimeout: frameTimeout,
-		IdleTimeout:  agentIdleTimeout,
-	})
-	err := agent.Serve(tl)
+	var err error
+	for {
+		var c net.Conn
+		if c, err = tl.Accept(); err != nil {
+			break
+		}
+		go a.serveConn(c)
+	}
 
 	a.connMu.Lock()
 	delete(a.listeners, ln)
@@ -282,12 +265,14 @@ func (a *Authorizer) enter() bool {
 	return true
 }
 
-// handle answers one NOTIFY frame. It never returns an error (see the
-// notes above Serve) and recovers from panics in the library's decoding.
-func (a *Authorizer) handle(msgs *spoe.MessageIterator) (actions []spoe.Action, err error) {
+// handle answers one NOTIFY frame: it returns the ACK's actions. Every
+// failure is an explicit answer (allowed=false, or no verdict: see
+// undecidedActions), never a missing ACK, which would make HAProxy wait its
+// whole processing timeout. It recovers from panics.
+func (a *Authorizer) handle(payload []byte) (ack []byte) {
 	if !a.enter() {
 		a.stats.undecided.Add(1)
-		return undecidedActions(noSource), nil
+		return appendActions(nil, undecidedActions(noSource))
 	}
 	defer a.handlers.Done()
 	defer func() {
@@ -295,58 +280,69 @@ func (a *Authorizer) handle(msgs *spoe.MessageIterator) (actions []spoe.Action, 
 			a.stats.errors.Add(1)
 			a.stats.undecided.Add(1)
 			a.log.Error("spoe message handler panicked; no verdict, HAProxy refuses", zap.Any("panic", r))
-			actions, err = undecidedActions(noSource), nil
+			ack = appendActions(nil, undecidedActions(noSource))
 		}
 	}()
 
-	seen := false
-	var der []byte
-	var argErr error
-	for msgs.Next() {
-		if msgs.Message.Name != messageName {
-			continue
-		}
-		seen = true
-		der, argErr = nil, errNoCert
-		for msgs.Message.Args.Next() {
-			arg := msgs.Message.Args.Arg
-			if arg.Name != argCert {
-				continue
-			}
-			switch v := arg.Value.(type) {
-			case []byte:
-				der, argErr = v, nil
-			case nil:
-				// HAProxy sends NULL when the sample fetch fails.
-				der, argErr = nil, errNoCert
-			default:
-				der, argErr = nil, fmt.Errorf("%w: argument %q has type %T, want binary", errBadCert, argCert, v)
-			}
-		}
-	}
-	if err := msgs.Error(); err != nil {
-		seen, argErr = true, fmt.Errorf("decode spoe message: %w", err)
-	}
+	seen, der, argErr := readAuthorize(payload)
 	if !seen {
 		// Not ours: leave the variables unset, which the listener
 		// treats as a deny.
-		return nil, nil
+		return nil
 	}
 	d := a.decide(der, argErr)
 	if d.undecided {
-		return undecidedActions(d.source), nil
+		return appendActions(nil, undecidedActions(d.source))
 	}
-	return verdictActions(d.allowed, d.source, d.gen), nil
+	return appendActions(nil, verdictActions(d.allowed, d.source, d.gen))
+}
+
+// readAuthorize finds the authorize message in a NOTIFY payload (a list of
+// messages: name, argument count, then that many name/typed-value pairs)
+// and its cert argument. seen is false when there is no such message; a
+// payload that cannot be decoded counts as one, with an error.
+func readAuthorize(b []byte) (seen bool, der []byte, argErr error) {
+	for len(b) > 0 {
+		name, rest, err := getString(b)
+		if err != nil || len(rest) == 0 {
+			return true, nil, fmt.Errorf("decode spoe message: %w", errTruncated)
+		}
+		n := int(rest[0])
+		b = rest[1:]
+		mine := name == messageName
+		if mine {
+			seen, der, argErr = true, nil, errNoCert
+		}
+		for range n {
+			var arg string
+			var v value
+			if arg, b, err = getString(b); err == nil {
+				v, b, err = getValue(b)
+			}
+			if err != nil {
+				return true, nil, fmt.Errorf("decode spoe message %q: %w", name, err)
+			}
+			if !mine || arg != argCert {
+				continue
+			}
+			switch v.typ {
+			case typeBinary:
+				der, argErr = v.bytes, nil
+			case typeNull:
+				// HAProxy sends NULL when the sample fetch fails.
+				der, argErr = nil, errNoCert
+			default:
+				der, argErr = nil, fmt.Errorf("%w: argument %q has type %s, want binary", errBadCert, argCert, typeName(v.typ))
+			}
+		}
+	}
+	return seen, der, argErr
 }
 
 // verdictActions sets the verdict, its source and its generation in the
 // session scope.
-func verdictActions(allowed bool, source string, gen uint64) []spoe.Action {
-	return []spoe.Action{
-		spoe.ActionSetVar{Name: varAllowed, Scope: spoe.VarScopeSession, Value: allowed},
-		spoe.ActionSetVar{Name: varSource, Scope: spoe.VarScopeSession, Value: source},
-		spoe.ActionSetVar{Name: varGen, Scope: spoe.VarScopeSession, Value: int64(gen)},
-	}
+func verdictActions(allowed bool, source string, gen uint64) []setVar {
+	return []setVar{{varAllowed, allowed}, {varSource, source}, {varGen, int64(gen)}}
 }
 
 // undecidedActions answers when no decision could be made (Consul
@@ -357,8 +353,8 @@ func verdictActions(allowed bool, source string, gen uint64) []spoe.Action {
 // connection until the intentions change, so one failed call would
 // refuse every request of a kept-alive or pooled connection, long after
 // Consul is back.
-func undecidedActions(source string) []spoe.Action {
-	return []spoe.Action{spoe.ActionSetVar{Name: varSource, Scope: spoe.VarScopeSession, Value: source}}
+func undecidedActions(source string) []setVar {
+	return []setVar{{varSource, source}}
 }
 
 // decision is the outcome for one inbound connection.

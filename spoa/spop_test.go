@@ -2,7 +2,11 @@ package spoa
 
 import (
 	"errors"
+	"fmt"
 	"net"
+	"path/filepath"
+	goruntime "runtime"
+	"sync"
 	"testing"
 	"time"
 
@@ -88,5 +92,98 @@ func TestHandlerOverSPOP(t *testing.T) {
 		if typ != 102 { // the library may say goodbye first
 			t.Fatalf("frame type %d after Close", typ)
 		}
+	}
+}
+
+// TestDroppedConnectionsLeakNothing: HAProxy connections that drop while
+// their NOTIFYs wait for Consul leave no goroutine behind once the answers
+// come, and the handlers in flight never exceed the bound. (The criteo
+// library this agent replaced left one goroutine per NOTIFY in flight.)
+func TestDroppedConnectionsLeakNothing(t *testing.T) {
+	const (
+		conns       = 3
+		perConn     = 500
+		maxHandlers = 32
+	)
+	ca := testenv.NewCA(t, "root")
+	f := &fakeDecider{allowed: map[string]bool{clientID: true}, gate: make(chan struct{}), ignoreCtx: true}
+	a := newTest(t, f, WithTimeout(time.Minute), WithMaxHandlers(maxHandlers))
+	ln, err := net.Listen("unix", filepath.Join(t.TempDir(), "spoa.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = a.Serve(ln) }()
+	// Distinct sources: each NOTIFY waits on a Consul call of its own.
+	ders := make([][]byte, perConn)
+	for i := range ders {
+		ders[i] = leafDER(t, ca, int64(i+1), fmt.Sprintf("spiffe://td.consul/ns/default/dc/dc1/svc/s%d", i))
+	}
+
+	// One round trip first, so that the baseline counts every goroutine
+	// that lives as long as the agent (the accept loop, a warm runtime).
+	warm, err := spoptest.Dial(ln.Addr().String(), "warm", 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	close(f.gate)
+	if _, err := warm.Notify(spoptest.Message{Name: "authorize", Args: []spoptest.Arg{{Name: "cert", Value: ders[0]}}}); err != nil {
+		t.Fatal(err)
+	}
+	warm.Close()
+	f.set(func(f *fakeDecider) { f.gate = make(chan struct{}) })
+	a.Invalidate() // nothing cached: every NOTIFY below calls the decider
+	waitGoroutines := func(what string, cond func(n int) bool) int {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			n := goruntime.NumGoroutine()
+			if cond(n) {
+				return n
+			}
+			if time.Now().After(deadline) {
+				buf := make([]byte, 1<<20)
+				t.Fatalf("%s: %d goroutines after 10s\n%s", what, n, buf[:goruntime.Stack(buf, true)])
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	baseline := goruntime.NumGoroutine()
+
+	var sent sync.WaitGroup
+	var clients []*spoptest.Conn
+	for c := range conns {
+		cl, err := spoptest.Dial(ln.Addr().String(), fmt.Sprintf("engine-%d", c), 10*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		clients = append(clients, cl)
+		sent.Add(1)
+		go func() {
+			defer sent.Done()
+			for i := range perConn {
+				// Blocks once the agent stops reading (all handlers
+				// busy); fails once the test drops the connection.
+				if _, err := cl.Send(spoptest.Message{Name: "authorize", Args: []spoptest.Arg{{Name: "cert", Value: ders[i]}}}); err != nil {
+					return
+				}
+			}
+		}()
+	}
+	// Every handler slot taken, by NOTIFYs waiting for the decider.
+	waitFor(t, func() bool { return len(a.slots) == maxHandlers && f.nCalls() >= maxHandlers })
+	// Bounded: per busy handler, itself, its Consul call and the call's
+	// goroutine, plus a reader and a sender per connection.
+	if n, bound := goruntime.NumGoroutine(), baseline+3*maxHandlers+2*conns; n > bound {
+		t.Errorf("%d goroutines with %d NOTIFYs sent, want at most %d", n, conns*perConn, bound)
+	}
+	for _, cl := range clients {
+		cl.Drop()
+	}
+	sent.Wait()
+	close(f.gate) // the decisions come, with nobody left to answer
+	n := waitGoroutines("after dropped connections", func(n int) bool { return n <= baseline })
+	t.Logf("baseline %d goroutines, %d after %d connections dropped with NOTIFYs in flight", baseline, n, conns)
+	if got := len(a.slots); got != 0 {
+		t.Errorf("%d handler slots still taken", got)
 	}
 }

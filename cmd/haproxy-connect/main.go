@@ -21,7 +21,6 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
-	"github.com/sirupsen/logrus"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"golang.org/x/sync/errgroup"
@@ -137,9 +136,6 @@ func run(o options) error {
 	if err != nil {
 		return fmt.Errorf("consul client: %w", err)
 	}
-	// haproxy-spoe-go logs each agent connection through logrus' global
-	// logger; keep only its warnings.
-	logrus.SetLevel(logrus.WarnLevel)
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

@@ -22,7 +22,6 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
-	"github.com/sirupsen/logrus"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
@@ -97,9 +96,6 @@ func runAuthz(ctx context.Context, b *Bench) error {
 	if b.Wrk == "" {
 		return errors.New("wrk not found (apt-get install -y wrk, or set WRK_BIN)")
 	}
-	// haproxy-spoe-go logs through logrus' global logger; the sidecar keeps
-	// only its warnings, and so do we.
-	logrus.SetLevel(logrus.WarnLevel)
 	consul, err := b.StartConsul(testenv.ConsulOptions{})
 	if err != nil {
 		return err

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"time"
 )
 
@@ -54,10 +55,18 @@ type Conn struct {
 }
 
 // Dial connects to the agent at addr and exchanges hellos, announcing what
-// HAProxy 2.6 announces (pipelining and async: the criteo library requires
-// pipelining). Every later round trip must finish within timeout.
+// HAProxy 2.6 announces (pipelining and async). addr is host:port, or a
+// unix socket as HAProxy writes it: an absolute path or unix@<path>. Every
+// later round trip must finish within timeout.
 func Dial(addr, engineID string, timeout time.Duration) (*Conn, error) {
-	c, err := net.DialTimeout("tcp", addr, timeout)
+	network := "tcp"
+	if p, ok := strings.CutPrefix(addr, "unix@"); ok || strings.HasPrefix(addr, "/") {
+		network = "unix"
+		if ok {
+			addr = p
+		}
+	}
+	c, err := net.DialTimeout(network, addr, timeout)
 	if err != nil {
 		return nil, err
 	}
@@ -125,6 +134,26 @@ func (s *Conn) Notify(msgs ...Message) (map[string]any, error) {
 	return parseAck(payload)
 }
 
+// Send writes msgs in one NOTIFY frame on a new stream without waiting for
+// its ACK (HAProxy pipelines), and returns the stream id.
+func (s *Conn) Send(msgs ...Message) (uint64, error) {
+	s.stream++
+	var p []byte
+	for _, m := range msgs {
+		p = putBytes(p, []byte(m.Name))
+		p = append(p, byte(len(m.Args)))
+		for _, a := range m.Args {
+			p = putKV(p, a.Name, a.Value)
+		}
+	}
+	_ = s.c.SetDeadline(time.Now().Add(s.timeout))
+	return s.stream, s.writeFrame(FrameNotify, s.stream, p)
+}
+
+// Drop closes the connection without a goodbye, as a crashed or killed
+// HAProxy worker does.
+func (s *Conn) Drop() error { return s.c.Close() }
+
 // ReadFrame reads the next frame the agent sends unasked (a disconnect),
 // within the timeout.
 func (s *Conn) ReadFrame() (typ byte, payload []byte, err error) {
@@ -135,13 +164,7 @@ func (s *Conn) ReadFrame() (typ byte, payload []byte, err error) {
 
 func (s *Conn) roundTrip(typ byte, stream uint64, payload []byte) (byte, uint64, []byte, error) {
 	_ = s.c.SetDeadline(time.Now().Add(s.timeout))
-	f := append(s.buf[:0], 0, 0, 0, 0, typ, 0, 0, 0, 1) // length, type, flags FIN
-	f = putVarint(f, stream)
-	f = putVarint(f, 1) // frame-id
-	f = append(f, payload...)
-	binary.BigEndian.PutUint32(f, uint32(len(f)-4))
-	s.buf = f
-	if _, err := s.c.Write(f); err != nil {
+	if err := s.writeFrame(typ, stream, payload); err != nil {
 		return 0, 0, nil, err
 	}
 	rtyp, sid, b, err := s.readFrame()
@@ -149,6 +172,17 @@ func (s *Conn) roundTrip(typ byte, stream uint64, payload []byte) (byte, uint64,
 		return rtyp, 0, b, fmt.Errorf("agent disconnected: % x", b)
 	}
 	return rtyp, sid, b, err
+}
+
+func (s *Conn) writeFrame(typ byte, stream uint64, payload []byte) error {
+	f := append(s.buf[:0], 0, 0, 0, 0, typ, 0, 0, 0, 1) // length, type, flags FIN
+	f = putVarint(f, stream)
+	f = putVarint(f, 1) // frame-id
+	f = append(f, payload...)
+	binary.BigEndian.PutUint32(f, uint32(len(f)-4))
+	s.buf = f
+	_, err := s.c.Write(f)
+	return err
 }
 
 func (s *Conn) readFrame() (byte, uint64, []byte, error) {
