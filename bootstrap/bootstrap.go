@@ -29,8 +29,11 @@ type Spec struct {
 	// Roots every trusted CA root. AuthzMap holds one entry, "gen <n>":
 	// the intentions generation, changed at run time with "set map".
 	LeafFile, RootsFile, SPOEFile, AuthzMap string
-	// SPOAAddr is the SPOE agent's loopback address:port.
-	SPOAAddr string
+	// SPOASocket is the SPOE agent's unix socket, an absolute path (in
+	// the private state directory, so that only this user can reach the
+	// agent, which answers as an intentions oracle with the sidecar's
+	// token).
+	SPOASocket string
 	// HardStopAfter bounds how long an old worker may live after a reload.
 	HardStopAfter time.Duration
 	// AccessLog sends one log line per connection/request to stdout.
@@ -66,6 +69,9 @@ type Upstream struct {
 	// number of servers rendered.
 	Slots slots.Table
 }
+
+// MaxSocketPath is the longest unix socket path accepted.
+const MaxSocketPath = 100
 
 // Names of the fixed sections, used by the controller too.
 const (
@@ -199,12 +205,10 @@ func (s Spec) Validate() error {
 			return fmt.Errorf("%w: file path %q", ErrInvalid, f)
 		}
 	}
-	host, port, err := splitHostPort(s.SPOAAddr)
-	if err != nil {
-		return fmt.Errorf("%w: spoe agent address %q: %v", ErrInvalid, s.SPOAAddr, err)
-	}
-	if err := checkAddrPort("spoe agent", host, port); err != nil {
-		return err
+	// A unix socket path fits in sun_path (108 bytes with its NUL);
+	// HAProxy refuses longer ones.
+	if !pathRE.MatchString(s.SPOASocket) || len(s.SPOASocket) > MaxSocketPath {
+		return fmt.Errorf("%w: spoe agent socket %q: want an absolute path of at most %d bytes from [A-Za-z0-9_./+-]", ErrInvalid, s.SPOASocket, MaxSocketPath)
 	}
 	if s.HardStopAfter <= 0 || s.HardStopAfter > 24*time.Hour {
 		return fmt.Errorf("%w: hard-stop-after %s", ErrInvalid, s.HardStopAfter)
@@ -242,14 +246,6 @@ func (s Spec) Validate() error {
 		seenBind[b] = u.Name
 	}
 	return nil
-}
-
-func splitHostPort(s string) (string, int, error) {
-	ap, err := netip.ParseAddrPort(s)
-	if err != nil {
-		return "", 0, err
-	}
-	return ap.Addr().String(), int(ap.Port()), nil
 }
 
 // addr renders an address for a bind or server line (IPv6 in brackets is
@@ -348,7 +344,7 @@ func Render(s Spec) (string, error) {
 	w("    mode tcp")
 	w("    timeout connect 1s")
 	w("    timeout server 3m")
-	w("    server agent %s", s.SPOAAddr)
+	w("    server agent unix@%s", s.SPOASocket)
 
 	ups := slices.Clone(s.Upstreams)
 	slices.SortFunc(ups, func(a, b Upstream) int { return strings.Compare(a.Name, b.Name) })

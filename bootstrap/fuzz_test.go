@@ -41,7 +41,8 @@ var lineRE = regexp.MustCompile(`^(` + strings.Join([]string{
 	`    default_backend [A-Za-z0-9_.-]+`,
 	`    balance roundrobin`,
 	`    default-server ssl crt /[A-Za-z0-9_./+-]+ ca-file /[A-Za-z0-9_./+-]+ verify required( alpn h2)?`,
-	`    server (app|agent) [0-9a-fA-F.:\[\]]+`,
+	`    server app [0-9a-fA-F.:\[\]]+`,
+	`    server agent unix@/[A-Za-z0-9_./+-]+`,
 	`    server s\d+ [0-9a-fA-F.:\[\]]+ weight \d+`,
 	`    server-template s \d+-\d+ 127\.0\.0\.1:1 disabled`,
 }, "|") + `)$`)

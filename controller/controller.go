@@ -36,7 +36,7 @@ type Config struct {
 	ProxyID    string
 	StateDir   string
 	HAProxyBin string
-	SPOAAddr   string // the SPOE agent's loopback address:port
+	SPOASocket string // the SPOE agent's unix socket (absolute path)
 	Log        *zap.Logger
 	// HAProxyOutput receives HAProxy's own output (default os.Stderr).
 	HAProxyOutput io.Writer
@@ -140,8 +140,8 @@ type upstreamWatch struct {
 
 // New checks cfg and returns a controller; Run starts it.
 func New(cfg Config) (*Controller, error) {
-	if cfg.Consul == nil || cfg.ProxyID == "" || cfg.StateDir == "" || cfg.SPOAAddr == "" {
-		return nil, errors.New("controller: Consul, ProxyID, StateDir and SPOAAddr are required")
+	if cfg.Consul == nil || cfg.ProxyID == "" || cfg.StateDir == "" || cfg.SPOASocket == "" {
+		return nil, errors.New("controller: Consul, ProxyID, StateDir and SPOASocket are required")
 	}
 	if cfg.Log == nil {
 		cfg.Log = zap.NewNop()
@@ -427,7 +427,7 @@ func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.S
 		RootsFile:     c.path("roots.pem"),
 		SPOEFile:      c.path("spoe.cfg"),
 		AuthzMap:      c.path("authz.map"),
-		SPOAAddr:      c.cfg.SPOAAddr,
+		SPOASocket:    c.cfg.SPOASocket,
 		HardStopAfter: c.cfg.HardStopAfter,
 		AccessLog:     c.cfg.AccessLog,
 		Threads:       c.cfg.Threads,

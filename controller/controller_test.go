@@ -101,7 +101,7 @@ func TestReconcileTranscript(t *testing.T) {
 		return &r
 	}
 	dir := t.TempDir()
-	c, err := New(Config{Consul: api.DefaultConfig(), ProxyID: "web-sidecar-proxy", StateDir: dir, SPOAAddr: "127.0.0.1:1", Log: zaptest.NewLogger(t), MinSlots: 2})
+	c, err := New(Config{Consul: api.DefaultConfig(), ProxyID: "web-sidecar-proxy", StateDir: dir, SPOASocket: "/state/spoa.sock", Log: zaptest.NewLogger(t), MinSlots: 2})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -228,7 +228,7 @@ func TestReconcileTranscript(t *testing.T) {
 // TestWaitAuthzGeneration: the SPOE agent's hook returns once HAProxy has
 // the new generation, not before; at once when HAProxy is not running.
 func TestWaitAuthzGeneration(t *testing.T) {
-	c, err := New(Config{Consul: api.DefaultConfig(), ProxyID: "web-sidecar-proxy", StateDir: t.TempDir(), SPOAAddr: "127.0.0.1:1", Log: zaptest.NewLogger(t)})
+	c, err := New(Config{Consul: api.DefaultConfig(), ProxyID: "web-sidecar-proxy", StateDir: t.TempDir(), SPOASocket: "/state/spoa.sock", Log: zaptest.NewLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

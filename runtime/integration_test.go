@@ -46,7 +46,7 @@ func startSkeleton(t *testing.T) *skeleton {
 	name, _ := bootstrap.UpstreamName("api", "")
 	spec := bootstrap.Spec{
 		Service: "web", LeafFile: leaf, RootsFile: roots, SPOEFile: filepath.Join(dir, "spoe.cfg"), AuthzMap: testenv.WriteFile(t, dir, "authz.map", bootstrap.RenderAuthzMap(0)),
-		SPOAAddr: fmt.Sprintf("127.0.0.1:%d", ports[0]), HardStopAfter: 5 * time.Second,
+		SPOASocket: filepath.Join(dir, "spoa.sock"), HardStopAfter: 5 * time.Second,
 		Public: bootstrap.Public{BindAddr: "127.0.0.1", BindPort: ports[1], LocalAddr: "127.0.0.1", LocalPort: ports[2]},
 		Upstreams: []bootstrap.Upstream{{Name: name, Destination: "api", BindAddr: "127.0.0.1", BindPort: ports[3],
 			Slots: slots.New(name, bootstrap.SlotPrefix, 2)}},

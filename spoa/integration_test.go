@@ -59,7 +59,7 @@ func startSidecar(t *testing.T) *sidecar {
 		RootsFile:     testenv.WriteFile(t, dir, "roots.pem", rootsPEM.String()),
 		SPOEFile:      filepath.Join(dir, "spoe.cfg"),
 		AuthzMap:      testenv.WriteFile(t, dir, "authz.map", bootstrap.RenderAuthzMap(0)),
-		SPOAAddr:      fmt.Sprintf("127.0.0.1:%d", ports[0]),
+		SPOASocket:    filepath.Join(dir, "spoa.sock"),
 		HardStopAfter: 5 * time.Second,
 		Public: bootstrap.Public{BindAddr: "127.0.0.1", BindPort: ports[1],
 			LocalAddr: "127.0.0.1", LocalPort: okServer(t)},
@@ -78,7 +78,7 @@ func startSidecar(t *testing.T) *sidecar {
 	}
 
 	a := spoa.New("web", spoa.ConsulDecider{Client: c.Client}, zaptest.NewLogger(t))
-	ln, err := net.Listen("tcp", spec.SPOAAddr)
+	ln, err := net.Listen("unix", spec.SPOASocket)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -147,7 +147,8 @@ func run(o options) error {
 	log.Info("serving connect proxy", zap.String("proxy_id", proxy.ID), zap.String("service", proxy.Proxy.DestinationServiceName),
 		zap.String("state_dir", stateDir), zap.String("master_socket", filepath.Join(stateDir, "master.sock")))
 
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	spoaSocket := filepath.Join(stateDir, "spoa.sock")
+	ln, err := listenUnix(spoaSocket)
 	if err != nil {
 		return fmt.Errorf("spoe agent listener: %w", err)
 	}
@@ -160,7 +161,7 @@ func run(o options) error {
 		spoa.WithInvalidateHook(func(gen uint64) { ctl.SetAuthzGeneration(gen); ctl.WaitAuthzGeneration(gen) }))
 	ctl, err = controller.New(controller.Config{
 		Consul: ccfg, ProxyID: proxy.ID, StateDir: stateDir, HAProxyBin: bin,
-		SPOAAddr: ln.Addr().String(), Log: log.Named("controller"), MinSlots: o.minSlots, AccessLog: o.accessLog,
+		SPOASocket: spoaSocket, Log: log.Named("controller"), MinSlots: o.minSlots, AccessLog: o.accessLog,
 		Threads: o.threads,
 	})
 	if err != nil {
@@ -311,6 +312,32 @@ func checkStateDir(dir string, uid int) error {
 		return fmt.Errorf("state dir %s is writable by its group or by others (mode %04o): chmod go-w it", dir, fi.Mode().Perm())
 	}
 	return nil
+}
+
+// listenUnix listens on a unix socket at path, mode 0600. The SPOE agent
+// answers as an intentions oracle with the sidecar's token: on loopback TCP
+// any local process could ask it. A socket left by an earlier run is
+// replaced; anything else at path is an error. The state directory is 0700
+// and ours (checkStateDir), so nobody else can reach the socket in the
+// moment between bind and chmod.
+func listenUnix(path string) (net.Listener, error) {
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode().Type() != os.ModeSocket {
+			return nil, fmt.Errorf("%s exists and is not a socket", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, err
+		}
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	return ln, nil
 }
 
 // HTTP server limits. The stats server answers small GETs: a client that

@@ -4,14 +4,18 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
-// TestDebugSurfaces: the stats address serves metrics and health but never
-// profiles; /debug/pprof answers only on -pprof-addr.
-func TestDebugSurfaces(t *testing.T) {
+// TestSurfaces: the stats address serves metrics and health but never
+// profiles; /debug/pprof answers only on -pprof-addr; the SPOE agent
+// listens on a 0600 unix socket in the state dir, which HAProxy uses.
+func TestSurfaces(t *testing.T) {
 	consul := testenv.Consul(t, testenv.ConsulOptions{})
 	ports := testenv.FreePorts(t, 3)
 	register(t, consul.Client, "web", ports[0], ports[1], nil)
@@ -45,5 +49,21 @@ func TestDebugSurfaces(t *testing.T) {
 		if got := status(tt.url); got != tt.want {
 			t.Errorf("GET %s: status %d, want %d", tt.url, got, tt.want)
 		}
+	}
+
+	sock := filepath.Join(s.stateDir, "spoa.sock")
+	fi, err := os.Lstat(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Type() != os.ModeSocket || fi.Mode().Perm() != 0o600 {
+		t.Errorf("%s: mode %v, want a socket with 0600", sock, fi.Mode())
+	}
+	cfg, err := os.ReadFile(filepath.Join(s.stateDir, "haproxy.cfg"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "    server agent unix@" + sock + "\n"; !strings.Contains(string(cfg), want) {
+		t.Errorf("haproxy.cfg has no line %q", want)
 	}
 }

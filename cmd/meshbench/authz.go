@@ -305,8 +305,9 @@ func startAuthzAgent(e *Env, target string, client *api.Client) (*authzAgent, er
 	return ag, nil
 }
 
-// sidecarAgentAddr reads the SPOE agent's address from a sidecar's
-// rendered config: the server line of the bootstrap.SPOEBackend backend.
+// sidecarAgentAddr reads the SPOE agent's unix socket from a sidecar's
+// rendered config: the server line of the bootstrap.SPOEBackend backend
+// ("server agent unix@<path>").
 func sidecarAgentAddr(stateDir string) (string, error) {
 	cfg, err := os.ReadFile(filepath.Join(stateDir, "haproxy.cfg"))
 	if err != nil {
@@ -320,7 +321,7 @@ func sidecarAgentAddr(stateDir string) (string, error) {
 		case f[0] == "backend" || f[0] == "frontend" || f[0] == "defaults" || f[0] == "global":
 			in = len(f) > 1 && f[0] == "backend" && f[1] == bootstrap.SPOEBackend
 		case in && f[0] == "server" && len(f) >= 3:
-			return f[2], nil
+			return strings.TrimPrefix(f[2], "unix@"), nil
 		}
 	}
 	return "", fmt.Errorf("no server in backend %s of %s/haproxy.cfg", bootstrap.SPOEBackend, stateDir)
@@ -329,7 +330,7 @@ func sidecarAgentAddr(stateDir string) (string, error) {
 // startRenderedPair renders the inbound config of authz-on and authz-off
 // with bootstrap.Render, from their own leaves and Consul's roots, as the
 // sidecar does, and runs it: authz-on as rendered, its SPOE messages going
-// to agentAddr; authz-off without the SPOE filter and its verdict rules,
+// to the agent's socket agentAddr; authz-off without the SPOE filter and its verdict rules,
 // so that every request is served without asking anyone.
 func startRenderedPair(b *Bench, consul *testenv.ConsulProc, agentAddr string, appPort, onPort, offPort int) (on, off *testenv.HAProxyProc, err error) {
 	roots, _, err := consul.Client.Agent().ConnectCARoots(nil)
@@ -355,7 +356,7 @@ func startRenderedPair(b *Bench, consul *testenv.ConsulProc, agentAddr string, a
 			RootsFile:     filepath.Join(dir, "roots.pem"),
 			SPOEFile:      filepath.Join(dir, "spoe.cfg"),
 			AuthzMap:      filepath.Join(dir, "authz.map"),
-			SPOAAddr:      agentAddr,
+			SPOASocket:    agentAddr,
 			HardStopAfter: 30 * time.Second, // as the sidecar renders it
 			Public: bootstrap.Public{BindAddr: "127.0.0.1", BindPort: port, Protocol: "http",
 				LocalAddr: "127.0.0.1", LocalPort: appPort},

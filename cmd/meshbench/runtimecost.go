@@ -104,7 +104,7 @@ func runtimeCostRound(ctx context.Context, b *Bench, changes int) (map[runtimeKe
 	spec := bootstrap.Spec{
 		Service: "web", LeafFile: filepath.Join(dir, "leaf.pem"), RootsFile: filepath.Join(dir, "roots.pem"),
 		SPOEFile: filepath.Join(dir, "spoe.cfg"), AuthzMap: filepath.Join(dir, "authz.map"),
-		SPOAAddr: fmt.Sprintf("127.0.0.1:%d", ports[0]), HardStopAfter: 5 * time.Second,
+		SPOASocket: filepath.Join(dir, "spoa.sock"), HardStopAfter: 5 * time.Second,
 		Public: bootstrap.Public{BindAddr: "127.0.0.1", BindPort: ports[1], LocalAddr: "127.0.0.1", LocalPort: ports[2]},
 		Upstreams: []bootstrap.Upstream{{Name: name, Destination: "api", BindAddr: "127.0.0.1", BindPort: ports[3],
 			Protocol: "http", Slots: slots.New(name, bootstrap.SlotPrefix, 128)}},
