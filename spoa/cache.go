@@ -25,11 +25,19 @@ import (
 // call for the evicted key later and never a burst of them, which dropping
 // the whole cache would.
 
-type cacheKey struct{ uri, serial string }
+// cacheKey is a client certificate: its URI SAN and serial (what Consul
+// decides on) and its SHA-256 (so that a hit is for this very certificate).
+type cacheKey struct {
+	uri, serial string
+	sum         [32]byte
+}
 
 type verdict struct {
 	allowed bool
 	reason  string
+	// refused is the index in refusals of the reason the agent refused
+	// the certificate itself, without asking Consul; -1 otherwise.
+	refused int
 }
 
 // origin says how a decision was reached.
@@ -49,8 +57,10 @@ type flight struct {
 }
 
 // lookup returns the decision for k from the cache, from a call in flight,
-// or from a new Decider call, with the generation it was made under.
-func (a *Authorizer) lookup(k cacheKey) (verdict, origin, uint64, error) {
+// or from a new call, with the generation it was made under. A new call
+// runs check first: a refusal (see refusals) is the decision, cached
+// without asking the Decider; another error leaves it undecided.
+func (a *Authorizer) lookup(k cacheKey, check func() error) (verdict, origin, uint64, error) {
 	a.mu.Lock()
 	if v, ok := a.cache[k]; ok {
 		gen := a.gen
@@ -64,7 +74,7 @@ func (a *Authorizer) lookup(k cacheKey) (verdict, origin, uint64, error) {
 		how = originCall
 		f = &flight{gen: a.gen, done: make(chan struct{})}
 		a.inflight[k] = f
-		go a.fly(k, f, a.gen)
+		go a.fly(k, f, a.gen, check)
 	}
 	a.mu.Unlock()
 	if how == originCoalesced {
@@ -79,11 +89,35 @@ type answer struct {
 	err error
 }
 
-// fly runs one Decider call for k under generation gen and completes f
-// after the answer or the timeout, whichever comes first. The Decider may
+// fly decides k under generation gen and completes f: check's refusal, or
+// the Decider's answer or timeout, whichever comes first. The Decider may
 // ignore ctx (api.Agent.ConnectAuthorize takes none): the call then runs on
 // in its goroutine, and a late answer still fills the cache.
-func (a *Authorizer) fly(k cacheKey, f *flight, gen uint64) {
+func (a *Authorizer) fly(k cacheKey, f *flight, gen uint64, check func() error) {
+	var ans answer
+	if err := check(); err != nil {
+		ans.err = err
+		if i := refusal(err); i >= 0 {
+			ans = answer{v: verdict{reason: err.Error(), refused: i}}
+			a.store(k, ans.v, gen)
+		}
+	} else {
+		ans = a.ask(k, gen)
+	}
+	if ans.err != nil {
+		ans.v = verdict{refused: -1}
+	}
+	f.v, f.err = ans.v, ans.err
+	a.mu.Lock()
+	if a.inflight[k] == f {
+		delete(a.inflight, k)
+	}
+	a.mu.Unlock()
+	close(f.done)
+}
+
+// ask runs one Decider call for k and caches its answer under gen.
+func (a *Authorizer) ask(k cacheKey, gen uint64) answer {
 	a.stats.consulCalls.Add(1)
 	ctx, cancel := context.WithTimeout(a.ctx, a.timeout)
 	defer cancel()
@@ -97,27 +131,17 @@ func (a *Authorizer) fly(k cacheKey, f *flight, gen uint64) {
 			ch <- ans
 		}()
 		allowed, reason, err := a.decider.Authorize(ctx, a.target, k.uri, k.serial)
-		ans = answer{v: verdict{allowed: allowed, reason: reason}, err: err}
+		ans = answer{v: verdict{allowed: allowed, reason: reason, refused: -1}, err: err}
 		if err == nil {
 			a.store(k, ans.v, gen)
 		}
 	}()
-	var ans answer
 	select {
-	case ans = <-ch:
+	case ans := <-ch:
+		return ans
 	case <-ctx.Done():
-		ans.err = fmt.Errorf("authorize %s: %w", k.uri, ctx.Err())
+		return answer{err: fmt.Errorf("authorize %s: %w", k.uri, ctx.Err())}
 	}
-	if ans.err != nil {
-		ans.v = verdict{}
-	}
-	f.v, f.err = ans.v, ans.err
-	a.mu.Lock()
-	if a.inflight[k] == f {
-		delete(a.inflight, k)
-	}
-	a.mu.Unlock()
-	close(f.done)
 }
 
 // store caches v for k unless the cache was invalidated since gen.

@@ -2,8 +2,12 @@ package spoa
 
 import (
 	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/consul/api"
@@ -131,4 +135,107 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	case <-t.C:
 		return true
 	}
+}
+
+// WatchRoots keeps the trust domain and CA roots that client certificates
+// are checked against (SetRoots) current, until ctx ends (then it returns
+// nil). It is a blocking-query loop on /v1/agent/connect/ca/roots, the
+// endpoint the controller reads for HAProxy's ca-file, with the same
+// index rules and backoff as WatchIntentions. An answer that fails to
+// parse is logged and the previous roots stay. The client must not have an
+// HTTP timeout shorter than 5 minutes.
+func (a *Authorizer) WatchRoots(ctx context.Context, client *api.Client) error {
+	log := a.log.With(zap.String("watch", "ca-roots"))
+	var (
+		idx     uint64
+		backoff time.Duration
+		started time.Time
+	)
+	fail := func(msg string, err error) bool {
+		backoff = min(max(2*backoff, watchBackoffMin), watchBackoffMax)
+		wait := backoff/2 + rand.N(backoff/2+1)
+		log.Warn(msg, zap.Error(err), zap.Duration("retry_in", wait))
+		return sleep(ctx, wait)
+	}
+	for {
+		if !sleep(ctx, a.watchMinInterval-time.Since(started)) {
+			return nil
+		}
+		started = time.Now()
+		var list caRoots
+		meta, err := client.Raw().Query("/v1/agent/connect/ca/roots", &list, (&api.QueryOptions{WaitIndex: idx, WaitTime: watchWait}).WithContext(ctx))
+		if ctx.Err() != nil {
+			return nil
+		}
+		if err != nil {
+			if !fail("CA roots watch failed; checking against the last roots", err) {
+				return nil
+			}
+			continue
+		}
+		next := meta.LastIndex
+		switch {
+		case next == idx:
+			backoff = 0
+			continue
+		case next < idx:
+			log.Info("CA roots index went backwards, resetting", zap.Uint64("index", idx), zap.Uint64("new_index", next))
+			next = 0
+		}
+		if err := a.setRootsFrom(&list); err != nil {
+			// Consul's answer is hostile input too: keep the last good
+			// roots, and ask again after a backoff rather than at once.
+			if !fail("CA roots rejected; checking against the last roots", err) {
+				return nil
+			}
+			continue
+		}
+		backoff = 0
+		idx = next
+	}
+}
+
+// caRoots is the part of Consul's /v1/agent/connect/ca/roots answer the
+// agent uses. api.CARoot (v1.33.0) has no IntermediateCerts: a leaf signed
+// by an intermediate (another provider, a secondary datacenter) verifies
+// only with them, and HAProxy hands the agent the leaf alone.
+type caRoots struct {
+	TrustDomain string
+	Roots       []struct {
+		ID                string
+		RootCert          string
+		IntermediateCerts []string
+	}
+}
+
+// setRootsFrom parses Consul's roots answer and calls SetRoots.
+func (a *Authorizer) setRootsFrom(list *caRoots) error {
+	var roots, inters []*x509.Certificate
+	for _, r := range list.Roots {
+		c, err := parsePEMCert(r.RootCert)
+		if err != nil {
+			return fmt.Errorf("CA root %s: %w", r.ID, err)
+		}
+		roots = append(roots, c)
+		for _, p := range r.IntermediateCerts {
+			c, err := parsePEMCert(p)
+			if err != nil {
+				return fmt.Errorf("intermediate of CA root %s: %w", r.ID, err)
+			}
+			inters = append(inters, c)
+		}
+	}
+	return a.SetRoots(list.TrustDomain, roots, inters)
+}
+
+// parsePEMCert parses a PEM string holding exactly one certificate.
+func parsePEMCert(s string) (*x509.Certificate, error) {
+	b, rest := pem.Decode([]byte(s))
+	if b == nil || b.Type != "CERTIFICATE" {
+		return nil, errors.New("no PEM certificate")
+	}
+	if len(strings.TrimSpace(string(rest))) != 0 {
+		return nil, errors.New("more than one PEM block")
+	}
+	return x509.ParseCertificate(b.Bytes)
 }

@@ -1,50 +1,171 @@
 package spoa
 
 import (
+	"crypto/sha256"
 	"crypto/x509"
 	"errors"
 	"fmt"
 	"math/big"
+	"regexp"
+	"slices"
 	"strings"
+	"time"
+
+	"github.com/haproxy-connect/haproxy-connect/certs"
 )
 
-// Reasons a client certificate gives no identity. Each one is a deny.
+// Reasons a client certificate gives no identity. Each one is a deny, not
+// cached (there is nothing to key it on).
 var (
-	errNoCert     = errors.New("no client certificate")
-	errBadCert    = errors.New("unparsable client certificate")
-	errNoSPIFFEID = errors.New("no SPIFFE ID in client certificate")
+	errNoCert  = errors.New("no client certificate")
+	errBadCert = errors.New("unparsable client certificate")
 )
 
-// identity is what Consul needs from a client leaf.
+// Reasons a parsed client certificate is refused without asking Consul.
+// Each one is a deny, cached like Consul's answers, logged with its reason
+// and counted (Stats.Refused).
+var (
+	errURISANs     = errors.New("not exactly one URI SAN")
+	errNotSPIFFE   = errors.New("URI SAN is not a SPIFFE ID")
+	errTrustDomain = errors.New("SPIFFE ID of another trust domain")
+	errNotService  = errors.New("SPIFFE ID is not a service identity")
+	errChain       = errors.New("certificate does not verify against the CA roots")
+)
+
+// errNoRoots leaves a connection undecided: the agent has not learned the
+// CA roots yet, and asking again later can succeed.
+var errNoRoots = errors.New("CA roots not known yet")
+
+// identity is what Consul needs from a client leaf, and what keys its
+// cached decision.
 type identity struct {
-	uri    string // spiffe://<trust-domain>/ns/<ns>/dc/<dc>/svc/<name>
+	uri    string // the certificate's only URI SAN; "" if it has not one
 	serial string // colon-hex, as Consul writes it (connect.HexString)
+	// sum is the SHA-256 of the DER certificate: a cached decision holds
+	// for this very certificate, not for any other claiming the same URI
+	// and serial (the agent checks the chain itself once per certificate).
+	sum [32]byte
 }
 
-// parseIdentity reads the SPIFFE ID and serial of a DER leaf. HAProxy has
-// already verified the chain against the Consul roots ("verify required"),
-// so the certificate is trusted; what is checked here is its shape. Consul
-// leaves carry exactly one URI SAN, an empty subject and no DNS SAN: a
-// certificate with several URIs is ambiguous and refused.
-func parseIdentity(der []byte) (identity, error) {
+// parseIdentity parses a DER leaf. What the certificate claims is checked
+// later (checkCert), on a cache miss.
+func parseIdentity(der []byte) (identity, *x509.Certificate, error) {
 	if len(der) == 0 {
-		return identity{}, errNoCert
+		return identity{}, nil, errNoCert
 	}
 	cert, err := x509.ParseCertificate(der)
 	if err != nil {
-		return identity{}, fmt.Errorf("%w: %v", errBadCert, err)
+		return identity{}, nil, fmt.Errorf("%w: %v", errBadCert, err)
+	}
+	id := identity{serial: hexSerial(cert.SerialNumber), sum: sha256.Sum256(der)}
+	if len(cert.URIs) == 1 {
+		id.uri = cert.URIs[0].String()
+	}
+	return id, cert, nil
+}
+
+// trust is what client certificates are checked against: the cluster's
+// current trust domain and CA roots, from Consul's
+// /v1/agent/connect/ca/roots. Immutable once published.
+type trust struct {
+	domain        string
+	roots         *x509.CertPool
+	intermediates *x509.CertPool
+	// key identifies the content (trust domain, then the sorted SHA-256
+	// of every root and intermediate): a change invalidates the cache.
+	key string
+}
+
+// trustDomainRE is the shape of a Consul trust domain ("<cluster
+// uuid>.consul"): a lower-case DNS name.
+var trustDomainRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$`)
+
+// newTrust builds a trust from Consul's roots answer.
+func newTrust(domain string, roots, intermediates []*x509.Certificate) (*trust, error) {
+	if len(domain) > 253 || !trustDomainRE.MatchString(domain) {
+		return nil, fmt.Errorf("trust domain %q is not a lower-case DNS name", domain)
+	}
+	if len(roots) == 0 {
+		return nil, errors.New("no CA roots")
+	}
+	t := &trust{domain: domain, roots: x509.NewCertPool(), intermediates: x509.NewCertPool()}
+	var sums []string
+	for _, c := range roots {
+		if !c.IsCA {
+			return nil, fmt.Errorf("CA root %q is not a CA certificate", c.Subject)
+		}
+		t.roots.AddCert(c)
+		sums = append(sums, fmt.Sprintf("r%x", sha256.Sum256(c.Raw)))
+	}
+	for _, c := range intermediates {
+		t.intermediates.AddCert(c)
+		sums = append(sums, fmt.Sprintf("i%x", sha256.Sum256(c.Raw)))
+	}
+	slices.Sort(sums)
+	t.key = domain + " " + strings.Join(sums, " ")
+	return t, nil
+}
+
+// checkCert decides what the agent can decide alone about a client leaf
+// that HAProxy has already verified: a non-nil error is a deny with that
+// reason, except errNoRoots. Consul's leaves carry exactly one URI SAN,
+// spiffe://<trust domain>/[ap/<partition>/]ns/<ns>/dc/<dc>/svc/<service>,
+// with the cluster's trust domain; an agent's leaf
+// (spiffe://<td>/agent/client/dc/<dc>/id/<node>) or a mesh gateway's is
+// not a service and may not open a connection to one. The chain is
+// verified here too, against the roots and intermediates Consul lists
+// (HAProxy sends only the leaf), for client authentication: defence in
+// depth, should HAProxy's ca-file ever hold more than Consul's roots.
+func checkCert(cert *x509.Certificate, t *trust, now time.Time) error {
+	if t == nil {
+		return errNoRoots
 	}
 	if n := len(cert.URIs); n != 1 {
-		return identity{}, fmt.Errorf("%w: %d URI SANs, want 1", errNoSPIFFEID, n)
+		uris := make([]string, n)
+		for i, u := range cert.URIs {
+			uris[i] = u.String()
+		}
+		return fmt.Errorf("%w: %d (%s)", errURISANs, n, strings.Join(uris, ", "))
 	}
 	u := cert.URIs[0]
-	// url.Parse lower-cases the scheme. Consul validates the path
-	// (ns/dc/svc) itself and rejects other shapes with an error.
+	// url.Parse lower-cases the scheme.
 	if u.Scheme != "spiffe" || u.Host == "" || u.Opaque != "" || u.User != nil ||
 		!strings.HasPrefix(u.Path, "/") || u.RawQuery != "" || u.Fragment != "" {
-		return identity{}, fmt.Errorf("%w: URI SAN %q is not a SPIFFE ID", errNoSPIFFEID, u.String())
+		return fmt.Errorf("%w: %q", errNotSPIFFE, u.String())
 	}
-	return identity{uri: u.String(), serial: hexSerial(cert.SerialNumber)}, nil
+	if u.Host != t.domain {
+		return fmt.Errorf("%w: %q, the cluster's is %q", errTrustDomain, u.Host, t.domain)
+	}
+	if _, err := certs.ParseSPIFFE(u.String()); err != nil {
+		return fmt.Errorf("%w: %q", errNotService, u.String())
+	}
+	_, err := cert.Verify(x509.VerifyOptions{
+		Roots:         t.roots,
+		Intermediates: t.intermediates,
+		CurrentTime:   now,
+		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	})
+	if err != nil {
+		return fmt.Errorf("%w: %v", errChain, err)
+	}
+	return nil
+}
+
+// refusals are the reasons checkCert refuses a certificate, with their
+// metric names, in the order of Stats.Refused.
+var refusals = []struct {
+	err  error
+	name string
+}{{errURISANs, "uri_sans"}, {errNotSPIFFE, "not_spiffe"}, {errTrustDomain, "trust_domain"}, {errNotService, "not_service"}, {errChain, "chain"}}
+
+// refusal returns the index in refusals of err's reason, or -1.
+func refusal(err error) int {
+	for i, r := range refusals {
+		if errors.Is(err, r.err) {
+			return i
+		}
+	}
+	return -1
 }
 
 // hexSerial formats a serial number as Consul's connect.HexString does:

@@ -86,12 +86,16 @@ func startSidecar(t *testing.T) *sidecar {
 	go func() { s.served <- a.Serve(ln) }()
 
 	ctx, cancel := context.WithCancel(context.Background())
-	watched := make(chan error, 1)
+	watched, rooted := make(chan error, 1), make(chan error, 1)
 	go func() { watched <- a.WatchIntentions(ctx, c.Client) }()
+	go func() { rooted <- a.WatchRoots(ctx, c.Client) }()
 	t.Cleanup(func() {
 		cancel()
 		if err := <-watched; err != nil {
 			t.Errorf("WatchIntentions: %v", err)
+		}
+		if err := <-rooted; err != nil {
+			t.Errorf("WatchRoots: %v", err)
 		}
 		a.Close()
 	})

@@ -6,6 +6,7 @@ package spoa
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
@@ -138,6 +139,9 @@ type Authorizer struct {
 	handlers  sync.WaitGroup
 
 	stats counters
+	// trust is what client certificates are checked against (SetRoots);
+	// nil until the roots are known.
+	trust atomic.Pointer[trust]
 	// watchIndex is the Consul index of the intentions WatchIntentions
 	// last invalidated for.
 	watchIndex atomic.Uint64
@@ -390,17 +394,22 @@ func (a *Authorizer) decideNow(der []byte, argErr error) decision {
 	d := decision{source: noSource, err: argErr}
 	if d.err == nil {
 		var id identity
-		id, d.err = parseIdentity(der)
-		d.source, d.serial = id.uri, id.serial
-		if d.source == "" {
-			d.source = noSource
+		var cert *x509.Certificate
+		id, cert, d.err = parseIdentity(der)
+		d.serial = id.serial
+		if id.uri != "" {
+			d.source = id.uri
 		}
-	}
-	if d.err == nil {
-		var v verdict
-		v, d.how, d.gen, d.err = a.lookup(cacheKey{uri: d.source, serial: d.serial})
-		d.allowed, d.reason = v.allowed, v.reason
-		d.undecided = d.err != nil
+		if d.err == nil {
+			check := func() error { return checkCert(cert, a.trust.Load(), time.Now()) }
+			var v verdict
+			v, d.how, d.gen, d.err = a.lookup(cacheKey{uri: id.uri, serial: id.serial, sum: id.sum}, check)
+			d.allowed, d.reason = v.allowed, v.reason
+			d.undecided = d.err != nil
+			if d.err == nil && v.refused >= 0 {
+				a.stats.refused[v.refused].Add(1)
+			}
+		}
 	}
 	if d.err != nil {
 		d.allowed, d.reason = false, d.err.Error()
@@ -416,6 +425,26 @@ func (a *Authorizer) decideNow(der []byte, argErr error) decision {
 	}
 	a.logDecision(d)
 	return d
+}
+
+// SetRoots sets the trust domain and the CA roots (with the intermediates
+// Consul lists for them) that client certificates are checked against,
+// from Consul's /v1/agent/connect/ca/roots. Until the first call every
+// connection is left undecided (HAProxy refuses and asks again). A change
+// drops the decision cache: a cached allow for a leaf of a root that has
+// gone must not outlive it. A bad input is refused and the previous trust
+// stays.
+func (a *Authorizer) SetRoots(trustDomain string, roots, intermediates []*x509.Certificate) error {
+	t, err := newTrust(trustDomain, roots, intermediates)
+	if err != nil {
+		return err
+	}
+	if old := a.trust.Swap(t); old != nil && old.key != t.key {
+		a.log.Info("CA roots or trust domain changed, decision cache dropped", zap.String("trust_domain", t.domain),
+			zap.Int("roots", len(roots)), zap.Int("intermediates", len(intermediates)))
+		a.Invalidate()
+	}
+	return nil
 }
 
 // logDecision writes one line per decision: info when this connection
@@ -458,6 +487,12 @@ type Stats struct {
 	Errors uint64
 	// Invalidations counts cache drops.
 	Invalidations uint64
+	// Refused counts connections denied by the agent's own check of the
+	// certificate, by reason: "uri_sans" (not exactly one URI SAN),
+	// "not_spiffe", "trust_domain" (not the cluster's), "not_service" (an
+	// agent's or other non-service SPIFFE ID), "chain" (does not verify
+	// against the CA roots). Every reason is present.
+	Refused map[string]uint64
 	// Generation is the current intentions generation.
 	Generation uint64
 	// IntentionsIndex is the Consul index of the intentions the watch
@@ -469,6 +504,7 @@ type Stats struct {
 
 type counters struct {
 	allowed, denied, undecided, cacheHits, coalesced, consulCalls, errors, invalidations atomic.Uint64
+	refused                                                                              [5]atomic.Uint64 // indexed as refusals
 }
 
 // Stats returns the current counters.
@@ -476,7 +512,12 @@ func (a *Authorizer) Stats() Stats {
 	a.mu.Lock()
 	n, gen := len(a.cache), a.gen
 	a.mu.Unlock()
+	refused := make(map[string]uint64, len(refusals))
+	for i, r := range refusals {
+		refused[r.name] = a.stats.refused[i].Load()
+	}
 	return Stats{
+		Refused:         refused,
 		Allowed:         a.stats.allowed.Load(),
 		Denied:          a.stats.denied.Load(),
 		Undecided:       a.stats.undecided.Load(),

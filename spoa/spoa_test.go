@@ -3,6 +3,7 @@ package spoa
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
@@ -16,15 +17,30 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
 const (
-	webID    = "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/web"
-	clientID = "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/client"
+	// testTD is the trust domain newTest's Authorizer trusts.
+	testTD   = "11111111-2222-3333-4444-555555555555.consul"
+	webID    = "spiffe://" + testTD + "/ns/default/dc/dc1/svc/web"
+	clientID = "spiffe://" + testTD + "/ns/default/dc/dc1/svc/client"
 )
+
+// testCA is the CA newTest's Authorizer trusts, shared by the tests of a
+// run (making a key per test would cost more than the tests).
+var testCA = sync.OnceValue(func() *testenv.CA {
+	ca, err := testenv.GenerateCA("root")
+	if err != nil {
+		panic(err)
+	}
+	return ca
+})
 
 // leafDER issues a leaf from ca with the given URI SANs (any number).
 func leafDER(t *testing.T, ca *testenv.CA, serial int64, uris ...string) []byte {
@@ -61,40 +77,214 @@ func pemDER(t *testing.T, certPEM string) []byte {
 }
 
 func TestParseIdentity(t *testing.T) {
-	ca := testenv.NewCA(t, "root")
+	ca := testCA()
 	consulLike := pemDER(t, func() string { c, _ := ca.Leaf(t, clientID); return c }())
 	parsed, err := x509.ParseCertificate(consulLike)
 	if err != nil {
 		t.Fatal(err)
 	}
+	type id struct{ URI, Serial string }
 	tests := []struct {
 		name    string
 		der     []byte
-		want    identity
+		want    id
 		wantErr error
 	}{
-		{"consul-like leaf", consulLike, identity{uri: clientID, serial: hexSerial(parsed.SerialNumber)}, nil},
-		{"serial is colon hex", leafDER(t, ca, 0x0a1b2c, webID), identity{uri: webID, serial: "0a:1b:2c"}, nil},
-		{"empty", nil, identity{}, errNoCert},
-		{"garbage", []byte("not a certificate"), identity{}, errBadCert},
-		{"truncated", consulLike[:len(consulLike)/2], identity{}, errBadCert},
-		{"no URI SAN", leafDER(t, ca, 2), identity{}, errNoSPIFFEID},
-		{"two URI SANs", leafDER(t, ca, 3, clientID, webID), identity{}, errNoSPIFFEID},
-		{"not spiffe", leafDER(t, ca, 4, "https://td.consul/ns/default/dc/dc1/svc/web"), identity{}, errNoSPIFFEID},
-		{"no trust domain", leafDER(t, ca, 5, "spiffe:///ns/default/dc/dc1/svc/web"), identity{}, errNoSPIFFEID},
-		{"query", leafDER(t, ca, 6, "spiffe://td.consul/ns/default/dc/dc1/svc/web?x=1"), identity{}, errNoSPIFFEID},
+		{"consul-like leaf", consulLike, id{clientID, hexSerial(parsed.SerialNumber)}, nil},
+		{"serial is colon hex", leafDER(t, ca, 0x0a1b2c, webID), id{webID, "0a:1b:2c"}, nil},
+		{"no URI SAN: checked later", leafDER(t, ca, 2), id{"", "02"}, nil},
+		{"two URI SANs: checked later", leafDER(t, ca, 3, clientID, webID), id{"", "03"}, nil},
+		{"empty", nil, id{}, errNoCert},
+		{"garbage", []byte("not a certificate"), id{}, errBadCert},
+		{"truncated", consulLike[:len(consulLike)/2], id{}, errBadCert},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := parseIdentity(tt.der)
+			got, cert, err := parseIdentity(tt.der)
 			if !errors.Is(err, tt.wantErr) {
 				t.Fatalf("error %v, want %v", err, tt.wantErr)
 			}
-			if diff := cmp.Diff(tt.want, got, cmp.AllowUnexported(identity{})); diff != "" {
+			if diff := cmp.Diff(tt.want, id{got.uri, got.serial}); diff != "" {
 				t.Errorf("identity (-want +got):\n%s", diff)
+			}
+			if err == nil && (cert == nil || got.sum != sha256.Sum256(tt.der)) {
+				t.Errorf("certificate %v, sum %x: want the parsed certificate and the DER's SHA-256", cert, got.sum)
 			}
 		})
 	}
+}
+
+// TestCheckCert: what the agent refuses by itself, before asking Consul.
+func TestCheckCert(t *testing.T) {
+	ca := testCA()
+	inter := ca.Intermediate(t, "intermediate")
+	other := testenv.NewCA(t, "other")
+	trusted, err := newTrust(testTD, []*x509.Certificate{ca.Cert}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	withInter, err := newTrust(testTD, []*x509.Certificate{ca.Cert}, []*x509.Certificate{inter.Cert})
+	if err != nil {
+		t.Fatal(err)
+	}
+	serverOnly := func() []byte {
+		u, _ := url.Parse(clientID)
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(99), NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+			URIs: []*url.URL{u}, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, ca.Cert.PublicKey, ca.Key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return der
+	}()
+	tests := []struct {
+		name  string
+		der   []byte
+		trust *trust
+		want  error // nil: passes to Consul
+	}{
+		{"service leaf", leafDER(t, ca, 1, clientID), trusted, nil},
+		{"service leaf in a partition", leafDER(t, ca, 2, "spiffe://"+testTD+"/ap/team/ns/default/dc/dc1/svc/client"), trusted, nil},
+		{"leaf of an intermediate", leafDER(t, inter, 3, clientID), withInter, nil},
+		{"roots not known yet", leafDER(t, ca, 4, clientID), nil, errNoRoots},
+		{"no URI SAN", leafDER(t, ca, 5), trusted, errURISANs},
+		{"two URI SANs", leafDER(t, ca, 6, clientID, webID), trusted, errURISANs},
+		{"two URI SANs, the same twice", leafDER(t, ca, 7, clientID, clientID), trusted, errURISANs},
+		{"not spiffe", leafDER(t, ca, 8, "https://"+testTD+"/ns/default/dc/dc1/svc/client"), trusted, errNotSPIFFE},
+		{"no trust domain", leafDER(t, ca, 9, "spiffe:///ns/default/dc/dc1/svc/client"), trusted, errNotSPIFFE},
+		{"query", leafDER(t, ca, 10, clientID+"?x=1"), trusted, errNotSPIFFE},
+		{"another trust domain", leafDER(t, ca, 11, "spiffe://22222222-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/client"), trusted, errTrustDomain},
+		{"trust domain in upper case", leafDER(t, ca, 12, "spiffe://"+strings.ToUpper(testTD)+"/ns/default/dc/dc1/svc/client"), trusted, errTrustDomain},
+		{"agent identity", leafDER(t, ca, 13, "spiffe://"+testTD+"/agent/client/dc/dc1/id/node-1"), trusted, errNotService},
+		{"mesh gateway identity", leafDER(t, ca, 14, "spiffe://"+testTD+"/gateway/mesh/dc/dc1"), trusted, errNotService},
+		{"service path with a trailing part", leafDER(t, ca, 15, clientID+"/x"), trusted, errNotService},
+		{"trust domain only", leafDER(t, ca, 16, "spiffe://"+testTD+"/"), trusted, errNotService},
+		{"another CA", leafDER(t, other, 17, clientID), trusted, errChain},
+		{"leaf of an intermediate Consul does not list", leafDER(t, inter, 18, clientID), trusted, errChain},
+		{"server auth only", serverOnly, trusted, errChain},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cert, err := x509.ParseCertificate(tt.der)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := checkCert(cert, tt.trust, time.Now())
+			if !errors.Is(got, tt.want) || (got == nil) != (tt.want == nil) {
+				t.Errorf("checkCert: %v, want %v", got, tt.want)
+			}
+		})
+	}
+}
+
+// TestRefusalsAreCachedAndLogged: a refused certificate is denied without
+// a Consul call, the deny is cached for that certificate, and the log line
+// and the counter name the reason.
+func TestRefusalsAreCachedAndLogged(t *testing.T) {
+	ca := testCA()
+	core, logs := observer.New(zapcore.DebugLevel)
+	f := &fakeDecider{allowed: map[string]bool{clientID: true}}
+	a := New("web", f, zap.New(core))
+	t.Cleanup(func() { a.Close() })
+	agentID := "spiffe://" + testTD + "/agent/client/dc/dc1/id/node-1"
+	otherTD := "spiffe://other.consul/ns/default/dc/dc1/svc/client"
+	certs := map[string][]byte{
+		"agent":        leafDER(t, ca, 1, agentID),
+		"trust_domain": leafDER(t, ca, 2, otherTD),
+		"uri_sans":     leafDER(t, ca, 3, clientID, webID),
+		"chain":        leafDER(t, testenv.NewCA(t, "other"), 4, clientID),
+		"allowed":      leafDER(t, ca, 5, clientID),
+	}
+	// No roots yet: undecided, nothing cached, nobody asked.
+	if d := a.decide(certs["allowed"], nil); !d.undecided || !errors.Is(d.err, errNoRoots) {
+		t.Fatalf("before the roots: %+v, want undecided (%v)", d, errNoRoots)
+	}
+	if err := a.SetRoots(testTD, []*x509.Certificate{ca.Cert}, nil); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		cert       string
+		wantSource string
+		wantReason string
+		allowed    bool
+	}{
+		{"agent", agentID, "SPIFFE ID is not a service identity", false},
+		{"trust_domain", otherTD, "SPIFFE ID of another trust domain: \"other.consul\", the cluster's is \"" + testTD + "\"", false},
+		{"uri_sans", noSource, "not exactly one URI SAN: 2 (" + clientID + ", " + webID + ")", false},
+		{"chain", clientID, "certificate does not verify against the CA roots", false},
+		{"allowed", clientID, "Matched L4 intention", true},
+	}
+	for round, how := range []origin{originCall, originCache} {
+		for _, tt := range tests {
+			logs.TakeAll()
+			d := a.decide(certs[tt.cert], nil)
+			if d.allowed != tt.allowed || d.undecided || d.err != nil || d.how != how || d.source != tt.wantSource || !strings.HasPrefix(d.reason, tt.wantReason) {
+				t.Errorf("round %d, %s: %+v; want allowed=%v from %v, source %q, reason %q...", round, tt.cert, d, tt.allowed, how, tt.wantSource, tt.wantReason)
+			}
+			entries := logs.FilterMessage("inbound connection decision").All()
+			if len(entries) != 1 || !strings.HasPrefix(entries[0].ContextMap()["reason"].(string), tt.wantReason) {
+				t.Errorf("round %d, %s: log lines %v, want one with reason %q...", round, tt.cert, entries, tt.wantReason)
+			}
+		}
+	}
+	if n := f.nCalls(); n != 1 {
+		t.Errorf("%d Consul calls, want 1 (the allowed certificate's)", n)
+	}
+	st := a.Stats()
+	want := map[string]uint64{"uri_sans": 2, "not_spiffe": 0, "trust_domain": 2, "not_service": 2, "chain": 2}
+	if diff := cmp.Diff(want, st.Refused); diff != "" {
+		t.Errorf("refused counters (-want +got):\n%s", diff)
+	}
+	if st.CacheEntries != 5 {
+		t.Errorf("%d cache entries, want 5", st.CacheEntries)
+	}
+}
+
+// TestSetRoots: a change of the roots or the trust domain drops the cache;
+// the same roots again do not; bad input is refused and the trust stays.
+func TestSetRoots(t *testing.T) {
+	ca, other := testCA(), testenv.NewCA(t, "other")
+	f := &fakeDecider{allowed: map[string]bool{clientID: true}}
+	a := newTest(t, f)
+	der := leafDER(t, ca, 1, clientID)
+	steps := []struct {
+		name      string
+		td        string
+		roots     []*x509.Certificate
+		wantErr   bool
+		wantGen   uint64
+		wantAllow bool
+	}{
+		{"same roots", testTD, []*x509.Certificate{ca.Cert}, false, 0, true},
+		{"a second root", testTD, []*x509.Certificate{ca.Cert, other.Cert}, false, 1, true},
+		{"the first root removed", testTD, []*x509.Certificate{other.Cert}, false, 2, false},
+		{"no roots", testTD, nil, true, 2, false},
+		{"bad trust domain", "a b\n", []*x509.Certificate{ca.Cert}, true, 2, false},
+		{"a leaf as root", testTD, []*x509.Certificate{mustParse(t, der)}, true, 2, false},
+		{"back, under another trust domain", "other.consul", []*x509.Certificate{ca.Cert}, false, 3, false},
+	}
+	a.decide(der, nil)
+	for _, s := range steps {
+		err := a.SetRoots(s.td, s.roots, nil)
+		if (err != nil) != s.wantErr {
+			t.Errorf("%s: SetRoots: %v, want error %v", s.name, err, s.wantErr)
+		}
+		if g := a.Generation(); g != s.wantGen {
+			t.Errorf("%s: generation %d, want %d", s.name, g, s.wantGen)
+		}
+		if d := a.decide(der, nil); d.allowed != s.wantAllow {
+			t.Errorf("%s: %+v, want allowed=%v", s.name, d, s.wantAllow)
+		}
+	}
+}
+
+func mustParse(t *testing.T, der []byte) *x509.Certificate {
+	t.Helper()
+	c, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
 }
 
 // fakeDecider answers from a table of allowed SPIFFE IDs and records calls.
@@ -150,10 +340,14 @@ func (f *fakeDecider) nCalls() int {
 	return len(f.calls)
 }
 
+// newTest is an Authorizer for "web" that trusts testCA in testTD.
 func newTest(t *testing.T, d Decider, opts ...Option) *Authorizer {
 	t.Helper()
 	a := New("web", d, zaptest.NewLogger(t), opts...)
 	t.Cleanup(func() { a.Close() })
+	if err := a.SetRoots(testTD, []*x509.Certificate{testCA().Cert}, nil); err != nil {
+		t.Fatal(err)
+	}
 	return a
 }
 
@@ -183,10 +377,12 @@ var cmpResult = cmp.FilterPath(
 	}))
 
 func TestDecideSequence(t *testing.T) {
-	ca := testenv.NewCA(t, "root")
+	ca := testCA()
 	client := leafDER(t, ca, 100, clientID)
 	client2 := leafDER(t, ca, 101, clientID) // renewed leaf: new serial, new key
-	other := leafDER(t, ca, 102, "spiffe://td.consul/ns/default/dc/dc1/svc/other")
+	other := leafDER(t, ca, 102, "spiffe://"+testTD+"/ns/default/dc/dc1/svc/other")
+	agentID := "spiffe://" + testTD + "/agent/client/dc/dc1/id/n1"
+	agent := leafDER(t, ca, 104, agentID)
 
 	f := &fakeDecider{allowed: map[string]bool{clientID: true}}
 	a := newTest(t, f)
@@ -202,11 +398,13 @@ func TestDecideSequence(t *testing.T) {
 		{name: "first connection asks", der: client, want: result{Allowed: true, Source: clientID, How: originCall}, wantCalls: 1},
 		{name: "second is cached", der: client, want: result{Allowed: true, Source: clientID, How: originCache}, wantCalls: 1},
 		{name: "renewed leaf is a new key", der: client2, want: result{Allowed: true, Source: clientID, How: originCall}, wantCalls: 2},
-		{name: "deny from consul", der: other, want: result{Source: "spiffe://td.consul/ns/default/dc/dc1/svc/other", How: originCall}, wantCalls: 3},
-		{name: "deny is cached", der: other, want: result{Source: "spiffe://td.consul/ns/default/dc/dc1/svc/other", How: originCache}, wantCalls: 3},
+		{name: "deny from consul", der: other, want: result{Source: "spiffe://" + testTD + "/ns/default/dc/dc1/svc/other", How: originCall}, wantCalls: 3},
+		{name: "deny is cached", der: other, want: result{Source: "spiffe://" + testTD + "/ns/default/dc/dc1/svc/other", How: originCache}, wantCalls: 3},
 		{name: "no cert asks nobody", der: nil, argErr: errNoCert, want: result{Source: "-", Err: "no client certificate"}, wantCalls: 3},
 		{name: "garbage asks nobody", der: []byte{0x30, 0x03, 1, 2, 3}, want: result{Source: "-", Err: "unparsable client certificate"}, wantCalls: 3},
-		{name: "no URI asks nobody", der: leafDER(t, ca, 103), want: result{Source: "-", Err: "no SPIFFE ID"}, wantCalls: 3},
+		{name: "no URI asks nobody", der: leafDER(t, ca, 103), want: result{Source: "-", How: originCall}, wantCalls: 3},
+		{name: "agent identity asks nobody", der: agent, want: result{Source: agentID, How: originCall}, wantCalls: 3},
+		{name: "and is cached", der: agent, want: result{Source: agentID, How: originCache}, wantCalls: 3},
 		{
 			name: "invalidate then revoke", do: func() {
 				a.Invalidate()
@@ -238,7 +436,8 @@ func TestDecideSequence(t *testing.T) {
 			t.Errorf("%s: %d decider calls, want %d", s.name, n, s.wantCalls)
 		}
 	}
-	wantStats := Stats{Allowed: 4, Denied: 6, Undecided: 1, CacheHits: 2, ConsulCalls: 6, Errors: 4, Invalidations: 2, Generation: 2, CacheEntries: 1}
+	wantStats := Stats{Allowed: 4, Denied: 8, Undecided: 1, CacheHits: 3, ConsulCalls: 6, Errors: 3, Invalidations: 2, Generation: 2, CacheEntries: 1,
+		Refused: map[string]uint64{"uri_sans": 1, "not_spiffe": 0, "trust_domain": 0, "not_service": 2, "chain": 0}}
 	if diff := cmp.Diff(wantStats, a.Stats()); diff != "" {
 		t.Errorf("stats (-want +got):\n%s", diff)
 	}
@@ -248,7 +447,7 @@ func TestDecideSequence(t *testing.T) {
 }
 
 func TestSingleFlight(t *testing.T) {
-	ca := testenv.NewCA(t, "root")
+	ca := testCA()
 	der := leafDER(t, ca, 1, clientID)
 	f := &fakeDecider{allowed: map[string]bool{clientID: true}, gate: make(chan struct{})}
 	a := newTest(t, f, WithTimeout(10*time.Second))
@@ -276,7 +475,7 @@ func TestSingleFlight(t *testing.T) {
 }
 
 func TestInvalidateDuringCall(t *testing.T) {
-	ca := testenv.NewCA(t, "root")
+	ca := testCA()
 	der := leafDER(t, ca, 1, clientID)
 	f := &fakeDecider{allowed: map[string]bool{clientID: true}, gate: make(chan struct{})}
 	a := newTest(t, f, WithTimeout(10*time.Second))
@@ -304,7 +503,7 @@ func TestInvalidateDuringCall(t *testing.T) {
 }
 
 func TestTimeoutLeavesUndecided(t *testing.T) {
-	ca := testenv.NewCA(t, "root")
+	ca := testCA()
 	der := leafDER(t, ca, 1, clientID)
 	gate := make(chan struct{})
 	defer close(gate)
@@ -327,7 +526,7 @@ func TestTimeoutLeavesUndecided(t *testing.T) {
 }
 
 func TestDeciderPanicLeavesUndecided(t *testing.T) {
-	ca := testenv.NewCA(t, "root")
+	ca := testCA()
 	a := newTest(t, &fakeDecider{panics: true})
 	if d := a.decide(leafDER(t, ca, 1, clientID), nil); d.allowed || !d.undecided || d.err == nil {
 		t.Errorf("got %+v, want undecided with an error", d)
@@ -335,12 +534,12 @@ func TestDeciderPanicLeavesUndecided(t *testing.T) {
 }
 
 func TestCacheBound(t *testing.T) {
-	ca := testenv.NewCA(t, "root")
+	ca := testCA()
 	f := &fakeDecider{allowed: map[string]bool{}}
 	a := newTest(t, f, WithCacheSize(3))
 	var ders [][]byte
 	for i := range 10 {
-		id := fmt.Sprintf("spiffe://td.consul/ns/default/dc/dc1/svc/s%d", i)
+		id := fmt.Sprintf("spiffe://"+testTD+"/ns/default/dc/dc1/svc/s%d", i)
 		f.set(func(f *fakeDecider) { f.allowed[id] = true })
 		ders = append(ders, leafDER(t, ca, int64(i+1), id))
 		a.decide(ders[i], nil)
@@ -358,7 +557,7 @@ func TestCacheBound(t *testing.T) {
 }
 
 func TestClosedDenies(t *testing.T) {
-	ca := testenv.NewCA(t, "root")
+	ca := testCA()
 	f := &fakeDecider{allowed: map[string]bool{clientID: true}}
 	a := newTest(t, f)
 	a.Close()
@@ -397,7 +596,7 @@ func waitFor(t *testing.T, cond func() bool) {
 // through the hook, and a verdict carries the generation it was made under,
 // which HAProxy compares with the published one.
 func TestGenerationAndHook(t *testing.T) {
-	ca := testenv.NewCA(t, "root")
+	ca := testCA()
 	der := leafDER(t, ca, 1, clientID)
 	var published []uint64
 	var a *Authorizer
@@ -429,7 +628,7 @@ func TestGenerationAndHook(t *testing.T) {
 }
 
 func TestObserver(t *testing.T) {
-	ca := testenv.NewCA(t, "root")
+	ca := testCA()
 	der := leafDER(t, ca, 1, clientID)
 	var cached []bool
 	a := newTest(t, &fakeDecider{allowed: map[string]bool{clientID: true}},

@@ -13,11 +13,10 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/haproxy-connect/haproxy-connect/spoa/spoptest"
-	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
 func TestHandlerOverSPOP(t *testing.T) {
-	ca := testenv.NewCA(t, "root")
+	ca := testCA()
 	der := leafDER(t, ca, 1, clientID)
 	f := &fakeDecider{allowed: map[string]bool{clientID: true}}
 	a := newTest(t, f)
@@ -105,7 +104,7 @@ func TestDroppedConnectionsLeakNothing(t *testing.T) {
 		perConn     = 500
 		maxHandlers = 32
 	)
-	ca := testenv.NewCA(t, "root")
+	ca := testCA()
 	f := &fakeDecider{allowed: map[string]bool{clientID: true}, gate: make(chan struct{}), ignoreCtx: true}
 	a := newTest(t, f, WithTimeout(time.Minute), WithMaxHandlers(maxHandlers))
 	ln, err := net.Listen("unix", filepath.Join(t.TempDir(), "spoa.sock"))
@@ -116,7 +115,7 @@ func TestDroppedConnectionsLeakNothing(t *testing.T) {
 	// Distinct sources: each NOTIFY waits on a Consul call of its own.
 	ders := make([][]byte, perConn)
 	for i := range ders {
-		ders[i] = leafDER(t, ca, int64(i+1), fmt.Sprintf("spiffe://td.consul/ns/default/dc/dc1/svc/s%d", i))
+		ders[i] = leafDER(t, ca, int64(i+1), fmt.Sprintf("spiffe://"+testTD+"/ns/default/dc/dc1/svc/s%d", i))
 	}
 
 	// One round trip first, so that the baseline counts every goroutine

@@ -1,6 +1,8 @@
 package testenv
 
 import (
+	"crypto/x509"
+	"encoding/pem"
 	"fmt"
 	"net"
 	"net/http"
@@ -39,6 +41,11 @@ type ConsulOptions struct {
 	// knob (meant for Consul's own tests) so that LeafCertTTL may be below
 	// 1h, e.g. "2m" for certificate rotation tests.
 	SkipCAValidation bool
+	// CA, when set, is the built-in CA provider's root (ca_config
+	// private_key and root_cert): the test holds the key Consul signs
+	// leaves with, and can mint certificates HAProxy's ca-file accepts
+	// (another trust domain, an agent identity, two URI SANs).
+	CA *CA
 	// ExtraHCL is appended verbatim to the agent config file. It must not
 	// repeat a key or block the generated config already sets (ports,
 	// connect, default_intention_policy, ...).
@@ -243,13 +250,21 @@ func consulConfig(c *ConsulProc, serverPort, serfLANPort int, opts ConsulOptions
 }
 `, c.HTTPPort, serverPort, serfLANPort, dns, grpc)
 	b.WriteString("connect {\n  enabled = true\n")
-	if opts.LeafCertTTL != "" || opts.SkipCAValidation {
+	if opts.LeafCertTTL != "" || opts.SkipCAValidation || opts.CA != nil {
 		// An explicit ca_provider makes the agent validate ca_config at
 		// startup and exit on error; without it a bad value only shows up
 		// as a CA that never initializes.
 		b.WriteString("  ca_provider = \"consul\"\n  ca_config {\n")
 		if opts.LeafCertTTL != "" {
 			fmt.Fprintf(&b, "    leaf_cert_ttl = %q\n", opts.LeafCertTTL)
+		}
+		if opts.CA != nil {
+			kder, err := x509.MarshalECPrivateKey(opts.CA.Key)
+			if err != nil {
+				panic(err) // a key GenerateCA made
+			}
+			fmt.Fprintf(&b, "    private_key = %q\n", pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}))
+			fmt.Fprintf(&b, "    root_cert = %q\n", opts.CA.CertPEM)
 		}
 		if opts.SkipCAValidation {
 			// The key is matched against the Go field name: the

@@ -38,8 +38,22 @@ func NewCA(t testing.TB, name string) *CA {
 	return ca
 }
 
+// Intermediate makes a CA signed by ca, as Consul's providers other than
+// the built-in one (and secondary datacenters) sign leaves.
+func (ca *CA) Intermediate(t testing.TB, name string) *CA {
+	t.Helper()
+	in, err := generateCA(name, ca)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return in
+}
+
 // GenerateCA is NewCA for callers outside tests (meshbench).
-func GenerateCA(name string) (*CA, error) {
+func GenerateCA(name string) (*CA, error) { return generateCA(name, nil) }
+
+// generateCA makes a CA signed by parent, or self-signed if parent is nil.
+func generateCA(name string, parent *CA) (*CA, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, err
@@ -53,7 +67,11 @@ func GenerateCA(name string) (*CA, error) {
 		BasicConstraintsValid: true,
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	signer, signerKey := tmpl, key
+	if parent != nil {
+		signer, signerKey = parent.Cert, parent.Key
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, signer, &key.PublicKey, signerKey)
 	if err != nil {
 		return nil, err
 	}
@@ -77,19 +95,31 @@ func (ca *CA) Leaf(t testing.TB, spiffeID string) (certPEM, keyPEM string) {
 
 // IssueLeaf is Leaf for callers outside tests (meshbench).
 func (ca *CA) IssueLeaf(spiffeID string) (certPEM, keyPEM string, err error) {
+	return ca.IssueLeafURIs(spiffeID)
+}
+
+// IssueLeafURIs issues a leaf shaped like Consul's (empty subject, client
+// and server auth) with any number of URI SANs: none, two, an agent's
+// SPIFFE ID, one of another trust domain. Tests of what the sidecar refuses
+// use it.
+func (ca *CA) IssueLeafURIs(uris ...string) (certPEM, keyPEM string, err error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return "", "", err
 	}
-	u, err := url.Parse(spiffeID)
-	if err != nil {
-		return "", "", err
+	var us []*url.URL
+	for _, s := range uris {
+		u, err := url.Parse(s)
+		if err != nil {
+			return "", "", err
+		}
+		us = append(us, u)
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber: new(big.Int).Set(nextSerial()),
 		NotBefore:    time.Now().Add(-time.Hour),
 		NotAfter:     time.Now().Add(24 * time.Hour),
-		URIs:         []*url.URL{u},
+		URIs:         us,
 		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
 	}

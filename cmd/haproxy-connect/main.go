@@ -9,6 +9,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/pprof"
@@ -17,6 +18,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	goruntime "runtime"
+	"slices"
 	"syscall"
 	"time"
 
@@ -183,6 +185,11 @@ func run(o options) error {
 	g.Go(func() error {
 		auth.WatchIntentions(gctx, client)
 		return nil
+	})
+	g.Go(func() error {
+		// Until its first answer, the agent leaves every inbound
+		// connection undecided (refused, asked again).
+		return auth.WatchRoots(gctx, client)
 	})
 	g.Go(func() error {
 		if err := ctl.Run(gctx); err != nil {
@@ -420,6 +427,11 @@ func statsHandler(ctl *controller.Controller, auth *spoa.Authorizer) http.Handle
 		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_cache_entries gauge\nhaproxy_connect_authz_cache_entries %d\n", s.CacheEntries)
 		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_cache_hits_total counter\nhaproxy_connect_authz_cache_hits_total %d\n", s.CacheHits)
 		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_consul_calls_total counter\nhaproxy_connect_authz_consul_calls_total %d\n", s.ConsulCalls)
+		// Denies the agent decided alone, from the client certificate.
+		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_refused_total counter\n")
+		for _, reason := range slices.Sorted(maps.Keys(s.Refused)) {
+			fmt.Fprintf(w, "haproxy_connect_authz_refused_total{reason=%q} %d\n", reason, s.Refused[reason])
+		}
 	})
 	return mux
 }

@@ -300,7 +300,11 @@ func startAuthzAgent(e *Env, target string, client *api.Client) (*authzAgent, er
 		return nil, err
 	}
 	go func() { _ = ag.a.Serve(ln) }()
-	e.Defer(func() { ag.a.Close() })
+	// The agent checks client certificates against Consul's roots, and
+	// decides nothing before it has them.
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() { _ = ag.a.WatchRoots(ctx, client) }()
+	e.Defer(func() { cancel(); ag.a.Close() })
 	ag.addr = ln.Addr().String()
 	return ag, nil
 }

@@ -1,0 +1,139 @@
+package main
+
+import (
+	"bufio"
+	"crypto/tls"
+	"fmt"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/haproxy-connect/haproxy-connect/testenv"
+)
+
+// TestInboundRefusesForeignIdentities: client certificates that HAProxy's
+// handshake accepts (signed by the cluster's CA) but that carry no service
+// identity of this cluster are refused by the agent, each with its reason
+// in the sidecar's log and /metrics, while a service's leaf keeps getting
+// through. Consul runs with a CA whose key the test holds, so it can mint
+// the certificates a compromised or misused issuer could. Intentions
+// allow everything: each refusal is the agent's own.
+func TestInboundRefusesForeignIdentities(t *testing.T) {
+	ca := testenv.NewCA(t, "cluster root")
+	consul := testenv.Consul(t, testenv.ConsulOptions{CA: ca})
+	roots, _, err := consul.Client.Agent().ConnectCARoots(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	td := roots.TrustDomain
+	ports := testenv.FreePorts(t, 1)
+	register(t, consul.Client, "web", tcpApp(t, "hello from web"), ports[0], map[string]any{"protocol": "tcp"})
+	s := startSidecar(t, consul, "web")
+
+	cert := func(uris ...string) tls.Certificate {
+		c, k, err := ca.IssueLeafURIs(uris...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		kp, err := tls.X509KeyPair([]byte(c), []byte(k))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return kp
+	}
+	// call opens a connection to the public listener with c and returns
+	// the line the application wrote, or the error that ended it.
+	call := func(c tls.Certificate) (string, error) {
+		conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 2 * time.Second}, "tcp", fmt.Sprintf("127.0.0.1:%d", ports[0]), &tls.Config{
+			Certificates: []tls.Certificate{c},
+			// The sidecar's leaf has only a URI SAN; what is under
+			// test is the client side.
+			InsecureSkipVerify: true,
+		})
+		if err != nil {
+			return "", err
+		}
+		defer conn.Close()
+		_ = conn.SetDeadline(time.Now().Add(3 * time.Second))
+		line, err := bufio.NewReader(conn).ReadString('\n')
+		return strings.TrimSpace(line), err
+	}
+	service := cert("spiffe://" + td + "/ns/default/dc/dc1/svc/client")
+	allowed := func() error {
+		if line, err := call(service); line != "hello from web" {
+			return fmt.Errorf("service leaf: got %q, %v", line, err)
+		}
+		return nil
+	}
+	// The agent's roots watch may answer after /readyz: until then it
+	// decides nothing, and HAProxy refuses.
+	eventually(t, 10*time.Second, "a service leaf gets through", allowed)
+	// The intention watch's first answer drops the cache once; past it,
+	// the service leaf's decision stays cached.
+	eventually(t, 10*time.Second, "the intention watch answered", func() error {
+		if v, err := s.metric("haproxy_connect_authz_intentions_index"); err != nil || v == 0 {
+			return fmt.Errorf("intentions index %v, %v", v, err)
+		}
+		return nil
+	})
+	if err := allowed(); err != nil {
+		t.Fatal(err)
+	}
+	callsBefore, err := s.metric("haproxy_connect_authz_consul_calls_total")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	otherTD := "spiffe://22222222-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/client"
+	agentID := "spiffe://" + td + "/agent/client/dc/dc1/id/node-1"
+	tests := []struct {
+		name   string
+		cert   tls.Certificate
+		reason string // the metric's label
+		log    string // in the decision's log line
+	}{
+		{"another trust domain", cert(otherTD), "trust_domain", `"source": "` + otherTD + `", "serial": `},
+		{"agent identity", cert(agentID), "not_service", `"source": "` + agentID + `", "serial": `},
+		{"two URI SANs", cert("spiffe://"+td+"/ns/default/dc/dc1/svc/client", "spiffe://"+td+"/ns/default/dc/dc1/svc/web"), "uri_sans", `"source": "-", "serial": `},
+	}
+	reasons := map[string]string{
+		"trust_domain": `"reason": "SPIFFE ID of another trust domain: \"22222222-2222-3333-4444-555555555555.consul\", the cluster's is \"` + td + `\""`,
+		"not_service":  `"reason": "SPIFFE ID is not a service identity: \"` + agentID + `\""`,
+		"uri_sans":     `"reason": "not exactly one URI SAN: 2 (spiffe://` + td + `/ns/default/dc/dc1/svc/client, spiffe://` + td + `/ns/default/dc/dc1/svc/web)"`,
+	}
+	const rounds = 3 // the first decides, the others come from the cache
+	for round := range rounds {
+		for _, tt := range tests {
+			if line, err := call(tt.cert); line != "" || err == nil {
+				t.Errorf("round %d, %s: got %q, %v; want the connection refused", round, tt.name, line, err)
+			}
+			// Traffic from a real service keeps flowing between them.
+			if err := allowed(); err != nil {
+				t.Errorf("round %d, after %s: %v", round, tt.name, err)
+			}
+		}
+	}
+	out := s.out.String()
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got, err := s.metric(`haproxy_connect_authz_refused_total{reason="` + tt.reason + `"}`); err != nil || got != rounds {
+				t.Errorf("refused{%s} = %v, %v; want %d", tt.reason, got, err, rounds)
+			}
+			var lines []string
+			for _, l := range strings.Split(out, "\n") {
+				if strings.Contains(l, "inbound connection decision") && strings.Contains(l, tt.log) {
+					lines = append(lines, l)
+				}
+			}
+			// One line per connection: info for the decision, debug
+			// for each cached repeat.
+			if len(lines) != rounds || !strings.Contains(lines[0], reasons[tt.reason]) || !strings.Contains(lines[0], `"cached": false`) {
+				t.Errorf("decision log lines for %s:\n%s\nwant %d, the first with %s", tt.name, strings.Join(lines, "\n"), rounds, reasons[tt.reason])
+			}
+		})
+	}
+	if got, err := s.metric("haproxy_connect_authz_consul_calls_total"); err != nil || got != callsBefore {
+		t.Errorf("consul authorize calls = %v, %v; want %v: a refusal asks nobody, and the service leaf's answer is cached", got, err, callsBefore)
+	}
+}
