@@ -50,6 +50,12 @@ type Config struct {
 	AccessLog   bool
 	// Threads is HAProxy's thread count (0: HAProxy's default).
 	Threads int
+	// MaxEndpoints bounds the endpoints of one upstream (default
+	// DefaultMaxEndpoints); see capEndpoints for which are kept.
+	MaxEndpoints int
+	// AnswerLimit bounds the bytes read from one Consul answer (default
+	// DefaultMaxAnswerBytes). New applies it to the Consul client it makes.
+	AnswerLimit *AnswerLimit
 }
 
 // haproxyAPI is what the controller needs of the runtime client; tests
@@ -161,10 +167,19 @@ func New(cfg Config) (*Controller, error) {
 	if cfg.InitialWait <= 0 {
 		cfg.InitialWait = 3 * time.Second
 	}
+	if cfg.MaxEndpoints <= 0 {
+		cfg.MaxEndpoints = DefaultMaxEndpoints
+	}
+	if cfg.AnswerLimit == nil {
+		cfg.AnswerLimit = NewAnswerLimit(0, cfg.Log.Named("consul"))
+	}
 	consul, err := api.NewClient(cfg.Consul) // normalises cfg.Consul in place
 	if err != nil {
 		return nil, fmt.Errorf("controller: consul client: %w", err)
 	}
+	// After NewClient: for a unix:// address it replaces the HTTP client.
+	// The health reader shares this one.
+	cfg.AnswerLimit.Limit(cfg.Consul.HttpClient)
 	c := &Controller{
 		cfg:       cfg,
 		consul:    consul,
@@ -174,7 +189,7 @@ func New(cfg Config) (*Controller, error) {
 		events:    make(chan func(*desired), 1024),
 		authzKick: make(chan struct{}, 1),
 		authzDone: make(chan struct{}),
-		metrics:   newMetrics(),
+		metrics:   newMetrics(cfg.AnswerLimit),
 		desired:   desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}},
 		watches:   map[string]*upstreamWatch{},
 	}
@@ -855,7 +870,9 @@ func (p *pendingList) take() (endpointList, bool) {
 // endpointsOf turns Consul's passing Connect entries into endpoints: the
 // service address, else the node address; Consul's passing weight. Entries
 // HAProxy cannot take (a hostname address, a bad port), and those the
-// answer did not carry readably (bad), are logged and left out.
+// answer did not carry readably (bad), are logged and left out. Past
+// MaxEndpoints, the ones capEndpoints chooses are kept, with a log line
+// and a counter.
 func (c *Controller) endpointsOf(u Upstream, entries []healthEntry, bad []error) []slots.Endpoint {
 	for _, err := range bad {
 		c.log.Warn("endpoint rejected", zap.String("upstream", u.Name), zap.Error(err))
@@ -874,6 +891,12 @@ func (c *Controller) endpointsOf(u Upstream, entries []healthEntry, bad []error)
 		out = append(out, ep)
 	}
 	slices.SortFunc(out, slots.Endpoint.Compare)
+	if n := len(out); n > c.cfg.MaxEndpoints {
+		c.metrics.endpointLimitHits.Add(1)
+		c.log.Warn("upstream has more endpoints than the limit; keeping a stable subset (rendezvous hash of proxy ID and endpoint)",
+			zap.String("upstream", u.Name), zap.Int("endpoints", n), zap.Int("kept", c.cfg.MaxEndpoints))
+		out = capEndpoints(out, c.cfg.MaxEndpoints, c.cfg.ProxyID)
+	}
 	return out
 }
 

@@ -16,6 +16,8 @@ type Metrics struct {
 	reloads, reloadFailures, leafRotations  atomic.Uint64
 	runtimeCommands, runtimeErrors, batches atomic.Uint64
 	endpointUpdates                         atomic.Uint64
+	endpointLimitHits                       atomic.Uint64
+	answerLimit                             *AnswerLimit // nil in some tests
 	// propagation is, per applied endpoint change, the time from Consul's
 	// answer arriving to HAProxy confirming the runtime batch.
 	propagation           histogram
@@ -23,8 +25,8 @@ type Metrics struct {
 	endpoints, slotsTotal map[string]int
 }
 
-func newMetrics() *Metrics {
-	return &Metrics{endpoints: map[string]int{}, slotsTotal: map[string]int{}}
+func newMetrics(answerLimit *AnswerLimit) *Metrics {
+	return &Metrics{endpoints: map[string]int{}, slotsTotal: map[string]int{}, answerLimit: answerLimit}
 }
 
 func (m *Metrics) setEndpoints(tables map[string]slots.Table) {
@@ -60,6 +62,12 @@ func (m *Metrics) WriteTo(w io.Writer) (int64, error) {
 	counter("haproxy_connect_runtime_errors_total", "Runtime commands or batches that failed.", m.runtimeErrors.Load())
 	counter("haproxy_connect_runtime_batches_total", "Batches of runtime commands sent.", m.batches.Load())
 	counter("haproxy_connect_endpoint_updates_total", "Changed endpoint lists received from Consul.", m.endpointUpdates.Load())
+	counter("haproxy_connect_endpoint_limit_hits_total", "Endpoint lists cut to the per-upstream limit (-max-endpoints).", m.endpointLimitHits.Load())
+	var answerHits uint64
+	if m.answerLimit != nil {
+		answerHits = m.answerLimit.Hits()
+	}
+	counter("haproxy_connect_consul_answer_limit_hits_total", "Consul answers dropped for exceeding the size limit (-max-answer-bytes).", answerHits)
 	m.propagation.write(p, "haproxy_connect_endpoint_propagation_seconds",
 		"Time from an upstream's changed endpoint list arriving from Consul to HAProxy confirming it (runtime batch done).")
 	m.mu.Lock()

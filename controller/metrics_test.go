@@ -7,7 +7,7 @@ import (
 )
 
 func TestPropagationHistogram(t *testing.T) {
-	m := newMetrics()
+	m := newMetrics(nil)
 	for _, d := range []time.Duration{300 * time.Microsecond, time.Millisecond, 3 * time.Millisecond, 3 * time.Second} {
 		m.propagation.observe(d)
 	}

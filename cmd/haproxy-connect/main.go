@@ -36,7 +36,8 @@ type options struct {
 	haproxyBin, stateDir, statsAddr      string
 	pprofAddr                            string
 	logLevel, logFormat                  string
-	minSlots, threads                    int
+	minSlots, threads, maxEndpoints      int
+	maxAnswerBytes                       int64
 	accessLog                            bool
 	startTimeout                         time.Duration
 }
@@ -55,6 +56,8 @@ func main() {
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug|info|warn|error")
 	fs.StringVar(&o.logFormat, "log-format", "console", "console|json")
 	fs.IntVar(&o.minSlots, "min-slots", 8, "smallest number of server slots per upstream")
+	fs.IntVar(&o.maxEndpoints, "max-endpoints", controller.DefaultMaxEndpoints, "most endpoints of one upstream; past it a stable subset is kept (logged and counted)")
+	fs.Int64Var(&o.maxAnswerBytes, "max-answer-bytes", controller.DefaultMaxAnswerBytes, "most bytes read from one Consul answer; a longer one is dropped (logged and counted)")
 	// Go sizes GOMAXPROCS from the CPU affinity and the cgroup CPU limit;
 	// HAProxy's own default counts every CPU it may run on, so in a
 	// container limited to 2 CPUs of a 64-CPU node it would start 64
@@ -125,6 +128,10 @@ func run(o options) error {
 	if err != nil {
 		return fmt.Errorf("consul client: %w", err)
 	}
+	// Every Consul answer is bounded in size; NewClient has set the HTTP
+	// client it uses (its own for a unix:// address).
+	answerLimit := controller.NewAnswerLimit(o.maxAnswerBytes, log.Named("consul"))
+	answerLimit.Limit(ccfg.HttpClient)
 	// The authorizer's calls are short and api's ConnectAuthorize takes no
 	// context: give them a client with a deadline of its own, so a hung
 	// Consul cannot pile up goroutines (the blocking watches need none).
@@ -138,6 +145,7 @@ func run(o options) error {
 	if err != nil {
 		return fmt.Errorf("consul client: %w", err)
 	}
+	answerLimit.Limit(acfg.HttpClient)
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -164,7 +172,7 @@ func run(o options) error {
 	ctl, err = controller.New(controller.Config{
 		Consul: ccfg, ProxyID: proxy.ID, StateDir: stateDir, HAProxyBin: bin,
 		SPOASocket: spoaSocket, Log: log.Named("controller"), MinSlots: o.minSlots, AccessLog: o.accessLog,
-		Threads: o.threads,
+		Threads: o.threads, MaxEndpoints: o.maxEndpoints, AnswerLimit: answerLimit,
 	})
 	if err != nil {
 		return err

@@ -1,13 +1,19 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
 
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
@@ -65,5 +71,70 @@ func TestSurfaces(t *testing.T) {
 	}
 	if want := "    server agent unix@" + sock + "\n"; !strings.Contains(string(cfg), want) {
 		t.Errorf("haproxy.cfg has no line %q", want)
+	}
+}
+
+// TestEndpointLimit: an upstream with more passing endpoints than
+// -max-endpoints gets that many, a subset of Consul's, with a log line and
+// a counter; requests keep succeeding through the cut and after it.
+func TestEndpointLimit(t *testing.T) {
+	m := startMesh(t, testenv.ConsulOptions{}, "http", "-max-endpoints", "3")
+	eventually(t, 10*time.Second, "client sidecar has the server endpoint", m.client.inBackend("up_server", m.ports[0]))
+	stopLoad := load(get200(m.ports[3]))
+	for i := range 5 {
+		addServerEndpoint(t, m.c, fmt.Sprintf("server-extra-%d", i), m.ports[0])
+	}
+	// The watch logs the cut of the full list before the loop applies it.
+	eventually(t, 10*time.Second, "the cut of the full list logged", func() error {
+		if !strings.Contains(m.client.out.String(), `"upstream": "up_server", "endpoints": 6, "kept": 3`) {
+			return errors.New("no log line for the cut of up_server from 6 to 3 endpoints")
+		}
+		return nil
+	})
+	if v, err := m.client.metric("haproxy_connect_endpoint_limit_hits_total"); err != nil || v == 0 {
+		t.Errorf("limit hits %v, %v; want some", v, err)
+	}
+	entries, _, err := m.c.Health().Connect("server", "", true, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(entries) != 6 {
+		t.Fatalf("consul lists %d passing endpoints, want 6", len(entries))
+	}
+	// Three servers in service, each one of Consul's endpoints.
+	inService := func() error {
+		st, err := m.client.rt.ServersState(context.Background(), "up_server")
+		if err != nil {
+			return err
+		}
+		var got []string
+		for _, s := range st {
+			k := fmt.Sprintf("%s:%d", s.Addr, s.Port)
+			if s.Maint() {
+				continue
+			}
+			got = append(got, k)
+			if !slices.ContainsFunc(entries, func(e *api.ServiceEntry) bool { return fmt.Sprintf("127.0.0.1:%d", e.Service.Port) == k }) {
+				return fmt.Errorf("server %s in service is not one of Consul's passing endpoints", k)
+			}
+		}
+		if len(got) != 3 {
+			return fmt.Errorf("%d servers in service (%v), want 3", len(got), got)
+		}
+		return nil
+	}
+	eventually(t, 10*time.Second, "3 of Consul's 6 endpoints in service", inService)
+	// Traffic through the cut and after it: 200 more requests.
+	for range 200 {
+		if err := get200(m.ports[3])(); err != nil {
+			t.Fatalf("after the cut: %v", err)
+		}
+	}
+	if err := inService(); err != nil {
+		t.Error(err)
+	}
+	ok, failed, first := stopLoad()
+	if failed != 0 {
+		t.Errorf("%d of %d requests failed during the cut: %v", failed, ok+failed, first)
 	}
 }
