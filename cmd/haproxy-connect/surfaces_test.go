@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -55,6 +56,21 @@ func TestSurfaces(t *testing.T) {
 		if got := status(tt.url); got != tt.want {
 			t.Errorf("GET %s: status %d, want %d", tt.url, got, tt.want)
 		}
+	}
+
+	// A client that never finishes its headers is cut off (read-header
+	// timeout), instead of holding a connection and a goroutine.
+	slow, err := net.Dial("tcp", s.stats)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer slow.Close()
+	if _, err := io.WriteString(slow, "GET /metrics HTTP/1.1\r\nHost: x\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	_ = slow.SetReadDeadline(time.Now().Add(4 * httpReadHeaderTimeout))
+	if n, err := io.Copy(io.Discard, slow); err != nil {
+		t.Errorf("stats server kept a connection with unfinished headers open (%d bytes read): %v", n, err)
 	}
 
 	sock := filepath.Join(s.stateDir, "spoa.sock")
