@@ -8,9 +8,9 @@ import (
 	"go.uber.org/zap"
 )
 
-// trackingListener hands the library connections that the Authorizer can
-// close, and retries Accept errors other than a closed listener (the
-// library's Serve gives up on the first one, e.g. EMFILE).
+// trackingListener hands Serve connections that the Authorizer can close,
+// and retries Accept errors other than a closed listener (a temporary one,
+// e.g. EMFILE, must not stop the agent).
 type trackingListener struct {
 	net.Listener
 	a *Authorizer

@@ -206,21 +206,30 @@ func (ac *agentConn) run() error {
 	}
 }
 
-// hello answers HAPROXY-HELLO and reports whether it was a health check.
-func (ac *agentConn) hello(f frame) (healthcheck bool, err error) {
+// helloInfo is what the agent uses of a HAPROXY-HELLO.
+type helloInfo struct {
+	maxFrame    int  // the frame size both sides use
+	pipelining  bool // HAProxy offers it
+	healthcheck bool
+}
+
+// parseHello reads a HAPROXY-HELLO payload (a KV list) and negotiates the
+// frame size (SPOE.txt 3.2.4). Errors carry their DISCONNECT status.
+func parseHello(b []byte) (helloInfo, error) {
 	var versions, caps string
 	var haveVersions, haveCaps, haveMax bool
 	var theirMax uint64
-	b := f.payload
+	var h helloInfo
 	for len(b) > 0 {
-		var key string
-		var v value
-		if key, b, err = getString(b); err != nil {
-			return false, protocolErr(statusInvalid, "HAPROXY-HELLO: %v", err)
+		key, rest, err := getString(b)
+		if err != nil {
+			return h, protocolErr(statusInvalid, "HAPROXY-HELLO: %v", err)
 		}
-		if v, b, err = getValue(b); err != nil {
-			return false, protocolErr(statusInvalid, "HAPROXY-HELLO %s: %v", key, err)
+		v, rest, err := getValue(rest)
+		if err != nil {
+			return h, protocolErr(statusInvalid, "HAPROXY-HELLO %q: %v", key, err)
 		}
+		b = rest
 		switch key {
 		case "supported-versions":
 			versions, haveVersions = string(v.bytes), v.typ == typeString
@@ -229,27 +238,40 @@ func (ac *agentConn) hello(f frame) (healthcheck bool, err error) {
 		case "capabilities":
 			caps, haveCaps = string(v.bytes), v.typ == typeString
 		case "healthcheck":
-			healthcheck = v.typ == typeBool && v.boolean
+			h.healthcheck = v.typ == typeBool && v.boolean
 		}
 	}
 	switch {
 	case !haveVersions:
-		return false, protocolErr(statusNoVersion, "HAPROXY-HELLO has no supported-versions")
+		return h, protocolErr(statusNoVersion, "HAPROXY-HELLO has no supported-versions")
 	case !haveMax:
-		return false, protocolErr(statusNoMaxFrameSize, "HAPROXY-HELLO has no max-frame-size")
+		return h, protocolErr(statusNoMaxFrameSize, "HAPROXY-HELLO has no max-frame-size")
 	case !haveCaps:
-		return false, protocolErr(statusNoCapabilities, "HAPROXY-HELLO has no capabilities")
+		return h, protocolErr(statusNoCapabilities, "HAPROXY-HELLO has no capabilities")
 	case !supportsV2(versions):
-		return false, protocolErr(statusBadVersion, "HAProxy supports SPOP %q, the agent 2.0", versions)
+		return h, protocolErr(statusBadVersion, "HAProxy supports SPOP %q, the agent 2.0", versions)
 	case theirMax < minFrameSize:
-		return false, protocolErr(statusBadMaxFrameSize, "max-frame-size %d is below %d", theirMax, minFrameSize)
+		return h, protocolErr(statusBadMaxFrameSize, "max-frame-size %d is below %d", theirMax, minFrameSize)
 	}
-	ac.max = int(min(theirMax, maxFrameSize))
-	var mine []string
+	h.maxFrame = int(min(theirMax, maxFrameSize))
 	for c := range strings.SplitSeq(caps, ",") {
 		if strings.TrimSpace(c) == "pipelining" {
-			mine = append(mine, "pipelining")
+			h.pipelining = true
 		}
+	}
+	return h, nil
+}
+
+// hello answers HAPROXY-HELLO and reports whether it was a health check.
+func (ac *agentConn) hello(f frame) (healthcheck bool, err error) {
+	h, err := parseHello(f.payload)
+	if err != nil {
+		return false, err
+	}
+	ac.max = h.maxFrame
+	caps := ""
+	if h.pipelining {
+		caps = "pipelining"
 	}
 	var p []byte
 	p = putString(p, "version")
@@ -257,8 +279,8 @@ func (ac *agentConn) hello(f frame) (healthcheck bool, err error) {
 	p = putString(p, "max-frame-size")
 	p = putUint32(p, uint32(ac.max))
 	p = putString(p, "capabilities")
-	p = putTypedString(p, strings.Join(mine, ","))
-	return healthcheck, ac.write(frameAgentHello, 0, 0, p)
+	p = putTypedString(p, caps)
+	return h.healthcheck, ac.write(frameAgentHello, 0, 0, p)
 }
 
 // supportsV2 reports whether a supported-versions list ("2.0, 1.5")

@@ -80,7 +80,7 @@ type decisionCase struct {
 	// one makes a Consul authorize call.
 	uncached bool
 	// noDecision sends a message the agent ignores: what is left is
-	// loopback, framing and the library's dispatch.
+	// loopback, framing and the agent's dispatch.
 	noDecision bool
 	samples    int
 }
@@ -606,7 +606,7 @@ func reportDecisions(b *Bench, cases []decisionCase, figs map[string]*decisionFi
 		"(`authorize`, what the listener sends once per connection, and again on a kept-alive HTTP connection "+
 		"after the intentions changed) with a real Consul leaf (DER, %d source services in turn) and times it until the ACK, one "+
 		"request at a time on one connection, as HAProxy would over one agent connection. Each figure therefore "+
-		"includes loopback, SPOP framing and the library's dispatch; the floor row (a message the agent ignores) "+
+		"includes loopback, SPOP framing and the agent's dispatch; the floor row (a message the agent ignores) "+
 		"is that overhead alone. Uncached: the cache is dropped (Invalidate, as on an intention change) before "+
 		"each request, outside the timed span (Consul's own agent cache stays warm). The agent's counters are checked after each case: every cached "+
 		"request was a cache hit, every uncached one a Consul call. In agent: the agent's own time per decision "+
