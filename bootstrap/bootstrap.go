@@ -340,9 +340,9 @@ func Render(s Spec) (string, error) {
 	}
 	if s.AccessLog {
 		if mode == "http" {
-			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] crt=%%[ssl_c_serial,hex] %%HM %%HU %%ST %%B %%Tt %%b/%%s"`, VarPrefix)
+			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] crt=%%[ssl_c_serial,hex] spoe_err=%%[var(txn.%s.error)] %%HM %%HU %%ST %%B %%Tt %%b/%%s"`, VarPrefix, VarPrefix)
 		} else {
-			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] crt=%%[ssl_c_serial,hex] %%B %%Tt %%b/%%s %%ts"`, VarPrefix)
+			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] crt=%%[ssl_c_serial,hex] spoe_err=%%[var(txn.%s.error)] %%B %%Tt %%b/%%s %%ts"`, VarPrefix, VarPrefix)
 		}
 	} else {
 		w("    no log")

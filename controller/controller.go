@@ -43,7 +43,8 @@ type Config struct {
 	HAProxyOutput io.Writer
 	// MinSlots is the smallest number of server slots per upstream (default 8).
 	MinSlots int
-	// HardStopAfter bounds old workers after a reload (default 30 s).
+	// HardStopAfter bounds old workers after a reload
+	// (DefaultHardStopAfter).
 	HardStopAfter time.Duration
 	// InitialWait is how long the first start waits for every upstream's
 	// first endpoint list, so HAProxy starts with endpoints (default 3 s).
@@ -145,6 +146,16 @@ type upstreamWatch struct {
 	cancel context.CancelFunc
 }
 
+// DefaultHardStopAfter is how long an old worker keeps its connections
+// after a reload. HTTP connections leave it at once (idle keep-alive ones
+// are closed, h2 ones get GOAWAY, and callers retry on the new worker);
+// a TCP connection cannot move, so it lives on the old worker until it
+// ends or this passes. Reloads are rare here (an upstream added or
+// removed, new CA roots), so the default favours long TCP connections:
+// a CA rotation, whose re-issued leaves Consul spreads over tens of
+// seconds, must not cut a database session. Envoy drains for 10 minutes.
+const DefaultHardStopAfter = 5 * time.Minute
+
 // New checks cfg and returns a controller; Run starts it.
 func New(cfg Config) (*Controller, error) {
 	if cfg.Consul == nil || cfg.ProxyID == "" || cfg.StateDir == "" || cfg.SPOAAddr == "" {
@@ -163,7 +174,7 @@ func New(cfg Config) (*Controller, error) {
 		cfg.MinSlots = 8
 	}
 	if cfg.HardStopAfter <= 0 {
-		cfg.HardStopAfter = 30 * time.Second
+		cfg.HardStopAfter = DefaultHardStopAfter
 	}
 	if cfg.InitialWait <= 0 {
 		cfg.InitialWait = 3 * time.Second
