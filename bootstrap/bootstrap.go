@@ -137,6 +137,22 @@ func UpstreamALPN(protocol string) string {
 	return ""
 }
 
+// localProto is the option of the local application's server line for
+// protocol. A grpc or http2 application speaks HTTP/2 in clear text with
+// prior knowledge, and only that (grpc-go's server, like Go's with
+// Protocols set to unencrypted HTTP/2 alone, resets a connection that
+// opens with an HTTP/1.1 request): "proto h2" makes HAProxy speak h2 to
+// it whatever the other sidecar spoke, HTTP/1.1 requests included.
+// Without it HAProxy 2.6 speaks HTTP/1.1 to the application and every
+// request gets a 502. An http application is reached over HTTP/1.1.
+func localProto(protocol string) string {
+	switch protocol {
+	case "http2", "grpc":
+		return " proto h2"
+	}
+	return ""
+}
+
 func checkProtocol(what, p string) error {
 	switch p {
 	case "", "tcp", "http", "http2", "grpc":
@@ -354,7 +370,7 @@ func Render(s Spec) (string, error) {
 	if p.ConnectTimeout > 0 {
 		w("    timeout connect %s", ms(p.ConnectTimeout))
 	}
-	w("    server app %s", addr(p.LocalAddr, p.LocalPort))
+	w("    server app %s%s", addr(p.LocalAddr, p.LocalPort), localProto(p.Protocol))
 	w("")
 	w("backend %s", SPOEBackend)
 	w("    mode tcp")
@@ -369,6 +385,15 @@ func Render(s Spec) (string, error) {
 		w("")
 		w("frontend %s", u.Name)
 		w("    mode %s", mode)
+		// In mode http a clear bind takes HTTP/1.1 and HTTP/2 with prior
+		// knowledge (h2c, what gRPC clients speak without TLS) on the same
+		// port: HAProxy 2.6 picks the h2 multiplexer when a connection
+		// opens with the h2 preface. Checked on 2.6.12 with curl --http1.1
+		// and --http2-prior-knowledge against one such bind; trailers pass
+		// to h2 clients, and to HTTP/1.1 clients when the response is
+		// chunked. So the local client of an http, http2 or grpc upstream
+		// may speak either (a gRPC client speaks h2c); in mode tcp the
+		// bytes pass as they are.
 		w("    bind %s", addr(u.BindAddr, u.BindPort))
 		if s.AccessLog {
 			if mode == "http" {

@@ -67,6 +67,15 @@ func goldenSpecs() map[string]Spec {
 		upstream("grpc-svc", 9193, "grpc", 4, slots.Endpoint{Addr: "fd00::7", Port: 21000, Weight: 1}),
 	}
 
+	// A gRPC service: its application is reached over h2c.
+	grpc := baseSpec()
+	grpc.Service = "greeter"
+	grpc.Public.Protocol = "grpc"
+	grpc.AccessLog = true
+	grpc.Upstreams = []Upstream{
+		upstream("files", 9194, "http2", 2, slots.Endpoint{Addr: "10.0.0.9", Port: 21000, Weight: 1}),
+	}
+
 	// Freed slots in the middle render as several template ranges.
 	holes := baseSpec()
 	u := upstream("api", 9191, "tcp", 8,
@@ -76,7 +85,7 @@ func goldenSpecs() map[string]Spec {
 	holes.Upstreams = []Upstream{u}
 	holes.Public.BindAddr = "::"
 
-	return map[string]Spec{"tcp_no_upstreams": tcpOnly, "http_three_upstreams": http, "slot_holes_ipv6_bind": holes}
+	return map[string]Spec{"tcp_no_upstreams": tcpOnly, "http_three_upstreams": http, "slot_holes_ipv6_bind": holes, "grpc_http2_upstream": grpc}
 }
 
 // render returns the HAProxy config and the SPOE file for spec.
