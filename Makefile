@@ -13,7 +13,7 @@ FUZZTIME     ?= 100000x
 CONSUL_TEMPLATE_VERSION ?= v0.41.3
 ROUNDS       ?= 3
 
-.PHONY: all build deps packages consul consul-template bench-deps test lint bench demo clean
+.PHONY: all build deps packages consul consul-template bench-deps test test-slow lint bench demo clean
 
 all: build
 
@@ -75,6 +75,11 @@ test: deps
 	$(GO) test -count=1 ./...
 	$(GO) test -count=1 -race ./runtime/... ./controller/... ./spoa/...
 	$(GO) test ./bootstrap -run '^$$' -fuzz FuzzRender -fuzztime $(FUZZTIME)
+
+# Tests too slow for every run: a leaf renewal with a realistic TTL
+# (about 10 minutes).
+test-slow: deps
+	HC_SLOW_TESTS=1 $(GO) test -count=1 -timeout 30m -run 'TestLeafRenewal' -v ./cmd/haproxy-connect/
 
 lint:
 	$(GO) vet ./...
