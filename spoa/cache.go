@@ -118,6 +118,11 @@ func (a *Authorizer) fly(k cacheKey, f *flight, gen uint64, check func() error) 
 
 // ask runs one Decider call for k and caches its answer under gen.
 func (a *Authorizer) ask(k cacheKey, gen uint64) answer {
+	// Closed: no new call. (The select below would otherwise pick at
+	// random between a fast answer and the cancelled context.)
+	if err := a.ctx.Err(); err != nil {
+		return answer{err: fmt.Errorf("authorize %s: %w", k.uri, err)}
+	}
 	a.stats.consulCalls.Add(1)
 	ctx, cancel := context.WithTimeout(a.ctx, a.timeout)
 	defer cancel()
