@@ -403,7 +403,7 @@ func (a *Authorizer) decideNow(der []byte, argErr error) decision {
 		if d.err == nil {
 			check := func() error { return checkCert(cert, a.trust.Load(), time.Now()) }
 			var v verdict
-			v, d.how, d.gen, d.err = a.lookup(cacheKey{uri: id.uri, serial: id.serial, sum: id.sum}, check)
+			v, d.how, d.gen, d.err = a.lookup(cacheKey(id), check)
 			d.allowed, d.reason = v.allowed, v.reason
 			d.undecided = d.err != nil
 			if d.err == nil && v.refused >= 0 {
