@@ -165,6 +165,16 @@ func TestValidateRejects(t *testing.T) {
 		{"file with space", func(s *Spec) { s.RootsFile = "/a b.pem" }},
 		{"spoe addr", func(s *Spec) { s.SPOAAddr = "127.0.0.1" }},
 		{"slot endpoint hostname", func(s *Spec) { s.Upstreams[0].Slots.Slots[0].Addr = "evil host" }},
+		{"slot endpoint zone with a program section", func(s *Spec) {
+			s.Upstreams[0].Slots.Slots[0].Addr = "fe80::1%lo]:80\nprogram pwn\n command /bin/true"
+		}},
+		{"slot endpoint ipv4-mapped", func(s *Spec) { s.Upstreams[0].Slots.Slots[0].Addr = "::ffff:10.0.0.1" }},
+		{"slot endpoint weight", func(s *Spec) { s.Upstreams[0].Slots.Slots[0].Weight = 257 }},
+		{"bind zone", func(s *Spec) { s.Upstreams[0].BindAddr = "fe80::1%x;y" }},
+		{"public bind upper case", func(s *Spec) { s.Public.BindAddr = "FD00::1" }},
+		{"spoe addr zone", func(s *Spec) { s.SPOAAddr = "[fe80::1%x\nprogram p]:80" }},
+		{"spoe addr not canonical", func(s *Spec) { s.SPOAAddr = "[FD00::1]:80" }},
+		{"service with newline", func(s *Spec) { s.Service = "web\nprogram pwn" }},
 		{"slot table of another backend", func(s *Spec) { s.Upstreams[0].Slots.Backend = "up_other" }},
 		{"no hard stop", func(s *Spec) { s.HardStopAfter = 0 }},
 		{"negative threads", func(s *Spec) { s.Threads = -1 }},
