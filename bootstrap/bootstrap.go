@@ -188,6 +188,21 @@ func ValidateUpstream(u Upstream) error {
 	return nil
 }
 
+// ValidatePublic checks the public listener on its own, so that a caller
+// can refuse a registration with the reason before rendering anything.
+func ValidatePublic(p Public) error {
+	if err := checkAddrPort("public listener", p.BindAddr, p.BindPort); err != nil {
+		return err
+	}
+	if err := checkAddrPort("local service", p.LocalAddr, p.LocalPort); err != nil {
+		return err
+	}
+	if err := checkProtocol("public listener", p.Protocol); err != nil {
+		return err
+	}
+	return checkTimeout("local connect", p.ConnectTimeout)
+}
+
 // Validate checks the whole spec.
 func (s Spec) Validate() error {
 	if s.Service != "" {
@@ -210,16 +225,7 @@ func (s Spec) Validate() error {
 		return fmt.Errorf("%w: %d threads (want 0 for HAProxy's default, or 1 to %d)", ErrInvalid, s.Threads, MaxThreads)
 	}
 	p := s.Public
-	if err := checkAddrPort("public listener", p.BindAddr, p.BindPort); err != nil {
-		return err
-	}
-	if err := checkAddrPort("local service", p.LocalAddr, p.LocalPort); err != nil {
-		return err
-	}
-	if err := checkProtocol("public listener", p.Protocol); err != nil {
-		return err
-	}
-	if err := checkTimeout("local connect", p.ConnectTimeout); err != nil {
+	if err := ValidatePublic(p); err != nil {
 		return err
 	}
 	seenName := map[string]bool{}

@@ -24,6 +24,7 @@ import (
 
 	"github.com/haproxy-connect/haproxy-connect/bootstrap"
 	"github.com/haproxy-connect/haproxy-connect/certs"
+	"github.com/haproxy-connect/haproxy-connect/input"
 	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/slots"
 )
@@ -738,6 +739,7 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 	var last []slots.Endpoint
 	first := true
 	p := &pendingList{taken: make(chan struct{}, 1)}
+	filter := newInstanceFilter(u.Name, c.log, c.metrics)
 	publish := func(l endpointList) {
 		if !first && slices.Equal(l.eps, last) {
 			return
@@ -786,7 +788,7 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 				}
 				entries = append(entries, he)
 			}
-			return endpointList{eps: c.endpointsOf(u, entries, nil), at: at}, cursor{}, nil
+			return endpointList{eps: filter.endpoints(entries, nil), at: at}, cursor{}, nil
 		}, publish)
 		return
 	}
@@ -795,7 +797,7 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 		if err != nil {
 			return endpointList{}, cur, err
 		}
-		return endpointList{eps: c.endpointsOf(u, entries, bad), at: at}, cursor{index: index}, nil
+		return endpointList{eps: filter.endpoints(entries, bad), at: at}, cursor{index: index}, nil
 	}, publish)
 }
 
@@ -852,13 +854,48 @@ func (p *pendingList) take() (endpointList, bool) {
 	return l, true
 }
 
-// endpointsOf turns Consul's passing Connect entries into endpoints: the
-// service address, else the node address; Consul's passing weight. Entries
-// HAProxy cannot take (a hostname address, a bad port), and those the
-// answer did not carry readably (bad), are logged and left out.
-func (c *Controller) endpointsOf(u Upstream, entries []healthEntry, bad []error) []slots.Endpoint {
+// instanceFilter turns one upstream's passing Connect instances into
+// endpoints: the service address, else the node address, the port, and
+// Consul's passing weight, each checked by input.NewEndpoint. An instance
+// that fails (a zone, a host name, a port out of range, ...), or that the
+// answer did not carry readably, is left out: the rest of the upstream goes
+// on. Each such instance is logged once, with its ID, the field and the
+// reason, and counted once, for as long as it stays the same; it is logged
+// again if it comes back after being fixed or gone.
+type instanceFilter struct {
+	upstream string
+	log      *zap.Logger
+	metrics  *Metrics
+	logged   map[string]bool // instance ID and reason, of the last answer's rejections
+}
+
+func newInstanceFilter(upstream string, log *zap.Logger, m *Metrics) *instanceFilter {
+	return &instanceFilter{upstream: upstream, log: log, metrics: m, logged: map[string]bool{}}
+}
+
+// fieldUnreadable labels instances the health answer did not carry in the
+// shape the sidecar reads.
+const fieldUnreadable = "entry"
+
+func (f *instanceFilter) endpoints(entries []healthEntry, bad []error) []slots.Endpoint {
+	seen := make(map[string]bool, len(f.logged))
+	drop := func(id, field string, err error) {
+		key := id + "\x00" + err.Error()
+		seen[key] = true
+		if f.logged[key] {
+			return
+		}
+		f.metrics.invalidInstance(f.upstream, field)
+		f.log.Warn("upstream instance dropped: a value Consul serves for it is invalid",
+			zap.String("upstream", f.upstream), zap.String("instance_id", id), zap.String("field", field), zap.Error(err))
+	}
 	for _, err := range bad {
-		c.log.Warn("endpoint rejected", zap.String("upstream", u.Name), zap.Error(err))
+		id := ""
+		var ee *entryError
+		if errors.As(err, &ee) {
+			id = ee.ID
+		}
+		drop(id, fieldUnreadable, err)
 	}
 	out := make([]slots.Endpoint, 0, len(entries))
 	for _, e := range entries {
@@ -866,13 +903,14 @@ func (c *Controller) endpointsOf(u Upstream, entries []healthEntry, bad []error)
 		if addr == "" {
 			addr = e.NodeAddress
 		}
-		ep := slots.Endpoint{Addr: addr, Port: e.Port, Weight: max(e.Weight, 1)}
-		if err := ep.Validate(); err != nil {
-			c.log.Warn("endpoint rejected", zap.String("upstream", u.Name), zap.String("service_id", e.ID), zap.Error(err))
+		ep, err := input.NewEndpoint(e.ID, addr, e.Port, e.Weight)
+		if err != nil {
+			drop(e.ID, input.FieldOf(err), err)
 			continue
 		}
-		out = append(out, ep)
+		out = append(out, slots.Endpoint{Addr: ep.Addr().String(), Port: int(ep.Port()), Weight: ep.Weight()})
 	}
+	f.logged = seen
 	slices.SortFunc(out, slots.Endpoint.Compare)
 	return out
 }
