@@ -59,10 +59,6 @@ func reject(field, value, reason string) error {
 // 65535; larger ones are clamped to this (see NewEndpoint).
 const MaxWeight = 256
 
-// maxAddrLen is the longest text form of an IP address
-// ("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255").
-const maxAddrLen = 45
-
 // Addr parses an IP literal. It accepts only the form netip.Addr.String
 // gives back, so the text that reaches HAProxy is the text that was checked.
 // That refuses, beyond what is not an IP at all: an IPv6 zone, which
@@ -74,9 +70,6 @@ const maxAddrLen = 45
 func Addr(field, s string) (netip.Addr, error) {
 	if s == "" {
 		return netip.Addr{}, reject(field, s, "empty")
-	}
-	if len(s) > maxAddrLen {
-		return netip.Addr{}, reject(field, s, "too long for an IP literal")
 	}
 	a, err := netip.ParseAddr(s)
 	switch {

@@ -25,7 +25,7 @@ func TestAddr(t *testing.T) {
 		{"010.0.0.1", "not an IP literal"},
 		{"10.0.0.1;", "not an IP literal"},
 		{"fe80::1%lo", "has an IPv6 zone"},
-		{"fe80::1%x\n@1 set server local_app/app addr 127.0.0.9 port 9", "too long"},
+		{"fe80::1%x\n@1 set server local_app/app addr 127.0.0.9 port 9", "has an IPv6 zone"},
 		{"fe80::1%x;@1 reload", "has an IPv6 zone"},
 		{"fe80::1%a b", "has an IPv6 zone"},
 		{"fe80::1%lo]:80\nprogram", "has an IPv6 zone"},
