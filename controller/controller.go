@@ -893,7 +893,8 @@ func (f *instanceFilter) endpoints(entries []healthEntry, bad []error) []slots.E
 		id := ""
 		var ee *entryError
 		if errors.As(err, &ee) {
-			id = ee.ID
+			// Keyed without its index in the answer, which moves.
+			id, err = ee.ID, ee.Err
 		}
 		drop(id, fieldUnreadable, err)
 	}

@@ -191,12 +191,13 @@ func readHealthEntry(e *fastjson.Value) (healthEntry, error) {
 			return he, fmt.Errorf("Node.%w", err)
 		}
 	}
-	port := svc.Get("Port")
-	if port == nil {
-		return he, errors.New("no Service.Port")
-	}
-	if he.Port, err = port.Int(); err != nil {
-		return he, fmt.Errorf("Service.Port: %w", err)
+	// Consul leaves a zero port out of its answer (an instance with a
+	// socket path has none): absent is 0, which the endpoint check refuses
+	// as a port.
+	if port := svc.Get("Port"); port != nil {
+		if he.Port, err = port.Int(); err != nil {
+			return he, fmt.Errorf("Service.Port: %w", err)
+		}
 	}
 	if w := svc.Get("Weights", "Passing"); w != nil && w.Type() != fastjson.TypeNull {
 		if he.Weight, err = w.Int(); err != nil {
