@@ -28,7 +28,8 @@ import (
 // the upstream serves only good endpoints, no request fails, each bad
 // instance is logged once with its ID, field and reason, and counted. Then
 // a new upstream added to the registration arrives with exactly one
-// reload, whose configuration carries none of them: the injected program
+// reload, whose configuration carries none of them (nor a hostile upstream
+// added with it, which is dropped with its reason): the injected program
 // never runs.
 func TestHostileCatalogInstances(t *testing.T) {
 	m := startMesh(t, testenv.ConsulOptions{}, "http", "-log-format", "json")
@@ -147,11 +148,13 @@ func TestHostileCatalogInstances(t *testing.T) {
 	// A new upstream: exactly one reload, rendered with the endpoints
 	// Consul serves now.
 	reloadsBefore := client.reloads(t)
-	twoPorts := testenv.FreePorts(t, 2)
+	twoPorts := testenv.FreePorts(t, 3)
 	register(t, c, "two", httpApp(t, "two"), twoPorts[0], map[string]any{"protocol": "http"})
 	startSidecar(t, m.consul, "two")
+	// With it, a hostile upstream, which is dropped on its own.
 	register(t, c, "client", ports[1], ports[2], nil, m.upstream,
-		api.Upstream{DestinationName: "two", LocalBindPort: twoPorts[1], Config: map[string]any{"protocol": "http"}})
+		api.Upstream{DestinationName: "two", LocalBindPort: twoPorts[1], Config: map[string]any{"protocol": "http"}},
+		api.Upstream{DestinationName: "two", Datacenter: "dc1\nprogram pwn2", LocalBindAddress: "fe80::1%lo;x", LocalBindPort: twoPorts[2]})
 	eventually(t, 15*time.Second, "the new upstream serves", serves(twoPorts[1], "hello from two"))
 	if n := client.reloads(t) - reloadsBefore; n != 1 {
 		t.Errorf("%d reloads for one new upstream beside bad instances, want exactly 1", n)
@@ -200,13 +203,18 @@ func TestHostileCatalogInstances(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, bad := range []string{"program", "fe80", "127.0.0.9", "::ffff", "command"} {
+	for _, bad := range []string{"program", "fe80", "127.0.0.9", "::ffff", "command", "pwn"} {
 		if strings.Contains(string(cfg), bad) {
 			t.Errorf("the reloaded configuration holds %q:\n%s", bad, cfg)
 		}
 	}
 	if _, err := os.Stat(marker); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("the injected program ran: %s exists (%v)", marker, err)
+	}
+
+	if !strings.Contains(client.out.String(), `"msg":"upstream rejected; the other upstreams keep working"`) ||
+		!strings.Contains(client.out.String(), `invalid upstream datacenter \"dc1\\nprogram pwn2\"`) {
+		t.Errorf("the hostile upstream's rejection is not logged with its reason")
 	}
 
 	// Each bad instance: one log line, with its field and reason; counted.
