@@ -1,9 +1,7 @@
 // Package input is the one place that turns strings served by Consul, the
 // network or an operator into typed, validated values: IP literals, ports,
-// service and datacenter names, HAProxy identifiers, file paths, weights,
-// and upstream endpoints. It depends on nothing else in the project; every
-// package that puts such a value into a command or a configuration line
-// takes it from here.
+// names, datacenters, HAProxy identifiers, paths, weights and endpoints.
+// It depends on nothing else in the project.
 package input
 
 import (
