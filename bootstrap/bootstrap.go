@@ -258,7 +258,7 @@ func ms(d time.Duration) string { return strconv.FormatInt(d.Milliseconds(), 10)
 
 // Render returns the HAProxy configuration for s. Beyond validating s, it
 // checks what it wrote: every line must have one of the shapes in
-// configLines, in a section (see CheckConfig). A value that slipped past
+// configShapes, in a section (see CheckConfig). A value that slipped past
 // validation and ended a line early fails that check, here and at run
 // time, instead of reaching HAProxy.
 func Render(s Spec) (string, error) {

@@ -8,24 +8,26 @@ import (
 
 // Pieces of the line shapes: what a validated value can look like once
 // rendered (input.Addr, input.Ident, input.Path and integers).
+// Unbounded repetitions: bounded ones multiply the size of the compiled
+// program, and the values were checked for length already.
 const (
-	shapeAddrPort = `(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-f:.]{2,45}\]):\d{1,5}`
-	shapeIdent    = `[A-Za-z0-9_.:-]{1,160}`
-	shapePath     = `/[A-Za-z0-9_./+-]{1,255}`
+	shapeAddrPort = `([0-9.]+|\[[0-9a-f:.]+\]):[0-9]+`
+	shapeIdent    = `[A-Za-z0-9_.:-]+`
+	shapePath     = `/[A-Za-z0-9_./+-]+`
 )
 
-// configLines lists every line shape Render may produce. It is the
+// configShapes lists every line shape Render may produce. It is the
 // contract between the renderer and HAProxy's parser: a line that matches
 // none means some value reached the configuration unvalidated (or ended a
 // line early, as an IPv6 zone holding "\nprogram x\n command ..." would),
 // and Render refuses the configuration. A new kind of line needs its shape
 // here.
-var configLines = regexp.MustCompile(`^(` + strings.Join([]string{
+var configShapes = []string{
 	`# [ -~]*`,
 	``,
 	`global`, `defaults`, `    master-worker`,
 	`    hard-stop-after \d+ms`,
-	`    nbthread \d{1,2}`,
+	`    nbthread \d+`,
 	`    ssl-default-(bind|server)-options ssl-min-ver TLSv1\.2`,
 	`    tune\.ssl\.default-dh-param 2048`,
 	`    log stdout format raw local0 info`,
@@ -52,12 +54,41 @@ var configLines = regexp.MustCompile(`^(` + strings.Join([]string{
 	`    balance roundrobin`,
 	`    default-server ssl crt ` + shapePath + ` ca-file ` + shapePath + ` verify required( alpn (h2|h2,http/1\.1))?`,
 	`    server (app|agent) ` + shapeAddrPort,
-	`    server s\d+ ` + shapeAddrPort + ` weight \d{1,3}`,
+	`    server s\d+ ` + shapeAddrPort + ` weight \d+`,
 	`    server-template s \d+-\d+ 127\.0\.0\.1:1 disabled`,
-}, "|") + `)$`)
+}
+
+// shape is one compiled line shape and the literal text every line of it
+// starts with, so that a line is matched only against the shapes it can
+// be: one union of all of them took 2.4 µs a line, 7 ms for 100 upstreams
+// of 16 endpoints.
+type shape struct {
+	prefix string
+	re     *regexp.Regexp
+}
+
+var shapes = func() []shape {
+	out := make([]shape, 0, len(configShapes))
+	for _, s := range configShapes {
+		re := regexp.MustCompile(`^(?:` + s + `)$`)
+		prefix, _ := re.LiteralPrefix()
+		out = append(out, shape{prefix, re})
+	}
+	return out
+}()
+
+// knownLine reports whether line has one of the configShapes.
+func knownLine(line string) bool {
+	for _, s := range shapes {
+		if strings.HasPrefix(line, s.prefix) && s.re.MatchString(line) {
+			return true
+		}
+	}
+	return false
+}
 
 // CheckConfig checks rendered configuration text: every line has a shape of
-// configLines, every indented line belongs to a section, and no frontend or
+// configShapes, every indented line belongs to a section, and no frontend or
 // backend is declared twice. Render runs it on everything it returns.
 func CheckConfig(cfg string) error {
 	if !strings.HasSuffix(cfg, "\n") {
@@ -66,7 +97,7 @@ func CheckConfig(cfg string) error {
 	inSection := false
 	seen := map[string]bool{}
 	for i, line := range strings.Split(strings.TrimSuffix(cfg, "\n"), "\n") {
-		if !configLines.MatchString(line) {
+		if !knownLine(line) {
 			return fmt.Errorf("%w: rendered configuration line %d %q has no known shape", ErrInvalid, i+1, line)
 		}
 		switch {
