@@ -14,7 +14,7 @@ FUZZTIME     ?= 20000x
 CONSUL_TEMPLATE_VERSION ?= v0.41.3
 ROUNDS       ?= 3
 
-.PHONY: all build deps packages consul consul-template bench-deps test lint bench demo clean
+.PHONY: all build deps packages consul consul-template bench-deps test test-slow lint bench demo clean
 
 all: build
 
@@ -81,6 +81,11 @@ test: deps
 	$(GO) test ./controller -run '^$$' -fuzz '^FuzzParseRegistration$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./controller -run '^$$' -fuzz '^FuzzHealthParse$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./bootstrap -run '^$$' -fuzz '^FuzzRender$$' -fuzztime $(FUZZTIME)
+
+# Tests too slow for every run: a leaf renewal with a realistic TTL
+# (about 10 minutes).
+test-slow: deps
+	HC_SLOW_TESTS=1 $(GO) test -count=1 -timeout 30m -run 'TestLeafRenewal' -v ./cmd/haproxy-connect/
 
 lint:
 	$(GO) vet ./...

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -28,7 +29,12 @@ type Spec struct {
 	// Files, all absolute paths. Leaf holds the leaf chain and its key,
 	// Roots every trusted CA root. AuthzMap holds one entry, "gen <n>":
 	// the intentions generation, changed at run time with "set map".
-	LeafFile, RootsFile, SPOEFile, AuthzMap string
+	// CrtList is the public listener's certificate list (RenderCrtList).
+	LeafFile, RootsFile, SPOEFile, AuthzMap, CrtList string
+	// SNI is the public listener's certificate list filter: the service's
+	// Consul SNI name (certs.ID.SNI). What matters is that there is one;
+	// see RenderCrtList.
+	SNI string
 	// SPOAAddr is the SPOE agent's loopback address:port.
 	SPOAAddr string
 	// HardStopAfter bounds how long an old worker may live after a reload.
@@ -83,6 +89,9 @@ const (
 	MaxThreads = 64
 )
 
+// sniRE is a DNS name of lower-case labels, as Consul's SNI names are.
+var sniRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?){1,10}$`)
+
 // UpstreamName derives the HAProxy identifier of an upstream from its
 // destination and datacenter ("up_web", "up_web_dc2"). It fails for names
 // outside HAProxy's identifier alphabet instead of rewriting them, so two
@@ -125,6 +134,22 @@ func UpstreamALPN(protocol string) string {
 		return "h2,http/1.1"
 	case "http2", "grpc":
 		return "h2"
+	}
+	return ""
+}
+
+// localProto is the option of the local application's server line for
+// protocol. A grpc or http2 application speaks HTTP/2 in clear text with
+// prior knowledge, and only that (grpc-go's server, like Go's with
+// Protocols set to unencrypted HTTP/2 alone, resets a connection that
+// opens with an HTTP/1.1 request): "proto h2" makes HAProxy speak h2 to
+// it whatever the other sidecar spoke, HTTP/1.1 requests included.
+// Without it HAProxy 2.6 speaks HTTP/1.1 to the application and every
+// request gets a 502. An http application is reached over HTTP/1.1.
+func localProto(protocol string) string {
+	switch protocol {
+	case "http2", "grpc":
+		return " proto h2"
 	}
 	return ""
 }
@@ -210,10 +235,13 @@ func (s Spec) Validate() error {
 			return invalid(err)
 		}
 	}
-	for _, f := range []string{s.LeafFile, s.RootsFile, s.SPOEFile, s.AuthzMap} {
+	for _, f := range []string{s.LeafFile, s.RootsFile, s.SPOEFile, s.AuthzMap, s.CrtList} {
 		if _, err := input.Path("file path", f); err != nil {
 			return invalid(err)
 		}
+	}
+	if !ValidSNI(s.SNI) {
+		return fmt.Errorf("%w: public listener SNI name %q", ErrInvalid, s.SNI)
 	}
 	if _, err := input.AddrPort("spoe agent address", s.SPOAAddr); err != nil {
 		return invalid(err)
@@ -312,7 +340,9 @@ func renderConfig(s Spec) (string, error) {
 	if mode == "http" {
 		alpn = " alpn h2,http/1.1"
 	}
-	w("    bind %s ssl crt %s ca-file %s verify required%s", addr(p.BindAddr, p.BindPort), s.LeafFile, s.RootsFile, alpn)
+	// crt-list, not crt: see RenderCrtList. ca-file and verify stay on the
+	// bind too, for the handshake's initial context.
+	w("    bind %s ssl crt-list %s ca-file %s verify required%s", addr(p.BindAddr, p.BindPort), s.CrtList, s.RootsFile, alpn)
 	w("    filter spoe engine %s config %s", SPOEEngine, s.SPOEFile)
 	if mode == "http" {
 		// A connection is authorized on its first request, and again on
@@ -338,9 +368,9 @@ func renderConfig(s Spec) (string, error) {
 	}
 	if s.AccessLog {
 		if mode == "http" {
-			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] %%HM %%HU %%ST %%B %%Tt %%b/%%s"`, VarPrefix)
+			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] crt=%%[ssl_c_serial,hex] spoe_err=%%[var(txn.%s.error)] %%HM %%HU %%ST %%B %%Tt %%b/%%s"`, VarPrefix, VarPrefix)
 		} else {
-			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] %%B %%Tt %%b/%%s %%ts"`, VarPrefix)
+			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] crt=%%[ssl_c_serial,hex] spoe_err=%%[var(txn.%s.error)] %%B %%Tt %%b/%%s %%ts"`, VarPrefix, VarPrefix)
 		}
 	} else {
 		w("    no log")
@@ -352,7 +382,7 @@ func renderConfig(s Spec) (string, error) {
 	if p.ConnectTimeout > 0 {
 		w("    timeout connect %s", ms(p.ConnectTimeout))
 	}
-	w("    server app %s", addr(p.LocalAddr, p.LocalPort))
+	w("    server app %s%s", addr(p.LocalAddr, p.LocalPort), localProto(p.Protocol))
 	w("")
 	w("backend %s", SPOEBackend)
 	w("    mode tcp")
@@ -367,6 +397,15 @@ func renderConfig(s Spec) (string, error) {
 		w("")
 		w("frontend %s", u.Name)
 		w("    mode %s", mode)
+		// In mode http a clear bind takes HTTP/1.1 and HTTP/2 with prior
+		// knowledge (h2c, what gRPC clients speak without TLS) on the same
+		// port: HAProxy 2.6 picks the h2 multiplexer when a connection
+		// opens with the h2 preface. Checked on 2.6.12 with curl --http1.1
+		// and --http2-prior-knowledge against one such bind; trailers pass
+		// to h2 clients, and to HTTP/1.1 clients when the response is
+		// chunked. So the local client of an http, http2 or grpc upstream
+		// may speak either (a gRPC client speaks h2c); in mode tcp the
+		// bytes pass as they are.
 		w("    bind %s", addr(u.BindAddr, u.BindPort))
 		if s.AccessLog {
 			if mode == "http" {
@@ -451,6 +490,43 @@ func orDash(s string) string {
 		return "-"
 	}
 	return s
+}
+
+// FallbackSNI is a crt-list filter for a service whose Consul SNI name is
+// not a plain DNS name.
+const FallbackSNI = "public-listener.haproxy-connect.invalid"
+
+// ValidSNI reports whether name can be the public listener's crt-list
+// filter: a DNS name of lower-case labels, nothing HAProxy would read as an
+// option, a negation or a wildcard.
+func ValidSNI(name string) bool { return len(name) <= 253 && sniRE.MatchString(name) }
+
+// RenderCrtList returns the public listener's certificate list: one line,
+// the leaf with its verification settings and an SNI filter.
+//
+// The filter is what keeps mutual TLS across "commit ssl cert" on HAProxy
+// 2.6. A commit rebuilds each instance of the certificate
+// (ckch_inst_rebuild, src/ssl_ckch.c) and prepares the SSL_CTX of the new
+// instance (verify mode, CA list, ALPN, protocol versions:
+// ssl_sock_prep_ctx_and_inst) only through the instance's SNI entries.
+// Those come from the crt-list filters, else from the certificate's DNS
+// SANs and CN. A Consul leaf has neither (an empty subject and a SPIFFE URI
+// SAN only), so with a plain "crt" the new instance has no SNI entry, its
+// context is never prepared, and ssl_sock_load_cert_sni still installs it
+// as the bind's default context: from the first swap on, the listener asks
+// no client for a certificate, and the SPOE agent, which fails closed,
+// refuses every new connection. With a filter the new instance has one
+// SNI entry, its context is prepared with the line's (and the bind's)
+// settings, and that same context becomes the default, so a client with
+// that SNI, another or none gets the new leaf and is asked for its
+// certificate. The name itself only needs to be valid; the service's
+// Consul SNI is what Consul's own proxies send. (A filter of "*" does not
+// help: verification is lost as with no filter.)
+func RenderCrtList(s Spec) (string, error) {
+	if err := s.Validate(); err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%s [verify required ca-file %s] %s\n", s.LeafFile, s.RootsFile, s.SNI), nil
 }
 
 // RenderSPOE returns the SPOE configuration that sends the client

@@ -29,6 +29,8 @@ func baseSpec() Spec {
 		RootsFile:     goldenState + "/roots.pem",
 		SPOEFile:      goldenState + "/spoe.cfg",
 		AuthzMap:      goldenState + "/authz.map",
+		CrtList:       goldenState + "/public.crtlist",
+		SNI:           "web.default.dc1.internal.11111111-2222-3333-4444-555555555555.consul",
 		SPOAAddr:      "127.0.0.1:21999",
 		HardStopAfter: 30 * time.Second,
 		Public: Public{
@@ -65,6 +67,15 @@ func goldenSpecs() map[string]Spec {
 		upstream("grpc-svc", 9193, "grpc", 4, slots.Endpoint{Addr: "fd00::7", Port: 21000, Weight: 1}),
 	}
 
+	// A gRPC service: its application is reached over h2c.
+	grpc := baseSpec()
+	grpc.Service = "greeter"
+	grpc.Public.Protocol = "grpc"
+	grpc.AccessLog = true
+	grpc.Upstreams = []Upstream{
+		upstream("files", 9194, "http2", 2, slots.Endpoint{Addr: "10.0.0.9", Port: 21000, Weight: 1}),
+	}
+
 	// Freed slots in the middle render as several template ranges.
 	holes := baseSpec()
 	u := upstream("api", 9191, "tcp", 8,
@@ -74,7 +85,7 @@ func goldenSpecs() map[string]Spec {
 	holes.Upstreams = []Upstream{u}
 	holes.Public.BindAddr = "::"
 
-	return map[string]Spec{"tcp_no_upstreams": tcpOnly, "http_three_upstreams": http, "slot_holes_ipv6_bind": holes}
+	return map[string]Spec{"tcp_no_upstreams": tcpOnly, "http_three_upstreams": http, "slot_holes_ipv6_bind": holes, "grpc_http2_upstream": grpc}
 }
 
 // render returns the HAProxy config and the SPOE file for spec.
@@ -95,7 +106,11 @@ func TestRenderGolden(t *testing.T) {
 	for name, spec := range goldenSpecs() {
 		t.Run(name, func(t *testing.T) {
 			cfg, spoe := render(t, spec)
-			for file, got := range map[string]string{name + ".golden": cfg, name + ".spoe.golden": spoe} {
+			crtList, err := RenderCrtList(spec)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for file, got := range map[string]string{name + ".golden": cfg, name + ".spoe.golden": spoe, name + ".crtlist.golden": crtList} {
 				path := filepath.Join("testdata", file)
 				if *update {
 					if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
@@ -134,6 +149,7 @@ func TestGoldenFilesPassHAProxyCheck(t *testing.T) {
 				return strings.ReplaceAll(string(b), goldenState+"/", dir+"/")
 			}
 			testenv.WriteFile(t, dir, "spoe.cfg", read(name+".spoe.golden"))
+			testenv.WriteFile(t, dir, "public.crtlist", read(name+".crtlist.golden"))
 			cfg := testenv.WriteFile(t, dir, "haproxy.cfg", read(name+".golden"))
 			out, err := exec.Command(bin, "-c", "-f", cfg).CombinedOutput()
 			if err != nil {
@@ -163,6 +179,12 @@ func TestValidateRejects(t *testing.T) {
 		{"public local address", func(s *Spec) { s.Public.LocalAddr = "127.0.0.1 check" }},
 		{"relative leaf file", func(s *Spec) { s.LeafFile = "leaf.pem" }},
 		{"file with space", func(s *Spec) { s.RootsFile = "/a b.pem" }},
+		{"relative crt-list", func(s *Spec) { s.CrtList = "public.crtlist" }},
+		{"no SNI", func(s *Spec) { s.SNI = "" }},
+		{"wildcard SNI", func(s *Spec) { s.SNI = "*" }},
+		{"SNI with an option", func(s *Spec) { s.SNI = "web.consul [verify none]" }},
+		{"SNI with a newline", func(s *Spec) { s.SNI = "web.consul\n/etc/other.pem" }},
+		{"negated SNI", func(s *Spec) { s.SNI = "!web.consul" }},
 		{"spoe addr", func(s *Spec) { s.SPOAAddr = "127.0.0.1" }},
 		{"slot endpoint hostname", func(s *Spec) { s.Upstreams[0].Slots.Slots[0].Addr = "evil host" }},
 		{"slot endpoint zone with a program section", func(s *Spec) {

@@ -36,7 +36,7 @@ var configShapes = []string{
 	`    timeout (connect|client|server|http-request|http-keep-alive) \d+(ms|s|m|h)`,
 	`(frontend|backend) ` + shapeIdent,
 	`    mode (tcp|http)`,
-	`    bind ` + shapeAddrPort + ` ssl crt ` + shapePath + ` ca-file ` + shapePath + ` verify required( alpn h2,http/1\.1)?`,
+	`    bind ` + shapeAddrPort + ` ssl crt-list ` + shapePath + ` ca-file ` + shapePath + ` verify required( alpn h2,http/1\.1)?`,
 	`    bind ` + shapeAddrPort,
 	`    filter spoe engine intentions config ` + shapePath,
 	`    tcp-request inspect-delay 5s`,
@@ -53,7 +53,8 @@ var configShapes = []string{
 	`    default_backend ` + shapeIdent,
 	`    balance roundrobin`,
 	`    default-server ssl crt ` + shapePath + ` ca-file ` + shapePath + ` verify required( alpn (h2|h2,http/1\.1))?`,
-	`    server (app|agent) ` + shapeAddrPort,
+	`    server app ` + shapeAddrPort + `( proto h2)?`,
+	`    server agent ` + shapeAddrPort,
 	`    server s\d+ ` + shapeAddrPort + ` weight \d+`,
 	`    server-template s \d+-\d+ 127\.0\.0\.1:1 disabled`,
 }

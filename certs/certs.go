@@ -62,7 +62,7 @@ func NewBundle(certPEM, keyPEM string, now time.Time) (Bundle, error) {
 		b.Write(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}))
 	}
 	b.Write(pem.EncodeToMemory(keyBlock))
-	return Bundle{PEM: b.String(), Serial: serialHex(leaf), NotAfter: leaf.NotAfter, SPIFFE: id}, nil
+	return Bundle{PEM: b.String(), Serial: SerialOf(leaf), NotAfter: leaf.NotAfter, SPIFFE: id}, nil
 }
 
 // Roots is the set of trusted CA roots: every root Consul lists, so that
@@ -165,7 +165,9 @@ func publicKeyMatches(pub crypto.PublicKey, key crypto.PrivateKey) bool {
 	return ok && e.Equal(pub)
 }
 
-func serialHex(c *x509.Certificate) string {
+// SerialOf is c's serial number as Consul reports it: lower-case hex bytes
+// joined by colons.
+func SerialOf(c *x509.Certificate) string {
 	b := c.SerialNumber.Bytes()
 	parts := make([]string, len(b))
 	for i, x := range b {
@@ -212,6 +214,22 @@ func ParseSPIFFE(s string) (ID, error) {
 		}
 	}
 	return id, nil
+}
+
+// SNI is the TLS server name Consul gives the service of id:
+// <service>.<namespace>.<datacenter>.internal.<trust domain>, with the
+// partition before the datacenter and "internal-v1" outside the default
+// partition (Consul's connect.ServiceSNI), in lower case as HAProxy
+// compares server names.
+func (id ID) SNI() string {
+	return strings.ToLower(id.sni())
+}
+
+func (id ID) sni() string {
+	if id.Partition == "" || id.Partition == "default" {
+		return strings.Join([]string{id.Service, id.Namespace, id.Datacenter, "internal", id.TrustDomain}, ".")
+	}
+	return strings.Join([]string{id.Service, id.Namespace, id.Partition, id.Datacenter, "internal-v1", id.TrustDomain}, ".")
 }
 
 // SPIFFEOf returns the one SPIFFE URI SAN of c.

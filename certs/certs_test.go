@@ -71,9 +71,12 @@ func TestParseSPIFFE(t *testing.T) {
 	good := []struct {
 		in   string
 		want ID
+		sni  string
 	}{
-		{webID, ID{TrustDomain: "11111111-2222.consul", Partition: "default", Namespace: "default", Datacenter: "dc1", Service: "web"}},
-		{"spiffe://td.consul/ap/team/ns/ns1/dc/dc2/svc/api", ID{TrustDomain: "td.consul", Partition: "team", Namespace: "ns1", Datacenter: "dc2", Service: "api"}},
+		{webID, ID{TrustDomain: "11111111-2222.consul", Partition: "default", Namespace: "default", Datacenter: "dc1", Service: "web"},
+			"web.default.dc1.internal.11111111-2222.consul"},
+		{"spiffe://td.consul/ap/team/ns/ns1/dc/dc2/svc/api", ID{TrustDomain: "td.consul", Partition: "team", Namespace: "ns1", Datacenter: "dc2", Service: "api"},
+			"api.ns1.team.dc2.internal-v1.td.consul"},
 	}
 	for _, tt := range good {
 		got, err := ParseSPIFFE(tt.in)
@@ -82,6 +85,9 @@ func TestParseSPIFFE(t *testing.T) {
 		}
 		if diff := cmp.Diff(tt.want, got); diff != "" {
 			t.Errorf("%s (-want +got):\n%s", tt.in, diff)
+		}
+		if sni := got.SNI(); sni != tt.sni {
+			t.Errorf("%s: SNI %q, want %q", tt.in, sni, tt.sni)
 		}
 	}
 	for _, bad := range []string{"", "web", "https://td/ns/default/dc/dc1/svc/web", "spiffe://td/ns/default/dc/dc1/svc/", "spiffe:///ns/a/dc/b/svc/c",

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -43,7 +44,8 @@ type Config struct {
 	HAProxyOutput io.Writer
 	// MinSlots is the smallest number of server slots per upstream (default 8).
 	MinSlots int
-	// HardStopAfter bounds old workers after a reload (default 30 s).
+	// HardStopAfter bounds old workers after a reload
+	// (DefaultHardStopAfter).
 	HardStopAfter time.Duration
 	// InitialWait is how long the first start waits for every upstream's
 	// first endpoint list, so HAProxy starts with endpoints (default 3 s).
@@ -73,9 +75,11 @@ type Controller struct {
 	rt     haproxyAPI
 	// startMaster starts HAProxy on the rendered configuration.
 	startMaster func(ctx context.Context) (*runtime.Master, error)
-	events      chan func(*desired)
-	metrics     *Metrics
-	ready       atomic.Bool
+	// checkBind is checkBind; tests replace it.
+	checkBind func(ctx context.Context, bind netip.AddrPort, wantSerial string) (bindResult, string, error)
+	events    chan func(*desired)
+	metrics   *Metrics
+	ready     atomic.Bool
 	// authzGen is the intentions generation published by the SPOE agent;
 	// authzKick wakes the loop to apply it.
 	authzGen  atomic.Uint64
@@ -94,6 +98,10 @@ type Controller struct {
 	leafStop context.CancelFunc
 	leafFor  string
 	retry    *time.Timer
+	retryAt  time.Time // when retry fires; zero when it is stopped
+	// lastLeafSwap is when the leaf was last swapped at run time (see
+	// LeafSwapInterval).
+	lastLeafSwap time.Time
 	// reloadBackoff spaces attempts after a failed reload (5 s doubling to
 	// 1 min, reset by a success); until reloadAfter, runtime changes keep
 	// being applied to the running configuration.
@@ -128,7 +136,7 @@ func (d *desired) setEndpoints(name string, eps []slots.Endpoint, at time.Time) 
 // applied is what HAProxy runs.
 type applied struct {
 	sidecar  Sidecar
-	leafPEM  string
+	leaf     *certs.Bundle
 	rootsPEM string
 	tables   map[string]slots.Table
 	authzGen uint64 // the generation in HAProxy's authz map
@@ -138,6 +146,16 @@ type upstreamWatch struct {
 	up     Upstream
 	cancel context.CancelFunc
 }
+
+// DefaultHardStopAfter is how long an old worker keeps its connections
+// after a reload. HTTP connections leave it at once (idle keep-alive ones
+// are closed, h2 ones get GOAWAY, and callers retry on the new worker);
+// a TCP connection cannot move, so it lives on the old worker until it
+// ends or this passes. Reloads are rare here (an upstream added or
+// removed, new CA roots), so the default favours long TCP connections:
+// a CA rotation, whose re-issued leaves Consul spreads over tens of
+// seconds, must not cut a database session. Envoy drains for 10 minutes.
+const DefaultHardStopAfter = 5 * time.Minute
 
 // New checks cfg and returns a controller; Run starts it.
 func New(cfg Config) (*Controller, error) {
@@ -157,7 +175,7 @@ func New(cfg Config) (*Controller, error) {
 		cfg.MinSlots = 8
 	}
 	if cfg.HardStopAfter <= 0 {
-		cfg.HardStopAfter = 30 * time.Second
+		cfg.HardStopAfter = DefaultHardStopAfter
 	}
 	if cfg.InitialWait <= 0 {
 		cfg.InitialWait = 3 * time.Second
@@ -184,6 +202,7 @@ func New(cfg Config) (*Controller, error) {
 	c.startMaster = func(ctx context.Context) (*runtime.Master, error) {
 		return runtime.StartMaster(ctx, cfg.HAProxyBin, c.path("haproxy.cfg"), c.rt.Socket(), cfg.HAProxyOutput)
 	}
+	c.checkBind = checkBind
 	return c, nil
 }
 
@@ -284,6 +303,7 @@ func (c *Controller) Run(ctx context.Context) error {
 				}
 			}
 		case <-c.retry.C:
+			c.retryAt = time.Time{}
 		case <-c.authzKick:
 		}
 		if err := c.reconcile(ctx); err != nil {
@@ -310,9 +330,16 @@ func (c *Controller) shutdown() {
 	}
 }
 
+// scheduleRetry wakes the loop within d; an earlier wake-up already
+// scheduled stands, so no caller's retry is pushed back by another's.
 func (c *Controller) scheduleRetry(d time.Duration) {
+	at := time.Now().Add(d)
+	if !c.retryAt.IsZero() && c.retryAt.Before(at) {
+		return
+	}
 	c.retry.Stop()
 	c.retry.Reset(d)
+	c.retryAt = at
 }
 
 // reconcile moves HAProxy toward the desired state. Only a failure to start
@@ -357,7 +384,7 @@ func (c *Controller) reconcile(ctx context.Context) error {
 			return nil
 		}
 	}
-	if d.leaf.PEM != c.applied.leafPEM {
+	if d.leaf.PEM != c.applied.leaf.PEM {
 		c.rotateLeaf(ctx)
 	}
 	c.applyAuthzGeneration(ctx)
@@ -428,6 +455,8 @@ func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.S
 		RootsFile:     c.path("roots.pem"),
 		SPOEFile:      c.path("spoe.cfg"),
 		AuthzMap:      c.path("authz.map"),
+		CrtList:       c.path("public.crtlist"),
+		SNI:           c.publicSNI(),
 		SPOAAddr:      c.cfg.SPOAAddr,
 		HardStopAfter: c.cfg.HardStopAfter,
 		AccessLog:     c.cfg.AccessLog,
@@ -453,10 +482,15 @@ func (c *Controller) writeConfig(spec bootstrap.Spec, authzGen uint64) error {
 	if err != nil {
 		return err
 	}
+	crtList, err := bootstrap.RenderCrtList(spec)
+	if err != nil {
+		return err
+	}
 	for _, f := range []struct{ path, content string }{
 		{spec.LeafFile, c.desired.leaf.PEM},
 		{spec.RootsFile, c.desired.roots.PEM},
 		{spec.SPOEFile, spoe},
+		{spec.CrtList, crtList},
 		{spec.AuthzMap, bootstrap.RenderAuthzMap(authzGen)},
 		{c.path("haproxy.cfg"), cfg},
 	} {
@@ -481,7 +515,7 @@ func (c *Controller) start(ctx context.Context) error {
 		return err
 	}
 	c.master = m
-	c.applied = applied{sidecar: sc, leafPEM: c.desired.leaf.PEM, rootsPEM: c.desired.roots.PEM, tables: tables, authzGen: gen}
+	c.applied = applied{sidecar: sc, leaf: c.desired.leaf, rootsPEM: c.desired.roots.PEM, tables: tables, authzGen: gen}
 	c.authzGenerationApplied(gen)
 	clear(c.desired.dirty)
 	c.ready.Store(true)
@@ -512,7 +546,7 @@ func (c *Controller) reload(ctx context.Context, reason string) bool {
 	}
 	c.reloadBackoff, c.reloadAfter = 0, time.Time{}
 	c.metrics.reloads.Add(1)
-	c.applied = applied{sidecar: sc, leafPEM: c.desired.leaf.PEM, rootsPEM: c.desired.roots.PEM, tables: tables, authzGen: gen}
+	c.applied = applied{sidecar: sc, leaf: c.desired.leaf, rootsPEM: c.desired.roots.PEM, tables: tables, authzGen: gen}
 	c.authzGenerationApplied(gen)
 	clear(c.desired.dirty)
 	c.metrics.setEndpoints(tables)
@@ -529,11 +563,27 @@ func (c *Controller) reloadFailed() time.Duration {
 	return c.reloadBackoff
 }
 
+// LeafSwapInterval is the least time between two run-time swaps of the
+// leaf. Consul hands out a new leaf on every fetch while a leaf's lifetime
+// is under 10 minutes (its agent/leafcert soft expiry), so a short
+// LeafCertTTL would otherwise make the sidecar swap many times a second;
+// each swap builds new TLS contexts in every worker. The newest leaf waits
+// out the interval, unless the one HAProxy serves expires first.
+const LeafSwapInterval = 5 * time.Second
+
 // rotateLeaf writes the new leaf to disk (for the next reload) and swaps it
 // in memory: one "set ssl cert" + "commit" replaces it on the public bind
-// and on every upstream server that uses it as client certificate.
+// (through its crt-list entry: see bootstrap.RenderCrtList) and on every
+// upstream server that uses it as client certificate. Then a handshake
+// checks that the public listener serves the new leaf and still asks for
+// a client certificate; if not, a reload (which reads the written files)
+// restores it.
 func (c *Controller) rotateLeaf(ctx context.Context) {
 	leaf := c.desired.leaf
+	if wait := time.Until(c.lastLeafSwap.Add(LeafSwapInterval)); wait > 0 && time.Until(c.applied.leaf.NotAfter) > wait {
+		c.scheduleRetry(wait)
+		return
+	}
 	file := c.path("leaf.pem")
 	if err := certs.WriteFile(file, leaf.PEM); err != nil {
 		c.log.Error("leaf rotation: write file", zap.Error(err))
@@ -546,9 +596,40 @@ func (c *Controller) rotateLeaf(ctx context.Context) {
 		c.scheduleRetry(5 * time.Second)
 		return
 	}
-	c.applied.leafPEM = leaf.PEM
+	c.lastLeafSwap = time.Now()
+	c.applied.leaf = leaf
 	c.metrics.leafRotations.Add(1)
 	c.log.Info("leaf certificate rotated", zap.String("serial", leaf.Serial), zap.Time("not_after", leaf.NotAfter), zap.String("spiffe", leaf.SPIFFE))
+
+	p := c.applied.sidecar.Public
+	bind := netip.AddrPortFrom(netip.MustParseAddr(p.BindAddr), uint16(p.BindPort))
+	res, served, err := c.checkBind(ctx, bind, leaf.Serial)
+	c.metrics.bindChecks[res].Add(1)
+	switch res {
+	case bindOK:
+		c.log.Debug("public listener checked after the leaf swap", zap.String("serial", served))
+	case bindUnreachable:
+		c.log.Warn("public listener not checked after the leaf swap", zap.Stringer("bind", bind), zap.Error(err))
+	default:
+		reason := "public listener lost client certificate verification after the leaf swap"
+		if res == bindWrongLeaf {
+			reason = "public listener serves another leaf after the swap"
+		}
+		c.log.Error(reason, zap.Stringer("bind", bind), zap.String("want_serial", leaf.Serial), zap.String("served_serial", served))
+		c.reload(ctx, reason)
+	}
+}
+
+// publicSNI is the public listener's crt-list filter: the service's Consul
+// SNI name, from the leaf's SPIFFE ID, or a fixed name where that is not a
+// plain DNS name (any name serves, see bootstrap.RenderCrtList).
+func (c *Controller) publicSNI() string {
+	if id, err := certs.ParseSPIFFE(c.desired.leaf.SPIFFE); err == nil {
+		if sni := id.SNI(); bootstrap.ValidSNI(sni) {
+			return sni
+		}
+	}
+	return bootstrap.FallbackSNI
 }
 
 // applyEndpoints sends every upstream's slot operations in one batch.

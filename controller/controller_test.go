@@ -3,6 +3,7 @@ package controller
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -115,6 +116,11 @@ func TestReconcileTranscript(t *testing.T) {
 	// Watches are not under test: pretend they already run.
 	c.watches["up_api"] = &upstreamWatch{up: up("api", 9191), cancel: func() {}}
 	c.leafFor, c.leafStop = "web", func() {}
+	// The handshake with the public listener after a swap reports bindRes.
+	bindRes := bindOK
+	c.checkBind = func(_ context.Context, _ netip.AddrPort, want string) (bindResult, string, error) {
+		return bindRes, want, nil
+	}
 
 	otherCA := testenv.NewCA(t, "next root")
 	steps := []struct {
@@ -143,6 +149,26 @@ func TestReconcileTranscript(t *testing.T) {
 			d.setEndpoints("up_api", []slots.Endpoint{ep(2, 21000), {Addr: "10.0.0.3", Port: 21000, Weight: 9}}, time.Now())
 		}, "", []string{"@1 set server up_api/s3 weight 9"}},
 		{"leaf rotation is a cert update, not a reload", func(d *desired) { d.leaf = leaf() }, "", []string{"update cert leaf.pem"}},
+		{"a newer leaf within the swap interval waits", func(d *desired) { d.leaf = leaf() }, "", nil},
+		{"after the interval the newest leaf is swapped", func(d *desired) {
+			d.leaf = leaf()
+			c.lastLeafSwap = time.Now().Add(-LeafSwapInterval)
+		}, "", []string{"update cert leaf.pem"}},
+		{"a swap after which the listener asks no client certificate is repaired by a reload", func(d *desired) {
+			d.leaf = leaf()
+			c.lastLeafSwap = time.Time{}
+			bindRes = bindNoClientCertRequest
+		}, "", []string{"update cert leaf.pem", "reload: public listener lost client certificate verification after the leaf swap"}},
+		{"a swap after which the listener serves another leaf is repaired by a reload", func(d *desired) {
+			d.leaf = leaf()
+			c.lastLeafSwap = time.Time{}
+			bindRes = bindWrongLeaf
+		}, "", []string{"update cert leaf.pem", "reload: public listener serves another leaf after the swap"}},
+		{"an unreachable listener is logged, not reloaded for", func(d *desired) {
+			d.leaf = leaf()
+			c.lastLeafSwap = time.Time{}
+			bindRes = bindUnreachable
+		}, "", []string{"update cert leaf.pem"}},
 		{"more endpoints than slots: add server, no reload", func(d *desired) {
 			d.setEndpoints("up_api", []slots.Endpoint{ep(2, 21000), {Addr: "10.0.0.3", Port: 21000, Weight: 9}, ep(4, 21000), ep(5, 21000), ep(6, 21000), ep(7, 21000), ep(8, 21000), ep(9, 21000), ep(10, 21000)}, time.Now())
 		}, "", []string{
@@ -209,8 +235,13 @@ func TestReconcileTranscript(t *testing.T) {
 	if started != 1 {
 		t.Errorf("haproxy started %d times, want 1", started)
 	}
-	if c.metrics.Reloads() != 3 {
-		t.Errorf("reloads = %d, want 3", c.metrics.Reloads())
+	if c.metrics.Reloads() != 5 {
+		t.Errorf("reloads = %d, want 5", c.metrics.Reloads())
+	}
+	for r, want := range map[bindResult]uint64{bindOK: 2, bindNoClientCertRequest: 1, bindWrongLeaf: 1, bindUnreachable: 1} {
+		if got := c.metrics.bindChecks[r].Load(); got != want {
+			t.Errorf("bind checks %s = %d, want %d", r, got, want)
+		}
 	}
 	cfg, err := os.ReadFile(filepath.Join(dir, "haproxy.cfg"))
 	if err != nil {

@@ -130,7 +130,7 @@ func FuzzParseRegistration(f *testing.F) {
 			t.Fatalf("%d upstreams kept and %d rejected, of 2", len(sc.Upstreams), len(rejected))
 		}
 		spec := bootstrap.Spec{Service: sc.Service, LeafFile: "/s/leaf.pem", RootsFile: "/s/roots.pem", SPOEFile: "/s/spoe.cfg",
-			AuthzMap: "/s/authz.map", SPOAAddr: "127.0.0.1:1", HardStopAfter: 1e9, Public: sc.Public}
+			AuthzMap: "/s/authz.map", CrtList: "/s/leaf.crtlist", SNI: bootstrap.FallbackSNI, SPOAAddr: "127.0.0.1:1", HardStopAfter: 1e9, Public: sc.Public}
 		for _, u := range sc.Upstreams {
 			if u.Destination != dest && u.Destination != "fixed" {
 				t.Fatalf("destination %q from %q", u.Destination, dest)

@@ -17,6 +17,9 @@ type Metrics struct {
 	reloads, reloadFailures, leafRotations  atomic.Uint64
 	runtimeCommands, runtimeErrors, batches atomic.Uint64
 	endpointUpdates                         atomic.Uint64
+	// bindChecks counts the handshakes that check the public listener
+	// after a leaf swap, by outcome (see bindCheck).
+	bindChecks [numBindResults]atomic.Uint64
 	// propagation is, per applied endpoint change, the time from Consul's
 	// answer arriving to HAProxy confirming the runtime batch.
 	propagation           histogram
@@ -68,6 +71,11 @@ func (m *Metrics) WriteTo(w io.Writer) (int64, error) {
 	counter("haproxy_connect_reloads_total", "Confirmed HAProxy reloads.", m.reloads.Load())
 	counter("haproxy_connect_reload_failures_total", "Reloads that failed or were not confirmed.", m.reloadFailures.Load())
 	counter("haproxy_connect_leaf_rotations_total", "Leaf certificates swapped through the runtime API.", m.leafRotations.Load())
+	p("# HELP haproxy_connect_leaf_bind_checks_total Handshakes with the public listener after a leaf swap, by result: ok, no_client_cert_request (mutual TLS lost: the sidecar reloads), wrong_leaf (the new leaf not served: it reloads), unreachable.")
+	p("# TYPE haproxy_connect_leaf_bind_checks_total counter")
+	for r := range numBindResults {
+		p("haproxy_connect_leaf_bind_checks_total{result=%q} %d", r.String(), m.bindChecks[r].Load())
+	}
 	counter("haproxy_connect_runtime_commands_total", "Runtime commands sent to the master socket.", m.runtimeCommands.Load())
 	counter("haproxy_connect_runtime_errors_total", "Runtime commands or batches that failed.", m.runtimeErrors.Load())
 	counter("haproxy_connect_runtime_batches_total", "Batches of runtime commands sent.", m.batches.Load())

@@ -5,10 +5,12 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -46,6 +48,7 @@ func startSkeleton(t *testing.T) *skeleton {
 	name, _ := bootstrap.UpstreamName("api", "")
 	spec := bootstrap.Spec{
 		Service: "web", LeafFile: leaf, RootsFile: roots, SPOEFile: filepath.Join(dir, "spoe.cfg"), AuthzMap: testenv.WriteFile(t, dir, "authz.map", bootstrap.RenderAuthzMap(0)),
+		CrtList: filepath.Join(dir, "public.crtlist"), SNI: "web.default.dc1.internal.t.consul",
 		SPOAAddr: fmt.Sprintf("127.0.0.1:%d", ports[0]), HardStopAfter: 5 * time.Second,
 		Public: bootstrap.Public{BindAddr: "127.0.0.1", BindPort: ports[1], LocalAddr: "127.0.0.1", LocalPort: ports[2]},
 		Upstreams: []bootstrap.Upstream{{Name: name, Destination: "api", BindAddr: "127.0.0.1", BindPort: ports[3],
@@ -56,6 +59,11 @@ func startSkeleton(t *testing.T) *skeleton {
 		t.Fatal(err)
 	}
 	testenv.WriteFile(t, dir, "spoe.cfg", spoe)
+	crtList, err := bootstrap.RenderCrtList(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	testenv.WriteFile(t, dir, "public.crtlist", crtList)
 	cfg, err := bootstrap.Render(spec)
 	if err != nil {
 		t.Fatal(err)
@@ -390,4 +398,96 @@ func TestKeptSessions(t *testing.T) {
 	for err := range errs {
 		t.Error(err)
 	}
+}
+
+// handshake connects to a TLS listener without a client certificate and
+// reports whether the listener asked for one, and the serial it served.
+func handshake(t *testing.T, port int, sni string) (asked bool, serial string) {
+	t.Helper()
+	c, err := tls.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port), &tls.Config{
+		InsecureSkipVerify: true,
+		ServerName:         sni,
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			asked = true
+			return &tls.Certificate{}, nil
+		},
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
+			if p, err := x509.ParseCertificate(raw[0]); err == nil {
+				serial = p.SerialNumber.String()
+			}
+			return nil
+		},
+	})
+	if err == nil {
+		c.Close()
+	}
+	if serial == "" {
+		t.Fatalf("no handshake with 127.0.0.1:%d: %v", port, err)
+	}
+	return asked, serial
+}
+
+// TestLeafSwapKeepsClientCertRequest: after "set ssl cert" + "commit ssl
+// cert" of a Consul-shaped leaf (empty subject, a URI SAN only), the public
+// listener as rendered (a crt-list line with an SNI filter) serves the new
+// leaf and still asks every client for its certificate, with the service's
+// SNI, another or none. The same swap on a plain "crt" bind loses the
+// request on HAProxy 2.6 (see bootstrap.RenderCrtList for why); that case
+// is asserted on 2.6 only, where the mechanism was read.
+func TestLeafSwapKeepsClientCertRequest(t *testing.T) {
+	for _, tt := range []struct {
+		name     string
+		plainCrt bool
+	}{{"rendered crt-list", false}, {"plain crt", true}} {
+		t.Run(tt.name, func(t *testing.T) {
+			sk := startSkeleton(t)
+			if tt.plainCrt {
+				cfg, err := bootstrap.Render(sk.spec)
+				if err != nil {
+					t.Fatal(err)
+				}
+				cfg = strings.Replace(cfg, "ssl crt-list "+sk.spec.CrtList, "ssl crt "+sk.leafFile, 1)
+				testenv.WriteFile(t, sk.dir, "haproxy.cfg", cfg)
+				if _, err := sk.rt.Reload(context.Background(), "plain crt bind"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			names := []string{"", sk.spec.SNI, "other.example"}
+			for _, sni := range names {
+				if asked, _ := handshake(t, sk.pubPort, sni); !asked {
+					t.Fatalf("before the swap, SNI %q: no client certificate request", sni)
+				}
+			}
+			cert, key := sk.ca.Leaf(t, "spiffe://t.consul/ns/default/dc/dc1/svc/web")
+			if err := sk.rt.UpdateCert(context.Background(), sk.leafFile, cert+key); err != nil {
+				t.Fatal(err)
+			}
+			p, _ := pem.Decode([]byte(cert))
+			leaf, err := x509.ParseCertificate(p.Bytes)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, sni := range names {
+				asked, serial := handshake(t, sk.pubPort, sni)
+				if serial != leaf.SerialNumber.String() {
+					t.Errorf("SNI %q: serial %s served, want the new %s", sni, serial, leaf.SerialNumber)
+				}
+				switch {
+				case !tt.plainCrt && !asked:
+					t.Errorf("SNI %q: no client certificate request after the swap", sni)
+				case tt.plainCrt && asked && haproxy26(t):
+					t.Errorf("SNI %q: HAProxy 2.6 kept the request on a plain crt bind; the reason for the crt-list is gone", sni)
+				}
+			}
+		})
+	}
+}
+
+// haproxy26 reports whether the HAProxy under test is a 2.6 release.
+func haproxy26(t *testing.T) bool {
+	out, err := exec.Command(testenv.HAProxyBin(t), "-v").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.HasPrefix(string(out), "HAProxy version 2.6.")
 }

@@ -59,6 +59,8 @@ func startSidecar(t *testing.T) *sidecar {
 		RootsFile:     testenv.WriteFile(t, dir, "roots.pem", rootsPEM.String()),
 		SPOEFile:      filepath.Join(dir, "spoe.cfg"),
 		AuthzMap:      testenv.WriteFile(t, dir, "authz.map", bootstrap.RenderAuthzMap(0)),
+		CrtList:       filepath.Join(dir, "public.crtlist"),
+		SNI:           "web.default.dc1.internal.t.consul",
 		SPOAAddr:      fmt.Sprintf("127.0.0.1:%d", ports[0]),
 		HardStopAfter: 5 * time.Second,
 		Public: bootstrap.Public{BindAddr: "127.0.0.1", BindPort: ports[1],
@@ -69,6 +71,11 @@ func startSidecar(t *testing.T) *sidecar {
 		t.Fatal(err)
 	}
 	testenv.WriteFile(t, dir, "spoe.cfg", spoeCfg)
+	crtList, err := bootstrap.RenderCrtList(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	testenv.WriteFile(t, dir, "public.crtlist", crtList)
 	cfg, err := bootstrap.Render(spec)
 	if err != nil {
 		t.Fatal(err)

@@ -210,41 +210,6 @@ func TestAddUpstream(t *testing.T) {
 	}
 }
 
-// TestLeafRotation: Consul renews the leaf (a 100 s TTL: Consul backdates
-// NotBefore by a minute, so the leaf lives 40 s and is renewed at 60-90 %
-// of its TTL, 0-30 s from now); the sidecar swaps
-// it through the runtime API without a reload, and clients see the new one.
-func TestLeafRotation(t *testing.T) {
-	consul := testenv.Consul(t, testenv.ConsulOptions{LeafCertTTL: "100s", SkipCAValidation: true})
-	c := consul.Client
-	ports := testenv.FreePorts(t, 1)
-	register(t, c, "server", httpApp(t, "server"), ports[0], map[string]any{"protocol": "http"})
-	s := startSidecar(t, consul, "server")
-	serial := func() string {
-		conn, err := tls.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", ports[0]), &tls.Config{InsecureSkipVerify: true})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer conn.Close()
-		return conn.ConnectionState().PeerCertificates[0].SerialNumber.String()
-	}
-	first := serial()
-	before := s.reloads(t)
-	took := eventually(t, 60*time.Second, "a renewed leaf is served", func() error {
-		if serial() == first {
-			return errors.New("still the first leaf")
-		}
-		return nil
-	})
-	t.Logf("new leaf served after %s", took)
-	if got := s.reloads(t) - before; got != 0 {
-		t.Errorf("%d reloads for a leaf rotation, want 0", got)
-	}
-	if !strings.Contains(s.out.String(), "leaf certificate rotated") {
-		t.Errorf("rotation not logged")
-	}
-}
-
 // TestBadRegistration: upstreams that would inject config or have a port
 // out of range are reported with a clear error; the good one works.
 func TestBadRegistration(t *testing.T) {
@@ -369,71 +334,6 @@ func TestServerReloadUnderConcurrentLoad(t *testing.T) {
 		t.Errorf("%d of %d requests failed across 5 server reloads; first: %v", failed, ok+failed, firstErr)
 	}
 	t.Logf("5 server reloads under 16 concurrent clients: %d requests ok, %d failed", ok, failed)
-}
-
-// TestCARotation: Consul's CA moves to a new root (a new key type makes it
-// generate and cross-sign one). The sidecars trust both roots, reload once
-// for the new roots (HAProxy 2.6 cannot hot-swap CA files safely), take the
-// re-issued leaves, and requests keep succeeding throughout.
-func TestCARotation(t *testing.T) {
-	m := startMesh(t, testenv.ConsulOptions{}, "http")
-	c, ports, server, client := m.c, m.ports, m.server, m.client
-	eventually(t, 10*time.Second, "mesh serves", get200(ports[3]))
-	rootsBefore, _, err := c.Agent().ConnectCARoots(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	before := map[*sidecar]int{server: server.reloads(t), client: client.reloads(t)}
-
-	stopLoad := load(get200(ports[3]))
-	conf, _, err := c.Connect().CAGetConfig(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	conf.Config["PrivateKeyType"] = "rsa"
-	conf.Config["PrivateKeyBits"] = 2048
-	if _, err := c.Connect().CASetConfig(conf, nil); err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, 20*time.Second, "both sidecars reloaded for the new roots", func() error {
-		for s, n := range before {
-			if s.reloads(t) <= n {
-				return errors.New("not yet")
-			}
-		}
-		return nil
-	})
-	// The leaf served by the server sidecar comes from the new root.
-	eventually(t, 20*time.Second, "server sidecar serves a leaf of the new root", func() error {
-		conn, err := tls.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", ports[0]), &tls.Config{InsecureSkipVerify: true})
-		if err != nil {
-			return err
-		}
-		defer conn.Close()
-		for _, r := range rootsBefore.Roots {
-			if r.Active && strings.Contains(conn.ConnectionState().PeerCertificates[0].Issuer.String(), r.Name) {
-				return errors.New("still issued under the old root")
-			}
-		}
-		return nil
-	})
-	time.Sleep(300 * time.Millisecond)
-	ok, failed, firstErr := stopLoad()
-	if ok == 0 || failed > 0 {
-		t.Errorf("%d of %d requests failed across the CA rotation; first: %v", failed, ok+failed, firstErr)
-	}
-	for s, n := range before {
-		if got := s.reloads(t) - n; got != 1 {
-			t.Errorf("%d reloads for one CA rotation, want 1", got)
-		}
-		if !strings.Contains(s.out.String(), "CA roots changed") {
-			t.Errorf("the reload reason is not logged")
-		}
-	}
-	t.Logf("CA rotation: %d requests ok, %d failed", ok, failed)
-	if failed > 0 {
-		t.Logf("server sidecar:\n%s", server.out.String())
-	}
 }
 
 // TestPreparedQueryUpstream: an upstream of type prepared_query serves the

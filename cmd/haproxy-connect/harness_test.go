@@ -98,6 +98,12 @@ func startSidecar(t *testing.T, consul *testenv.ConsulProc, id string, extra ...
 		if t.Failed() {
 			t.Logf("sidecar %s output:\n%s", id, failureLog(s.out.String(), 300, 20))
 		}
+		// HC_TEST_LOGDIR keeps every sidecar's whole output, for a
+		// failure whose cause the excerpt above leaves out.
+		if dir := os.Getenv("HC_TEST_LOGDIR"); dir != "" {
+			name := strings.NewReplacer("/", "_", " ", "_").Replace(t.Name()) + "." + id + "." + time.Now().Format("150405.000") + ".log"
+			_ = os.WriteFile(filepath.Join(dir, name), []byte(s.out.String()), 0o644)
+		}
 	})
 	s.rt = runtime.New(filepath.Join(s.stateDir, "master.sock"), nil)
 	t.Cleanup(func() { _ = s.rt.Close() })
@@ -206,13 +212,17 @@ type mesh struct {
 // client's sidecar.
 func startMesh(t *testing.T, opts testenv.ConsulOptions, proto string, clientArgs ...string) *mesh {
 	t.Helper()
-	m := &mesh{consul: testenv.Consul(t, opts), ports: testenv.FreePorts(t, 4)}
-	m.c = m.consul.Client
 	if proto == "http" {
-		m.app = httpApp(t, "server")
-	} else {
-		m.app = tcpApp(t, "hello from server")
+		return startMeshWith(t, opts, proto, httpApp(t, "server"), clientArgs...)
 	}
+	return startMeshWith(t, opts, proto, tcpApp(t, "hello from server"), clientArgs...)
+}
+
+// startMeshWith is startMesh with the server application listening on app.
+func startMeshWith(t *testing.T, opts testenv.ConsulOptions, proto string, app int, clientArgs ...string) *mesh {
+	t.Helper()
+	m := &mesh{consul: testenv.Consul(t, opts), ports: testenv.FreePorts(t, 4), app: app}
+	m.c = m.consul.Client
 	register(t, m.c, "server", m.app, m.ports[0], map[string]any{"protocol": proto})
 	m.upstream = api.Upstream{DestinationName: "server", LocalBindPort: m.ports[3], Config: map[string]any{"protocol": proto}}
 	register(t, m.c, "client", m.ports[1], m.ports[2], nil, m.upstream)

@@ -36,7 +36,7 @@ type options struct {
 	logLevel, logFormat                  string
 	minSlots, threads                    int
 	accessLog                            bool
-	startTimeout                         time.Duration
+	startTimeout, hardStopAfter          time.Duration
 }
 
 func main() {
@@ -59,6 +59,7 @@ func main() {
 	fs.IntVar(&o.threads, "threads", goruntime.GOMAXPROCS(0), "HAProxy worker threads (default: the CPUs this process may use, after cgroup limits; 0: HAProxy's default)")
 	fs.BoolVar(&o.accessLog, "access-log", true, "HAProxy logs each connection/request (with the client SPIFFE ID) to stdout")
 	fs.DurationVar(&o.startTimeout, "start-timeout", 30*time.Second, "how long to retry Consul at start")
+	fs.DurationVar(&o.hardStopAfter, "hard-stop-after", controller.DefaultHardStopAfter, "how long an old HAProxy worker keeps the connections it holds after a reload (HTTP ones are closed between requests at once; TCP ones are cut after this)")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		os.Exit(2)
 	}
@@ -163,7 +164,7 @@ func run(o options) error {
 	ctl, err = controller.New(controller.Config{
 		Consul: ccfg, ProxyID: proxy.ID, StateDir: stateDir, HAProxyBin: bin,
 		SPOAAddr: ln.Addr().String(), Log: log.Named("controller"), MinSlots: o.minSlots, AccessLog: o.accessLog,
-		Threads: o.threads,
+		Threads: o.threads, HardStopAfter: o.hardStopAfter,
 	})
 	if err != nil {
 		return err

@@ -359,6 +359,8 @@ func startRenderedPair(b *Bench, consul *testenv.ConsulProc, agentAddr string, a
 			RootsFile:     filepath.Join(dir, "roots.pem"),
 			SPOEFile:      filepath.Join(dir, "spoe.cfg"),
 			AuthzMap:      filepath.Join(dir, "authz.map"),
+			CrtList:       filepath.Join(dir, "public.crtlist"),
+			SNI:           bootstrap.FallbackSNI,
 			SPOAAddr:      agentAddr,
 			HardStopAfter: 30 * time.Second, // as the sidecar renders it
 			Public: bootstrap.Public{BindAddr: "127.0.0.1", BindPort: port, Protocol: "http",
@@ -372,7 +374,12 @@ func startRenderedPair(b *Bench, consul *testenv.ConsulProc, agentAddr string, a
 		if err != nil {
 			return "", err
 		}
+		crtList, err := bootstrap.RenderCrtList(spec)
+		if err != nil {
+			return "", err
+		}
 		for _, f := range []struct{ path, text string }{
+			{spec.CrtList, crtList},
 			{spec.LeafFile, strings.TrimSpace(leaf.CertPEM) + "\n" + leaf.PrivateKeyPEM},
 			{spec.RootsFile, rootsPEM.String()},
 			{spec.SPOEFile, spoe},

@@ -15,6 +15,7 @@ func TestWithoutSPOE(t *testing.T) {
 		t.Run(proto, func(t *testing.T) {
 			spec := bootstrap.Spec{
 				Service: "web", LeafFile: "/x/leaf.pem", RootsFile: "/x/roots.pem", SPOEFile: "/x/spoe.cfg", AuthzMap: "/x/authz.map",
+				CrtList: "/x/public.crtlist", SNI: bootstrap.FallbackSNI,
 				SPOAAddr: "127.0.0.1:9000", HardStopAfter: time.Second,
 				Public: bootstrap.Public{BindAddr: "127.0.0.1", BindPort: 20000, Protocol: proto, LocalAddr: "127.0.0.1", LocalPort: 20001},
 			}

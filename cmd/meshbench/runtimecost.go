@@ -104,6 +104,7 @@ func runtimeCostRound(ctx context.Context, b *Bench, changes int) (map[runtimeKe
 	spec := bootstrap.Spec{
 		Service: "web", LeafFile: filepath.Join(dir, "leaf.pem"), RootsFile: filepath.Join(dir, "roots.pem"),
 		SPOEFile: filepath.Join(dir, "spoe.cfg"), AuthzMap: filepath.Join(dir, "authz.map"),
+		CrtList: filepath.Join(dir, "public.crtlist"), SNI: bootstrap.FallbackSNI,
 		SPOAAddr: fmt.Sprintf("127.0.0.1:%d", ports[0]), HardStopAfter: 5 * time.Second,
 		Public: bootstrap.Public{BindAddr: "127.0.0.1", BindPort: ports[1], LocalAddr: "127.0.0.1", LocalPort: ports[2]},
 		Upstreams: []bootstrap.Upstream{{Name: name, Destination: "api", BindAddr: "127.0.0.1", BindPort: ports[3],
@@ -117,7 +118,12 @@ func runtimeCostRound(ctx context.Context, b *Bench, changes int) (map[runtimeKe
 	if err != nil {
 		return nil, nil, err
 	}
+	crtList, err := bootstrap.RenderCrtList(spec)
+	if err != nil {
+		return nil, nil, err
+	}
 	for _, f := range []struct{ path, text string }{
+		{spec.CrtList, crtList},
 		{spec.LeafFile, cert + key}, {spec.RootsFile, ca.CertPEM}, {spec.SPOEFile, spoe}, {spec.AuthzMap, bootstrap.RenderAuthzMap(0)},
 	} {
 		if err := os.WriteFile(f.path, []byte(f.text), 0o600); err != nil {
