@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/haproxy-connect/haproxy-connect/input"
 	"github.com/haproxy-connect/haproxy-connect/slots"
 )
 
@@ -94,30 +95,30 @@ const (
 	MaxThreads = 64
 )
 
-var (
-	identRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
-	pathRE  = regexp.MustCompile(`^/[A-Za-z0-9_./+-]{1,255}$`)
-	// sniRE is a DNS name of lower-case labels, as Consul's SNI names are.
-	sniRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?){1,10}$`)
-)
+// sniRE is a DNS name of lower-case labels, as Consul's SNI names are.
+var sniRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?){1,10}$`)
 
 // UpstreamName derives the HAProxy identifier of an upstream from its
 // destination and datacenter ("up_web", "up_web_dc2"). It fails for names
 // outside HAProxy's identifier alphabet instead of rewriting them, so two
 // names can never collide into one backend.
 func UpstreamName(destination, datacenter string) (string, error) {
-	if !identRE.MatchString(destination) {
-		return "", fmt.Errorf("%w: upstream destination %q: only letters, digits, '-', '_' and '.' are allowed", ErrInvalid, destination)
+	if _, err := input.Name("upstream destination", destination); err != nil {
+		return "", invalid(err)
 	}
 	name := "up_" + destination
 	if datacenter != "" {
-		if !identRE.MatchString(datacenter) {
-			return "", fmt.Errorf("%w: upstream %q datacenter %q", ErrInvalid, destination, datacenter)
+		if _, err := input.Datacenter("upstream datacenter", datacenter); err != nil {
+			return "", invalid(err)
 		}
 		name += "_" + datacenter
 	}
 	return name, nil
 }
+
+// invalid wraps an input rejection (which names the field and the reason)
+// as an invalid spec.
+func invalid(err error) error { return fmt.Errorf("%w: %w", ErrInvalid, err) }
 
 // Mode maps a Consul protocol to an HAProxy mode. Unknown protocols are
 // served as tcp, as Consul's own proxies do.
@@ -168,11 +169,11 @@ func checkProtocol(what, p string) error {
 }
 
 func checkAddrPort(what, addr string, port int) error {
-	if _, err := netip.ParseAddr(addr); err != nil {
-		return fmt.Errorf("%w: %s address %q is not an IP literal", ErrInvalid, what, addr)
+	if _, err := input.Addr(what+" address", addr); err != nil {
+		return invalid(err)
 	}
-	if port < 1 || port > 65535 {
-		return fmt.Errorf("%w: %s port %d out of range 1-65535", ErrInvalid, what, port)
+	if _, err := input.Port(what+" port", port); err != nil {
+		return invalid(err)
 	}
 	return nil
 }
@@ -187,11 +188,11 @@ func checkTimeout(what string, d time.Duration) error {
 // ValidateUpstream checks one upstream on its own, so that a caller can
 // drop a bad one and keep the rest.
 func ValidateUpstream(u Upstream) error {
-	if !identRE.MatchString(u.Name) {
-		return fmt.Errorf("%w: upstream name %q", ErrInvalid, u.Name)
+	if _, err := input.Ident("upstream name", u.Name); err != nil {
+		return invalid(err)
 	}
-	if !identRE.MatchString(u.Destination) {
-		return fmt.Errorf("%w: upstream %s destination %q", ErrInvalid, u.Name, u.Destination)
+	if _, err := input.Name("upstream "+u.Name+" destination", u.Destination); err != nil {
+		return invalid(err)
 	}
 	if err := checkAddrPort("upstream "+u.Name+" bind", u.BindAddr, u.BindPort); err != nil {
 		return err
@@ -210,39 +211,17 @@ func ValidateUpstream(u Upstream) error {
 			if err := checkAddrPort("upstream "+u.Name+" endpoint", s.Addr, s.Port); err != nil {
 				return err
 			}
-			if s.Weight < 0 || s.Weight > slots.MaxWeight {
-				return fmt.Errorf("%w: upstream %s endpoint weight %d", ErrInvalid, u.Name, s.Weight)
+			if _, err := input.Weight("upstream "+u.Name+" endpoint weight", s.Weight); err != nil {
+				return invalid(err)
 			}
 		}
 	}
 	return nil
 }
 
-// Validate checks the whole spec.
-func (s Spec) Validate() error {
-	if s.Service != "" && !identRE.MatchString(s.Service) {
-		return fmt.Errorf("%w: service name %q", ErrInvalid, s.Service)
-	}
-	for _, f := range []string{s.LeafFile, s.RootsFile, s.SPOEFile, s.AuthzMap, s.CrtList} {
-		if !pathRE.MatchString(f) {
-			return fmt.Errorf("%w: file path %q", ErrInvalid, f)
-		}
-	}
-	if !ValidSNI(s.SNI) {
-		return fmt.Errorf("%w: public listener SNI name %q", ErrInvalid, s.SNI)
-	}
-	// A unix socket path fits in sun_path (108 bytes with its NUL);
-	// HAProxy refuses longer ones.
-	if !pathRE.MatchString(s.SPOASocket) || len(s.SPOASocket) > MaxSocketPath {
-		return fmt.Errorf("%w: spoe agent socket %q: want an absolute path of at most %d bytes from [A-Za-z0-9_./+-]", ErrInvalid, s.SPOASocket, MaxSocketPath)
-	}
-	if s.HardStopAfter <= 0 || s.HardStopAfter > 24*time.Hour {
-		return fmt.Errorf("%w: hard-stop-after %s", ErrInvalid, s.HardStopAfter)
-	}
-	if s.Threads < 0 || s.Threads > MaxThreads {
-		return fmt.Errorf("%w: %d threads (want 0 for HAProxy's default, or 1 to %d)", ErrInvalid, s.Threads, MaxThreads)
-	}
-	p := s.Public
+// ValidatePublic checks the public listener on its own, so that a caller
+// can refuse a registration with the reason before rendering anything.
+func ValidatePublic(p Public) error {
 	if err := checkAddrPort("public listener", p.BindAddr, p.BindPort); err != nil {
 		return err
 	}
@@ -252,7 +231,40 @@ func (s Spec) Validate() error {
 	if err := checkProtocol("public listener", p.Protocol); err != nil {
 		return err
 	}
-	if err := checkTimeout("local connect", p.ConnectTimeout); err != nil {
+	return checkTimeout("local connect", p.ConnectTimeout)
+}
+
+// Validate checks the whole spec.
+func (s Spec) Validate() error {
+	if s.Service != "" {
+		if _, err := input.Name("service name", s.Service); err != nil {
+			return invalid(err)
+		}
+	}
+	for _, f := range []string{s.LeafFile, s.RootsFile, s.SPOEFile, s.AuthzMap, s.CrtList} {
+		if _, err := input.Path("file path", f); err != nil {
+			return invalid(err)
+		}
+	}
+	if !ValidSNI(s.SNI) {
+		return fmt.Errorf("%w: public listener SNI name %q", ErrInvalid, s.SNI)
+	}
+	// A unix socket path fits in sun_path (108 bytes with its NUL);
+	// HAProxy refuses longer ones.
+	if _, err := input.Path("spoe agent socket", s.SPOASocket); err != nil {
+		return invalid(err)
+	}
+	if len(s.SPOASocket) > MaxSocketPath {
+		return fmt.Errorf("%w: spoe agent socket %q is longer than %d bytes", ErrInvalid, s.SPOASocket, MaxSocketPath)
+	}
+	if s.HardStopAfter <= 0 || s.HardStopAfter > 24*time.Hour {
+		return fmt.Errorf("%w: hard-stop-after %s", ErrInvalid, s.HardStopAfter)
+	}
+	if s.Threads < 0 || s.Threads > MaxThreads {
+		return fmt.Errorf("%w: %d threads (want 0 for HAProxy's default, or 1 to %d)", ErrInvalid, s.Threads, MaxThreads)
+	}
+	p := s.Public
+	if err := ValidatePublic(p); err != nil {
 		return err
 	}
 	seenName := map[string]bool{}
@@ -283,8 +295,23 @@ func addr(a string, port int) string {
 
 func ms(d time.Duration) string { return strconv.FormatInt(d.Milliseconds(), 10) + "ms" }
 
-// Render returns the HAProxy configuration for s.
+// Render returns the HAProxy configuration for s. Beyond validating s, it
+// checks what it wrote: every line must have one of the shapes in
+// configShapes, in a section (see CheckConfig). A value that slipped past
+// validation and ended a line early fails that check, here and at run
+// time, instead of reaching HAProxy.
 func Render(s Spec) (string, error) {
+	out, err := renderConfig(s)
+	if err != nil {
+		return "", err
+	}
+	if err := CheckConfig(out); err != nil {
+		return "", err
+	}
+	return out, nil
+}
+
+func renderConfig(s Spec) (string, error) {
 	if err := s.Validate(); err != nil {
 		return "", err
 	}

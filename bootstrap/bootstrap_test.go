@@ -191,6 +191,14 @@ func TestValidateRejects(t *testing.T) {
 		{"spoe socket with newline", func(s *Spec) { s.SPOASocket = "/state/spoa.sock\nprogram x" }},
 		{"spoe socket too long", func(s *Spec) { s.SPOASocket = "/" + strings.Repeat("d", MaxSocketPath) }},
 		{"slot endpoint hostname", func(s *Spec) { s.Upstreams[0].Slots.Slots[0].Addr = "evil host" }},
+		{"slot endpoint zone with a program section", func(s *Spec) {
+			s.Upstreams[0].Slots.Slots[0].Addr = "fe80::1%lo]:80\nprogram pwn\n command /bin/true"
+		}},
+		{"slot endpoint ipv4-mapped", func(s *Spec) { s.Upstreams[0].Slots.Slots[0].Addr = "::ffff:10.0.0.1" }},
+		{"slot endpoint weight", func(s *Spec) { s.Upstreams[0].Slots.Slots[0].Weight = 257 }},
+		{"bind zone", func(s *Spec) { s.Upstreams[0].BindAddr = "fe80::1%x;y" }},
+		{"public bind upper case", func(s *Spec) { s.Public.BindAddr = "FD00::1" }},
+		{"service with newline", func(s *Spec) { s.Service = "web\nprogram pwn" }},
 		{"slot table of another backend", func(s *Spec) { s.Upstreams[0].Slots.Backend = "up_other" }},
 		{"no hard stop", func(s *Spec) { s.HardStopAfter = 0 }},
 		{"negative threads", func(s *Spec) { s.Threads = -1 }},

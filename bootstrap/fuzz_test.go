@@ -1,7 +1,8 @@
 package bootstrap
 
 import (
-	"regexp"
+	"errors"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -9,51 +10,37 @@ import (
 	"github.com/haproxy-connect/haproxy-connect/slots"
 )
 
-// lineRE lists every line shape Render may produce once its variable parts
-// are validated values. A line that matches none means some input reached
-// the configuration unvalidated.
-var lineRE = regexp.MustCompile(`^(` + strings.Join([]string{
-	`# [^\n]*`,
-	``,
-	`global`, `defaults`, `    master-worker`,
-	`    hard-stop-after \d+ms`,
-	`    ssl-default-(bind|server)-options ssl-min-ver TLSv1\.2`,
-	`    tune\.ssl\.default-dh-param 2048`,
-	`    log stdout format raw local0 info`,
-	`    log global`, `    no log`, `    option (http|tcp)log`,
-	`    log-format "[^"\n]*"`,
-	`    timeout (connect|client|server|http-request|http-keep-alive) \d+(ms|s|m|h)`,
-	`(frontend|backend) [A-Za-z0-9_.-]+`,
-	`    mode (tcp|http)`,
-	`    bind [0-9a-fA-F.:\[\]]+ ssl crt-list /[A-Za-z0-9_./+-]+ ca-file /[A-Za-z0-9_./+-]+ verify required( alpn h2,http/1\.1)?`,
-	`    bind [0-9a-fA-F.:\[\]]+`,
-	`    filter spoe engine intentions config /[A-Za-z0-9_./+-]+`,
-	`    tcp-request inspect-delay 5s`,
-	`    tcp-request content reject unless \{ var\(sess\.hc\.allowed\) -m bool \}`,
-	`    acl authz_stale str\(gen\),map_str_int\(/[A-Za-z0-9_./+-]+,0\),sub\(sess\.hc\.gen\) -m int gt 0`,
-	`    http-request unset-var\(sess\.hc\.allowed\) if authz_stale`,
-	`    http-request send-spoe-group intentions authz if !\{ var\(sess\.hc\.allowed\) -m found \}`,
-	`    http-request deny deny_status 403 unless \{ var\(sess\.hc\.allowed\) -m bool \}`,
-	`    http-request deny deny_status 503 unless \{ var\(sess\.hc\.allowed\) -m found \}`,
-	`    http-request reject if !\{ var\(sess\.hc\.allowed\) -m found \} \{ stopping \}`,
-	`    option redispatch`,
-	`    retry-on conn-failure empty-response`,
-	`    default_backend [A-Za-z0-9_.-]+`,
-	`    balance roundrobin`,
-	`    default-server ssl crt /[A-Za-z0-9_./+-]+ ca-file /[A-Za-z0-9_./+-]+ verify required( alpn h2(,http/1\.1)?)?`,
-	`    server app [0-9a-fA-F.:\[\]]+`,
-	`    server agent unix@/[A-Za-z0-9_./+-]+`,
-	`    server s\d+ [0-9a-fA-F.:\[\]]+ weight \d+`,
-	`    server-template s \d+-\d+ 127\.0\.0\.1:1 disabled`,
-}, "|") + `)$`)
+// hostile are seeds for FuzzRender: IPv6 zones that end the line and
+// open a section that runs a program at the next reload, ';', quotes,
+// spaces, control bytes and non-ASCII.
+var hostile = []string{
+	"fe80::1%lo]:80\nprogram pwn\n command /bin/true",
+	"fe80::1%x\n@1 set server local_app/app addr 127.0.0.9 port 9",
+	"fe80::1%x;@1 reload",
+	"10.0.0.1 check",
+	"a'b\"c\\d#e",
+	"a\rb\x00c",
+	"wéb",
+	"::ffff:1.2.3.4",
+	"FD00::1",
+	"010.0.0.1",
+}
 
 // FuzzRender feeds arbitrary strings and numbers into every field that can
-// come from Consul. Render must either reject the spec or produce only
-// known line shapes, with exactly one frontend and backend per upstream.
+// come from Consul. The oracle does not rely on Render's own line check:
+// whatever the validation lets through (renderConfig) must already have only
+// known line shapes, exactly one frontend and backend per upstream, and
+// carry the endpoint and bind addresses unchanged; and Render must return
+// the same text.
 func FuzzRender(f *testing.F) {
 	f.Add("web", "api", "127.0.0.1", 9191, "tcp", "10.0.0.1", 21000, 1, "127.0.0.1", 8080, "dc2", int64(250))
 	f.Add("web", "api\n    server x 1.1.1.1:1", "::1", 1, "http", "fd00::1", 65535, 256, "::1", 1, "", int64(0))
 	f.Add("w;b", "a b", "1.2.3.4 ", 0, "grpc\n", "10.0.0.1 port 1", 70000, 999, "localhost", -1, "dc 1", int64(-5))
+	for _, h := range hostile {
+		f.Add("web", "api", "127.0.0.1", 9191, "http", h, 21000, 1, "127.0.0.1", 8080, "", int64(0))
+		f.Add("web", "api", h, 9191, "tcp", "10.0.0.1", 21000, 1, h, 8080, h, int64(0))
+		f.Add(h, h, "127.0.0.1", 9191, h, "10.0.0.1", 0, 1, "127.0.0.1", 70000, "dc1", int64(1))
+	}
 	f.Fuzz(func(t *testing.T, service, dest, bindAddr string, bindPort int, protocol, epAddr string, epPort, weight int, localAddr string, localPort int, dc string, timeoutMS int64) {
 		s := baseSpec()
 		s.Service = service
@@ -70,13 +57,20 @@ func FuzzRender(f *testing.F) {
 		}
 		s.Upstreams = []Upstream{{Name: name, Destination: dest, BindAddr: bindAddr, BindPort: bindPort, Protocol: protocol,
 			ConnectTimeout: time.Duration(timeoutMS) * time.Millisecond, Slots: table}}
+		raw, rawErr := renderConfig(s)
 		out, err := Render(s)
-		if err != nil {
+		if rawErr != nil {
+			if err == nil {
+				t.Fatalf("Render accepted what validation refused: %v", rawErr)
+			}
 			return
+		}
+		if err != nil || out != raw {
+			t.Fatalf("validation accepted the spec but Render refused it: %v", err)
 		}
 		frontends, backends := 0, 0
 		for _, line := range strings.Split(strings.TrimSuffix(out, "\n"), "\n") {
-			if !lineRE.MatchString(line) {
+			if !knownLine(line) {
 				t.Fatalf("unexpected config line %q from inputs service=%q dest=%q bind=%q proto=%q ep=%q local=%q", line, service, dest, bindAddr, protocol, epAddr, localAddr)
 			}
 			if strings.HasPrefix(line, "frontend ") {
@@ -89,5 +83,48 @@ func FuzzRender(f *testing.F) {
 		if frontends != 2 || backends != 3 {
 			t.Fatalf("%d frontends and %d backends, want 2 and 3", frontends, backends)
 		}
+		for _, want := range []string{
+			"    server s1 " + netip.AddrPortFrom(netip.MustParseAddr(epAddr), uint16(epPort)).String() + " weight ",
+			"    bind " + netip.AddrPortFrom(netip.MustParseAddr(bindAddr), uint16(bindPort)).String() + "\n",
+			"    server app " + netip.AddrPortFrom(netip.MustParseAddr(localAddr), uint16(localPort)).String() + "\n",
+		} {
+			if !strings.Contains(out, want) || netip.MustParseAddr(epAddr).String() != epAddr {
+				t.Fatalf("configuration lacks %q (inputs ep=%q bind=%q local=%q)", want, epAddr, bindAddr, localAddr)
+			}
+		}
 	})
+}
+
+func TestCheckConfig(t *testing.T) {
+	good, err := Render(goldenSpecs()["http_three_upstreams"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := CheckConfig(good); err != nil {
+		t.Fatalf("golden configuration refused: %v", err)
+	}
+	tests := []struct{ name, old, new string }{
+		{"program section from a zone", "    server s1 10.0.0.1:21000 weight 1\n",
+			"    server s1 [fe80::1%lo]:80\nprogram pwn\n command /bin/true\n"},
+		{"program section after a valid line", "    balance roundrobin\n", "    balance roundrobin\nprogram pwn\n    command /bin/true\n"},
+		{"second server on one line", "    server s1 10.0.0.1:21000 weight 1\n", "    server s1 10.0.0.1:21000 weight 1 backup\n"},
+		{"directive before any section", "global\n", "    server x 1.2.3.4:1\nglobal\n"},
+		{"backend declared twice", "\nbackend up_db\n", "\nbackend up_api\n"},
+		{"uppercase address", "    server s1 10.0.0.1:21000 weight 1\n", "    server s1 [FD00::1]:21000 weight 1\n"},
+		{"no final newline", "    default-server", "    default-server"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			bad := strings.Replace(good, tt.old, tt.new, 1)
+			if tt.name == "no final newline" {
+				bad = strings.TrimSuffix(good, "\n")
+			}
+			if bad == good {
+				t.Fatalf("%q not in the configuration", tt.old)
+			}
+			if err := CheckConfig(bad); !errors.Is(err, ErrInvalid) {
+				t.Fatalf("got %v, want ErrInvalid", err)
+			}
+		})
+	}
 }

@@ -17,6 +17,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/haproxy-connect/haproxy-connect/input"
 )
 
 // ErrInvalid is wrapped by every rejection of certificate material.
@@ -196,6 +198,21 @@ func ParseSPIFFE(s string) (ID, error) {
 		return ID{}, fmt.Errorf("%w: %q is not a Consul service SPIFFE ID", ErrInvalid, s)
 	}
 	id.Namespace, id.Datacenter, id.Service = parts[1], parts[3], parts[5]
+	// Each part from the alphabet the sidecar accepts anywhere (package
+	// input): the ID is compared with names taken from the registration,
+	// and logged.
+	for _, c := range []struct {
+		check func(string, string) (string, error)
+		field string
+		v     string
+	}{
+		{input.Name, "partition", id.Partition}, {input.Name, "namespace", id.Namespace},
+		{input.Datacenter, "datacenter", id.Datacenter}, {input.Name, "service", id.Service},
+	} {
+		if _, err := c.check("SPIFFE ID "+c.field, c.v); err != nil {
+			return ID{}, fmt.Errorf("%w: %q: %w", ErrInvalid, s, err)
+		}
+	}
 	return id, nil
 }
 

@@ -25,6 +25,7 @@ import (
 
 	"github.com/haproxy-connect/haproxy-connect/bootstrap"
 	"github.com/haproxy-connect/haproxy-connect/certs"
+	"github.com/haproxy-connect/haproxy-connect/input"
 	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/slots"
 )
@@ -834,6 +835,8 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 	var last []slots.Endpoint
 	first := true
 	p := &pendingList{taken: make(chan struct{}, 1)}
+	filter := newInstanceFilter(u.Name, c.log, c.metrics)
+	filter.max, filter.proxyID = c.cfg.MaxEndpoints, c.cfg.ProxyID
 	publish := func(l endpointList) {
 		if !first && slices.Equal(l.eps, last) {
 			return
@@ -882,7 +885,7 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 				}
 				entries = append(entries, he)
 			}
-			return endpointList{eps: c.endpointsOf(u, entries, nil), at: at}, cursor{}, nil
+			return endpointList{eps: filter.endpoints(entries, nil), at: at}, cursor{}, nil
 		}, publish)
 		return
 	}
@@ -891,7 +894,7 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 		if err != nil {
 			return endpointList{}, cur, err
 		}
-		return endpointList{eps: c.endpointsOf(u, entries, bad), at: at}, cursor{index: index}, nil
+		return endpointList{eps: filter.endpoints(entries, bad), at: at}, cursor{index: index}, nil
 	}, publish)
 }
 
@@ -948,15 +951,54 @@ func (p *pendingList) take() (endpointList, bool) {
 	return l, true
 }
 
-// endpointsOf turns Consul's passing Connect entries into endpoints: the
-// service address, else the node address; Consul's passing weight. Entries
-// HAProxy cannot take (a hostname address, a bad port), and those the
-// answer did not carry readably (bad), are logged and left out. Past
-// MaxEndpoints, the ones capEndpoints chooses are kept, with a log line
-// and a counter.
-func (c *Controller) endpointsOf(u Upstream, entries []healthEntry, bad []error) []slots.Endpoint {
+// instanceFilter turns one upstream's passing Connect instances into
+// endpoints: the service address, else the node address, the port, and
+// Consul's passing weight, each checked by input.NewEndpoint. An instance
+// that fails (a zone, a host name, a port out of range, ...), or that the
+// answer did not carry readably, is left out: the rest of the upstream goes
+// on. Each such instance is logged once, with its ID, the field and the
+// reason, and counted once, for as long as it stays the same; it is logged
+// again if it comes back after being fixed or gone.
+//
+// Past max endpoints (when max > 0), the ones capEndpoints chooses for
+// proxyID are kept, with a log line and a counter.
+type instanceFilter struct {
+	upstream string
+	log      *zap.Logger
+	metrics  *Metrics
+	logged   map[string]bool // instance ID and reason, of the last answer's rejections
+	max      int
+	proxyID  string
+}
+
+func newInstanceFilter(upstream string, log *zap.Logger, m *Metrics) *instanceFilter {
+	return &instanceFilter{upstream: upstream, log: log, metrics: m, logged: map[string]bool{}}
+}
+
+// fieldUnreadable labels instances the health answer did not carry in the
+// shape the sidecar reads.
+const fieldUnreadable = "entry"
+
+func (f *instanceFilter) endpoints(entries []healthEntry, bad []error) []slots.Endpoint {
+	seen := make(map[string]bool, len(f.logged))
+	drop := func(id, field string, err error) {
+		key := id + "\x00" + err.Error()
+		seen[key] = true
+		if f.logged[key] {
+			return
+		}
+		f.metrics.invalidInstance(f.upstream, field)
+		f.log.Warn("upstream instance dropped: a value Consul serves for it is invalid",
+			zap.String("upstream", f.upstream), zap.String("instance_id", id), zap.String("field", field), zap.Error(err))
+	}
 	for _, err := range bad {
-		c.log.Warn("endpoint rejected", zap.String("upstream", u.Name), zap.Error(err))
+		id := ""
+		var ee *entryError
+		if errors.As(err, &ee) {
+			// Keyed without its index in the answer, which moves.
+			id, err = ee.ID, ee.Err
+		}
+		drop(id, fieldUnreadable, err)
 	}
 	out := make([]slots.Endpoint, 0, len(entries))
 	for _, e := range entries {
@@ -964,19 +1006,20 @@ func (c *Controller) endpointsOf(u Upstream, entries []healthEntry, bad []error)
 		if addr == "" {
 			addr = e.NodeAddress
 		}
-		ep := slots.Endpoint{Addr: addr, Port: e.Port, Weight: max(e.Weight, 1)}
-		if err := ep.Validate(); err != nil {
-			c.log.Warn("endpoint rejected", zap.String("upstream", u.Name), zap.String("service_id", e.ID), zap.Error(err))
+		ep, err := input.NewEndpoint(e.ID, addr, e.Port, e.Weight)
+		if err != nil {
+			drop(e.ID, input.FieldOf(err), err)
 			continue
 		}
-		out = append(out, ep)
+		out = append(out, slots.Endpoint{Addr: ep.Addr().String(), Port: int(ep.Port()), Weight: ep.Weight()})
 	}
+	f.logged = seen
 	slices.SortFunc(out, slots.Endpoint.Compare)
-	if n := len(out); n > c.cfg.MaxEndpoints {
-		c.metrics.endpointLimitHits.Add(1)
-		c.log.Warn("upstream has more endpoints than the limit; keeping a stable subset (rendezvous hash of proxy ID and endpoint)",
-			zap.String("upstream", u.Name), zap.Int("endpoints", n), zap.Int("kept", c.cfg.MaxEndpoints))
-		out = capEndpoints(out, c.cfg.MaxEndpoints, c.cfg.ProxyID)
+	if n := len(out); f.max > 0 && n > f.max {
+		f.metrics.endpointLimitHits.Add(1)
+		f.log.Warn("upstream has more endpoints than the limit; keeping a stable subset (rendezvous hash of proxy ID and endpoint)",
+			zap.String("upstream", f.upstream), zap.Int("endpoints", n), zap.Int("kept", f.max))
+		out = capEndpoints(out, f.max, f.proxyID)
 	}
 	return out
 }

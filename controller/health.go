@@ -153,13 +153,25 @@ func (h *healthReader) parse(body []byte) (entries []healthEntry, bad []error, e
 	for i, e := range list {
 		he, err := readHealthEntry(e)
 		if err != nil {
-			bad = append(bad, fmt.Errorf("instance %d (%s): %w", i, he.ID, err))
+			bad = append(bad, &entryError{Index: i, ID: he.ID, Err: err})
 			continue
 		}
 		entries = append(entries, he)
 	}
 	return entries, bad, nil
 }
+
+// entryError is an instance of a health answer that could not be read: a
+// field the sidecar needs is missing or of the wrong type. ID is the
+// instance's service ID when it could be read.
+type entryError struct {
+	Index int
+	ID    string
+	Err   error
+}
+
+func (e *entryError) Error() string { return fmt.Sprintf("instance %d (%s): %v", e.Index, e.ID, e.Err) }
+func (e *entryError) Unwrap() error { return e.Err }
 
 func readHealthEntry(e *fastjson.Value) (healthEntry, error) {
 	var he healthEntry
@@ -179,12 +191,13 @@ func readHealthEntry(e *fastjson.Value) (healthEntry, error) {
 			return he, fmt.Errorf("Node.%w", err)
 		}
 	}
-	port := svc.Get("Port")
-	if port == nil {
-		return he, errors.New("no Service.Port")
-	}
-	if he.Port, err = port.Int(); err != nil {
-		return he, fmt.Errorf("Service.Port: %w", err)
+	// Consul leaves a zero port out of its answer (an instance with a
+	// socket path has none): absent is 0, which the endpoint check refuses
+	// as a port.
+	if port := svc.Get("Port"); port != nil {
+		if he.Port, err = port.Int(); err != nil {
+			return he, fmt.Errorf("Service.Port: %w", err)
+		}
 	}
 	if w := svc.Get("Weights", "Passing"); w != nil && w.Type() != fastjson.TypeNull {
 		if he.Weight, err = w.Int(); err != nil {

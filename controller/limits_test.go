@@ -91,28 +91,30 @@ func TestCapEndpoints(t *testing.T) {
 	}
 }
 
-// TestEndpointLimitLogged: endpointsOf cuts to MaxEndpoints with one log
+// TestEndpointLimitLogged: the instance filter cuts to MaxEndpoints with one log
 // line and a counter.
 func TestEndpointLimitLogged(t *testing.T) {
 	core, logs := observer.New(zapcore.InfoLevel)
-	c := &Controller{cfg: Config{MaxEndpoints: 3, ProxyID: "web-sidecar-proxy"}, log: zap.New(core), metrics: newMetrics(nil)}
+	m := newMetrics(nil)
+	f := newInstanceFilter("up_api", zap.New(core), m)
+	f.max, f.proxyID = 3, "web-sidecar-proxy"
 	var entries []healthEntry
 	for _, e := range endpointsN(5) {
 		entries = append(entries, healthEntry{ID: e.Addr, Address: e.Addr, Port: e.Port})
 	}
-	got := c.endpointsOf(Upstream{Name: "up_api"}, entries, nil)
+	got := f.endpoints(entries, nil)
 	if len(got) != 3 {
 		t.Fatalf("%d endpoints, want 3", len(got))
 	}
-	if n := c.metrics.endpointLimitHits.Load(); n != 1 {
+	if n := m.endpointLimitHits.Load(); n != 1 {
 		t.Errorf("limit hits %d, want 1", n)
 	}
 	lines := logs.FilterMessageSnippet("more endpoints than the limit").All()
 	if len(lines) != 1 || lines[0].ContextMap()["upstream"] != "up_api" || lines[0].ContextMap()["endpoints"] != int64(5) || lines[0].ContextMap()["kept"] != int64(3) {
 		t.Errorf("log lines %v, want one naming up_api, 5 endpoints, 3 kept", lines)
 	}
-	if got := c.endpointsOf(Upstream{Name: "up_api"}, entries[:3], nil); len(got) != 3 || c.metrics.endpointLimitHits.Load() != 1 {
-		t.Errorf("at the limit: %d endpoints, %d hits; want 3 and no new hit", len(got), c.metrics.endpointLimitHits.Load())
+	if got := f.endpoints(entries[:3], nil); len(got) != 3 || m.endpointLimitHits.Load() != 1 {
+		t.Errorf("at the limit: %d endpoints, %d hits; want 3 and no new hit", len(got), m.endpointLimitHits.Load())
 	}
 }
 

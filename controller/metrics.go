@@ -1,6 +1,7 @@
 package controller
 
 import (
+	"cmp"
 	"fmt"
 	"io"
 	"slices"
@@ -26,10 +27,21 @@ type Metrics struct {
 	propagation           histogram
 	mu                    sync.Mutex
 	endpoints, slotsTotal map[string]int
+	// invalidInstances counts instances dropped for a value that failed
+	// its check, by upstream and field, once per instance while it stays
+	// invalid.
+	invalidInstances map[[2]string]uint64
 }
 
 func newMetrics(answerLimit *AnswerLimit) *Metrics {
-	return &Metrics{endpoints: map[string]int{}, slotsTotal: map[string]int{}, answerLimit: answerLimit}
+	return &Metrics{endpoints: map[string]int{}, slotsTotal: map[string]int{}, invalidInstances: map[[2]string]uint64{}, answerLimit: answerLimit}
+}
+
+// invalidInstance counts one dropped instance of upstream, for field.
+func (m *Metrics) invalidInstance(upstream, field string) {
+	m.mu.Lock()
+	m.invalidInstances[[2]string{upstream, field}]++
+	m.mu.Unlock()
 }
 
 func (m *Metrics) setEndpoints(tables map[string]slots.Table) {
@@ -94,6 +106,18 @@ func (m *Metrics) WriteTo(w io.Writer) (int64, error) {
 	p("# TYPE haproxy_connect_upstream_slots gauge")
 	for _, k := range names {
 		p("haproxy_connect_upstream_slots{upstream=%q} %d", k, m.slotsTotal[k])
+	}
+	// Upstream names are HAProxy identifiers and fields a fixed set, so %q
+	// writes them as Prometheus label values.
+	invalid := make([][2]string, 0, len(m.invalidInstances))
+	for k := range m.invalidInstances {
+		invalid = append(invalid, k)
+	}
+	slices.SortFunc(invalid, func(a, b [2]string) int { return cmp.Or(cmp.Compare(a[0], b[0]), cmp.Compare(a[1], b[1])) })
+	p("# HELP haproxy_connect_invalid_instances_total Upstream instances dropped because a value Consul served failed its check (counted once per instance while it stays invalid).")
+	p("# TYPE haproxy_connect_invalid_instances_total counter")
+	for _, k := range invalid {
+		p("haproxy_connect_invalid_instances_total{upstream=%q,field=%q} %d", k[0], k[1], m.invalidInstances[k])
 	}
 	return n, nil
 }

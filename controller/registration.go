@@ -147,6 +147,12 @@ func ParseRegistration(svc *api.AgentService) (sc Sidecar, rejected []error, err
 	} else if ok {
 		pub.ConnectTimeout = time.Duration(v) * time.Millisecond
 	}
+	// The same checks Render makes, so that a bad public listener keeps the
+	// applied configuration with this reason instead of failing the render
+	// of every later reload.
+	if err := bootstrap.ValidatePublic(pub); err != nil {
+		return Sidecar{}, nil, err
+	}
 	sc.Public = pub
 
 	seen := map[string]bool{}

@@ -10,6 +10,7 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/haproxy-connect/haproxy-connect/bootstrap"
+	"github.com/haproxy-connect/haproxy-connect/input"
 )
 
 func proxyReg(cfg map[string]any, ups ...api.Upstream) *api.AgentService {
@@ -54,8 +55,11 @@ func TestParseRegistrationRejectsBadUpstreams(t *testing.T) {
 		bad     api.Upstream
 		errPart string
 	}{
-		{"config injection in the name", api.Upstream{DestinationName: "x\n    server evil 1.2.3.4:80", LocalBindPort: 9101}, "only letters"},
-		{"semicolon in the name", api.Upstream{DestinationName: "x;shutdown", LocalBindPort: 9101}, "only letters"},
+		{"config injection in the name", api.Upstream{DestinationName: "x\n    server evil 1.2.3.4:80", LocalBindPort: 9101}, "want 1-63 letters"},
+		{"semicolon in the name", api.Upstream{DestinationName: "x;shutdown", LocalBindPort: 9101}, "want 1-63 letters"},
+		{"zone in the bind address", api.Upstream{DestinationName: "z", LocalBindAddress: "fe80::1%lo]:80\nprogram pwn\n command /bin/true", LocalBindPort: 9101}, "zone"},
+		{"ipv4-mapped bind address", api.Upstream{DestinationName: "m", LocalBindAddress: "::ffff:127.0.0.1", LocalBindPort: 9101}, "IPv4-mapped"},
+		{"dot in the datacenter", api.Upstream{DestinationName: "d", Datacenter: "dc.2", LocalBindPort: 9101}, "datacenter"},
 		{"port out of range", api.Upstream{DestinationName: "big", LocalBindPort: 70000}, "out of range"},
 		{"no port", api.Upstream{DestinationName: "noport"}, "out of range"},
 		{"hostname bind", api.Upstream{DestinationName: "h", LocalBindAddress: "localhost", LocalBindPort: 9101}, "not an IP literal"},
@@ -92,6 +96,9 @@ func TestParseRegistrationRejectsBadPublic(t *testing.T) {
 		"bind_port too big": {"bind_port": float64(99999)},
 		"bind_address type": {"bind_address": 12.0},
 		"timeout negative":  {"local_connect_timeout_ms": float64(-1)},
+		"bind_address zone": {"bind_address": "fe80::1%x\n@1 set server local_app/app addr 127.0.0.9 port 9"},
+		"bind_address name": {"bind_address": "localhost"},
+		"unknown protocol":  {"protocol": "0"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			if _, _, err := ParseRegistration(proxyReg(cfg)); err == nil {
@@ -103,6 +110,11 @@ func TestParseRegistrationRejectsBadPublic(t *testing.T) {
 	reg.Proxy.DestinationServiceName = "web\nglobal"
 	if _, _, err := ParseRegistration(reg); !errors.Is(err, bootstrap.ErrInvalid) {
 		t.Errorf("bad destination: %v", err)
+	}
+	reg = proxyReg(nil)
+	reg.Proxy.LocalServiceAddress = "127.0.0.1 check"
+	if _, _, err := ParseRegistration(reg); !errors.Is(err, input.ErrInvalid) {
+		t.Errorf("bad local address: %v", err)
 	}
 }
 

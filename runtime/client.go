@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -107,11 +108,28 @@ func (rs Results) Err() error {
 }
 
 // SocatLine is the shell command an operator pastes to send cmd by hand.
+// Every word is single-quoted for a POSIX shell, and the command is printed
+// with printf, not echo (dash's echo expands backslashes), so pasting it
+// runs exactly one shell pipeline that sends exactly cmd. A payload is read
+// from the file named by $PEM_FILE, which the operator sets. A command that
+// fails Check, which Exec never sends, comes back as a shell comment with
+// the command Go-quoted: pasting it runs nothing.
 func (c *Client) SocatLine(cmd Command) string {
-	if cmd.Payload != "" {
-		return fmt.Sprintf("(echo '%s'; cat <pem-file>; echo) | socat stdio unix-connect:%s", cmd.String(), c.sock)
+	if err := cmd.Check(); err != nil {
+		return "# not sent: " + strconv.Quote(cmd.String())
 	}
-	return fmt.Sprintf("echo '%s' | socat stdio unix-connect:%s", cmd.String(), c.sock)
+	send := "printf '%s\\n' " + shellQuote(cmd.String())
+	if cmd.Payload != "" {
+		send = "(" + send + `; grep -v '^$' "$PEM_FILE"; echo)`
+	}
+	return send + " | socat stdio " + shellQuote("unix-connect:"+c.sock)
+}
+
+// shellQuote quotes s as one word for a POSIX shell: inside single quotes
+// nothing is special but the single quote itself, which is written as a
+// closing quote, a backslash-escaped quote and an opening quote.
+func shellQuote(s string) string {
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
 // Exec sends cmds in one round trip and classifies each reply. The error is
@@ -121,6 +139,14 @@ func (c *Client) SocatLine(cmd Command) string {
 func (c *Client) Exec(ctx context.Context, cmds ...Command) (Results, error) {
 	if len(cmds) == 0 {
 		return nil, nil
+	}
+	// The constructors check their commands; a Command can also be written
+	// as a literal, so the whole batch is checked again here, and none of it
+	// is sent if one command could smuggle another.
+	for _, cmd := range cmds {
+		if err := cmd.Check(); err != nil {
+			return nil, fmt.Errorf("batch refused, nothing sent: %w", err)
+		}
 	}
 	for _, cmd := range cmds {
 		if ce := c.log.Check(zap.DebugLevel, "runtime command"); ce != nil {

@@ -142,6 +142,20 @@ func TestCommandValidation(t *testing.T) {
 		{"empty payload", func() (Command, error) { return SetSSLCert("/a.pem", "\n\n") }},
 		{"map value with space", func() (Command, error) { return SetMap("/a.map", "gen", "1 2") }},
 		{"map key with newline", func() (Command, error) { return SetMap("/a.map", "g\nshow info", "1") }},
+		{"zone with newline", func() (Command, error) {
+			return SetServerAddr("b", "s1", "fe80::1%x\n@1 set server local_app/app addr 127.0.0.9 port 9", 80)
+		}},
+		{"zone with semicolon", func() (Command, error) { return SetServerAddr("b", "s1", "fe80::1%x;@1 reload", 80) }},
+		{"zone with space", func() (Command, error) { return SetServerAddr("b", "s1", "fe80::1%a b", 80) }},
+		{"zone in add server", func() (Command, error) {
+			return AddServer("b", "d1", "fe80::1%lo]:80\nprogram pwn", 80, ServerOptions{})
+		}},
+		{"ipv4-mapped", func() (Command, error) { return SetServerAddr("b", "s1", "::ffff:1.2.3.4", 80) }},
+		{"leading zero", func() (Command, error) { return SetServerAddr("b", "s1", "10.0.0.01", 80) }},
+		{"hash in server", func() (Command, error) { return SetServerState("b", "s1#x", StateReady) }},
+		{"quote in backend", func() (Command, error) { return SetServerWeight("b'x", "s1", 1) }},
+		{"non-ascii server", func() (Command, error) { return SetServerWeight("b", "sé", 1) }},
+		{"show servers newline", func() (Command, error) { return ShowServersState("b\nreload") }},
 		{"add server sni injection", func() (Command, error) {
 			return AddServer("b", "d1", "10.0.0.1", 80, ServerOptions{SSL: true, CrtFile: "/a.pem", CAFile: "/b.pem", SNI: "x) crt /etc/passwd"})
 		}},

@@ -4,10 +4,12 @@
 package runtime
 
 import (
+	"errors"
 	"fmt"
-	"net/netip"
 	"regexp"
 	"strings"
+
+	"github.com/haproxy-connect/haproxy-connect/input"
 )
 
 // Command is one runtime API command. Build commands with the constructors in
@@ -49,45 +51,151 @@ const (
 )
 
 // MaxWeight is the largest absolute weight HAProxy accepts.
-const MaxWeight = 256
-
-// identRE is HAProxy's identifier alphabet for proxy and server names
-// (src/tools.c invalid_char: letters, digits, '-', '_', '.', ':').
-var identRE = regexp.MustCompile(`^[A-Za-z0-9_.:-]{1,64}$`)
-
-// pathRE limits the certificate file names we hand HAProxy: absolute, no
-// spaces, no separators the CLI would split on.
-var pathRE = regexp.MustCompile(`^/[A-Za-z0-9_./+-]{1,255}$`)
+const MaxWeight = input.MaxWeight
 
 // ValidIdent reports whether s can be used as a backend or server name.
-func ValidIdent(s string) bool { return identRE.MatchString(s) }
+func ValidIdent(s string) bool {
+	_, err := input.Ident("name", s)
+	return err == nil
+}
+
+// invalid wraps an input rejection as an invalid argument of this package.
+func invalid(err error) error { return fmt.Errorf("%w: %w", ErrInvalidArgument, err) }
 
 func checkServer(backend, server string) error {
-	if !ValidIdent(backend) {
-		return fmt.Errorf("%w: backend name %q", ErrInvalidArgument, backend)
+	if _, err := input.Ident("backend name", backend); err != nil {
+		return invalid(err)
 	}
-	if !ValidIdent(server) {
-		return fmt.Errorf("%w: server name %q", ErrInvalidArgument, server)
+	if _, err := input.Ident("server name", server); err != nil {
+		return invalid(err)
+	}
+	return nil
+}
+
+func checkPath(what, file string) error {
+	if _, err := input.Path(what, file); err != nil {
+		return invalid(err)
 	}
 	return nil
 }
 
 // CheckAddr validates an endpoint address and port the way the runtime API
-// needs them: an IP literal (HAProxy 2.6 "set server addr" resolves nothing)
-// and a port in 1-65535. HAProxy itself wraps out-of-range ports silently
-// (70000 becomes 4464), so the range is checked here.
+// needs them (input.Addr, input.Port): an IP literal in canonical form with
+// no zone (HAProxy 2.6 "set server addr" resolves nothing, and a zone is
+// any bytes, newlines included) and a port in 1-65535 (HAProxy wraps a
+// larger one silently: 70000 becomes 4464).
 func CheckAddr(addr string, port int) error {
-	if _, err := netip.ParseAddr(addr); err != nil {
-		return fmt.Errorf("%w: address %q is not an IP literal", ErrInvalidArgument, addr)
+	if _, err := input.Addr(input.FieldAddress, addr); err != nil {
+		return invalid(err)
 	}
-	if port < 1 || port > 65535 {
-		return fmt.Errorf("%w: port %d out of range 1-65535", ErrInvalidArgument, port)
+	if _, err := input.Port(input.FieldPort, port); err != nil {
+		return invalid(err)
 	}
 	return nil
 }
 
-func worker(line string, expect func(string) error) Command {
-	return Command{Target: "@1", Line: line, expect: expect}
+func checkWeight(weight int) error {
+	if _, err := input.Weight(input.FieldWeight, weight); err != nil {
+		return invalid(err)
+	}
+	return nil
+}
+
+// The grammar of each command this package builds, with its arguments at
+// their narrowest: the last check before a Command is returned (see
+// worker). The constructors validate every argument already; this holds
+// even if one of them is wrong, since a line that matches cannot hold a
+// second command, a comment or a quoted string.
+const (
+	gIdent  = `[A-Za-z0-9_.:-]{1,160}`
+	gServer = gIdent + `/` + gIdent
+	gAddr   = `[0-9a-f.:]{2,45}`
+	gPort   = `[1-9][0-9]{0,4}`
+	gWeight = `[0-9]{1,3}`
+	gPath   = `/[A-Za-z0-9_./+-]{1,255}`
+	gToken  = `[A-Za-z0-9_.:/-]{1,128}`
+)
+
+var (
+	shapeSetAddr   = regexp.MustCompile(`^set server ` + gServer + ` addr ` + gAddr + ` port ` + gPort + `$`)
+	shapeSetState  = regexp.MustCompile(`^set server ` + gServer + ` state (ready|drain|maint)$`)
+	shapeSetWeight = regexp.MustCompile(`^set server ` + gServer + ` weight ` + gWeight + `$`)
+	shapeAddServer = regexp.MustCompile(`^add server ` + gServer + ` (` + gAddr + `|\[` + gAddr + `\]):` + gPort + ` weight ` + gWeight +
+		`( ssl crt ` + gPath + ` ca-file ` + gPath + ` verify required( sni str\(` + gIdent + `\))?( alpn [a-z0-9/.-]+(,[a-z0-9/.-]+)*)?)?$`)
+	shapeSSLCert     = regexp.MustCompile(`^(set|commit|abort|show) ssl cert ` + gPath + `$`)
+	shapeSetMap      = regexp.MustCompile(`^set map ` + gPath + ` ` + gToken + ` ` + gToken + `$`)
+	shapeShowServers = regexp.MustCompile(`^show servers state( ` + gIdent + `)?$`)
+)
+
+// worker builds a command for the current worker, refusing a line outside
+// its grammar.
+func worker(shape *regexp.Regexp, line string, expect func(string) error) (Command, error) {
+	if !shape.MatchString(line) {
+		return Command{}, fmt.Errorf("%w: %q is outside the command's grammar", ErrInvalidArgument, line)
+	}
+	c := Command{Target: "@1", Line: line, expect: expect}
+	if err := c.Check(); err != nil {
+		return Command{}, err
+	}
+	return c, nil
+}
+
+// targetRE is a master CLI routing prefix: none, "@<n>" or "@!<pid>".
+var targetRE = regexp.MustCompile(`^(@!?[0-9]{1,10})?$`)
+
+// Check is the grammar every command must satisfy to be sent, whoever built
+// it: one command, so nothing in it can make the master CLI (which splits on
+// newlines and on ';') run a second one. The line is printable ASCII words
+// separated by single spaces, with none of ';', '#', quotes or backslash,
+// and no "<<" (a payload is only ever announced by Payload). A payload is
+// lines of printable ASCII, none of them empty (an empty line ends it), and
+// a final newline. Exec refuses a batch holding a command that fails it.
+func (c Command) Check() error {
+	if !targetRE.MatchString(c.Target) {
+		return fmt.Errorf("%w: routing prefix %q", ErrInvalidArgument, c.Target)
+	}
+	if err := checkLine(c.Line); err != nil {
+		return fmt.Errorf("%w: command %q: %v", ErrInvalidArgument, c.Line, err)
+	}
+	if c.Payload == "" {
+		return nil
+	}
+	if !strings.HasSuffix(c.Payload, "\n") {
+		return fmt.Errorf("%w: payload of %q does not end with a newline", ErrInvalidArgument, c.Line)
+	}
+	for _, l := range strings.Split(strings.TrimSuffix(c.Payload, "\n"), "\n") {
+		if l == "" {
+			return fmt.Errorf("%w: payload of %q has an empty line, which would end it early", ErrInvalidArgument, c.Line)
+		}
+		for i := 0; i < len(l); i++ {
+			if l[i] < 0x20 || l[i] > 0x7e {
+				return fmt.Errorf("%w: payload of %q has byte %#x", ErrInvalidArgument, c.Line, l[i])
+			}
+		}
+	}
+	return nil
+}
+
+func checkLine(l string) error {
+	if l == "" {
+		return errors.New("empty")
+	}
+	if len(l) > 2048 {
+		return errors.New("too long")
+	}
+	if l[0] == ' ' || l[len(l)-1] == ' ' || strings.Contains(l, "  ") {
+		return errors.New("leading, trailing or double space")
+	}
+	for i := 0; i < len(l); i++ {
+		b := l[i]
+		switch {
+		case b < 0x20 || b > 0x7e:
+			return fmt.Errorf("byte %#x", b)
+		case strings.IndexByte(";#'\"\\`$<>|&{}%", b) >= 0:
+			return fmt.Errorf("character %q", b)
+		}
+	}
+	return nil
 }
 
 // SetServerAddr points a server at addr:port.
@@ -98,7 +206,7 @@ func SetServerAddr(backend, server, addr string, port int) (Command, error) {
 	if err := CheckAddr(addr, port); err != nil {
 		return Command{}, err
 	}
-	return worker(fmt.Sprintf("set server %s/%s addr %s port %d", backend, server, addr, port), expectAddrChange), nil
+	return worker(shapeSetAddr, fmt.Sprintf("set server %s/%s addr %s port %d", backend, server, addr, port), expectAddrChange)
 }
 
 // SetServerState changes a server's administrative state.
@@ -111,7 +219,7 @@ func SetServerState(backend, server string, state ServerState) (Command, error) 
 	default:
 		return Command{}, fmt.Errorf("%w: server state %q", ErrInvalidArgument, state)
 	}
-	return worker(fmt.Sprintf("set server %s/%s state %s", backend, server, state), expectEmpty), nil
+	return worker(shapeSetState, fmt.Sprintf("set server %s/%s state %s", backend, server, state), expectEmpty)
 }
 
 // SetServerWeight sets a server's absolute weight (0-256).
@@ -119,10 +227,10 @@ func SetServerWeight(backend, server string, weight int) (Command, error) {
 	if err := checkServer(backend, server); err != nil {
 		return Command{}, err
 	}
-	if weight < 0 || weight > MaxWeight {
-		return Command{}, fmt.Errorf("%w: weight %d out of range 0-%d", ErrInvalidArgument, weight, MaxWeight)
+	if err := checkWeight(weight); err != nil {
+		return Command{}, err
 	}
-	return worker(fmt.Sprintf("set server %s/%s weight %d", backend, server, weight), expectEmpty), nil
+	return worker(shapeSetWeight, fmt.Sprintf("set server %s/%s weight %d", backend, server, weight), expectEmpty)
 }
 
 // ServerOptions are the server keywords "add server" accepts that this
@@ -151,8 +259,8 @@ func AddServer(backend, server, addr string, port int, o ServerOptions) (Command
 	if err := CheckAddr(addr, port); err != nil {
 		return Command{}, err
 	}
-	if o.Weight < 0 || o.Weight > MaxWeight {
-		return Command{}, fmt.Errorf("%w: weight %d out of range 0-%d", ErrInvalidArgument, o.Weight, MaxWeight)
+	if err := checkWeight(o.Weight); err != nil {
+		return Command{}, err
 	}
 	host := addr
 	if strings.Contains(addr, ":") {
@@ -161,14 +269,14 @@ func AddServer(backend, server, addr string, port int, o ServerOptions) (Command
 	line := fmt.Sprintf("add server %s/%s %s:%d weight %d", backend, server, host, port, o.Weight)
 	if o.SSL {
 		for _, f := range []string{o.CrtFile, o.CAFile} {
-			if !pathRE.MatchString(f) {
-				return Command{}, fmt.Errorf("%w: certificate path %q", ErrInvalidArgument, f)
+			if err := checkPath("certificate path", f); err != nil {
+				return Command{}, err
 			}
 		}
 		line += fmt.Sprintf(" ssl crt %s ca-file %s verify required", o.CrtFile, o.CAFile)
 		if o.SNI != "" {
-			if !identRE.MatchString(o.SNI) {
-				return Command{}, fmt.Errorf("%w: sni %q", ErrInvalidArgument, o.SNI)
+			if _, err := input.Ident("sni", o.SNI); err != nil {
+				return Command{}, invalid(err)
 			}
 			line += " sni str(" + o.SNI + ")"
 		}
@@ -179,7 +287,7 @@ func AddServer(backend, server, addr string, port int, o ServerOptions) (Command
 			line += " alpn " + o.ALPN
 		}
 	}
-	return worker(line, expectPrefix("New server registered.")), nil
+	return worker(shapeAddServer, line, expectPrefix("New server registered."))
 }
 
 // SetSSLCert opens (or updates) a transaction that replaces the certificate
@@ -187,32 +295,38 @@ func AddServer(backend, server, addr string, port int, o ServerOptions) (Command
 // payload at the first empty line, so blank lines are removed, and a final
 // newline is ensured.
 func SetSSLCert(file, pem string) (Command, error) {
-	if !pathRE.MatchString(file) {
-		return Command{}, fmt.Errorf("%w: certificate path %q", ErrInvalidArgument, file)
+	if err := checkPath("certificate path", file); err != nil {
+		return Command{}, err
 	}
 	payload := PayloadLines(pem)
 	if payload == "" {
 		return Command{}, fmt.Errorf("%w: empty certificate payload for %s", ErrInvalidArgument, file)
 	}
-	c := worker("set ssl cert "+file, expectAny("Transaction created for certificate", "Transaction updated for certificate"))
+	c, err := worker(shapeSSLCert, "set ssl cert "+file, expectAny("Transaction created for certificate", "Transaction updated for certificate"))
+	if err != nil {
+		return Command{}, err
+	}
 	c.Payload = payload
+	if err := c.Check(); err != nil {
+		return Command{}, err
+	}
 	return c, nil
 }
 
 // CommitSSLCert commits the open transaction on file.
 func CommitSSLCert(file string) (Command, error) {
-	if !pathRE.MatchString(file) {
-		return Command{}, fmt.Errorf("%w: certificate path %q", ErrInvalidArgument, file)
+	if err := checkPath("certificate path", file); err != nil {
+		return Command{}, err
 	}
-	return worker("commit ssl cert "+file, expectCommit), nil
+	return worker(shapeSSLCert, "commit ssl cert "+file, expectCommit)
 }
 
 // AbortSSLCert drops the open transaction on file.
 func AbortSSLCert(file string) (Command, error) {
-	if !pathRE.MatchString(file) {
-		return Command{}, fmt.Errorf("%w: certificate path %q", ErrInvalidArgument, file)
+	if err := checkPath("certificate path", file); err != nil {
+		return Command{}, err
 	}
-	return worker("abort ssl cert "+file, expectPrefix("Transaction aborted for certificate")), nil
+	return worker(shapeSSLCert, "abort ssl cert "+file, expectPrefix("Transaction aborted for certificate"))
 }
 
 // mapKeyRE and mapValueRE bound what "set map" may carry: one token each.
@@ -223,33 +337,37 @@ var (
 
 // SetMap changes the value of an existing key in the map loaded from file.
 func SetMap(file, key, value string) (Command, error) {
-	if !pathRE.MatchString(file) {
-		return Command{}, fmt.Errorf("%w: map path %q", ErrInvalidArgument, file)
+	if err := checkPath("map path", file); err != nil {
+		return Command{}, err
 	}
 	if !mapKeyRE.MatchString(key) || !mapValueRE.MatchString(value) {
 		return Command{}, fmt.Errorf("%w: map entry %q %q", ErrInvalidArgument, key, value)
 	}
-	return worker(fmt.Sprintf("set map %s %s %s", file, key, value), expectEmpty), nil
+	return worker(shapeSetMap, fmt.Sprintf("set map %s %s %s", file, key, value), expectEmpty)
 }
 
 // ShowServersState lists the servers of backend ("" for all backends).
 func ShowServersState(backend string) (Command, error) {
-	if backend != "" && !ValidIdent(backend) {
-		return Command{}, fmt.Errorf("%w: backend name %q", ErrInvalidArgument, backend)
+	if backend != "" {
+		if _, err := input.Ident("backend name", backend); err != nil {
+			return Command{}, invalid(err)
+		}
 	}
-	return worker(strings.TrimSpace("show servers state "+backend), expectPrefix("1\n")), nil
+	return worker(shapeShowServers, strings.TrimSpace("show servers state "+backend), expectPrefix("1\n"))
 }
 
 // ShowSSLCert describes the certificate stored under file.
 func ShowSSLCert(file string) (Command, error) {
-	if !pathRE.MatchString(file) {
-		return Command{}, fmt.Errorf("%w: certificate path %q", ErrInvalidArgument, file)
+	if err := checkPath("certificate path", file); err != nil {
+		return Command{}, err
 	}
-	return worker("show ssl cert "+file, expectPrefix("Filename: ")), nil
+	return worker(shapeSSLCert, "show ssl cert "+file, expectPrefix("Filename: "))
 }
 
 // ShowInfo is the worker's "show info".
-func ShowInfo() Command { return worker("show info", expectPrefix("Name: ")) }
+func ShowInfo() Command {
+	return Command{Target: "@1", Line: "show info", expect: expectPrefix("Name: ")}
+}
 
 // ShowProc is the master's process list.
 func ShowProc() Command {

@@ -9,6 +9,8 @@ import (
 	"net/netip"
 	"slices"
 	"strconv"
+
+	"github.com/haproxy-connect/haproxy-connect/input"
 )
 
 // ParkAddr and ParkPort are where a slot that never served points: nothing
@@ -23,7 +25,7 @@ const (
 )
 
 // MaxWeight is HAProxy's largest server weight; Consul allows up to 65535.
-const MaxWeight = 256
+const MaxWeight = input.MaxWeight
 
 // Endpoint is one healthy instance of an upstream. Its identity is Key():
 // the address and port HAProxy connects to, which is also what HAProxy
@@ -76,11 +78,15 @@ func (s Slot) Key() string {
 // parkedKey is the endpoint key a free slot still points at, if its
 // address (which may come from HAProxy, see FromObserved) is one.
 func (s Slot) parkedKey() (string, bool) {
-	a, err := netip.ParseAddr(s.Addr)
-	if err != nil || s.Port < 1 || s.Port > 65535 {
+	a, err := input.Addr(input.FieldAddress, s.Addr)
+	if err != nil {
 		return "", false
 	}
-	return netip.AddrPortFrom(a, uint16(s.Port)).String(), true
+	p, err := input.Port(input.FieldPort, s.Port)
+	if err != nil {
+		return "", false
+	}
+	return netip.AddrPortFrom(a, p).String(), true
 }
 
 // Table is the assignment of one backend's slots. It is a value: Plan

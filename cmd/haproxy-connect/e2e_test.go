@@ -227,7 +227,7 @@ func TestBadRegistration(t *testing.T) {
 	client := startSidecar(t, consul, "client")
 	eventually(t, 10*time.Second, "the good upstream serves", serves(ports[3], "hello from server"))
 	logs := client.out.String()
-	for _, want := range []string{"upstream rejected", "only letters, digits", "port 70000 out of range", "protocol"} {
+	for _, want := range []string{"upstream rejected", "want 1-63 letters, digits", "port out of range 1-65535", "70000", "protocol"} {
 		if !strings.Contains(logs, want) {
 			t.Errorf("log lacks %q", want)
 		}

@@ -1,0 +1,119 @@
+package bootstrap
+
+import (
+	"fmt"
+	"regexp"
+	"strings"
+)
+
+// Pieces of the line shapes: what a validated value can look like once
+// rendered (input.Addr, input.Ident, input.Path and integers).
+// Unbounded repetitions: bounded ones multiply the size of the compiled
+// program, and the values were checked for length already.
+const (
+	shapeAddrPort = `([0-9.]+|\[[0-9a-f:.]+\]):[0-9]+`
+	shapeIdent    = `[A-Za-z0-9_.:-]+`
+	shapePath     = `/[A-Za-z0-9_./+-]+`
+)
+
+// configShapes lists every line shape Render may produce. It is the
+// contract between the renderer and HAProxy's parser: a line that matches
+// none means some value reached the configuration unvalidated (or ended a
+// line early, as an IPv6 zone holding "\nprogram x\n command ..." would),
+// and Render refuses the configuration. A new kind of line needs its shape
+// here.
+var configShapes = []string{
+	`# [ -~]*`,
+	``,
+	`global`, `defaults`, `    master-worker`,
+	`    hard-stop-after \d+ms`,
+	`    nbthread \d+`,
+	`    ssl-default-(bind|server)-options ssl-min-ver TLSv1\.2`,
+	`    tune\.ssl\.default-dh-param 2048`,
+	`    log stdout format raw local0 info`,
+	`    log global`, `    no log`, `    option (http|tcp)log`,
+	`    log-format "[ !#-~]*"`,
+	`    timeout (connect|client|server|http-request|http-keep-alive) \d+(ms|s|m|h)`,
+	`(frontend|backend) ` + shapeIdent,
+	`    mode (tcp|http)`,
+	`    bind ` + shapeAddrPort + ` ssl crt-list ` + shapePath + ` ca-file ` + shapePath + ` verify required( alpn h2,http/1\.1)?`,
+	`    bind ` + shapeAddrPort,
+	`    filter spoe engine intentions config ` + shapePath,
+	`    tcp-request inspect-delay 5s`,
+	`    tcp-request content reject unless \{ var\(sess\.hc\.allowed\) -m bool \}`,
+	`    acl authz_stale str\(gen\),map_str_int\(` + shapePath + `,0\),sub\(sess\.hc\.gen\) -m int gt 0`,
+	`    http-request unset-var\(sess\.hc\.allowed\) if authz_stale`,
+	`    http-request send-spoe-group intentions authz if !\{ var\(sess\.hc\.allowed\) -m found \}`,
+	`    http-request deny deny_status 403 unless \{ var\(sess\.hc\.allowed\) -m bool \}`,
+	`    http-request deny deny_status 503 unless \{ var\(sess\.hc\.allowed\) -m found \}`,
+	`    http-request reject if !\{ var\(sess\.hc\.allowed\) -m found \} \{ stopping \}`,
+	`    option redispatch`,
+	`    retry-on conn-failure empty-response`,
+	`    http-reuse always`,
+	`    default_backend ` + shapeIdent,
+	`    balance roundrobin`,
+	`    default-server ssl crt ` + shapePath + ` ca-file ` + shapePath + ` verify required( alpn (h2|h2,http/1\.1))?`,
+	`    server app ` + shapeAddrPort + `( proto h2)?`,
+	`    server agent unix@` + shapePath,
+	`    server s\d+ ` + shapeAddrPort + ` weight \d+`,
+	`    server-template s \d+-\d+ 127\.0\.0\.1:1 disabled`,
+}
+
+// shape is one compiled line shape and the literal text every line of it
+// starts with, so that a line is matched only against the shapes it can
+// be: one union of all of them took 2.4 µs a line, 7 ms for 100 upstreams
+// of 16 endpoints.
+type shape struct {
+	prefix string
+	re     *regexp.Regexp
+}
+
+var shapes = func() []shape {
+	out := make([]shape, 0, len(configShapes))
+	for _, s := range configShapes {
+		re := regexp.MustCompile(`^(?:` + s + `)$`)
+		prefix, _ := re.LiteralPrefix()
+		out = append(out, shape{prefix, re})
+	}
+	return out
+}()
+
+// knownLine reports whether line has one of the configShapes.
+func knownLine(line string) bool {
+	for _, s := range shapes {
+		if strings.HasPrefix(line, s.prefix) && s.re.MatchString(line) {
+			return true
+		}
+	}
+	return false
+}
+
+// CheckConfig checks rendered configuration text: every line has a shape of
+// configShapes, every indented line belongs to a section, and no frontend or
+// backend is declared twice. Render runs it on everything it returns.
+func CheckConfig(cfg string) error {
+	if !strings.HasSuffix(cfg, "\n") {
+		return fmt.Errorf("%w: rendered configuration does not end with a newline", ErrInvalid)
+	}
+	inSection := false
+	seen := map[string]bool{}
+	for i, line := range strings.Split(strings.TrimSuffix(cfg, "\n"), "\n") {
+		if !knownLine(line) {
+			return fmt.Errorf("%w: rendered configuration line %d %q has no known shape", ErrInvalid, i+1, line)
+		}
+		switch {
+		case line == "" || strings.HasPrefix(line, "#"):
+		case strings.HasPrefix(line, "    "):
+			if !inSection {
+				return fmt.Errorf("%w: rendered configuration line %d %q is outside any section", ErrInvalid, i+1, line)
+			}
+		default:
+			if seen[line] {
+				return fmt.Errorf("%w: rendered configuration declares %q twice", ErrInvalid, line)
+			}
+			seen[line] = true
+			inSection = true
+		}
+	}
+	return nil
+}

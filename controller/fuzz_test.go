@@ -1,0 +1,185 @@
+package controller
+
+import (
+	"encoding/json"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/hashicorp/consul/api"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/haproxy-connect/haproxy-connect/bootstrap"
+	"github.com/haproxy-connect/haproxy-connect/runtime"
+	"github.com/haproxy-connect/haproxy-connect/slots"
+)
+
+// hostile are seeds for the fuzz targets here: IPv6 zones holding a master
+// CLI command or a config section, ';', spaces, quotes, control bytes and
+// non-ASCII.
+var hostile = []string{
+	"fe80::1%x\n@1 set server local_app/app addr 127.0.0.9 port 9",
+	"fe80::1%lo]:80\nprogram pwn\n command /bin/true",
+	"fe80::1%x;@1 reload",
+	"10.0.0.1 port 9",
+	"10.0.0.1;@1 set server local_app/app state maint",
+	`a'b"c\d#e`,
+	"a\rb\x00c",
+	"wéb",
+	"::ffff:1.2.3.4",
+	"FD00::1",
+}
+
+// TestInstanceFilter: a bad instance is dropped with one log line naming
+// its ID, the field and the reason, and one count, however many answers
+// repeat it; the good instances beside it are kept; it is logged again
+// when it comes back after leaving.
+func TestInstanceFilter(t *testing.T) {
+	core, logs := observer.New(zapcore.WarnLevel)
+	m := newMetrics(nil)
+	f := newInstanceFilter("up_api", zap.New(core), m)
+	good := healthEntry{ID: "good", Address: "10.0.0.1", Port: 21000, Weight: 2}
+	badAnswer := []healthEntry{
+		good,
+		{ID: "zone", Address: hostile[0], Port: 21000},
+		{ID: "program", Address: hostile[1], Port: 21000},
+		{ID: "semicolon", Address: hostile[4], Port: 21000},
+		{ID: "spaces", Address: hostile[3], Port: 21000},
+		{ID: "port0", Address: "10.0.0.2", Port: 0},
+		{ID: "port70000", Address: "10.0.0.3", Port: 70000},
+		{ID: "weight", Address: "10.0.0.4", Port: 21000, Weight: -1},
+		{ID: "node", NodeAddress: "fe80::1%eth0", Port: 21000},
+	}
+	unreadable := []error{&entryError{Index: 9, ID: "json", Err: errBadPort}}
+	want := []slots.Endpoint{{Addr: "10.0.0.1", Port: 21000, Weight: 2}}
+	for range 3 {
+		if got := f.endpoints(badAnswer, unreadable); len(got) != 1 || got[0] != want[0] {
+			t.Fatalf("endpoints %v, want %v", got, want)
+		}
+	}
+	wantFields := map[string]string{"zone": "address", "program": "address", "semicolon": "address", "spaces": "address",
+		"port0": "port", "port70000": "port", "weight": "weight", "node": "address", "json": "entry"}
+	entries := logs.TakeAll()
+	if len(entries) != len(wantFields) {
+		t.Fatalf("%d log lines, want one per bad instance (%d): %v", len(entries), len(wantFields), entries)
+	}
+	for _, e := range entries {
+		ctx := e.ContextMap()
+		id, _ := ctx["instance_id"].(string)
+		if ctx["field"] != wantFields[id] || ctx["upstream"] != "up_api" || ctx["error"] == "" {
+			t.Errorf("log line %v, want field %q for instance %q", ctx, wantFields[id], id)
+		}
+		if strings.ContainsAny(e.Message+ctx["error"].(string), "\n") {
+			t.Errorf("log line spans lines: %q", ctx["error"])
+		}
+	}
+	var b strings.Builder
+	_, _ = m.WriteTo(&b)
+	for _, sample := range []string{
+		`haproxy_connect_invalid_instances_total{upstream="up_api",field="address"} 5`,
+		`haproxy_connect_invalid_instances_total{upstream="up_api",field="port"} 2`,
+		`haproxy_connect_invalid_instances_total{upstream="up_api",field="weight"} 1`,
+		`haproxy_connect_invalid_instances_total{upstream="up_api",field="entry"} 1`,
+	} {
+		if !strings.Contains(b.String(), sample+"\n") {
+			t.Errorf("metrics lack %s:\n%s", sample, b.String())
+		}
+	}
+	// Gone, then back: logged again.
+	f.endpoints([]healthEntry{good}, nil)
+	f.endpoints(badAnswer[:2], nil)
+	if n := logs.Len(); n != 1 {
+		t.Errorf("%d log lines for an instance that came back, want 1", n)
+	}
+}
+
+// errBadPort stands for a field the health parser could not read.
+var errBadPort = &json.UnsupportedValueError{Str: "Service.Port"}
+
+// FuzzParseRegistration: whatever ParseRegistration accepts, Render
+// accepts too (so a registration can never make every later reload fail),
+// and its names and addresses are the values given, checked.
+func FuzzParseRegistration(f *testing.F) {
+	f.Add("127.0.0.1", 21000, "127.0.0.1", 8080, "http", "api", "dc2", "127.0.0.1", 9191, "tcp", "service")
+	f.Add("", 21000, "", 8080, "", "api", "", "::1", 9191, "grpc", "prepared_query")
+	for _, h := range hostile {
+		f.Add(h, 21000, "127.0.0.1", 8080, "http", "api", "", "127.0.0.1", 9191, "http", "service")
+		f.Add("127.0.0.1", 0, h, 70000, h, h, h, h, 9191, h, h)
+		f.Add("127.0.0.1", 21000, "127.0.0.1", 8080, "tcp", "api", "", h, 9191, "tcp", "service")
+	}
+	f.Fuzz(func(t *testing.T, addr string, port int, local string, localPort int, proto, dest, dc, bind string, bindPort int, upProto, typ string) {
+		reg := &api.AgentService{
+			ID: "web-sidecar-proxy", Kind: api.ServiceKindConnectProxy, Address: addr, Port: port,
+			Proxy: &api.AgentServiceConnectProxyConfig{
+				DestinationServiceName: "web", LocalServiceAddress: local, LocalServicePort: localPort,
+				Config: map[string]any{"protocol": proto},
+				Upstreams: []api.Upstream{
+					{DestinationType: api.UpstreamDestType(typ), DestinationName: dest, Datacenter: dc, LocalBindAddress: bind, LocalBindPort: bindPort,
+						Config: map[string]any{"protocol": upProto}},
+					{DestinationName: "fixed", LocalBindPort: 9999},
+				},
+			},
+		}
+		sc, rejected, err := ParseRegistration(reg)
+		if err != nil {
+			return
+		}
+		if len(sc.Upstreams)+len(rejected) != 2 {
+			t.Fatalf("%d upstreams kept and %d rejected, of 2", len(sc.Upstreams), len(rejected))
+		}
+		spec := bootstrap.Spec{Service: sc.Service, LeafFile: "/s/leaf.pem", RootsFile: "/s/roots.pem", SPOEFile: "/s/spoe.cfg",
+			AuthzMap: "/s/authz.map", CrtList: "/s/leaf.crtlist", SNI: bootstrap.FallbackSNI, SPOASocket: "/s/spoa.sock", HardStopAfter: 1e9, Public: sc.Public}
+		for _, u := range sc.Upstreams {
+			if u.Destination != dest && u.Destination != "fixed" {
+				t.Fatalf("destination %q from %q", u.Destination, dest)
+			}
+			if a, err := netip.ParseAddr(u.BindAddr); err != nil || a.String() != u.BindAddr {
+				t.Fatalf("bind address %q kept", u.BindAddr)
+			}
+			spec.Upstreams = append(spec.Upstreams, bootstrap.Upstream{Name: u.Name, Destination: u.Destination, BindAddr: u.BindAddr,
+				BindPort: u.BindPort, Protocol: u.Protocol, ConnectTimeout: u.ConnectTimeout, Slots: slots.New(u.Name, bootstrap.SlotPrefix, 2)})
+		}
+		if _, err := bootstrap.Render(spec); err != nil {
+			t.Fatalf("ParseRegistration accepted what Render refuses: %v", err)
+		}
+	})
+}
+
+// FuzzHealthParse: the health-answer parser and the instance filter never
+// let a value through that would make a runtime command carry more than
+// one command; every endpoint's address is canonical with no zone, and
+// every kept endpoint makes a "set server addr" and an "add server" that
+// pass the runtime's own grammar.
+func FuzzHealthParse(f *testing.F) {
+	f.Add(`[{"Node":{"Address":"10.0.0.1"},"Service":{"ID":"a","Address":"","Port":80,"Weights":{"Passing":3}}}]`)
+	for _, h := range hostile {
+		addr, _ := json.Marshal(h)
+		f.Add(`[{"Service":{"ID":"x","Address":` + string(addr) + `,"Port":21000}},{"Service":{"ID":"ok","Address":"10.0.0.8","Port":80}}]`)
+		f.Add(`[{"Node":{"Address":` + string(addr) + `},"Service":{"ID":` + string(addr) + `,"Port":70000,"Weights":{"Passing":-1}}}]`)
+	}
+	f.Fuzz(func(t *testing.T, body string) {
+		var h healthReader
+		entries, bad, err := h.parse([]byte(body))
+		if err != nil {
+			return
+		}
+		eps := newInstanceFilter("up_api", zap.NewNop(), newMetrics(nil)).endpoints(entries, bad)
+		for _, e := range eps {
+			a, err := netip.ParseAddr(e.Addr)
+			if err != nil || a.Zone() != "" || a.String() != e.Addr || e.Port < 1 || e.Port > 65535 || e.Weight < 1 || e.Weight > slots.MaxWeight {
+				t.Fatalf("endpoint %+v kept", e)
+			}
+			for _, op := range []slots.Op{{Kind: slots.OpSetAddr, Server: "s1", Addr: e.Addr, Port: e.Port}, {Kind: slots.OpAdd, Server: "s9", Addr: e.Addr, Port: e.Port, Weight: e.Weight}} {
+				cmd, err := SlotCommand("up_api", op, runtime.ServerOptions{SSL: true, CrtFile: "/s/leaf.pem", CAFile: "/s/roots.pem"})
+				if err != nil {
+					t.Fatalf("endpoint %+v kept, but its command is refused: %v", e, err)
+				}
+				if cmd.Check() != nil || strings.ContainsAny(cmd.String(), "\n;#%") {
+					t.Fatalf("command %q", cmd.String())
+				}
+			}
+		}
+	})
+}
