@@ -455,6 +455,7 @@ func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.S
 		s.Upstreams = append(s.Upstreams, bootstrap.Upstream{
 			Name: u.Name, Destination: u.Destination, BindAddr: u.BindAddr, BindPort: u.BindPort,
 			Protocol: u.Protocol, ConnectTimeout: u.ConnectTimeout, Slots: tables[u.Name],
+			ServerID: c.serverID(u),
 		})
 	}
 	return s

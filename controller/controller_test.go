@@ -272,7 +272,11 @@ func TestReconcileTranscript(t *testing.T) {
 	}
 	// After the reloads, the rendered config carries the assignment, the
 	// dynamic server included, in a template sized with room to grow.
-	for _, want := range []string{"server s9 10.0.0.10:21000 weight 1", "server s1 10.0.0.4:21000 weight 1", "server s3 10.0.0.3:21000 weight 9", "backend up_db", "server-template s 10-24 127.0.0.1:1 disabled"} {
+	// HAProxy checks the servers' identity on their responses (the second
+	// line): the trust domain is the leaf's when the roots name none.
+	apiID := "spiffe://td.consul/ns/default/dc/dc1/svc/api"
+	serverIDLine := fmt.Sprintf("tcp-response content reject unless { ssl_s_der,hex -m sub %X }", append([]byte{0x86, byte(len(apiID))}, apiID...))
+	for _, want := range []string{serverIDLine, "server s9 10.0.0.10:21000 weight 1", "server s1 10.0.0.4:21000 weight 1", "server s3 10.0.0.3:21000 weight 9", "backend up_db", "server-template s 10-24 127.0.0.1:1 disabled"} {
 		if !strings.Contains(string(cfg), want) {
 			t.Errorf("rendered config lacks %q:\n%s", want, cfg)
 		}

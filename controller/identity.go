@@ -48,10 +48,11 @@ import (
 // identity it showed, and counted.
 //
 // The residual window: between two proofs, an address whose holder changes
-// keeps its slot until the next trigger. The second line in HAProxy
-// (bootstrap: the server certificate's URI SAN matched on every response)
-// keeps the new holder's answers from reaching the caller; the request
-// bytes of that window still reach it. SECURITY.md has the table.
+// keeps its slot until the next trigger. The second line, in HAProxy
+// (serverID, rendered by bootstrap: the server certificate's URI SAN
+// matched on every response), keeps the new holder's answers from reaching
+// the caller; the request bytes of that window still reach it. SECURITY.md
+// has the table.
 
 const (
 	// verifyWorkers bounds concurrent verifications: a burst of new
@@ -151,6 +152,26 @@ func (c *Controller) expectedID(u Upstream, in instance) (string, error) {
 		ap = local.Partition
 	}
 	return verify.ServiceID(td, ap, ns, dc, service), nil
+}
+
+// serverID is the identity HAProxy itself checks on the responses of u's
+// servers (bootstrap.Upstream.ServerID): the second line, behind the
+// verification. None for a prepared query, whose instances may serve
+// several services, nor for an ID that the configuration cannot carry
+// (its endpoints never verify then either).
+func (c *Controller) serverID(u Upstream) string {
+	if u.Type == string(api.UpstreamDestTypePreparedQuery) {
+		return ""
+	}
+	id, err := c.expectedID(u, instance{})
+	if err == nil {
+		err = bootstrap.CheckServerID(id)
+	}
+	if err != nil {
+		c.log.Error("upstream identity not checked by HAProxy", zap.String("upstream", u.Name), zap.Error(err))
+		return ""
+	}
+	return id
 }
 
 func (c *Controller) upstream(name string) (Upstream, bool) {
