@@ -40,9 +40,9 @@ import (
 //
 // A result is kept per (expected identity, address:port) while some
 // upstream lists it, and is proven again: every reverifyEvery (jittered);
-// when HAProxy counts connection or handshake errors for a server at that
-// address ("show stat" econ and ssl_failed_handshake, polled every
-// statPoll); and when the endpoint leaves every list and comes back (its
+// when HAProxy counts connection or handshake errors, or denied responses,
+// for a server at that address ("show stat" econ, ssl_failed_handshake and
+// dresp, polled every statPoll); and when the endpoint leaves every list and comes back (its
 // result is dropped when it leaves). An endpoint that shows another
 // identity is parked ("state maint") and logged with the instance and the
 // identity it showed, and counted.
@@ -64,7 +64,11 @@ const (
 	// endpoints no upstream lists any more are dropped.
 	identitySweep = 10 * time.Second
 	// statPoll is how often HAProxy's per-server error counters are read.
-	statPoll = 2 * time.Second
+	// It bounds the residual window after an address changes hands: until
+	// the next read, that server's answers are refused (502) by the second
+	// line. One "show stat" of every server costs HAProxy and the sidecar
+	// about 400 bytes of CSV per server.
+	statPoll = time.Second
 	// maxMismatchSeries bounds the labelled mismatch counter: instance
 	// names and identities come from Consul and from certificates.
 	maxMismatchSeries = 256
@@ -416,7 +420,8 @@ func (c *Controller) sweepIdentities(ctx context.Context, d *desired) {
 }
 
 // serverErrors re-verifies the endpoints of servers whose connection or
-// handshake error counters grew since the last read.
+// handshake error counters, or denied responses (the second line refused
+// an answer: the address may have changed hands), grew since the last read.
 func (c *Controller) serverErrors(ctx context.Context, stats []runtime.ServerStat) {
 	if c.applied.tables == nil {
 		return
@@ -427,7 +432,7 @@ func (c *Controller) serverErrors(ctx context.Context, stats []runtime.ServerSta
 			continue
 		}
 		k := s.Backend + "/" + s.Server
-		n := s.ConnErrors + s.HandshakeFailures
+		n := s.ConnErrors + s.HandshakeFailures + s.DeniedResponses
 		prev, seen := c.ident.errs[k]
 		c.ident.errs[k] = n // a new worker starts at 0: then n < prev
 		if !seen || n <= prev {

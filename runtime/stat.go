@@ -19,9 +19,11 @@ type ServerStat struct {
 	// ConnErrors ("econ") counts failed connections to the server, a
 	// failed TLS handshake included; HandshakeFailures
 	// ("ssl_failed_handshake", from the SSL stats module, present on
-	// 2.6.12) counts failed handshakes alone. Both restart at 0 in a new
-	// worker.
-	ConnErrors, HandshakeFailures uint64
+	// 2.6.12) counts failed handshakes alone; DeniedResponses ("dresp")
+	// counts the server's responses that an "http-response deny" or
+	// "tcp-response content reject" rule refused (per server on 2.6.12).
+	// All restart at 0 in a new worker.
+	ConnErrors, HandshakeFailures, DeniedResponses uint64
 }
 
 // ParseServerStats reads "show stat" CSV by its header, so that columns
@@ -62,7 +64,9 @@ func ParseServerStats(text string) ([]ServerStat, error) {
 		}
 		s := ServerStat{Backend: row[col["pxname"]], Server: row[col["svname"]], Addr: row[col["addr"]]}
 		if s.ConnErrors, err = num(row, "econ"); err == nil {
-			s.HandshakeFailures, err = num(row, "ssl_failed_handshake")
+			if s.HandshakeFailures, err = num(row, "ssl_failed_handshake"); err == nil {
+				s.DeniedResponses, err = num(row, "dresp")
+			}
 		}
 		if err != nil {
 			return nil, fmt.Errorf("%w: show stat row of %s/%s: %v", ErrUnrecognizedReply, s.Backend, s.Server, err)

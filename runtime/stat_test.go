@@ -10,7 +10,8 @@ import (
 
 func TestParseServerStats(t *testing.T) {
 	// Captured from haproxy 2.6.12: "@1 show stat -1 4 -1" after one
-	// request to b_bad/s1, whose server certificate is from another CA.
+	// request to b_bad/s1, whose server certificate is from another CA,
+	// and one to b_imp/s1 and t_imp/s1, whose responses a rule denied.
 	real, err := os.ReadFile("testdata/show_stat_2.6.12.csv")
 	if err != nil {
 		t.Fatal(err)
@@ -23,10 +24,10 @@ func TestParseServerStats(t *testing.T) {
 	}{
 		{"haproxy 2.6.12", string(real), []ServerStat{
 			{Backend: "b_web", Server: "s1", Addr: "127.0.0.1:19443"},
-			{Backend: "b_imp", Server: "s1", Addr: "127.0.0.1:19444"},
+			{Backend: "b_imp", Server: "s1", Addr: "127.0.0.1:19444", DeniedResponses: 1},
 			{Backend: "b_bad", Server: "s1", Addr: "127.0.0.1:19445", ConnErrors: 1, HandshakeFailures: 4},
 			{Backend: "b_bad", Server: "s2", Addr: "127.0.0.1:19446"},
-			{Backend: "t_imp", Server: "s1", Addr: "127.0.0.1:19444"},
+			{Backend: "t_imp", Server: "s1", Addr: "127.0.0.1:19444", DeniedResponses: 1},
 			{Backend: "t_web", Server: "s1", Addr: "127.0.0.1:19443"},
 		}, false},
 		{"columns in another order, frontend rows skipped",

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -209,4 +210,110 @@ func TestVerificationFailsClosed(t *testing.T) {
 	if ok == 0 || failed > 0 {
 		t.Errorf("%d of %d calls failed; first: %v", failed, ok+failed, first)
 	}
+}
+
+// handover is an address whose holder changes: a relay to target that,
+// on Switch, closes its connections (the old holder is gone) and sends new
+// ones to another target.
+type handover struct {
+	port   int
+	mu     sync.Mutex
+	target string
+	conns  map[net.Conn]struct{}
+}
+
+func newHandover(t *testing.T, target string) *handover {
+	h := &handover{target: target, conns: map[net.Conn]struct{}{}}
+	h.port = testenv.ServeTCP(t, func(c net.Conn) {
+		h.mu.Lock()
+		target := h.target
+		h.conns[c] = struct{}{}
+		h.mu.Unlock()
+		testenv.Pipe(c, target)
+		h.mu.Lock()
+		delete(h.conns, c)
+		h.mu.Unlock()
+	})
+	return h
+}
+
+func (h *handover) Switch(target string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.target = target
+	for c := range h.conns {
+		c.Close()
+	}
+}
+
+// TestAddressChangesHands is the residual window: an endpoint proven to be
+// the destination, whose address then passes to a workload holding another
+// service's valid leaf (a reused address). HAProxy's own check of the
+// server's URI SAN on each response refuses that workload's answers (a
+// 502), which it counts; the controller sees the count, verifies the
+// address again within seconds, and parks it. No caller ever gets the
+// other workload's answer, and calls succeed again once it is parked.
+func TestAddressChangesHands(t *testing.T) {
+	m := startMesh(t, testenv.ConsulOptions{}, "http")
+	c, ports, client := m.c, m.ports, m.client
+	eventually(t, 10*time.Second, "mesh serves", serves(ports[3], "hello from server"))
+	roots, _, err := c.Agent().ConnectCARoots(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherID := fmt.Sprintf("spiffe://%s/ns/default/dc/dc1/svc/other", roots.TrustDomain)
+	imp := startImpostor(t, c, "other")
+	h := newHandover(t, fmt.Sprintf("127.0.0.1:%d", ports[0]))
+	if err := c.Agent().ServiceRegister(&api.AgentServiceRegistration{
+		ID: "server-2", Name: "server-sidecar-proxy", Kind: api.ServiceKindConnectProxy, Port: h.port, Address: "127.0.0.1",
+		Checks: passing(), Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: "server", DestinationServiceID: "server"},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "the second instance is in service", client.inBackend("up_server", h.port))
+
+	var okN, denied, impostorAnswers, otherFailures atomic.Int64
+	var firstOther atomic.Value
+	stop := loadN(2, func() error {
+		code, body, err := get(ports[3])
+		switch {
+		case err == nil && code == 200 && body == "hello from server":
+			okN.Add(1)
+		case strings.Contains(body, "impostor"):
+			impostorAnswers.Add(1)
+		case err == nil && code == 502:
+			denied.Add(1)
+		default:
+			otherFailures.Add(1)
+			firstOther.CompareAndSwap(nil, fmt.Sprintf("%d %q %v", code, body, err))
+		}
+		return nil
+	})
+	h.Switch(fmt.Sprintf("127.0.0.1:%d", imp.port))
+	eventually(t, 20*time.Second, "the new holder is found out", func() error {
+		if client.logCount("presents another identity", `"instance": "server-2"`, otherID) == 0 {
+			return errors.New("no mismatch logged")
+		}
+		if client.inBackend("up_server", h.port)() == nil {
+			return errors.New("still in service")
+		}
+		return nil
+	})
+	stop()
+	for i := range 200 {
+		if err := serves(ports[3], "hello from server")(); err != nil {
+			t.Fatalf("call %d after the address was parked: %v", i, err)
+		}
+	}
+	if n := impostorAnswers.Load(); n != 0 {
+		t.Errorf("%d callers got the new holder's answer", n)
+	}
+	if n := otherFailures.Load(); n != 0 {
+		t.Errorf("%d calls failed other than by a refused answer; first: %v", n, firstOther.Load())
+	}
+	if client.logCount("verifying it again") == 0 {
+		t.Errorf("the re-verification was not triggered by HAProxy's counters")
+	}
+	t.Logf("window: %d answers refused (502), %d calls ok; the new holder read %d request bytes before it was parked",
+		denied.Load(), okN.Load(), imp.bytes.Load())
 }
