@@ -179,6 +179,11 @@ func TestImpostorGetsNothing(t *testing.T) {
 	}
 	t.Logf("%d calls on new connections, %d on a kept-alive one; the impostor read %d bytes",
 		okNew, okKept, imp.bytes.Load())
+	sum, _ := client.metric("haproxy_connect_upstream_verification_seconds_sum")
+	n, _ := client.metric("haproxy_connect_upstream_verification_seconds_count")
+	if n > 0 {
+		t.Logf("%.0f verifications, %.2f ms each on average (connect and mTLS handshake, against HAProxy, the impostor and relays)", n, sum/n*1000)
+	}
 }
 
 // TestVerificationFailsClosed: an instance that cannot be reached for
