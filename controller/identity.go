@@ -199,18 +199,28 @@ func (c *Controller) verifiedEndpoints(ctx context.Context, name string, eps []s
 	now := time.Now()
 	listed := make(map[string]struct{}, len(eps))
 	insts := c.desired.instances[name]
+	// One identity for a service upstream, computed once: this runs on
+	// every plan of the upstream, for each of its endpoints.
+	want, err := c.expectedID(u, instance{})
+	if err != nil {
+		c.log.Error("upstream identity unknown; endpoints not placed", zap.String("upstream", name), zap.Error(err))
+		return nil, false
+	}
+	query := u.Type == string(api.UpstreamDestTypePreparedQuery)
 	for _, e := range eps {
-		in := insts[e.Key()]
-		want, err := c.expectedID(u, in)
-		if err != nil {
-			c.log.Error("upstream identity unknown; endpoints not placed", zap.String("upstream", name), zap.Error(err))
-			return nil, false
+		addr := e.Key()
+		in := insts[addr]
+		if query {
+			// Each answer entry names the service it serves.
+			if want, err = c.expectedID(u, in); err != nil {
+				continue
+			}
 		}
-		k := want + " " + e.Key()
+		k := want + " " + addr
 		listed[k] = struct{}{}
 		ch := id.checks[k]
 		if ch == nil {
-			ch = &idCheck{want: want, addr: e.Key(), users: map[string]struct{}{}, alpn: alpnList(u.Protocol)}
+			ch = &idCheck{want: want, addr: addr, users: map[string]struct{}{}, alpn: alpnList(u.Protocol)}
 			id.checks[k] = ch
 		}
 		ch.users[name] = struct{}{}
@@ -343,9 +353,7 @@ func (c *Controller) verified(d *desired, k string, ch *idCheck, res verify.Resu
 		// on a passing network hiccup would cost capacity.
 		c.metrics.verifications.inc("unreachable")
 		ch.due = now.Add(backoffStep(&ch.failures, time.Second, 30*time.Second))
-		if !ch.known {
-			ch.known = true
-		}
+		ch.known = true
 		log.Warn("upstream endpoint not reachable for verification", zap.Bool("kept_in_service", ch.good),
 			zap.Error(err), zap.Time("retry_at", ch.due))
 	}
@@ -427,13 +435,15 @@ func (c *Controller) serverErrors(ctx context.Context, stats []runtime.ServerSta
 		return
 	}
 	grew := map[string]bool{}
+	last := c.ident.errs
+	c.ident.errs = make(map[string]uint64, len(last))
 	for _, s := range stats {
 		if _, ok := c.applied.tables[s.Backend]; !ok {
 			continue
 		}
 		k := s.Backend + "/" + s.Server
 		n := s.ConnErrors + s.HandshakeFailures + s.DeniedResponses
-		prev, seen := c.ident.errs[k]
+		prev, seen := last[k]
 		c.ident.errs[k] = n // a new worker starts at 0: then n < prev
 		if !seen || n <= prev {
 			continue
