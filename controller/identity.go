@@ -93,6 +93,7 @@ type idCheck struct {
 	known      bool   // a verification completed
 	good       bool   // the last conclusive one proved want
 	shown      string // the identity presented at the last one
+	serial     string // and the serial of that certificate
 	at, due    time.Time
 	failures   int
 }
@@ -316,7 +317,7 @@ func (c *Controller) verified(d *desired, k string, ch *idCheck, res verify.Resu
 		return // dropped meanwhile: no upstream lists it
 	}
 	now := time.Now()
-	ch.at, ch.shown = now, res.ID
+	ch.at, ch.shown, ch.serial = now, res.ID, res.Serial
 	wasGood := ch.good
 	log := c.log.With(zap.Strings("upstreams", keys(ch.users)), zap.String("instance", ch.instance),
 		zap.String("address", ch.addr), zap.String("want", ch.want))
