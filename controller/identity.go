@@ -473,6 +473,7 @@ func (c *Controller) watchIdentities(ctx context.Context) {
 	defer sweep.Stop()
 	poll := time.NewTicker(statPoll)
 	defer poll.Stop()
+	failures := 0
 	for {
 		select {
 		case <-ctx.Done():
@@ -492,11 +493,18 @@ func (c *Controller) watchIdentities(ctx context.Context) {
 				stats, err = runtime.ParseServerStats(rs[0].Reply)
 			}
 			if err != nil {
-				if ctx.Err() == nil {
-					c.log.Warn("reading HAProxy's server error counters failed", zap.Error(err))
+				// A read during a reload fails (the master re-executes):
+				// only a run of failures is worth a warning.
+				if failures++; ctx.Err() == nil {
+					lvl := zap.DebugLevel
+					if failures%5 == 0 {
+						lvl = zap.WarnLevel
+					}
+					c.log.Log(lvl, "reading HAProxy's server error counters failed", zap.Int("failures_in_a_row", failures), zap.Error(err))
 				}
 				continue
 			}
+			failures = 0
 			c.send(ctx, func(*desired) { c.serverErrors(ctx, stats) })
 		}
 	}
