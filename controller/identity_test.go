@@ -48,3 +48,67 @@ func BenchmarkVerifiedEndpoints(b *testing.B) {
 		}
 	}
 }
+
+// TestExpectedID: the trust domain is the roots', else the leaf's; the
+// datacenter, namespace and partition are the upstream's, else the
+// sidecar's own; a prepared query's entry names its service and the
+// datacenter that answered.
+func TestExpectedID(t *testing.T) {
+	ca := testenv.NewCA(t, "root")
+	cert, key := ca.Leaf(t, "spiffe://leaf.consul/ap/eu/ns/team/dc/dc1/svc/web")
+	leaf, err := certs.NewBundle(cert, key, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name        string
+		trustDomain string // of the roots
+		u           Upstream
+		in          instance
+		want        string
+	}{
+		{"the sidecar's own everything", "", Upstream{Destination: "api"}, instance{}, "spiffe://leaf.consul/ap/eu/ns/team/dc/dc1/svc/api"},
+		{"the roots' trust domain", "roots.consul", Upstream{Destination: "api"}, instance{}, "spiffe://roots.consul/ap/eu/ns/team/dc/dc1/svc/api"},
+		{"the upstream's datacenter, namespace, partition", "roots.consul",
+			Upstream{Destination: "api", Datacenter: "dc2", Namespace: "ops", Partition: "default"}, instance{},
+			"spiffe://roots.consul/ns/ops/dc/dc2/svc/api"},
+		{"a prepared query's entry", "roots.consul", Upstream{Type: "prepared_query", Destination: "api-query"},
+			instance{id: "api-1-sidecar-proxy", service: "api", dc: "dc3"}, "spiffe://roots.consul/ap/eu/ns/team/dc/dc3/svc/api"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := &Controller{}
+			c.desired.leaf, c.desired.roots = &leaf, &certs.Roots{TrustDomain: tt.trustDomain}
+			got, err := c.expectedID(tt.u, tt.in)
+			if err != nil || got != tt.want {
+				t.Errorf("expectedID = %q, %v; want %q", got, err, tt.want)
+			}
+		})
+	}
+}
+
+// TestQueryInstances: a sidecar entry must prove its destination, a
+// Connect-native one itself; the node address stands in for an empty
+// service address; entries without a usable address are left out.
+func TestQueryInstances(t *testing.T) {
+	resp := &api.PreparedQueryExecuteResponse{Datacenter: "dc2", Nodes: []api.ServiceEntry{
+		{Node: &api.Node{Address: "10.0.0.1"}, Service: &api.AgentService{ID: "api-1-sidecar-proxy", Service: "api-sidecar-proxy",
+			Kind: api.ServiceKindConnectProxy, Port: 21000, Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: "api"}}},
+		{Node: &api.Node{Address: "10.0.0.9"}, Service: &api.AgentService{ID: "native-1", Service: "native", Address: "10.0.0.2", Port: 8443}},
+		{Node: &api.Node{Address: "node.example"}, Service: &api.AgentService{ID: "bad", Service: "api", Port: 1}},
+		{Node: &api.Node{Address: "10.0.0.3"}},
+	}}
+	got := queryInstances(resp)
+	want := map[string]instance{
+		"10.0.0.1:21000": {id: "api-1-sidecar-proxy", service: "api", dc: "dc2"},
+		"10.0.0.2:8443":  {id: "native-1", service: "native", dc: "dc2"},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("got %v, want %v", got, want)
+	}
+	for k, w := range want {
+		if got[k] != w {
+			t.Errorf("%s: got %+v, want %+v", k, got[k], w)
+		}
+	}
+}
