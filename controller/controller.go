@@ -592,7 +592,7 @@ func (c *Controller) applyEndpoints(ctx context.Context) {
 		}
 		// An endpoint carries no request before it proved its identity.
 		ok, pending := c.verifiedEndpoints(ctx, name, eps)
-		if pending {
+		if pending && time.Since(c.desired.dirty[name]) < maxHold {
 			ok = holdLeaving(table, eps, ok)
 		}
 		eps = ok

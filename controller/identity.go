@@ -69,6 +69,10 @@ const (
 	// line. One "show stat" of every server costs HAProxy and the sidecar
 	// about 400 bytes of CSV per server.
 	statPoll = time.Second
+	// maxHold bounds how long endpoints that left the list keep their
+	// slots while the new ones are verified (holdLeaving): a burst of new
+	// endpoints, or slow ones, must not keep gone endpoints in service.
+	maxHold = time.Second
 	// maxMismatchSeries bounds the labelled mismatch counter: instance
 	// names and identities come from Consul and from certificates.
 	maxMismatchSeries = 256
@@ -261,8 +265,10 @@ func (c *Controller) verifiedEndpoints(ctx context.Context, name string, eps []s
 // "set server addr" once the new endpoints are proven, as without
 // verification, instead of being parked at once and filled a few
 // milliseconds later; and a list that replaces every endpoint at once
-// never leaves the backend empty meanwhile. The hold lasts at most one
-// verification (verify.DefaultTimeout).
+// never leaves the backend empty meanwhile. The hold is bounded: it ends at
+// the first plan after maxHold from the oldest unapplied change, which the
+// next verification result brings (one is in flight or queued while any is
+// pending, and each ends within verify.DefaultTimeout).
 func holdLeaving(table slots.Table, listed, ok []slots.Endpoint) []slots.Endpoint {
 	want := make(map[string]struct{}, len(listed))
 	for _, e := range listed {
