@@ -5,6 +5,7 @@
 package bootstrap
 
 import (
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -74,6 +75,11 @@ type Upstream struct {
 	// Slots is the current endpoint-to-slot assignment; its size is the
 	// number of servers rendered.
 	Slots slots.Table
+	// ServerID, when set, is the SPIFFE ID every server of the backend
+	// must present: a response from a server whose certificate does not
+	// carry it is refused (see Render). Empty for a prepared query, whose
+	// instances may serve different services.
+	ServerID string
 }
 
 // MaxSocketPath is the longest unix socket path accepted.
@@ -97,6 +103,9 @@ const (
 
 // sniRE is a DNS name of lower-case labels, as Consul's SNI names are.
 var sniRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?){1,10}$`)
+
+// serverIDRE is the shape of a Consul service SPIFFE ID.
+var serverIDRE = regexp.MustCompile(`^spiffe://[A-Za-z0-9.-]{1,253}(/ap/[A-Za-z0-9_.-]{1,63})?/ns/[A-Za-z0-9_.-]{1,63}/dc/[A-Za-z0-9_.-]{1,63}/svc/[A-Za-z0-9_.-]{1,63}$`)
 
 // UpstreamName derives the HAProxy identifier of an upstream from its
 // destination and datacenter ("up_web", "up_web_dc2"). It fails for names
@@ -203,6 +212,9 @@ func ValidateUpstream(u Upstream) error {
 	if err := checkTimeout("upstream "+u.Name+" connect", u.ConnectTimeout); err != nil {
 		return err
 	}
+	if err := CheckServerID(u.ServerID); u.ServerID != "" && err != nil {
+		return fmt.Errorf("upstream %s: %w", u.Name, err)
+	}
 	if u.Slots.Backend != u.Name || u.Slots.Prefix != SlotPrefix || len(u.Slots.Slots) == 0 {
 		return fmt.Errorf("%w: upstream %s slot table (backend %q, prefix %q, %d slots)", ErrInvalid, u.Name, u.Slots.Backend, u.Slots.Prefix, len(u.Slots.Slots))
 	}
@@ -217,6 +229,32 @@ func ValidateUpstream(u Upstream) error {
 		}
 	}
 	return nil
+}
+
+// CheckServerID reports whether id is a Consul service SPIFFE ID that
+// Upstream.ServerID can carry.
+func CheckServerID(id string) error {
+	if !serverIDRE.MatchString(id) {
+		return fmt.Errorf("%w: server identity %q is not a Consul service SPIFFE ID", ErrInvalid, id)
+	}
+	return nil
+}
+
+// sanPattern is the hex of the URI SAN id as DER encodes it in a
+// certificate's SubjectAltName: the GeneralName tag [6] (0x86), the length,
+// the URI's bytes. With the tag and the exact length, a longer URI that
+// starts with id (".../svc/web-admin" for ".../svc/web") does not match.
+func sanPattern(id string) string {
+	var b []byte
+	switch n := len(id); {
+	case n < 0x80:
+		b = []byte{0x86, byte(n)}
+	case n <= 0xff:
+		b = []byte{0x86, 0x81, byte(n)}
+	default:
+		b = []byte{0x86, 0x82, byte(n >> 8), byte(n)}
+	}
+	return strings.ToUpper(hex.EncodeToString(append(b, id...)))
 }
 
 // ValidatePublic checks the public listener on its own, so that a caller
@@ -465,6 +503,23 @@ func renderConfig(s Spec) (string, error) {
 		alpn := ""
 		if a := UpstreamALPN(u.Protocol); a != "" {
 			alpn = " alpn " + a
+		}
+		if u.ServerID != "" {
+			// The second line of upstream identity (the first: the
+			// controller places only endpoints whose own handshake showed
+			// ServerID). 2.6 cannot match a URI SAN at the handshake and
+			// has no SAN fetch (ssl_s_san is 3.1+), but the server's
+			// certificate is in ssl_s_der, and its URI SAN is there as
+			// bytes. So a server that holds another identity, one whose
+			// address changed hands since it was verified, gets the
+			// request but cannot answer: HTTP 502, or the TCP connection
+			// closed. Checked on each response (HTTP) or connection
+			// (TCP), with no agent round trip.
+			if mode == "http" {
+				w("    http-response deny deny_status 502 unless { ssl_s_der,hex -m sub %s }", sanPattern(u.ServerID))
+			} else {
+				w("    tcp-response content reject unless { ssl_s_der,hex -m sub %s }", sanPattern(u.ServerID))
+			}
 		}
 		w("    default-server ssl crt %s ca-file %s verify required%s", s.LeafFile, s.RootsFile, alpn)
 		renderSlots(w, u.Slots)

@@ -59,10 +59,13 @@ func goldenSpecs() map[string]Spec {
 	http.Threads = 2
 	db := upstream("db", 9192, "tcp", 8)
 	db.ConnectTimeout = 250 * time.Millisecond
+	db.ServerID = "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/db"
+	api := upstream("api", 9191, "http", 8,
+		slots.Endpoint{Addr: "10.0.0.1", Port: 21000, Weight: 1},
+		slots.Endpoint{Addr: "10.0.0.2", Port: 21000, Weight: 5})
+	api.ServerID = "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/api"
 	http.Upstreams = []Upstream{
-		upstream("api", 9191, "http", 8,
-			slots.Endpoint{Addr: "10.0.0.1", Port: 21000, Weight: 1},
-			slots.Endpoint{Addr: "10.0.0.2", Port: 21000, Weight: 5}),
+		api,
 		db,
 		upstream("grpc-svc", 9193, "grpc", 4, slots.Endpoint{Addr: "fd00::7", Port: 21000, Weight: 1}),
 	}
@@ -203,6 +206,7 @@ func TestValidateRejects(t *testing.T) {
 		{"no hard stop", func(s *Spec) { s.HardStopAfter = 0 }},
 		{"negative threads", func(s *Spec) { s.Threads = -1 }},
 		{"threads over haproxy's limit", func(s *Spec) { s.Threads = MaxThreads + 1 }},
+		{"server identity not a SPIFFE ID", func(s *Spec) { s.Upstreams[0].ServerID = "spiffe://td/ns/default/dc/dc1/svc/x\nprogram p" }},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -50,6 +50,8 @@ var configShapes = []string{
 	`    option redispatch`,
 	`    retry-on conn-failure empty-response`,
 	`    http-reuse always`,
+	`    http-response deny deny_status 502 unless \{ ssl_s_der,hex -m sub [0-9A-F]+ \}`,
+	`    tcp-response content reject unless \{ ssl_s_der,hex -m sub [0-9A-F]+ \}`,
 	`    default_backend ` + shapeIdent,
 	`    balance roundrobin`,
 	`    default-server ssl crt ` + shapePath + ` ca-file ` + shapePath + ` verify required( alpn (h2|h2,http/1\.1))?`,

@@ -70,6 +70,10 @@ func NewBundle(certPEM, keyPEM string, now time.Time) (Bundle, error) {
 type Roots struct {
 	PEM string
 	IDs []string // SHA-256 fingerprints, in input order
+	// TrustDomain is Consul's trust domain for these roots (the
+	// TrustDomain of /v1/agent/connect/ca/roots): the host part of every
+	// SPIFFE ID the mesh issues. The caller sets it.
+	TrustDomain string
 }
 
 // NewRoots checks and joins root certificates.

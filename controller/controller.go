@@ -86,6 +86,8 @@ type Controller struct {
 	events    chan func(*desired)
 	metrics   *Metrics
 	ready     atomic.Bool
+	// ident is which upstream endpoints proved their identity (identity.go).
+	ident *identities
 	// authzGen is the intentions generation published by the SPOE agent;
 	// authzKick wakes the loop to apply it.
 	authzGen  atomic.Uint64
@@ -123,6 +125,9 @@ type desired struct {
 	leaf         *certs.Bundle
 	roots        *certs.Roots
 	endpoints    map[string][]slots.Endpoint // by upstream name; absent until the first answer
+	// instances names each upstream's endpoints (by key) for logs and,
+	// for a prepared query, the service they must prove.
+	instances map[string]map[string]instance
 	// dirty names the upstreams whose endpoints changed since they were
 	// last applied, with when the oldest unapplied change arrived from
 	// Consul: only those are planned, so one endpoint event costs one
@@ -209,7 +214,8 @@ func New(cfg Config) (*Controller, error) {
 		authzKick: make(chan struct{}, 1),
 		authzDone: make(chan struct{}),
 		metrics:   newMetrics(cfg.AnswerLimit),
-		desired:   desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}},
+		ident:     newIdentities(),
+		desired:   desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}, instances: map[string]map[string]instance{}},
 		watches:   map[string]*upstreamWatch{},
 	}
 	c.retry = time.NewTimer(time.Hour)
@@ -294,6 +300,7 @@ func (c *Controller) Run(ctx context.Context) error {
 	go watchLoop(ctx, c.log, "roots", time.Second, c.fetchRoots, func(r *certs.Roots) {
 		c.send(ctx, func(d *desired) { d.roots = r })
 	})
+	go c.watchIdentities(ctx)
 	defer c.shutdown()
 	for {
 		var masterDone <-chan struct{}
@@ -378,6 +385,15 @@ func (c *Controller) reconcile(ctx context.Context) error {
 				c.log.Warn("starting before the first endpoint list of an upstream", zap.String("upstream", u.Name))
 			}
 		}
+		// Start with the endpoints already proven: their results come
+		// back as events within milliseconds, so wait for them too.
+		if c.pendingVerification(ctx) {
+			if wait := c.cfg.InitialWait - time.Since(d.sidecarSince); wait > 0 {
+				c.scheduleRetry(wait)
+				return nil
+			}
+			c.log.Warn("starting before every upstream endpoint is verified; they join as they prove their identity")
+		}
 		return c.start(ctx)
 	}
 
@@ -447,8 +463,9 @@ func (c *Controller) applyAuthzGeneration(ctx context.Context) {
 
 // plannedTables is the slot assignment to render into a new configuration:
 // each upstream's table moved to its desired endpoints and resized to have
-// room to grow, keeping slots where they are.
-func (c *Controller) plannedTables() map[string]slots.Table {
+// room to grow, keeping slots where they are. Only endpoints that proved
+// their identity are placed.
+func (c *Controller) plannedTables(ctx context.Context) map[string]slots.Table {
 	out := map[string]slots.Table{}
 	for _, u := range c.desired.sidecar.Upstreams {
 		t, ok := c.applied.tables[u.Name]
@@ -456,6 +473,7 @@ func (c *Controller) plannedTables() map[string]slots.Table {
 			t = slots.New(u.Name, bootstrap.SlotPrefix, c.cfg.MinSlots)
 		}
 		if eps, seen := c.desired.endpoints[u.Name]; seen {
+			eps, _ = c.verifiedEndpoints(ctx, u.Name, eps)
 			_, t, _ = slots.Plan(t, eps)
 		}
 		out[u.Name] = slots.Resize(t, slots.Size(t.Used(), c.cfg.MinSlots))
@@ -482,6 +500,7 @@ func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.S
 		s.Upstreams = append(s.Upstreams, bootstrap.Upstream{
 			Name: u.Name, Destination: u.Destination, BindAddr: u.BindAddr, BindPort: u.BindPort,
 			Protocol: u.Protocol, ConnectTimeout: u.ConnectTimeout, Slots: tables[u.Name],
+			ServerID: c.serverID(u),
 		})
 	}
 	return s
@@ -518,7 +537,7 @@ func (c *Controller) writeConfig(spec bootstrap.Spec, authzGen uint64) error {
 
 func (c *Controller) start(ctx context.Context) error {
 	sc := *c.desired.sidecar
-	tables := c.plannedTables()
+	tables := c.plannedTables(ctx)
 	gen := c.authzGen.Load()
 	if err := c.writeConfig(c.spec(sc, tables), gen); err != nil {
 		return fmt.Errorf("render configuration: %w", err)
@@ -544,7 +563,7 @@ func (c *Controller) start(ctx context.Context) error {
 // whether the reload was applied.
 func (c *Controller) reload(ctx context.Context, reason string) bool {
 	sc := *c.desired.sidecar
-	tables := c.plannedTables()
+	tables := c.plannedTables(ctx)
 	gen := c.authzGen.Load()
 	if err := c.writeConfig(c.spec(sc, tables), gen); err != nil {
 		c.log.Error("reload skipped: configuration not rendered", zap.String("reason", reason), zap.Error(err))
@@ -650,9 +669,10 @@ func (c *Controller) publicSNI() string {
 // applyEndpoints sends every upstream's slot operations in one batch.
 func (c *Controller) applyEndpoints(ctx context.Context) {
 	type planned struct {
-		next  slots.Table
-		ops   int
-		first int // index of its first command in the batch
+		next    slots.Table
+		ops     int
+		first   int  // index of its first command in the batch
+		pending bool // endpoints still being verified: stays dirty
 	}
 	plans := map[string]planned{}
 	var cmds []runtime.Command
@@ -667,12 +687,20 @@ func (c *Controller) applyEndpoints(ctx context.Context) {
 		if !seen || !applied {
 			continue // a new upstream: its reload applies it
 		}
+		// An endpoint carries no request before it proved its identity.
+		ok, pending := c.verifiedEndpoints(ctx, name, eps)
+		if pending && time.Since(c.desired.dirty[name]) < maxHold {
+			ok = holdLeaving(table, eps, ok)
+		}
+		eps = ok
 		ops, next, _ := slots.Plan(table, eps)
 		if len(ops) == 0 {
-			delete(c.desired.dirty, name)
+			if !pending {
+				delete(c.desired.dirty, name)
+			}
 			continue
 		}
-		p := planned{next: next, first: len(cmds)}
+		p := planned{next: next, first: len(cmds), pending: pending}
 		for _, op := range ops {
 			cmd, err := c.command(name, op)
 			if err != nil {
@@ -710,8 +738,10 @@ func (c *Controller) applyEndpoints(ctx context.Context) {
 		}
 		if len(errs) == 0 {
 			c.applied.tables[name] = p.next
-			c.metrics.propagation.observe(time.Since(c.desired.dirty[name]))
-			delete(c.desired.dirty, name)
+			if !p.pending {
+				c.metrics.propagation.observe(time.Since(c.desired.dirty[name]))
+				delete(c.desired.dirty, name)
+			}
 			continue
 		}
 		failed = true
@@ -791,6 +821,7 @@ func (c *Controller) syncWatches(ctx context.Context) {
 			w.cancel()
 			delete(c.watches, name)
 			delete(c.desired.endpoints, name)
+			delete(c.desired.instances, name)
 		}
 	}
 	for name, u := range want {
@@ -863,6 +894,7 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 			}
 			if w, ok := c.watches[u.Name]; ok && w.up == u { // not a stale watch
 				d.setEndpoints(u.Name, l.eps, l.at)
+				d.instances[u.Name] = l.inst
 			}
 		})
 	}
@@ -885,7 +917,7 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 				}
 				entries = append(entries, he)
 			}
-			return endpointList{eps: filter.endpoints(entries, nil), at: at}, cursor{}, nil
+			return endpointList{eps: filter.endpoints(entries, nil), inst: queryInstances(resp), at: at}, cursor{}, nil
 		}, publish)
 		return
 	}
@@ -894,14 +926,15 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 		if err != nil {
 			return endpointList{}, cur, err
 		}
-		return endpointList{eps: filter.endpoints(entries, bad), at: at}, cursor{index: index}, nil
+		return endpointList{eps: filter.endpoints(entries, bad), inst: healthInstances(entries), at: at}, cursor{index: index}, nil
 	}, publish)
 }
 
 // endpointList is one answer of an upstream's watch, and when it arrived.
 type endpointList struct {
-	eps []slots.Endpoint
-	at  time.Time
+	eps  []slots.Endpoint
+	inst map[string]instance // by endpoint key
+	at   time.Time
 }
 
 // pendingList holds an upstream's newest list between its watch and the
@@ -1058,5 +1091,6 @@ func (c *Controller) fetchRoots(ctx context.Context, cur cursor) (*certs.Roots, 
 	if err != nil {
 		return nil, cur, fmt.Errorf("CA roots rejected: %w", err)
 	}
+	roots.TrustDomain = list.TrustDomain
 	return &roots, cursor{index: meta.LastIndex}, nil
 }

@@ -2,11 +2,13 @@ package controller
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -19,6 +21,7 @@ import (
 	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/slots"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
+	"github.com/haproxy-connect/haproxy-connect/verify"
 )
 
 // fakeHAProxy records what the controller does to HAProxy as text, and can
@@ -108,6 +111,29 @@ func TestReconcileTranscript(t *testing.T) {
 	}
 	fake := &fakeHAProxy{}
 	c.rt = fake
+	// Every endpoint proves the destination's identity, but those in
+	// shows: they present another (or none, and are unreachable).
+	var showsMu sync.Mutex
+	shows := map[string]string{}
+	c.ident.verify = func(_ context.Context, _ verify.Config, addr, want string) (verify.Result, error) {
+		showsMu.Lock()
+		id, other := shows[addr]
+		showsMu.Unlock()
+		switch {
+		case !other:
+			return verify.Result{ID: want}, nil
+		case id == "":
+			return verify.Result{}, errors.New("connect: connection refused")
+		}
+		return verify.Result{ID: id}, fmt.Errorf("%w: %s", verify.ErrMismatch, id)
+	}
+	show := func(addr, id string) {
+		showsMu.Lock()
+		shows[addr] = id
+		showsMu.Unlock()
+	}
+	const otherID = "spiffe://td.consul/ns/default/dc/dc1/svc/other"
+	const dbID = "spiffe://td.consul/ns/default/dc/dc1/svc/db"
 	started := 0
 	c.startMaster = func(context.Context) (*runtime.Master, error) {
 		started++
@@ -191,7 +217,49 @@ func TestReconcileTranscript(t *testing.T) {
 			d.sidecar = sidecar(up("api", 9191), up("db", 9192))
 			c.watches["up_db"] = &upstreamWatch{up: up("db", 9192), cancel: func() {}}
 			d.setEndpoints("up_db", []slots.Endpoint{ep(20, 21000)}, time.Now())
-		}, "", []string{"reload: registration: upstream up_db added"}},
+		}, "", []string{
+			"reload: registration: upstream up_db added",
+			// The new upstream's endpoint joins once it proved its identity.
+			"@1 set server up_db/s1 addr 10.0.0.20 port 21000",
+			"@1 set server up_db/s1 state ready",
+		}},
+		{"an endpoint that shows another identity is never placed", func(d *desired) {
+			show("10.0.0.66:21000", otherID)
+			d.setEndpoints("up_db", []slots.Endpoint{ep(20, 21000), ep(66, 21000)}, time.Now())
+		}, "", nil},
+		{"nor one that cannot be reached to verify it", func(d *desired) {
+			show("10.0.0.67:21000", "")
+			d.setEndpoints("up_db", []slots.Endpoint{ep(20, 21000), ep(66, 21000), ep(67, 21000)}, time.Now())
+		}, "", nil},
+		{"HAProxy's error counters grow for a placed endpoint, which now shows another identity: parked", func(d *desired) {
+			stats := func(econ uint64) []runtime.ServerStat {
+				return []runtime.ServerStat{{Backend: "up_db", Server: "s1", Addr: "10.0.0.20:21000", ConnErrors: econ}}
+			}
+			c.serverErrors(context.Background(), stats(0)) // the first read is the baseline
+			show("10.0.0.20:21000", otherID)
+			c.serverErrors(context.Background(), stats(1))
+		}, "", []string{"@1 set server up_db/s1 state maint"}},
+		{"the impostor leaves and a real instance takes the address: verified again, then placed", func(d *desired) {
+			d.setEndpoints("up_db", nil, time.Now())
+			if err := c.reconcile(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			showsMu.Lock()
+			delete(shows, "10.0.0.20:21000")
+			showsMu.Unlock()
+			d.setEndpoints("up_db", []slots.Endpoint{ep(20, 21000)}, time.Now())
+		}, "", []string{"@1 set server up_db/s1 state ready"}},
+		{"a leaving endpoint keeps its slot while its successor is being verified", func(d *desired) {
+			c.ident.checks[dbID+" 10.0.0.31:21000"] = &idCheck{want: dbID, addr: "10.0.0.31:21000", users: map[string]struct{}{}, inflight: true}
+			d.setEndpoints("up_db", []slots.Endpoint{ep(31, 21000)}, time.Now())
+		}, "", nil},
+		{"but not past maxHold", func(d *desired) {
+			d.dirty["up_db"] = time.Now().Add(-2 * maxHold)
+		}, "", []string{"@1 set server up_db/s1 state maint"}},
+		{"the successor gone, the first one back: verified again, ready", func(d *desired) {
+			delete(c.ident.checks, dbID+" 10.0.0.31:21000")
+			d.setEndpoints("up_db", []slots.Endpoint{ep(20, 21000)}, time.Now())
+		}, "", []string{"@1 set server up_db/s1 state ready"}},
 		{"new CA roots are a reload on 2.6", func(d *desired) { d.roots = roots(ca.CertPEM, otherCA.CertPEM) }, "", []string{"reload: CA roots changed"}},
 		{"nothing changed: nothing sent", func(d *desired) {}, "", nil},
 		{"an intentions change publishes its generation", func(d *desired) { c.SetAuthzGeneration(3) }, "", []string{
@@ -223,9 +291,7 @@ func TestReconcileTranscript(t *testing.T) {
 		t.Run(st.name, func(t *testing.T) {
 			st.change(&c.desired)
 			fake.failOn = st.failOn
-			if err := c.reconcile(context.Background()); err != nil {
-				t.Fatal(err)
-			}
+			settle(t, c)
 			got := fake.take()
 			if diff := cmp.Diff(st.want, got); diff != "" {
 				t.Errorf("transcript (-want +got):\n%s", diff)
@@ -249,9 +315,38 @@ func TestReconcileTranscript(t *testing.T) {
 	}
 	// After the reloads, the rendered config carries the assignment, the
 	// dynamic server included, in a template sized with room to grow.
-	for _, want := range []string{"server s9 10.0.0.10:21000 weight 1", "server s1 10.0.0.4:21000 weight 1", "server s3 10.0.0.3:21000 weight 9", "backend up_db", "server-template s 10-24 127.0.0.1:1 disabled"} {
+	// HAProxy checks the servers' identity on their responses (the second
+	// line): the trust domain is the leaf's when the roots name none.
+	apiID := "spiffe://td.consul/ns/default/dc/dc1/svc/api"
+	serverIDLine := fmt.Sprintf("tcp-response content reject unless { ssl_s_der,hex -m sub %X }", append([]byte{0x86, byte(len(apiID))}, apiID...))
+	for _, want := range []string{serverIDLine, "server s9 10.0.0.10:21000 weight 1", "server s1 10.0.0.4:21000 weight 1", "server s3 10.0.0.3:21000 weight 9", "backend up_db", "server-template s 10-24 127.0.0.1:1 disabled"} {
 		if !strings.Contains(string(cfg), want) {
 			t.Errorf("rendered config lacks %q:\n%s", want, cfg)
+		}
+	}
+}
+
+// settle runs the loop's reconcile step until no event is left: the
+// results of the verifications it started are fed back as the loop does.
+func settle(t *testing.T, c *Controller) {
+	t.Helper()
+	for {
+		if err := c.reconcile(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		c.ident.wg.Wait()
+		n := 0
+		for drained := false; !drained; {
+			select {
+			case f := <-c.events:
+				f(&c.desired)
+				n++
+			default:
+				drained = true
+			}
+		}
+		if n == 0 {
+			return
 		}
 	}
 }

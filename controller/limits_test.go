@@ -28,7 +28,7 @@ func endpointsN(n int) []slots.Endpoint {
 	return eps
 }
 
-func keys(eps []slots.Endpoint) []string {
+func endpointKeys(eps []slots.Endpoint) []string {
 	out := make([]string, len(eps))
 	for i, e := range eps {
 		out[i] = e.Key()
@@ -61,14 +61,14 @@ func TestCapEndpoints(t *testing.T) {
 			}
 		})
 	}
-	a := keys(capEndpoints(all, 100, "p1"))
-	if b := keys(capEndpoints(slices.Clone(all), 100, "p1")); !slices.Equal(a, b) {
+	a := endpointKeys(capEndpoints(all, 100, "p1"))
+	if b := endpointKeys(capEndpoints(slices.Clone(all), 100, "p1")); !slices.Equal(a, b) {
 		t.Errorf("two runs on the same list differ")
 	}
 	// One more endpoint: at most one of the kept changes.
 	more := append(slices.Clone(all), slots.Endpoint{Addr: "10.9.9.9", Port: 8080, Weight: 1})
 	slices.SortFunc(more, slots.Endpoint.Compare)
-	b := keys(capEndpoints(more, 100, "p1"))
+	b := endpointKeys(capEndpoints(more, 100, "p1"))
 	moved := 0
 	for _, k := range b {
 		if !slices.Contains(a, k) {
@@ -79,7 +79,7 @@ func TestCapEndpoints(t *testing.T) {
 		t.Errorf("one new endpoint replaced %d kept ones, want at most 1", moved)
 	}
 	// Another sidecar keeps another subset.
-	c := keys(capEndpoints(all, 100, "p2"))
+	c := endpointKeys(capEndpoints(all, 100, "p2"))
 	same := 0
 	for _, k := range c {
 		if slices.Contains(a, k) {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -24,17 +25,27 @@ type Metrics struct {
 	bindChecks [numBindResults]atomic.Uint64
 	// propagation is, per applied endpoint change, the time from Consul's
 	// answer arriving to HAProxy confirming the runtime batch.
-	propagation           histogram
+	propagation histogram
+	// verifications counts upstream identity verifications by result;
+	// verifyDuration is how long each took (connect and handshake).
+	verifications         labelCounter
+	verifyDuration        histogram
 	mu                    sync.Mutex
 	endpoints, slotsTotal map[string]int
 	// invalidInstances counts instances dropped for a value that failed
 	// its check, by upstream and field, once per instance while it stays
 	// invalid.
 	invalidInstances map[[2]string]uint64
+	// mismatches counts, per upstream, instance, address and identity
+	// shown, verifications that showed another identity.
+	mismatches map[mismatchKey]uint64
 }
 
+type mismatchKey struct{ upstream, instance, address, identity string }
+
 func newMetrics(answerLimit *AnswerLimit) *Metrics {
-	return &Metrics{endpoints: map[string]int{}, slotsTotal: map[string]int{}, invalidInstances: map[[2]string]uint64{}, answerLimit: answerLimit}
+	return &Metrics{endpoints: map[string]int{}, slotsTotal: map[string]int{}, invalidInstances: map[[2]string]uint64{},
+		mismatches: map[mismatchKey]uint64{}, verifications: labelCounter{m: map[string]uint64{}}, answerLimit: answerLimit}
 }
 
 // invalidInstance counts one dropped instance of upstream, for field.
@@ -42,6 +53,57 @@ func (m *Metrics) invalidInstance(upstream, field string) {
 	m.mu.Lock()
 	m.invalidInstances[[2]string{upstream, field}]++
 	m.mu.Unlock()
+}
+
+// mismatch counts an endpoint of upstream that showed identity. The label
+// values come from Consul and from certificates: they are reduced to a
+// safe alphabet, and past maxMismatchSeries distinct series new ones are
+// counted under instance "other".
+func (m *Metrics) mismatch(upstream, instance, address, identity string) {
+	k := mismatchKey{labelValue(upstream), labelValue(instance), labelValue(address), labelValue(identity)}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.mismatches[k]; !ok && len(m.mismatches) >= maxMismatchSeries {
+		k = mismatchKey{upstream: k.upstream, instance: "other"}
+	}
+	m.mismatches[k]++
+}
+
+// labelValue keeps letters, digits and "_.:/-[]" and replaces anything
+// else with "_", so that a label value needs no escaping.
+func labelValue(s string) string {
+	if len(s) > 256 {
+		s = s[:256]
+	}
+	return strings.Map(func(r rune) rune {
+		switch {
+		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', strings.ContainsRune("_.:/-[]", r):
+			return r
+		}
+		return '_'
+	}, s)
+}
+
+// labelCounter is a counter with one label.
+type labelCounter struct {
+	mu sync.Mutex
+	m  map[string]uint64
+}
+
+func (c *labelCounter) inc(label string) {
+	c.mu.Lock()
+	c.m[label]++
+	c.mu.Unlock()
+}
+
+func (c *labelCounter) write(p func(string, ...any), name, help, label string, values ...string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	p("# HELP %s %s", name, help)
+	p("# TYPE %s counter", name)
+	for _, v := range values {
+		p("%s{%s=%q} %d", name, label, v, c.m[v])
+	}
 }
 
 func (m *Metrics) setEndpoints(tables map[string]slots.Table) {
@@ -90,8 +152,26 @@ func (m *Metrics) WriteTo(w io.Writer) (int64, error) {
 	counter("haproxy_connect_consul_answer_limit_hits_total", "Consul answers dropped for exceeding the size limit (-max-answer-bytes).", answerHits)
 	m.propagation.write(p, "haproxy_connect_endpoint_propagation_seconds",
 		"Time from an upstream's changed endpoint list arriving from Consul to HAProxy confirming it (runtime batch done).")
+	m.verifications.write(p, "haproxy_connect_upstream_verifications_total",
+		"Upstream endpoint identity verifications (own mTLS handshake) by result: ok, mismatch (another service's identity), untrusted (not the mesh's CA, or not one URI SAN), unreachable.",
+		"result", "ok", "mismatch", "untrusted", "unreachable")
+	m.verifyDuration.write(p, "haproxy_connect_upstream_verification_seconds",
+		"Time one upstream endpoint identity verification took (connect and mTLS handshake).")
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	mks := make([]mismatchKey, 0, len(m.mismatches))
+	for k := range m.mismatches {
+		mks = append(mks, k)
+	}
+	slices.SortFunc(mks, func(a, b mismatchKey) int {
+		return strings.Compare(a.upstream+" "+a.instance+" "+a.address+" "+a.identity, b.upstream+" "+b.instance+" "+b.address+" "+b.identity)
+	})
+	p("# HELP haproxy_connect_upstream_identity_mismatches_total Verifications in which an upstream endpoint showed another identity than its destination's; it gets no traffic.")
+	p("# TYPE haproxy_connect_upstream_identity_mismatches_total counter")
+	for _, k := range mks {
+		p("haproxy_connect_upstream_identity_mismatches_total{upstream=%q,instance=%q,address=%q,identity=%q} %d",
+			k.upstream, k.instance, k.address, k.identity, m.mismatches[k])
+	}
 	names := make([]string, 0, len(m.endpoints))
 	for k := range m.endpoints {
 		names = append(names, k)

@@ -1,6 +1,7 @@
 package controller
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -30,6 +31,35 @@ func TestPropagationHistogram(t *testing.T) {
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("missing %q in:\n%s", want, out)
+		}
+	}
+}
+
+// TestMismatchCounter: the labelled counter names the instance and the
+// identity it showed, with label values reduced to a safe alphabet (they
+// come from Consul and from certificates), and a bounded number of series:
+// past it, new ones count as instance "other".
+func TestMismatchCounter(t *testing.T) {
+	m := newMetrics(nil)
+	m.mismatch("up_web", "impostor-1", "127.0.0.1:4000", "spiffe://td.consul/ns/default/dc/dc1/svc/other")
+	m.mismatch("up_web", "impostor-1", "127.0.0.1:4000", "spiffe://td.consul/ns/default/dc/dc1/svc/other")
+	m.mismatch("up_web", "evil\"} 1\nx{a=\"", "[::1]:4001", "")
+	for i := range maxMismatchSeries {
+		m.mismatch("up_db", fmt.Sprintf("i%d", i), "10.0.0.1:1", "spiffe://td.consul/ns/default/dc/dc1/svc/x")
+	}
+	var b strings.Builder
+	if _, err := m.WriteTo(&b); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	for _, want := range []string{
+		`haproxy_connect_upstream_identity_mismatches_total{upstream="up_web",instance="impostor-1",address="127.0.0.1:4000",identity="spiffe://td.consul/ns/default/dc/dc1/svc/other"} 2` + "\n",
+		`haproxy_connect_upstream_identity_mismatches_total{upstream="up_web",instance="evil___1_x_a__",address="[::1]:4001",identity=""} 1` + "\n",
+		`haproxy_connect_upstream_identity_mismatches_total{upstream="up_db",instance="other",address="",identity=""} 2` + "\n",
+		`haproxy_connect_upstream_verifications_total{result="mismatch"} 0` + "\n",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("missing %q", want)
 		}
 	}
 }

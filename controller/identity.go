@@ -1,0 +1,566 @@
+package controller
+
+import (
+	"context"
+	"errors"
+	"math/rand/v2"
+	"net/netip"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"go.uber.org/zap"
+
+	"github.com/haproxy-connect/haproxy-connect/bootstrap"
+	"github.com/haproxy-connect/haproxy-connect/certs"
+	"github.com/haproxy-connect/haproxy-connect/runtime"
+	"github.com/haproxy-connect/haproxy-connect/slots"
+	"github.com/haproxy-connect/haproxy-connect/verify"
+)
+
+// Upstream identity, proven before traffic.
+//
+// HAProxy's "verify required" proves only that an upstream server holds
+// some leaf of the mesh: Consul leaves carry only a SPIFFE URI SAN, and
+// HAProxy 2.6 cannot match one at the handshake. So an endpoint listed for
+// "web" but served by another workload (an address reused in a churning
+// cluster, a compromised node) would get the full request and its answer
+// would reach the caller. The controller therefore places an endpoint in a
+// slot ("set server ... state ready", or "add server" then ready) only once
+// its own mTLS handshake to it (package verify) has shown the destination's
+// SPIFFE ID, spiffe://<trust domain>/ns/<ns>/dc/<dc>/svc/<destination>.
+//
+// Verification never holds up a batch: the plan places only endpoints whose
+// result is known and good; the others are verified concurrently (at most
+// verifyWorkers at once) and each result comes back to the loop as an
+// event that re-plans the upstreams listing the endpoint. An upstream with
+// verifications in flight stays dirty, so the propagation histogram counts
+// the verification's time.
+//
+// A result is kept per (expected identity, address:port) while some
+// upstream lists it, and is proven again: every reverifyEvery (jittered);
+// when HAProxy counts connection or handshake errors, or denied responses,
+// for a server at that address ("show stat" econ, ssl_failed_handshake and
+// dresp, polled every statPoll); and when the endpoint leaves every list and comes back (its
+// result is dropped when it leaves). An endpoint that shows another
+// identity is parked ("state maint") and logged with the instance and the
+// identity it showed, and counted.
+//
+// The residual window: between two proofs, an address whose holder changes
+// keeps its slot until the next trigger. The second line, in HAProxy
+// (serverID, rendered by bootstrap: the server certificate's URI SAN
+// matched on every response), keeps the new holder's answers from reaching
+// the caller; the request bytes of that window still reach it. SECURITY.md
+// has the table.
+
+const (
+	// verifyWorkers bounds concurrent verifications: a burst of new
+	// endpoints costs at most this many handshakes in flight.
+	verifyWorkers = 16
+	// reverifyEvery is how long a proof holds before it is made again.
+	reverifyEvery = 5 * time.Minute
+	// identitySweep is how often due proofs are renewed and results for
+	// endpoints no upstream lists any more are dropped.
+	identitySweep = 10 * time.Second
+	// statPoll is how often HAProxy's per-server error counters are read.
+	// It bounds the residual window after an address changes hands: until
+	// the next read, that server's answers are refused (502) by the second
+	// line. One "show stat" of every server costs HAProxy and the sidecar
+	// about 400 bytes of CSV per server.
+	statPoll = time.Second
+	// maxHold bounds how long endpoints that left the list keep their
+	// slots while the new ones are verified (holdLeaving): a burst of new
+	// endpoints, or slow ones, must not keep gone endpoints in service.
+	maxHold = time.Second
+	// maxMismatchSeries bounds the labelled mismatch counter: instance
+	// names and identities come from Consul and from certificates.
+	maxMismatchSeries = 256
+)
+
+// instance is what the sidecar knows of an endpoint besides its address.
+type instance struct {
+	id string // Consul service ID, for logs
+	// service and dc, for a prepared query's endpoints: the service the
+	// instance serves and the datacenter that answered. Empty for a
+	// service upstream: the upstream's destination is the service.
+	service, dc string
+}
+
+// idCheck is the verification state of one (expected identity, address).
+type idCheck struct {
+	want, addr string
+	alpn       []string
+	users      map[string]struct{} // upstreams listing it
+	instance   string              // Consul service ID, for logs
+	inflight   bool
+	known      bool   // a verification completed
+	good       bool   // the last conclusive one proved want
+	shown      string // the identity presented at the last one
+	serial     string // and the serial of that certificate
+	at, due    time.Time
+	failures   int
+}
+
+// identities is the controller's record of proofs. Owned by the loop.
+type identities struct {
+	verify  func(ctx context.Context, cfg verify.Config, addr, want string) (verify.Result, error)
+	cfg     verify.Config
+	cfgFrom [2]string // leaf and roots PEM cfg was built from
+	checks  map[string]*idCheck
+	listed  map[string]map[string]struct{} // upstream -> check keys it lists
+	errs    map[string]uint64              // backend/server -> econ+ssl_failed_handshake last read
+	sem     chan struct{}
+	wg      sync.WaitGroup // verifications in flight (tests wait on it)
+}
+
+func newIdentities() *identities {
+	return &identities{verify: verify.Endpoint, checks: map[string]*idCheck{}, listed: map[string]map[string]struct{}{},
+		errs: map[string]uint64{}, sem: make(chan struct{}, verifyWorkers)}
+}
+
+// verifyConfig is the verification's TLS material for the current leaf and
+// roots, rebuilt when either changes.
+func (c *Controller) verifyConfig() (verify.Config, error) {
+	id, d := c.ident, &c.desired
+	if id.cfgFrom == [2]string{d.leaf.PEM, d.roots.PEM} {
+		return id.cfg, nil
+	}
+	cfg, err := verify.NewConfig(d.leaf.PEM, d.roots.PEM)
+	if err != nil {
+		return verify.Config{}, err
+	}
+	id.cfg, id.cfgFrom = cfg, [2]string{d.leaf.PEM, d.roots.PEM}
+	return cfg, nil
+}
+
+// expectedID is the SPIFFE ID an endpoint of u must present. The trust
+// domain is the CA roots' (Consul's TrustDomain); datacenter, namespace and
+// partition are the upstream's, else this sidecar's own (from its leaf),
+// as Consul resolves an upstream without them.
+func (c *Controller) expectedID(u Upstream, in instance) (string, error) {
+	local, err := certs.ParseSPIFFE(c.desired.leaf.SPIFFE)
+	if err != nil {
+		return "", err
+	}
+	td := c.desired.roots.TrustDomain
+	if td == "" {
+		td = local.TrustDomain
+	}
+	service, dc, ns, ap := u.Destination, u.Datacenter, u.Namespace, u.Partition
+	if in.service != "" {
+		service, dc = in.service, in.dc
+	}
+	if dc == "" {
+		dc = local.Datacenter
+	}
+	if ns == "" {
+		ns = local.Namespace
+	}
+	if ap == "" {
+		ap = local.Partition
+	}
+	return verify.ServiceID(td, ap, ns, dc, service), nil
+}
+
+// serverID is the identity HAProxy itself checks on the responses of u's
+// servers (bootstrap.Upstream.ServerID): the second line, behind the
+// verification. None for a prepared query, whose instances may serve
+// several services, nor for an ID that the configuration cannot carry
+// (its endpoints never verify then either).
+func (c *Controller) serverID(u Upstream) string {
+	if u.Type == string(api.UpstreamDestTypePreparedQuery) {
+		return ""
+	}
+	id, err := c.expectedID(u, instance{})
+	if err == nil {
+		err = bootstrap.CheckServerID(id)
+	}
+	if err != nil {
+		c.log.Error("upstream identity not checked by HAProxy", zap.String("upstream", u.Name), zap.Error(err))
+		return ""
+	}
+	return id
+}
+
+func (c *Controller) upstream(name string) (Upstream, bool) {
+	for _, u := range c.desired.sidecar.Upstreams {
+		if u.Name == name {
+			return u, true
+		}
+	}
+	return Upstream{}, false
+}
+
+// verifiedEndpoints returns the endpoints of upstream name that have proved
+// its identity, starts the verifications that are missing or due, and
+// reports whether some endpoint has no result yet.
+func (c *Controller) verifiedEndpoints(ctx context.Context, name string, eps []slots.Endpoint) (ok []slots.Endpoint, pending bool) {
+	u, found := c.upstream(name)
+	if !found {
+		return nil, false
+	}
+	id := c.ident
+	now := time.Now()
+	listed := make(map[string]struct{}, len(eps))
+	insts := c.desired.instances[name]
+	// One identity for a service upstream, computed once: this runs on
+	// every plan of the upstream, for each of its endpoints.
+	want, err := c.expectedID(u, instance{})
+	if err != nil {
+		c.log.Error("upstream identity unknown; endpoints not placed", zap.String("upstream", name), zap.Error(err))
+		return nil, false
+	}
+	query := u.Type == string(api.UpstreamDestTypePreparedQuery)
+	for _, e := range eps {
+		addr := e.Key()
+		in := insts[addr]
+		if query {
+			// Each answer entry names the service it serves.
+			if want, err = c.expectedID(u, in); err != nil {
+				continue
+			}
+		}
+		k := want + " " + addr
+		listed[k] = struct{}{}
+		ch := id.checks[k]
+		if ch == nil {
+			ch = &idCheck{want: want, addr: addr, users: map[string]struct{}{}, alpn: alpnList(u.Protocol)}
+			id.checks[k] = ch
+		}
+		ch.users[name] = struct{}{}
+		if in.id != "" {
+			ch.instance = in.id
+		}
+		if !ch.inflight && (!ch.known || !now.Before(ch.due)) {
+			c.startVerify(ctx, k, ch)
+		}
+		switch {
+		case ch.good:
+			ok = append(ok, e)
+		case !ch.known:
+			pending = true
+		}
+	}
+	// Endpoints this upstream no longer lists: a result nobody lists is
+	// dropped, so an endpoint that comes back is proven again.
+	for k := range id.listed[name] {
+		if _, still := listed[k]; still {
+			continue
+		}
+		if ch := id.checks[k]; ch != nil {
+			delete(ch.users, name)
+			if len(ch.users) == 0 && !ch.inflight {
+				delete(id.checks, k)
+			}
+		}
+	}
+	id.listed[name] = listed
+	return ok, pending
+}
+
+// holdLeaving adds to ok the endpoints table serves that have left listed
+// (Consul's list), while the upstream's new endpoints are still being
+// verified: make before break. Their slots then change hands in one
+// "set server addr" once the new endpoints are proven, as without
+// verification, instead of being parked at once and filled a few
+// milliseconds later; and a list that replaces every endpoint at once
+// never leaves the backend empty meanwhile. The hold is bounded: it ends at
+// the first plan after maxHold from the oldest unapplied change, which the
+// next verification result brings (one is in flight or queued while any is
+// pending, and each ends within verify.DefaultTimeout).
+func holdLeaving(table slots.Table, listed, ok []slots.Endpoint) []slots.Endpoint {
+	want := make(map[string]struct{}, len(listed))
+	for _, e := range listed {
+		want[e.Key()] = struct{}{}
+	}
+	for _, e := range table.Endpoints() {
+		if _, still := want[e.Key()]; !still {
+			ok = append(ok, e)
+		}
+	}
+	return ok
+}
+
+func alpnList(protocol string) []string {
+	if a := bootstrap.UpstreamALPN(protocol); a != "" {
+		return strings.Split(a, ",")
+	}
+	return nil
+}
+
+// startVerify runs one verification of ch in the background; its result
+// comes back to the loop through c.events.
+func (c *Controller) startVerify(ctx context.Context, k string, ch *idCheck) {
+	cfg, err := c.verifyConfig()
+	if err != nil {
+		c.log.Error("cannot verify upstream endpoints: TLS material rejected", zap.Error(err))
+		return
+	}
+	cfg.ALPN = ch.alpn
+	ch.inflight = true
+	id := c.ident
+	id.wg.Add(1)
+	go func() {
+		defer id.wg.Done()
+		select {
+		case id.sem <- struct{}{}:
+		case <-ctx.Done():
+			return
+		}
+		res, err := id.verify(ctx, cfg, ch.addr, ch.want)
+		<-id.sem
+		c.metrics.verifyDuration.observe(res.Took)
+		c.send(ctx, func(d *desired) { c.verified(d, k, ch, res, err) })
+	}()
+}
+
+// verified records a verification's result and re-plans the upstreams that
+// list the endpoint.
+func (c *Controller) verified(d *desired, k string, ch *idCheck, res verify.Result, err error) {
+	ch.inflight = false
+	if c.ident.checks[k] != ch {
+		return // dropped meanwhile: no upstream lists it
+	}
+	now := time.Now()
+	ch.at, ch.shown, ch.serial = now, res.ID, res.Serial
+	wasGood := ch.good
+	log := c.log.With(zap.Strings("upstreams", keys(ch.users)), zap.String("instance", ch.instance),
+		zap.String("address", ch.addr), zap.String("want", ch.want))
+	switch {
+	case err == nil:
+		c.metrics.verifications.inc("ok")
+		ch.known, ch.good, ch.failures = true, true, 0
+		// A proof holds reverifyEvery, give or take 10 %, so that the
+		// endpoints verified in one burst are not proven again at once.
+		ch.due = now.Add(reverifyEvery - reverifyEvery/10 + rand.N(reverifyEvery/5))
+		log.Debug("upstream endpoint proved its identity", zap.Duration("took", res.Took), zap.String("serial", res.Serial))
+	case errors.Is(err, verify.ErrMismatch), errors.Is(err, verify.ErrUntrusted):
+		result := "mismatch"
+		if errors.Is(err, verify.ErrUntrusted) {
+			result = "untrusted"
+		}
+		c.metrics.verifications.inc(result)
+		ch.known, ch.good = true, false
+		ch.due = now.Add(backoffStep(&ch.failures, 5*time.Second, 5*time.Minute))
+		for u := range ch.users {
+			c.metrics.mismatch(u, ch.instance, ch.addr, res.ID)
+		}
+		log.Error("upstream endpoint presents another identity; it gets no traffic", zap.String("identity", res.ID),
+			zap.Bool("was_in_service", wasGood), zap.Error(err), zap.Time("retry_at", ch.due))
+	default:
+		// Unreachable for verification. A new endpoint is not placed: an
+		// endpoint nobody can prove is exactly what verification exists
+		// to keep out, and HAProxy could not reach it either, most of the
+		// time, so failing closed costs nothing real. Retried with
+		// backoff; Consul's health checks remove a dead one meanwhile.
+		// An endpoint already proven keeps its slot: a failed re-proof
+		// says nothing about who holds the address (HAProxy's own
+		// connections then fail and are redispatched), and dropping it
+		// on a passing network hiccup would cost capacity.
+		c.metrics.verifications.inc("unreachable")
+		ch.due = now.Add(backoffStep(&ch.failures, time.Second, 30*time.Second))
+		ch.known = true
+		log.Warn("upstream endpoint not reachable for verification", zap.Bool("kept_in_service", ch.good),
+			zap.Error(err), zap.Time("retry_at", ch.due))
+	}
+	if ch.good == wasGood && wasGood {
+		return // still proven: nothing to re-plan
+	}
+	for u := range ch.users {
+		if _, ok := d.endpoints[u]; !ok {
+			continue
+		}
+		if _, ok := d.dirty[u]; !ok {
+			d.dirty[u] = now
+		}
+	}
+}
+
+// backoffStep returns the next wait, doubling from lo to hi, and counts
+// the failure.
+func backoffStep(failures *int, lo, hi time.Duration) time.Duration {
+	d := lo << min(*failures, 16)
+	if d > hi || d <= 0 {
+		d = hi
+	}
+	*failures++
+	return d
+}
+
+func keys(m map[string]struct{}) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	return out
+}
+
+// pendingVerification starts the first verifications of every upstream's
+// endpoints and reports whether some have no result yet (HAProxy's first
+// start waits for them, within InitialWait).
+func (c *Controller) pendingVerification(ctx context.Context) bool {
+	pending := false
+	for _, u := range c.desired.sidecar.Upstreams {
+		if eps, ok := c.desired.endpoints[u.Name]; ok {
+			if _, p := c.verifiedEndpoints(ctx, u.Name, eps); p {
+				pending = true
+			}
+		}
+	}
+	return pending
+}
+
+// sweepIdentities renews due proofs of listed endpoints and drops results
+// that no current upstream lists.
+func (c *Controller) sweepIdentities(ctx context.Context, d *desired) {
+	now := time.Now()
+	for k, ch := range c.ident.checks {
+		for u := range ch.users {
+			if _, ok := d.endpoints[u]; !ok {
+				delete(ch.users, u)
+				delete(c.ident.listed, u)
+			}
+		}
+		if len(ch.users) == 0 {
+			if !ch.inflight {
+				delete(c.ident.checks, k)
+			}
+			continue
+		}
+		if !ch.inflight && ch.known && !now.Before(ch.due) {
+			c.startVerify(ctx, k, ch)
+		}
+	}
+}
+
+// serverErrors re-verifies the endpoints of servers whose connection or
+// handshake error counters, or denied responses (the second line refused
+// an answer: the address may have changed hands), grew since the last read.
+func (c *Controller) serverErrors(ctx context.Context, stats []runtime.ServerStat) {
+	if c.applied.tables == nil {
+		return
+	}
+	grew := map[string]bool{}
+	last := c.ident.errs
+	c.ident.errs = make(map[string]uint64, len(last))
+	for _, s := range stats {
+		if _, ok := c.applied.tables[s.Backend]; !ok {
+			continue
+		}
+		k := s.Backend + "/" + s.Server
+		n := s.ConnErrors + s.HandshakeFailures + s.DeniedResponses
+		prev, seen := last[k]
+		c.ident.errs[k] = n // a new worker starts at 0: then n < prev
+		if !seen || n <= prev {
+			continue
+		}
+		if ap, err := netip.ParseAddrPort(s.Addr); err == nil {
+			grew[ap.String()] = true
+		}
+	}
+	if len(grew) == 0 {
+		return
+	}
+	for k, ch := range c.ident.checks {
+		if grew[ch.addr] && !ch.inflight && ch.known {
+			c.log.Info("HAProxy counts errors for an upstream endpoint; verifying it again",
+				zap.String("address", ch.addr), zap.String("instance", ch.instance))
+			c.startVerify(ctx, k, ch)
+		}
+	}
+}
+
+// watchIdentities drives the periodic sweep and the error poll until ctx
+// ends. The poll runs here, not in the loop, so a slow reply never holds
+// up a batch; its result is handed to the loop as an event.
+func (c *Controller) watchIdentities(ctx context.Context) {
+	sweep := time.NewTicker(identitySweep)
+	defer sweep.Stop()
+	poll := time.NewTicker(statPoll)
+	defer poll.Stop()
+	failures := 0
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-sweep.C:
+			c.send(ctx, func(d *desired) { c.sweepIdentities(ctx, d) })
+		case <-poll.C:
+			if !c.ready.Load() {
+				continue
+			}
+			rs, err := c.rt.Exec(ctx, runtime.ShowServerStats())
+			if err == nil {
+				err = rs.Err()
+			}
+			var stats []runtime.ServerStat
+			if err == nil {
+				stats, err = runtime.ParseServerStats(rs[0].Reply)
+			}
+			if err != nil {
+				// A read during a reload fails (the master re-executes):
+				// only a run of failures is worth a warning.
+				if failures++; ctx.Err() == nil {
+					lvl := zap.DebugLevel
+					if failures%5 == 0 {
+						lvl = zap.WarnLevel
+					}
+					c.log.Log(lvl, "reading HAProxy's server error counters failed", zap.Int("failures_in_a_row", failures), zap.Error(err))
+				}
+				continue
+			}
+			failures = 0
+			c.send(ctx, func(*desired) { c.serverErrors(ctx, stats) })
+		}
+	}
+}
+
+// healthInstances maps the endpoint keys of a health answer to their
+// instances (for logs). Entries endpointsOf rejects are skipped here too.
+func healthInstances(entries []healthEntry) map[string]instance {
+	out := make(map[string]instance, len(entries))
+	for _, e := range entries {
+		addr := e.Address
+		if addr == "" {
+			addr = e.NodeAddress
+		}
+		if k, ok := endpointKey(addr, e.Port); ok {
+			out[k] = instance{id: e.ID}
+		}
+	}
+	return out
+}
+
+// queryInstances maps the endpoint keys of a prepared query's answer to
+// their instances: the service each serves (a sidecar's destination, or a
+// Connect-native service itself) and the datacenter that answered, which
+// together are the identity the instance must present.
+func queryInstances(resp *api.PreparedQueryExecuteResponse) map[string]instance {
+	out := make(map[string]instance, len(resp.Nodes))
+	for _, e := range resp.Nodes {
+		if e.Service == nil {
+			continue
+		}
+		addr := e.Service.Address
+		if addr == "" && e.Node != nil {
+			addr = e.Node.Address
+		}
+		service := e.Service.Service
+		if e.Service.Kind == api.ServiceKindConnectProxy && e.Service.Proxy != nil {
+			service = e.Service.Proxy.DestinationServiceName
+		}
+		if k, ok := endpointKey(addr, e.Service.Port); ok {
+			out[k] = instance{id: e.Service.ID, service: service, dc: resp.Datacenter}
+		}
+	}
+	return out
+}
+
+func endpointKey(addr string, port int) (string, bool) {
+	a, err := netip.ParseAddr(addr)
+	if err != nil || port < 1 || port > 65535 {
+		return "", false
+	}
+	return netip.AddrPortFrom(a, uint16(port)).String(), true
+}
