@@ -118,11 +118,26 @@ func (c *Client) SocatLine(cmd Command) string {
 	if err := cmd.Check(); err != nil {
 		return "# not sent: " + strconv.Quote(cmd.String())
 	}
+	if !printable(c.sock) {
+		// Single quotes would keep a newline in the path, but the log
+		// line would span lines: say it in one line instead.
+		return "# socket path not printable, no socat line: " + strconv.Quote(cmd.String()) + " to " + strconv.Quote(c.sock)
+	}
 	send := "printf '%s\\n' " + shellQuote(cmd.String())
 	if cmd.Payload != "" {
 		send = "(" + send + `; grep -v '^$' "$PEM_FILE"; echo)`
 	}
 	return send + " | socat stdio " + shellQuote("unix-connect:"+c.sock)
+}
+
+// printable reports whether s is printable ASCII only.
+func printable(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x20 || s[i] > 0x7e {
+			return false
+		}
+	}
+	return true
 }
 
 // shellQuote quotes s as one word for a POSIX shell: inside single quotes

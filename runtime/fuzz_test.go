@@ -110,7 +110,7 @@ func FuzzSocatLine(f *testing.F) {
 		if strings.ContainsAny(got, "\n\r") {
 			t.Fatalf("socat line spans lines: %q", got)
 		}
-		if cmd.Check() != nil {
+		if cmd.Check() != nil || !printable(sock) {
 			if !strings.HasPrefix(got, "# ") {
 				t.Fatalf("refused command %q logged as %q", cmd.String(), got)
 			}
