@@ -96,6 +96,10 @@ const (
 	// AuthzGenKey is the AuthzMap key holding the intentions generation.
 	AuthzGenKey = "gen"
 	SlotPrefix  = "s"
+	// AuthzCacheSize bounds the client certificates a tcp listener's
+	// worker remembers an allow for (see Render); past it HAProxy drops
+	// the least recently used, which are asked about again.
+	AuthzCacheSize = 20000
 	// MaxThreads is HAProxy's build-time thread limit (MAX_THREADS, 64
 	// on the 64-bit builds Debian ships).
 	MaxThreads = 64
@@ -412,7 +416,28 @@ func renderConfig(s Spec) (string, error) {
 		w("    http-request deny deny_status 503 unless { var(sess.%s.allowed) -m found }", VarPrefix)
 		w("    http-request deny deny_status 403 unless { var(sess.%s.allowed) -m bool }", VarPrefix)
 	} else {
+		// A connection is authorized once, before its first byte reaches
+		// the application. An allow is remembered per worker, by the
+		// client certificate's SHA-1, with the generation it was made
+		// under plus one (0 is "never allowed"): the next connection with
+		// that certificate under the same intentions generation is
+		// allowed without asking the agent. Besides the round trip it
+		// saves, this is what lets a worker stopping after a reload
+		// accept the connections it took just before: HAProxy 2.6's SPOE
+		// lets go of a stopping worker's idle agent connections and fails
+		// what was queued on them (spoe_err=256 in the access log), and a
+		// calling sidecar cannot retry a tcp connection after its
+		// handshake. A deny is never remembered, and a new generation
+		// (any intentions change) makes every remembered allow stale.
+		w("    stick-table type binary len 20 size %d expire 10m store gpt0", AuthzCacheSize)
 		w("    tcp-request inspect-delay 5s")
+		w("    tcp-request content track-sc0 ssl_c_sha1")
+		w("    tcp-request content set-var(txn.%s.cached) sc0_get_gpt0", VarPrefix)
+		w("    acl authz_cached str(%s),map_str_int(%s,0),add(1),sub(txn.%s.cached) -m int eq 0", AuthzGenKey, s.AuthzMap, VarPrefix)
+		w("    tcp-request content set-var(sess.%s.allowed) bool(1) if authz_cached", VarPrefix)
+		w("    tcp-request content set-var(sess.%s.source) str(cached) if authz_cached", VarPrefix)
+		w("    tcp-request content send-spoe-group %s %s if !{ var(sess.%s.allowed) -m found }", SPOEEngine, SPOEGroup, VarPrefix)
+		w("    tcp-request content sc-set-gpt0(0) var(sess.%s.gen),add(1) if { var(sess.%s.allowed) -m bool } !authz_cached", VarPrefix, VarPrefix)
 		w("    tcp-request content reject unless { var(sess.%s.allowed) -m bool }", VarPrefix)
 	}
 	if s.AccessLog {
@@ -606,17 +631,13 @@ func RenderSPOE(s Spec) (string, error) {
 	if err := s.Validate(); err != nil {
 		return "", err
 	}
-	// TCP: the message fires on each connection. HTTP: the listener sends
-	// it through a group when the connection has no current verdict (see
-	// Render). Either way the verdict lives in the session.
+	// The listener sends the message through a group when the connection
+	// has no current verdict (see Render); the verdict lives in the
+	// session.
 	var b strings.Builder
 	fmt.Fprintf(&b, "[%s]\n", SPOEEngine)
 	fmt.Fprintf(&b, "spoe-agent %s-agent\n", SPOEEngine)
-	if Mode(s.Public.Protocol) == "http" {
-		fmt.Fprintf(&b, "    groups %s\n", SPOEGroup)
-	} else {
-		b.WriteString("    messages authorize\n")
-	}
+	fmt.Fprintf(&b, "    groups %s\n", SPOEGroup)
 	fmt.Fprintf(&b, "    option var-prefix %s\n", VarPrefix)
 	b.WriteString("    option set-on-error error\n")
 	b.WriteString("    timeout hello 2s\n")
@@ -626,12 +647,8 @@ func RenderSPOE(s Spec) (string, error) {
 	b.WriteString("\n")
 	b.WriteString("spoe-message authorize\n")
 	b.WriteString("    args cert=ssl_c_der\n")
-	if Mode(s.Public.Protocol) == "http" {
-		fmt.Fprintf(&b, "\nspoe-group %s\n", SPOEGroup)
-		b.WriteString("    messages authorize\n")
-	} else {
-		b.WriteString("    event on-frontend-tcp-request\n")
-	}
+	fmt.Fprintf(&b, "\nspoe-group %s\n", SPOEGroup)
+	b.WriteString("    messages authorize\n")
 	return b.String(), nil
 }
 

@@ -125,6 +125,7 @@ func TestServerIdentityLine(t *testing.T) {
 		t.Fatal(err)
 	}
 	testenv.WriteFile(t, dir, "public.crtlist", crtList)
+	testenv.WriteFile(t, dir, "authz.map", RenderAuthzMap(0))
 	testenv.HAProxy(t, cfg)
 
 	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}

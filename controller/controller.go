@@ -436,13 +436,6 @@ func (c *Controller) applyAuthzGeneration(ctx context.Context) {
 		c.scheduleRetry(time.Second)
 		return
 	}
-	if bootstrap.Mode(c.applied.sidecar.Public.Protocol) != "http" {
-		// A tcp listener authorizes each connection once and reads no
-		// map (HAProxy has not loaded it): nothing to tell HAProxy.
-		c.applied.authzGen = gen
-		c.authzGenerationApplied(gen)
-		return
-	}
 	cmd, err := runtime.SetMap(file, bootstrap.AuthzGenKey, strconv.FormatUint(gen, 10))
 	if err == nil {
 		var rs runtime.Results

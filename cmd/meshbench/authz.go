@@ -414,8 +414,9 @@ func startRenderedPair(b *Bench, consul *testenv.ConsulProc, agentAddr string, a
 
 // withoutSPOE removes the public listener's SPOE filter, the rules that
 // check its verdict (any line reading var(<scope>.hc.allowed): the
-// tcp-request rule in TCP mode, the http-request rules in HTTP mode) and
-// the tcp-request inspect-delay that waits for it. It fails unless it
+// tcp-request rule in TCP mode, the http-request rules in HTTP mode), the
+// tcp-request inspect-delay that waits for it, and a tcp listener's
+// remembered allows (its stick table and the rules that read it). It fails unless it
 // removed the filter and at least one verdict rule and nothing mentioning
 // either is left, so that a change in the renderer cannot silently make
 // "off" equal to "on".
@@ -430,7 +431,10 @@ func withoutSPOE(cfg string) (string, error) {
 			filters++
 		case strings.Contains(t, verdict):
 			rules++
-		case strings.HasPrefix(t, "tcp-request inspect-delay "):
+		case strings.HasPrefix(t, "tcp-request inspect-delay "),
+			// the tcp listener's remembered allows (bootstrap.Render)
+			strings.HasPrefix(t, "stick-table "), strings.Contains(t, "track-sc0"),
+			strings.Contains(t, "authz_cached"), strings.Contains(t, "."+bootstrap.VarPrefix+".cached"):
 		default:
 			out = append(out, line)
 			continue
