@@ -112,8 +112,10 @@ func TestDroppedConnectionsLeakNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	go func() { _ = a.Serve(ln) }()
-	// Distinct sources: each NOTIFY waits on a Consul call of its own.
-	ders := make([][]byte, perConn)
+	// Distinct sources, across connections too: each NOTIFY waits on a
+	// Consul call of its own (calls for one source are coalesced, and with
+	// shared sources the interleaving decided how many calls there were).
+	ders := make([][]byte, conns*perConn)
 	for i := range ders {
 		ders[i] = leafDER(t, ca, int64(i+1), fmt.Sprintf("spiffe://"+testTD+"/ns/default/dc/dc1/svc/s%d", i))
 	}
@@ -162,7 +164,7 @@ func TestDroppedConnectionsLeakNothing(t *testing.T) {
 			for i := range perConn {
 				// Blocks once the agent stops reading (all handlers
 				// busy); fails once the test drops the connection.
-				if _, err := cl.Send(spoptest.Message{Name: "authorize", Args: []spoptest.Arg{{Name: "cert", Value: ders[i]}}}); err != nil {
+				if _, err := cl.Send(spoptest.Message{Name: "authorize", Args: []spoptest.Arg{{Name: "cert", Value: ders[c*perConn+i]}}}); err != nil {
 					return
 				}
 			}
