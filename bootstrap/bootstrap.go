@@ -105,9 +105,6 @@ const (
 	MaxThreads = 64
 )
 
-// sniRE is a DNS name of lower-case labels, as Consul's SNI names are.
-var sniRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?){1,10}$`)
-
 // serverIDRE is the shape of a Consul service SPIFFE ID.
 var serverIDRE = regexp.MustCompile(`^spiffe://[A-Za-z0-9.-]{1,253}(/ap/[A-Za-z0-9_.-]{1,63})?/ns/[A-Za-z0-9_.-]{1,63}/dc/[A-Za-z0-9_.-]{1,63}/svc/[A-Za-z0-9_.-]{1,63}$`)
 
@@ -590,7 +587,10 @@ const FallbackSNI = "public-listener.haproxy-connect.invalid"
 // ValidSNI reports whether name can be the public listener's crt-list
 // filter: a DNS name of lower-case labels, nothing HAProxy would read as an
 // option, a negation or a wildcard.
-func ValidSNI(name string) bool { return len(name) <= 253 && sniRE.MatchString(name) }
+func ValidSNI(name string) bool {
+	_, err := input.DNSName("SNI name", name)
+	return err == nil
+}
 
 // RenderCrtList returns the public listener's certificate list: one line,
 // the leaf with its verification settings and an SNI filter.

@@ -202,6 +202,9 @@ func ParseSPIFFE(s string) (ID, error) {
 		return ID{}, fmt.Errorf("%w: %q is not a Consul service SPIFFE ID", ErrInvalid, s)
 	}
 	id.Namespace, id.Datacenter, id.Service = parts[1], parts[3], parts[5]
+	if _, err := input.DNSName("SPIFFE ID trust domain", id.TrustDomain); err != nil {
+		return ID{}, fmt.Errorf("%w: %q: %w", ErrInvalid, s, err)
+	}
 	// Each part from the alphabet the sidecar accepts anywhere (package
 	// input): the ID is compared with names taken from the registration,
 	// and logged.

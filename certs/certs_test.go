@@ -92,7 +92,8 @@ func TestParseSPIFFE(t *testing.T) {
 	}
 	for _, bad := range []string{"", "web", "https://td/ns/default/dc/dc1/svc/web", "spiffe://td/ns/default/dc/dc1/svc/", "spiffe:///ns/a/dc/b/svc/c",
 		"spiffe://td/ns/default/dc/dc1/svc/web/extra", "spiffe://td/agent/client/dc/dc1/id/x", "spiffe://td/ns/a/dc/b/svc/c?x=1",
-		"spiffe://td/ns/default/dc/dc1/svc/a%20b", "spiffe://td/ns/default/dc/dc.1/svc/web", "spiffe://td/ns/default/dc/dc1/svc/w%C3%A9b"} {
+		"spiffe://td/ns/default/dc/dc1/svc/a%20b", "spiffe://td/ns/default/dc/dc.1/svc/web", "spiffe://td/ns/default/dc/dc1/svc/w%C3%A9b",
+		"spiffe://TD.consul/ns/a/dc/b/svc/c", "spiffe://td.consul:8080/ns/a/dc/b/svc/c", "spiffe://td_x.consul/ns/a/dc/b/svc/c"} {
 		if _, err := ParseSPIFFE(bad); !errors.Is(err, ErrInvalid) {
 			t.Errorf("ParseSPIFFE(%q) accepted", bad)
 		}

@@ -128,6 +128,9 @@ var (
 	// pathRE limits the file names handed to HAProxy: absolute, no spaces,
 	// nothing the CLI or the configuration parser would split on.
 	pathRE = regexp.MustCompile(`^/[A-Za-z0-9_./+-]{1,255}$`)
+	// dnsNameRE is a DNS name of at least two lower-case labels, as
+	// Consul's trust domains and SNI names are.
+	dnsNameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$`)
 )
 
 // Name checks a service, upstream destination or prepared query name.
@@ -150,6 +153,16 @@ func Datacenter(field, s string) (string, error) {
 func Ident(field, s string) (string, error) {
 	if !identRE.MatchString(s) {
 		return "", reject(field, s, "want 1-160 letters, digits, '-', '_', '.' or ':'")
+	}
+	return s, nil
+}
+
+// DNSName checks a DNS name of lower-case labels, at most 253 bytes: a
+// trust domain, or a TLS server name for a crt-list filter (nothing HAProxy
+// would read as an option, a negation or a wildcard).
+func DNSName(field, s string) (string, error) {
+	if len(s) > 253 || !dnsNameRE.MatchString(s) {
+		return "", reject(field, s, "want a DNS name of two or more lower-case labels of letters, digits and '-'")
 	}
 	return s, nil
 }
