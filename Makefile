@@ -76,6 +76,7 @@ test: deps
 	$(GO) test -count=1 ./...
 	$(GO) test -count=1 -race ./runtime/... ./controller/... ./spoa/...
 	$(GO) test ./input -run '^$$' -fuzz '^FuzzAddr$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./input -run '^$$' -fuzz '^FuzzDNSName$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./runtime -run '^$$' -fuzz '^FuzzCommands$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./runtime -run '^$$' -fuzz '^FuzzSocatLine$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./controller -run '^$$' -fuzz '^FuzzParseRegistration$$' -fuzztime $(FUZZTIME)

@@ -182,3 +182,31 @@ func FuzzAddr(f *testing.F) {
 		}
 	})
 }
+
+// FuzzDNSName: a name DNSName accepts is lower-case labels of letters,
+// digits and inner hyphens joined by single dots, so it can stand as a
+// crt-list filter (no option, negation, wildcard or line break) and as a
+// trust domain.
+func FuzzDNSName(f *testing.F) {
+	for _, s := range []string{"web.default.dc1.internal.td.consul", "*", "*.consul", "!web.consul",
+		"web.consul [verify none]", "web.consul\n/etc/other.pem", "Web.consul", "wéb.consul", "a..b", "td.consul:8443", "a.b;c"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		if _, err := DNSName("name", s); err != nil {
+			if !errors.Is(err, ErrInvalid) || strings.ContainsAny(err.Error(), "\n\r") {
+				t.Fatalf("error %q", err)
+			}
+			return
+		}
+		labels := strings.Split(s, ".")
+		if len(s) > 253 || len(labels) < 2 {
+			t.Fatalf("accepted %q", s)
+		}
+		for _, l := range labels {
+			if l == "" || len(l) > 63 || strings.Trim(l, "abcdefghijklmnopqrstuvwxyz0123456789-") != "" || l[0] == '-' || l[len(l)-1] == '-' {
+				t.Fatalf("accepted %q (label %q)", s, l)
+			}
+		}
+	})
+}
