@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/haproxy-connect/haproxy-connect/spoa/internal/spopwire"
 )
 
 // The agent side of SPOP 2.0 (haproxy doc/SPOE.txt, section 3), as much as
@@ -119,7 +121,7 @@ func protocolErr(status uint32, format string, args ...any) error {
 	return &spopError{status: status, msg: fmt.Sprintf(format, args...)}
 }
 
-var errTruncated = errors.New("truncated spop data")
+var errTruncated = spopwire.ErrTruncated
 
 // frame is one decoded SPOP frame.
 type frame struct {
@@ -340,10 +342,10 @@ func (ac *agentConn) readFrame() (frame, error) {
 	f := frame{typ: b[0], flags: binary.BigEndian.Uint32(b[1:5])}
 	var err error
 	rest := b[5:]
-	if f.stream, rest, err = getVarint(rest); err != nil {
+	if f.stream, rest, err = spopwire.Varint(rest); err != nil {
 		return frame{}, protocolErr(statusInvalid, "stream-id: %v", err)
 	}
-	if f.id, rest, err = getVarint(rest); err != nil {
+	if f.id, rest, err = spopwire.Varint(rest); err != nil {
 		return frame{}, protocolErr(statusInvalid, "frame-id: %v", err)
 	}
 	f.payload = rest
@@ -357,8 +359,8 @@ func (ac *agentConn) readFrame() (frame, error) {
 func (ac *agentConn) write(typ byte, stream, id uint64, payload []byte) error {
 	b := make([]byte, 4, 4+5+20+len(payload))
 	b = append(b, typ, 0, 0, 0, flagFin)
-	b = putVarint(b, stream)
-	b = putVarint(b, id)
+	b = spopwire.PutVarint(b, stream)
+	b = spopwire.PutVarint(b, id)
 	b = append(b, payload...)
 	if len(b)-4 > ac.max {
 		return fmt.Errorf("frame of %d bytes exceeds max-frame-size %d", len(b)-4, ac.max)
@@ -392,7 +394,7 @@ func getValue(b []byte) (value, []byte, error) {
 	case typeBool:
 		v.boolean = flags&flagTrue != 0
 	case typeInt32, typeUint32, typeInt64, typeUint64:
-		v.uint, b, err = getVarint(b)
+		v.uint, b, err = spopwire.Varint(b)
 	case typeIPv4, typeIPv6:
 		n := 4
 		if v.typ == typeIPv6 {
@@ -419,48 +421,8 @@ func typeName(t byte) string {
 	return fmt.Sprintf("type %d", t)
 }
 
-// getVarint decodes SPOP's variable-length integer (SPOE.txt 3.1): one
-// byte below 240, then 4 bits, then 7 bits per byte. Values past 64 bits
-// are refused.
-func getVarint(b []byte) (uint64, []byte, error) {
-	if len(b) == 0 {
-		return 0, nil, errTruncated
-	}
-	v, b := uint64(b[0]), b[1:]
-	if v < 240 {
-		return v, b, nil
-	}
-	for shift := 4; ; shift += 7 {
-		if len(b) == 0 {
-			return 0, nil, errTruncated
-		}
-		if shift > 60 {
-			return 0, nil, errors.New("varint longer than 64 bits")
-		}
-		c := b[0]
-		b = b[1:]
-		v += uint64(c) << shift
-		if c < 128 {
-			return v, b, nil
-		}
-	}
-}
-
-func putVarint(b []byte, i uint64) []byte {
-	if i < 240 {
-		return append(b, byte(i))
-	}
-	b = append(b, byte(i)|240)
-	i = (i - 240) >> 4
-	for i >= 128 {
-		b = append(b, byte(i)|128)
-		i = (i - 128) >> 7
-	}
-	return append(b, byte(i))
-}
-
 func getBytes(b []byte) ([]byte, []byte, error) {
-	n, b, err := getVarint(b)
+	n, b, err := spopwire.Varint(b)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -475,11 +437,13 @@ func getString(b []byte) (string, []byte, error) {
 	return string(s), b, err
 }
 
-func putString(b []byte, s string) []byte { return append(putVarint(b, uint64(len(s))), s...) }
+func putString(b []byte, s string) []byte { return append(spopwire.PutVarint(b, uint64(len(s))), s...) }
 
 func putTypedString(b []byte, s string) []byte { return putString(append(b, typeString), s) }
 
-func putUint32(b []byte, v uint32) []byte { return putVarint(append(b, typeUint32), uint64(v)) }
+func putUint32(b []byte, v uint32) []byte {
+	return spopwire.PutVarint(append(b, typeUint32), uint64(v))
+}
 
 // setVar is one set-var action in the session scope.
 type setVar struct {
@@ -502,7 +466,7 @@ func appendActions(b []byte, vars []setVar) []byte {
 		case string:
 			b = putTypedString(b, x)
 		case int64:
-			b = putVarint(append(b, typeInt64), uint64(x))
+			b = spopwire.PutVarint(append(b, typeInt64), uint64(x))
 		default:
 			panic(fmt.Sprintf("spoa: set-var of type %T", x))
 		}

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+
+	"github.com/haproxy-connect/haproxy-connect/spoa/internal/spopwire"
 )
 
 // rawConn speaks SPOP frame by frame, to drive the agent where spoptest
@@ -37,8 +39,8 @@ func (r *rawConn) send(typ byte, flags uint32, stream uint64, payload []byte) {
 	b := make([]byte, 4, 64+len(payload))
 	b = append(b, typ)
 	b = binary.BigEndian.AppendUint32(b, flags)
-	b = putVarint(b, stream)
-	b = putVarint(b, 1)
+	b = spopwire.PutVarint(b, stream)
+	b = spopwire.PutVarint(b, 1)
 	b = append(b, payload...)
 	binary.BigEndian.PutUint32(b, uint32(len(b)-4))
 	if _, err := r.c.Write(b); err != nil {
@@ -58,11 +60,11 @@ func (r *rawConn) recv() (byte, uint64, map[string]any, error) {
 		return 0, 0, nil, err
 	}
 	typ := b[0]
-	stream, rest, err := getVarint(b[5:])
+	stream, rest, err := spopwire.Varint(b[5:])
 	if err != nil {
 		return 0, 0, nil, err
 	}
-	if _, rest, err = getVarint(rest); err != nil {
+	if _, rest, err = spopwire.Varint(rest); err != nil {
 		return 0, 0, nil, err
 	}
 	if typ == frameAck {

@@ -16,6 +16,8 @@ import (
 	"net"
 	"strings"
 	"time"
+
+	"github.com/haproxy-connect/haproxy-connect/spoa/internal/spopwire"
 )
 
 // Frame types.
@@ -176,8 +178,8 @@ func (s *Conn) roundTrip(typ byte, stream uint64, payload []byte) (byte, uint64,
 
 func (s *Conn) writeFrame(typ byte, stream uint64, payload []byte) error {
 	f := append(s.buf[:0], 0, 0, 0, 0, typ, 0, 0, 0, 1) // length, type, flags FIN
-	f = putVarint(f, stream)
-	f = putVarint(f, 1) // frame-id
+	f = spopwire.PutVarint(f, stream)
+	f = spopwire.PutVarint(f, 1) // frame-id
 	f = append(f, payload...)
 	binary.BigEndian.PutUint32(f, uint32(len(f)-4))
 	s.buf = f
@@ -198,11 +200,11 @@ func (s *Conn) readFrame() (byte, uint64, []byte, error) {
 		return 0, 0, nil, errors.New("short spop frame")
 	}
 	typ, b := fr[0], fr[5:]
-	sid, b, err := getVarint(b)
+	sid, b, err := spopwire.Varint(b)
 	if err != nil {
 		return 0, 0, nil, err
 	}
-	_, b, err = getVarint(b) // frame-id
+	_, b, err = spopwire.Varint(b) // frame-id
 	return typ, sid, b, err
 }
 
@@ -214,7 +216,7 @@ func parseAck(b []byte) (map[string]any, error) {
 			return nil, fmt.Errorf("unexpected action % x", b)
 		}
 		scope := scopes[b[2]]
-		n, rest, err := getVarint(b[3:])
+		n, rest, err := spopwire.Varint(b[3:])
 		if err != nil || uint64(len(rest)) < n+1 {
 			return nil, fmt.Errorf("bad variable name in % x", b)
 		}
@@ -224,7 +226,7 @@ func parseAck(b []byte) (map[string]any, error) {
 		case typeBool:
 			vars[name] = typ&flagTrue != 0
 		case typeString, typeBinary:
-			l, r, err := getVarint(rest)
+			l, r, err := spopwire.Varint(rest)
 			if err != nil || uint64(len(r)) < l {
 				return nil, fmt.Errorf("bad value of %s in % x", name, b)
 			}
@@ -235,7 +237,7 @@ func parseAck(b []byte) (map[string]any, error) {
 			}
 			rest = r[l:]
 		case typeInt64:
-			v, r, err := getVarint(rest)
+			v, r, err := spopwire.Varint(rest)
 			if err != nil {
 				return nil, fmt.Errorf("bad value of %s in % x", name, b)
 			}
@@ -248,42 +250,7 @@ func parseAck(b []byte) (map[string]any, error) {
 	return vars, nil
 }
 
-// putVarint encodes i as SPOP's variable-length integer.
-func putVarint(b []byte, i uint64) []byte {
-	if i < 240 {
-		return append(b, byte(i))
-	}
-	b = append(b, byte(i)|240)
-	i = (i - 240) >> 4
-	for i >= 128 {
-		b = append(b, byte(i)|128)
-		i = (i - 128) >> 7
-	}
-	return append(b, byte(i))
-}
-
-func getVarint(b []byte) (uint64, []byte, error) {
-	if len(b) == 0 {
-		return 0, nil, io.ErrUnexpectedEOF
-	}
-	v, b := uint64(b[0]), b[1:]
-	if v < 240 {
-		return v, b, nil
-	}
-	for shift := 4; ; shift += 7 {
-		if len(b) == 0 {
-			return 0, nil, io.ErrUnexpectedEOF
-		}
-		c := b[0]
-		b = b[1:]
-		v += uint64(c) << shift
-		if c < 128 {
-			return v, b, nil
-		}
-	}
-}
-
-func putBytes(b, s []byte) []byte { return append(putVarint(b, uint64(len(s))), s...) }
+func putBytes(b, s []byte) []byte { return append(spopwire.PutVarint(b, uint64(len(s))), s...) }
 
 // putKV appends a key and a typed value.
 func putKV(b []byte, key string, v any) []byte {
@@ -294,7 +261,7 @@ func putKV(b []byte, key string, v any) []byte {
 	case string:
 		return putBytes(append(b, typeString), []byte(v))
 	case uint32:
-		return putVarint(append(b, typeUint32), uint64(v))
+		return spopwire.PutVarint(append(b, typeUint32), uint64(v))
 	case []byte:
 		return putBytes(append(b, typeBinary), v)
 	}

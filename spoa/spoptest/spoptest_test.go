@@ -6,37 +6,6 @@ import (
 	"github.com/google/go-cmp/cmp"
 )
 
-func TestVarint(t *testing.T) {
-	// Boundaries of SPOP's encoding (doc/SPOE.txt 3.1): one byte below
-	// 240, then 4 bits, then 7 bits per byte.
-	tests := []struct {
-		v    uint64
-		want []byte
-	}{
-		{0, []byte{0}},
-		{239, []byte{239}},
-		{240, []byte{240, 0}},
-		{2287, []byte{255, 127}},
-		{2288, []byte{240, 128, 0}},
-		{264431, []byte{255, 255, 127}},
-		{264432, []byte{240, 128, 128, 0}},
-		{1 << 32, nil},
-	}
-	for _, tt := range tests {
-		b := putVarint(nil, tt.v)
-		if tt.want != nil && !cmp.Equal(b, tt.want) {
-			t.Errorf("putVarint(%d) = %v, want %v", tt.v, b, tt.want)
-		}
-		got, rest, err := getVarint(append(b, 0xAA))
-		if err != nil || got != tt.v || !cmp.Equal(rest, []byte{0xAA}) {
-			t.Errorf("getVarint(putVarint(%d)) = %d, %v, %v", tt.v, got, rest, err)
-		}
-		if _, _, err := getVarint(b[:len(b)-1]); err == nil && len(b) > 1 {
-			t.Errorf("getVarint of a truncated %d: no error", tt.v)
-		}
-	}
-}
-
 func TestParseAck(t *testing.T) {
 	tests := []struct {
 		name    string
