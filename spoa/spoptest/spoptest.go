@@ -113,11 +113,9 @@ type Arg struct {
 	Value any
 }
 
-// Notify sends msgs in one NOTIFY frame on a new stream and returns the
-// variables its ACK sets, keyed "scope.name" ("sess.allowed"), with bool,
-// string, int64 or []byte values.
-func (s *Conn) Notify(msgs ...Message) (map[string]any, error) {
-	s.stream++
+// encodeMessages is a NOTIFY frame's payload: each message's name, its
+// argument count and its arguments.
+func encodeMessages(msgs []Message) []byte {
 	var p []byte
 	for _, m := range msgs {
 		p = putBytes(p, []byte(m.Name))
@@ -126,6 +124,15 @@ func (s *Conn) Notify(msgs ...Message) (map[string]any, error) {
 			p = putKV(p, a.Name, a.Value)
 		}
 	}
+	return p
+}
+
+// Notify sends msgs in one NOTIFY frame on a new stream and returns the
+// variables its ACK sets, keyed "scope.name" ("sess.allowed"), with bool,
+// string, int64 or []byte values.
+func (s *Conn) Notify(msgs ...Message) (map[string]any, error) {
+	s.stream++
+	p := encodeMessages(msgs)
 	typ, sid, payload, err := s.roundTrip(FrameNotify, s.stream, p)
 	if err != nil {
 		return nil, err
@@ -140,14 +147,7 @@ func (s *Conn) Notify(msgs ...Message) (map[string]any, error) {
 // its ACK (HAProxy pipelines), and returns the stream id.
 func (s *Conn) Send(msgs ...Message) (uint64, error) {
 	s.stream++
-	var p []byte
-	for _, m := range msgs {
-		p = putBytes(p, []byte(m.Name))
-		p = append(p, byte(len(m.Args)))
-		for _, a := range m.Args {
-			p = putKV(p, a.Name, a.Value)
-		}
-	}
+	p := encodeMessages(msgs)
 	_ = s.c.SetDeadline(time.Now().Add(s.timeout))
 	return s.stream, s.writeFrame(FrameNotify, s.stream, p)
 }
