@@ -102,14 +102,8 @@ func (s *sidecar) logCount(parts ...string) int {
 // the instance and the identity it showed, each time it verifies again.
 // A real new instance registered afterwards goes into service.
 func TestImpostorGetsNothing(t *testing.T) {
-	m := startMesh(t, testenv.ConsulOptions{}, "http")
+	m, otherID := startIdentityMesh(t)
 	c, ports, client := m.c, m.ports, m.client
-	eventually(t, 10*time.Second, "mesh serves", serves(ports[3], "hello from server"))
-	roots, _, err := c.Agent().ConnectCARoots(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	otherID := fmt.Sprintf("spiffe://%s/ns/default/dc/dc1/svc/other", roots.TrustDomain)
 
 	// Traffic on new connections and on one kept-alive connection, both
 	// through the whole event; any answer but the real one fails.
@@ -259,14 +253,8 @@ func (h *handover) Switch(target string) {
 // address again within seconds, and parks it. No caller ever gets the
 // other workload's answer, and calls succeed again once it is parked.
 func TestAddressChangesHands(t *testing.T) {
-	m := startMesh(t, testenv.ConsulOptions{}, "http")
+	m, otherID := startIdentityMesh(t)
 	c, ports, client := m.c, m.ports, m.client
-	eventually(t, 10*time.Second, "mesh serves", serves(ports[3], "hello from server"))
-	roots, _, err := c.Agent().ConnectCARoots(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	otherID := fmt.Sprintf("spiffe://%s/ns/default/dc/dc1/svc/other", roots.TrustDomain)
 	imp := startImpostor(t, c, "other")
 	h := newHandover(t, fmt.Sprintf("127.0.0.1:%d", ports[0]))
 	if err := c.Agent().ServiceRegister(&api.AgentServiceRegistration{
@@ -321,4 +309,18 @@ func TestAddressChangesHands(t *testing.T) {
 	}
 	t.Logf("window: %d answers refused (502), %d calls ok; the new holder read %d request bytes before it was parked",
 		denied.Load(), okN.Load(), imp.bytes.Load())
+}
+
+// startIdentityMesh starts the http mesh, waits until it serves, and
+// returns it with the SPIFFE ID of a service "other" in its trust domain:
+// the identity an impostor shows.
+func startIdentityMesh(t *testing.T) (*mesh, string) {
+	t.Helper()
+	m := startMesh(t, testenv.ConsulOptions{}, "http")
+	eventually(t, 10*time.Second, "mesh serves", serves(m.ports[3], "hello from server"))
+	roots, _, err := m.c.Agent().ConnectCARoots(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m, fmt.Sprintf("spiffe://%s/ns/default/dc/dc1/svc/other", roots.TrustDomain)
 }
