@@ -652,5 +652,28 @@ func RenderSPOE(s Spec) (string, error) {
 	return b.String(), nil
 }
 
+// File is a file HAProxy reads: its path and its content.
+type File struct{ Path, Content string }
+
+// RenderFiles renders the configuration for s and the files it names that
+// bootstrap owns: the SPOE file, the public listener's crt-list and the
+// authz map at generation gen. The certificates (LeafFile, RootsFile) are
+// the caller's. Writing them all, before HAProxy starts or reloads, is the
+// caller's too: this package does no I/O.
+func RenderFiles(s Spec, gen uint64) (cfg string, files []File, err error) {
+	if cfg, err = Render(s); err != nil {
+		return "", nil, err
+	}
+	spoe, err := RenderSPOE(s)
+	if err != nil {
+		return "", nil, err
+	}
+	crtList, err := RenderCrtList(s)
+	if err != nil {
+		return "", nil, err
+	}
+	return cfg, []File{{s.SPOEFile, spoe}, {s.CrtList, crtList}, {s.AuthzMap, RenderAuthzMap(gen)}}, nil
+}
+
 // RenderAuthzMap is the content of the authz map for generation gen.
 func RenderAuthzMap(gen uint64) string { return fmt.Sprintf("%s %d\n", AuthzGenKey, gen) }

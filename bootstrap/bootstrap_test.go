@@ -234,3 +234,27 @@ func TestUpstreamName(t *testing.T) {
 		}
 	}
 }
+
+func TestRenderFiles(t *testing.T) {
+	spec := baseSpec()
+	cfg, files, err := RenderFiles(spec, 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantCfg, wantSPOE := render(t, spec)
+	wantCrtList, err := RenderCrtList(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []File{{spec.SPOEFile, wantSPOE}, {spec.CrtList, wantCrtList}, {spec.AuthzMap, "gen 7\n"}}
+	if cfg != wantCfg {
+		t.Errorf("configuration differs from Render's")
+	}
+	if diff := cmp.Diff(want, files); diff != "" {
+		t.Errorf("files (-want +got):\n%s", diff)
+	}
+	spec.CrtList = "relative"
+	if _, _, err := RenderFiles(spec, 0); !errors.Is(err, ErrInvalid) {
+		t.Errorf("an invalid spec: %v, want ErrInvalid", err)
+	}
+}

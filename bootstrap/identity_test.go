@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -118,14 +119,13 @@ func TestServerIdentityLine(t *testing.T) {
 		u.ServerID = webID
 		spec.Upstreams = append(spec.Upstreams, u)
 	}
-	cfg, spoe := render(t, spec)
-	testenv.WriteFile(t, dir, "spoe.cfg", spoe)
-	crtList, err := RenderCrtList(spec)
+	cfg, files, err := RenderFiles(spec, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	testenv.WriteFile(t, dir, "public.crtlist", crtList)
-	testenv.WriteFile(t, dir, "authz.map", RenderAuthzMap(0))
+	for _, f := range files {
+		testenv.WriteFile(t, dir, filepath.Base(f.Path), f.Content)
+	}
 	testenv.HAProxy(t, cfg)
 
 	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}

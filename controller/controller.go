@@ -501,27 +501,16 @@ func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.S
 
 // writeConfig renders and writes every file HAProxy reads.
 func (c *Controller) writeConfig(spec bootstrap.Spec, authzGen uint64) error {
-	cfg, err := bootstrap.Render(spec)
+	cfg, files, err := bootstrap.RenderFiles(spec, authzGen)
 	if err != nil {
 		return err
 	}
-	spoe, err := bootstrap.RenderSPOE(spec)
-	if err != nil {
-		return err
-	}
-	crtList, err := bootstrap.RenderCrtList(spec)
-	if err != nil {
-		return err
-	}
-	for _, f := range []struct{ path, content string }{
-		{spec.LeafFile, c.desired.leaf.PEM},
-		{spec.RootsFile, c.desired.roots.PEM},
-		{spec.SPOEFile, spoe},
-		{spec.CrtList, crtList},
-		{spec.AuthzMap, bootstrap.RenderAuthzMap(authzGen)},
-		{c.path("haproxy.cfg"), cfg},
-	} {
-		if err := certs.WriteFile(f.path, f.content); err != nil {
+	files = append(files,
+		bootstrap.File{Path: spec.LeafFile, Content: c.desired.leaf.PEM},
+		bootstrap.File{Path: spec.RootsFile, Content: c.desired.roots.PEM},
+		bootstrap.File{Path: c.path("haproxy.cfg"), Content: cfg}) // last: it names the others
+	for _, f := range files {
+		if err := certs.WriteFile(f.Path, f.Content); err != nil {
 			return err
 		}
 	}

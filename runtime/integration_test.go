@@ -47,26 +47,19 @@ func startSkeleton(t *testing.T) *skeleton {
 	ports := testenv.FreePorts(t, 4)
 	name, _ := bootstrap.UpstreamName("api", "")
 	spec := bootstrap.Spec{
-		Service: "web", LeafFile: leaf, RootsFile: roots, SPOEFile: filepath.Join(dir, "spoe.cfg"), AuthzMap: testenv.WriteFile(t, dir, "authz.map", bootstrap.RenderAuthzMap(0)),
+		Service: "web", LeafFile: leaf, RootsFile: roots, SPOEFile: filepath.Join(dir, "spoe.cfg"), AuthzMap: filepath.Join(dir, "authz.map"),
 		CrtList: filepath.Join(dir, "public.crtlist"), SNI: "web.default.dc1.internal.t.consul",
 		SPOASocket: filepath.Join(dir, "spoa.sock"), HardStopAfter: 5 * time.Second,
 		Public: bootstrap.Public{BindAddr: "127.0.0.1", BindPort: ports[1], LocalAddr: "127.0.0.1", LocalPort: ports[2]},
 		Upstreams: []bootstrap.Upstream{{Name: name, Destination: "api", BindAddr: "127.0.0.1", BindPort: ports[3],
 			Slots: slots.New(name, bootstrap.SlotPrefix, 2)}},
 	}
-	spoe, err := bootstrap.RenderSPOE(spec)
+	cfg, files, err := bootstrap.RenderFiles(spec, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	testenv.WriteFile(t, dir, "spoe.cfg", spoe)
-	crtList, err := bootstrap.RenderCrtList(spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	testenv.WriteFile(t, dir, "public.crtlist", crtList)
-	cfg, err := bootstrap.Render(spec)
-	if err != nil {
-		t.Fatal(err)
+	for _, f := range files {
+		testenv.WriteFile(t, filepath.Dir(f.Path), filepath.Base(f.Path), f.Content)
 	}
 	h, err := testenv.StartHAProxy(t, dir, cfg)
 	if err != nil {

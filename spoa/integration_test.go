@@ -58,7 +58,7 @@ func startSidecar(t *testing.T) *sidecar {
 		LeafFile:      testenv.WriteFile(t, dir, "leaf.pem", strings.TrimSpace(leaf.CertPEM)+"\n"+leaf.PrivateKeyPEM),
 		RootsFile:     testenv.WriteFile(t, dir, "roots.pem", rootsPEM.String()),
 		SPOEFile:      filepath.Join(dir, "spoe.cfg"),
-		AuthzMap:      testenv.WriteFile(t, dir, "authz.map", bootstrap.RenderAuthzMap(0)),
+		AuthzMap:      filepath.Join(dir, "authz.map"),
 		CrtList:       filepath.Join(dir, "public.crtlist"),
 		SNI:           "web.default.dc1.internal.t.consul",
 		SPOASocket:    filepath.Join(dir, "spoa.sock"),
@@ -66,19 +66,12 @@ func startSidecar(t *testing.T) *sidecar {
 		Public: bootstrap.Public{BindAddr: "127.0.0.1", BindPort: ports[1],
 			LocalAddr: "127.0.0.1", LocalPort: okServer(t)},
 	}
-	spoeCfg, err := bootstrap.RenderSPOE(spec)
+	cfg, files, err := bootstrap.RenderFiles(spec, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	testenv.WriteFile(t, dir, "spoe.cfg", spoeCfg)
-	crtList, err := bootstrap.RenderCrtList(spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	testenv.WriteFile(t, dir, "public.crtlist", crtList)
-	cfg, err := bootstrap.Render(spec)
-	if err != nil {
-		t.Fatal(err)
+	for _, f := range files {
+		testenv.WriteFile(t, filepath.Dir(f.Path), filepath.Base(f.Path), f.Content)
 	}
 	if strings.Contains(cfg, "nbthread") {
 		t.Fatal("the rendered config sets nbthread: this test must run HAProxy's default (one thread per core)")

@@ -367,28 +367,15 @@ func startRenderedPair(b *Bench, consul *testenv.ConsulProc, agentAddr string, a
 			Public: bootstrap.Public{BindAddr: "127.0.0.1", BindPort: port, Protocol: "http",
 				LocalAddr: "127.0.0.1", LocalPort: appPort},
 		}
-		spoe, err := bootstrap.RenderSPOE(spec)
+		cfg, files, err := bootstrap.RenderFiles(spec, 0)
 		if err != nil {
 			return "", err
 		}
-		cfg, err := bootstrap.Render(spec)
-		if err != nil {
+		files = append(files,
+			bootstrap.File{Path: spec.LeafFile, Content: strings.TrimSpace(leaf.CertPEM) + "\n" + leaf.PrivateKeyPEM},
+			bootstrap.File{Path: spec.RootsFile, Content: rootsPEM.String()})
+		if err := writeFiles(files); err != nil {
 			return "", err
-		}
-		crtList, err := bootstrap.RenderCrtList(spec)
-		if err != nil {
-			return "", err
-		}
-		for _, f := range []struct{ path, text string }{
-			{spec.CrtList, crtList},
-			{spec.LeafFile, strings.TrimSpace(leaf.CertPEM) + "\n" + leaf.PrivateKeyPEM},
-			{spec.RootsFile, rootsPEM.String()},
-			{spec.SPOEFile, spoe},
-			{spec.AuthzMap, bootstrap.RenderAuthzMap(0)},
-		} {
-			if err := os.WriteFile(f.path, []byte(f.text), 0o600); err != nil {
-				return "", err
-			}
 		}
 		return cfg, nil
 	}

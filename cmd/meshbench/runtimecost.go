@@ -110,25 +110,13 @@ func runtimeCostRound(ctx context.Context, b *Bench, changes int) (map[runtimeKe
 		Upstreams: []bootstrap.Upstream{{Name: name, Destination: "api", BindAddr: "127.0.0.1", BindPort: ports[3],
 			Protocol: "http", Slots: slots.New(name, bootstrap.SlotPrefix, 128)}},
 	}
-	spoe, err := bootstrap.RenderSPOE(spec)
+	cfg, files, err := bootstrap.RenderFiles(spec, 0)
 	if err != nil {
 		return nil, nil, err
 	}
-	cfg, err := bootstrap.Render(spec)
-	if err != nil {
+	files = append(files, bootstrap.File{Path: spec.LeafFile, Content: cert + key}, bootstrap.File{Path: spec.RootsFile, Content: ca.CertPEM})
+	if err := writeFiles(files); err != nil {
 		return nil, nil, err
-	}
-	crtList, err := bootstrap.RenderCrtList(spec)
-	if err != nil {
-		return nil, nil, err
-	}
-	for _, f := range []struct{ path, text string }{
-		{spec.CrtList, crtList},
-		{spec.LeafFile, cert + key}, {spec.RootsFile, ca.CertPEM}, {spec.SPOEFile, spoe}, {spec.AuthzMap, bootstrap.RenderAuthzMap(0)},
-	} {
-		if err := os.WriteFile(f.path, []byte(f.text), 0o600); err != nil {
-			return nil, nil, err
-		}
 	}
 	h, err := env.StartHAProxy(cfg)
 	if err != nil {
@@ -219,4 +207,14 @@ func runtimeCostRound(ctx context.Context, b *Bench, changes int) (map[runtimeKe
 		ncmds[k] /= float64(len(res[k])) // commands per change
 	}
 	return res, ncmds, ctx.Err()
+}
+
+// writeFiles writes each file (mode 0600) before HAProxy reads them.
+func writeFiles(files []bootstrap.File) error {
+	for _, f := range files {
+		if err := os.WriteFile(f.Path, []byte(f.Content), 0o600); err != nil {
+			return err
+		}
+	}
+	return nil
 }
