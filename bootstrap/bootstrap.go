@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"net/url"
 	"regexp"
 	"slices"
 	"strconv"
@@ -32,6 +33,15 @@ type Spec struct {
 	// the intentions generation, changed at run time with "set map".
 	// CrtList is the public listener's certificate list (RenderCrtList).
 	LeafFile, RootsFile, SPOEFile, AuthzMap, CrtList string
+	// StateMap, when set, is a map HAProxy loads with the configuration
+	// and never changes at run time (RenderStateMap): it records which
+	// configuration the workers run (ConfigID) and why it was loaded
+	// (Reason), so that a controller that restarts, or "haproxy-connect
+	// status", can read both back from HAProxy itself.
+	StateMap string
+	// ConfigID identifies the configuration apart from its slot
+	// assignment (lower-case hex); Reason is why it was loaded.
+	ConfigID, Reason string
 	// SNI is the public listener's certificate list filter: the service's
 	// Consul SNI name (certs.ID.SNI). What matters is that there is one;
 	// see RenderCrtList.
@@ -285,6 +295,14 @@ func (s Spec) Validate() error {
 			return invalid(err)
 		}
 	}
+	if s.StateMap != "" {
+		if _, err := input.Path("state map path", s.StateMap); err != nil {
+			return invalid(err)
+		}
+		if !configIDRE.MatchString(s.ConfigID) {
+			return fmt.Errorf("%w: configuration id %q is not 1-64 lower-case hex digits", ErrInvalid, s.ConfigID)
+		}
+	}
 	if !ValidSNI(s.SNI) {
 		return fmt.Errorf("%w: public listener SNI name %q", ErrInvalid, s.SNI)
 	}
@@ -393,6 +411,10 @@ func renderConfig(s Spec) (string, error) {
 	// crt-list, not crt: see RenderCrtList. ca-file and verify stay on the
 	// bind too, for the handshake's initial context.
 	w("    bind %s ssl crt-list %s ca-file %s verify required%s", addr(p.BindAddr, p.BindPort), s.CrtList, s.RootsFile, alpn)
+	if s.StateMap != "" {
+		// Never evaluated: it only has HAProxy load the state map.
+		w("    acl %s str(%s),map(%s) -m found", StateACL, StateConfigKey, s.StateMap)
+	}
 	w("    filter spoe engine %s config %s", SPOEEngine, s.SPOEFile)
 	if mode == "http" {
 		// A connection is authorized on its first request, and again on
@@ -672,7 +694,46 @@ func RenderFiles(s Spec, gen uint64) (cfg string, files []File, err error) {
 	if err != nil {
 		return "", nil, err
 	}
-	return cfg, []File{{s.SPOEFile, spoe}, {s.CrtList, crtList}, {s.AuthzMap, RenderAuthzMap(gen)}}, nil
+	files = []File{{s.SPOEFile, spoe}, {s.CrtList, crtList}, {s.AuthzMap, RenderAuthzMap(gen)}}
+	if s.StateMap != "" {
+		files = append(files, File{s.StateMap, RenderStateMap(s)})
+	}
+	return cfg, files, nil
+}
+
+// Keys of the state map (Spec.StateMap), and the ACL that loads it.
+const (
+	StateConfigKey = "config"
+	StateReasonKey = "reload_reason"
+	StateACL       = "hc_state"
+	// MaxReason bounds the reason recorded in the state map, in bytes
+	// before escaping.
+	MaxReason = 512
+)
+
+var configIDRE = regexp.MustCompile(`^[0-9a-f]{1,64}$`)
+
+// RenderStateMap is the content of s's state map: its ConfigID and its
+// Reason, query-escaped (one token; ParseStateReason reverses it) and cut
+// at MaxReason bytes.
+func RenderStateMap(s Spec) string {
+	reason := s.Reason
+	if len(reason) > MaxReason {
+		reason = reason[:MaxReason]
+	}
+	if reason == "" {
+		reason = "-"
+	}
+	return fmt.Sprintf("%s %s\n%s %s\n", StateConfigKey, s.ConfigID, StateReasonKey, url.QueryEscape(reason))
+}
+
+// ParseStateReason decodes a reason read back from the state map.
+func ParseStateReason(v string) string {
+	r, err := url.QueryUnescape(v)
+	if err != nil || r == "-" {
+		return ""
+	}
+	return r
 }
 
 // RenderAuthzMap is the content of the authz map for generation gen.

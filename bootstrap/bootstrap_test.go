@@ -30,6 +30,8 @@ func baseSpec() Spec {
 		SPOEFile:      goldenState + "/spoe.cfg",
 		AuthzMap:      goldenState + "/authz.map",
 		CrtList:       goldenState + "/public.crtlist",
+		StateMap:      goldenState + "/state.map",
+		ConfigID:      "0123abcd",
 		SNI:           "web.default.dc1.internal.11111111-2222-3333-4444-555555555555.consul",
 		SPOASocket:    goldenState + "/spoa.sock",
 		HardStopAfter: 30 * time.Second,
@@ -144,6 +146,7 @@ func TestGoldenFilesPassHAProxyCheck(t *testing.T) {
 			testenv.WriteFile(t, dir, "leaf.pem", cert+key)
 			testenv.WriteFile(t, dir, "roots.pem", ca.CertPEM)
 			testenv.WriteFile(t, dir, "authz.map", RenderAuthzMap(0))
+			testenv.WriteFile(t, dir, "state.map", RenderStateMap(baseSpec()))
 			read := func(file string) string {
 				b, err := os.ReadFile(filepath.Join("testdata", file))
 				if err != nil {
@@ -246,7 +249,8 @@ func TestRenderFiles(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []File{{spec.SPOEFile, wantSPOE}, {spec.CrtList, wantCrtList}, {spec.AuthzMap, "gen 7\n"}}
+	want := []File{{spec.SPOEFile, wantSPOE}, {spec.CrtList, wantCrtList}, {spec.AuthzMap, "gen 7\n"},
+		{spec.StateMap, "config 0123abcd\nreload_reason -\n"}}
 	if cfg != wantCfg {
 		t.Errorf("configuration differs from Render's")
 	}
@@ -256,5 +260,43 @@ func TestRenderFiles(t *testing.T) {
 	spec.CrtList = "relative"
 	if _, _, err := RenderFiles(spec, 0); !errors.Is(err, ErrInvalid) {
 		t.Errorf("an invalid spec: %v, want ErrInvalid", err)
+	}
+}
+
+// TestStateMap: the reason is one token whatever it holds, comes back as it
+// was (cut at MaxReason), and a configuration id that is not hex is refused.
+func TestStateMap(t *testing.T) {
+	tests := []struct {
+		name, reason, want string
+	}{
+		{"none", "", ""},
+		{"plain", "registration: upstream db added", "registration: upstream db added"},
+		{"line breaks and map syntax", "x\ny 0x1 gen 9\r\n#", "x\ny 0x1 gen 9\r\n#"},
+		{"long", strings.Repeat("é", MaxReason), strings.Repeat("é", MaxReason/2)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			spec := baseSpec()
+			spec.Reason = tt.reason
+			m := RenderStateMap(spec)
+			lines := strings.Split(strings.TrimSuffix(m, "\n"), "\n")
+			if len(lines) != 2 || lines[0] != "config 0123abcd" {
+				t.Fatalf("state map %q", m)
+			}
+			k, v, _ := strings.Cut(lines[1], " ")
+			if k != StateReasonKey || strings.ContainsAny(v, " \t") {
+				t.Fatalf("reason line %q is not one token", lines[1])
+			}
+			if got := ParseStateReason(v); got != tt.want {
+				t.Errorf("reason back = %q, want %q", got, tt.want)
+			}
+		})
+	}
+	spec := baseSpec()
+	for _, id := range []string{"", "ABC", "12 34", strings.Repeat("a", 65), "a\nb"} {
+		spec.ConfigID = id
+		if err := spec.Validate(); !errors.Is(err, ErrInvalid) {
+			t.Errorf("configuration id %q: %v, want ErrInvalid", id, err)
+		}
 	}
 }

@@ -38,6 +38,7 @@ var configShapes = []string{
 	`    mode (tcp|http)`,
 	`    bind ` + shapeAddrPort + ` ssl crt-list ` + shapePath + ` ca-file ` + shapePath + ` verify required( alpn h2,http/1\.1)?`,
 	`    bind ` + shapeAddrPort,
+	`    acl hc_state str\(config\),map\(` + shapePath + `\) -m found`,
 	`    filter spoe engine intentions config ` + shapePath,
 	`    tcp-request inspect-delay 5s`,
 	`    stick-table type binary len 20 size \d+ expire 10m store gpt0`,

@@ -158,6 +158,17 @@ type upstreamWatch struct {
 	cancel context.CancelFunc
 }
 
+// Files of the state directory that a restarted controller, and
+// "haproxy-connect status", find HAProxy through.
+const (
+	// PIDFile holds the master's PID (HAProxy writes it: "-p").
+	PIDFile = "haproxy.pid"
+	// MasterSocket is the master CLI.
+	MasterSocket = "master.sock"
+	// StateMap records the running configuration (bootstrap.Spec.StateMap).
+	StateMap = "state.map"
+)
+
 // DefaultHardStopAfter is how long an old worker keeps its connections
 // after a reload. HTTP connections leave it at once (idle keep-alive ones
 // are closed, h2 ones get GOAWAY, and callers retry on the new worker);
@@ -209,7 +220,7 @@ func New(cfg Config) (*Controller, error) {
 		consul:    consul,
 		health:    newHealthReader(cfg.Consul),
 		log:       cfg.Log,
-		rt:        runtime.New(filepath.Join(cfg.StateDir, "master.sock"), cfg.Log.Named("runtime")),
+		rt:        runtime.New(filepath.Join(cfg.StateDir, MasterSocket), cfg.Log.Named("runtime")),
 		events:    make(chan func(*desired), 1024),
 		authzKick: make(chan struct{}, 1),
 		authzDone: make(chan struct{}),
@@ -221,7 +232,7 @@ func New(cfg Config) (*Controller, error) {
 	c.retry = time.NewTimer(time.Hour)
 	c.retry.Stop()
 	c.startMaster = func(ctx context.Context) (*runtime.Master, error) {
-		return runtime.StartMaster(ctx, cfg.HAProxyBin, c.path("haproxy.cfg"), c.rt.Socket(), cfg.HAProxyOutput)
+		return runtime.StartMaster(ctx, cfg.HAProxyBin, c.path("haproxy.cfg"), c.rt.Socket(), c.path(PIDFile), cfg.HAProxyOutput)
 	}
 	c.checkBind = checkBind
 	return c, nil

@@ -125,6 +125,7 @@ var (
 	shapeSSLCert     = regexp.MustCompile(`^(set|commit|abort|show) ssl cert ` + gPath + `$`)
 	shapeSetMap      = regexp.MustCompile(`^set map ` + gPath + ` ` + gToken + ` ` + gToken + `$`)
 	shapeShowServers = regexp.MustCompile(`^show servers state( ` + gIdent + `)?$`)
+	shapeShowMap     = regexp.MustCompile(`^show map ` + gPath + `$`)
 )
 
 // worker builds a command for the current worker, refusing a line outside
@@ -344,6 +345,14 @@ func SetMap(file, key, value string) (Command, error) {
 		return Command{}, fmt.Errorf("%w: map entry %q %q", ErrInvalidArgument, key, value)
 	}
 	return worker(shapeSetMap, fmt.Sprintf("set map %s %s %s", file, key, value), expectEmpty)
+}
+
+// ShowMap lists the entries of the map loaded from file.
+func ShowMap(file string) (Command, error) {
+	if err := checkPath("map path", file); err != nil {
+		return Command{}, err
+	}
+	return worker(shapeShowMap, "show map "+file, expectMapEntries)
 }
 
 // ShowServersState lists the servers of backend ("" for all backends).

@@ -49,6 +49,7 @@ func commandsOf(backend, server, addr, file, token string, port, weight int) []C
 	add(ShowSSLCert(file))
 	add(SetMap(file, token, strconv.Itoa(weight)))
 	add(ShowServersState(backend))
+	add(ShowMap(file))
 	return out
 }
 

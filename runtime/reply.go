@@ -3,6 +3,7 @@ package runtime
 import (
 	"errors"
 	"fmt"
+	"regexp"
 	"strings"
 )
 
@@ -144,4 +145,21 @@ func expectCommit(text string) error {
 		return ErrCommitFailed
 	}
 	return ErrUnrecognizedReply
+}
+
+// mapEntryRE is one line of "show map": the entry's address, its key and
+// its value (the rest of the line).
+var mapEntryRE = regexp.MustCompile(`^0x[0-9a-f]+ \S+ .*$`)
+
+// expectMapEntries accepts the lines of "show map" (none for an empty map).
+func expectMapEntries(text string) error {
+	if text == "" {
+		return nil
+	}
+	for _, l := range strings.Split(text, "\n") {
+		if !mapEntryRE.MatchString(l) {
+			return ErrUnrecognizedReply
+		}
+	}
+	return nil
 }
