@@ -59,6 +59,12 @@ type Config struct {
 	// AnswerLimit bounds the bytes read from one Consul answer (default
 	// DefaultMaxAnswerBytes). New applies it to the Consul client it makes.
 	AnswerLimit *AnswerLimit
+	// OnAdopt, when set, is called (on its own goroutine) after a running
+	// HAProxy was adopted, with the intentions generation it holds: the
+	// SPOE agent of this process must decide under later generations only
+	// (spoa.Authorizer.RaiseGeneration), so that verdicts the previous
+	// agent made are all stale.
+	OnAdopt func(gen uint64)
 }
 
 // haproxyAPI is what the controller needs of the runtime client; tests
@@ -115,6 +121,14 @@ type Controller struct {
 	// being applied to the running configuration.
 	reloadBackoff time.Duration
 	reloadAfter   time.Time
+	// adoptChecked is set once the state directory was searched for a
+	// running master to adopt (at the first start only); adoptedStale is
+	// the reload reason when the adopted one runs another configuration.
+	adoptChecked bool
+	adoptedStale string
+	// started is set once HAProxy ran: a later start (after HAProxy
+	// exited) that fails is retried instead of ending Run.
+	started bool
 }
 
 // desired is what the watchers last saw. Values are never mutated after they
@@ -300,8 +314,11 @@ func (c *Controller) MasterSocket() string { return c.rt.Socket() }
 
 func (c *Controller) path(name string) string { return filepath.Join(c.cfg.StateDir, name) }
 
-// Run watches and applies until ctx ends, then stops HAProxy. It returns
-// an error when HAProxy cannot start or exits on its own.
+// Run watches and applies until ctx ends. It leaves HAProxy running: a
+// requested stop is Stop, after Run returned; any other end of the process
+// (an error, a crash, kill -9) leaves HAProxy serving its last state, for
+// the next controller on the state directory to adopt. It returns an error
+// when HAProxy cannot be started at all.
 func (c *Controller) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -312,7 +329,7 @@ func (c *Controller) Run(ctx context.Context) error {
 		c.send(ctx, func(d *desired) { d.roots = r })
 	})
 	go c.watchIdentities(ctx)
-	defer c.shutdown()
+	defer c.ready.Store(false)
 	for {
 		var masterDone <-chan struct{}
 		if c.master != nil {
@@ -322,8 +339,7 @@ func (c *Controller) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-masterDone:
-			c.ready.Store(false)
-			return fmt.Errorf("haproxy master exited: %v", c.master.Err())
+			c.masterExited()
 		case f := <-c.events:
 			f(&c.desired)
 			// Drain what else is queued: act once on the newest state.
@@ -352,15 +368,42 @@ func (c *Controller) send(ctx context.Context, f func(*desired)) {
 	}
 }
 
-func (c *Controller) shutdown() {
+// masterExited handles HAProxy's master exiting unasked: it was killed, or
+// the current worker died and took it down (2.6's master exits then; see
+// runtime.Master). The next reconcile starts HAProxy again with the
+// applied state: the slots, certificates and maps it had.
+func (c *Controller) masterExited() {
 	c.ready.Store(false)
-	_ = c.rt.Close()
-	if c.master != nil {
-		c.log.Info("stopping haproxy")
-		if err := c.master.Stop(10 * time.Second); err != nil {
-			c.log.Warn("haproxy stop", zap.Error(err))
+	c.metrics.restarts.Add(1)
+	c.log.Error("haproxy exited; starting it again with the applied state",
+		zap.Int("master_pid", c.master.PID()), zap.Bool("adopted", c.master.Adopted()), zap.NamedError("exit", c.master.Err()))
+	c.master = nil
+}
+
+// Stop stops HAProxy gracefully: SIGUSR1 has the master close its
+// listeners at once and its workers finish what they serve; after grace,
+// what is left is killed. Call it once Run has returned, for a requested
+// stop only. A master this controller did not reach yet (it stops before
+// adopting one) is found on the state directory and stopped too.
+func (c *Controller) Stop(grace time.Duration) error {
+	c.ready.Store(false)
+	defer c.rt.Close()
+	m := c.master
+	if m == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		m, _ = c.findMaster(ctx)
+		cancel()
+		if m == nil {
+			return nil
 		}
 	}
+	c.log.Info("stopping haproxy", zap.Int("master_pid", m.PID()), zap.Duration("grace", grace))
+	start := time.Now()
+	if err := m.Stop(grace); err != nil {
+		return fmt.Errorf("stop haproxy: %w", err)
+	}
+	c.log.Info("haproxy stopped", zap.Duration("took", time.Since(start)))
+	return nil
 }
 
 // scheduleRetry wakes the loop within d; an earlier wake-up already
@@ -386,7 +429,22 @@ func (c *Controller) reconcile(ctx context.Context) error {
 	if d.leaf == nil || d.roots == nil {
 		return nil
 	}
+	if c.master == nil && !c.adoptChecked {
+		c.adoptChecked = true
+		if m, pl := c.findMaster(ctx); m != nil && !c.adopt(ctx, m, pl) {
+			c.log.Warn("stopping the haproxy that could not be adopted", zap.Int("master_pid", m.PID()))
+			_ = m.Stop(5 * time.Second)
+		}
+	}
 	if c.master == nil {
+		if c.started {
+			// HAProxy exited: serve again at once, with what is known.
+			if err := c.start(ctx); err != nil {
+				c.log.Error("haproxy did not start again; retrying", zap.Error(err))
+				c.scheduleRetry(time.Second)
+			}
+			return nil
+		}
 		for _, u := range d.sidecar.Upstreams {
 			if _, ok := d.endpoints[u.Name]; !ok {
 				if wait := c.cfg.InitialWait - time.Since(d.sidecarSince); wait > 0 {
@@ -409,6 +467,9 @@ func (c *Controller) reconcile(ctx context.Context) error {
 	}
 
 	var reasons []string
+	if c.adoptedStale != "" {
+		reasons = append(reasons, c.adoptedStale)
+	}
 	if !d.sidecar.Equal(c.applied.sidecar) {
 		reasons = append(reasons, "registration: "+c.applied.sidecar.Diff(*d.sidecar))
 	}
@@ -438,7 +499,9 @@ func (c *Controller) reconcile(ctx context.Context) error {
 // file (for the next reload) and to HAProxy's copy in memory.
 func (c *Controller) applyAuthzGeneration(ctx context.Context) {
 	gen := c.authzGen.Load()
-	if gen == c.applied.authzGen {
+	if gen <= c.applied.authzGen {
+		// Never backwards: an adopted HAProxy may hold a later generation
+		// than this process's agent has reached (Config.OnAdopt).
 		return
 	}
 	file := c.path("authz.map")
@@ -493,6 +556,7 @@ func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.S
 		SPOEFile:      c.path("spoe.cfg"),
 		AuthzMap:      c.path("authz.map"),
 		CrtList:       c.path("public.crtlist"),
+		StateMap:      c.path(StateMap),
 		SNI:           c.publicSNI(),
 		SPOASocket:    c.cfg.SPOASocket,
 		HardStopAfter: c.cfg.HardStopAfter,
@@ -510,8 +574,10 @@ func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.S
 	return s
 }
 
-// writeConfig renders and writes every file HAProxy reads.
-func (c *Controller) writeConfig(spec bootstrap.Spec, authzGen uint64) error {
+// writeConfig renders and writes every file HAProxy reads; reason is why
+// HAProxy loads it (recorded in the state map).
+func (c *Controller) writeConfig(spec bootstrap.Spec, authzGen uint64, reason string) error {
+	spec.ConfigID, spec.Reason = c.configID(*c.desired.sidecar, c.desired.roots.PEM), reason
 	cfg, files, err := bootstrap.RenderFiles(spec, authzGen)
 	if err != nil {
 		return err
@@ -532,7 +598,11 @@ func (c *Controller) start(ctx context.Context) error {
 	sc := *c.desired.sidecar
 	tables := c.plannedTables(ctx)
 	gen := c.authzGen.Load()
-	if err := c.writeConfig(c.spec(sc, tables), gen); err != nil {
+	reason := "start"
+	if c.started {
+		reason = "haproxy exited"
+	}
+	if err := c.writeConfig(c.spec(sc, tables), gen, reason); err != nil {
 		return fmt.Errorf("render configuration: %w", err)
 	}
 	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -542,6 +612,7 @@ func (c *Controller) start(ctx context.Context) error {
 		return err
 	}
 	c.master = m
+	c.started = true
 	c.applied = applied{sidecar: sc, leaf: c.desired.leaf, rootsPEM: c.desired.roots.PEM, tables: tables, authzGen: gen}
 	c.authzGenerationApplied(gen)
 	clear(c.desired.dirty)
@@ -558,7 +629,7 @@ func (c *Controller) reload(ctx context.Context, reason string) bool {
 	sc := *c.desired.sidecar
 	tables := c.plannedTables(ctx)
 	gen := c.authzGen.Load()
-	if err := c.writeConfig(c.spec(sc, tables), gen); err != nil {
+	if err := c.writeConfig(c.spec(sc, tables), gen, reason); err != nil {
 		c.log.Error("reload skipped: configuration not rendered", zap.String("reason", reason), zap.Error(err))
 		c.reloadFailed()
 		return false
@@ -572,6 +643,7 @@ func (c *Controller) reload(ctx context.Context, reason string) bool {
 		return false
 	}
 	c.reloadBackoff, c.reloadAfter = 0, time.Time{}
+	c.adoptedStale = ""
 	c.metrics.reloads.Add(1)
 	c.applied = applied{sidecar: sc, leaf: c.desired.leaf, rootsPEM: c.desired.roots.PEM, tables: tables, authzGen: gen}
 	c.authzGenerationApplied(gen)

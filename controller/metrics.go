@@ -19,7 +19,11 @@ type Metrics struct {
 	runtimeCommands, runtimeErrors, batches atomic.Uint64
 	endpointUpdates                         atomic.Uint64
 	endpointLimitHits                       atomic.Uint64
-	answerLimit                             *AnswerLimit // nil in some tests
+	// adoptions counts running HAProxys taken over at start; restarts,
+	// HAProxy masters started again after theirs exited (a killed master
+	// or a crashed worker, which makes the 2.6 master exit).
+	adoptions, restarts atomic.Uint64
+	answerLimit         *AnswerLimit // nil in some tests
 	// bindChecks counts the handshakes that check the public listener
 	// after a leaf swap, by outcome (see bindCheck).
 	bindChecks [numBindResults]atomic.Uint64
@@ -134,6 +138,8 @@ func (m *Metrics) WriteTo(w io.Writer) (int64, error) {
 	}
 	counter("haproxy_connect_reloads_total", "Confirmed HAProxy reloads.", m.reloads.Load())
 	counter("haproxy_connect_reload_failures_total", "Reloads that failed or were not confirmed.", m.reloadFailures.Load())
+	counter("haproxy_connect_haproxy_adoptions_total", "Running HAProxy masters adopted at start instead of starting a new one.", m.adoptions.Load())
+	counter("haproxy_connect_haproxy_restarts_total", "HAProxy started again after its master exited unasked (a killed master, or a crashed worker).", m.restarts.Load())
 	counter("haproxy_connect_leaf_rotations_total", "Leaf certificates swapped through the runtime API.", m.leafRotations.Load())
 	p("# HELP haproxy_connect_leaf_bind_checks_total Handshakes with the public listener after a leaf swap, by result: ok, no_client_cert_request (mutual TLS lost: the sidecar reloads), wrong_leaf (the new leaf not served: it reloads), unreachable.")
 	p("# TYPE haproxy_connect_leaf_bind_checks_total counter")

@@ -127,7 +127,7 @@ func (m *Master) watch() {
 	t := time.NewTicker(PollInterval)
 	defer t.Stop()
 	for range t.C {
-		if !processAlive(m.pid) {
+		if !ProcessAlive(m.pid) {
 			m.err = fmt.Errorf("haproxy master %d exited", m.pid)
 			close(m.done)
 			return
@@ -135,10 +135,10 @@ func (m *Master) watch() {
 	}
 }
 
-// processAlive reports whether pid runs: it exists and is not a zombie (an
+// ProcessAlive reports whether pid runs: it exists and is not a zombie (an
 // adopted master is not our child, and whoever inherited it may not reap
 // it, so signal 0 alone would still find it after it died).
-func processAlive(pid int) bool {
+func ProcessAlive(pid int) bool {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
 		return false
@@ -159,7 +159,7 @@ func processAlive(pid int) bool {
 // its command line names the socket (a PID reused by another program does
 // not).
 func masterAlive(pid int, sock string) bool {
-	if !processAlive(pid) {
+	if !ProcessAlive(pid) {
 		return false
 	}
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")

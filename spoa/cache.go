@@ -189,8 +189,27 @@ func (a *Authorizer) Invalidate() {
 	a.stats.invalidations.Add(1)
 }
 
+// RaiseGeneration invalidates into a generation above floor, if the
+// current one is not above it already. A sidecar that adopts a running
+// HAProxy calls it with the generation HAProxy holds: every verdict made
+// by the previous agent, under intentions this one never saw, then counts
+// as stale, and no generation this agent publishes goes backwards.
+func (a *Authorizer) RaiseGeneration(floor uint64) {
+	a.invalidating.Lock()
+	a.mu.Lock()
+	raise := a.gen <= floor
+	if raise {
+		a.gen = floor // Invalidate moves it to floor+1
+	}
+	a.mu.Unlock()
+	a.invalidating.Unlock()
+	if raise {
+		a.Invalidate()
+	}
+}
+
 // Generation is the current intentions generation: 0 at start, plus one
-// per Invalidate.
+// per Invalidate, or above the floor of a RaiseGeneration.
 func (a *Authorizer) Generation() uint64 {
 	a.mu.Lock()
 	defer a.mu.Unlock()

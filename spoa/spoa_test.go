@@ -645,3 +645,27 @@ func TestObserver(t *testing.T) {
 		t.Errorf("observed cached flags (-want +got):\n%s", diff)
 	}
 }
+
+// TestRaiseGeneration: after adopting a HAProxy that holds generation 7,
+// the agent publishes and decides above it, drops what it cached, and a
+// floor below its own generation changes nothing.
+func TestRaiseGeneration(t *testing.T) {
+	ca := testCA()
+	der := leafDER(t, ca, 1, clientID)
+	var published []uint64
+	a := newTest(t, &fakeDecider{allowed: map[string]bool{clientID: true}},
+		WithInvalidateHook(func(gen uint64) { published = append(published, gen) }))
+	a.Invalidate() // the first intentions answer
+	if d := a.decide(der, nil); d.gen != 1 || d.how != originCall {
+		t.Fatalf("first decision: gen %d how %v", d.gen, d.how)
+	}
+	a.RaiseGeneration(7)
+	if d := a.decide(der, nil); d.gen != 8 || d.how != originCall {
+		t.Errorf("after the raise: gen %d how %v, want 8 from a new call", d.gen, d.how)
+	}
+	a.RaiseGeneration(3)
+	a.Invalidate()
+	if diff := cmp.Diff([]uint64{1, 8, 9}, published); diff != "" {
+		t.Errorf("published generations (-want +got):\n%s", diff)
+	}
+}

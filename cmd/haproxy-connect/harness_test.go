@@ -64,6 +64,7 @@ func (s *syncBuf) String() string {
 
 // sidecar is a running haproxy-connect process.
 type sidecar struct {
+	id       string
 	cmd      *exec.Cmd
 	out      *syncBuf
 	stateDir string
@@ -76,13 +77,25 @@ type sidecar struct {
 // waits until /readyz answers.
 func startSidecar(t *testing.T, consul *testenv.ConsulProc, id string, extra ...string) *sidecar {
 	t.Helper()
+	s := launchSidecar(t, consul, id, testenv.ShortTempDir(t), extra...)
+	s.waitReady(t)
+	return s
+}
+
+// launchSidecar starts the built binary for service id on stateDir and
+// returns at once. At the end of the test it is stopped with SIGTERM, and
+// an HAProxy it leaves (it was killed: HAProxy outlives it) is killed.
+func launchSidecar(t *testing.T, consul *testenv.ConsulProc, id, stateDir string, extra ...string) *sidecar {
+	t.Helper()
 	haproxy := testenv.HAProxyBin(t)
-	s := &sidecar{out: &syncBuf{}, stateDir: testenv.ShortTempDir(t), stats: fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t)), done: make(chan struct{})}
+	s := &sidecar{id: id, out: &syncBuf{}, stateDir: stateDir, stats: fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t)), done: make(chan struct{})}
 	args := append([]string{"-sidecar-for", id, "-http-addr", consul.Addr, "-haproxy-bin", haproxy,
 		"-state-dir", s.stateDir, "-stats-addr", s.stats, "-log-level", "debug"}, extra...)
 	s.cmd = exec.Command(sidecarBin, args...)
 	s.cmd.Stdout, s.cmd.Stderr = s.out, s.out
 	s.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// HAProxy inherits the output pipe and may outlive the sidecar.
+	s.cmd.WaitDelay = time.Second
 	if err := s.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -91,9 +104,12 @@ func startSidecar(t *testing.T, consul *testenv.ConsulProc, id string, extra ...
 		_ = s.cmd.Process.Signal(syscall.SIGTERM)
 		select {
 		case <-s.done:
-		case <-time.After(15 * time.Second):
+		case <-time.After(20 * time.Second):
 			_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
 			<-s.done
+		}
+		if pid := s.masterPID(); pid > 0 && runtime.ProcessAlive(pid) && !stateDirLocked(s.stateDir) {
+			runtime.Kill(pid) // left by a killed sidecar that nothing adopted
 		}
 		if t.Failed() {
 			t.Logf("sidecar %s output:\n%s", id, failureLog(s.out.String(), 300, 20))
@@ -107,24 +123,54 @@ func startSidecar(t *testing.T, consul *testenv.ConsulProc, id string, extra ...
 	})
 	s.rt = runtime.New(filepath.Join(s.stateDir, "master.sock"), nil)
 	t.Cleanup(func() { _ = s.rt.Close() })
+	return s
+}
+
+// waitReady waits until the sidecar's /readyz answers 200.
+func (s *sidecar) waitReady(t *testing.T) {
+	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		resp, err := http.Get("http://" + s.stats + "/readyz")
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == 200 {
-				return s
+				return
 			}
 		}
 		select {
 		case <-s.done:
-			t.Fatalf("sidecar for %s exited:\n%s", id, s.out.String())
+			t.Fatalf("sidecar for %s exited:\n%s", s.id, s.out.String())
 		case <-time.After(50 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("sidecar for %s not ready in 30s:\n%s", id, failureLog(s.out.String(), 100, 10))
+			t.Fatalf("sidecar for %s not ready in 30s:\n%s", s.id, failureLog(s.out.String(), 100, 10))
 		}
 	}
+}
+
+// stateDirLocked reports whether a haproxy-connect holds dir's lock.
+func stateDirLocked(dir string) bool {
+	f, err := os.Open(filepath.Join(dir, "lock"))
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		return true
+	}
+	_ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+	return false
+}
+
+// masterPID is the HAProxy master PID in the sidecar's pid file (0 if none).
+func (s *sidecar) masterPID() int {
+	b, err := os.ReadFile(filepath.Join(s.stateDir, "haproxy.pid"))
+	if err != nil {
+		return 0
+	}
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return pid
 }
 
 // failureLog is a sidecar's output for a failed test: its own lines (the

@@ -19,6 +19,8 @@ import (
 	"path/filepath"
 	goruntime "runtime"
 	"slices"
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -40,6 +42,7 @@ type options struct {
 	maxAnswerBytes                       int64
 	accessLog                            bool
 	startTimeout, hardStopAfter          time.Duration
+	stopTimeout                          time.Duration
 }
 
 func main() {
@@ -66,6 +69,7 @@ func main() {
 	fs.BoolVar(&o.accessLog, "access-log", true, "HAProxy logs each connection/request (with the client SPIFFE ID) to stdout")
 	fs.DurationVar(&o.startTimeout, "start-timeout", 30*time.Second, "how long to retry Consul at start")
 	fs.DurationVar(&o.hardStopAfter, "hard-stop-after", controller.DefaultHardStopAfter, "how long an old HAProxy worker keeps the connections it holds after a reload (HTTP ones are closed between requests at once; TCP ones are cut after this)")
+	fs.DurationVar(&o.stopTimeout, "stop-timeout", 15*time.Second, "on SIGTERM or SIGINT, how long HAProxy may finish the requests and connections it serves (its listeners close at once) before it is killed")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		os.Exit(2)
 	}
@@ -111,6 +115,11 @@ func run(o options) error {
 	if err != nil {
 		return err
 	}
+	unlock, err := lockStateDir(stateDir)
+	if err != nil {
+		return err
+	}
+	defer unlock()
 
 	ccfg := api.DefaultConfig() // honours the CONSUL_HTTP_* variables, as the consul CLI does
 	if o.httpAddr != "" {
@@ -148,6 +157,8 @@ func run(o options) error {
 	}
 	answerLimit.Limit(acfg.HttpClient)
 
+	// A signal is a requested stop: HAProxy stops too. Any other end of
+	// this process leaves HAProxy serving (see controller.Run).
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
@@ -174,12 +185,28 @@ func run(o options) error {
 		Consul: ccfg, ProxyID: proxy.ID, StateDir: stateDir, HAProxyBin: bin,
 		SPOASocket: spoaSocket, Log: log.Named("controller"), MinSlots: o.minSlots, AccessLog: o.accessLog,
 		Threads: o.threads, HardStopAfter: o.hardStopAfter, MaxEndpoints: o.maxEndpoints, AnswerLimit: answerLimit,
+		OnAdopt: auth.RaiseGeneration,
 	})
 	if err != nil {
 		return err
 	}
 
-	g, gctx := errgroup.WithContext(ctx)
+	// The group runs until the controller has stopped HAProxy (a signal)
+	// or one of its members fails. The controller alone sees the signal,
+	// so that the agent keeps deciding while HAProxy finishes its
+	// requests.
+	runCtx, endRun := context.WithCancel(context.Background())
+	defer endRun()
+	g, gctx := errgroup.WithContext(runCtx)
+	ctlCtx, stopCtl := context.WithCancel(gctx)
+	defer stopCtl()
+	go func() {
+		select {
+		case <-ctx.Done():
+			stopCtl()
+		case <-gctx.Done():
+		}
+	}()
 	g.Go(func() error {
 		err := auth.Serve(ln)
 		if gctx.Err() != nil {
@@ -201,10 +228,16 @@ func run(o options) error {
 		return auth.WatchRoots(gctx, client)
 	})
 	g.Go(func() error {
-		if err := ctl.Run(gctx); err != nil {
+		if err := ctl.Run(ctlCtx); err != nil {
 			return err
 		}
-		return nil
+		if ctx.Err() == nil {
+			return nil // another member failed: HAProxy keeps serving
+		}
+		log.Info("stop requested: stopping haproxy", zap.Duration("stop_timeout", o.stopTimeout))
+		err := ctl.Stop(o.stopTimeout)
+		endRun()
+		return err
 	})
 	if o.statsAddr != "" {
 		serveHTTP(gctx, g, "stats server", statsServer(o.statsAddr, statsHandler(ctl, auth)))
@@ -213,8 +246,41 @@ func run(o options) error {
 		serveHTTP(gctx, g, "pprof server", pprofServer(o.pprofAddr))
 	}
 	err = g.Wait()
+	if ctx.Err() == nil {
+		log.Error("exiting; haproxy keeps serving its last state, and the next haproxy-connect on this state directory adopts it",
+			zap.String("state_dir", stateDir), zap.Error(err))
+		if err == nil {
+			err = errors.New("exited without a stop signal")
+		}
+		return err
+	}
 	log.Info("stopped", zap.Error(err))
 	return err
+}
+
+// lockStateDir takes the state directory's lock for the life of this
+// process: one controller per HAProxy. A second haproxy-connect on the same
+// directory fails here, before it touches anything. The lock is an flock on
+// <dir>/lock, which the kernel drops when this process exits however it
+// exits; HAProxy does not inherit it (Go opens files close-on-exec).
+func lockStateDir(dir string) (unlock func(), err error) {
+	path := filepath.Join(dir, "lock")
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("state dir lock: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		b := make([]byte, 32)
+		n, _ := f.ReadAt(b, 0)
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("state dir %s is in use by another haproxy-connect (pid %s)", dir, strings.TrimSpace(string(b[:n])))
+		}
+		return nil, fmt.Errorf("state dir lock %s: %w", path, err)
+	}
+	_ = f.Truncate(0)
+	_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	return func() { f.Close() }, nil
 }
 
 // findProxy resolves the proxy registration, retrying while Consul cannot

@@ -1,0 +1,214 @@
+package controller
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/haproxy-connect/haproxy-connect/bootstrap"
+	"github.com/haproxy-connect/haproxy-connect/certs"
+	"github.com/haproxy-connect/haproxy-connect/runtime"
+	"github.com/haproxy-connect/haproxy-connect/slots"
+)
+
+// Adoption. HAProxy outlives the controller (runtime.Master): a controller
+// that starts on a state directory where a master still runs takes it over
+// instead of starting a second one. What HAProxy runs is read back from
+// HAProxy itself, never from this process's memory or from the files on
+// disk (which a crash may have left newer than what HAProxy loaded):
+//
+//   - the configuration's identity from the state map (configID): equal to
+//     the desired one, nothing is reloaded;
+//   - each upstream's slots from "show servers state";
+//   - the leaf from "show ssl cert" (its serial);
+//   - the intentions generation from the authz map.
+//
+// The usual plan then moves that state to Consul's through runtime
+// commands, and reloads only if the configuration differs (an upstream
+// added or removed while no controller ran).
+
+// findMaster returns a master to adopt, or nil when none runs. A master
+// that runs but cannot be adopted is killed, with its workers: starting a
+// second HAProxy beside it would share its ports (SO_REUSEPORT) and split
+// the traffic with a configuration nobody steers.
+func (c *Controller) findMaster(ctx context.Context) (*runtime.Master, runtime.ProcList) {
+	fctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	m, pl, err := runtime.FindMaster(fctx, c.rt.Socket(), c.path(PIDFile))
+	switch {
+	case err == nil:
+		return m, pl
+	case errors.Is(err, runtime.ErrNoMaster):
+		return nil, runtime.ProcList{}
+	}
+	pid := readPID(c.path(PIDFile))
+	c.log.Error("a haproxy master runs on the state directory but cannot be adopted; killing it before starting a new one",
+		zap.Int("master_pid", pid), zap.Error(err))
+	if pid > 1 {
+		runtime.Kill(pid)
+	}
+	return nil, runtime.ProcList{}
+}
+
+func readPID(file string) int {
+	b, _ := os.ReadFile(file)
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return pid
+}
+
+// adopt takes over master m: it reads back what HAProxy runs into the
+// applied state. It reports false if the read-back failed; the caller then
+// stops m and starts afresh.
+func (c *Controller) adopt(ctx context.Context, m *runtime.Master, pl runtime.ProcList) bool {
+	d := &c.desired
+	sc := *d.sidecar
+	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	log := c.log.With(zap.Int("master_pid", m.PID()))
+	mr, ok1 := c.rt.(mapReader)
+	cr, ok2 := c.rt.(certReader)
+	if !ok1 || !ok2 {
+		log.Error("adoption: this runtime client cannot read HAProxy's state back")
+		return false
+	}
+	state, err := mr.Map(rctx, c.path(StateMap))
+	if err != nil {
+		log.Error("adoption: cannot read the running configuration's state map", zap.Error(err))
+		return false
+	}
+	authz, err := mr.Map(rctx, c.path("authz.map"))
+	if err != nil {
+		log.Error("adoption: cannot read the authz map", zap.Error(err))
+		return false
+	}
+	gen, err := strconv.ParseUint(authz[bootstrap.AuthzGenKey], 10, 64)
+	if err != nil {
+		log.Error("adoption: authz generation unreadable", zap.String("value", authz[bootstrap.AuthzGenKey]))
+		return false
+	}
+	leaf, err := cr.SSLCert(rctx, c.path("leaf.pem"))
+	if err != nil {
+		log.Error("adoption: cannot read the served leaf", zap.Error(err))
+		return false
+	}
+	tables := map[string]slots.Table{}
+	for _, u := range sc.Upstreams {
+		st, err := c.rt.ServersState(rctx, u.Name)
+		if errors.Is(err, runtime.ErrNoSuchBackend) {
+			continue // added while no controller ran: the reload adds it
+		}
+		if err != nil {
+			log.Error("adoption: cannot read an upstream's servers", zap.String("upstream", u.Name), zap.Error(err))
+			return false
+		}
+		obs := make([]slots.Observed, 0, len(st))
+		for _, s := range st {
+			obs = append(obs, slots.Observed{Name: s.Name, Addr: s.Addr, Port: s.Port, Weight: s.Weight, Maint: s.Maint()})
+		}
+		tables[u.Name] = slots.FromObserved(u.Name, bootstrap.SlotPrefix, len(obs), obs)
+	}
+
+	want := c.configID(sc, d.roots.PEM)
+	running := state[bootstrap.StateConfigKey]
+	c.master, c.started = m, true
+	c.applied = applied{sidecar: sc, rootsPEM: d.roots.PEM, tables: tables, authzGen: gen}
+	c.adoptedStale = ""
+	if running != want {
+		// A reload renders the desired configuration; until then the
+		// running one keeps serving and its endpoints are kept current.
+		c.adoptedStale = fmt.Sprintf("adopted haproxy runs another configuration (%s, desired %s)", orDash(running), want)
+	}
+	c.applied.leaf = d.leaf
+	if !strings.EqualFold(leaf.Serial, d.leaf.Serial) {
+		// HAProxy serves another leaf: the plan swaps it at once (the
+		// zero NotAfter and lastLeafSwap leave nothing to wait for).
+		c.applied.leaf = &certs.Bundle{Serial: strings.ToLower(leaf.Serial)}
+	}
+	c.authzGenerationApplied(gen)
+	c.trustAdopted(ctx, tables)
+	c.ready.Store(true)
+	c.metrics.adoptions.Add(1)
+	c.metrics.setEndpoints(tables)
+	cur, _ := pl.Current()
+	log.Info("adopted running haproxy", zap.Int("worker_pid", cur.PID), zap.Int("reloads", pl.Master.Reloads),
+		zap.String("config_id", running), zap.Bool("config_current", running == want),
+		zap.String("served_leaf_serial", leaf.Serial), zap.Uint64("authz_generation", gen),
+		zap.String("last_reload_reason", bootstrap.ParseStateReason(state[bootstrap.StateReasonKey])))
+	if c.cfg.OnAdopt != nil {
+		// Asynchronous: the agent's generation switch waits for this loop
+		// to publish it.
+		go c.cfg.OnAdopt(gen)
+	}
+	return true
+}
+
+// mapReader and certReader are the read-backs adoption needs beyond
+// haproxyAPI; runtime.Client has them.
+type mapReader interface {
+	Map(ctx context.Context, file string) (map[string]string, error)
+}
+
+type certReader interface {
+	SSLCert(ctx context.Context, file string) (runtime.CertInfo, error)
+}
+
+// trustAdopted counts the endpoints an adopted HAProxy serves as proven:
+// the previous controller placed them only after they proved their
+// identity. Each is proven again at once (its proof is due now), and
+// leaves service if that fails; meanwhile it keeps serving, so that
+// adoption drains nothing.
+func (c *Controller) trustAdopted(ctx context.Context, tables map[string]slots.Table) {
+	now := time.Now()
+	for name, t := range tables {
+		u, ok := c.upstream(name)
+		if !ok {
+			continue
+		}
+		want, err := c.expectedID(u, instance{})
+		if err != nil || want == "" {
+			continue
+		}
+		for _, e := range t.Endpoints() {
+			k := want + " " + e.Key()
+			if c.ident.checks[k] == nil {
+				c.ident.checks[k] = &idCheck{want: want, addr: e.Key(), users: map[string]struct{}{name: {}},
+					alpn: alpnList(u.Protocol), known: true, good: true, at: now, due: now}
+			}
+		}
+	}
+}
+
+// configID identifies the configuration rendered for sc and roots apart
+// from its slot assignment and its reason: two equal ones need no reload.
+func (c *Controller) configID(sc Sidecar, rootsPEM string) string {
+	spec := c.spec(sc, nil)
+	spec.ConfigID, spec.Reason = "", ""
+	for i := range spec.Upstreams {
+		spec.Upstreams[i].Slots = slots.Table{}
+	}
+	b, err := json.Marshal(spec)
+	if err != nil {
+		panic(err) // a Spec is plain data
+	}
+	h := sha256.New()
+	h.Write(b)
+	h.Write([]byte{0})
+	h.Write([]byte(rootsPEM))
+	return hex.EncodeToString(h.Sum(nil)[:16])
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
