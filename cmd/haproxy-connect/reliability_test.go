@@ -376,3 +376,42 @@ func TestInboundWhileControllerAway(t *testing.T) {
 		t.Errorf("kept-alive request after the adoption: %d %v", code, err)
 	}
 }
+
+// TestAdoptionAfterUpstreamsChanged: an upstream added while no controller
+// ran is the one case where adoption reloads: exactly once, with that
+// reason, and the upstreams HAProxy already served lose no request.
+func TestAdoptionAfterUpstreamsChanged(t *testing.T) {
+	m := startMesh(t, testenv.ConsulOptions{}, "http")
+	up := m.ports[3]
+	eventually(t, 10*time.Second, "the mesh serves", serves(up, "hello from server"))
+	master, reloads := m.client.masterPID(), m.client.reloads(t)
+	begin := time.Now()
+	tr := startTraffic(t, up)
+	tr.flowFor(t, 500*time.Millisecond, 10)
+	if err := m.client.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	<-m.client.done
+
+	ports := testenv.FreePorts(t, 2)
+	register(t, m.c, "two", httpApp(t, "two"), ports[0], map[string]any{"protocol": "http"})
+	startSidecar(t, m.consul, "two")
+	second := ports[1]
+	register(t, m.c, "client", m.ports[1], m.ports[2], nil, m.upstream,
+		api.Upstream{DestinationName: "two", LocalBindPort: second, Config: map[string]any{"protocol": "http"}})
+	next := launchSidecar(t, m.consul, "client", m.client.stateDir)
+	next.waitReady(t)
+	eventually(t, 10*time.Second, "the added upstream serves", serves(second, "hello from two"))
+	tr.flowFor(t, 2*time.Second, 50)
+	tr.halt()
+	tr.requireNoFailures(t, begin, "through the crash and the adoption's reload")
+	if got := next.masterPID(); got != master {
+		t.Errorf("master PID %d, want the adopted %d", got, master)
+	}
+	if got := next.reloads(t) - reloads; got != 1 {
+		t.Errorf("%d reloads after the adoption, want exactly 1", got)
+	}
+	if out := next.out.String(); !strings.Contains(out, "adopted haproxy runs another configuration") {
+		t.Errorf("the reload's reason is not logged")
+	}
+}
