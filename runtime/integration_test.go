@@ -8,6 +8,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -483,4 +484,61 @@ func haproxy26(t *testing.T) bool {
 		t.Fatal(err)
 	}
 	return strings.HasPrefix(string(out), "HAProxy version 2.6.")
+}
+
+// TestFindMaster: a master started with StartMaster is found again through
+// its pid file and socket, outlives nothing but Stop, and a pid file that
+// names a dead process or another program finds none.
+func TestFindMaster(t *testing.T) {
+	dir := testenv.ShortTempDir(t)
+	cfg := testenv.WriteFile(t, dir, "haproxy.cfg", "global\n    master-worker\ndefaults\n    mode tcp\n    timeout connect 1s\n    timeout client 5s\n    timeout server 5s\n"+
+		fmt.Sprintf("frontend f\n    bind 127.0.0.1:%d\n", testenv.FreePort(t)))
+	sock, pidFile := filepath.Join(dir, "master.sock"), filepath.Join(dir, "haproxy.pid")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	m, err := runtime.StartMaster(ctx, testenv.HAProxyBin(t), cfg, sock, pidFile, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { runtime.Kill(m.PID()) })
+
+	found, pl, err := runtime.FindMaster(ctx, sock, pidFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if found.PID() != m.PID() || pl.Master.PID != m.PID() || !found.Adopted() || m.Adopted() {
+		t.Fatalf("found master %d (adopted %v), started %d, show proc %d", found.PID(), found.Adopted(), m.PID(), pl.Master.PID)
+	}
+	if _, ok := pl.Current(); !ok {
+		t.Errorf("no current worker in %+v", pl)
+	}
+
+	other := filepath.Join(dir, "other.pid")
+	for name, content := range map[string]string{
+		"this test's own PID": fmt.Sprint(os.Getpid()),
+		"a PID that exited":   "999999",
+		"garbage":             "12ab\n",
+	} {
+		testenv.WriteFile(t, dir, "other.pid", content)
+		if _, _, err := runtime.FindMaster(ctx, sock, other); !errors.Is(err, runtime.ErrNoMaster) {
+			t.Errorf("%s: %v, want ErrNoMaster", name, err)
+		}
+	}
+	if _, _, err := runtime.FindMaster(ctx, sock, filepath.Join(dir, "missing.pid")); !errors.Is(err, runtime.ErrNoMaster) {
+		t.Errorf("no pid file: %v, want ErrNoMaster", err)
+	}
+
+	// The adopted handle sees the master go (it is not this process's
+	// child: it polls).
+	if err := m.Stop(5 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-found.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the adopted handle did not see the master exit")
+	}
+	if _, _, err := runtime.FindMaster(ctx, sock, pidFile); !errors.Is(err, runtime.ErrNoMaster) {
+		t.Errorf("after Stop: %v, want ErrNoMaster", err)
+	}
 }

@@ -88,9 +88,9 @@ func StartMaster(ctx context.Context, bin, cfg, sock, pidFile string, out io.Wri
 
 // FindMaster looks for a running master to adopt: the PID in pidFile must
 // be a live HAProxy process started on sock, and the master socket must
-// answer "show proc" with that PID as master. It returns ErrNoMaster when
-// there is none (no pid file, a dead PID, a PID reused by another program);
-// any other error means a master may be running that cannot be adopted
+// answer "show proc" with that PID as master (it is asked until ctx ends).
+// It returns ErrNoMaster when there is none (no pid file, a dead PID, a PID
+// reused by another program); any other error means a master may be running that cannot be adopted
 // (for example one that does not answer its socket), and starting a second
 // one beside it would bind the same ports.
 func FindMaster(ctx context.Context, sock, pidFile string) (*Master, ProcList, error) {
@@ -110,9 +110,22 @@ func FindMaster(ctx context.Context, sock, pidFile string) (*Master, ProcList, e
 	}
 	c := New(sock, nil, WithTimeout(2*time.Second))
 	defer c.Close()
-	pl, err := c.Procs(ctx)
-	if err != nil {
-		return nil, ProcList{}, fmt.Errorf("haproxy master %d runs but its socket %s does not answer: %w", pid, sock, err)
+	// The socket refuses connections while the master re-executes for a
+	// reload (its previous controller may have died during one): ask
+	// again until ctx ends.
+	var pl ProcList
+	for {
+		if pl, err = c.Procs(ctx); err == nil {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ProcList{}, fmt.Errorf("haproxy master %d runs but its socket %s does not answer: %w", pid, sock, err)
+		case <-time.After(50 * time.Millisecond):
+		}
+		if !masterAlive(pid, sock) {
+			return nil, ProcList{}, ErrNoMaster
+		}
 	}
 	if pl.Master.PID != pid {
 		return nil, ProcList{}, fmt.Errorf("haproxy master socket %s answers for PID %d, the pid file says %d", sock, pl.Master.PID, pid)
