@@ -145,8 +145,10 @@ func TestControllerCrashAndAdoption(t *testing.T) {
 		t.Fatalf("haproxy master %d died with its controller", master)
 	}
 
+	launched := time.Now()
 	next := launchSidecar(t, m.consul, "client", m.client.stateDir)
 	next.waitReady(t)
+	t.Logf("the new controller was ready (adopted) %s after it was launched", time.Since(launched).Round(time.Millisecond))
 	eventually(t, 10*time.Second, "the new controller logs the adoption", func() error {
 		if !strings.Contains(next.out.String(), "adopted running haproxy") {
 			return errors.New("no adoption logged")
