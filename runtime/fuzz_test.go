@@ -48,6 +48,9 @@ func commandsOf(backend, server, addr, file, token string, port, weight int) []C
 	add(AbortSSLCert(file))
 	add(ShowSSLCert(file))
 	add(SetMap(file, token, strconv.Itoa(weight)))
+	add(AddMap(file, backend+"/"+server, token+"@"+addr))
+	add(ShowMap(file))
+	add(ShowSSLCAFile(file))
 	add(ShowServersState(backend))
 	return out
 }

@@ -57,6 +57,7 @@ var knownErrors = []struct {
 	{"Can't find the target PID", ErrNoSuchProcess},
 	{"Can't replace a certificate which is not referenced", ErrCertNotReferenced},
 	{"Can't display the certificate", ErrCertNotReferenced},
+	{"Can't display the CA file", ErrCertNotReferenced},
 	{"unable to load certificate", ErrBadCertificate},
 	{"unable to load", ErrBadCertificate},
 	{"No ongoing transaction", ErrNoTransaction},
@@ -125,6 +126,15 @@ func expectAny(prefixes ...string) func(string) error {
 		}
 		return ErrUnrecognizedReply
 	}
+}
+
+// expectMapEntries accepts the reply of "show map <file>": nothing (an
+// empty map), or lines "<pointer> <key> <value>" (ParseMap).
+func expectMapEntries(text string) error {
+	if text == "" || strings.HasPrefix(text, "0x") {
+		return nil
+	}
+	return ErrUnrecognizedReply
 }
 
 // expectAddrChange accepts the replies of "set server addr": "IP changed
