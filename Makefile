@@ -83,6 +83,7 @@ test: deps
 	$(GO) test ./controller -run '^$$' -fuzz '^FuzzParseRegistration$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./controller -run '^$$' -fuzz '^FuzzHealthParse$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./bootstrap -run '^$$' -fuzz '^FuzzRender$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./bootstrap -run '^$$' -fuzz '^FuzzToken$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./spoa -run '^$$' -fuzz '^FuzzSPOPDecode$$' -fuzztime $(FUZZTIME)
 
 # Tests too slow for every run: a leaf renewal with a realistic TTL

@@ -32,6 +32,11 @@ type Spec struct {
 	// the intentions generation, changed at run time with "set map".
 	// CrtList is the public listener's certificate list (RenderCrtList).
 	LeafFile, RootsFile, SPOEFile, AuthzMap, CrtList string
+	// InstanceMap and StateMap, when set, are the slot-to-instance map
+	// and the state map (absolute paths; see maps.go). Reason is why this
+	// configuration is loaded (a reload's reason, or the start), and
+	// ConfigID an identifier of it, both for the state map.
+	InstanceMap, StateMap, Reason, ConfigID string
 	// SNI is the public listener's certificate list filter: the service's
 	// Consul SNI name (certs.ID.SNI). What matters is that there is one;
 	// see RenderCrtList.
@@ -75,6 +80,9 @@ type Upstream struct {
 	// Slots is the current endpoint-to-slot assignment; its size is the
 	// number of servers rendered.
 	Slots slots.Table
+	// Instances names the Consul instance of each used slot for the
+	// instance map: instance ID by endpoint key (slots.Endpoint.Key).
+	Instances map[string]string
 	// ServerID, when set, is the SPIFFE ID every server of the backend
 	// must present: a response from a server whose certificate does not
 	// carry it is refused (see Render). Empty for a prepared query, whose
@@ -285,6 +293,14 @@ func (s Spec) Validate() error {
 			return invalid(err)
 		}
 	}
+	for _, f := range []string{s.InstanceMap, s.StateMap} {
+		if _, err := input.Path("map path", f); f != "" && err != nil {
+			return invalid(err)
+		}
+	}
+	if _, err := input.InstanceID("config ID", s.ConfigID); s.ConfigID != "" && err != nil {
+		return invalid(err)
+	}
 	if !ValidSNI(s.SNI) {
 		return fmt.Errorf("%w: public listener SNI name %q", ErrInvalid, s.SNI)
 	}
@@ -371,6 +387,13 @@ func renderConfig(s Spec) (string, error) {
 	w("    tune.ssl.default-dh-param 2048")
 	if s.AccessLog {
 		w("    log stdout format raw local0 info")
+	}
+	if s.StateMap != "" {
+		// HAProxy loads a map file only for a converter that names it, and
+		// "show map" shows only loaded maps: this line is what makes the
+		// state map readable from the master socket. Evaluated once, at
+		// start and at each reload.
+		w("    set-var proc.%s.config_id str(%s),map(%s,-)", VarPrefix, StateConfigIDKey, s.StateMap)
 	}
 	w("")
 	w("defaults")
@@ -478,7 +501,21 @@ func renderConfig(s Spec) (string, error) {
 		// may speak either (a gRPC client speaks h2c); in mode tcp the
 		// bytes pass as they are.
 		w("    bind %s", addr(u.BindAddr, u.BindPort))
-		if s.AccessLog {
+		if s.AccessLog && s.InstanceMap != "" {
+			// HAProxy's httplog and tcplog formats (2.6, doc
+			// configuration.txt 8.2.3 and 8.2.2), then the instance that
+			// served: the serving slot looked up in the instance map.
+			// srv_name is evaluated when the line is logged, so it is the
+			// slot that served, after any redispatch; the backend is this
+			// frontend's own, written in by regsub (2.6 can concatenate
+			// a sample only with a variable). No slot: "-".
+			inst := fmt.Sprintf("inst=%%[srv_name,regsub(^,%s/),map(%s,%s)]", u.Name, s.InstanceMap, FreeSlot)
+			if mode == "http" {
+				w(`    log-format "%s %s"`, httpLogFormat, inst)
+			} else {
+				w(`    log-format "%s %s"`, tcpLogFormat, inst)
+			}
+		} else if s.AccessLog {
 			if mode == "http" {
 				w("    option httplog")
 			} else {
@@ -548,6 +585,13 @@ func renderConfig(s Spec) (string, error) {
 	}
 	return b.String(), nil
 }
+
+// httpLogFormat and tcpLogFormat are "option httplog" and "option tcplog"
+// of HAProxy 2.6 as log-format strings.
+const (
+	httpLogFormat = `%ci:%cp [%tr] %ft %b/%s %TR/%Tw/%Tc/%Tr/%Ta %ST %B %CC %CS %tsc %ac/%fc/%bc/%sc/%rc %sq/%bq %hr %hs %{+Q}r`
+	tcpLogFormat  = `%ci:%cp [%t] %ft %b/%s %Tw/%Tc/%Tt %B %ts %ac/%fc/%bc/%sc/%rc %sq/%bq`
+)
 
 // renderSlots writes used slots as servers at their endpoints and runs of
 // free slots as server-template ranges parked in maintenance.
@@ -656,8 +700,9 @@ func RenderSPOE(s Spec) (string, error) {
 type File struct{ Path, Content string }
 
 // RenderFiles renders the configuration for s and the files it names that
-// bootstrap owns: the SPOE file, the public listener's crt-list and the
-// authz map at generation gen. The certificates (LeafFile, RootsFile) are
+// bootstrap owns: the SPOE file, the public listener's crt-list, the
+// authz map at generation gen, and the instance and state maps when s
+// names them. The certificates (LeafFile, RootsFile) are
 // the caller's. Writing them all, before HAProxy starts or reloads, is the
 // caller's too: this package does no I/O.
 func RenderFiles(s Spec, gen uint64) (cfg string, files []File, err error) {
@@ -672,7 +717,14 @@ func RenderFiles(s Spec, gen uint64) (cfg string, files []File, err error) {
 	if err != nil {
 		return "", nil, err
 	}
-	return cfg, []File{{s.SPOEFile, spoe}, {s.CrtList, crtList}, {s.AuthzMap, RenderAuthzMap(gen)}}, nil
+	files = []File{{s.SPOEFile, spoe}, {s.CrtList, crtList}, {s.AuthzMap, RenderAuthzMap(gen)}}
+	if s.InstanceMap != "" {
+		files = append(files, File{s.InstanceMap, RenderInstanceMap(s)})
+	}
+	if s.StateMap != "" {
+		files = append(files, File{s.StateMap, RenderStateMap(s)})
+	}
+	return cfg, files, nil
 }
 
 // RenderAuthzMap is the content of the authz map for generation gen.
