@@ -481,6 +481,8 @@ func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.S
 		RootsFile:     c.path("roots.pem"),
 		SPOEFile:      c.path("spoe.cfg"),
 		AuthzMap:      c.path("authz.map"),
+		InstanceMap:   c.path(InstanceMapFile),
+		StateMap:      c.path(StateMapFile),
 		CrtList:       c.path("public.crtlist"),
 		SNI:           c.publicSNI(),
 		SPOASocket:    c.cfg.SPOASocket,
@@ -493,7 +495,7 @@ func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.S
 		s.Upstreams = append(s.Upstreams, bootstrap.Upstream{
 			Name: u.Name, Destination: u.Destination, BindAddr: u.BindAddr, BindPort: u.BindPort,
 			Protocol: u.Protocol, ConnectTimeout: u.ConnectTimeout, Slots: tables[u.Name],
-			ServerID: c.serverID(u),
+			ServerID: c.serverID(u), Instances: instanceIDs(c.desired.instances[u.Name]),
 		})
 	}
 	return s
@@ -521,7 +523,9 @@ func (c *Controller) start(ctx context.Context) error {
 	sc := *c.desired.sidecar
 	tables := c.plannedTables(ctx)
 	gen := c.authzGen.Load()
-	if err := c.writeConfig(c.spec(sc, tables), gen); err != nil {
+	spec := c.spec(sc, tables)
+	spec.Reason = StartReason
+	if err := c.writeConfig(spec, gen); err != nil {
 		return fmt.Errorf("render configuration: %w", err)
 	}
 	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -547,7 +551,9 @@ func (c *Controller) reload(ctx context.Context, reason string) bool {
 	sc := *c.desired.sidecar
 	tables := c.plannedTables(ctx)
 	gen := c.authzGen.Load()
-	if err := c.writeConfig(c.spec(sc, tables), gen); err != nil {
+	spec := c.spec(sc, tables)
+	spec.Reason = reason
+	if err := c.writeConfig(spec, gen); err != nil {
 		c.log.Error("reload skipped: configuration not rendered", zap.String("reason", reason), zap.Error(err))
 		c.reloadFailed()
 		return false
@@ -657,7 +663,7 @@ func (c *Controller) applyEndpoints(ctx context.Context) {
 		pending bool // endpoints still being verified: stays dirty
 	}
 	plans := map[string]planned{}
-	var cmds []runtime.Command
+	var cmds, mapCmds []runtime.Command
 	names := make([]string, 0, len(c.desired.dirty))
 	for name := range c.desired.dirty {
 		names = append(names, name)
@@ -693,10 +699,13 @@ func (c *Controller) applyEndpoints(ctx context.Context) {
 			p.ops++
 		}
 		plans[name] = p
+		mapCmds = append(mapCmds, c.instanceMapCommands(name, ops, next)...)
 	}
 	if len(cmds) == 0 {
 		return
 	}
+	nSlot := len(cmds)
+	cmds = append(cmds, mapCmds...)
 	start := time.Now()
 	rs, err := c.rt.Exec(ctx, cmds...)
 	c.metrics.runtimeCommands.Add(uint64(len(cmds)))
@@ -731,6 +740,7 @@ func (c *Controller) applyEndpoints(ctx context.Context) {
 		c.log.Error("runtime commands failed; re-reading the backend", zap.String("upstream", name), zap.Errors("errors", errs))
 		c.resync(ctx, name)
 	}
+	c.checkInstanceMap(rs[nSlot:])
 	c.metrics.setEndpoints(c.applied.tables)
 	c.log.Debug("endpoints applied", zap.Int("commands", len(cmds)), zap.Duration("took", time.Since(start)))
 	if failed {
