@@ -112,7 +112,7 @@ func statusCommands(f statusFiles) ([]runtime.Command, error) {
 // statusCommands' order. Every reply is parsed by its runtime parser; one
 // that fails is an entry of Errors, and the report goes on without it.
 func buildStatus(dir string, rs runtime.Results) statusReport {
-	r := statusReport{StateDir: dir, Upstreams: []upstreamStatus{}}
+	r := statusReport{StateDir: dir, Workers: []processStatus{}, Upstreams: []upstreamStatus{}}
 	fail := func(what string, err error) { r.Errors = append(r.Errors, fmt.Sprintf("%s: %v", what, err)) }
 	reply := func(i int, what string) (string, bool) {
 		if i >= len(rs) {
