@@ -254,13 +254,13 @@ func writeStatusText(w io.Writer, r statusReport) error {
 	}
 	fmt.Fprintf(tw, "state dir\t%s\n", r.StateDir)
 	if r.Master.PID != 0 {
-		fmt.Fprintf(tw, "master\tpid %d, haproxy %s, %d reloads (%d failed)\n", r.Master.PID, r.Master.Version, r.Master.Reloads, r.Master.Failed)
+		fmt.Fprintf(tw, "master\tpid %d, haproxy %s, reloads %d (failed %d)\n", r.Master.PID, r.Master.Version, r.Master.Reloads, r.Master.Failed)
 		var ws []string
 		for _, p := range r.Workers {
 			if p.Reloads == 0 {
 				ws = append(ws, fmt.Sprintf("%d (current)", p.PID))
 			} else {
-				ws = append(ws, fmt.Sprintf("%d (old, %d reloads ago)", p.PID, p.Reloads))
+				ws = append(ws, fmt.Sprintf("%d (old, reloads since: %d)", p.PID, p.Reloads))
 			}
 		}
 		fmt.Fprintf(tw, "workers\t%s\n", dash(strings.Join(ws, ", ")))

@@ -114,8 +114,8 @@ func TestBuildStatus(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantText := `state dir    /s
-master       pid 2596, haproxy 2.6.12-1+deb12u4, 2 reloads (0 failed)
-workers      3555 (current), 3001 (old, 1 reloads ago)
+master       pid 2596, haproxy 2.6.12-1+deb12u4, reloads 2 (failed 0)
+workers      3555 (current), 3001 (old, reloads since: 1)
 last reload  registration: upstream up_web added
 config id    c0ffee-1
 leaf         serial 3A4B, expires Dec  6 08:58:35 2026 GMT
