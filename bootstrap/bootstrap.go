@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"net/url"
 	"regexp"
 	"slices"
 	"strconv"
@@ -33,15 +32,11 @@ type Spec struct {
 	// the intentions generation, changed at run time with "set map".
 	// CrtList is the public listener's certificate list (RenderCrtList).
 	LeafFile, RootsFile, SPOEFile, AuthzMap, CrtList string
-	// StateMap, when set, is a map HAProxy loads with the configuration
-	// and never changes at run time (RenderStateMap): it records which
-	// configuration the workers run (ConfigID) and why it was loaded
-	// (Reason), so that a controller that restarts, or "haproxy-connect
-	// status", can read both back from HAProxy itself.
-	StateMap string
-	// ConfigID identifies the configuration apart from its slot
-	// assignment (lower-case hex); Reason is why it was loaded.
-	ConfigID, Reason string
+	// InstanceMap and StateMap, when set, are the slot-to-instance map
+	// and the state map (absolute paths; see maps.go). Reason is why this
+	// configuration is loaded (a reload's reason, or the start), and
+	// ConfigID an identifier of it, both for the state map.
+	InstanceMap, StateMap, Reason, ConfigID string
 	// SNI is the public listener's certificate list filter: the service's
 	// Consul SNI name (certs.ID.SNI). What matters is that there is one;
 	// see RenderCrtList.
@@ -85,6 +80,9 @@ type Upstream struct {
 	// Slots is the current endpoint-to-slot assignment; its size is the
 	// number of servers rendered.
 	Slots slots.Table
+	// Instances names the Consul instance of each used slot for the
+	// instance map: instance ID by endpoint key (slots.Endpoint.Key).
+	Instances map[string]string
 	// ServerID, when set, is the SPIFFE ID every server of the backend
 	// must present: a response from a server whose certificate does not
 	// carry it is refused (see Render). Empty for a prepared query, whose
@@ -295,13 +293,13 @@ func (s Spec) Validate() error {
 			return invalid(err)
 		}
 	}
-	if s.StateMap != "" {
-		if _, err := input.Path("state map path", s.StateMap); err != nil {
+	for _, f := range []string{s.InstanceMap, s.StateMap} {
+		if _, err := input.Path("map path", f); f != "" && err != nil {
 			return invalid(err)
 		}
-		if !configIDRE.MatchString(s.ConfigID) {
-			return fmt.Errorf("%w: configuration id %q is not 1-64 lower-case hex digits", ErrInvalid, s.ConfigID)
-		}
+	}
+	if _, err := input.InstanceID("config ID", s.ConfigID); s.ConfigID != "" && err != nil {
+		return invalid(err)
 	}
 	if !ValidSNI(s.SNI) {
 		return fmt.Errorf("%w: public listener SNI name %q", ErrInvalid, s.SNI)
@@ -390,6 +388,13 @@ func renderConfig(s Spec) (string, error) {
 	if s.AccessLog {
 		w("    log stdout format raw local0 info")
 	}
+	if s.StateMap != "" {
+		// HAProxy loads a map file only for a converter that names it, and
+		// "show map" shows only loaded maps: this line is what makes the
+		// state map readable from the master socket. Evaluated once, at
+		// start and at each reload.
+		w("    set-var proc.%s.config_id str(%s),map(%s,-)", VarPrefix, StateConfigIDKey, s.StateMap)
+	}
 	w("")
 	w("defaults")
 	w("    log global")
@@ -411,10 +416,6 @@ func renderConfig(s Spec) (string, error) {
 	// crt-list, not crt: see RenderCrtList. ca-file and verify stay on the
 	// bind too, for the handshake's initial context.
 	w("    bind %s ssl crt-list %s ca-file %s verify required%s", addr(p.BindAddr, p.BindPort), s.CrtList, s.RootsFile, alpn)
-	if s.StateMap != "" {
-		// Never evaluated: it only has HAProxy load the state map.
-		w("    acl %s str(%s),map(%s) -m found", StateACL, StateConfigKey, s.StateMap)
-	}
 	w("    filter spoe engine %s config %s", SPOEEngine, s.SPOEFile)
 	if mode == "http" {
 		// A connection is authorized on its first request, and again on
@@ -500,7 +501,21 @@ func renderConfig(s Spec) (string, error) {
 		// may speak either (a gRPC client speaks h2c); in mode tcp the
 		// bytes pass as they are.
 		w("    bind %s", addr(u.BindAddr, u.BindPort))
-		if s.AccessLog {
+		if s.AccessLog && s.InstanceMap != "" {
+			// HAProxy's httplog and tcplog formats (2.6, doc
+			// configuration.txt 8.2.3 and 8.2.2), then the instance that
+			// served: the serving slot looked up in the instance map.
+			// srv_name is evaluated when the line is logged, so it is the
+			// slot that served, after any redispatch; the backend is this
+			// frontend's own, written in by regsub (2.6 can concatenate
+			// a sample only with a variable). No slot: "-".
+			inst := fmt.Sprintf("inst=%%[srv_name,regsub(^,%s/),map(%s,%s)]", u.Name, s.InstanceMap, FreeSlot)
+			if mode == "http" {
+				w(`    log-format "%s %s"`, httpLogFormat, inst)
+			} else {
+				w(`    log-format "%s %s"`, tcpLogFormat, inst)
+			}
+		} else if s.AccessLog {
 			if mode == "http" {
 				w("    option httplog")
 			} else {
@@ -570,6 +585,13 @@ func renderConfig(s Spec) (string, error) {
 	}
 	return b.String(), nil
 }
+
+// httpLogFormat and tcpLogFormat are "option httplog" and "option tcplog"
+// of HAProxy 2.6 as log-format strings.
+const (
+	httpLogFormat = `%ci:%cp [%tr] %ft %b/%s %TR/%Tw/%Tc/%Tr/%Ta %ST %B %CC %CS %tsc %ac/%fc/%bc/%sc/%rc %sq/%bq %hr %hs %{+Q}r`
+	tcpLogFormat  = `%ci:%cp [%t] %ft %b/%s %Tw/%Tc/%Tt %B %ts %ac/%fc/%bc/%sc/%rc %sq/%bq`
+)
 
 // renderSlots writes used slots as servers at their endpoints and runs of
 // free slots as server-template ranges parked in maintenance.
@@ -678,8 +700,9 @@ func RenderSPOE(s Spec) (string, error) {
 type File struct{ Path, Content string }
 
 // RenderFiles renders the configuration for s and the files it names that
-// bootstrap owns: the SPOE file, the public listener's crt-list and the
-// authz map at generation gen. The certificates (LeafFile, RootsFile) are
+// bootstrap owns: the SPOE file, the public listener's crt-list, the
+// authz map at generation gen, and the instance and state maps when s
+// names them. The certificates (LeafFile, RootsFile) are
 // the caller's. Writing them all, before HAProxy starts or reloads, is the
 // caller's too: this package does no I/O.
 func RenderFiles(s Spec, gen uint64) (cfg string, files []File, err error) {
@@ -695,45 +718,13 @@ func RenderFiles(s Spec, gen uint64) (cfg string, files []File, err error) {
 		return "", nil, err
 	}
 	files = []File{{s.SPOEFile, spoe}, {s.CrtList, crtList}, {s.AuthzMap, RenderAuthzMap(gen)}}
+	if s.InstanceMap != "" {
+		files = append(files, File{s.InstanceMap, RenderInstanceMap(s)})
+	}
 	if s.StateMap != "" {
 		files = append(files, File{s.StateMap, RenderStateMap(s)})
 	}
 	return cfg, files, nil
-}
-
-// Keys of the state map (Spec.StateMap), and the ACL that loads it.
-const (
-	StateConfigKey = "config"
-	StateReasonKey = "reload_reason"
-	StateACL       = "hc_state"
-	// MaxReason bounds the reason recorded in the state map, in bytes
-	// before escaping.
-	MaxReason = 512
-)
-
-var configIDRE = regexp.MustCompile(`^[0-9a-f]{1,64}$`)
-
-// RenderStateMap is the content of s's state map: its ConfigID and its
-// Reason, query-escaped (one token; ParseStateReason reverses it) and cut
-// at MaxReason bytes.
-func RenderStateMap(s Spec) string {
-	reason := s.Reason
-	if len(reason) > MaxReason {
-		reason = reason[:MaxReason]
-	}
-	if reason == "" {
-		reason = "-"
-	}
-	return fmt.Sprintf("%s %s\n%s %s\n", StateConfigKey, s.ConfigID, StateReasonKey, url.QueryEscape(reason))
-}
-
-// ParseStateReason decodes a reason read back from the state map.
-func ParseStateReason(v string) string {
-	r, err := url.QueryUnescape(v)
-	if err != nil || r == "-" {
-		return ""
-	}
-	return r
 }
 
 // RenderAuthzMap is the content of the authz map for generation gen.

@@ -30,8 +30,6 @@ func baseSpec() Spec {
 		SPOEFile:      goldenState + "/spoe.cfg",
 		AuthzMap:      goldenState + "/authz.map",
 		CrtList:       goldenState + "/public.crtlist",
-		StateMap:      goldenState + "/state.map",
-		ConfigID:      "0123abcd",
 		SNI:           "web.default.dc1.internal.11111111-2222-3333-4444-555555555555.consul",
 		SPOASocket:    goldenState + "/spoa.sock",
 		HardStopAfter: 30 * time.Second,
@@ -59,6 +57,10 @@ func goldenSpecs() map[string]Spec {
 	http.Public.ConnectTimeout = 1500 * time.Millisecond
 	http.AccessLog = true
 	http.Threads = 2
+	http.InstanceMap = goldenState + "/instances.map"
+	http.StateMap = goldenState + "/state.map"
+	http.Reason = "registration: upstream up_db added; CA roots changed"
+	http.ConfigID = "c0ffee-1"
 	db := upstream("db", 9192, "tcp", 8)
 	db.ConnectTimeout = 250 * time.Millisecond
 	db.ServerID = "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/db"
@@ -66,11 +68,11 @@ func goldenSpecs() map[string]Spec {
 		slots.Endpoint{Addr: "10.0.0.1", Port: 21000, Weight: 1},
 		slots.Endpoint{Addr: "10.0.0.2", Port: 21000, Weight: 5})
 	api.ServerID = "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/api"
-	http.Upstreams = []Upstream{
-		api,
-		db,
-		upstream("grpc-svc", 9193, "grpc", 4, slots.Endpoint{Addr: "fd00::7", Port: 21000, Weight: 1}),
-	}
+	// One instance ID HAProxy may see, one it may not.
+	api.Instances = map[string]string{"10.0.0.1:21000": "api-1-sidecar-proxy", "10.0.0.2:21000": "api 2;@1 reload"}
+	grpcSvc := upstream("grpc-svc", 9193, "grpc", 4, slots.Endpoint{Addr: "fd00::7", Port: 21000, Weight: 1})
+	grpcSvc.Instances = map[string]string{"[fd00::7]:21000": "grpc-a"}
+	http.Upstreams = []Upstream{api, db, grpcSvc}
 
 	// A gRPC service: its application is reached over h2c.
 	grpc := baseSpec()
@@ -115,7 +117,12 @@ func TestRenderGolden(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			for file, got := range map[string]string{name + ".golden": cfg, name + ".spoe.golden": spoe, name + ".crtlist.golden": crtList} {
+			goldens := map[string]string{name + ".golden": cfg, name + ".spoe.golden": spoe, name + ".crtlist.golden": crtList}
+			if spec.InstanceMap != "" {
+				goldens[name+".instances.golden"] = RenderInstanceMap(spec)
+				goldens[name+".state.golden"] = RenderStateMap(spec)
+			}
+			for file, got := range goldens {
 				path := filepath.Join("testdata", file)
 				if *update {
 					if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
@@ -146,7 +153,6 @@ func TestGoldenFilesPassHAProxyCheck(t *testing.T) {
 			testenv.WriteFile(t, dir, "leaf.pem", cert+key)
 			testenv.WriteFile(t, dir, "roots.pem", ca.CertPEM)
 			testenv.WriteFile(t, dir, "authz.map", RenderAuthzMap(0))
-			testenv.WriteFile(t, dir, "state.map", RenderStateMap(baseSpec()))
 			read := func(file string) string {
 				b, err := os.ReadFile(filepath.Join("testdata", file))
 				if err != nil {
@@ -156,6 +162,10 @@ func TestGoldenFilesPassHAProxyCheck(t *testing.T) {
 			}
 			testenv.WriteFile(t, dir, "spoe.cfg", read(name+".spoe.golden"))
 			testenv.WriteFile(t, dir, "public.crtlist", read(name+".crtlist.golden"))
+			if spec := goldenSpecs()[name]; spec.InstanceMap != "" {
+				testenv.WriteFile(t, dir, "instances.map", read(name+".instances.golden"))
+				testenv.WriteFile(t, dir, "state.map", read(name+".state.golden"))
+			}
 			cfg := testenv.WriteFile(t, dir, "haproxy.cfg", read(name+".golden"))
 			out, err := exec.Command(bin, "-c", "-f", cfg).CombinedOutput()
 			if err != nil {
@@ -209,6 +219,9 @@ func TestValidateRejects(t *testing.T) {
 		{"no hard stop", func(s *Spec) { s.HardStopAfter = 0 }},
 		{"negative threads", func(s *Spec) { s.Threads = -1 }},
 		{"threads over haproxy's limit", func(s *Spec) { s.Threads = MaxThreads + 1 }},
+		{"instance map relative", func(s *Spec) { s.InstanceMap = "instances.map" }},
+		{"state map with a space", func(s *Spec) { s.StateMap = "/state/state.map x" }},
+		{"config ID with a newline", func(s *Spec) { s.ConfigID = "c1\nprogram p" }},
 		{"server identity not a SPIFFE ID", func(s *Spec) { s.Upstreams[0].ServerID = "spiffe://td/ns/default/dc/dc1/svc/x\nprogram p" }},
 	}
 	for _, tt := range tests {
@@ -249,8 +262,16 @@ func TestRenderFiles(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []File{{spec.SPOEFile, wantSPOE}, {spec.CrtList, wantCrtList}, {spec.AuthzMap, "gen 7\n"},
-		{spec.StateMap, "config 0123abcd\nreload_reason -\n"}}
+	want := []File{{spec.SPOEFile, wantSPOE}, {spec.CrtList, wantCrtList}, {spec.AuthzMap, "gen 7\n"}}
+	withMaps := spec
+	withMaps.InstanceMap, withMaps.StateMap, withMaps.Reason = "/state/instances.map", "/state/state.map", "start"
+	_, mapFiles, err := RenderFiles(withMaps, 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(append(want, File{"/state/instances.map", ""}, File{"/state/state.map", "reload_reason start\n"}), mapFiles); diff != "" {
+		t.Errorf("files with the maps (-want +got):\n%s", diff)
+	}
 	if cfg != wantCfg {
 		t.Errorf("configuration differs from Render's")
 	}
@@ -260,43 +281,5 @@ func TestRenderFiles(t *testing.T) {
 	spec.CrtList = "relative"
 	if _, _, err := RenderFiles(spec, 0); !errors.Is(err, ErrInvalid) {
 		t.Errorf("an invalid spec: %v, want ErrInvalid", err)
-	}
-}
-
-// TestStateMap: the reason is one token whatever it holds, comes back as it
-// was (cut at MaxReason), and a configuration id that is not hex is refused.
-func TestStateMap(t *testing.T) {
-	tests := []struct {
-		name, reason, want string
-	}{
-		{"none", "", ""},
-		{"plain", "registration: upstream db added", "registration: upstream db added"},
-		{"line breaks and map syntax", "x\ny 0x1 gen 9\r\n#", "x\ny 0x1 gen 9\r\n#"},
-		{"long", strings.Repeat("é", MaxReason), strings.Repeat("é", MaxReason/2)},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			spec := baseSpec()
-			spec.Reason = tt.reason
-			m := RenderStateMap(spec)
-			lines := strings.Split(strings.TrimSuffix(m, "\n"), "\n")
-			if len(lines) != 2 || lines[0] != "config 0123abcd" {
-				t.Fatalf("state map %q", m)
-			}
-			k, v, _ := strings.Cut(lines[1], " ")
-			if k != StateReasonKey || strings.ContainsAny(v, " \t") {
-				t.Fatalf("reason line %q is not one token", lines[1])
-			}
-			if got := ParseStateReason(v); got != tt.want {
-				t.Errorf("reason back = %q, want %q", got, tt.want)
-			}
-		})
-	}
-	spec := baseSpec()
-	for _, id := range []string{"", "ABC", "12 34", strings.Repeat("a", 65), "a\nb"} {
-		spec.ConfigID = id
-		if err := spec.Validate(); !errors.Is(err, ErrInvalid) {
-			t.Errorf("configuration id %q: %v, want ErrInvalid", id, err)
-		}
 	}
 }

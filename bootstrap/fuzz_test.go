@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/slots"
 )
 
@@ -56,7 +57,10 @@ func FuzzRender(f *testing.F) {
 			table.Slots[0] = slots.Slot{Name: "s1", Used: true, Addr: epAddr, Port: epPort, Weight: weight}
 		}
 		s.Upstreams = []Upstream{{Name: name, Destination: dest, BindAddr: bindAddr, BindPort: bindPort, Protocol: protocol,
-			ConnectTimeout: time.Duration(timeoutMS) * time.Millisecond, Slots: table}}
+			ConnectTimeout: time.Duration(timeoutMS) * time.Millisecond, Slots: table,
+			// The instance ID and the reload reason come from Consul too.
+			Instances: map[string]string{fuzzKey(epAddr, epPort): service}}}
+		s.AccessLog, s.InstanceMap, s.StateMap, s.Reason = true, "/state/instances.map", "/state/state.map", dest
 		raw, rawErr := renderConfig(s)
 		out, err := Render(s)
 		if rawErr != nil {
@@ -67,6 +71,16 @@ func FuzzRender(f *testing.F) {
 		}
 		if err != nil || out != raw {
 			t.Fatalf("validation accepted the spec but Render refused it: %v", err)
+		}
+		// Every map line is one key and one value that "set map" could
+		// send, so HAProxy reads the file as the controller writes it.
+		for _, m := range []string{RenderInstanceMap(s), RenderStateMap(s)} {
+			for _, line := range strings.Split(strings.TrimSuffix(m, "\n"), "\n") {
+				k, v, _ := strings.Cut(line, " ")
+				if !runtime.ValidMapEntry(k, v) {
+					t.Fatalf("map line %q (inputs service=%q dest=%q)", line, service, dest)
+				}
+			}
 		}
 		frontends, backends := 0, 0
 		for _, line := range strings.Split(strings.TrimSuffix(out, "\n"), "\n") {
@@ -127,4 +141,14 @@ func TestCheckConfig(t *testing.T) {
 			}
 		})
 	}
+}
+
+// fuzzKey is the endpoint key of addr and port when they parse, else a string
+// that no slot has.
+func fuzzKey(addr string, port int) string {
+	a, err := netip.ParseAddr(addr)
+	if err != nil || port < 0 || port > 65535 {
+		return addr
+	}
+	return netip.AddrPortFrom(a, uint16(port)).String()
 }

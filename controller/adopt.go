@@ -80,7 +80,7 @@ func (c *Controller) adopt(ctx context.Context, m *runtime.Master, pl runtime.Pr
 		log.Error("adoption: this runtime client cannot read HAProxy's state back")
 		return false
 	}
-	state, err := mr.Map(rctx, c.path(StateMap))
+	state, err := mr.Map(rctx, c.path(StateMapFile))
 	if err != nil {
 		log.Error("adoption: cannot read the running configuration's state map", zap.Error(err))
 		return false
@@ -90,9 +90,9 @@ func (c *Controller) adopt(ctx context.Context, m *runtime.Master, pl runtime.Pr
 		log.Error("adoption: cannot read the authz map", zap.Error(err))
 		return false
 	}
-	gen, err := strconv.ParseUint(authz[bootstrap.AuthzGenKey], 10, 64)
+	gen, err := strconv.ParseUint(mapValue(authz, bootstrap.AuthzGenKey), 10, 64)
 	if err != nil {
-		log.Error("adoption: authz generation unreadable", zap.String("value", authz[bootstrap.AuthzGenKey]))
+		log.Error("adoption: authz generation unreadable", zap.String("value", mapValue(authz, bootstrap.AuthzGenKey)))
 		return false
 	}
 	leaf, err := cr.SSLCert(rctx, c.path("leaf.pem"))
@@ -118,7 +118,7 @@ func (c *Controller) adopt(ctx context.Context, m *runtime.Master, pl runtime.Pr
 	}
 
 	want := c.configID(sc, d.roots.PEM)
-	running := state[bootstrap.StateConfigKey]
+	running := mapValue(state, bootstrap.StateConfigIDKey)
 	c.master, c.started = m, true
 	c.applied = applied{sidecar: sc, rootsPEM: d.roots.PEM, tables: tables, authzGen: gen}
 	c.adoptedStale = ""
@@ -142,7 +142,7 @@ func (c *Controller) adopt(ctx context.Context, m *runtime.Master, pl runtime.Pr
 	log.Info("adopted running haproxy", zap.Int("worker_pid", cur.PID), zap.Int("reloads", pl.Master.Reloads),
 		zap.String("config_id", running), zap.Bool("config_current", running == want),
 		zap.String("served_leaf_serial", leaf.Serial), zap.Uint64("authz_generation", gen),
-		zap.String("last_reload_reason", bootstrap.ParseStateReason(state[bootstrap.StateReasonKey])))
+		zap.String("last_reload_reason", lastReason(state)))
 	if c.cfg.OnAdopt != nil {
 		// Asynchronous: the agent's generation switch waits for this loop
 		// to publish it.
@@ -154,7 +154,7 @@ func (c *Controller) adopt(ctx context.Context, m *runtime.Master, pl runtime.Pr
 // mapReader and certReader are the read-backs adoption needs beyond
 // haproxyAPI; runtime.Client has them.
 type mapReader interface {
-	Map(ctx context.Context, file string) (map[string]string, error)
+	Map(ctx context.Context, file string) ([]runtime.MapEntry, error)
 }
 
 type certReader interface {
@@ -193,7 +193,7 @@ func (c *Controller) configID(sc Sidecar, rootsPEM string) string {
 	spec := c.spec(sc, nil)
 	spec.ConfigID, spec.Reason = "", ""
 	for i := range spec.Upstreams {
-		spec.Upstreams[i].Slots = slots.Table{}
+		spec.Upstreams[i].Slots, spec.Upstreams[i].Instances = slots.Table{}, nil
 	}
 	b, err := json.Marshal(spec)
 	if err != nil {
@@ -204,6 +204,26 @@ func (c *Controller) configID(sc Sidecar, rootsPEM string) string {
 	h.Write([]byte{0})
 	h.Write([]byte(rootsPEM))
 	return hex.EncodeToString(h.Sum(nil)[:16])
+}
+
+// mapValue is key's value in a map listing: its first entry, the one
+// HAProxy's lookups return ("" when absent).
+func mapValue(entries []runtime.MapEntry, key string) string {
+	for _, e := range entries {
+		if e.Key == key {
+			return e.Value
+		}
+	}
+	return ""
+}
+
+// lastReason is the reload reason recorded in a state map listing.
+func lastReason(state []runtime.MapEntry) string {
+	r, err := bootstrap.DecodeToken(mapValue(state, bootstrap.StateReasonKey))
+	if err != nil {
+		return "(unreadable)"
+	}
+	return r
 }
 
 func orDash(s string) string {

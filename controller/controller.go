@@ -179,8 +179,6 @@ const (
 	PIDFile = "haproxy.pid"
 	// MasterSocket is the master CLI.
 	MasterSocket = "master.sock"
-	// StateMap records the running configuration (bootstrap.Spec.StateMap).
-	StateMap = "state.map"
 )
 
 // DefaultHardStopAfter is how long an old worker keeps its connections
@@ -555,8 +553,9 @@ func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.S
 		RootsFile:     c.path("roots.pem"),
 		SPOEFile:      c.path("spoe.cfg"),
 		AuthzMap:      c.path("authz.map"),
+		InstanceMap:   c.path(InstanceMapFile),
+		StateMap:      c.path(StateMapFile),
 		CrtList:       c.path("public.crtlist"),
-		StateMap:      c.path(StateMap),
 		SNI:           c.publicSNI(),
 		SPOASocket:    c.cfg.SPOASocket,
 		HardStopAfter: c.cfg.HardStopAfter,
@@ -568,7 +567,7 @@ func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.S
 		s.Upstreams = append(s.Upstreams, bootstrap.Upstream{
 			Name: u.Name, Destination: u.Destination, BindAddr: u.BindAddr, BindPort: u.BindPort,
 			Protocol: u.Protocol, ConnectTimeout: u.ConnectTimeout, Slots: tables[u.Name],
-			ServerID: c.serverID(u),
+			ServerID: c.serverID(u), Instances: instanceIDs(c.desired.instances[u.Name]),
 		})
 	}
 	return s
@@ -598,7 +597,7 @@ func (c *Controller) start(ctx context.Context) error {
 	sc := *c.desired.sidecar
 	tables := c.plannedTables(ctx)
 	gen := c.authzGen.Load()
-	reason := "start"
+	reason := StartReason
 	if c.started {
 		reason = "haproxy exited"
 	}
@@ -740,7 +739,7 @@ func (c *Controller) applyEndpoints(ctx context.Context) {
 		pending bool // endpoints still being verified: stays dirty
 	}
 	plans := map[string]planned{}
-	var cmds []runtime.Command
+	var cmds, mapCmds []runtime.Command
 	names := make([]string, 0, len(c.desired.dirty))
 	for name := range c.desired.dirty {
 		names = append(names, name)
@@ -776,10 +775,13 @@ func (c *Controller) applyEndpoints(ctx context.Context) {
 			p.ops++
 		}
 		plans[name] = p
+		mapCmds = append(mapCmds, c.instanceMapCommands(name, ops, next)...)
 	}
 	if len(cmds) == 0 {
 		return
 	}
+	nSlot := len(cmds)
+	cmds = append(cmds, mapCmds...)
 	start := time.Now()
 	rs, err := c.rt.Exec(ctx, cmds...)
 	c.metrics.runtimeCommands.Add(uint64(len(cmds)))
@@ -814,6 +816,7 @@ func (c *Controller) applyEndpoints(ctx context.Context) {
 		c.log.Error("runtime commands failed; re-reading the backend", zap.String("upstream", name), zap.Errors("errors", errs))
 		c.resync(ctx, name)
 	}
+	c.checkInstanceMap(rs[nSlot:])
 	c.metrics.setEndpoints(c.applied.tables)
 	c.log.Debug("endpoints applied", zap.Int("commands", len(cmds)), zap.Duration("took", time.Since(start)))
 	if failed {

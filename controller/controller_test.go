@@ -25,9 +25,11 @@ import (
 )
 
 // fakeHAProxy records what the controller does to HAProxy as text, and can
-// fail commands whose text contains failOn.
+// fail commands whose text contains failOn. Instance map commands are kept
+// apart, in maps (TestInstanceMapTranscript reads them).
 type fakeHAProxy struct {
 	transcript []string
+	maps       []string
 	failOn     string
 	failReload bool
 	state      []runtime.ServerStatus
@@ -36,7 +38,11 @@ type fakeHAProxy struct {
 func (f *fakeHAProxy) Exec(_ context.Context, cmds ...runtime.Command) (runtime.Results, error) {
 	rs := make(runtime.Results, len(cmds))
 	for i, c := range cmds {
-		f.transcript = append(f.transcript, c.String())
+		if strings.Contains(c.Line, "/"+InstanceMapFile+" ") {
+			f.maps = append(f.maps, c.String())
+		} else {
+			f.transcript = append(f.transcript, c.String())
+		}
 		rs[i].Command = c
 		if f.failOn != "" && strings.Contains(c.String(), f.failOn) {
 			rs[i].Err = &runtime.ReplyError{Command: c.String(), Reply: "No such server.", Err: runtime.ErrNoSuchServer}

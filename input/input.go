@@ -237,3 +237,18 @@ func (e Endpoint) AddrPort() netip.AddrPort { return netip.AddrPortFrom(e.addr, 
 
 // Weight is the HAProxy weight, 1-MaxWeight.
 func (e Endpoint) Weight() int { return e.weight }
+
+// instanceIDRE is a Consul service instance ID as the sidecar repeats it
+// to HAProxy (the slot-to-instance map, see package bootstrap): HAProxy's
+// identifier alphabet, at most 128 bytes. Consul takes IDs of almost any
+// bytes; one outside this is not written anywhere HAProxy reads.
+var instanceIDRE = regexp.MustCompile(`^[A-Za-z0-9_.:-]{1,128}$`)
+
+// InstanceID checks a Consul service instance ID that is to reach HAProxy
+// as one word of a map value.
+func InstanceID(field, s string) (string, error) {
+	if !instanceIDRE.MatchString(s) {
+		return "", reject(field, s, "want 1-128 letters, digits, '-', '_', '.' or ':'")
+	}
+	return s, nil
+}

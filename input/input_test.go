@@ -122,6 +122,19 @@ func TestNamesAndNumbers(t *testing.T) {
 	}
 }
 
+func TestInstanceID(t *testing.T) {
+	for _, ok := range []string{"web-sidecar-proxy", "_nomad-task-8e8f0c4e-group-api-api-9001-sidecar-proxy", "a", "id:1.2", strings.Repeat("x", 128)} {
+		if got, err := InstanceID("instance ID", ok); err != nil || got != ok {
+			t.Errorf("InstanceID(%q) = %q, %v; want it accepted", ok, got, err)
+		}
+	}
+	for _, bad := range []string{"", "a b", "a\nb", "a;b", "a@b", "a/b", "a#b", "wéb", strings.Repeat("x", 129)} {
+		if _, err := InstanceID("instance ID", bad); !errors.Is(err, ErrInvalid) || FieldOf(err) != "instance ID" {
+			t.Errorf("InstanceID(%q): %v, want ErrInvalid naming the field", bad, err)
+		}
+	}
+}
+
 func TestNewEndpoint(t *testing.T) {
 	tests := []struct {
 		name         string

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"io"
-	"maps"
 	"net"
 	"strings"
 	"testing"
@@ -295,33 +294,6 @@ func TestSessionRunFraming(t *testing.T) {
 			}
 			if done != tt.wantDone || out != tt.out || s.prompt != "master> " {
 				t.Errorf("done %v (want %v), prompt %q, out %q", done, tt.wantDone, s.prompt, out)
-			}
-		})
-	}
-}
-
-func TestParseMap(t *testing.T) {
-	tests := []struct {
-		name    string
-		text    string
-		want    map[string]string
-		wantErr error
-	}{
-		{"empty map", "", map[string]string{}, nil},
-		{"entries", "0x55d0c1e0 gen 3\n0x55d0c220 reload_reason registration:+upstream+db\n", map[string]string{"gen": "3", "reload_reason": "registration:+upstream+db"}, nil},
-		{"value with spaces", "0x1 config a b c\n", map[string]string{"config": "a b c"}, nil},
-		{"duplicate key keeps the first", "0x1 gen 3\n0x2 gen 4\n", map[string]string{"gen": "3"}, nil},
-		{"not a map listing", "Unknown map identifier. Please use #<id> or <file>.\n", nil, ErrUnrecognizedReply},
-		{"a line without address", "0x1 gen 3\ngen 4\n", nil, ErrUnrecognizedReply},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			got, err := ParseMap(tt.text)
-			if !errors.Is(err, tt.wantErr) {
-				t.Fatalf("err = %v, want %v", err, tt.wantErr)
-			}
-			if err == nil && !maps.Equal(got, tt.want) {
-				t.Errorf("got %v, want %v", got, tt.want)
 			}
 		})
 	}

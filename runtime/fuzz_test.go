@@ -48,8 +48,10 @@ func commandsOf(backend, server, addr, file, token string, port, weight int) []C
 	add(AbortSSLCert(file))
 	add(ShowSSLCert(file))
 	add(SetMap(file, token, strconv.Itoa(weight)))
-	add(ShowServersState(backend))
+	add(AddMap(file, backend+"/"+server, token+"@"+addr))
 	add(ShowMap(file))
+	add(ShowSSLCAFile(file))
+	add(ShowServersState(backend))
 	return out
 }
 

@@ -26,6 +26,12 @@ type ServerStat struct {
 	// "tcp-response content reject" rule refused (per server on 2.6.12).
 	// All restart at 0 in a new worker.
 	ConnErrors, HandshakeFailures, DeniedResponses uint64
+	// Sessions ("scur") is the server's current sessions.
+	Sessions uint64
+	// Status ("status") is "UP", "DOWN", "MAINT", "DRAIN", "no check", ...;
+	// CheckStatus ("check_status") is the last health check's result
+	// ("L4OK", "L4CON", ...), empty when the server has no check.
+	Status, CheckStatus string
 }
 
 // ParseServerStats reads "show stat" CSV by its header, so that columns
@@ -56,6 +62,12 @@ func ParseServerStats(text string) ([]ServerStat, error) {
 		}
 		return strconv.ParseUint(row[i], 10, 64)
 	}
+	field := func(row []string, name string) string {
+		if i, ok := col[name]; ok && i < len(row) {
+			return row[i]
+		}
+		return ""
+	}
 	var out []ServerStat
 	for _, row := range rows[1:] {
 		if len(row) <= col["addr"] || len(row) <= col["svname"] {
@@ -64,10 +76,13 @@ func ParseServerStats(text string) ([]ServerStat, error) {
 		if sv := row[col["svname"]]; sv == "FRONTEND" || sv == "BACKEND" {
 			continue
 		}
-		s := ServerStat{Backend: row[col["pxname"]], Server: row[col["svname"]], Addr: row[col["addr"]]}
+		s := ServerStat{Backend: row[col["pxname"]], Server: row[col["svname"]], Addr: row[col["addr"]],
+			Status: field(row, "status"), CheckStatus: field(row, "check_status")}
 		if s.ConnErrors, err = num(row, "econ"); err == nil {
 			if s.HandshakeFailures, err = num(row, "ssl_failed_handshake"); err == nil {
-				s.DeniedResponses, err = num(row, "dresp")
+				if s.DeniedResponses, err = num(row, "dresp"); err == nil {
+					s.Sessions, err = num(row, "scur")
+				}
 			}
 		}
 		if err != nil {

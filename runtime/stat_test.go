@@ -23,17 +23,18 @@ func TestParseServerStats(t *testing.T) {
 		wantErr bool
 	}{
 		{"haproxy 2.6.12", string(real), []ServerStat{
-			{Backend: "b_web", Server: "s1", Addr: "127.0.0.1:19443"},
-			{Backend: "b_imp", Server: "s1", Addr: "127.0.0.1:19444", DeniedResponses: 1},
-			{Backend: "b_bad", Server: "s1", Addr: "127.0.0.1:19445", ConnErrors: 1, HandshakeFailures: 4},
-			{Backend: "b_bad", Server: "s2", Addr: "127.0.0.1:19446"},
-			{Backend: "t_imp", Server: "s1", Addr: "127.0.0.1:19444", DeniedResponses: 1},
-			{Backend: "t_web", Server: "s1", Addr: "127.0.0.1:19443"},
+			{Backend: "b_web", Server: "s1", Addr: "127.0.0.1:19443", Status: "no check"},
+			{Backend: "b_imp", Server: "s1", Addr: "127.0.0.1:19444", Status: "no check", DeniedResponses: 1},
+			{Backend: "b_bad", Server: "s1", Addr: "127.0.0.1:19445", Status: "no check", ConnErrors: 1, HandshakeFailures: 4},
+			{Backend: "b_bad", Server: "s2", Addr: "127.0.0.1:19446", Status: "no check"},
+			{Backend: "t_imp", Server: "s1", Addr: "127.0.0.1:19444", Status: "no check", DeniedResponses: 1},
+			{Backend: "t_web", Server: "s1", Addr: "127.0.0.1:19443", Status: "no check"},
 		}, false},
 		{"columns in another order, frontend rows skipped",
-			"# addr,svname,pxname,econ\n,FRONTEND,f,\n[::1]:80,s2,up_web,7\n", []ServerStat{
-				{Backend: "up_web", Server: "s2", Addr: "[::1]:80", ConnErrors: 7},
+			"# addr,svname,pxname,econ,scur,status,check_status\n,FRONTEND,f,,,,\n[::1]:80,s2,up_web,7,12,UP,L4OK\n", []ServerStat{
+				{Backend: "up_web", Server: "s2", Addr: "[::1]:80", ConnErrors: 7, Sessions: 12, Status: "UP", CheckStatus: "L4OK"},
 			}, false},
+		{"sessions not a number", "# pxname,svname,econ,addr,scur\nb,s1,0,1.2.3.4:5,many\n", nil, true},
 		{"no econ column", "# pxname,svname,addr\nb,s1,1.2.3.4:5\n", nil, true},
 		{"not a number", "# pxname,svname,econ,addr\nb,s1,x,1.2.3.4:5\n", nil, true},
 		{"an error sentence", "Unknown command.", nil, true},

@@ -172,36 +172,3 @@ func (c *Client) UpdateCert(ctx context.Context, file, pem string) error {
 	}
 	return nil
 }
-
-// ParseMap parses "show map <file>" into its entries by key; a key listed
-// twice keeps its first value, the one HAProxy's lookups return.
-func ParseMap(text string) (map[string]string, error) {
-	if err := expectMapEntries(strings.TrimSpace(text)); err != nil {
-		return nil, fmt.Errorf("%w: show map: %q", err, truncate(text, 200))
-	}
-	out := map[string]string{}
-	for _, l := range strings.Split(strings.TrimSpace(text), "\n") {
-		if l == "" {
-			continue
-		}
-		_, rest, _ := strings.Cut(l, " ")
-		k, v, _ := strings.Cut(rest, " ")
-		if _, seen := out[k]; !seen {
-			out[k] = v
-		}
-	}
-	return out, nil
-}
-
-// Map runs "show map <file>" on the current worker.
-func (c *Client) Map(ctx context.Context, file string) (map[string]string, error) {
-	cmd, err := ShowMap(file)
-	if err != nil {
-		return nil, err
-	}
-	reply, err := c.Do(ctx, cmd)
-	if err != nil {
-		return nil, err
-	}
-	return ParseMap(reply)
-}

@@ -46,6 +46,9 @@ type options struct {
 }
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "status" {
+		os.Exit(statusMain(os.Args[2:], os.Stdout, os.Stderr))
+	}
 	var o options
 	fs := flag.NewFlagSet("haproxy-connect", flag.ContinueOnError)
 	fs.StringVar(&o.sidecarFor, "sidecar-for", "", "ID of the service whose connect-proxy registration to serve")

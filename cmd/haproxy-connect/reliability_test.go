@@ -226,9 +226,16 @@ func TestHAProxyCrashRecovery(t *testing.T) {
 				}
 				return err
 			})
-			if got := m.client.masterPID(); got == pl.Master.PID || !runtime.ProcessAlive(got) {
-				t.Errorf("master after the restart: %d (before %d)", got, pl.Master.PID)
-			}
+			eventually(t, 10*time.Second, "a new master runs and answers", func() error {
+				now, err := m.client.rt.Procs(context.Background())
+				if err != nil {
+					return err
+				}
+				if now.Master.PID == pl.Master.PID || now.Master.PID != m.client.masterPID() || !runtime.ProcessAlive(now.Master.PID) {
+					return fmt.Errorf("master %d, pid file %d, before %d", now.Master.PID, m.client.masterPID(), pl.Master.PID)
+				}
+				return nil
+			})
 			extra := addServerEndpoint(t, m.c, "server-sidecar-2", m.ports[0])
 			eventually(t, 10*time.Second, "churn after the restart is applied", m.client.inBackend("up_server", extra))
 			tr.flowFor(t, 2*time.Second, 50)
