@@ -73,18 +73,18 @@ type Host struct {
 // the test ends: the processes still inside its namespaces are killed and
 // the namespaces deleted (which deletes their interfaces). It first
 // removes what a crashed earlier run left behind. It skips the test when
-// the process is not root or ip netns does not work.
+// the process is not root or ip netns does not work (fails it in CI).
 func NewNet(t testing.TB, n int) *Net {
 	t.Helper()
 	if n < 1 || n > 250 {
 		t.Fatalf("NewNet: %d hosts, want 1 to 250", n)
 	}
 	if os.Geteuid() != 0 {
-		t.Skip("test network of hosts in network namespaces: needs root and ip netns")
+		skipNet(t, "not root")
 	}
 	ip, err := exec.LookPath("ip")
 	if err != nil {
-		t.Skipf("test network of hosts in network namespaces: needs root and ip netns: %v", err)
+		skipNet(t, err.Error())
 	}
 	removeLeftoverNets(t)
 	nw := &Net{name: fmt.Sprintf("%s%d-%d", netnsPrefix, os.Getpid(), netSeq.Add(1))}
@@ -92,7 +92,7 @@ func NewNet(t testing.TB, n int) *Net {
 	// The first namespace tells whether namespaces work here at all
 	// (a container without CAP_SYS_ADMIN, no /run/netns): skip, not fail.
 	if out, err := exec.Command(ip, "netns", "add", nw.bridgeNS).CombinedOutput(); err != nil {
-		t.Skipf("test network of hosts in network namespaces: needs root and ip netns: ip netns add: %v: %s", err, bytes2str(out))
+		skipNet(t, fmt.Sprintf("ip netns add: %v: %s", err, bytes2str(out)))
 	}
 	t.Cleanup(func() { removeNamespaces(t, nw.namespaces()) })
 	prefix := netip.MustParsePrefix(netnsSubnet)
@@ -125,6 +125,18 @@ func NewNet(t testing.TB, n int) *Net {
 		}
 	}
 	return nw
+}
+
+// skipNet skips the test for want of network namespaces, or fails it in
+// CI (CI=true), which runs as root: there a skip would hide the tests
+// across hosts, as a missing binary would hide the others.
+func skipNet(t testing.TB, why string) {
+	t.Helper()
+	msg := "test network of hosts in network namespaces: needs root and ip netns (" + why + ")"
+	if isCI() {
+		t.Fatal(msg)
+	}
+	t.Skip(msg)
 }
 
 // namespaces are the network's namespace names, hosts first.
