@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -29,8 +30,11 @@ func TestNet(t *testing.T) {
 	}
 	var names []string
 	t.Run("net", func(t *testing.T) {
-		if exec.Command("ip", "netns", "add", leftover).Run() != nil {
-			t.Skip("test network of hosts in network namespaces: needs root and ip netns")
+		if os.Geteuid() != 0 {
+			skipNet(t, "not root")
+		}
+		if out, err := exec.Command("ip", "netns", "add", leftover).CombinedOutput(); err != nil {
+			skipNet(t, fmt.Sprintf("ip netns add: %v: %s", err, out))
 		}
 		nw := NewNet(t, 3)
 		names = nw.namespaces()
