@@ -7,9 +7,11 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"regexp"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -217,21 +219,10 @@ func hostGet200(h *testenv.Host, url, body string) func() error {
 // (trafficStyles) until stop, which reports each style's calls.
 func hostTraffic(t *testing.T, h *testenv.Host, url, body string) (stop func() map[string]loadResult) {
 	t.Helper()
-	kept, reused := keptAlive(t, h.Transport(), url)
-	var keptCalls, keptReused int64
+	kept, reconnects := hostKeptAlive(t, h, url, body)
 	calls := map[string]func() error{
 		trafficStyles[0]: hostGet200(h, url, body),
-		trafficStyles[1]: func() error {
-			code, err := kept()
-			if err == nil && code != 200 {
-				err = fmt.Errorf("status %d", code)
-			}
-			keptCalls++
-			if reused.Load() {
-				keptReused++
-			}
-			return err
-		},
+		trafficStyles[1]: kept,
 	}
 	stops := map[string]func() (int64, int64, error){}
 	for style, call := range calls {
@@ -244,12 +235,55 @@ func hostTraffic(t *testing.T, h *testenv.Host, url, body string) (stop func() m
 			r.ok, r.failed, r.first = stop()
 			out[style] = r
 		}
-		// One connection, kept: all but the first call reuse it.
-		if keptCalls > 1 && keptReused < keptCalls-1 {
-			t.Errorf("kept-alive client: %d of %d calls on a new connection", keptCalls-keptReused, keptCalls)
-		}
+		t.Logf("kept-alive client: %d times on a new connection after the first", reconnects.Load())
 		return out
 	}
+}
+
+// hostKeptAlive is a call from inside host h on one kept-alive
+// connection: GET url must answer 200 with body. Go's transport silently
+// sends a GET again on a new connection when the kept one fails before any
+// answer; such a call is a failure here, since the sidecar lost the
+// request. reconnects counts the calls that found the kept connection
+// closed (between two answers) and opened a new one.
+func hostKeptAlive(t *testing.T, h *testenv.Host, url, body string) (call func() error, reconnects *atomic.Int64) {
+	tr := h.Transport()
+	t.Cleanup(tr.CloseIdleConnections)
+	client := &http.Client{Timeout: 5 * time.Second, Transport: tr}
+	var conns, fresh int
+	ctx := httptrace.WithClientTrace(context.Background(), &httptrace.ClientTrace{
+		GotConn: func(i httptrace.GotConnInfo) {
+			conns++
+			if !i.Reused {
+				fresh++
+			}
+		},
+	})
+	reconnects = new(atomic.Int64)
+	first := true
+	return func() error {
+		conns, fresh = 0, 0
+		req, _ := http.NewRequestWithContext(ctx, "GET", url, nil)
+		resp, err := client.Do(req)
+		if fresh > 0 && !first {
+			reconnects.Add(1)
+		}
+		first = false
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		switch {
+		case err != nil:
+			return err
+		case conns > 1:
+			return fmt.Errorf("sent %d times: the kept-alive connection failed before an answer", conns)
+		case resp.StatusCode != 200 || strings.TrimSpace(string(b)) != body:
+			return fmt.Errorf("%d %q", resp.StatusCode, b)
+		}
+		return nil
+	}, reconnects
 }
 
 // agentError asks the Consul agent at addr, from inside host h, for the
