@@ -90,7 +90,7 @@ func NewNet(t testing.TB, n int) *Net {
 	nw := &Net{name: fmt.Sprintf("%s%d-%d", netnsPrefix, os.Getpid(), netSeq.Add(1))}
 	nw.bridgeNS = nw.name + "-sw"
 	// The first namespace tells whether namespaces work here at all
-	// (a container without CAP_SYS_ADMIN, no /run/netns): skip, not fail.
+	// (a container without CAP_SYS_ADMIN, no /run/netns).
 	if out, err := exec.Command(ip, "netns", "add", nw.bridgeNS).CombinedOutput(); err != nil {
 		skipNet(t, fmt.Sprintf("ip netns add: %v: %s", err, bytes2str(out)))
 	}

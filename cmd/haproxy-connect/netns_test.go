@@ -11,6 +11,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -228,7 +229,9 @@ func hostTraffic(t *testing.T, h *testenv.Host, url, body string) (stop func() m
 	for style, call := range calls {
 		stops[style] = load(call)
 	}
-	return func() map[string]loadResult {
+	// Stopped when the test ends too, should it end before stop: the
+	// loops would otherwise spin on failing calls through later tests.
+	stop = sync.OnceValue(func() map[string]loadResult {
 		out := map[string]loadResult{}
 		for style, stop := range stops {
 			var r loadResult
@@ -237,7 +240,9 @@ func hostTraffic(t *testing.T, h *testenv.Host, url, body string) (stop func() m
 		}
 		t.Logf("kept-alive client: %d times on a new connection after the first", reconnects.Load())
 		return out
-	}
+	})
+	t.Cleanup(func() { stop() })
+	return stop
 }
 
 // hostKeptAlive is a call from inside host h on one kept-alive
