@@ -75,6 +75,11 @@ type ConsulProc struct {
 	Client *api.Client
 
 	proc *process
+	// host is the test network host the agent runs on, nil for the
+	// test's own network namespace.
+	host *Host
+	// node is the agent's node name; empty means "testenv".
+	node string
 }
 
 // Consul starts a Consul dev agent on free loopback ports and waits (up to
@@ -142,16 +147,22 @@ func (c *ConsulProc) launch(bin, name, cfg string, args ...string) (*ConsulProc,
 		return nil, fmt.Errorf("write %s config: %w", name, err)
 	}
 	var err error
-	if c.Client, err = newConsulClient(c.Addr, 0); err != nil {
+	if c.Client, err = newConsulClient(c.Addr, 0, c.host); err != nil {
 		return nil, err
 	}
 	// The readiness probe gets its own client with a short timeout;
 	// c.Client has none so that blocking queries work.
-	probe, err := newConsulClient(c.Addr, 2*time.Second)
+	probe, err := newConsulClient(c.Addr, 2*time.Second, c.host)
 	if err != nil {
 		return nil, err
 	}
-	if c.proc, err = startProcess(name, bin, c.Dir, append(args, "-config-file", c.ConfigPath, "-log-level", "info")...); err != nil {
+	args = append(args, "-config-file", c.ConfigPath, "-log-level", "info")
+	if c.host != nil {
+		// ip netns exec execs consul in place: the process group and
+		// parent-death signal startProcess sets are consul's own.
+		bin, args = "ip", append([]string{"netns", "exec", c.host.NS, bin}, args...)
+	}
+	if c.proc, err = startProcess(name, bin, c.Dir, args...); err != nil {
 		return nil, err
 	}
 	if err := c.waitReady(probe, consulReadyTimeout); err != nil {
@@ -207,17 +218,18 @@ ports {
 	return c.launch(bin, "consul-client", cfg, "agent")
 }
 
-// newConsulClient returns an API client for addr over plain HTTP. It brings
-// its own http.Client so that CONSUL_CACERT and friends from the
-// environment cannot break it.
-func newConsulClient(addr string, timeout time.Duration) (*api.Client, error) {
+// newConsulClient returns an API client for addr over plain HTTP, reached
+// from inside host when it is not nil. It brings its own http.Client so
+// that CONSUL_CACERT and friends from the environment cannot break it.
+func newConsulClient(addr string, timeout time.Duration, host *Host) (*api.Client, error) {
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	if host != nil {
+		tr = host.Transport()
+	}
 	client, err := api.NewClient(&api.Config{
-		Address: addr,
-		Scheme:  "http",
-		HttpClient: &http.Client{
-			Transport: http.DefaultTransport.(*http.Transport).Clone(),
-			Timeout:   timeout,
-		},
+		Address:    addr,
+		Scheme:     "http",
+		HttpClient: &http.Client{Transport: tr, Timeout: timeout},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("create consul api client: %w", err)
@@ -235,7 +247,11 @@ func consulConfig(c *ConsulProc, serverPort, serfLANPort int, opts ConsulOptions
 		grpc = c.GRPCPort
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "node_name = %q\n", "testenv")
+	node := c.node
+	if node == "" {
+		node = "testenv"
+	}
+	fmt.Fprintf(&b, "node_name = %q\n", node)
 	fmt.Fprintf(&b, "data_dir = %q\n", c.DataDir)
 	b.WriteString("disable_update_check = true\n")
 	fmt.Fprintf(&b, `ports {

@@ -1,6 +1,7 @@
 // Package testenv starts and stops real haproxy and consul processes for
 // integration tests: binary lookup, free ports, short temp dirs, readiness
-// waits and cleanup (process-group kill, output logged on failure).
+// waits and cleanup (process-group kill, output logged on failure); and
+// test networks of hosts in network namespaces to run them on (NewNet).
 // It does not generate HAProxy configs or register Consul services.
 package testenv
 

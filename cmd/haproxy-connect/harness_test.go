@@ -71,10 +71,14 @@ type sidecar struct {
 	stats    string
 	rt       *runtime.Client
 	done     chan struct{}
+	// http reaches stats: from inside the sidecar's host when it runs on
+	// a test network host.
+	http *http.Client
 }
 
 // startSidecar runs the built binary for service id against consul and
-// waits until /readyz answers.
+// waits until /readyz answers. When consul runs on a test network host
+// (testenv.NewNet), the sidecar runs on that host too, next to its agent.
 func startSidecar(t *testing.T, consul *testenv.ConsulProc, id string, extra ...string) *sidecar {
 	t.Helper()
 	s := launchSidecar(t, consul, id, testenv.ShortTempDir(t), extra...)
@@ -88,10 +92,15 @@ func startSidecar(t *testing.T, consul *testenv.ConsulProc, id string, extra ...
 func launchSidecar(t *testing.T, consul *testenv.ConsulProc, id, stateDir string, extra ...string) *sidecar {
 	t.Helper()
 	haproxy := testenv.HAProxyBin(t)
-	s := &sidecar{id: id, out: &syncBuf{}, stateDir: stateDir, stats: fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t)), done: make(chan struct{})}
+	s := &sidecar{id: id, out: &syncBuf{}, stateDir: stateDir, stats: fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t)), done: make(chan struct{}),
+		http: http.DefaultClient}
 	args := append([]string{"-sidecar-for", id, "-http-addr", consul.Addr, "-haproxy-bin", haproxy,
 		"-state-dir", s.stateDir, "-stats-addr", s.stats, "-log-level", "debug"}, extra...)
 	s.cmd = exec.Command(sidecarBin, args...)
+	if h := consul.Host(); h != nil {
+		s.cmd = h.Command(sidecarBin, args...)
+		s.http = &http.Client{Transport: h.Transport()}
+	}
 	s.cmd.Stdout, s.cmd.Stderr = s.out, s.out
 	s.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	// HAProxy inherits the output pipe and may outlive the sidecar.
@@ -131,7 +140,7 @@ func (s *sidecar) waitReady(t *testing.T) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		resp, err := http.Get("http://" + s.stats + "/readyz")
+		resp, err := s.http.Get("http://" + s.stats + "/readyz")
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == 200 {
@@ -473,7 +482,7 @@ func keptAlive(t *testing.T, tr *http.Transport, url string) (call func() (int, 
 // metric reads one sample, by its exact name and labels, from the
 // sidecar's /metrics.
 func (s *sidecar) metric(sample string) (float64, error) {
-	resp, err := http.Get("http://" + s.stats + "/metrics")
+	resp, err := s.http.Get("http://" + s.stats + "/metrics")
 	if err != nil {
 		return 0, err
 	}
