@@ -4,7 +4,10 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -139,6 +142,34 @@ func TestACL(t *testing.T) {
 				t.Errorf("server agent allow decisions: %v %v, want at least 1 (authorize with the service's token)", v, err)
 			}
 
+			// A crash of the client's controller under load, and a new one
+			// on the same state dir given the token as the systemd unit
+			// gives it, in a file named by CONSUL_HTTP_TOKEN_FILE: it adopts
+			// the running HAProxy and no request fails.
+			tokenFile := filepath.Join(t.TempDir(), "consul-token")
+			if err := os.WriteFile(tokenFile, []byte(clientToken+"\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			master := client.masterPID()
+			begin := time.Now()
+			tr := startTraffic(t, ports[3])
+			tr.flowFor(t, 500*time.Millisecond, 20)
+			if err := client.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+				t.Fatal(err)
+			}
+			<-client.done
+			crashed := client
+			t.Setenv("CONSUL_HTTP_TOKEN_FILE", tokenFile) // inherited by the next sidecar only
+			client = launchSidecar(t, consul, "client", client.stateDir)
+			client.waitReady(t)
+			if got := client.masterPID(); got != master {
+				t.Errorf("master PID %d after the restart, want the adopted %d", got, master)
+			}
+			eventually(t, 10*time.Second, "the restarted client sidecar has the server endpoint", client.inBackend("up_server", ports[0]))
+			tr.flowFor(t, time.Second, 50)
+			tr.halt()
+			tr.requireNoFailures(t, begin, "through the crash and the adoption")
+
 			deny := intention(t, mgmt, "client", "server", api.IntentionActionDeny)
 			eventually(t, 10*time.Second, "the server sidecar sees the deny", server.sawIntentions(deny))
 			eventually(t, 2*time.Second, "refused after the deny", func() error {
@@ -158,7 +189,7 @@ func TestACL(t *testing.T) {
 
 			// Consul's words when a token lacks a permission; "ACL not
 			// found" when it is unknown.
-			for name, s := range map[string]*sidecar{"server": server, "client": client} {
+			for name, s := range map[string]*sidecar{"server": server, "client": crashed, "restarted client": client} {
 				for _, refused := range []string{"Permission denied", "ACL not found"} {
 					if out := s.out.String(); strings.Contains(out, refused) {
 						t.Errorf("%s sidecar: Consul refused a call (%q):\n%s", name, refused, failureLog(out, 40, 0))
@@ -225,3 +256,4 @@ func tokenClient(t *testing.T, consul *testenv.ConsulProc, token string) *api.Cl
 	}
 	return c
 }
+
