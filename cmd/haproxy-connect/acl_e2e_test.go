@@ -257,3 +257,36 @@ func tokenClient(t *testing.T, consul *testenv.ConsulProc, token string) *api.Cl
 	return c
 }
 
+// TestACLTokenRefused: a sidecar whose token Consul does not know, or
+// whose token may not read its registration, exits non-zero with one line
+// that says so, instead of calling Consul unreachable or the registration
+// missing without a word about ACLs.
+func TestACLTokenRefused(t *testing.T) {
+	consul := testenv.Consul(t, testenv.ConsulOptions{ACL: true})
+	mgmt := consul.Client
+	register(t, mgmt, "client", testenv.FreePort(t), testenv.FreePort(t), nil)
+	tests := []struct {
+		name, token, want string
+	}{
+		{"unknown token", "3f9c1c52-5a0e-4d8b-9d7e-2b6f0c1a4e5d", "refused the token"},
+		{"token that cannot read the registration",
+			policyToken(t, mgmt, "nodes-only", `node_prefix "" { policy = "read" }`),
+			"the agent lists only the services the token may read"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := launchSidecar(t, consul, "client", testenv.ShortTempDir(t), "-token", tt.token, "-start-timeout", "1s")
+			select {
+			case <-s.done:
+			case <-time.After(20 * time.Second):
+				t.Fatal("the sidecar did not exit")
+			}
+			if s.cmd.ProcessState.Success() {
+				t.Error("the sidecar exited 0")
+			}
+			if out := s.out.String(); !strings.Contains(out, tt.want) {
+				t.Errorf("the sidecar said, without %q:\n%s", tt.want, out)
+			}
+		})
+	}
+}
