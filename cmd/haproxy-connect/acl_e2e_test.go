@@ -290,3 +290,25 @@ func TestACLTokenRefused(t *testing.T) {
 		})
 	}
 }
+
+// TestConsulLeafWithoutToken pins what the README's "Running it in
+// production" warns about, on this Consul (1.22.3, dev agent, default
+// deny): the agent refuses a service's leaf to a request without a token
+// until a sidecar of the service is registered on it, and then hands out
+// the leaf and its private key to that same request. If this fails,
+// Consul no longer does so: update the README.
+func TestConsulLeafWithoutToken(t *testing.T) {
+	consul := testenv.Consul(t, testenv.ConsulOptions{ACL: true})
+	anonymous := tokenClient(t, consul, "")
+	if _, _, err := anonymous.Agent().ConnectCALeaf("client", nil); err == nil || !strings.Contains(err.Error(), "Permission denied") {
+		t.Fatalf("leaf without a token, before registration: %v, want Permission denied", err)
+	}
+	register(t, consul.Client, "client", testenv.FreePort(t), testenv.FreePort(t), nil)
+	leaf, _, err := anonymous.Agent().ConnectCALeaf("client", nil)
+	if err != nil {
+		t.Fatalf("leaf without a token, after the sidecar registration: %v (Consul no longer hands it out: update the README)", err)
+	}
+	if !strings.Contains(leaf.PrivateKeyPEM, "PRIVATE KEY") {
+		t.Errorf("leaf without its private key: %q", leaf.PrivateKeyPEM)
+	}
+}
