@@ -28,8 +28,9 @@ const (
 	jobFile  = "nomad/haproxy-connect.nomad.hcl"
 	// unitBin is the unit's ExecStart binary.
 	unitBin = "/usr/local/bin/haproxy-connect"
-	// stopTimeout is haproxy-connect's default -stop-timeout: systemd and
-	// Nomad must give it longer before they SIGKILL it.
+	// stopTimeout is haproxy-connect's default -stop-timeout (keep it in
+	// step with cmd/haproxy-connect): systemd and Nomad must give it longer
+	// before they SIGKILL it.
 	stopTimeout = 15 * time.Second
 )
 
@@ -104,10 +105,10 @@ func TestUnitStopAndCrash(t *testing.T) {
 	if err != nil || stop <= stopTimeout {
 		t.Errorf("TimeoutStopSec=%q (%v): want a duration above haproxy-connect's -stop-timeout (%s)", keys["TimeoutStopSec"], err, stopTimeout)
 	}
-	exec := keys["ExecStart"]
+	execStart := keys["ExecStart"]
 	for _, arg := range []string{"-sidecar-for %i", "-state-dir /var/lib/haproxy-connect/%i"} {
-		if !strings.Contains(exec, arg) {
-			t.Errorf("ExecStart %q lacks %q", exec, arg)
+		if !strings.Contains(execStart, arg) {
+			t.Errorf("ExecStart %q lacks %q", execStart, arg)
 		}
 	}
 	// PCRE2's JIT, which Debian's HAProxy uses, needs memory that is
