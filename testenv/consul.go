@@ -1,6 +1,7 @@
 package testenv
 
 import (
+	"crypto/rand"
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
@@ -46,6 +47,15 @@ type ConsulOptions struct {
 	// leaves with, and can mint certificates HAProxy's ca-file accepts
 	// (another trust domain, an agent identity, two URI SANs).
 	CA *CA
+	// ACL enables Consul's ACL system with default_policy = "deny", as a
+	// production cluster runs it: a request without a token, or with one
+	// that lacks a permission, is refused or gets its answer filtered.
+	// The agent and ConsulProc.Client use the management token
+	// ConsulProc.ManagementToken; NewClient makes clients with other
+	// tokens. With no default_intention_policy set (DefaultDeny false),
+	// intentions default to deny as well: Consul takes their default from
+	// the ACL default policy. Applies to LaunchConsul only.
+	ACL bool
 	// ExtraHCL is appended verbatim to the agent config file. It must not
 	// repeat a key or block the generated config already sets (ports,
 	// connect, default_intention_policy, ...).
@@ -71,8 +81,12 @@ type ConsulProc struct {
 	ConfigPath string
 	// DataDir is the agent data dir.
 	DataDir string
-	// Client is an API client for Addr.
+	// Client is an API client for Addr; with ConsulOptions.ACL it sends
+	// ManagementToken.
 	Client *api.Client
+	// ManagementToken is the ACL management token (initial_management),
+	// empty unless ConsulOptions.ACL.
+	ManagementToken string
 
 	proc *process
 	// host is the test network host the agent runs on, nil for the
@@ -136,6 +150,11 @@ func LaunchConsul(bin, dir string, opts ConsulOptions) (*ConsulProc, error) {
 		c.GRPCPort = ports[4]
 	}
 	c.SerfLANPort = ports[2]
+	if opts.ACL {
+		if c.ManagementToken, err = newToken(); err != nil {
+			return nil, err
+		}
+	}
 	return c.launch(bin, "consul", consulConfig(c, ports[1], ports[2], opts),
 		"agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1")
 }
@@ -147,12 +166,12 @@ func (c *ConsulProc) launch(bin, name, cfg string, args ...string) (*ConsulProc,
 		return nil, fmt.Errorf("write %s config: %w", name, err)
 	}
 	var err error
-	if c.Client, err = newConsulClient(c.Addr, 0, c.host); err != nil {
+	if c.Client, err = newConsulClient(c.Addr, c.ManagementToken, 0, c.host); err != nil {
 		return nil, err
 	}
 	// The readiness probe gets its own client with a short timeout;
 	// c.Client has none so that blocking queries work.
-	probe, err := newConsulClient(c.Addr, 2*time.Second, c.host)
+	probe, err := newConsulClient(c.Addr, c.ManagementToken, 2*time.Second, c.host)
 	if err != nil {
 		return nil, err
 	}
@@ -218,10 +237,30 @@ ports {
 	return c.launch(bin, "consul-client", cfg, "agent")
 }
 
-// newConsulClient returns an API client for addr over plain HTTP, reached
-// from inside host when it is not nil. It brings its own http.Client so
-// that CONSUL_CACERT and friends from the environment cannot break it.
-func newConsulClient(addr string, timeout time.Duration, host *Host) (*api.Client, error) {
+// NewClient returns an API client for the agent that sends token (none
+// when empty), without an HTTP timeout, so blocking queries work.
+func (c *ConsulProc) NewClient(token string) (*api.Client, error) {
+	return newConsulClient(c.Addr, token, 0, c.host)
+}
+
+// newToken returns a random UUID (version 4), the form Consul requires
+// of an ACL token's secret.
+func newToken() (string, error) {
+	var b [16]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return "", fmt.Errorf("acl token: %w", err)
+	}
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:]), nil
+}
+
+// newConsulClient returns an API client for addr over plain HTTP that
+// sends token (none when empty), reached from inside host when it is not
+// nil. It brings its own http.Client and sets the token itself so that
+// CONSUL_CACERT, CONSUL_HTTP_TOKEN and friends from the environment cannot
+// break it.
+func newConsulClient(addr, token string, timeout time.Duration, host *Host) (*api.Client, error) {
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	if host != nil {
 		tr = host.Transport()
@@ -229,6 +268,7 @@ func newConsulClient(addr string, timeout time.Duration, host *Host) (*api.Clien
 	client, err := api.NewClient(&api.Config{
 		Address:    addr,
 		Scheme:     "http",
+		Token:      token,
 		HttpClient: &http.Client{Transport: tr, Timeout: timeout},
 	})
 	if err != nil {
@@ -292,6 +332,19 @@ func consulConfig(c *ConsulProc, serverPort, serfLANPort int, opts ConsulOptions
 	b.WriteString("}\n")
 	if opts.DefaultDeny {
 		b.WriteString("default_intention_policy = \"deny\"\n")
+	}
+	if opts.ACL {
+		// The agent token registers the node and syncs services; the
+		// management token serves for it in a test.
+		fmt.Fprintf(&b, `acl {
+  enabled        = true
+  default_policy = "deny"
+  tokens {
+    initial_management = %q
+    agent              = %q
+  }
+}
+`, c.ManagementToken, c.ManagementToken)
 	}
 	if opts.ExtraHCL != "" {
 		b.WriteString(opts.ExtraHCL)

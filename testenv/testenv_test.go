@@ -253,6 +253,37 @@ func TestConsulDefaultDeny(t *testing.T) {
 	testAuthorize(t, c, false)
 }
 
+// TestConsulACL: with ACL, the management token may do anything (here:
+// authorize, which with no intentions says deny, the ACL default), a
+// request without a token is refused, and NewClient's token is sent.
+func TestConsulACL(t *testing.T) {
+	t.Parallel()
+	c := Consul(t, ConsulOptions{ACL: true})
+	if c.ManagementToken == "" {
+		t.Fatal("no management token")
+	}
+	testAuthorize(t, c, false)
+
+	anon, err := c.NewClient("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := anon.KV().Put(&api.KVPair{Key: "k", Value: []byte("v")}, nil); err == nil || !strings.Contains(err.Error(), "Permission denied") {
+		t.Errorf("kv put without a token: %v, want Permission denied", err)
+	}
+	mgmt, err := c.NewClient(c.ManagementToken)
+	if err != nil {
+		t.Fatal(err)
+	}
+	self, _, err := mgmt.ACL().TokenReadSelf(nil)
+	if err != nil {
+		t.Fatalf("read own token: %v", err)
+	}
+	if self.SecretID != c.ManagementToken {
+		t.Errorf("NewClient sent token %s, want %s", self.SecretID, c.ManagementToken)
+	}
+}
+
 // testAuthorize asks the agent whether api may connect to web, with no
 // intentions defined.
 func testAuthorize(t *testing.T, c *ConsulProc, want bool) {

@@ -300,6 +300,11 @@ func findProxy(ctx context.Context, log *zap.Logger, client *api.Client, addr st
 			services, err = client.Agent().ServicesWithFilterOpts("", (&api.QueryOptions{}).WithContext(ctx))
 			if err == nil {
 				id, err = controller.FindSidecar(services, o.sidecarFor)
+				if errors.Is(err, controller.ErrNoSidecar) {
+					// With ACLs, the agent leaves out what the token may not
+					// read, and says so in no error.
+					return nil, fmt.Errorf("%w (with ACLs the agent lists only the services the token may read: it needs service:read on the sidecar's registration)", err)
+				}
 				if err != nil {
 					return nil, err
 				}
@@ -320,11 +325,23 @@ func findProxy(ctx context.Context, log *zap.Logger, client *api.Client, addr st
 			}
 		}
 		last = err
+		// 403: Consul answers, but refuses the token (unknown, "ACL not
+		// found", or lacking a permission). Retried as well: a token can
+		// be created, or replicated to this datacenter, after the start.
+		var se api.StatusError
+		refused := errors.As(err, &se) && se.Code == http.StatusForbidden
 		if time.Now().After(deadline) || ctx.Err() != nil {
+			if refused {
+				return nil, fmt.Errorf("consul at %s refused the token for %s (give it with -token, CONSUL_HTTP_TOKEN_FILE or CONSUL_HTTP_TOKEN; the README's \"Running it in production\" has the policy it needs): %v", addr, o.startTimeout, last)
+			}
 			return nil, fmt.Errorf("consul at %s unreachable for %s: %v", addr, o.startTimeout, last)
 		}
 		if attempt%5 == 0 {
-			log.Warn("consul not reachable yet, retrying", zap.Error(err))
+			if refused {
+				log.Warn("consul refused the token, retrying", zap.Error(err))
+			} else {
+				log.Warn("consul not reachable yet, retrying", zap.Error(err))
+			}
 		}
 		select {
 		case <-ctx.Done():
