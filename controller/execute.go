@@ -1,0 +1,360 @@
+package controller
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strconv"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/haproxy-connect/haproxy-connect/bootstrap"
+	"github.com/haproxy-connect/haproxy-connect/certs"
+	"github.com/haproxy-connect/haproxy-connect/runtime"
+	"github.com/haproxy-connect/haproxy-connect/slots"
+)
+
+// applyAuthzGeneration writes the intentions generation to the authz map
+// file (for the next reload) and to HAProxy's copy in memory.
+func (c *Controller) applyAuthzGeneration(ctx context.Context) {
+	gen := c.authzGen.Load()
+	if gen == c.applied.authzGen {
+		return
+	}
+	file := c.path("authz.map")
+	if err := certs.WriteFile(file, bootstrap.RenderAuthzMap(gen)); err != nil {
+		c.log.Error("authz generation: write map", zap.Error(err))
+		c.scheduleRetry(time.Second)
+		return
+	}
+	cmd, err := runtime.SetMap(file, bootstrap.AuthzGenKey, strconv.FormatUint(gen, 10))
+	if err == nil {
+		var rs runtime.Results
+		if rs, err = c.rt.Exec(ctx, cmd); err == nil {
+			err = rs.Err()
+		}
+	}
+	if err != nil {
+		c.log.Error("authz generation not applied; retrying", zap.Uint64("generation", gen), zap.Error(err))
+		c.metrics.runtimeErrors.Add(1)
+		c.scheduleRetry(100 * time.Millisecond)
+		return
+	}
+	c.applied.authzGen = gen
+	c.authzGenerationApplied(gen)
+	c.log.Debug("authz generation applied", zap.Uint64("generation", gen))
+}
+
+// plannedTables is the slot assignment to render into a new configuration:
+// each upstream's table moved to its desired endpoints and resized to have
+// room to grow, keeping slots where they are. Only endpoints that proved
+// their identity are placed.
+func (c *Controller) plannedTables(ctx context.Context) map[string]slots.Table {
+	out := map[string]slots.Table{}
+	for _, u := range c.desired.sidecar.Upstreams {
+		t, ok := c.applied.tables[u.Name]
+		if !ok {
+			t = slots.New(u.Name, bootstrap.SlotPrefix, c.cfg.MinSlots)
+		}
+		if eps, seen := c.desired.endpoints[u.Name]; seen {
+			eps, _ = c.verifiedEndpoints(ctx, u.Name, eps)
+			_, t, _ = slots.Plan(t, eps)
+		}
+		out[u.Name] = slots.Resize(t, slots.Size(t.Used(), c.cfg.MinSlots))
+	}
+	return out
+}
+
+func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.Spec {
+	s := bootstrap.Spec{
+		Service:       sc.Service,
+		LeafFile:      c.path("leaf.pem"),
+		RootsFile:     c.path("roots.pem"),
+		SPOEFile:      c.path("spoe.cfg"),
+		AuthzMap:      c.path("authz.map"),
+		CrtList:       c.path("public.crtlist"),
+		SNI:           c.publicSNI(),
+		SPOASocket:    c.cfg.SPOASocket,
+		HardStopAfter: c.cfg.HardStopAfter,
+		AccessLog:     c.cfg.AccessLog,
+		Threads:       c.cfg.Threads,
+		Public:        sc.Public,
+	}
+	for _, u := range sc.Upstreams {
+		s.Upstreams = append(s.Upstreams, bootstrap.Upstream{
+			Name: u.Name, Destination: u.Destination, BindAddr: u.BindAddr, BindPort: u.BindPort,
+			Protocol: u.Protocol, ConnectTimeout: u.ConnectTimeout, Slots: tables[u.Name],
+			ServerID: c.serverID(u),
+		})
+	}
+	return s
+}
+
+// writeConfig renders and writes every file HAProxy reads.
+func (c *Controller) writeConfig(spec bootstrap.Spec, authzGen uint64) error {
+	cfg, files, err := bootstrap.RenderFiles(spec, authzGen)
+	if err != nil {
+		return err
+	}
+	files = append(files,
+		bootstrap.File{Path: spec.LeafFile, Content: c.desired.leaf.PEM},
+		bootstrap.File{Path: spec.RootsFile, Content: c.desired.roots.PEM},
+		bootstrap.File{Path: c.path("haproxy.cfg"), Content: cfg}) // last: it names the others
+	for _, f := range files {
+		if err := certs.WriteFile(f.Path, f.Content); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// reload renders the desired configuration and reloads HAProxy; it reports
+// whether the reload was applied.
+func (c *Controller) reload(ctx context.Context, reason string) bool {
+	sc := *c.desired.sidecar
+	tables := c.plannedTables(ctx)
+	gen := c.authzGen.Load()
+	if err := c.writeConfig(c.spec(sc, tables), gen); err != nil {
+		c.log.Error("reload skipped: configuration not rendered", zap.String("reason", reason), zap.Error(err))
+		c.reloadFailed()
+		return false
+	}
+	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	start := time.Now()
+	if _, err := c.rt.Reload(rctx, reason); err != nil {
+		c.log.Error("reload failed; the previous worker keeps serving", zap.String("reason", reason), zap.Error(err),
+			zap.Duration("retry_in", c.reloadFailed()))
+		return false
+	}
+	c.reloadBackoff, c.reloadAfter = 0, time.Time{}
+	c.metrics.reloads.Add(1)
+	c.applied = applied{sidecar: sc, leaf: c.desired.leaf, rootsPEM: c.desired.roots.PEM, tables: tables, authzGen: gen}
+	c.authzGenerationApplied(gen)
+	clear(c.desired.dirty)
+	c.metrics.setEndpoints(tables)
+	c.log.Info("reload applied", zap.String("reason", reason), zap.Duration("took", time.Since(start)))
+	return true
+}
+
+// reloadFailed counts a failed reload and backs off the next attempt.
+func (c *Controller) reloadFailed() time.Duration {
+	c.metrics.reloadFailures.Add(1)
+	c.reloadBackoff = min(max(2*c.reloadBackoff, 5*time.Second), time.Minute)
+	c.reloadAfter = time.Now().Add(c.reloadBackoff)
+	c.scheduleRetry(c.reloadBackoff)
+	return c.reloadBackoff
+}
+
+// LeafSwapInterval is the least time between two run-time swaps of the
+// leaf. Consul hands out a new leaf on every fetch while a leaf's lifetime
+// is under 10 minutes (its agent/leafcert soft expiry), so a short
+// LeafCertTTL would otherwise make the sidecar swap many times a second;
+// each swap builds new TLS contexts in every worker. The newest leaf waits
+// out the interval, unless the one HAProxy serves expires first.
+const LeafSwapInterval = 5 * time.Second
+
+// rotateLeaf writes the new leaf to disk (for the next reload) and swaps it
+// in memory: one "set ssl cert" + "commit" replaces it on the public bind
+// (through its crt-list entry: see bootstrap.RenderCrtList) and on every
+// upstream server that uses it as client certificate. Then a handshake
+// checks that the public listener serves the new leaf and still asks for
+// a client certificate; if not, a reload (which reads the written files)
+// restores it.
+func (c *Controller) rotateLeaf(ctx context.Context) {
+	leaf := c.desired.leaf
+	if wait := time.Until(c.lastLeafSwap.Add(LeafSwapInterval)); wait > 0 && time.Until(c.applied.leaf.NotAfter) > wait {
+		c.scheduleRetry(wait)
+		return
+	}
+	file := c.path("leaf.pem")
+	if err := certs.WriteFile(file, leaf.PEM); err != nil {
+		c.log.Error("leaf rotation: write file", zap.Error(err))
+		c.scheduleRetry(5 * time.Second)
+		return
+	}
+	if err := c.rt.UpdateCert(ctx, file, leaf.PEM); err != nil {
+		c.log.Error("leaf rotation failed", zap.String("serial", leaf.Serial), zap.Error(err))
+		c.metrics.runtimeErrors.Add(1)
+		c.scheduleRetry(5 * time.Second)
+		return
+	}
+	c.lastLeafSwap = time.Now()
+	c.applied.leaf = leaf
+	c.metrics.leafRotations.Add(1)
+	c.log.Info("leaf certificate rotated", zap.String("serial", leaf.Serial), zap.Time("not_after", leaf.NotAfter), zap.String("spiffe", leaf.SPIFFE))
+
+	p := c.applied.sidecar.Public
+	bind := netip.AddrPortFrom(netip.MustParseAddr(p.BindAddr), uint16(p.BindPort))
+	res, served, err := c.checkBind(ctx, bind, leaf.Serial)
+	c.metrics.bindChecks[res].Add(1)
+	switch res {
+	case bindOK:
+		c.log.Debug("public listener checked after the leaf swap", zap.String("serial", served))
+	case bindUnreachable:
+		c.log.Warn("public listener not checked after the leaf swap", zap.Stringer("bind", bind), zap.Error(err))
+	default:
+		reason := "public listener lost client certificate verification after the leaf swap"
+		if res == bindWrongLeaf {
+			reason = "public listener serves another leaf after the swap"
+		}
+		c.log.Error(reason, zap.Stringer("bind", bind), zap.String("want_serial", leaf.Serial), zap.String("served_serial", served))
+		c.reload(ctx, reason)
+	}
+}
+
+// publicSNI is the public listener's crt-list filter: the service's Consul
+// SNI name, from the leaf's SPIFFE ID, or a fixed name where that is not a
+// plain DNS name (any name serves, see bootstrap.RenderCrtList).
+func (c *Controller) publicSNI() string {
+	if id, err := certs.ParseSPIFFE(c.desired.leaf.SPIFFE); err == nil {
+		if sni := id.SNI(); bootstrap.ValidSNI(sni) {
+			return sni
+		}
+	}
+	return bootstrap.FallbackSNI
+}
+
+// applyEndpoints sends every upstream's slot operations in one batch.
+func (c *Controller) applyEndpoints(ctx context.Context) {
+	type planned struct {
+		next    slots.Table
+		ops     int
+		first   int  // index of its first command in the batch
+		pending bool // endpoints still being verified: stays dirty
+	}
+	plans := map[string]planned{}
+	var cmds []runtime.Command
+	names := make([]string, 0, len(c.desired.dirty))
+	for name := range c.desired.dirty {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	for _, name := range names {
+		eps, seen := c.desired.endpoints[name]
+		table, applied := c.applied.tables[name]
+		if !seen || !applied {
+			continue // a new upstream: its reload applies it
+		}
+		// An endpoint carries no request before it proved its identity.
+		ok, pending := c.verifiedEndpoints(ctx, name, eps)
+		if pending && time.Since(c.desired.dirty[name]) < maxHold {
+			ok = holdLeaving(table, eps, ok)
+		}
+		eps = ok
+		ops, next, _ := slots.Plan(table, eps)
+		if len(ops) == 0 {
+			if !pending {
+				delete(c.desired.dirty, name)
+			}
+			continue
+		}
+		p := planned{next: next, first: len(cmds), pending: pending}
+		for _, op := range ops {
+			cmd, err := c.command(name, op)
+			if err != nil {
+				c.log.Error("cannot build runtime command", zap.String("upstream", name), zap.Error(err))
+				continue
+			}
+			cmds = append(cmds, cmd)
+			p.ops++
+		}
+		plans[name] = p
+	}
+	if len(cmds) == 0 {
+		return
+	}
+	start := time.Now()
+	rs, err := c.rt.Exec(ctx, cmds...)
+	c.metrics.runtimeCommands.Add(uint64(len(cmds)))
+	c.metrics.batches.Add(1)
+	if err != nil {
+		c.log.Error("runtime batch failed", zap.Int("commands", len(cmds)), zap.Error(err))
+		c.metrics.runtimeErrors.Add(1)
+		for name := range plans {
+			c.resync(ctx, name)
+		}
+		c.scheduleRetry(time.Second)
+		return
+	}
+	failed := false
+	for name, p := range plans {
+		var errs []error
+		for _, r := range rs[p.first : p.first+p.ops] {
+			if r.Err != nil {
+				errs = append(errs, r.Err)
+			}
+		}
+		if len(errs) == 0 {
+			c.applied.tables[name] = p.next
+			if !p.pending {
+				c.metrics.propagation.observe(time.Since(c.desired.dirty[name]))
+				delete(c.desired.dirty, name)
+			}
+			continue
+		}
+		failed = true
+		c.metrics.runtimeErrors.Add(uint64(len(errs)))
+		c.log.Error("runtime commands failed; re-reading the backend", zap.String("upstream", name), zap.Errors("errors", errs))
+		c.resync(ctx, name)
+	}
+	c.metrics.setEndpoints(c.applied.tables)
+	c.log.Debug("endpoints applied", zap.Int("commands", len(cmds)), zap.Duration("took", time.Since(start)))
+	if failed {
+		c.scheduleRetry(time.Second)
+	}
+}
+
+// resync rebuilds an upstream's applied table from what HAProxy reports.
+func (c *Controller) resync(ctx context.Context, name string) {
+	st, err := c.rt.ServersState(ctx, name)
+	if err != nil {
+		c.log.Error("re-read backend failed", zap.String("upstream", name), zap.Error(err))
+		return
+	}
+	obs := make([]slots.Observed, 0, len(st))
+	for _, s := range st {
+		obs = append(obs, slots.Observed{Name: s.Name, Addr: s.Addr, Port: s.Port, Weight: s.Weight, Maint: s.Maint()})
+	}
+	templates := 0
+	for _, s := range c.applied.tables[name].Slots {
+		if !s.Dynamic {
+			templates++
+		}
+	}
+	c.applied.tables[name] = slots.FromObserved(name, bootstrap.SlotPrefix, templates, obs)
+}
+
+// command translates a planned slot operation into a runtime command.
+func (c *Controller) command(backend string, op slots.Op) (runtime.Command, error) {
+	o := runtime.ServerOptions{Weight: op.Weight, SSL: true, CrtFile: c.path("leaf.pem"), CAFile: c.path("roots.pem")}
+	if op.Kind == slots.OpAdd {
+		for _, u := range c.applied.sidecar.Upstreams {
+			if u.Name == backend {
+				o.ALPN = bootstrap.UpstreamALPN(u.Protocol)
+			}
+		}
+	}
+	return SlotCommand(backend, op, o)
+}
+
+// SlotCommand is the runtime command for a planned slot operation; add
+// holds the server options of "add server" (its weight is the op's).
+func SlotCommand(backend string, op slots.Op, add runtime.ServerOptions) (runtime.Command, error) {
+	switch op.Kind {
+	case slots.OpSetAddr:
+		return runtime.SetServerAddr(backend, op.Server, op.Addr, op.Port)
+	case slots.OpSetWeight:
+		return runtime.SetServerWeight(backend, op.Server, op.Weight)
+	case slots.OpReady:
+		return runtime.SetServerState(backend, op.Server, runtime.StateReady)
+	case slots.OpMaint:
+		return runtime.SetServerState(backend, op.Server, runtime.StateMaint)
+	case slots.OpAdd:
+		add.Weight = op.Weight
+		return runtime.AddServer(backend, op.Server, op.Addr, op.Port, add)
+	}
+	return runtime.Command{}, fmt.Errorf("unknown slot operation %d", op.Kind)
+}
