@@ -24,6 +24,7 @@ import (
 	"github.com/haproxy-connect/haproxy-connect/certs"
 	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/slots"
+	"github.com/haproxy-connect/haproxy-connect/watch"
 )
 
 // Config wires a Controller.
@@ -290,10 +291,10 @@ func (c *Controller) path(name string) string { return filepath.Join(c.cfg.State
 func (c *Controller) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	go watchLoop(ctx, c.log, "registration", time.Second, c.fetchRegistration, func(svc *api.AgentService) {
+	go watch.Loop(ctx, watch.Options{Name: "registration", Log: c.log, MinInterval: time.Second}, c.fetchRegistration, func(svc *api.AgentService) {
 		c.publishRegistration(ctx, svc)
 	})
-	go watchLoop(ctx, c.log, "roots", time.Second, c.fetchRoots, func(r *certs.Roots) {
+	go watch.Loop(ctx, watch.Options{Name: "roots", Log: c.log, MinInterval: time.Second}, c.fetchRoots, func(r *certs.Roots) {
 		c.send(ctx, func(d *desired) { d.roots = r })
 	})
 	go c.watchIdentities(ctx)

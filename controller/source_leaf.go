@@ -8,10 +8,11 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/haproxy-connect/haproxy-connect/certs"
+	"github.com/haproxy-connect/haproxy-connect/watch"
 )
 
-func (c *Controller) fetchLeaf(ctx context.Context, service string, cur cursor) (*certs.Bundle, cursor, error) {
-	leaf, meta, err := c.consul.Agent().ConnectCALeaf(service, (&api.QueryOptions{WaitIndex: cur.index, WaitTime: 5 * time.Minute}).WithContext(ctx))
+func (c *Controller) fetchLeaf(ctx context.Context, service string, cur watch.Cursor) (*certs.Bundle, watch.Cursor, error) {
+	leaf, meta, err := c.consul.Agent().ConnectCALeaf(service, (&api.QueryOptions{WaitIndex: cur.Index, WaitTime: 5 * time.Minute}).WithContext(ctx))
 	if err != nil {
 		return nil, cur, fmt.Errorf("leaf certificate for %s: %w", service, err)
 	}
@@ -20,5 +21,5 @@ func (c *Controller) fetchLeaf(ctx context.Context, service string, cur cursor) 
 		// Bad material from Consul: keep what is applied, try again later.
 		return nil, cur, fmt.Errorf("leaf certificate for %s rejected: %w", service, err)
 	}
-	return &b, cursor{index: meta.LastIndex}, nil
+	return &b, watch.Cursor{Index: meta.LastIndex}, nil
 }

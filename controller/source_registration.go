@@ -7,6 +7,8 @@ import (
 
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap"
+
+	"github.com/haproxy-connect/haproxy-connect/watch"
 )
 
 func (c *Controller) publishRegistration(ctx context.Context, svc *api.AgentService) {
@@ -26,10 +28,10 @@ func (c *Controller) publishRegistration(ctx context.Context, svc *api.AgentServ
 	})
 }
 
-func (c *Controller) fetchRegistration(ctx context.Context, cur cursor) (*api.AgentService, cursor, error) {
-	svc, meta, err := c.consul.Agent().Service(c.cfg.ProxyID, (&api.QueryOptions{WaitHash: cur.hash, WaitTime: 5 * time.Minute}).WithContext(ctx))
+func (c *Controller) fetchRegistration(ctx context.Context, cur watch.Cursor) (*api.AgentService, watch.Cursor, error) {
+	svc, meta, err := c.consul.Agent().Service(c.cfg.ProxyID, (&api.QueryOptions{WaitHash: cur.Hash, WaitTime: 5 * time.Minute}).WithContext(ctx))
 	if err != nil {
 		return nil, cur, fmt.Errorf("proxy registration %s: %w", c.cfg.ProxyID, err)
 	}
-	return svc, cursor{hash: meta.LastContentHash}, nil
+	return svc, watch.Cursor{Hash: meta.LastContentHash}, nil
 }

@@ -8,10 +8,11 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/haproxy-connect/haproxy-connect/certs"
+	"github.com/haproxy-connect/haproxy-connect/watch"
 )
 
-func (c *Controller) fetchRoots(ctx context.Context, cur cursor) (*certs.Roots, cursor, error) {
-	list, meta, err := c.consul.Agent().ConnectCARoots((&api.QueryOptions{WaitIndex: cur.index, WaitTime: 5 * time.Minute}).WithContext(ctx))
+func (c *Controller) fetchRoots(ctx context.Context, cur watch.Cursor) (*certs.Roots, watch.Cursor, error) {
+	list, meta, err := c.consul.Agent().ConnectCARoots((&api.QueryOptions{WaitIndex: cur.Index, WaitTime: 5 * time.Minute}).WithContext(ctx))
 	if err != nil {
 		return nil, cur, fmt.Errorf("CA roots: %w", err)
 	}
@@ -24,5 +25,5 @@ func (c *Controller) fetchRoots(ctx context.Context, cur cursor) (*certs.Roots, 
 		return nil, cur, fmt.Errorf("CA roots rejected: %w", err)
 	}
 	roots.TrustDomain = list.TrustDomain
-	return &roots, cursor{index: meta.LastIndex}, nil
+	return &roots, watch.Cursor{Index: meta.LastIndex}, nil
 }

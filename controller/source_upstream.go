@@ -12,6 +12,7 @@ import (
 
 	"github.com/haproxy-connect/haproxy-connect/input"
 	"github.com/haproxy-connect/haproxy-connect/slots"
+	"github.com/haproxy-connect/haproxy-connect/watch"
 )
 
 func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
@@ -52,10 +53,10 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 	}
 	if u.Type == string(api.UpstreamDestTypePreparedQuery) {
 		// Prepared queries do not block: poll.
-		watchLoop(ctx, c.log, "query "+u.Destination, 2*time.Second, func(ctx context.Context, _ cursor) (endpointList, cursor, error) {
+		watch.Loop(ctx, watch.Options{Name: "query " + u.Destination, Log: c.log, MinInterval: 2 * time.Second}, func(ctx context.Context, _ watch.Cursor) (endpointList, watch.Cursor, error) {
 			resp, _, err := c.consul.PreparedQuery().Execute(u.Destination, (&api.QueryOptions{Connect: true, Datacenter: u.Datacenter}).WithContext(ctx))
 			if err != nil {
-				return endpointList{}, cursor{}, err
+				return endpointList{}, watch.Cursor{}, err
 			}
 			at := time.Now()
 			entries := make([]healthEntry, 0, len(resp.Nodes))
@@ -69,16 +70,16 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 				}
 				entries = append(entries, he)
 			}
-			return endpointList{eps: filter.endpoints(entries, nil), inst: queryInstances(resp), at: at}, cursor{}, nil
+			return endpointList{eps: filter.endpoints(entries, nil), inst: queryInstances(resp), at: at}, watch.Cursor{}, nil
 		}, publish)
 		return
 	}
-	watchLoop(ctx, c.log, "upstream "+u.Name, 10*time.Millisecond, func(ctx context.Context, cur cursor) (endpointList, cursor, error) {
-		entries, bad, index, at, err := c.health.connect(ctx, u.Destination, u.Datacenter, cur.index, 5*time.Minute)
+	watch.Loop(ctx, watch.Options{Name: "upstream " + u.Name, Log: c.log, MinInterval: 10 * time.Millisecond}, func(ctx context.Context, cur watch.Cursor) (endpointList, watch.Cursor, error) {
+		entries, bad, index, at, err := c.health.connect(ctx, u.Destination, u.Datacenter, cur.Index, 5*time.Minute)
 		if err != nil {
 			return endpointList{}, cur, err
 		}
-		return endpointList{eps: filter.endpoints(entries, bad), inst: healthInstances(entries), at: at}, cursor{index: index}, nil
+		return endpointList{eps: filter.endpoints(entries, bad), inst: healthInstances(entries), at: at}, watch.Cursor{Index: index}, nil
 	}, publish)
 }
 

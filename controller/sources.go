@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/haproxy-connect/haproxy-connect/certs"
+	"github.com/haproxy-connect/haproxy-connect/watch"
 )
 
 // syncWatches runs one endpoint watch per desired upstream and the leaf
@@ -38,7 +39,7 @@ func (c *Controller) syncWatches(ctx context.Context) {
 		lctx, cancel := context.WithCancel(ctx)
 		c.leafStop, c.leafFor = cancel, sc.Service
 		service := sc.Service
-		go watchLoop(lctx, c.log, "leaf", time.Second, func(ctx context.Context, cur cursor) (*certs.Bundle, cursor, error) {
+		go watch.Loop(lctx, watch.Options{Name: "leaf", Log: c.log, MinInterval: time.Second}, func(ctx context.Context, cur watch.Cursor) (*certs.Bundle, watch.Cursor, error) {
 			return c.fetchLeaf(ctx, service, cur)
 		}, func(b *certs.Bundle) { c.send(lctx, func(d *desired) { d.leaf = b }) })
 	}
