@@ -14,13 +14,13 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap"
 
+	"github.com/haproxy-connect/haproxy-connect/authzgen"
 	"github.com/haproxy-connect/haproxy-connect/certs"
 	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/slots"
@@ -85,15 +85,9 @@ type Controller struct {
 	ready     atomic.Bool
 	// ident is which upstream endpoints proved their identity (identity.go).
 	ident *identities
-	// authzGen is the intentions generation published by the SPOE agent;
-	// authzKick wakes the loop to apply it.
-	authzGen  atomic.Uint64
-	authzKick chan struct{}
-	// authzApplied is the generation HAProxy has; authzDone is closed
-	// (and replaced) each time it moves.
-	authzApplied atomic.Uint64
-	authzMu      sync.Mutex
-	authzDone    chan struct{}
+	// authz is the intentions generation: published by the SPOE agent
+	// (its Kick wakes the loop to apply it), applied by the loop.
+	authz *authzgen.Generation
 
 	// Owned by the loop goroutine.
 	desired  desired
@@ -202,18 +196,17 @@ func New(cfg Config) (*Controller, error) {
 	// The health reader shares this one.
 	cfg.AnswerLimit.Limit(cfg.Consul.HttpClient)
 	c := &Controller{
-		cfg:       cfg,
-		consul:    consul,
-		health:    newHealthReader(cfg.Consul),
-		log:       cfg.Log,
-		rt:        runtime.New(filepath.Join(cfg.StateDir, "master.sock"), cfg.Log.Named("runtime")),
-		events:    make(chan func(*desired), 1024),
-		authzKick: make(chan struct{}, 1),
-		authzDone: make(chan struct{}),
-		metrics:   newMetrics(cfg.AnswerLimit),
-		ident:     newIdentities(),
-		desired:   desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}, instances: map[string]map[string]instance{}},
-		watches:   map[string]*upstreamWatch{},
+		cfg:     cfg,
+		consul:  consul,
+		health:  newHealthReader(cfg.Consul),
+		log:     cfg.Log,
+		rt:      runtime.New(filepath.Join(cfg.StateDir, "master.sock"), cfg.Log.Named("runtime")),
+		events:  make(chan func(*desired), 1024),
+		authz:   authzgen.NewGeneration(),
+		metrics: newMetrics(cfg.AnswerLimit),
+		ident:   newIdentities(),
+		desired: desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}, instances: map[string]map[string]instance{}},
+		watches: map[string]*upstreamWatch{},
 	}
 	c.retry = time.NewTimer(time.Hour)
 	c.retry.Stop()
@@ -227,13 +220,7 @@ func New(cfg Config) (*Controller, error) {
 // SetAuthzGeneration publishes the SPOE agent's intentions generation.
 // HAProxy re-authorizes a kept-alive HTTP connection whose verdict is older
 // than it. Safe to call from any goroutine; it does not block.
-func (c *Controller) SetAuthzGeneration(gen uint64) {
-	c.authzGen.Store(gen)
-	select {
-	case c.authzKick <- struct{}{}:
-	default:
-	}
-}
+func (c *Controller) SetAuthzGeneration(gen uint64) { c.authz.Publish(gen) }
 
 // WaitAuthzGeneration returns once HAProxy has generation gen (or a later
 // one), or after AuthzPublishTimeout, or at once when HAProxy is not
@@ -243,22 +230,9 @@ func (c *Controller) WaitAuthzGeneration(gen uint64) {
 	if !c.ready.Load() {
 		return // HAProxy starts (or restarts) with the current generation
 	}
-	timeout := time.NewTimer(AuthzPublishTimeout)
-	defer timeout.Stop()
-	for c.authzApplied.Load() < gen {
-		c.authzMu.Lock()
-		done := c.authzDone
-		c.authzMu.Unlock()
-		if c.authzApplied.Load() >= gen {
-			return
-		}
-		select {
-		case <-done:
-		case <-timeout.C:
-			c.log.Warn("authz generation not in HAProxy in time; the agent switches anyway",
-				zap.Uint64("generation", gen), zap.Duration("waited", AuthzPublishTimeout))
-			return
-		}
+	if !c.authz.Wait(gen, AuthzPublishTimeout) {
+		c.log.Warn("authz generation not in HAProxy in time; the agent switches anyway",
+			zap.Uint64("generation", gen), zap.Duration("waited", AuthzPublishTimeout))
 	}
 }
 
@@ -267,13 +241,7 @@ func (c *Controller) WaitAuthzGeneration(gen uint64) {
 const AuthzPublishTimeout = time.Second
 
 // authzGenerationApplied records that HAProxy has gen and wakes the waiters.
-func (c *Controller) authzGenerationApplied(gen uint64) {
-	c.authzApplied.Store(gen)
-	c.authzMu.Lock()
-	close(c.authzDone)
-	c.authzDone = make(chan struct{})
-	c.authzMu.Unlock()
-}
+func (c *Controller) authzGenerationApplied(gen uint64) { c.authz.Applied(gen) }
 
 // Ready reports whether HAProxy runs the applied state.
 func (c *Controller) Ready() bool { return c.ready.Load() }
@@ -323,7 +291,7 @@ func (c *Controller) Run(ctx context.Context) error {
 			}
 		case <-c.retry.C:
 			c.retryAt = time.Time{}
-		case <-c.authzKick:
+		case <-c.authz.Kick():
 		}
 		if err := c.reconcile(ctx); err != nil {
 			return err
@@ -423,7 +391,7 @@ func (c *Controller) reconcile(ctx context.Context) error {
 func (c *Controller) start(ctx context.Context) error {
 	sc := *c.desired.sidecar
 	tables := c.plannedTables(ctx)
-	gen := c.authzGen.Load()
+	gen := c.authz.Wanted()
 	if err := c.writeConfig(c.spec(sc, tables), gen); err != nil {
 		return fmt.Errorf("render configuration: %w", err)
 	}

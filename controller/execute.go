@@ -10,6 +10,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/haproxy-connect/haproxy-connect/authzgen"
 	"github.com/haproxy-connect/haproxy-connect/bootstrap"
 	"github.com/haproxy-connect/haproxy-connect/certs"
 	"github.com/haproxy-connect/haproxy-connect/runtime"
@@ -19,17 +20,17 @@ import (
 // applyAuthzGeneration writes the intentions generation to the authz map
 // file (for the next reload) and to HAProxy's copy in memory.
 func (c *Controller) applyAuthzGeneration(ctx context.Context) {
-	gen := c.authzGen.Load()
+	gen := c.authz.Wanted()
 	if gen == c.applied.authzGen {
 		return
 	}
 	file := c.path("authz.map")
-	if err := certs.WriteFile(file, bootstrap.RenderAuthzMap(gen)); err != nil {
+	if err := certs.WriteFile(file, authzgen.MapContent(gen)); err != nil {
 		c.log.Error("authz generation: write map", zap.Error(err))
 		c.scheduleRetry(time.Second)
 		return
 	}
-	cmd, err := runtime.SetMap(file, bootstrap.AuthzGenKey, strconv.FormatUint(gen, 10))
+	cmd, err := runtime.SetMap(file, authzgen.MapKey, strconv.FormatUint(gen, 10))
 	if err == nil {
 		var rs runtime.Results
 		if rs, err = c.rt.Exec(ctx, cmd); err == nil {
@@ -115,7 +116,7 @@ func (c *Controller) writeConfig(spec bootstrap.Spec, authzGen uint64) error {
 func (c *Controller) reload(ctx context.Context, reason string) bool {
 	sc := *c.desired.sidecar
 	tables := c.plannedTables(ctx)
-	gen := c.authzGen.Load()
+	gen := c.authz.Wanted()
 	if err := c.writeConfig(c.spec(sc, tables), gen); err != nil {
 		c.log.Error("reload skipped: configuration not rendered", zap.String("reason", reason), zap.Error(err))
 		c.reloadFailed()
