@@ -13,7 +13,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync/atomic"
 	"time"
 
@@ -98,14 +97,13 @@ type Controller struct {
 	leafFor  string
 	retry    *time.Timer
 	retryAt  time.Time // when retry fires; zero when it is stopped
-	// lastLeafSwap is when the leaf was last swapped at run time (see
-	// LeafSwapInterval).
-	lastLeafSwap time.Time
-	// reloadBackoff spaces attempts after a failed reload (5 s doubling to
-	// 1 min, reset by a success); until reloadAfter, runtime changes keep
-	// being applied to the running configuration.
-	reloadBackoff time.Duration
-	reloadAfter   time.Time
+	// pacing is when the leaf was last swapped and the reload backoff.
+	pacing pacing
+	// now is the clock of the plan and the executor; tests replace it.
+	now func() time.Time
+	// readApplied reads back what a running master that this process did
+	// not start serves (adoptAction); nil: adoption is not available.
+	readApplied func(ctx context.Context) (applied, error)
 }
 
 // desired is what the watchers last saw. Values are never mutated after they
@@ -135,13 +133,19 @@ func (d *desired) setEndpoints(name string, eps []slots.Endpoint, at time.Time) 
 	}
 }
 
-// applied is what HAProxy runs.
+// applied is what HAProxy runs, as the executor last reached or read it.
 type applied struct {
+	// known: set by a start, a reload or an adoption; until then nothing
+	// else here is.
+	known    bool
 	sidecar  Sidecar
 	leaf     *certs.Bundle
 	rootsPEM string
 	tables   map[string]slots.Table
 	authzGen uint64 // the generation in HAProxy's authz map
+	// listenerBroken is why the public listener needs a reload (a leaf
+	// swap broke it, see rotateLeaf); empty when it does not.
+	listenerBroken string
 }
 
 type upstreamWatch struct {
@@ -214,6 +218,7 @@ func New(cfg Config) (*Controller, error) {
 		return runtime.StartMaster(ctx, cfg.HAProxyBin, c.path("haproxy.cfg"), c.rt.Socket(), cfg.HAProxyOutput)
 	}
 	c.checkBind = checkBind
+	c.now = time.Now
 	return c, nil
 }
 
@@ -329,69 +334,47 @@ func (c *Controller) scheduleRetry(d time.Duration) {
 	c.retryAt = at
 }
 
-// reconcile moves HAProxy toward the desired state. Only a failure to start
-// HAProxy is returned; everything else is logged and retried.
+// reconcile moves HAProxy toward the desired state: it plans from the
+// desired and the applied state and executes the plan, and plans again at
+// once (a few times at most) when the executor reached something the plan
+// did not foresee. Only a failure to start HAProxy is returned; everything
+// else is logged and retried.
 func (c *Controller) reconcile(ctx context.Context) error {
-	d := &c.desired
-	if d.sidecar == nil {
+	if c.desired.sidecar == nil {
 		return nil
 	}
 	c.syncWatches(ctx)
-	if d.leaf == nil || d.roots == nil {
-		return nil
-	}
-	if c.master == nil {
-		for _, u := range d.sidecar.Upstreams {
-			if _, ok := d.endpoints[u.Name]; !ok {
-				if wait := c.cfg.InitialWait - time.Since(d.sidecarSince); wait > 0 {
-					c.scheduleRetry(wait)
-					return nil
-				}
-				c.log.Warn("starting before the first endpoint list of an upstream", zap.String("upstream", u.Name))
-			}
-		}
-		// Start with the endpoints already proven: their results come
-		// back as events within milliseconds, so wait for them too.
-		if c.pendingVerification(ctx) {
-			if wait := c.cfg.InitialWait - time.Since(d.sidecarSince); wait > 0 {
-				c.scheduleRetry(wait)
-				return nil
-			}
-			c.log.Warn("starting before every upstream endpoint is verified; they join as they prove their identity")
-		}
-		return c.start(ctx)
-	}
-
-	var reasons []string
-	if !d.sidecar.Equal(c.applied.sidecar) {
-		reasons = append(reasons, "registration: "+c.applied.sidecar.Diff(*d.sidecar))
-	}
-	if d.roots.PEM != c.applied.rootsPEM {
-		// HAProxy 2.6 breaks on "commit ssl ca-file" (haproxy GH #3165,
-		// fixed in 3.3): roots change by rewriting the file and reloading.
-		reasons = append(reasons, "CA roots changed")
-	}
-	if len(reasons) > 0 {
-		if wait := time.Until(c.reloadAfter); wait > 0 {
-			// A reload failed recently: retry later, and meanwhile keep the
-			// running configuration's endpoints and certificates current.
-			c.scheduleRetry(wait)
-		} else if c.reload(ctx, strings.Join(reasons, "; ")) {
-			return nil
+	for range maxReplans {
+		again, err := c.execute(ctx, plan(c.planInput()))
+		if err != nil || !again {
+			return err
 		}
 	}
-	if d.leaf.PEM != c.applied.leaf.PEM {
-		c.rotateLeaf(ctx)
-	}
-	c.applyAuthzGeneration(ctx)
-	c.applyEndpoints(ctx)
 	return nil
 }
 
-func (c *Controller) start(ctx context.Context) error {
-	sc := *c.desired.sidecar
-	tables := c.plannedTables(ctx)
-	gen := c.authz.Wanted()
+// maxReplans bounds the plans of one reconcile: a leaf swap that breaks
+// the listener, then a failed reload, then the rest on the running
+// configuration.
+const maxReplans = 3
+
+// planInput is the plan's input now.
+func (c *Controller) planInput() planInput {
+	return planInput{
+		now:         c.now(),
+		desired:     &c.desired,
+		applied:     &c.applied,
+		masterAlive: c.master != nil,
+		authzGen:    c.authz.Wanted(),
+		proofs:      c.ident,
+		pacing:      c.pacing,
+		initialWait: c.cfg.InitialWait,
+		minSlots:    c.cfg.MinSlots,
+	}
+}
+
+func (c *Controller) start(ctx context.Context, a startAction) error {
+	sc, tables, gen := a.sidecar, a.tables, a.gen
 	if err := c.writeConfig(c.spec(sc, tables), gen); err != nil {
 		return fmt.Errorf("render configuration: %w", err)
 	}
@@ -402,7 +385,7 @@ func (c *Controller) start(ctx context.Context) error {
 		return err
 	}
 	c.master = m
-	c.applied = applied{sidecar: sc, leaf: c.desired.leaf, rootsPEM: c.desired.roots.PEM, tables: tables, authzGen: gen}
+	c.applied = applied{known: true, sidecar: sc, leaf: a.leaf, rootsPEM: a.roots.PEM, tables: tables, authzGen: gen}
 	c.authzGenerationApplied(gen)
 	clear(c.desired.dirty)
 	c.ready.Store(true)

@@ -2,9 +2,9 @@ package controller
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
-	"slices"
 	"strconv"
 	"time"
 
@@ -17,13 +17,86 @@ import (
 	"github.com/haproxy-connect/haproxy-connect/slots"
 )
 
+// The executor: it takes the plan's actions (plan.go) to HAProxy and
+// records what HAProxy reached in c.applied and c.pacing, the next plan's
+// input. Every log line, metric and retry of applying state lives here.
+
+// execute takes acts in order. It reports again when what it reached moved
+// the applied state in a way acts did not foresee (a reload failed, a leaf
+// swap broke the public listener): then the rest of acts is dropped and
+// the caller plans again at once. Only a failure to start or adopt HAProxy
+// is returned; everything else is logged and retried.
+func (c *Controller) execute(ctx context.Context, acts []action) (again bool, err error) {
+	for _, a := range acts {
+		switch a := a.(type) {
+		case waitAction:
+			c.scheduleRetry(a.at.Sub(c.now()))
+		case adoptAction:
+			return true, c.adopt(ctx)
+		case startAction:
+			for _, name := range a.missing {
+				c.log.Warn("starting before the first endpoint list of an upstream", zap.String("upstream", name))
+			}
+			if a.unverified {
+				c.log.Warn("starting before every upstream endpoint is verified; they join as they prove their identity")
+			}
+			return false, c.start(ctx, a)
+		case reloadAction:
+			if !c.reload(ctx, a) {
+				return true, nil
+			}
+		case rotateLeafAction:
+			if !c.rotateLeaf(ctx, a.leaf) {
+				return true, nil
+			}
+		case publishAuthzGenAction:
+			c.applyAuthzGeneration(ctx, a.gen)
+		case verifyAction:
+			c.track(ctx, a)
+		case settleAction:
+			for _, name := range a.upstreams {
+				delete(c.desired.dirty, name)
+			}
+		case runtimeBatchAction:
+			c.applyEndpoints(ctx, a)
+		default:
+			panic(fmt.Sprintf("controller: unknown action %T", a))
+		}
+	}
+	return false, nil
+}
+
+// adopt reads back the state of a running master this process did not
+// start into c.applied; the next plan reconciles it with the desired
+// state. readApplied is the lifecycle's (it needs the slot tables from
+// "show servers state", the served leaf from "show ssl cert", the authz
+// map); until it is set, finding a running master is an error.
+func (c *Controller) adopt(ctx context.Context) error {
+	if c.readApplied == nil {
+		return errors.New("a running haproxy was found, but reading back its state is not available")
+	}
+	ap, err := c.readApplied(ctx)
+	if err != nil {
+		return fmt.Errorf("adopt haproxy: %w", err)
+	}
+	ap.known = true
+	c.applied = ap
+	c.authzGenerationApplied(ap.authzGen)
+	// Every upstream is compared with what HAProxy serves.
+	for name := range c.desired.endpoints {
+		if _, ok := c.desired.dirty[name]; !ok {
+			c.desired.dirty[name] = c.now()
+		}
+	}
+	c.ready.Store(true)
+	c.metrics.setEndpoints(ap.tables)
+	c.log.Info("haproxy adopted", zap.String("master_socket", c.rt.Socket()), zap.Int("upstreams", len(ap.tables)))
+	return nil
+}
+
 // applyAuthzGeneration writes the intentions generation to the authz map
 // file (for the next reload) and to HAProxy's copy in memory.
-func (c *Controller) applyAuthzGeneration(ctx context.Context) {
-	gen := c.authz.Wanted()
-	if gen == c.applied.authzGen {
-		return
-	}
+func (c *Controller) applyAuthzGeneration(ctx context.Context, gen uint64) {
 	file := c.path("authz.map")
 	if err := certs.WriteFile(file, authzgen.MapContent(gen)); err != nil {
 		c.log.Error("authz generation: write map", zap.Error(err))
@@ -46,26 +119,6 @@ func (c *Controller) applyAuthzGeneration(ctx context.Context) {
 	c.applied.authzGen = gen
 	c.authzGenerationApplied(gen)
 	c.log.Debug("authz generation applied", zap.Uint64("generation", gen))
-}
-
-// plannedTables is the slot assignment to render into a new configuration:
-// each upstream's table moved to its desired endpoints and resized to have
-// room to grow, keeping slots where they are. Only endpoints that proved
-// their identity are placed.
-func (c *Controller) plannedTables(ctx context.Context) map[string]slots.Table {
-	out := map[string]slots.Table{}
-	for _, u := range c.desired.sidecar.Upstreams {
-		t, ok := c.applied.tables[u.Name]
-		if !ok {
-			t = slots.New(u.Name, bootstrap.SlotPrefix, c.cfg.MinSlots)
-		}
-		if eps, seen := c.desired.endpoints[u.Name]; seen {
-			eps, _ = c.verifiedEndpoints(ctx, u.Name, eps)
-			_, t, _ = slots.Plan(t, eps)
-		}
-		out[u.Name] = slots.Resize(t, slots.Size(t.Used(), c.cfg.MinSlots))
-	}
-	return out
 }
 
 func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.Spec {
@@ -113,10 +166,8 @@ func (c *Controller) writeConfig(spec bootstrap.Spec, authzGen uint64) error {
 
 // reload renders the desired configuration and reloads HAProxy; it reports
 // whether the reload was applied.
-func (c *Controller) reload(ctx context.Context, reason string) bool {
-	sc := *c.desired.sidecar
-	tables := c.plannedTables(ctx)
-	gen := c.authz.Wanted()
+func (c *Controller) reload(ctx context.Context, a reloadAction) bool {
+	sc, tables, gen, reason := a.sidecar, a.tables, a.gen, a.reason
 	if err := c.writeConfig(c.spec(sc, tables), gen); err != nil {
 		c.log.Error("reload skipped: configuration not rendered", zap.String("reason", reason), zap.Error(err))
 		c.reloadFailed()
@@ -130,9 +181,9 @@ func (c *Controller) reload(ctx context.Context, reason string) bool {
 			zap.Duration("retry_in", c.reloadFailed()))
 		return false
 	}
-	c.reloadBackoff, c.reloadAfter = 0, time.Time{}
+	c.pacing = c.pacing.reloaded()
 	c.metrics.reloads.Add(1)
-	c.applied = applied{sidecar: sc, leaf: c.desired.leaf, rootsPEM: c.desired.roots.PEM, tables: tables, authzGen: gen}
+	c.applied = applied{known: true, sidecar: sc, leaf: a.leaf, rootsPEM: a.roots.PEM, tables: tables, authzGen: gen}
 	c.authzGenerationApplied(gen)
 	clear(c.desired.dirty)
 	c.metrics.setEndpoints(tables)
@@ -143,10 +194,9 @@ func (c *Controller) reload(ctx context.Context, reason string) bool {
 // reloadFailed counts a failed reload and backs off the next attempt.
 func (c *Controller) reloadFailed() time.Duration {
 	c.metrics.reloadFailures.Add(1)
-	c.reloadBackoff = min(max(2*c.reloadBackoff, 5*time.Second), time.Minute)
-	c.reloadAfter = time.Now().Add(c.reloadBackoff)
-	c.scheduleRetry(c.reloadBackoff)
-	return c.reloadBackoff
+	c.pacing = c.pacing.reloadFailed(c.now())
+	c.scheduleRetry(c.pacing.reloadDelay)
+	return c.pacing.reloadDelay
 }
 
 // LeafSwapInterval is the least time between two run-time swaps of the
@@ -162,27 +212,23 @@ const LeafSwapInterval = 5 * time.Second
 // (through its crt-list entry: see bootstrap.RenderCrtList) and on every
 // upstream server that uses it as client certificate. Then a handshake
 // checks that the public listener serves the new leaf and still asks for
-// a client certificate; if not, a reload (which reads the written files)
-// restores it.
-func (c *Controller) rotateLeaf(ctx context.Context) {
-	leaf := c.desired.leaf
-	if wait := time.Until(c.lastLeafSwap.Add(LeafSwapInterval)); wait > 0 && time.Until(c.applied.leaf.NotAfter) > wait {
-		c.scheduleRetry(wait)
-		return
-	}
+// a client certificate; if not, it records the listener as broken and
+// reports false: the next plan reloads (which reads the written files) to
+// restore it.
+func (c *Controller) rotateLeaf(ctx context.Context, leaf *certs.Bundle) (ok bool) {
 	file := c.path("leaf.pem")
 	if err := certs.WriteFile(file, leaf.PEM); err != nil {
 		c.log.Error("leaf rotation: write file", zap.Error(err))
 		c.scheduleRetry(5 * time.Second)
-		return
+		return true
 	}
 	if err := c.rt.UpdateCert(ctx, file, leaf.PEM); err != nil {
 		c.log.Error("leaf rotation failed", zap.String("serial", leaf.Serial), zap.Error(err))
 		c.metrics.runtimeErrors.Add(1)
 		c.scheduleRetry(5 * time.Second)
-		return
+		return true
 	}
-	c.lastLeafSwap = time.Now()
+	c.pacing.leafSwappedAt = c.now()
 	c.applied.leaf = leaf
 	c.metrics.leafRotations.Add(1)
 	c.log.Info("leaf certificate rotated", zap.String("serial", leaf.Serial), zap.Time("not_after", leaf.NotAfter), zap.String("spiffe", leaf.SPIFFE))
@@ -202,8 +248,10 @@ func (c *Controller) rotateLeaf(ctx context.Context) {
 			reason = "public listener serves another leaf after the swap"
 		}
 		c.log.Error(reason, zap.Stringer("bind", bind), zap.String("want_serial", leaf.Serial), zap.String("served_serial", served))
-		c.reload(ctx, reason)
+		c.applied.listenerBroken = reason
+		return false
 	}
+	return true
 }
 
 // publicSNI is the public listener's crt-list filter: the service's Consul
@@ -219,50 +267,28 @@ func (c *Controller) publicSNI() string {
 }
 
 // applyEndpoints sends every upstream's slot operations in one batch.
-func (c *Controller) applyEndpoints(ctx context.Context) {
+func (c *Controller) applyEndpoints(ctx context.Context, batch runtimeBatchAction) {
 	type planned struct {
-		next    slots.Table
-		ops     int
-		first   int  // index of its first command in the batch
-		pending bool // endpoints still being verified: stays dirty
+		upstreamOps
+		cmds  int // its commands in the batch
+		first int // index of its first command in the batch
 	}
 	plans := map[string]planned{}
 	var cmds []runtime.Command
-	names := make([]string, 0, len(c.desired.dirty))
-	for name := range c.desired.dirty {
-		names = append(names, name)
-	}
-	slices.Sort(names)
-	for _, name := range names {
-		eps, seen := c.desired.endpoints[name]
-		table, applied := c.applied.tables[name]
-		if !seen || !applied {
-			continue // a new upstream: its reload applies it
-		}
-		// An endpoint carries no request before it proved its identity.
-		ok, pending := c.verifiedEndpoints(ctx, name, eps)
-		if pending && time.Since(c.desired.dirty[name]) < maxHold {
-			ok = holdLeaving(table, eps, ok)
-		}
-		eps = ok
-		ops, next, _ := slots.Plan(table, eps)
-		if len(ops) == 0 {
-			if !pending {
-				delete(c.desired.dirty, name)
-			}
-			continue
-		}
-		p := planned{next: next, first: len(cmds), pending: pending}
-		for _, op := range ops {
-			cmd, err := c.command(name, op)
+	for _, u := range batch.upstreams {
+		p := planned{upstreamOps: u, first: len(cmds)}
+		for _, op := range u.ops {
+			// The commands of one slot operation; more may follow it
+			// (for the same slot) here.
+			cmd, err := c.command(u.name, op)
 			if err != nil {
-				c.log.Error("cannot build runtime command", zap.String("upstream", name), zap.Error(err))
+				c.log.Error("cannot build runtime command", zap.String("upstream", u.name), zap.Error(err))
 				continue
 			}
 			cmds = append(cmds, cmd)
-			p.ops++
+			p.cmds++
 		}
-		plans[name] = p
+		plans[u.name] = p
 	}
 	if len(cmds) == 0 {
 		return
@@ -283,7 +309,7 @@ func (c *Controller) applyEndpoints(ctx context.Context) {
 	failed := false
 	for name, p := range plans {
 		var errs []error
-		for _, r := range rs[p.first : p.first+p.ops] {
+		for _, r := range rs[p.first : p.first+p.cmds] {
 			if r.Err != nil {
 				errs = append(errs, r.Err)
 			}
@@ -291,7 +317,7 @@ func (c *Controller) applyEndpoints(ctx context.Context) {
 		if len(errs) == 0 {
 			c.applied.tables[name] = p.next
 			if !p.pending {
-				c.metrics.propagation.observe(time.Since(c.desired.dirty[name]))
+				c.metrics.propagation.observe(time.Since(p.since))
 				delete(c.desired.dirty, name)
 			}
 			continue
