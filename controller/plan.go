@@ -250,23 +250,20 @@ func plan(in planInput) []action {
 }
 
 // planStart plans HAProxy's start. It waits up to InitialWait from the
-// registration for every upstream's first endpoint list, then for their
-// verification results (which come back within milliseconds), so that
-// HAProxy starts with endpoints; past it, it starts with what it has.
+// registration for every upstream's first endpoint list and for the
+// verification results of the endpoints listed (which come back within
+// milliseconds; they start as soon as a list is there), so that HAProxy
+// starts with endpoints; past it, it starts with what it has.
 func (in planInput) planStart() []action {
 	d := in.desired
-	deadline := d.sidecarSince.Add(in.initialWait)
+	tables, acts, pending := in.plannedTables()
 	var missing []string
 	for _, u := range d.sidecar.Upstreams {
 		if _, ok := d.endpoints[u.Name]; !ok {
-			if in.now.Before(deadline) {
-				return []action{waitAction{at: deadline}}
-			}
 			missing = append(missing, u.Name)
 		}
 	}
-	tables, acts, pending := in.plannedTables()
-	if pending && in.now.Before(deadline) {
+	if deadline := d.sidecarSince.Add(in.initialWait); (len(missing) > 0 || pending) && in.now.Before(deadline) {
 		return append(acts, waitAction{at: deadline})
 	}
 	return append(acts, startAction{sidecar: *d.sidecar, leaf: d.leaf, roots: d.roots, tables: tables,
