@@ -3,6 +3,13 @@
 // endpoints), plans desired - applied, and applies the plan to HAProxy as
 // runtime commands, or as a reload with a logged reason. It is the only
 // package that knows both Consul and HAProxy.
+//
+// Its parts: the sources (source_*.go, one per Consul watch, each on
+// watch.Loop; identity.go proves upstream endpoints' identity) publish the
+// desired state; plan (plan.go) turns the desired and the applied state
+// into actions without I/O; the executor (execute.go) takes them to
+// HAProxy and records what it reached as the applied state, the next
+// plan's input. Run, in this file, drives them.
 package controller
 
 import (
