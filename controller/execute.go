@@ -19,7 +19,8 @@ import (
 
 // The executor: it takes the plan's actions (plan.go) to HAProxy and
 // records what HAProxy reached in c.applied and c.pacing, the next plan's
-// input. Every log line, metric and retry of applying state lives here.
+// input. Every log line, metric and retry of applying state lives here
+// or in what it calls (start in controller.go, track in identity.go).
 
 // execute takes acts in order. It reports again when what it reached moved
 // the applied state in a way acts did not foresee (a reload failed, a leaf
@@ -278,8 +279,10 @@ func (c *Controller) applyEndpoints(ctx context.Context, batch runtimeBatchActio
 	for _, u := range batch.upstreams {
 		p := planned{upstreamOps: u, first: len(cmds)}
 		for _, op := range u.ops {
-			// The commands of one slot operation; more may follow it
-			// (for the same slot) here.
+			// The commands of one slot operation. Any other command an
+			// op needs (for the same slot) is appended here too and
+			// counted in p.cmds, so that its reply is checked with the
+			// upstream's and a failure re-reads the backend.
 			cmd, err := c.command(u.name, op)
 			if err != nil {
 				c.log.Error("cannot build runtime command", zap.String("upstream", u.name), zap.Error(err))
