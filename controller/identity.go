@@ -306,7 +306,7 @@ func (c *Controller) verified(d *desired, k string, ch *idCheck, res verify.Resu
 	if c.ident.checks[k] != ch {
 		return // dropped meanwhile: no upstream lists it
 	}
-	now := time.Now()
+	now := c.now()
 	ch.at, ch.shown, ch.serial = now, res.ID, res.Serial
 	wasGood := ch.good
 	log := c.log.With(zap.Strings("upstreams", keys(ch.users)), zap.String("instance", ch.instance),
@@ -383,7 +383,7 @@ func keys(m map[string]struct{}) []string {
 // sweepIdentities renews due proofs of listed endpoints and drops results
 // that no current upstream lists.
 func (c *Controller) sweepIdentities(ctx context.Context, d *desired) {
-	now := time.Now()
+	now := c.now()
 	for k, ch := range c.ident.checks {
 		for u := range ch.users {
 			if _, ok := d.endpoints[u]; !ok {

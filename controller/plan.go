@@ -284,7 +284,7 @@ func (in planInput) plannedTables() (tables map[string]slots.Table, verify []act
 			t = slots.New(u.Name, bootstrap.SlotPrefix, in.minSlots)
 		}
 		if eps, seen := d.endpoints[u.Name]; seen {
-			ok, p, v := in.verifiedEndpoints(u.Name, eps)
+			ok, p, v := in.verifiedEndpoints(u.Name, eps, t)
 			if v != nil {
 				verify = append(verify, *v)
 			}
@@ -316,7 +316,7 @@ func (in planInput) planEndpoints() []action {
 			continue // a new upstream: its reload applies it
 		}
 		// An endpoint carries no request before it proved its identity.
-		ok, pending, v := in.verifiedEndpoints(name, eps)
+		ok, pending, v := in.verifiedEndpoints(name, eps, table)
 		if v != nil {
 			acts = append(acts, *v)
 		}
@@ -345,7 +345,14 @@ func (in planInput) planEndpoints() []action {
 // its identity and whether some endpoint has no result yet, and the
 // verifyAction that records its list and starts the verifications that are
 // missing or due (nil when there is nothing to record or start).
-func (in planInput) verifiedEndpoints(name string, eps []slots.Endpoint) (ok []slots.Endpoint, pending bool, v *verifyAction) {
+//
+// An endpoint with no result yet that serving (what HAProxy runs) already
+// serves is kept: it was proven before it was placed, by this process or,
+// for an adopted HAProxy, by the one before, whose results this one does
+// not have. Its slot stays while it is proven again, as a re-proof never
+// takes a proven endpoint out of service (see verified); so adoption does
+// not park every endpoint until its first verification here.
+func (in planInput) verifiedEndpoints(name string, eps []slots.Endpoint, serving slots.Table) (ok []slots.Endpoint, pending bool, v *verifyAction) {
 	d := in.desired
 	u, found := d.sidecar.upstream(name)
 	if !found {
@@ -358,6 +365,12 @@ func (in planInput) verifiedEndpoints(name string, eps []slots.Endpoint) (ok []s
 		return nil, false, &verifyAction{upstream: name, err: err}
 	}
 	insts := d.instances[name]
+	served := make(map[string]bool, len(serving.Slots))
+	for _, s := range serving.Slots {
+		if s.Used {
+			served[s.Key()] = true
+		}
+	}
 	query := u.Type == string(api.UpstreamDestTypePreparedQuery)
 	prev := in.proofs.listed(name)
 	checks := make([]checkRef, 0, len(eps))
@@ -385,6 +398,9 @@ func (in planInput) verifiedEndpoints(name string, eps []slots.Endpoint) (ok []s
 			ok = append(ok, e)
 		case !p.known:
 			pending = true
+			if served[addr] {
+				ok = append(ok, e)
+			}
 		}
 	}
 	if changed || len(checks) != len(prev) {

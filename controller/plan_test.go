@@ -430,6 +430,26 @@ func TestPlanTranscript(t *testing.T) {
 				s.endpoints("up_db", ep(5, 21000))
 			}, []string{"adopt", "settle up_api up_db"}},
 		}},
+		{"adopted by a process with no verification results: the served endpoints keep their slots while proven again", nil, []step{
+			{"adopted, endpoint 2 unreachable for verification", 0, func(s *planSim) {
+				runningMaster(s, *sidecar(api, db), leaf1, "root-1", map[string][]slots.Endpoint{"up_api": {ep(1, 21000), ep(2, 21000)}, "up_db": {ep(5, 21000)}})
+				unproven(s)
+				s.inflight["10.0.0.2:21000"] = true
+				s.endpoints("up_api", ep(1, 21000), ep(2, 21000))
+				s.endpoints("up_db", ep(5, 21000))
+			}, []string{
+				"adopt",
+				"verify up_api: 10.0.0.1:21000 10.0.0.2:21000",
+				"verify up_db: 10.0.0.5:21000",
+				// The results of 1 and 5 came back: db settles, api
+				// waits for 2, which keeps its slot.
+				"settle up_db",
+			}},
+			{"2 fails to prove its identity: parked", time.Second, func(s *planSim) {
+				k := "spiffe://td.consul/ns/default/dc/dc1/svc/api 10.0.0.2:21000"
+				s.proofs.checks[k] = proof{known: true, good: false}
+			}, []string{"batch: set server up_api/s2 state maint"}},
+		}},
 		{"adopted state with another upstream set: exactly one reload", nil, []step{
 			{"adopted with api only, db added meanwhile", 0, func(s *planSim) {
 				runningMaster(s, *sidecar(api), leaf1, "root-1", map[string][]slots.Endpoint{"up_api": {ep(1, 21000), ep(2, 21000)}})
@@ -463,7 +483,8 @@ func TestPlanTranscript(t *testing.T) {
 }
 
 // runningMaster is a master this process did not start, alive, whose
-// read-back state serves sc with these endpoints, all of them proven.
+// read-back state serves sc with these endpoints, all of them proven (as
+// if this process had proven them too; see unproven).
 func runningMaster(s *planSim, sc Sidecar, leaf *certs.Bundle, rootsPEM string, eps map[string][]slots.Endpoint) {
 	s.masterAlive = true
 	s.readBack = applied{known: true, sidecar: sc, leaf: leaf, rootsPEM: rootsPEM, tables: map[string]slots.Table{}}
@@ -482,6 +503,13 @@ func runningMaster(s *planSim, sc Sidecar, leaf *certs.Bundle, rootsPEM string, 
 }
 
 // testLeaf is a leaf of the web service.
+// unproven forgets every verification result: a new process adopting a
+// master has none.
+func unproven(s *planSim) {
+	clear(s.proofs.checks)
+	clear(s.proofs.lists)
+}
+
 func testLeaf(t *testing.T) *certs.Bundle {
 	t.Helper()
 	return &certs.Bundle{PEM: "leaf", Serial: "00", NotAfter: t0.Add(72 * time.Hour), SPIFFE: "spiffe://td.consul/ns/default/dc/dc1/svc/web"}

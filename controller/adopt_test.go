@@ -1,0 +1,148 @@
+package controller
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/hashicorp/consul/api"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/haproxy-connect/haproxy-connect/certs"
+	"github.com/haproxy-connect/haproxy-connect/runtime"
+	"github.com/haproxy-connect/haproxy-connect/slots"
+	"github.com/haproxy-connect/haproxy-connect/testenv"
+	"github.com/haproxy-connect/haproxy-connect/verify"
+)
+
+// TestAdoptTranscript: a master found running (not started by this
+// controller) is adopted through readApplied before anything else, and
+// the exact runtime transcript that follows reconciles it with the
+// desired state: nothing when they agree, runtime commands for endpoint
+// changes, exactly one reload for another upstream set. Without
+// readApplied, finding a master is an error.
+func TestAdoptTranscript(t *testing.T) {
+	ca := testenv.NewCA(t, "root")
+	cert, key := ca.Leaf(t, "spiffe://td.consul/ns/default/dc/dc1/svc/web")
+	leaf, err := certs.NewBundle(cert, key, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots, err := certs.NewRoots([]string{ca.CertPEM})
+	if err != nil {
+		t.Fatal(err)
+	}
+	api9, db := up("api", 9191), up("db", 9192)
+	// served is what the running master serves: sc, with eps per
+	// upstream in 8 slots, the leaf and the roots, generation 0.
+	served := func(sc *Sidecar, eps map[string][]slots.Endpoint) applied {
+		ap := applied{sidecar: *sc, leaf: &leaf, rootsPEM: roots.PEM, tables: map[string]slots.Table{}}
+		for _, u := range sc.Upstreams {
+			_, ap.tables[u.Name], _ = slots.Plan(slots.New(u.Name, "s", 8), eps[u.Name])
+		}
+		return ap
+	}
+	tests := []struct {
+		name    string
+		serving *applied // nil: no readApplied
+		desired *Sidecar
+		eps     map[string][]slots.Endpoint
+		want    []string
+		wantErr bool
+		reloads uint64
+	}{
+		{
+			name:    "the same state: nothing sent",
+			serving: ptr(served(sidecar(api9, db), map[string][]slots.Endpoint{"up_api": {ep(1, 21000), ep(2, 21000)}, "up_db": {ep(5, 21000)}})),
+			desired: sidecar(api9, db),
+			eps:     map[string][]slots.Endpoint{"up_api": {ep(1, 21000), ep(2, 21000)}, "up_db": {ep(5, 21000)}},
+			want:    nil,
+		},
+		{
+			name:    "endpoints changed while away: runtime commands, no reload",
+			serving: ptr(served(sidecar(api9, db), map[string][]slots.Endpoint{"up_api": {ep(1, 21000), ep(2, 21000)}, "up_db": {ep(5, 21000)}})),
+			desired: sidecar(api9, db),
+			eps:     map[string][]slots.Endpoint{"up_api": {ep(2, 21000), ep(3, 21000)}, "up_db": {ep(5, 21000)}},
+			want: []string{
+				"@1 set server up_api/s1 addr 10.0.0.3 port 21000",
+			},
+		},
+		{
+			name:    "an upstream added while away: exactly one reload",
+			serving: ptr(served(sidecar(api9), map[string][]slots.Endpoint{"up_api": {ep(1, 21000)}})),
+			desired: sidecar(api9, db),
+			eps:     map[string][]slots.Endpoint{"up_api": {ep(1, 21000)}, "up_db": {ep(5, 21000)}},
+			want: []string{
+				"reload: registration: upstream up_db added",
+				"@1 set server up_db/s1 addr 10.0.0.5 port 21000",
+				"@1 set server up_db/s1 state ready",
+			},
+			reloads: 1,
+		},
+		{
+			name:    "no way to read the state back: an error, nothing sent",
+			desired: sidecar(api9),
+			eps:     map[string][]slots.Endpoint{"up_api": {ep(1, 21000)}},
+			wantErr: true,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := New(Config{Consul: api.DefaultConfig(), ProxyID: "web-sidecar-proxy", StateDir: t.TempDir(), SPOASocket: "/state/spoa.sock", Log: zaptest.NewLogger(t)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			fake := &fakeHAProxy{}
+			c.rt = fake
+			c.ident.verify = func(_ context.Context, _ verify.Config, _, want string) (verify.Result, error) {
+				return verify.Result{ID: want}, nil
+			}
+			c.startMaster = func(context.Context) (*runtime.Master, error) {
+				return nil, errors.New("a master runs already: nothing may start another")
+			}
+			// The lifecycle found a running master.
+			c.master = &runtime.Master{}
+			if tt.serving != nil {
+				c.readApplied = func(context.Context) (applied, error) { return *tt.serving, nil }
+			}
+			for _, u := range tt.desired.Upstreams {
+				c.watches[u.Name] = &upstreamWatch{up: u, cancel: func() {}}
+			}
+			c.leafFor, c.leafStop = "web", func() {}
+			d := &c.desired
+			d.sidecar, d.sidecarSince, d.leaf, d.roots = tt.desired, time.Now(), &leaf, &roots
+			for name, eps := range tt.eps {
+				d.setEndpoints(name, eps, time.Now())
+			}
+			if err := c.reconcile(context.Background()); (err != nil) != tt.wantErr {
+				t.Fatalf("reconcile: %v, want error %v", err, tt.wantErr)
+			}
+			if tt.wantErr {
+				if got := fake.take(); len(got) > 0 {
+					t.Errorf("sent %q", got)
+				}
+				return
+			}
+			// The verifications it started come back; reconcile again
+			// until nothing is left, as the loop does.
+			settle(t, c)
+			if diff := cmp.Diff(tt.want, fake.take()); diff != "" {
+				t.Errorf("transcript (-want +got):\n%s", diff)
+			}
+			if got := c.metrics.Reloads(); got != tt.reloads {
+				t.Errorf("%d reloads, want %d", got, tt.reloads)
+			}
+			if !c.applied.known || !c.Ready() {
+				t.Errorf("after adoption: applied known %v, ready %v", c.applied.known, c.Ready())
+			}
+			if fmt.Sprint(c.applied.tables["up_api"].Endpoints()) != fmt.Sprint(tt.eps["up_api"]) {
+				t.Errorf("up_api serves %v, want %v", c.applied.tables["up_api"].Endpoints(), tt.eps["up_api"])
+			}
+		})
+	}
+}
+
+func ptr[T any](v T) *T { return &v }
