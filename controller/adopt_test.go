@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -46,13 +48,14 @@ func TestAdoptTranscript(t *testing.T) {
 		return ap
 	}
 	tests := []struct {
-		name    string
-		serving *applied // nil: no readApplied
-		desired *Sidecar
-		eps     map[string][]slots.Endpoint
-		want    []string
-		wantErr bool
-		reloads uint64
+		name     string
+		serving  *applied // nil: no readApplied
+		desired  *Sidecar
+		eps      map[string][]slots.Endpoint
+		impostor string // an address that proves another identity
+		want     []string
+		wantErr  bool
+		reloads  uint64
 	}{
 		{
 			name:    "the same state: nothing sent",
@@ -69,6 +72,14 @@ func TestAdoptTranscript(t *testing.T) {
 			want: []string{
 				"@1 set server up_api/s1 addr 10.0.0.3 port 21000",
 			},
+		},
+		{
+			name:     "a served endpoint proven again shows another identity: parked",
+			serving:  ptr(served(sidecar(api9), map[string][]slots.Endpoint{"up_api": {ep(1, 21000), ep(2, 21000)}})),
+			desired:  sidecar(api9),
+			eps:      map[string][]slots.Endpoint{"up_api": {ep(1, 21000), ep(2, 21000)}},
+			impostor: "10.0.0.2:21000",
+			want:     []string{"@1 set server up_api/s2 state maint"},
 		},
 		{
 			name:    "an upstream added while away: exactly one reload",
@@ -97,7 +108,16 @@ func TestAdoptTranscript(t *testing.T) {
 			}
 			fake := &fakeHAProxy{}
 			c.rt = fake
-			c.ident.verify = func(_ context.Context, _ verify.Config, _, want string) (verify.Result, error) {
+			var mu sync.Mutex
+			var verified []string
+			c.ident.verify = func(_ context.Context, _ verify.Config, addr, want string) (verify.Result, error) {
+				mu.Lock()
+				verified = append(verified, addr)
+				mu.Unlock()
+				if addr == tt.impostor {
+					const other = "spiffe://td.consul/ns/default/dc/dc1/svc/other"
+					return verify.Result{ID: other}, fmt.Errorf("%w: %s", verify.ErrMismatch, other)
+				}
 				return verify.Result{ID: want}, nil
 			}
 			c.startMaster = func(context.Context) (*runtime.Master, error) {
@@ -138,8 +158,18 @@ func TestAdoptTranscript(t *testing.T) {
 			if !c.applied.known || !c.Ready() {
 				t.Errorf("after adoption: applied known %v, ready %v", c.applied.known, c.Ready())
 			}
-			if fmt.Sprint(c.applied.tables["up_api"].Endpoints()) != fmt.Sprint(tt.eps["up_api"]) {
-				t.Errorf("up_api serves %v, want %v", c.applied.tables["up_api"].Endpoints(), tt.eps["up_api"])
+			wantServed := slices.DeleteFunc(slices.Clone(tt.eps["up_api"]), func(e slots.Endpoint) bool { return e.Key() == tt.impostor })
+			if fmt.Sprint(c.applied.tables["up_api"].Endpoints()) != fmt.Sprint(wantServed) {
+				t.Errorf("up_api serves %v, want %v", c.applied.tables["up_api"].Endpoints(), wantServed)
+			}
+			// Every endpoint is proven by this process, the adopted
+			// ones included.
+			for _, eps := range tt.eps {
+				for _, e := range eps {
+					if !slices.Contains(verified, e.Key()) {
+						t.Errorf("%s never verified (verified: %v)", e.Key(), verified)
+					}
+				}
 			}
 		})
 	}

@@ -83,6 +83,9 @@ func (c *Controller) adopt(ctx context.Context) error {
 	ap.known = true
 	c.applied = ap
 	c.authzGenerationApplied(ap.authzGen)
+	for _, v := range inheritedChecks(&c.desired, &c.applied) {
+		c.ident.inherit(v, c.now())
+	}
 	// Every upstream is compared with what HAProxy serves.
 	for name := range c.desired.endpoints {
 		if _, ok := c.desired.dirty[name]; !ok {

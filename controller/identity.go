@@ -202,6 +202,17 @@ func (id *identities) proof(k string, now time.Time) (proof, bool) {
 // listed implements proofs for the plan.
 func (id *identities) listed(upstream string) map[string]struct{} { return id.listedBy[upstream] }
 
+// inherit records v's checks as proven and due (see inheritedChecks), but
+// those it already has.
+func (id *identities) inherit(v verifyAction, now time.Time) {
+	for _, r := range v.checks {
+		if id.checks[r.key] == nil {
+			id.checks[r.key] = &idCheck{want: r.want, addr: r.addr, users: map[string]struct{}{}, alpn: v.alpn,
+				instance: r.instance, known: true, good: true, due: now}
+		}
+	}
+}
+
 // track records the endpoints v lists for its upstream, starts the
 // verifications that are missing or due, and drops the results no
 // upstream lists any more (so an endpoint that comes back is proven

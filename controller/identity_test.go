@@ -46,7 +46,7 @@ func BenchmarkVerifiedEndpoints(b *testing.B) {
 	in := c.planInput()
 	b.ResetTimer()
 	for b.Loop() {
-		if ok, pending, v := in.verifiedEndpoints("up_api", eps, slots.Table{}); len(ok) != len(eps) || pending || v != nil {
+		if ok, pending, v := in.verifiedEndpoints("up_api", eps); len(ok) != len(eps) || pending || v != nil {
 			b.Fatalf("%d of %d proven, pending %v, verify %v", len(ok), len(eps), pending, v)
 		}
 	}

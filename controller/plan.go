@@ -284,7 +284,7 @@ func (in planInput) plannedTables() (tables map[string]slots.Table, verify []act
 			t = slots.New(u.Name, bootstrap.SlotPrefix, in.minSlots)
 		}
 		if eps, seen := d.endpoints[u.Name]; seen {
-			ok, p, v := in.verifiedEndpoints(u.Name, eps, t)
+			ok, p, v := in.verifiedEndpoints(u.Name, eps)
 			if v != nil {
 				verify = append(verify, *v)
 			}
@@ -316,7 +316,7 @@ func (in planInput) planEndpoints() []action {
 			continue // a new upstream: its reload applies it
 		}
 		// An endpoint carries no request before it proved its identity.
-		ok, pending, v := in.verifiedEndpoints(name, eps, table)
+		ok, pending, v := in.verifiedEndpoints(name, eps)
 		if v != nil {
 			acts = append(acts, *v)
 		}
@@ -345,14 +345,7 @@ func (in planInput) planEndpoints() []action {
 // its identity and whether some endpoint has no result yet, and the
 // verifyAction that records its list and starts the verifications that are
 // missing or due (nil when there is nothing to record or start).
-//
-// An endpoint with no result yet that serving (what HAProxy runs) already
-// serves is kept: it was proven before it was placed, by this process or,
-// for an adopted HAProxy, by the one before, whose results this one does
-// not have. Its slot stays while it is proven again, as a re-proof never
-// takes a proven endpoint out of service (see verified); so adoption does
-// not park every endpoint until its first verification here.
-func (in planInput) verifiedEndpoints(name string, eps []slots.Endpoint, serving slots.Table) (ok []slots.Endpoint, pending bool, v *verifyAction) {
+func (in planInput) verifiedEndpoints(name string, eps []slots.Endpoint) (ok []slots.Endpoint, pending bool, v *verifyAction) {
 	d := in.desired
 	u, found := d.sidecar.upstream(name)
 	if !found {
@@ -365,12 +358,6 @@ func (in planInput) verifiedEndpoints(name string, eps []slots.Endpoint, serving
 		return nil, false, &verifyAction{upstream: name, err: err}
 	}
 	insts := d.instances[name]
-	served := make(map[string]bool, len(serving.Slots))
-	for _, s := range serving.Slots {
-		if s.Used {
-			served[s.Key()] = true
-		}
-	}
 	query := u.Type == string(api.UpstreamDestTypePreparedQuery)
 	prev := in.proofs.listed(name)
 	checks := make([]checkRef, 0, len(eps))
@@ -398,15 +385,45 @@ func (in planInput) verifiedEndpoints(name string, eps []slots.Endpoint, serving
 			ok = append(ok, e)
 		case !p.known:
 			pending = true
-			if served[addr] {
-				ok = append(ok, e)
-			}
 		}
 	}
 	if changed || len(checks) != len(prev) {
 		v = &verifyAction{upstream: name, alpn: alpnList(u.Protocol), checks: checks}
 	}
 	return ok, pending, v
+}
+
+// inheritedChecks lists, per upstream, the identity checks of the
+// endpoints an adopted HAProxy serves. They were proven before they were
+// placed, by the process that placed them, whose results this one does not
+// have: the executor records them as proven and due, so they keep their
+// slots while they are proven again at once (as a re-proof never takes a
+// proven endpoint out of service, see Controller.verified) instead of
+// being parked until their first proof here. One that proves another
+// identity is parked then.
+func inheritedChecks(d *desired, ap *applied) []verifyAction {
+	var out []verifyAction
+	for _, u := range ap.sidecar.Upstreams {
+		t, ok := ap.tables[u.Name]
+		if !ok {
+			continue
+		}
+		insts := d.instances[u.Name]
+		v := verifyAction{upstream: u.Name, alpn: alpnList(u.Protocol)}
+		for _, s := range t.Slots {
+			if !s.Used {
+				continue
+			}
+			addr := s.Key()
+			want, err := wantID(d.leaf, d.roots, u, insts[addr])
+			if err != nil {
+				continue // not proven here: its first proof places it
+			}
+			v.checks = append(v.checks, checkRef{key: want + " " + addr, want: want, addr: addr, instance: insts[addr].id})
+		}
+		out = append(out, v)
+	}
+	return out
 }
 
 // upstream is the upstream named name.

@@ -106,12 +106,25 @@ func (s *planSim) step() []string {
 // upstreams listing it are planned again.
 func (s *planSim) deliverResults() {
 	for _, r := range s.results {
-		s.proofs.checks[r.key] = proof{known: true, good: true, instance: r.instance}
-		if _, ok := s.d.dirty[r.upstream]; !ok {
-			s.d.dirty[r.upstream] = s.now
-		}
+		s.result(r.upstream, r.key, true)
 	}
 	s.results = nil
+}
+
+// result records a verification result of key, listed by upstream, as
+// Controller.verified does: a result that changes nothing for a proven
+// endpoint plans nothing.
+func (s *planSim) result(upstream, key string, good bool) {
+	p := s.proofs.checks[key]
+	wasGood := p.good
+	p.known, p.good, p.due = true, good, false
+	s.proofs.checks[key] = p
+	if good && wasGood {
+		return
+	}
+	if _, ok := s.d.dirty[upstream]; !ok {
+		s.d.dirty[upstream] = s.now
+	}
 }
 
 // take models execute: it reports whether execute would plan again.
@@ -122,6 +135,13 @@ func (s *planSim) take(acts []action) (again bool) {
 			// execute.adopt: the applied state read back, every upstream
 			// compared with it.
 			s.ap = s.readBack
+			for _, v := range inheritedChecks(&s.d, &s.ap) {
+				for _, r := range v.checks {
+					if _, ok := s.proofs.checks[r.key]; !ok {
+						s.proofs.checks[r.key] = proof{known: true, good: true, due: true, instance: r.instance}
+					}
+				}
+			}
 			for name := range s.d.endpoints {
 				if _, ok := s.d.dirty[name]; !ok {
 					s.d.dirty[name] = s.now
@@ -154,10 +174,12 @@ func (s *planSim) take(acts []action) (again bool) {
 			list := map[string]struct{}{}
 			for _, r := range a.checks {
 				list[r.key] = struct{}{}
-				if _, ok := s.proofs.checks[r.key]; !ok {
-					// A new check is in flight; it proves the identity
-					// at once, unless the scenario holds it in flight.
-					s.proofs.checks[r.key] = proof{instance: r.instance}
+				if p, ok := s.proofs.checks[r.key]; !ok || p.due {
+					// A new or due check is in flight; it proves the
+					// identity at once, unless the scenario holds it in
+					// flight.
+					p.due, p.instance = false, r.instance
+					s.proofs.checks[r.key] = p
 					if !s.inflight[r.addr] {
 						s.results = append(s.results, checkResult{upstream: a.upstream, key: r.key, instance: r.instance})
 					}
@@ -441,13 +463,12 @@ func TestPlanTranscript(t *testing.T) {
 				"adopt",
 				"verify up_api: 10.0.0.1:21000 10.0.0.2:21000",
 				"verify up_db: 10.0.0.5:21000",
-				// The results of 1 and 5 came back: db settles, api
-				// waits for 2, which keeps its slot.
-				"settle up_db",
+				// Proven by the process before: nothing changes while
+				// they are proven again (2 keeps its slot meanwhile).
+				"settle up_api up_db",
 			}},
-			{"2 fails to prove its identity: parked", time.Second, func(s *planSim) {
-				k := "spiffe://td.consul/ns/default/dc/dc1/svc/api 10.0.0.2:21000"
-				s.proofs.checks[k] = proof{known: true, good: false}
+			{"2 proves another identity: parked", time.Second, func(s *planSim) {
+				s.result("up_api", "spiffe://td.consul/ns/default/dc/dc1/svc/api 10.0.0.2:21000", false)
 			}, []string{"batch: set server up_api/s2 state maint"}},
 		}},
 		{"adopted state with another upstream set: exactly one reload", nil, []step{
