@@ -15,6 +15,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/haproxy-connect/haproxy-connect/authzgen"
 	"github.com/haproxy-connect/haproxy-connect/input"
 	"github.com/haproxy-connect/haproxy-connect/slots"
 )
@@ -98,11 +99,13 @@ const (
 	PublicFrontend = "public_listener"
 	LocalBackend   = "local_app"
 	SPOEBackend    = "spoe_agents"
-	SPOEEngine     = "intentions"
-	SPOEGroup      = "authz"
-	VarPrefix      = "hc"
+	// The SPOE and authz map names are the authorization protocol's
+	// (package authzgen), shared with the agent and the controller.
+	SPOEEngine = authzgen.Engine
+	SPOEGroup  = authzgen.Group
+	VarPrefix  = authzgen.VarPrefix
 	// AuthzGenKey is the AuthzMap key holding the intentions generation.
-	AuthzGenKey = "gen"
+	AuthzGenKey = authzgen.MapKey
 	SlotPrefix  = "s"
 	// AuthzCacheSize bounds the client certificates a tcp listener's
 	// worker remembers an allow for (see Render); past it HAProxy drops
@@ -429,12 +432,12 @@ func renderConfig(s Spec) (string, error) {
 		// closed without a response, which the calling sidecar retries on a
 		// new connection, so on the new worker; otherwise 503. A deny is
 		// 403. Nothing reaches the application without an allow.
-		w("    acl authz_stale str(%s),map_str_int(%s,0),sub(sess.%s.gen) -m int gt 0", AuthzGenKey, s.AuthzMap, VarPrefix)
-		w("    http-request unset-var(sess.%s.allowed) if authz_stale", VarPrefix)
-		w("    http-request send-spoe-group %s %s if !{ var(sess.%s.allowed) -m found }", SPOEEngine, SPOEGroup, VarPrefix)
-		w("    http-request reject if !{ var(sess.%s.allowed) -m found } { stopping }", VarPrefix)
-		w("    http-request deny deny_status 503 unless { var(sess.%s.allowed) -m found }", VarPrefix)
-		w("    http-request deny deny_status 403 unless { var(sess.%s.allowed) -m bool }", VarPrefix)
+		w("    acl authz_stale str(%s),map_str_int(%s,0),sub(%s) -m int gt 0", AuthzGenKey, s.AuthzMap, authzgen.SessVar(authzgen.VarGen))
+		w("    http-request unset-var(%s) if authz_stale", authzgen.SessVar(authzgen.VarAllowed))
+		w("    http-request send-spoe-group %s %s if !{ var(%s) -m found }", SPOEEngine, SPOEGroup, authzgen.SessVar(authzgen.VarAllowed))
+		w("    http-request reject if !{ var(%s) -m found } { stopping }", authzgen.SessVar(authzgen.VarAllowed))
+		w("    http-request deny deny_status 503 unless { var(%s) -m found }", authzgen.SessVar(authzgen.VarAllowed))
+		w("    http-request deny deny_status 403 unless { var(%s) -m bool }", authzgen.SessVar(authzgen.VarAllowed))
 	} else {
 		// A connection is authorized once, before its first byte reaches
 		// the application. An allow is remembered per worker, by the
@@ -454,11 +457,11 @@ func renderConfig(s Spec) (string, error) {
 		w("    tcp-request content track-sc0 ssl_c_sha1")
 		w("    tcp-request content set-var(txn.%s.cached) sc0_get_gpt0", VarPrefix)
 		w("    acl authz_cached str(%s),map_str_int(%s,0),add(1),sub(txn.%s.cached) -m int eq 0", AuthzGenKey, s.AuthzMap, VarPrefix)
-		w("    tcp-request content set-var(sess.%s.allowed) bool(1) if authz_cached", VarPrefix)
-		w("    tcp-request content set-var(sess.%s.source) str(cached) if authz_cached", VarPrefix)
-		w("    tcp-request content send-spoe-group %s %s if !{ var(sess.%s.allowed) -m found }", SPOEEngine, SPOEGroup, VarPrefix)
-		w("    tcp-request content sc-set-gpt0(0) var(sess.%s.gen),add(1) if { var(sess.%s.allowed) -m bool } !authz_cached", VarPrefix, VarPrefix)
-		w("    tcp-request content reject unless { var(sess.%s.allowed) -m bool }", VarPrefix)
+		w("    tcp-request content set-var(%s) bool(1) if authz_cached", authzgen.SessVar(authzgen.VarAllowed))
+		w("    tcp-request content set-var(%s) str(cached) if authz_cached", authzgen.SessVar(authzgen.VarSource))
+		w("    tcp-request content send-spoe-group %s %s if !{ var(%s) -m found }", SPOEEngine, SPOEGroup, authzgen.SessVar(authzgen.VarAllowed))
+		w("    tcp-request content sc-set-gpt0(0) var(%s),add(1) if { var(%s) -m bool } !authz_cached", authzgen.SessVar(authzgen.VarGen), authzgen.SessVar(authzgen.VarAllowed))
+		w("    tcp-request content reject unless { var(%s) -m bool }", authzgen.SessVar(authzgen.VarAllowed))
 	}
 	if s.AccessLog {
 		if mode == "http" {
@@ -689,10 +692,10 @@ func RenderSPOE(s Spec) (string, error) {
 	b.WriteString("    timeout processing 1s\n")
 	fmt.Fprintf(&b, "    use-backend %s\n", SPOEBackend)
 	b.WriteString("\n")
-	b.WriteString("spoe-message authorize\n")
-	b.WriteString("    args cert=ssl_c_der\n")
+	fmt.Fprintf(&b, "spoe-message %s\n", authzgen.Message)
+	fmt.Fprintf(&b, "    args %s=ssl_c_der\n", authzgen.ArgCert)
 	fmt.Fprintf(&b, "\nspoe-group %s\n", SPOEGroup)
-	b.WriteString("    messages authorize\n")
+	fmt.Fprintf(&b, "    messages %s\n", authzgen.Message)
 	return b.String(), nil
 }
 
@@ -728,4 +731,4 @@ func RenderFiles(s Spec, gen uint64) (cfg string, files []File, err error) {
 }
 
 // RenderAuthzMap is the content of the authz map for generation gen.
-func RenderAuthzMap(gen uint64) string { return fmt.Sprintf("%s %d\n", AuthzGenKey, gen) }
+func RenderAuthzMap(gen uint64) string { return authzgen.MapContent(gen) }

@@ -14,6 +14,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/haproxy-connect/haproxy-connect/authzgen"
 	"github.com/haproxy-connect/haproxy-connect/bootstrap"
 	"github.com/haproxy-connect/haproxy-connect/certs"
 	"github.com/haproxy-connect/haproxy-connect/runtime"
@@ -40,15 +41,18 @@ import (
 // that runs but cannot be adopted is killed, with its workers: starting a
 // second HAProxy beside it would share its ports (SO_REUSEPORT) and split
 // the traffic with a configuration nobody steers.
-func (c *Controller) findMaster(ctx context.Context) (*runtime.Master, runtime.ProcList) {
+func (c *Controller) findMaster(ctx context.Context) *runtime.Master {
 	fctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	m, pl, err := runtime.FindMaster(fctx, c.rt.Socket(), c.path(PIDFile))
 	switch {
 	case err == nil:
-		return m, pl
+		cur, _ := pl.Current()
+		c.log.Info("found a running haproxy to adopt", zap.Int("master_pid", m.PID()), zap.Int("worker_pid", cur.PID),
+			zap.Int("reloads", pl.Master.Reloads))
+		return m
 	case errors.Is(err, runtime.ErrNoMaster):
-		return nil, runtime.ProcList{}
+		return nil
 	}
 	pid := readPID(c.path(PIDFile))
 	c.log.Error("a haproxy master runs on the state directory but cannot be adopted; killing it before starting a new one",
@@ -56,7 +60,7 @@ func (c *Controller) findMaster(ctx context.Context) (*runtime.Master, runtime.P
 	if pid > 1 {
 		runtime.Kill(pid)
 	}
-	return nil, runtime.ProcList{}
+	return nil
 }
 
 func readPID(file string) int {
@@ -65,50 +69,44 @@ func readPID(file string) int {
 	return pid
 }
 
-// adopt takes over master m: it reads back what HAProxy runs into the
-// applied state. It reports false if the read-back failed; the caller then
-// stops m and starts afresh.
-func (c *Controller) adopt(ctx context.Context, m *runtime.Master, pl runtime.ProcList) bool {
+// readBack reads what the adopted master serves (Controller.readApplied).
+// The sidecar it was configured for cannot be read from HAProxy: the state
+// map's configuration id stands for it. Equal to the desired one, the
+// applied registration and roots are the desired ones; otherwise foreign
+// holds the reload reason, and the plan reloads once.
+func (c *Controller) readBack(ctx context.Context) (applied, error) {
 	d := &c.desired
-	sc := *d.sidecar
 	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	log := c.log.With(zap.Int("master_pid", m.PID()))
 	mr, ok1 := c.rt.(mapReader)
 	cr, ok2 := c.rt.(certReader)
 	if !ok1 || !ok2 {
-		log.Error("adoption: this runtime client cannot read HAProxy's state back")
-		return false
+		return applied{}, errors.New("this runtime client cannot read HAProxy's state back")
 	}
 	state, err := mr.Map(rctx, c.path(StateMapFile))
 	if err != nil {
-		log.Error("adoption: cannot read the running configuration's state map", zap.Error(err))
-		return false
+		return applied{}, fmt.Errorf("state map: %w", err)
 	}
 	authz, err := mr.Map(rctx, c.path("authz.map"))
 	if err != nil {
-		log.Error("adoption: cannot read the authz map", zap.Error(err))
-		return false
+		return applied{}, fmt.Errorf("authz map: %w", err)
 	}
-	gen, err := strconv.ParseUint(mapValue(authz, bootstrap.AuthzGenKey), 10, 64)
+	gen, err := strconv.ParseUint(mapValue(authz, authzgen.MapKey), 10, 64)
 	if err != nil {
-		log.Error("adoption: authz generation unreadable", zap.String("value", mapValue(authz, bootstrap.AuthzGenKey)))
-		return false
+		return applied{}, fmt.Errorf("authz generation %q unreadable", mapValue(authz, authzgen.MapKey))
 	}
 	leaf, err := cr.SSLCert(rctx, c.path("leaf.pem"))
 	if err != nil {
-		log.Error("adoption: cannot read the served leaf", zap.Error(err))
-		return false
+		return applied{}, fmt.Errorf("served leaf: %w", err)
 	}
 	tables := map[string]slots.Table{}
-	for _, u := range sc.Upstreams {
+	for _, u := range d.sidecar.Upstreams {
 		st, err := c.rt.ServersState(rctx, u.Name)
 		if errors.Is(err, runtime.ErrNoSuchBackend) {
 			continue // added while no controller ran: the reload adds it
 		}
 		if err != nil {
-			log.Error("adoption: cannot read an upstream's servers", zap.String("upstream", u.Name), zap.Error(err))
-			return false
+			return applied{}, fmt.Errorf("servers of upstream %s: %w", u.Name, err)
 		}
 		obs := make([]slots.Observed, 0, len(st))
 		for _, s := range st {
@@ -116,39 +114,22 @@ func (c *Controller) adopt(ctx context.Context, m *runtime.Master, pl runtime.Pr
 		}
 		tables[u.Name] = slots.FromObserved(u.Name, bootstrap.SlotPrefix, len(obs), obs)
 	}
-
-	want := c.configID(sc, d.roots.PEM)
-	running := mapValue(state, bootstrap.StateConfigIDKey)
-	c.master, c.started = m, true
-	c.applied = applied{sidecar: sc, rootsPEM: d.roots.PEM, tables: tables, authzGen: gen}
-	c.adoptedStale = ""
+	ap := applied{sidecar: *d.sidecar, rootsPEM: d.roots.PEM, tables: tables, authzGen: gen, leaf: d.leaf}
+	want, running := c.configID(*d.sidecar, d.roots.PEM), mapValue(state, bootstrap.StateConfigIDKey)
 	if running != want {
 		// A reload renders the desired configuration; until then the
 		// running one keeps serving and its endpoints are kept current.
-		c.adoptedStale = fmt.Sprintf("adopted haproxy runs another configuration (%s, desired %s)", orDash(running), want)
+		ap.foreign = fmt.Sprintf("adopted haproxy runs another configuration (%s, desired %s)", orDash(running), want)
 	}
-	c.applied.leaf = d.leaf
 	if !strings.EqualFold(leaf.Serial, d.leaf.Serial) {
-		// HAProxy serves another leaf: the plan swaps it at once (the
-		// zero NotAfter and lastLeafSwap leave nothing to wait for).
-		c.applied.leaf = &certs.Bundle{Serial: strings.ToLower(leaf.Serial)}
+		// HAProxy serves another leaf: the plan swaps it at once (a
+		// zero NotAfter leaves nothing to wait for).
+		ap.leaf = &certs.Bundle{Serial: strings.ToLower(leaf.Serial)}
 	}
-	c.authzGenerationApplied(gen)
-	c.trustAdopted(ctx, tables)
-	c.ready.Store(true)
-	c.metrics.adoptions.Add(1)
-	c.metrics.setEndpoints(tables)
-	cur, _ := pl.Current()
-	log.Info("adopted running haproxy", zap.Int("worker_pid", cur.PID), zap.Int("reloads", pl.Master.Reloads),
-		zap.String("config_id", running), zap.Bool("config_current", running == want),
+	c.log.Info("read back the running haproxy's state", zap.String("config_id", running), zap.Bool("config_current", running == want),
 		zap.String("served_leaf_serial", leaf.Serial), zap.Uint64("authz_generation", gen),
 		zap.String("last_reload_reason", lastReason(state)))
-	if c.cfg.OnAdopt != nil {
-		// Asynchronous: the agent's generation switch waits for this loop
-		// to publish it.
-		go c.cfg.OnAdopt(gen)
-	}
-	return true
+	return ap, nil
 }
 
 // mapReader and certReader are the read-backs adoption needs beyond
@@ -159,32 +140,6 @@ type mapReader interface {
 
 type certReader interface {
 	SSLCert(ctx context.Context, file string) (runtime.CertInfo, error)
-}
-
-// trustAdopted counts the endpoints an adopted HAProxy serves as proven:
-// the previous controller placed them only after they proved their
-// identity. Each is proven again at once (its proof is due now), and
-// leaves service if that fails; meanwhile it keeps serving, so that
-// adoption drains nothing.
-func (c *Controller) trustAdopted(ctx context.Context, tables map[string]slots.Table) {
-	now := time.Now()
-	for name, t := range tables {
-		u, ok := c.upstream(name)
-		if !ok {
-			continue
-		}
-		want, err := c.expectedID(u, instance{})
-		if err != nil || want == "" {
-			continue
-		}
-		for _, e := range t.Endpoints() {
-			k := want + " " + e.Key()
-			if c.ident.checks[k] == nil {
-				c.ident.checks[k] = &idCheck{want: want, addr: e.Key(), users: map[string]struct{}{name: {}},
-					alpn: alpnList(u.Protocol), known: true, good: true, at: now, due: now}
-			}
-		}
-	}
 }
 
 // configID identifies the configuration rendered for sc and roots apart

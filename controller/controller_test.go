@@ -184,21 +184,21 @@ func TestReconcileTranscript(t *testing.T) {
 		{"a newer leaf within the swap interval waits", func(d *desired) { d.leaf = leaf() }, "", nil},
 		{"after the interval the newest leaf is swapped", func(d *desired) {
 			d.leaf = leaf()
-			c.lastLeafSwap = time.Now().Add(-LeafSwapInterval)
+			c.pacing.leafSwappedAt = time.Now().Add(-LeafSwapInterval)
 		}, "", []string{"update cert leaf.pem"}},
 		{"a swap after which the listener asks no client certificate is repaired by a reload", func(d *desired) {
 			d.leaf = leaf()
-			c.lastLeafSwap = time.Time{}
+			c.pacing.leafSwappedAt = time.Time{}
 			bindRes = bindNoClientCertRequest
 		}, "", []string{"update cert leaf.pem", "reload: public listener lost client certificate verification after the leaf swap"}},
 		{"a swap after which the listener serves another leaf is repaired by a reload", func(d *desired) {
 			d.leaf = leaf()
-			c.lastLeafSwap = time.Time{}
+			c.pacing.leafSwappedAt = time.Time{}
 			bindRes = bindWrongLeaf
 		}, "", []string{"update cert leaf.pem", "reload: public listener serves another leaf after the swap"}},
 		{"an unreachable listener is logged, not reloaded for", func(d *desired) {
 			d.leaf = leaf()
-			c.lastLeafSwap = time.Time{}
+			c.pacing.leafSwappedAt = time.Time{}
 			bindRes = bindUnreachable
 		}, "", []string{"update cert leaf.pem"}},
 		{"more endpoints than slots: add server, no reload", func(d *desired) {
@@ -284,7 +284,7 @@ func TestReconcileTranscript(t *testing.T) {
 		}},
 		{"after the backoff the reload is tried again", func(d *desired) {
 			fake.failReload = false
-			c.reloadAfter = time.Time{}
+			c.pacing.reloadAfter = time.Time{}
 		}, "", []string{"reload: registration: upstream up_cache added"}},
 		{"a failed command re-reads the backend", func(d *desired) {
 			d.setEndpoints("up_db", []slots.Endpoint{ep(20, 21000), ep(21, 21000)}, time.Now())

@@ -104,18 +104,18 @@ type idCheck struct {
 
 // identities is the controller's record of proofs. Owned by the loop.
 type identities struct {
-	verify  func(ctx context.Context, cfg verify.Config, addr, want string) (verify.Result, error)
-	cfg     verify.Config
-	cfgFrom [2]string // leaf and roots PEM cfg was built from
-	checks  map[string]*idCheck
-	listed  map[string]map[string]struct{} // upstream -> check keys it lists
-	errs    map[string]uint64              // backend/server -> econ+ssl_failed_handshake last read
-	sem     chan struct{}
-	wg      sync.WaitGroup // verifications in flight (tests wait on it)
+	verify   func(ctx context.Context, cfg verify.Config, addr, want string) (verify.Result, error)
+	cfg      verify.Config
+	cfgFrom  [2]string // leaf and roots PEM cfg was built from
+	checks   map[string]*idCheck
+	listedBy map[string]map[string]struct{} // upstream -> check keys it lists
+	errs     map[string]uint64              // backend/server -> econ+ssl_failed_handshake last read
+	sem      chan struct{}
+	wg       sync.WaitGroup // verifications in flight (tests wait on it)
 }
 
 func newIdentities() *identities {
-	return &identities{verify: verify.Endpoint, checks: map[string]*idCheck{}, listed: map[string]map[string]struct{}{},
+	return &identities{verify: verify.Endpoint, checks: map[string]*idCheck{}, listedBy: map[string]map[string]struct{}{},
 		errs: map[string]uint64{}, sem: make(chan struct{}, verifyWorkers)}
 }
 
@@ -134,16 +134,22 @@ func (c *Controller) verifyConfig() (verify.Config, error) {
 	return cfg, nil
 }
 
-// expectedID is the SPIFFE ID an endpoint of u must present. The trust
-// domain is the CA roots' (Consul's TrustDomain); datacenter, namespace and
+// expectedID is the SPIFFE ID an endpoint of u must present (wantID) for
+// the desired leaf and roots.
+func (c *Controller) expectedID(u Upstream, in instance) (string, error) {
+	return wantID(c.desired.leaf, c.desired.roots, u, in)
+}
+
+// wantID is the SPIFFE ID an endpoint of u must present. The trust domain
+// is the CA roots' (Consul's TrustDomain); datacenter, namespace and
 // partition are the upstream's, else this sidecar's own (from its leaf),
 // as Consul resolves an upstream without them.
-func (c *Controller) expectedID(u Upstream, in instance) (string, error) {
-	local, err := certs.ParseSPIFFE(c.desired.leaf.SPIFFE)
+func wantID(leaf *certs.Bundle, roots *certs.Roots, u Upstream, in instance) (string, error) {
+	local, err := certs.ParseSPIFFE(leaf.SPIFFE)
 	if err != nil {
 		return "", err
 	}
-	td := c.desired.roots.TrustDomain
+	td := roots.TrustDomain
 	if td == "" {
 		td = local.TrustDomain
 	}
@@ -183,80 +189,69 @@ func (c *Controller) serverID(u Upstream) string {
 	return id
 }
 
-func (c *Controller) upstream(name string) (Upstream, bool) {
-	for _, u := range c.desired.sidecar.Upstreams {
-		if u.Name == name {
-			return u, true
-		}
+// proof implements proofs for the plan.
+func (id *identities) proof(k string, now time.Time) (proof, bool) {
+	ch := id.checks[k]
+	if ch == nil {
+		return proof{}, false
 	}
-	return Upstream{}, false
+	return proof{known: ch.known, good: ch.good, instance: ch.instance,
+		due: !ch.inflight && (!ch.known || !now.Before(ch.due))}, true
 }
 
-// verifiedEndpoints returns the endpoints of upstream name that have proved
-// its identity, starts the verifications that are missing or due, and
-// reports whether some endpoint has no result yet.
-func (c *Controller) verifiedEndpoints(ctx context.Context, name string, eps []slots.Endpoint) (ok []slots.Endpoint, pending bool) {
-	u, found := c.upstream(name)
-	if !found {
-		return nil, false
+// listed implements proofs for the plan.
+func (id *identities) listed(upstream string) map[string]struct{} { return id.listedBy[upstream] }
+
+// inherit records v's checks as proven and due (see inheritedChecks), but
+// those it already has.
+func (id *identities) inherit(v verifyAction, now time.Time) {
+	for _, r := range v.checks {
+		if id.checks[r.key] == nil {
+			id.checks[r.key] = &idCheck{want: r.want, addr: r.addr, users: map[string]struct{}{}, alpn: v.alpn,
+				instance: r.instance, known: true, good: true, due: now}
+		}
+	}
+}
+
+// track records the endpoints v lists for its upstream, starts the
+// verifications that are missing or due, and drops the results no
+// upstream lists any more (so an endpoint that comes back is proven
+// again).
+func (c *Controller) track(ctx context.Context, v verifyAction) {
+	if v.err != nil {
+		c.log.Error("upstream identity unknown; endpoints not placed", zap.String("upstream", v.upstream), zap.Error(v.err))
+		return
 	}
 	id := c.ident
-	now := time.Now()
-	listed := make(map[string]struct{}, len(eps))
-	insts := c.desired.instances[name]
-	// One identity for a service upstream, computed once: this runs on
-	// every plan of the upstream, for each of its endpoints.
-	want, err := c.expectedID(u, instance{})
-	if err != nil {
-		c.log.Error("upstream identity unknown; endpoints not placed", zap.String("upstream", name), zap.Error(err))
-		return nil, false
-	}
-	query := u.Type == string(api.UpstreamDestTypePreparedQuery)
-	for _, e := range eps {
-		addr := e.Key()
-		in := insts[addr]
-		if query {
-			// Each answer entry names the service it serves.
-			if want, err = c.expectedID(u, in); err != nil {
-				continue
-			}
-		}
-		k := want + " " + addr
-		listed[k] = struct{}{}
-		ch := id.checks[k]
+	now := c.now()
+	listed := make(map[string]struct{}, len(v.checks))
+	for _, r := range v.checks {
+		listed[r.key] = struct{}{}
+		ch := id.checks[r.key]
 		if ch == nil {
-			ch = &idCheck{want: want, addr: addr, users: map[string]struct{}{}, alpn: alpnList(u.Protocol)}
-			id.checks[k] = ch
+			ch = &idCheck{want: r.want, addr: r.addr, users: map[string]struct{}{}, alpn: v.alpn}
+			id.checks[r.key] = ch
 		}
-		ch.users[name] = struct{}{}
-		if in.id != "" {
-			ch.instance = in.id
+		ch.users[v.upstream] = struct{}{}
+		if r.instance != "" {
+			ch.instance = r.instance
 		}
 		if !ch.inflight && (!ch.known || !now.Before(ch.due)) {
-			c.startVerify(ctx, k, ch)
-		}
-		switch {
-		case ch.good:
-			ok = append(ok, e)
-		case !ch.known:
-			pending = true
+			c.startVerify(ctx, r.key, ch)
 		}
 	}
-	// Endpoints this upstream no longer lists: a result nobody lists is
-	// dropped, so an endpoint that comes back is proven again.
-	for k := range id.listed[name] {
+	for k := range id.listedBy[v.upstream] {
 		if _, still := listed[k]; still {
 			continue
 		}
 		if ch := id.checks[k]; ch != nil {
-			delete(ch.users, name)
+			delete(ch.users, v.upstream)
 			if len(ch.users) == 0 && !ch.inflight {
 				delete(id.checks, k)
 			}
 		}
 	}
-	id.listed[name] = listed
-	return ok, pending
+	id.listedBy[v.upstream] = listed
 }
 
 // holdLeaving adds to ok the endpoints table serves that have left listed
@@ -322,7 +317,7 @@ func (c *Controller) verified(d *desired, k string, ch *idCheck, res verify.Resu
 	if c.ident.checks[k] != ch {
 		return // dropped meanwhile: no upstream lists it
 	}
-	now := time.Now()
+	now := c.now()
 	ch.at, ch.shown, ch.serial = now, res.ID, res.Serial
 	wasGood := ch.good
 	log := c.log.With(zap.Strings("upstreams", keys(ch.users)), zap.String("instance", ch.instance),
@@ -396,30 +391,15 @@ func keys(m map[string]struct{}) []string {
 	return out
 }
 
-// pendingVerification starts the first verifications of every upstream's
-// endpoints and reports whether some have no result yet (HAProxy's first
-// start waits for them, within InitialWait).
-func (c *Controller) pendingVerification(ctx context.Context) bool {
-	pending := false
-	for _, u := range c.desired.sidecar.Upstreams {
-		if eps, ok := c.desired.endpoints[u.Name]; ok {
-			if _, p := c.verifiedEndpoints(ctx, u.Name, eps); p {
-				pending = true
-			}
-		}
-	}
-	return pending
-}
-
 // sweepIdentities renews due proofs of listed endpoints and drops results
 // that no current upstream lists.
 func (c *Controller) sweepIdentities(ctx context.Context, d *desired) {
-	now := time.Now()
+	now := c.now()
 	for k, ch := range c.ident.checks {
 		for u := range ch.users {
 			if _, ok := d.endpoints[u]; !ok {
 				delete(ch.users, u)
-				delete(c.ident.listed, u)
+				delete(c.ident.listedBy, u)
 			}
 		}
 		if len(ch.users) == 0 {

@@ -209,6 +209,10 @@ func (m *Master) Stop(grace time.Duration) error {
 		return nil
 	default:
 	}
+	if m.pid < 2 {
+		// kill(0) and kill(-1) signal whole process groups: never.
+		return fmt.Errorf("haproxy master PID %d is not a process to stop", m.pid)
+	}
 	_ = syscall.Kill(m.pid, syscall.SIGUSR1)
 	select {
 	case <-m.done:
@@ -226,6 +230,9 @@ func (m *Master) Stop(grace time.Duration) error {
 
 // Kill ends a master that cannot be adopted, and its workers, at once.
 func Kill(pid int) {
+	if pid < 2 {
+		return // kill(0) and kill(-1) signal whole process groups
+	}
 	_ = syscall.Kill(-pid, syscall.SIGKILL)
 	_ = syscall.Kill(pid, syscall.SIGKILL)
 }

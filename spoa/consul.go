@@ -6,12 +6,13 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"strings"
 	"time"
 
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap"
+
+	"github.com/haproxy-connect/haproxy-connect/watch"
 )
 
 // ConsulDecider asks the local Consul agent
@@ -40,21 +41,18 @@ func (d ConsulDecider) Authorize(ctx context.Context, target, clientCertURI, cli
 	return res.Authorized, res.Reason, nil
 }
 
-const (
-	watchWait       = 5 * time.Minute
-	watchBackoffMin = 100 * time.Millisecond
-	watchBackoffMax = 10 * time.Second
-)
+// watchWait is how long one blocking query may wait for a change.
+const watchWait = 5 * time.Minute
 
 // WatchIntentions invalidates the decision cache whenever the intentions
 // that match the destination change, until ctx ends (then it returns nil).
-// It is a blocking-query loop on /v1/connect/intentions/match: a new index
-// invalidates at once (a new deny must refuse new connections within 1 s);
-// an index that goes backwards resets to 0 and invalidates; errors back off
-// from 100 ms to 10 s with jitter, reset after a success, and cached
-// decisions keep being served meanwhile. Query starts are at least 100 ms
-// apart, which bounds the loop if Consul misbehaves (index 0) and delays
-// only the second of two changes in a burst.
+// It is a blocking-query loop (watch.Loop) on /v1/connect/intentions/match:
+// a new index invalidates at once (a new deny must refuse new connections
+// within 1 s); an index that goes backwards resets to 0 and invalidates;
+// errors back off from 100 ms to 10 s with jitter, reset after a success,
+// and cached decisions keep being served meanwhile. Query starts are at
+// least 100 ms apart, which bounds the loop if Consul misbehaves (index 0)
+// and delays only the second of two changes in a burst.
 //
 // The query is ?cached and names the destination as
 // "default/default/<target>": on Consul CE that is the very agent-cache
@@ -77,122 +75,58 @@ func (a *Authorizer) WatchIntentions(ctx context.Context, client *api.Client) er
 		By:    api.IntentionMatchDestination,
 		Names: []string{watchName(a.target)},
 	}
-	log := a.log.With(zap.String("watch", "intentions"))
-	var (
-		idx     uint64
-		backoff time.Duration
-		started time.Time
-	)
-	for {
-		if !sleep(ctx, a.watchMinInterval-time.Since(started)) {
-			return nil
-		}
-		started = time.Now()
-		q := (&api.QueryOptions{WaitIndex: idx, WaitTime: watchWait, UseCache: true}).WithContext(ctx)
+	o := watch.Options{Name: "intentions", Log: a.log, Spacing: a.watchMinInterval,
+		FailMessage: "intention watch failed; serving cached decisions"}
+	watch.Loop(ctx, o, func(ctx context.Context, cur watch.Cursor) (uint64, watch.Cursor, error) {
+		q := (&api.QueryOptions{WaitIndex: cur.Index, WaitTime: watchWait, UseCache: true}).WithContext(ctx)
 		_, meta, err := client.Connect().IntentionMatch(match, q)
-		if ctx.Err() != nil {
-			return nil
-		}
 		if err != nil {
-			backoff = min(max(2*backoff, watchBackoffMin), watchBackoffMax)
-			wait := backoff/2 + rand.N(backoff/2+1)
-			log.Warn("intention watch failed; serving cached decisions", zap.Error(err), zap.Duration("retry_in", wait))
-			if !sleep(ctx, wait) {
-				return nil
-			}
-			continue
+			return 0, cur, err
 		}
-		backoff = 0
-		next := meta.LastIndex
-		switch {
-		case next == idx:
-			continue // the wait expired without a change
-		case next < idx:
-			log.Info("intention index went backwards, resetting", zap.Uint64("index", idx), zap.Uint64("new_index", next))
-			next = 0
-		}
+		return meta.LastIndex, watch.Cursor{Index: meta.LastIndex}, nil
+	}, func(index uint64) {
 		a.Invalidate()
-		a.watchIndex.Store(next)
-		log.Info("intentions changed, decision cache dropped", zap.Uint64("index", next))
-		idx = next
-	}
+		a.watchIndex.Store(index)
+		a.log.Info("intentions changed, decision cache dropped", zap.String("watch", "intentions"), zap.Uint64("index", index))
+	})
+	return nil
 }
 
 // watchName names the destination as the agent's authorize endpoint does
 // on Consul CE (see WatchIntentions).
 func watchName(target string) string { return "default/default/" + target }
 
-// sleep waits d (nothing if d <= 0) and reports whether ctx is still live.
-func sleep(ctx context.Context, d time.Duration) bool {
-	if d <= 0 {
-		return ctx.Err() == nil
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
-}
-
 // WatchRoots keeps the trust domain and CA roots that client certificates
 // are checked against (SetRoots) current, until ctx ends (then it returns
-// nil). It is a blocking-query loop on /v1/agent/connect/ca/roots, the
-// endpoint the controller reads for HAProxy's ca-file, with the same
-// index rules and backoff as WatchIntentions. An answer that fails to
-// parse is logged and the previous roots stay. The client must not have an
-// HTTP timeout shorter than 5 minutes.
+// nil). It is a blocking-query loop (watch.Loop) on
+// /v1/agent/connect/ca/roots, the endpoint the controller reads for
+// HAProxy's ca-file, with the same index rules and backoff as
+// WatchIntentions. An answer that fails to parse is logged and retried
+// after a backoff, and the previous roots stay. The client must not have
+// an HTTP timeout shorter than 5 minutes.
 func (a *Authorizer) WatchRoots(ctx context.Context, client *api.Client) error {
-	log := a.log.With(zap.String("watch", "ca-roots"))
-	var (
-		idx     uint64
-		backoff time.Duration
-		started time.Time
-	)
-	fail := func(msg string, err error) bool {
-		backoff = min(max(2*backoff, watchBackoffMin), watchBackoffMax)
-		wait := backoff/2 + rand.N(backoff/2+1)
-		log.Warn(msg, zap.Error(err), zap.Duration("retry_in", wait))
-		return sleep(ctx, wait)
-	}
-	for {
-		if !sleep(ctx, a.watchMinInterval-time.Since(started)) {
-			return nil
-		}
-		started = time.Now()
+	o := watch.Options{Name: "ca-roots", Log: a.log, Spacing: a.watchMinInterval,
+		FailMessage: "CA roots watch failed; checking against the last roots"}
+	watch.Loop(ctx, o, func(ctx context.Context, cur watch.Cursor) (parsedRoots, watch.Cursor, error) {
 		var list caRoots
-		meta, err := client.Raw().Query("/v1/agent/connect/ca/roots", &list, (&api.QueryOptions{WaitIndex: idx, WaitTime: watchWait}).WithContext(ctx))
-		if ctx.Err() != nil {
-			return nil
-		}
+		meta, err := client.Raw().Query("/v1/agent/connect/ca/roots", &list, (&api.QueryOptions{WaitIndex: cur.Index, WaitTime: watchWait}).WithContext(ctx))
 		if err != nil {
-			if !fail("CA roots watch failed; checking against the last roots", err) {
-				return nil
-			}
-			continue
+			return parsedRoots{}, cur, err
 		}
-		next := meta.LastIndex
-		switch {
-		case next == idx:
-			backoff = 0
-			continue
-		case next < idx:
-			log.Info("CA roots index went backwards, resetting", zap.Uint64("index", idx), zap.Uint64("new_index", next))
-			next = 0
+		// Consul's answer is hostile input too: a bad one keeps the last
+		// good roots, and is asked for again after a backoff rather than
+		// at once.
+		p, err := parseRoots(&list)
+		if err != nil {
+			return parsedRoots{}, cur, fmt.Errorf("CA roots rejected: %w", err)
 		}
-		if err := a.setRootsFrom(&list); err != nil {
-			// Consul's answer is hostile input too: keep the last good
-			// roots, and ask again after a backoff rather than at once.
-			if !fail("CA roots rejected; checking against the last roots", err) {
-				return nil
-			}
-			continue
+		return p, watch.Cursor{Index: meta.LastIndex}, nil
+	}, func(p parsedRoots) {
+		if err := a.SetRoots(p.trustDomain, p.roots, p.inters); err != nil {
+			a.log.Warn("CA roots rejected; checking against the last roots", zap.String("watch", "ca-roots"), zap.Error(err))
 		}
-		backoff = 0
-		idx = next
-	}
+	})
+	return nil
 }
 
 // caRoots is the part of Consul's /v1/agent/connect/ca/roots answer the
@@ -208,24 +142,33 @@ type caRoots struct {
 	}
 }
 
-// setRootsFrom parses Consul's roots answer and calls SetRoots.
-func (a *Authorizer) setRootsFrom(list *caRoots) error {
-	var roots, inters []*x509.Certificate
+// parsedRoots is Consul's roots answer, parsed.
+type parsedRoots struct {
+	trustDomain   string
+	roots, inters []*x509.Certificate
+}
+
+// parseRoots parses Consul's roots answer and checks it as SetRoots does.
+func parseRoots(list *caRoots) (parsedRoots, error) {
+	p := parsedRoots{trustDomain: list.TrustDomain}
 	for _, r := range list.Roots {
 		c, err := parsePEMCert(r.RootCert)
 		if err != nil {
-			return fmt.Errorf("CA root %s: %w", r.ID, err)
+			return parsedRoots{}, fmt.Errorf("CA root %s: %w", r.ID, err)
 		}
-		roots = append(roots, c)
-		for _, p := range r.IntermediateCerts {
-			c, err := parsePEMCert(p)
+		p.roots = append(p.roots, c)
+		for _, pm := range r.IntermediateCerts {
+			c, err := parsePEMCert(pm)
 			if err != nil {
-				return fmt.Errorf("intermediate of CA root %s: %w", r.ID, err)
+				return parsedRoots{}, fmt.Errorf("intermediate of CA root %s: %w", r.ID, err)
 			}
-			inters = append(inters, c)
+			p.inters = append(p.inters, c)
 		}
 	}
-	return a.SetRoots(list.TrustDomain, roots, inters)
+	if _, err := newTrust(p.trustDomain, p.roots, p.inters); err != nil {
+		return parsedRoots{}, err
+	}
+	return p, nil
 }
 
 // parsePEMCert parses a PEM string holding exactly one certificate.

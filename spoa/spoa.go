@@ -16,27 +16,18 @@ import (
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+
+	"github.com/haproxy-connect/haproxy-connect/authzgen"
 )
 
-// Names shared with the SPOE configuration that bootstrap.RenderSPOE writes
-// ("spoe-message authorize", "args cert=ssl_c_der") and with the listener's
-// "reject unless { var(sess.hc.allowed) -m bool }" rule.
-const (
-	// messageName authorizes a connection: HAProxy sends it once per
-	// connection (TCP: event on-frontend-tcp-request; HTTP: from an
-	// "http-request send-spoe-group" rule on the first request, and again
-	// when the connection's verdict is older than the intentions).
-	messageName = "authorize"
-	argCert     = "cert"
-	varAllowed  = "allowed"
-	varSource   = "source"
-	// varGen is the intentions generation the verdict was made under.
-	// HAProxy compares it with the generation the controller publishes
-	// (an "authz" map) and asks again when it is older, so a changed
-	// intention reaches connections that stay open.
-	varGen   = "gen"
-	noSource = "-"
-)
+// The names HAProxy's SPOE configuration and listener rules share with the
+// agent are the authorization protocol's (package authzgen): the message
+// authzgen.Message with its argument authzgen.ArgCert, and the verdict
+// variables authzgen.VarAllowed, VarSource and VarGen (the intentions
+// generation the verdict was made under: HAProxy compares it with the
+// generation the controller publishes in the authz map and asks again when
+// it is older, so a changed intention reaches connections that stay open).
+const noSource = "-"
 
 const (
 	// DefaultTimeout bounds one Consul authorize call. HAProxy waits 1 s
@@ -313,7 +304,7 @@ func readAuthorize(b []byte) (seen bool, der []byte, argErr error) {
 		}
 		n := int(rest[0])
 		b = rest[1:]
-		mine := name == messageName
+		mine := name == authzgen.Message
 		if mine {
 			seen, der, argErr = true, nil, errNoCert
 		}
@@ -326,7 +317,7 @@ func readAuthorize(b []byte) (seen bool, der []byte, argErr error) {
 			if err != nil {
 				return true, nil, fmt.Errorf("decode spoe message %q: %w", name, err)
 			}
-			if !mine || arg != argCert {
+			if !mine || arg != authzgen.ArgCert {
 				continue
 			}
 			switch v.typ {
@@ -336,7 +327,7 @@ func readAuthorize(b []byte) (seen bool, der []byte, argErr error) {
 				// HAProxy sends NULL when the sample fetch fails.
 				der, argErr = nil, errNoCert
 			default:
-				der, argErr = nil, fmt.Errorf("%w: argument %q has type %s, want binary", errBadCert, argCert, typeName(v.typ))
+				der, argErr = nil, fmt.Errorf("%w: argument %q has type %s, want binary", errBadCert, authzgen.ArgCert, typeName(v.typ))
 			}
 		}
 	}
@@ -346,7 +337,7 @@ func readAuthorize(b []byte) (seen bool, der []byte, argErr error) {
 // verdictActions sets the verdict, its source and its generation in the
 // session scope.
 func verdictActions(allowed bool, source string, gen uint64) []setVar {
-	return []setVar{{varAllowed, allowed}, {varSource, source}, {varGen, int64(gen)}}
+	return []setVar{{authzgen.VarAllowed, allowed}, {authzgen.VarSource, source}, {authzgen.VarGen, int64(gen)}}
 }
 
 // undecidedActions answers when no decision could be made (Consul
@@ -358,7 +349,7 @@ func verdictActions(allowed bool, source string, gen uint64) []setVar {
 // refuse every request of a kept-alive or pooled connection, long after
 // Consul is back.
 func undecidedActions(source string) []setVar {
-	return []setVar{{varSource, source}}
+	return []setVar{{authzgen.VarSource, source}}
 }
 
 // decision is the outcome for one inbound connection.

@@ -25,6 +25,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
+	"github.com/haproxy-connect/haproxy-connect/authzgen"
 	"github.com/haproxy-connect/haproxy-connect/bootstrap"
 	"github.com/haproxy-connect/haproxy-connect/spoa"
 	"github.com/haproxy-connect/haproxy-connect/spoa/spoptest"
@@ -195,8 +196,8 @@ func runAuthz(ctx context.Context, b *Bench) error {
 		cached, uncached, floor = 2000, 200, 2000
 	}
 	cases := []decisionCase{
-		{name: "cached", message: "authorize", samples: cached},
-		{name: "uncached (a Consul authorize call)", message: "authorize", uncached: true, samples: uncached},
+		{name: "cached", message: authzgen.Message, samples: cached},
+		{name: "uncached (a Consul authorize call)", message: authzgen.Message, uncached: true, samples: uncached},
 		{name: "no decision (SPOP round-trip floor)", noDecision: true, samples: floor},
 	}
 
@@ -512,7 +513,7 @@ func measureDecisions(ag *authzAgent, certs [][]byte, cases []decisionCase, figs
 	defer cl.Close()
 	// Warm up: fill the cache, start the agent's workers, touch the code.
 	for i := 0; i < 200; i++ {
-		if _, err := spopAuthorize(cl, "authorize", certs[i%len(certs)]); err != nil {
+		if _, err := spopAuthorize(cl, authzgen.Message, certs[i%len(certs)]); err != nil {
 			return err
 		}
 	}
@@ -663,7 +664,7 @@ func reportOnOff(b *Bench, variants []authzVariant, figs map[string]map[authzCel
 // spopAuthorize sends message with its argument cert=der, as
 // bootstrap.RenderSPOE declares it, and returns the verdict the ACK sets.
 func spopAuthorize(cl *spoptest.Conn, message string, der []byte) (bool, error) {
-	vars, err := cl.Notify(spoptest.Message{Name: message, Args: []spoptest.Arg{{Name: "cert", Value: der}}})
+	vars, err := cl.Notify(spoptest.Message{Name: message, Args: []spoptest.Arg{{Name: authzgen.ArgCert, Value: der}}})
 	if err != nil {
 		return false, err
 	}

@@ -1,0 +1,117 @@
+// Package authzgen is the protocol that carries an intentions change to
+// connections HAProxy already authorized. The SPOE agent (package spoa)
+// answers each "authorize" message with a verdict and the intentions
+// generation it was made under; the controller publishes the current
+// generation in an HAProxy map (the authz map) at MapKey; the listener
+// rules that bootstrap renders ask the agent again when a connection's
+// verdict is older than the map's generation. This package owns the names
+// the three share and the hand-over of a new generation between the agent
+// and the controller (Generation). It does no I/O.
+package authzgen
+
+import (
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Names shared by the SPOE configuration and listener rules (bootstrap),
+// the agent (spoa) and the controller's authz map writes.
+const (
+	// Engine is the SPOE engine (filter id, "spoe-agent <Engine>-agent").
+	Engine = "intentions"
+	// Group is the SPOE group the listener sends ("send-spoe-group").
+	Group = "authz"
+	// Message authorizes a connection: HAProxy sends it once per
+	// connection (TCP: from a "tcp-request content send-spoe-group" rule;
+	// HTTP: on the first request, and again when the connection's verdict
+	// is older than the intentions).
+	Message = "authorize"
+	// ArgCert is the message's argument: the client certificate's DER
+	// (ssl_c_der; HAProxy 2.6 cannot read URI SANs itself).
+	ArgCert = "cert"
+	// VarPrefix is the SPOE "option var-prefix": the agent's variables
+	// are sess.<VarPrefix>.<name>.
+	VarPrefix = "hc"
+	// VarAllowed is the verdict (a bool); unset when the agent could not
+	// decide, and the listener refuses then.
+	VarAllowed = "allowed"
+	// VarSource is the caller's identity, for the access log.
+	VarSource = "source"
+	// VarGen is the intentions generation the verdict was made under.
+	VarGen = "gen"
+	// MapKey is the authz map's key holding the current generation.
+	MapKey = "gen"
+)
+
+// SessVar is the full name of the agent's session variable name, as the
+// listener rules read it ("sess.hc.allowed").
+func SessVar(name string) string { return "sess." + VarPrefix + "." + name }
+
+// MapContent is the authz map file's content at generation gen.
+func MapContent(gen uint64) string { return fmt.Sprintf("%s %d\n", MapKey, gen) }
+
+// Generation hands a new intentions generation from the agent to the
+// controller and back: the agent publishes it (Publish) and waits (Wait)
+// until the controller has put it in HAProxy's map (Applied), so that no
+// connection is allowed under the new intentions while HAProxy still
+// counts older verdicts as current. Safe for concurrent use.
+type Generation struct {
+	want    atomic.Uint64
+	kick    chan struct{}
+	applied atomic.Uint64
+	mu      sync.Mutex
+	done    chan struct{} // closed (and replaced) each time applied moves
+}
+
+// NewGeneration returns a Generation at 0, applied.
+func NewGeneration() *Generation {
+	return &Generation{kick: make(chan struct{}, 1), done: make(chan struct{})}
+}
+
+// Publish sets the generation HAProxy should have and wakes the
+// controller (Kick). It does not block.
+func (g *Generation) Publish(gen uint64) {
+	g.want.Store(gen)
+	select {
+	case g.kick <- struct{}{}:
+	default:
+	}
+}
+
+// Wanted is the generation last published.
+func (g *Generation) Wanted() uint64 { return g.want.Load() }
+
+// Kick receives after a Publish (one value for any number of them).
+func (g *Generation) Kick() <-chan struct{} { return g.kick }
+
+// Applied records that HAProxy has gen and wakes the waiters.
+func (g *Generation) Applied(gen uint64) {
+	g.applied.Store(gen)
+	g.mu.Lock()
+	close(g.done)
+	g.done = make(chan struct{})
+	g.mu.Unlock()
+}
+
+// Wait returns true once HAProxy has generation gen (or a later one), or
+// false after timeout.
+func (g *Generation) Wait(gen uint64, timeout time.Duration) bool {
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	for g.applied.Load() < gen {
+		g.mu.Lock()
+		done := g.done
+		g.mu.Unlock()
+		if g.applied.Load() >= gen {
+			return true
+		}
+		select {
+		case <-done:
+		case <-t.C:
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,68 @@
+package controller
+
+import (
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/haproxy-connect/haproxy-connect/certs"
+	"github.com/haproxy-connect/haproxy-connect/slots"
+	"github.com/haproxy-connect/haproxy-connect/testenv"
+)
+
+// TestConfigID: adoption reloads only when the configuration would differ
+// apart from its slots, so the id ignores the slot assignment and the
+// reason, and moves with everything else a reload would change.
+func TestConfigID(t *testing.T) {
+	ca := testenv.NewCA(t, "root")
+	cert, key := ca.Leaf(t, "spiffe://td.consul/ns/default/dc/dc1/svc/web")
+	leaf, err := certs.NewBundle(cert, key, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	newCtl := func(cfg Config) *Controller {
+		cfg.Consul, cfg.ProxyID, cfg.StateDir, cfg.SPOASocket, cfg.Log = api.DefaultConfig(), "web-sidecar-proxy", "/state", "/state/spoa.sock", zaptest.NewLogger(t)
+		c, err := New(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.desired.leaf, c.desired.roots = &leaf, &certs.Roots{PEM: ca.CertPEM, TrustDomain: "td.consul"}
+		return c
+	}
+	base := newCtl(Config{})
+	want := base.configID(*sidecar(up("db", 9000)), ca.CertPEM)
+	if len(want) != 32 {
+		t.Fatalf("configID %q", want)
+	}
+	tests := []struct {
+		name  string
+		c     *Controller
+		sc    *Sidecar
+		roots string
+		same  bool
+	}{
+		{"identical", base, sidecar(up("db", 9000)), ca.CertPEM, true},
+		{"another controller, same flags", newCtl(Config{}), sidecar(up("db", 9000)), ca.CertPEM, true},
+		{"an upstream added", base, sidecar(up("db", 9000), up("cache", 9001)), ca.CertPEM, false},
+		{"an upstream's port", base, sidecar(up("db", 9001)), ca.CertPEM, false},
+		{"other roots", base, sidecar(up("db", 9000)), ca.CertPEM + "\n", false},
+		{"other threads", newCtl(Config{Threads: 3}), sidecar(up("db", 9000)), ca.CertPEM, false},
+		{"other hard-stop-after", newCtl(Config{HardStopAfter: time.Minute}), sidecar(up("db", 9000)), ca.CertPEM, false},
+		{"access log on", newCtl(Config{AccessLog: true}), sidecar(up("db", 9000)), ca.CertPEM, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := tt.c.configID(*tt.sc, tt.roots); (got == want) != tt.same {
+				t.Errorf("configID %s, base %s: same = %v, want %v", got, want, got == want, tt.same)
+			}
+		})
+	}
+	// The slots rendered never matter.
+	tables := map[string]slots.Table{"up_db": slots.New("up_db", "s", 64)}
+	spec := base.spec(*sidecar(up("db", 9000)), tables)
+	if len(spec.Upstreams[0].Slots.Slots) != 64 || base.configID(*sidecar(up("db", 9000)), ca.CertPEM) != want {
+		t.Errorf("configID depends on the slot tables")
+	}
+}

@@ -1,0 +1,442 @@
+package controller
+
+import (
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/haproxy-connect/haproxy-connect/bootstrap"
+	"github.com/haproxy-connect/haproxy-connect/certs"
+	"github.com/haproxy-connect/haproxy-connect/slots"
+)
+
+// The plan: from what the sources want (desired) and what HAProxy runs
+// (applied, as the executor last reported it) to the actions that move
+// HAProxy toward the first. It does no I/O: the time, the identity
+// verification state and the reload backoff come in as values, and what
+// it wants done, verifications and waits included, goes out as actions
+// for the executor (execute.go). So a running HAProxy found at start is
+// just an applied state to read back (adoptAction) and plan from.
+
+// planInput is everything plan decides from.
+type planInput struct {
+	now     time.Time
+	desired *desired // read only
+	applied *applied // read only
+	// masterAlive: a master process runs, started by this controller or
+	// found running (then applied.known is false until it is adopted).
+	masterAlive bool
+	// authzGen is the intentions generation the SPOE agent published.
+	authzGen uint64
+	proofs   proofs
+	pacing   pacing
+	// initialWait bounds how long the first start waits for every
+	// upstream's first endpoint list and their verifications
+	// (Config.InitialWait); minSlots is Config.MinSlots.
+	initialWait time.Duration
+	minSlots    int
+}
+
+// pacing is the plan's memory of time: when the leaf was last swapped,
+// and the reload backoff.
+type pacing struct {
+	leafSwappedAt time.Time
+	// reloadDelay spaces reload attempts after a failure (5 s doubling to
+	// 1 min, reset by a success); until reloadAfter, runtime changes keep
+	// being applied to the running configuration.
+	reloadDelay time.Duration
+	reloadAfter time.Time
+}
+
+// Reload backoff bounds.
+const (
+	reloadBackoffMin = 5 * time.Second
+	reloadBackoffMax = time.Minute
+)
+
+// reloadFailed is p after a reload failed at now.
+func (p pacing) reloadFailed(now time.Time) pacing {
+	p.reloadDelay = min(max(2*p.reloadDelay, reloadBackoffMin), reloadBackoffMax)
+	p.reloadAfter = now.Add(p.reloadDelay)
+	return p
+}
+
+// reloaded is p after a reload succeeded.
+func (p pacing) reloaded() pacing {
+	p.reloadDelay, p.reloadAfter = 0, time.Time{}
+	return p
+}
+
+// proofs is the plan's view of upstream identity verification
+// (identities implements it, identity.go).
+type proofs interface {
+	// proof is the state of the check key (expected identity and
+	// address); ok is false when there is none.
+	proof(key string, now time.Time) (p proof, ok bool)
+	// listed is the set of check keys upstream lists.
+	listed(upstream string) map[string]struct{}
+}
+
+// proof is what the plan needs of one identity check.
+type proof struct {
+	known bool // a verification completed
+	good  bool // the last conclusive one proved the identity
+	// due: none is in flight, and the check has no result yet or its
+	// result is due for renewal.
+	due      bool
+	instance string // the Consul service ID it was last listed with
+}
+
+// Actions. Each is one step the executor takes; plan returns them in the
+// order they are to be taken.
+type action interface{ isAction() }
+
+// adoptAction: a running master was found and nothing is known of what
+// it serves: read its applied state back before anything else.
+type adoptAction struct{}
+
+// startAction starts HAProxy on the rendered configuration.
+type startAction struct {
+	sidecar Sidecar
+	leaf    *certs.Bundle
+	roots   *certs.Roots
+	tables  map[string]slots.Table
+	gen     uint64
+	// missing names the upstreams without a first endpoint list, and
+	// unverified says some endpoints have no verification result yet:
+	// InitialWait passed without them (the executor logs it).
+	missing    []string
+	unverified bool
+}
+
+// reloadAction renders the configuration and reloads HAProxy.
+type reloadAction struct {
+	reason  string
+	sidecar Sidecar
+	leaf    *certs.Bundle
+	roots   *certs.Roots
+	tables  map[string]slots.Table
+	gen     uint64
+}
+
+// rotateLeafAction swaps the leaf at run time.
+type rotateLeafAction struct{ leaf *certs.Bundle }
+
+// publishAuthzGenAction puts the intentions generation in the authz map.
+type publishAuthzGenAction struct{ gen uint64 }
+
+// runtimeBatchAction sends the upstreams' slot operations as one batch.
+type runtimeBatchAction struct{ upstreams []upstreamOps }
+
+// upstreamOps is one upstream's part of a runtime batch.
+type upstreamOps struct {
+	name string
+	ops  []slots.Op
+	next slots.Table // the table once every op succeeded
+	// pending: endpoints still being verified, so the upstream stays
+	// dirty; since is when its oldest unapplied change arrived (for the
+	// propagation histogram).
+	pending bool
+	since   time.Time
+}
+
+// settleAction records that the upstreams' endpoints are applied (they
+// leave desired.dirty) without a command.
+type settleAction struct{ upstreams []string }
+
+// verifyAction lists an upstream's endpoints for identity verification:
+// the executor records them, starts the verifications that are missing or
+// due, and drops the results no upstream lists any more.
+type verifyAction struct {
+	upstream string
+	alpn     []string
+	checks   []checkRef
+	err      error // the upstream's identity is unknown: nothing is placed
+}
+
+// checkRef names one identity check.
+type checkRef struct{ key, want, addr, instance string }
+
+// waitAction: plan again at the latest at at (initial wait, reload
+// backoff, leaf swap interval). One per plan, the earliest.
+type waitAction struct{ at time.Time }
+
+func (adoptAction) isAction()           {}
+func (startAction) isAction()           {}
+func (reloadAction) isAction()          {}
+func (rotateLeafAction) isAction()      {}
+func (publishAuthzGenAction) isAction() {}
+func (runtimeBatchAction) isAction()    {}
+func (settleAction) isAction()          {}
+func (verifyAction) isAction()          {}
+func (waitAction) isAction()            {}
+
+// plan returns the actions that move HAProxy from in.applied toward
+// in.desired, in order:
+//
+//   - nothing until the registration, the leaf and the roots are known;
+//   - adopt, when a master runs whose state is unknown;
+//   - start, when no master runs, once every upstream has its first
+//     endpoint list and those endpoints their verification results, or
+//     InitialWait passed;
+//   - reload, with its reasons (registration, CA roots, a public listener
+//     a leaf swap broke), unless a failed reload's backoff runs: then a
+//     wait, and the rest goes on, on the running configuration;
+//   - rotate the leaf, unless the last swap was under LeafSwapInterval
+//     ago and the served leaf outlives that interval: then a wait;
+//   - publish the authz generation;
+//   - verify, settle and a runtime batch for the dirty upstreams.
+func plan(in planInput) []action {
+	d, ap := in.desired, in.applied
+	if d.sidecar == nil || d.leaf == nil || d.roots == nil {
+		return nil
+	}
+	if in.masterAlive && !ap.known {
+		return []action{adoptAction{}}
+	}
+	if !in.masterAlive {
+		return in.planStart()
+	}
+	var acts []action
+	var wait time.Time
+	waitUntil := func(at time.Time) {
+		if wait.IsZero() || at.Before(wait) {
+			wait = at
+		}
+	}
+	var reasons []string
+	if !d.sidecar.Equal(ap.sidecar) {
+		reasons = append(reasons, "registration: "+ap.sidecar.Diff(*d.sidecar))
+	}
+	if d.roots.PEM != ap.rootsPEM {
+		// HAProxy 2.6 breaks on "commit ssl ca-file" (haproxy GH #3165,
+		// fixed in 3.3): roots change by rewriting the file and reloading.
+		reasons = append(reasons, "CA roots changed")
+	}
+	if ap.listenerBroken != "" {
+		reasons = append(reasons, ap.listenerBroken)
+	}
+	if ap.foreign != "" {
+		reasons = append(reasons, ap.foreign)
+	}
+	if len(reasons) > 0 {
+		if in.now.Before(in.pacing.reloadAfter) {
+			// A reload failed recently: retry later, and meanwhile keep the
+			// running configuration's endpoints and certificates current.
+			waitUntil(in.pacing.reloadAfter)
+		} else {
+			tables, verify, _ := in.plannedTables()
+			return append(verify, reloadAction{reason: strings.Join(reasons, "; "), sidecar: *d.sidecar,
+				leaf: d.leaf, roots: d.roots, tables: tables, gen: in.authzGen})
+		}
+	}
+	if ap.leaf == nil || d.leaf.PEM != ap.leaf.PEM {
+		// The newest leaf waits out the swap interval, unless the one
+		// HAProxy serves expires first.
+		next := in.pacing.leafSwappedAt.Add(LeafSwapInterval)
+		if ap.leaf != nil && in.now.Before(next) && ap.leaf.NotAfter.After(next) {
+			waitUntil(next)
+		} else {
+			acts = append(acts, rotateLeafAction{leaf: d.leaf})
+		}
+	}
+	if in.authzGen > ap.authzGen {
+		// Never backwards: an adopted HAProxy may hold a later generation
+		// than this process's agent has reached (Config.OnAdopt raises it).
+		acts = append(acts, publishAuthzGenAction{gen: in.authzGen})
+	}
+	acts = append(acts, in.planEndpoints()...)
+	if !wait.IsZero() {
+		acts = append(acts, waitAction{at: wait})
+	}
+	return acts
+}
+
+// planStart plans HAProxy's start. It waits up to InitialWait from the
+// registration for every upstream's first endpoint list and for the
+// verification results of the endpoints listed (which come back within
+// milliseconds; they start as soon as a list is there), so that HAProxy
+// starts with endpoints; past it, it starts with what it has.
+func (in planInput) planStart() []action {
+	d := in.desired
+	tables, acts, pending := in.plannedTables()
+	var missing []string
+	for _, u := range d.sidecar.Upstreams {
+		if _, ok := d.endpoints[u.Name]; !ok {
+			missing = append(missing, u.Name)
+		}
+	}
+	if deadline := d.sidecarSince.Add(in.initialWait); (len(missing) > 0 || pending) && in.now.Before(deadline) {
+		return append(acts, waitAction{at: deadline})
+	}
+	return append(acts, startAction{sidecar: *d.sidecar, leaf: d.leaf, roots: d.roots, tables: tables,
+		gen: in.authzGen, missing: missing, unverified: pending})
+}
+
+// plannedTables is the slot assignment to render into a new configuration:
+// each upstream's table moved to its desired endpoints and resized to have
+// room to grow, keeping slots where they are. Only endpoints that proved
+// their identity are placed; verify lists the verifications to record or
+// start, and pending says some endpoints have no result yet.
+func (in planInput) plannedTables() (tables map[string]slots.Table, verify []action, pending bool) {
+	d := in.desired
+	tables = map[string]slots.Table{}
+	for _, u := range d.sidecar.Upstreams {
+		t, ok := in.applied.tables[u.Name]
+		if !ok {
+			t = slots.New(u.Name, bootstrap.SlotPrefix, in.minSlots)
+		}
+		if eps, seen := d.endpoints[u.Name]; seen {
+			ok, p, v := in.verifiedEndpoints(u.Name, eps)
+			if v != nil {
+				verify = append(verify, *v)
+			}
+			pending = pending || p
+			_, t, _ = slots.Plan(t, ok)
+		}
+		tables[u.Name] = slots.Resize(t, slots.Size(t.Used(), in.minSlots))
+	}
+	return tables, verify, pending
+}
+
+// planEndpoints plans every dirty upstream's slot operations as one
+// runtime batch. An upstream HAProxy does not have yet is left to its
+// reload.
+func (in planInput) planEndpoints() []action {
+	d, ap := in.desired, in.applied
+	var acts []action
+	var settled []string
+	var batch runtimeBatchAction
+	names := make([]string, 0, len(d.dirty))
+	for name := range d.dirty {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	for _, name := range names {
+		eps, seen := d.endpoints[name]
+		table, applied := ap.tables[name]
+		if !seen || !applied {
+			continue // a new upstream: its reload applies it
+		}
+		// An endpoint carries no request before it proved its identity.
+		ok, pending, v := in.verifiedEndpoints(name, eps)
+		if v != nil {
+			acts = append(acts, *v)
+		}
+		if pending && in.now.Sub(d.dirty[name]) < maxHold {
+			ok = holdLeaving(table, eps, ok)
+		}
+		ops, next, _ := slots.Plan(table, ok)
+		if len(ops) == 0 {
+			if !pending {
+				settled = append(settled, name)
+			}
+			continue
+		}
+		batch.upstreams = append(batch.upstreams, upstreamOps{name: name, ops: ops, next: next, pending: pending, since: d.dirty[name]})
+	}
+	if len(settled) > 0 {
+		acts = append(acts, settleAction{upstreams: settled})
+	}
+	if len(batch.upstreams) > 0 {
+		acts = append(acts, batch)
+	}
+	return acts
+}
+
+// verifiedEndpoints returns the endpoints of upstream name that have proved
+// its identity and whether some endpoint has no result yet, and the
+// verifyAction that records its list and starts the verifications that are
+// missing or due (nil when there is nothing to record or start).
+func (in planInput) verifiedEndpoints(name string, eps []slots.Endpoint) (ok []slots.Endpoint, pending bool, v *verifyAction) {
+	d := in.desired
+	u, found := d.sidecar.upstream(name)
+	if !found {
+		return nil, false, nil
+	}
+	// One identity for a service upstream, computed once: this runs on
+	// every plan of the upstream, for each of its endpoints.
+	want, err := wantID(d.leaf, d.roots, u, instance{})
+	if err != nil {
+		return nil, false, &verifyAction{upstream: name, err: err}
+	}
+	insts := d.instances[name]
+	query := u.Type == string(api.UpstreamDestTypePreparedQuery)
+	prev := in.proofs.listed(name)
+	checks := make([]checkRef, 0, len(eps))
+	changed := false
+	for _, e := range eps {
+		addr := e.Key()
+		inst := insts[addr]
+		if query {
+			// Each answer entry names the service it serves.
+			if want, err = wantID(d.leaf, d.roots, u, inst); err != nil {
+				continue
+			}
+		}
+		k := want + " " + addr
+		checks = append(checks, checkRef{key: k, want: want, addr: addr, instance: inst.id})
+		if _, listed := prev[k]; !listed {
+			changed = true
+		}
+		p, exists := in.proofs.proof(k, in.now)
+		if !exists || p.due || (inst.id != "" && inst.id != p.instance) {
+			changed = true
+		}
+		switch {
+		case p.good:
+			ok = append(ok, e)
+		case !p.known:
+			pending = true
+		}
+	}
+	if changed || len(checks) != len(prev) {
+		v = &verifyAction{upstream: name, alpn: alpnList(u.Protocol), checks: checks}
+	}
+	return ok, pending, v
+}
+
+// inheritedChecks lists, per upstream, the identity checks of the
+// endpoints an adopted HAProxy serves. They were proven before they were
+// placed, by the process that placed them, whose results this one does not
+// have: the executor records them as proven and due, so they keep their
+// slots while they are proven again at once (as a re-proof never takes a
+// proven endpoint out of service, see Controller.verified) instead of
+// being parked until their first proof here. One that proves another
+// identity is parked then.
+func inheritedChecks(d *desired, ap *applied) []verifyAction {
+	var out []verifyAction
+	for _, u := range ap.sidecar.Upstreams {
+		t, ok := ap.tables[u.Name]
+		if !ok {
+			continue
+		}
+		insts := d.instances[u.Name]
+		v := verifyAction{upstream: u.Name, alpn: alpnList(u.Protocol)}
+		for _, s := range t.Slots {
+			if !s.Used {
+				continue
+			}
+			addr := s.Key()
+			want, err := wantID(d.leaf, d.roots, u, insts[addr])
+			if err != nil {
+				continue // not proven here: its first proof places it
+			}
+			v.checks = append(v.checks, checkRef{key: want + " " + addr, want: want, addr: addr, instance: insts[addr].id})
+		}
+		out = append(out, v)
+	}
+	return out
+}
+
+// upstream is the upstream named name.
+func (sc *Sidecar) upstream(name string) (Upstream, bool) {
+	for _, u := range sc.Upstreams {
+		if u.Name == name {
+			return u, true
+		}
+	}
+	return Upstream{}, false
+}

@@ -1,0 +1,211 @@
+package controller
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"go.uber.org/zap"
+
+	"github.com/haproxy-connect/haproxy-connect/input"
+	"github.com/haproxy-connect/haproxy-connect/slots"
+	"github.com/haproxy-connect/haproxy-connect/watch"
+)
+
+func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
+	var last []slots.Endpoint
+	first := true
+	p := &pendingList{taken: make(chan struct{}, 1)}
+	filter := newInstanceFilter(u.Name, c.log, c.metrics)
+	filter.max, filter.proxyID = c.cfg.MaxEndpoints, c.cfg.ProxyID
+	publish := func(l endpointList) {
+		if !first && slices.Equal(l.eps, last) {
+			return
+		}
+		first, last = false, l.eps
+		c.metrics.endpointUpdates.Add(1)
+		if !p.put(l) {
+			// The loop has not taken the previous list yet (it is
+			// applying a batch): this one replaced it. Query again only
+			// once the loop has taken it, so that a slow apply does not
+			// have Consul encode, and this process decode, whole
+			// instance lists that are replaced unread (in a burst of
+			// 1000, about one per few ms, each about 1 MB).
+			select {
+			case <-p.taken:
+			case <-ctx.Done():
+			}
+			return
+		}
+		c.send(ctx, func(d *desired) {
+			l, ok := p.take()
+			if !ok {
+				return
+			}
+			if w, ok := c.watches[u.Name]; ok && w.up == u { // not a stale watch
+				d.setEndpoints(u.Name, l.eps, l.at)
+				d.instances[u.Name] = l.inst
+			}
+		})
+	}
+	if u.Type == string(api.UpstreamDestTypePreparedQuery) {
+		// Prepared queries do not block: poll.
+		watch.Loop(ctx, watch.Options{Name: "query " + u.Destination, Log: c.log, MinInterval: 2 * time.Second}, func(ctx context.Context, _ watch.Cursor) (endpointList, watch.Cursor, error) {
+			resp, _, err := c.consul.PreparedQuery().Execute(u.Destination, (&api.QueryOptions{Connect: true, Datacenter: u.Datacenter}).WithContext(ctx))
+			if err != nil {
+				return endpointList{}, watch.Cursor{}, err
+			}
+			at := time.Now()
+			entries := make([]healthEntry, 0, len(resp.Nodes))
+			for _, e := range resp.Nodes {
+				if e.Service == nil {
+					continue
+				}
+				he := healthEntry{ID: e.Service.ID, Address: e.Service.Address, Port: e.Service.Port, Weight: e.Service.Weights.Passing}
+				if e.Node != nil {
+					he.NodeAddress = e.Node.Address
+				}
+				entries = append(entries, he)
+			}
+			return endpointList{eps: filter.endpoints(entries, nil), inst: queryInstances(resp), at: at}, watch.Cursor{}, nil
+		}, publish)
+		return
+	}
+	watch.Loop(ctx, watch.Options{Name: "upstream " + u.Name, Log: c.log, MinInterval: 10 * time.Millisecond}, func(ctx context.Context, cur watch.Cursor) (endpointList, watch.Cursor, error) {
+		entries, bad, index, at, err := c.health.connect(ctx, u.Destination, u.Datacenter, cur.Index, 5*time.Minute)
+		if err != nil {
+			return endpointList{}, cur, err
+		}
+		return endpointList{eps: filter.endpoints(entries, bad), inst: healthInstances(entries), at: at}, watch.Cursor{Index: index}, nil
+	}, publish)
+}
+
+// endpointList is one answer of an upstream's watch, and when it arrived.
+type endpointList struct {
+	eps  []slots.Endpoint
+	inst map[string]instance // by endpoint key
+	at   time.Time
+}
+
+// pendingList holds an upstream's newest list between its watch and the
+// controller loop: at most one list waits, and a newer one replaces it.
+type pendingList struct {
+	mu    sync.Mutex
+	l     endpointList
+	full  bool
+	taken chan struct{} // a token per take of a list put into an empty slot
+}
+
+// put stores l and reports whether the slot was empty (the caller then
+// tells the loop). A list that replaces a waiting one keeps the waiting
+// one's arrival time: the propagation histogram measures from the oldest
+// change not yet applied.
+func (p *pendingList) put(l endpointList) (wasEmpty bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.full {
+		l.at = p.l.at
+		p.l = l
+		return false
+	}
+	// A token left from an earlier take is stale: the next one must mean
+	// that this list was taken.
+	select {
+	case <-p.taken:
+	default:
+	}
+	p.l, p.full = l, true
+	return true
+}
+
+// take empties the slot and returns what it held.
+func (p *pendingList) take() (endpointList, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.full {
+		return endpointList{}, false
+	}
+	l := p.l
+	p.l, p.full = endpointList{}, false
+	select {
+	case p.taken <- struct{}{}:
+	default:
+	}
+	return l, true
+}
+
+// instanceFilter turns one upstream's passing Connect instances into
+// endpoints: the service address, else the node address, the port, and
+// Consul's passing weight, each checked by input.NewEndpoint. An instance
+// that fails (a zone, a host name, a port out of range, ...), or that the
+// answer did not carry readably, is left out: the rest of the upstream goes
+// on. Each such instance is logged once, with its ID, the field and the
+// reason, and counted once, for as long as it stays the same; it is logged
+// again if it comes back after being fixed or gone.
+//
+// Past max endpoints (when max > 0), the ones capEndpoints chooses for
+// proxyID are kept, with a log line and a counter.
+type instanceFilter struct {
+	upstream string
+	log      *zap.Logger
+	metrics  *Metrics
+	logged   map[string]bool // instance ID and reason, of the last answer's rejections
+	max      int
+	proxyID  string
+}
+
+func newInstanceFilter(upstream string, log *zap.Logger, m *Metrics) *instanceFilter {
+	return &instanceFilter{upstream: upstream, log: log, metrics: m, logged: map[string]bool{}}
+}
+
+// fieldUnreadable labels instances the health answer did not carry in the
+// shape the sidecar reads.
+const fieldUnreadable = "entry"
+
+func (f *instanceFilter) endpoints(entries []healthEntry, bad []error) []slots.Endpoint {
+	seen := make(map[string]bool, len(f.logged))
+	drop := func(id, field string, err error) {
+		key := id + "\x00" + err.Error()
+		seen[key] = true
+		if f.logged[key] {
+			return
+		}
+		f.metrics.invalidInstance(f.upstream, field)
+		f.log.Warn("upstream instance dropped: a value Consul serves for it is invalid",
+			zap.String("upstream", f.upstream), zap.String("instance_id", id), zap.String("field", field), zap.Error(err))
+	}
+	for _, err := range bad {
+		id := ""
+		var ee *entryError
+		if errors.As(err, &ee) {
+			// Keyed without its index in the answer, which moves.
+			id, err = ee.ID, ee.Err
+		}
+		drop(id, fieldUnreadable, err)
+	}
+	out := make([]slots.Endpoint, 0, len(entries))
+	for _, e := range entries {
+		addr := e.Address
+		if addr == "" {
+			addr = e.NodeAddress
+		}
+		ep, err := input.NewEndpoint(e.ID, addr, e.Port, e.Weight)
+		if err != nil {
+			drop(e.ID, input.FieldOf(err), err)
+			continue
+		}
+		out = append(out, slots.Endpoint{Addr: ep.Addr().String(), Port: int(ep.Port()), Weight: ep.Weight()})
+	}
+	f.logged = seen
+	slices.SortFunc(out, slots.Endpoint.Compare)
+	if n := len(out); f.max > 0 && n > f.max {
+		f.metrics.endpointLimitHits.Add(1)
+		f.log.Warn("upstream has more endpoints than the limit; keeping a stable subset (rendezvous hash of proxy ID and endpoint)",
+			zap.String("upstream", f.upstream), zap.Int("endpoints", n), zap.Int("kept", f.max))
+		out = capEndpoints(out, f.max, f.proxyID)
+	}
+	return out
+}
