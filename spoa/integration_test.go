@@ -240,7 +240,14 @@ func TestInboundIntentions(t *testing.T) {
 	t.Run("burst", func(t *testing.T) {
 		s.a.Invalidate()
 		before := s.a.Stats()
-		const n = 200
+		// What is checked is that no connection is lost between threads
+		// and agent connections, not capacity: under the race detector,
+		// 200 handshakes on two cores outlast HAProxy's 1 s SPOE
+		// processing timeout, which refuses them (fail closed).
+		n := 200
+		if raceEnabled {
+			n = 50
+		}
 		var (
 			wg      sync.WaitGroup
 			mu      sync.Mutex

@@ -1,0 +1,5 @@
+//go:build !race
+
+package spoa_test
+
+const raceEnabled = false
