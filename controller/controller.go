@@ -249,6 +249,7 @@ func New(cfg Config) (*Controller, error) {
 		return runtime.StartMaster(ctx, cfg.HAProxyBin, c.path("haproxy.cfg"), c.rt.Socket(), c.path(PIDFile), cfg.HAProxyOutput)
 	}
 	c.checkBind = checkBind
+	c.health.filtered = c.aclFiltered()
 	c.readApplied = c.readBack
 	c.now = time.Now
 	return c, nil

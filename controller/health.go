@@ -36,6 +36,12 @@ type healthReader struct {
 	params  url.Values // dc, ns, partition from the client configuration
 	parsers fastjson.ParserPool
 	bufs    sync.Pool // *bytes.Buffer
+	// filtered, when set, learns per answer whether Consul left
+	// instances out because the token may not read them
+	// (X-Consul-Results-Filtered-By-ACLs): the only sign of a token that
+	// lacks read on an upstream's proxies or nodes, whose upstream then
+	// looks empty.
+	filtered func(service string, filtered bool)
 }
 
 // newHealthReader takes the configuration api.NewClient has normalised (it
@@ -122,6 +128,9 @@ func (h *healthReader) connect(ctx context.Context, service, dc string, index ui
 			msg = msg[:200] + "..."
 		}
 		return nil, nil, 0, at, fmt.Errorf("health of %s: Consul answered %s: %s", service, resp.Status, msg)
+	}
+	if h.filtered != nil {
+		h.filtered(service, resp.Header.Get("X-Consul-Results-Filtered-By-ACLs") == "true")
 	}
 	next, err = strconv.ParseUint(resp.Header.Get("X-Consul-Index"), 10, 64)
 	if err != nil || next == 0 {

@@ -4,10 +4,17 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/hashicorp/consul/api"
 
@@ -222,5 +229,39 @@ func TestHealthConnectConsul(t *testing.T) {
 	// A service with no instances is an empty list, not an error.
 	if entries, _, _, _, err := q.connect(ctx, "nothing", "", 0, time.Minute); err != nil || len(entries) != 0 {
 		t.Errorf("unknown service: %v, %v", entries, err)
+	}
+}
+
+// TestACLFilteredIsLogged: an answer Consul filtered for the token is
+// logged once when it starts, not for every answer, and once when it ends.
+func TestACLFilteredIsLogged(t *testing.T) {
+	var filtered atomic.Bool
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if filtered.Load() {
+			w.Header().Set("X-Consul-Results-Filtered-By-ACLs", "true")
+		}
+		w.Header().Set("X-Consul-Index", "7")
+		fmt.Fprint(w, "[]")
+	}))
+	defer srv.Close()
+	core, logs := observer.New(zap.InfoLevel)
+	c, err := New(Config{Consul: &api.Config{Address: strings.TrimPrefix(srv.URL, "http://")}, ProxyID: "web-sidecar-proxy",
+		StateDir: t.TempDir(), SPOASocket: "/state/spoa.sock", Log: zap.New(core)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []bool{false, true, true, true, false, false} {
+		filtered.Store(f)
+		if _, _, _, _, err := c.health.connect(context.Background(), "api", "", 0, time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var got []string
+	for _, e := range logs.All() {
+		got = append(got, e.Level.String()+" "+e.Message[:min(len(e.Message), 40)])
+	}
+	want := []string{"warn consul leaves instances of an upstream o", "info consul no longer leaves instances of an "}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("log lines (-want +got):\n%s", diff)
 	}
 }

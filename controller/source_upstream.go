@@ -209,3 +209,26 @@ func (f *instanceFilter) endpoints(entries []healthEntry, bad []error) []slots.E
 	}
 	return out
 }
+
+// aclFiltered logs, once each time it starts and once when it ends, that
+// Consul leaves instances of an upstream out of its answers because the
+// sidecar's token may not read them: without it, an upstream missing
+// service:read on its proxies, or node:read, just looks empty.
+func (c *Controller) aclFiltered() func(service string, filtered bool) {
+	var mu sync.Mutex
+	seen := map[string]bool{}
+	return func(service string, filtered bool) {
+		mu.Lock()
+		defer mu.Unlock()
+		if seen[service] == filtered {
+			return
+		}
+		seen[service] = filtered
+		if filtered {
+			c.log.Warn("consul leaves instances of an upstream out: the token may not read them (it needs service:read on the upstream and its sidecar proxies, and node:read on their nodes)",
+				zap.String("service", service))
+			return
+		}
+		c.log.Info("consul no longer leaves instances of an upstream out", zap.String("service", service))
+	}
+}
