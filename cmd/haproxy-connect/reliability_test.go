@@ -144,6 +144,11 @@ func TestControllerCrashAndAdoption(t *testing.T) {
 	if !runtime.ProcessAlive(master) {
 		t.Fatalf("haproxy master %d died with its controller", master)
 	}
+	// status needs only the master socket: it works with no controller.
+	st := m.client.runStatus(t)
+	if up := st.upstream("up_server"); st.Master.PID != master || up == nil || st.slotOfAddr("up_server", m.ports[0]) == nil {
+		t.Errorf("status with the controller dead: master %d (want %d), upstreams %+v", st.Master.PID, master, st.Upstreams)
+	}
 
 	launched := time.Now()
 	next := launchSidecar(t, m.consul, "client", m.client.stateDir)

@@ -46,6 +46,22 @@ func (r statusReport) slotOf(backend, id string) *slotStatus {
 	return nil
 }
 
+// slotOfAddr returns the slot of backend that serves port on loopback, or
+// nil.
+func (r statusReport) slotOfAddr(backend string, port int) *slotStatus {
+	u := r.upstream(backend)
+	if u == nil {
+		return nil
+	}
+	want := fmt.Sprintf("127.0.0.1:%d", port)
+	for i, s := range u.Slots {
+		if s.Address == want && s.State == "ready" {
+			return &u.Slots[i]
+		}
+	}
+	return nil
+}
+
 func (r statusReport) upstream(backend string) *upstreamStatus {
 	for i, u := range r.Upstreams {
 		if u.Backend == backend {
