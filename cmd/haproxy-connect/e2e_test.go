@@ -412,14 +412,7 @@ func TestUndecidedIsRetried(t *testing.T) {
 
 	// A direct mTLS client with a leaf of its own ("other"): a source the
 	// server sidecar has no decision for. One kept-alive connection.
-	leaf, _, err := c.Agent().ConnectCALeaf("other", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := tls.X509KeyPair([]byte(leaf.CertPEM), []byte(leaf.PrivateKeyPEM))
-	if err != nil {
-		t.Fatal(err)
-	}
+	cert := meshCert(t, c, "other")
 	// The server's identity is not what this test checks.
 	tr := &http.Transport{MaxIdleConnsPerHost: 1, TLSClientConfig: &tls.Config{Certificates: []tls.Certificate{cert}, InsecureSkipVerify: true}}
 	call, reused := keptAlive(t, tr, fmt.Sprintf("https://127.0.0.1:%d/", port))

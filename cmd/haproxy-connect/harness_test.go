@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -540,4 +541,19 @@ func TestFailureLog(t *testing.T) {
 			t.Errorf("%s:\ngot:\n%s\nwant:\n%s", tt.name, got, tt.want)
 		}
 	}
+}
+
+// meshCert is the leaf Consul issues for service, as a client or server
+// certificate of the mesh.
+func meshCert(t *testing.T, c *api.Client, service string) tls.Certificate {
+	t.Helper()
+	leaf, _, err := c.Agent().ConnectCALeaf(service, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := tls.X509KeyPair([]byte(leaf.CertPEM), []byte(leaf.PrivateKeyPEM))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cert
 }

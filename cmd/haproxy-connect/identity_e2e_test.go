@@ -32,14 +32,7 @@ type impostor struct {
 
 func startImpostor(t *testing.T, c *api.Client, service string) *impostor {
 	t.Helper()
-	leaf, _, err := c.Agent().ConnectCALeaf(service, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := tls.X509KeyPair([]byte(leaf.CertPEM), []byte(leaf.PrivateKeyPEM))
-	if err != nil {
-		t.Fatal(err)
-	}
+	cert := meshCert(t, c, service)
 	roots, _, err := c.Agent().ConnectCARoots(nil)
 	if err != nil {
 		t.Fatal(err)

@@ -337,14 +337,7 @@ func TestInboundWhileControllerAway(t *testing.T) {
 	index := intention(t, c, "other", "server", api.IntentionActionAllow)
 	eventually(t, 10*time.Second, "the server sidecar sees the intention", server.sawIntentions(index))
 
-	leaf, _, err := c.Agent().ConnectCALeaf("other", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := tls.X509KeyPair([]byte(leaf.CertPEM), []byte(leaf.PrivateKeyPEM))
-	if err != nil {
-		t.Fatal(err)
-	}
+	cert := meshCert(t, c, "other")
 	tlsCfg := &tls.Config{Certificates: []tls.Certificate{cert}, InsecureSkipVerify: true}
 	url := fmt.Sprintf("https://127.0.0.1:%d/", port)
 	kept, reused := keptAlive(t, &http.Transport{MaxIdleConnsPerHost: 1, TLSClientConfig: tlsCfg}, url)
