@@ -186,8 +186,9 @@ func TestParseProcList(t *testing.T) {
 	text := `#<PID>          <type>          <reloads>       <uptime>        <version>
 2596            master          2 [failed: 1]   0d00h01m52s     2.6.12-1+deb12u4
 # workers
-3555            worker          1               0d00h01m39s     2.6.12-1+deb12u4
 7418            worker          0               0d00h00m01s     2.6.12-1+deb12u4
+# old workers
+3555            worker          1               0d00h01m39s     2.6.12-1+deb12u4
 # programs
 `
 	got, err := ParseProcList(text)
@@ -197,8 +198,8 @@ func TestParseProcList(t *testing.T) {
 	want := ProcList{
 		Master: Process{PID: 2596, Type: "master", Reloads: 2, Failed: 1, Version: "2.6.12-1+deb12u4"},
 		Workers: []Process{
-			{PID: 3555, Type: "worker", Reloads: 1, Version: "2.6.12-1+deb12u4"},
 			{PID: 7418, Type: "worker", Reloads: 0, Version: "2.6.12-1+deb12u4"},
+			{PID: 3555, Type: "worker", Reloads: 1, Version: "2.6.12-1+deb12u4"},
 		},
 	}
 	if diff := cmp.Diff(want, got); diff != "" {

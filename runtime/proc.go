@@ -25,7 +25,9 @@ type Process struct {
 
 // ProcList is the parsed "show proc".
 type ProcList struct {
-	Master  Process
+	Master Process
+	// Workers are the current worker and the old ones still finishing
+	// their connections after a reload (reloads 1 or more).
 	Workers []Process
 }
 
@@ -59,11 +61,14 @@ func (p ProcList) AtLeast(major, minor int) bool {
 	return cnruntime.IsBiggerOrEqual(&cnruntime.HAProxyVersion{Major: major, Minor: minor}, v)
 }
 
-// ParseProcList parses the master's "show proc" output.
+// ParseProcList parses the master's "show proc" output. Old workers, which
+// 2.6 lists in a section of their own (src/mworker.c), are workers too.
 //
 //	#<PID>          <type>          <reloads>       <uptime>        <version>
 //	2596            master          2 [failed: 1]   0d00h01m52s     2.6.12-1+deb12u4
 //	# workers
+//	7418            worker          0               0d00h00m01s     2.6.12-1+deb12u4
+//	# old workers
 //	3555            worker          1               0d00h01m39s     2.6.12-1+deb12u4
 func ParseProcList(text string) (ProcList, error) {
 	var pl ProcList
@@ -105,7 +110,7 @@ func ParseProcList(text string) (ProcList, error) {
 			}
 			pl.Master = p
 			sawMaster = true
-		case section == "workers":
+		case section == "workers", section == "old workers":
 			pl.Workers = append(pl.Workers, p)
 		}
 	}
