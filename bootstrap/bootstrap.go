@@ -527,6 +527,19 @@ func renderConfig(s Spec) (string, error) {
 		} else {
 			w("    no log")
 		}
+		if mode == "http" {
+			// After a reload, the old worker answers the next request
+			// of each kept-alive local connection with "Connection:
+			// close" instead of closing the idle connection at once
+			// (HAProxy 2.4-2.6's default, src/mux_h1.c h1_process): a
+			// close at once races with a request the client is
+			// sending, which then fails, and clients replay only
+			// idempotent requests (Go's transport), so a POST was
+			// lost. Idle connections that send nothing more end at
+			// "timeout http-keep-alive" or hard-stop-after. HTTP/2
+			// connections get a GOAWAY either way.
+			w("    option idle-close-on-response")
+		}
 		w("    default_backend %s", u.Name)
 		w("")
 		w("backend %s", u.Name)

@@ -58,7 +58,7 @@ var configShapes = []string{
 	`    http-request deny deny_status 403 unless \{ var\(sess\.hc\.allowed\) -m bool \}`,
 	`    http-request deny deny_status 503 unless \{ var\(sess\.hc\.allowed\) -m found \}`,
 	`    http-request reject if !\{ var\(sess\.hc\.allowed\) -m found \} \{ stopping \}`,
-	`    option redispatch`,
+	`    option redispatch`, `    option idle-close-on-response`,
 	`    retry-on conn-failure empty-response`,
 	`    http-reuse always`,
 	`    http-response deny deny_status 502 unless \{ ssl_s_der,hex -m sub [0-9A-F]+ \}`,
