@@ -114,6 +114,10 @@ const (
 	// MaxThreads is HAProxy's build-time thread limit (MAX_THREADS, 64
 	// on the 64-bit builds Debian ships).
 	MaxThreads = 64
+	// GoawayIdleTimeout is how long an HTTP listener keeps an HTTP/2
+	// connection it sent a GOAWAY on (after a reload, in the old
+	// worker) once no stream is left on it ("timeout client-fin").
+	GoawayIdleTimeout = 5 * time.Second
 )
 
 // serverIDRE is the shape of a Consul service SPIFFE ID.
@@ -412,6 +416,15 @@ func renderConfig(s Spec) (string, error) {
 	mode := Mode(p.Protocol)
 	w("frontend %s", PublicFrontend)
 	w("    mode %s", mode)
+	if mode == "http" {
+		// After a reload the old worker sends a GOAWAY on each HTTP/2
+		// connection from a calling sidecar, which then opens no new
+		// stream on it but keeps it open while idle. HAProxy closes an
+		// idle connection after its GOAWAY at "timeout client-fin", else
+		// at "timeout client" (1 h): the old worker would stay until
+		// hard-stop-after on every reload.
+		w("    timeout client-fin %s", ms(GoawayIdleTimeout))
+	}
 	alpn := ""
 	if mode == "http" {
 		alpn = " alpn h2,http/1.1"
@@ -537,8 +550,10 @@ func renderConfig(s Spec) (string, error) {
 			// idempotent requests (Go's transport), so a POST was
 			// lost. Idle connections that send nothing more end at
 			// "timeout http-keep-alive" or hard-stop-after. HTTP/2
-			// connections get a GOAWAY either way.
+			// connections (h2c) get a GOAWAY either way, and are
+			// closed once idle as on the public listener.
 			w("    option idle-close-on-response")
+			w("    timeout client-fin %s", ms(GoawayIdleTimeout))
 		}
 		w("    default_backend %s", u.Name)
 		w("")

@@ -36,7 +36,7 @@ var configShapes = []string{
 	"    log-format \"" + regexp.QuoteMeta(httpLogFormat) + ` inst=%\[srv_name,regsub\(\^,` + shapeIdent + `/\),map\(` + shapePath + `,-\)\]"`,
 	"    log-format \"" + regexp.QuoteMeta(tcpLogFormat) + ` inst=%\[srv_name,regsub\(\^,` + shapeIdent + `/\),map\(` + shapePath + `,-\)\]"`,
 	`    set-var proc\.hc\.config_id str\(config_id\),map\(` + shapePath + `,-\)`,
-	`    timeout (connect|client|server|http-request|http-keep-alive) \d+(ms|s|m|h)`,
+	`    timeout (connect|client|client-fin|server|http-request|http-keep-alive) \d+(ms|s|m|h)`,
 	`(frontend|backend) ` + shapeIdent,
 	`    mode (tcp|http)`,
 	`    bind ` + shapeAddrPort + ` ssl crt-list ` + shapePath + ` ca-file ` + shapePath + ` verify required( alpn h2,http/1\.1)?`,
