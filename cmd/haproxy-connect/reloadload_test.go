@@ -22,14 +22,13 @@ import (
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
-// Reload under load: how many local connections, how often each sends a
-// request, and the old worker's bound. The pace is modest (500 connections
-// at one request per 100 ms each, on a 2-core machine shared with other
-// work): the test is about correctness across a reload, not capacity.
+// Reload under load: how many local connections and how often each sends
+// a request. The pace is modest (500 connections at one request per
+// 100 ms each, on a 2-core machine shared with other work): the test is
+// about correctness across a reload, not capacity.
 const (
 	reloadLoadConns    = 500
 	reloadLoadInterval = 100 * time.Millisecond
-	reloadHardStop     = 6 * time.Second
 	// afterReload is how long traffic goes on, and is checked, once the
 	// old worker has gone.
 	afterReload = 5 * time.Second
@@ -37,6 +36,14 @@ const (
 	// worker may take to be gone from show proc (see its use).
 	oldWorkerGrace = 4 * time.Second
 )
+
+// hardStop is the sidecars' -hard-stop-after by protocol. In http mode
+// every connection leaves the old worker without it (kept-alive HTTP/1.1
+// ones on their next request, HTTP/2 ones once idle after their GOAWAY,
+// bootstrap.GoawayIdleTimeout), so it is well above that, and the test
+// checks that it did not fire. A TCP connection cannot move: in tcp mode
+// the hard stop is what ends the old worker.
+var hardStop = map[string]time.Duration{"http": 20 * time.Second, "tcp": 6 * time.Second}
 
 // connLoad is n local clients, each on its own connection kept alive
 // between its requests, each sending one request per interval until stop.
@@ -271,7 +278,7 @@ func TestReloadUnderLoad(t *testing.T) {
 }
 
 // startReloadMesh is the two-sidecar mesh with protocol proto, both
-// sidecars with -hard-stop-after reloadHardStop, and a server application
+// sidecars with -hard-stop-after hardStop[proto], and a server application
 // that answers HTTP requests or lines on kept connections.
 func startReloadMesh(t *testing.T, proto string) *mesh {
 	t.Helper()
@@ -284,7 +291,7 @@ func startReloadMesh(t *testing.T, proto string) *mesh {
 	register(t, m.c, "server", m.app, m.ports[0], map[string]any{"protocol": proto})
 	m.upstream = api.Upstream{DestinationName: "server", LocalBindPort: m.ports[3], Config: map[string]any{"protocol": proto}}
 	register(t, m.c, "client", m.ports[1], m.ports[2], nil, m.upstream)
-	args := []string{"-hard-stop-after", reloadHardStop.String()}
+	args := []string{"-hard-stop-after", hardStop[proto].String()}
 	m.server = startSidecar(t, m.consul, "server", args...)
 	m.client = startSidecar(t, m.consul, "client", args...)
 	return m
@@ -372,7 +379,7 @@ func testReloadUnderLoad(t *testing.T, m *mesh, proto, side string) {
 	// moment more on a busy machine (up to a second was seen with 500
 	// TCP connections). Without the bound it would stay for as long as
 	// its connections do: the TCP ones here never end.
-	eventually(t, reloadHardStop+oldWorkerGrace, "the old worker is gone", func() error {
+	eventually(t, hardStop[proto]+oldWorkerGrace, "the old worker is gone", func() error {
 		pl, err := reloading.rt.Procs(context.Background())
 		if err != nil {
 			return err
@@ -412,10 +419,10 @@ func testReloadUnderLoad(t *testing.T, m *mesh, proto, side string) {
 		t.Errorf("%d of %d requests on kept-alive connections failed; first: %v", keptN.failed, keptN.ok+keptN.failed, keptErr)
 	}
 	if proto == "tcp" {
-		// The hard stop comes reloadHardStop after the old worker was
-		// told to stop, which was after the registration; it ends the
-		// old worker.
-		cut := kept.failuresBetween(registered.Add(reloadHardStop), goneAt)
+		// The hard stop comes hardStop after the old worker was told
+		// to stop, which was after the registration; it ends the old
+		// worker.
+		cut := kept.failuresBetween(registered.Add(hardStop[proto]), goneAt)
 		perClient := map[int]int{}
 		for _, f := range cut {
 			perClient[f.client]++
@@ -436,6 +443,11 @@ func testReloadUnderLoad(t *testing.T, m *mesh, proto, side string) {
 	// The clients keep their connections on the new worker.
 	if after.ok == 0 || after.reused == 0 {
 		t.Errorf("after the old worker went: %d requests ok, %d on reused connections", after.ok, after.reused)
+	}
+	// HAProxy logs the hard stop, with the worker's PID.
+	hardStopped := strings.Contains(reloading.out.String(), fmt.Sprintf("(%d) : soft-stop running for too long, performing a hard-stop", old.PID))
+	if want := proto == "tcp"; hardStopped != want {
+		t.Errorf("the old worker ended by the hard stop: %v, want %v", hardStopped, want)
 	}
 	if got := reloading.reloads(t) - before; got != 1 {
 		t.Errorf("%d reloads for one new upstream, want 1", got)
