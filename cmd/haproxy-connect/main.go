@@ -71,7 +71,7 @@ func main() {
 	fs.IntVar(&o.threads, "threads", goruntime.GOMAXPROCS(0), "HAProxy worker threads (default: the CPUs this process may use, after cgroup limits; 0: HAProxy's default)")
 	fs.BoolVar(&o.accessLog, "access-log", true, "HAProxy logs each connection/request (with the client SPIFFE ID) to stdout")
 	fs.DurationVar(&o.startTimeout, "start-timeout", 30*time.Second, "how long to retry Consul at start")
-	fs.DurationVar(&o.hardStopAfter, "hard-stop-after", controller.DefaultHardStopAfter, "how long an old HAProxy worker keeps the connections it holds after a reload (HTTP ones are closed between requests at once; TCP ones are cut after this)")
+	fs.DurationVar(&o.hardStopAfter, "hard-stop-after", controller.DefaultHardStopAfter, "how long an old HAProxy worker keeps the connections it holds after a reload (HTTP ones move to the new worker on their next request, or once idle after a GOAWAY; TCP ones are cut after this)")
 	fs.DurationVar(&o.stopTimeout, "stop-timeout", 15*time.Second, "on SIGTERM or SIGINT, how long HAProxy may finish the requests and connections it serves (its listeners close at once) before it is killed")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		os.Exit(2)
