@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptrace"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/hashicorp/consul/api"
 
+	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
@@ -307,6 +309,28 @@ func startReloadMesh(t *testing.T, proto string) *mesh {
 	return m
 }
 
+// maxconn is the Maxconn of the sidecar's current worker. The rendered
+// configuration sets none: HAProxy derives it from the open files limit,
+// which it raises to the hard limit (about half of that).
+func maxconn(t *testing.T, s *sidecar) int {
+	t.Helper()
+	info, err := s.rt.Do(context.Background(), runtime.ShowInfo())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(info, "\n") {
+		if v, ok := strings.CutPrefix(l, "Maxconn: "); ok {
+			n, err := strconv.Atoi(strings.TrimSpace(v))
+			if err != nil {
+				t.Fatalf("show info: %q", l)
+			}
+			return n
+		}
+	}
+	t.Fatalf("show info has no Maxconn:\n%s", info)
+	return 0
+}
+
 // testReloadUnderLoad runs the load through m (protocol proto), makes side
 // ("client" or "server") reload once for a new upstream, and checks the
 // requests, the reload count and the old worker's end.
@@ -332,6 +356,11 @@ func testReloadUnderLoad(t *testing.T, m *mesh, proto, side string) {
 		freshCall, _ = lineCaller(port, false)
 	}
 	eventually(t, 10*time.Second, "the mesh serves", freshCall)
+	for _, s := range []*sidecar{m.client, m.server} {
+		if n := maxconn(t, s); n < 2*reloadLoadConns {
+			t.Fatalf("HAProxy's maxconn is %d, below the %d connections of this test: HAProxy derives it from the open files hard limit (ulimit -Hn), raise it", n, 2*reloadLoadConns)
+		}
+	}
 
 	kept := startConnLoad(reloadLoadConns, reloadLoadInterval, newKept)
 	fresh := startConnLoad(4, reloadLoadInterval, func(int) func() (bool, error) {
