@@ -414,10 +414,10 @@ func testReloadUnderLoad(t *testing.T, m *mesh, proto, side string) {
 	reloaded := time.Since(registered)
 	// The old worker has a bound: -hard-stop-after, counted from when the
 	// new worker told it to stop, which may come a little after the
-	// master's reload count moved; killing what remains then takes a
-	// moment more on a busy machine (up to a second was seen with 500
-	// TCP connections). Without the bound it would stay for as long as
-	// its connections do: the TCP ones here never end.
+	// master's reload count moved; the hard stop then shuts every stream
+	// and exits at most 1 s later (hard_stop, src/proxy.c). Without the
+	// bound it would stay for as long as its connections do: the TCP
+	// ones here never end.
 	eventually(t, hardStop[proto]+oldWorkerGrace, "the old worker is gone", func() error {
 		pl, err := reloading.rt.Procs(context.Background())
 		if err != nil {
