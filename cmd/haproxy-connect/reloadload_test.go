@@ -277,9 +277,12 @@ func closedIdle(c net.Conn, rd *bufio.Reader) bool {
 // opening a connection per request, call the client's upstream. Not one
 // request fails, across the reload and for afterReload after the old
 // worker has gone; there is exactly one reload, and the old worker is gone
-// within the sidecar's -hard-stop-after. The sidecar that reloads is the
-// client's (its local clients' connections move to the new worker) or the
-// server's (the client sidecar's pooled connections to it move).
+// within the sidecar's -hard-stop-after, in http mode without needing it.
+// The sidecar that reloads is the client's (its local clients' connections
+// move to the new worker) or the server's (the client sidecar's pooled
+// connections to it move). In tcp mode connections cannot move: each kept
+// one may lose the exchange in flight at the hard stop, and nothing else
+// may fail.
 func TestReloadUnderLoad(t *testing.T) {
 	for _, tc := range []struct{ proto, side string }{{"http", "client"}, {"http", "server"}, {"tcp", "client"}} {
 		t.Run(tc.proto+"/"+tc.side, func(t *testing.T) {
