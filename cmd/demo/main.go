@@ -204,8 +204,11 @@ Watch the slots of client's upstream, and the HAProxy processes (no reloads for 
   watch -n1 "echo '@1 show servers state up_web' | socat stdio unix-connect:%[6]s"
 Web's own sidecar: unix-connect:%[7]s
 
+What the client's HAProxy serves (slots and their Consul instances, leaf, workers, last reload):
+  %[8]s status -state-dir %[9]s
+
 Ctrl-C stops everything this demo started.
-`, p.Upstream, p.Client, p.Consul, d.ConsulBin, p.ClientStats, sock("client"), sock("web"))
+`, p.Upstream, p.Client, p.Consul, d.ConsulBin, p.ClientStats, sock("client"), sock("web"), d.SidecarBin, filepath.Join(d.Dir, "client"))
 }
 
 // script walks deny -> allow -> deny through the client's upstream.
