@@ -80,6 +80,7 @@ test: deps
 	$(GO) test ./runtime -run '^$$' -fuzz '^FuzzCommands$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./runtime -run '^$$' -fuzz '^FuzzSocatLine$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./runtime -run '^$$' -fuzz '^FuzzParseReplies$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./runtime -run '^$$' -fuzz '^FuzzParseSessions$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./controller -run '^$$' -fuzz '^FuzzParseRegistration$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./controller -run '^$$' -fuzz '^FuzzHealthParse$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./bootstrap -run '^$$' -fuzz '^FuzzRender$$' -fuzztime $(FUZZTIME)
