@@ -1,0 +1,307 @@
+// Package tcpdeny closes the established connections of a tcp public
+// listener whose source the intentions now deny. HAProxy cannot run its
+// tcp-request rules again on a connection it accepted, so on each
+// intentions change a Sweeper reads the listener's connections table
+// (authzgen.ConnTable: client certificate SHA-256 and client address per
+// live connection), asks the agent to decide each certificate again
+// (spoa.Authorizer.Recheck), finds the streams of the denied ones in
+// "show sess" by client address, and shuts them with "shutdown session".
+// It sends only runtime commands of package runtime, whose arguments are
+// a table name and stream ids: no identity reaches a command line.
+package tcpdeny
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/haproxy-connect/haproxy-connect/authzgen"
+	"github.com/haproxy-connect/haproxy-connect/runtime"
+	"github.com/haproxy-connect/haproxy-connect/spoa"
+)
+
+// Runtime sends runtime commands (runtime.Client).
+type Runtime interface {
+	Exec(ctx context.Context, cmds ...runtime.Command) (runtime.Results, error)
+}
+
+// Judge decides again for a client certificate, by the SHA-256 of its DER
+// (spoa.Authorizer).
+type Judge interface {
+	Recheck(sum [32]byte) (source string, r spoa.RecheckResult, reason string)
+}
+
+const (
+	// RetryEvery spaces the sweeps after one that left connections not
+	// decided: a connection whose first decision is in flight during a
+	// sweep is recorded in the table before the agent knows its
+	// certificate, and a Consul failure can pass.
+	RetryEvery = 250 * time.Millisecond
+	// RetryFor is how long after a kick sweeps are retried.
+	RetryFor = 2 * time.Second
+	// sweepTimeout bounds one sweep's runtime commands.
+	sweepTimeout = 5 * time.Second
+)
+
+// Sweeper closes denied connections on the frontend it is given. Kick it
+// after each intentions change; Run does the work. Safe for concurrent
+// use.
+type Sweeper struct {
+	rt       Runtime
+	judge    Judge
+	log      *zap.Logger
+	frontend string
+	kick     chan struct{}
+
+	closed, unknown, undecided, sweeps, failures atomic.Uint64
+}
+
+// New returns a Sweeper for the public listener frontend (its proxy
+// name), reading and closing its connections through rt, and deciding
+// with judge.
+func New(rt Runtime, judge Judge, frontend string, log *zap.Logger) *Sweeper {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	return &Sweeper{rt: rt, judge: judge, frontend: frontend, log: log, kick: make(chan struct{}, 1)}
+}
+
+// Kick asks for a sweep (one for any number of kicks before it starts).
+// It does not block.
+func (s *Sweeper) Kick() {
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+// Run sweeps after each Kick until ctx ends. A sweep that leaves
+// connections not decided (unknown or undecided certificates) or fails is
+// retried every RetryEvery, for RetryFor after the kick.
+func (s *Sweeper) Run(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.kick:
+		}
+		until := time.Now().Add(RetryFor)
+		for {
+			res, err := s.Sweep(ctx)
+			if err != nil {
+				s.failures.Add(1)
+				s.log.Warn("tcp connection sweep failed", zap.Error(err))
+			}
+			if err == nil && res.Unknown == 0 && res.Undecided == 0 {
+				break
+			}
+			if time.Now().Add(RetryEvery).After(until) {
+				if err == nil {
+					// Counted once per kick: what stays open.
+					s.unknown.Add(uint64(res.Unknown))
+					s.undecided.Add(uint64(res.Undecided))
+					s.log.Warn("tcp connections left open: their source could not be decided again",
+						zap.Int("unknown_certificate", res.Unknown), zap.Int("undecided", res.Undecided))
+				}
+				break
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(RetryEvery):
+			}
+		}
+	}
+}
+
+// Result is what one sweep found and did.
+type Result struct {
+	// Live is the number of live connections in the table.
+	Live int
+	// Closed is the number of streams shut for a deny.
+	Closed int
+	// Unknown and Undecided count live connections whose certificate the
+	// agent does not know, or could not decide for now.
+	Unknown, Undecided int
+}
+
+// victim is a live connection whose source is denied now.
+type victim struct {
+	source, reason string
+}
+
+// Sweep makes one pass: it reads the connections table, decides each
+// certificate again, and shuts the streams of the denied ones. A frontend
+// without the table (an http listener) is nothing to do.
+func (s *Sweeper) Sweep(ctx context.Context) (Result, error) {
+	ctx, cancel := context.WithTimeout(ctx, sweepTimeout)
+	defer cancel()
+	s.sweeps.Add(1)
+	show, err := runtime.ShowTable(authzgen.ConnTable)
+	if err != nil {
+		return Result{}, err
+	}
+	reply, err := s.do(ctx, show)
+	if errors.Is(err, runtime.ErrNoSuchTable) {
+		return Result{}, nil
+	}
+	if err != nil {
+		return Result{}, err
+	}
+	entries, err := runtime.ParseTable(reply)
+	if err != nil {
+		return Result{}, err
+	}
+	conns := s.liveConns(entries)
+	deny, res := judge(conns, s.judge)
+	if len(deny) == 0 {
+		return res, nil
+	}
+	reply, err = s.do(ctx, runtime.ShowSess())
+	if err != nil {
+		return res, err
+	}
+	sessions, err := runtime.ParseSessions(reply)
+	if err != nil {
+		return res, err
+	}
+	targets := selectStreams(deny, sessions, s.frontend)
+	if len(targets) == 0 {
+		return res, nil
+	}
+	cmds := make([]runtime.Command, 0, len(targets))
+	for _, t := range targets {
+		c, err := runtime.ShutdownSession(t.id)
+		if err != nil {
+			return res, err // ParseSessions returns only ids it accepts
+		}
+		cmds = append(cmds, c)
+	}
+	rs, err := s.rt.Exec(ctx, cmds...)
+	if err != nil {
+		return res, fmt.Errorf("shutdown sessions: %w", err)
+	}
+	var errs []error
+	for i, r := range rs {
+		t := targets[i]
+		switch {
+		case r.Err == nil:
+			res.Closed++
+			s.closed.Add(1)
+			s.log.Info("tcp connection closed: its source is denied now",
+				zap.String("source", t.source), zap.Stringer("client", t.src), zap.String("reason", t.reason), zap.String("stream", t.id))
+		case errors.Is(r.Err, runtime.ErrNoSuchSession):
+			// It ended between "show sess" and now.
+		default:
+			errs = append(errs, r.Err)
+		}
+	}
+	return res, errors.Join(errs...)
+}
+
+// do sends one command and returns its reply or its error.
+func (s *Sweeper) do(ctx context.Context, c runtime.Command) (string, error) {
+	rs, err := s.rt.Exec(ctx, c)
+	if err != nil {
+		return "", err
+	}
+	if len(rs) != 1 {
+		return "", fmt.Errorf("%s: %d results for one command", c, len(rs))
+	}
+	return rs[0].Reply, rs[0].Err
+}
+
+// liveConns parses the keys of the entries streams track now. A key that
+// does not parse is logged and skipped: it is HAProxy's, from a rule this
+// project renders, so it means the rule and this code disagree.
+func (s *Sweeper) liveConns(entries []runtime.TableEntry) []authzgen.Conn {
+	var out []authzgen.Conn
+	for _, e := range entries {
+		if e.Use <= 0 {
+			continue
+		}
+		c, err := authzgen.ParseConnKey(e.Key)
+		if err != nil {
+			s.log.Warn("connections table entry not understood; that connection is not checked", zap.Error(err))
+			continue
+		}
+		out = append(out, c)
+	}
+	return out
+}
+
+// judge decides each connection's certificate again (once per
+// certificate) and returns the denied connections by client address.
+func judge(conns []authzgen.Conn, j Judge) (map[netip.AddrPort]victim, Result) {
+	type verdict struct {
+		victim
+		r spoa.RecheckResult
+	}
+	seen := map[[32]byte]verdict{}
+	deny := map[netip.AddrPort]victim{}
+	res := Result{Live: len(conns)}
+	for _, c := range conns {
+		v, ok := seen[c.Cert]
+		if !ok {
+			v.source, v.r, v.reason = j.Recheck(c.Cert)
+			seen[c.Cert] = v
+		}
+		switch v.r {
+		case spoa.RecheckDenied:
+			deny[c.Src] = v.victim
+		case spoa.RecheckUnknown:
+			res.Unknown++
+		case spoa.RecheckUndecided:
+			res.Undecided++
+		}
+	}
+	return deny, res
+}
+
+// stream is a stream to shut.
+type stream struct {
+	id  string
+	src netip.AddrPort
+	victim
+}
+
+// selectStreams returns the streams of frontend whose client address is
+// that of a denied connection. Client address and port identify a live
+// connection to one listener; the connection may have ended and its
+// address been reused between the table and "show sess" (milliseconds),
+// which would close the newcomer, who reconnects.
+func selectStreams(deny map[netip.AddrPort]victim, sessions []runtime.Session, frontend string) []stream {
+	var out []stream
+	for _, ss := range sessions {
+		if ss.Frontend != frontend || !ss.Src.IsValid() {
+			continue
+		}
+		if v, ok := deny[ss.Src]; ok {
+			out = append(out, stream{id: ss.ID, src: ss.Src, victim: v})
+		}
+	}
+	return out
+}
+
+// Stats are counters since New, for metrics.
+type Stats struct {
+	// Closed counts connections shut because their source is denied.
+	Closed uint64
+	// Unknown and Undecided count connections left open after a kick's
+	// last retry: the agent did not know their certificate, or could not
+	// decide.
+	Unknown, Undecided uint64
+	// Sweeps counts passes; Failures those that failed.
+	Sweeps, Failures uint64
+}
+
+// Stats returns the counters.
+func (s *Sweeper) Stats() Stats {
+	return Stats{Closed: s.closed.Load(), Unknown: s.unknown.Load(), Undecided: s.undecided.Load(),
+		Sweeps: s.sweeps.Load(), Failures: s.failures.Load()}
+}
