@@ -147,7 +147,9 @@ func (s *Sweeper) Sweep(ctx context.Context) (Result, error) {
 		return Result{}, err
 	}
 	reply, err := s.do(ctx, show)
-	if errors.Is(err, runtime.ErrNoSuchTable) {
+	if errors.Is(err, runtime.ErrNoSuchTable) || errors.Is(err, runtime.ErrMasterUnreachable) {
+		// An http listener has no table; HAProxy not (yet) running has
+		// no connection.
 		return Result{}, nil
 	}
 	if err != nil {

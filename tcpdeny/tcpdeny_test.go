@@ -25,6 +25,9 @@ func (f *fakeRuntime) Exec(_ context.Context, cmds ...runtime.Command) (runtime.
 	for i, c := range cmds {
 		f.sent = append(f.sent, c.String())
 		r, ok := f.replies[c.String()]
+		if len(f.replies) == 0 {
+			return nil, fmt.Errorf("%w: dial: no such file", runtime.ErrMasterUnreachable)
+		}
 		if !ok {
 			return nil, fmt.Errorf("unexpected command %q", c)
 		}
@@ -88,6 +91,11 @@ func TestSweep(t *testing.T) {
 		{
 			name:    "http listener: no table",
 			replies: map[string]runtime.Result{showTable: fail(runtime.ErrNoSuchTable)},
+			sent:    []string{showTable},
+		},
+		{
+			name:    "haproxy not running",
+			replies: map[string]runtime.Result{},
 			sent:    []string{showTable},
 		},
 		{
