@@ -68,10 +68,11 @@ type Session struct {
 }
 
 // ParseSessions parses "show sess": one line per stream, "<id>: " and
-// space-separated fields, of which it reads src= and fe=. An empty reply
-// is no stream. A line that does not start with an id, or lacks src= or
-// fe=, is ErrUnrecognizedReply; a src= that is not an IP address and port
-// leaves Src invalid.
+// space-separated fields, of which it reads src= and fe=. A stream with no
+// client connection (an SPOE applet's: "0x560ad761f3d0: proto=? ts=00
+// ...") has neither, and leaves Src invalid and Frontend empty, as does a
+// src= that is not an IP address and port. An empty reply is no stream. A
+// line that does not start with an id is ErrUnrecognizedReply.
 func ParseSessions(text string) ([]Session, error) {
 	var out []Session
 	for _, l := range strings.Split(text, "\n") {
@@ -94,10 +95,9 @@ func ParseSessions(text string) ([]Session, error) {
 				s.Frontend, hasFe = f[len("fe="):], true
 			}
 		}
-		if !hasSrc || !hasFe || s.Frontend == "" {
-			return nil, fmt.Errorf("%w: show sess line %q", ErrUnrecognizedReply, truncate(l, 200))
+		if hasSrc {
+			s.Src = parseHostPort(src)
 		}
-		s.Src = parseHostPort(src)
 		out = append(out, s)
 	}
 	return out, nil

@@ -44,9 +44,11 @@ func TestParseSessions(t *testing.T) {
 			want: []Session{{ID: "0x1", Src: netip.MustParseAddrPort("10.0.0.1:5"), Frontend: "f"}}},
 		{name: "error sentence", in: "Permission denied\n", err: ErrUnrecognizedReply},
 		{name: "no id", in: "src=10.0.0.1:5 fe=f\n", err: ErrUnrecognizedReply},
+		{name: "id without colon", in: "0x1 src=10.0.0.1:5 fe=f\n", err: ErrUnrecognizedReply},
 		{name: "id not hex", in: "0xZZ: src=10.0.0.1:5 fe=f\n", err: ErrUnrecognizedReply},
-		{name: "no frontend", in: "0x1: src=10.0.0.1:5\n", err: ErrUnrecognizedReply},
-		{name: "no src", in: "0x1: fe=f\n", err: ErrUnrecognizedReply},
+		{name: "spoe applet", in: "0x560ad761f3d0: proto=? ts=00 epoch=0 age=1s calls=1 rate=1 cpu=0 lat=0 rq[f=848202h,i=0,an=00h,rx=,wx=,ax=] rp[f=80048202h,i=0,an=00h,rx=2m59s,wx=,ax=] scf=[8,40h,fd=-1] scb=[8,1h,fd=14] exp=2m59s rc=0 c_exp=\n",
+			want: []Session{{ID: "0x560ad761f3d0"}}},
+		{name: "no frontend", in: "0x1: src=10.0.0.1:5\n", want: []Session{{ID: "0x1", Src: netip.MustParseAddrPort("10.0.0.1:5")}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, err := ParseSessions(tc.in)

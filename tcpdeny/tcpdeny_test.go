@@ -125,7 +125,8 @@ func TestSweep(t *testing.T) {
 					sess("0xa2", "127.0.0.1:1002", "public_listener") + // not live in the table
 					sess("0xb0", "127.0.0.1:2000", "public_listener") +
 					sess("0xc0", "127.0.0.1:1000", "up_db") + // same address, another frontend
-					"0xd0: proto=unix_stream src=unix:1 fe=GLOBAL be=<NONE> srv=<none>\n"),
+					"0xd0: proto=unix_stream src=unix:1 fe=GLOBAL be=<NONE> srv=<none>\n" +
+					"0xe0: proto=? ts=00 epoch=0 age=1s calls=1\n"), // an SPOE applet
 				"@1 shutdown session 0xa0": ok(""),
 				"@1 shutdown session 0xa1": fail(runtime.ErrNoSuchSession), // ended meanwhile
 			},
@@ -192,7 +193,7 @@ func TestSweepErrors(t *testing.T) {
 		"show table garbage":   {showTable: {Reply: "what\n"}},
 		"show sess refused":    {showTable: {Reply: table(key(certA, "10.0.0.1", 5) + " use=1")}, showSess: {Err: runtime.ErrUnknownCommand}},
 		"shutdown unexpected":  {showTable: {Reply: table(key(certA, "10.0.0.1", 5) + " use=1")}, showSess: {Reply: sess("0x1", "10.0.0.1:5", "public_listener")}, "@1 shutdown session 0x1": {Err: runtime.ErrUnrecognizedReply}},
-		"show sess unreadable": {showTable: {Reply: table(key(certA, "10.0.0.1", 5) + " use=1")}, showSess: {Reply: "0x1: fe=x\n"}},
+		"show sess unreadable": {showTable: {Reply: table(key(certA, "10.0.0.1", 5) + " use=1")}, showSess: {Reply: "src=10.0.0.1:5 fe=public_listener\n"}},
 	} {
 		t.Run(name, func(t *testing.T) {
 			s := New(&fakeRuntime{replies: replies}, &fakeJudge{verdicts: map[[32]byte]spoa.RecheckResult{certA: spoa.RecheckDenied}}, "public_listener", nil)
