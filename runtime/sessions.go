@@ -179,3 +179,22 @@ func (c *Client) Table(ctx context.Context, name string) ([]TableEntry, error) {
 	}
 	return ParseTable(reply)
 }
+
+// OnWorker returns c addressed to the worker process pid ("@!<pid>"): the
+// current worker or an old one still finishing its connections after a
+// reload, which has its own streams and stick tables (checked on 2.6.12:
+// "@!<old pid> show sess", "show table" and "shutdown session" reach it).
+// A command for the master itself cannot be readdressed.
+func (c Command) OnWorker(pid int) (Command, error) {
+	if c.Target == "" {
+		return Command{}, fmt.Errorf("%w: %q is a master command", ErrInvalidArgument, c.Line)
+	}
+	if pid <= 0 || pid > 1<<30 {
+		return Command{}, fmt.Errorf("%w: worker pid %d", ErrInvalidArgument, pid)
+	}
+	c.Target = "@!" + strconv.Itoa(pid)
+	if err := c.Check(); err != nil {
+		return Command{}, err
+	}
+	return c, nil
+}

@@ -162,3 +162,18 @@ func FuzzParseSessions(f *testing.F) {
 		}
 	})
 }
+
+func TestOnWorker(t *testing.T) {
+	c, err := ShowSess().OnWorker(31511)
+	if err != nil || c.String() != "@!31511 show sess" {
+		t.Errorf("OnWorker = %q, %v", c, err)
+	}
+	for _, pid := range []int{0, -1, 1<<30 + 1} {
+		if _, err := ShowSess().OnWorker(pid); !errors.Is(err, ErrInvalidArgument) {
+			t.Errorf("OnWorker(%d): %v, want ErrInvalidArgument", pid, err)
+		}
+	}
+	if _, err := ShowProc().OnWorker(1); !errors.Is(err, ErrInvalidArgument) {
+		t.Errorf("a master command readdressed: %v", err)
+	}
+}

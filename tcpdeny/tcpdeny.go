@@ -135,21 +135,54 @@ type victim struct {
 	source, reason string
 }
 
-// Sweep makes one pass: it reads the connections table, decides each
-// certificate again, and shuts the streams of the denied ones. A frontend
-// without the table (an http listener) is nothing to do.
+// Sweep makes one pass over every worker: the current one and the old
+// ones still finishing their connections after a reload (each has its own
+// streams and connections table). In each it reads the connections table,
+// decides each certificate again, and shuts the streams of the denied ones.
+// A worker without the table (an http listener) is nothing to do, and so
+// is an HAProxy that is not running.
 func (s *Sweeper) Sweep(ctx context.Context) (Result, error) {
 	ctx, cancel := context.WithTimeout(ctx, sweepTimeout)
 	defer cancel()
 	s.sweeps.Add(1)
+	reply, err := s.do(ctx, runtime.ShowProc())
+	if errors.Is(err, runtime.ErrMasterUnreachable) {
+		return Result{}, nil
+	}
+	if err != nil {
+		return Result{}, err
+	}
+	procs, err := runtime.ParseProcList(reply)
+	if err != nil {
+		return Result{}, err
+	}
+	var total Result
+	var errs []error
+	for _, w := range procs.Workers {
+		if w.Type != "worker" {
+			continue
+		}
+		r, err := s.sweepWorker(ctx, w.PID)
+		total.Live += r.Live
+		total.Closed += r.Closed
+		total.Unknown += r.Unknown
+		total.Undecided += r.Undecided
+		if err != nil {
+			errs = append(errs, fmt.Errorf("worker %d: %w", w.PID, err))
+		}
+	}
+	return total, errors.Join(errs...)
+}
+
+// sweepWorker is Sweep in the worker pid.
+func (s *Sweeper) sweepWorker(ctx context.Context, pid int) (Result, error) {
 	show, err := runtime.ShowTable(authzgen.ConnTable)
 	if err != nil {
 		return Result{}, err
 	}
-	reply, err := s.do(ctx, show)
-	if errors.Is(err, runtime.ErrNoSuchTable) || errors.Is(err, runtime.ErrMasterUnreachable) {
-		// An http listener has no table; HAProxy not (yet) running has
-		// no connection.
+	reply, err := s.doOn(ctx, pid, show)
+	if errors.Is(err, runtime.ErrNoSuchTable) || errors.Is(err, runtime.ErrNoSuchProcess) {
+		// An http listener has no table; a worker may exit meanwhile.
 		return Result{}, nil
 	}
 	if err != nil {
@@ -164,7 +197,7 @@ func (s *Sweeper) Sweep(ctx context.Context) (Result, error) {
 	if len(deny) == 0 {
 		return res, nil
 	}
-	reply, err = s.do(ctx, runtime.ShowSess())
+	reply, err = s.doOn(ctx, pid, runtime.ShowSess())
 	if err != nil {
 		return res, err
 	}
@@ -179,6 +212,9 @@ func (s *Sweeper) Sweep(ctx context.Context) (Result, error) {
 	cmds := make([]runtime.Command, 0, len(targets))
 	for _, t := range targets {
 		c, err := runtime.ShutdownSession(t.id)
+		if err == nil {
+			c, err = c.OnWorker(pid)
+		}
 		if err != nil {
 			return res, err // ParseSessions returns only ids it accepts
 		}
@@ -196,7 +232,8 @@ func (s *Sweeper) Sweep(ctx context.Context) (Result, error) {
 			res.Closed++
 			s.closed.Add(1)
 			s.log.Info("tcp connection closed: its source is denied now",
-				zap.String("source", t.source), zap.Stringer("client", t.src), zap.String("reason", t.reason), zap.String("stream", t.id))
+				zap.String("source", t.source), zap.Stringer("client", t.src), zap.String("reason", t.reason),
+				zap.Int("worker_pid", pid), zap.String("stream", t.id))
 		case errors.Is(r.Err, runtime.ErrNoSuchSession):
 			// It ended between "show sess" and now.
 		default:
@@ -204,6 +241,15 @@ func (s *Sweeper) Sweep(ctx context.Context) (Result, error) {
 		}
 	}
 	return res, errors.Join(errs...)
+}
+
+// doOn is do in the worker pid.
+func (s *Sweeper) doOn(ctx context.Context, pid int, c runtime.Command) (string, error) {
+	c, err := c.OnWorker(pid)
+	if err != nil {
+		return "", err
+	}
+	return s.do(ctx, c)
 }
 
 // do sends one command and returns its reply or its error.

@@ -71,8 +71,25 @@ func sess(id, src, fe string) string {
 }
 
 const (
-	showTable = "@1 show table authz_conns"
-	showSess  = "@1 show sess"
+	showProc  = "show proc"
+	showTable = "@!100 show table authz_conns"
+	showSess  = "@!100 show sess"
+	// procs: the current worker 100 and an old one, 90, finishing its
+	// connections after a reload.
+	procOne = `#<PID>          <type>          <reloads>       <uptime>        <version>
+1               master          0 [failed: 0]   0d00h01m52s     2.6.12-1+deb12u4
+# workers
+100             worker          0               0d00h00m01s     2.6.12-1+deb12u4
+# programs
+`
+	procTwo = `#<PID>          <type>          <reloads>       <uptime>        <version>
+1               master          1 [failed: 0]   0d00h01m52s     2.6.12-1+deb12u4
+# workers
+100             worker          0               0d00h00m01s     2.6.12-1+deb12u4
+# old workers
+90              worker          1               0d00h01m39s     2.6.12-1+deb12u4
+# programs
+`
 )
 
 // TestSweep: one pass of the sweeper, as the exact commands it sends and
@@ -96,7 +113,21 @@ func TestSweep(t *testing.T) {
 		{
 			name:    "haproxy not running",
 			replies: map[string]runtime.Result{},
-			sent:    []string{showTable},
+			sent:    []string{showProc},
+		},
+		{
+			name:     "an old worker's connection is closed too",
+			verdicts: map[[32]byte]spoa.RecheckResult{certA: spoa.RecheckDenied, certB: spoa.RecheckAllowed},
+			replies: map[string]runtime.Result{
+				showProc:                      ok(procTwo),
+				showTable:                     ok(table(key(certB, "127.0.0.1", 2000) + " use=1")),
+				"@!90 show table authz_conns": ok(table(key(certA, "127.0.0.1", 1000) + " use=1")),
+				"@!90 show sess":              ok(sess("0x90", "127.0.0.1:1000", "public_listener")),
+				"@!90 shutdown session 0x90":  ok(""),
+			},
+			want:  Result{Live: 2, Closed: 1},
+			sent:  []string{showProc, showTable, "@!90 show table authz_conns", "@!90 show sess", "@!90 shutdown session 0x90"},
+			calls: 2,
 		},
 		{
 			name:     "all allowed: nothing more",
@@ -127,11 +158,11 @@ func TestSweep(t *testing.T) {
 					sess("0xc0", "127.0.0.1:1000", "up_db") + // same address, another frontend
 					"0xd0: proto=unix_stream src=unix:1 fe=GLOBAL be=<NONE> srv=<none>\n" +
 					"0xe0: proto=? ts=00 epoch=0 age=1s calls=1\n"), // an SPOE applet
-				"@1 shutdown session 0xa0": ok(""),
-				"@1 shutdown session 0xa1": fail(runtime.ErrNoSuchSession), // ended meanwhile
+				"@!100 shutdown session 0xa0": ok(""),
+				"@!100 shutdown session 0xa1": fail(runtime.ErrNoSuchSession), // ended meanwhile
 			},
 			want:  Result{Live: 4, Closed: 1, Unknown: 1},
-			sent:  []string{showTable, showSess, "@1 shutdown session 0xa0", "@1 shutdown session 0xa1"},
+			sent:  []string{showTable, showSess, "@!100 shutdown session 0xa0", "@!100 shutdown session 0xa1"},
 			calls: 3,
 		},
 		{
@@ -163,6 +194,10 @@ func TestSweep(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			rt := &fakeRuntime{replies: tc.replies}
+			if _, ok := tc.replies[showProc]; !ok && len(tc.replies) > 0 {
+				tc.replies[showProc] = runtime.Result{Reply: procOne}
+				tc.sent = append([]string{showProc}, tc.sent...)
+			}
 			j := &fakeJudge{verdicts: tc.verdicts}
 			s := New(rt, j, "public_listener", nil)
 			got, err := s.Sweep(context.Background())
@@ -189,13 +224,17 @@ func TestSweep(t *testing.T) {
 // otherwise than for a stream already gone, is the sweep's error.
 func TestSweepErrors(t *testing.T) {
 	for name, replies := range map[string]map[string]runtime.Result{
+		"show proc garbage":    {showProc: {Reply: "what\n"}},
 		"show table refused":   {showTable: {Err: runtime.ErrPermission}},
 		"show table garbage":   {showTable: {Reply: "what\n"}},
 		"show sess refused":    {showTable: {Reply: table(key(certA, "10.0.0.1", 5) + " use=1")}, showSess: {Err: runtime.ErrUnknownCommand}},
-		"shutdown unexpected":  {showTable: {Reply: table(key(certA, "10.0.0.1", 5) + " use=1")}, showSess: {Reply: sess("0x1", "10.0.0.1:5", "public_listener")}, "@1 shutdown session 0x1": {Err: runtime.ErrUnrecognizedReply}},
+		"shutdown unexpected":  {showTable: {Reply: table(key(certA, "10.0.0.1", 5) + " use=1")}, showSess: {Reply: sess("0x1", "10.0.0.1:5", "public_listener")}, "@!100 shutdown session 0x1": {Err: runtime.ErrUnrecognizedReply}},
 		"show sess unreadable": {showTable: {Reply: table(key(certA, "10.0.0.1", 5) + " use=1")}, showSess: {Reply: "src=10.0.0.1:5 fe=public_listener\n"}},
 	} {
 		t.Run(name, func(t *testing.T) {
+			if _, ok := replies[showProc]; !ok {
+				replies[showProc] = runtime.Result{Reply: procOne}
+			}
 			s := New(&fakeRuntime{replies: replies}, &fakeJudge{verdicts: map[[32]byte]spoa.RecheckResult{certA: spoa.RecheckDenied}}, "public_listener", nil)
 			if _, err := s.Sweep(context.Background()); err == nil {
 				t.Error("no error")
@@ -208,9 +247,10 @@ func TestSweepErrors(t *testing.T) {
 // unknown is repeated until it is decided.
 func TestRunRetriesUnknown(t *testing.T) {
 	rt := &syncRuntime{fakeRuntime: fakeRuntime{replies: map[string]runtime.Result{
-		showTable:                 {Reply: table(key(certA, "10.0.0.1", 5) + " use=1")},
-		showSess:                  {Reply: sess("0x1", "10.0.0.1:5", "public_listener")},
-		"@1 shutdown session 0x1": {},
+		showProc:                     {Reply: procOne},
+		showTable:                    {Reply: table(key(certA, "10.0.0.1", 5) + " use=1")},
+		showSess:                     {Reply: sess("0x1", "10.0.0.1:5", "public_listener")},
+		"@!100 shutdown session 0x1": {},
 	}}, shut: make(chan struct{})}
 	j := &lateJudge{known: make(chan struct{}), asked: make(chan struct{})}
 	s := New(rt, j, "public_listener", nil)
@@ -237,7 +277,7 @@ type syncRuntime struct {
 func (s *syncRuntime) Exec(ctx context.Context, cmds ...runtime.Command) (runtime.Results, error) {
 	rs, err := s.fakeRuntime.Exec(ctx, cmds...)
 	for _, c := range cmds {
-		if c.Line == "shutdown session 0x1" {
+		if c.String() == "@!100 shutdown session 0x1" {
 			close(s.shut)
 		}
 	}
