@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -186,4 +187,72 @@ func TestDenyClosesEstablishedTCP(t *testing.T) {
 	if errors.Is(beta1.err, net.ErrClosed) {
 		t.Errorf("beta's connection closed: %v", beta1.err)
 	}
+}
+
+// TestDenyClosesTCPInOldWorker: a tcp connection established before a
+// reload stays in the old worker (until hard-stop-after); a deny of its
+// source closes it there too, and the old worker, left with no
+// connection, exits.
+func TestDenyClosesTCPInOldWorker(t *testing.T) {
+	consul := testenv.Consul(t, testenv.ConsulOptions{})
+	c := consul.Client
+	ports := testenv.FreePorts(t, 2)
+	app := lineApp(t)
+	register(t, c, "server", app, ports[0], map[string]any{"protocol": "tcp"})
+	s := startSidecar(t, consul, "server")
+	alpha := meshCert(t, c, "alpha")
+	eventually(t, 10*time.Second, "alpha gets through", func() error { return newLineCall(ports[0], alpha) })
+	l, err := dialLine(ports[0], alpha)
+	if err == nil {
+		err = l.exchange()
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := keepExchanging(t, l)
+	f.waitExchanges(t, "alpha", 5)
+
+	// A new upstream in the registration is a reload: alpha's connection
+	// stays with the old worker.
+	before := s.reloads(t)
+	register(t, c, "server", app, ports[0], map[string]any{"protocol": "tcp"},
+		api.Upstream{DestinationName: "other", LocalBindPort: ports[1]})
+	eventually(t, 10*time.Second, "the reload", func() error {
+		if s.reloads(t) <= before {
+			return errors.New("not yet")
+		}
+		return nil
+	})
+	oldWorkers := func() int {
+		pl, err := s.rt.Procs(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for _, w := range pl.Workers {
+			if w.Reloads > 0 {
+				n++
+			}
+		}
+		return n
+	}
+	if n := oldWorkers(); n != 1 {
+		t.Fatalf("%d old workers after the reload, want the one holding alpha's connection", n)
+	}
+	f.waitExchanges(t, "alpha after the reload", 10)
+
+	start := time.Now()
+	intention(t, c, "alpha", "server", api.IntentionActionDeny)
+	select {
+	case <-f.ended:
+		t.Logf("alpha's connection in the old worker closed %v after the intention was written: %v", f.at.Sub(start).Round(time.Millisecond), f.err)
+	case <-time.After(10 * time.Second):
+		t.Fatalf("alpha's connection in the old worker still open 10s after the deny")
+	}
+	eventually(t, 10*time.Second, "the old worker exits", func() error {
+		if n := oldWorkers(); n != 0 {
+			return fmt.Errorf("%d old workers", n)
+		}
+		return nil
+	})
 }
