@@ -93,7 +93,11 @@ func (s *Sweeper) Run(ctx context.Context) {
 		until := time.Now().Add(RetryFor)
 		for {
 			res, err := s.Sweep(ctx)
-			if err != nil {
+			// The master refuses connections while it re-executes for
+			// a reload, and there is none before HAProxy starts: retried
+			// without a warning.
+			unreachable := errors.Is(err, runtime.ErrMasterUnreachable)
+			if err != nil && !unreachable {
 				s.failures.Add(1)
 				s.log.Warn("tcp connection sweep failed", zap.Error(err))
 			}
@@ -101,12 +105,16 @@ func (s *Sweeper) Run(ctx context.Context) {
 				break
 			}
 			if time.Now().Add(RetryEvery).After(until) {
-				if err == nil {
+				switch {
+				case err == nil:
 					// Counted once per kick: what stays open.
 					s.unknown.Add(uint64(res.Unknown))
 					s.undecided.Add(uint64(res.Undecided))
 					s.log.Warn("tcp connections left open: their source could not be decided again",
 						zap.Int("unknown_certificate", res.Unknown), zap.Int("undecided", res.Undecided))
+				case unreachable:
+					s.failures.Add(1)
+					s.log.Info("tcp connections not swept: the master socket did not answer", zap.Error(err))
 				}
 				break
 			}
@@ -139,16 +147,15 @@ type victim struct {
 // ones still finishing their connections after a reload (each has its own
 // streams and connections table). In each it reads the connections table,
 // decides each certificate again, and shuts the streams of the denied ones.
-// A worker without the table (an http listener) is nothing to do, and so
-// is an HAProxy that is not running.
+// A worker without the table (an http listener) is nothing to do. A
+// master that does not answer (HAProxy not started yet, or re-executing
+// for a reload) is runtime.ErrMasterUnreachable, which Run retries
+// quietly.
 func (s *Sweeper) Sweep(ctx context.Context) (Result, error) {
 	ctx, cancel := context.WithTimeout(ctx, sweepTimeout)
 	defer cancel()
 	s.sweeps.Add(1)
 	reply, err := s.do(ctx, runtime.ShowProc())
-	if errors.Is(err, runtime.ErrMasterUnreachable) {
-		return Result{}, nil
-	}
 	if err != nil {
 		return Result{}, err
 	}

@@ -3,6 +3,7 @@ package tcpdeny
 import (
 	"context"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"testing"
 	"time"
@@ -111,11 +112,6 @@ func TestSweep(t *testing.T) {
 			sent:    []string{showTable},
 		},
 		{
-			name:    "haproxy not running",
-			replies: map[string]runtime.Result{},
-			sent:    []string{showProc},
-		},
-		{
 			name:     "an old worker's connection is closed too",
 			verdicts: map[[32]byte]spoa.RecheckResult{certA: spoa.RecheckDenied, certB: spoa.RecheckAllowed},
 			replies: map[string]runtime.Result{
@@ -220,6 +216,16 @@ func TestSweep(t *testing.T) {
 	}
 }
 
+// TestSweepUnreachable: a master that does not answer is an error Run
+// retries.
+func TestSweepUnreachable(t *testing.T) {
+	rt := &fakeRuntime{replies: map[string]runtime.Result{}}
+	s := New(rt, &fakeJudge{}, "public_listener", nil)
+	if _, err := s.Sweep(context.Background()); !errors.Is(err, runtime.ErrMasterUnreachable) {
+		t.Errorf("err = %v, want ErrMasterUnreachable", err)
+	}
+}
+
 // TestSweepErrors: a reply that is an error, or a shutdown that fails
 // otherwise than for a stream already gone, is the sweep's error.
 func TestSweepErrors(t *testing.T) {
@@ -303,4 +309,42 @@ func (l *lateJudge) Recheck([32]byte) (string, spoa.RecheckResult, string) {
 		}
 		return "-", spoa.RecheckUnknown, ""
 	}
+}
+
+// TestRunRetriesUnreachable: a kick that finds the master socket refusing
+// (HAProxy re-executing for a reload) sweeps again once it answers.
+func TestRunRetriesUnreachable(t *testing.T) {
+	rt := &syncRuntime{fakeRuntime: fakeRuntime{replies: map[string]runtime.Result{
+		showProc:                     {Reply: procOne},
+		showTable:                    {Reply: table(key(certA, "10.0.0.1", 5) + " use=1")},
+		showSess:                     {Reply: sess("0x1", "10.0.0.1:5", "public_listener")},
+		"@!100 shutdown session 0x1": {},
+	}}, shut: make(chan struct{})}
+	s := New(&refusingOnce{Runtime: rt}, &fakeJudge{verdicts: map[[32]byte]spoa.RecheckResult{certA: spoa.RecheckDenied}}, "public_listener", nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go s.Run(ctx)
+	s.Kick()
+	select {
+	case <-rt.shut:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the connection was never closed")
+	}
+	if st := s.Stats(); st.Failures != 0 || st.Sweeps != 2 {
+		t.Errorf("stats %+v, want 2 sweeps and no failure", st)
+	}
+}
+
+// refusingOnce fails its first Exec as an unreachable master socket.
+type refusingOnce struct {
+	Runtime
+	refused bool
+}
+
+func (r *refusingOnce) Exec(ctx context.Context, cmds ...runtime.Command) (runtime.Results, error) {
+	if !r.refused {
+		r.refused = true
+		return nil, fmt.Errorf("%w: connection refused", runtime.ErrMasterUnreachable)
+	}
+	return r.Runtime.Exec(ctx, cmds...)
 }
