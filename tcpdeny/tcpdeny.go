@@ -200,7 +200,8 @@ func (s *Sweeper) sweepWorker(ctx context.Context, pid int) (Result, error) {
 		return Result{}, err
 	}
 	conns := s.liveConns(entries)
-	deny, res := judge(conns, s.judge)
+	deadline, _ := ctx.Deadline()
+	deny, res := judge(conns, s.judge, deadline)
 	if len(deny) == 0 {
 		return res, nil
 	}
@@ -292,7 +293,9 @@ func (s *Sweeper) liveConns(entries []runtime.TableEntry) []authzgen.Conn {
 
 // judge decides each connection's certificate again (once per
 // certificate) and returns the denied connections by client address.
-func judge(conns []authzgen.Conn, j Judge) (map[netip.AddrPort]victim, Result) {
+// Past deadline (each decision can wait for Consul up to the agent's
+// timeout) the certificates left count as undecided, for the next retry.
+func judge(conns []authzgen.Conn, j Judge, deadline time.Time) (map[netip.AddrPort]victim, Result) {
 	type verdict struct {
 		victim
 		r spoa.RecheckResult
@@ -303,7 +306,10 @@ func judge(conns []authzgen.Conn, j Judge) (map[netip.AddrPort]victim, Result) {
 	for _, c := range conns {
 		v, ok := seen[c.Cert]
 		if !ok {
-			v.source, v.r, v.reason = j.Recheck(c.Cert)
+			v.r = spoa.RecheckUndecided
+			if deadline.IsZero() || time.Now().Before(deadline) {
+				v.source, v.r, v.reason = j.Recheck(c.Cert)
+			}
 			seen[c.Cert] = v
 		}
 		switch v.r {

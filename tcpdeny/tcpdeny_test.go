@@ -10,6 +10,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
+	"github.com/haproxy-connect/haproxy-connect/authzgen"
 	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/spoa"
 )
@@ -347,4 +348,15 @@ func (r *refusingOnce) Exec(ctx context.Context, cmds ...runtime.Command) (runti
 		return nil, fmt.Errorf("%w: connection refused", runtime.ErrMasterUnreachable)
 	}
 	return r.Runtime.Exec(ctx, cmds...)
+}
+
+// TestJudgeDeadline: past the sweep's deadline no certificate is decided
+// again; they count as undecided, for a retry.
+func TestJudgeDeadline(t *testing.T) {
+	conns := []authzgen.Conn{{Cert: certA}, {Cert: certB}}
+	j := &fakeJudge{verdicts: map[[32]byte]spoa.RecheckResult{certA: spoa.RecheckDenied, certB: spoa.RecheckDenied}}
+	deny, res := judge(conns, j, time.Now().Add(-time.Second))
+	if len(deny) != 0 || res.Undecided != 2 || j.calls != 0 {
+		t.Errorf("past the deadline: deny %v, %+v, %d calls; want nothing denied, 2 undecided, no call", deny, res, j.calls)
+	}
 }
