@@ -74,12 +74,13 @@ bench: bench-deps build
 test: deps
 	$(GO) vet ./...
 	$(GO) test -count=1 ./...
-	$(GO) test -count=1 -race ./runtime/... ./controller/... ./spoa/... ./watch/... ./authzgen/...
+	$(GO) test -count=1 -race ./runtime/... ./controller/... ./spoa/... ./watch/... ./authzgen/... ./tcpdeny/...
 	$(GO) test ./input -run '^$$' -fuzz '^FuzzAddr$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./input -run '^$$' -fuzz '^FuzzDNSName$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./runtime -run '^$$' -fuzz '^FuzzCommands$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./runtime -run '^$$' -fuzz '^FuzzSocatLine$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./runtime -run '^$$' -fuzz '^FuzzParseReplies$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./runtime -run '^$$' -fuzz '^FuzzParseSessions$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./controller -run '^$$' -fuzz '^FuzzParseRegistration$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./controller -run '^$$' -fuzz '^FuzzHealthParse$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./bootstrap -run '^$$' -fuzz '^FuzzRender$$' -fuzztime $(FUZZTIME)

@@ -467,6 +467,11 @@ func renderConfig(s Spec) (string, error) {
 		// (any intentions change) makes every remembered allow stale.
 		w("    stick-table type binary len 20 size %d expire 10m store gpt0", AuthzCacheSize)
 		w("    tcp-request inspect-delay 5s")
+		// Every connection is recorded, before it is authorized, in the
+		// connections table (authzgen.ConnTable): so a deny reaches the
+		// ones already established (see package authzgen).
+		w("    tcp-request content set-var-fmt(txn.%s.conn) \"%s\"", VarPrefix, authzgen.ConnKeyFormat)
+		w("    tcp-request content track-sc1 var(txn.%s.conn) table %s", VarPrefix, authzgen.ConnTable)
 		w("    tcp-request content track-sc0 ssl_c_sha1")
 		w("    tcp-request content set-var(txn.%s.cached) sc0_get_gpt0", VarPrefix)
 		w("    acl authz_cached str(%s),map_str_int(%s,0),add(1),sub(txn.%s.cached) -m int eq 0", AuthzGenKey, s.AuthzMap, VarPrefix)
@@ -494,6 +499,11 @@ func renderConfig(s Spec) (string, error) {
 	}
 	w("    server app %s%s", addr(p.LocalAddr, p.LocalPort), localProto(p.Protocol))
 	w("")
+	if mode == "tcp" {
+		w("backend %s", authzgen.ConnTable)
+		w("    stick-table type string len %d size %d expire %s", authzgen.ConnKeyLen, authzgen.ConnTableSize, authzgen.ConnTableExpire)
+		w("")
+	}
 	w("backend %s", SPOEBackend)
 	w("    mode tcp")
 	w("    timeout connect 1s")

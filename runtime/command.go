@@ -135,6 +135,10 @@ var (
 	shapeShowMap     = regexp.MustCompile(`^show map ` + gPath + `$`)
 	shapeShowCAFile  = regexp.MustCompile(`^show ssl ca-file ` + gPath + `$`)
 	shapeShowServers = regexp.MustCompile(`^show servers state( ` + gIdent + `)?$`)
+	shapeShowSess    = regexp.MustCompile(`^show sess$`)
+	shapeShowTable   = regexp.MustCompile(`^show table ` + gIdent + `$`)
+	// A stream's id is its address in the worker, as "show sess" prints it.
+	shapeShutdownSession = regexp.MustCompile(`^shutdown session 0x[0-9a-f]{1,16}$`)
 )
 
 // worker builds a command for the current worker, refusing a line outside

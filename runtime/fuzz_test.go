@@ -52,6 +52,9 @@ func commandsOf(backend, server, addr, file, token string, port, weight int) []C
 	add(ShowMap(file))
 	add(ShowSSLCAFile(file))
 	add(ShowServersState(backend))
+	add(ShowTable(backend))
+	add(ShutdownSession(token))
+	add(ShowSess(), nil)
 	return out
 }
 
@@ -67,6 +70,8 @@ func FuzzCommands(f *testing.F) {
 		f.Add(h, "s1", "10.0.0.1", h, h, 70000, -1)
 		f.Add("up_web", h, "10.0.0.1", "/s/"+h, "gen", 0, 257)
 	}
+	f.Add("authz_conns", "s1", "10.0.0.1", "/s/leaf.pem", "0x55b5677c42f0", 80, 1)
+	f.Add("authz_conns", "s1", "10.0.0.1", "/s/leaf.pem", "0x55b5677c42f0\n@1 shutdown sessions server local_app/app", 80, 1)
 	f.Fuzz(func(t *testing.T, backend, server, addr, file, token string, port, weight int) {
 		for _, c := range commandsOf(backend, server, addr, file, token, port, weight) {
 			if err := c.Check(); err != nil {

@@ -30,6 +30,8 @@ var (
 	ErrMasterUnreachable = errors.New("master socket unreachable")
 	ErrNoSuchMap         = errors.New("no such map")
 	ErrNoSuchMapEntry    = errors.New("no such map entry")
+	ErrNoSuchTable       = errors.New("no such stick table")
+	ErrNoSuchSession     = errors.New("no such session")
 )
 
 // knownErrors are the error sentences HAProxy 2.6 prints for the commands
@@ -64,6 +66,11 @@ var knownErrors = []struct {
 	{"The ongoing transaction is about", ErrTransactionBusy},
 	{"Unknown map identifier", ErrNoSuchMap},
 	{"entry not found.", ErrNoSuchMapEntry},
+	// "show table <name>" and "shutdown session <id>" (src/stick_table.c,
+	// src/stream.c; checked by hand on 2.6.12).
+	{"No such table", ErrNoSuchTable},
+	{"No such session", ErrNoSuchSession},
+	{"Session pointer expected", ErrInvalidArgument},
 }
 
 // ReplyError is a classified error reply, with the command and HAProxy's own
@@ -131,6 +138,15 @@ func expectAny(prefixes ...string) func(string) error {
 // expectMapEntries accepts the reply of "show map <file>": nothing (an
 // empty map), or lines "<pointer> <key> <value>" (ParseMap).
 func expectMapEntries(text string) error {
+	if text == "" || strings.HasPrefix(text, "0x") {
+		return nil
+	}
+	return ErrUnrecognizedReply
+}
+
+// expectSessions accepts the reply of "show sess": nothing, or lines that
+// start with a stream's address (ParseSessions).
+func expectSessions(text string) error {
 	if text == "" || strings.HasPrefix(text, "0x") {
 		return nil
 	}

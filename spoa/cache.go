@@ -187,6 +187,9 @@ func (a *Authorizer) Invalidate() {
 	clear(a.inflight)
 	a.mu.Unlock()
 	a.stats.invalidations.Add(1)
+	if a.onSwitch != nil {
+		a.onSwitch(gen)
+	}
 }
 
 // RaiseGeneration invalidates into a generation above floor, if the

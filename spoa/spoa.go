@@ -112,7 +112,10 @@ type Authorizer struct {
 	cancel context.CancelFunc
 
 	onInvalidate func(gen uint64)
+	onSwitch     func(gen uint64)
 	observe      func(cached bool, took time.Duration)
+	// certs are the client certificates asked about, for Recheck.
+	certs certMemory
 
 	mu sync.Mutex
 	// invalidating serialises Invalidate, which calls the hook unlocked.
@@ -392,6 +395,7 @@ func (a *Authorizer) decideNow(der []byte, argErr error) decision {
 			d.source = id.uri
 		}
 		if d.err == nil {
+			a.certs.remember(id, cert)
 			check := func() error { return checkCert(cert, a.trust.Load(), time.Now()) }
 			var v verdict
 			v, d.how, d.gen, d.err = a.lookup(cacheKey(id), check)

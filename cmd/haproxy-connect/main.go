@@ -29,8 +29,11 @@ import (
 	"go.uber.org/zap/zapcore"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/haproxy-connect/haproxy-connect/bootstrap"
 	"github.com/haproxy-connect/haproxy-connect/controller"
+	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/spoa"
+	"github.com/haproxy-connect/haproxy-connect/tcpdeny"
 )
 
 type options struct {
@@ -182,8 +185,15 @@ func run(o options) error {
 	// authorized again. The watch that calls the hook starts below, after
 	// ctl is set.
 	var ctl *controller.Controller
+	// Once the agent decides under a new generation, the established
+	// connections of a tcp listener are decided again (package tcpdeny),
+	// through a runtime client of their own on the master socket.
+	var sweeper *tcpdeny.Sweeper
 	auth := spoa.New(proxy.Proxy.DestinationServiceName, spoa.ConsulDecider{Client: authClient}, log.Named("spoa"),
-		spoa.WithInvalidateHook(func(gen uint64) { ctl.SetAuthzGeneration(gen); ctl.WaitAuthzGeneration(gen) }))
+		spoa.WithInvalidateHook(func(gen uint64) { ctl.SetAuthzGeneration(gen); ctl.WaitAuthzGeneration(gen) }),
+		spoa.WithSwitchHook(func(uint64) { sweeper.Kick() }))
+	sweeper = tcpdeny.New(runtime.New(filepath.Join(stateDir, controller.MasterSocket), log.Named("tcpdeny")),
+		auth, bootstrap.PublicFrontend, log.Named("tcpdeny"))
 	ctl, err = controller.New(controller.Config{
 		Consul: ccfg, ProxyID: proxy.ID, StateDir: stateDir, HAProxyBin: bin,
 		SPOASocket: spoaSocket, Log: log.Named("controller"), MinSlots: o.minSlots, AccessLog: o.accessLog,
@@ -226,6 +236,10 @@ func run(o options) error {
 		return nil
 	})
 	g.Go(func() error {
+		sweeper.Run(gctx)
+		return nil
+	})
+	g.Go(func() error {
 		// Until its first answer, the agent leaves every inbound
 		// connection undecided (refused, asked again).
 		return auth.WatchRoots(gctx, client)
@@ -243,7 +257,7 @@ func run(o options) error {
 		return err
 	})
 	if o.statsAddr != "" {
-		serveHTTP(gctx, g, "stats server", statsServer(o.statsAddr, statsHandler(ctl, auth)))
+		serveHTTP(gctx, g, "stats server", statsServer(o.statsAddr, statsHandler(ctl, auth, sweeper)))
 	}
 	if o.pprofAddr != "" {
 		serveHTTP(gctx, g, "pprof server", pprofServer(o.pprofAddr))
@@ -497,7 +511,7 @@ func serveHTTP(ctx context.Context, g *errgroup.Group, what string, srv *http.Se
 	})
 }
 
-func statsHandler(ctl *controller.Controller, auth *spoa.Authorizer) http.Handler {
+func statsHandler(ctl *controller.Controller, auth *spoa.Authorizer, sweeper *tcpdeny.Sweeper) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
@@ -527,6 +541,7 @@ func statsHandler(ctl *controller.Controller, auth *spoa.Authorizer) http.Handle
 		for _, reason := range slices.Sorted(maps.Keys(s.Refused)) {
 			fmt.Fprintf(w, "haproxy_connect_authz_refused_total{reason=%q} %d\n", reason, s.Refused[reason])
 		}
+		writeTCPDenyMetrics(w, auth, sweeper)
 	})
 	return mux
 }
