@@ -101,6 +101,12 @@ func (a *Authorizer) fly(k cacheKey, f *flight, gen uint64, check func() error) 
 			ans = answer{v: verdict{reason: err.Error(), refused: i}}
 			a.store(k, ans.v, gen)
 		}
+	} else if a.decider == nil {
+		// Local: no call to wait for, no timeout to bound it.
+		ans = a.decideLocal(k)
+		if ans.err == nil {
+			a.store(k, ans.v, gen)
+		}
 	} else {
 		ans = a.ask(k, gen)
 	}

@@ -18,6 +18,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/haproxy-connect/haproxy-connect/authzgen"
+	"github.com/haproxy-connect/haproxy-connect/intentions"
 )
 
 // The names HAProxy's SPOE configuration and listener rules share with the
@@ -136,10 +137,15 @@ type Authorizer struct {
 	// watchIndex is the Consul index of the intentions WatchIntentions
 	// last invalidated for.
 	watchIndex atomic.Uint64
+	// held is the intentions local decisions are made from (nil Decider;
+	// see local.go); nil until the first.
+	held atomic.Pointer[intentions.Set]
 }
 
 // New returns an Authorizer for connections to the target service (its
-// Consul name), deciding with d. A nil log discards logs.
+// Consul name), deciding with d, or, if d is nil, locally from the
+// intentions it holds (SetIntentions, WatchIntentions). A nil log
+// discards logs.
 func New(target string, d Decider, log *zap.Logger, opts ...Option) *Authorizer {
 	if log == nil {
 		log = zap.NewNop()
@@ -471,8 +477,11 @@ type Stats struct {
 	// CacheHits counts decisions served from the cache; Coalesced those
 	// that waited for a Decider call another connection had in flight.
 	CacheHits, Coalesced uint64
-	// ConsulCalls counts Decider calls.
+	// ConsulCalls counts Decider calls (an Authorizer with a Decider).
 	ConsulCalls uint64
+	// LocalDecisions counts decisions made from the held intentions (an
+	// Authorizer without a Decider): the uncached decisions.
+	LocalDecisions uint64
 	// Errors counts refusals caused by a failure (no or bad certificate,
 	// Decider error or timeout) rather than by a decision.
 	Errors uint64
@@ -494,8 +503,8 @@ type Stats struct {
 }
 
 type counters struct {
-	allowed, denied, undecided, cacheHits, coalesced, consulCalls, errors, invalidations atomic.Uint64
-	refused                                                                              [5]atomic.Uint64 // indexed as refusals
+	allowed, denied, undecided, cacheHits, coalesced, consulCalls, localDecisions, errors, invalidations atomic.Uint64
+	refused                                                                                              [5]atomic.Uint64 // indexed as refusals
 }
 
 // Stats returns the current counters.
@@ -515,6 +524,7 @@ func (a *Authorizer) Stats() Stats {
 		CacheHits:       a.stats.cacheHits.Load(),
 		Coalesced:       a.stats.coalesced.Load(),
 		ConsulCalls:     a.stats.consulCalls.Load(),
+		LocalDecisions:  a.stats.localDecisions.Load(),
 		Errors:          a.stats.errors.Load(),
 		Invalidations:   a.stats.invalidations.Load(),
 		Generation:      gen,

@@ -2,6 +2,7 @@ package spoa
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"strconv"
@@ -38,6 +39,10 @@ func TestWatchIntentionsIndex(t *testing.T) {
 	)
 	done := make(chan struct{})
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/v1/agent/self" {
+			_, _ = w.Write([]byte(`{"DebugConfig":{"DefaultIntentionPolicy":"deny"}}`))
+			return
+		}
 		q := r.URL.Query()
 		mu.Lock()
 		n := len(sent)
@@ -60,7 +65,9 @@ func TestWatchIntentionsIndex(t *testing.T) {
 			w.WriteHeader(rep.status)
 			return
 		}
-		_, _ = w.Write([]byte(`{"default/default/web":[]}`))
+		// Each answer holds another intention: every one published is
+		// a change.
+		fmt.Fprintf(w, `{"default/default/web":[{"ID":"i%d","SourceNS":"default","SourceName":"s%d","DestinationNS":"default","DestinationName":"web","Action":"allow"}]}`, n, n)
 	}))
 	defer srv.Close()
 	client, err := api.NewClient(&api.Config{Address: srv.URL})
