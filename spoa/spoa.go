@@ -140,6 +140,9 @@ type Authorizer struct {
 	// held is the intentions local decisions are made from (nil Decider;
 	// see local.go); nil until the first.
 	held atomic.Pointer[intentions.Set]
+	// verified holds the certificates checkCert passed (see checkOnce).
+	verifiedMu sync.Mutex
+	verified   map[[32]byte]verifiedCert
 }
 
 // New returns an Authorizer for connections to the target service (its
@@ -162,6 +165,7 @@ func New(target string, d Decider, log *zap.Logger, opts ...Option) *Authorizer 
 		cancel:           cancel,
 		cache:            map[cacheKey]verdict{},
 		inflight:         map[cacheKey]*flight{},
+		verified:         map[[32]byte]verifiedCert{},
 		listeners:        map[net.Listener]struct{}{},
 		conns:            map[*trackedConn]struct{}{},
 	}
@@ -398,7 +402,7 @@ func (a *Authorizer) decideNow(der []byte, argErr error) decision {
 			d.source = id.uri
 		}
 		if d.err == nil {
-			check := func() error { return checkCert(cert, a.trust.Load(), time.Now()) }
+			check := func() error { return a.checkOnce(cert, id.sum) }
 			var v verdict
 			v, d.how, d.gen, d.err = a.lookup(cacheKey(id), check)
 			d.allowed, d.reason = v.allowed, v.reason
@@ -439,6 +443,9 @@ func (a *Authorizer) SetRoots(trustDomain string, roots, intermediates []*x509.C
 	if old := a.trust.Swap(t); old != nil && old.key != t.key {
 		a.log.Info("CA roots or trust domain changed, decision cache dropped", zap.String("trust_domain", t.domain),
 			zap.Int("roots", len(roots)), zap.Int("intermediates", len(intermediates)))
+		a.verifiedMu.Lock()
+		clear(a.verified) // checked under the old trust: stale
+		a.verifiedMu.Unlock()
 		a.Invalidate()
 	}
 	return nil
