@@ -29,15 +29,19 @@ import (
 var errNoIntentions = errors.New("intentions not known yet")
 
 // SetIntentions makes s the intentions local decisions are made from. If
-// it decides differently from the Set held (or none was), the decision
-// cache is dropped (Invalidate): the new Set is published first, so a
-// decision made under the new generation never comes from the old Set.
-// It reports whether it invalidated.
+// it decides differently from the Set held (or none was), it is published
+// with an Invalidate, at the switch to the new generation (see
+// invalidate): until HAProxy has that generation decisions still come from
+// the old Set under the old one, as the README promises ("the agent
+// decides under the new intentions only once HAProxy has the new
+// generation"), and a decision under the new generation never comes from
+// the old Set. It reports whether it invalidated. Calls must not overlap
+// (one watch makes them).
 func (a *Authorizer) SetIntentions(s *intentions.Set) bool {
-	if old := a.held.Swap(s); old != nil && old.Equal(s) {
+	if old := a.held.Load(); old != nil && old.Equal(s) {
 		return false
 	}
-	a.Invalidate()
+	a.invalidate(func() { a.held.Store(s) })
 	return true
 }
 

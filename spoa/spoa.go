@@ -1,6 +1,7 @@
 // Package spoa is the SPOE agent that authorizes inbound connections against
-// Consul intentions: it reads the client certificate HAProxy sends, asks
-// Consul, and answers sess.<prefix>.allowed. It fails closed, owns the
+// Consul intentions: it reads the client certificate HAProxy sends, decides
+// from the destination's intentions it holds (package intentions; watched
+// from Consul), and answers sess.<prefix>.allowed. It fails closed, owns the
 // decision cache and its invalidation, and knows nothing of the runtime socket.
 package spoa
 
@@ -31,7 +32,8 @@ import (
 const noSource = "-"
 
 const (
-	// DefaultTimeout bounds one Consul authorize call. HAProxy waits 1 s
+	// DefaultTimeout bounds one Decider call (an Authorizer with a
+	// Decider; local decisions need none). HAProxy waits 1 s
 	// for the agent ("timeout processing 1s" in the rendered SPOE file):
 	// answering a deny a little before that keeps the decision, its log
 	// line and its counters ours, instead of an SPOE timeout that HAProxy
@@ -56,7 +58,8 @@ var ErrClosed = errors.New("spoa: authorizer closed")
 
 // Decider makes one authorization decision: may the client whose leaf
 // carries clientCertURI (a SPIFFE ID) and clientCertSerial (colon-hex) open
-// a connection to the target service?
+// a connection to the target service? The sidecar uses none (it decides
+// from the intentions it holds); tests use fakes to drive the cache.
 type Decider interface {
 	Authorize(ctx context.Context, target, clientCertURI, clientCertSerial string) (allowed bool, reason string, err error)
 }
@@ -350,9 +353,9 @@ func verdictActions(allowed bool, source string, gen uint64) []setVar {
 	return []setVar{{authzgen.VarAllowed, allowed}, {authzgen.VarSource, source}, {authzgen.VarGen, int64(gen)}}
 }
 
-// undecidedActions answers when no decision could be made (Consul
-// unreachable or too slow, the agent closing): the source only, no
-// verdict. HAProxy refuses what it was asked about (TCP: the connection;
+// undecidedActions answers when no decision could be made (no CA roots or
+// intentions held yet, a Decider failure or timeout, the agent closing):
+// the source only, no verdict. HAProxy refuses what it was asked about (TCP: the connection;
 // HTTP: this request, with a 503) and asks again for the next request on
 // the same connection. A verdict of false instead would stay on the
 // connection until the intentions change, so one failed call would
