@@ -138,3 +138,45 @@ func TestEqual(t *testing.T) {
 		t.Fatal("Equal wrong")
 	}
 }
+
+// TestServedOrderIgnored: whatever order Consul serves the intentions in
+// (and whatever Precedence it claims), every source gets the same
+// decision, from the same intention.
+func TestServedOrderIgnored(t *testing.T) {
+	served := []*api.Intention{
+		ixn("1", "*", "*", "*", "*", "deny"), ixn("2", "default", "web", "default", "api", "allow"),
+		ixn("3", "default", "*", "default", "api", "deny"), ixn("4", "default", "batch", "default", "*", "allow"),
+		ixn("5", "default", "web", "default", "*", "deny"), ixn("6", "*", "*", "default", "api", "allow"),
+		ixn("7", "default", "*", "default", "*", "allow"), ixn("8", "default", "db", "*", "*", "allow"),
+	}
+	sources := []Peer{{"", "default", "web"}, {"", "default", "batch"}, {"", "default", "db"}, {"", "other", "x"}, {"", "default", "x"}}
+	decide := func(in []*api.Intention) string {
+		s, _ := New(api_, in, Default{Allow: true, Reason: "d"})
+		var out []string
+		for _, p := range sources {
+			d := s.Decide(p)
+			id := "default"
+			if d.Intention != nil {
+				id = d.Intention.ID
+			}
+			out = append(out, d.Verdict.String()+":"+id)
+		}
+		return strings.Join(out, " ")
+	}
+	want := decide(served)
+	if want != "allow:2 deny:3 deny:3 allow:6 deny:3" {
+		t.Fatalf("decisions %q", want)
+	}
+	r := []*api.Intention{}
+	for i := len(served) - 1; i >= 0; i-- {
+		c := *served[i]
+		c.Precedence = i // lies
+		r = append(r, &c)
+	}
+	for k := range len(r) {
+		rot := append(append([]*api.Intention{}, r[k:]...), r[:k]...)
+		if got := decide(rot); got != want {
+			t.Errorf("rotation %d: %q, want %q", k, got, want)
+		}
+	}
+}
