@@ -101,6 +101,12 @@ func (a *Authorizer) fly(k cacheKey, f *flight, gen uint64, check func() error) 
 			ans = answer{v: verdict{reason: err.Error(), refused: i}}
 			a.store(k, ans.v, gen)
 		}
+	} else if a.decider == nil {
+		// Local: no call to wait for, no timeout to bound it.
+		ans = a.decideLocal(k)
+		if ans.err == nil {
+			a.store(k, ans.v, gen)
+		}
 	} else {
 		ans = a.ask(k, gen)
 	}
@@ -169,7 +175,14 @@ func (a *Authorizer) store(k cacheKey, v verdict, gen uint64) {
 // source asks the Decider again. Calls in flight are not stored. The new
 // generation goes to the hook given WithInvalidateHook, so that HAProxy
 // re-checks connections authorized under an older one.
-func (a *Authorizer) Invalidate() {
+func (a *Authorizer) Invalidate() { a.invalidate(nil) }
+
+// invalidate is Invalidate, running swap (if not nil) at the switch: after
+// HAProxy has the new generation, under the lock that moves the agent to
+// it. What swap publishes (new intentions) is then what every decision
+// under the new generation reads, and no decision under the old one is
+// made from it.
+func (a *Authorizer) invalidate(swap func()) {
 	a.invalidating.Lock() // one switch at a time: generations stay in order
 	defer a.invalidating.Unlock()
 	a.mu.Lock()
@@ -182,6 +195,9 @@ func (a *Authorizer) Invalidate() {
 		a.onInvalidate(gen)
 	}
 	a.mu.Lock()
+	if swap != nil {
+		swap()
+	}
 	a.gen = gen
 	clear(a.cache)
 	clear(a.inflight)

@@ -12,82 +12,83 @@ import (
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap"
 
+	"github.com/haproxy-connect/haproxy-connect/intentions"
 	"github.com/haproxy-connect/haproxy-connect/watch"
 )
-
-// ConsulDecider asks the local Consul agent
-// (POST /v1/agent/connect/authorize), which evaluates intentions from its
-// own cache and applies default_intention_policy when none matches.
-type ConsulDecider struct {
-	Client *api.Client
-}
-
-// Authorize implements Decider. api v1.33.0's ConnectAuthorize takes no
-// context, so ctx is only checked before the call; the Authorizer stops
-// waiting at its timeout, and the HTTP client's own timeout (if any) ends
-// the request.
-func (d ConsulDecider) Authorize(ctx context.Context, target, clientCertURI, clientCertSerial string) (bool, string, error) {
-	if err := ctx.Err(); err != nil {
-		return false, "", err
-	}
-	res, err := d.Client.Agent().ConnectAuthorize(&api.AgentAuthorizeParams{
-		Target:           target,
-		ClientCertURI:    clientCertURI,
-		ClientCertSerial: clientCertSerial,
-	})
-	if err != nil {
-		return false, "", fmt.Errorf("consul authorize %s to %s: %w", clientCertURI, target, err)
-	}
-	return res.Authorized, res.Reason, nil
-}
 
 // watchWait is how long one blocking query may wait for a change.
 const watchWait = 5 * time.Minute
 
-// WatchIntentions invalidates the decision cache whenever the intentions
-// that match the destination change, until ctx ends (then it returns nil).
-// It is a blocking-query loop (watch.Loop) on /v1/connect/intentions/match:
-// a new index invalidates at once (a new deny must refuse new connections
-// within 1 s); an index that goes backwards resets to 0 and invalidates;
-// errors back off from 100 ms to 10 s with jitter, reset after a success,
-// and cached decisions keep being served meanwhile. Query starts are at
-// least 100 ms apart, which bounds the loop if Consul misbehaves (index 0)
-// and delays only the second of two changes in a burst.
+// WatchIntentions keeps the intentions that match the destination, and
+// the default decision, current until ctx ends (then it returns nil): an
+// Authorizer without a Decider decides from them (SetIntentions), and a
+// change invalidates the decision cache. It is a blocking-query loop
+// (watch.Loop) on /v1/connect/intentions/match: a new index is fetched
+// and published at once (a new deny must refuse new connections within
+// 1 s); an index that goes backwards resets to 0; errors back off from
+// 100 ms to 10 s with jitter, reset after a success, and the intentions
+// last held keep deciding meanwhile (fail-static: new sources included).
+// Query starts are at least 100 ms apart, which bounds the loop if Consul
+// misbehaves (index 0) and delays only the second of two changes in a
+// burst.
 //
 // The query is ?cached and names the destination as
 // "default/default/<target>": on Consul CE that is the very agent-cache
 // entry the authorize endpoint reads (agent/agent_endpoint.go
 // AgentConnectAuthorize asks cachetype.IntentionMatch for partition and
 // namespace "default"; agent/intentions_endpoint.go IntentionMatch parses
-// "partition/namespace/name"). So when this query returns a new index,
-// authorize already answers from the new intentions; a query to the
-// servers could return first, and the next connection would cache the old
-// answer until the next change. This needs the agent's http_config.use_cache
-// (default true). Namespaces and partitions are not supported.
+// "partition/namespace/name"), so local decisions follow the intentions
+// at the same time as the agent's own would. This needs the agent's
+// http_config.use_cache (default true). Namespaces and partitions other
+// than "default" are not supported.
 //
-// Not visible here: a change of the agent's default_intention_policy or
-// of ACL defaults (agent configuration, applied by restarting the agent,
-// which also restarts us through the sidecar), and L7 permissions on a
-// matching intention (Consul answers deny to L4 authorize either way).
-// The client must not have an HTTP timeout shorter than 5 minutes.
+// With each answer the default decision is read again (defaultDecision):
+// it changes only when the agent restarts with another
+// default_intention_policy or ACL default policy, which breaks the
+// blocking query, so the next answer carries it. The client must not
+// have an HTTP timeout shorter than 5 minutes.
 func (a *Authorizer) WatchIntentions(ctx context.Context, client *api.Client) error {
-	match := &api.IntentionMatch{
-		By:    api.IntentionMatchDestination,
-		Names: []string{watchName(a.target)},
+	name := watchName(a.target)
+	match := &api.IntentionMatch{By: api.IntentionMatchDestination, Names: []string{name}}
+	dest := destination(a.target)
+	type held struct {
+		set     *intentions.Set
+		skipped []error
+		index   uint64
 	}
 	o := watch.Options{Name: "intentions", Log: a.log, Spacing: a.watchMinInterval,
-		FailMessage: "intention watch failed; serving cached decisions"}
-	watch.Loop(ctx, o, func(ctx context.Context, cur watch.Cursor) (uint64, watch.Cursor, error) {
+		FailMessage: "intention watch failed; deciding from the intentions last held"}
+	watch.Loop(ctx, o, func(ctx context.Context, cur watch.Cursor) (held, watch.Cursor, error) {
 		q := (&api.QueryOptions{WaitIndex: cur.Index, WaitTime: watchWait, UseCache: true}).WithContext(ctx)
-		_, meta, err := client.Connect().IntentionMatch(match, q)
+		m, meta, err := client.Connect().IntentionMatch(match, q)
 		if err != nil {
-			return 0, cur, err
+			return held{}, cur, err
 		}
-		return meta.LastIndex, watch.Cursor{Index: meta.LastIndex}, nil
-	}, func(index uint64) {
-		a.Invalidate()
-		a.watchIndex.Store(index)
-		a.log.Info("intentions changed, decision cache dropped", zap.String("watch", "intentions"), zap.Uint64("index", index))
+		// Consul's answer is hostile input: exactly the name asked.
+		list, ok := m[name]
+		if len(m) != 1 || !ok {
+			return held{}, cur, fmt.Errorf("intentions match answered %d names, not just %q", len(m), name)
+		}
+		def, err := defaultDecision(ctx, client, a.target)
+		if errors.Is(err, errDefaultUnknown) {
+			a.log.Warn("default intention decision unknown; keeping the previous one", zap.String("watch", "intentions"), zap.Error(err))
+			def = intentions.Default{Reason: "default intention decision unknown: deny"}
+			if old := a.held.Load(); old != nil {
+				def = old.Default()
+			}
+		} else if err != nil {
+			return held{}, cur, err
+		}
+		set, skipped := intentions.New(dest, list, def)
+		return held{set, skipped, meta.LastIndex}, watch.Cursor{Index: meta.LastIndex}, nil
+	}, func(h held) {
+		a.logSkipped(h.skipped)
+		changed := a.SetIntentions(h.set)
+		a.watchIndex.Store(h.index)
+		if changed {
+			a.log.Info("intentions changed, decision cache dropped", zap.String("watch", "intentions"), zap.Uint64("index", h.index),
+				zap.Int("intentions", h.set.Len()), zap.Bool("default_allow", h.set.Default().Allow), zap.String("default", h.set.Default().Reason))
+		}
 	})
 	return nil
 }

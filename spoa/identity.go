@@ -187,3 +187,41 @@ func hexSerial(n *big.Int) string {
 	}
 	return s.String()
 }
+
+// verifiedCert is a certificate checkCert passed: under which trust, and
+// until when it is valid.
+type verifiedCert struct {
+	trust    *trust
+	notAfter time.Time
+}
+
+// checkOnce is checkCert, remembered per certificate (its SHA-256): the
+// chain check, a signature verification (most of an uncached decision's
+// time), is not repeated when an intention change drops the decision
+// cache and every source is decided again. What it depends on is kept
+// with it: the trust it was checked under (a roots change makes it stale)
+// and the certificate's expiry. Refusals are not remembered here (the
+// decision cache holds them). Bounded like the decision cache: a full map
+// evicts one arbitrary entry.
+func (a *Authorizer) checkOnce(cert *x509.Certificate, sum [32]byte) error {
+	t, now := a.trust.Load(), time.Now()
+	a.verifiedMu.Lock()
+	v, ok := a.verified[sum]
+	a.verifiedMu.Unlock()
+	if ok && t != nil && v.trust == t && now.Before(v.notAfter) {
+		return nil
+	}
+	if err := checkCert(cert, t, now); err != nil {
+		return err
+	}
+	a.verifiedMu.Lock()
+	defer a.verifiedMu.Unlock()
+	if _, ok := a.verified[sum]; !ok && len(a.verified) >= a.cacheSize {
+		for old := range a.verified {
+			delete(a.verified, old)
+			break
+		}
+	}
+	a.verified[sum] = verifiedCert{trust: t, notAfter: cert.NotAfter}
+	return nil
+}

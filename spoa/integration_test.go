@@ -77,7 +77,7 @@ func startSidecar(t *testing.T) *sidecar {
 		t.Fatal("the rendered config sets nbthread: this test must run HAProxy's default (one thread per core)")
 	}
 
-	a := spoa.New("web", spoa.ConsulDecider{Client: c.Client}, zaptest.NewLogger(t))
+	a := spoa.New("web", nil, zaptest.NewLogger(t))
 	ln, err := net.Listen("unix", spec.SPOASocket)
 	if err != nil {
 		t.Fatal(err)
@@ -217,8 +217,8 @@ func TestInboundIntentions(t *testing.T) {
 
 	s.expect(t, "default deny", client, refused)
 	st := s.a.Stats()
-	if st.Denied == 0 || st.ConsulCalls == 0 || st.Errors != 0 {
-		t.Fatalf("after a default deny: %+v, want a denial by Consul", st)
+	if st.Denied == 0 || st.LocalDecisions == 0 || st.Errors != 0 {
+		t.Fatalf("after a default deny: %+v, want a denial from the intentions held", st)
 	}
 
 	start := time.Now()
@@ -274,8 +274,8 @@ func TestInboundIntentions(t *testing.T) {
 		}
 		t.Logf("%d concurrent connections served, slowest %s", n, slowest)
 		after := s.a.Stats()
-		if calls := after.ConsulCalls - before.ConsulCalls; calls != 1 {
-			t.Errorf("%d Consul calls for %d connections of one new source, want 1 (stats %+v)", calls, n, after)
+		if calls := after.LocalDecisions - before.LocalDecisions; calls != 1 {
+			t.Errorf("%d decisions for %d connections of one new source, want 1 (stats %+v)", calls, n, after)
 		}
 	})
 

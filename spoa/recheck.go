@@ -3,7 +3,6 @@ package spoa
 import (
 	"crypto/x509"
 	"sync"
-	"time"
 )
 
 // Deciding again for connections already established. HAProxy records each
@@ -108,7 +107,7 @@ func (a *Authorizer) Recheck(sum [32]byte) (source string, r RecheckResult, reas
 	if source == "" {
 		source = noSource
 	}
-	check := func() error { return checkCert(rc.cert, a.trust.Load(), time.Now()) }
+	check := func() error { return a.checkOnce(rc.cert, sum) }
 	v, _, _, err := a.lookup(cacheKey(rc.id), check)
 	switch {
 	case err != nil:

@@ -1,6 +1,7 @@
 // Package spoa is the SPOE agent that authorizes inbound connections against
-// Consul intentions: it reads the client certificate HAProxy sends, asks
-// Consul, and answers sess.<prefix>.allowed. It fails closed, owns the
+// Consul intentions: it reads the client certificate HAProxy sends, decides
+// from the destination's intentions it holds (package intentions; watched
+// from Consul), and answers sess.<prefix>.allowed. It fails closed, owns the
 // decision cache and its invalidation, and knows nothing of the runtime socket.
 package spoa
 
@@ -18,6 +19,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/haproxy-connect/haproxy-connect/authzgen"
+	"github.com/haproxy-connect/haproxy-connect/intentions"
 )
 
 // The names HAProxy's SPOE configuration and listener rules share with the
@@ -30,7 +32,8 @@ import (
 const noSource = "-"
 
 const (
-	// DefaultTimeout bounds one Consul authorize call. HAProxy waits 1 s
+	// DefaultTimeout bounds one Decider call (an Authorizer with a
+	// Decider; local decisions need none). HAProxy waits 1 s
 	// for the agent ("timeout processing 1s" in the rendered SPOE file):
 	// answering a deny a little before that keeps the decision, its log
 	// line and its counters ours, instead of an SPOE timeout that HAProxy
@@ -55,7 +58,8 @@ var ErrClosed = errors.New("spoa: authorizer closed")
 
 // Decider makes one authorization decision: may the client whose leaf
 // carries clientCertURI (a SPIFFE ID) and clientCertSerial (colon-hex) open
-// a connection to the target service?
+// a connection to the target service? The sidecar uses none (it decides
+// from the intentions it holds); tests use fakes to drive the cache.
 type Decider interface {
 	Authorize(ctx context.Context, target, clientCertURI, clientCertSerial string) (allowed bool, reason string, err error)
 }
@@ -139,10 +143,18 @@ type Authorizer struct {
 	// watchIndex is the Consul index of the intentions WatchIntentions
 	// last invalidated for.
 	watchIndex atomic.Uint64
+	// held is the intentions local decisions are made from (nil Decider;
+	// see local.go); nil until the first.
+	held atomic.Pointer[intentions.Set]
+	// verified holds the certificates checkCert passed (see checkOnce).
+	verifiedMu sync.Mutex
+	verified   map[[32]byte]verifiedCert
 }
 
 // New returns an Authorizer for connections to the target service (its
-// Consul name), deciding with d. A nil log discards logs.
+// Consul name), deciding with d, or, if d is nil, locally from the
+// intentions it holds (SetIntentions, WatchIntentions). A nil log
+// discards logs.
 func New(target string, d Decider, log *zap.Logger, opts ...Option) *Authorizer {
 	if log == nil {
 		log = zap.NewNop()
@@ -159,6 +171,7 @@ func New(target string, d Decider, log *zap.Logger, opts ...Option) *Authorizer 
 		cancel:           cancel,
 		cache:            map[cacheKey]verdict{},
 		inflight:         map[cacheKey]*flight{},
+		verified:         map[[32]byte]verifiedCert{},
 		listeners:        map[net.Listener]struct{}{},
 		conns:            map[*trackedConn]struct{}{},
 	}
@@ -343,9 +356,9 @@ func verdictActions(allowed bool, source string, gen uint64) []setVar {
 	return []setVar{{authzgen.VarAllowed, allowed}, {authzgen.VarSource, source}, {authzgen.VarGen, int64(gen)}}
 }
 
-// undecidedActions answers when no decision could be made (Consul
-// unreachable or too slow, the agent closing): the source only, no
-// verdict. HAProxy refuses what it was asked about (TCP: the connection;
+// undecidedActions answers when no decision could be made (no CA roots or
+// intentions held yet, a Decider failure or timeout, the agent closing):
+// the source only, no verdict. HAProxy refuses what it was asked about (TCP: the connection;
 // HTTP: this request, with a 503) and asks again for the next request on
 // the same connection. A verdict of false instead would stay on the
 // connection until the intentions change, so one failed call would
@@ -396,7 +409,7 @@ func (a *Authorizer) decideNow(der []byte, argErr error) decision {
 		}
 		if d.err == nil {
 			a.certs.remember(id, cert)
-			check := func() error { return checkCert(cert, a.trust.Load(), time.Now()) }
+			check := func() error { return a.checkOnce(cert, id.sum) }
 			var v verdict
 			v, d.how, d.gen, d.err = a.lookup(cacheKey(id), check)
 			d.allowed, d.reason = v.allowed, v.reason
@@ -437,6 +450,9 @@ func (a *Authorizer) SetRoots(trustDomain string, roots, intermediates []*x509.C
 	if old := a.trust.Swap(t); old != nil && old.key != t.key {
 		a.log.Info("CA roots or trust domain changed, decision cache dropped", zap.String("trust_domain", t.domain),
 			zap.Int("roots", len(roots)), zap.Int("intermediates", len(intermediates)))
+		a.verifiedMu.Lock()
+		clear(a.verified) // checked under the old trust: stale
+		a.verifiedMu.Unlock()
 		a.Invalidate()
 	}
 	return nil
@@ -475,8 +491,11 @@ type Stats struct {
 	// CacheHits counts decisions served from the cache; Coalesced those
 	// that waited for a Decider call another connection had in flight.
 	CacheHits, Coalesced uint64
-	// ConsulCalls counts Decider calls.
+	// ConsulCalls counts Decider calls (an Authorizer with a Decider).
 	ConsulCalls uint64
+	// LocalDecisions counts decisions made from the held intentions (an
+	// Authorizer without a Decider): the uncached decisions.
+	LocalDecisions uint64
 	// Errors counts refusals caused by a failure (no or bad certificate,
 	// Decider error or timeout) rather than by a decision.
 	Errors uint64
@@ -498,8 +517,8 @@ type Stats struct {
 }
 
 type counters struct {
-	allowed, denied, undecided, cacheHits, coalesced, consulCalls, errors, invalidations atomic.Uint64
-	refused                                                                              [5]atomic.Uint64 // indexed as refusals
+	allowed, denied, undecided, cacheHits, coalesced, consulCalls, localDecisions, errors, invalidations atomic.Uint64
+	refused                                                                                              [5]atomic.Uint64 // indexed as refusals
 }
 
 // Stats returns the current counters.
@@ -519,6 +538,7 @@ func (a *Authorizer) Stats() Stats {
 		CacheHits:       a.stats.cacheHits.Load(),
 		Coalesced:       a.stats.coalesced.Load(),
 		ConsulCalls:     a.stats.consulCalls.Load(),
+		LocalDecisions:  a.stats.localDecisions.Load(),
 		Errors:          a.stats.errors.Load(),
 		Invalidations:   a.stats.invalidations.Load(),
 		Generation:      gen,

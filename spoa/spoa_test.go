@@ -43,7 +43,7 @@ var testCA = sync.OnceValue(func() *testenv.CA {
 })
 
 // leafDER issues a leaf from ca with the given URI SANs (any number).
-func leafDER(t *testing.T, ca *testenv.CA, serial int64, uris ...string) []byte {
+func leafDER(t testing.TB, ca *testenv.CA, serial int64, uris ...string) []byte {
 	t.Helper()
 	var us []*url.URL
 	for _, s := range uris {

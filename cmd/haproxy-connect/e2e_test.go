@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -370,7 +371,8 @@ func TestConsulOutage(t *testing.T) {
 	index := intention(t, m.c, "client", "server", api.IntentionActionAllow)
 	// The decision must be made under the new intentions: one made before
 	// the server sidecar's watch sees them is dropped when it does, and
-	// with Consul gone the next connection could not be decided.
+	// with Consul gone the sidecar would decide the next connection from
+	// the default deny it held (TestFailStaticAuthorization).
 	eventually(t, 10*time.Second, "the server sidecar sees the intention", server.sawIntentions(index))
 	eventually(t, 10*time.Second, "allowed", get200(ports[3]))
 
@@ -394,53 +396,134 @@ func TestConsulOutage(t *testing.T) {
 	t.Logf("Consul down for 3s: %d requests ok, %d failed", ok, failed)
 }
 
-// TestUndecidedIsRetried: a connection the server sidecar cannot decide,
-// because it cannot reach Consul, is refused request by request (503), not
-// for its lifetime: once Consul is reachable again, the next request on the
-// same connection is authorized and served. A failed Consul call must not
-// stick to a kept-alive connection, since a pooled connection between
-// sidecars carries every request of a client.
-func TestUndecidedIsRetried(t *testing.T) {
+// TestFailStaticAuthorization: the server sidecar decides from the
+// intentions it holds, so with its link to Consul cut it keeps deciding,
+// for sources it has never seen too: an allowed one is served (200), a
+// denied one refused (403), on new and kept-alive connections, for
+// seconds. Once the link is back the watch catches up, and an intention
+// changed then applies, to kept-alive connections too (the generation):
+// no verdict made while Consul was away outlives the next change.
+//
+// This replaces TestUndecidedIsRetried: a new source was left undecided
+// (503) while Consul was unreachable, and that test checked the failure
+// did not stick to the connection. Nothing on the request path asks
+// Consul now; what it protected (no stale verdict stays on a connection)
+// is the last part here.
+func TestFailStaticAuthorization(t *testing.T) {
 	consul := testenv.Consul(t, testenv.ConsulOptions{DefaultDeny: true})
 	c := consul.Client
 	port := testenv.FreePort(t)
 	register(t, c, "server", httpApp(t, "server"), port, map[string]any{"protocol": "http"})
 	link := testenv.NewLink(t, consul.Addr)
 	server := startSidecar(t, consul, "server", "-http-addr", link.Addr)
-	index := intention(t, c, "other", "server", api.IntentionActionAllow)
-	eventually(t, 10*time.Second, "the server sidecar sees the intention", server.sawIntentions(index))
-
-	// A direct mTLS client with a leaf of its own ("other"): a source the
-	// server sidecar has no decision for. One kept-alive connection.
-	cert := meshCert(t, c, "other")
-	// The server's identity is not what this test checks.
-	tr := &http.Transport{MaxIdleConnsPerHost: 1, TLSClientConfig: &tls.Config{Certificates: []tls.Certificate{cert}, InsecureSkipVerify: true}}
-	call, reused := keptAlive(t, tr, fmt.Sprintf("https://127.0.0.1:%d/", port))
-
-	link.Cut()
-	for i := range 3 {
-		code, err := call()
-		if err != nil || code != 503 {
-			t.Fatalf("request %d with Consul unreachable: %d %v, want 503", i, code, err)
+	// intentions writes the server's intentions: "other" as given,
+	// "fresh" allowed, "denied" denied.
+	intentions := func(other api.IntentionAction) uint64 {
+		if _, _, err := c.ConfigEntries().Set(&api.ServiceIntentionsConfigEntry{
+			Kind: api.ServiceIntentions, Name: "server",
+			Sources: []*api.SourceIntention{
+				{Name: "other", Action: other},
+				{Name: "fresh", Action: api.IntentionActionAllow},
+				{Name: "denied", Action: api.IntentionActionDeny},
+			},
+		}, nil); err != nil {
+			t.Fatal(err)
 		}
-		if i > 0 && !reused.Load() {
-			t.Fatalf("request %d did not reuse the connection", i)
+		e, _, err := c.ConfigEntries().Get(api.ServiceIntentions, "server", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return e.GetModifyIndex()
+	}
+	eventually(t, 10*time.Second, "the server sidecar sees the intentions", server.sawIntentions(intentions(api.IntentionActionAllow)))
+
+	url := fmt.Sprintf("https://127.0.0.1:%d/", port)
+	// Direct mTLS clients with leaves of their own. The server's
+	// identity is not what this test checks.
+	tlsFor := func(service string) *tls.Config {
+		return &tls.Config{Certificates: []tls.Certificate{meshCert(t, c, service)}, InsecureSkipVerify: true}
+	}
+	newConn := func(service string, want int) func() error {
+		tr := &http.Transport{DisableKeepAlives: true, TLSClientConfig: tlsFor(service)}
+		cl := &http.Client{Timeout: 5 * time.Second, Transport: tr}
+		return func() error {
+			resp, err := cl.Get(url)
+			if err != nil {
+				return fmt.Errorf("%s: %w", service, err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != want {
+				return fmt.Errorf("%s on a new connection: %d, want %d", service, resp.StatusCode, want)
+			}
+			return nil
 		}
 	}
-	link.Restore()
-	took := eventually(t, 5*time.Second, "served on the same connection once Consul is back", func() error {
-		code, err := call()
-		if err != nil || code != 200 {
-			return fmt.Errorf("%d %v", code, err)
+	onKept := func(call func() (int, error), reused *atomic.Bool, service string, want int) func() error {
+		return func() error {
+			code, err := call()
+			if err != nil || code != want {
+				return fmt.Errorf("%s on its kept-alive connection: %d %v, want %d", service, code, err, want)
+			}
+			if !reused.Load() {
+				return fmt.Errorf("%s: the connection was not reused", service)
+			}
+			return nil
 		}
-		if !reused.Load() {
-			return errors.New("served on a new connection")
+	}
+	// "other" is authorized before the cut, on a kept-alive connection.
+	otherCall, otherReused := keptAlive(t, &http.Transport{MaxIdleConnsPerHost: 1, TLSClientConfig: tlsFor("other")}, url)
+	if code, err := otherCall(); err != nil || code != 200 {
+		t.Fatalf("other before the cut: %d %v", code, err)
+	}
+	freshCall, freshReused := keptAlive(t, &http.Transport{MaxIdleConnsPerHost: 1, TLSClientConfig: tlsFor("fresh")}, url)
+	freshNew, deniedNew := newConn("fresh", 200), newConn("denied", 403)
+
+	link.Cut()
+	eventually(t, 10*time.Second, "the intention watch reports the cut", func() error {
+		if !strings.Contains(server.out.String(), "intention watch failed; deciding from the intentions last held") {
+			return errors.New("no failure logged yet")
 		}
 		return nil
 	})
-	t.Logf("served %s after Consul became reachable", took)
-	if v, err := server.metric(`haproxy_connect_authz_decisions_total{result="undecided"}`); err != nil || v < 3 {
-		t.Errorf("undecided decisions: %v %v, want 3 or more", v, err)
+	// Sources never seen before, decided while Consul is unreachable.
+	if err := freshNew(); err != nil {
+		t.Fatalf("a never-seen allowed source with Consul unreachable: %v", err)
+	}
+	if err := deniedNew(); err != nil {
+		t.Fatalf("a never-seen denied source with Consul unreachable: %v", err)
+	}
+	if code, err := freshCall(); err != nil || code != 200 {
+		t.Fatalf("fresh on a kept-alive connection with Consul unreachable: %d %v", code, err)
+	}
+	// And for seconds, on new and kept-alive connections.
+	stops := []func() (int64, int64, error){
+		load(freshNew), load(deniedNew),
+		load(onKept(otherCall, otherReused, "other", 200)), load(onKept(freshCall, freshReused, "fresh", 200)),
+	}
+	time.Sleep(3 * time.Second)
+	for i, stop := range stops {
+		ok, failed, first := stop()
+		if ok == 0 || failed > 0 {
+			t.Errorf("load %d with Consul unreachable: %d of %d calls failed; first: %v", i, failed, ok+failed, first)
+		}
+	}
+	if v, err := server.metric(`haproxy_connect_authz_decisions_total{result="undecided"}`); err != nil || v != 0 {
+		t.Errorf("undecided decisions: %v %v, want 0", v, err)
+	}
+
+	// Consul back: the watch catches up, and a change applies to the
+	// kept-alive connection authorized before and during the cut.
+	link.Restore()
+	stopFresh := load(freshNew)
+	index := intentions(api.IntentionActionDeny)
+	eventually(t, 15*time.Second, "the server sidecar sees the change", server.sawIntentions(index))
+	eventually(t, time.Second, "other denied on its kept-alive connection", onKept(otherCall, otherReused, "other", 403))
+	if err := newConn("other", 403)(); err != nil {
+		t.Error(err)
+	}
+	// "fresh" stayed allowed throughout.
+	if ok, failed, first := stopFresh(); ok == 0 || failed > 0 {
+		t.Errorf("fresh around the restore and the change: %d of %d calls failed; first: %v", failed, ok+failed, first)
 	}
 }
 

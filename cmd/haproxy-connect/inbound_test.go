@@ -80,7 +80,7 @@ func TestInboundRefusesForeignIdentities(t *testing.T) {
 	if err := allowed(); err != nil {
 		t.Fatal(err)
 	}
-	callsBefore, err := s.metric("haproxy_connect_authz_consul_calls_total")
+	callsBefore, err := s.metric("haproxy_connect_authz_local_decisions_total")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -133,7 +133,7 @@ func TestInboundRefusesForeignIdentities(t *testing.T) {
 			}
 		})
 	}
-	if got, err := s.metric("haproxy_connect_authz_consul_calls_total"); err != nil || got != callsBefore {
-		t.Errorf("consul authorize calls = %v, %v; want %v: a refusal asks nobody, and the service leaf's answer is cached", got, err, callsBefore)
+	if got, err := s.metric("haproxy_connect_authz_local_decisions_total"); err != nil || got != callsBefore {
+		t.Errorf("uncached decisions = %v, %v; want %v: a refusal decides nothing from intentions, and the service leaf's decision is cached", got, err, callsBefore)
 	}
 }

@@ -148,20 +148,6 @@ func run(o options) error {
 	// client it uses (its own for a unix:// address).
 	answerLimit := controller.NewAnswerLimit(o.maxAnswerBytes, log.Named("consul"))
 	answerLimit.Limit(ccfg.HttpClient)
-	// The authorizer's calls are short and api's ConnectAuthorize takes no
-	// context: give them a client with a deadline of its own, so a hung
-	// Consul cannot pile up goroutines (the blocking watches need none).
-	acfg := *ccfg
-	acfg.HttpClient, err = api.NewHttpClient(ccfg.Transport, ccfg.TLSConfig)
-	if err != nil {
-		return fmt.Errorf("consul client: %w", err)
-	}
-	acfg.HttpClient.Timeout = 2 * time.Second
-	authClient, err := api.NewClient(&acfg)
-	if err != nil {
-		return fmt.Errorf("consul client: %w", err)
-	}
-	answerLimit.Limit(acfg.HttpClient)
 
 	// A signal is a requested stop: HAProxy stops too. Any other end of
 	// this process leaves HAProxy serving (see controller.Run).
@@ -189,7 +175,7 @@ func run(o options) error {
 	// connections of a tcp listener are decided again (package tcpdeny),
 	// through a runtime client of their own on the master socket.
 	var sweeper *tcpdeny.Sweeper
-	auth := spoa.New(proxy.Proxy.DestinationServiceName, spoa.ConsulDecider{Client: authClient}, log.Named("spoa"),
+	auth := spoa.New(proxy.Proxy.DestinationServiceName, nil, log.Named("spoa"),
 		spoa.WithInvalidateHook(func(gen uint64) { ctl.SetAuthzGeneration(gen); ctl.WaitAuthzGeneration(gen) }),
 		spoa.WithSwitchHook(func(uint64) { sweeper.Kick() }))
 	sweeper = tcpdeny.New(runtime.New(filepath.Join(stateDir, controller.MasterSocket), log.Named("tcpdeny")),
@@ -535,7 +521,9 @@ func statsHandler(ctl *controller.Controller, auth *spoa.Authorizer, sweeper *tc
 		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_intentions_index gauge\nhaproxy_connect_authz_intentions_index %d\n", s.IntentionsIndex)
 		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_cache_entries gauge\nhaproxy_connect_authz_cache_entries %d\n", s.CacheEntries)
 		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_cache_hits_total counter\nhaproxy_connect_authz_cache_hits_total %d\n", s.CacheHits)
-		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_consul_calls_total counter\nhaproxy_connect_authz_consul_calls_total %d\n", s.ConsulCalls)
+		// Decisions made from the intentions held (not from the cache);
+		// the agent asks Consul for none.
+		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_local_decisions_total counter\nhaproxy_connect_authz_local_decisions_total %d\n", s.LocalDecisions)
 		// Denies the agent decided alone, from the client certificate.
 		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_refused_total counter\n")
 		for _, reason := range slices.Sorted(maps.Keys(s.Refused)) {

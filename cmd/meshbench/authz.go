@@ -197,7 +197,7 @@ func runAuthz(ctx context.Context, b *Bench) error {
 	}
 	cases := []decisionCase{
 		{name: "cached", message: authzgen.Message, samples: cached},
-		{name: "uncached (a Consul authorize call)", message: authzgen.Message, uncached: true, samples: uncached},
+		{name: "uncached (held intentions)", message: authzgen.Message, uncached: true, samples: uncached},
 		{name: "no decision (SPOP round-trip floor)", noDecision: true, samples: floor},
 	}
 
@@ -253,9 +253,10 @@ func runAuthz(ctx context.Context, b *Bench) error {
 	return nil
 }
 
-// authorizeClient is a Consul client for the agents' authorize calls, set
-// up as the sidecar does: the pooled transport of api.DefaultConfig and a
-// 2 s timeout (but no CONSUL_HTTP_* settings from the environment).
+// authorizeClient is a Consul client for the timing agent's watches, set
+// up as the sidecar's: the pooled transport of api.DefaultConfig, no
+// timeout (the watches block up to 5 minutes), and no CONSUL_HTTP_*
+// settings from the environment.
 func authorizeClient(addr string) (*api.Client, error) {
 	cfg := api.DefaultConfig()
 	cfg.Address, cfg.Scheme, cfg.Token, cfg.TokenFile = addr, "http", "", ""
@@ -263,7 +264,6 @@ func authorizeClient(addr string) (*api.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	hc.Timeout = 2 * time.Second
 	cfg.HttpClient = hc
 	return api.NewClient(cfg)
 }
@@ -286,12 +286,14 @@ func (ag *authzAgent) takeInAgent() Samples {
 }
 
 // startAuthzAgent runs a spoa.Authorizer for target on a free loopback
-// port, deciding with Consul. It logs as the sidecar does (info, console
-// encoding), to nowhere: decisions that call Consul pay for their log line.
+// port, deciding as the sidecar does: locally, from the intentions its
+// watch holds. It logs as the sidecar does (info, console encoding), to
+// nowhere: uncached decisions pay for their log line. It returns once the
+// agent holds the intentions.
 func startAuthzAgent(e *Env, target string, client *api.Client) (*authzAgent, error) {
 	log := zap.New(zapcore.NewCore(zapcore.NewConsoleEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(io.Discard), zapcore.InfoLevel))
 	ag := &authzAgent{}
-	ag.a = spoa.New(target, spoa.ConsulDecider{Client: client}, log, spoa.WithObserver(func(_ bool, took time.Duration) {
+	ag.a = spoa.New(target, nil, log, spoa.WithObserver(func(_ bool, took time.Duration) {
 		ag.mu.Lock()
 		ag.inAgent = append(ag.inAgent, took.Seconds())
 		ag.mu.Unlock()
@@ -305,7 +307,13 @@ func startAuthzAgent(e *Env, target string, client *api.Client) (*authzAgent, er
 	// decides nothing before it has them.
 	ctx, cancel := context.WithCancel(context.Background())
 	go func() { _ = ag.a.WatchRoots(ctx, client) }()
+	go func() { _ = ag.a.WatchIntentions(ctx, client) }()
 	e.Defer(func() { cancel(); ag.a.Close() })
+	for deadline := time.Now().Add(10 * time.Second); ag.a.Intentions() == nil; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			return nil, errors.New("authz agent: no intentions from Consul in 10s")
+		}
+	}
 	ag.addr = ln.Addr().String()
 	return ag, nil
 }
@@ -543,15 +551,15 @@ func measureDecisions(ag *authzAgent, certs [][]byte, cases []decisionCase, figs
 			s = append(s, d.Seconds())
 		}
 		after := ag.a.Stats()
-		hits, calls := after.CacheHits-before.CacheHits, after.ConsulCalls-before.ConsulCalls
+		hits, calls := after.CacheHits-before.CacheHits, after.LocalDecisions-before.LocalDecisions
 		n := uint64(c.samples)
 		switch {
 		case c.noDecision && (hits != 0 || calls != 0):
-			return fmt.Errorf("%s: the agent decided (%d cache hits, %d Consul calls)", c.name, hits, calls)
+			return fmt.Errorf("%s: the agent decided (%d cache hits, %d uncached decisions)", c.name, hits, calls)
 		case c.uncached && calls != n:
-			return fmt.Errorf("%s: %d Consul calls for %d requests", c.name, calls, n)
+			return fmt.Errorf("%s: %d uncached decisions for %d requests", c.name, calls, n)
 		case !c.uncached && !c.noDecision && (hits != n || calls != 0):
-			return fmt.Errorf("%s: %d cache hits and %d Consul calls for %d requests", c.name, hits, calls, n)
+			return fmt.Errorf("%s: %d cache hits and %d uncached decisions for %d requests", c.name, hits, calls, n)
 		}
 		f := figs[c.name]
 		if f == nil {
@@ -600,16 +608,16 @@ func reportDecisions(b *Bench, cases []decisionCase, figs map[string]*decisionFi
 		}
 		sec.Row(c.name, strconv.Itoa(c.samples), f.agentP50.Format(Dur), f.agentP99.Format(Dur), f.p50.Format(Dur), f.p99.Format(Dur), f.max.Format(Dur))
 	}
-	sec.Note("A spoa.Authorizer (the sidecar's agent, deciding with Consul's /v1/agent/connect/authorize, logging "+
+	sec.Note("A spoa.Authorizer (the sidecar's agent, deciding locally from the intentions its watch holds, logging "+
 		"as the sidecar does) runs inside meshbench; a minimal SPOP 2.0 client in meshbench sends one NOTIFY "+
 		"(`authorize`, what the listener sends once per connection, and again on a kept-alive HTTP connection "+
 		"after the intentions changed) with a real Consul leaf (DER, %d source services in turn) and times it until the ACK, one "+
 		"request at a time on one connection, as HAProxy would over one agent connection. Each figure therefore "+
 		"includes loopback, SPOP framing and the agent's dispatch; the floor row (a message the agent ignores) "+
 		"is that overhead alone. Uncached: the cache is dropped (Invalidate, as on an intention change) before "+
-		"each request, outside the timed span (Consul's own agent cache stays warm). The agent's counters are checked after each case: every cached "+
-		"request was a cache hit, every uncached one a Consul call. In agent: the agent's own time per decision "+
-		"(spoa.WithObserver: certificate parse, cache or Consul call, log line), without loopback or framing.", authzSources)
+		"each request, outside the timed span: each uncached decision walks the held intentions again, as after an intention change; the chain check of these 8 certificates is remembered per certificate (a never-seen one adds one ECDSA P-256 verification: go test -bench BenchmarkDecide ./spoa). The agent's counters are checked after each case: every cached "+
+		"request was a cache hit, every uncached one a local decision (no Consul call). In agent: the agent's own time per decision "+
+		"(spoa.WithObserver: certificate parse, cache or intentions, log line), without loopback or framing.", authzSources)
 }
 
 func reportOnOff(b *Bench, variants []authzVariant, figs map[string]map[authzCell]*authzFigures) {
