@@ -447,10 +447,23 @@ func renderConfig(s Spec) (string, error) {
 		// 403. Nothing reaches the application without an allow.
 		w("    acl authz_stale str(%s),map_str_int(%s,0),sub(%s) -m int gt 0", AuthzGenKey, s.AuthzMap, authzgen.SessVar(authzgen.VarGen))
 		w("    http-request unset-var(%s) if authz_stale", authzgen.SessVar(authzgen.VarAllowed))
+		w("    http-request unset-var(%s) if authz_stale", authzgen.SessVar(authzgen.VarL7))
 		w("    http-request send-spoe-group %s %s if !{ var(%s) -m found }", SPOEEngine, SPOEGroup, authzgen.SessVar(authzgen.VarAllowed))
 		w("    http-request reject if !{ var(%s) -m found } { stopping }", authzgen.SessVar(authzgen.VarAllowed))
 		w("    http-request deny deny_status 503 unless { var(%s) -m found }", authzgen.SessVar(authzgen.VarAllowed))
 		w("    http-request deny deny_status 403 unless { var(%s) -m bool }", authzgen.SessVar(authzgen.VarAllowed))
+		// A source under an L7 intention (the agent set sess.hc.l7 with
+		// its allow) has each request decided by the intention's
+		// permissions: method, path and headers go to the agent, which
+		// answers txn.hc.l7allowed with the intention and permission
+		// that decided, for the access log. No answer: as above, closed
+		// in a stopping worker, else 503. Other sources skip these
+		// lines at the cost of one variable lookup.
+		l7 := fmt.Sprintf("{ var(%s) -m bool }", authzgen.SessVar(authzgen.VarL7))
+		w("    http-request send-spoe-group %s %s if %s", SPOEEngine, authzgen.GroupL7, l7)
+		w("    http-request reject if %s !{ var(%s) -m found } { stopping }", l7, authzgen.TxnVar(authzgen.VarL7Allowed))
+		w("    http-request deny deny_status 503 if %s !{ var(%s) -m found }", l7, authzgen.TxnVar(authzgen.VarL7Allowed))
+		w("    http-request deny deny_status 403 if %s !{ var(%s) -m bool }", l7, authzgen.TxnVar(authzgen.VarL7Allowed))
 	} else {
 		// A connection is authorized once, before its first byte reaches
 		// the application. An allow is remembered per worker, by the
@@ -478,7 +491,10 @@ func renderConfig(s Spec) (string, error) {
 	}
 	if s.AccessLog {
 		if mode == "http" {
-			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] crt=%%[ssl_c_serial,hex] spoe_err=%%[var(txn.%s.error)] %%HM %%HU %%ST %%B %%Tt %%b/%%s"`, VarPrefix, VarPrefix)
+			// intention= and perm= name what decided a request under
+			// an L7 intention ("-" for other sources).
+			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] crt=%%[ssl_c_serial,hex] spoe_err=%%[var(txn.%s.error)] %%HM %%HU %%ST %%B %%Tt %%b/%%s intention=%%[var(%s)] perm=%%[var(%s)]"`,
+				VarPrefix, VarPrefix, authzgen.TxnVar(authzgen.VarIntention), authzgen.TxnVar(authzgen.VarPerm))
 		} else {
 			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] crt=%%[ssl_c_serial,hex] spoe_err=%%[var(txn.%s.error)] %%B %%Tt %%b/%%s %%ts"`, VarPrefix, VarPrefix)
 		}
@@ -712,7 +728,12 @@ func RenderSPOE(s Spec) (string, error) {
 	var b strings.Builder
 	fmt.Fprintf(&b, "[%s]\n", SPOEEngine)
 	fmt.Fprintf(&b, "spoe-agent %s-agent\n", SPOEEngine)
-	fmt.Fprintf(&b, "    groups %s\n", SPOEGroup)
+	http := Mode(s.Public.Protocol) == "http"
+	if http {
+		fmt.Fprintf(&b, "    groups %s %s\n", SPOEGroup, authzgen.GroupL7)
+	} else {
+		fmt.Fprintf(&b, "    groups %s\n", SPOEGroup)
+	}
 	fmt.Fprintf(&b, "    option var-prefix %s\n", VarPrefix)
 	b.WriteString("    option set-on-error error\n")
 	b.WriteString("    timeout hello 2s\n")
@@ -721,9 +742,22 @@ func RenderSPOE(s Spec) (string, error) {
 	fmt.Fprintf(&b, "    use-backend %s\n", SPOEBackend)
 	b.WriteString("\n")
 	fmt.Fprintf(&b, "spoe-message %s\n", authzgen.Message)
-	fmt.Fprintf(&b, "    args %s=ssl_c_der\n", authzgen.ArgCert)
+	if http {
+		// ArgL7 tells the agent this listener decides L7 permissions
+		// per request; MessageL7 carries one request.
+		fmt.Fprintf(&b, "    args %s=ssl_c_der %s=bool(1)\n", authzgen.ArgCert, authzgen.ArgL7)
+		fmt.Fprintf(&b, "\nspoe-message %s\n", authzgen.MessageL7)
+		fmt.Fprintf(&b, "    args %s=var(%s) %s=method %s=path %s=req.hdrs_bin\n", authzgen.ArgSource, authzgen.SessVar(authzgen.VarSource),
+			authzgen.ArgMethod, authzgen.ArgPath, authzgen.ArgHeaders)
+	} else {
+		fmt.Fprintf(&b, "    args %s=ssl_c_der\n", authzgen.ArgCert)
+	}
 	fmt.Fprintf(&b, "\nspoe-group %s\n", SPOEGroup)
 	fmt.Fprintf(&b, "    messages %s\n", authzgen.Message)
+	if http {
+		fmt.Fprintf(&b, "\nspoe-group %s\n", authzgen.GroupL7)
+		fmt.Fprintf(&b, "    messages %s\n", authzgen.MessageL7)
+	}
 	return b.String(), nil
 }
 

@@ -182,8 +182,15 @@ func run(o options) error {
 	// authorized again. The watch that calls the hook starts below, after
 	// ctl is set.
 	var ctl *controller.Controller
+	// L7 permissions: the destination's service-intentions entries, and
+	// the default policy for a request no permission matches.
+	l7rules := spoa.NewIntentionEntries(proxy.Proxy.DestinationServiceName)
+	if err := l7rules.ReadDefault(client); err != nil {
+		log.Warn("default intention policy unknown; a request no L7 permission matches is denied", zap.Error(err))
+	}
 	auth := spoa.New(proxy.Proxy.DestinationServiceName, spoa.ConsulDecider{Client: authClient}, log.Named("spoa"),
-		spoa.WithInvalidateHook(func(gen uint64) { ctl.SetAuthzGeneration(gen); ctl.WaitAuthzGeneration(gen) }))
+		spoa.WithInvalidateHook(func(gen uint64) { ctl.SetAuthzGeneration(gen); ctl.WaitAuthzGeneration(gen) }),
+		spoa.WithL7Rules(l7rules))
 	ctl, err = controller.New(controller.Config{
 		Consul: ccfg, ProxyID: proxy.ID, StateDir: stateDir, HAProxyBin: bin,
 		SPOASocket: spoaSocket, Log: log.Named("controller"), MinSlots: o.minSlots, AccessLog: o.accessLog,
@@ -223,6 +230,12 @@ func run(o options) error {
 	})
 	g.Go(func() error {
 		auth.WatchIntentions(gctx, client)
+		return nil
+	})
+	g.Go(func() error {
+		// A new L7 table re-authorizes every connection on its next
+		// request, as an intentions change does.
+		l7rules.Watch(gctx, client, log.Named("spoa"), auth.Invalidate)
 		return nil
 	})
 	g.Go(func() error {
