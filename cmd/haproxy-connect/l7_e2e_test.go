@@ -189,8 +189,10 @@ func TestL7Permissions(t *testing.T) {
 	if !reused.Load() {
 		t.Fatal("the kept-alive connection was not reused after the edit")
 	}
-	if strings.Contains(server.out.String(), "L7 intention refused") {
-		t.Fatal("a valid L7 intention was refused")
+	for _, bad := range []string{"L7 intention refused", "default intention policy unknown"} {
+		if strings.Contains(server.out.String(), bad) {
+			t.Fatalf("server sidecar logged %q", bad)
+		}
 	}
 }
 
