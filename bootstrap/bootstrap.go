@@ -459,8 +459,31 @@ func renderConfig(s Spec) (string, error) {
 		// that decided, for the access log. No answer: as above, closed
 		// in a stopping worker, else 503. Other sources skip these
 		// lines at the cost of one variable lookup.
+		//
+		// An allow is remembered per worker, as the tcp listener does
+		// for connections: keyed by the SHA-256 of everything the
+		// decision depends on (the source, the method, the path and
+		// every request header with its value; the rules are the
+		// generation's), with the generation plus one. The same request
+		// shape again under the same generation is allowed without an
+		// agent round trip (access log perm=cached). A deny is never
+		// remembered, so every 403 is the agent's, with its intention
+		// and permission in the log; a new generation (any intentions
+		// or permissions change) makes every remembered allow stale.
 		l7 := fmt.Sprintf("{ var(%s) -m bool }", authzgen.SessVar(authzgen.VarL7))
-		w("    http-request send-spoe-group %s %s if %s", SPOEEngine, authzgen.GroupL7, l7)
+		w("    stick-table type binary len 32 size %d expire 10m store gpt0", AuthzCacheSize)
+		w("    http-request set-var(txn.%s.method) method if %s", VarPrefix, l7)
+		w("    http-request set-var(txn.%s.path) path if %s", VarPrefix, l7)
+		w("    http-request set-var(txn.%s.hdrs) req.hdrs if %s", VarPrefix, l7)
+		w("    http-request set-var(txn.%[1]s.l7key) var(%[2]s),concat(|,txn.%[1]s.method,|),concat(,txn.%[1]s.path,|),concat(,txn.%[1]s.hdrs,),sha2(256) if %[3]s",
+			VarPrefix, authzgen.SessVar(authzgen.VarSource), l7)
+		w("    http-request track-sc1 var(txn.%s.l7key) if %s", VarPrefix, l7)
+		w("    http-request set-var(txn.%s.l7cached) sc1_get_gpt0 if %s", VarPrefix, l7)
+		w("    acl l7_cached str(%s),map_str_int(%s,0),add(1),sub(txn.%s.l7cached) -m int eq 0", AuthzGenKey, s.AuthzMap, VarPrefix)
+		w("    http-request set-var(%s) bool(1) if %s l7_cached", authzgen.TxnVar(authzgen.VarL7Allowed), l7)
+		w("    http-request set-var(%s) str(cached) if %s l7_cached", authzgen.TxnVar(authzgen.VarPerm), l7)
+		w("    http-request send-spoe-group %s %s if %s !l7_cached", SPOEEngine, authzgen.GroupL7, l7)
+		w("    http-request sc-set-gpt0(1) var(%s),add(1) if %s !l7_cached { var(%s) -m bool }", authzgen.SessVar(authzgen.VarGen), l7, authzgen.TxnVar(authzgen.VarL7Allowed))
 		w("    http-request reject if %s !{ var(%s) -m found } { stopping }", l7, authzgen.TxnVar(authzgen.VarL7Allowed))
 		w("    http-request deny deny_status 503 if %s !{ var(%s) -m found }", l7, authzgen.TxnVar(authzgen.VarL7Allowed))
 		w("    http-request deny deny_status 403 if %s !{ var(%s) -m bool }", l7, authzgen.TxnVar(authzgen.VarL7Allowed))

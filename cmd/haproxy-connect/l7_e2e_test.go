@@ -148,6 +148,8 @@ func TestL7Permissions(t *testing.T) {
 		`src=spiffe://[^ ]+/svc/client .* GET /admin/users 403 .* intention=client perm=0:deny`,
 		`src=spiffe://[^ ]+/svc/client .* GET / 403 .* intention=client perm=1:deny`,
 		`src=spiffe://[^ ]+/svc/client .* GET / 200 .* intention=client perm=2:allow`,
+		// The same request again: an allow HAProxy remembered.
+		`src=spiffe://[^ ]+/svc/client .* GET / 200 .* intention=- perm=cached`,
 	} {
 		eventually(t, 5*time.Second, "access log "+re, func() error {
 			if !regexp.MustCompile(re).MatchString(server.out.String()) {
@@ -157,12 +159,16 @@ func TestL7Permissions(t *testing.T) {
 		})
 	}
 
-	// An edit: /admin allowed now, /internal denied. It applies within a
+	// An edit: /admin allowed now, /internal and /api denied (/api
+	// requests were allowed, and remembered, before). It applies within a
 	// second on the kept-alive connection, without a reload.
 	reloads := server.reloads(t)
-	l7Intention(t, c, "client", "server", denyPrefix("/internal"), allowRest())
+	l7Intention(t, c, "client", "server", denyPrefix("/internal"), denyPrefix("/api"), allowRest())
 	took := eventually(t, time.Second, "edited permissions applied on the kept-alive connection", func() error {
 		if err := want("/admin", 200)(); err != nil {
+			return err
+		}
+		if err := want("/api/items?x=/admin", 403)(); err != nil {
 			return err
 		}
 		return want("/internal/x", 403)()
