@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
@@ -20,8 +21,10 @@ import (
 // intention (three permissions: deny /admin, deny X-Debug present, allow
 // the rest; every request runs them all and is allowed by the last) and
 // for a source under an L4 allow, paired: the same server sidecar, wrk
-// against each source's upstream in turn, rounds alternating. It reports
-// the median rates and their ratio. It asserts nothing on speed (it only
+// against each source's upstream in turn, rounds alternating; once with
+// one path (every L7 request the same shape: HAProxy's remembered allows)
+// and once with a random path per request (every L7 request asks the
+// agent). It reports the median rates and the ratios. It asserts nothing on speed (it only
 // fails when a request fails), and runs only when asked (about a minute):
 //
 //	HC_L7_BENCH=1 go test -count=1 -run TestL7KeepAliveRate -v ./cmd/haproxy-connect/
@@ -30,8 +33,8 @@ func TestL7KeepAliveRate(b *testing.T) {
 		b.Skip("a measurement: set HC_L7_BENCH=1 to run it")
 	}
 	const (
-		rounds  = 5
-		seconds = 5
+		rounds  = 12
+		seconds = 2
 		conns   = 16
 	)
 	wrk, err := exec.LookPath("wrk")
@@ -59,7 +62,9 @@ func TestL7KeepAliveRate(b *testing.T) {
 	}
 	// No access log: it costs the same for both, and this measures the
 	// decisions.
-	startSidecar(b, consul, "server", "-access-log=false")
+	// The server at log level info, as in production: at debug the
+	// agent writes a line per L7 decision.
+	startSidecar(b, consul, "server", "-access-log=false", "-log-level", "info")
 	startSidecar(b, consul, "l7client", "-access-log=false")
 	startSidecar(b, consul, "l4client", "-access-log=false")
 	eventually(b, 10*time.Second, "both sources served", func() error {
@@ -72,9 +77,18 @@ func TestL7KeepAliveRate(b *testing.T) {
 	})
 	rateRE := regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
 	non2xx := regexp.MustCompile(`Non-2xx or 3xx responses: (\d+)`)
-	run := func(port int) float64 {
-		out, err := exec.Command(wrk, "-t2", fmt.Sprintf("-c%d", conns), fmt.Sprintf("-d%ds", seconds),
-			fmt.Sprintf("http://127.0.0.1:%d/", port)).CombinedOutput()
+	// unique.lua gives every request its own path: none repeats a
+	// request shape, so each L7 request is the agent's.
+	script := filepath.Join(b.TempDir(), "unique.lua")
+	if err := os.WriteFile(script, []byte(`request = function() return wrk.format("GET", "/r/" .. math.random(1, 1000000000)) end`+"\n"), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	run := func(port int, unique bool) float64 {
+		args := []string{"-t2", fmt.Sprintf("-c%d", conns), fmt.Sprintf("-d%ds", seconds)}
+		if unique {
+			args = append(args, "-s", script)
+		}
+		out, err := exec.Command(wrk, append(args, fmt.Sprintf("http://127.0.0.1:%d/", port))...).CombinedOutput()
 		if err != nil {
 			b.Fatalf("wrk: %v\n%s", err, out)
 		}
@@ -88,19 +102,39 @@ func TestL7KeepAliveRate(b *testing.T) {
 		r, _ := strconv.ParseFloat(string(m[1]), 64)
 		return r
 	}
-	var l7, l4 []float64
+	type cell struct {
+		name   string
+		port   int
+		unique bool
+	}
+	cells := []cell{{"L4 allow, one path", ports[6], false}, {"L7, one path (remembered allows)", ports[3], false},
+		{"L4 allow, unique paths", ports[6], true}, {"L7, unique paths (agent per request)", ports[3], true}}
+	rates := make([][]float64, len(cells))
 	for i := range rounds {
-		// Alternate which goes first, so that a drift in the machine's
-		// load weighs on both.
-		if i%2 == 0 {
-			l4 = append(l4, run(ports[6]))
-			l7 = append(l7, run(ports[3]))
-		} else {
-			l7 = append(l7, run(ports[3]))
-			l4 = append(l4, run(ports[6]))
+		// Alternate the order, so that a drift in the machine's load
+		// weighs on every cell.
+		for k := range cells {
+			j := k
+			if i%2 == 1 {
+				j = len(cells) - 1 - k
+			}
+			rates[j] = append(rates[j], run(cells[j].port, cells[j].unique))
 		}
 	}
 	med := func(xs []float64) float64 { s := slices.Clone(xs); slices.Sort(s); return s[len(s)/2] }
-	b.Logf("keep-alive, wrk -t2 -c%d -d%ds, %d rounds: L4 allow %v req/s, L7 permissions %v req/s", conns, seconds, rounds, l4, l7)
-	b.Logf("median: L4 allow %.0f req/s, L7 permissions %.0f req/s: L7 at %.1f %% of L4", med(l4), med(l7), med(l7)/med(l4)*100)
+	for j, c := range cells {
+		b.Logf("%-40s median %7.0f req/s, rounds %.0f", c.name, med(rates[j]), rates[j])
+	}
+	// Each round's L7 run sits next to its L4 run: the median of the
+	// rounds' ratios is less swayed by the machine's other load than the
+	// ratio of the medians.
+	paired := func(l7, l4 []float64) float64 {
+		r := make([]float64, len(l7))
+		for i := range l7 {
+			r[i] = l7[i] / l4[i]
+		}
+		return med(r) * 100
+	}
+	b.Logf("keep-alive, wrk -t2 -c%d -d%ds, %d rounds: L7 ÷ L4, ratio of medians / median of paired ratios: one path %.1f %% / %.1f %%, unique paths %.1f %% / %.1f %%",
+		conns, seconds, rounds, med(rates[1])/med(rates[0])*100, paired(rates[1], rates[0]), med(rates[3])/med(rates[2])*100, paired(rates[3], rates[2]))
 }
