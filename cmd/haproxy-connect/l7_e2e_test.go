@@ -159,6 +159,17 @@ func TestL7Permissions(t *testing.T) {
 		})
 	}
 
+	// The agent decided the denies, and fewer allows than were served:
+	// repeated requests were HAProxy's remembered allows.
+	denied, err := server.metric(`haproxy_connect_authz_l7_requests_total{result="deny"}`)
+	if err != nil || denied < 3*3 {
+		t.Fatalf("agent L7 denies %v (%v), want at least the 9 sent", denied, err)
+	}
+	allowed, err := server.metric(`haproxy_connect_authz_l7_requests_total{result="allow"}`)
+	if err != nil || allowed < 1 || allowed >= 3*3 {
+		t.Fatalf("agent L7 allows %v (%v), want fewer than the 9 allowed on the kept-alive connection", allowed, err)
+	}
+
 	// An edit: /admin allowed now, /internal and /api denied (/api
 	// requests were allowed, and remembered, before). It applies within a
 	// second on the kept-alive connection, without a reload.

@@ -535,6 +535,11 @@ func statsHandler(ctl *controller.Controller, auth *spoa.Authorizer) http.Handle
 		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_cache_entries gauge\nhaproxy_connect_authz_cache_entries %d\n", s.CacheEntries)
 		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_cache_hits_total counter\nhaproxy_connect_authz_cache_hits_total %d\n", s.CacheHits)
 		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_consul_calls_total counter\nhaproxy_connect_authz_consul_calls_total %d\n", s.ConsulCalls)
+		// Requests of sources under L7 intentions the agent decided (not
+		// counting the allows HAProxy remembered).
+		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_l7_requests_total counter\n")
+		fmt.Fprintf(w, "haproxy_connect_authz_l7_requests_total{result=\"allow\"} %d\n", s.L7Allowed)
+		fmt.Fprintf(w, "haproxy_connect_authz_l7_requests_total{result=\"deny\"} %d\n", s.L7Denied)
 		// Denies the agent decided alone, from the client certificate.
 		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_refused_total counter\n")
 		for _, reason := range slices.Sorted(maps.Keys(s.Refused)) {
