@@ -165,6 +165,12 @@ func TestTableLookup(t *testing.T) {
 	if l := (*Table)(nil).Lookup("web"); l.Intention != nil || l.Err != nil {
 		t.Fatal("nil table has an intention")
 	}
+	if !tab.HasL7() || (*Table)(nil).HasL7() {
+		t.Fatal("HasL7 wrong")
+	}
+	if l4, _ := Build("api", entries[2:]); l4.HasL7() {
+		t.Fatal("a table of L4 intentions has L7")
+	}
 }
 
 // FuzzParseDecide feeds arbitrary permissions (as Consul's JSON) and

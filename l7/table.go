@@ -82,6 +82,22 @@ func defaultTenancy(partition, namespace string) bool {
 	return (partition == "" || partition == "default") && (namespace == "" || namespace == "default")
 }
 
+// HasL7 reports whether any source of the table is under an L7
+// intention (refused ones included).
+func (t *Table) HasL7() bool {
+	if t == nil {
+		return false
+	}
+	for _, m := range []map[string]source{t.destExact, t.destWild} {
+		for _, s := range m {
+			if s.in != nil || s.err != nil {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // Lookup returns the L7 intention that governs the source service name,
 // in Consul's precedence order.
 func (t *Table) Lookup(name string) Lookup {

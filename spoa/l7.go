@@ -260,6 +260,9 @@ type IntentionEntries struct {
 	dest         string
 	table        atomic.Pointer[l7.Table]
 	defaultAllow atomic.Bool
+	// defaultRead: ReadDefault succeeded once (Watch tries it while an
+	// L7 intention exists and it has not).
+	defaultRead atomic.Bool
 }
 
 // NewIntentionEntries returns rules for destination dest, empty (no L7
@@ -297,6 +300,7 @@ func (e *IntentionEntries) ReadDefault(client *api.Client) error {
 		return err
 	}
 	e.defaultAllow.Store(allow)
+	e.defaultRead.Store(true)
 	return nil
 }
 
@@ -337,7 +341,10 @@ func trunc80(s string) string {
 
 // Watch keeps the rules current from /v1/config/service-intentions (all
 // entries of the kind, one blocking query; the destination's and "*"'s are
-// kept), until ctx ends. changed runs after each new table is in place
+// kept), until ctx ends. The default policy is read (ReadDefault) once an
+// L7 intention appears, not before: it needs agent:read, which a sidecar's
+// minimal token lacks and needs for nothing else; without it, requests no
+// permission matches are denied. changed runs after each new table is in place
 // (the Authorizer's Invalidate: connections re-authorize on their next
 // request, so one whose source turned from L7 to L4 or back gets the
 // right kind of verdict).
@@ -375,6 +382,11 @@ func (e *IntentionEntries) Watch(ctx context.Context, client *api.Client, log *z
 		last, loaded = key.String(), true
 		for _, err := range e.Set(entries) {
 			log.Warn("L7 intention refused; its source's requests are denied", zap.String("watch", "l7-intentions"), zap.Error(err))
+		}
+		if e.table.Load().HasL7() && !e.defaultRead.Load() {
+			if err := e.ReadDefault(client); err != nil {
+				log.Warn("default intention policy unknown; an L7 request no permission matches is denied", zap.String("watch", "l7-intentions"), zap.Error(err))
+			}
 		}
 		log.Info("L7 intentions loaded", zap.String("watch", "l7-intentions"), zap.Int("entries", len(entries)))
 		if changed != nil {

@@ -183,11 +183,9 @@ func run(o options) error {
 	// ctl is set.
 	var ctl *controller.Controller
 	// L7 permissions: the destination's service-intentions entries, and
-	// the default policy for a request no permission matches.
+	// the default policy for a request no permission matches (its watch
+	// below reads both).
 	l7rules := spoa.NewIntentionEntries(proxy.Proxy.DestinationServiceName)
-	if err := l7rules.ReadDefault(client); err != nil {
-		log.Warn("default intention policy unknown; a request no L7 permission matches is denied", zap.Error(err))
-	}
 	auth := spoa.New(proxy.Proxy.DestinationServiceName, spoa.ConsulDecider{Client: authClient}, log.Named("spoa"),
 		spoa.WithInvalidateHook(func(gen uint64) { ctl.SetAuthzGeneration(gen); ctl.WaitAuthzGeneration(gen) }),
 		spoa.WithL7Rules(l7rules))
