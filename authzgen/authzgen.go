@@ -31,6 +31,29 @@ const (
 	// ArgCert is the message's argument: the client certificate's DER
 	// (ssl_c_der; HAProxy 2.6 cannot read URI SANs itself).
 	ArgCert = "cert"
+	// ArgL7 is present (a bool) in the Message of an HTTP listener: the
+	// listener can decide L7 permissions per request.
+	ArgL7 = "l7"
+	// GroupL7 and MessageL7 decide one request of a connection whose
+	// source is under an L7 intention (VarL7): its arguments are
+	// ArgSource (the verdict's VarSource), ArgMethod, ArgPath (without
+	// the query string) and ArgHeaders (req.hdrs_bin).
+	GroupL7    = "authz_l7"
+	MessageL7  = "authorize_l7"
+	ArgSource  = "source"
+	ArgMethod  = "method"
+	ArgPath    = "path"
+	ArgHeaders = "headers"
+	// VarL7 (session scope, a bool) marks a connection whose source is
+	// under an L7 intention: each request is sent as MessageL7.
+	VarL7 = "l7"
+	// VarL7Allowed, VarIntention and VarPerm (transaction scope) are a
+	// request's L7 verdict, the intention that decided it (its source
+	// name) and the permission ("<index>:<allow|deny>", "default" when
+	// none matched, "refused" when the intention was refused).
+	VarL7Allowed = "l7allowed"
+	VarIntention = "intention"
+	VarPerm      = "perm"
 	// VarPrefix is the SPOE "option var-prefix": the agent's variables
 	// are sess.<VarPrefix>.<name>.
 	VarPrefix = "hc"
@@ -48,6 +71,10 @@ const (
 // SessVar is the full name of the agent's session variable name, as the
 // listener rules read it ("sess.hc.allowed").
 func SessVar(name string) string { return "sess." + VarPrefix + "." + name }
+
+// TxnVar is the full name of the agent's transaction variable name
+// ("txn.hc.l7allowed").
+func TxnVar(name string) string { return "txn." + VarPrefix + "." + name }
 
 // MapContent is the authz map file's content at generation gen.
 func MapContent(gen uint64) string { return fmt.Sprintf("%s %d\n", MapKey, gen) }

@@ -447,10 +447,46 @@ func renderConfig(s Spec) (string, error) {
 		// 403. Nothing reaches the application without an allow.
 		w("    acl authz_stale str(%s),map_str_int(%s,0),sub(%s) -m int gt 0", AuthzGenKey, s.AuthzMap, authzgen.SessVar(authzgen.VarGen))
 		w("    http-request unset-var(%s) if authz_stale", authzgen.SessVar(authzgen.VarAllowed))
+		w("    http-request unset-var(%s) if authz_stale", authzgen.SessVar(authzgen.VarL7))
 		w("    http-request send-spoe-group %s %s if !{ var(%s) -m found }", SPOEEngine, SPOEGroup, authzgen.SessVar(authzgen.VarAllowed))
 		w("    http-request reject if !{ var(%s) -m found } { stopping }", authzgen.SessVar(authzgen.VarAllowed))
 		w("    http-request deny deny_status 503 unless { var(%s) -m found }", authzgen.SessVar(authzgen.VarAllowed))
 		w("    http-request deny deny_status 403 unless { var(%s) -m bool }", authzgen.SessVar(authzgen.VarAllowed))
+		// A source under an L7 intention (the agent set sess.hc.l7 with
+		// its allow) has each request decided by the intention's
+		// permissions: method, path and headers go to the agent, which
+		// answers txn.hc.l7allowed with the intention and permission
+		// that decided, for the access log. No answer: as above, closed
+		// in a stopping worker, else 503. Other sources skip these
+		// lines at the cost of one variable lookup.
+		//
+		// An allow is remembered per worker, as the tcp listener does
+		// for connections: keyed by the SHA-256 of everything the
+		// decision depends on (the source, the method, the path and
+		// every request header with its value; the rules are the
+		// generation's), with the generation plus one. The same request
+		// shape again under the same generation is allowed without an
+		// agent round trip (access log perm=cached). A deny is never
+		// remembered, so every 403 is the agent's, with its intention
+		// and permission in the log; a new generation (any intentions
+		// or permissions change) makes every remembered allow stale.
+		l7 := fmt.Sprintf("{ var(%s) -m bool }", authzgen.SessVar(authzgen.VarL7))
+		w("    stick-table type binary len 32 size %d expire 10m store gpt0", AuthzCacheSize)
+		w("    http-request set-var(txn.%s.method) method if %s", VarPrefix, l7)
+		w("    http-request set-var(txn.%s.path) path if %s", VarPrefix, l7)
+		w("    http-request set-var(txn.%s.hdrs) req.hdrs if %s", VarPrefix, l7)
+		w("    http-request set-var(txn.%[1]s.l7key) var(%[2]s),concat(|,txn.%[1]s.method,|),concat(,txn.%[1]s.path,|),concat(,txn.%[1]s.hdrs,),sha2(256) if %[3]s",
+			VarPrefix, authzgen.SessVar(authzgen.VarSource), l7)
+		w("    http-request track-sc1 var(txn.%s.l7key) if %s", VarPrefix, l7)
+		w("    http-request set-var(txn.%s.l7cached) sc1_get_gpt0 if %s", VarPrefix, l7)
+		w("    acl l7_cached str(%s),map_str_int(%s,0),add(1),sub(txn.%s.l7cached) -m int eq 0", AuthzGenKey, s.AuthzMap, VarPrefix)
+		w("    http-request set-var(%s) bool(1) if %s l7_cached", authzgen.TxnVar(authzgen.VarL7Allowed), l7)
+		w("    http-request set-var(%s) str(cached) if %s l7_cached", authzgen.TxnVar(authzgen.VarPerm), l7)
+		w("    http-request send-spoe-group %s %s if %s !l7_cached", SPOEEngine, authzgen.GroupL7, l7)
+		w("    http-request sc-set-gpt0(1) var(%s),add(1) if %s !l7_cached { var(%s) -m bool }", authzgen.SessVar(authzgen.VarGen), l7, authzgen.TxnVar(authzgen.VarL7Allowed))
+		w("    http-request reject if %s !{ var(%s) -m found } { stopping }", l7, authzgen.TxnVar(authzgen.VarL7Allowed))
+		w("    http-request deny deny_status 503 if %s !{ var(%s) -m found }", l7, authzgen.TxnVar(authzgen.VarL7Allowed))
+		w("    http-request deny deny_status 403 if %s !{ var(%s) -m bool }", l7, authzgen.TxnVar(authzgen.VarL7Allowed))
 	} else {
 		// A connection is authorized once, before its first byte reaches
 		// the application. An allow is remembered per worker, by the
@@ -483,7 +519,10 @@ func renderConfig(s Spec) (string, error) {
 	}
 	if s.AccessLog {
 		if mode == "http" {
-			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] crt=%%[ssl_c_serial,hex] spoe_err=%%[var(txn.%s.error)] %%HM %%HU %%ST %%B %%Tt %%b/%%s"`, VarPrefix, VarPrefix)
+			// intention= and perm= name what decided a request under
+			// an L7 intention ("-" for other sources).
+			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] crt=%%[ssl_c_serial,hex] spoe_err=%%[var(txn.%s.error)] %%HM %%HU %%ST %%B %%Tt %%b/%%s intention=%%[var(%s)] perm=%%[var(%s)]"`,
+				VarPrefix, VarPrefix, authzgen.TxnVar(authzgen.VarIntention), authzgen.TxnVar(authzgen.VarPerm))
 		} else {
 			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] crt=%%[ssl_c_serial,hex] spoe_err=%%[var(txn.%s.error)] %%B %%Tt %%b/%%s %%ts"`, VarPrefix, VarPrefix)
 		}
@@ -722,7 +761,12 @@ func RenderSPOE(s Spec) (string, error) {
 	var b strings.Builder
 	fmt.Fprintf(&b, "[%s]\n", SPOEEngine)
 	fmt.Fprintf(&b, "spoe-agent %s-agent\n", SPOEEngine)
-	fmt.Fprintf(&b, "    groups %s\n", SPOEGroup)
+	http := Mode(s.Public.Protocol) == "http"
+	if http {
+		fmt.Fprintf(&b, "    groups %s %s\n", SPOEGroup, authzgen.GroupL7)
+	} else {
+		fmt.Fprintf(&b, "    groups %s\n", SPOEGroup)
+	}
 	fmt.Fprintf(&b, "    option var-prefix %s\n", VarPrefix)
 	b.WriteString("    option set-on-error error\n")
 	b.WriteString("    timeout hello 2s\n")
@@ -731,9 +775,22 @@ func RenderSPOE(s Spec) (string, error) {
 	fmt.Fprintf(&b, "    use-backend %s\n", SPOEBackend)
 	b.WriteString("\n")
 	fmt.Fprintf(&b, "spoe-message %s\n", authzgen.Message)
-	fmt.Fprintf(&b, "    args %s=ssl_c_der\n", authzgen.ArgCert)
+	if http {
+		// ArgL7 tells the agent this listener decides L7 permissions
+		// per request; MessageL7 carries one request.
+		fmt.Fprintf(&b, "    args %s=ssl_c_der %s=bool(1)\n", authzgen.ArgCert, authzgen.ArgL7)
+		fmt.Fprintf(&b, "\nspoe-message %s\n", authzgen.MessageL7)
+		fmt.Fprintf(&b, "    args %s=var(%s) %s=method %s=path %s=req.hdrs_bin\n", authzgen.ArgSource, authzgen.SessVar(authzgen.VarSource),
+			authzgen.ArgMethod, authzgen.ArgPath, authzgen.ArgHeaders)
+	} else {
+		fmt.Fprintf(&b, "    args %s=ssl_c_der\n", authzgen.ArgCert)
+	}
 	fmt.Fprintf(&b, "\nspoe-group %s\n", SPOEGroup)
 	fmt.Fprintf(&b, "    messages %s\n", authzgen.Message)
+	if http {
+		fmt.Fprintf(&b, "\nspoe-group %s\n", authzgen.GroupL7)
+		fmt.Fprintf(&b, "    messages %s\n", authzgen.MessageL7)
+	}
 	return b.String(), nil
 }
 

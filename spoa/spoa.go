@@ -117,7 +117,9 @@ type Authorizer struct {
 
 	onInvalidate func(gen uint64)
 	onSwitch     func(gen uint64)
-	observe      func(cached bool, took time.Duration)
+	// l7 holds the L7 intentions (WithL7Rules); nil: L7 is not decided.
+	l7      L7Rules
+	observe func(cached bool, took time.Duration)
 	// certs are the client certificates asked about, for Recheck.
 	certs certMemory
 
@@ -295,7 +297,10 @@ func (a *Authorizer) handle(payload []byte) (ack []byte) {
 		}
 	}()
 
-	seen, der, argErr := readAuthorize(payload)
+	if seen, r := readL7(payload); seen {
+		return appendTxnActions(nil, a.decideL7(r))
+	}
+	seen, der, argErr, httpListener := readAuthorizeArgs(payload)
 	if !seen {
 		// Not ours: leave the variables unset, which the listener
 		// treats as a deny.
@@ -305,7 +310,12 @@ func (a *Authorizer) handle(payload []byte) (ack []byte) {
 	if d.undecided {
 		return appendActions(nil, undecidedActions(d.source))
 	}
-	return appendActions(nil, verdictActions(d.allowed, d.source, d.gen))
+	a.l7Connection(&d, httpListener)
+	acts := verdictActions(d.allowed, d.source, d.gen)
+	if d.l7 {
+		acts = append(acts, setVar{authzgen.VarL7, true})
+	}
+	return appendActions(nil, acts)
 }
 
 // readAuthorize finds the authorize message in a NOTIFY payload (a list of
@@ -313,10 +323,17 @@ func (a *Authorizer) handle(payload []byte) (ack []byte) {
 // and its cert argument. seen is false when there is no such message; a
 // payload that cannot be decoded counts as one, with an error.
 func readAuthorize(b []byte) (seen bool, der []byte, argErr error) {
+	seen, der, argErr, _ = readAuthorizeArgs(b)
+	return seen, der, argErr
+}
+
+// readAuthorizeArgs is readAuthorize, and whether the message carries
+// authzgen.ArgL7 (an HTTP listener, which decides L7 per request).
+func readAuthorizeArgs(b []byte) (seen bool, der []byte, argErr error, httpListener bool) {
 	for len(b) > 0 {
 		name, rest, err := getString(b)
 		if err != nil || len(rest) == 0 {
-			return true, nil, fmt.Errorf("decode spoe message: %w", errTruncated)
+			return true, nil, fmt.Errorf("decode spoe message: %w", errTruncated), false
 		}
 		n := int(rest[0])
 		b = rest[1:]
@@ -331,7 +348,11 @@ func readAuthorize(b []byte) (seen bool, der []byte, argErr error) {
 				v, b, err = getValue(b)
 			}
 			if err != nil {
-				return true, nil, fmt.Errorf("decode spoe message %q: %w", name, err)
+				return true, nil, fmt.Errorf("decode spoe message %q: %w", name, err), false
+			}
+			if mine && arg == authzgen.ArgL7 {
+				httpListener = v.typ == typeBool && v.boolean
+				continue
 			}
 			if !mine || arg != authzgen.ArgCert {
 				continue
@@ -347,7 +368,7 @@ func readAuthorize(b []byte) (seen bool, der []byte, argErr error) {
 			}
 		}
 	}
-	return seen, der, argErr
+	return seen, der, argErr, httpListener
 }
 
 // verdictActions sets the verdict, its source and its generation in the
@@ -376,7 +397,10 @@ type decision struct {
 	reason  string
 	how     origin
 	gen     uint64 // the intentions generation the decision was made under
-	err     error
+	// l7: the source is under an L7 intention; each request is decided
+	// by its permissions (allowed is then true for the connection).
+	l7  bool
+	err error
 	// undecided: no verdict could be had (the Decider failed or timed
 	// out); err says why. A failure that asking again cannot change (no
 	// or bad certificate) is a deny instead.
@@ -514,10 +538,13 @@ type Stats struct {
 	IntentionsIndex uint64
 	// CacheEntries is the current number of cached decisions.
 	CacheEntries int
+	// L7Allowed and L7Denied count requests decided by L7 permissions.
+	L7Allowed, L7Denied uint64
 }
 
 type counters struct {
 	allowed, denied, undecided, cacheHits, coalesced, consulCalls, localDecisions, errors, invalidations atomic.Uint64
+	l7Allowed, l7Denied                                                                                  atomic.Uint64
 	refused                                                                                              [5]atomic.Uint64 // indexed as refusals
 }
 
@@ -544,5 +571,7 @@ func (a *Authorizer) Stats() Stats {
 		Generation:      gen,
 		IntentionsIndex: a.watchIndex.Load(),
 		CacheEntries:    n,
+		L7Allowed:       a.stats.l7Allowed.Load(),
+		L7Denied:        a.stats.l7Denied.Load(),
 	}
 }

@@ -91,6 +91,7 @@ const (
 
 	actionSetVar = 1
 	scopeSession = 1
+	scopeTxn     = 2
 )
 
 // DISCONNECT status codes (SPOE.txt 3.5).
@@ -445,16 +446,22 @@ func putUint32(b []byte, v uint32) []byte {
 	return spopwire.PutVarint(append(b, typeUint32), uint64(v))
 }
 
-// setVar is one set-var action in the session scope.
+// setVar is one set-var action (session scope with appendActions,
+// transaction scope with appendTxnActions).
 type setVar struct {
 	name  string
 	value any // bool, string or int64
 }
 
-// appendActions encodes set-var actions (SPOE.txt 3.4).
-func appendActions(b []byte, vars []setVar) []byte {
+// appendActions encodes set-var actions in the session scope (SPOE.txt 3.4).
+func appendActions(b []byte, vars []setVar) []byte { return appendScoped(b, scopeSession, vars) }
+
+// appendTxnActions encodes set-var actions in the transaction scope.
+func appendTxnActions(b []byte, vars []setVar) []byte { return appendScoped(b, scopeTxn, vars) }
+
+func appendScoped(b []byte, scope byte, vars []setVar) []byte {
 	for _, v := range vars {
-		b = append(b, actionSetVar, 3, scopeSession)
+		b = append(b, actionSetVar, 3, scope)
 		b = putString(b, v.name)
 		switch x := v.value.(type) {
 		case bool:

@@ -258,7 +258,8 @@ func TestSPOPFrames(t *testing.T) {
 }
 
 // FuzzSPOPDecode: no input makes the HELLO or NOTIFY decoders panic (the
-// HELLO is decoded outside the handler's recover).
+// HELLO is decoded outside the handler's recover), the L7 message's
+// included.
 func FuzzSPOPDecode(f *testing.F) {
 	f.Add(haproxyHello())
 	f.Add(haproxyHello("healthcheck", true))
@@ -269,8 +270,13 @@ func FuzzSPOPDecode(f *testing.F) {
 	f.Add(append(putString(append(msg, typeBinary), "x"), 0xf0))
 	f.Add(append(msg, typeIPv6, 1, 2))
 	f.Add(append(msg, 0x0f))
+	f.Add(l7Message(clientID, "GET", "/admin", hdrsBin("x-debug", "1")))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		_, _ = parseHello(b)
 		_, _, _ = readAuthorize(b)
+		// The L7 message: decoding, then deciding what was decoded.
+		if seen, r := readL7(b); seen && r.err == nil && r.req.Header != nil {
+			r.req.Header("x-debug")
+		}
 	})
 }

@@ -96,7 +96,11 @@ func launchSidecar(t *testing.T, consul *testenv.ConsulProc, id, stateDir string
 	s := &sidecar{id: id, out: &syncBuf{}, stateDir: stateDir, stats: fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t)), done: make(chan struct{}),
 		http: http.DefaultClient}
 	args := append([]string{"-sidecar-for", id, "-http-addr", consul.Addr, "-haproxy-bin", haproxy,
-		"-state-dir", s.stateDir, "-stats-addr", s.stats, "-log-level", "debug"}, extra...)
+		"-state-dir", s.stateDir, "-stats-addr", s.stats, "-log-level", "debug",
+		// A stop waits for idle kept-alive local connections to send their
+		// next request (idle-close-on-response) up to -stop-timeout: keep
+		// the end of each test short.
+		"-stop-timeout", "3s"}, extra...)
 	s.cmd = exec.Command(sidecarBin, args...)
 	if h := consul.Host(); h != nil {
 		s.cmd = h.Command(sidecarBin, args...)

@@ -175,9 +175,14 @@ func run(o options) error {
 	// connections of a tcp listener are decided again (package tcpdeny),
 	// through a runtime client of their own on the master socket.
 	var sweeper *tcpdeny.Sweeper
+	// L7 permissions: the destination's service-intentions entries, and
+	// the default policy for a request no permission matches (its watch
+	// below reads both).
+	l7rules := spoa.NewIntentionEntries(proxy.Proxy.DestinationServiceName)
 	auth := spoa.New(proxy.Proxy.DestinationServiceName, nil, log.Named("spoa"),
 		spoa.WithInvalidateHook(func(gen uint64) { ctl.SetAuthzGeneration(gen); ctl.WaitAuthzGeneration(gen) }),
-		spoa.WithSwitchHook(func(uint64) { sweeper.Kick() }))
+		spoa.WithSwitchHook(func(uint64) { sweeper.Kick() }),
+		spoa.WithL7Rules(l7rules))
 	sweeper = tcpdeny.New(runtime.New(filepath.Join(stateDir, controller.MasterSocket), log.Named("tcpdeny")),
 		auth, bootstrap.PublicFrontend, log.Named("tcpdeny"))
 	ctl, err = controller.New(controller.Config{
@@ -223,6 +228,12 @@ func run(o options) error {
 	})
 	g.Go(func() error {
 		sweeper.Run(gctx)
+		return nil
+	})
+	g.Go(func() error {
+		// A new L7 table re-authorizes every connection on its next
+		// request, as an intentions change does.
+		l7rules.Watch(gctx, client, log.Named("spoa"), auth.Invalidate)
 		return nil
 	})
 	g.Go(func() error {
@@ -524,6 +535,11 @@ func statsHandler(ctl *controller.Controller, auth *spoa.Authorizer, sweeper *tc
 		// Decisions made from the intentions held (not from the cache);
 		// the agent asks Consul for none.
 		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_local_decisions_total counter\nhaproxy_connect_authz_local_decisions_total %d\n", s.LocalDecisions)
+		// Requests of sources under L7 intentions the agent decided (not
+		// counting the allows HAProxy remembered).
+		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_l7_requests_total counter\n")
+		fmt.Fprintf(w, "haproxy_connect_authz_l7_requests_total{result=\"allow\"} %d\n", s.L7Allowed)
+		fmt.Fprintf(w, "haproxy_connect_authz_l7_requests_total{result=\"deny\"} %d\n", s.L7Denied)
 		// Denies the agent decided alone, from the client certificate.
 		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_refused_total counter\n")
 		for _, reason := range slices.Sorted(maps.Keys(s.Refused)) {

@@ -412,7 +412,8 @@ func startRenderedPair(b *Bench, consul *testenv.ConsulProc, agentAddr string, a
 // check its verdict (any line reading var(<scope>.hc.allowed): the
 // tcp-request rule in TCP mode, the http-request rules in HTTP mode), the
 // tcp-request inspect-delay that waits for it, and a tcp listener's
-// remembered allows (its stick table and the rules that read it). It fails unless it
+// remembered allows (its stick table and the rules that read it), and an
+// HTTP listener's L7 rules. It fails unless it
 // removed the filter and at least one verdict rule and nothing mentioning
 // either is left, so that a change in the renderer cannot silently make
 // "off" equal to "on".
@@ -430,14 +431,18 @@ func withoutSPOE(cfg string) (string, error) {
 		case strings.HasPrefix(t, "tcp-request inspect-delay "),
 			// the tcp listener's remembered allows (bootstrap.Render)
 			strings.HasPrefix(t, "stick-table "), strings.Contains(t, "track-sc0"),
-			strings.Contains(t, "authz_cached"), strings.Contains(t, "."+bootstrap.VarPrefix+".cached"):
+			strings.Contains(t, "authz_cached"), strings.Contains(t, "."+bootstrap.VarPrefix+".cached"),
+			// an HTTP listener's per-request L7 rules, every one of
+			// which reads sess.hc.l7 or txn.hc.l7*: without the filter
+			// their send-spoe-group names an engine that is gone
+			strings.Contains(t, bootstrap.VarPrefix+".l7"):
 		default:
 			out = append(out, line)
 			continue
 		}
 	}
 	res := strings.Join(out, "\n")
-	if filters != 1 || rules == 0 || strings.Contains(res, "spoe engine") || strings.Contains(res, verdict) {
+	if filters != 1 || rules == 0 || strings.Contains(res, "spoe engine") || strings.Contains(res, "spoe-group") || strings.Contains(res, verdict) {
 		return "", fmt.Errorf("removing the SPOE filter: %d filter lines and %d verdict rules matched; has bootstrap.Render changed?", filters, rules)
 	}
 	return res, nil

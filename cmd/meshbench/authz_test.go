@@ -32,7 +32,8 @@ func TestWithoutSPOE(t *testing.T) {
 			var want []string
 			for _, l := range strings.Split(cfg, "\n") {
 				if !strings.Contains(l, "filter spoe") && !strings.Contains(l, ".hc.allowed)") && !strings.Contains(l, "inspect-delay") &&
-					!strings.Contains(l, "stick-table") && !strings.Contains(l, "track-sc0") && !strings.Contains(l, "authz_cached") && !strings.Contains(l, ".hc.cached") {
+					!strings.Contains(l, "stick-table") && !strings.Contains(l, "track-sc0") && !strings.Contains(l, "authz_cached") && !strings.Contains(l, ".hc.cached") &&
+					!strings.Contains(l, "hc.l7") {
 					want = append(want, l)
 				}
 			}

@@ -1,0 +1,242 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptrace"
+	"regexp"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/haproxy-connect/haproxy-connect/testenv"
+)
+
+// httpServiceDefaults declares service's protocol http: Consul refuses
+// an intention with Permissions for a destination that is not http.
+func httpServiceDefaults(t *testing.T, c *api.Client, service string) {
+	t.Helper()
+	if _, _, err := c.ConfigEntries().Set(&api.ServiceConfigEntry{Kind: api.ServiceDefaults, Name: service, Protocol: "http"}, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// l7Intention sets the intentions of dst to one source, src, with perms.
+func l7Intention(t *testing.T, c *api.Client, src, dst string, perms ...*api.IntentionPermission) {
+	t.Helper()
+	if _, _, err := c.ConfigEntries().Set(&api.ServiceIntentionsConfigEntry{
+		Kind: api.ServiceIntentions, Name: dst,
+		Sources: []*api.SourceIntention{{Name: src, Permissions: perms}},
+	}, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func denyPrefix(p string) *api.IntentionPermission {
+	return &api.IntentionPermission{Action: api.IntentionActionDeny, HTTP: &api.IntentionHTTPPermission{PathPrefix: p}}
+}
+
+func denyHeader(name string) *api.IntentionPermission {
+	return &api.IntentionPermission{Action: api.IntentionActionDeny,
+		HTTP: &api.IntentionHTTPPermission{Header: []api.IntentionHTTPHeaderPermission{{Name: name, Present: true}}}}
+}
+
+func allowRest() *api.IntentionPermission {
+	return &api.IntentionPermission{Action: api.IntentionActionAllow, HTTP: &api.IntentionHTTPPermission{PathPrefix: "/"}}
+}
+
+// keptAliveReq is keptAlive with a path and headers per call.
+func keptAliveReq(t *testing.T, base string) (call func(path string, hdr ...string) (int, error), reused *atomic.Bool) {
+	tr := &http.Transport{MaxIdleConnsPerHost: 1}
+	t.Cleanup(tr.CloseIdleConnections)
+	reused = new(atomic.Bool)
+	ctx := httptrace.WithClientTrace(context.Background(), &httptrace.ClientTrace{
+		GotConn: func(i httptrace.GotConnInfo) { reused.Store(i.Reused) },
+	})
+	client := &http.Client{Timeout: 5 * time.Second, Transport: tr}
+	return func(path string, hdr ...string) (int, error) {
+		req, _ := http.NewRequestWithContext(ctx, "GET", base+path, nil)
+		for i := 0; i+1 < len(hdr); i += 2 {
+			req.Header.Set(hdr[i], hdr[i+1])
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			return 0, err
+		}
+		defer resp.Body.Close()
+		_, _ = io.Copy(io.Discard, resp.Body)
+		return resp.StatusCode, nil
+	}, reused
+}
+
+// TestL7Permissions: an intention with Permissions (deny /admin, deny a
+// request carrying X-Debug, allow the rest) is enforced per request on the
+// server's HTTP listener: 403 for the denied ones, 200 for the rest, on one
+// kept-alive connection and on new ones; each 403 has an access-log line
+// naming the source, the intention and the permission. An edit of the
+// permissions applies within a second, with no reload.
+func TestL7Permissions(t *testing.T) {
+	consul := testenv.Consul(t, testenv.ConsulOptions{DefaultDeny: true})
+	c := consul.Client
+	httpServiceDefaults(t, c, "server")
+	ports := testenv.FreePorts(t, 4)
+	register(t, c, "server", httpApp(t, "server"), ports[0], map[string]any{"protocol": "http"})
+	register(t, c, "client", ports[1], ports[2], nil, api.Upstream{DestinationName: "server", LocalBindPort: ports[3], Config: map[string]any{"protocol": "http"}})
+	l7Intention(t, c, "client", "server", denyPrefix("/admin"), denyHeader("X-Debug"), allowRest())
+	server := startSidecar(t, consul, "server")
+	startSidecar(t, consul, "client")
+	base := fmt.Sprintf("http://127.0.0.1:%d", ports[3])
+
+	call, reused := keptAliveReq(t, base)
+	want := func(path string, code int, hdr ...string) func() error {
+		return func() error {
+			got, err := call(path, hdr...)
+			if err != nil || got != code {
+				return fmt.Errorf("GET %s %v: %d %v, want %d", path, hdr, got, err, code)
+			}
+			return nil
+		}
+	}
+	eventually(t, 10*time.Second, "allowed path served", want("/", 200))
+	cases := []struct {
+		path string
+		hdr  []string
+		code int
+	}{
+		{"/admin/users", nil, 403},
+		{"/", nil, 200},
+		{"/", []string{"X-Debug", "1"}, 403},
+		{"/api/items?x=/admin", nil, 200},
+		{"/admin", nil, 403},
+		{"/", []string{"X-Other", "1"}, 200},
+	}
+	for round := range 3 { // the same kept-alive connection, again and again
+		for _, tc := range cases {
+			if err := want(tc.path, tc.code, tc.hdr...)(); err != nil {
+				t.Fatalf("round %d: %v", round, err)
+			}
+			if !reused.Load() {
+				t.Fatalf("round %d: GET %s did not reuse the kept-alive connection", round, tc.path)
+			}
+		}
+	}
+	// New connections, each: the same answers.
+	for _, tc := range cases {
+		req, _ := http.NewRequest("GET", base+tc.path, nil)
+		for i := 0; i+1 < len(tc.hdr); i += 2 {
+			req.Header.Set(tc.hdr[i], tc.hdr[i+1])
+		}
+		req.Close = true
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != tc.code {
+			t.Fatalf("new connection GET %s %v: %d, want %d", tc.path, tc.hdr, resp.StatusCode, tc.code)
+		}
+	}
+
+	// One access-log line per denied request, naming who and why.
+	for _, re := range []string{
+		`src=spiffe://[^ ]+/svc/client .* GET /admin/users 403 .* intention=client perm=0:deny`,
+		`src=spiffe://[^ ]+/svc/client .* GET / 403 .* intention=client perm=1:deny`,
+		`src=spiffe://[^ ]+/svc/client .* GET / 200 .* intention=client perm=2:allow`,
+		// The same request again: an allow HAProxy remembered.
+		`src=spiffe://[^ ]+/svc/client .* GET / 200 .* intention=- perm=cached`,
+	} {
+		eventually(t, 5*time.Second, "access log "+re, func() error {
+			if !regexp.MustCompile(re).MatchString(server.out.String()) {
+				return errors.New("no such line")
+			}
+			return nil
+		})
+	}
+
+	// The agent decided the denies, and fewer allows than were served:
+	// repeated requests were HAProxy's remembered allows.
+	denied, err := server.metric(`haproxy_connect_authz_l7_requests_total{result="deny"}`)
+	if err != nil || denied < 3*3 {
+		t.Fatalf("agent L7 denies %v (%v), want at least the 9 sent", denied, err)
+	}
+	allowed, err := server.metric(`haproxy_connect_authz_l7_requests_total{result="allow"}`)
+	if err != nil || allowed < 1 || allowed >= 3*3 {
+		t.Fatalf("agent L7 allows %v (%v), want fewer than the 9 allowed on the kept-alive connection", allowed, err)
+	}
+
+	// An edit: /admin allowed now, /internal and /api denied (/api
+	// requests were allowed, and remembered, before). It applies within a
+	// second on the kept-alive connection, without a reload.
+	reloads := server.reloads(t)
+	l7Intention(t, c, "client", "server", denyPrefix("/internal"), denyPrefix("/api"), allowRest())
+	took := eventually(t, time.Second, "edited permissions applied on the kept-alive connection", func() error {
+		if err := want("/admin", 200)(); err != nil {
+			return err
+		}
+		if err := want("/api/items?x=/admin", 403)(); err != nil {
+			return err
+		}
+		return want("/internal/x", 403)()
+	})
+	t.Logf("permission edit effective after %s", took)
+	stopLoad := load(func() error {
+		for _, tc := range []struct {
+			path string
+			code int
+		}{{"/admin", 200}, {"/internal", 403}, {"/", 200}} {
+			if err := want(tc.path, tc.code, "X-Debug", "now allowed")(); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	time.Sleep(2 * time.Second) // traffic keeps flowing after the change
+	if ok, failed, first := stopLoad(); ok == 0 || failed > 0 {
+		t.Fatalf("after the edit: %d of %d rounds wrong; first: %v", failed, ok+failed, first)
+	}
+	if r := server.reloads(t); r != reloads {
+		t.Fatalf("server reloaded %d times for a permissions edit", r-reloads)
+	}
+	if !reused.Load() {
+		t.Fatal("the kept-alive connection was not reused after the edit")
+	}
+	for _, bad := range []string{"L7 intention refused", "default intention policy unknown"} {
+		if strings.Contains(server.out.String(), bad) {
+			t.Fatalf("server sidecar logged %q", bad)
+		}
+	}
+}
+
+// TestL7OnTCPListenerRefused: an L7 intention for a source of a sidecar
+// whose listener is tcp is a deny, with a log line saying why.
+func TestL7OnTCPListenerRefused(t *testing.T) {
+	consul := testenv.Consul(t, testenv.ConsulOptions{})
+	c := consul.Client
+	httpServiceDefaults(t, c, "server") // so that Consul takes the entry
+	ports := testenv.FreePorts(t, 4)
+	register(t, c, "server", tcpApp(t, "hello from server"), ports[0], map[string]any{"protocol": "tcp"})
+	register(t, c, "client", ports[1], ports[2], nil, api.Upstream{DestinationName: "server", LocalBindPort: ports[3], Config: map[string]any{"protocol": "tcp"}})
+	l7Intention(t, c, "client", "server", allowRest())
+	server := startSidecar(t, consul, "server", "-access-log=false")
+	startSidecar(t, consul, "client")
+	eventually(t, 10*time.Second, "refusal logged", func() error {
+		if line, err := tcpLine(ports[3]); err == nil && line != "" {
+			return fmt.Errorf("tcp connection served: %q", line)
+		}
+		if !strings.Contains(server.out.String(), "L7 intention on a TCP listener refused") {
+			return errors.New("no log line yet")
+		}
+		return nil
+	})
+	for range 3 {
+		if line, err := tcpLine(ports[3]); err == nil && line != "" {
+			t.Fatalf("tcp connection served under an L7 intention: %q", line)
+		}
+	}
+}
