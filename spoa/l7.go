@@ -14,7 +14,6 @@ import (
 
 	"github.com/haproxy-connect/haproxy-connect/authzgen"
 	"github.com/haproxy-connect/haproxy-connect/l7"
-	"github.com/haproxy-connect/haproxy-connect/spoa/internal/spopwire"
 	"github.com/haproxy-connect/haproxy-connect/watch"
 )
 
@@ -160,11 +159,11 @@ func parseHdrsBin(b []byte) (func(string) ([]string, bool), error) {
 		if n > maxRequestHeaders {
 			return nil, fmt.Errorf("request has more than %d headers", maxRequestHeaders)
 		}
-		name, rest, err := getBytesWire(b)
+		name, rest, err := getBytes(b)
 		if err != nil {
 			return nil, fmt.Errorf("decode request headers: %w", err)
 		}
-		val, rest, err := getBytesWire(rest)
+		val, rest, err := getBytes(rest)
 		if err != nil {
 			return nil, fmt.Errorf("decode request headers: %w", err)
 		}
@@ -176,17 +175,6 @@ func parseHdrsBin(b []byte) (func(string) ([]string, bool), error) {
 		h[k] = append(h[k], string(val))
 	}
 	return func(n string) ([]string, bool) { v, ok := h[n]; return v, ok }, nil
-}
-
-func getBytesWire(b []byte) ([]byte, []byte, error) {
-	n, b, err := spopwire.Varint(b)
-	if err != nil {
-		return nil, nil, err
-	}
-	if n > uint64(len(b)) {
-		return nil, nil, errTruncated
-	}
-	return b[:n], b[n:], nil
 }
 
 // Labels of l7 decisions that no permission made, for the access log.
