@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -54,19 +53,11 @@ func (c *Controller) findMaster(ctx context.Context) *runtime.Master {
 	case errors.Is(err, runtime.ErrNoMaster):
 		return nil
 	}
-	pid := readPID(c.path(PIDFile))
+	pid, _ := runtime.ReadPID(c.path(PIDFile))
 	c.log.Error("a haproxy master runs on the state directory but cannot be adopted; killing it before starting a new one",
 		zap.Int("master_pid", pid), zap.Error(err))
-	if pid > 1 {
-		runtime.Kill(pid)
-	}
+	runtime.Kill(pid) // refuses 0
 	return nil
-}
-
-func readPID(file string) int {
-	b, _ := os.ReadFile(file)
-	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
-	return pid
 }
 
 // readBack reads what the adopted master serves (Controller.readApplied).
@@ -101,16 +92,12 @@ func (c *Controller) readBack(ctx context.Context) (applied, error) {
 	}
 	tables := map[string]slots.Table{}
 	for _, u := range d.sidecar.Upstreams {
-		st, err := c.rt.ServersState(rctx, u.Name)
+		obs, err := c.observe(rctx, u.Name)
 		if errors.Is(err, runtime.ErrNoSuchBackend) {
 			continue // added while no controller ran: the reload adds it
 		}
 		if err != nil {
 			return applied{}, fmt.Errorf("servers of upstream %s: %w", u.Name, err)
-		}
-		obs := make([]slots.Observed, 0, len(st))
-		for _, s := range st {
-			obs = append(obs, slots.Observed{Name: s.Name, Addr: s.Addr, Port: s.Port, Weight: s.Weight, Maint: s.Maint()})
 		}
 		tables[u.Name] = slots.FromObserved(u.Name, bootstrap.SlotPrefix, len(obs), obs)
 	}

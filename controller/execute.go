@@ -375,14 +375,10 @@ func (c *Controller) applyEndpoints(ctx context.Context, batch runtimeBatchActio
 
 // resync rebuilds an upstream's applied table from what HAProxy reports.
 func (c *Controller) resync(ctx context.Context, name string) {
-	st, err := c.rt.ServersState(ctx, name)
+	obs, err := c.observe(ctx, name)
 	if err != nil {
 		c.log.Error("re-read backend failed", zap.String("upstream", name), zap.Error(err))
 		return
-	}
-	obs := make([]slots.Observed, 0, len(st))
-	for _, s := range st {
-		obs = append(obs, slots.Observed{Name: s.Name, Addr: s.Addr, Port: s.Port, Weight: s.Weight, Maint: s.Maint()})
 	}
 	templates := 0
 	for _, s := range c.applied.tables[name].Slots {
@@ -391,6 +387,20 @@ func (c *Controller) resync(ctx context.Context, name string) {
 		}
 	}
 	c.applied.tables[name] = slots.FromObserved(name, bootstrap.SlotPrefix, templates, obs)
+}
+
+// observe reads an upstream backend's servers as HAProxy reports them
+// ("show servers state").
+func (c *Controller) observe(ctx context.Context, name string) ([]slots.Observed, error) {
+	st, err := c.rt.ServersState(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	obs := make([]slots.Observed, 0, len(st))
+	for _, s := range st {
+		obs = append(obs, slots.Observed{Name: s.Name, Addr: s.Addr, Port: s.Port, Weight: s.Weight, Maint: s.Maint()})
+	}
+	return obs, nil
 }
 
 // command translates a planned slot operation into a runtime command.

@@ -94,16 +94,9 @@ func StartMaster(ctx context.Context, bin, cfg, sock, pidFile string, out io.Wri
 // (for example one that does not answer its socket), and starting a second
 // one beside it would bind the same ports.
 func FindMaster(ctx context.Context, sock, pidFile string) (*Master, ProcList, error) {
-	b, err := os.ReadFile(pidFile)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, ProcList{}, ErrNoMaster
-	}
+	pid, err := ReadPID(pidFile)
 	if err != nil {
-		return nil, ProcList{}, fmt.Errorf("haproxy pid file: %w", err)
-	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil || pid < 2 {
-		return nil, ProcList{}, fmt.Errorf("%w: pid file %s holds %q", ErrNoMaster, pidFile, truncate(string(b), 40))
+		return nil, ProcList{}, err
 	}
 	if !masterAlive(pid, sock) {
 		return nil, ProcList{}, ErrNoMaster
@@ -133,6 +126,23 @@ func FindMaster(ctx context.Context, sock, pidFile string) (*Master, ProcList, e
 	m := &Master{pid: pid, done: make(chan struct{})}
 	go m.watch()
 	return m, pl, nil
+}
+
+// ReadPID reads the master's PID from pidFile (HAProxy's "-p"). A missing
+// file, or one that does not hold a PID above 1, is ErrNoMaster.
+func ReadPID(pidFile string) (int, error) {
+	b, err := os.ReadFile(pidFile)
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, ErrNoMaster
+	}
+	if err != nil {
+		return 0, fmt.Errorf("haproxy pid file: %w", err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid < 2 {
+		return 0, fmt.Errorf("%w: pid file %s holds %q", ErrNoMaster, pidFile, truncate(string(b), 40))
+	}
+	return pid, nil
 }
 
 // watch closes done once the adopted master is gone.

@@ -179,11 +179,7 @@ func stateDirLocked(dir string) bool {
 
 // masterPID is the HAProxy master PID in the sidecar's pid file (0 if none).
 func (s *sidecar) masterPID() int {
-	b, err := os.ReadFile(filepath.Join(s.stateDir, "haproxy.pid"))
-	if err != nil {
-		return 0
-	}
-	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	pid, _ := runtime.ReadPID(filepath.Join(s.stateDir, "haproxy.pid"))
 	return pid
 }
 
