@@ -70,6 +70,23 @@ func startSkeleton(t *testing.T) *skeleton {
 		upPort: ports[3], pubPort: ports[1], leafFile: leaf}
 }
 
+// renderEndpoint writes the skeleton's configuration with the upstream's
+// slot table serving 127.0.0.1:port, for the next reload to load.
+// It returns the configuration.
+func (sk *skeleton) renderEndpoint(t *testing.T, port int) string {
+	t.Helper()
+	_, table, _ := slots.Plan(sk.spec.Upstreams[0].Slots, []slots.Endpoint{{Addr: "127.0.0.1", Port: port, Weight: 1}})
+	sk.spec.Upstreams[0].Slots = table
+	cfg, err := bootstrap.Render(sk.spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(sk.h.ConfigPath, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
 // tlsEcho is an upstream endpoint: a TLS server requiring a client
 // certificate from the CA, answering each connection with its name and the
 // URI SAN of the client certificate it saw.
@@ -284,15 +301,7 @@ func TestReloadKeepsServing(t *testing.T) {
 	defer cancel()
 	port := tlsEcho(t, sk.ca, "ep")
 	// Render the assignment into the config, as the controller does before a reload.
-	_, table, _ := slots.Plan(sk.spec.Upstreams[0].Slots, []slots.Endpoint{{Addr: "127.0.0.1", Port: port, Weight: 1}})
-	sk.spec.Upstreams[0].Slots = table
-	cfg, err := bootstrap.Render(sk.spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(sk.h.ConfigPath, []byte(cfg), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	cfg := sk.renderEndpoint(t, port)
 
 	// A client calls in a loop across the reload; every call must succeed.
 	var wg sync.WaitGroup
@@ -360,15 +369,7 @@ func TestReloadStormRefusesNoConnection(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	port := tlsEcho(t, sk.ca, "ep")
-	_, table, _ := slots.Plan(sk.spec.Upstreams[0].Slots, []slots.Endpoint{{Addr: "127.0.0.1", Port: port, Weight: 1}})
-	sk.spec.Upstreams[0].Slots = table
-	cfg, err := bootstrap.Render(sk.spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(sk.h.ConfigPath, []byte(cfg), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	sk.renderEndpoint(t, port)
 	// The first reload puts the endpoint in service; the storm follows.
 	if _, err := sk.rt.Reload(ctx, "endpoint"); err != nil {
 		t.Fatal(err)

@@ -294,6 +294,12 @@ func httpApp(t *testing.T, name string) int {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return serveApp(t, ln, name)
+}
+
+// serveApp answers "hello from <name>" on ln until the test ends, and
+// returns its port.
+func serveApp(t *testing.T, ln net.Listener, name string) int {
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "hello from %s\n", name)
 	})}

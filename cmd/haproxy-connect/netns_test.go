@@ -188,12 +188,7 @@ func hostApp(t *testing.T, h *testenv.Host, name string) int {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		fmt.Fprintf(w, "hello from %s\n", name)
-	})}
-	go srv.Serve(ln)
-	t.Cleanup(func() { srv.Close() })
-	return ln.Addr().(*net.TCPAddr).Port
+	return serveApp(t, ln, name)
 }
 
 // hostGet200 is a call from inside host h, on a new connection each time:
