@@ -80,16 +80,7 @@ func TestWatchIntentionsIndex(t *testing.T) {
 
 	a := newTest(t, &fakeDecider{})
 	a.watchMinInterval = 0
-	ctx, cancel := context.WithCancel(context.Background())
-	ret := make(chan error)
-	go func() { ret <- a.WatchIntentions(ctx, client) }()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		t.Fatal("script not consumed in 10s")
-	}
-	cancel()
-	if err := <-ret; err != nil {
+	if err := watchScript(t, a, client, done); err != nil {
 		t.Errorf("WatchIntentions returned %v after cancel, want nil", err)
 	}
 	mu.Lock()
@@ -153,16 +144,7 @@ func TestWatchIntentionsHostile(t *testing.T) {
 	}
 	a.watchMinInterval = 0
 	der := leafDER(t, testCA(), 3, clientID)
-	ctx, cancel := context.WithCancel(context.Background())
-	ret := make(chan error)
-	go func() { ret <- a.WatchIntentions(ctx, client) }()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		t.Fatal("script not consumed in 10s")
-	}
-	cancel()
-	<-ret
+	watchScript(t, a, client, done)
 	// The refused answer held nothing; the first good one invalidated
 	// (default allow), the same one again did not, the deny did.
 	if got := a.Stats().Invalidations; got != 2 {
@@ -171,4 +153,22 @@ func TestWatchIntentionsHostile(t *testing.T) {
 	if d := a.decide(der, nil); d.allowed || d.undecided || !strings.HasPrefix(d.reason, "Matched L4 intention") {
 		t.Errorf("decision %+v, want the deny intention's", d)
 	}
+}
+
+// watchScript runs a's intentions watch against client until done (the
+// scripted answers were all served), then stops it and returns what it
+// returned.
+func watchScript(t *testing.T, a *Authorizer, client *api.Client, done <-chan struct{}) error {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ret := make(chan error)
+	go func() { ret <- a.WatchIntentions(ctx, client) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("script not consumed in 10s")
+	}
+	cancel()
+	return <-ret
 }
