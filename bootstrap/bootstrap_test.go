@@ -283,3 +283,38 @@ func TestRenderFiles(t *testing.T) {
 		t.Errorf("an invalid spec: %v, want ErrInvalid", err)
 	}
 }
+
+// TestPublicBindVerifiesClients pins the contract the SPOE agent relies on
+// (spoa: served.go): every configuration's public listener requires a
+// client certificate that verifies against the roots file, and nothing
+// lets a failed verification through.
+func TestPublicBindVerifiesClients(t *testing.T) {
+	for name, spec := range goldenSpecs() {
+		t.Run(name, func(t *testing.T) {
+			cfg, _ := render(t, spec)
+			crtList, err := RenderCrtList(spec)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var bind string
+			for _, l := range strings.Split(cfg, "\n") {
+				if f := strings.Fields(l); len(f) > 1 && f[0] == "bind" && strings.Contains(l, " crt-list ") {
+					if bind != "" {
+						t.Fatalf("two public binds:\n%s\n%s", bind, l)
+					}
+					bind = l
+				}
+			}
+			for what, line := range map[string]string{"public bind": bind, "crt-list": crtList} {
+				if !strings.Contains(line, "verify required") || !strings.Contains(line, "ca-file "+spec.RootsFile) {
+					t.Errorf("%s %q: want verify required and ca-file %s", what, line, spec.RootsFile)
+				}
+				for _, bad := range []string{"ignore-err", "verify none", "verify optional"} {
+					if strings.Contains(line, bad) {
+						t.Errorf("%s %q has %q", what, line, bad)
+					}
+				}
+			}
+		})
+	}
+}

@@ -68,6 +68,14 @@ type Config struct {
 	// (spoa.Authorizer.RaiseGeneration), so that verdicts the previous
 	// agent made are all stale.
 	OnAdopt func(gen uint64)
+	// OnRootsServed, when set, is told the CA roots (PEM) HAProxy verifies
+	// client certificates against: before each start (fresh: no other
+	// HAProxy process runs) and reload, and after an adoption of a
+	// HAProxy running the desired configuration (fresh false: older
+	// processes may hold other roots). The SPOE agent relies on HAProxy's
+	// verification only for roots it trusts too
+	// (spoa.Authorizer.RootsServed).
+	OnRootsServed func(rootsPEM string, fresh bool)
 }
 
 // haproxyAPI is what the controller needs of the runtime client; tests
@@ -451,6 +459,7 @@ func (c *Controller) start(ctx context.Context, a startAction) error {
 	if err := c.writeConfig(c.spec(sc, tables), gen, reason); err != nil {
 		return fmt.Errorf("render configuration: %w", err)
 	}
+	c.rootsServed(a.roots.PEM, true)
 	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	m, err := c.startMaster(sctx)

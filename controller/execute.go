@@ -96,6 +96,9 @@ func (c *Controller) adopt(ctx context.Context) error {
 	}
 	ap.known = true
 	c.applied = ap
+	if ap.foreign == "" {
+		c.rootsServed(ap.rootsPEM, false)
+	}
 	c.authzGenerationApplied(ap.authzGen)
 	for _, v := range inheritedChecks(&c.desired, &c.applied) {
 		c.ident.inherit(v, c.now())
@@ -205,6 +208,7 @@ func (c *Controller) reload(ctx context.Context, a reloadAction) bool {
 	}
 	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
+	c.rootsServed(a.roots.PEM, false)
 	start := time.Now()
 	if _, err := c.rt.Reload(rctx, reason); err != nil {
 		c.log.Error("reload failed; the previous worker keeps serving", zap.String("reason", reason), zap.Error(err),
@@ -433,4 +437,12 @@ func SlotCommand(backend string, op slots.Op, add runtime.ServerOptions) (runtim
 		return runtime.AddServer(backend, op.Server, op.Addr, op.Port, add)
 	}
 	return runtime.Command{}, fmt.Errorf("unknown slot operation %d", op.Kind)
+}
+
+// rootsServed tells Config.OnRootsServed the roots HAProxy verifies client
+// certificates against from now on.
+func (c *Controller) rootsServed(pem string, fresh bool) {
+	if c.cfg.OnRootsServed != nil {
+		c.cfg.OnRootsServed(pem, fresh)
+	}
 }

@@ -285,6 +285,18 @@ func (s *Set) check(x *Intention) error {
 	return nil
 }
 
+// L7 returns the intentions with Permissions, in precedence order (they
+// point into s, which is immutable).
+func (s *Set) L7() []*Intention {
+	var out []*Intention
+	for i := range s.list {
+		if s.list[i].verdict() == L7 {
+			out = append(out, &s.list[i])
+		}
+	}
+	return out
+}
+
 // Len is the number of intentions held.
 func (s *Set) Len() int { return len(s.list) }
 

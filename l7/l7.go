@@ -367,3 +367,14 @@ func trunc(s string) string {
 	}
 	return s
 }
+
+// Lookup is the L7 answer for one source.
+type Lookup struct {
+	// Intention is the source's L7 intention; nil when the intention that
+	// governs the source is L4 (or there is none): Consul's L4 decision
+	// stands then.
+	Intention *Intention
+	// Err is set when the governing intention has permissions that were
+	// refused (see Parse): every request of the source is denied.
+	Err error
+}

@@ -125,54 +125,6 @@ func TestParseRefuses(t *testing.T) {
 	}
 }
 
-func TestTableLookup(t *testing.T) {
-	l7 := []*api.IntentionPermission{perm(api.IntentionActionDeny, &api.IntentionHTTPPermission{PathPrefix: "/admin"})}
-	entries := []*api.ServiceIntentionsConfigEntry{
-		{Kind: api.ServiceIntentions, Name: "api", Sources: []*api.SourceIntention{
-			{Name: "web", Permissions: l7},
-			{Name: "batch", Action: api.IntentionActionAllow},
-			{Name: "bad", Permissions: []*api.IntentionPermission{perm(api.IntentionActionDeny, &api.IntentionHTTPPermission{PathRegex: "("})}},
-			{Name: "peered", Peer: "other", Permissions: l7},
-		}},
-		{Kind: api.ServiceIntentions, Name: "*", Sources: []*api.SourceIntention{
-			{Name: "batch", Permissions: l7}, // lower precedence than api<-batch (L4)
-			{Name: "*", Permissions: l7},
-		}},
-		{Kind: api.ServiceIntentions, Name: "other", Sources: []*api.SourceIntention{{Name: "web", Action: api.IntentionActionDeny}}},
-	}
-	tab, errs := Build("api", entries)
-	if len(errs) != 1 || !strings.Contains(errs[0].Error(), "bad") {
-		t.Fatalf("errors = %v, want one for source bad", errs)
-	}
-	tests := []struct {
-		source  string
-		l7, err bool
-	}{
-		{"web", true, false},
-		{"batch", false, false},  // L4 at higher precedence
-		{"bad", false, true},     // refused: denied, not let through to *
-		{"unknown", true, false}, // * -> * is L7
-		{"peered", true, false},  // the peer's source does not match locals; * -> * does
-	}
-	for _, tt := range tests {
-		t.Run(tt.source, func(t *testing.T) {
-			l := tab.Lookup(tt.source)
-			if (l.Intention != nil) != tt.l7 || (l.Err != nil) != tt.err {
-				t.Fatalf("Lookup(%s) = %+v, want l7 %v err %v", tt.source, l, tt.l7, tt.err)
-			}
-		})
-	}
-	if l := (*Table)(nil).Lookup("web"); l.Intention != nil || l.Err != nil {
-		t.Fatal("nil table has an intention")
-	}
-	if !tab.HasL7() || (*Table)(nil).HasL7() {
-		t.Fatal("HasL7 wrong")
-	}
-	if l4, _ := Build("api", entries[2:]); l4.HasL7() {
-		t.Fatal("a table of L4 intentions has L7")
-	}
-}
-
 // FuzzParseDecide feeds arbitrary permissions (as Consul's JSON) and
 // requests: Parse either refuses or returns an intention whose decisions
 // never panic and name a permission of it.

@@ -56,11 +56,13 @@ type flight struct {
 	err  error
 }
 
-// lookup returns the decision for k from the cache, from a call in flight,
-// or from a new call, with the generation it was made under. A new call
-// runs check first: a refusal (see refusals) is the decision, cached
-// without asking the Decider; another error leaves it undecided.
-func (a *Authorizer) lookup(k cacheKey, check func() error) (verdict, origin, uint64, error) {
+// lookup returns the decision for r's certificate from the cache, from a
+// call in flight, or from a new call, with the generation it was made
+// under. A new call checks the certificate first (checkOnce): a refusal
+// (see refusals) is the decision, cached without asking the Decider;
+// another error leaves it undecided.
+func (a *Authorizer) lookup(r rememberedCert) (verdict, origin, uint64, error) {
+	k := cacheKey(r.id)
 	a.mu.Lock()
 	if v, ok := a.cache[k]; ok {
 		gen := a.gen
@@ -74,7 +76,18 @@ func (a *Authorizer) lookup(k cacheKey, check func() error) (verdict, origin, ui
 		how = originCall
 		f = &flight{gen: a.gen, done: make(chan struct{})}
 		a.inflight[k] = f
-		go a.fly(k, f, a.gen, check)
+		gen := a.gen
+		a.mu.Unlock()
+		if a.decider == nil {
+			// Local decisions take no call to time out: made on this
+			// goroutine, without a hand-over to another one and back,
+			// whose scheduling is most of a decision's tail latency.
+			a.fly(k, f, gen, r)
+		} else {
+			go a.fly(k, f, gen, r)
+		}
+		<-f.done
+		return f.v, how, f.gen, f.err
 	}
 	a.mu.Unlock()
 	if how == originCoalesced {
@@ -89,13 +102,13 @@ type answer struct {
 	err error
 }
 
-// fly decides k under generation gen and completes f: check's refusal, or
+// fly decides k under generation gen and completes f: checkOnce's refusal, or
 // the Decider's answer or timeout, whichever comes first. The Decider may
 // ignore ctx (api.Agent.ConnectAuthorize takes none): the call then runs on
 // in its goroutine, and a late answer still fills the cache.
-func (a *Authorizer) fly(k cacheKey, f *flight, gen uint64, check func() error) {
+func (a *Authorizer) fly(k cacheKey, f *flight, gen uint64, r rememberedCert) {
 	var ans answer
-	if err := check(); err != nil {
+	if err := a.checkOnce(r.cert, r.id.sum, r.svcErr); err != nil {
 		ans.err = err
 		if i := refusal(err); i >= 0 {
 			ans = answer{v: verdict{reason: err.Error(), refused: i}}
@@ -103,7 +116,7 @@ func (a *Authorizer) fly(k cacheKey, f *flight, gen uint64, check func() error) 
 		}
 	} else if a.decider == nil {
 		// Local: no call to wait for, no timeout to bound it.
-		ans = a.decideLocal(k)
+		ans = a.decideLocal(r.svc)
 		if ans.err == nil {
 			a.store(k, ans.v, gen)
 		}

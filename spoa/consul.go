@@ -73,7 +73,7 @@ func (a *Authorizer) WatchIntentions(ctx context.Context, client *api.Client) er
 		if errors.Is(err, errDefaultUnknown) {
 			a.log.Warn("default intention decision unknown; keeping the previous one", zap.String("watch", "intentions"), zap.Error(err))
 			def = intentions.Default{Reason: "default intention decision unknown: deny"}
-			if old := a.held.Load(); old != nil {
+			if old := a.Intentions(); old != nil {
 				def = old.Default()
 			}
 		} else if err != nil {

@@ -9,9 +9,8 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
-
-	"github.com/haproxy-connect/haproxy-connect/certs"
 )
 
 // Reasons a client certificate gives no identity. Each one is a deny, not
@@ -74,6 +73,10 @@ type trust struct {
 	// key identifies the content (trust domain, then the sorted SHA-256
 	// of every root and intermediate): a change invalidates the cache.
 	key string
+	// rootSums are the roots' SHA-256; skids the SubjectKeyIds of the
+	// roots and intermediates (see issuedByTrusted).
+	rootSums map[[32]byte]bool
+	skids    map[string]bool
 }
 
 // trustDomainRE is the shape of a Consul trust domain ("<cluster
@@ -88,14 +91,22 @@ func newTrust(domain string, roots, intermediates []*x509.Certificate) (*trust, 
 	if len(roots) == 0 {
 		return nil, errors.New("no CA roots")
 	}
-	t := &trust{domain: domain, roots: x509.NewCertPool(), intermediates: x509.NewCertPool()}
+	t := &trust{domain: domain, roots: x509.NewCertPool(), intermediates: x509.NewCertPool(),
+		rootSums: map[[32]byte]bool{}, skids: map[string]bool{}}
 	var sums []string
 	for _, c := range roots {
 		if !c.IsCA {
 			return nil, fmt.Errorf("CA root %q is not a CA certificate", c.Subject)
 		}
 		t.roots.AddCert(c)
-		sums = append(sums, fmt.Sprintf("r%x", sha256.Sum256(c.Raw)))
+		sum := sha256.Sum256(c.Raw)
+		t.rootSums[sum] = true
+		sums = append(sums, fmt.Sprintf("r%x", sum))
+	}
+	for _, c := range append(slices.Clip(roots), intermediates...) {
+		if len(c.SubjectKeyId) > 0 {
+			t.skids[string(c.SubjectKeyId)] = true
+		}
 	}
 	for _, c := range intermediates {
 		t.intermediates.AddCert(c)
@@ -114,9 +125,15 @@ func newTrust(domain string, roots, intermediates []*x509.Certificate) (*trust, 
 // (spiffe://<td>/agent/client/dc/<dc>/id/<node>) or a mesh gateway's is
 // not a service and may not open a connection to one. The chain is
 // verified here too, against the roots and intermediates Consul lists
-// (HAProxy sends only the leaf), for client authentication: defence in
+// (HAProxy sends only the leaf), for client authentication, unless
+// handshakeVerified (HAProxy verified it against roots the agent trusts;
+// see served.go) and the certificate names a trusted issuer: defence in
 // depth, should HAProxy's ca-file ever hold more than Consul's roots.
-func checkCert(cert *x509.Certificate, t *trust, now time.Time) error {
+// verified counts the full verifications.
+//
+// svcErr says why the URI is not a Consul service SPIFFE ID, nil if it is
+// (certs.ParseSPIFFE, parsed once per certificate).
+func checkCert(cert *x509.Certificate, svcErr error, t *trust, now time.Time, handshakeVerified bool, verified *atomic.Uint64) error {
 	if t == nil {
 		return errNoRoots
 	}
@@ -136,8 +153,14 @@ func checkCert(cert *x509.Certificate, t *trust, now time.Time) error {
 	if u.Host != t.domain {
 		return fmt.Errorf("%w: %q, the cluster's is %q", errTrustDomain, u.Host, t.domain)
 	}
-	if _, err := certs.ParseSPIFFE(u.String()); err != nil {
+	if svcErr != nil {
 		return fmt.Errorf("%w: %q", errNotService, u.String())
+	}
+	if handshakeVerified && issuedByTrusted(cert, t, now) {
+		return nil
+	}
+	if verified != nil {
+		verified.Add(1)
 	}
 	_, err := cert.Verify(x509.VerifyOptions{
 		Roots:         t.roots,
@@ -203,7 +226,7 @@ type verifiedCert struct {
 // and the certificate's expiry. Refusals are not remembered here (the
 // decision cache holds them). Bounded like the decision cache: a full map
 // evicts one arbitrary entry.
-func (a *Authorizer) checkOnce(cert *x509.Certificate, sum [32]byte) error {
+func (a *Authorizer) checkOnce(cert *x509.Certificate, sum [32]byte, svcErr error) error {
 	t, now := a.trust.Load(), time.Now()
 	a.verifiedMu.Lock()
 	v, ok := a.verified[sum]
@@ -211,7 +234,8 @@ func (a *Authorizer) checkOnce(cert *x509.Certificate, sum [32]byte) error {
 	if ok && t != nil && v.trust == t && now.Before(v.notAfter) {
 		return nil
 	}
-	if err := checkCert(cert, t, now); err != nil {
+	fast := t != nil && a.served.handshakeVerified(t, now)
+	if err := checkCert(cert, svcErr, t, now, fast, &a.stats.chainVerifications); err != nil {
 		return err
 	}
 	a.verifiedMu.Lock()

@@ -1,20 +1,16 @@
 package spoa
 
 import (
-	"context"
 	"errors"
 	"fmt"
-	"regexp"
 	"strings"
-	"sync/atomic"
-	"time"
 
-	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap"
 
 	"github.com/haproxy-connect/haproxy-connect/authzgen"
+	"github.com/haproxy-connect/haproxy-connect/certs"
+	"github.com/haproxy-connect/haproxy-connect/intentions"
 	"github.com/haproxy-connect/haproxy-connect/l7"
-	"github.com/haproxy-connect/haproxy-connect/watch"
 )
 
 // L7 permissions, per request. Consul's L4 authorize answers deny for a
@@ -34,50 +30,107 @@ import (
 // has no requests to decide.
 
 // L7Rules is where the agent reads the L7 intentions of its destination.
-// IntentionEntries (below) reads Consul's service-intentions config
-// entries; a holder of the destination's whole intentions can serve it
-// as well (l7.Parse turns an intention's Permissions into the model).
+// An Authorizer deciding locally reads them from the intentions it holds
+// (setRules, built with each Set): the L4 and L7 decisions then come from
+// one snapshot, under one generation, and follow Consul's precedence for
+// both. WithL7Rules gives other rules (tests with a Decider).
 type L7Rules interface {
-	// Lookup returns the L7 intention that governs the source service
-	// name, if that intention is L7.
-	Lookup(source string) l7.Lookup
+	// Lookup returns the L7 intention that governs the source, if that
+	// intention is L7.
+	Lookup(source certs.ID) l7.Lookup
 	// DefaultAllow is the default intention policy, applied when no
 	// permission of an L7 intention matches a request.
 	DefaultAllow() bool
 }
 
-// WithL7Rules enables L7 permissions with rules r. Without it, an L7
-// intention stays Consul's connection-level deny.
+// WithL7Rules decides L7 permissions from r instead of from the
+// intentions held (an Authorizer with a Decider holds none, and without
+// this option leaves an L7 intention Consul's connection-level deny).
 func WithL7Rules(r L7Rules) Option { return func(a *Authorizer) { a.l7 = r } }
+
+// rules are the L7 rules decisions read now, nil when there are none.
+func (a *Authorizer) rules() L7Rules {
+	if a.l7 != nil {
+		return a.l7
+	}
+	if h := a.held.Load(); h != nil && a.decider == nil {
+		return h.rules
+	}
+	return nil
+}
+
+// setRules is the L7 view of one intentions Set: the Set decides which
+// intention governs a source (Consul's precedence, tenancy and wildcards),
+// and each L7 intention's permissions are compiled once, when the Set is
+// built. Immutable.
+type setRules struct {
+	set      *intentions.Set
+	compiled map[*intentions.Intention]l7.Lookup
+}
+
+// newSetRules compiles s's L7 intentions. Permissions that are refused
+// (l7.Parse) stay with their error: every request of a source they govern
+// is denied, not let through to a lower-precedence intention. The errors
+// come back for the log.
+func newSetRules(s *intentions.Set) (*setRules, []error) {
+	r := &setRules{set: s, compiled: map[*intentions.Intention]l7.Lookup{}}
+	var errs []error
+	for _, x := range s.L7() {
+		in, err := l7.Parse(x.SourceName, x.Permissions)
+		if err != nil {
+			err = fmt.Errorf("intention %s: %w", x, err)
+			errs = append(errs, err)
+		}
+		r.compiled[x] = l7.Lookup{Intention: in, Err: err}
+	}
+	return r, errs
+}
+
+// Lookup implements L7Rules.
+func (r *setRules) Lookup(src certs.ID) l7.Lookup {
+	d := r.set.Decide(intentions.Peer{Partition: src.Partition, Namespace: src.Namespace, Service: src.Service})
+	if d.Verdict != intentions.L7 {
+		return l7.Lookup{}
+	}
+	return r.compiled[d.Intention]
+}
+
+// DefaultAllow implements L7Rules.
+func (r *setRules) DefaultAllow() bool { return r.set.Default().Allow }
 
 // maxRequestHeaders bounds the headers of one request the agent reads.
 const maxRequestHeaders = 256
 
-// serviceRE takes the service name out of a local service SPIFFE ID (the
-// default partition and namespace: L7 sources of another one never match,
-// see l7.Build).
-var serviceRE = regexp.MustCompile(`^spiffe://[^/]+(?:/ap/default)?/ns/default/dc/[^/]+/svc/([^/]+)$`)
+// maxSourceIDs bounds the parsed source SPIFFE IDs the agent keeps for
+// per-request decisions; past it, sources are parsed on each request.
+const maxSourceIDs = 16384
 
-func serviceName(uri string) (string, bool) {
-	m := serviceRE.FindStringSubmatch(uri)
-	if m == nil {
-		return "", false
+// sourceID parses a source SPIFFE ID as the L7 decisions need it,
+// remembered: every request of an L7 connection names its source.
+func (a *Authorizer) sourceID(uri string) (certs.ID, error) {
+	if v, ok := a.sourceIDs.Load(uri); ok {
+		return v.(certs.ID), nil
 	}
-	return m[1], true
+	id, err := certs.ParseSPIFFE(uri)
+	if err == nil && a.nSourceIDs.Add(1) <= maxSourceIDs {
+		a.sourceIDs.Store(uri, id)
+	}
+	return id, err
 }
 
 // l7Connection is the L7 hook of a connection decision: a deny from the
 // Decider for a source whose governing intention is L7 becomes an allow
 // decided per request, on an HTTP listener.
 func (a *Authorizer) l7Connection(d *decision, httpListener bool) {
-	if a.l7 == nil || d.allowed || d.undecided || d.err != nil {
+	rules := a.rules()
+	if rules == nil || d.allowed || d.undecided || d.err != nil {
 		return
 	}
-	name, ok := serviceName(d.source)
-	if !ok {
+	src, err := a.sourceID(d.source)
+	if err != nil {
 		return
 	}
-	lk := a.l7.Lookup(name)
+	lk := rules.Lookup(src)
 	if lk.Intention == nil && lk.Err == nil {
 		return
 	}
@@ -187,29 +240,30 @@ const (
 // answers 503) when the request cannot be read or the source is no longer
 // L7 (the generation bump that follows re-authorizes the connection).
 func (a *Authorizer) decideL7(r l7Request) []setVar {
-	if r.err != nil || a.l7 == nil {
+	rules := a.rules()
+	if r.err != nil || rules == nil {
 		a.stats.undecided.Add(1)
 		a.log.Warn("L7 request not decided; refused", zap.String("source", r.source), zap.Error(errOr(r.err, "no L7 rules")))
 		return nil
 	}
-	name, ok := serviceName(r.source)
-	if !ok {
+	src, err := a.sourceID(r.source)
+	if err != nil {
 		a.stats.l7Denied.Add(1)
 		return l7Actions(false, "-", permRefused)
 	}
-	lk := a.l7.Lookup(name)
+	lk := rules.Lookup(src)
 	switch {
 	case lk.Err != nil:
 		a.stats.l7Denied.Add(1)
 		a.log.Debug("L7 request denied: the intention's permissions were refused", zap.String("source", r.source), zap.Error(lk.Err))
-		return l7Actions(false, name, permRefused)
+		return l7Actions(false, src.Service, permRefused)
 	case lk.Intention == nil:
 		a.stats.undecided.Add(1)
 		a.log.Info("L7 request from a source no longer under an L7 intention; refused, the connection is authorized again", zap.String("source", r.source))
 		return nil
 	}
 	p, matched := lk.Intention.Decide(r.req)
-	allowed, label := a.l7.DefaultAllow(), permDefault
+	allowed, label := rules.DefaultAllow(), permDefault
 	if matched {
 		allowed, label = p.Allow, p.Label()
 	}
@@ -239,146 +293,4 @@ func l7Actions(allowed bool, intention, perm string) []setVar {
 		{authzgen.VarIntention, intention},
 		{authzgen.VarPerm, perm},
 	}
-}
-
-// IntentionEntries is an L7Rules read from Consul: the service-intentions
-// config entries of the destination and of "*" (Watch), and the default
-// intention policy (ReadDefault). Safe for concurrent use.
-type IntentionEntries struct {
-	dest         string
-	table        atomic.Pointer[l7.Table]
-	defaultAllow atomic.Bool
-	// defaultRead: ReadDefault succeeded once (Watch tries it while an
-	// L7 intention exists and it has not).
-	defaultRead atomic.Bool
-}
-
-// NewIntentionEntries returns rules for destination dest, empty (no L7
-// intention) and with a default deny until Watch and ReadDefault fill them.
-func NewIntentionEntries(dest string) *IntentionEntries {
-	return &IntentionEntries{dest: dest}
-}
-
-// Lookup implements L7Rules.
-func (e *IntentionEntries) Lookup(source string) l7.Lookup { return e.table.Load().Lookup(source) }
-
-// DefaultAllow implements L7Rules.
-func (e *IntentionEntries) DefaultAllow() bool { return e.defaultAllow.Load() }
-
-// Set replaces the rules with those of entries; the refused permissions
-// come back for the log.
-func (e *IntentionEntries) Set(entries []*api.ServiceIntentionsConfigEntry) []error {
-	t, errs := l7.Build(e.dest, entries)
-	e.table.Store(t)
-	return errs
-}
-
-// ReadDefault reads the agent's default intention policy as Consul's
-// authorize applies it (agent/agent_endpoint.go AgentConnectAuthorize):
-// default_intention_policy if set, else the ACL default policy (allow when
-// ACLs are off). It needs agent:read; on failure the default stays deny.
-func (e *IntentionEntries) ReadDefault(client *api.Client) error {
-	self, err := client.Agent().Self()
-	if err != nil {
-		return fmt.Errorf("read the default intention policy from /v1/agent/self: %w", err)
-	}
-	dc, _ := self["DebugConfig"]
-	allow, err := defaultFromDebugConfig(dc)
-	if err != nil {
-		return err
-	}
-	e.defaultAllow.Store(allow)
-	e.defaultRead.Store(true)
-	return nil
-}
-
-func defaultFromDebugConfig(dc map[string]any) (bool, error) {
-	if p, _ := dc["DefaultIntentionPolicy"].(string); p != "" {
-		switch p {
-		case "allow":
-			return true, nil
-		case "deny":
-			return false, nil
-		}
-		return false, fmt.Errorf("default_intention_policy %q is neither allow nor deny", trunc80(p))
-	}
-	enabled, ok := dc["ACLsEnabled"].(bool)
-	if !ok {
-		return false, errors.New("/v1/agent/self has no DebugConfig.ACLsEnabled")
-	}
-	if !enabled {
-		return true, nil
-	}
-	rs, _ := dc["ACLResolverSettings"].(map[string]any)
-	switch p, _ := rs["ACLDefaultPolicy"].(string); p {
-	case "allow":
-		return true, nil
-	case "deny":
-		return false, nil
-	default:
-		return false, fmt.Errorf("ACL default policy %q is neither allow nor deny", trunc80(p))
-	}
-}
-
-func trunc80(s string) string {
-	if len(s) > 80 {
-		return s[:80] + "..."
-	}
-	return s
-}
-
-// Watch keeps the rules current from /v1/config/service-intentions (all
-// entries of the kind, one blocking query; the destination's and "*"'s are
-// kept), until ctx ends. The default policy is read (ReadDefault) once an
-// L7 intention appears, not before: it needs agent:read, which a sidecar's
-// minimal token lacks and needs for nothing else; without it, requests no
-// permission matches are denied. changed runs after each new table is in place
-// (the Authorizer's Invalidate: connections re-authorize on their next
-// request, so one whose source turned from L7 to L4 or back gets the
-// right kind of verdict).
-func (e *IntentionEntries) Watch(ctx context.Context, client *api.Client, log *zap.Logger, changed func()) {
-	if log == nil {
-		log = zap.NewNop()
-	}
-	o := watch.Options{Name: "l7-intentions", Log: log, Spacing: 100 * time.Millisecond,
-		FailMessage: "L7 intentions watch failed; deciding from the last rules"}
-	var last string
-	loaded := false
-	watch.Loop(ctx, o, func(ctx context.Context, cur watch.Cursor) ([]*api.ServiceIntentionsConfigEntry, watch.Cursor, error) {
-		q := (&api.QueryOptions{WaitIndex: cur.Index, WaitTime: watchWait}).WithContext(ctx)
-		list, meta, err := client.ConfigEntries().List(api.ServiceIntentions, q)
-		if err != nil {
-			return nil, cur, err
-		}
-		var out []*api.ServiceIntentionsConfigEntry
-		for _, ce := range list {
-			if x, ok := ce.(*api.ServiceIntentionsConfigEntry); ok && (x.Name == e.dest || x.Name == "*") {
-				out = append(out, x)
-			}
-		}
-		return out, watch.Cursor{Index: meta.LastIndex}, nil
-	}, func(entries []*api.ServiceIntentionsConfigEntry) {
-		// The index is the kind's: a change to another destination's
-		// entry moves it too, and is no change here.
-		var key strings.Builder
-		for _, x := range entries {
-			fmt.Fprintf(&key, "%s@%d,", x.Name, x.ModifyIndex)
-		}
-		if key.String() == last && loaded {
-			return
-		}
-		last, loaded = key.String(), true
-		for _, err := range e.Set(entries) {
-			log.Warn("L7 intention refused; its source's requests are denied", zap.String("watch", "l7-intentions"), zap.Error(err))
-		}
-		if e.table.Load().HasL7() && !e.defaultRead.Load() {
-			if err := e.ReadDefault(client); err != nil {
-				log.Warn("default intention policy unknown; an L7 request no permission matches is denied", zap.String("watch", "l7-intentions"), zap.Error(err))
-			}
-		}
-		log.Info("L7 intentions loaded", zap.String("watch", "l7-intentions"), zap.Int("entries", len(entries)))
-		if changed != nil {
-			changed()
-		}
-	})
 }

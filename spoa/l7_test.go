@@ -8,6 +8,8 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/haproxy-connect/haproxy-connect/authzgen"
+	"github.com/haproxy-connect/haproxy-connect/certs"
+	"github.com/haproxy-connect/haproxy-connect/intentions"
 	"github.com/haproxy-connect/haproxy-connect/spoa/internal/spopwire"
 )
 
@@ -31,13 +33,24 @@ func l7Message(source, method, path string, hdrs []byte) []byte {
 	return b
 }
 
-func newRules(t *testing.T, defaultAllow bool, sources ...*api.SourceIntention) *IntentionEntries {
+// newRules are the L7 rules of the destination web's intentions, made of
+// sources (as a service-intentions entry lists them) in the default
+// tenancy.
+func newRules(t *testing.T, defaultAllow bool, sources ...*api.SourceIntention) *setRules {
 	t.Helper()
-	r := NewIntentionEntries("web")
-	if errs := r.Set([]*api.ServiceIntentionsConfigEntry{{Kind: api.ServiceIntentions, Name: "web", Sources: sources}}); len(errs) != 0 {
+	var served []*api.Intention
+	for _, src := range sources {
+		served = append(served, &api.Intention{SourceNS: "default", SourceName: src.Name, DestinationNS: "default", DestinationName: "web",
+			Action: src.Action, Permissions: src.Permissions})
+	}
+	set, skipped := intentions.New(destination("web"), served, intentions.Default{Allow: defaultAllow, Reason: "Default intention policy"})
+	if len(skipped) != 0 {
+		t.Fatal(skipped)
+	}
+	r, errs := newSetRules(set)
+	if len(errs) != 0 {
 		t.Fatal(errs)
 	}
-	r.defaultAllow.Store(defaultAllow)
 	return r
 }
 
@@ -59,7 +72,7 @@ func TestHandleL7Message(t *testing.T) {
 		{"no match, default deny", clientID, "POST", "/", hdrsBin(), false, l7Actions(false, "client", permDefault)},
 		{"no match, default allow", clientID, "POST", "/", hdrsBin(), true, l7Actions(true, "client", permDefault)},
 		{"not a service id", "spiffe://x/agent/client/dc/dc1/id/a", "GET", "/", hdrsBin(), true, l7Actions(false, "-", permRefused)},
-		{"other namespace", "spiffe://" + testTD + "/ns/other/dc/dc1/svc/client", "GET", "/", hdrsBin(), true, l7Actions(false, "-", permRefused)},
+		{"same name, other namespace: not under the intention", "spiffe://" + testTD + "/ns/other/dc/dc1/svc/client", "GET", "/", hdrsBin(), true, nil},
 		{"source no longer L7", "spiffe://" + testTD + "/ns/default/dc/dc1/svc/batch", "GET", "/", hdrsBin(), true, nil},
 		{"truncated headers", clientID, "GET", "/", hdrsBin("host")[:3], true, nil},
 	}
@@ -133,27 +146,45 @@ func TestL7Connection(t *testing.T) {
 	}
 }
 
-func TestDefaultFromDebugConfig(t *testing.T) {
+// TestSetRulesLookup: which intention governs a source's requests comes
+// from the held Set, in Consul's precedence, with tenancy and peers.
+func TestSetRulesLookup(t *testing.T) {
+	l7perms := []*api.IntentionPermission{{Action: api.IntentionActionDeny, HTTP: &api.IntentionHTTPPermission{PathPrefix: "/admin"}}}
+	in := func(srcNS, src, dst string, action api.IntentionAction, perms []*api.IntentionPermission) *api.Intention {
+		return &api.Intention{SourceNS: srcNS, SourceName: src, DestinationNS: "default", DestinationName: dst, Action: action, Permissions: perms}
+	}
+	served := []*api.Intention{
+		in("default", "web", "api", "", l7perms),
+		in("default", "batch", "api", api.IntentionActionAllow, nil),
+		in("default", "bad", "api", "", []*api.IntentionPermission{{Action: api.IntentionActionDeny, HTTP: &api.IntentionHTTPPermission{PathRegex: "("}}}),
+		{SourcePeer: "other", SourceNS: "default", SourceName: "peered", DestinationNS: "default", DestinationName: "api", Permissions: l7perms},
+		in("default", "batch", "*", "", l7perms), // lower precedence than api<-batch (L4)
+		in("default", "*", "*", "", l7perms),
+	}
+	set, skipped := intentions.New(intentions.Peer{Partition: "default", Namespace: "default", Service: "api"}, served, intentions.Default{})
+	if len(skipped) != 0 {
+		t.Fatal(skipped)
+	}
+	r, errs := newSetRules(set)
+	if len(errs) != 1 || !strings.Contains(errs[0].Error(), "bad") {
+		t.Fatalf("errors = %v, want one for source bad", errs)
+	}
 	tests := []struct {
-		name  string
-		dc    map[string]any
-		allow bool
-		err   bool
+		ns, source string
+		l7, err    bool
 	}{
-		{"policy allow", map[string]any{"DefaultIntentionPolicy": "allow", "ACLsEnabled": true}, true, false},
-		{"policy deny", map[string]any{"DefaultIntentionPolicy": "deny", "ACLsEnabled": false}, false, false},
-		{"policy hostile", map[string]any{"DefaultIntentionPolicy": "maybe"}, false, true},
-		{"ACLs off", map[string]any{"DefaultIntentionPolicy": "", "ACLsEnabled": false}, true, false},
-		{"ACL default deny", map[string]any{"ACLsEnabled": true, "ACLResolverSettings": map[string]any{"ACLDefaultPolicy": "deny"}}, false, false},
-		{"ACL default allow", map[string]any{"ACLsEnabled": true, "ACLResolverSettings": map[string]any{"ACLDefaultPolicy": "allow"}}, true, false},
-		{"ACL default missing", map[string]any{"ACLsEnabled": true}, false, true},
-		{"nothing", nil, false, true},
+		{"default", "web", true, false},
+		{"default", "batch", false, false},  // L4 at higher precedence
+		{"default", "bad", false, true},     // refused: denied, not let through to *
+		{"default", "unknown", true, false}, // * -> * is L7
+		{"default", "peered", true, false},  // the peer's source does not match locals; * -> * does
+		{"other", "web", false, false},      // another namespace matches no intention here
 	}
 	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			allow, err := defaultFromDebugConfig(tt.dc)
-			if allow != tt.allow || (err != nil) != tt.err {
-				t.Fatalf("= %v, %v; want %v, error %v", allow, err, tt.allow, tt.err)
+		t.Run(tt.ns+"/"+tt.source, func(t *testing.T) {
+			l := r.Lookup(certs.ID{Partition: "default", Namespace: tt.ns, Datacenter: "dc1", Service: tt.source})
+			if (l.Intention != nil) != tt.l7 || (l.Err != nil) != tt.err {
+				t.Fatalf("Lookup = %+v, want l7 %v err %v", l, tt.l7, tt.err)
 			}
 		})
 	}

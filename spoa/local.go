@@ -37,28 +37,45 @@ var errNoIntentions = errors.New("intentions not known yet")
 // generation"), and a decision under the new generation never comes from
 // the old Set. It reports whether it invalidated. Calls must not overlap
 // (one watch makes them).
+//
+// The L7 rules are built from s too (setRules), and published with it:
+// L4 and L7 decisions under one generation read one snapshot. An L7
+// intention whose permissions are refused is logged here.
 func (a *Authorizer) SetIntentions(s *intentions.Set) bool {
-	if old := a.held.Load(); old != nil && old.Equal(s) {
+	if old := a.held.Load(); old != nil && old.set.Equal(s) {
 		return false
 	}
-	a.invalidate(func() { a.held.Store(s) })
+	rules, errs := newSetRules(s)
+	for _, err := range errs {
+		a.log.Warn("L7 intention refused; its source's requests are denied", zap.Error(err))
+	}
+	h := &heldIntentions{set: s, rules: rules}
+	a.invalidate(func() { a.held.Store(h) })
 	return true
+}
+
+// heldIntentions is what local decisions read: the intentions and their
+// L7 rules, published together.
+type heldIntentions struct {
+	set   *intentions.Set
+	rules *setRules
 }
 
 // Intentions is the Set local decisions are made from, nil before the
 // first.
-func (a *Authorizer) Intentions() *intentions.Set { return a.held.Load() }
+func (a *Authorizer) Intentions() *intentions.Set {
+	if h := a.held.Load(); h != nil {
+		return h.set
+	}
+	return nil
+}
 
-// decideLocal decides k from the held intentions; the certificate has
-// passed checkCert, so its URI is a service SPIFFE ID of this cluster.
-func (a *Authorizer) decideLocal(k cacheKey) answer {
-	s := a.held.Load()
+// decideLocal decides for the source id from the held intentions; its
+// certificate has passed checkCert, so id is a service of this cluster.
+func (a *Authorizer) decideLocal(id certs.ID) answer {
+	s := a.Intentions()
 	if s == nil {
 		return answer{err: errNoIntentions}
-	}
-	id, err := certs.ParseSPIFFE(k.uri)
-	if err != nil { // checkCert refuses these first
-		return answer{err: fmt.Errorf("authorize %s: %w", k.uri, err)}
 	}
 	a.stats.localDecisions.Add(1)
 	d := s.Decide(intentions.Peer{Partition: id.Partition, Namespace: id.Namespace, Service: id.Service})

@@ -3,6 +3,8 @@ package spoa
 import (
 	"crypto/x509"
 	"sync"
+
+	"github.com/haproxy-connect/haproxy-connect/certs"
 )
 
 // Deciding again for connections already established. HAProxy records each
@@ -35,10 +37,24 @@ type certMemory struct {
 type rememberedCert struct {
 	id   identity
 	cert *x509.Certificate
+	// svc is the certificate's URI parsed as a Consul service SPIFFE ID,
+	// or why it is not one (svcErr): parsed once per certificate.
+	svc    certs.ID
+	svcErr error
 }
 
-// remember records cert (whose identity is id) unless it is known already.
-func (c *certMemory) remember(id identity, cert *x509.Certificate) {
+// newRemembered parses what the agent needs of cert (whose identity is id).
+func newRemembered(id identity, cert *x509.Certificate) rememberedCert {
+	r := rememberedCert{id: id, cert: cert, svcErr: errNotService}
+	if id.uri != "" {
+		r.svc, r.svcErr = certs.ParseSPIFFE(id.uri)
+	}
+	return r
+}
+
+// remember records r unless its certificate is known already.
+func (c *certMemory) remember(r rememberedCert) {
+	id := r.id
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if _, ok := c.m[id.sum]; ok {
@@ -54,7 +70,7 @@ func (c *certMemory) remember(id identity, cert *x509.Certificate) {
 			break
 		}
 	}
-	c.m[id.sum] = rememberedCert{id: id, cert: cert}
+	c.m[id.sum] = r
 }
 
 func (c *certMemory) get(sum [32]byte) (rememberedCert, bool) {
@@ -107,8 +123,7 @@ func (a *Authorizer) Recheck(sum [32]byte) (source string, r RecheckResult, reas
 	if source == "" {
 		source = noSource
 	}
-	check := func() error { return a.checkOnce(rc.cert, sum) }
-	v, _, _, err := a.lookup(cacheKey(rc.id), check)
+	v, _, _, err := a.lookup(rc)
 	switch {
 	case err != nil:
 		return source, RecheckUndecided, err.Error()

@@ -67,8 +67,8 @@ func TestCertMemoryBound(t *testing.T) {
 	for i := range MaxRememberedCerts + 10 {
 		var id identity
 		id.sum[0], id.sum[1], id.sum[2] = byte(i), byte(i>>8), byte(i>>16)
-		m.remember(id, nil)
-		m.remember(id, nil) // known: no change
+		m.remember(rememberedCert{id: id})
+		m.remember(rememberedCert{id: id}) // known: no change
 	}
 	if len(m.m) != MaxRememberedCerts || m.forgotten != 10 {
 		t.Errorf("%d remembered, %d forgotten; want %d and 10", len(m.m), m.forgotten, MaxRememberedCerts)

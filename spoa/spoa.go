@@ -7,6 +7,7 @@ package spoa
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -19,7 +20,6 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/haproxy-connect/haproxy-connect/authzgen"
-	"github.com/haproxy-connect/haproxy-connect/intentions"
 )
 
 // The names HAProxy's SPOE configuration and listener rules share with the
@@ -147,7 +147,14 @@ type Authorizer struct {
 	watchIndex atomic.Uint64
 	// held is the intentions local decisions are made from (nil Decider;
 	// see local.go); nil until the first.
-	held atomic.Pointer[intentions.Set]
+	held atomic.Pointer[heldIntentions]
+	// sourceIDs memoises parsed source SPIFFE IDs (sourceID); nSourceIDs
+	// counts the stores, to bound it.
+	sourceIDs  sync.Map
+	nSourceIDs atomic.Int64
+	// served is what HAProxy verifies client certificates against
+	// (RootsServed, served.go).
+	served servedRoots
 	// verified holds the certificates checkCert passed (see checkOnce).
 	verifiedMu sync.Mutex
 	verified   map[[32]byte]verifiedCert
@@ -424,18 +431,26 @@ func (a *Authorizer) decide(der []byte, argErr error) decision {
 func (a *Authorizer) decideNow(der []byte, argErr error) decision {
 	d := decision{source: noSource, err: argErr}
 	if d.err == nil {
-		var id identity
-		var cert *x509.Certificate
-		id, cert, d.err = parseIdentity(der)
-		d.serial = id.serial
-		if id.uri != "" {
-			d.source = id.uri
+		// A certificate asked about before is not parsed again: after an
+		// intentions change every source is decided again, and parsing
+		// is most of that decision's time and allocations.
+		r, ok := a.certs.get(sha256.Sum256(der))
+		if !ok {
+			var id identity
+			var cert *x509.Certificate
+			if id, cert, d.err = parseIdentity(der); d.err == nil {
+				r = newRemembered(id, cert)
+				a.certs.remember(r)
+			}
+			r.id = id
+		}
+		d.serial = r.id.serial
+		if r.id.uri != "" {
+			d.source = r.id.uri
 		}
 		if d.err == nil {
-			a.certs.remember(id, cert)
-			check := func() error { return a.checkOnce(cert, id.sum) }
 			var v verdict
-			v, d.how, d.gen, d.err = a.lookup(cacheKey(id), check)
+			v, d.how, d.gen, d.err = a.lookup(r)
 			d.allowed, d.reason = v.allowed, v.reason
 			d.undecided = d.err != nil
 			if d.err == nil && v.refused >= 0 {
@@ -540,11 +555,14 @@ type Stats struct {
 	CacheEntries int
 	// L7Allowed and L7Denied count requests decided by L7 permissions.
 	L7Allowed, L7Denied uint64
+	// ChainVerifications counts the client certificates whose chain the
+	// agent verified itself (see served.go for when it need not).
+	ChainVerifications uint64
 }
 
 type counters struct {
 	allowed, denied, undecided, cacheHits, coalesced, consulCalls, localDecisions, errors, invalidations atomic.Uint64
-	l7Allowed, l7Denied                                                                                  atomic.Uint64
+	l7Allowed, l7Denied, chainVerifications                                                              atomic.Uint64
 	refused                                                                                              [5]atomic.Uint64 // indexed as refusals
 }
 
@@ -573,5 +591,7 @@ func (a *Authorizer) Stats() Stats {
 		CacheEntries:    n,
 		L7Allowed:       a.stats.l7Allowed.Load(),
 		L7Denied:        a.stats.l7Denied.Load(),
+
+		ChainVerifications: a.stats.chainVerifications.Load(),
 	}
 }

@@ -165,13 +165,18 @@ func TestCheckCert(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			cert, err := x509.ParseCertificate(tt.der)
+			id, cert, err := parseIdentity(tt.der)
 			if err != nil {
 				t.Fatal(err)
 			}
-			got := checkCert(cert, tt.trust, time.Now())
-			if !errors.Is(got, tt.want) || (got == nil) != (tt.want == nil) {
-				t.Errorf("checkCert: %v, want %v", got, tt.want)
+			// The same outcome whether HAProxy's verification is relied
+			// on or not (served.go): what the agent skips then is only
+			// a signature check HAProxy made.
+			for _, handshake := range []bool{false, true} {
+				got := checkCert(cert, newRemembered(id, cert).svcErr, tt.trust, time.Now(), handshake, nil)
+				if !errors.Is(got, tt.want) || (got == nil) != (tt.want == nil) {
+					t.Errorf("checkCert (handshake verified: %v): %v, want %v", handshake, got, tt.want)
+				}
 			}
 		})
 	}
@@ -436,7 +441,7 @@ func TestDecideSequence(t *testing.T) {
 			t.Errorf("%s: %d decider calls, want %d", s.name, n, s.wantCalls)
 		}
 	}
-	wantStats := Stats{Allowed: 4, Denied: 8, Undecided: 1, CacheHits: 3, ConsulCalls: 6, Errors: 3, Invalidations: 2, Generation: 2, CacheEntries: 1,
+	wantStats := Stats{Allowed: 4, Denied: 8, Undecided: 1, CacheHits: 3, ConsulCalls: 6, Errors: 3, Invalidations: 2, Generation: 2, CacheEntries: 1, ChainVerifications: 3,
 		Refused: map[string]uint64{"uri_sans": 1, "not_spiffe": 0, "trust_domain": 0, "not_service": 2, "chain": 0}}
 	if diff := cmp.Diff(wantStats, a.Stats()); diff != "" {
 		t.Errorf("stats (-want +got):\n%s", diff)

@@ -175,14 +175,12 @@ func run(o options) error {
 	// connections of a tcp listener are decided again (package tcpdeny),
 	// through a runtime client of their own on the master socket.
 	var sweeper *tcpdeny.Sweeper
-	// L7 permissions: the destination's service-intentions entries, and
-	// the default policy for a request no permission matches (its watch
-	// below reads both).
-	l7rules := spoa.NewIntentionEntries(proxy.Proxy.DestinationServiceName)
+	// The agent decides L4 and L7 (per request, on HTTP listeners) from
+	// the destination's intentions it watches (WatchIntentions below).
 	auth := spoa.New(proxy.Proxy.DestinationServiceName, nil, log.Named("spoa"),
 		spoa.WithInvalidateHook(func(gen uint64) { ctl.SetAuthzGeneration(gen); ctl.WaitAuthzGeneration(gen) }),
 		spoa.WithSwitchHook(func(uint64) { sweeper.Kick() }),
-		spoa.WithL7Rules(l7rules))
+		spoa.WithServedRootsGrace(o.hardStopAfter))
 	sweeper = tcpdeny.New(runtime.New(filepath.Join(stateDir, controller.MasterSocket), log.Named("tcpdeny")),
 		auth, bootstrap.PublicFrontend, log.Named("tcpdeny"))
 	ctl, err = controller.New(controller.Config{
@@ -190,6 +188,11 @@ func run(o options) error {
 		SPOASocket: spoaSocket, Log: log.Named("controller"), MinSlots: o.minSlots, AccessLog: o.accessLog,
 		Threads: o.threads, HardStopAfter: o.hardStopAfter, MaxEndpoints: o.maxEndpoints, AnswerLimit: answerLimit,
 		OnAdopt: auth.RaiseGeneration,
+		OnRootsServed: func(pem string, fresh bool) {
+			if err := auth.RootsServed(pem, fresh); err != nil {
+				log.Warn("the SPOE agent verifies every client certificate chain itself", zap.Error(err))
+			}
+		},
 	})
 	if err != nil {
 		return err
@@ -228,12 +231,6 @@ func run(o options) error {
 	})
 	g.Go(func() error {
 		sweeper.Run(gctx)
-		return nil
-	})
-	g.Go(func() error {
-		// A new L7 table re-authorizes every connection on its next
-		// request, as an intentions change does.
-		l7rules.Watch(gctx, client, log.Named("spoa"), auth.Invalidate)
 		return nil
 	})
 	g.Go(func() error {
