@@ -664,11 +664,19 @@ func (r wrkResult) ErrorText() string {
 // runWrk runs wrk against url with n connections (2 threads, 1 for one
 // connection) for d, whole seconds.
 func runWrk(ctx context.Context, bin, url string, n int, d time.Duration, closeConn bool) (wrkResult, error) {
+	var extra []string
+	if closeConn {
+		extra = []string{"-H", "Connection: close"}
+	}
+	return runWrkArgs(ctx, bin, url, n, d, extra...)
+}
+
+// runWrkArgs is runWrk with wrk arguments of the caller's (a script, a
+// header).
+func runWrkArgs(ctx context.Context, bin, url string, n int, d time.Duration, extra ...string) (wrkResult, error) {
 	args := []string{"-t", strconv.Itoa(min(2, n)), "-c", strconv.Itoa(n),
 		"-d", fmt.Sprintf("%ds", max(1, int(d.Round(time.Second)/time.Second))), "--latency"}
-	if closeConn {
-		args = append(args, "-H", "Connection: close")
-	}
+	args = append(args, extra...)
 	cmd := exec.CommandContext(ctx, bin, append(args, url)...)
 	out, err := cmd.CombinedOutput()
 	if err != nil {

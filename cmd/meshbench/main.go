@@ -57,7 +57,7 @@ type workload struct {
 // workloadOrder, each adding its sections to the report.
 var workloads []workload
 
-var workloadOrder = []string{"churn", "runtime", "datapath", "authz", "footprint"}
+var workloadOrder = []string{"churn", "runtime", "datapath", "authz", "l7", "footprint"}
 
 func main() {
 	rounds := flag.Int("rounds", 3, "rounds per figure (median, min and max are reported)")
