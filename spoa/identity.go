@@ -235,6 +235,13 @@ func (a *Authorizer) checkOnce(cert *x509.Certificate, sum [32]byte, svcErr erro
 		return nil
 	}
 	fast := t != nil && a.served.handshakeVerified(t, now)
+	if t != nil && a.served.changed(fast) {
+		if fast {
+			a.log.Info("client certificate chains: relying on HAProxy's verification, every root it may hold is one Consul lists")
+		} else {
+			a.log.Info("client certificate chains: the agent verifies each one itself (the roots HAProxy holds are unknown or not all Consul's)")
+		}
+	}
 	if err := checkCert(cert, svcErr, t, now, fast, &a.stats.chainVerifications); err != nil {
 		return err
 	}

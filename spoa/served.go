@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -62,6 +63,19 @@ type servedRoots struct {
 	current      map[[32]byte]bool
 	// replaced are roots only old workers may hold, until their deadline.
 	replaced map[[32]byte]time.Time
+	// relying is the last answer of handshakeVerified that was logged
+	// (0: none yet, 1: relying on HAProxy, 2: verifying).
+	relying atomic.Int32
+}
+
+// changed reports whether relying differs from the last answer seen, and
+// records it: the agent logs each switch once.
+func (s *servedRoots) changed(relying bool) bool {
+	v := int32(2)
+	if relying {
+		v = 1
+	}
+	return s.relying.Swap(v) != v
 }
 
 // RootsServed tells the agent the CA roots (PEM) HAProxy verifies client

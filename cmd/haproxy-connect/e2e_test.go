@@ -413,11 +413,13 @@ func TestFailStaticAuthorization(t *testing.T) {
 	consul := testenv.Consul(t, testenv.ConsulOptions{DefaultDeny: true})
 	c := consul.Client
 	port := testenv.FreePort(t)
+	httpServiceDefaults(t, c, "server") // L7 permissions need it
 	register(t, c, "server", httpApp(t, "server"), port, map[string]any{"protocol": "http"})
 	link := testenv.NewLink(t, consul.Addr)
 	server := startSidecar(t, consul, "server", "-http-addr", link.Addr)
 	// intentions writes the server's intentions: "other" as given,
-	// "fresh" allowed, "denied" denied.
+	// "fresh" allowed, "denied" denied, "l7fresh" under L7 permissions
+	// (deny /admin, allow the rest).
 	intentions := func(other api.IntentionAction) uint64 {
 		if _, _, err := c.ConfigEntries().Set(&api.ServiceIntentionsConfigEntry{
 			Kind: api.ServiceIntentions, Name: "server",
@@ -425,6 +427,7 @@ func TestFailStaticAuthorization(t *testing.T) {
 				{Name: "other", Action: other},
 				{Name: "fresh", Action: api.IntentionActionAllow},
 				{Name: "denied", Action: api.IntentionActionDeny},
+				{Name: "l7fresh", Permissions: []*api.IntentionPermission{denyPrefix("/admin"), allowRest()}},
 			},
 		}, nil); err != nil {
 			t.Fatal(err)
@@ -443,21 +446,22 @@ func TestFailStaticAuthorization(t *testing.T) {
 	tlsFor := func(service string) *tls.Config {
 		return &tls.Config{Certificates: []tls.Certificate{meshCert(t, c, service)}, InsecureSkipVerify: true}
 	}
-	newConn := func(service string, want int) func() error {
+	newConnPath := func(service, path string, want int) func() error {
 		tr := &http.Transport{DisableKeepAlives: true, TLSClientConfig: tlsFor(service)}
 		cl := &http.Client{Timeout: 5 * time.Second, Transport: tr}
 		return func() error {
-			resp, err := cl.Get(url)
+			resp, err := cl.Get(url + strings.TrimPrefix(path, "/"))
 			if err != nil {
 				return fmt.Errorf("%s: %w", service, err)
 			}
 			resp.Body.Close()
 			if resp.StatusCode != want {
-				return fmt.Errorf("%s on a new connection: %d, want %d", service, resp.StatusCode, want)
+				return fmt.Errorf("%s on a new connection, GET %s: %d, want %d", service, path, resp.StatusCode, want)
 			}
 			return nil
 		}
 	}
+	newConn := func(service string, want int) func() error { return newConnPath(service, "/", want) }
 	onKept := func(call func() (int, error), reused *atomic.Bool, service string, want int) func() error {
 		return func() error {
 			code, err := call()
@@ -475,8 +479,17 @@ func TestFailStaticAuthorization(t *testing.T) {
 	if code, err := otherCall(); err != nil || code != 200 {
 		t.Fatalf("other before the cut: %d %v", code, err)
 	}
+	// The controller told the agent the roots HAProxy verifies against:
+	// the agent relies on that verification (spoa: served.go).
+	eventually(t, 5*time.Second, "the agent relies on HAProxy's chain verification", func() error {
+		if !strings.Contains(server.out.String(), "client certificate chains: relying on HAProxy's verification") {
+			return errors.New("not logged")
+		}
+		return nil
+	})
 	freshCall, freshReused := keptAlive(t, &http.Transport{MaxIdleConnsPerHost: 1, TLSClientConfig: tlsFor("fresh")}, url)
 	freshNew, deniedNew := newConn("fresh", 200), newConn("denied", 403)
+	l7Allowed, l7Denied := newConnPath("l7fresh", "/items", 200), newConnPath("l7fresh", "/admin/users", 403)
 
 	link.Cut()
 	eventually(t, 10*time.Second, "the intention watch reports the cut", func() error {
@@ -492,12 +505,19 @@ func TestFailStaticAuthorization(t *testing.T) {
 	if err := deniedNew(); err != nil {
 		t.Fatalf("a never-seen denied source with Consul unreachable: %v", err)
 	}
+	// L7 rules hold too, for a source never seen.
+	if err := l7Allowed(); err != nil {
+		t.Fatalf("a never-seen L7 source, allowed path, with Consul unreachable: %v", err)
+	}
+	if err := l7Denied(); err != nil {
+		t.Fatalf("a never-seen L7 source, denied path, with Consul unreachable: %v", err)
+	}
 	if code, err := freshCall(); err != nil || code != 200 {
 		t.Fatalf("fresh on a kept-alive connection with Consul unreachable: %d %v", code, err)
 	}
 	// And for seconds, on new and kept-alive connections.
 	stops := []func() (int64, int64, error){
-		load(freshNew), load(deniedNew),
+		load(freshNew), load(deniedNew), load(l7Allowed), load(l7Denied),
 		load(onKept(otherCall, otherReused, "other", 200)), load(onKept(freshCall, freshReused, "fresh", 200)),
 	}
 	time.Sleep(3 * time.Second)
