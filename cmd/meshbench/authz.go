@@ -83,7 +83,12 @@ type decisionCase struct {
 	// noDecision sends a message the agent ignores: what is left is
 	// loopback, framing and the agent's dispatch.
 	noDecision bool
-	samples    int
+	// newCerts presents a certificate the agent has never seen on every
+	// request (minted by the CA Consul runs with); agentVerifies sends
+	// them to an agent that was not told HAProxy's roots, which verifies
+	// each chain itself.
+	newCerts, agentVerifies bool
+	samples                 int
 }
 
 type decisionFigures struct {
@@ -97,7 +102,13 @@ func runAuthz(ctx context.Context, b *Bench) error {
 	if b.Wrk == "" {
 		return errors.New("wrk not found (apt-get install -y wrk, or set WRK_BIN)")
 	}
-	consul, err := b.StartConsul(testenv.ConsulOptions{})
+	// Consul signs with a CA of meshbench's, which mints certificates
+	// no agent has seen for the decision-time cases.
+	ca, err := testenv.GenerateCA("meshbench authz CA")
+	if err != nil {
+		return err
+	}
+	consul, err := b.StartConsul(testenv.ConsulOptions{CA: ca})
 	if err != nil {
 		return err
 	}
@@ -183,11 +194,21 @@ func runAuthz(ctx context.Context, b *Bench) error {
 	if err != nil {
 		return err
 	}
-	timing, err := startAuthzAgent(b.Env, "server", authClient)
+	// The sidecar's agent is told the roots HAProxy verifies client
+	// certificates against; the second is not, and verifies each chain.
+	timing, err := startAuthzAgent(b.Env, "server", authClient, ca.CertPEM)
+	if err != nil {
+		return err
+	}
+	verifying, err := startAuthzAgent(b.Env, "server", authClient, "")
 	if err != nil {
 		return err
 	}
 	certs, err := sourceCerts(c, authzSources)
+	if err != nil {
+		return err
+	}
+	roots, _, err := c.Agent().ConnectCARoots(nil)
 	if err != nil {
 		return err
 	}
@@ -198,7 +219,25 @@ func runAuthz(ctx context.Context, b *Bench) error {
 	cases := []decisionCase{
 		{name: "cached", message: authzgen.Message, samples: cached},
 		{name: "uncached (held intentions)", message: authzgen.Message, uncached: true, samples: uncached},
+		{name: "uncached, a certificate never seen", message: authzgen.Message, uncached: true, newCerts: true, samples: uncached},
+		{name: "uncached, a certificate never seen, roots not known to be HAProxy's", message: authzgen.Message, uncached: true,
+			newCerts: true, agentVerifies: true, samples: uncached},
 		{name: "no decision (SPOP round-trip floor)", noDecision: true, samples: floor},
+	}
+	mint := func(n int) ([][]byte, error) {
+		var out [][]byte
+		for i := range n {
+			certPEM, _, err := ca.IssueLeaf(fmt.Sprintf("spiffe://%s/ns/default/dc/dc1/svc/fresh-%d", roots.TrustDomain, i))
+			if err != nil {
+				return nil, err
+			}
+			blk, _ := pem.Decode([]byte(certPEM))
+			if blk == nil {
+				return nil, errors.New("minted leaf: no PEM block")
+			}
+			out = append(out, blk.Bytes)
+		}
+		return out, nil
 	}
 
 	rates := map[string]map[authzCell]*authzFigures{}
@@ -244,7 +283,7 @@ func runAuthz(ctx context.Context, b *Bench) error {
 				}
 			}
 		}
-		if err := measureDecisions(timing, certs, cases, times); err != nil {
+		if err := measureDecisions(timing, verifying, certs, mint, cases, times); err != nil {
 			return err
 		}
 	}
@@ -290,7 +329,11 @@ func (ag *authzAgent) takeInAgent() Samples {
 // watch holds. It logs as the sidecar does (info, console encoding), to
 // nowhere: uncached decisions pay for their log line. It returns once the
 // agent holds the intentions.
-func startAuthzAgent(e *Env, target string, client *api.Client) (*authzAgent, error) {
+//
+// servedRoots, unless empty, are announced as the roots HAProxy verifies
+// client certificates against (as the sidecar's controller does), so the
+// agent relies on that verification for certificates it has not seen.
+func startAuthzAgent(e *Env, target string, client *api.Client, servedRoots string) (*authzAgent, error) {
 	log := zap.New(zapcore.NewCore(zapcore.NewConsoleEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(io.Discard), zapcore.InfoLevel))
 	ag := &authzAgent{}
 	ag.a = spoa.New(target, nil, log, spoa.WithObserver(func(_ bool, took time.Duration) {
@@ -298,6 +341,11 @@ func startAuthzAgent(e *Env, target string, client *api.Client) (*authzAgent, er
 		ag.inAgent = append(ag.inAgent, took.Seconds())
 		ag.mu.Unlock()
 	}))
+	if servedRoots != "" {
+		if err := ag.a.RootsServed(servedRoots, true); err != nil {
+			return nil, err
+		}
+	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
@@ -518,33 +566,51 @@ func measureOnOff(ctx context.Context, b *Bench, v authzVariant, cell authzCell,
 // measureDecisions times each case over one SPOP connection, one request
 // at a time, and checks from the agent's counters that each request was
 // decided the way the case says.
-func measureDecisions(ag *authzAgent, certs [][]byte, cases []decisionCase, figs map[string]*decisionFigures) error {
-	cl, err := spoptest.Dial(ag.addr, "meshbench-"+strconv.Itoa(os.Getpid()), 5*time.Second)
-	if err != nil {
-		return err
-	}
-	defer cl.Close()
-	// Warm up: fill the cache, start the agent's workers, touch the code.
-	for i := 0; i < 200; i++ {
-		if _, err := spopAuthorize(cl, authzgen.Message, certs[i%len(certs)]); err != nil {
+func measureDecisions(main, verifying *authzAgent, certs [][]byte, mint func(int) ([][]byte, error), cases []decisionCase,
+	figs map[string]*decisionFigures) error {
+	conns := map[*authzAgent]*spoptest.Conn{}
+	for _, ag := range []*authzAgent{main, verifying} {
+		cl, err := spoptest.Dial(ag.addr, "meshbench-"+strconv.Itoa(os.Getpid()), 5*time.Second)
+		if err != nil {
 			return err
+		}
+		defer cl.Close()
+		conns[ag] = cl
+		// Warm up: fill the cache, start the agent's workers, touch the code.
+		for i := 0; i < 200; i++ {
+			if _, err := spopAuthorize(cl, authzgen.Message, certs[i%len(certs)]); err != nil {
+				return err
+			}
 		}
 	}
 	for _, c := range cases {
+		ag := main
+		if c.agentVerifies {
+			ag = verifying
+		}
+		cl := conns[ag]
+		present := certs
+		if c.newCerts {
+			var err error
+			if present, err = mint(c.samples); err != nil {
+				return err
+			}
+		}
 		before := ag.a.Stats()
 		ag.takeInAgent()
 		s := make(Samples, 0, c.samples)
 		for i := 0; i < c.samples; i++ {
-			if c.uncached {
+			if c.uncached && !c.newCerts {
 				ag.a.Invalidate()
 			}
 			start := time.Now()
 			var allowed bool
+			var err error
 			if c.noDecision {
 				err = spopIgnored(cl)
 				allowed = true
 			} else {
-				allowed, err = spopAuthorize(cl, c.message, certs[i%len(certs)])
+				allowed, err = spopAuthorize(cl, c.message, present[i%len(present)])
 			}
 			d := time.Since(start)
 			if err != nil {
@@ -557,8 +623,13 @@ func measureDecisions(ag *authzAgent, certs [][]byte, cases []decisionCase, figs
 		}
 		after := ag.a.Stats()
 		hits, calls := after.CacheHits-before.CacheHits, after.LocalDecisions-before.LocalDecisions
+		verified := after.ChainVerifications - before.ChainVerifications
 		n := uint64(c.samples)
 		switch {
+		case c.newCerts && c.agentVerifies && verified != n:
+			return fmt.Errorf("%s: the agent verified %d chains for %d new certificates", c.name, verified, n)
+		case c.newCerts && !c.agentVerifies && verified != 0:
+			return fmt.Errorf("%s: the agent verified %d chains, HAProxy's roots announced", c.name, verified)
 		case c.noDecision && (hits != 0 || calls != 0):
 			return fmt.Errorf("%s: the agent decided (%d cache hits, %d uncached decisions)", c.name, hits, calls)
 		case c.uncached && calls != n:
@@ -620,9 +691,14 @@ func reportDecisions(b *Bench, cases []decisionCase, figs map[string]*decisionFi
 		"request at a time on one connection, as HAProxy would over one agent connection. Each figure therefore "+
 		"includes loopback, SPOP framing and the agent's dispatch; the floor row (a message the agent ignores) "+
 		"is that overhead alone. Uncached: the cache is dropped (Invalidate, as on an intention change) before "+
-		"each request, outside the timed span: each uncached decision walks the held intentions again, as after an intention change; the chain check of these 8 certificates is remembered per certificate (a never-seen one adds one ECDSA P-256 verification: go test -bench BenchmarkDecide ./spoa). The agent's counters are checked after each case: every cached "+
-		"request was a cache hit, every uncached one a local decision (no Consul call). In agent: the agent's own time per decision "+
-		"(spoa.WithObserver: certificate parse, cache or intentions, log line), without loopback or framing.", authzSources)
+		"each request, outside the timed span: each uncached decision walks the held intentions again, as after an intention change; "+
+		"these 8 certificates' checks are remembered per certificate. A certificate never seen: every request presents a new leaf "+
+		"(minted by the CA Consul runs with), parsed and checked: with HAProxy's roots announced, as the sidecar's controller does, "+
+		"the agent relies on HAProxy's handshake verification; without, it verifies the chain itself (one ECDSA P-256 signature "+
+		"check; a second agent, not told the roots). The agent's counters are checked after each case: every cached "+
+		"request was a cache hit, every uncached one a local decision (no Consul call), and chains were verified by the agent exactly "+
+		"when expected. In agent: the agent's own time per decision "+
+		"(spoa.WithObserver: certificate parse and checks, cache or intentions, log line), without loopback or framing.", authzSources)
 }
 
 func reportOnOff(b *Bench, variants []authzVariant, figs map[string]map[authzCell]*authzFigures) {
