@@ -240,3 +240,77 @@ func TestL7OnTCPListenerRefused(t *testing.T) {
 		}
 	}
 }
+
+// TestL4L7SwitchKeepsTraffic: a source moved from an L4 allow to an L7
+// intention that allows what it sends, and back, is served throughout, on
+// its kept-alive connection and on new ones: the agent's connection and
+// request decisions come from one intentions snapshot, so no request sees
+// one kind of verdict while its connection holds the other (before, the L7
+// rules had a watch of their own and such a switch gave a few 403s or
+// 503s). Each switch is seen applied (an /admin probe denied, then
+// allowed) while the load runs, and the load runs on for seconds after.
+func TestL4L7SwitchKeepsTraffic(t *testing.T) {
+	consul := testenv.Consul(t, testenv.ConsulOptions{DefaultDeny: true})
+	c := consul.Client
+	httpServiceDefaults(t, c, "server")
+	ports := testenv.FreePorts(t, 4)
+	register(t, c, "server", httpApp(t, "server"), ports[0], map[string]any{"protocol": "http"})
+	register(t, c, "client", ports[1], ports[2], nil, api.Upstream{DestinationName: "server", LocalBindPort: ports[3], Config: map[string]any{"protocol": "http"}})
+	l4 := func() {
+		if _, _, err := c.ConfigEntries().Set(&api.ServiceIntentionsConfigEntry{Kind: api.ServiceIntentions, Name: "server",
+			Sources: []*api.SourceIntention{{Name: "client", Action: api.IntentionActionAllow}}}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l4()
+	server := startSidecar(t, consul, "server")
+	startSidecar(t, consul, "client")
+	base := fmt.Sprintf("http://127.0.0.1:%d", ports[3])
+	call, reused := keptAliveReq(t, base)
+	kept := func() error {
+		code, err := call("/items")
+		if err != nil || code != 200 {
+			return fmt.Errorf("kept-alive GET /items: %d %v", code, err)
+		}
+		if !reused.Load() {
+			return errors.New("the kept-alive connection was not reused")
+		}
+		return nil
+	}
+	fresh := func(path string, want int) func() error {
+		return func() error {
+			req, _ := http.NewRequest("GET", base+path, nil)
+			req.Close = true
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				return err
+			}
+			resp.Body.Close()
+			if resp.StatusCode != want {
+				return fmt.Errorf("new connection GET %s: %d, want %d", path, resp.StatusCode, want)
+			}
+			return nil
+		}
+	}
+	eventually(t, 10*time.Second, "served", fresh("/items", 200))
+	if _, err := call("/items"); err != nil {
+		t.Fatal(err)
+	}
+	reloads := server.reloads(t)
+	stops := []func() (int64, int64, error){load(kept), load(fresh("/items", 200))}
+	for i := range 3 {
+		l7Intention(t, c, "client", "server", denyPrefix("/admin"), allowRest())
+		eventually(t, 5*time.Second, fmt.Sprintf("switch %d to L7 applied", i), fresh("/admin", 403))
+		l4()
+		eventually(t, 5*time.Second, fmt.Sprintf("switch %d back to L4 applied", i), fresh("/admin", 200))
+	}
+	time.Sleep(2 * time.Second) // traffic keeps flowing after the last switch
+	for i, stop := range stops {
+		if ok, failed, first := stop(); ok == 0 || failed > 0 {
+			t.Errorf("load %d: %d of %d calls failed; first: %v", i, failed, ok+failed, first)
+		}
+	}
+	if r := server.reloads(t); r != reloads {
+		t.Errorf("server reloaded %d times for intention switches", r-reloads)
+	}
+}
