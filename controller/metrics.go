@@ -111,6 +111,9 @@ func newMetrics(answerLimit *AnswerLimit) *Metrics {
 		mismatches: counterVec("haproxy_connect_upstream_identity_mismatches_total",
 			"Verifications in which an endpoint of the upstream showed another identity than its destination's; it gets no traffic. The log line names the instance, address and identity.", "upstream"),
 	}
+	for _, r := range []string{reloadRegistration, reloadRoots, reloadListener, reloadAdopted} {
+		m.reloads.WithLabelValues(r)
+	}
 	for r := range numBindResults {
 		m.bindChecks.WithLabelValues(r.String())
 	}
@@ -169,10 +172,11 @@ func (m *Metrics) reloaded(reason string) {
 }
 
 // setEndpoints publishes the used and total slots of tables, the applied
-// state.
+// state. An upstream's mismatch counter exists from then on.
 func (m *Metrics) setEndpoints(tables map[string]slots.Table) {
 	us := make([]upstreamGauge, 0, len(tables))
 	for name, t := range tables {
+		m.mismatches.WithLabelValues(name) // at 0 from the start
 		us = append(us, upstreamGauge{name: name, endpoints: t.Used(), slots: len(t.Slots), free: len(t.Slots) - t.Used()})
 	}
 	m.upstreams.Store(&us)
