@@ -154,10 +154,15 @@ func TestDashboardSeriesExist(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, f := range []scrape.Families{client, server} {
+	for i, f := range []scrape.Families{client, server} {
 		if v, err := f.Value("haproxy_connect_haproxy_exporter_up"); err != nil || v != 1 {
 			t.Errorf("haproxy_connect_haproxy_exporter_up = %v %v, want 1", v, err)
 		}
+		s := []*sidecar{m.client, m.server}[i]
+		if out := s.out.String(); strings.Contains(out, "metrics collection failed") || strings.Contains(out, "exporter not read") {
+			t.Errorf("%s logged a failed collection:\n%s", s.id, out)
+		}
+		t.Logf("%s: %d metric families, %d of them HAProxy's", s.id, len(f), countPrefix(f, "haproxy_", "haproxy_connect_"))
 	}
 	titles := make([]string, 0, len(queries))
 	for title := range queries {
@@ -193,4 +198,16 @@ func TestDashboardSeriesExist(t *testing.T) {
 	if n, err := client.Value("haproxy_connect_upstream_endpoints", "upstream", "up_server"); err != nil || n != 1 {
 		t.Errorf("up_server endpoints after the churn = %v %v, want 1", n, err)
 	}
+}
+
+// countPrefix counts the families whose name starts with prefix and not
+// with except.
+func countPrefix(f scrape.Families, prefix, except string) int {
+	n := 0
+	for name := range f {
+		if strings.HasPrefix(name, prefix) && !strings.HasPrefix(name, except) {
+			n++
+		}
+	}
+	return n
 }
