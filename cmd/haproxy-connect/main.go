@@ -543,5 +543,5 @@ func metricsGatherer(ctl *controller.Controller, auth *spoa.Authorizer, sweeper 
 type zapPrintln struct{ log *zap.Logger }
 
 func (z zapPrintln) Println(v ...any) {
-	z.log.Warn("metrics: " + strings.TrimSuffix(fmt.Sprintln(v...), "\n"))
+	z.log.Warn("metrics collection failed", zap.String("error", strings.TrimSuffix(fmt.Sprintln(v...), "\n")))
 }
