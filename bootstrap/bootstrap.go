@@ -47,6 +47,11 @@ type Spec struct {
 	// agent, which answers as an intentions oracle with the sidecar's
 	// token).
 	SPOASocket string
+	// ExporterSocket, when set, is the unix socket (an absolute path in
+	// the private state directory) on which HAProxy serves its built-in
+	// Prometheus exporter, for the sidecar's /metrics to include (see
+	// Render). Empty: no exporter.
+	ExporterSocket string
 	// HardStopAfter bounds how long an old worker may live after a reload.
 	HardStopAfter time.Duration
 	// AccessLog sends one log line per connection/request to stdout.
@@ -99,6 +104,9 @@ const (
 	PublicFrontend = "public_listener"
 	LocalBackend   = "local_app"
 	SPOEBackend    = "spoe_agents"
+	// ExporterFrontend serves HAProxy's Prometheus exporter
+	// (Spec.ExporterSocket). Its series carry proxy="prometheus".
+	ExporterFrontend = "prometheus"
 	// The SPOE and authz map names are the authorization protocol's
 	// (package authzgen), shared with the agent and the controller.
 	SPOEEngine = authzgen.Engine
@@ -318,6 +326,14 @@ func (s Spec) Validate() error {
 	}
 	if len(s.SPOASocket) > MaxSocketPath {
 		return fmt.Errorf("%w: spoe agent socket %q is longer than %d bytes", ErrInvalid, s.SPOASocket, MaxSocketPath)
+	}
+	if s.ExporterSocket != "" {
+		if _, err := input.Path("exporter socket", s.ExporterSocket); err != nil {
+			return invalid(err)
+		}
+		if len(s.ExporterSocket) > MaxSocketPath {
+			return fmt.Errorf("%w: exporter socket %q is longer than %d bytes", ErrInvalid, s.ExporterSocket, MaxSocketPath)
+		}
 	}
 	if s.HardStopAfter <= 0 || s.HardStopAfter > 24*time.Hour {
 		return fmt.Errorf("%w: hard-stop-after %s", ErrInvalid, s.HardStopAfter)
@@ -548,6 +564,21 @@ func renderConfig(s Spec) (string, error) {
 	w("    timeout connect 1s")
 	w("    timeout server 3m")
 	w("    server agent unix@%s", s.SPOASocket)
+	if s.ExporterSocket != "" {
+		// HAProxy's own traffic series (per frontend and backend: requests,
+		// responses by class, errors, time averages), which the sidecar's
+		// /metrics serves beside its own: one scrape target. A unix socket
+		// in the private state directory, so nothing else reaches it and
+		// it takes no port; never logged, whatever AccessLog says (one
+		// line per scrape would be noise). Served by the current worker:
+		// a stopping one unbinds it.
+		w("")
+		w("frontend %s", ExporterFrontend)
+		w("    mode http")
+		w("    bind unix@%s mode 600", s.ExporterSocket)
+		w("    no log")
+		w("    http-request use-service prometheus-exporter")
+	}
 
 	ups := slices.Clone(s.Upstreams)
 	slices.SortFunc(ups, func(a, b Upstream) int { return strings.Compare(a.Name, b.Name) })

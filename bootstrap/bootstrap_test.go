@@ -61,6 +61,8 @@ func goldenSpecs() map[string]Spec {
 	http.StateMap = goldenState + "/state.map"
 	http.Reason = "registration: upstream up_db added; CA roots changed"
 	http.ConfigID = "c0ffee-1"
+	// Access logs on: the exporter's frontend logs nothing anyway.
+	http.ExporterSocket = goldenState + "/exporter.sock"
 	db := upstream("db", 9192, "tcp", 8)
 	db.ConnectTimeout = 250 * time.Millisecond
 	db.ServerID = "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/db"
@@ -206,6 +208,9 @@ func TestValidateRejects(t *testing.T) {
 		{"spoe socket with space", func(s *Spec) { s.SPOASocket = "/state/spoa.sock check" }},
 		{"spoe socket with newline", func(s *Spec) { s.SPOASocket = "/state/spoa.sock\nprogram x" }},
 		{"spoe socket too long", func(s *Spec) { s.SPOASocket = "/" + strings.Repeat("d", MaxSocketPath) }},
+		{"exporter socket relative", func(s *Spec) { s.ExporterSocket = "exporter.sock" }},
+		{"exporter socket with newline", func(s *Spec) { s.ExporterSocket = "/state/exporter.sock\nprogram x" }},
+		{"exporter socket too long", func(s *Spec) { s.ExporterSocket = "/" + strings.Repeat("d", MaxSocketPath) }},
 		{"slot endpoint hostname", func(s *Spec) { s.Upstreams[0].Slots.Slots[0].Addr = "evil host" }},
 		{"slot endpoint zone with a program section", func(s *Spec) {
 			s.Upstreams[0].Slots.Slots[0].Addr = "fe80::1%lo]:80\nprogram pwn\n command /bin/true"

@@ -84,6 +84,8 @@ var configShapes = []string{
 	`    default-server ssl crt ` + shapePath + ` ca-file ` + shapePath + ` verify required( alpn (h2|h2,http/1\.1))?`,
 	`    server app ` + shapeAddrPort + `( proto h2)?`,
 	`    server agent unix@` + shapePath,
+	`    bind unix@` + shapePath + ` mode 600`,
+	`    http-request use-service prometheus-exporter`,
 	`    server s\d+ ` + shapeAddrPort + ` weight \d+`,
 	`    server-template s \d+-\d+ 127\.0\.0\.1:1 disabled`,
 }

@@ -159,7 +159,7 @@ func TestAdoptTranscript(t *testing.T) {
 			if diff := cmp.Diff(tt.want, fake.take()); diff != "" {
 				t.Errorf("transcript (-want +got):\n%s", diff)
 			}
-			if got := c.metrics.Reloads(); got != tt.reloads {
+			if got := reloads(t, c.metrics); got != tt.reloads {
 				t.Errorf("%d reloads, want %d", got, tt.reloads)
 			}
 			if !c.applied.known || !c.Ready() {

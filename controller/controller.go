@@ -190,6 +190,10 @@ const (
 	PIDFile = "haproxy.pid"
 	// MasterSocket is the master CLI.
 	MasterSocket = "master.sock"
+	// ExporterSocket is where HAProxy serves its Prometheus exporter
+	// (bootstrap.Spec.ExporterSocket). As short as "spoa.sock", so a
+	// state directory that fits one fits both.
+	ExporterSocket = "prom.sock"
 )
 
 // DefaultHardStopAfter is how long an old worker keeps its connections

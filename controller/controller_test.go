@@ -307,12 +307,17 @@ func TestReconcileTranscript(t *testing.T) {
 	if started != 1 {
 		t.Errorf("haproxy started %d times, want 1", started)
 	}
-	if c.metrics.Reloads() != 5 {
-		t.Errorf("reloads = %d, want 5", c.metrics.Reloads())
+	for reason, want := range map[string]float64{reloadListener: 2, reloadRegistration: 2, reloadRoots: 1} {
+		if got := value(t, c.metrics, "haproxy_connect_reloads_total", "reason", reason); got != want {
+			t.Errorf("reloads for %s = %g, want %g", reason, got, want)
+		}
 	}
-	for r, want := range map[bindResult]uint64{bindOK: 2, bindNoClientCertRequest: 1, bindWrongLeaf: 1, bindUnreachable: 1} {
-		if got := c.metrics.bindChecks[r].Load(); got != want {
-			t.Errorf("bind checks %s = %d, want %d", r, got, want)
+	if got := reloads(t, c.metrics); got != 5 {
+		t.Errorf("reloads = %d, want 5", got)
+	}
+	for r, want := range map[bindResult]float64{bindOK: 2, bindNoClientCertRequest: 1, bindWrongLeaf: 1, bindUnreachable: 1} {
+		if got := value(t, c.metrics, "haproxy_connect_leaf_bind_checks_total", "result", r.String()); got != want {
+			t.Errorf("bind checks %s = %g, want %g", r, got, want)
 		}
 	}
 	cfg, err := os.ReadFile(filepath.Join(dir, "haproxy.cfg"))

@@ -152,20 +152,21 @@ func (c *Controller) applyAuthzGeneration(ctx context.Context, gen uint64) {
 
 func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.Spec {
 	s := bootstrap.Spec{
-		Service:       sc.Service,
-		LeafFile:      c.path("leaf.pem"),
-		RootsFile:     c.path("roots.pem"),
-		SPOEFile:      c.path("spoe.cfg"),
-		AuthzMap:      c.path("authz.map"),
-		InstanceMap:   c.path(InstanceMapFile),
-		StateMap:      c.path(StateMapFile),
-		CrtList:       c.path("public.crtlist"),
-		SNI:           c.publicSNI(),
-		SPOASocket:    c.cfg.SPOASocket,
-		HardStopAfter: c.cfg.HardStopAfter,
-		AccessLog:     c.cfg.AccessLog,
-		Threads:       c.cfg.Threads,
-		Public:        sc.Public,
+		Service:        sc.Service,
+		LeafFile:       c.path("leaf.pem"),
+		RootsFile:      c.path("roots.pem"),
+		SPOEFile:       c.path("spoe.cfg"),
+		AuthzMap:       c.path("authz.map"),
+		InstanceMap:    c.path(InstanceMapFile),
+		StateMap:       c.path(StateMapFile),
+		CrtList:        c.path("public.crtlist"),
+		SNI:            c.publicSNI(),
+		SPOASocket:     c.cfg.SPOASocket,
+		ExporterSocket: c.path(ExporterSocket),
+		HardStopAfter:  c.cfg.HardStopAfter,
+		AccessLog:      c.cfg.AccessLog,
+		Threads:        c.cfg.Threads,
+		Public:         sc.Public,
 	}
 	for _, u := range sc.Upstreams {
 		s.Upstreams = append(s.Upstreams, bootstrap.Upstream{
@@ -216,7 +217,7 @@ func (c *Controller) reload(ctx context.Context, a reloadAction) bool {
 		return false
 	}
 	c.pacing = c.pacing.reloaded()
-	c.metrics.reloads.Add(1)
+	c.metrics.reloaded(a.cause)
 	c.applied = applied{known: true, sidecar: sc, leaf: a.leaf, rootsPEM: a.roots.PEM, tables: tables, authzGen: gen}
 	c.authzGenerationApplied(gen)
 	clear(c.desired.dirty)
@@ -270,7 +271,7 @@ func (c *Controller) rotateLeaf(ctx context.Context, leaf *certs.Bundle) (ok boo
 	p := c.applied.sidecar.Public
 	bind := netip.AddrPortFrom(netip.MustParseAddr(p.BindAddr), uint16(p.BindPort))
 	res, served, err := c.checkBind(ctx, bind, leaf.Serial)
-	c.metrics.bindChecks[res].Add(1)
+	c.metrics.bindChecks.WithLabelValues(res.String()).Inc()
 	switch res {
 	case bindOK:
 		c.log.Debug("public listener checked after the leaf swap", zap.String("serial", served))
@@ -337,7 +338,7 @@ func (c *Controller) applyEndpoints(ctx context.Context, batch runtimeBatchActio
 	cmds = append(cmds, mapCmds...)
 	start := time.Now()
 	rs, err := c.rt.Exec(ctx, cmds...)
-	c.metrics.runtimeCommands.Add(uint64(len(cmds)))
+	c.metrics.runtimeCommands.Add(float64(len(cmds)))
 	c.metrics.batches.Add(1)
 	if err != nil {
 		c.log.Error("runtime batch failed", zap.Int("commands", len(cmds)), zap.Error(err))
@@ -359,13 +360,13 @@ func (c *Controller) applyEndpoints(ctx context.Context, batch runtimeBatchActio
 		if len(errs) == 0 {
 			c.applied.tables[name] = p.next
 			if !p.pending {
-				c.metrics.propagation.observe(time.Since(p.since))
+				c.metrics.propagation.Observe(time.Since(p.since).Seconds())
 				delete(c.desired.dirty, name)
 			}
 			continue
 		}
 		failed = true
-		c.metrics.runtimeErrors.Add(uint64(len(errs)))
+		c.metrics.runtimeErrors.Add(float64(len(errs)))
 		c.log.Error("runtime commands failed; re-reading the backend", zap.String("upstream", name), zap.Errors("errors", errs))
 		c.resync(ctx, name)
 	}

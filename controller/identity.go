@@ -73,9 +73,6 @@ const (
 	// slots while the new ones are verified (holdLeaving): a burst of new
 	// endpoints, or slow ones, must not keep gone endpoints in service.
 	maxHold = time.Second
-	// maxMismatchSeries bounds the labelled mismatch counter: instance
-	// names and identities come from Consul and from certificates.
-	maxMismatchSeries = 256
 )
 
 // instance is what the sidecar knows of an endpoint besides its address.
@@ -305,7 +302,7 @@ func (c *Controller) startVerify(ctx context.Context, k string, ch *idCheck) {
 		}
 		res, err := id.verify(ctx, cfg, ch.addr, ch.want)
 		<-id.sem
-		c.metrics.verifyDuration.observe(res.Took)
+		c.metrics.verifyDuration.Observe(res.Took.Seconds())
 		c.send(ctx, func(d *desired) { c.verified(d, k, ch, res, err) })
 	}()
 }
@@ -324,7 +321,7 @@ func (c *Controller) verified(d *desired, k string, ch *idCheck, res verify.Resu
 		zap.String("address", ch.addr), zap.String("want", ch.want))
 	switch {
 	case err == nil:
-		c.metrics.verifications.inc("ok")
+		c.metrics.verifications.WithLabelValues("ok").Inc()
 		ch.known, ch.good, ch.failures = true, true, 0
 		// A proof holds reverifyEvery, give or take 10 %, so that the
 		// endpoints verified in one burst are not proven again at once.
@@ -335,11 +332,11 @@ func (c *Controller) verified(d *desired, k string, ch *idCheck, res verify.Resu
 		if errors.Is(err, verify.ErrUntrusted) {
 			result = "untrusted"
 		}
-		c.metrics.verifications.inc(result)
+		c.metrics.verifications.WithLabelValues(result).Inc()
 		ch.known, ch.good = true, false
 		ch.due = now.Add(backoffStep(&ch.failures, 5*time.Second, 5*time.Minute))
 		for u := range ch.users {
-			c.metrics.mismatch(u, ch.instance, ch.addr, res.ID)
+			c.metrics.mismatch(u)
 		}
 		log.Error("upstream endpoint presents another identity; it gets no traffic", zap.String("identity", res.ID),
 			zap.Bool("was_in_service", wasGood), zap.Error(err), zap.Time("retry_at", ch.due))
@@ -353,7 +350,7 @@ func (c *Controller) verified(d *desired, k string, ch *idCheck, res verify.Resu
 		// says nothing about who holds the address (HAProxy's own
 		// connections then fail and are redispatched), and dropping it
 		// on a passing network hiccup would cost capacity.
-		c.metrics.verifications.inc("unreachable")
+		c.metrics.verifications.WithLabelValues("unreachable").Inc()
 		ch.due = now.Add(backoffStep(&ch.failures, time.Second, 30*time.Second))
 		ch.known = true
 		log.Warn("upstream endpoint not reachable for verification", zap.Bool("kept_in_service", ch.good),

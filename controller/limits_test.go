@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
@@ -106,15 +107,15 @@ func TestEndpointLimitLogged(t *testing.T) {
 	if len(got) != 3 {
 		t.Fatalf("%d endpoints, want 3", len(got))
 	}
-	if n := m.endpointLimitHits.Load(); n != 1 {
-		t.Errorf("limit hits %d, want 1", n)
+	if n := testutil.ToFloat64(m.endpointLimitHits); n != 1 {
+		t.Errorf("limit hits %g, want 1", n)
 	}
 	lines := logs.FilterMessageSnippet("more endpoints than the limit").All()
 	if len(lines) != 1 || lines[0].ContextMap()["upstream"] != "up_api" || lines[0].ContextMap()["endpoints"] != int64(5) || lines[0].ContextMap()["kept"] != int64(3) {
 		t.Errorf("log lines %v, want one naming up_api, 5 endpoints, 3 kept", lines)
 	}
-	if got := f.endpoints(entries[:3], nil); len(got) != 3 || m.endpointLimitHits.Load() != 1 {
-		t.Errorf("at the limit: %d endpoints, %d hits; want 3 and no new hit", len(got), m.endpointLimitHits.Load())
+	if got := f.endpoints(entries[:3], nil); len(got) != 3 || testutil.ToFloat64(m.endpointLimitHits) != 1 {
+		t.Errorf("at the limit: %d endpoints, %g hits; want 3 and no new hit", len(got), testutil.ToFloat64(m.endpointLimitHits))
 	}
 }
 

@@ -113,7 +113,10 @@ type startAction struct {
 
 // reloadAction renders the configuration and reloads HAProxy.
 type reloadAction struct {
-	reason  string
+	reason string
+	// cause names the reasons for the reload metric, from a fixed set
+	// (reloadRegistration, ...) joined with "+"; reason is the text.
+	cause   string
 	sidecar Sidecar
 	leaf    *certs.Bundle
 	roots   *certs.Roots
@@ -206,20 +209,24 @@ func plan(in planInput) []action {
 			wait = at
 		}
 	}
-	var reasons []string
+	var reasons, causes []string
 	if !d.sidecar.Equal(ap.sidecar) {
 		reasons = append(reasons, "registration: "+ap.sidecar.Diff(*d.sidecar))
+		causes = append(causes, reloadRegistration)
 	}
 	if d.roots.PEM != ap.rootsPEM {
 		// HAProxy 2.6 breaks on "commit ssl ca-file" (haproxy GH #3165,
 		// fixed in 3.3): roots change by rewriting the file and reloading.
 		reasons = append(reasons, "CA roots changed")
+		causes = append(causes, reloadRoots)
 	}
 	if ap.listenerBroken != "" {
 		reasons = append(reasons, ap.listenerBroken)
+		causes = append(causes, reloadListener)
 	}
 	if ap.foreign != "" {
 		reasons = append(reasons, ap.foreign)
+		causes = append(causes, reloadAdopted)
 	}
 	if len(reasons) > 0 {
 		if in.now.Before(in.pacing.reloadAfter) {
@@ -228,7 +235,7 @@ func plan(in planInput) []action {
 			waitUntil(in.pacing.reloadAfter)
 		} else {
 			tables, verify, _ := in.plannedTables()
-			return append(verify, reloadAction{reason: strings.Join(reasons, "; "), sidecar: *d.sidecar,
+			return append(verify, reloadAction{reason: strings.Join(reasons, "; "), cause: strings.Join(causes, "+"), sidecar: *d.sidecar,
 				leaf: d.leaf, roots: d.roots, tables: tables, gen: in.authzGen})
 		}
 	}

@@ -138,7 +138,7 @@ func TestACL(t *testing.T) {
 			if !reused.Load() {
 				t.Error("the kept-alive connection was not reused")
 			}
-			if v, err := server.metric(`haproxy_connect_authz_decisions_total{result="allow"}`); err != nil || v < 1 {
+			if v, err := server.metric("haproxy_connect_authz_decisions_total", "result", "allow"); err != nil || v < 1 {
 				t.Errorf("server agent allow decisions: %v %v, want at least 1 (authorize with the service's token)", v, err)
 			}
 

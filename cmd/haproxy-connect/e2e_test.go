@@ -527,7 +527,7 @@ func TestFailStaticAuthorization(t *testing.T) {
 			t.Errorf("load %d with Consul unreachable: %d of %d calls failed; first: %v", i, failed, ok+failed, first)
 		}
 	}
-	if v, err := server.metric(`haproxy_connect_authz_decisions_total{result="undecided"}`); err != nil || v != 0 {
+	if v, err := server.metric("haproxy_connect_authz_decisions_total", "result", "undecided"); err != nil || v != 0 {
 		t.Errorf("undecided decisions: %v %v, want 0", v, err)
 	}
 

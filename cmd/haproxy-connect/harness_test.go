@@ -13,7 +13,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -24,6 +23,7 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/haproxy-connect/haproxy-connect/runtime"
+	"github.com/haproxy-connect/haproxy-connect/scrape"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
@@ -486,25 +486,23 @@ func keptAlive(t *testing.T, tr *http.Transport, url string) (call func() (int, 
 	}, reused
 }
 
-// metric reads one sample, by its exact name and labels, from the
-// sidecar's /metrics.
-func (s *sidecar) metric(sample string) (float64, error) {
-	resp, err := s.http.Get("http://" + s.stats + "/metrics")
+// metric reads one sample of the sidecar's /metrics: the metric's name
+// (a histogram's may end in _sum or _count) and its labels as name, value
+// pairs, all of them.
+func (s *sidecar) metric(name string, labels ...string) (float64, error) {
+	if strings.ContainsAny(name, "{}") {
+		return 0, fmt.Errorf("metric %q: pass labels as name, value arguments", name)
+	}
+	f, err := s.metrics()
 	if err != nil {
 		return 0, err
 	}
-	defer resp.Body.Close()
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
-		name, value, ok := strings.Cut(sc.Text(), " ")
-		if ok && name == sample {
-			return strconv.ParseFloat(value, 64)
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return 0, err
-	}
-	return 0, fmt.Errorf("no sample %s in /metrics", sample)
+	return f.Value(name, labels...)
+}
+
+// metrics reads the sidecar's /metrics.
+func (s *sidecar) metrics() (scrape.Families, error) {
+	return scrape.Get(context.Background(), s.http, "http://"+s.stats+"/metrics")
 }
 
 // sawIntentions is a check that the sidecar's intention watch has seen

@@ -235,9 +235,8 @@ func TestHostileCatalogInstances(t *testing.T) {
 		counts[h.field]++
 	}
 	for field, n := range counts {
-		sample := fmt.Sprintf(`haproxy_connect_invalid_instances_total{upstream="up_server",field=%q}`, field)
-		if v, err := client.metric(sample); err != nil || int(v) != n {
-			t.Errorf("%s = %v (%v), want %d", sample, v, err, n)
+		if v, err := client.metric("haproxy_connect_invalid_instances_total", "upstream", "up_server", "field", field); err != nil || int(v) != n {
+			t.Errorf("haproxy_connect_invalid_instances_total of up_server, field %s = %v (%v), want %d", field, v, err, n)
 		}
 	}
 	if len(logged) != len(hostile) {

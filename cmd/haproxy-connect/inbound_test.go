@@ -117,7 +117,7 @@ func TestInboundRefusesForeignIdentities(t *testing.T) {
 	out := s.out.String()
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if got, err := s.metric(`haproxy_connect_authz_refused_total{reason="` + tt.reason + `"}`); err != nil || got != rounds {
+			if got, err := s.metric("haproxy_connect_authz_refused_total", "reason", tt.reason); err != nil || got != rounds {
 				t.Errorf("refused{%s} = %v, %v; want %d", tt.reason, got, err, rounds)
 			}
 			var lines []string

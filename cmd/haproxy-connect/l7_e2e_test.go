@@ -161,11 +161,11 @@ func TestL7Permissions(t *testing.T) {
 
 	// The agent decided the denies, and fewer allows than were served:
 	// repeated requests were HAProxy's remembered allows.
-	denied, err := server.metric(`haproxy_connect_authz_l7_requests_total{result="deny"}`)
+	denied, err := server.metric("haproxy_connect_authz_l7_requests_total", "result", "deny")
 	if err != nil || denied < 3*3 {
 		t.Fatalf("agent L7 denies %v (%v), want at least the 9 sent", denied, err)
 	}
-	allowed, err := server.metric(`haproxy_connect_authz_l7_requests_total{result="allow"}`)
+	allowed, err := server.metric("haproxy_connect_authz_l7_requests_total", "result", "allow")
 	if err != nil || allowed < 1 || allowed >= 3*3 {
 		t.Fatalf("agent L7 allows %v (%v), want fewer than the 9 allowed on the kept-alive connection", allowed, err)
 	}

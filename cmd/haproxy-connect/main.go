@@ -9,7 +9,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"maps"
 	"net"
 	"net/http"
 	"net/http/pprof"
@@ -18,19 +17,22 @@ import (
 	"os/signal"
 	"path/filepath"
 	goruntime "runtime"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/hashicorp/consul/api"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/haproxy-connect/haproxy-connect/bootstrap"
 	"github.com/haproxy-connect/haproxy-connect/controller"
+	"github.com/haproxy-connect/haproxy-connect/promex"
 	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/spoa"
 	"github.com/haproxy-connect/haproxy-connect/tcpdeny"
@@ -251,7 +253,7 @@ func run(o options) error {
 		return err
 	})
 	if o.statsAddr != "" {
-		serveHTTP(gctx, g, "stats server", statsServer(o.statsAddr, statsHandler(ctl, auth, sweeper)))
+		serveHTTP(gctx, g, "stats server", statsServer(o.statsAddr, statsHandler(ctl, metricsGatherer(ctl, auth, sweeper, stateDir, log), log.Named("stats"))))
 	}
 	if o.pprofAddr != "" {
 		serveHTTP(gctx, g, "pprof server", pprofServer(o.pprofAddr))
@@ -505,7 +507,7 @@ func serveHTTP(ctx context.Context, g *errgroup.Group, what string, srv *http.Se
 	})
 }
 
-func statsHandler(ctl *controller.Controller, auth *spoa.Authorizer, sweeper *tcpdeny.Sweeper) http.Handler {
+func statsHandler(ctl *controller.Controller, metrics prometheus.Gatherer, log *zap.Logger) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
@@ -515,34 +517,28 @@ func statsHandler(ctl *controller.Controller, auth *spoa.Authorizer, sweeper *tc
 		}
 		fmt.Fprintln(w, "ready")
 	})
-	mux.HandleFunc("/metrics", func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-		_, _ = ctl.Metrics().WriteTo(w)
-		s := auth.Stats()
-		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_decisions_total counter\n")
-		fmt.Fprintf(w, "haproxy_connect_authz_decisions_total{result=\"allow\"} %d\n", s.Allowed)
-		fmt.Fprintf(w, "haproxy_connect_authz_decisions_total{result=\"deny\"} %d\n", s.Denied)
-		fmt.Fprintf(w, "haproxy_connect_authz_decisions_total{result=\"undecided\"} %d\n", s.Undecided)
-		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_errors_total counter\nhaproxy_connect_authz_errors_total %d\n", s.Errors)
-		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_invalidations_total counter\nhaproxy_connect_authz_invalidations_total %d\n", s.Invalidations)
-		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_generation gauge\nhaproxy_connect_authz_generation %d\n", s.Generation)
-		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_intentions_index gauge\nhaproxy_connect_authz_intentions_index %d\n", s.IntentionsIndex)
-		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_cache_entries gauge\nhaproxy_connect_authz_cache_entries %d\n", s.CacheEntries)
-		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_cache_hits_total counter\nhaproxy_connect_authz_cache_hits_total %d\n", s.CacheHits)
-		// Decisions made from the intentions held (not from the cache);
-		// the agent asks Consul for none.
-		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_local_decisions_total counter\nhaproxy_connect_authz_local_decisions_total %d\n", s.LocalDecisions)
-		// Requests of sources under L7 intentions the agent decided (not
-		// counting the allows HAProxy remembered).
-		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_l7_requests_total counter\n")
-		fmt.Fprintf(w, "haproxy_connect_authz_l7_requests_total{result=\"allow\"} %d\n", s.L7Allowed)
-		fmt.Fprintf(w, "haproxy_connect_authz_l7_requests_total{result=\"deny\"} %d\n", s.L7Denied)
-		// Denies the agent decided alone, from the client certificate.
-		fmt.Fprintf(w, "# TYPE haproxy_connect_authz_refused_total counter\n")
-		for _, reason := range slices.Sorted(maps.Keys(s.Refused)) {
-			fmt.Fprintf(w, "haproxy_connect_authz_refused_total{reason=%q} %d\n", reason, s.Refused[reason])
-		}
-		writeTCPDenyMetrics(w, auth, sweeper)
-	})
+	// A collector that fails is logged and left out; the rest is served.
+	mux.Handle("/metrics", promhttp.HandlerFor(metrics, promhttp.HandlerOpts{
+		ErrorLog: zapPrintln{log}, ErrorHandling: promhttp.ContinueOnError, Timeout: statsWriteTimeout / 2,
+	}))
 	return mux
+}
+
+// metricsGatherer is what /metrics serves, one scrape target: one
+// registry (not the process-wide default one) with the controller's, the
+// SPOE agent's and the tcp sweeper's metrics, Go's runtime and the
+// process's, followed by HAProxy's own series (haproxy_*), read from its
+// built-in exporter at each scrape (package promex).
+func metricsGatherer(ctl *controller.Controller, auth *spoa.Authorizer, sweeper *tcpdeny.Sweeper, stateDir string, log *zap.Logger) prometheus.Gatherer {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(ctl.Metrics(), auth.Collector(), sweeper.Collector(),
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return prometheus.Gatherers{reg, promex.New(filepath.Join(stateDir, controller.ExporterSocket), log.Named("promex"))}
+}
+
+// zapPrintln is promhttp's error log on zap.
+type zapPrintln struct{ log *zap.Logger }
+
+func (z zapPrintln) Println(v ...any) {
+	z.log.Warn("metrics collection failed", zap.String("error", strings.TrimSuffix(fmt.Sprintln(v...), "\n")))
 }

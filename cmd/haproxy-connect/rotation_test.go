@@ -342,11 +342,11 @@ func testRenewal(t *testing.T, m *mesh, proto string, swaps int, within time.Dur
 		}
 		// The storm of new leaves goes on, so a swap may be between its
 		// count and its check: every check made passed, and there was one.
-		if v, err := s.metric(`haproxy_connect_leaf_bind_checks_total{result="ok"}`); err != nil || v < 1 {
+		if v, err := s.metric("haproxy_connect_leaf_bind_checks_total", "result", "ok"); err != nil || v < 1 {
 			t.Errorf("public listener checks ok: %v (%v), want one per swap", v, err)
 		}
 		for _, r := range []string{"no_client_cert_request", "wrong_leaf", "unreachable"} {
-			if v, err := s.metric(`haproxy_connect_leaf_bind_checks_total{result="` + r + `"}`); err != nil || v != 0 {
+			if v, err := s.metric("haproxy_connect_leaf_bind_checks_total", "result", r); err != nil || v != 0 {
 				t.Errorf("public listener checks %s: %v (%v), want 0", r, v, err)
 			}
 		}
@@ -457,7 +457,7 @@ func TestTCPRemembersAllowsUntilIntentionsChange(t *testing.T) {
 		t.Fatal(err)
 	}
 	decisions := func() float64 {
-		v, err := m.server.metric(`haproxy_connect_authz_decisions_total{result="allow"}`)
+		v, err := m.server.metric("haproxy_connect_authz_decisions_total", "result", "allow")
 		if err != nil {
 			t.Fatal(err)
 		}

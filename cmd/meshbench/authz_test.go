@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/haproxy-connect/haproxy-connect/bootstrap"
+	"github.com/haproxy-connect/haproxy-connect/scrape"
 )
 
 func TestWithoutSPOE(t *testing.T) {
@@ -60,15 +61,23 @@ func TestSidecarAgentAddr(t *testing.T) {
 	}
 }
 
-func TestParseDecisions(t *testing.T) {
+func TestDecisions(t *testing.T) {
+	parse := func(text string) scrape.Families {
+		f, err := scrape.Parse(strings.NewReader(text))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
 	m := "# TYPE haproxy_connect_authz_decisions_total counter\n" +
 		"haproxy_connect_authz_decisions_total{result=\"allow\"} 16082\n" +
 		"haproxy_connect_authz_decisions_total{result=\"deny\"} 3\n" +
+		"haproxy_connect_authz_decisions_total{result=\"undecided\"} 7\n" +
 		"haproxy_connect_authz_cache_hits_total 16080\n"
-	if got, err := parseDecisions(m); err != nil || got != 16085 {
-		t.Errorf("got %d, %v", got, err)
+	if got, err := decisions(parse(m)); err != nil || got != 16085 {
+		t.Errorf("got %d, %v; want 16085 (allow and deny)", got, err)
 	}
-	if _, err := parseDecisions("other 1\n"); err == nil {
+	if _, err := decisions(parse("other 1\n")); err == nil {
 		t.Error("metrics without decisions parsed")
 	}
 }

@@ -72,6 +72,7 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/haproxy-connect/haproxy-connect/runtime"
+	"github.com/haproxy-connect/haproxy-connect/scrape"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
@@ -1505,42 +1506,26 @@ type churnShare struct {
 	cum []float64
 }
 
-const churnShareMetric = "haproxy_connect_endpoint_propagation_seconds_bucket{le=\""
+const churnShareMetric = "haproxy_connect_endpoint_propagation_seconds"
 
 // scrapeShare reads the histogram from a sidecar's /metrics.
 func scrapeShare(statsAddr string) (churnShare, error) {
-	body, err := sidecarMetrics(statsAddr)
+	f, err := sidecarMetrics(statsAddr)
 	if err != nil {
 		return churnShare{}, err
 	}
-	return parseShare(body)
+	return shareOf(f)
 }
 
-// parseShare extracts the histogram's buckets from a Prometheus text
-// exposition.
-func parseShare(metrics string) (churnShare, error) {
-	var h churnShare
-	for _, line := range strings.Split(metrics, "\n") {
-		rest, ok := strings.CutPrefix(line, churnShareMetric)
-		if !ok {
-			continue
-		}
-		bound, count, ok := strings.Cut(rest, "\"} ")
-		if !ok {
-			return churnShare{}, fmt.Errorf("propagation histogram: bad line %q", line)
-		}
-		le, err := strconv.ParseFloat(bound, 64) // ParseFloat reads "+Inf"
-		if err != nil {
-			return churnShare{}, fmt.Errorf("propagation histogram: bad bound in %q", line)
-		}
-		n, err := strconv.ParseFloat(count, 64)
-		if err != nil {
-			return churnShare{}, fmt.Errorf("propagation histogram: bad count in %q", line)
-		}
-		h.le, h.cum = append(h.le, le), append(h.cum, n)
+// shareOf takes the histogram's buckets from a sidecar's metrics.
+func shareOf(f scrape.Families) (churnShare, error) {
+	bs, err := f.Histogram(churnShareMetric)
+	if err != nil {
+		return churnShare{}, fmt.Errorf("propagation histogram: %w", err)
 	}
-	if len(h.le) == 0 {
-		return churnShare{}, errors.New("no propagation histogram in /metrics")
+	var h churnShare
+	for _, b := range bs {
+		h.le, h.cum = append(h.le, b.UpperBound), append(h.cum, b.Count)
 	}
 	return h, nil
 }

@@ -6,8 +6,11 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"slices"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/haproxy-connect/haproxy-connect/scrape"
 )
 
 func TestMatchChanges(t *testing.T) {
@@ -152,6 +155,15 @@ func TestChurnHealth(t *testing.T) {
 	}
 }
 
+// parseShare reads the propagation histogram from a text exposition.
+func parseShare(text string) (churnShare, error) {
+	f, err := scrape.Parse(strings.NewReader(text))
+	if err != nil {
+		return churnShare{}, err
+	}
+	return shareOf(f)
+}
+
 func TestParseShare(t *testing.T) {
 	const before = `# TYPE haproxy_connect_endpoint_propagation_seconds histogram
 haproxy_connect_endpoint_propagation_seconds_bucket{le="0.0005"} 10
@@ -163,10 +175,13 @@ haproxy_connect_endpoint_propagation_seconds_count 20
 haproxy_connect_authz_decisions_total{verdict="allow"} 3
 `
 	// 100 more: 50 under 0.5 ms, 40 more under 1 ms, 9 under 2 ms, 1 above.
-	const after = `haproxy_connect_endpoint_propagation_seconds_bucket{le="0.0005"} 60
+	const after = `# TYPE haproxy_connect_endpoint_propagation_seconds histogram
+haproxy_connect_endpoint_propagation_seconds_bucket{le="0.0005"} 60
 haproxy_connect_endpoint_propagation_seconds_bucket{le="0.001"} 110
 haproxy_connect_endpoint_propagation_seconds_bucket{le="0.002"} 119
 haproxy_connect_endpoint_propagation_seconds_bucket{le="+Inf"} 120
+haproxy_connect_endpoint_propagation_seconds_sum 1.5
+haproxy_connect_endpoint_propagation_seconds_count 120
 `
 	h0, err := parseShare(before)
 	if err != nil {
@@ -187,8 +202,10 @@ haproxy_connect_endpoint_propagation_seconds_bucket{le="+Inf"} 120
 	if got := h0.sub(h0).bound(0.99); !math.IsNaN(got) {
 		t.Errorf("empty delta: bound = %g, want NaN", got)
 	}
-	for _, bad := range []string{"", "nothing here\n", `haproxy_connect_endpoint_propagation_seconds_bucket{le="x"} 1`,
-		`haproxy_connect_endpoint_propagation_seconds_bucket{le="0.1"} many`} {
+	const typ = "# TYPE haproxy_connect_endpoint_propagation_seconds histogram\n"
+	for _, bad := range []string{"", "nothing here\n", typ + `haproxy_connect_endpoint_propagation_seconds_bucket{le="x"} 1`,
+		typ + `haproxy_connect_endpoint_propagation_seconds_bucket{le="0.1"} many`,
+		"haproxy_connect_endpoint_propagation_seconds 1\n"} {
 		if _, err := parseShare(bad); err == nil {
 			t.Errorf("parseShare(%q): no error", bad)
 		}

@@ -29,6 +29,7 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/haproxy-connect/haproxy-connect/bootstrap"
+	"github.com/haproxy-connect/haproxy-connect/scrape"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
@@ -500,46 +501,32 @@ func optPerReq(r Rounds) string {
 // sidecarDecisions sums haproxy_connect_authz_decisions_total (allow and
 // deny) from a sidecar's /metrics at statsAddr.
 func sidecarDecisions(statsAddr string) (int64, error) {
-	body, err := sidecarMetrics(statsAddr)
+	f, err := sidecarMetrics(statsAddr)
 	if err != nil {
 		return 0, err
 	}
-	return parseDecisions(body)
+	return decisions(f)
 }
 
 // sidecarMetrics reads a sidecar's /metrics at statsAddr.
-func sidecarMetrics(statsAddr string) (string, error) {
-	c := &http.Client{Timeout: 5 * time.Second}
-	resp, err := c.Get("http://" + statsAddr + "/metrics")
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	return string(body), err
+func sidecarMetrics(statsAddr string) (scrape.Families, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return scrape.Get(ctx, http.DefaultClient, "http://"+statsAddr+"/metrics")
 }
 
-// parseDecisions sums the haproxy_connect_authz_decisions_total samples of
-// a Prometheus text exposition.
-func parseDecisions(metrics string) (int64, error) {
-	var sum int64
-	found := false
-	for _, line := range strings.Split(metrics, "\n") {
-		if !strings.HasPrefix(line, "haproxy_connect_authz_decisions_total{") {
-			continue
-		}
-		f := strings.Fields(line)
-		v, err := strconv.ParseInt(f[len(f)-1], 10, 64)
+// decisions sums the allow and deny samples of
+// haproxy_connect_authz_decisions_total (not "undecided": no verdict).
+func decisions(f scrape.Families) (int64, error) {
+	var sum float64
+	for _, result := range []string{"allow", "deny"} {
+		v, err := f.Value("haproxy_connect_authz_decisions_total", "result", result)
 		if err != nil {
-			return 0, fmt.Errorf("metrics line %q: %w", line, err)
+			return 0, err
 		}
 		sum += v
-		found = true
 	}
-	if !found {
-		return 0, errors.New("no haproxy_connect_authz_decisions_total in /metrics")
-	}
-	return sum, nil
+	return int64(sum), nil
 }
 
 // diffRounds is a[i] - b[i] for each round present in both.
