@@ -31,6 +31,8 @@ var (
 		[]string{"reason"}, nil)
 	rememberedCertsDesc = prometheus.NewDesc("haproxy_connect_authz_remembered_certs",
 		"Client certificates the agent can decide again for established connections.", nil, nil)
+	chainVerificationsDesc = prometheus.NewDesc("haproxy_connect_authz_chain_verifications_total",
+		"Client certificate chains the agent verified itself: HAProxy's verification is relied on only while every root HAProxy may hold is one Consul lists.", nil, nil)
 	forgottenCertsDesc = prometheus.NewDesc("haproxy_connect_authz_forgotten_certs_total",
 		"Client certificates forgotten to stay under the remembered limit; their connections cannot be decided again.", nil, nil)
 )
@@ -43,7 +45,7 @@ type collector struct{ a *Authorizer }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{decisionsDesc, errorsDesc, invalidationsDesc, generationDesc, intentionsIndexDesc,
-		cacheEntriesDesc, cacheHitsDesc, localDecisionsDesc, l7RequestsDesc, refusedDesc, rememberedCertsDesc, forgottenCertsDesc} {
+		cacheEntriesDesc, cacheHitsDesc, localDecisionsDesc, l7RequestsDesc, refusedDesc, rememberedCertsDesc, forgottenCertsDesc, chainVerificationsDesc} {
 		ch <- d
 	}
 }
@@ -64,6 +66,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	gauge(cacheEntriesDesc, float64(s.CacheEntries))
 	counter(cacheHitsDesc, s.CacheHits)
 	counter(localDecisionsDesc, s.LocalDecisions)
+	counter(chainVerificationsDesc, s.ChainVerifications)
 	counter(l7RequestsDesc, s.L7Allowed, "allow")
 	counter(l7RequestsDesc, s.L7Denied, "deny")
 	for _, r := range refusals {
