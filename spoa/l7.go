@@ -41,6 +41,10 @@ type L7Rules interface {
 	// DefaultAllow is the default intention policy, applied when no
 	// permission of an L7 intention matches a request.
 	DefaultAllow() bool
+	// L4 is the connection-level verdict for a source whose governing
+	// intention is not L7, and that intention's source name ("-" for the
+	// default).
+	L4(source certs.ID) (allowed bool, intention string)
 }
 
 // WithL7Rules decides L7 permissions from r instead of from the
@@ -97,6 +101,15 @@ func (r *setRules) Lookup(src certs.ID) l7.Lookup {
 
 // DefaultAllow implements L7Rules.
 func (r *setRules) DefaultAllow() bool { return r.set.Default().Allow }
+
+// L4 implements L7Rules.
+func (r *setRules) L4(src certs.ID) (bool, string) {
+	d := r.set.Decide(intentions.Peer{Partition: src.Partition, Namespace: src.Namespace, Service: src.Service})
+	if d.Intention == nil {
+		return d.Allowed(), "-"
+	}
+	return d.Allowed(), d.Intention.SourceName
+}
 
 // maxRequestHeaders bounds the headers of one request the agent reads.
 const maxRequestHeaders = 256
@@ -234,11 +247,16 @@ func parseHdrsBin(b []byte) (func(string) ([]string, bool), error) {
 const (
 	permDefault = "default" // no permission matched: the default policy
 	permRefused = "refused" // the intention's permissions were refused
+	permL4      = "l4"      // the source is under an L4 intention now
 )
 
 // decideL7 decides one request: its txn-scope actions. No verdict (HAProxy
-// answers 503) when the request cannot be read or the source is no longer
-// L7 (the generation bump that follows re-authorizes the connection).
+// answers 503) when the request cannot be read. A source no longer under
+// an L7 intention (its connection was decided L7 under older intentions,
+// and this request was sent before HAProxy asked again) gets its L4
+// verdict under the intentions held now, as its connection will on its
+// next request: the request is decided by the newest intentions, and a
+// switch between L4 and L7 refuses nothing the intentions allow.
 func (a *Authorizer) decideL7(r l7Request) []setVar {
 	rules := a.rules()
 	if r.err != nil || rules == nil {
@@ -258,9 +276,15 @@ func (a *Authorizer) decideL7(r l7Request) []setVar {
 		a.log.Debug("L7 request denied: the intention's permissions were refused", zap.String("source", r.source), zap.Error(lk.Err))
 		return l7Actions(false, src.Service, permRefused)
 	case lk.Intention == nil:
-		a.stats.undecided.Add(1)
-		a.log.Info("L7 request from a source no longer under an L7 intention; refused, the connection is authorized again", zap.String("source", r.source))
-		return nil
+		allowed, intention := rules.L4(src)
+		if allowed {
+			a.stats.l7Allowed.Add(1)
+		} else {
+			a.stats.l7Denied.Add(1)
+		}
+		a.log.Debug("L7 request from a source no longer under an L7 intention: its L4 verdict", zap.String("source", r.source),
+			zap.String("intention", intention), zap.Bool("allowed", allowed))
+		return l7Actions(allowed, intention, permL4)
 	}
 	p, matched := lk.Intention.Decide(r.req)
 	allowed, label := rules.DefaultAllow(), permDefault

@@ -72,8 +72,8 @@ func TestHandleL7Message(t *testing.T) {
 		{"no match, default deny", clientID, "POST", "/", hdrsBin(), false, l7Actions(false, "client", permDefault)},
 		{"no match, default allow", clientID, "POST", "/", hdrsBin(), true, l7Actions(true, "client", permDefault)},
 		{"not a service id", "spiffe://x/agent/client/dc/dc1/id/a", "GET", "/", hdrsBin(), true, l7Actions(false, "-", permRefused)},
-		{"same name, other namespace: not under the intention", "spiffe://" + testTD + "/ns/other/dc/dc1/svc/client", "GET", "/", hdrsBin(), true, nil},
-		{"source no longer L7", "spiffe://" + testTD + "/ns/default/dc/dc1/svc/batch", "GET", "/", hdrsBin(), true, nil},
+		{"same name, other namespace: not under the intention", "spiffe://" + testTD + "/ns/other/dc/dc1/svc/client", "GET", "/", hdrsBin(), false, l7Actions(false, "-", permL4)},
+		{"source no longer L7: its L4 verdict", "spiffe://" + testTD + "/ns/default/dc/dc1/svc/batch", "GET", "/", hdrsBin(), true, l7Actions(true, "-", permL4)},
 		{"truncated headers", clientID, "GET", "/", hdrsBin("host")[:3], true, nil},
 	}
 	for _, tt := range tests {
