@@ -56,9 +56,14 @@ type Spec struct {
 	Threads   int
 	Public    Public
 	Upstreams []Upstream
+	// The fields of issue 14 (Expose, and in Public and Upstream) are left
+	// out of the JSON when zero: a sidecar that sets none of them has the
+	// configuration id (package controller) it had before them, so an
+	// upgrade adopts its HAProxy without a reload.
+	//
 	// Expose are the plain HTTP listeners that forward one path each to
 	// the local application (the registration's Proxy.Expose.Paths).
-	Expose []ExposePath
+	Expose []ExposePath `json:",omitzero"`
 }
 
 // Limits bound the connections and requests to a cluster (Envoy's circuit
@@ -98,14 +103,14 @@ type Public struct {
 	ConnectTimeout time.Duration // local_connect_timeout_ms
 	// LocalSocket, when set, is the application's unix socket
 	// (local_service_socket_path), used instead of LocalAddr:LocalPort.
-	LocalSocket string
+	LocalSocket string `json:",omitzero"`
 	// RequestTimeout and IdleTimeout are local_request_timeout_ms and
 	// local_idle_timeout_ms (HTTP only), MaxInbound max_inbound_connections,
 	// and Limits the local application's; zero means not set.
-	RequestTimeout time.Duration
-	IdleTimeout    time.Duration
-	MaxInbound     int
-	Limits         Limits
+	RequestTimeout time.Duration `json:",omitzero"`
+	IdleTimeout    time.Duration `json:",omitzero"`
+	MaxInbound     int           `json:",omitzero"`
+	Limits         Limits        `json:",omitzero"`
 }
 
 // Upstream is one local port forwarding to a service's endpoints.
@@ -121,9 +126,10 @@ type Upstream struct {
 	// SocketPath, when set, is the unix socket the upstream listens on
 	// (local_bind_socket_path) instead of BindAddr:BindPort, with the
 	// permission bits SocketMode ("0600" when empty).
-	SocketPath, SocketMode string
+	SocketPath string `json:",omitzero"`
+	SocketMode string `json:",omitzero"`
 	// Passive is the upstream's passive_health_check.
-	Passive PassiveCheck
+	Passive PassiveCheck `json:",omitzero"`
 	// Slots is the current endpoint-to-slot assignment; its size is the
 	// number of servers rendered.
 	Slots slots.Table
