@@ -2,7 +2,10 @@ package controller
 
 import (
 	"fmt"
+	"net/url"
+	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -242,6 +245,70 @@ func parseExpose(e api.ExposeConfig, pub bootstrap.Public, binds map[string]stri
 func orDefault(s, def string) string {
 	if s == "" {
 		return def
+	}
+	return s
+}
+
+// grpcHealthPath is the one path a gRPC health check asks (grpc.health.v1).
+const grpcHealthPath = "/grpc.health.v1.Health/Check"
+
+// checkURLRE finds the URL an HTTP check asked in its output: Consul
+// writes "HTTP GET <url>: 200 OK Output: ..." for an answer and
+// `Get "<url>": dial tcp ...` for a failed request.
+var checkURLRE = regexp.MustCompile(`^(?:HTTP [A-Z]{1,16} (http://[^\s"]{1,1000}): |[A-Z][a-z]{1,16} "(http://[^\s"]{1,1000})": )`)
+
+// exposedCheckPaths are the expose paths of the destination service's
+// checks when the registration says Expose.Checks. The agent does not add
+// them to the proxy's registration: it gives each HTTP and gRPC check of
+// the service a listener port from its expose range (21500 up) as the
+// check's ExposedPort, and runs the check against the proxy at that port.
+// Envoy learns the paths over xDS from the checks' definitions (Consul
+// agent/proxycfg, parseCheckPath), which the HTTP API does not serve
+// (Definition is empty in /v1/agent/checks and /v1/health/checks on
+// 1.22). So: the listener port is ExposedPort; the path of an HTTP check
+// is the one its output shows it asked (the agent rewrites only the host
+// and port), and a gRPC check's is the health service's; the application
+// is reached at the service's own port, localPort, as Consul's own
+// sidecar registration assumes. An HTTP check that has not run yet has no
+// path: it is left out until its output shows one (the next poll).
+func exposedCheckPaths(checks map[string]*api.AgentCheck, serviceID string, localPort int) ([]api.ExposePath, []error) {
+	var out []api.ExposePath
+	var errs []error
+	for _, ch := range checks {
+		if ch == nil || ch.ExposedPort == 0 || !strings.EqualFold(ch.ServiceID, serviceID) {
+			continue
+		}
+		p := api.ExposePath{ListenerPort: ch.ExposedPort, LocalPathPort: localPort, ParsedFromCheck: true}
+		switch ch.Type {
+		case "http":
+			m := checkURLRE.FindStringSubmatch(ch.Output)
+			if m == nil {
+				continue // not run yet
+			}
+			u, err := url.Parse(m[1] + m[2])
+			if err != nil || u.Port() != strconv.Itoa(ch.ExposedPort) {
+				errs = append(errs, fmt.Errorf("check %s: its output does not show a request to the expose port %d: %q", ch.CheckID, ch.ExposedPort, truncate(ch.Output, 120)))
+				continue
+			}
+			p.Path, p.Protocol = u.Path, "http"
+			if p.Path == "" {
+				p.Path = "/"
+			}
+		case "grpc":
+			p.Path, p.Protocol = grpcHealthPath, "http2"
+		default:
+			continue
+		}
+		out = append(out, p)
+	}
+	slices.SortFunc(out, func(a, b api.ExposePath) int { return a.ListenerPort - b.ListenerPort })
+	slices.SortFunc(errs, func(a, b error) int { return strings.Compare(a.Error(), b.Error()) })
+	return out, errs
+}
+
+func truncate(s string, n int) string {
+	if len(s) > n {
+		return s[:n] + "..."
 	}
 	return s
 }

@@ -196,3 +196,40 @@ func TestLogNotesOnce(t *testing.T) {
 		t.Errorf("(-want +got):\n%s", diff)
 	}
 }
+
+// TestExposedCheckPaths: the paths of Expose.Checks come from the checks'
+// exposed ports and outputs (Consul serves no check definitions).
+func TestExposedCheckPaths(t *testing.T) {
+	checks := map[string]*api.AgentCheck{
+		"ok":            {CheckID: "ok", ServiceID: "web", Type: "http", ExposedPort: 21500, Output: "HTTP GET http://127.0.0.1:21500/health?full=1: 200 OK Output: fine"},
+		"failing":       {CheckID: "failing", ServiceID: "WEB", Type: "http", ExposedPort: 21502, Output: `Get "http://10.0.0.5:21502/ready": dial tcp 10.0.0.5:21502: connect: connection refused`},
+		"grpc":          {CheckID: "grpc", ServiceID: "web", Type: "grpc", ExposedPort: 21501, Output: "rpc error"},
+		"not run":       {CheckID: "not run", ServiceID: "web", Type: "http", ExposedPort: 21503},
+		"elsewhere":     {CheckID: "elsewhere", ServiceID: "web", Type: "http", ExposedPort: 21504, Output: "HTTP GET http://127.0.0.1:8080/x: 200 OK"},
+		"not exposed":   {CheckID: "not exposed", ServiceID: "web", Type: "http", Output: "HTTP GET http://127.0.0.1:8080/health: 200 OK"},
+		"other service": {CheckID: "other service", ServiceID: "db", Type: "http", ExposedPort: 21505, Output: "HTTP GET http://127.0.0.1:21505/h: 200 OK"},
+		"tcp":           {CheckID: "tcp", ServiceID: "web", Type: "tcp", ExposedPort: 21506},
+	}
+	paths, errs := exposedCheckPaths(checks, "web", 8080)
+	want := []api.ExposePath{
+		{ListenerPort: 21500, Path: "/health", LocalPathPort: 8080, Protocol: "http", ParsedFromCheck: true},
+		{ListenerPort: 21501, Path: "/grpc.health.v1.Health/Check", LocalPathPort: 8080, Protocol: "http2", ParsedFromCheck: true},
+		{ListenerPort: 21502, Path: "/ready", LocalPathPort: 8080, Protocol: "http", ParsedFromCheck: true},
+	}
+	if diff := cmp.Diff(want, paths); diff != "" {
+		t.Errorf("paths (-want +got):\n%s", diff)
+	}
+	if len(errs) != 1 || !strings.Contains(errs[0].Error(), "check elsewhere") {
+		t.Errorf("errors = %v, want one for the check asking another port", errs)
+	}
+	// A hostile path in an output is refused by the expose validation.
+	hostile := map[string]*api.AgentCheck{"h": {CheckID: "h", ServiceID: "web", Type: "http", ExposedPort: 21500,
+		Output: "HTTP GET http://127.0.0.1:21500/a}%0A: 200 OK"}}
+	paths, _ = exposedCheckPaths(hostile, "web", 8080)
+	reg := proxyReg(nil)
+	reg.Proxy.Expose.Paths = paths
+	sc, _, err := ParseRegistration(reg)
+	if err != nil || len(sc.Expose) != 0 || len(sc.Notes) != 1 || sc.Notes[0].Level != zapcore.ErrorLevel {
+		t.Errorf("a hostile check path: err %v, expose %+v, notes %+v", err, sc.Expose, sc.Notes)
+	}
+}
