@@ -128,8 +128,9 @@ type Upstream struct {
 	// permission bits SocketMode ("0600" when empty).
 	SocketPath string `json:",omitzero"`
 	SocketMode string `json:",omitzero"`
-	// Passive is the upstream's passive_health_check.
+	// Passive is the upstream's passive_health_check, Limits its limits.
 	Passive PassiveCheck `json:",omitzero"`
+	Limits  Limits       `json:",omitzero"`
 	// Slots is the current endpoint-to-slot assignment; its size is the
 	// number of servers rendered.
 	Slots slots.Table
@@ -288,6 +289,9 @@ func ValidateUpstream(u Upstream) error {
 		return err
 	}
 	if err := checkPassive("upstream "+u.Name, u.Passive); err != nil {
+		return err
+	}
+	if err := checkLimits("upstream "+u.Name, u.Limits); err != nil {
 		return err
 	}
 	if err := CheckServerID(u.ServerID); u.ServerID != "" && err != nil {
@@ -802,6 +806,21 @@ func renderConfig(s Spec) (string, error) {
 			w("    option idle-close-on-response")
 			w("    timeout client-fin %s", ms(GoawayIdleTimeout))
 		}
+		if n := upstreamMaxActive(u.Limits, mode); n > 0 {
+			// An upstream's limits (Consul's upstream "limits"): a request
+			// (tcp: a connection) that finds n already in progress to the
+			// upstream is refused at once, as Envoy's circuit breakers
+			// refuse past their limit. be_conn counts the backend's
+			// streams, each request in HTTP and each connection in tcp,
+			// whatever connections carry them. Nothing waits in a queue
+			// here (no server has a maxconn), so max_pending_requests has
+			// nothing to bound.
+			if mode == "http" {
+				w("    http-request deny deny_status 503 if { be_conn(%s) ge %d }", u.Name, n)
+			} else {
+				w("    tcp-request content reject if { be_conn(%s) ge %d }", u.Name, n)
+			}
+		}
 		w("    default_backend %s", u.Name)
 		w("")
 		w("backend %s", u.Name)
@@ -927,6 +946,19 @@ func maxconn(n int) string {
 		return ""
 	}
 	return " maxconn " + strconv.Itoa(n)
+}
+
+// upstreamMaxActive is the most requests (tcp: connections) an upstream
+// has in progress, 0 for no limit: max_connections, and for HTTP
+// max_concurrent_requests, whichever is lower. HTTP requests to another
+// sidecar share pooled and multiplexed connections, so a request is what
+// can be counted; the two keys then bound the same thing.
+func upstreamMaxActive(l Limits, mode string) int {
+	n := l.MaxConnections
+	if c := l.MaxConcurrentRequests; mode == "http" && c > 0 && (n == 0 || c < n) {
+		n = c
+	}
+	return n
 }
 
 // localTarget is where the local app server connects.

@@ -102,9 +102,11 @@ func goldenSpecs() map[string]Spec {
 	limits.Public.Limits = Limits{MaxConnections: 8, MaxPendingRequests: 16, MaxConcurrentRequests: 4}
 	checked := upstream("api", 9191, "http", 2, slots.Endpoint{Addr: "10.0.0.1", Port: 21000, Weight: 1})
 	checked.Passive = PassiveCheck{Interval: 10 * time.Second, MaxFailures: 5}
+	checked.Limits = Limits{MaxConnections: 100, MaxPendingRequests: 10, MaxConcurrentRequests: 50}
 	sock := upstream("db", 0, "tcp", 2)
 	sock.BindAddr, sock.SocketPath, sock.SocketMode = "", "/run/app/db.sock", "0660"
 	sock.Passive = PassiveCheck{Interval: time.Second, MaxFailures: 3}
+	sock.Limits = Limits{MaxConnections: 20, MaxConcurrentRequests: 5}
 	limits.Upstreams = []Upstream{checked, sock}
 	limits.Expose = []ExposePath{
 		{ListenerPort: 21500, Path: "/health", LocalPort: 8080, Protocol: "http"},
@@ -266,6 +268,7 @@ func TestValidateRejects(t *testing.T) {
 		{"negative max inbound", func(s *Spec) { s.Public.MaxInbound = -1 }},
 		{"max connections too large", func(s *Spec) { s.Public.Limits.MaxConnections = MaxLimit + 1 }},
 		{"negative max pending", func(s *Spec) { s.Public.Limits.MaxPendingRequests = -1 }},
+		{"upstream limit negative", func(s *Spec) { s.Upstreams[0].Limits.MaxConcurrentRequests = -1 }},
 		{"passive check without interval", func(s *Spec) { s.Upstreams[0].Passive = PassiveCheck{MaxFailures: 3} }},
 		{"passive check failures too many", func(s *Spec) {
 			s.Upstreams[0].Passive = PassiveCheck{Interval: time.Second, MaxFailures: MaxFailures + 1}

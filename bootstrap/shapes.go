@@ -41,6 +41,8 @@ var configShapes = []string{
 	`    bind unix@` + shapePath + ` mode 0[0-7]{3}`,
 	`    http-request deny deny_status 503 if \{ queue\(local_app\) ge \d+ \}`,
 	`    tcp-request content reject if \{ queue\(local_app\) ge \d+ \}`,
+	`    http-request deny deny_status 503 if \{ be_conn\(` + shapeIdent + `\) ge \d+ \}`,
+	`    tcp-request content reject if \{ be_conn\(` + shapeIdent + `\) ge \d+ \}`,
 	`    http-request deny deny_status 404 unless \{ path /[A-Za-z0-9_./~%+=:@,!$*-]* \}`,
 	`(frontend|backend) ` + shapeIdent,
 	`    mode (tcp|http)`,

@@ -170,7 +170,7 @@ func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.S
 			Name: u.Name, Destination: u.Destination, BindAddr: u.BindAddr, BindPort: u.BindPort,
 			Protocol: u.Protocol, ConnectTimeout: u.ConnectTimeout, Slots: tables[u.Name],
 			ServerID: c.serverID(u), Instances: instanceIDs(c.desired.instances[u.Name]),
-			SocketPath: u.SocketPath, SocketMode: u.SocketMode, Passive: u.Passive,
+			SocketPath: u.SocketPath, SocketMode: u.SocketMode, Passive: u.Passive, Limits: u.Limits,
 		})
 	}
 	return s

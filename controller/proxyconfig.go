@@ -35,8 +35,7 @@ var proxyKeys = map[string]string{
 
 // upstreamKeys are the upstream Config keys this sidecar knows.
 var upstreamKeys = map[string]string{
-	"protocol": "", "connect_timeout_ms": "", "passive_health_check": "",
-	"limits":                       "not supported yet: upstream circuit breakers; the upstream is served without them",
+	"protocol": "", "connect_timeout_ms": "", "passive_health_check": "", "limits": "",
 	"balance_outbound_connections": "no-op: HAProxy's worker threads share each server's connection pool",
 }
 
@@ -196,6 +195,51 @@ func parsePassive(cfg map[string]any, prefix string, notes *[]Note) (bootstrap.P
 		return bootstrap.PassiveCheck{}, false, fmt.Errorf("interval %s out of range 1ms-1h", pc.Interval)
 	}
 	return pc, true, nil
+}
+
+// parseLimits reads an upstream's "limits", in either of Consul's
+// spellings (max_connections, or MaxConnections from service-defaults).
+// 0 is "not set". max_pending_requests is noted: nothing waits in a
+// queue before an upstream (see bootstrap.Render).
+func parseLimits(cfg map[string]any, prefix string, notes *[]Note) (bootstrap.Limits, error) {
+	raw, ok := cfg["limits"]
+	if !ok || raw == nil {
+		return bootstrap.Limits{}, nil
+	}
+	m, ok := raw.(map[string]any)
+	if !ok {
+		return bootstrap.Limits{}, fmt.Errorf("want an object, got %T", raw)
+	}
+	var l bootstrap.Limits
+	var keys []string
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		var dst *int
+		switch name := strings.ToLower(strings.ReplaceAll(k, "_", "")); name {
+		case "maxconnections":
+			dst = &l.MaxConnections
+		case "maxpendingrequests":
+			dst = &l.MaxPendingRequests
+		case "maxconcurrentrequests":
+			dst = &l.MaxConcurrentRequests
+		default:
+			*notes = append(*notes, Note{Key: prefix + "limits." + k, Reason: "unknown field: not applied", Level: zapcore.WarnLevel})
+			continue
+		}
+		n, _, err := configInt(map[string]any{k: m[k]}, k, 0, bootstrap.MaxLimit)
+		if err != nil {
+			return bootstrap.Limits{}, err
+		}
+		*dst = n
+	}
+	if l.MaxPendingRequests > 0 {
+		*notes = append(*notes, Note{Key: prefix + "limits.max_pending_requests",
+			Reason: "no-op for an upstream: requests past its limits are refused at once, none waits in a queue", Level: zapcore.InfoLevel})
+	}
+	return l, nil
 }
 
 // configDuration reads a duration: a Go duration string, or a number of

@@ -29,7 +29,7 @@ func TestParseProxyConfig(t *testing.T) {
 		// Merged from service-defaults: the Go struct's JSON spelling.
 		api.Upstream{DestinationName: "own", LocalBindPort: 9102, Config: map[string]any{
 			"passive_health_check": map[string]any{"Interval": float64(time.Second), "MaxFailures": float64(7), "MaxEjectionPercent": float64(10)},
-			"limits":               map[string]any{"max_connections": float64(3)},
+			"limits":               map[string]any{"MaxConnections": float64(3), "max_pending_requests": float64(4), "max_concurrent_requests": "2"},
 		}},
 		api.Upstream{DestinationName: "sock", LocalBindSocketPath: "/run/app/sock.sock", LocalBindSocketMode: "660"},
 	)
@@ -63,6 +63,9 @@ func TestParseProxyConfig(t *testing.T) {
 	if diff := cmp.Diff(wantPassive, passive); diff != "" {
 		t.Errorf("passive checks (-want +got):\n%s", diff)
 	}
+	if u, _ := sc.upstream("up_own"); u.Limits != (bootstrap.Limits{MaxConnections: 3, MaxPendingRequests: 4, MaxConcurrentRequests: 2}) {
+		t.Errorf("limits of up_own: %+v", u.Limits)
+	}
 	if u, _ := sc.upstream("up_sock"); u.SocketPath != "/run/app/sock.sock" || u.SocketMode != "0660" || u.BindAddr != "" {
 		t.Errorf("socket upstream: %+v", u)
 	}
@@ -82,7 +85,7 @@ func TestParseProxyConfig(t *testing.T) {
 		"config envoy_public_listener_json":                              zapcore.WarnLevel,
 		"config handshake_timeout_ms":                                    zapcore.WarnLevel,
 		"config made_up":                                                 zapcore.WarnLevel,
-		"upstream up_own config limits":                                  zapcore.WarnLevel,
+		"upstream up_own config limits.max_pending_requests":             zapcore.InfoLevel,
 		"upstream up_own config passive_health_check.maxejectionpercent": zapcore.WarnLevel,
 		"Expose.Paths[2]":                                                zapcore.ErrorLevel,
 		"Expose.Paths[3]":                                                zapcore.ErrorLevel,

@@ -93,6 +93,7 @@ type Upstream struct {
 	// local_bind_socket_mode (BindAddr and BindPort are then empty).
 	SocketPath, SocketMode string
 	Passive                bootstrap.PassiveCheck
+	Limits                 bootstrap.Limits
 }
 
 // Equal compares two shapes.
@@ -155,7 +156,7 @@ func upstreamFields(u Upstream) []field {
 	return []field{
 		{"type", u.Type}, {"destination", u.Destination}, {"local_bind_address", u.BindAddr}, {"local_bind_port", u.BindPort},
 		{"local_bind_socket_path", u.SocketPath}, {"local_bind_socket_mode", u.SocketMode},
-		{"protocol", u.Protocol}, {"connect_timeout_ms", u.ConnectTimeout}, {"passive_health_check", u.Passive},
+		{"protocol", u.Protocol}, {"connect_timeout_ms", u.ConnectTimeout}, {"passive_health_check", u.Passive}, {"limits", u.Limits},
 	}
 }
 
@@ -339,11 +340,14 @@ func parseUpstream(u api.Upstream, passive bootstrap.PassiveCheck, proxyGateway 
 	} else if ok {
 		up.Passive = pc
 	}
+	if up.Limits, err = parseLimits(u.Config, "upstream "+up.Name+" config ", notes); err != nil {
+		return Upstream{}, fmt.Errorf("config limits: %w", err)
+	}
 	noteUnknown(u.Config, "upstream "+up.Name+" config ", upstreamKeys, notes)
 	// The same checks Render makes, so a bad upstream is dropped here with
 	// its reason rather than failing the whole configuration later.
 	probe := bootstrap.Upstream{Name: up.Name, Destination: up.Destination, BindAddr: up.BindAddr, BindPort: up.BindPort,
-		Protocol: up.Protocol, ConnectTimeout: up.ConnectTimeout, SocketPath: up.SocketPath, SocketMode: up.SocketMode, Passive: up.Passive}
+		Protocol: up.Protocol, ConnectTimeout: up.ConnectTimeout, SocketPath: up.SocketPath, SocketMode: up.SocketMode, Passive: up.Passive, Limits: up.Limits}
 	probe.Slots.Backend, probe.Slots.Prefix = up.Name, bootstrap.SlotPrefix
 	probe.Slots.Slots = make([]slots.Slot, 1)
 	if err := bootstrap.ValidateUpstream(probe); err != nil {

@@ -79,6 +79,8 @@ func TestParseRegistrationRejectsBadUpstreams(t *testing.T) {
 		{"mesh gateway for a cross-datacenter upstream", api.Upstream{DestinationName: "u", Datacenter: "dc2", LocalBindPort: 9101,
 			MeshGateway: api.MeshGatewayConfig{Mode: api.MeshGatewayModeLocal}}, "mesh gateways are not supported"},
 		{"peer", api.Upstream{DestinationName: "u", DestinationPeer: "other", LocalBindPort: 9101}, "peering"},
+		{"limits of the wrong type", api.Upstream{DestinationName: "u", LocalBindPort: 9101, Config: map[string]any{"limits": 5.0}}, "config limits"},
+		{"limit out of range", api.Upstream{DestinationName: "u", LocalBindPort: 9101, Config: map[string]any{"limits": map[string]any{"max_connections": -1.0}}}, "config limits"},
 		{"passive check of the wrong type", api.Upstream{DestinationName: "u", LocalBindPort: 9101, Config: map[string]any{"passive_health_check": "on"}}, "passive_health_check"},
 		{"passive check interval junk", api.Upstream{DestinationName: "u", LocalBindPort: 9101,
 			Config: map[string]any{"passive_health_check": map[string]any{"interval": "10s\nglobal"}}}, "interval"},
