@@ -31,12 +31,36 @@ var proxyKeys = map[string]string{
 	"local_service_address":  "not supported: the built-in proxy's key; set the registration's LocalServiceAddress and LocalServicePort",
 	"max_request_headers_kb": "not supported: HAProxy bounds request headers with tune.bufsize (16 KB), fixed at build",
 	"xds_fetch_timeout_ms":   "not supported: an Envoy xDS setting; this sidecar reads Consul's HTTP API",
+	"bind_addresses":         "not supported: one public listener, on bind_address:bind_port",
 }
 
 // upstreamKeys are the upstream Config keys this sidecar knows.
 var upstreamKeys = map[string]string{
 	"protocol": "", "connect_timeout_ms": "", "passive_health_check": "", "limits": "",
 	"balance_outbound_connections": "no-op: HAProxy's worker threads share each server's connection pool",
+}
+
+// noteRegistration notes the registration's fields that this sidecar does
+// not apply.
+func noteRegistration(p *api.AgentServiceConnectProxyConfig, notes *[]Note) {
+	warn := func(key, reason string) {
+		*notes = append(*notes, Note{Key: key, Reason: reason, Level: zapcore.WarnLevel})
+	}
+	if m := p.MeshGateway.Mode; m != "" && m != api.MeshGatewayModeNone && m != api.MeshGatewayModeDefault {
+		warn("MeshGateway.Mode", fmt.Sprintf("%q is not supported: upstreams are reached directly, and a cross-datacenter upstream that would go through a mesh gateway is refused", m))
+	}
+	if p.Mode != "" && p.Mode != api.ProxyModeDefault && p.Mode != api.ProxyModeDirect {
+		warn("Mode", fmt.Sprintf("%q is not supported: only explicit upstreams are served (no transparent proxy)", p.Mode))
+	}
+	if tp := p.TransparentProxy; tp != nil && *tp != (api.TransparentProxyConfig{}) {
+		warn("TransparentProxy", "not supported: only explicit upstreams are served")
+	}
+	if p.AccessLogs != nil && p.AccessLogs.Enabled {
+		warn("AccessLogs", "not applied: this sidecar's access log is its -access-log flag")
+	}
+	if len(p.EnvoyExtensions) > 0 {
+		warn("EnvoyExtensions", "not supported: Envoy extensions have no meaning for HAProxy")
+	}
 }
 
 // noteUnknown notes every key of cfg that keys does not apply: an Envoy

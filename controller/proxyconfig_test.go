@@ -25,7 +25,7 @@ func TestParseProxyConfig(t *testing.T) {
 		"passive_health_check":       map[string]any{"interval": "5s", "max_failures": float64(3)},
 		"envoy_public_listener_json": "{}", "handshake_timeout_ms": float64(1000), "made_up": true,
 	},
-		api.Upstream{DestinationName: "inherits", LocalBindPort: 9101},
+		api.Upstream{DestinationName: "inherits", LocalBindPort: 9101, MeshGateway: api.MeshGatewayConfig{Mode: api.MeshGatewayModeRemote}},
 		// Merged from service-defaults: the Go struct's JSON spelling.
 		api.Upstream{DestinationName: "own", LocalBindPort: 9102, Config: map[string]any{
 			"passive_health_check": map[string]any{"Interval": float64(time.Second), "MaxFailures": float64(7), "MaxEjectionPercent": float64(10)},
@@ -41,6 +41,8 @@ func TestParseProxyConfig(t *testing.T) {
 		{ListenerPort: 21000, Path: "/taken", LocalPathPort: 8080},
 	}}
 	reg.Proxy.MeshGateway.Mode = api.MeshGatewayModeLocal
+	reg.Proxy.AccessLogs = &api.AccessLogsConfig{Enabled: true}
+	reg.Proxy.TransparentProxy = &api.TransparentProxyConfig{OutboundListenerPort: 15001}
 	sc, rejected, err := ParseRegistration(reg)
 	if err != nil || len(rejected) > 0 {
 		t.Fatalf("err %v, rejected %v", err, rejected)
@@ -90,6 +92,9 @@ func TestParseProxyConfig(t *testing.T) {
 		"Expose.Paths[2]":                                                zapcore.ErrorLevel,
 		"Expose.Paths[3]":                                                zapcore.ErrorLevel,
 		"MeshGateway.Mode":                                               zapcore.WarnLevel,
+		"AccessLogs":                                                     zapcore.WarnLevel,
+		"TransparentProxy":                                               zapcore.WarnLevel,
+		"upstream inherits MeshGateway.Mode":                             zapcore.WarnLevel,
 	}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("notes (-want +got):\n%s\n%+v", diff, sc.Notes)

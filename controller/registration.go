@@ -229,12 +229,7 @@ func ParseRegistration(svc *api.AgentService) (sc Sidecar, rejected []error, err
 		return Sidecar{}, nil, err
 	}
 	sc.Public = pub
-	if m := p.MeshGateway.Mode; m != "" && m != api.MeshGatewayModeNone && m != api.MeshGatewayModeDefault {
-		sc.Notes = append(sc.Notes, Note{Key: "MeshGateway.Mode", Reason: fmt.Sprintf("%q is not supported: upstreams are reached directly, and a cross-datacenter upstream that would go through a mesh gateway is refused", m), Level: zapcore.WarnLevel})
-	}
-	if p.Mode != "" && p.Mode != api.ProxyModeDefault && p.Mode != api.ProxyModeDirect {
-		sc.Notes = append(sc.Notes, Note{Key: "Mode", Reason: fmt.Sprintf("%q is not supported: only explicit upstreams are served (no transparent proxy)", p.Mode), Level: zapcore.WarnLevel})
-	}
+	noteRegistration(p, &sc.Notes)
 
 	seen := map[string]bool{}
 	binds := map[string]string{bindKey(pub.BindAddr, pub.BindPort): "the public listener"}
@@ -309,6 +304,10 @@ func parseUpstream(u api.Upstream, passive bootstrap.PassiveCheck, proxyGateway 
 	}
 	if gw != "" && gw != api.MeshGatewayModeNone && gw != api.MeshGatewayModeDefault && (u.Datacenter != "" || u.DestinationPeer != "") {
 		return Upstream{}, fmt.Errorf("mesh gateway mode %q: mesh gateways are not supported yet", gw)
+	}
+	if m := u.MeshGateway.Mode; m != "" && m != api.MeshGatewayModeNone && m != api.MeshGatewayModeDefault {
+		*notes = append(*notes, Note{Key: "upstream " + u.DestinationName + " MeshGateway.Mode",
+			Reason: fmt.Sprintf("%q is not supported; for an upstream in this datacenter it changes nothing, and it is reached directly", m), Level: zapcore.WarnLevel})
 	}
 	if u.DestinationPeer != "" {
 		return Upstream{}, fmt.Errorf("destination peer %q: cluster peering is not supported", u.DestinationPeer)
