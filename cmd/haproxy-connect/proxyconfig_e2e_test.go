@@ -305,7 +305,9 @@ func TestUnixSockets(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	register(t, c, "client", ports[1], ports[2], nil, api.Upstream{DestinationName: "server", LocalBindSocketPath: upSock,
+	// A refused value and an unknown key beside the sockets: each is
+	// logged once, by name, and the rest applies.
+	register(t, c, "client", ports[1], ports[2], map[string]any{"max_inbound_connections": "lots", "made_up_key": true}, api.Upstream{DestinationName: "server", LocalBindSocketPath: upSock,
 		LocalBindSocketMode: "0600", Config: map[string]any{"protocol": "http"}})
 	startSidecar(t, consul, "server")
 	client := startSidecar(t, consul, "client")
@@ -350,7 +352,16 @@ func TestUnixSockets(t *testing.T) {
 	if len(errs) > 0 {
 		t.Errorf("%d of 400 requests through the sockets failed, first: %v", len(errs), errs[0])
 	}
-	if strings.Contains(client.out.String(), "upstream rejected") {
-		t.Errorf("an upstream was rejected:\n%s", failureLog(client.out.String(), 50, 0))
+	out := client.out.String()
+	if strings.Contains(out, "upstream rejected") {
+		t.Errorf("an upstream was rejected:\n%s", failureLog(out, 50, 0))
+	}
+	for _, want := range []string{
+		`proxy registration: value refused; the rest keeps working	{"proxy_id": "client-sidecar-proxy", "key": "config max_inbound_connections"`,
+		`proxy registration: not supported, not applied	{"proxy_id": "client-sidecar-proxy", "key": "config made_up_key"`,
+	} {
+		if n := strings.Count(out, want); n != 1 {
+			t.Errorf("logged %d times, want once: %s", n, want)
+		}
 	}
 }
