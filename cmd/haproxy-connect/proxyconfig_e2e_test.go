@@ -365,3 +365,86 @@ func TestUnixSockets(t *testing.T) {
 		}
 	}
 }
+
+// TestPassiveHealthCheck: an upstream with two instances, one of whose
+// application answers 500. With passive_health_check (max_failures 3) the
+// client's sidecar marks that server down after its errors, and while it
+// is down every request is served by the other instance.
+func TestPassiveHealthCheck(t *testing.T) {
+	consul := testenv.Consul(t, testenv.ConsulOptions{})
+	c := consul.Client
+	ports := testenv.FreePorts(t, 5) // good sidecar, bad sidecar, client app, client sidecar, upstream
+	badApp := testenv.FreePort(t)
+	ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", badApp))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { http.Error(w, "broken", 500) })}
+	go bad.Serve(ln)
+	t.Cleanup(func() { bad.Close() })
+	register(t, c, "server", httpApp(t, "server"), ports[0], map[string]any{"protocol": "http"})
+	err = c.Agent().ServiceRegister(&api.AgentServiceRegistration{
+		ID: "server-bad", Name: "server", Port: badApp, Address: "127.0.0.1", Checks: passing(),
+		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
+			Port: ports[1], Address: "127.0.0.1", Checks: passing(),
+			Proxy: &api.AgentServiceConnectProxyConfig{Config: map[string]any{"protocol": "http"}},
+		}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	register(t, c, "client", ports[2], ports[3], nil, api.Upstream{DestinationName: "server", LocalBindPort: ports[4],
+		Config: map[string]any{"protocol": "http", "passive_health_check": map[string]any{"interval": "5s", "max_failures": 3}}})
+	startSidecar(t, consul, "server")
+	startSidecar(t, consul, "server-bad")
+	client := startSidecar(t, consul, "client")
+	up := ports[4]
+	badStatus := func() (string, error) {
+		st, err := client.rt.ServerStats(context.Background())
+		if err != nil {
+			return "", err
+		}
+		for _, s := range st {
+			if s.Backend == "up_server" && s.Addr == fmt.Sprintf("127.0.0.1:%d", ports[1]) {
+				return s.Status, nil
+			}
+		}
+		return "", fmt.Errorf("no server of up_server at the bad sidecar: %+v", st)
+	}
+	eventually(t, 20*time.Second, "both instances in up_server", func() error {
+		if err := client.inBackend("up_server", ports[0])(); err != nil {
+			return err
+		}
+		return client.inBackend("up_server", ports[1])()
+	})
+	eventually(t, 20*time.Second, "the failing instance marked down", func() error {
+		_, _, _ = get(up)
+		st, err := badStatus()
+		if err == nil && !strings.HasPrefix(st, "DOWN") {
+			err = fmt.Errorf("status %q", st)
+		}
+		return err
+	})
+	// Requests that start and end while it is down all reach the good
+	// instance (it comes back after two good checks, 2 x 5 s later, and
+	// is marked down again by its next three errors).
+	served := 0
+	for range 200 {
+		before, err := badStatus()
+		if err != nil {
+			t.Fatal(err)
+		}
+		code, body, err := get(up)
+		after, _ := badStatus()
+		if !strings.HasPrefix(before, "DOWN") || !strings.HasPrefix(after, "DOWN") {
+			continue
+		}
+		served++
+		if err != nil || code != 200 || body != "hello from server" {
+			t.Fatalf("a request while the failing instance is down: %d %q %v", code, body, err)
+		}
+	}
+	if served < 20 {
+		t.Errorf("only %d requests ran while the failing instance was down", served)
+	}
+}
