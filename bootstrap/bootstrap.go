@@ -590,12 +590,6 @@ func renderConfig(s Spec) (string, error) {
 		// the kernel's accept queue until one ends.
 		w("    maxconn %d", p.MaxInbound)
 	}
-	if mode == "http" && p.IdleTimeout > 0 {
-		// local_idle_timeout_ms (Envoy's stream idle timeout), on the
-		// calling side; the application's side is "timeout server" in
-		// the local app's backend.
-		w("    timeout client %s", ms(p.IdleTimeout))
-	}
 	if mode == "http" {
 		// After a reload the old worker sends a GOAWAY on each HTTP/2
 		// connection from a calling sidecar, which then opens no new
@@ -913,9 +907,11 @@ func renderConfig(s Spec) (string, error) {
 // whole response: "timeout server" bounds the wait for the response
 // headers (a 504 when it fires first) and then each silence of the
 // application, so a request timeout is enforced on an application that
-// does not answer, not on one that streams slowly. Envoy's idle timeout
-// is such a silence, on either side: its application side is this same
-// timer.
+// does not answer, not on one that streams slowly. The idle timeout
+// (Envoy's stream idle timeout on requests to the application) is such a
+// silence. It is not applied to the calling side: there "timeout client"
+// would also close the idle pooled HTTP/2 connections of calling sidecars,
+// which Envoy's per-stream timer does not.
 func localServerTimeout(p Public) time.Duration {
 	if Mode(p.Protocol) != "http" {
 		return 0

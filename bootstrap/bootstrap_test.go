@@ -346,3 +346,37 @@ func TestRenderFiles(t *testing.T) {
 		t.Errorf("an invalid spec: %v, want ErrInvalid", err)
 	}
 }
+
+// TestLocalAppLimits: the local app's "timeout server" and maxconn are the
+// lower of the keys that bound them, and HTTP-only keys stay off in tcp.
+func TestLocalAppLimits(t *testing.T) {
+	tests := []struct {
+		name          string
+		p             Public
+		timeout       time.Duration
+		maxconn       int
+		upstreamLimit int
+	}{
+		{"nothing set", Public{Protocol: "http"}, 0, 0, 0},
+		{"request timeout", Public{Protocol: "http", RequestTimeout: 2 * time.Second}, 2 * time.Second, 0, 0},
+		{"idle shorter", Public{Protocol: "http", RequestTimeout: 2 * time.Second, IdleTimeout: time.Second}, time.Second, 0, 0},
+		{"idle alone", Public{Protocol: "grpc", IdleTimeout: time.Second}, time.Second, 0, 0},
+		{"tcp ignores timeouts and concurrency", Public{Protocol: "tcp", RequestTimeout: time.Second, Limits: Limits{MaxConnections: 5, MaxConcurrentRequests: 2}}, 0, 5, 5},
+		{"concurrency lower", Public{Protocol: "http", Limits: Limits{MaxConnections: 5, MaxConcurrentRequests: 2}}, 0, 2, 2},
+		{"connections lower", Public{Protocol: "http", Limits: Limits{MaxConnections: 3, MaxConcurrentRequests: 8}}, 0, 3, 3},
+		{"concurrency alone", Public{Protocol: "http2", Limits: Limits{MaxConcurrentRequests: 8}}, 0, 8, 8},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := localServerTimeout(tt.p); got != tt.timeout {
+				t.Errorf("timeout server %s, want %s", got, tt.timeout)
+			}
+			if got := localMaxConn(tt.p); got != tt.maxconn {
+				t.Errorf("maxconn %d, want %d", got, tt.maxconn)
+			}
+			if got := upstreamMaxActive(tt.p.Limits, Mode(tt.p.Protocol)); got != tt.upstreamLimit {
+				t.Errorf("upstream limit %d, want %d", got, tt.upstreamLimit)
+			}
+		})
+	}
+}
