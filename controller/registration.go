@@ -69,8 +69,8 @@ type Sidecar struct {
 type Note struct {
 	// Key is the config key or registration field, as Consul spells it.
 	Key string
-	// Reason says why: unsupported, no meaning for HAProxy, or (Bad) a
-	// value refused.
+	// Reason says why: unsupported, no meaning for HAProxy, or a value
+	// refused.
 	Reason string
 	// Level is what it is logged at: error for a value refused, warn
 	// for what is not supported, info for a key that needs nothing here.
@@ -296,8 +296,10 @@ func parseUpstream(u api.Upstream, passive bootstrap.PassiveCheck, proxyGateway 
 	}
 	// Consul sends a cross-datacenter upstream through a mesh gateway when
 	// the mode is local or remote: reaching its endpoints directly instead
-	// would bypass what the operator asked for, so it is refused. For an
-	// upstream in this datacenter the mode changes nothing.
+	// would bypass what the operator asked for, so it is refused. An
+	// upstream that names a Datacenter counts as one (the local one is not
+	// known here). For an upstream in this datacenter the mode changes
+	// nothing.
 	gw := u.MeshGateway.Mode
 	if gw == "" || gw == api.MeshGatewayModeDefault {
 		gw = proxyGateway
