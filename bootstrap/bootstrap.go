@@ -488,12 +488,9 @@ func (s Spec) Validate() error {
 			return fmt.Errorf("%w: two upstreams named %s", ErrInvalid, u.Name)
 		}
 		seenName[u.Name] = true
-		var b string
+		b := "unix@" + u.SocketPath
 		if u.SocketPath == "" {
 			b = netip.AddrPortFrom(netip.MustParseAddr(u.BindAddr), uint16(u.BindPort)).String()
-		}
-		if u.SocketPath != "" {
-			b = "unix@" + u.SocketPath
 		}
 		if other, ok := seenBind[b]; ok {
 			return fmt.Errorf("%w: upstream %s binds %s, already bound by %s", ErrInvalid, u.Name, b, other)
