@@ -61,6 +61,41 @@ type Spec struct {
 	Threads   int
 	Public    Public
 	Upstreams []Upstream
+	// The fields of issue 14 (Expose, and in Public and Upstream) are left
+	// out of the JSON when zero: a sidecar that sets none of them has the
+	// configuration id (package controller) it had before them, so an
+	// upgrade adopts its HAProxy without a reload.
+	//
+	// Expose are the plain HTTP listeners that forward one path each to
+	// the local application (the registration's Proxy.Expose.Paths).
+	Expose []ExposePath `json:",omitzero"`
+}
+
+// Limits bound the connections and requests to a cluster (Envoy's circuit
+// breakers, Consul's "limits"); zero means not set. See Render for what
+// each becomes in HAProxy.
+type Limits struct {
+	MaxConnections        int
+	MaxPendingRequests    int
+	MaxConcurrentRequests int
+}
+
+// PassiveCheck is Consul's passive_health_check: a server that fails
+// MaxFailures requests (or connections) in a row is marked down, and
+// checked every Interval until it answers again. Zero MaxFailures: off.
+type PassiveCheck struct {
+	Interval    time.Duration
+	MaxFailures int
+}
+
+// ExposePath is one path of the local application served without mTLS on
+// its own listener (Consul's Expose.Paths), for the agent's HTTP and gRPC
+// checks and for metrics scrapers.
+type ExposePath struct {
+	ListenerPort int
+	Path         string
+	LocalPort    int    // the application's port serving Path
+	Protocol     string // http (default) or http2
 }
 
 // Public is the inbound mTLS listener and the local application behind it.
@@ -71,6 +106,16 @@ type Public struct {
 	LocalAddr      string
 	LocalPort      int
 	ConnectTimeout time.Duration // local_connect_timeout_ms
+	// LocalSocket, when set, is the application's unix socket
+	// (local_service_socket_path), used instead of LocalAddr:LocalPort.
+	LocalSocket string `json:",omitzero"`
+	// RequestTimeout and IdleTimeout are local_request_timeout_ms and
+	// local_idle_timeout_ms (HTTP only), MaxInbound max_inbound_connections,
+	// and Limits the local application's; zero means not set.
+	RequestTimeout time.Duration `json:",omitzero"`
+	IdleTimeout    time.Duration `json:",omitzero"`
+	MaxInbound     int           `json:",omitzero"`
+	Limits         Limits        `json:",omitzero"`
 }
 
 // Upstream is one local port forwarding to a service's endpoints.
@@ -83,6 +128,14 @@ type Upstream struct {
 	BindPort       int
 	Protocol       string
 	ConnectTimeout time.Duration
+	// SocketPath, when set, is the unix socket the upstream listens on
+	// (local_bind_socket_path) instead of BindAddr:BindPort, with the
+	// permission bits SocketMode ("0600" when empty).
+	SocketPath string `json:",omitzero"`
+	SocketMode string `json:",omitzero"`
+	// Passive is the upstream's passive_health_check, Limits its limits.
+	Passive PassiveCheck `json:",omitzero"`
+	Limits  Limits       `json:",omitzero"`
 	// Slots is the current endpoint-to-slot assignment; its size is the
 	// number of servers rendered.
 	Slots slots.Table
@@ -227,13 +280,26 @@ func ValidateUpstream(u Upstream) error {
 	if _, err := input.Name("upstream "+u.Name+" destination", u.Destination); err != nil {
 		return invalid(err)
 	}
-	if err := checkAddrPort("upstream "+u.Name+" bind", u.BindAddr, u.BindPort); err != nil {
+	if u.SocketPath != "" {
+		if err := checkSocket("upstream "+u.Name+" socket", u.SocketPath); err != nil {
+			return err
+		}
+		if _, err := input.SocketMode("upstream "+u.Name+" socket mode", u.SocketMode); u.SocketMode != "" && err != nil {
+			return invalid(err)
+		}
+	} else if err := checkAddrPort("upstream "+u.Name+" bind", u.BindAddr, u.BindPort); err != nil {
 		return err
 	}
 	if err := checkProtocol("upstream "+u.Name, u.Protocol); err != nil {
 		return err
 	}
 	if err := checkTimeout("upstream "+u.Name+" connect", u.ConnectTimeout); err != nil {
+		return err
+	}
+	if err := checkPassive("upstream "+u.Name, u.Passive); err != nil {
+		return err
+	}
+	if err := checkLimits("upstream "+u.Name, u.Limits); err != nil {
 		return err
 	}
 	if err := CheckServerID(u.ServerID); u.ServerID != "" && err != nil {
@@ -253,6 +319,74 @@ func ValidateUpstream(u Upstream) error {
 		}
 	}
 	return nil
+}
+
+// MaxLimit bounds every connection and request limit (Limits,
+// max_inbound_connections): far above what one sidecar serves, and far
+// below HAProxy's integer limits.
+const MaxLimit = 1_000_000
+
+// checkSocket checks a unix socket path: absolute, of input.Path's
+// alphabet, and short enough for sun_path (108 bytes with its NUL), which
+// HAProxy refuses longer.
+func checkSocket(what, path string) error {
+	if _, err := input.Path(what, path); err != nil {
+		return invalid(err)
+	}
+	if len(path) > MaxSocketPath {
+		return fmt.Errorf("%w: %s %q is longer than %d bytes", ErrInvalid, what, path, MaxSocketPath)
+	}
+	return nil
+}
+
+func checkLimit(what string, n int) error {
+	if n < 0 || n > MaxLimit {
+		return fmt.Errorf("%w: %s %d out of range 0-%d", ErrInvalid, what, n, MaxLimit)
+	}
+	return nil
+}
+
+func checkLimits(what string, l Limits) error {
+	for _, c := range []struct {
+		key string
+		n   int
+	}{{"max_connections", l.MaxConnections}, {"max_pending_requests", l.MaxPendingRequests}, {"max_concurrent_requests", l.MaxConcurrentRequests}} {
+		if err := checkLimit(what+" "+c.key, c.n); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// MaxFailures bounds passive_health_check's max_failures.
+const MaxFailures = 10000
+
+func checkPassive(what string, p PassiveCheck) error {
+	if p.MaxFailures < 0 || p.MaxFailures > MaxFailures {
+		return fmt.Errorf("%w: %s passive_health_check max_failures %d out of range 0-%d", ErrInvalid, what, p.MaxFailures, MaxFailures)
+	}
+	if p.MaxFailures > 0 && (p.Interval < time.Millisecond || p.Interval > time.Hour) {
+		return fmt.Errorf("%w: %s passive_health_check interval %s out of range 1ms-1h", ErrInvalid, what, p.Interval)
+	}
+	return nil
+}
+
+// CheckExpose checks one expose path on its own.
+func CheckExpose(e ExposePath) error {
+	if _, err := input.Port("expose listener port", e.ListenerPort); err != nil {
+		return invalid(err)
+	}
+	if _, err := input.Port("expose local path port", e.LocalPort); err != nil {
+		return invalid(err)
+	}
+	if _, err := input.URLPath("expose path", e.Path); err != nil {
+		return invalid(err)
+	}
+	switch e.Protocol {
+	case "", "http", "http2":
+		return nil
+	}
+	return fmt.Errorf("%w: expose path %s protocol %q (want http or http2)", ErrInvalid, e.Path, e.Protocol)
 }
 
 // CheckServerID reports whether id is a Consul service SPIFFE ID that
@@ -287,13 +421,28 @@ func ValidatePublic(p Public) error {
 	if err := checkAddrPort("public listener", p.BindAddr, p.BindPort); err != nil {
 		return err
 	}
-	if err := checkAddrPort("local service", p.LocalAddr, p.LocalPort); err != nil {
+	if p.LocalSocket != "" {
+		if err := checkSocket("local service socket", p.LocalSocket); err != nil {
+			return err
+		}
+	} else if err := checkAddrPort("local service", p.LocalAddr, p.LocalPort); err != nil {
 		return err
 	}
 	if err := checkProtocol("public listener", p.Protocol); err != nil {
 		return err
 	}
-	return checkTimeout("local connect", p.ConnectTimeout)
+	for _, t := range []struct {
+		what string
+		d    time.Duration
+	}{{"local connect", p.ConnectTimeout}, {"local request", p.RequestTimeout}, {"local idle", p.IdleTimeout}} {
+		if err := checkTimeout(t.what, t.d); err != nil {
+			return err
+		}
+	}
+	if err := checkLimit("max_inbound_connections", p.MaxInbound); err != nil {
+		return err
+	}
+	return checkLimits("local service", p.Limits)
 }
 
 // Validate checks the whole spec.
@@ -355,11 +504,27 @@ func (s Spec) Validate() error {
 			return fmt.Errorf("%w: two upstreams named %s", ErrInvalid, u.Name)
 		}
 		seenName[u.Name] = true
-		b := netip.AddrPortFrom(netip.MustParseAddr(u.BindAddr), uint16(u.BindPort)).String()
+		b := "unix@" + u.SocketPath
+		if u.SocketPath == "" {
+			b = netip.AddrPortFrom(netip.MustParseAddr(u.BindAddr), uint16(u.BindPort)).String()
+		}
 		if other, ok := seenBind[b]; ok {
 			return fmt.Errorf("%w: upstream %s binds %s, already bound by %s", ErrInvalid, u.Name, b, other)
 		}
 		seenBind[b] = u.Name
+	}
+	for _, e := range s.Expose {
+		if err := CheckExpose(e); err != nil {
+			return err
+		}
+		if err := checkAddrPort("expose path "+e.Path+" local", p.LocalAddr, e.LocalPort); err != nil {
+			return err
+		}
+		b := addr(p.BindAddr, e.ListenerPort)
+		if other, ok := seenBind[b]; ok {
+			return fmt.Errorf("%w: expose path %s binds %s, already bound by %s", ErrInvalid, e.Path, b, other)
+		}
+		seenBind[b] = "expose path " + e.Path
 	}
 	return nil
 }
@@ -432,6 +597,12 @@ func renderConfig(s Spec) (string, error) {
 	mode := Mode(p.Protocol)
 	w("frontend %s", PublicFrontend)
 	w("    mode %s", mode)
+	if p.MaxInbound > 0 {
+		// max_inbound_connections. Envoy closes a connection over the
+		// limit; HAProxy stops accepting, and the connection waits in
+		// the kernel's accept queue until one ends.
+		w("    maxconn %d", p.MaxInbound)
+	}
 	if mode == "http" {
 		// After a reload the old worker sends a GOAWAY on each HTTP/2
 		// connection from a calling sidecar, which then opens no new
@@ -533,6 +704,19 @@ func renderConfig(s Spec) (string, error) {
 		w("    tcp-request content sc-set-gpt0(0) var(%s),add(1) if { var(%s) -m bool } !authz_cached", authzgen.SessVar(authzgen.VarGen), authzgen.SessVar(authzgen.VarAllowed))
 		w("    tcp-request content reject unless { var(%s) -m bool }", authzgen.SessVar(authzgen.VarAllowed))
 	}
+	if n := p.Limits.MaxPendingRequests; n > 0 {
+		// max_pending_requests: a request (tcp: a connection) that finds
+		// n already waiting for a free connection to the application
+		// (see the local app's maxconn) is refused at once, as Envoy's
+		// circuit breaker does, instead of joining the queue. Evaluated
+		// after authorization, so a denied caller learns nothing of the
+		// application's load.
+		if mode == "http" {
+			w("    http-request deny deny_status 503 if { queue(%s) ge %d }", LocalBackend, n)
+		} else {
+			w("    tcp-request content reject if { queue(%s) ge %d }", LocalBackend, n)
+		}
+	}
 	if s.AccessLog {
 		if mode == "http" {
 			// intention= and perm= name what decided a request under
@@ -552,7 +736,10 @@ func renderConfig(s Spec) (string, error) {
 	if p.ConnectTimeout > 0 {
 		w("    timeout connect %s", ms(p.ConnectTimeout))
 	}
-	w("    server app %s%s", addr(p.LocalAddr, p.LocalPort), localProto(p.Protocol))
+	if t := localServerTimeout(p); t > 0 {
+		w("    timeout server %s", ms(t))
+	}
+	w("    server app %s%s%s", localTarget(p), maxconn(localMaxConn(p)), localProto(p.Protocol))
 	w("")
 	if mode == "tcp" {
 		w("backend %s", authzgen.ConnTable)
@@ -596,7 +783,13 @@ func renderConfig(s Spec) (string, error) {
 		// chunked. So the local client of an http, http2 or grpc upstream
 		// may speak either (a gRPC client speaks h2c); in mode tcp the
 		// bytes pass as they are.
-		w("    bind %s", addr(u.BindAddr, u.BindPort))
+		if u.SocketPath != "" {
+			// local_bind_socket_path: HAProxy creates the socket (after
+			// removing a stale one) with local_bind_socket_mode.
+			w("    bind unix@%s mode %s", u.SocketPath, orDefault(u.SocketMode, "0600"))
+		} else {
+			w("    bind %s", addr(u.BindAddr, u.BindPort))
+		}
 		if s.AccessLog && s.InstanceMap != "" {
 			// HAProxy's httplog and tcplog formats (2.6, doc
 			// configuration.txt 8.2.3 and 8.2.2), then the instance that
@@ -634,6 +827,21 @@ func renderConfig(s Spec) (string, error) {
 			// closed once idle as on the public listener.
 			w("    option idle-close-on-response")
 			w("    timeout client-fin %s", ms(GoawayIdleTimeout))
+		}
+		if n := upstreamMaxActive(u.Limits, mode); n > 0 {
+			// An upstream's limits (Consul's upstream "limits"): a request
+			// (tcp: a connection) that finds n already in progress to the
+			// upstream is refused at once, as Envoy's circuit breakers
+			// refuse past their limit. be_conn counts the backend's
+			// streams, each request in HTTP and each connection in tcp,
+			// whatever connections carry them. Nothing waits in a queue
+			// here (no server has a maxconn), so max_pending_requests has
+			// nothing to bound.
+			if mode == "http" {
+				w("    http-request deny deny_status 503 if { be_conn(%s) ge %d }", u.Name, n)
+			} else {
+				w("    tcp-request content reject if { be_conn(%s) ge %d }", u.Name, n)
+			}
 		}
 		w("    default_backend %s", u.Name)
 		w("")
@@ -691,10 +899,123 @@ func renderConfig(s Spec) (string, error) {
 				w("    tcp-response content reject unless { ssl_s_der,hex -m sub %s }", sanPattern(u.ServerID))
 			}
 		}
-		w("    default-server ssl crt %s ca-file %s verify required%s", s.LeafFile, s.RootsFile, alpn)
+		w("    default-server ssl crt %s ca-file %s verify required%s%s", s.LeafFile, s.RootsFile, alpn, passive(u.Passive, mode))
 		renderSlots(w, u.Slots)
 	}
+	for _, e := range s.Expose {
+		// An expose path: a plain HTTP listener that serves one path of
+		// the application and answers 404 to any other, as Envoy's
+		// exposed-path listeners do (an exact match on the path, the
+		// query string aside). No mTLS and no intentions: this is what
+		// the Consul agent's HTTP and gRPC checks reach when the
+		// registration says Expose.Checks.
+		name := fmt.Sprintf("expose_%d", e.ListenerPort)
+		w("")
+		w("frontend %s", name)
+		w("    mode http")
+		w("    bind %s", addr(p.BindAddr, e.ListenerPort))
+		if s.AccessLog {
+			w("    option httplog")
+		} else {
+			w("    no log")
+		}
+		w("    http-request deny deny_status 404 unless { path %s }", e.Path)
+		w("    default_backend %s", name)
+		w("")
+		w("backend %s", name)
+		w("    mode http")
+		w("    server app %s%s", addr(p.LocalAddr, e.LocalPort), localProto(e.Protocol))
+	}
 	return b.String(), nil
+}
+
+// localServerTimeout is the local app's "timeout server" (0: the
+// defaults'), for an HTTP listener: local_request_timeout_ms, or
+// local_idle_timeout_ms when it is shorter. HAProxy 2.6 has no timer on a
+// whole response: "timeout server" bounds the wait for the response
+// headers (a 504 when it fires first) and then each silence of the
+// application, so a request timeout is enforced on an application that
+// does not answer, not on one that streams slowly. The idle timeout
+// (Envoy's stream idle timeout on requests to the application) is such a
+// silence. It is not applied to the calling side: there "timeout client"
+// would also close the idle pooled HTTP/2 connections of calling sidecars,
+// which Envoy's per-stream timer does not.
+func localServerTimeout(p Public) time.Duration {
+	if Mode(p.Protocol) != "http" {
+		return 0
+	}
+	t := p.RequestTimeout
+	if p.IdleTimeout > 0 && (t == 0 || p.IdleTimeout < t) {
+		t = p.IdleTimeout
+	}
+	return t
+}
+
+// localMaxConn is the local app server's maxconn (0: none): max_connections,
+// and for HTTP max_concurrent_requests, whichever is lower. HAProxy 2.6
+// sends one request at a time on a connection to an HTTP/1.1 server, so
+// concurrent connections and concurrent requests are the same count; past
+// it, requests (tcp: connections) wait in the backend's queue for at most
+// "timeout queue" (by default "timeout connect"), then get a 503.
+func localMaxConn(p Public) int {
+	n := p.Limits.MaxConnections
+	if c := p.Limits.MaxConcurrentRequests; Mode(p.Protocol) == "http" && c > 0 && (n == 0 || c < n) {
+		n = c
+	}
+	return n
+}
+
+func maxconn(n int) string {
+	if n == 0 {
+		return ""
+	}
+	return " maxconn " + strconv.Itoa(n)
+}
+
+// upstreamMaxActive is the most requests (tcp: connections) an upstream
+// has in progress, 0 for no limit: max_connections, and for HTTP
+// max_concurrent_requests, whichever is lower. HTTP requests to another
+// sidecar share pooled and multiplexed connections, so a request is what
+// can be counted; the two keys then bound the same thing.
+func upstreamMaxActive(l Limits, mode string) int {
+	n := l.MaxConnections
+	if c := l.MaxConcurrentRequests; mode == "http" && c > 0 && (n == 0 || c < n) {
+		n = c
+	}
+	return n
+}
+
+// localTarget is where the local app server connects.
+func localTarget(p Public) string {
+	if p.LocalSocket != "" {
+		return "unix@" + p.LocalSocket
+	}
+	return addr(p.LocalAddr, p.LocalPort)
+}
+
+// passive is the default-server options of passive_health_check: HAProxy
+// watches the traffic to each server ("observe layer7": a 5xx answer other
+// than 501 and 505 or a failed connection is an error; layer4 for tcp:
+// failed connections) and marks it down after max_failures errors in a row
+// (Envoy's consecutive_5xx ejection), then checks it every interval with a
+// TLS handshake and puts it back after two good ones (HAProxy's "rise").
+// Observing requires health checks, hence "check".
+func passive(p PassiveCheck, mode string) string {
+	if p.MaxFailures == 0 {
+		return ""
+	}
+	layer := "layer4"
+	if mode == "http" {
+		layer = "layer7"
+	}
+	return fmt.Sprintf(" check inter %s observe %s error-limit %d on-error mark-down", ms(p.Interval), layer, p.MaxFailures)
+}
+
+func orDefault(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
 }
 
 // httpLogFormat and tcpLogFormat are "option httplog" and "option tcplog"

@@ -94,7 +94,35 @@ func goldenSpecs() map[string]Spec {
 	holes.Upstreams = []Upstream{u}
 	holes.Public.BindAddr = "::"
 
-	return map[string]Spec{"tcp_no_upstreams": tcpOnly, "http_three_upstreams": http, "slot_holes_ipv6_bind": holes, "grpc_http2_upstream": grpc}
+	// Every proxy config key and registration feature of issue 14 on an
+	// HTTP sidecar: timeouts and limits of the local app, passive health
+	// checks, an upstream on a unix socket, and two expose paths.
+	limits := baseSpec()
+	limits.Public.Protocol = "http"
+	limits.Public.RequestTimeout, limits.Public.IdleTimeout = 2*time.Second, 30*time.Second
+	limits.Public.MaxInbound = 1000
+	limits.Public.Limits = Limits{MaxConnections: 8, MaxPendingRequests: 16, MaxConcurrentRequests: 4}
+	checked := upstream("api", 9191, "http", 2, slots.Endpoint{Addr: "10.0.0.1", Port: 21000, Weight: 1})
+	checked.Passive = PassiveCheck{Interval: 10 * time.Second, MaxFailures: 5}
+	checked.Limits = Limits{MaxConnections: 100, MaxPendingRequests: 10, MaxConcurrentRequests: 50}
+	sock := upstream("db", 0, "tcp", 2)
+	sock.BindAddr, sock.SocketPath, sock.SocketMode = "", "/run/app/db.sock", "0660"
+	sock.Passive = PassiveCheck{Interval: time.Second, MaxFailures: 3}
+	sock.Limits = Limits{MaxConnections: 20, MaxConcurrentRequests: 5}
+	limits.Upstreams = []Upstream{checked, sock}
+	limits.Expose = []ExposePath{
+		{ListenerPort: 21500, Path: "/health", LocalPort: 8080, Protocol: "http"},
+		{ListenerPort: 21501, Path: "/grpc.health.v1.Health/Check", LocalPort: 8081, Protocol: "http2"},
+	}
+
+	// A tcp application on a unix socket, its connections limited.
+	unix := baseSpec()
+	unix.Public.LocalAddr, unix.Public.LocalPort, unix.Public.LocalSocket = "", 0, "/run/app/web.sock"
+	unix.Public.RequestTimeout = time.Second // HTTP only: not rendered
+	unix.Public.Limits = Limits{MaxConnections: 2, MaxPendingRequests: 1, MaxConcurrentRequests: 1}
+
+	return map[string]Spec{"tcp_no_upstreams": tcpOnly, "http_three_upstreams": http, "slot_holes_ipv6_bind": holes, "grpc_http2_upstream": grpc,
+		"http_limits_expose_unix_upstream": limits, "tcp_local_socket_limits": unix}
 }
 
 // render returns the HAProxy config and the SPOE file for spec.
@@ -227,6 +255,41 @@ func TestValidateRejects(t *testing.T) {
 		{"instance map relative", func(s *Spec) { s.InstanceMap = "instances.map" }},
 		{"state map with a space", func(s *Spec) { s.StateMap = "/state/state.map x" }},
 		{"config ID with a newline", func(s *Spec) { s.ConfigID = "c1\nprogram p" }},
+		{"upstream socket relative", func(s *Spec) { s.Upstreams[0].SocketPath = "db.sock" }},
+		{"upstream socket with a space", func(s *Spec) { s.Upstreams[0].SocketPath = "/run/db.sock mode 777" }},
+		{"upstream socket with a newline", func(s *Spec) { s.Upstreams[0].SocketPath = "/run/db.sock\nprogram p" }},
+		{"upstream socket too long", func(s *Spec) { s.Upstreams[0].SocketPath = "/" + strings.Repeat("d", MaxSocketPath) }},
+		{"upstream socket mode not octal", func(s *Spec) { s.Upstreams[0].SocketPath, s.Upstreams[0].SocketMode = "/run/db.sock", "0999" }},
+		{"upstream socket mode injected", func(s *Spec) { s.Upstreams[0].SocketPath, s.Upstreams[0].SocketMode = "/run/db.sock", "600 user root" }},
+		{"two upstreams on one socket", func(s *Spec) {
+			u := upstream("other", 9999, "tcp", 1)
+			s.Upstreams[0].SocketPath, u.SocketPath = "/run/a.sock", "/run/a.sock"
+			s.Upstreams = append(s.Upstreams, u)
+		}},
+		{"local socket relative", func(s *Spec) { s.Public.LocalSocket = "web.sock" }},
+		{"local socket with a newline", func(s *Spec) { s.Public.LocalSocket = "/run/web.sock\nprogram p" }},
+		{"request timeout over a day", func(s *Spec) { s.Public.RequestTimeout = 25 * time.Hour }},
+		{"negative idle timeout", func(s *Spec) { s.Public.IdleTimeout = -time.Second }},
+		{"negative max inbound", func(s *Spec) { s.Public.MaxInbound = -1 }},
+		{"max connections too large", func(s *Spec) { s.Public.Limits.MaxConnections = MaxLimit + 1 }},
+		{"negative max pending", func(s *Spec) { s.Public.Limits.MaxPendingRequests = -1 }},
+		{"upstream limit negative", func(s *Spec) { s.Upstreams[0].Limits.MaxConcurrentRequests = -1 }},
+		{"passive check without interval", func(s *Spec) { s.Upstreams[0].Passive = PassiveCheck{MaxFailures: 3} }},
+		{"passive check failures too many", func(s *Spec) {
+			s.Upstreams[0].Passive = PassiveCheck{Interval: time.Second, MaxFailures: MaxFailures + 1}
+		}},
+		{"expose path with a space", func(s *Spec) { s.Expose = []ExposePath{{ListenerPort: 21500, Path: "/a b", LocalPort: 8080}} }},
+		{"expose path with a brace", func(s *Spec) { s.Expose = []ExposePath{{ListenerPort: 21500, Path: "/a}", LocalPort: 8080}} }},
+		{"expose path relative", func(s *Spec) { s.Expose = []ExposePath{{ListenerPort: 21500, Path: "health", LocalPort: 8080}} }},
+		{"expose port out of range", func(s *Spec) { s.Expose = []ExposePath{{ListenerPort: 70000, Path: "/h", LocalPort: 8080}} }},
+		{"expose local port zero", func(s *Spec) { s.Expose = []ExposePath{{ListenerPort: 21500, Path: "/h"}} }},
+		{"expose protocol grpc", func(s *Spec) {
+			s.Expose = []ExposePath{{ListenerPort: 21500, Path: "/h", LocalPort: 8080, Protocol: "grpc"}}
+		}},
+		{"expose on the public port", func(s *Spec) { s.Expose = []ExposePath{{ListenerPort: 21000, Path: "/h", LocalPort: 8080}} }},
+		{"two expose paths on one port", func(s *Spec) {
+			s.Expose = []ExposePath{{ListenerPort: 21500, Path: "/h", LocalPort: 8080}, {ListenerPort: 21500, Path: "/m", LocalPort: 8080}}
+		}},
 		{"server identity not a SPIFFE ID", func(s *Spec) { s.Upstreams[0].ServerID = "spiffe://td/ns/default/dc/dc1/svc/x\nprogram p" }},
 	}
 	for _, tt := range tests {
@@ -319,6 +382,40 @@ func TestPublicBindVerifiesClients(t *testing.T) {
 						t.Errorf("%s %q has %q", what, line, bad)
 					}
 				}
+			}
+		})
+	}
+}
+
+// TestLocalAppLimits: the local app's "timeout server" and maxconn are the
+// lower of the keys that bound them, and HTTP-only keys stay off in tcp.
+func TestLocalAppLimits(t *testing.T) {
+	tests := []struct {
+		name          string
+		p             Public
+		timeout       time.Duration
+		maxconn       int
+		upstreamLimit int
+	}{
+		{"nothing set", Public{Protocol: "http"}, 0, 0, 0},
+		{"request timeout", Public{Protocol: "http", RequestTimeout: 2 * time.Second}, 2 * time.Second, 0, 0},
+		{"idle shorter", Public{Protocol: "http", RequestTimeout: 2 * time.Second, IdleTimeout: time.Second}, time.Second, 0, 0},
+		{"idle alone", Public{Protocol: "grpc", IdleTimeout: time.Second}, time.Second, 0, 0},
+		{"tcp ignores timeouts and concurrency", Public{Protocol: "tcp", RequestTimeout: time.Second, Limits: Limits{MaxConnections: 5, MaxConcurrentRequests: 2}}, 0, 5, 5},
+		{"concurrency lower", Public{Protocol: "http", Limits: Limits{MaxConnections: 5, MaxConcurrentRequests: 2}}, 0, 2, 2},
+		{"connections lower", Public{Protocol: "http", Limits: Limits{MaxConnections: 3, MaxConcurrentRequests: 8}}, 0, 3, 3},
+		{"concurrency alone", Public{Protocol: "http2", Limits: Limits{MaxConcurrentRequests: 8}}, 0, 8, 8},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := localServerTimeout(tt.p); got != tt.timeout {
+				t.Errorf("timeout server %s, want %s", got, tt.timeout)
+			}
+			if got := localMaxConn(tt.p); got != tt.maxconn {
+				t.Errorf("maxconn %d, want %d", got, tt.maxconn)
+			}
+			if got := upstreamMaxActive(tt.p.Limits, Mode(tt.p.Protocol)); got != tt.upstreamLimit {
+				t.Errorf("upstream limit %d, want %d", got, tt.upstreamLimit)
 			}
 		})
 	}

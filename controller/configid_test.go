@@ -1,12 +1,15 @@
 package controller
 
 import (
+	"encoding/json"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap/zaptest"
 
+	"github.com/haproxy-connect/haproxy-connect/bootstrap"
 	"github.com/haproxy-connect/haproxy-connect/certs"
 	"github.com/haproxy-connect/haproxy-connect/slots"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
@@ -51,6 +54,17 @@ func TestConfigID(t *testing.T) {
 		{"other threads", newCtl(Config{Threads: 3}), sidecar(up("db", 9000)), ca.CertPEM, false},
 		{"other hard-stop-after", newCtl(Config{HardStopAfter: time.Minute}), sidecar(up("db", 9000)), ca.CertPEM, false},
 		{"access log on", newCtl(Config{AccessLog: true}), sidecar(up("db", 9000)), ca.CertPEM, false},
+		{"a request timeout", base, with(sidecar(up("db", 9000)), func(sc *Sidecar) { sc.Public.RequestTimeout = time.Second }), ca.CertPEM, false},
+		{"a local socket", base, with(sidecar(up("db", 9000)), func(sc *Sidecar) { sc.Public.LocalSocket = "/run/web.sock" }), ca.CertPEM, false},
+		{"a connection limit", base, with(sidecar(up("db", 9000)), func(sc *Sidecar) { sc.Public.Limits.MaxConnections = 2 }), ca.CertPEM, false},
+		{"an expose path", base, with(sidecar(up("db", 9000)), func(sc *Sidecar) {
+			sc.Expose = []bootstrap.ExposePath{{ListenerPort: 21500, Path: "/health", LocalPort: 8080, Protocol: "http"}}
+		}), ca.CertPEM, false},
+		{"a passive check", base, with(sidecar(up("db", 9000)), func(sc *Sidecar) {
+			sc.Upstreams[0].Passive = bootstrap.PassiveCheck{Interval: time.Second, MaxFailures: 2}
+		}), ca.CertPEM, false},
+		{"an upstream socket", base, with(sidecar(up("db", 9000)), func(sc *Sidecar) { sc.Upstreams[0].SocketPath = "/run/db.sock" }), ca.CertPEM, false},
+		{"a note", base, with(sidecar(up("db", 9000)), func(sc *Sidecar) { sc.Notes = []Note{{Key: "config x"}} }), ca.CertPEM, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -64,5 +78,28 @@ func TestConfigID(t *testing.T) {
 	spec := base.spec(*sidecar(up("db", 9000)), tables)
 	if len(spec.Upstreams[0].Slots.Slots) != 64 || base.configID(*sidecar(up("db", 9000)), ca.CertPEM) != want {
 		t.Errorf("configID depends on the slot tables")
+	}
+}
+
+// with returns sc changed by f.
+func with(sc *Sidecar, f func(*Sidecar)) *Sidecar {
+	f(sc)
+	return sc
+}
+
+// TestConfigIDWithoutNewKeys: a sidecar that sets none of issue 14's keys
+// has the configuration id it had before them (their fields are left out
+// of the JSON the id hashes), so an upgraded controller adopts the HAProxy
+// the previous one left without a reload.
+func TestConfigIDWithoutNewKeys(t *testing.T) {
+	spec := bootstrap.Spec{Public: bootstrap.Public{BindAddr: "0.0.0.0", BindPort: 21000}, Upstreams: []bootstrap.Upstream{{Name: "up_db"}}}
+	b, err := json.Marshal(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, field := range []string{"Expose", "LocalSocket", "RequestTimeout", "IdleTimeout", "MaxInbound", "Limits", "SocketPath", "SocketMode", "Passive"} {
+		if strings.Contains(string(b), `"`+field+`"`) {
+			t.Errorf("%s is in the JSON of a spec without it: %s", field, b)
+		}
 	}
 }

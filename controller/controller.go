@@ -103,6 +103,9 @@ type Controller struct {
 	events    chan func(*desired)
 	metrics   *Metrics
 	ready     atomic.Bool
+	// regNotes are the registration notes last seen, each logged once
+	// (the registration watch's goroutine only; see publishRegistration).
+	regNotes map[Note]bool
 	// ident is which upstream endpoints proved their identity (identity.go).
 	ident *identities
 	// authz is the intentions generation: published by the SPOE agent

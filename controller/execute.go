@@ -167,12 +167,14 @@ func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.S
 		AccessLog:      c.cfg.AccessLog,
 		Threads:        c.cfg.Threads,
 		Public:         sc.Public,
+		Expose:         sc.Expose,
 	}
 	for _, u := range sc.Upstreams {
 		s.Upstreams = append(s.Upstreams, bootstrap.Upstream{
 			Name: u.Name, Destination: u.Destination, BindAddr: u.BindAddr, BindPort: u.BindPort,
 			Protocol: u.Protocol, ConnectTimeout: u.ConnectTimeout, Slots: tables[u.Name],
 			ServerID: c.serverID(u), Instances: instanceIDs(c.desired.instances[u.Name]),
+			SocketPath: u.SocketPath, SocketMode: u.SocketMode, Passive: u.Passive, Limits: u.Limits,
 		})
 	}
 	return s

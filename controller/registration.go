@@ -12,8 +12,10 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/haproxy-connect/haproxy-connect/bootstrap"
+	"github.com/haproxy-connect/haproxy-connect/input"
 	"github.com/haproxy-connect/haproxy-connect/slots"
 )
 
@@ -53,6 +55,26 @@ type Sidecar struct {
 	Service   string // destination service name
 	Public    bootstrap.Public
 	Upstreams []Upstream // sorted by Name
+	// Expose are Proxy.Expose.Paths, those Consul adds for Expose.Checks
+	// included, sorted by listener port.
+	Expose []bootstrap.ExposePath
+	// Notes name what the registration asks for and this sidecar does not
+	// apply (a config key, a field), each with why. They are not part of
+	// the shape (Equal, Diff): the controller logs each once, when it
+	// first appears (publishRegistration).
+	Notes []Note
+}
+
+// Note is one part of a registration that is not applied.
+type Note struct {
+	// Key is the config key or registration field, as Consul spells it.
+	Key string
+	// Reason says why: unsupported, no meaning for HAProxy, or a value
+	// refused.
+	Reason string
+	// Level is what it is logged at: error for a value refused, warn
+	// for what is not supported, info for a key that needs nothing here.
+	Level zapcore.Level
 }
 
 // Upstream is one upstream of the registration.
@@ -67,11 +89,17 @@ type Upstream struct {
 	BindPort       int
 	Protocol       string
 	ConnectTimeout time.Duration
+	// SocketPath and SocketMode: local_bind_socket_path and
+	// local_bind_socket_mode (BindAddr and BindPort are then empty).
+	SocketPath, SocketMode string
+	Passive                bootstrap.PassiveCheck
+	Limits                 bootstrap.Limits
 }
 
 // Equal compares two shapes.
 func (s Sidecar) Equal(o Sidecar) bool {
-	return s.ProxyID == o.ProxyID && s.Service == o.Service && s.Public == o.Public && slices.Equal(s.Upstreams, o.Upstreams)
+	return s.ProxyID == o.ProxyID && s.Service == o.Service && s.Public == o.Public && slices.Equal(s.Upstreams, o.Upstreams) &&
+		slices.Equal(s.Expose, o.Expose)
 }
 
 // Diff says in a few words what differs, for the reload reason.
@@ -81,7 +109,10 @@ func (s Sidecar) Diff(o Sidecar) string {
 		parts = append(parts, fmt.Sprintf("service %s -> %s", s.Service, o.Service))
 	}
 	if s.Public != o.Public {
-		parts = append(parts, "public listener changed")
+		parts = append(parts, "public listener changed"+fieldsChanged(publicFields(s.Public), publicFields(o.Public)))
+	}
+	if !slices.Equal(s.Expose, o.Expose) {
+		parts = append(parts, "expose paths changed")
 	}
 	old := map[string]Upstream{}
 	for _, u := range s.Upstreams {
@@ -93,7 +124,7 @@ func (s Sidecar) Diff(o Sidecar) string {
 		case !ok:
 			parts = append(parts, "upstream "+u.Name+" added")
 		case prev != u:
-			parts = append(parts, "upstream "+u.Name+" changed")
+			parts = append(parts, "upstream "+u.Name+" changed"+fieldsChanged(upstreamFields(prev), upstreamFields(u)))
 		}
 		delete(old, u.Name)
 	}
@@ -102,6 +133,45 @@ func (s Sidecar) Diff(o Sidecar) string {
 	}
 	slices.Sort(parts)
 	return strings.Join(parts, ", ")
+}
+
+// field is one named part of a shape, for Diff: the name is the key or
+// field the registration sets it with.
+type field struct {
+	name  string
+	value any
+}
+
+func publicFields(p bootstrap.Public) []field {
+	return []field{
+		{"address", p.BindAddr}, {"port", p.BindPort}, {"protocol", p.Protocol},
+		{"local_service_address", p.LocalAddr}, {"local_service_port", p.LocalPort}, {"local_service_socket_path", p.LocalSocket},
+		{"local_connect_timeout_ms", p.ConnectTimeout}, {"local_request_timeout_ms", p.RequestTimeout}, {"local_idle_timeout_ms", p.IdleTimeout},
+		{"max_inbound_connections", p.MaxInbound}, {"max_connections", p.Limits.MaxConnections},
+		{"max_pending_requests", p.Limits.MaxPendingRequests}, {"max_concurrent_requests", p.Limits.MaxConcurrentRequests},
+	}
+}
+
+func upstreamFields(u Upstream) []field {
+	return []field{
+		{"type", u.Type}, {"destination", u.Destination}, {"local_bind_address", u.BindAddr}, {"local_bind_port", u.BindPort},
+		{"local_bind_socket_path", u.SocketPath}, {"local_bind_socket_mode", u.SocketMode},
+		{"protocol", u.Protocol}, {"connect_timeout_ms", u.ConnectTimeout}, {"passive_health_check", u.Passive}, {"limits", u.Limits},
+	}
+}
+
+// fieldsChanged names the fields whose values differ, as " (a, b)".
+func fieldsChanged(old, cur []field) string {
+	var names []string
+	for i := range old {
+		if old[i].value != cur[i].value {
+			names = append(names, old[i].name)
+		}
+	}
+	if len(names) == 0 {
+		return ""
+	}
+	return " (" + strings.Join(names, ", ") + ")"
 }
 
 // ParseRegistration reads a connect-proxy registration. Upstreams that are
@@ -116,11 +186,8 @@ func ParseRegistration(svc *api.AgentService) (sc Sidecar, rejected []error, err
 	if _, err := bootstrap.UpstreamName(sc.Service, ""); err != nil {
 		return Sidecar{}, nil, fmt.Errorf("destination service: %w", err)
 	}
-	if p.LocalServiceSocketPath != "" {
-		return Sidecar{}, nil, fmt.Errorf("local_service_socket_path %q: unix sockets are not supported yet", p.LocalServiceSocketPath)
-	}
-
-	pub := bootstrap.Public{BindAddr: svc.Address, BindPort: svc.Port, LocalAddr: p.LocalServiceAddress, LocalPort: p.LocalServicePort}
+	pub := bootstrap.Public{BindAddr: svc.Address, BindPort: svc.Port, LocalAddr: p.LocalServiceAddress, LocalPort: p.LocalServicePort,
+		LocalSocket: p.LocalServiceSocketPath}
 	if pub.BindAddr == "" {
 		pub.BindAddr = "0.0.0.0"
 	}
@@ -147,6 +214,14 @@ func ParseRegistration(svc *api.AgentService) (sc Sidecar, rejected []error, err
 	} else if ok {
 		pub.ConnectTimeout = time.Duration(v) * time.Millisecond
 	}
+	if pub.LocalSocket != "" {
+		// Checked here, where the field has its registration name; the
+		// address and port are then unused (ValidatePublic skips them).
+		if _, err := input.Path("local_service_socket_path", pub.LocalSocket); err != nil {
+			return Sidecar{}, nil, err
+		}
+	}
+	passive := parseInbound(cfg, &pub, &sc.Notes)
 	// The same checks Render makes, so that a bad public listener keeps the
 	// applied configuration with this reason instead of failing the render
 	// of every later reload.
@@ -154,11 +229,12 @@ func ParseRegistration(svc *api.AgentService) (sc Sidecar, rejected []error, err
 		return Sidecar{}, nil, err
 	}
 	sc.Public = pub
+	noteRegistration(p, &sc.Notes)
 
 	seen := map[string]bool{}
 	binds := map[string]string{bindKey(pub.BindAddr, pub.BindPort): "the public listener"}
 	for i, u := range p.Upstreams {
-		up, err := parseUpstream(u)
+		up, err := parseUpstream(u, passive, p.MeshGateway.Mode, &sc.Notes)
 		if err != nil {
 			rejected = append(rejected, fmt.Errorf("upstream %d (%s): %w", i, u.DestinationName, err))
 			continue
@@ -167,19 +243,24 @@ func ParseRegistration(svc *api.AgentService) (sc Sidecar, rejected []error, err
 			rejected = append(rejected, fmt.Errorf("upstream %d (%s): another upstream already uses the name %s", i, u.DestinationName, up.Name))
 			continue
 		}
-		if other, ok := binds[bindKey(up.BindAddr, up.BindPort)]; ok {
-			rejected = append(rejected, fmt.Errorf("upstream %d (%s): %s:%d is already bound by %s", i, u.DestinationName, up.BindAddr, up.BindPort, other))
+		bind := bindKey(up.BindAddr, up.BindPort)
+		if up.SocketPath != "" {
+			bind = "unix@" + up.SocketPath
+		}
+		if other, ok := binds[bind]; ok {
+			rejected = append(rejected, fmt.Errorf("upstream %d (%s): %s is already bound by %s", i, u.DestinationName, bind, other))
 			continue
 		}
 		seen[up.Name] = true
-		binds[bindKey(up.BindAddr, up.BindPort)] = "upstream " + up.Name
+		binds[bind] = "upstream " + up.Name
 		sc.Upstreams = append(sc.Upstreams, up)
 	}
 	slices.SortFunc(sc.Upstreams, func(a, b Upstream) int { return strings.Compare(a.Name, b.Name) })
+	sc.Expose = parseExpose(p.Expose, pub, binds, &sc.Notes)
 	return sc, rejected, nil
 }
 
-func parseUpstream(u api.Upstream) (Upstream, error) {
+func parseUpstream(u api.Upstream, passive bootstrap.PassiveCheck, proxyGateway api.MeshGatewayMode, notes *[]Note) (Upstream, error) {
 	up := Upstream{
 		Type:        string(u.DestinationType),
 		Destination: u.DestinationName,
@@ -196,10 +277,42 @@ func parseUpstream(u api.Upstream) (Upstream, error) {
 		return Upstream{}, fmt.Errorf("destination type %q is not service or prepared_query", up.Type)
 	}
 	if u.LocalBindSocketPath != "" {
-		return Upstream{}, fmt.Errorf("local_bind_socket_path %q: unix sockets are not supported yet", u.LocalBindSocketPath)
-	}
-	if up.BindAddr == "" {
+		if up.BindAddr != "" || up.BindPort != 0 {
+			return Upstream{}, fmt.Errorf("local_bind_socket_path %q and local_bind_address/port: set one or the other", u.LocalBindSocketPath)
+		}
+		if _, err := input.Path("local_bind_socket_path", u.LocalBindSocketPath); err != nil {
+			return Upstream{}, err
+		}
+		up.SocketPath = u.LocalBindSocketPath
+		if u.LocalBindSocketMode != "" {
+			mode, err := input.SocketMode("local_bind_socket_mode", u.LocalBindSocketMode)
+			if err != nil {
+				return Upstream{}, err
+			}
+			up.SocketMode = mode
+		}
+	} else if up.BindAddr == "" {
 		up.BindAddr = "127.0.0.1"
+	}
+	// Consul sends a cross-datacenter upstream through a mesh gateway when
+	// the mode is local or remote: reaching its endpoints directly instead
+	// would bypass what the operator asked for, so it is refused. An
+	// upstream that names a Datacenter counts as one (the local one is not
+	// known here). For an upstream in this datacenter the mode changes
+	// nothing.
+	gw := u.MeshGateway.Mode
+	if gw == "" || gw == api.MeshGatewayModeDefault {
+		gw = proxyGateway
+	}
+	if gw != "" && gw != api.MeshGatewayModeNone && gw != api.MeshGatewayModeDefault && (u.Datacenter != "" || u.DestinationPeer != "") {
+		return Upstream{}, fmt.Errorf("mesh gateway mode %q: mesh gateways are not supported yet", gw)
+	}
+	if m := u.MeshGateway.Mode; m != "" && m != api.MeshGatewayModeNone && m != api.MeshGatewayModeDefault {
+		*notes = append(*notes, Note{Key: "upstream " + u.DestinationName + " MeshGateway.Mode",
+			Reason: fmt.Sprintf("%q is not supported; for an upstream in this datacenter it changes nothing, and it is reached directly", m), Level: zapcore.WarnLevel})
+	}
+	if u.DestinationPeer != "" {
+		return Upstream{}, fmt.Errorf("destination peer %q: cluster peering is not supported", u.DestinationPeer)
 	}
 	var err error
 	if up.Name, err = bootstrap.UpstreamName(u.DestinationName, u.Datacenter); err != nil {
@@ -222,10 +335,20 @@ func parseUpstream(u api.Upstream) (Upstream, error) {
 			return Upstream{}, fmt.Errorf("namespace/partition %q: only the default namespace and partition are supported (Consul CE)", ns)
 		}
 	}
+	up.Passive = passive
+	if pc, ok, err := parsePassive(u.Config, "upstream "+up.Name+" config ", notes); err != nil {
+		return Upstream{}, fmt.Errorf("config passive_health_check: %w", err)
+	} else if ok {
+		up.Passive = pc
+	}
+	if up.Limits, err = parseLimits(u.Config, "upstream "+up.Name+" config ", notes); err != nil {
+		return Upstream{}, fmt.Errorf("config limits: %w", err)
+	}
+	noteUnknown(u.Config, "upstream "+up.Name+" config ", upstreamKeys, notes)
 	// The same checks Render makes, so a bad upstream is dropped here with
 	// its reason rather than failing the whole configuration later.
 	probe := bootstrap.Upstream{Name: up.Name, Destination: up.Destination, BindAddr: up.BindAddr, BindPort: up.BindPort,
-		Protocol: up.Protocol, ConnectTimeout: up.ConnectTimeout}
+		Protocol: up.Protocol, ConnectTimeout: up.ConnectTimeout, SocketPath: up.SocketPath, SocketMode: up.SocketMode, Passive: up.Passive, Limits: up.Limits}
 	probe.Slots.Backend, probe.Slots.Prefix = up.Name, bootstrap.SlotPrefix
 	probe.Slots.Slots = make([]slots.Slot, 1)
 	if err := bootstrap.ValidateUpstream(probe); err != nil {

@@ -70,20 +70,37 @@ func TestParseRegistrationRejectsBadUpstreams(t *testing.T) {
 		{"same port as another upstream", api.Upstream{DestinationName: "dup", LocalBindPort: 9100}, "already bound"},
 		{"same port as the public listener", api.Upstream{DestinationName: "dup", LocalBindAddress: "0.0.0.0", LocalBindPort: 21000}, "already bound"},
 		{"same name twice", good, "already uses the name"},
-		{"unix socket", api.Upstream{DestinationName: "u", LocalBindSocketPath: "/tmp/u.sock"}, "unix sockets"},
+		{"relative unix socket", api.Upstream{DestinationName: "u", LocalBindSocketPath: "u.sock"}, "local_bind_socket_path"},
+		{"unix socket with a space", api.Upstream{DestinationName: "u", LocalBindSocketPath: "/tmp/u.sock mode 777"}, "local_bind_socket_path"},
+		{"unix socket with a newline", api.Upstream{DestinationName: "u", LocalBindSocketPath: "/tmp/u.sock\nprogram p"}, "local_bind_socket_path"},
+		{"unix socket and a port", api.Upstream{DestinationName: "u", LocalBindSocketPath: "/tmp/u.sock", LocalBindPort: 9101}, "one or the other"},
+		{"unix socket mode not octal", api.Upstream{DestinationName: "u", LocalBindSocketPath: "/tmp/u.sock", LocalBindSocketMode: "rw"}, "local_bind_socket_mode"},
+		{"same unix socket as another upstream", api.Upstream{DestinationName: "u", LocalBindSocketPath: "/tmp/good.sock"}, "already bound"},
+		{"mesh gateway for a cross-datacenter upstream", api.Upstream{DestinationName: "u", Datacenter: "dc2", LocalBindPort: 9101,
+			MeshGateway: api.MeshGatewayConfig{Mode: api.MeshGatewayModeLocal}}, "mesh gateways are not supported"},
+		{"peer", api.Upstream{DestinationName: "u", DestinationPeer: "other", LocalBindPort: 9101}, "peering"},
+		{"limits of the wrong type", api.Upstream{DestinationName: "u", LocalBindPort: 9101, Config: map[string]any{"limits": 5.0}}, "config limits"},
+		{"limit out of range", api.Upstream{DestinationName: "u", LocalBindPort: 9101, Config: map[string]any{"limits": map[string]any{"max_connections": -1.0}}}, "config limits"},
+		{"passive check of the wrong type", api.Upstream{DestinationName: "u", LocalBindPort: 9101, Config: map[string]any{"passive_health_check": "on"}}, "passive_health_check"},
+		{"passive check interval junk", api.Upstream{DestinationName: "u", LocalBindPort: 9101,
+			Config: map[string]any{"passive_health_check": map[string]any{"interval": "10s\nglobal"}}}, "interval"},
 		{"unknown type", api.Upstream{DestinationName: "u", DestinationType: "mesh-gateway", LocalBindPort: 9101}, "destination type"},
 		{"namespace", api.Upstream{DestinationName: "u", DestinationNamespace: "team", LocalBindPort: 9101}, "namespace"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			sc, rejected, err := ParseRegistration(proxyReg(nil, good, tt.bad))
+			other := api.Upstream{DestinationName: "sock", LocalBindSocketPath: "/tmp/good.sock"}
+			if tt.bad.LocalBindSocketPath != "/tmp/good.sock" {
+				other.LocalBindSocketPath = "/tmp/other.sock"
+			}
+			sc, rejected, err := ParseRegistration(proxyReg(nil, good, other, tt.bad))
 			if err != nil {
 				t.Fatal(err)
 			}
 			if len(rejected) != 1 || !strings.Contains(rejected[0].Error(), tt.errPart) {
 				t.Fatalf("rejected = %v, want one error containing %q", rejected, tt.errPart)
 			}
-			if len(sc.Upstreams) != 1 || sc.Upstreams[0].Name != "up_good" {
+			if len(sc.Upstreams) != 2 || sc.Upstreams[0].Name != "up_good" {
 				t.Errorf("the good upstream did not survive: %+v", sc.Upstreams)
 			}
 		})

@@ -252,3 +252,36 @@ func InstanceID(field, s string) (string, error) {
 	}
 	return s, nil
 }
+
+var (
+	// urlPathRE is an HTTP path as the sidecar repeats it in HAProxy's
+	// configuration (an expose path's exact match): absolute, at most 255
+	// bytes, of a conservative subset of RFC 3986's path characters.
+	// Nothing HAProxy's configuration parser reads specially passes: no
+	// space, quote, backslash, '#' (a comment), brace or newline.
+	urlPathRE = regexp.MustCompile(`^/[A-Za-z0-9_./~%+=:@,!$*-]{0,254}$`)
+	// socketModeRE is a unix socket's permission bits in octal, as Consul
+	// documents local_bind_socket_mode ("0700"), with or without the
+	// leading zero.
+	socketModeRE = regexp.MustCompile(`^0?[0-7]{3}$`)
+)
+
+// URLPath checks an HTTP path that reaches HAProxy's configuration.
+func URLPath(field, s string) (string, error) {
+	if !urlPathRE.MatchString(s) {
+		return "", reject(field, s, "want an absolute HTTP path of at most 255 letters, digits and _ . / ~ % + = : @ , ! $ * -")
+	}
+	return s, nil
+}
+
+// SocketMode checks a unix socket's octal permission bits and returns them
+// with four digits ("700" gives "0700").
+func SocketMode(field, s string) (string, error) {
+	if !socketModeRE.MatchString(s) {
+		return "", reject(field, s, "want octal permission bits such as 0600")
+	}
+	if len(s) == 3 {
+		s = "0" + s
+	}
+	return s, nil
+}

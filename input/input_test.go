@@ -223,3 +223,29 @@ func FuzzDNSName(f *testing.F) {
 		}
 	})
 }
+
+func TestURLPath(t *testing.T) {
+	for _, ok := range []string{"/", "/health", "/v1/status/ready", "/grpc.health.v1.Health/Check", "/a~b%20c", "/" + strings.Repeat("p", 254)} {
+		if got, err := URLPath("expose path", ok); err != nil || got != ok {
+			t.Errorf("URLPath(%q) = %q, %v; want it accepted", ok, got, err)
+		}
+	}
+	for _, bad := range []string{"", "health", "/a b", "/a\nb", "/a#b", "/a}b", `/a"b`, `/a\b`, "/a'b", "/é", "/" + strings.Repeat("p", 255)} {
+		if _, err := URLPath("expose path", bad); !errors.Is(err, ErrInvalid) || FieldOf(err) != "expose path" {
+			t.Errorf("URLPath(%q): %v, want ErrInvalid naming the field", bad, err)
+		}
+	}
+}
+
+func TestSocketMode(t *testing.T) {
+	for in, want := range map[string]string{"0600": "0600", "700": "0700", "0777": "0777"} {
+		if got, err := SocketMode("socket mode", in); err != nil || got != want {
+			t.Errorf("SocketMode(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"", "0800", "rw", "00600", "0600 x", "0600\nglobal", "-1"} {
+		if _, err := SocketMode("socket mode", bad); !errors.Is(err, ErrInvalid) {
+			t.Errorf("SocketMode(%q) accepted", bad)
+		}
+	}
+}
