@@ -38,7 +38,7 @@ type Bundle struct {
 // any intermediates; Consul's leaf has no DNS SAN and an empty subject, so
 // its identity is the URI SAN) and the matching key.
 func NewBundle(certPEM, keyPEM string, now time.Time) (Bundle, error) {
-	chain, err := parseCerts(certPEM)
+	chain, err := ParsePEM(certPEM)
 	if err != nil {
 		return Bundle{}, fmt.Errorf("leaf: %w", err)
 	}
@@ -84,7 +84,7 @@ func NewRoots(pems []string) (Roots, error) {
 	var r Roots
 	var b strings.Builder
 	for i, p := range pems {
-		certs, err := parseCerts(p)
+		certs, err := ParsePEM(p)
 		if err != nil {
 			return Roots{}, fmt.Errorf("root %d: %w", i, err)
 		}
@@ -97,7 +97,10 @@ func NewRoots(pems []string) (Roots, error) {
 	return r, nil
 }
 
-func parseCerts(s string) ([]*x509.Certificate, error) {
+// ParsePEM parses the certificates of a PEM bundle (other blocks are
+// skipped); a bundle without one, or with one that does not parse, is an
+// error.
+func ParsePEM(s string) ([]*x509.Certificate, error) {
 	rest := []byte(s)
 	var out []*x509.Certificate
 	for {

@@ -1,15 +1,14 @@
 package spoa
 
 import (
-	"bytes"
 	"crypto/sha256"
 	"crypto/x509"
-	"encoding/pem"
-	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/haproxy-connect/haproxy-connect/certs"
 )
 
 // The roots HAProxy verifies client certificates against, and when the
@@ -158,27 +157,13 @@ func (s *servedRoots) handshakeVerified(t *trust, now time.Time) bool {
 
 // pemSums is the SHA-256 of each certificate in a PEM bundle.
 func pemSums(b string) (map[[32]byte]bool, error) {
+	cs, err := certs.ParsePEM(b)
+	if err != nil {
+		return nil, err
+	}
 	sums := map[[32]byte]bool{}
-	rest := []byte(b)
-	for {
-		var blk *pem.Block
-		blk, rest = pem.Decode(rest)
-		if blk == nil {
-			break
-		}
-		if blk.Type != "CERTIFICATE" {
-			return nil, fmt.Errorf("PEM block %q is not a certificate", blk.Type)
-		}
-		if _, err := x509.ParseCertificate(blk.Bytes); err != nil {
-			return nil, err
-		}
-		sums[sha256.Sum256(blk.Bytes)] = true
-	}
-	if len(bytes.TrimSpace(rest)) != 0 {
-		return nil, errors.New("trailing data after the last PEM block")
-	}
-	if len(sums) == 0 {
-		return nil, errors.New("no certificate")
+	for _, c := range cs {
+		sums[sha256.Sum256(c.Raw)] = true
 	}
 	return sums, nil
 }
