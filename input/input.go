@@ -252,3 +252,7 @@ func InstanceID(field, s string) (string, error) {
 	}
 	return s, nil
 }
+
+// ErrorOf is a rejection of value for field, for checks made outside this
+// package (an enumeration, a combination of fields).
+func ErrorOf(field, value, reason string) error { return reject(field, value, reason) }
