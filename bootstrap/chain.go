@@ -116,12 +116,15 @@ func AssignBuckets(splits []chain.Split) [ChainBuckets]string {
 }
 
 // ChainMapEntries is the chain map's content as key -> value: for each
-// route, its request timeout in ms when it has one, and each bucket's
-// backend.
+// route, its request timeout in ms (the defaults' 1 h when it has none),
+// and each bucket's backend.
 func ChainMapEntries(r Routing) map[string]string {
 	m := map[string]string{}
 	for i, rt := range r.Routes {
 		id := RouteID(i)
+		// Every route has its entry, so that the map's keys depend on
+		// the number of routes only (a change is a "set map").
+		m[id] = noTimeout
 		if rt.Dest.RequestTimeout > 0 {
 			m[id] = strconv.FormatInt(rt.Dest.RequestTimeout.Milliseconds(), 10)
 		}

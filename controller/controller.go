@@ -28,6 +28,7 @@ import (
 
 	"github.com/haproxy-connect/haproxy-connect/authzgen"
 	"github.com/haproxy-connect/haproxy-connect/certs"
+	"github.com/haproxy-connect/haproxy-connect/chain"
 	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/slots"
 	"github.com/haproxy-connect/haproxy-connect/watch"
@@ -102,14 +103,16 @@ type Controller struct {
 	authz *authzgen.Generation
 
 	// Owned by the loop goroutine.
-	desired  desired
-	applied  applied
-	master   *runtime.Master
-	watches  map[string]*upstreamWatch
-	leafStop context.CancelFunc
-	leafFor  string
-	retry    *time.Timer
-	retryAt  time.Time // when retry fires; zero when it is stopped
+	desired desired
+	applied applied
+	master  *runtime.Master
+	watches map[string]*upstreamWatch
+	// chainWatches are the discovery chain watches, by upstream.
+	chainWatches map[string]*chainWatch
+	leafStop     context.CancelFunc
+	leafFor      string
+	retry        *time.Timer
+	retryAt      time.Time // when retry fires; zero when it is stopped
 	// pacing is when the leaf was last swapped and the reload backoff.
 	pacing pacing
 	// now is the clock of the plan and the executor; tests replace it.
@@ -128,7 +131,12 @@ type Controller struct {
 // desired is what the watchers last saw. Values are never mutated after they
 // are published: a watcher builds a new one and the loop swaps it in.
 type desired struct {
+	// sidecar is the registration's shape expanded by the discovery
+	// chains (expand, chain.go); registration is the registration's own.
 	sidecar      *Sidecar
+	registration *Sidecar
+	// chains are the upstreams' last good discovery chains.
+	chains       map[string]*chain.Chain
 	sidecarSince time.Time
 	leaf         *certs.Bundle
 	roots        *certs.Roots
@@ -168,6 +176,8 @@ type applied struct {
 	// foreign is why an adopted HAProxy needs a reload: it runs another
 	// configuration than the desired one (see readBack); empty when not.
 	foreign string
+	// chainMaps are the routed upstreams' chain map entries HAProxy has.
+	chainMaps map[string]map[string]string
 }
 
 type upstreamWatch struct {
@@ -240,8 +250,10 @@ func New(cfg Config) (*Controller, error) {
 		authz:   authzgen.NewGeneration(),
 		metrics: newMetrics(cfg.AnswerLimit),
 		ident:   newIdentities(),
-		desired: desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}, instances: map[string]map[string]instance{}},
-		watches: map[string]*upstreamWatch{},
+		desired: desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}, instances: map[string]map[string]instance{},
+			chains: map[string]*chain.Chain{}},
+		watches:      map[string]*upstreamWatch{},
+		chainWatches: map[string]*chainWatch{},
 	}
 	c.retry = time.NewTimer(time.Hour)
 	c.retry.Stop()
@@ -439,6 +451,8 @@ func (c *Controller) planInput() planInput {
 		pacing:      c.pacing,
 		initialWait: c.cfg.InitialWait,
 		minSlots:    c.cfg.MinSlots,
+		chainMaps:   c.chainMaps(c.desired.sidecar),
+		chainFile:   c.chainMapFile,
 	}
 }
 
@@ -458,7 +472,8 @@ func (c *Controller) start(ctx context.Context, a startAction) error {
 		return err
 	}
 	c.master, c.started = m, true
-	c.applied = applied{known: true, sidecar: sc, leaf: a.leaf, rootsPEM: a.roots.PEM, tables: tables, authzGen: gen}
+	c.applied = applied{known: true, sidecar: sc, leaf: a.leaf, rootsPEM: a.roots.PEM, tables: tables, authzGen: gen,
+		chainMaps: c.chainMaps(&sc)}
 	c.authzGenerationApplied(gen)
 	clear(c.desired.dirty)
 	c.ready.Store(true)

@@ -37,6 +37,10 @@ type planInput struct {
 	// (Config.InitialWait); minSlots is Config.MinSlots.
 	initialWait time.Duration
 	minSlots    int
+	// chainMaps are the routed upstreams' desired chain map entries, and
+	// chainFile names an upstream's chain map file (chain.go).
+	chainMaps map[string]map[string]string
+	chainFile func(upstream string) string
 }
 
 // pacing is the plan's memory of time: when the leaf was last swapped,
@@ -248,6 +252,9 @@ func plan(in planInput) []action {
 		acts = append(acts, publishAuthzGenAction{gen: in.authzGen})
 	}
 	acts = append(acts, in.planEndpoints()...)
+	if in.chainFile != nil {
+		acts = append(acts, planChainMaps(in.chainMaps, ap.chainMaps, in.chainFile)...)
+	}
 	if !wait.IsZero() {
 		acts = append(acts, waitAction{at: wait})
 	}
