@@ -1,7 +1,9 @@
 package main
 
 import (
+	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"strings"
@@ -181,5 +183,262 @@ func TestChainSplitRuntime(t *testing.T) {
 	}
 	if r := m.client.reloads(t); r != reloads {
 		t.Fatalf("reloads %d -> %d: a weight change must not reload", reloads, r)
+	}
+}
+
+// request sends method path with headers to the upstream port on a new
+// connection and returns the status, the body and the response headers.
+func request(port int, path string, hdr map[string]string) (int, string, http.Header, error) {
+	req, err := http.NewRequest("GET", fmt.Sprintf("http://127.0.0.1:%d%s", port, path), nil)
+	if err != nil {
+		return 0, "", nil, err
+	}
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	resp, err := noKeepAlive.Do(req)
+	if err != nil {
+		return 0, "", nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, strings.TrimSpace(string(b)), resp.Header, err
+}
+
+// TestChainRoutes: a path route to a second service (with a prefix
+// rewrite and header changes), a header route to a subset, and a route
+// whose request timeout answers 504; then that timeout raised at run
+// time, with no reload.
+func TestChainRoutes(t *testing.T) {
+	m := startChainMesh(t, "server", "admin")
+	m.setEntry(t, versionSubsets())
+	slow := func(id string) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/slow" {
+				time.Sleep(1500 * time.Millisecond)
+			}
+			fmt.Fprintf(w, "hello from %s\n", id)
+		})
+	}
+	router := func(timeout time.Duration) *api.ServiceRouterConfigEntry {
+		return &api.ServiceRouterConfigEntry{Kind: api.ServiceRouter, Name: "server", Routes: []api.ServiceRoute{
+			{
+				Match: &api.ServiceRouteMatch{HTTP: &api.ServiceRouteHTTPMatch{PathPrefix: "/admin"}},
+				Destination: &api.ServiceRouteDestination{Service: "admin", PrefixRewrite: "/api",
+					RequestHeaders:  &api.HTTPHeaderModifiers{Set: map[string]string{"x-route": "admin"}, Remove: []string{"x-secret"}},
+					ResponseHeaders: &api.HTTPHeaderModifiers{Add: map[string]string{"x-served-by": "admin route"}}},
+			},
+			{
+				Match:       &api.ServiceRouteMatch{HTTP: &api.ServiceRouteHTTPMatch{Header: []api.ServiceRouteHTTPMatchHeader{{Name: "x-canary", Exact: "1"}}}},
+				Destination: &api.ServiceRouteDestination{ServiceSubset: "v2"},
+			},
+			{
+				Match:       &api.ServiceRouteMatch{HTTP: &api.ServiceRouteHTTPMatch{PathExact: "/slow"}},
+				Destination: &api.ServiceRouteDestination{ServiceSubset: "v1", RequestTimeout: timeout},
+			},
+		}}
+	}
+	m.setEntry(t, router(500*time.Millisecond))
+	m.addInstance(t, "server", "server-1", []string{"v1"}, slow("server-1"))
+	m.addInstance(t, "server", "server-2", []string{"v2"}, nil)
+	m.addInstance(t, "admin", "admin-1", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "admin saw %s x-route=%s x-secret=%s\n", r.URL.Path, r.Header.Get("x-route"), r.Header.Get("x-secret"))
+	}))
+	m.client = startSidecar(t, m.consul, "client")
+
+	eventually(t, 20*time.Second, "admin route", func() error {
+		code, body, h, err := request(m.upstream, "/admin/users", map[string]string{"x-secret": "s", "x-route": "forged"})
+		if err != nil || code != 200 || body != "admin saw /api/users x-route=admin x-secret=" || h.Get("x-served-by") != "admin route" {
+			return fmt.Errorf("%d %q %v %v", code, body, h, err)
+		}
+		return nil
+	})
+	for _, tt := range []struct {
+		path string
+		hdr  map[string]string
+		code int
+		body string
+	}{
+		{"/", nil, 200, "hello from server-1"},
+		{"/", map[string]string{"x-canary": "1"}, 200, "hello from server-2"},
+		{"/", map[string]string{"x-canary": "2"}, 200, "hello from server-1"},
+		{"/other", map[string]string{"x-canary": "1"}, 200, "hello from server-2"},
+		{"/slow", nil, 504, ""},
+	} {
+		for range 5 {
+			code, body, _, err := request(m.upstream, tt.path, tt.hdr)
+			if err != nil || code != tt.code || (tt.body != "" && body != tt.body) {
+				t.Fatalf("GET %s %v: %d %q %v; want %d %q", tt.path, tt.hdr, code, body, err, tt.code, tt.body)
+			}
+		}
+	}
+
+	reloads := m.client.reloads(t)
+	applied := strings.Count(m.client.out.String(), "discovery chain applied at run time")
+	m.setEntry(t, router(5*time.Second))
+	m.client.waitLog(t, 20*time.Second, "discovery chain applied at run time", applied+1)
+	if code, body, _, err := request(m.upstream, "/slow", nil); err != nil || code != 200 || body != "hello from server-1" {
+		t.Fatalf("GET /slow after the timeout was raised: %d %q %v", code, body, err)
+	}
+	if r := m.client.reloads(t); r != reloads {
+		t.Fatalf("reloads %d -> %d: a request timeout change must not reload", reloads, r)
+	}
+}
+
+// checksOf sets every check of the service instance id to status.
+func (m *chainMesh) checksOf(t *testing.T, id, status string) {
+	t.Helper()
+	checks, err := m.c.Agent().Checks()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for cid, c := range checks {
+		if c.ServiceID != id {
+			continue
+		}
+		n++
+		if err := m.c.Agent().UpdateTTL(cid, "test", status); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n == 0 {
+		t.Fatalf("no checks for %s", id)
+	}
+}
+
+// TestChainFailover: when every instance of the primary subset fails its
+// checks, requests go to the failover subset, and back when they pass;
+// traffic flows throughout without a failed request.
+func TestChainFailover(t *testing.T) {
+	m := startChainMesh(t, "server")
+	r := versionSubsets()
+	r.Failover = map[string]api.ServiceResolverFailover{"v1": {ServiceSubset: "v2"}}
+	m.setEntry(t, r)
+	m.addInstance(t, "server", "server-1", []string{"v1"}, nil)
+	m.addInstance(t, "server", "server-2", []string{"v2"}, nil)
+	m.client = startSidecar(t, m.consul, "client")
+	eventually(t, 20*time.Second, "v1 serves", serves(m.upstream, "hello from server-1"))
+
+	stop := loadN(2, get200(m.upstream))
+	m.checksOf(t, "server-1-sidecar-proxy", api.HealthCritical)
+	took := eventually(t, 20*time.Second, "failover to v2", serves(m.upstream, "hello from server-2"))
+	for range 200 {
+		if err := serves(m.upstream, "hello from server-2")(); err != nil {
+			t.Fatalf("after failover: %v", err)
+		}
+	}
+	m.checksOf(t, "server-1-sidecar-proxy", api.HealthPassing)
+	back := eventually(t, 20*time.Second, "back to v1", serves(m.upstream, "hello from server-1"))
+	for range 200 {
+		if err := serves(m.upstream, "hello from server-1")(); err != nil {
+			t.Fatalf("after the primary came back: %v", err)
+		}
+	}
+	ok, failed, first := stop()
+	t.Logf("failover after %s, back after %s; %d requests during, %d failed", took, back, ok, failed)
+	if failed > 0 {
+		t.Fatalf("%d of %d requests failed: %v", failed, ok+failed, first)
+	}
+}
+
+// TestChainRetries: next to a good instance, one answers 503 to every
+// request: requests fail until a router's RetryOnStatusCodes [503]
+// (NumRetries 3), after which none does, under load. Then that instance
+// is replaced by one that resets every connection: still none fails (its
+// sidecar closes the stream without a response, which is retried
+// elsewhere, "retry-on empty-response", with or without a router).
+//
+// Two instances, not three: a retry goes to another server than the one
+// that failed (option redispatch), not to one that never failed, so with
+// two bad instances of three a request can meet bad ones four times in a
+// row; Envoy's retries, without a host predicate, have the same limit.
+func TestChainRetries(t *testing.T) {
+	m := startChainMesh(t, "server")
+	m.addInstance(t, "server", "server-1", nil, nil)
+	m.addInstance(t, "server", "server-503", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}))
+	m.client = startSidecar(t, m.consul, "client")
+	var codes map[int]int
+	eventually(t, 20*time.Second, "the 503 instance placed", func() error {
+		codes = map[int]int{}
+		for range 30 {
+			code, _, err := get(m.upstream)
+			if err != nil {
+				return err
+			}
+			codes[code]++
+		}
+		if codes[503] == 0 {
+			return fmt.Errorf("no 503 yet: %v", codes)
+		}
+		return nil
+	})
+	t.Logf("without retries: status counts %v", codes)
+	m.setEntry(t, &api.ServiceRouterConfigEntry{Kind: api.ServiceRouter, Name: "server", Routes: []api.ServiceRoute{{
+		Match:       &api.ServiceRouteMatch{HTTP: &api.ServiceRouteHTTPMatch{PathPrefix: "/"}},
+		Destination: &api.ServiceRouteDestination{NumRetries: 3, RetryOnConnectFailure: true, RetryOnStatusCodes: []uint32{503}},
+	}}})
+	m.client.waitLog(t, 20*time.Second, "discovery chain target up_server:server::dc1 added", 1)
+	eventually(t, 20*time.Second, "retries in place", func() error {
+		for range 30 {
+			if code, body, err := get(m.upstream); err != nil || code != 200 {
+				return fmt.Errorf("%d %q %v", code, body, err)
+			}
+		}
+		return nil
+	})
+	stop := loadN(2, get200(m.upstream))
+	for range 300 {
+		if code, body, err := get(m.upstream); err != nil || code != 200 || body != "hello from server-1" {
+			t.Fatalf("%d %q %v", code, body, err)
+		}
+	}
+	// One bad instance at a time (see above).
+	if err := m.c.Agent().ServiceDeregister("server-503"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 20*time.Second, "the 503 instance gone", m.client.inBackendCount("up_server:server::dc1", 1))
+	m.addInstance(t, "server", "server-reset", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, _, err := w.(http.Hijacker).Hijack()
+		if err == nil {
+			if tc, ok := c.(*net.TCPConn); ok {
+				_ = tc.SetLinger(0) // RST
+			}
+			c.Close()
+		}
+	}))
+	eventually(t, 20*time.Second, "the resetting instance placed", m.client.inBackendCount("up_server:server::dc1", 2))
+	for range 300 {
+		if code, body, err := get(m.upstream); err != nil || code != 200 || body != "hello from server-1" {
+			t.Fatalf("%d %q %v", code, body, err)
+		}
+	}
+	ok, failed, first := stop()
+	t.Logf("with retries: %d requests under load, %d failed", ok, failed)
+	if failed > 0 {
+		t.Fatalf("%d of %d requests failed with retries: %v", failed, ok+failed, first)
+	}
+}
+
+// inBackendCount is a check that backend has n servers not in
+// maintenance.
+func (s *sidecar) inBackendCount(backend string, n int) func() error {
+	return func() error {
+		st, err := s.rt.ServersState(context.Background(), backend)
+		if err != nil {
+			return err
+		}
+		up := 0
+		for _, srv := range st {
+			if !srv.Maint() {
+				up++
+			}
+		}
+		if up != n {
+			return fmt.Errorf("%s: %d servers in service, want %d: %+v", backend, up, n, st)
+		}
+		return nil
 	}
 }
