@@ -198,8 +198,14 @@ func (c *Controller) watchChain(ctx context.Context, u Upstream) {
 			if w, ok := c.chainWatches[u.Name]; !ok || w.up != u {
 				return // a stale watch
 			}
-			d.chains[u.Name] = ch
-			d.sidecar = expand(d.registration, d.chains)
+			if d.chainSeen == nil {
+				d.chainSeen = map[string]bool{}
+			}
+			d.chainSeen[u.Name] = true
+			if ch != nil {
+				d.chains[u.Name] = ch
+				d.sidecar = expand(d.registration, d.chains)
+			}
 		})
 	}
 	watch.Loop(ctx, watch.Options{Name: "chain " + u.Name, Log: c.log, MinInterval: time.Second}, func(ctx context.Context, cur watch.Cursor) (*chain.Chain, watch.Cursor, error) {
@@ -227,16 +233,18 @@ func (c *Controller) watchChain(ctx context.Context, u Upstream) {
 			}
 		}
 		return &ch, next, nil
-	}, func(ch *chain.Chain) {
-		if ch != nil {
-			publish(ch)
-		}
-	})
+	}, publish)
 }
 
 type chainWatch struct {
 	up     Upstream
 	cancel context.CancelFunc
+}
+
+// wantsChain reports whether registration upstream u has a chain watch:
+// a service upstream of mode http.
+func wantsChain(u Upstream) bool {
+	return u.Type == string(api.UpstreamDestTypeService) && bootstrap.Mode(u.Protocol) == "http"
 }
 
 // syncChainWatches runs one chain watch per service upstream of mode
@@ -251,7 +259,7 @@ func (c *Controller) syncChainWatches(ctx context.Context) {
 	want := map[string]Upstream{}
 	if reg := c.desired.registration; reg != nil {
 		for _, u := range reg.Upstreams {
-			if u.Type == string(api.UpstreamDestTypeService) && bootstrap.Mode(u.Protocol) == "http" {
+			if wantsChain(u) {
 				want[u.Name] = u
 			}
 		}
@@ -267,6 +275,7 @@ func (c *Controller) syncChainWatches(ctx context.Context) {
 		if _, ok := c.chainWatches[name]; ok {
 			continue
 		}
+		delete(c.desired.chainSeen, name)
 		wctx, cancel := context.WithCancel(ctx)
 		c.chainWatches[name] = &chainWatch{up: u, cancel: cancel}
 		go c.watchChain(wctx, u)

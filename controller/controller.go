@@ -135,8 +135,10 @@ type desired struct {
 	// chains (expand, chain.go); registration is the registration's own.
 	sidecar      *Sidecar
 	registration *Sidecar
-	// chains are the upstreams' last good discovery chains.
+	// chains are the upstreams' last good discovery chains; chainSeen
+	// names the upstreams whose chain watch answered (well or not).
 	chains       map[string]*chain.Chain
+	chainSeen    map[string]bool
 	sidecarSince time.Time
 	leaf         *certs.Bundle
 	roots        *certs.Roots

@@ -275,6 +275,15 @@ func (in planInput) planStart() []action {
 			missing = append(missing, u.Name)
 		}
 	}
+	if d.registration != nil {
+		// A routed upstream's targets are known once its chain is: start
+		// with them rather than reload for them.
+		for _, u := range d.registration.Upstreams {
+			if wantsChain(u) && !d.chainSeen[u.Name] {
+				missing = append(missing, u.Name+" (discovery chain)")
+			}
+		}
+	}
 	if deadline := d.sidecarSince.Add(in.initialWait); (len(missing) > 0 || pending) && in.now.Before(deadline) {
 		return append(acts, waitAction{at: deadline})
 	}
