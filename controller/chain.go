@@ -241,6 +241,21 @@ type chainWatch struct {
 	cancel context.CancelFunc
 }
 
+// chainsPending names the registration's upstreams whose chain watch has
+// not answered yet.
+func (d *desired) chainsPending() []string {
+	var out []string
+	if d.registration == nil {
+		return nil
+	}
+	for _, u := range d.registration.Upstreams {
+		if wantsChain(u) && !d.chainSeen[u.Name] {
+			out = append(out, u.Name+" (discovery chain)")
+		}
+	}
+	return out
+}
+
 // wantsChain reports whether registration upstream u has a chain watch:
 // a service upstream of mode http.
 func wantsChain(u Upstream) bool {

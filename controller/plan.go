@@ -198,6 +198,12 @@ func plan(in planInput) []action {
 		return nil
 	}
 	if in.masterAlive && !ap.known {
+		// The configuration id an adopted HAProxy is compared with
+		// depends on the discovery chains: adopt once they are known
+		// (or InitialWait passed), or it would look foreign and reload.
+		if deadline := d.sidecarSince.Add(in.initialWait); len(d.chainsPending()) > 0 && in.now.Before(deadline) {
+			return []action{waitAction{at: deadline}}
+		}
 		return []action{adoptAction{}}
 	}
 	if !in.masterAlive {
@@ -275,15 +281,9 @@ func (in planInput) planStart() []action {
 			missing = append(missing, u.Name)
 		}
 	}
-	if d.registration != nil {
-		// A routed upstream's targets are known once its chain is: start
-		// with them rather than reload for them.
-		for _, u := range d.registration.Upstreams {
-			if wantsChain(u) && !d.chainSeen[u.Name] {
-				missing = append(missing, u.Name+" (discovery chain)")
-			}
-		}
-	}
+	// A routed upstream's targets are known once its chain is: start
+	// with them rather than reload for them.
+	missing = append(missing, d.chainsPending()...)
 	if deadline := d.sidecarSince.Add(in.initialWait); (len(missing) > 0 || pending) && in.now.Before(deadline) {
 		return append(acts, waitAction{at: deadline})
 	}

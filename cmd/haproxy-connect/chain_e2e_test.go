@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -440,5 +441,48 @@ func (s *sidecar) inBackendCount(backend string, n int) func() error {
 			return fmt.Errorf("%s: %d servers in service, want %d: %+v", backend, up, n, st)
 		}
 		return nil
+	}
+}
+
+// TestChainAdoption: a controller killed with SIGKILL leaves HAProxy
+// routing; the next one on the state directory adopts it with no reload
+// (the configuration id leaves weights out, and adoption waits for the
+// chains), and applies a weight change at run time.
+func TestChainAdoption(t *testing.T) {
+	m := startChainMesh(t, "server")
+	m.setEntry(t, versionSubsets())
+	m.setEntry(t, split(100, 0))
+	m.addInstance(t, "server", "server-1", []string{"v1"}, nil)
+	m.addInstance(t, "server", "server-2", []string{"v2"}, nil)
+	m.client = startSidecar(t, m.consul, "client")
+	eventually(t, 20*time.Second, "v1 serves", serves(m.upstream, "hello from server-1"))
+	reloads := m.client.reloads(t)
+	stop := loadN(2, get200(m.upstream))
+	if err := m.client.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	<-m.client.done
+	// Moved while no controller runs: the next one finds HAProxy on the
+	// old weights, which are no part of the configuration's identity.
+	m.setEntry(t, split(0, 100))
+	next := launchSidecar(t, m.consul, "client", m.client.stateDir)
+	next.waitReady(t)
+	next.waitLog(t, 20*time.Second, "haproxy adopted", 1)
+	next.waitLog(t, 20*time.Second, "discovery chain applied at run time", 1)
+	eventually(t, 10*time.Second, "v2 serves", serves(m.upstream, "hello from server-2"))
+	for range 200 {
+		if err := serves(m.upstream, "hello from server-2")(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ok, failed, first := stop()
+	if failed > 0 {
+		t.Fatalf("%d of %d requests failed: %v", failed, ok+failed, first)
+	}
+	if strings.Contains(next.out.String(), "adopted haproxy runs another configuration") {
+		t.Fatal("the adopted configuration looked foreign")
+	}
+	if r := next.reloads(t); r != reloads {
+		t.Fatalf("reloads %d -> %d across the adoption and a weight change", reloads, r)
 	}
 }
