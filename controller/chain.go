@@ -14,6 +14,7 @@ import (
 
 	"github.com/haproxy-connect/haproxy-connect/bootstrap"
 	"github.com/haproxy-connect/haproxy-connect/chain"
+	"github.com/haproxy-connect/haproxy-connect/input"
 	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/watch"
 )
@@ -216,6 +217,9 @@ func (c *Controller) watchChain(ctx context.Context, u Upstream) {
 		}
 		next := watch.Cursor{Index: meta.LastIndex}
 		ch, err := chain.Compile(resp.Chain)
+		if err == nil {
+			err = checkBackendNames(u.Name, ch)
+		}
 		if err != nil {
 			// The whole chain or nothing: the upstream keeps its last
 			// good chain (none at first: plain).
@@ -234,6 +238,19 @@ func (c *Controller) watchChain(ctx context.Context, u Upstream) {
 		}
 		return &ch, next, nil
 	}, publish)
+}
+
+// checkBackendNames checks that every target's backend name of upstream
+// name is an HAProxy identifier (a long upstream name plus a long target
+// name can pass 160 bytes): a chain that fails is refused here, not in a
+// render that would fail the whole configuration.
+func checkBackendNames(name string, ch chain.Chain) error {
+	for _, t := range ch.Targets {
+		if _, err := input.Ident("chain target backend", bootstrap.TargetBackendName(name, t.Name)); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 type chainWatch struct {

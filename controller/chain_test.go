@@ -110,3 +110,13 @@ func TestChainReloadOrRuntime(t *testing.T) {
 		t.Fatalf("a match change: reason %q", d)
 	}
 }
+
+func TestCheckBackendNames(t *testing.T) {
+	ch := loadChain(t, "split", nil)
+	if err := checkBackendNames("up_web", *ch); err != nil {
+		t.Fatal(err)
+	}
+	if err := checkBackendNames("up_"+strings.Repeat("w", 150), *ch); err == nil {
+		t.Fatal("a backend name over 160 bytes accepted")
+	}
+}

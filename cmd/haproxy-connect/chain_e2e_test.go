@@ -207,7 +207,8 @@ func request(port int, path string, hdr map[string]string) (int, string, http.He
 }
 
 // TestChainRoutes: a path route to a second service (with a prefix
-// rewrite and header changes), a header route to a subset, and a route
+// rewrite and header changes), a header route and a query parameter plus
+// method route to a subset, and a route
 // whose request timeout answers 504; then that timeout raised at run
 // time, with no reload.
 func TestChainRoutes(t *testing.T) {
@@ -231,6 +232,11 @@ func TestChainRoutes(t *testing.T) {
 			},
 			{
 				Match:       &api.ServiceRouteMatch{HTTP: &api.ServiceRouteHTTPMatch{Header: []api.ServiceRouteHTTPMatchHeader{{Name: "x-canary", Exact: "1"}}}},
+				Destination: &api.ServiceRouteDestination{ServiceSubset: "v2"},
+			},
+			{
+				Match: &api.ServiceRouteMatch{HTTP: &api.ServiceRouteHTTPMatch{
+					QueryParam: []api.ServiceRouteHTTPMatchQueryParam{{Name: "canary", Exact: "yes"}}, Methods: []string{"GET"}}},
 				Destination: &api.ServiceRouteDestination{ServiceSubset: "v2"},
 			},
 			{
@@ -264,6 +270,8 @@ func TestChainRoutes(t *testing.T) {
 		{"/", map[string]string{"x-canary": "1"}, 200, "hello from server-2"},
 		{"/", map[string]string{"x-canary": "2"}, 200, "hello from server-1"},
 		{"/other", map[string]string{"x-canary": "1"}, 200, "hello from server-2"},
+		{"/?canary=yes", nil, 200, "hello from server-2"},
+		{"/?canary=no", nil, 200, "hello from server-1"},
 		{"/slow", nil, 504, ""},
 	} {
 		for range 5 {
@@ -484,5 +492,39 @@ func TestChainAdoption(t *testing.T) {
 	}
 	if r := next.reloads(t); r != reloads {
 		t.Fatalf("reloads %d -> %d across the adoption and a weight change", reloads, r)
+	}
+}
+
+// TestChainHashPolicy: a ring_hash resolver on a header keeps each value
+// of the header on one instance, and spreads values over both.
+func TestChainHashPolicy(t *testing.T) {
+	m := startChainMesh(t, "server")
+	m.setEntry(t, &api.ServiceResolverConfigEntry{Kind: api.ServiceResolver, Name: "server",
+		LoadBalancer: &api.LoadBalancer{Policy: "ring_hash", HashPolicies: []api.HashPolicy{{Field: "header", FieldValue: "x-user"}}}})
+	m.addInstance(t, "server", "server-1", nil, nil)
+	m.addInstance(t, "server", "server-2", nil, nil)
+	m.client = startSidecar(t, m.consul, "client")
+	eventually(t, 20*time.Second, "both instances placed", m.client.inBackendCount("up_server:server::dc1", 2))
+	served := map[string]string{}
+	for u := range 20 {
+		user := fmt.Sprintf("user-%d", u)
+		for range 10 {
+			code, body, _, err := request(m.upstream, "/", map[string]string{"x-user": user})
+			if err != nil || code != 200 {
+				t.Fatalf("%s: %d %q %v", user, code, body, err)
+			}
+			if prev, ok := served[user]; ok && prev != body {
+				t.Fatalf("%s served by %q then %q", user, prev, body)
+			}
+			served[user] = body
+		}
+	}
+	by := map[string]int{}
+	for _, b := range served {
+		by[b]++
+	}
+	t.Logf("20 users over instances: %v", by)
+	if len(by) != 2 {
+		t.Fatalf("20 users all on one instance: %v", by)
 	}
 }
