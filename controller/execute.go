@@ -183,10 +183,17 @@ func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.S
 		}
 		s.Upstreams = append(s.Upstreams, bu)
 	}
-	for i, u := range s.Upstreams {
-		if tb, ok := targets[u.Name]; ok {
-			s.Upstreams[i].Target = &tb
+	for i, u := range sc.Upstreams {
+		if u.Target == "" {
+			continue
 		}
+		// A target always renders as a backend only, even should its
+		// upstream's routing be missing (then with the defaults).
+		tb, ok := targets[u.Name]
+		if !ok {
+			tb = bootstrap.TargetBackend{Map: c.chainMapFile(u.Parent)}
+		}
+		s.Upstreams[i].Target = &tb
 	}
 	return s
 }
