@@ -573,6 +573,9 @@ func renderConfig(s Spec) (string, error) {
 		mode := Mode(u.Protocol)
 		w("")
 		if u.Target != nil {
+			// A chain target has no frontend: only its backend. (A
+			// jump rather than the frontend in a block, to keep this
+			// long loop's lines where they are.)
 			goto backend
 		}
 		w("frontend %s", u.Name)

@@ -103,16 +103,14 @@ type Controller struct {
 	authz *authzgen.Generation
 
 	// Owned by the loop goroutine.
-	desired desired
-	applied applied
-	master  *runtime.Master
-	watches map[string]*upstreamWatch
-	// chainWatches are the discovery chain watches, by upstream.
-	chainWatches map[string]*chainWatch
-	leafStop     context.CancelFunc
-	leafFor      string
-	retry        *time.Timer
-	retryAt      time.Time // when retry fires; zero when it is stopped
+	desired  desired
+	applied  applied
+	master   *runtime.Master
+	watches  map[string]*upstreamWatch
+	leafStop context.CancelFunc
+	leafFor  string
+	retry    *time.Timer
+	retryAt  time.Time // when retry fires; zero when it is stopped
 	// pacing is when the leaf was last swapped and the reload backoff.
 	pacing pacing
 	// now is the clock of the plan and the executor; tests replace it.
@@ -126,6 +124,10 @@ type Controller struct {
 	// started is set once HAProxy ran: a later start (after HAProxy
 	// exited) that fails is retried instead of ending Run.
 	started bool
+
+	// chainWatches are the discovery chain watches, by upstream (owned
+	// by the loop goroutine; made on first use).
+	chainWatches map[string]*chainWatch
 }
 
 // desired is what the watchers last saw. Values are never mutated after they
@@ -254,8 +256,7 @@ func New(cfg Config) (*Controller, error) {
 		ident:   newIdentities(),
 		desired: desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}, instances: map[string]map[string]instance{},
 			chains: map[string]*chain.Chain{}},
-		watches:      map[string]*upstreamWatch{},
-		chainWatches: map[string]*chainWatch{},
+		watches: map[string]*upstreamWatch{},
 	}
 	c.retry = time.NewTimer(time.Hour)
 	c.retry.Stop()
