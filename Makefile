@@ -85,6 +85,7 @@ test: deps
 	$(GO) test ./controller -run '^$$' -fuzz '^FuzzHealthParse$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./bootstrap -run '^$$' -fuzz '^FuzzRender$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./bootstrap -run '^$$' -fuzz '^FuzzToken$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./chain -run '^$$' -fuzz '^FuzzCompile$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./spoa -run '^$$' -fuzz '^FuzzSPOPDecode$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./l7 -run '^$$' -fuzz '^FuzzParseDecide$$' -fuzztime $(FUZZTIME)
 

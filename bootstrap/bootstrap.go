@@ -147,6 +147,12 @@ type Upstream struct {
 	// carry it is refused (see Render). Empty for a prepared query, whose
 	// instances may serve different services.
 	ServerID string
+	// Routing, when set, routes the frontend's requests over the
+	// discovery chain's targets (chain.go).
+	Routing *Routing
+	// Target, when set, makes this a chain target's backend: no
+	// frontend, no bind (chain.go).
+	Target *TargetBackend
 }
 
 // MaxSocketPath is the longest unix socket path accepted.
@@ -280,7 +286,11 @@ func ValidateUpstream(u Upstream) error {
 	if _, err := input.Name("upstream "+u.Name+" destination", u.Destination); err != nil {
 		return invalid(err)
 	}
-	if u.SocketPath != "" {
+	if u.Target != nil {
+		if err := validateTarget(u); err != nil {
+			return err
+		}
+	} else if u.SocketPath != "" {
 		if err := checkSocket("upstream "+u.Name+" socket", u.SocketPath); err != nil {
 			return err
 		}
@@ -289,6 +299,11 @@ func ValidateUpstream(u Upstream) error {
 		}
 	} else if err := checkAddrPort("upstream "+u.Name+" bind", u.BindAddr, u.BindPort); err != nil {
 		return err
+	}
+	if u.Routing != nil {
+		if err := validateRouting(u); err != nil {
+			return err
+		}
 	}
 	if err := checkProtocol("upstream "+u.Name, u.Protocol); err != nil {
 		return err
@@ -379,7 +394,7 @@ func CheckExpose(e ExposePath) error {
 	if _, err := input.Port("expose local path port", e.LocalPort); err != nil {
 		return invalid(err)
 	}
-	if _, err := input.URLPath("expose path", e.Path); err != nil {
+	if _, err := input.ExposePath("expose path", e.Path); err != nil {
 		return invalid(err)
 	}
 	switch e.Protocol {
@@ -504,6 +519,9 @@ func (s Spec) Validate() error {
 			return fmt.Errorf("%w: two upstreams named %s", ErrInvalid, u.Name)
 		}
 		seenName[u.Name] = true
+		if u.Target != nil {
+			continue
+		}
 		b := "unix@" + u.SocketPath
 		if u.SocketPath == "" {
 			b = netip.AddrPortFrom(netip.MustParseAddr(u.BindAddr), uint16(u.BindPort)).String()
@@ -772,6 +790,12 @@ func renderConfig(s Spec) (string, error) {
 	for _, u := range ups {
 		mode := Mode(u.Protocol)
 		w("")
+		if u.Target != nil {
+			// A chain target has no frontend: only its backend. (A
+			// jump rather than the frontend in a block, to keep this
+			// long loop's lines where they are.)
+			goto backend
+		}
 		w("frontend %s", u.Name)
 		w("    mode %s", mode)
 		// In mode http a clear bind takes HTTP/1.1 and HTTP/2 with prior
@@ -843,18 +867,36 @@ func renderConfig(s Spec) (string, error) {
 				w("    tcp-request content reject if { be_conn(%s) ge %d }", u.Name, n)
 			}
 		}
+		if u.Routing != nil {
+			renderRouting(w, u)
+		}
 		w("    default_backend %s", u.Name)
 		w("")
+	backend:
 		w("backend %s", u.Name)
 		w("    mode %s", mode)
-		w("    balance roundrobin")
+		if u.Target != nil {
+			for _, l := range balanceLines(u.Target.Balance) {
+				w("    %s", l)
+			}
+			if u.Target.Retries > 0 {
+				w("    retries %d", u.Target.Retries)
+			}
+			// The request timeout of the route that took the request
+			// (2.6 allows set-timeout in a backend only).
+			w("    http-request set-timeout server var(%s),map(%s,%s)", routeVar, u.Target.Map, noTimeout)
+		} else {
+			w("    balance roundrobin")
+		}
 		// A connection refused by an endpoint that is going away (before
 		// Consul says so) is retried on another; in HTTP mode so is a
 		// request the other sidecar closed without answering (a reused
 		// connection it was closing, or its worker stopping after a
 		// reload): nothing was forwarded to the application then.
 		w("    option redispatch")
-		if mode == "http" {
+		if mode == "http" && u.Target != nil {
+			w("    retry-on %s", retryOn(u.Target))
+		} else if mode == "http" {
 			w("    retry-on conn-failure empty-response")
 			// Every connection to another sidecar carries this sidecar's
 			// identity, whichever local client opened it, so any request

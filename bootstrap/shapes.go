@@ -95,7 +95,29 @@ var configShapes = []string{
 	`    http-request use-service prometheus-exporter`,
 	`    server s\d+ ` + shapeAddrPort + ` weight \d+`,
 	`    server-template s \d+-\d+ 127\.0\.0\.1:1 disabled`,
+	// Discovery chain routing (chain.go).
+	`    http-request set-var\(txn\.hc\.rt\) str\(r\d+\)( if ` + shapeCond + `( ` + shapeCond + `)*)?`,
+	`    http-request set-var\(txn\.hc\.bucket\) rand\(100\)`,
+	`    http-request set-var\(txn\.hc\.be\) var\(txn\.hc\.rt\),concat\(/,txn\.hc\.bucket,\),map\(` + shapePath + `\)`,
+	`    http-request set-var\(txn\.hc\.be\) str\(` + shapeIdent + `\) if \{ var\(txn\.hc\.be\) -m str ` + shapeIdent + ` \} !\{ nbsrv\(` + shapeIdent + `\) gt 0 \} \{ nbsrv\(` + shapeIdent + `\) gt 0 \}`,
+	`    http-request replace-path ` + shapeQuoted + ` ` + shapeQuoted + shapeOnRoute,
+	`    http-(request|response) (del-header ` + shapeQuoted + `|(set|add)-header ` + shapeQuoted + ` '[ -$&(-~]*')` + shapeOnRoute,
+	`    use_backend %\[var\(txn\.hc\.be\)\] if \{ var\(txn\.hc\.be\) -m found \}`,
+	`    balance (leastconn|random|hash (src|(req\.hdr|req\.cook|url_param)\([A-Za-z0-9_.-]+\)))`,
+	`    hash-type consistent`,
+	`    retries \d+`,
+	`    retry-on conn-failure empty-response( \d{3})*`,
+	`    http-request set-timeout server var\(txn\.hc\.rt\),map\(` + shapePath + `,3600000\)`,
 }
+
+// Pieces of the chain routing shapes: a single-quoted value (printable
+// ASCII without the quote), a condition of a route, the condition that
+// names a route.
+const (
+	shapeQuoted  = `'[ -&(-~]*'`
+	shapeCond    = `!?\{ (path|method|var\(txn\.hc\.rt\)|(req\.fhdr|url_param)\([A-Za-z0-9_.-]+\))( -i)?( -m (found|str|beg|end|reg))?( ` + shapeQuoted + `| [A-Z ]+)? \}`
+	shapeOnRoute = ` if \{ var\(txn\.hc\.rt\) -m str r\d+ \}`
+)
 
 // shape is one compiled line shape and the literal text every line of it
 // starts with, so that a line is matched only against the shapes it can

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -136,6 +137,16 @@ func (c *Controller) configID(sc Sidecar, rootsPEM string) string {
 	spec.ConfigID, spec.Reason = "", ""
 	for i := range spec.Upstreams {
 		spec.Upstreams[i].Slots, spec.Upstreams[i].Instances = slots.Table{}, nil
+		if r := spec.Upstreams[i].Routing; r != nil {
+			// Weights and request timeouts change at run time: not part
+			// of the configuration's identity.
+			r2 := *r
+			r2.Routes = slices.Clone(r.Routes)
+			for j := range r2.Routes {
+				r2.Routes[j].Splits, r2.Routes[j].Dest.RequestTimeout = nil, 0
+			}
+			spec.Upstreams[i].Routing = &r2
+		}
 	}
 	b, err := json.Marshal(spec)
 	if err != nil {

@@ -28,6 +28,7 @@ import (
 
 	"github.com/haproxy-connect/haproxy-connect/authzgen"
 	"github.com/haproxy-connect/haproxy-connect/certs"
+	"github.com/haproxy-connect/haproxy-connect/chain"
 	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/slots"
 	"github.com/haproxy-connect/haproxy-connect/watch"
@@ -134,12 +135,23 @@ type Controller struct {
 	// started is set once HAProxy ran: a later start (after HAProxy
 	// exited) that fails is retried instead of ending Run.
 	started bool
+
+	// chainWatches are the discovery chain watches, by upstream (owned
+	// by the loop goroutine; made on first use).
+	chainWatches map[string]*chainWatch
 }
 
 // desired is what the watchers last saw. Values are never mutated after they
 // are published: a watcher builds a new one and the loop swaps it in.
 type desired struct {
+	// sidecar is the registration's shape expanded by the discovery
+	// chains (expand, chain.go); registration is the registration's own.
 	sidecar      *Sidecar
+	registration *Sidecar
+	// chains are the upstreams' last good discovery chains; chainSeen
+	// names the upstreams whose chain watch answered (well or not).
+	chains       map[string]*chain.Chain
+	chainSeen    map[string]bool
 	sidecarSince time.Time
 	leaf         *certs.Bundle
 	roots        *certs.Roots
@@ -179,6 +191,8 @@ type applied struct {
 	// foreign is why an adopted HAProxy needs a reload: it runs another
 	// configuration than the desired one (see readBack); empty when not.
 	foreign string
+	// chainMaps are the routed upstreams' chain map entries HAProxy has.
+	chainMaps map[string]map[string]string
 }
 
 type upstreamWatch struct {
@@ -255,7 +269,8 @@ func New(cfg Config) (*Controller, error) {
 		authz:   authzgen.NewGeneration(),
 		metrics: newMetrics(cfg.AnswerLimit),
 		ident:   newIdentities(),
-		desired: desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}, instances: map[string]map[string]instance{}},
+		desired: desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}, instances: map[string]map[string]instance{},
+			chains: map[string]*chain.Chain{}},
 		watches: map[string]*upstreamWatch{},
 	}
 	c.retry = time.NewTimer(time.Hour)
@@ -454,6 +469,8 @@ func (c *Controller) planInput() planInput {
 		pacing:      c.pacing,
 		initialWait: c.cfg.InitialWait,
 		minSlots:    c.cfg.MinSlots,
+		chainMaps:   c.chainMaps(c.desired.sidecar),
+		chainFile:   c.chainMapFile,
 	}
 }
 
@@ -474,7 +491,8 @@ func (c *Controller) start(ctx context.Context, a startAction) error {
 		return err
 	}
 	c.master, c.started = m, true
-	c.applied = applied{known: true, sidecar: sc, leaf: a.leaf, rootsPEM: a.roots.PEM, tables: tables, authzGen: gen}
+	c.applied = applied{known: true, sidecar: sc, leaf: a.leaf, rootsPEM: a.roots.PEM, tables: tables, authzGen: gen,
+		chainMaps: c.chainMaps(&sc)}
 	c.authzGenerationApplied(gen)
 	clear(c.desired.dirty)
 	c.ready.Store(true)

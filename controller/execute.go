@@ -32,6 +32,8 @@ func (c *Controller) execute(ctx context.Context, acts []action) (again bool, er
 		switch a := a.(type) {
 		case waitAction:
 			c.scheduleRetry(a.at.Sub(c.now()))
+		case chainMapAction:
+			c.setChainMap(ctx, a)
 		case adoptAction:
 			if err := c.adopt(ctx); err != nil {
 				c.log.Error("a running haproxy could not be adopted; stopping it and starting a new one",
@@ -169,13 +171,35 @@ func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.S
 		Public:         sc.Public,
 		Expose:         sc.Expose,
 	}
+	targets := map[string]bootstrap.TargetBackend{}
 	for _, u := range sc.Upstreams {
-		s.Upstreams = append(s.Upstreams, bootstrap.Upstream{
+		bu := bootstrap.Upstream{
 			Name: u.Name, Destination: u.Destination, BindAddr: u.BindAddr, BindPort: u.BindPort,
 			Protocol: u.Protocol, ConnectTimeout: u.ConnectTimeout, Slots: tables[u.Name],
 			ServerID: c.serverID(u), Instances: instanceIDs(c.desired.instances[u.Name]),
 			SocketPath: u.SocketPath, SocketMode: u.SocketMode, Passive: u.Passive, Limits: u.Limits,
-		})
+		}
+		if u.Chain != "" {
+			var tbs map[string]bootstrap.TargetBackend
+			if bu.Routing, tbs = c.routing(u); bu.Routing != nil {
+				for t, tb := range tbs {
+					targets[bootstrap.TargetBackendName(u.Name, t)] = tb
+				}
+			}
+		}
+		s.Upstreams = append(s.Upstreams, bu)
+	}
+	for i, u := range sc.Upstreams {
+		if u.Target == "" {
+			continue
+		}
+		// A target always renders as a backend only, even should its
+		// upstream's routing be missing (then with the defaults).
+		tb, ok := targets[u.Name]
+		if !ok {
+			tb = bootstrap.TargetBackend{Map: c.chainMapFile(u.Parent)}
+		}
+		s.Upstreams[i].Target = &tb
 	}
 	return s
 }
@@ -187,6 +211,11 @@ func (c *Controller) writeConfig(spec bootstrap.Spec, authzGen uint64, reason st
 	cfg, files, err := bootstrap.RenderFiles(spec, authzGen)
 	if err != nil {
 		return err
+	}
+	for _, u := range spec.Upstreams {
+		if u.Routing != nil {
+			files = append(files, bootstrap.File{Path: u.Routing.Map, Content: bootstrap.RenderChainMap(*u.Routing)})
+		}
 	}
 	files = append(files,
 		bootstrap.File{Path: spec.LeafFile, Content: c.desired.leaf.PEM},
@@ -220,7 +249,8 @@ func (c *Controller) reload(ctx context.Context, a reloadAction) bool {
 	}
 	c.pacing = c.pacing.reloaded()
 	c.metrics.reloaded(a.cause)
-	c.applied = applied{known: true, sidecar: sc, leaf: a.leaf, rootsPEM: a.roots.PEM, tables: tables, authzGen: gen}
+	c.applied = applied{known: true, sidecar: sc, leaf: a.leaf, rootsPEM: a.roots.PEM, tables: tables, authzGen: gen,
+		chainMaps: c.chainMaps(&sc)}
 	c.authzGenerationApplied(gen)
 	clear(c.desired.dirty)
 	c.metrics.setEndpoints(tables)

@@ -77,6 +77,12 @@ type healthEntry struct {
 // entries, the entries it could not read (each as an error naming it), the
 // answer's X-Consul-Index and when the answer arrived.
 func (h *healthReader) connect(ctx context.Context, service, dc string, index uint64, wait time.Duration) (entries []healthEntry, bad []error, next uint64, at time.Time, err error) {
+	return h.connectFiltered(ctx, service, dc, "", index, wait)
+}
+
+// connectFiltered is connect with a Consul filter expression (a
+// service-resolver subset's), sent URL-encoded as the query's filter.
+func (h *healthReader) connectFiltered(ctx context.Context, service, dc, filter string, index uint64, wait time.Duration) (entries []healthEntry, bad []error, next uint64, at time.Time, err error) {
 	u := h.base
 	u.Path = strings.TrimSuffix(u.Path, "/") + "/v1/health/connect/" + url.PathEscape(service)
 	params := url.Values{"passing": {"1"}}
@@ -85,6 +91,9 @@ func (h *healthReader) connect(ctx context.Context, service, dc string, index ui
 	}
 	if dc != "" {
 		params.Set("dc", dc)
+	}
+	if filter != "" {
+		params.Set("filter", filter)
 	}
 	if index > 0 {
 		params.Set("index", strconv.FormatUint(index, 10))

@@ -64,6 +64,7 @@ var (
 // the number of reloads.
 const (
 	reloadRegistration = "registration" // the registration changed (binds, modes, upstreams)
+	reloadChain        = "chain"        // only discovery chains changed (targets, matches, rewrites)
 	reloadRoots        = "roots"        // the CA roots changed (no hot CA commit on 2.6)
 	reloadListener     = "listener"     // a leaf swap broke the public listener
 	reloadAdopted      = "adopted"      // an adopted HAProxy runs another configuration
@@ -111,7 +112,7 @@ func newMetrics(answerLimit *AnswerLimit) *Metrics {
 		mismatches: counterVec("haproxy_connect_upstream_identity_mismatches_total",
 			"Verifications in which an endpoint of the upstream showed another identity than its destination's; it gets no traffic. The log line names the instance, address and identity.", "upstream"),
 	}
-	for _, r := range []string{reloadRegistration, reloadRoots, reloadListener, reloadAdopted} {
+	for _, r := range []string{reloadRegistration, reloadChain, reloadRoots, reloadListener, reloadAdopted} {
 		m.reloads.WithLabelValues(r)
 	}
 	for r := range numBindResults {

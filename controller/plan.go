@@ -1,6 +1,7 @@
 package controller
 
 import (
+	"regexp"
 	"slices"
 	"strings"
 	"time"
@@ -37,6 +38,10 @@ type planInput struct {
 	// (Config.InitialWait); minSlots is Config.MinSlots.
 	initialWait time.Duration
 	minSlots    int
+	// chainMaps are the routed upstreams' desired chain map entries, and
+	// chainFile names an upstream's chain map file (chain.go).
+	chainMaps map[string]map[string]string
+	chainFile func(upstream string) string
 }
 
 // pacing is the plan's memory of time: when the leaf was last swapped,
@@ -197,6 +202,12 @@ func plan(in planInput) []action {
 		return nil
 	}
 	if in.masterAlive && !ap.known {
+		// The configuration id an adopted HAProxy is compared with
+		// depends on the discovery chains: adopt once they are known
+		// (or InitialWait passed), or it would look foreign and reload.
+		if deadline := d.sidecarSince.Add(in.initialWait); len(d.chainsPending()) > 0 && in.now.Before(deadline) {
+			return []action{waitAction{at: deadline}}
+		}
 		return []action{adoptAction{}}
 	}
 	if !in.masterAlive {
@@ -211,8 +222,13 @@ func plan(in planInput) []action {
 	}
 	var reasons, causes []string
 	if !d.sidecar.Equal(ap.sidecar) {
-		reasons = append(reasons, "registration: "+ap.sidecar.Diff(*d.sidecar))
-		causes = append(causes, reloadRegistration)
+		diff := ap.sidecar.Diff(*d.sidecar)
+		reasons = append(reasons, "registration: "+diff)
+		cause := reloadRegistration
+		if chainOnly(diff) {
+			cause = reloadChain
+		}
+		causes = append(causes, cause)
 	}
 	if d.roots.PEM != ap.rootsPEM {
 		// HAProxy 2.6 breaks on "commit ssl ca-file" (haproxy GH #3165,
@@ -255,6 +271,9 @@ func plan(in planInput) []action {
 		acts = append(acts, publishAuthzGenAction{gen: in.authzGen})
 	}
 	acts = append(acts, in.planEndpoints()...)
+	if in.chainFile != nil {
+		acts = append(acts, planChainMaps(in.chainMaps, ap.chainMaps, in.chainFile)...)
+	}
 	if !wait.IsZero() {
 		acts = append(acts, waitAction{at: wait})
 	}
@@ -275,6 +294,9 @@ func (in planInput) planStart() []action {
 			missing = append(missing, u.Name)
 		}
 	}
+	// A routed upstream's targets are known once its chain is: start
+	// with them rather than reload for them.
+	missing = append(missing, d.chainsPending()...)
 	if deadline := d.sidecarSince.Add(in.initialWait); (len(missing) > 0 || pending) && in.now.Before(deadline) {
 		return append(acts, waitAction{at: deadline})
 	}
@@ -446,4 +468,21 @@ func (sc *Sidecar) upstream(name string) (Upstream, bool) {
 		}
 	}
 	return Upstream{}, false
+}
+
+// parenthesized is a detail in a Diff part, which may hold ", ".
+var parenthesized = regexp.MustCompile(`\([^)]*\)`)
+
+// chainOnly reports whether every part of a Sidecar.Diff is about a
+// discovery chain (the reload metric's "chain" cause).
+func chainOnly(diff string) bool {
+	if diff == "" {
+		return false
+	}
+	for _, p := range strings.Split(parenthesized.ReplaceAllString(diff, ""), ", ") {
+		if !strings.HasPrefix(p, "discovery chain ") {
+			return false
+		}
+	}
+	return true
 }

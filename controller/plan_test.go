@@ -557,3 +557,17 @@ func testLeaf(t *testing.T) *certs.Bundle {
 	t.Helper()
 	return &certs.Bundle{PEM: "leaf", Serial: "00", NotAfter: t0.Add(72 * time.Hour), SPIFFE: "spiffe://td.consul/ns/default/dc/dc1/svc/web"}
 }
+
+func TestChainOnly(t *testing.T) {
+	for diff, want := range map[string]bool{
+		"": false,
+		"discovery chain of up_web changed (matches, header changes, rewrites or retries)":                                         true,
+		"discovery chain target up_web~v2 added, discovery chain of up_web changed (matches, header changes, rewrites or retries)": true,
+		"discovery chain target up_web~v2 added, upstream up_db added":                                                             false,
+		"public listener changed": false,
+	} {
+		if got := chainOnly(diff); got != want {
+			t.Errorf("chainOnly(%q) = %v, want %v", diff, got, want)
+		}
+	}
+}

@@ -94,6 +94,14 @@ type Upstream struct {
 	SocketPath, SocketMode string
 	Passive                bootstrap.PassiveCheck
 	Limits                 bootstrap.Limits
+	// Chain fingerprints the configuration part of a routed upstream's
+	// discovery chain (chain.go); empty for a plain upstream.
+	Chain string
+	// Target, for a discovery chain target's backend (no listener), is
+	// the chain target's Name; Parent the routed upstream, Filter and
+	// OnlyPassing the resolver subset's instance filter.
+	Target, Parent, Filter string
+	OnlyPassing            bool
 }
 
 // Equal compares two shapes.
@@ -121,14 +129,24 @@ func (s Sidecar) Diff(o Sidecar) string {
 	for _, u := range o.Upstreams {
 		prev, ok := old[u.Name]
 		switch {
+		case !ok && u.Target != "":
+			parts = append(parts, "discovery chain target "+u.Name+" added")
 		case !ok:
 			parts = append(parts, "upstream "+u.Name+" added")
+		case prev != u && u.Target != "":
+			parts = append(parts, "discovery chain target "+u.Name+" changed")
+		case prev != u && prev.Chain != u.Chain && prev.Chain != "" && u.Chain != "":
+			parts = append(parts, "discovery chain of "+u.Name+" changed (matches, header changes, rewrites or retries)")
 		case prev != u:
 			parts = append(parts, "upstream "+u.Name+" changed"+fieldsChanged(upstreamFields(prev), upstreamFields(u)))
 		}
 		delete(old, u.Name)
 	}
-	for name := range old {
+	for name, u := range old {
+		if u.Target != "" {
+			parts = append(parts, "discovery chain target "+name+" removed")
+			continue
+		}
 		parts = append(parts, "upstream "+name+" removed")
 	}
 	slices.Sort(parts)

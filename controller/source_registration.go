@@ -28,7 +28,8 @@ func (c *Controller) publishRegistration(ctx context.Context, svc *api.AgentServ
 		if d.sidecar == nil {
 			d.sidecarSince = time.Now()
 		}
-		d.sidecar = &sc
+		d.registration = &sc
+		d.sidecar = expand(d.registration, d.chains)
 	})
 }
 

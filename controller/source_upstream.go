@@ -75,7 +75,7 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 		return
 	}
 	watch.Loop(ctx, watch.Options{Name: "upstream " + u.Name, Log: c.log, MinInterval: 10 * time.Millisecond}, func(ctx context.Context, cur watch.Cursor) (endpointList, watch.Cursor, error) {
-		entries, bad, index, at, err := c.health.connect(ctx, u.Destination, u.Datacenter, cur.Index, 5*time.Minute)
+		entries, bad, index, at, err := c.health.connectFiltered(ctx, u.Destination, u.Datacenter, u.Filter, cur.Index, 5*time.Minute)
 		if err != nil {
 			return endpointList{}, cur, err
 		}

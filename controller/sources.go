@@ -11,6 +11,7 @@ import (
 // syncWatches runs one endpoint watch per desired upstream and the leaf
 // watch for the destination service.
 func (c *Controller) syncWatches(ctx context.Context) {
+	c.syncChainWatches(ctx)
 	sc := c.desired.sidecar
 	want := map[string]Upstream{}
 	for _, u := range sc.Upstreams {

@@ -254,21 +254,22 @@ func InstanceID(field, s string) (string, error) {
 }
 
 var (
-	// urlPathRE is an HTTP path as the sidecar repeats it in HAProxy's
-	// configuration (an expose path's exact match): absolute, at most 255
-	// bytes, of a conservative subset of RFC 3986's path characters.
-	// Nothing HAProxy's configuration parser reads specially passes: no
-	// space, quote, backslash, '#' (a comment), brace or newline.
-	urlPathRE = regexp.MustCompile(`^/[A-Za-z0-9_./~%+=:@,!$*-]{0,254}$`)
+	// exposePathRE is an HTTP path as an expose listener matches it
+	// exactly (rendered unquoted): absolute, at most 255 bytes, of a
+	// conservative subset of RFC 3986's path characters. Nothing
+	// HAProxy's configuration parser reads specially passes: no space,
+	// quote, backslash, '#' (a comment), brace or newline.
+	exposePathRE = regexp.MustCompile(`^/[A-Za-z0-9_./~%+=:@,!$*-]{0,254}$`)
 	// socketModeRE is a unix socket's permission bits in octal, as Consul
 	// documents local_bind_socket_mode ("0700"), with or without the
 	// leading zero.
 	socketModeRE = regexp.MustCompile(`^0?[0-7]{3}$`)
 )
 
-// URLPath checks an HTTP path that reaches HAProxy's configuration.
-func URLPath(field, s string) (string, error) {
-	if !urlPathRE.MatchString(s) {
+// ExposePath checks an expose path (stricter than URLPath: it is matched
+// unquoted).
+func ExposePath(field, s string) (string, error) {
+	if !exposePathRE.MatchString(s) {
 		return "", reject(field, s, "want an absolute HTTP path of at most 255 letters, digits and _ . / ~ % + = : @ , ! $ * -")
 	}
 	return s, nil
@@ -285,3 +286,7 @@ func SocketMode(field, s string) (string, error) {
 	}
 	return s, nil
 }
+
+// ErrorOf is a rejection of value for field, for checks made outside this
+// package (an enumeration, a combination of fields).
+func ErrorOf(field, value, reason string) error { return reject(field, value, reason) }

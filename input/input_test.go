@@ -224,15 +224,15 @@ func FuzzDNSName(f *testing.F) {
 	})
 }
 
-func TestURLPath(t *testing.T) {
+func TestExposePath(t *testing.T) {
 	for _, ok := range []string{"/", "/health", "/v1/status/ready", "/grpc.health.v1.Health/Check", "/a~b%20c", "/" + strings.Repeat("p", 254)} {
-		if got, err := URLPath("expose path", ok); err != nil || got != ok {
-			t.Errorf("URLPath(%q) = %q, %v; want it accepted", ok, got, err)
+		if got, err := ExposePath("expose path", ok); err != nil || got != ok {
+			t.Errorf("ExposePath(%q) = %q, %v; want it accepted", ok, got, err)
 		}
 	}
 	for _, bad := range []string{"", "health", "/a b", "/a\nb", "/a#b", "/a}b", `/a"b`, `/a\b`, "/a'b", "/é", "/" + strings.Repeat("p", 255)} {
-		if _, err := URLPath("expose path", bad); !errors.Is(err, ErrInvalid) || FieldOf(err) != "expose path" {
-			t.Errorf("URLPath(%q): %v, want ErrInvalid naming the field", bad, err)
+		if _, err := ExposePath("expose path", bad); !errors.Is(err, ErrInvalid) || FieldOf(err) != "expose path" {
+			t.Errorf("ExposePath(%q): %v, want ErrInvalid naming the field", bad, err)
 		}
 	}
 }

@@ -1,0 +1,178 @@
+package bootstrap
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/hashicorp/consul/api"
+
+	"github.com/haproxy-connect/haproxy-connect/chain"
+	"github.com/haproxy-connect/haproxy-connect/slots"
+	"github.com/haproxy-connect/haproxy-connect/testenv"
+)
+
+// chainSpec is an http sidecar with one upstream, web, routed by the
+// discovery chain of chain/testdata/full.json (a router, a 90/10
+// splitter, a resolver with subsets, failover and a hash policy).
+func chainSpec(t *testing.T) (Spec, Routing) {
+	t.Helper()
+	b, err := os.ReadFile("../chain/testdata/full.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cc api.CompiledDiscoveryChain
+	if err := json.Unmarshal(b, &cc); err != nil {
+		t.Fatal(err)
+	}
+	c, err := chain.Compile(&cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := baseSpec()
+	s.Public.Protocol = "http"
+	web := upstream("web", 9191, "http", 4, slots.Endpoint{Addr: "10.0.0.1", Port: 21000, Weight: 1})
+	routing, tbs := NewRouting(web.Name, c, goldenState+"/chain_up_web.map")
+	web.Routing = &routing
+	s.Upstreams = []Upstream{web}
+	for i, tg := range c.Targets {
+		name := TargetBackendName(web.Name, tg.Name)
+		_, table, _ := slots.Plan(slots.New(name, SlotPrefix, 2), []slots.Endpoint{{Addr: "10.0.1." + string(rune('1'+i)), Port: 21000, Weight: 1}})
+		tb := tbs[tg.Name]
+		s.Upstreams = append(s.Upstreams, Upstream{Name: name, Destination: tg.Service, Protocol: "http", Slots: table, Target: &tb,
+			ConnectTimeout: tg.ConnectTimeout})
+	}
+	return s, routing
+}
+
+// TestRenderChainGolden renders the chain upstream against its golden
+// files and runs haproxy -c on them.
+func TestRenderChainGolden(t *testing.T) {
+	s, routing := chainSpec(t)
+	cfg, err := Render(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spoe, err := RenderSPOE(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	crt, err := RenderCrtList(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chainMap := RenderChainMap(routing)
+	for file, got := range map[string]string{"http_discovery_chain.golden": cfg, "http_discovery_chain.chainmap.golden": chainMap} {
+		path := filepath.Join("testdata", file)
+		if *update {
+			if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		want, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatalf("%v (run go test ./bootstrap -update)", err)
+		}
+		if d := cmp.Diff(string(want), got); d != "" {
+			t.Errorf("%s (-golden +rendered):\n%s", file, d)
+		}
+	}
+	bin := testenv.HAProxyBin(t)
+	ca := testenv.NewCA(t, "test root")
+	cert, key := ca.Leaf(t, "spiffe://test.consul/ns/default/dc/dc1/svc/web")
+	dir := t.TempDir()
+	local := func(s string) string { return strings.ReplaceAll(s, goldenState+"/", dir+"/") }
+	testenv.WriteFile(t, dir, "leaf.pem", cert+key)
+	testenv.WriteFile(t, dir, "roots.pem", ca.CertPEM)
+	testenv.WriteFile(t, dir, "authz.map", RenderAuthzMap(0))
+	testenv.WriteFile(t, dir, "spoe.cfg", local(spoe))
+	testenv.WriteFile(t, dir, "public.crtlist", local(crt))
+	testenv.WriteFile(t, dir, "chain_up_web.map", chainMap)
+	path := testenv.WriteFile(t, dir, "haproxy.cfg", local(cfg))
+	out, err := exec.Command(bin, "-c", "-f", path).CombinedOutput()
+	if err != nil || strings.Contains(string(out), "[WARNING]") || strings.Contains(string(out), "[ALERT]") {
+		t.Fatalf("haproxy -c: %v\n%s", err, out)
+	}
+}
+
+func TestAssignBuckets(t *testing.T) {
+	count := func(b [ChainBuckets]string) map[string]int {
+		m := map[string]int{}
+		for _, t := range b {
+			m[t]++
+		}
+		return m
+	}
+	tests := []struct {
+		splits []chain.Split
+		want   map[string]int
+	}{
+		{[]chain.Split{{Weight: 10000, Target: "a"}}, map[string]int{"a": 100}},
+		{[]chain.Split{{Weight: 9000, Target: "a"}, {Weight: 1000, Target: "b"}}, map[string]int{"a": 90, "b": 10}},
+		{[]chain.Split{{Weight: 3333, Target: "a"}, {Weight: 3333, Target: "b"}, {Weight: 3334, Target: "c"}}, map[string]int{"a": 33, "b": 33, "c": 34}},
+		{[]chain.Split{{Weight: 50, Target: "a"}, {Weight: 9950, Target: "b"}}, map[string]int{"a": 1, "b": 99}},
+		{[]chain.Split{{Weight: 0, Target: "a"}, {Weight: 10000, Target: "b"}}, map[string]int{"b": 100}},
+	}
+	for _, tt := range tests {
+		if d := cmp.Diff(tt.want, count(AssignBuckets(tt.splits))); d != "" {
+			t.Errorf("%v (-want +got):\n%s", tt.splits, d)
+		}
+	}
+	// 90/10 -> 50/50 moves only the 40 buckets between.
+	a := AssignBuckets([]chain.Split{{Weight: 9000, Target: "a"}, {Weight: 1000, Target: "b"}})
+	b := AssignBuckets([]chain.Split{{Weight: 5000, Target: "a"}, {Weight: 5000, Target: "b"}})
+	moved := 0
+	for i := range a {
+		if a[i] != b[i] {
+			moved++
+		}
+	}
+	if moved != 40 {
+		t.Errorf("90/10 -> 50/50 moved %d buckets, want 40", moved)
+	}
+}
+
+// TestRoutingRefusesUnchecked: a Routing built without package chain
+// cannot reach the configuration with a quote or a newline.
+func TestRoutingRefusesUnchecked(t *testing.T) {
+	for name, change := range map[string]func(r *Routing){
+		"path newline":   func(r *Routing) { r.Routes[0].Match.PathPrefix = "/a\nprogram x" },
+		"header quote":   func(r *Routing) { r.Routes[0].Dest.RequestHeaders.Set[0].Value = "a' b" },
+		"header percent": func(r *Routing) { r.Routes[0].Dest.RequestHeaders.Set[0].Value = "%[env(X)]" },
+		"regex quote":    func(r *Routing) { r.Routes[1].Match.PathRegex = "a'" },
+		"method":         func(r *Routing) { r.Routes[0].Match.Methods = []string{"GET }"} },
+		"rewrite":        func(r *Routing) { r.Routes[0].Dest.PrefixRewrite = "/%[src]" },
+		"backend":        func(r *Routing) { r.Backends["admin::dc1"] = "be x" },
+	} {
+		t.Run(name, func(t *testing.T) {
+			s, _ := chainSpec(t)
+			r := *s.Upstreams[0].Routing
+			r.Routes = cloneRoutes(r.Routes)
+			r.Backends = cloneMap(r.Backends)
+			change(&r)
+			s.Upstreams[0].Routing = &r
+			if _, err := Render(s); err == nil {
+				t.Fatal("rendered")
+			}
+		})
+	}
+}
+
+func cloneRoutes(rs []chain.Route) []chain.Route {
+	b, _ := json.Marshal(rs)
+	var out []chain.Route
+	_ = json.Unmarshal(b, &out)
+	return out
+}
+
+func cloneMap(m map[string]string) map[string]string {
+	out := map[string]string{}
+	for k, v := range m {
+		out[k] = v
+	}
+	return out
+}
