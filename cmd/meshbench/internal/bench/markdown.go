@@ -1,4 +1,4 @@
-package main
+package bench
 
 import (
 	"fmt"
@@ -12,9 +12,9 @@ import (
 // figures, so that it can be checked against them and revised.
 const analysisMarker = "<!-- analysis: hand-written, kept by make bench -->"
 
-// writeBenchmarksMD writes BENCHMARKS.md: how to read it, the report, and
+// WriteBenchmarksMD writes BENCHMARKS.md: how to read it, the report, and
 // the hand-written analysis kept from the file at path, if any.
-func writeBenchmarksMD(path string, r *Report) error {
+func WriteBenchmarksMD(path string, r *Report) error {
 	var kept string
 	if old, err := os.ReadFile(path); err == nil {
 		if i := strings.Index(string(old), analysisMarker); i >= 0 {

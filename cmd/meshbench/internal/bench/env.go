@@ -1,4 +1,4 @@
-package main
+package bench
 
 import (
 	"context"
@@ -18,6 +18,7 @@ import (
 
 	"github.com/hashicorp/consul/api"
 
+	"github.com/haproxy-connect/haproxy-connect/bootstrap"
 	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
@@ -325,4 +326,52 @@ func (s *Sidecar) Profile(dir, name string, d time.Duration) <-chan error {
 		done <- err
 	}()
 	return done
+}
+
+// WaitUpstreams waits until GET through each client upstream port answers
+// the app's body.
+func WaitUpstreams(ctx context.Context, body string, ports ...int) error {
+	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	return WaitFor(ctx, 30*time.Second, func() error {
+		for _, p := range ports {
+			resp, err := client.Get(fmt.Sprintf("http://127.0.0.1:%d/", p))
+			if err != nil {
+				return fmt.Errorf("upstream port %d: %w", p, err)
+			}
+			got, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if err != nil {
+				return err
+			}
+			if resp.StatusCode != 200 || string(got) != body {
+				return fmt.Errorf("upstream port %d: %d %q", p, resp.StatusCode, got)
+			}
+		}
+		return nil
+	})
+}
+
+// WriteFiles writes each file (mode 0600) before HAProxy reads them.
+func WriteFiles(files []bootstrap.File) error {
+	for _, f := range files {
+		if err := os.WriteFile(f.Path, []byte(f.Content), 0o600); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Stop stops a process started with Env.Start before the end of the run
+// (Env.Close then finds it already gone); a nil p is ignored.
+func (p *Proc) Stop() {
+	if p == nil {
+		return
+	}
+	_ = p.Cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.Done():
+	case <-time.After(10 * time.Second):
+		_ = syscall.Kill(-p.Cmd.Process.Pid, syscall.SIGKILL)
+		<-p.Done()
+	}
 }

@@ -1,4 +1,6 @@
-package main
+// Package footprint is the footprint workload: one haproxy-connect sidecar
+// with many upstreams and endpoints under churn, its CPU and memory.
+package footprint
 
 import (
 	"context"
@@ -10,16 +12,15 @@ import (
 
 	"github.com/hashicorp/consul/api"
 
+	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/bench"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
-func init() { workloads = append(workloads, workload{"footprint", runFootprint}) }
-
-// runFootprint: one haproxy-connect sidecar with 50 upstreams and 1 000
+// Run: one haproxy-connect sidecar with 50 upstreams and 1 000
 // endpoints in all, under churn; the controller's CPU seconds and peak RSS
 // (from /proc), HAProxy's own memory, and the HAProxy worker count sampled
 // every 250 ms (old workers must not pile up: churn never reloads).
-func runFootprint(ctx context.Context, b *Bench) error {
+func Run(ctx context.Context, b *bench.Bench) error {
 	const upstreams, perUpstream = 50, 20
 	churnFor := 30 * time.Second
 	if b.Quick {
@@ -28,33 +29,33 @@ func runFootprint(ctx context.Context, b *Bench) error {
 	const churnRate = 100 // changes per second
 	sec := b.Report.Add(fmt.Sprintf("Footprint: %d upstreams, %d endpoints, churn at %d changes/s for %s", upstreams, upstreams*perUpstream, churnRate, churnFor),
 		"round", "changes", "changes/s", "startup CPU", "churn CPU", "churn CPU per 1 000 changes", "controller peak RSS", "HAProxy worker RSS", "workers (max seen)", "reloads")
-	var cpuPer1k, peak Rounds
+	var cpuPer1k, peak bench.Rounds
 	for round := 1; round <= b.Rounds; round++ {
-		r, err := footprintRound(ctx, b, upstreams, perUpstream, churnFor, churnRate)
+		r, err := measureRound(ctx, b, upstreams, perUpstream, churnFor, churnRate)
 		if err != nil {
 			return err
 		}
 		cpuPer1k = append(cpuPer1k, r.cpu.Seconds()/float64(r.changes)*1000)
 		peak = append(peak, float64(r.peakRSS))
-		sec.Row(fmt.Sprint(round), fmt.Sprint(r.changes), Num(r.rate), Dur(r.startCPU.Seconds()), Dur(r.cpu.Seconds()), Dur(r.cpu.Seconds()/float64(r.changes)*1000),
-			MiB(float64(r.peakRSS)), MiB(float64(r.workerRSS)), fmt.Sprint(r.maxWorkers), fmt.Sprint(r.reloads))
+		sec.Row(fmt.Sprint(round), fmt.Sprint(r.changes), bench.Num(r.rate), bench.Dur(r.startCPU.Seconds()), bench.Dur(r.cpu.Seconds()), bench.Dur(r.cpu.Seconds()/float64(r.changes)*1000),
+			bench.MiB(float64(r.peakRSS)), bench.MiB(float64(r.workerRSS)), fmt.Sprint(r.maxWorkers), fmt.Sprint(r.reloads))
 	}
 	sec.Note("Median over %d rounds: controller CPU %s per 1 000 endpoint changes, peak RSS %s (target: under 40 MB).",
-		b.Rounds, cpuPer1k.Format(Dur), peak.Format(MiB))
+		b.Rounds, cpuPer1k.Format(bench.Dur), peak.Format(bench.MiB))
 	sec.Note("Controller = the haproxy-connect process (watches, planner, runtime client, SPOE agent), read from /proc/<pid>/stat and VmHWM. Startup CPU is until HAProxy serves all 1 000 endpoints; churn CPU is the rest. Changes are issued on a 100/s ticker, each in its own goroutine (Consul's register call takes longer than 10 ms under load). HAProxy worker RSS is the current worker's VmRSS (50 backends of TLS server slots). Workers are counted from the master's `show proc` every 250 ms.")
 	return nil
 }
 
-type footprintResult struct {
+type result struct {
 	changes, maxWorkers, reloads int
 	rate                         float64 // changes per second reached
 	cpu, startCPU                time.Duration
 	peakRSS, workerRSS           int64
 }
 
-func footprintRound(ctx context.Context, b *Bench, upstreams, perUpstream int, churnFor time.Duration, rate int) (footprintResult, error) {
-	var res footprintResult
-	env := &Env{Dir: b.Dir, HAProxy: b.HAProxy, Consul: b.Consul, Sidecar: b.Sidecar}
+func measureRound(ctx context.Context, b *bench.Bench, upstreams, perUpstream int, churnFor time.Duration, rate int) (result, error) {
+	var res result
+	env := &bench.Env{Dir: b.Dir, HAProxy: b.HAProxy, Consul: b.Consul, Sidecar: b.Sidecar}
 	defer env.Close()
 	consul, err := env.StartConsul(testenv.ConsulOptions{})
 	if err != nil {
@@ -91,7 +92,7 @@ func footprintRound(ctx context.Context, b *Bench, upstreams, perUpstream int, c
 	for i := 0; i < upstreams; i++ {
 		ups = append(ups, api.Upstream{DestinationName: fmt.Sprintf("svc%02d", i), LocalBindPort: ports[3+i]})
 	}
-	if err := RegisterWithSidecar(c, "client", ports[0], ports[1], nil, ups...); err != nil {
+	if err := bench.RegisterWithSidecar(c, "client", ports[0], ports[1], nil, ups...); err != nil {
 		return res, err
 	}
 	sc, err := env.StartSidecar(consul, "client")
@@ -100,7 +101,7 @@ func footprintRound(ctx context.Context, b *Bench, upstreams, perUpstream int, c
 	}
 	pid := sc.Cmd.Process.Pid
 	// Wait until HAProxy serves all 1 000 endpoints.
-	if err := WaitFor(ctx, 60*time.Second, func() error {
+	if err := bench.WaitFor(ctx, 60*time.Second, func() error {
 		st, err := sc.RT.ServersState(ctx, "")
 		if err != nil {
 			return err
@@ -122,7 +123,7 @@ func footprintRound(ctx context.Context, b *Bench, upstreams, perUpstream int, c
 	if err != nil {
 		return res, err
 	}
-	atStart, err := Usage(pid)
+	atStart, err := bench.Usage(pid)
 	if err != nil {
 		return res, err
 	}
@@ -226,7 +227,7 @@ func footprintRound(ctx context.Context, b *Bench, upstreams, perUpstream int, c
 		}
 	}
 
-	u, err := Usage(pid)
+	u, err := bench.Usage(pid)
 	if err != nil {
 		return res, err
 	}
@@ -237,15 +238,12 @@ func footprintRound(ctx context.Context, b *Bench, upstreams, perUpstream int, c
 	}
 	res.reloads = after.Master.Reloads - before.Master.Reloads
 	if cur, ok := after.Current(); ok {
-		if wu, err := Usage(cur.PID); err == nil {
+		if wu, err := bench.Usage(cur.PID); err == nil {
 			res.workerRSS = wu.RSS
 		}
 	}
 	return res, nil
 }
-
-// MiB formats bytes in MiB.
-func MiB(v float64) string { return fmt.Sprintf("%.1f MiB", v/(1<<20)) }
 
 // parallel runs f(0..n-1) on w goroutines and returns the first error.
 func parallel(w, n int, f func(int) error) error {

@@ -1,4 +1,4 @@
-package main
+package bench
 
 import (
 	"math"
@@ -39,7 +39,7 @@ func TestBenchmarksMDKeepsAnalysis(t *testing.T) {
 	path := t.TempDir() + "/BENCHMARKS.md"
 	r := &Report{Command: "make bench"}
 	r.Add("A", "x").Row("1")
-	if err := writeBenchmarksMD(path, r); err != nil {
+	if err := WriteBenchmarksMD(path, r); err != nil {
 		t.Fatal(err)
 	}
 	b, _ := os.ReadFile(path)
@@ -47,7 +47,7 @@ func TestBenchmarksMDKeepsAnalysis(t *testing.T) {
 		t.Fatal(err)
 	}
 	r.Sections[0].Rows[0][0] = "2"
-	if err := writeBenchmarksMD(path, r); err != nil {
+	if err := WriteBenchmarksMD(path, r); err != nil {
 		t.Fatal(err)
 	}
 	got, _ := os.ReadFile(path)

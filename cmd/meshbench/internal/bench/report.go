@@ -1,4 +1,4 @@
-package main
+package bench
 
 import (
 	"fmt"
@@ -176,3 +176,30 @@ func (r *Report) Text(w io.Writer) {
 		}
 	}
 }
+
+// SignedDur is Dur for a difference that may be negative.
+func SignedDur(sec float64) string {
+	if sec < 0 {
+		return "−" + Dur(-sec)
+	}
+	return Dur(sec)
+}
+func PerReq(v float64) string { return fmt.Sprintf("%.3f", v) }
+func OptPerReq(r Rounds) string {
+	if len(r) == 0 {
+		return "–"
+	}
+	return r.Format(PerReq)
+}
+
+// DiffRounds is a[i] - b[i] for each round present in both.
+func DiffRounds(a, b Rounds) Rounds {
+	var d Rounds
+	for i := 0; i < len(a) && i < len(b); i++ {
+		d = append(d, a[i]-b[i])
+	}
+	return d
+}
+
+// MiB formats bytes in MiB.
+func MiB(v float64) string { return fmt.Sprintf("%.1f MiB", v/(1<<20)) }

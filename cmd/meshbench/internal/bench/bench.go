@@ -1,0 +1,55 @@
+// Package bench holds what every meshbench workload shares: the machine
+// (Env: binaries, processes, Consul, sidecars), the run's settings (Bench),
+// figures per round and their formatting, the report and its Markdown
+// writer, and the load tools (wrk, the open-loop generator, the apps).
+// It knows no workload.
+package bench
+
+import (
+	"context"
+	"strings"
+)
+
+// Bench is one meshbench run.
+type Bench struct {
+	*Env
+	Rounds int
+	Quick  bool
+	// ProfileDir, when set, receives CPU profiles of haproxy-connect taken
+	// during the workloads that support it.
+	ProfileDir string
+	// Contenders, when set, keeps only the contenders whose name contains
+	// one of these (case-insensitive): for focused runs while developing.
+	// A run written to BENCHMARKS.md leaves it empty.
+	Contenders []string
+	Report     *Report
+}
+
+// Wants reports whether the contender called name takes part in this run.
+func (b *Bench) Wants(name string) bool {
+	if len(b.Contenders) == 0 {
+		return true
+	}
+	for _, c := range b.Contenders {
+		if strings.Contains(strings.ToLower(name), strings.ToLower(c)) {
+			return true
+		}
+	}
+	return false
+}
+
+// Workload is one named part of the run; it adds its sections to
+// b.Report.
+type Workload struct {
+	Name string
+	Run  func(ctx context.Context, b *Bench) error
+}
+
+// Contender is one system under test, started fresh for each measurement
+// and stopped after it. Workloads keep what they measure through it
+// (ports, observers) in their own types.
+type Contender interface {
+	Name() string
+	Start(ctx context.Context) error
+	Stop()
+}

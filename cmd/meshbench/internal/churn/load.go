@@ -1,0 +1,118 @@
+package churn
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// loadHTTP opens a new connection per request: every request goes
+// through the listener (and, across a reload, the new worker) and the
+// backend's choice of server.
+var loadHTTP = &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+
+func get(port int) error {
+	resp, err := loadHTTP.Get(fmt.Sprintf("http://127.0.0.1:%d/", port))
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+		return err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("status %d", resp.StatusCode)
+	}
+	return nil
+}
+
+// steadyLoad sends GET requests to port at rate per second, each on a new
+// connection, one at a time (a slow request delays the next; none are
+// queued up), until the returned stop is called.
+func steadyLoad(ctx context.Context, port, rate int) (stop func() (ok, failed int64, first error)) {
+	var okN, failedN atomic.Int64
+	var firstErr atomic.Value
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(time.Second / time.Duration(rate))
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+			if err := get(port); err != nil {
+				if ctx.Err() != nil {
+					return
+				}
+				failedN.Add(1)
+				firstErr.CompareAndSwap(nil, err)
+				continue
+			}
+			okN.Add(1)
+		}
+	}()
+	return func() (int64, int64, error) {
+		cancel()
+		<-done
+		err, _ := firstErr.Load().(error)
+		return okN.Load(), failedN.Load(), err
+	}
+}
+
+// probe opens connections through port in n loops as fast as they
+// complete (a GET each), so that connections land on new endpoints soon
+// after the built-in proxy can pick them.
+func probe(ctx context.Context, port, n int) (stop func() (probes, failed int64, span time.Duration)) {
+	var probes, failed atomic.Int64
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for ctx.Err() == nil {
+				if err := probeOnce(port); err != nil && ctx.Err() == nil {
+					failed.Add(1)
+				}
+				probes.Add(1)
+			}
+		}()
+	}
+	return func() (int64, int64, time.Duration) {
+		cancel()
+		wg.Wait()
+		return probes.Load(), failed.Load(), time.Since(start)
+	}
+}
+
+func probeOnce(port int) error {
+	c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), 2*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+	if _, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"); err != nil {
+		return err
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return err
+	}
+	if !strings.Contains(line, " 200 ") {
+		return fmt.Errorf("probe: %q", strings.TrimSpace(line))
+	}
+	return nil
+}

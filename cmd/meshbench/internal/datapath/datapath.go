@@ -1,0 +1,528 @@
+// Package datapath is the data path workload: request rate and latency of HTTP through client
+// sidecar -> server sidecar -> app, with keep-alive and with a new
+// connection per request, and bulk TCP throughput, for haproxy-connect,
+// Consul's built-in proxy and no proxy at all.
+package datapath
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/haproxy-connect/haproxy-connect/bootstrap"
+	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/bench"
+	"github.com/haproxy-connect/haproxy-connect/testenv"
+)
+
+// Contender names, as the tables show them.
+const (
+	contHC      = "haproxy-connect"
+	contHCTCP   = "haproxy-connect, tcp mode"
+	contBuiltin = "consul built-in"
+	contDirect  = "direct"
+)
+
+// rowOrder is the order of the tables' rows.
+var rowOrder = []string{contDirect, contBuiltin, contHC, contHCTCP}
+
+var (
+	modes = []bench.HTTPMode{bench.ModeKeepAlive, bench.ModeNewConn}
+	// clients are the concurrent connections wrk keeps open.
+	clients = []int{1, 16, 128}
+)
+
+// target is one started contender: where the load goes, and how many
+// connections its server side has accepted so far.
+type target struct {
+	httpPort, bulkPort int
+	// inbound counts connections accepted by the server side: the server
+	// sidecar's mTLS sessions for haproxy-connect, the app's connections
+	// for the built-in proxy (it dials the app once per inbound mTLS
+	// connection) and for direct.
+	inbound func() (int64, error)
+	// authz counts the server sidecar's authorization decisions (nil
+	// when the contender does not report them).
+	authz func() (int64, error)
+	stop  func() error
+}
+
+// contender is one way of carrying the load (a bench.Contender): Start
+// brings its target up, Stop takes it down and keeps the error.
+type contender struct {
+	name    string
+	start   func(ctx context.Context) (*target, error)
+	t       *target
+	stopErr error
+}
+
+// Name is the contender's name in the tables.
+func (c *contender) Name() string { return c.name }
+
+// Start starts the contender fresh.
+func (c *contender) Start(ctx context.Context) (err error) {
+	c.t, err = c.start(ctx)
+	return err
+}
+
+// Stop stops the contender; the error is kept in stopErr.
+func (c *contender) Stop() {
+	if c.t != nil {
+		c.stopErr = c.t.stop()
+		c.t = nil
+	}
+}
+
+var _ bench.Contender = (*contender)(nil)
+
+// row is one table row: a contender, a mode and a concurrency.
+type row struct {
+	contender, mode string
+	clients         int
+}
+
+// figures are a cell's figures, one per round.
+type figures struct {
+	rps, p50, p99, connsPerReq, authzPerReq bench.Rounds
+	requests, errors                        int64
+	firstErr                                string
+}
+
+// setup is what the contenders share: one Consul agent with the
+// registrations and the in-process apps.
+type setup struct {
+	b      *bench.Bench
+	consul *testenv.ConsulProc
+	http   *bench.CountingApp
+	bulk   int // bulk app port
+	// Registered ports: the server's, server-tcp's and bulk's sidecar
+	// public listeners, the client sidecar's own public listener, and the
+	// client's upstream binds for "server" (http), "server-tcp" (the same
+	// app, tcp) and "bulk" (tcp).
+	serverSidecar, serverTCPSidecar, bulkSidecar, clientSidecar, upHTTP, upTCP, upBulk int
+}
+
+// bulkBytes is the size of one measured bulk transfer.
+func bulkBytes(b *bench.Bench) int64 {
+	if b.Quick {
+		return 64 << 20
+	}
+	return 256 << 20
+}
+
+func Run(ctx context.Context, b *bench.Bench) error {
+	if b.Wrk == "" {
+		return errors.New("wrk not found (apt-get install -y wrk, or set WRK_BIN)")
+	}
+	s, err := newSetup(b)
+	if err != nil {
+		return err
+	}
+	contenders := []*contender{
+		{name: contDirect, start: s.startDirect},
+		{name: contBuiltin, start: s.startBuiltin},
+		{name: contHC, start: func(ctx context.Context) (*target, error) { return s.startHC(ctx, "server", s.upHTTP) }},
+		{name: contHCTCP, start: func(ctx context.Context) (*target, error) { return s.startHC(ctx, "server-tcp", s.upTCP) }},
+	}
+	contenders = slices.DeleteFunc(contenders, func(c *contender) bool { return !b.Wants(c.name) })
+	figs := map[row]*figures{}
+	bulk := map[string]bench.Rounds{}
+	for r := 0; r < b.Rounds; r++ {
+		// Rotate the order so that no contender always runs first (or
+		// last) in a round, while the shared machine drifts.
+		for i := range contenders {
+			c := contenders[(i+r)%len(contenders)]
+			b.Logf("datapath round %d/%d: %s", r+1, b.Rounds, c.name)
+			mbps, err := s.round(ctx, c, figs)
+			if err != nil {
+				return fmt.Errorf("%s: %w", c.name, err)
+			}
+			bulk[c.name] = append(bulk[c.name], mbps)
+		}
+	}
+	s.report(figs, bulk)
+	return nil
+}
+
+func newSetup(b *bench.Bench) (*setup, error) {
+	consul, err := b.StartConsul(testenv.ConsulOptions{})
+	if err != nil {
+		return nil, err
+	}
+	s := &setup{b: b, consul: consul}
+	if s.http, err = bench.StartCountingApp(b.Env, "hello from server\n"); err != nil {
+		return nil, err
+	}
+	if s.bulk, err = startBulkApp(b.Env); err != nil {
+		return nil, err
+	}
+	ports, err := b.Ports(8)
+	if err != nil {
+		return nil, err
+	}
+	s.serverSidecar, s.bulkSidecar, s.clientSidecar, s.upHTTP, s.upBulk = ports[0], ports[1], ports[2], ports[3], ports[4]
+	s.serverTCPSidecar, s.upTCP = ports[6], ports[7]
+	clientApp := ports[5] // nothing listens there: the client only calls out
+	c := consul.Client
+	// bind_address keeps both proxies' public listeners on loopback (the
+	// built-in proxy binds 0.0.0.0 by default).
+	httpCfg := map[string]any{"protocol": "http", "bind_address": "127.0.0.1"}
+	tcpCfg := map[string]any{"protocol": "tcp", "bind_address": "127.0.0.1"}
+	if err := bench.RegisterWithSidecar(c, "server", s.http.Port, s.serverSidecar, httpCfg); err != nil {
+		return nil, err
+	}
+	if err := bench.RegisterWithSidecar(c, "server-tcp", s.http.Port, s.serverTCPSidecar, tcpCfg); err != nil {
+		return nil, err
+	}
+	if err := bench.RegisterWithSidecar(c, "bulk", s.bulk, s.bulkSidecar, tcpCfg); err != nil {
+		return nil, err
+	}
+	err = bench.RegisterWithSidecar(c, "client", clientApp, s.clientSidecar, map[string]any{"bind_address": "127.0.0.1"},
+		api.Upstream{DestinationName: "server", LocalBindAddress: "127.0.0.1", LocalBindPort: s.upHTTP, Config: map[string]any{"protocol": "http"}},
+		api.Upstream{DestinationName: "server-tcp", LocalBindAddress: "127.0.0.1", LocalBindPort: s.upTCP, Config: map[string]any{"protocol": "tcp"}},
+		api.Upstream{DestinationName: "bulk", LocalBindAddress: "127.0.0.1", LocalBindPort: s.upBulk, Config: map[string]any{"protocol": "tcp"}})
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// round starts contender c, runs every HTTP cell and one bulk transfer,
+// and stops it. It returns the bulk throughput in MB/s.
+func (s *setup) round(ctx context.Context, c *contender, figs map[row]*figures) (float64, error) {
+	if err := c.Start(ctx); err != nil {
+		return 0, err
+	}
+	mbps, err := s.measure(ctx, c.name, c.t, figs)
+	c.Stop()
+	if err == nil && c.stopErr != nil {
+		err = fmt.Errorf("stop: %w", c.stopErr)
+	}
+	return mbps, err
+}
+
+func (s *setup) measure(ctx context.Context, name string, t *target, figs map[row]*figures) (float64, error) {
+	url := fmt.Sprintf("http://127.0.0.1:%d/", t.httpPort)
+	// Warm up: connections, TLS session state, Consul caches, Go's heap.
+	if _, err := bench.RunWrk(ctx, s.b.Wrk, url, 16, time.Second, false); err != nil {
+		return 0, fmt.Errorf("warm-up: %w", err)
+	}
+	for _, m := range modes {
+		for _, n := range clients {
+			cell := row{name, m.Name, n}
+			f := figs[cell]
+			if f == nil {
+				f = &figures{}
+				figs[cell] = f
+			}
+			before, err := t.inbound()
+			if err != nil {
+				return 0, err
+			}
+			var authzBefore int64
+			if t.authz != nil {
+				if authzBefore, err = t.authz(); err != nil {
+					return 0, err
+				}
+			}
+			res, err := bench.RunWrk(ctx, s.b.Wrk, url, n, s.b.WrkTime(), m.Close)
+			if err != nil {
+				return 0, fmt.Errorf("%s c=%d: %w", m.Name, n, err)
+			}
+			after, err := t.inbound()
+			if err != nil {
+				return 0, err
+			}
+			if t.authz != nil && res.Requests > 0 {
+				authzAfter, err := t.authz()
+				if err != nil {
+					return 0, err
+				}
+				f.authzPerReq = append(f.authzPerReq, float64(authzAfter-authzBefore)/float64(res.Requests))
+			}
+			f.rps = append(f.rps, res.RPS)
+			f.p50 = append(f.p50, res.P50)
+			f.p99 = append(f.p99, res.P99)
+			f.requests += res.Requests
+			if res.Requests > 0 {
+				f.connsPerReq = append(f.connsPerReq, float64(after-before)/float64(res.Requests))
+			}
+			if e := res.Errors(); e > 0 {
+				f.errors += e
+				if f.firstErr == "" {
+					f.firstErr = res.ErrorText()
+				}
+			}
+		}
+	}
+	// Bulk: a small transfer first (connection paths, buffers), then the
+	// measured one.
+	if _, err := bulkTransfer(ctx, t.bulkPort, 1<<20); err != nil {
+		return 0, fmt.Errorf("bulk warm-up: %w", err)
+	}
+	n := bulkBytes(s.b)
+	sec, err := bulkTransfer(ctx, t.bulkPort, n)
+	if err != nil {
+		return 0, fmt.Errorf("bulk: %w", err)
+	}
+	return float64(n) / 1e6 / sec, nil
+}
+
+func (s *setup) startDirect(context.Context) (*target, error) {
+	return &target{httpPort: s.http.Port, bulkPort: s.bulk, inbound: s.http.Accepted, stop: func() error { return nil }}, nil
+}
+
+func (s *setup) registeredPorts() []int {
+	return []int{s.serverSidecar, s.serverTCPSidecar, s.bulkSidecar, s.clientSidecar, s.upHTTP, s.upTCP, s.upBulk}
+}
+
+// startHC starts haproxy-connect sidecars for serverID ("server" in http
+// mode, "server-tcp" in tcp mode), bulk and client; the HTTP load goes to
+// the client's upstream port for serverID.
+func (s *setup) startHC(ctx context.Context, serverID string, upPort int) (*target, error) {
+	var procs []*bench.Proc
+	stop := func() error { return stopContender(s.registeredPorts(), procs...) }
+	var server *bench.Sidecar
+	for _, id := range []string{serverID, "bulk", "client"} {
+		sc, err := s.b.StartSidecar(s.consul, id)
+		if sc != nil && sc.Proc != nil {
+			procs = append(procs, sc.Proc)
+		}
+		if err != nil {
+			_ = stop()
+			return nil, err
+		}
+		if id == serverID {
+			server = sc
+		}
+	}
+	if err := s.waitPath(ctx, upPort, procs); err != nil {
+		_ = stop()
+		return nil, err
+	}
+	sock := filepath.Join(server.StateDir, "master.sock")
+	return &target{
+		httpPort: upPort, bulkPort: s.upBulk, stop: stop,
+		inbound: func() (int64, error) { return bench.FrontendSessions(sock, bootstrap.PublicFrontend) },
+		authz:   func() (int64, error) { return bench.SidecarDecisions(server.Stats) },
+	}, nil
+}
+
+// startBuiltin starts "consul connect proxy -sidecar-for" for server, bulk
+// and client: it reads the same registrations (ports, upstreams).
+func (s *setup) startBuiltin(ctx context.Context) (*target, error) {
+	var procs []*bench.Proc
+	stop := func() error { return stopContender(s.registeredPorts(), procs...) }
+	for _, id := range []string{"server", "bulk", "client"} {
+		p, err := s.b.Start("builtin-"+id, s.b.Consul, "connect", "proxy", "-sidecar-for", id, "-http-addr", s.consul.Addr)
+		if err != nil {
+			_ = stop()
+			return nil, err
+		}
+		procs = append(procs, p)
+	}
+	if err := s.waitPath(ctx, s.upHTTP, procs); err != nil {
+		_ = stop()
+		return nil, err
+	}
+	return &target{httpPort: s.upHTTP, bulkPort: s.upBulk, inbound: s.http.Accepted, stop: stop}, nil
+}
+
+// waitPath waits until an HTTP request (to the client's upstream on
+// httpPort) and a small bulk transfer go through the client's upstreams.
+func (s *setup) waitPath(ctx context.Context, httpPort int, procs []*bench.Proc) error {
+	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	return bench.WaitFor(ctx, 30*time.Second, func() error {
+		for _, p := range procs {
+			select {
+			case <-p.Done():
+				return bench.Stop(fmt.Errorf("%s exited, see %s", filepath.Base(p.Cmd.Path), p.Log))
+			default:
+			}
+		}
+		resp, err := client.Get(fmt.Sprintf("http://127.0.0.1:%d/", httpPort))
+		if err != nil {
+			return err
+		}
+		body, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil {
+			return err
+		}
+		if resp.StatusCode != 200 || string(body) != s.http.Body {
+			return fmt.Errorf("upstream server: %d %q", resp.StatusCode, body)
+		}
+		_, err = bulkTransfer(ctx, s.upBulk, 1024)
+		return err
+	})
+}
+
+// stopContender stops procs (SIGTERM, then SIGKILL to the group after 15 s)
+// and waits until nothing accepts on ports any more, so that the next
+// contender can bind them.
+func stopContender(ports []int, procs ...*bench.Proc) error {
+	for _, p := range procs {
+		_ = p.Cmd.Process.Signal(syscall.SIGTERM)
+	}
+	for _, p := range procs {
+		select {
+		case <-p.Done():
+		case <-time.After(15 * time.Second):
+			_ = syscall.Kill(-p.Cmd.Process.Pid, syscall.SIGKILL)
+			<-p.Done()
+		}
+	}
+	return bench.WaitFor(context.Background(), 15*time.Second, func() error {
+		for _, port := range ports {
+			c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), time.Second)
+			if err == nil {
+				c.Close()
+				return fmt.Errorf("port %d still accepts", port)
+			}
+		}
+		return nil
+	})
+}
+
+func (s *setup) report(figs map[row]*figures, bulk map[string]bench.Rounds) {
+	b := s.b
+	sec := b.Report.Add("Data path: HTTP through client sidecar → server sidecar → app",
+		"mode", "clients", "contender", "req/s", "p50", "p99", "conns/req", "authz/req", "errors",
+		"req/s ÷ built-in", "p99 ÷ built-in", "p99 − direct")
+	var errNotes []string
+	for _, m := range modes {
+		for _, n := range clients {
+			base := figs[row{contBuiltin, m.Name, n}]
+			direct := figs[row{contDirect, m.Name, n}]
+			for _, name := range rowOrder {
+				f := figs[row{name, m.Name, n}]
+				if f == nil {
+					continue
+				}
+				added := "–"
+				if name != contDirect && direct != nil {
+					added = bench.DiffRounds(f.p99, direct.p99).Format(bench.SignedDur)
+				}
+				vsRPS, vsP99 := "n/a", "n/a"
+				if base != nil {
+					vsRPS, vsP99 = bench.Ratio(f.rps.Median(), base.rps.Median()), bench.Ratio(f.p99.Median(), base.p99.Median())
+				}
+				sec.Row(m.Name, strconv.Itoa(n), name, f.rps.Format(bench.Num), f.p50.Format(bench.Dur), f.p99.Format(bench.Dur),
+					f.connsPerReq.Format(bench.PerReq), bench.OptPerReq(f.authzPerReq),
+					strconv.FormatInt(f.errors, 10), vsRPS, vsP99, added)
+				if f.errors > 0 {
+					errNotes = append(errNotes, fmt.Sprintf("%s, %s, %d clients: %d errors in %d requests (%s)",
+						name, m.Name, n, f.errors, f.requests, f.firstErr))
+				}
+			}
+		}
+	}
+	sec.Note("Load: wrk (a separate process, -t2, -t1 for 1 client) for %s per cell, after a 1 s warm-up; each "+
+		"contender is started, measured and stopped in turn within a round, in an order rotated every round. "+
+		"Contenders: %s = two haproxy-connect sidecars (client and server, access logs off, default -threads: 2 here), "+
+		"protocol http (h2 between the sidecars, which the client's upstream offers and the server's listener accepts); "+
+		"%s = the same with protocol tcp on the registrations (L4 at both sidecars, as the built-in proxy); %s = `consul connect "+
+		"proxy -sidecar-for` for client and server (L4: it forwards HTTP as TCP); %s = wrk straight to the app.",
+		b.WrkTime(), contHC, contHCTCP, contBuiltin, contDirect)
+	sec.Note("new conn = wrk sends `Connection: close`, and wrk reconnects for each request. " +
+		"conns/req counts new connections at the server side per request: mTLS sessions on the server " +
+		"sidecar's public listener (HAProxy stats) for haproxy-connect, connections the app accepted for the " +
+		"built-in proxy (which dials the app once per inbound mTLS connection) and for direct. About 1 " +
+		"means one mTLS handshake per request (a little above 1: connections still open, without a completed " +
+		"request, when wrk stops). In http mode the client sidecar pools its mTLS connections to the server sidecar " +
+		"(`http-reuse always`: each carries the client's identity, whichever local connection it serves) and multiplexes " +
+		"requests on them (h2), so a new " +
+		"local connection costs no handshake and conns/req stays near 0; in tcp mode, and for the built-in proxy, " +
+		"each local connection is one mTLS connection onward.")
+	sec.Note("authz/req is the server sidecar's SPOE authorization decisions (its /metrics, allow + deny) per " +
+		"request, for haproxy-connect only; the built-in proxy authorizes once per inbound connection (conns/req).")
+	sec.Note("Latency is wrk's, from writing a request to reading its response; it does not include wrk's own TCP " +
+		"connect to the local proxy (but does include the proxy's mTLS connect onward). p99 − direct is the " +
+		"median over rounds of (p99 of the contender − p99 of direct in the same round); ratios are of medians.")
+	sec.Note("The app is a Go net/http server inside meshbench (a fixed 18-byte body): app, proxies, wrk and "+
+		"Consul share this machine's %d cores, so the proxies' CPU is taken from the same budget as the load "+
+		"generator's; figures compare contenders under the same conditions, they are not capacity figures.", runtime.NumCPU())
+	errText := "no wrk errors (socket errors or non-2xx responses) in any cell."
+	if len(errNotes) > 0 {
+		errText = "wrk errors (socket errors + non-2xx responses, summed over rounds): " + strings.Join(errNotes, "; ") + "."
+	}
+	sec.Note("%s", errText)
+
+	tsec := b.Report.Add("Data path: TCP bulk transfer through client sidecar → server sidecar → app",
+		"contender", "MB/s", "÷ built-in", "÷ direct")
+	for _, name := range rowOrder {
+		r, ok := bulk[name]
+		if !ok || name == contHCTCP { // the same tcp-mode bulk path as contHC's
+			continue
+		}
+		tsec.Row(name, r.Format(bench.Num), bench.Ratio(r.Median(), bulk[contBuiltin].Median()), bench.Ratio(r.Median(), bulk[contDirect].Median()))
+	}
+	tsec.Note("One connection per round: a Go client asks the app (in meshbench) for %d MB and reads it to the "+
+		"end (byte count checked), after a 1 MB warm-up transfer; MB/s = 10^6 bytes per second from dial to EOF. "+
+		"Protocol tcp on both registrations (haproxy-connect in tcp mode).", bulkBytes(b)>>20)
+}
+
+// startBulkApp serves bulk transfers: a client sends an 8-byte big-endian
+// length, the app writes that many bytes and closes.
+func startBulkApp(e *bench.Env) (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	e.Defer(func() { ln.Close() })
+	buf := make([]byte, 256<<10)
+	go testenv.Serve(ln, func(c net.Conn) {
+		_ = c.SetDeadline(time.Now().Add(5 * time.Minute))
+		var hdr [8]byte
+		if _, err := io.ReadFull(c, hdr[:]); err != nil {
+			return
+		}
+		for left := int64(binary.BigEndian.Uint64(hdr[:])); left > 0; {
+			n := min(left, int64(len(buf)))
+			if _, err := c.Write(buf[:n]); err != nil {
+				return
+			}
+			left -= n
+		}
+	})
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// bulkTransfer asks the bulk app behind port for n bytes, reads them to EOF
+// and returns the seconds from dial to EOF.
+func bulkTransfer(ctx context.Context, port int, n int64) (float64, error) {
+	start := time.Now()
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", fmt.Sprintf("127.0.0.1:%d", port))
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(2 * time.Minute))
+	var hdr [8]byte
+	binary.BigEndian.PutUint64(hdr[:], uint64(n))
+	if _, err := c.Write(hdr[:]); err != nil {
+		return 0, err
+	}
+	got, err := io.CopyBuffer(io.Discard, c, make([]byte, 256<<10))
+	sec := time.Since(start).Seconds()
+	if err != nil {
+		return 0, fmt.Errorf("after %d of %d bytes: %w", got, n, err)
+	}
+	if got != n {
+		return 0, fmt.Errorf("got %d of %d bytes", got, n)
+	}
+	return sec, nil
+}
