@@ -162,7 +162,8 @@ type Sidecar struct {
 	RT       *runtime.Client
 }
 
-// StartSidecar runs haproxy-connect for service id and waits for /readyz.
+// StartSidecar runs haproxy-connect for service id at its defaults (access
+// logs on, to its log file) plus extra flags, and waits for /readyz.
 func (e *Env) StartSidecar(consul *testenv.ConsulProc, id string, extra ...string) (*Sidecar, error) {
 	dir, err := e.Subdir("s")
 	if err != nil {
@@ -175,7 +176,7 @@ func (e *Env) StartSidecar(consul *testenv.ConsulProc, id string, extra ...strin
 	s := &Sidecar{StateDir: dir, Stats: fmt.Sprintf("127.0.0.1:%d", ports[0]), Pprof: fmt.Sprintf("127.0.0.1:%d", ports[1]),
 		RT: runtime.New(filepath.Join(dir, "master.sock"), nil)}
 	args := append([]string{"-sidecar-for", id, "-http-addr", consul.Addr, "-haproxy-bin", e.HAProxy,
-		"-state-dir", dir, "-stats-addr", s.Stats, "-pprof-addr", s.Pprof, "-access-log=false"}, extra...)
+		"-state-dir", dir, "-stats-addr", s.Stats, "-pprof-addr", s.Pprof}, extra...)
 	if s.Proc, err = e.Start("sidecar-"+id, e.Sidecar, args...); err != nil {
 		return nil, err
 	}

@@ -35,8 +35,19 @@ func (s Samples) Max() float64 {
 // Rounds holds one figure per round; reports show the median with min-max.
 type Rounds []float64
 
-// Median of the rounds; NaN if empty.
-func (r Rounds) Median() float64 { return Samples(r).Percentile(50) }
+// Median of the rounds: the middle value, or the mean of the two middle
+// values for an even count; NaN if empty.
+func (r Rounds) Median() float64 {
+	if len(r) == 0 {
+		return math.NaN()
+	}
+	c := slices.Clone(r)
+	slices.Sort(c)
+	if n := len(c); n%2 == 0 {
+		return (c[n/2-1] + c[n/2]) / 2
+	}
+	return c[len(c)/2]
+}
 
 // Format renders "median (min-max)" with f formatting one value.
 func (r Rounds) Format(f func(float64) string) string {

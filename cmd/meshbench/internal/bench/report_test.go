@@ -21,6 +21,17 @@ func TestPercentileAndRounds(t *testing.T) {
 	if got := r.Format(Dur); got != "2.00ms (1.00ms–3.00ms)" {
 		t.Errorf("rounds format %q", got)
 	}
+	for _, tt := range []struct {
+		r    Rounds
+		want float64
+	}{{Rounds{3, 1, 2}, 2}, {Rounds{4, 1, 3, 2}, 2.5}, {Rounds{7}, 7}, {Rounds{1, 2}, 1.5}} {
+		if got := tt.r.Median(); got != tt.want {
+			t.Errorf("median of %v = %v, want %v", tt.r, got, tt.want)
+		}
+	}
+	if !math.IsNaN(Rounds(nil).Median()) {
+		t.Error("empty median is not NaN")
+	}
 	if got := Ratio(10, 4); got != "2.5x" {
 		t.Errorf("ratio %q", got)
 	}

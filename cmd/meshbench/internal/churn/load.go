@@ -34,22 +34,38 @@ func get(port int) error {
 }
 
 // steadyLoad sends GET requests to port at rate per second, each on a new
-// connection, one at a time (a slow request delays the next; none are
-// queued up), until the returned stop is called.
-func steadyLoad(ctx context.Context, port, rate int) (stop func() (ok, failed int64, first error)) {
-	var okN, failedN atomic.Int64
+// connection, one at a time, on a fixed schedule, until the returned stop
+// is called. A request still running when the next one is due makes that
+// one late: it is sent at once, and a request whose whole period passed
+// before it could be sent is a missed tick, counted as failed (missed
+// reports how many), so that a stall shows as failures instead of
+// vanishing from the count (no coordinated omission).
+func steadyLoad(ctx context.Context, port, rate int) (stop func() (ok, failed, missed int64, first error)) {
+	var okN, failedN, missedN atomic.Int64
 	var firstErr atomic.Value
 	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
+	period := time.Second / time.Duration(rate)
 	go func() {
 		defer close(done)
-		tick := time.NewTicker(time.Second / time.Duration(rate))
-		defer tick.Stop()
-		for {
-			select {
-			case <-ctx.Done():
+		start := time.Now()
+		for k := 0; ; k++ {
+			due := start.Add(time.Duration(k) * period)
+			if d := time.Until(due); d > 0 {
+				select {
+				case <-ctx.Done():
+					return
+				case <-time.After(d):
+				}
+			} else if late := -d; late >= period {
+				// Ticks that passed in full while the previous request ran.
+				n := int(late / period)
+				missedN.Add(int64(n))
+				failedN.Add(int64(n))
+				k += n
+			}
+			if ctx.Err() != nil {
 				return
-			case <-tick.C:
 			}
 			if err := get(port); err != nil {
 				if ctx.Err() != nil {
@@ -62,11 +78,11 @@ func steadyLoad(ctx context.Context, port, rate int) (stop func() (ok, failed in
 			okN.Add(1)
 		}
 	}()
-	return func() (int64, int64, error) {
+	return func() (int64, int64, int64, error) {
 		cancel()
 		<-done
 		err, _ := firstErr.Load().(error)
-		return okN.Load(), failedN.Load(), err
+		return okN.Load(), failedN.Load(), missedN.Load(), err
 	}
 }
 

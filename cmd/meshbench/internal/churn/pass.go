@@ -17,6 +17,7 @@ type result struct {
 	changes      int
 	reloads      int // -1: not applicable
 	ok, failed   int64
+	missed       int64 // load ticks missed, counted in failed too
 	firstErr     error
 	pollInterval time.Duration // mean time between two observations
 	// share50 and share99 bound the contender's own share of propagation
@@ -106,7 +107,7 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 		}
 	}
 
-	stopLoad := func() (int64, int64, error) { return 0, 0, nil }
+	stopLoad := func() (int64, int64, int64, error) { return 0, 0, 0, nil }
 	if !c.alone {
 		stopLoad = steadyLoad(pctx, c.port, loadRate)
 	}
@@ -152,7 +153,7 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 			cb.b.Logf("churn: %s, %s: end state: %v", c.name, p.name, err)
 		}
 	}
-	r.ok, r.failed, r.firstErr = stopLoad()
+	r.ok, r.failed, r.missed, r.firstErr = stopLoad()
 	r.share50, r.share99 = math.NaN(), math.NaN()
 	if c.share != nil {
 		share1, err := c.share()

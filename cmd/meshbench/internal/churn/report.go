@@ -15,6 +15,7 @@ type agg struct {
 	p50, p99, max, base99, diff bench.Rounds
 	reloadsPer1k                bench.Rounds
 	ok, failed                  int64
+	missed                      int64
 	firstErr                    error
 	unseen, changes             int
 	pollIntervals, rates        bench.Rounds
@@ -37,6 +38,7 @@ func (a *agg) add(r result) {
 	}
 	a.ok += r.ok
 	a.failed += r.failed
+	a.missed += r.missed
 	if a.firstErr == nil {
 		a.firstErr = r.firstErr
 	}
@@ -101,6 +103,9 @@ func (cb *workload) report(p plan, first bool, contenders []*contender, res map[
 		if len(a.rates) > 0 {
 			rates = append(rates, fmt.Sprintf("%s %s (write p99 %s)", c.name, a.rates.Format(bench.Num), a.writeP99.Format(bench.Dur)))
 		}
+		if a.missed > 0 {
+			errs = append(errs, fmt.Sprintf("%s: %d load ticks missed (counted as failed)", c.name, a.missed))
+		}
 		if a.firstErr != nil {
 			errs = append(errs, fmt.Sprintf("%s: %v", c.name, a.firstErr))
 		}
@@ -149,7 +154,7 @@ func (cb *workload) report(p plan, first bool, contenders []*contender, res map[
 	s.Note("Latency: first observation of a change in the contender's data plane minus the return of Consul's register/deregister call (the write acknowledgement). \"Consul p99\" is Consul's own notification: a blocking query on the health endpoint the contender reads (health/connect/api or health/service/api-plain, passing only), run during the same pass and timestamped the same way; \"p99 − Consul p99\" is the per-round difference (the target for haproxy-connect, at 100 changes/s, is within 2 ms). Each notification carries the whole instance list (about 3 KB per connect instance, 300 KB at 100 live), so every blocking watcher costs Consul CPU: the baseline watch is one more watcher in every pass (kept light: no gzip, which Consul otherwise applies to every answer Go's client asks for, and only address and port decoded), and a contender's own unthrottled watch (haproxy-connect's) doubles what Consul serves in its pass; consul-template paces its queries, HAProxy DNS asks the DNS interface instead.")
 	s.Note("Resolution: HAProxy contenders are observed by polling `@1 show servers state <backend>` on the master socket (on a kept prompt-mode session, reopened after a reload, one poll every %s, or, when a poll takes longer than half of that, a pause as long as the poll); an endpoint is in effect when a server not in maintenance has its address and port, and each observation is timestamped when its reply has been read. A latency is therefore an upper bound, by up to one poll interval; during a reload the master refuses connections, which lengthens consul-template's intervals.", pollPeriod)
 	s.Note("Writes: in a rate pass, each write is issued at its scheduled time without waiting for the previous one (up to %d in flight; writes to one endpoint stay in order), as independent instances would; in a burst, %d writers back to back. Endpoints are written with the catalog API, each on a node of its own, as instances on other hosts (which a client's agent never holds): the acknowledgement is the catalog commit. On the one local agent instead, each connect-proxy registration started the agent's per-proxy machinery (proxycfg): 51 against 201 plain registrations/s here, a cost only the mTLS contenders would have paid.", writers, writers)
-	s.Note("Failed / requests: a steady load of %d GET/s, each on a new connection (no keep-alive), one at a time, through the contender's upstream port during each whole measured pass (all rounds summed). Deregistered endpoints keep serving (as an instance that deregisters before it stops), so a failure means the data plane sent a request nowhere. \"Never in effect\": changes not observed before the same endpoint's next change of the same kind or before the pass ended (all rounds summed); they are left out of the latencies.", loadRate)
+	s.Note("Failed / requests: a steady load of %d GET/s, each on a new connection (no keep-alive), one at a time on a fixed schedule, through the contender's upstream port during each whole measured pass (all rounds summed); a request due while the previous one still ran is sent late, and one whose whole period passed is a missed tick, counted as failed (no coordinated omission: a stall cannot hide requests). Deregistered endpoints keep serving (as an instance that deregisters before it stops), so a failure means the data plane sent a request nowhere. \"Never in effect\": changes not observed before the same endpoint's next change of the same kind or before the pass ended (all rounds summed); they are left out of the latencies.", loadRate)
 	s.Note("Consul's built-in proxy resolves the upstream with a health query on every new connection and picks a passing instance at random, so for it \"in effect\" is the first connection that lands on the new endpoint (its relay records the accept). To keep that sampling short it gets adds only, one every 100 ms: each new endpoint is deregistered again once a connection has landed on it (or after %s), so that when one is added only the base instance and the new one are live and each connection picks the new one with probability 1/2; 2 prober loops open connections back to back besides the steady load. Its figure includes that wait for a landing (about one prober interval); its Consul p99 is the same blocking query during its pass. It is not measured at 100 changes/s or in a burst, where landings cannot be sampled this way.", landingWait)
 	s.Note("Consul: two agents, as deployed. The churn endpoints (instances on other hosts) are written to a server (a dev agent); every contender, the baseline watch, the DNS queries and the local registrations (the api server and its sidecar, and each client with its sidecar) use a client agent joined to it, the host's own agent. A client's registration exists only during its contender's passes: for each connect-proxy registration with an upstream, the agent runs a proxy-config watch of that upstream whether or not any proxy consumes it, and Consul's cost for it lands in every pass it is registered in (two of them took the baseline p99 at 100 changes/s from about 25 ms to 85 ms when checked by hand). A dev agent alone would also indent every JSON answer (twice the bytes) and run those watches against its own state store, hashing every result on each change: 42 %% of its CPU in a profile at 100 changes/s.")
 	s.Note("Fairness: haproxy-connect and the built-in proxy serve \"api\" over mTLS: its endpoints are connect-proxy registrations, each a relay to the real api server sidecar. consul-template and DNS SRV have no mTLS, so they serve \"api-plain\": plain registrations, each a relay to the plain HTTP app. Same number of endpoints, same schedule, same check passing from the start; only the data plane differs. Every endpoint has its own loopback address (127.1.x.y or 127.2.x.y), as instances on separate hosts would: HAProxy 2.6 left the third of three SRV records sharing one target name (Consul names the target after the address) in maintenance without an address.")
@@ -157,14 +162,15 @@ func (cb *workload) report(p plan, first bool, contenders []*contender, res map[
 	for _, c := range contenders {
 		cfgs = append(cfgs, fmt.Sprintf("%s: %s", c.name, c.config))
 	}
-	s.Note("Setups: %s. Consul: one dev agent for the whole workload, its DNS interface on a loopback port with the default dns_config (allow_stale, no TTLs, no cache). Contenders run one at a time, each started fresh every round, in an order rotated each round.", strings.Join(cfgs, "; "))
+	s.Note("Setups: %s. Consul: two agents for the whole workload (a dev server and a client agent joined to it, see above), the client's DNS interface on a loopback port with the default dns_config (allow_stale, no TTLs, no cache). Contenders run one at a time, each started fresh every round, in an order rotated each round.", strings.Join(cfgs, "; "))
 }
 
 // dnsPayloadNote explains what Consul's DNS answer can carry.
-const dnsPayloadNote = "DNS SRV: one UDP answer is all HAProxy reads (2.6 has no TCP fallback here). Consul answers the SRV query for `_api-plain._tcp.service.consul` with one SRV and one A record per instance and trims the answer to the requester's EDNS size without setting TC; at accepted_payload_size 65535 that was 996 instances when checked by hand (at the default 512: 3), so in a burst of 1000 a few endpoints are never in effect for DNS."
+const dnsPayloadNote = "DNS SRV: one UDP answer is all HAProxy reads (2.6 has no TCP fallback here). Consul answers the SRV query for `_api-plain._tcp.service.consul` with one SRV and one A record per instance and trims the answer to the requester's EDNS size without setting TC; at accepted_payload_size 65535 that was 996 instances when checked by hand (at the default 512: 3), so in a burst of 1000 some endpoints may never be in effect for DNS (the \"never in effect\" column says how many were in this run)."
 
-// endurance is the haproxy-connect check: 10 000 changes at 100/s with
-// zero reloads and zero failed requests. One round: it takes 100 s.
+// endurance is the haproxy-connect check: enduranceChanges changes at
+// enduranceRate per second with zero reloads and zero failed requests. One
+// run, not rounds: 50 s if Consul keeps up.
 func (cb *workload) endurance(ctx context.Context) error {
 	c := cb.haproxyConnect()
 	cb.b.Logf("churn: endurance, %d changes at %d/s through %s", enduranceChanges, enduranceRate, c.name)
@@ -184,6 +190,9 @@ func (cb *workload) endurance(ctx context.Context) error {
 		fmt.Sprintf("%d / %d", r.unseen, r.changes))
 	s.Note("One run, not rounds: the rate pass above at %d changes/s (twice the 100/s of the target, to keep the run short) and %d changes long (%d churn endpoints live, adds and removes alternating), with a fresh client sidecar and the same steady load (%d GET/s, a new connection each). Achieved write rate %s changes/s; mean poll interval %s. Target: zero reloads and zero failed requests.",
 		enduranceRate, enduranceChanges, p.window, loadRate, bench.Num(r.rate), bench.Dur(r.pollInterval.Seconds()))
+	if r.missed > 0 {
+		s.Note("%d load ticks missed (counted as failed).", r.missed)
+	}
 	if r.firstErr != nil {
 		s.Note("First failed request: %v.", r.firstErr)
 	}

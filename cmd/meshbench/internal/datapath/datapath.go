@@ -431,7 +431,7 @@ func (s *setup) report(figs map[row]*figures, bulk map[string]bench.Rounds) {
 	}
 	sec.Note("Load: wrk (a separate process, -t2, -t1 for 1 client) for %s per cell, after a 1 s warm-up; each "+
 		"contender is started, measured and stopped in turn within a round, in an order rotated every round. "+
-		"Contenders: %s = two haproxy-connect sidecars (client and server, access logs off, default -threads: 2 here), "+
+		"Contenders: %s = two haproxy-connect sidecars (client and server, at their defaults: access logs on, written to a file, and -threads: 2 here), "+
 		"protocol http (h2 between the sidecars, which the client's upstream offers and the server's listener accepts); "+
 		"%s = the same with protocol tcp on the registrations (L4 at both sidecars, as the built-in proxy); %s = `consul connect "+
 		"proxy -sidecar-for` for client and server (L4: it forwards HTTP as TCP); %s = wrk straight to the app.",

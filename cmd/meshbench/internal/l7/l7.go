@@ -161,6 +161,6 @@ func Run(ctx context.Context, b *bench.Bench) error {
 		"three and is allowed by the last); l4client under an L4 allow. Each round runs L4 and L7 twice in mirrored order (ABBA, flipped "+
 		"every round) and pairs their rates; the ratio column is the median of the rounds' ratios (lowest–highest). "+
 		"With one path HAProxy serves repeated request shapes from its remembered allows; with a new path per request (wrk script) every "+
-		"L7 request is decided by the agent. The issue's target: L7 at least 90 %% of L4. Sidecars at log level info, access logs off.", clients, d)
+		"L7 request is decided by the agent. The issue's target: L7 at least 90 %% of L4. Sidecars at their defaults: log level info, access logs on (to a file).", clients, d)
 	return nil
 }
