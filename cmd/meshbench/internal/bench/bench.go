@@ -53,3 +53,20 @@ type Contender interface {
 	Start(ctx context.Context) error
 	Stop()
 }
+
+// Mirrored is the order of one round: the contenders rotated by round (so
+// that none always goes first), then the same in reverse (ABCD DCBA). Each
+// contender runs twice, and the mean time of its two runs is the round's
+// middle for all of them: a drift of the shared machine during the round
+// weighs on every contender alike.
+func Mirrored[T any](cs []T, round int) []T {
+	n := len(cs)
+	out := make([]T, 0, 2*n)
+	for i := range n {
+		out = append(out, cs[(i+round)%n])
+	}
+	for i := n - 1; i >= 0; i-- {
+		out = append(out, out[i])
+	}
+	return out
+}

@@ -214,3 +214,53 @@ func DiffRounds(a, b Rounds) Rounds {
 
 // MiB formats bytes in MiB.
 func MiB(v float64) string { return fmt.Sprintf("%.1f MiB", v/(1<<20)) }
+
+// Target says whether v (lower is better) meets target: "met (x of the
+// target)" or "missed by <f(v-target)> (x)"; f formats values.
+func Target(v, target float64, f func(float64) string) string {
+	if math.IsNaN(v) || target == 0 {
+		return "target " + f(target) + ": n/a"
+	}
+	if v <= target {
+		return fmt.Sprintf("target %s: met (%s of it)", f(target), Ratio(v, target))
+	}
+	return fmt.Sprintf("target %s: missed by %s (%s)", f(target), f(v-target), Ratio(v, target))
+}
+
+// TargetAtLeast is Target for a figure where higher is better.
+func TargetAtLeast(v, target float64, f func(float64) string) string {
+	if math.IsNaN(v) || target == 0 {
+		return "target " + f(target) + ": n/a"
+	}
+	if v >= target {
+		return fmt.Sprintf("target ≥ %s: met (%s of it)", f(target), Ratio(v, target))
+	}
+	return fmt.Sprintf("target ≥ %s: missed by %s (%s)", f(target), f(target-v), Ratio(v, target))
+}
+
+// Mean of the values; NaN if empty.
+func Mean(v []float64) float64 {
+	if len(v) == 0 {
+		return math.NaN()
+	}
+	var sum float64
+	for _, x := range v {
+		sum += x
+	}
+	return sum / float64(len(v))
+}
+
+// PerRound is a[i]/b[i] for each round present in both: a ratio paired
+// within each round, so that the machine's drift between rounds cancels.
+func PerRound(a, b Rounds) Rounds {
+	var r Rounds
+	for i := 0; i < len(a) && i < len(b); i++ {
+		if b[i] != 0 && !math.IsNaN(a[i]) && !math.IsNaN(b[i]) {
+			r = append(r, a[i]/b[i])
+		}
+	}
+	return r
+}
+
+// X formats a ratio as Ratio does ("1.3x").
+func X(v float64) string { return Ratio(v, 1) }

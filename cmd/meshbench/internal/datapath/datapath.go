@@ -56,7 +56,23 @@ type target struct {
 	// authz counts the server sidecar's authorization decisions (nil
 	// when the contender does not report them).
 	authz func() (int64, error)
+	// procs are the proxy processes whose trees' CPU the load costs (the
+	// client's and the server's); none for direct.
+	procs []*bench.Proc
 	stop  func() error
+}
+
+// cpu is the CPU time the target's proxy process trees have used so far.
+func (t *target) cpu() (time.Duration, error) {
+	var sum time.Duration
+	for _, p := range t.procs {
+		u, err := bench.Tree(p.Cmd.Process.Pid)
+		if err != nil {
+			return 0, err
+		}
+		sum += u.CPU
+	}
+	return sum, nil
 }
 
 // contender is one way of carrying the load (a bench.Contender): Start
@@ -96,9 +112,32 @@ type row struct {
 // figures are a cell's figures, one per round.
 type figures struct {
 	rps, p50, p99, connsPerReq, authzPerReq bench.Rounds
+	cpuPer1k                                bench.Rounds // proxy CPU seconds per 1000 requests
 	requests, errors                        int64
 	firstErr                                string
 }
+
+// addRound appends one round's figures: the mean of each series of r
+// (the round's measurements of the cell) and r's counts.
+func (f *figures) addRound(r *figures) {
+	for _, p := range []struct{ to, from *bench.Rounds }{
+		{&f.rps, &r.rps}, {&f.p50, &r.p50}, {&f.p99, &r.p99}, {&f.connsPerReq, &r.connsPerReq},
+		{&f.authzPerReq, &r.authzPerReq}, {&f.cpuPer1k, &r.cpuPer1k},
+	} {
+		if len(*p.from) > 0 {
+			*p.to = append(*p.to, bench.Mean(*p.from))
+		}
+	}
+	f.requests += r.requests
+	f.errors += r.errors
+	if f.firstErr == "" {
+		f.firstErr = r.firstErr
+	}
+}
+
+// cellTime is how long wrk runs for one measurement of a cell: half of
+// the usual cell time, since each contender is measured twice a round.
+func cellTime(b *bench.Bench) time.Duration { return b.WrkTime() / 2 }
 
 // setup is what the contenders share: one Consul agent with the
 // registrations and the in-process apps.
@@ -140,16 +179,30 @@ func Run(ctx context.Context, b *bench.Bench) error {
 	figs := map[row]*figures{}
 	bulk := map[string]bench.Rounds{}
 	for r := 0; r < b.Rounds; r++ {
-		// Rotate the order so that no contender always runs first (or
-		// last) in a round, while the shared machine drifts.
-		for i := range contenders {
-			c := contenders[(i+r)%len(contenders)]
-			b.Logf("datapath round %d/%d: %s", r+1, b.Rounds, c.name)
-			mbps, err := s.round(ctx, c, figs)
+		// Mirrored order within the round (ABCD then DCBA), rotated every
+		// round: each contender is measured twice, and the mean of its two
+		// halves sits at the round's middle for every contender, so that a
+		// drift of the shared machine during the round cancels out of the
+		// per-round ratios.
+		order := bench.Mirrored(contenders, r)
+		roundFigs := map[row]*figures{}
+		roundBulk := map[string]bench.Rounds{}
+		for i, c := range order {
+			b.Logf("datapath round %d/%d, %d/%d: %s", r+1, b.Rounds, i+1, len(order), c.name)
+			mbps, err := s.round(ctx, c, roundFigs)
 			if err != nil {
 				return fmt.Errorf("%s: %w", c.name, err)
 			}
-			bulk[c.name] = append(bulk[c.name], mbps)
+			roundBulk[c.name] = append(roundBulk[c.name], mbps)
+		}
+		for k, f := range roundFigs {
+			if figs[k] == nil {
+				figs[k] = &figures{}
+			}
+			figs[k].addRound(f)
+		}
+		for name, v := range roundBulk {
+			bulk[name] = append(bulk[name], bench.Mean(v))
 		}
 	}
 	s.report(figs, bulk)
@@ -237,9 +290,20 @@ func (s *setup) measure(ctx context.Context, name string, t *target, figs map[ro
 					return 0, err
 				}
 			}
-			res, err := bench.RunWrk(ctx, s.b.Wrk, url, n, s.b.WrkTime(), m.Close)
+			cpuBefore, err := t.cpu()
+			if err != nil {
+				return 0, err
+			}
+			res, err := bench.RunWrk(ctx, s.b.Wrk, url, n, cellTime(s.b), m.Close)
 			if err != nil {
 				return 0, fmt.Errorf("%s c=%d: %w", m.Name, n, err)
+			}
+			cpuAfter, err := t.cpu()
+			if err != nil {
+				return 0, err
+			}
+			if len(t.procs) > 0 && res.Requests > 0 {
+				f.cpuPer1k = append(f.cpuPer1k, (cpuAfter-cpuBefore).Seconds()/float64(res.Requests)*1000)
 			}
 			after, err := t.inbound()
 			if err != nil {
@@ -314,7 +378,7 @@ func (s *setup) startHC(ctx context.Context, serverID string, upPort int) (*targ
 	}
 	sock := filepath.Join(server.StateDir, "master.sock")
 	return &target{
-		httpPort: upPort, bulkPort: s.upBulk, stop: stop,
+		httpPort: upPort, bulkPort: s.upBulk, stop: stop, procs: []*bench.Proc{procs[0], procs[2]},
 		inbound: func() (int64, error) { return bench.FrontendSessions(sock, bootstrap.PublicFrontend) },
 		authz:   func() (int64, error) { return bench.SidecarDecisions(server.Stats) },
 	}, nil
@@ -337,7 +401,7 @@ func (s *setup) startBuiltin(ctx context.Context) (*target, error) {
 		_ = stop()
 		return nil, err
 	}
-	return &target{httpPort: s.upHTTP, bulkPort: s.upBulk, inbound: s.http.Accepted, stop: stop}, nil
+	return &target{httpPort: s.upHTTP, bulkPort: s.upBulk, inbound: s.http.Accepted, stop: stop, procs: []*bench.Proc{procs[0], procs[2]}}, nil
 }
 
 // waitPath waits until an HTTP request (to the client's upstream on
@@ -400,7 +464,7 @@ func (s *setup) report(figs map[row]*figures, bulk map[string]bench.Rounds) {
 	b := s.b
 	sec := b.Report.Add("Data path: HTTP through client sidecar → server sidecar → app",
 		"mode", "clients", "contender", "req/s", "p50", "p99", "conns/req", "authz/req", "errors",
-		"req/s ÷ built-in", "p99 ÷ built-in", "p99 − direct")
+		"req/s ÷ built-in", "p99 ÷ built-in", "p99 − direct", "proxy CPU s / 1000 req", "CPU ÷ built-in")
 	var errNotes []string
 	for _, m := range modes {
 		for _, n := range clients {
@@ -415,13 +479,21 @@ func (s *setup) report(figs map[row]*figures, bulk map[string]bench.Rounds) {
 				if name != contDirect && direct != nil {
 					added = bench.DiffRounds(f.p99, direct.p99).Format(bench.SignedDur)
 				}
-				vsRPS, vsP99 := "n/a", "n/a"
+				vsRPS, vsP99, vsCPU := "n/a", "n/a", "–"
 				if base != nil {
-					vsRPS, vsP99 = bench.Ratio(f.rps.Median(), base.rps.Median()), bench.Ratio(f.p99.Median(), base.p99.Median())
+					vsRPS = bench.PerRound(f.rps, base.rps).Format(bench.X)
+					vsP99 = bench.PerRound(f.p99, base.p99).Format(bench.X)
+					if len(f.cpuPer1k) > 0 && len(base.cpuPer1k) > 0 {
+						vsCPU = bench.PerRound(f.cpuPer1k, base.cpuPer1k).Format(bench.X)
+					}
+				}
+				cpu := "–"
+				if len(f.cpuPer1k) > 0 {
+					cpu = f.cpuPer1k.Format(func(v float64) string { return fmt.Sprintf("%.3f", v) })
 				}
 				sec.Row(m.Name, strconv.Itoa(n), name, f.rps.Format(bench.Num), f.p50.Format(bench.Dur), f.p99.Format(bench.Dur),
 					f.connsPerReq.Format(bench.PerReq), bench.OptPerReq(f.authzPerReq),
-					strconv.FormatInt(f.errors, 10), vsRPS, vsP99, added)
+					strconv.FormatInt(f.errors, 10), vsRPS, vsP99, added, cpu, vsCPU)
 				if f.errors > 0 {
 					errNotes = append(errNotes, fmt.Sprintf("%s, %s, %d clients: %d errors in %d requests (%s)",
 						name, m.Name, n, f.errors, f.requests, f.firstErr))
@@ -429,13 +501,20 @@ func (s *setup) report(figs map[row]*figures, bulk map[string]bench.Rounds) {
 			}
 		}
 	}
-	sec.Note("Load: wrk (a separate process, -t2, -t1 for 1 client) for %s per cell, after a 1 s warm-up; each "+
-		"contender is started, measured and stopped in turn within a round, in an order rotated every round. "+
+	sec.Note("Load: wrk (a separate process, -t2, -t1 for 1 client) for %s per measurement, after a 1 s warm-up; each "+
+		"contender is started, measured and stopped in turn, twice per round in mirrored order (ABCD DCBA, rotated every "+
+		"round), and a round's figure of a cell is the mean of its two measurements (for p50 and p99: the mean of the two "+
+		"percentiles). Ratios to the built-in proxy and differences to direct are paired within each round, then the "+
+		"median (min–max) over rounds is shown. "+
 		"Contenders: %s = two haproxy-connect sidecars (client and server, at their defaults: access logs on, written to a file, and -threads: 2 here), "+
 		"protocol http (h2 between the sidecars, which the client's upstream offers and the server's listener accepts); "+
 		"%s = the same with protocol tcp on the registrations (L4 at both sidecars, as the built-in proxy); %s = `consul connect "+
 		"proxy -sidecar-for` for client and server (L4: it forwards HTTP as TCP); %s = wrk straight to the app.",
-		b.WrkTime(), contHC, contHCTCP, contBuiltin, contDirect)
+		cellTime(b).Round(time.Second), contHC, contHCTCP, contBuiltin, contDirect)
+	sec.Note("Proxy CPU: user + system seconds of the proxies' whole process trees (client and server: for haproxy-connect " +
+		"the controller, the HAProxy master and its workers; for the built-in proxy its two processes), from /proc/<pid>/stat " +
+		"before and after each wrk run, per 1000 requests wrk completed. The target for haproxy-connect is at most half the " +
+		"built-in proxy's CPU per request (CPU ÷ built-in ≤ 0.5x). Direct has no proxy.")
 	sec.Note("new conn = wrk sends `Connection: close`, and wrk reconnects for each request. " +
 		"conns/req counts new connections at the server side per request: mTLS sessions on the server " +
 		"sidecar's public listener (HAProxy stats) for haproxy-connect, connections the app accepted for the " +
@@ -467,9 +546,9 @@ func (s *setup) report(figs map[row]*figures, bulk map[string]bench.Rounds) {
 		if !ok || name == contHCTCP { // the same tcp-mode bulk path as contHC's
 			continue
 		}
-		tsec.Row(name, r.Format(bench.Num), bench.Ratio(r.Median(), bulk[contBuiltin].Median()), bench.Ratio(r.Median(), bulk[contDirect].Median()))
+		tsec.Row(name, r.Format(bench.Num), bench.PerRound(r, bulk[contBuiltin]).Format(bench.X), bench.PerRound(r, bulk[contDirect]).Format(bench.X))
 	}
-	tsec.Note("One connection per round: a Go client asks the app (in meshbench) for %d MB and reads it to the "+
+	tsec.Note("Two connections per contender and round (one in each half of the mirrored order; a round's figure is their mean, and ratios are paired within each round): a Go client asks the app (in meshbench) for %d MB and reads it to the "+
 		"end (byte count checked), after a 1 MB warm-up transfer; MB/s = 10^6 bytes per second from dial to EOF. "+
 		"Protocol tcp on both registrations (haproxy-connect in tcp mode).", bulkBytes(b)>>20)
 }
