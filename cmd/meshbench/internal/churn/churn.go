@@ -21,8 +21,7 @@
 //     address).
 //   - "api" endpoints are connect-proxy registrations (as in TestChurn), each
 //     a relay to the real "api" server sidecar, so every slot a client fills
-//     really serves over mTLS. haproxy-connect and Consul's built-in proxy
-//     use them. consul-template and DNS SRV give a plain TCP/HTTP data plane
+//     really serves over mTLS. haproxy-connect uses them. consul-template and DNS SRV give a plain TCP/HTTP data plane
 //     with no mTLS, so they get "api-plain": plain services with the same
 //     kind of relay endpoints in front of the plain HTTP app. Same number of
 //     endpoints, same churn schedule, same health check; only the data plane
@@ -70,11 +69,10 @@ type plan struct {
 }
 
 const (
-	loadRate         = 100                   // steady load, requests per second
-	writers          = 16                    // Consul writes in flight at most
-	landingWait      = 90 * time.Millisecond // wait for a landing, within a 100 ms step
-	enduranceChanges = 10000                 // changes in the haproxy-connect endurance check
-	enduranceRate    = 200                   // its rate, changes/s: 50 s if Consul keeps up
+	loadRate         = 100   // steady load, requests per second
+	writers          = 16    // Consul writes in flight at most
+	enduranceChanges = 10000 // changes in the haproxy-connect endurance check
+	enduranceRate    = 200   // its rate, changes/s: 50 s if Consul keeps up
 )
 
 // Tuned HAProxy resolver timers for the DNS SRV contender. The default
@@ -85,7 +83,7 @@ const (
 // dnsPayloadNote).
 const dnsTunedTimers = "timeout resolve 100ms, timeout retry 100ms, hold valid 100ms"
 
-func plansFor(quick bool) (rates []plan, burst plan, builtin plan) {
+func plansFor(quick bool) (rates []plan, burst plan) {
 	// The window is the number of churn endpoints alive at once; each lives
 	// 2*window changes, which at 10/s and 100/s is 4 s and 2 s: longer than
 	// the slowest contender's propagation (HAProxy DNS with default timers,
@@ -93,13 +91,11 @@ func plansFor(quick bool) (rates []plan, burst plan, builtin plan) {
 	// was gone again before its next look.
 	rates = []plan{{name: "10 changes/s", rate: 10, changes: 100, window: 20}, {name: "100 changes/s", rate: 100, changes: 1000, window: 100}}
 	burst = plan{name: "burst of 1000", changes: 1000}
-	builtin = plan{name: "10 changes/s", rate: 10, changes: 50}
 	if quick {
 		rates[0].changes, rates[1].changes = 30, 300
 		burst = plan{name: "burst of 200", changes: 200}
-		builtin.changes = 15
 	}
-	return rates, burst, builtin
+	return rates, burst
 }
 
 // workload is the shared setup of the workload.
@@ -113,10 +109,9 @@ type workload struct {
 	plainKey string      // the base api-plain endpoint (the app itself): always live
 	appPort  int
 	hcPort   int // client sidecar upstream port
-	biPort   int // built-in proxy upstream port
-	// regHC and regBuiltin register the client of haproxy-connect and of
-	// the built-in proxy with its sidecar, and return the deregistration.
-	regHC, regBuiltin func() (deregister func(), err error)
+	// regHC registers the client of haproxy-connect with its sidecar, and
+	// returns the deregistration.
+	regHC func() (deregister func(), err error)
 }
 
 // clientRegistration returns a function that registers name with a sidecar
@@ -134,7 +129,7 @@ func clientRegistration(c *api.Client, name string, port, sidecarPort int, up ap
 }
 
 func Run(ctx context.Context, b *bench.Bench) error {
-	rates, burst, builtinPlan := plansFor(b.Quick)
+	rates, burst := plansFor(b.Quick)
 	// As deployed: the contenders and their registrations on a client
 	// agent, the host's own; the churn endpoints, instances on other
 	// hosts, written to the server. A dev agent alone would also charge
@@ -159,11 +154,11 @@ func Run(ctx context.Context, b *bench.Bench) error {
 	if err != nil {
 		return err
 	}
-	if err := cb.setup(max(2*rates[1].window+2, burst.changes, builtinPlan.changes)); err != nil {
+	if err := cb.setup(max(2*rates[1].window+2, burst.changes)); err != nil {
 		return err
 	}
 
-	contenders := []*contender{cb.haproxyConnect(), cb.consulTemplate(), cb.dnsSRV(true), cb.dnsSRV(false), cb.builtin(), cb.consulAlone()}
+	contenders := []*contender{cb.haproxyConnect(), cb.consulTemplate(), cb.dnsSRV(true), cb.dnsSRV(false), cb.consulAlone()}
 	if b.ConsulTemplate == "" {
 		b.Logf("churn: consul-template not installed, left out")
 		contenders = slices.DeleteFunc(contenders, func(c *contender) bool { return c.name == nameCT })
@@ -189,9 +184,6 @@ func Run(ctx context.Context, b *bench.Bench) error {
 				return fmt.Errorf("%s: %w", c.name, err)
 			}
 			plans := append(slices.Clone(rates), burst)
-			if c.landing {
-				plans = []plan{builtinPlan}
-			}
 			for _, p := range plans {
 				passStart := time.Now()
 				r, err := cb.pass(ctx, c, p)
@@ -221,8 +213,8 @@ func Run(ctx context.Context, b *bench.Bench) error {
 	return nil
 }
 
-// setup starts the api server sidecar, the endpoint pools, and registers
-// the clients of haproxy-connect and of the built-in proxy.
+// setup starts the api server sidecar and the endpoint pools, and prepares
+// the registration of haproxy-connect's client.
 func (cb *workload) setup(n int) error {
 	b, c := cb.b, cb.consul.Client
 	var err error
@@ -241,7 +233,7 @@ func (cb *workload) setup(n int) error {
 		return err
 	}
 	cb.apiBase = fmt.Sprintf("127.0.0.1:%d", sidecarPort)
-	cb.hcPort, cb.biPort = ports[3], ports[5]
+	cb.hcPort = ports[3]
 	// The clients' registrations exist only during their contender's
 	// passes (clientRegistration): for every connect-proxy registration
 	// with an upstream, the agent runs its own proxy-config watch of that
@@ -250,9 +242,6 @@ func (cb *workload) setup(n int) error {
 	// 100 changes/s from about 25 ms to 85 ms on this machine.
 	cb.regHC = clientRegistration(c, "client", ports[1], ports[2],
 		api.Upstream{DestinationName: "api", LocalBindPort: cb.hcPort, Config: map[string]any{"protocol": "http"}})
-	// The built-in proxy is L4 only: no protocol on its upstream.
-	cb.regBuiltin = clientRegistration(c, "client-builtin", ports[1], ports[4],
-		api.Upstream{DestinationName: "api", LocalBindPort: cb.biPort})
 	// The base api-plain endpoint is the app itself: api-plain is never empty.
 	cb.plainKey = fmt.Sprintf("127.0.0.1:%d", cb.appPort)
 	if err := c.Agent().ServiceRegister(&api.AgentServiceRegistration{ID: "api-plain-base", Name: "api-plain",

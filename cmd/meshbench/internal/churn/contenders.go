@@ -18,15 +18,14 @@ import (
 // contender is one system under test (a bench.Contender), started fresh
 // each round.
 type contender struct {
-	name    string
-	plain   bool          // serves api-plain (else api)
-	landing bool          // in effect = a connection lands (built-in proxy), else polled
-	alone   bool          // no data plane: Consul's notification with no contender running
-	settle  time.Duration // how long to wait for a pass to come into effect
-	port    int           // where the load generator connects
-	config  string        // how it is set up, for the notes
-	start   func(ctx context.Context) error
-	stop    func()
+	name   string
+	plain  bool          // serves api-plain (else api)
+	alone  bool          // no data plane: Consul's notification with no contender running
+	settle time.Duration // how long to wait for a pass to come into effect
+	port   int           // where the load generator connects
+	config string        // how it is set up, for the notes
+	start  func(ctx context.Context) error
+	stop   func()
 	// profile, when set, saves a CPU profile of the contender over d under
 	// -profile (haproxy-connect).
 	profile func(name string, d time.Duration) <-chan error
@@ -47,7 +46,6 @@ const (
 	nameCT         = "consul-template + reload"
 	nameDNSDefault = "DNS SRV, default timers"
 	nameDNSTuned   = "DNS SRV, tuned timers"
-	nameBuiltin    = "Consul built-in proxy"
 	nameAlone      = "Consul notification alone"
 )
 
@@ -268,7 +266,7 @@ func (cb *workload) dnsSRV(tuned bool) *contender {
 		c.name = nameDNSTuned
 		timers = "    " + strings.ReplaceAll(dnsTunedTimers, ", ", "\n    ") + "\n"
 	}
-	_, burst, _ := plansFor(cb.b.Quick)
+	_, burst := plansFor(cb.b.Quick)
 	var h *testenv.HAProxyProc
 	c.start = func(ctx context.Context) error {
 		ports, err := cb.b.Ports(1)
@@ -313,37 +311,6 @@ func (cb *workload) consulAlone() *contender {
 	return &contender{name: nameAlone, alone: true,
 		config: "only the baseline blocking query on health/connect/api, no contender and no load",
 		start:  func(context.Context) error { return nil }, stop: func() {}}
-}
-
-func (cb *workload) builtin() *contender {
-	c := &contender{name: nameBuiltin, landing: true, port: cb.biPort,
-		config: "`consul connect proxy -sidecar-for client-builtin`, upstream api on its local bind port"}
-	var p *bench.Proc
-	var deregister func()
-	c.start = func(ctx context.Context) error {
-		var err error
-		if deregister, err = cb.regBuiltin(); err != nil {
-			return err
-		}
-		if p, err = cb.b.Start("builtin-proxy", cb.b.Consul, "connect", "proxy", "-sidecar-for", "client-builtin", "-http-addr", cb.consul.Addr); err != nil {
-			return err
-		}
-		return bench.WaitFor(ctx, 30*time.Second, func() error {
-			select {
-			case <-p.Done():
-				return bench.Stop(fmt.Errorf("built-in proxy exited, see %s", p.Log))
-			default:
-			}
-			return get(cb.biPort)
-		})
-	}
-	c.stop = func() {
-		p.Stop()
-		if deregister != nil {
-			deregister()
-		}
-	}
-	return c
 }
 
 var _ bench.Contender = (*contender)(nil)

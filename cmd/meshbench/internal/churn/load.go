@@ -1,14 +1,10 @@
 package churn
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
-	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -84,51 +80,4 @@ func steadyLoad(ctx context.Context, port, rate int) (stop func() (ok, failed, m
 		err, _ := firstErr.Load().(error)
 		return okN.Load(), failedN.Load(), missedN.Load(), err
 	}
-}
-
-// probe opens connections through port in n loops as fast as they
-// complete (a GET each), so that connections land on new endpoints soon
-// after the built-in proxy can pick them.
-func probe(ctx context.Context, port, n int) (stop func() (probes, failed int64, span time.Duration)) {
-	var probes, failed atomic.Int64
-	ctx, cancel := context.WithCancel(ctx)
-	var wg sync.WaitGroup
-	start := time.Now()
-	for range n {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for ctx.Err() == nil {
-				if err := probeOnce(port); err != nil && ctx.Err() == nil {
-					failed.Add(1)
-				}
-				probes.Add(1)
-			}
-		}()
-	}
-	return func() (int64, int64, time.Duration) {
-		cancel()
-		wg.Wait()
-		return probes.Load(), failed.Load(), time.Since(start)
-	}
-}
-
-func probeOnce(port int) error {
-	c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), 2*time.Second)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(3 * time.Second))
-	if _, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"); err != nil {
-		return err
-	}
-	line, err := bufio.NewReader(c).ReadString('\n')
-	if err != nil {
-		return err
-	}
-	if !strings.Contains(line, " 200 ") {
-		return fmt.Errorf("probe: %q", strings.TrimSpace(line))
-	}
-	return nil
 }

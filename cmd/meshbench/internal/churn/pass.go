@@ -24,9 +24,6 @@ type result struct {
 	// (the upper bounds of its histogram buckets holding p50 and p99);
 	// NaN without one.
 	share50, share99 float64
-	probes           int64 // built-in: prober connections
-	probeFailed      int64
-	probeSpan        time.Duration
 	rate             float64 // achieved changes per second (rate passes)
 	baseUnseen       int
 	writeDurations   bench.Samples // seconds each write took (ack - start)
@@ -54,9 +51,6 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 	}()
 	switch {
 	case c.alone:
-	case c.landing:
-		pl.landings.Store(seenTL)
-		defer pl.landings.Store(nil)
 	default:
 		wg.Add(1)
 		go func() { defer wg.Done(); pollLoop(pctx, c.poll, seenTL) }()
@@ -66,7 +60,6 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 	var start, end []endpoint
 	var ops []writeOp
 	switch {
-	case c.landing:
 	case p.rate > 0:
 		start, ops, end = rateOps(pl.eps, p.window, p.changes)
 	default:
@@ -111,10 +104,6 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 	if !c.alone {
 		stopLoad = steadyLoad(pctx, c.port, loadRate)
 	}
-	var stopProbe func() (int64, int64, time.Duration)
-	if c.landing {
-		stopProbe = probe(pctx, c.port, 2)
-	}
 	if c.profile != nil && p.rate > 0 {
 		name := fmt.Sprintf("churn-%s-%g", c.name, p.rate)
 		d := time.Duration(float64(p.changes)/p.rate*float64(time.Second)) - time.Second
@@ -128,8 +117,6 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 	var changes []change
 	var err error
 	switch {
-	case c.landing:
-		changes, err = cb.landingChanges(pctx, pl, p, seenTL)
 	case p.rate > 0:
 		changes, err = cb.writeAt(pctx, ops, p.rate)
 	default:
@@ -147,11 +134,9 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 		stopLoad()
 		return r, err
 	}
-	if !c.landing {
-		// Wait for the end state; what never comes is "never in effect".
-		if err := settle(ctx, c, seenTL, consulTL, wantOf(end)); err != nil {
-			cb.b.Logf("churn: %s, %s: end state: %v", c.name, p.name, err)
-		}
+	// Wait for the end state; what never comes is "never in effect".
+	if err := settle(ctx, c, seenTL, consulTL, wantOf(end)); err != nil {
+		cb.b.Logf("churn: %s, %s: end state: %v", c.name, p.name, err)
 	}
 	r.ok, r.failed, r.missed, r.firstErr = stopLoad()
 	r.share50, r.share99 = math.NaN(), math.NaN()
@@ -162,9 +147,6 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 		}
 		d := share1.sub(share0)
 		r.share50, r.share99 = d.bound(0.50), d.bound(0.99)
-	}
-	if stopProbe != nil {
-		r.probes, r.probeFailed, r.probeSpan = stopProbe()
 	}
 	if c.reloads != nil {
 		n, err := c.reloads(ctx)
@@ -218,7 +200,7 @@ func settle(ctx context.Context, c *contender, seen, consul *timeline, want map[
 	if err := bench.WaitFor(ctx, time.Minute, func() error { return consul.check(want) }); err != nil {
 		return fmt.Errorf("consul: %w", err)
 	}
-	if c.landing || c.alone {
+	if c.alone {
 		return nil
 	}
 	return bench.WaitFor(ctx, c.settle, func() error { return seen.check(want) })

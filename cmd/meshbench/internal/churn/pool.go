@@ -4,8 +4,6 @@ import (
 	"fmt"
 	"net"
 	"strconv"
-	"sync/atomic"
-	"time"
 
 	"github.com/hashicorp/consul/api"
 
@@ -24,8 +22,7 @@ type endpoint struct {
 // pool is a set of endpoints of one service, all listening for the whole
 // workload.
 type pool struct {
-	eps      []endpoint
-	landings atomic.Pointer[timeline] // set while a pass records landings
+	eps []endpoint
 }
 
 // newPool opens n relays on 127.<octet>.x.y to target and prepares
@@ -63,15 +60,12 @@ func newPool(e *bench.Env, prefix string, octet, n int, target string, kind func
 	return p, nil
 }
 
-// serve relays every connection to target, recording its landing first.
+// serve relays every connection to target.
 func (p *pool) serve(ln net.Listener, key, target string) {
 	for {
 		c, err := ln.Accept()
 		if err != nil {
 			return
-		}
-		if tl := p.landings.Load(); tl != nil {
-			tl.land(time.Now(), key)
 		}
 		go func() {
 			defer c.Close()

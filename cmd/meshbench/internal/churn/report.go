@@ -19,8 +19,6 @@ type agg struct {
 	firstErr                    error
 	unseen, changes             int
 	pollIntervals, rates        bench.Rounds
-	probeIntervals              bench.Rounds
-	probeFailed                 int64
 	writeP99                    bench.Rounds
 	baseUnseen                  int
 	share50, share99            bench.Rounds
@@ -49,10 +47,6 @@ func (a *agg) add(r result) {
 	}
 	if r.rate > 0 {
 		a.rates = append(a.rates, r.rate)
-	}
-	if r.probes > 0 {
-		a.probeIntervals = append(a.probeIntervals, r.probeSpan.Seconds()/float64(r.probes))
-		a.probeFailed += r.probeFailed
 	}
 	a.writeP99 = append(a.writeP99, r.writeDurations.Percentile(99))
 	a.baseUnseen += r.baseUnseen
@@ -86,8 +80,6 @@ func (cb *workload) report(p plan, first bool, contenders []*contender, res map[
 		name := c.name
 		base99, vsBase, diff, failed := a.base99.Format(bench.Dur), bench.Ratio(a.p99.Median(), a.base99.Median()), a.diff.Format(bench.SignedDur), fmt.Sprintf("%d / %d", a.failed, a.ok+a.failed)
 		switch {
-		case c.landing:
-			name += fmt.Sprintf(" (adds only, %d per round)", a.changes/max(1, len(a.p99)))
 		case c.alone:
 			name += " (health/connect/api, no contender running)"
 			base99, vsBase, diff, failed = "—", "—", "—", "—"
@@ -96,9 +88,6 @@ func (cb *workload) report(p plan, first bool, contenders []*contender, res map[
 			failed, fmt.Sprintf("%d / %d", a.unseen, a.changes))
 		if len(a.pollIntervals) > 0 {
 			polls = append(polls, fmt.Sprintf("%s %s", c.name, a.pollIntervals.Format(bench.Dur)))
-		}
-		if len(a.probeIntervals) > 0 {
-			polls = append(polls, fmt.Sprintf("%s: one prober connection per %s (%d prober failures)", c.name, a.probeIntervals.Format(bench.Dur), a.probeFailed))
 		}
 		if len(a.rates) > 0 {
 			rates = append(rates, fmt.Sprintf("%s %s (write p99 %s)", c.name, a.rates.Format(bench.Num), a.writeP99.Format(bench.Dur)))
@@ -144,9 +133,9 @@ func (cb *workload) report(p plan, first bool, contenders []*contender, res map[
 	}
 	switch {
 	case p.rate == 0:
-		s.Note("The built-in proxy is measured at 10 changes/s only (see there). %s", dnsPayloadNote)
+		s.Note("%s", dnsPayloadNote)
 	case !first:
-		s.Note("The built-in proxy is measured at 10 changes/s only. Method and setups: see the %s section.", "10 changes/s")
+		s.Note("Method and setups: see the %s section.", "10 changes/s")
 	}
 	if !first {
 		return
@@ -155,9 +144,9 @@ func (cb *workload) report(p plan, first bool, contenders []*contender, res map[
 	s.Note("Resolution: HAProxy contenders are observed by polling `@1 show servers state <backend>` on the master socket (on a kept prompt-mode session, reopened after a reload, one poll every %s, or, when a poll takes longer than half of that, a pause as long as the poll); an endpoint is in effect when a server not in maintenance has its address and port, and each observation is timestamped when its reply has been read. A latency is therefore an upper bound, by up to one poll interval; during a reload the master refuses connections, which lengthens consul-template's intervals.", pollPeriod)
 	s.Note("Writes: in a rate pass, each write is issued at its scheduled time without waiting for the previous one (up to %d in flight; writes to one endpoint stay in order), as independent instances would; in a burst, %d writers back to back. Endpoints are written with the catalog API, each on a node of its own, as instances on other hosts (which a client's agent never holds): the acknowledgement is the catalog commit. On the one local agent instead, each connect-proxy registration started the agent's per-proxy machinery (proxycfg): 51 against 201 plain registrations/s here, a cost only the mTLS contenders would have paid.", writers, writers)
 	s.Note("Failed / requests: a steady load of %d GET/s, each on a new connection (no keep-alive), one at a time on a fixed schedule, through the contender's upstream port during each whole measured pass (all rounds summed); a request due while the previous one still ran is sent late, and one whose whole period passed is a missed tick, counted as failed (no coordinated omission: a stall cannot hide requests). Deregistered endpoints keep serving (as an instance that deregisters before it stops), so a failure means the data plane sent a request nowhere. \"Never in effect\": changes not observed before the same endpoint's next change of the same kind or before the pass ended (all rounds summed); they are left out of the latencies.", loadRate)
-	s.Note("Consul's built-in proxy resolves the upstream with a health query on every new connection and picks a passing instance at random, so for it \"in effect\" is the first connection that lands on the new endpoint (its relay records the accept). To keep that sampling short it gets adds only, one every 100 ms: each new endpoint is deregistered again once a connection has landed on it (or after %s), so that when one is added only the base instance and the new one are live and each connection picks the new one with probability 1/2; 2 prober loops open connections back to back besides the steady load. Its figure includes that wait for a landing (about one prober interval); its Consul p99 is the same blocking query during its pass. It is not measured at 100 changes/s or in a burst, where landings cannot be sampled this way.", landingWait)
+	s.Note("Consul's built-in proxy is not in this comparison: it resolves the upstream with a health query on every new connection and picks a passing instance at random, so it has no moment at which a change is in effect beyond Consul's own answer, and the earlier figure (the first connection that happened to land on a new endpoint) was mostly the wait for such a landing. Its per-connection cost shows in the data path workload instead (new conn rows).")
 	s.Note("Consul: two agents, as deployed. The churn endpoints (instances on other hosts) are written to a server (a dev agent); every contender, the baseline watch, the DNS queries and the local registrations (the api server and its sidecar, and each client with its sidecar) use a client agent joined to it, the host's own agent. A client's registration exists only during its contender's passes: for each connect-proxy registration with an upstream, the agent runs a proxy-config watch of that upstream whether or not any proxy consumes it, and Consul's cost for it lands in every pass it is registered in (two of them took the baseline p99 at 100 changes/s from about 25 ms to 85 ms when checked by hand). A dev agent alone would also indent every JSON answer (twice the bytes) and run those watches against its own state store, hashing every result on each change: 42 %% of its CPU in a profile at 100 changes/s.")
-	s.Note("Fairness: haproxy-connect and the built-in proxy serve \"api\" over mTLS: its endpoints are connect-proxy registrations, each a relay to the real api server sidecar. consul-template and DNS SRV have no mTLS, so they serve \"api-plain\": plain registrations, each a relay to the plain HTTP app. Same number of endpoints, same schedule, same check passing from the start; only the data plane differs. Every endpoint has its own loopback address (127.1.x.y or 127.2.x.y), as instances on separate hosts would: HAProxy 2.6 left the third of three SRV records sharing one target name (Consul names the target after the address) in maintenance without an address.")
+	s.Note("Fairness: haproxy-connect serves \"api\" over mTLS: its endpoints are connect-proxy registrations, each a relay to the real api server sidecar. consul-template and DNS SRV have no mTLS, so they serve \"api-plain\": plain registrations, each a relay to the plain HTTP app. Same number of endpoints, same schedule, same check passing from the start; only the data plane differs. Every endpoint has its own loopback address (127.1.x.y or 127.2.x.y), as instances on separate hosts would: HAProxy 2.6 left the third of three SRV records sharing one target name (Consul names the target after the address) in maintenance without an address.")
 	var cfgs []string
 	for _, c := range contenders {
 		cfgs = append(cfgs, fmt.Sprintf("%s: %s", c.name, c.config))

@@ -62,22 +62,6 @@ func (t *timeline) observe(at time.Time, now map[string]bool) {
 	t.inited = true
 }
 
-// land records that a connection reached key at at.
-func (t *timeline) land(at time.Time, key string) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if !t.cur[key] {
-		t.cur[key] = true
-		t.seen[key] = append(t.seen[key], transition{at, true})
-	}
-}
-
-func (t *timeline) has(key string) bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.cur[key]
-}
-
 // restart forgets the transitions so far, keeping the current set.
 func (t *timeline) restart() {
 	t.mu.Lock()

@@ -148,38 +148,3 @@ func (cb *workload) writeAt(ctx context.Context, ops []writeOp, rate float64) ([
 	}
 	return out, ctx.Err()
 }
-
-// landingChanges is the built-in proxy's pass: adds only, at p.rate. Each
-// new endpoint is deregistered again once a connection has landed on it
-// (or after landingWait), so that only the base endpoint and the new one
-// are live when it is added: a new connection picks one of the two at
-// random (the built-in proxy resolves the upstream on every connection and
-// picks an instance at random).
-func (cb *workload) landingChanges(ctx context.Context, pl *pool, p plan, seen *timeline) ([]change, error) {
-	interval := time.Duration(float64(time.Second) / p.rate)
-	start := time.Now()
-	var changes []change
-	for k := 0; k < p.changes; k++ {
-		if d := time.Until(start.Add(time.Duration(k) * interval)); d > 0 {
-			select {
-			case <-ctx.Done():
-				return nil, ctx.Err()
-			case <-time.After(d):
-			}
-		}
-		e := pl.eps[k%len(pl.eps)]
-		ch, err := cb.write(writeOp{e, true})
-		if err != nil {
-			return nil, err
-		}
-		changes = append(changes, ch)
-		deadline := time.Now().Add(landingWait)
-		for !seen.has(e.key) && time.Now().Before(deadline) && ctx.Err() == nil {
-			time.Sleep(200 * time.Microsecond)
-		}
-		if _, err := cb.write(writeOp{e, false}); err != nil {
-			return nil, err
-		}
-	}
-	return changes, nil
-}
