@@ -159,7 +159,10 @@ type Sidecar struct {
 	StateDir string
 	Stats    string
 	Pprof    string // the -pprof-addr listener
-	RT       *runtime.Client
+	// Observe is the worker-level stats socket of StartObservedSidecar
+	// (empty otherwise).
+	Observe string
+	RT      *runtime.Client
 }
 
 // StartSidecar runs haproxy-connect for service id at its defaults (access
@@ -196,6 +199,21 @@ func (e *Env) StartSidecar(consul *testenv.ConsulProc, id string, extra ...strin
 		}
 		return nil
 	})
+	return s, err
+}
+
+// StartObservedSidecar is StartSidecar with HAProxy run through
+// ObservedHAProxy: the sidecar's own configuration, plus a worker-level
+// stats socket (Sidecar.Observe) for the benchmark to observe it by.
+func (e *Env) StartObservedSidecar(consul *testenv.ConsulProc, id string, extra ...string) (*Sidecar, error) {
+	bin, sock, err := e.ObservedHAProxy()
+	if err != nil {
+		return nil, err
+	}
+	s, err := e.StartSidecar(consul, id, append([]string{"-haproxy-bin", bin}, extra...)...)
+	if s != nil {
+		s.Observe = sock
+	}
 	return s, err
 }
 

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -12,7 +14,7 @@ import (
 // FrontendSessions returns the cumulative sessions (stot) of an HAProxy
 // frontend, asked through the master socket sock ("@1 show stat").
 func FrontendSessions(sock, frontend string) (int64, error) {
-	out, err := MasterCommand(sock, "@1 show stat -1 1 -1")
+	out, err := Command(sock, "@1 show stat -1 1 -1")
 	if err != nil {
 		return 0, err
 	}
@@ -47,10 +49,10 @@ func truncate(s string, n int) string {
 	return s[:n] + "..."
 }
 
-// MasterCommand sends one line to an HAProxy master socket, half-closes,
-// and reads the answer to EOF (the master keeps the connection open for
-// more commands otherwise).
-func MasterCommand(sock, cmd string) (string, error) {
+// Command sends one line to an HAProxy CLI socket (the master's, or a
+// worker's stats socket), half-closes, and reads the answer to EOF (the
+// master keeps the connection open for more commands otherwise).
+func Command(sock, cmd string) (string, error) {
 	c, err := net.DialTimeout("unix", sock, 2*time.Second)
 	if err != nil {
 		return "", fmt.Errorf("master socket %s: %w", sock, err)
@@ -68,4 +70,41 @@ func MasterCommand(sock, cmd string) (string, error) {
 		return string(out), fmt.Errorf("master socket %s: %q: %w", sock, cmd, err)
 	}
 	return string(out), nil
+}
+
+// ObserveSocket prepares a worker-level stats socket for an HAProxy that a
+// benchmark observes: HAProxy contenders are read there ("show servers
+// state"), not on the master socket, which haproxy-connect steers HAProxy
+// with: an observer on the master would queue its commands with the
+// controller's in the master's one thread and the forwarding to the
+// worker. global is the configuration line that declares the socket
+// (level user: enough for "show servers state", nothing it can change).
+func (e *Env) ObserveSocket() (sock, global string, err error) {
+	dir, err := e.Subdir("o")
+	if err != nil {
+		return "", "", err
+	}
+	sock = filepath.Join(dir, "observe.sock")
+	return sock, fmt.Sprintf("    stats socket %s mode 600 level user\n", sock), nil
+}
+
+// ObservedHAProxy writes a wrapper of e.HAProxy that adds a configuration
+// fragment declaring an ObserveSocket to every start (HAProxy merges the
+// global sections of several -f files, and the master re-executes itself
+// with the same arguments on a reload): a sidecar run with it as
+// -haproxy-bin renders and runs its configuration unchanged, plus a socket
+// to observe it by.
+func (e *Env) ObservedHAProxy() (bin, sock string, err error) {
+	sock, global, err := e.ObserveSocket()
+	if err != nil {
+		return "", "", err
+	}
+	dir := filepath.Dir(sock)
+	frag := filepath.Join(dir, "observe.cfg")
+	if err := os.WriteFile(frag, []byte("global\n"+global), 0o600); err != nil {
+		return "", "", err
+	}
+	bin = filepath.Join(dir, "haproxy")
+	script := fmt.Sprintf("#!/bin/sh\nexec %s \"$@\" -f %s\n", e.HAProxy, frag)
+	return bin, sock, os.WriteFile(bin, []byte(script), 0o700)
 }

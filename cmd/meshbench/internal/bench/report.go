@@ -215,27 +215,39 @@ func DiffRounds(a, b Rounds) Rounds {
 // MiB formats bytes in MiB.
 func MiB(v float64) string { return fmt.Sprintf("%.1f MiB", v/(1<<20)) }
 
-// Target says whether v (lower is better) meets target: "met (x of the
-// target)" or "missed by <f(v-target)> (x)"; f formats values.
+// Target says whether v (lower is better) meets target: "met: v ≤
+// target" or "missed by <v-target>: v against ≤ target"; f formats values.
 func Target(v, target float64, f func(float64) string) string {
-	if math.IsNaN(v) || target == 0 {
-		return "target " + f(target) + ": n/a"
+	switch {
+	case math.IsNaN(v):
+		return "≤ " + f(target) + ": n/a"
+	case v <= target:
+		return fmt.Sprintf("met: %s ≤ %s", f(v), f(target))
 	}
-	if v <= target {
-		return fmt.Sprintf("target %s: met (%s of it)", f(target), Ratio(v, target))
+	return fmt.Sprintf("missed by %s: %s against ≤ %s", f(v-target), f(v), f(target))
+}
+
+// TargetRatio is Target for a ratio: "missed: 5.4x against ≤ 1.5x (3.6x
+// the target)".
+func TargetRatio(v, target float64) string {
+	switch {
+	case math.IsNaN(v):
+		return "≤ " + X(target) + ": n/a"
+	case v <= target:
+		return fmt.Sprintf("met: %s ≤ %s", X(v), X(target))
 	}
-	return fmt.Sprintf("target %s: missed by %s (%s)", f(target), f(v-target), Ratio(v, target))
+	return fmt.Sprintf("missed: %s against ≤ %s (%s the target)", X(v), X(target), Ratio(v, target))
 }
 
 // TargetAtLeast is Target for a figure where higher is better.
 func TargetAtLeast(v, target float64, f func(float64) string) string {
-	if math.IsNaN(v) || target == 0 {
-		return "target " + f(target) + ": n/a"
+	switch {
+	case math.IsNaN(v):
+		return "≥ " + f(target) + ": n/a"
+	case v >= target:
+		return fmt.Sprintf("met: %s ≥ %s", f(v), f(target))
 	}
-	if v >= target {
-		return fmt.Sprintf("target ≥ %s: met (%s of it)", f(target), Ratio(v, target))
-	}
-	return fmt.Sprintf("target ≥ %s: missed by %s (%s)", f(target), f(target-v), Ratio(v, target))
+	return fmt.Sprintf("missed by %s: %s against ≥ %s", f(target-v), f(v), f(target))
 }
 
 // Mean of the values; NaN if empty.

@@ -30,21 +30,26 @@
 //     well-behaved instance that deregisters before it stops; a failed
 //     request therefore means the data plane sent it somewhere wrong (a
 //     parked slot, a dropped listener during a reload), not that it lagged.
-//   - "In effect" for HAProxy contenders: polling
-//     "@1 show servers state <backend>" on the master socket every
-//     millisecond (on a kept prompt-mode session, reopened after a reload; pollPeriod);
-//     an endpoint is in effect when a server that is not in maintenance
-//     has its address and port. Every observation is
-//     timestamped when the reply has been read, so each figure is an upper
-//     bound, by at most one poll interval (reported). The Consul baseline is
-//     timestamped the same way: when the blocking query returns.
+//   - "In effect" for HAProxy contenders: polling "show servers state
+//     <backend>" on a worker-level stats socket added for the benchmark
+//     (bench.ObserveSocket; haproxy-connect runs HAProxy through a wrapper
+//     that adds it), every millisecond (pollPeriod), never on the master
+//     socket haproxy-connect steers HAProxy with; an endpoint is in effect
+//     when a server that is not in maintenance has its address and port.
+//     Every observation is timestamped when the reply has been read, so
+//     each figure is an upper bound, by at most one poll interval
+//     (reported, with the observer's calibrated CPU cost). The Consul
+//     baseline is timestamped the same way: when the blocking query
+//     returns.
 //   - Changes are matched to observations per endpoint in order (add,
 //     remove, add...). A change never observed before the same endpoint's
 //     next change of the same kind, or before the pass ends, is counted as
 //     "never in effect" and left out of the latencies.
-//   - Contenders run one after the other (each started fresh every round,
-//     in a rotated order), never together, so that they do not share the two
-//     CPUs with each other's reloads.
+//   - Contenders run one after the other, never together, so that they do
+//     not share the two CPUs with each other's reloads: within a round,
+//     every contender's pass of one plan runs back to back, each started
+//     fresh, in an order rotated every round and mirrored from one plan to
+//     the next; ratios are paired within each round.
 package churn
 
 import (
@@ -174,31 +179,40 @@ func Run(ctx context.Context, b *bench.Bench) error {
 		}
 		res[plan][name].add(r)
 	}
+	plans := append(slices.Clone(rates), burst)
 	for round := 0; round < b.Rounds; round++ {
-		for i := range contenders {
-			// Rotate the order so that no contender always runs first
-			// (or last) in a round on this shared machine.
-			c := contenders[(i+round)%len(contenders)]
-			b.Logf("churn: round %d/%d, %s", round+1, b.Rounds, c.name)
-			if err := c.Start(ctx); err != nil {
-				return fmt.Errorf("%s: %w", c.name, err)
+		// Within a round, every contender's pass of one plan runs back
+		// to back (each contender started fresh for it), so that the
+		// passes compared in a ratio are minutes apart at most; the order
+		// is rotated every round and mirrored from one plan to the next
+		// (ABCD, DCBA, ABCD), so that no contender always runs first, or
+		// always right after a given other, on this shared machine.
+		for k, p := range plans {
+			order := bench.Mirrored(contenders, round)
+			if k%2 == 0 {
+				order = order[:len(contenders)]
+			} else {
+				order = order[len(contenders):]
 			}
-			plans := append(slices.Clone(rates), burst)
-			for _, p := range plans {
+			for _, c := range order {
+				b.Logf("churn: round %d/%d, %s, %s", round+1, b.Rounds, p.name, c.name)
+				if err := c.Start(ctx); err != nil {
+					c.Stop()
+					return fmt.Errorf("%s: %w", c.name, err)
+				}
 				passStart := time.Now()
 				r, err := cb.pass(ctx, c, p)
+				c.Stop()
 				if err != nil {
-					c.Stop()
 					return fmt.Errorf("%s, %s: %w", c.name, p.name, err)
 				}
 				b.Logf("churn:   %s: p50 %s p99 %s (Consul p50 %s p99 %s), %d/%d never in effect, %d/%d requests failed, %d reloads, %s changes/s, %s",
 					p.name, bench.Dur(r.lat.Percentile(50)), bench.Dur(r.lat.Percentile(99)), bench.Dur(r.base.Percentile(50)), bench.Dur(r.base.Percentile(99)),
 					r.unseen, r.changes, r.failed, r.ok+r.failed, r.reloads, bench.Num(r.rate), time.Since(passStart).Round(100*time.Millisecond))
 				add(p.name, c.name, r)
-			}
-			c.Stop()
-			if ctx.Err() != nil {
-				return ctx.Err()
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
 			}
 		}
 	}

@@ -33,9 +33,15 @@ type contender struct {
 	poll func(ctx context.Context) (map[string]bool, error)
 	// reloads returns HAProxy's reload counter; nil when not applicable.
 	reloads func(ctx context.Context) (int, error)
-	// observer is the runtime client behind poll and reloads, closed after
+	// observer is the master-socket client behind reloads, closed after
 	// stop.
 	observer *runtime.Client
+	// cpu returns the CPU time the contender's processes (their whole
+	// trees) have used so far; nil when it has none (Consul alone).
+	cpu func() (time.Duration, error)
+	// pollCost is the contender's CPU seconds per poll of its observer
+	// (calibrate), measured at each start.
+	pollCost float64
 	// share reads the contender's own propagation histogram
 	// (haproxy-connect's /metrics); nil when it has none.
 	share func() (histogram, error)
@@ -49,18 +55,67 @@ const (
 	nameAlone      = "Consul notification alone"
 )
 
-// observeHAProxy sets poll and reloads to read the HAProxy whose master
-// socket is sock.
-func (c *contender) observeHAProxy(sock, backend string) {
-	c.observer = runtime.New(sock, nil, runtime.WithTimeout(5*time.Second))
-	c.poll, c.reloads = serversPoll(c.observer, backend), reloadCounter(c.observer)
+// observeHAProxy sets poll to read the HAProxy whose worker-level stats
+// socket is worker (bench.ObserveSocket), reloads to read its master
+// socket (twice a pass, outside the measured changes), and cpu to read
+// the CPU time of the process trees rooted at pids.
+func (c *contender) observeHAProxy(master, worker, backend string, pids ...int) {
+	c.observer = runtime.New(master, nil, runtime.WithTimeout(5*time.Second))
+	c.poll, c.reloads = serversPoll(worker, backend), reloadCounter(c.observer)
+	c.cpu = func() (time.Duration, error) {
+		var sum time.Duration
+		for _, pid := range pids {
+			u, err := bench.Tree(pid)
+			if err != nil {
+				return 0, err
+			}
+			sum += u.CPU
+		}
+		return sum, nil
+	}
+}
+
+// calibrationPolls is how many polls calibrate times back to back.
+const calibrationPolls = 1000
+
+// calibrate measures the observer's own cost: the contender's CPU time
+// (its process trees, c.cpu) per poll over calibrationPolls polls back to
+// back, once the poll answers. The pass's observer takes about this much
+// CPU from the contender per poll, at the poll interval it reports.
+func (c *contender) calibrate(ctx context.Context) error {
+	if err := bench.WaitFor(ctx, 30*time.Second, func() error { _, err := c.poll(ctx); return err }); err != nil {
+		return fmt.Errorf("observer: %w", err)
+	}
+	before, err := c.cpu()
+	if err != nil {
+		return err
+	}
+	for range calibrationPolls {
+		if _, err := c.poll(ctx); err != nil {
+			return fmt.Errorf("observer: %w", err)
+		}
+	}
+	after, err := c.cpu()
+	if err != nil {
+		return err
+	}
+	c.pollCost = (after - before).Seconds() / calibrationPolls
+	return nil
 }
 
 // Name is the contender's name in the tables.
 func (c *contender) Name() string { return c.name }
 
-// Start starts the contender fresh.
-func (c *contender) Start(ctx context.Context) error { return c.start(ctx) }
+// Start starts the contender fresh and calibrates its observer.
+func (c *contender) Start(ctx context.Context) error {
+	if err := c.start(ctx); err != nil {
+		return err
+	}
+	if c.poll != nil && c.cpu != nil {
+		return c.calibrate(ctx)
+	}
+	return nil
+}
 
 // Stop stops the contender and closes its observer.
 func (c *contender) Stop() {
@@ -71,11 +126,17 @@ func (c *contender) Stop() {
 	}
 }
 
-// serversPoll is a poll of "@1 show servers state <backend>": the
-// address:port of every server not in maintenance.
-func serversPoll(rt *runtime.Client, backend string) func(ctx context.Context) (map[string]bool, error) {
+// serversPoll is a poll of "show servers state <backend>" on the worker's
+// stats socket sock: the address:port of every server not in maintenance.
+// While a reload replaces the worker the socket may refuse a connection:
+// the poll fails and pollLoop tries again.
+func serversPoll(sock, backend string) func(ctx context.Context) (map[string]bool, error) {
 	return func(ctx context.Context) (map[string]bool, error) {
-		st, err := rt.ServersState(ctx, backend)
+		text, err := bench.Command(sock, "show servers state "+backend)
+		if err != nil {
+			return nil, err
+		}
+		st, err := runtime.ParseServersState(text)
 		if err != nil {
 			return nil, err
 		}
@@ -113,10 +174,10 @@ func (cb *workload) haproxyConnect() *contender {
 		if deregister, err = cb.regHC(); err != nil {
 			return err
 		}
-		if s, err = cb.b.StartSidecar(cb.consul, "client"); err != nil {
+		if s, err = cb.b.StartObservedSidecar(cb.consul, "client"); err != nil {
 			return err
 		}
-		c.observeHAProxy(s.RT.Socket(), "up_api")
+		c.observeHAProxy(s.RT.Socket(), s.Observe, "up_api", s.Cmd.Process.Pid)
 		stats := s.Stats
 		c.share = func() (histogram, error) { return scrapeShare(stats) }
 		return nil
@@ -214,7 +275,11 @@ func (cb *workload) consulTemplate() *contender {
 		c.port = ports[0]
 		// HAProxy starts with no server; consul-template's first render
 		// reloads it, and the pass waits for that (its starting state).
-		head := fmt.Sprintf(ctHead, c.port)
+		sock, global, err := cb.b.ObserveSocket()
+		if err != nil {
+			return err
+		}
+		head := strings.Replace(fmt.Sprintf(ctHead, c.port), "global\n", "global\n"+global, 1)
 		if h, err = cb.b.StartHAProxy(head); err != nil {
 			return err
 		}
@@ -240,7 +305,7 @@ func (cb *workload) consulTemplate() *contender {
 		if ct, err = cb.b.Start("consul-template", cb.b.ConsulTemplate, "-config", cfgPath); err != nil {
 			return err
 		}
-		c.observeHAProxy(h.MasterSock, "be")
+		c.observeHAProxy(h.MasterSock, sock, "be", h.PID(), ct.Cmd.Process.Pid)
 		return nil
 	}
 	c.stop = func() {
@@ -274,7 +339,11 @@ func (cb *workload) dnsSRV(tuned bool) *contender {
 			return err
 		}
 		c.port = ports[0]
-		cfg := fmt.Sprintf(haproxyGlobal+`resolvers consul
+		sock, global, err := cb.b.ObserveSocket()
+		if err != nil {
+			return err
+		}
+		cfg := fmt.Sprintf(strings.Replace(haproxyGlobal, "global\n", "global\n"+global, 1)+`resolvers consul
     nameserver consul 127.0.0.1:%d
     accepted_payload_size 65535
 %s`+haproxyProxies+`    server-template s %d _api-plain._tcp.service.consul resolvers consul resolve-prefer ipv4 init-addr none
@@ -282,7 +351,7 @@ func (cb *workload) dnsSRV(tuned bool) *contender {
 		if h, err = cb.b.StartHAProxy(cfg); err != nil {
 			return err
 		}
-		c.observeHAProxy(h.MasterSock, "be")
+		c.observeHAProxy(h.MasterSock, sock, "be", h.PID())
 		return nil
 	}
 	c.stop = func() {

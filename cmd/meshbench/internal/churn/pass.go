@@ -26,6 +26,10 @@ type result struct {
 	share50, share99 float64
 	rate             float64 // achieved changes per second (rate passes)
 	baseUnseen       int
+	// cpu is the contender's CPU time (its whole process trees) from the
+	// first measured write to the end state; -1 without processes.
+	cpu      time.Duration
+	pollCost float64 // the observer's CPU seconds per poll (calibrate)
 	writeDurations   bench.Samples // seconds each write took (ack - start)
 }
 
@@ -90,6 +94,14 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 		}
 		reloadsBefore = n
 	}
+	r.cpu, r.pollCost = -1, c.pollCost
+	var cpu0 time.Duration
+	if c.cpu != nil {
+		var err error
+		if cpu0, err = c.cpu(); err != nil {
+			return r, err
+		}
+	}
 	consulTL.restart()
 	seenTL.restart()
 	var share0 histogram
@@ -137,6 +149,13 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 	// Wait for the end state; what never comes is "never in effect".
 	if err := settle(ctx, c, seenTL, consulTL, wantOf(end)); err != nil {
 		cb.b.Logf("churn: %s, %s: end state: %v", c.name, p.name, err)
+	}
+	if c.cpu != nil {
+		cpu1, err := c.cpu()
+		if err != nil {
+			return r, err
+		}
+		r.cpu = cpu1 - cpu0
 	}
 	r.ok, r.failed, r.missed, r.firstErr = stopLoad()
 	r.share50, r.share99 = math.NaN(), math.NaN()
