@@ -28,9 +28,9 @@ type result struct {
 	baseUnseen       int
 	// cpu is the contender's CPU time (its whole process trees) from the
 	// first measured write to the end state; -1 without processes.
-	cpu      time.Duration
-	pollCost float64 // the observer's CPU seconds per poll (calibrate)
-	writeDurations   bench.Samples // seconds each write took (ack - start)
+	cpu            time.Duration
+	pollCost       float64       // the observer's CPU seconds per poll (calibrate)
+	writeDurations bench.Samples // seconds each write took (ack - start)
 }
 
 // pass runs one plan against one started contender.
