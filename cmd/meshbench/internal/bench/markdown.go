@@ -29,9 +29,37 @@ func WriteBenchmarksMD(path string, r *Report) error {
 	writeHeader(f)
 	r.Markdown(f)
 	if kept != "" {
-		fmt.Fprint(f, kept)
+		fmt.Fprint(f, flagStale(kept, r.Started.UTC().Format(runStamp)))
 	}
 	return f.Close()
+}
+
+// runStamp is how a run's start is written, in the report's "Run:" line
+// and in the analysis's heading naming the run it reads.
+const runStamp = "2006-01-02 15:04 MST"
+
+// staleFlag starts the line flagStale puts under the marker.
+const staleFlag = "> **Later run:**"
+
+// flagStale returns the kept analysis with a flag under its marker when it
+// does not name the run whose figures now precede it (the hand-written
+// analysis names its run, e.g. "run of 2026-12-01 21:40 UTC"); a flag
+// from an earlier rewrite is replaced.
+func flagStale(kept, run string) string {
+	body := strings.TrimPrefix(kept, analysisMarker)
+	body = strings.TrimLeft(body, "\n")
+	if strings.HasPrefix(body, staleFlag) {
+		if i := strings.Index(body, "\n"); i >= 0 {
+			body = strings.TrimLeft(body[i:], "\n")
+		} else {
+			body = ""
+		}
+	}
+	if strings.Contains(body, run) {
+		return analysisMarker + "\n\n" + body
+	}
+	return analysisMarker + "\n\n" + staleFlag + " the figures above are from the run of " + run +
+		"; the analysis below was written for an earlier run (the one it names) and may no longer match them.\n\n" + body
 }
 
 func writeHeader(w io.Writer) {

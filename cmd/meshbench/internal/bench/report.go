@@ -134,7 +134,7 @@ func (s *Section) Note(format string, a ...any) { s.Notes = append(s.Notes, fmt.
 
 // Markdown writes the report as Markdown.
 func (r *Report) Markdown(w io.Writer) {
-	fmt.Fprintf(w, "Run: `%s` on %s.\n\n", r.Command, r.Started.UTC().Format("2006-01-02 15:04 MST"))
+	fmt.Fprintf(w, "Run: `%s` on %s.\n\n", r.Command, r.Started.UTC().Format(runStamp))
 	for _, v := range r.Versions {
 		fmt.Fprintf(w, "- %s\n", v)
 	}

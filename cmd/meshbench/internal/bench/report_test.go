@@ -5,6 +5,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestPercentileAndRounds(t *testing.T) {
@@ -48,13 +49,13 @@ func TestPercentileAndRounds(t *testing.T) {
 
 func TestBenchmarksMDKeepsAnalysis(t *testing.T) {
 	path := t.TempDir() + "/BENCHMARKS.md"
-	r := &Report{Command: "make bench"}
+	r := &Report{Command: "make bench", Started: time.Date(2026, 12, 3, 12, 0, 0, 0, time.UTC)}
 	r.Add("A", "x").Row("1")
 	if err := WriteBenchmarksMD(path, r); err != nil {
 		t.Fatal(err)
 	}
 	b, _ := os.ReadFile(path)
-	if err := os.WriteFile(path, append(b, []byte("\n"+analysisMarker+"\nmy notes\n")...), 0o644); err != nil {
+	if err := os.WriteFile(path, append(b, []byte("\n"+analysisMarker+"\n## Run of 2026-12-03 12:00 UTC\nmy notes\n")...), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	r.Sections[0].Rows[0][0] = "2"
@@ -62,7 +63,22 @@ func TestBenchmarksMDKeepsAnalysis(t *testing.T) {
 		t.Fatal(err)
 	}
 	got, _ := os.ReadFile(path)
-	if !strings.Contains(string(got), "| 2 |") || strings.Contains(string(got), "| 1 |") || !strings.HasSuffix(string(got), analysisMarker+"\nmy notes\n") {
+	if !strings.Contains(string(got), "| 2 |") || strings.Contains(string(got), "| 1 |") ||
+		!strings.HasSuffix(string(got), analysisMarker+"\n\n## Run of 2026-12-03 12:00 UTC\nmy notes\n") {
 		t.Errorf("rewritten file:\n%s", got)
+	}
+
+	// A later run: the analysis is flagged, once, however often rewritten.
+	r.Started = r.Started.Add(24 * time.Hour)
+	for range 2 {
+		if err := WriteBenchmarksMD(path, r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, _ = os.ReadFile(path)
+	want := analysisMarker + "\n\n" + staleFlag + " the figures above are from the run of 2026-12-04 12:00 UTC; " +
+		"the analysis below was written for an earlier run (the one it names) and may no longer match them.\n\n## Run of 2026-12-03 12:00 UTC\nmy notes\n"
+	if !strings.HasSuffix(string(got), want) || strings.Count(string(got), staleFlag) != 1 {
+		t.Errorf("file after a later run:\n%s", got)
 	}
 }

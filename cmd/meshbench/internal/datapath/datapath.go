@@ -113,6 +113,7 @@ type row struct {
 type figures struct {
 	rps, p50, p99, connsPerReq, authzPerReq bench.Rounds
 	cpuPer1k                                bench.Rounds // proxy CPU seconds per 1000 requests
+	p999                                    bench.Rounds // open loop only, where a run has 1000 samples
 	requests, errors                        int64
 	firstErr                                string
 }
@@ -122,7 +123,7 @@ type figures struct {
 func (f *figures) addRound(r *figures) {
 	for _, p := range []struct{ to, from *bench.Rounds }{
 		{&f.rps, &r.rps}, {&f.p50, &r.p50}, {&f.p99, &r.p99}, {&f.connsPerReq, &r.connsPerReq},
-		{&f.authzPerReq, &r.authzPerReq}, {&f.cpuPer1k, &r.cpuPer1k},
+		{&f.authzPerReq, &r.authzPerReq}, {&f.cpuPer1k, &r.cpuPer1k}, {&f.p999, &r.p999},
 	} {
 		if len(*p.from) > 0 {
 			*p.to = append(*p.to, bench.Mean(*p.from))
@@ -151,6 +152,22 @@ type setup struct {
 	// client's upstream binds for "server" (http), "server-tcp" (the same
 	// app, tcp) and "bulk" (tcp).
 	serverSidecar, serverTCPSidecar, bulkSidecar, clientSidecar, upHTTP, upTCP, upBulk int
+	// capacity is the open-loop generator's own closed-loop rate straight
+	// to the app (req/s), measured once before the rounds: the open-loop
+	// rates are fractions of it.
+	capacity float64
+}
+
+// openLoads are the open-loop rates, as fractions of direct's capacity.
+var openLoads = []float64{0.25, 0.50, 0.75}
+
+// openConns are the keep-alive connections the open-loop generator may
+// use: enough that at 75 % of capacity requests seldom wait for one.
+const openConns = 64
+
+// openRow is the row key of an open-loop load.
+func openRow(name string, load float64) row {
+	return row{contender: name, mode: fmt.Sprintf("open %.0f%%", load*100)}
 }
 
 // bulkBytes is the size of one measured bulk transfer.
@@ -176,6 +193,15 @@ func Run(ctx context.Context, b *bench.Bench) error {
 		{name: contHCTCP, start: func(ctx context.Context) (*target, error) { return s.startHC(ctx, "server-tcp", s.upTCP) }},
 	}
 	contenders = slices.DeleteFunc(contenders, func(c *contender) bool { return !b.Wants(c.name) })
+	// The open-loop generator's capacity straight to the app, after a
+	// warm-up: the open-loop rates are fractions of it.
+	direct := fmt.Sprintf("http://127.0.0.1:%d/", s.http.Port)
+	bench.ClosedLoop(ctx, direct, 16, time.Second)
+	capRes := bench.ClosedLoop(ctx, direct, 16, b.WrkTime())
+	if s.capacity = capRes.Rate(); s.capacity <= 0 {
+		return fmt.Errorf("open-loop generator capacity against the app: %d ok, %d failed (%v)", capRes.OK, capRes.Failed, capRes.FirstErr)
+	}
+	b.Logf("datapath: open-loop generator capacity straight to the app: %.0f req/s", s.capacity)
 	figs := map[row]*figures{}
 	bulk := map[string]bench.Rounds{}
 	for r := 0; r < b.Rounds; r++ {
@@ -328,6 +354,29 @@ func (s *setup) measure(ctx context.Context, name string, t *target, figs map[ro
 				if f.firstErr == "" {
 					f.firstErr = res.ErrorText()
 				}
+			}
+		}
+	}
+	// Open loop: fixed rates below saturation, latency from each
+	// request's intended send time.
+	for _, load := range openLoads {
+		f := figs[openRow(name, load)]
+		if f == nil {
+			f = &figures{}
+			figs[openRow(name, load)] = f
+		}
+		res := bench.OpenLoop(ctx, url, load*s.capacity, openConns, cellTime(s.b))
+		f.rps = append(f.rps, res.Rate())
+		f.p50 = append(f.p50, res.Lat.Percentile(50))
+		f.p99 = append(f.p99, res.Lat.Percentile(99))
+		if len(res.Lat) >= 1000 {
+			f.p999 = append(f.p999, res.Lat.Percentile(99.9))
+		}
+		f.requests += res.OK + res.Failed
+		if res.Failed > 0 {
+			f.errors += res.Failed
+			if f.firstErr == "" {
+				f.firstErr = res.FirstErr.Error()
 			}
 		}
 	}
@@ -539,6 +588,8 @@ func (s *setup) report(figs map[row]*figures, bulk map[string]bench.Rounds) {
 	}
 	sec.Note("%s", errText)
 
+	s.reportOpenLoop(figs)
+
 	tsec := b.Report.Add("Data path: TCP bulk transfer through client sidecar → server sidecar → app",
 		"contender", "MB/s", "÷ built-in", "÷ direct")
 	for _, name := range rowOrder {
@@ -604,4 +655,50 @@ func bulkTransfer(ctx context.Context, port int, n int64) (float64, error) {
 		return 0, fmt.Errorf("got %d of %d bytes", got, n)
 	}
 	return sec, nil
+}
+
+// reportOpenLoop adds the open-loop section: added latency over direct at
+// fixed rates below saturation.
+func (s *setup) reportOpenLoop(figs map[row]*figures) {
+	b := s.b
+	sec := b.Report.Add("Data path: added latency at fixed rates (open loop, keep-alive)",
+		"load", "rate", "contender", "achieved req/s", "p50", "p99", "p99.9", "errors", "p99 − direct", "p99.9 − direct")
+	var targets []string
+	for _, load := range openLoads {
+		direct := figs[openRow(contDirect, load)]
+		for _, name := range rowOrder {
+			f := figs[openRow(name, load)]
+			if f == nil {
+				continue
+			}
+			p999, added, added999 := "—", "–", "–"
+			if len(f.p999) > 0 {
+				p999 = f.p999.Format(bench.Dur)
+			}
+			if name != contDirect && direct != nil {
+				d := bench.DiffRounds(f.p99, direct.p99)
+				added = d.Format(bench.SignedDur)
+				if len(f.p999) > 0 && len(direct.p999) > 0 {
+					added999 = bench.DiffRounds(f.p999, direct.p999).Format(bench.SignedDur)
+				}
+				if name == contHC && load == 0.50 {
+					targets = append(targets, "haproxy-connect p99 − direct at 50 % load: "+bench.Target(d.Median(), 0.0003, bench.SignedDur))
+				}
+			}
+			sec.Row(fmt.Sprintf("%.0f %%", load*100), fmt.Sprintf("%.0f/s", load*s.capacity), name, f.rps.Format(bench.Num),
+				f.p50.Format(bench.Dur), f.p99.Format(bench.Dur), p999, strconv.FormatInt(f.errors, 10), added, added999)
+		}
+	}
+	if len(targets) > 0 {
+		sec.Note("Targets (medians of per-round differences of this run): %s.", strings.Join(targets, "; "))
+	}
+	sec.Note("Load: meshbench's own open-loop generator (bench.OpenLoop): GET requests at a fixed rate, each started at its "+
+		"intended time whether or not earlier ones have been answered, over up to %d keep-alive connections (a request that "+
+		"finds them all busy waits for one), for %s per measurement, twice per round in the mirrored order of the section "+
+		"above; each latency is measured from the request's intended send time, so a stall of the proxy or of the generator "+
+		"is charged to the requests it delays (no coordinated omission). Rates are 25 %%, 50 %% and 75 %% of the same "+
+		"generator's capacity straight to the app (16 connections, closed loop, measured once before the rounds: %.0f req/s), "+
+		"so every contender gets the same rate and direct runs below saturation; the generator shares the 2 CPUs with the "+
+		"proxies. p99.9 is shown where a run has 1000 samples or more. p99 − direct pairs each round's figures.",
+		openConns, cellTime(b).Round(time.Second), s.capacity)
 }
