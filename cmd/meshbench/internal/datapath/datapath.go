@@ -550,6 +550,9 @@ func (s *setup) report(figs map[row]*figures, bulk map[string]bench.Rounds) {
 			}
 		}
 	}
+	if t := httpTargets(figs); len(t) > 0 {
+		sec.Note("Targets (medians of per-round ratios of this run, haproxy-connect in http mode against the built-in proxy): %s.", strings.Join(t, "; "))
+	}
 	sec.Note("Load: wrk (a separate process, -t2, -t1 for 1 client) for %s per measurement, after a 1 s warm-up; each "+
 		"contender is started, measured and stopped in turn, twice per round in mirrored order (ABCD DCBA, rotated every "+
 		"round), and a round's figure of a cell is the mean of its two measurements (for p50 and p99: the mean of the two "+
@@ -685,7 +688,11 @@ func (s *setup) reportOpenLoop(figs map[row]*figures) {
 					targets = append(targets, "haproxy-connect p99 − direct at 50 % load: "+bench.Target(d.Median(), 0.0003, bench.SignedDur))
 				}
 			}
-			sec.Row(fmt.Sprintf("%.0f %%", load*100), fmt.Sprintf("%.0f/s", load*s.capacity), name, f.rps.Format(bench.Num),
+			achieved := f.rps.Format(bench.Num)
+			if f.rps.Median() < 0.95*load*s.capacity {
+				achieved += " (saturated)"
+			}
+			sec.Row(fmt.Sprintf("%.0f %%", load*100), fmt.Sprintf("%.0f/s", load*s.capacity), name, achieved,
 				f.p50.Format(bench.Dur), f.p99.Format(bench.Dur), p999, strconv.FormatInt(f.errors, 10), added, added999)
 		}
 	}
@@ -699,6 +706,34 @@ func (s *setup) reportOpenLoop(figs map[row]*figures) {
 		"is charged to the requests it delays (no coordinated omission). Rates are 25 %%, 50 %% and 75 %% of the same "+
 		"generator's capacity straight to the app (16 connections, closed loop, measured once before the rounds: %.0f req/s), "+
 		"so every contender gets the same rate and direct runs below saturation; the generator shares the 2 CPUs with the "+
-		"proxies. p99.9 is shown where a run has 1000 samples or more. p99 − direct pairs each round's figures.",
+		"proxies. \"saturated\": the achieved rate stayed below 95 %% of the intended one, so that contender (or the "+
+		"generator beside it) could not carry the load, and its latencies are queueing, not added latency. p99.9 is shown "+
+		"where a run has 1000 samples or more. p99 − direct pairs each round's figures.",
 		openConns, cellTime(b).Round(time.Second), s.capacity)
+}
+
+// httpTargets are issue 15's data path targets, met or missed: keep-alive
+// rate at least the built-in proxy's at 1 and 16 clients with a lower p99,
+// twice it at 128; CPU per request at most half the built-in proxy's.
+func httpTargets(figs map[row]*figures) []string {
+	var out []string
+	for _, n := range clients {
+		hc, bi := figs[row{contHC, bench.ModeKeepAlive.Name, n}], figs[row{contBuiltin, bench.ModeKeepAlive.Name, n}]
+		if hc == nil || bi == nil {
+			continue
+		}
+		want := 1.0
+		if n == 128 {
+			want = 2
+		}
+		t := fmt.Sprintf("keep-alive, %d clients: req/s ÷ built-in %s", n, bench.TargetAtLeast(bench.PerRound(hc.rps, bi.rps).Median(), want, bench.X))
+		if n < 128 {
+			t += ", p99 ÷ built-in " + bench.TargetRatio(bench.PerRound(hc.p99, bi.p99).Median(), 1)
+		}
+		if len(hc.cpuPer1k) > 0 && len(bi.cpuPer1k) > 0 {
+			t += ", CPU per request ÷ built-in " + bench.TargetRatio(bench.PerRound(hc.cpuPer1k, bi.cpuPer1k).Median(), 0.5)
+		}
+		out = append(out, t)
+	}
+	return out
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/bench"
+	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
@@ -30,7 +31,7 @@ func Run(ctx context.Context, b *bench.Bench) error {
 	}
 	const churnRate = 100 // changes per second
 	sec := b.Report.Add(fmt.Sprintf("Footprint: %d upstreams, %d endpoints, churn at %d changes/s for %s", upstreams, upstreams*perUpstream, churnRate, churnFor),
-		"round", "changes", "changes/s", "startup CPU", "churn CPU", "churn CPU per 1 000 changes", "sidecar peak memory", "controller peak RSS", "HAProxy worker RSS", "workers (max seen)", "reloads")
+		"round", "start to ready", "start to all served", "changes", "changes/s", "startup CPU", "churn CPU", "churn CPU per 1 000 changes", "sidecar peak memory", "controller peak RSS", "HAProxy worker RSS", "workers (max seen)", "reloads")
 	var cpuPer1k, peak, mem bench.Rounds
 	for round := 1; round <= b.Rounds; round++ {
 		r, err := measureRound(ctx, b, upstreams, perUpstream, churnFor, churnRate)
@@ -40,12 +41,12 @@ func Run(ctx context.Context, b *bench.Bench) error {
 		cpuPer1k = append(cpuPer1k, r.cpu.Seconds()/float64(r.changes)*1000)
 		peak = append(peak, float64(r.peakRSS))
 		mem = append(mem, float64(r.peakMem))
-		sec.Row(fmt.Sprint(round), fmt.Sprint(r.changes), bench.Num(r.rate), bench.Dur(r.startCPU.Seconds()), bench.Dur(r.cpu.Seconds()), bench.Dur(r.cpu.Seconds()/float64(r.changes)*1000),
+		sec.Row(fmt.Sprint(round), bench.Dur(r.ready.Seconds()), bench.Dur(r.serving.Seconds()), fmt.Sprint(r.changes), bench.Num(r.rate), bench.Dur(r.startCPU.Seconds()), bench.Dur(r.cpu.Seconds()), bench.Dur(r.cpu.Seconds()/float64(r.changes)*1000),
 			bench.MiB(float64(r.peakMem)), bench.MiB(float64(r.peakRSS)), bench.MiB(float64(r.workerRSS)), fmt.Sprint(r.maxWorkers), fmt.Sprint(r.reloads))
 	}
 	sec.Note("Median over %d rounds: whole-sidecar CPU %s per 1 000 endpoint changes; whole-sidecar peak memory %s (target %s), controller peak RSS %s.",
 		b.Rounds, cpuPer1k.Format(bench.Dur), mem.Format(bench.MiB), bench.Target(mem.Median(), 64<<20, bench.MiB), peak.Format(bench.MiB))
-	sec.Note("Sidecar = the process tree of haproxy-connect: the controller (watches, planner, runtime client, SPOE agent), the HAProxy master and its workers, at the sidecar's defaults (access logs on). CPU is user + system time from /proc/<pid>/stat of every process in the tree, plus the time of children they reaped (old workers). Startup CPU is until HAProxy serves all 1 000 endpoints; churn CPU is the rest. Sidecar peak memory is the largest sum of the tree's Pss (proportional set size: pages the master shares with its forked workers counted once), sampled every 250 ms from start to end; the target is 64 MB for the whole sidecar at 1 000 endpoints. Controller peak RSS is the haproxy-connect process's own VmHWM. Changes are issued on a 100/s ticker, each in its own goroutine (Consul's register call takes longer than 10 ms under load). HAProxy worker RSS is the current worker's VmRSS at the end (50 backends of TLS server slots). Workers are counted from the master's `show proc` every 250 ms.")
+	sec.Note("Sidecar = the process tree of haproxy-connect: the controller (watches, planner, runtime client, SPOE agent), the HAProxy master and its workers, at the sidecar's defaults (access logs on). CPU is user + system time from /proc/<pid>/stat of every process in the tree, plus the time of children they reaped (old workers). Start to ready: from starting haproxy-connect to its /readyz answering 200 (polled every 10 ms); start to all served: to `show servers state` on a worker-level stats socket added for the benchmark (bench.ObservedHAProxy) listing all 1 000 endpoints in service (polled every 10 ms; each endpoint is proven by a TLS handshake before it is placed). Startup CPU is until HAProxy serves all 1 000 endpoints; churn CPU is the rest. Sidecar peak memory is the largest sum of the tree's Pss (proportional set size: pages the master shares with its forked workers counted once), sampled every 250 ms from start to end; the target is 64 MB for the whole sidecar at 1 000 endpoints. Controller peak RSS is the haproxy-connect process's own VmHWM. Changes are issued on a 100/s ticker, each in its own goroutine (Consul's register call takes longer than 10 ms under load). HAProxy worker RSS is the current worker's VmRSS at the end (50 backends of TLS server slots). Workers are counted from the master's `show proc` every 250 ms.")
 	return nil
 }
 
@@ -55,6 +56,9 @@ type result struct {
 	cpu, startCPU                time.Duration
 	peakRSS, workerRSS           int64
 	peakMem                      int64 // the whole sidecar's (bench.PeakMem)
+	// ready is from starting the sidecar to its /readyz answering 200;
+	// serving, to HAProxy serving every endpoint.
+	ready, serving time.Duration
 }
 
 func measureRound(ctx context.Context, b *bench.Bench, upstreams, perUpstream int, churnFor time.Duration, rate int) (result, error) {
@@ -106,16 +110,24 @@ func measureRound(ctx context.Context, b *bench.Bench, upstreams, perUpstream in
 	if err := bench.RegisterWithSidecar(c, "client", ports[0], ports[1], nil, ups...); err != nil {
 		return res, err
 	}
-	sc, err := env.StartSidecar(consul, "client")
+	started := time.Now()
+	sc, err := env.StartObservedSidecar(consul, "client")
 	if err != nil {
 		return res, err
 	}
+	res.ready = time.Since(started)
 	pid := sc.Cmd.Process.Pid
 	stopPeak := bench.PeakMem(ctx, pid, 250*time.Millisecond)
 	defer stopPeak()
-	// Wait until HAProxy serves all 1 000 endpoints.
+	// Wait until HAProxy serves all 1 000 endpoints, read on the worker's
+	// observation socket, not on the master socket the sidecar steers
+	// HAProxy with.
 	if err := bench.WaitFor(ctx, 60*time.Second, func() error {
-		st, err := sc.RT.ServersState(ctx, "")
+		text, err := bench.Command(sc.Observe, "show servers state")
+		if err != nil {
+			return err
+		}
+		st, err := runtime.ParseServersState(text)
 		if err != nil {
 			return err
 		}
@@ -132,6 +144,7 @@ func measureRound(ctx context.Context, b *bench.Bench, upstreams, perUpstream in
 	}); err != nil {
 		return res, err
 	}
+	res.serving = time.Since(started)
 	before, err := sc.RT.Procs(ctx)
 	if err != nil {
 		return res, err
