@@ -76,8 +76,11 @@ type plan struct {
 const (
 	loadRate         = 100   // steady load, requests per second
 	writers          = 16    // Consul writes in flight at most
-	enduranceChanges = 10000 // changes in the haproxy-connect endurance check
-	enduranceRate    = 200   // its rate, changes/s: 50 s if Consul keeps up
+	enduranceChanges = 20000 // changes in the haproxy-connect endurance check
+	enduranceRate    = 1000  // its rate, changes/s (issue 15: sustained 1 000/s): 20 s if Consul keeps up
+	// enduranceWindow is the churn endpoints live during the endurance
+	// pass: each lives 2*enduranceWindow changes, 1 s at 1 000/s.
+	enduranceWindow = 500
 )
 
 // Tuned HAProxy resolver timers for the DNS SRV contender. The default
@@ -159,7 +162,7 @@ func Run(ctx context.Context, b *bench.Bench) error {
 	if err != nil {
 		return err
 	}
-	if err := cb.setup(max(2*rates[1].window+2, burst.changes)); err != nil {
+	if err := cb.setup(max(2*rates[1].window+2, burst.changes, 2*enduranceWindow+2)); err != nil {
 		return err
 	}
 
@@ -219,7 +222,7 @@ func Run(ctx context.Context, b *bench.Bench) error {
 	for i, p := range append(slices.Clone(rates), burst) {
 		cb.report(p, i == 0, contenders, res[p.name])
 	}
-	if !b.Quick && b.Wants(nameHC) {
+	if b.Wants(nameHC) {
 		if err := cb.endurance(ctx); err != nil {
 			return err
 		}

@@ -40,7 +40,7 @@ type contender struct {
 	// trees) have used so far; nil when it has none (Consul alone).
 	cpu func() (time.Duration, error)
 	// pollCost is the contender's CPU seconds per poll of its observer
-	// (calibrate), measured at each start.
+	// (calibrate), measured in each pass.
 	pollCost float64
 	// share reads the contender's own propagation histogram
 	// (haproxy-connect's /metrics); nil when it has none.
@@ -80,42 +80,41 @@ const calibrationPolls = 1000
 
 // calibrate measures the observer's own cost: the contender's CPU time
 // (its process trees, c.cpu) per poll over calibrationPolls polls back to
-// back, once the poll answers. The pass's observer takes about this much
-// CPU from the contender per poll, at the poll interval it reports.
-func (c *contender) calibrate(ctx context.Context) error {
-	if err := bench.WaitFor(ctx, 30*time.Second, func() error { _, err := c.poll(ctx); return err }); err != nil {
-		return fmt.Errorf("observer: %w", err)
-	}
+// back. The pass's observer takes about this much CPU from the contender
+// per poll, at the poll interval it reports. pass calls it once the
+// starting state is in effect, before the measured changes; a failed poll
+// (a reload replacing the worker) is retried, a few times. polls counts
+// the pass's own observer's polls, which go on meanwhile and are counted
+// in.
+func (c *contender) calibrate(ctx context.Context, polls func() int) error {
 	before, err := c.cpu()
 	if err != nil {
 		return err
 	}
-	for range calibrationPolls {
+	loop0 := polls()
+	for n, failed := 0, 0; n < calibrationPolls; {
 		if _, err := c.poll(ctx); err != nil {
-			return fmt.Errorf("observer: %w", err)
+			if failed++; failed > 100 {
+				return fmt.Errorf("observer: %w", err)
+			}
+			time.Sleep(time.Millisecond)
+			continue
 		}
+		n++
 	}
 	after, err := c.cpu()
 	if err != nil {
 		return err
 	}
-	c.pollCost = (after - before).Seconds() / calibrationPolls
+	c.pollCost = (after - before).Seconds() / float64(calibrationPolls+polls()-loop0)
 	return nil
 }
 
 // Name is the contender's name in the tables.
 func (c *contender) Name() string { return c.name }
 
-// Start starts the contender fresh and calibrates its observer.
-func (c *contender) Start(ctx context.Context) error {
-	if err := c.start(ctx); err != nil {
-		return err
-	}
-	if c.poll != nil && c.cpu != nil {
-		return c.calibrate(ctx)
-	}
-	return nil
-}
+// Start starts the contender fresh.
+func (c *contender) Start(ctx context.Context) error { return c.start(ctx) }
 
 // Stop stops the contender and closes its observer.
 func (c *contender) Stop() {

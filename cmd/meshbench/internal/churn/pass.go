@@ -94,6 +94,11 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 		}
 		reloadsBefore = n
 	}
+	if c.poll != nil && c.cpu != nil {
+		if err := c.calibrate(ctx, seenTL.polls); err != nil {
+			return r, err
+		}
+	}
 	r.cpu, r.pollCost = -1, c.pollCost
 	var cpu0 time.Duration
 	if c.cpu != nil {

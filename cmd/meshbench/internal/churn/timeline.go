@@ -155,3 +155,10 @@ func match(changes []change, seen map[string][]transition) (lat bench.Samples, u
 	}
 	return lat, unseen
 }
+
+// polls is the number of snapshots observed since the last restart.
+func (t *timeline) polls() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.snaps
+}
