@@ -12,52 +12,31 @@ import (
 	"os/exec"
 	"os/signal"
 	"runtime"
-	"slices"
 	"strings"
 	"syscall"
 	"time"
 
+	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/authz"
+	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/bench"
+	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/churn"
+	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/datapath"
+	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/footprint"
+	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/l7"
+	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/runtimecost"
+	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/scale"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
-// Bench is one meshbench run.
-type Bench struct {
-	*Env
-	Rounds int
-	Quick  bool
-	// ProfileDir, when set, receives CPU profiles of haproxy-connect taken
-	// during the workloads that support it.
-	ProfileDir string
-	// Contenders, when set, keeps only the contenders whose name contains
-	// one of these (case-insensitive): for focused runs while developing.
-	// A run written to BENCHMARKS.md leaves it empty.
-	Contenders []string
-	Report     *Report
+// workloads run in this order, each adding its sections to the report.
+var workloads = []bench.Workload{
+	{Name: "churn", Run: churn.Run},
+	{Name: "runtime", Run: runtimecost.Run},
+	{Name: "datapath", Run: datapath.Run},
+	{Name: "authz", Run: authz.Run},
+	{Name: "l7", Run: l7.Run},
+	{Name: "footprint", Run: footprint.Run},
+	{Name: "scale", Run: scale.Run},
 }
-
-// Wants reports whether the contender called name takes part in this run.
-func (b *Bench) Wants(name string) bool {
-	if len(b.Contenders) == 0 {
-		return true
-	}
-	for _, c := range b.Contenders {
-		if strings.Contains(strings.ToLower(name), strings.ToLower(c)) {
-			return true
-		}
-	}
-	return false
-}
-
-type workload struct {
-	name string
-	run  func(ctx context.Context, b *Bench) error
-}
-
-// workloads register themselves (init in their files); they run in
-// workloadOrder, each adding its sections to the report.
-var workloads []workload
-
-var workloadOrder = []string{"churn", "runtime", "datapath", "authz", "l7", "footprint"}
 
 func main() {
 	rounds := flag.Int("rounds", 3, "rounds per figure (median, min and max are reported)")
@@ -78,7 +57,7 @@ func main() {
 }
 
 func run(ctx context.Context, rounds int, only string, quick bool, md, dir, profile, contenders string) error {
-	env := &Env{}
+	env := &bench.Env{}
 	var err error
 	if env.HAProxy, err = testenv.FindBinary("haproxy", "HAPROXY_BIN", "/usr/sbin/haproxy"); err != nil {
 		return err
@@ -100,7 +79,7 @@ func run(ctx context.Context, rounds int, only string, quick bool, md, dir, prof
 	env.Dir = dir
 	defer env.Close()
 
-	b := &Bench{Env: env, Rounds: rounds, Quick: quick, ProfileDir: profile, Report: &Report{
+	b := &bench.Bench{Env: env, Rounds: rounds, Quick: quick, ProfileDir: profile, Report: &bench.Report{
 		Command: "make bench (" + strings.Join(os.Args, " ") + ")", Started: time.Now(), Versions: versions(env),
 	}}
 	for _, c := range strings.Split(contenders, ",") {
@@ -115,23 +94,20 @@ func run(ctx context.Context, rounds int, only string, quick bool, md, dir, prof
 		}
 	}
 	var failed []string
-	slices.SortStableFunc(workloads, func(a, b workload) int {
-		return slices.Index(workloadOrder, a.name) - slices.Index(workloadOrder, b.name)
-	})
 	for _, w := range workloads {
-		if len(selected) > 0 && !selected[w.name] {
+		if len(selected) > 0 && !selected[w.Name] {
 			continue
 		}
-		env.Logf("workload %s", w.name)
+		env.Logf("workload %s", w.Name)
 		start := time.Now()
 		// A failed workload is reported and the others still run: the
 		// report is written, and meshbench exits non-zero at the end.
-		if err := w.run(ctx, b); err != nil {
-			env.Logf("workload %s failed: %v", w.name, err)
-			b.Report.Add(fmt.Sprintf("Workload %s FAILED", w.name)).Note("%v", err)
-			failed = append(failed, w.name)
+		if err := w.Run(ctx, b); err != nil {
+			env.Logf("workload %s failed: %v", w.Name, err)
+			b.Report.Add(fmt.Sprintf("Workload %s FAILED", w.Name)).Note("%v", err)
+			failed = append(failed, w.Name)
 		} else {
-			env.Logf("workload %s done in %s", w.name, time.Since(start).Round(time.Second))
+			env.Logf("workload %s done in %s", w.Name, time.Since(start).Round(time.Second))
 		}
 		if ctx.Err() != nil {
 			return ctx.Err()
@@ -139,7 +115,7 @@ func run(ctx context.Context, rounds int, only string, quick bool, md, dir, prof
 	}
 	b.Report.Text(os.Stdout)
 	if md != "" {
-		if err := writeBenchmarksMD(md, b.Report); err != nil {
+		if err := bench.WriteBenchmarksMD(md, b.Report); err != nil {
 			return err
 		}
 	}
@@ -149,7 +125,7 @@ func run(ctx context.Context, rounds int, only string, quick bool, md, dir, prof
 	return nil
 }
 
-func versions(e *Env) []string {
+func versions(e *bench.Env) []string {
 	first := func(bin string, args ...string) string {
 		if bin == "" {
 			return "not installed"

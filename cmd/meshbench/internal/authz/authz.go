@@ -1,9 +1,8 @@
-package main
-
-// The authorization workload: the SPOE agent's decision time, cached and
+// Package authz is the authorization workload: the SPOE agent's decision time, cached and
 // uncached, timed at the agent's socket by a minimal SPOP client; and the
 // rate of new connections through the sidecars with authorization on and
 // off.
+package authz
 
 import (
 	"context"
@@ -13,7 +12,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -27,30 +25,29 @@ import (
 
 	"github.com/haproxy-connect/haproxy-connect/authzgen"
 	"github.com/haproxy-connect/haproxy-connect/bootstrap"
+	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/bench"
 	"github.com/haproxy-connect/haproxy-connect/spoa"
 	"github.com/haproxy-connect/haproxy-connect/spoa/spoptest"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
-func init() { workloads = append(workloads, workload{"authz", runAuthz}) }
-
-// authzCell is one row group of the on/off comparison.
-type authzCell struct {
-	mode    httpMode
+// shape is one row group of the on/off comparison.
+type shape struct {
+	mode    bench.HTTPMode
 	clients int
 }
 
-// authzCells: the new-connection rate the target is about, and keep-alive,
+// shapes: the new-connection rate the target is about, and keep-alive,
 // where what authorization costs depends on whether the agent is asked per
 // request or per connection.
-var authzCells = []authzCell{{modeNewConn, 16}, {modeNewConn, 128}, {modeKeepAlive, 16}}
+var shapes = []shape{{bench.ModeNewConn, 16}, {bench.ModeNewConn, 128}, {bench.ModeKeepAlive, 16}}
 
-// authzSources are the client services whose leaves the decision-time
+// sources are the client services whose leaves the decision-time
 // client presents, in turn.
-const authzSources = 8
+const sources = 8
 
-// authzVariant is one way the inbound side is run.
-type authzVariant struct {
+// variant is one way the inbound side is run.
+type variant struct {
 	name string
 	// port is the client sidecar's upstream bind for it.
 	port int
@@ -60,12 +57,12 @@ type authzVariant struct {
 	decisions func() (int64, error)
 }
 
-// authzFigures are one variant's figures at one concurrency, one per round.
-type authzFigures struct {
+// figures are one variant's figures at one concurrency, one per round.
+type figures struct {
 	// Two runs per round.
-	rate, p99, connsPerReq, authzPerReq Rounds
+	rate, p99, connsPerReq, authzPerReq bench.Rounds
 	// vsOff is the rate over the off side's, one paired ratio per round.
-	vsOff            Rounds
+	vsOff            bench.Rounds
 	requests, errors int64
 	firstErr         string
 }
@@ -92,13 +89,13 @@ type decisionCase struct {
 }
 
 type decisionFigures struct {
-	p50, p99, max Rounds
+	p50, p99, max bench.Rounds
 	// agentP50 and agentP99 are the agent's own decision times, from
 	// spoa.WithObserver: no loopback, no framing.
-	agentP50, agentP99 Rounds
+	agentP50, agentP99 bench.Rounds
 }
 
-func runAuthz(ctx context.Context, b *Bench) error {
+func Run(ctx context.Context, b *bench.Bench) error {
 	if b.Wrk == "" {
 		return errors.New("wrk not found (apt-get install -y wrk, or set WRK_BIN)")
 	}
@@ -112,7 +109,7 @@ func runAuthz(ctx context.Context, b *Bench) error {
 	if err != nil {
 		return err
 	}
-	app, err := startCountingApp(b.Env, "hello from server\n")
+	app, err := bench.StartCountingApp(b.Env, "hello from server\n")
 	if err != nil {
 		return err
 	}
@@ -134,7 +131,7 @@ func runAuthz(ctx context.Context, b *Bench) error {
 		name string
 		port int
 	}{{"server", serverSidecar}, {"authz-on", onPublic}, {"authz-off", offPublic}} {
-		if err := RegisterWithSidecar(c, r.name, app.port, r.port, httpCfg); err != nil {
+		if err := bench.RegisterWithSidecar(c, r.name, app.Port, r.port, httpCfg); err != nil {
 			return err
 		}
 	}
@@ -146,7 +143,7 @@ func runAuthz(ctx context.Context, b *Bench) error {
 	up := func(name string, port int) api.Upstream {
 		return api.Upstream{DestinationName: name, LocalBindAddress: "127.0.0.1", LocalBindPort: port, Config: map[string]any{"protocol": "tcp"}}
 	}
-	err = RegisterWithSidecar(c, "client", clientApp, clientSidecar, map[string]any{"bind_address": "127.0.0.1"},
+	err = bench.RegisterWithSidecar(c, "client", clientApp, clientSidecar, map[string]any{"bind_address": "127.0.0.1"},
 		up("server", upServer), up("authz-on", upOn), up("authz-off", upOff))
 	if err != nil {
 		return err
@@ -163,30 +160,30 @@ func runAuthz(ctx context.Context, b *Bench) error {
 	if err != nil {
 		return err
 	}
-	onProc, offProc, err := startRenderedPair(b, consul, agentAddr, app.port, onPublic, offPublic)
+	onProc, offProc, err := startRenderedPair(b, consul, agentAddr, app.Port, onPublic, offPublic)
 	if err != nil {
 		return err
 	}
-	serverDecisions := func() (int64, error) { return sidecarDecisions(server.Stats) }
-	variants := []authzVariant{
+	serverDecisions := func() (int64, error) { return bench.SidecarDecisions(server.Stats) }
+	variants := []variant{
 		{
 			name: "on: haproxy-connect sidecar", port: upServer,
 			sessions: func() (int64, error) {
-				return frontendSessions(filepath.Join(server.StateDir, "master.sock"), bootstrap.PublicFrontend)
+				return bench.FrontendSessions(filepath.Join(server.StateDir, "master.sock"), bootstrap.PublicFrontend)
 			},
 			decisions: serverDecisions,
 		},
 		{
 			name: "on: rendered config + the sidecar's agent", port: upOn,
-			sessions:  func() (int64, error) { return frontendSessions(onProc.MasterSock, bootstrap.PublicFrontend) },
+			sessions:  func() (int64, error) { return bench.FrontendSessions(onProc.MasterSock, bootstrap.PublicFrontend) },
 			decisions: serverDecisions,
 		},
 		{
 			name: "off: rendered config without the SPOE filter", port: upOff,
-			sessions: func() (int64, error) { return frontendSessions(offProc.MasterSock, bootstrap.PublicFrontend) },
+			sessions: func() (int64, error) { return bench.FrontendSessions(offProc.MasterSock, bootstrap.PublicFrontend) },
 		},
 	}
-	if err := waitUpstreams(ctx, app.body, upServer, upOn, upOff); err != nil {
+	if err := bench.WaitUpstreams(ctx, app.Body, upServer, upOn, upOff); err != nil {
 		return err
 	}
 
@@ -196,15 +193,15 @@ func runAuthz(ctx context.Context, b *Bench) error {
 	}
 	// The sidecar's agent is told the roots HAProxy verifies client
 	// certificates against; the second is not, and verifies each chain.
-	timing, err := startAuthzAgent(b.Env, "server", authClient, ca.CertPEM)
+	timing, err := startAgent(b.Env, "server", authClient, ca.CertPEM)
 	if err != nil {
 		return err
 	}
-	verifying, err := startAuthzAgent(b.Env, "server", authClient, "")
+	verifying, err := startAgent(b.Env, "server", authClient, "")
 	if err != nil {
 		return err
 	}
-	certs, err := sourceCerts(c, authzSources)
+	certs, err := sourceCerts(c, sources)
 	if err != nil {
 		return err
 	}
@@ -240,11 +237,11 @@ func runAuthz(ctx context.Context, b *Bench) error {
 		return out, nil
 	}
 
-	rates := map[string]map[authzCell]*authzFigures{}
+	rates := map[string]map[shape]*figures{}
 	for _, v := range variants {
-		rates[v.name] = map[authzCell]*authzFigures{}
-		for _, cell := range authzCells {
-			rates[v.name][cell] = &authzFigures{}
+		rates[v.name] = map[shape]*figures{}
+		for _, cell := range shapes {
+			rates[v.name][cell] = &figures{}
 		}
 	}
 	times := map[string]*decisionFigures{}
@@ -252,7 +249,7 @@ func runAuthz(ctx context.Context, b *Bench) error {
 	for r := 0; r < b.Rounds; r++ {
 		b.Logf("authz round %d/%d", r+1, b.Rounds)
 		for _, v := range variants {
-			if _, err := runWrk(ctx, b.Wrk, fmt.Sprintf("http://127.0.0.1:%d/", v.port), 16, time.Second, true); err != nil {
+			if _, err := bench.RunWrk(ctx, b.Wrk, fmt.Sprintf("http://127.0.0.1:%d/", v.port), 16, time.Second, true); err != nil {
 				return fmt.Errorf("%s: warm-up: %w", v.name, err)
 			}
 		}
@@ -260,8 +257,8 @@ func runAuthz(ctx context.Context, b *Bench) error {
 		// machine's drift over a run: each cell measures every variant
 		// twice, in mirrored order (ABC CBA, rotated every round), and
 		// compares each with the off side within the round.
-		for _, cell := range authzCells {
-			order := make([]authzVariant, 0, 2*len(variants))
+		for _, cell := range shapes {
+			order := make([]variant, 0, 2*len(variants))
 			for i := range variants {
 				order = append(order, variants[(i+r)%len(variants)])
 			}
@@ -307,16 +304,16 @@ func authorizeClient(addr string) (*api.Client, error) {
 	return api.NewClient(cfg)
 }
 
-type authzAgent struct {
+type agent struct {
 	a    *spoa.Authorizer
 	addr string
 	// inAgent collects the agent's own decision times (spoa.WithObserver).
 	mu      sync.Mutex
-	inAgent Samples
+	inAgent bench.Samples
 }
 
 // takeInAgent returns and clears the decision times recorded so far.
-func (ag *authzAgent) takeInAgent() Samples {
+func (ag *agent) takeInAgent() bench.Samples {
 	ag.mu.Lock()
 	defer ag.mu.Unlock()
 	s := ag.inAgent
@@ -324,7 +321,7 @@ func (ag *authzAgent) takeInAgent() Samples {
 	return s
 }
 
-// startAuthzAgent runs a spoa.Authorizer for target on a free loopback
+// startAgent runs a spoa.Authorizer for target on a free loopback
 // port, deciding as the sidecar does: locally, from the intentions its
 // watch holds. It logs as the sidecar does (info, console encoding), to
 // nowhere: uncached decisions pay for their log line. It returns once the
@@ -333,9 +330,9 @@ func (ag *authzAgent) takeInAgent() Samples {
 // servedRoots, unless empty, are announced as the roots HAProxy verifies
 // client certificates against (as the sidecar's controller does), so the
 // agent relies on that verification for certificates it has not seen.
-func startAuthzAgent(e *Env, target string, client *api.Client, servedRoots string) (*authzAgent, error) {
+func startAgent(e *bench.Env, target string, client *api.Client, servedRoots string) (*agent, error) {
 	log := zap.New(zapcore.NewCore(zapcore.NewConsoleEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(io.Discard), zapcore.InfoLevel))
-	ag := &authzAgent{}
+	ag := &agent{}
 	ag.a = spoa.New(target, nil, log, spoa.WithObserver(func(_ bool, took time.Duration) {
 		ag.mu.Lock()
 		ag.inAgent = append(ag.inAgent, took.Seconds())
@@ -393,7 +390,7 @@ func sidecarAgentAddr(stateDir string) (string, error) {
 // sidecar does, and runs it: authz-on as rendered, its SPOE messages going
 // to the agent's socket agentAddr; authz-off without the SPOE filter and its verdict rules,
 // so that every request is served without asking anyone.
-func startRenderedPair(b *Bench, consul *testenv.ConsulProc, agentAddr string, appPort, onPort, offPort int) (on, off *testenv.HAProxyProc, err error) {
+func startRenderedPair(b *bench.Bench, consul *testenv.ConsulProc, agentAddr string, appPort, onPort, offPort int) (on, off *testenv.HAProxyProc, err error) {
 	roots, _, err := consul.Client.Agent().ConnectCARoots(nil)
 	if err != nil {
 		return nil, nil, fmt.Errorf("ca roots: %w", err)
@@ -431,7 +428,7 @@ func startRenderedPair(b *Bench, consul *testenv.ConsulProc, agentAddr string, a
 		files = append(files,
 			bootstrap.File{Path: spec.LeafFile, Content: strings.TrimSpace(leaf.CertPEM) + "\n" + leaf.PrivateKeyPEM},
 			bootstrap.File{Path: spec.RootsFile, Content: rootsPEM.String()})
-		if err := writeFiles(files); err != nil {
+		if err := bench.WriteFiles(files); err != nil {
 			return "", err
 		}
 		return cfg, nil
@@ -496,32 +493,9 @@ func withoutSPOE(cfg string) (string, error) {
 	return res, nil
 }
 
-// waitUpstreams waits until GET through each client upstream port answers
-// the app's body.
-func waitUpstreams(ctx context.Context, body string, ports ...int) error {
-	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-	return WaitFor(ctx, 30*time.Second, func() error {
-		for _, p := range ports {
-			resp, err := client.Get(fmt.Sprintf("http://127.0.0.1:%d/", p))
-			if err != nil {
-				return fmt.Errorf("upstream port %d: %w", p, err)
-			}
-			got, err := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			if err != nil {
-				return err
-			}
-			if resp.StatusCode != 200 || string(got) != body {
-				return fmt.Errorf("upstream port %d: %d %q", p, resp.StatusCode, got)
-			}
-		}
-		return nil
-	})
-}
-
 // measureOnOff runs wrk through v for one cell, adds the figures to f and
 // returns the request rate.
-func measureOnOff(ctx context.Context, b *Bench, v authzVariant, cell authzCell, f *authzFigures) (float64, error) {
+func measureOnOff(ctx context.Context, b *bench.Bench, v variant, cell shape, f *figures) (float64, error) {
 	url := fmt.Sprintf("http://127.0.0.1:%d/", v.port)
 	s0, err := v.sessions()
 	if err != nil {
@@ -533,7 +507,7 @@ func measureOnOff(ctx context.Context, b *Bench, v authzVariant, cell authzCell,
 			return 0, err
 		}
 	}
-	res, err := runWrk(ctx, b.Wrk, url, cell.clients, wrkCellTime(b), cell.mode.close)
+	res, err := bench.RunWrk(ctx, b.Wrk, url, cell.clients, b.WrkTime(), cell.mode.Close)
 	if err != nil {
 		return 0, err
 	}
@@ -566,10 +540,10 @@ func measureOnOff(ctx context.Context, b *Bench, v authzVariant, cell authzCell,
 // measureDecisions times each case over one SPOP connection, one request
 // at a time, and checks from the agent's counters that each request was
 // decided the way the case says.
-func measureDecisions(main, verifying *authzAgent, certs [][]byte, mint func(int) ([][]byte, error), cases []decisionCase,
+func measureDecisions(main, verifying *agent, certs [][]byte, mint func(int) ([][]byte, error), cases []decisionCase,
 	figs map[string]*decisionFigures) error {
-	conns := map[*authzAgent]*spoptest.Conn{}
-	for _, ag := range []*authzAgent{main, verifying} {
+	conns := map[*agent]*spoptest.Conn{}
+	for _, ag := range []*agent{main, verifying} {
 		cl, err := spoptest.Dial(ag.addr, "meshbench-"+strconv.Itoa(os.Getpid()), 5*time.Second)
 		if err != nil {
 			return err
@@ -598,7 +572,7 @@ func measureDecisions(main, verifying *authzAgent, certs [][]byte, mint func(int
 		}
 		before := ag.a.Stats()
 		ag.takeInAgent()
-		s := make(Samples, 0, c.samples)
+		s := make(bench.Samples, 0, c.samples)
 		for i := 0; i < c.samples; i++ {
 			if c.uncached && !c.newCerts {
 				ag.a.Invalidate()
@@ -674,7 +648,7 @@ func sourceCerts(c *api.Client, n int) ([][]byte, error) {
 	return certs, nil
 }
 
-func reportDecisions(b *Bench, cases []decisionCase, figs map[string]*decisionFigures) {
+func reportDecisions(b *bench.Bench, cases []decisionCase, figs map[string]*decisionFigures) {
 	sec := b.Report.Add("Authorization: SPOE agent decision time",
 		"case", "requests/round", "p50 in agent", "p99 in agent", "p50 at socket", "p99 at socket", "max at socket")
 	for _, c := range cases {
@@ -682,7 +656,7 @@ func reportDecisions(b *Bench, cases []decisionCase, figs map[string]*decisionFi
 		if f == nil {
 			continue
 		}
-		sec.Row(c.name, strconv.Itoa(c.samples), f.agentP50.Format(Dur), f.agentP99.Format(Dur), f.p50.Format(Dur), f.p99.Format(Dur), f.max.Format(Dur))
+		sec.Row(c.name, strconv.Itoa(c.samples), f.agentP50.Format(bench.Dur), f.agentP99.Format(bench.Dur), f.p50.Format(bench.Dur), f.p99.Format(bench.Dur), f.max.Format(bench.Dur))
 	}
 	sec.Note("A spoa.Authorizer (the sidecar's agent, deciding locally from the intentions its watch holds, logging "+
 		"as the sidecar does) runs inside meshbench; a minimal SPOP 2.0 client in meshbench sends one NOTIFY "+
@@ -698,15 +672,15 @@ func reportDecisions(b *Bench, cases []decisionCase, figs map[string]*decisionFi
 		"check; a second agent, not told the roots). The agent's counters are checked after each case: every cached "+
 		"request was a cache hit, every uncached one a local decision (no Consul call), and chains were verified by the agent exactly "+
 		"when expected. In agent: the agent's own time per decision "+
-		"(spoa.WithObserver: certificate parse and checks, cache or intentions, log line), without loopback or framing.", authzSources)
+		"(spoa.WithObserver: certificate parse and checks, cache or intentions, log line), without loopback or framing.", sources)
 }
 
-func reportOnOff(b *Bench, variants []authzVariant, figs map[string]map[authzCell]*authzFigures) {
+func reportOnOff(b *bench.Bench, variants []variant, figs map[string]map[shape]*figures) {
 	sec := b.Report.Add("Authorization: request rate with authorization on and off",
 		"mode", "clients", "inbound side", "req/s", "p99", "conns/req", "authz/req", "errors", "÷ off")
 	off := variants[len(variants)-1].name
 	var errNotes []string
-	for _, cell := range authzCells {
+	for _, cell := range shapes {
 		n := cell.clients
 		base := figs[off][cell]
 		for _, v := range variants {
@@ -718,11 +692,11 @@ func reportOnOff(b *Bench, variants []authzVariant, figs map[string]map[authzCel
 			if base != nil {
 				vsOff = f.vsOff.Format(func(r float64) string { return fmt.Sprintf("%.2f", r) })
 			}
-			sec.Row(cell.mode.name, strconv.Itoa(n), v.name, f.rate.Format(Num), f.p99.Format(Dur), f.connsPerReq.Format(perReq),
-				optPerReq(f.authzPerReq), strconv.FormatInt(f.errors, 10), vsOff)
+			sec.Row(cell.mode.Name, strconv.Itoa(n), v.name, f.rate.Format(bench.Num), f.p99.Format(bench.Dur), f.connsPerReq.Format(bench.PerReq),
+				bench.OptPerReq(f.authzPerReq), strconv.FormatInt(f.errors, 10), vsOff)
 			if f.errors > 0 {
 				errNotes = append(errNotes, fmt.Sprintf("%s, %s, %d clients: %d errors in %d requests (%s)",
-					v.name, cell.mode.name, n, f.errors, f.requests, f.firstErr))
+					v.name, cell.mode.Name, n, f.errors, f.requests, f.firstErr))
 			}
 		}
 	}
@@ -742,7 +716,7 @@ func reportOnOff(b *Bench, variants []authzVariant, figs map[string]map[authzCel
 		"The target is at least 0.9 for authorization on in new-conn mode. "+
 		"conns/req is the inbound public listener's new sessions per request (HAProxy stats), so about 1 means one mTLS handshake "+
 		"per request; authz/req is the agent's decisions per request (all cached after the first: one client "+
-		"identity).", wrkCellTime(b))
+		"identity).", b.WrkTime())
 	errText := "no wrk errors (socket errors or non-2xx responses) in any cell."
 	if len(errNotes) > 0 {
 		errText = "wrk errors (socket errors + non-2xx responses, summed over rounds): " + strings.Join(errNotes, "; ") + "."

@@ -1,4 +1,4 @@
-package main
+package bench
 
 import (
 	"fmt"
@@ -35,8 +35,19 @@ func (s Samples) Max() float64 {
 // Rounds holds one figure per round; reports show the median with min-max.
 type Rounds []float64
 
-// Median of the rounds; NaN if empty.
-func (r Rounds) Median() float64 { return Samples(r).Percentile(50) }
+// Median of the rounds: the middle value, or the mean of the two middle
+// values for an even count; NaN if empty.
+func (r Rounds) Median() float64 {
+	if len(r) == 0 {
+		return math.NaN()
+	}
+	c := slices.Clone(r)
+	slices.Sort(c)
+	if n := len(c); n%2 == 0 {
+		return (c[n/2-1] + c[n/2]) / 2
+	}
+	return c[len(c)/2]
+}
 
 // Format renders "median (min-max)" with f formatting one value.
 func (r Rounds) Format(f func(float64) string) string {
@@ -123,7 +134,7 @@ func (s *Section) Note(format string, a ...any) { s.Notes = append(s.Notes, fmt.
 
 // Markdown writes the report as Markdown.
 func (r *Report) Markdown(w io.Writer) {
-	fmt.Fprintf(w, "Run: `%s` on %s.\n\n", r.Command, r.Started.UTC().Format("2006-01-02 15:04 MST"))
+	fmt.Fprintf(w, "Run: `%s` on %s.\n\n", r.Command, r.Started.UTC().Format(runStamp))
 	for _, v := range r.Versions {
 		fmt.Fprintf(w, "- %s\n", v)
 	}
@@ -176,3 +187,92 @@ func (r *Report) Text(w io.Writer) {
 		}
 	}
 }
+
+// SignedDur is Dur for a difference that may be negative.
+func SignedDur(sec float64) string {
+	if sec < 0 {
+		return "−" + Dur(-sec)
+	}
+	return Dur(sec)
+}
+func PerReq(v float64) string { return fmt.Sprintf("%.3f", v) }
+func OptPerReq(r Rounds) string {
+	if len(r) == 0 {
+		return "–"
+	}
+	return r.Format(PerReq)
+}
+
+// DiffRounds is a[i] - b[i] for each round present in both.
+func DiffRounds(a, b Rounds) Rounds {
+	var d Rounds
+	for i := 0; i < len(a) && i < len(b); i++ {
+		d = append(d, a[i]-b[i])
+	}
+	return d
+}
+
+// MiB formats bytes in MiB.
+func MiB(v float64) string { return fmt.Sprintf("%.1f MiB", v/(1<<20)) }
+
+// Target says whether v (lower is better) meets target: "met: v ≤
+// target" or "missed by <v-target>: v against ≤ target"; f formats values.
+func Target(v, target float64, f func(float64) string) string {
+	switch {
+	case math.IsNaN(v):
+		return "≤ " + f(target) + ": n/a"
+	case v <= target:
+		return fmt.Sprintf("met: %s ≤ %s", f(v), f(target))
+	}
+	return fmt.Sprintf("missed by %s: %s against ≤ %s", f(v-target), f(v), f(target))
+}
+
+// TargetRatio is Target for a ratio: "missed: 5.4x against ≤ 1.5x (3.6x
+// the target)".
+func TargetRatio(v, target float64) string {
+	switch {
+	case math.IsNaN(v):
+		return "≤ " + X(target) + ": n/a"
+	case v <= target:
+		return fmt.Sprintf("met: %s ≤ %s", X(v), X(target))
+	}
+	return fmt.Sprintf("missed: %s against ≤ %s (%s the target)", X(v), X(target), Ratio(v, target))
+}
+
+// TargetAtLeast is Target for a figure where higher is better.
+func TargetAtLeast(v, target float64, f func(float64) string) string {
+	switch {
+	case math.IsNaN(v):
+		return "≥ " + f(target) + ": n/a"
+	case v >= target:
+		return fmt.Sprintf("met: %s ≥ %s", f(v), f(target))
+	}
+	return fmt.Sprintf("missed by %s: %s against ≥ %s", f(target-v), f(v), f(target))
+}
+
+// Mean of the values; NaN if empty.
+func Mean(v []float64) float64 {
+	if len(v) == 0 {
+		return math.NaN()
+	}
+	var sum float64
+	for _, x := range v {
+		sum += x
+	}
+	return sum / float64(len(v))
+}
+
+// PerRound is a[i]/b[i] for each round present in both: a ratio paired
+// within each round, so that the machine's drift between rounds cancels.
+func PerRound(a, b Rounds) Rounds {
+	var r Rounds
+	for i := 0; i < len(a) && i < len(b); i++ {
+		if b[i] != 0 && !math.IsNaN(a[i]) && !math.IsNaN(b[i]) {
+			r = append(r, a[i]/b[i])
+		}
+	}
+	return r
+}
+
+// X formats a ratio as Ratio does ("1.3x").
+func X(v float64) string { return Ratio(v, 1) }

@@ -1,4 +1,4 @@
-package main
+package churn
 
 import (
 	"context"
@@ -16,55 +16,55 @@ import (
 func TestMatchChanges(t *testing.T) {
 	t0 := time.Unix(1000, 0)
 	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
-	add := func(key string, ms int) churnChange { return churnChange{key: key, add: true, ack: at(ms)} }
-	del := func(key string, ms int) churnChange { return churnChange{key: key, ack: at(ms)} }
-	on := func(ms int) churnTransition { return churnTransition{at(ms), true} }
-	off := func(ms int) churnTransition { return churnTransition{at(ms), false} }
+	add := func(key string, ms int) change { return change{key: key, add: true, ack: at(ms)} }
+	del := func(key string, ms int) change { return change{key: key, ack: at(ms)} }
+	on := func(ms int) transition { return transition{at(ms), true} }
+	off := func(ms int) transition { return transition{at(ms), false} }
 
 	tests := []struct {
 		name       string
-		changes    []churnChange
-		seen       map[string][]churnTransition
+		changes    []change
+		seen       map[string][]transition
 		wantMS     []float64 // latencies in ms, sorted
 		wantUnseen int
 	}{
 		{
 			name:    "each change seen once",
-			changes: []churnChange{add("a", 0), add("b", 10), del("a", 20), del("b", 30)},
-			seen:    map[string][]churnTransition{"a": {on(2), off(25)}, "b": {on(13), off(31)}},
+			changes: []change{add("a", 0), add("b", 10), del("a", 20), del("b", 30)},
+			seen:    map[string][]transition{"a": {on(2), off(25)}, "b": {on(13), off(31)}},
 			wantMS:  []float64{1, 2, 3, 5},
 		},
 		{
 			name:    "seen before the ack is kept, negative",
-			changes: []churnChange{add("a", 10)},
-			seen:    map[string][]churnTransition{"a": {on(9)}},
+			changes: []change{add("a", 10)},
+			seen:    map[string][]transition{"a": {on(9)}},
 			wantMS:  []float64{-1},
 		},
 		{
 			name:       "never seen",
-			changes:    []churnChange{add("a", 0), del("a", 100)},
-			seen:       map[string][]churnTransition{},
+			changes:    []change{add("a", 0), del("a", 100)},
+			seen:       map[string][]transition{},
 			wantUnseen: 2,
 		},
 		{
 			// An add and its remove both missed: the next add's transition
 			// must not be credited to the first add.
 			name:       "missed pair does not steal the next add",
-			changes:    []churnChange{add("a", 0), del("a", 100), add("a", 200), del("a", 300)},
-			seen:       map[string][]churnTransition{"a": {on(205), off(310)}},
+			changes:    []change{add("a", 0), del("a", 100), add("a", 200), del("a", 300)},
+			seen:       map[string][]transition{"a": {on(205), off(310)}},
 			wantMS:     []float64{5, 10},
 			wantUnseen: 2,
 		},
 		{
 			name:    "re-added endpoint matched in order",
-			changes: []churnChange{add("a", 0), del("a", 100), add("a", 200), del("a", 300)},
-			seen:    map[string][]churnTransition{"a": {on(1), off(101), on(201), off(301)}},
+			changes: []change{add("a", 0), del("a", 100), add("a", 200), del("a", 300)},
+			seen:    map[string][]transition{"a": {on(1), off(101), on(201), off(301)}},
 			wantMS:  []float64{1, 1, 1, 1},
 		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			lat, unseen := churnMatch(tt.changes, tt.seen)
+			lat, unseen := match(tt.changes, tt.seen)
 			var gotMS []float64
 			for _, s := range lat {
 				gotMS = append(gotMS, float64(time.Duration(s*float64(time.Second)).Round(time.Microsecond))/float64(time.Millisecond))
@@ -81,7 +81,7 @@ func TestMatchChanges(t *testing.T) {
 }
 
 func TestTimelineObserve(t *testing.T) {
-	tl := newChurnTimeline()
+	tl := newTimeline()
 	t0 := time.Unix(1000, 0)
 	tl.observe(t0, map[string]bool{"a": true})
 	tl.restart()
@@ -100,18 +100,18 @@ func TestTimelineObserve(t *testing.T) {
 }
 
 func TestChurnRateOps(t *testing.T) {
-	var eps []churnEndpoint
+	var eps []endpoint
 	for i := range 10 {
-		eps = append(eps, churnEndpoint{id: string(rune('a' + i)), key: string(rune('a' + i))})
+		eps = append(eps, endpoint{id: string(rune('a' + i)), key: string(rune('a' + i))})
 	}
-	keys := func(eps []churnEndpoint) string {
+	keys := func(eps []endpoint) string {
 		var s string
 		for _, e := range eps {
 			s += e.key
 		}
 		return s
 	}
-	start, ops, end := churnRateOps(eps, 2, 10)
+	start, ops, end := rateOps(eps, 2, 10)
 	if got := keys(start); got != "ab" {
 		t.Errorf("start = %s, want ab", got)
 	}
@@ -142,7 +142,7 @@ func TestChurnHealth(t *testing.T) {
 			{"Node":{"Address":"10.0.0.2"},"Service":{"Address":"","Port":3000}}]`))
 	}))
 	defer srv.Close()
-	set, idx, err := churnHealth(context.Background(), churnConsulHTTP, srv.URL)
+	set, idx, err := health(context.Background(), consulHTTP, srv.URL)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -156,10 +156,10 @@ func TestChurnHealth(t *testing.T) {
 }
 
 // parseShare reads the propagation histogram from a text exposition.
-func parseShare(text string) (churnShare, error) {
+func parseShare(text string) (histogram, error) {
 	f, err := scrape.Parse(strings.NewReader(text))
 	if err != nil {
-		return churnShare{}, err
+		return histogram{}, err
 	}
 	return shareOf(f)
 }

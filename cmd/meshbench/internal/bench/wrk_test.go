@@ -1,4 +1,4 @@
-package main
+package bench
 
 import (
 	"math"
@@ -23,11 +23,11 @@ Transfer/sec:      5.00MB
 `
 
 func TestParseWrk(t *testing.T) {
-	r, err := parseWrk(wrkOut)
+	r, err := ParseWrk(wrkOut)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := wrkResult{RPS: 60000.5, P50: 230e-6, P99: 1.2e-3, Requests: 120000, Connect: 1, Read: 2, Write: 3, Timeout: 4, Non2xx: 5}
+	want := WrkResult{RPS: 60000.5, P50: 230e-6, P99: 1.2e-3, Requests: 120000, Connect: 1, Read: 2, Write: 3, Timeout: 4, Non2xx: 5}
 	if math.Abs(r.P50-want.P50) > 1e-12 || math.Abs(r.P99-want.P99) > 1e-12 {
 		t.Errorf("latencies %v %v, want %v %v", r.P50, r.P99, want.P50, want.P99)
 	}
@@ -46,7 +46,7 @@ func TestParseWrk(t *testing.T) {
   10 requests in 5.00s, 1.00KB read
 Requests/sec:      2.00
 `
-	r, err = parseWrk(clean)
+	r, err = ParseWrk(clean)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -54,7 +54,7 @@ Requests/sec:      2.00
 		t.Errorf("got %+v", r)
 	}
 
-	if _, err := parseWrk("Requests/sec: 1.0\n"); err == nil {
+	if _, err := ParseWrk("Requests/sec: 1.0\n"); err == nil {
 		t.Error("output without latency distribution parsed")
 	}
 }
@@ -67,12 +67,12 @@ func TestParseStot(t *testing.T) {
 		frontend string
 		want     int64
 	}{{"public_listener", 1234}, {"up_server", 7}} {
-		got, err := parseStot(csv, tt.frontend)
+		got, err := ParseStot(csv, tt.frontend)
 		if err != nil || got != tt.want {
 			t.Errorf("%s: %d, %v; want %d", tt.frontend, got, err, tt.want)
 		}
 	}
-	if _, err := parseStot(csv, "missing"); err == nil {
+	if _, err := ParseStot(csv, "missing"); err == nil {
 		t.Error("missing frontend found")
 	}
 }

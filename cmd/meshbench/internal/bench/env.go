@@ -1,4 +1,4 @@
-package main
+package bench
 
 import (
 	"context"
@@ -18,6 +18,7 @@ import (
 
 	"github.com/hashicorp/consul/api"
 
+	"github.com/haproxy-connect/haproxy-connect/bootstrap"
 	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
@@ -158,10 +159,14 @@ type Sidecar struct {
 	StateDir string
 	Stats    string
 	Pprof    string // the -pprof-addr listener
-	RT       *runtime.Client
+	// Observe is the worker-level stats socket of StartObservedSidecar
+	// (empty otherwise).
+	Observe string
+	RT      *runtime.Client
 }
 
-// StartSidecar runs haproxy-connect for service id and waits for /readyz.
+// StartSidecar runs haproxy-connect for service id at its defaults (access
+// logs on, to its log file) plus extra flags, and waits for /readyz.
 func (e *Env) StartSidecar(consul *testenv.ConsulProc, id string, extra ...string) (*Sidecar, error) {
 	dir, err := e.Subdir("s")
 	if err != nil {
@@ -174,7 +179,7 @@ func (e *Env) StartSidecar(consul *testenv.ConsulProc, id string, extra ...strin
 	s := &Sidecar{StateDir: dir, Stats: fmt.Sprintf("127.0.0.1:%d", ports[0]), Pprof: fmt.Sprintf("127.0.0.1:%d", ports[1]),
 		RT: runtime.New(filepath.Join(dir, "master.sock"), nil)}
 	args := append([]string{"-sidecar-for", id, "-http-addr", consul.Addr, "-haproxy-bin", e.HAProxy,
-		"-state-dir", dir, "-stats-addr", s.Stats, "-pprof-addr", s.Pprof, "-access-log=false"}, extra...)
+		"-state-dir", dir, "-stats-addr", s.Stats, "-pprof-addr", s.Pprof}, extra...)
 	if s.Proc, err = e.Start("sidecar-"+id, e.Sidecar, args...); err != nil {
 		return nil, err
 	}
@@ -194,6 +199,21 @@ func (e *Env) StartSidecar(consul *testenv.ConsulProc, id string, extra ...strin
 		}
 		return nil
 	})
+	return s, err
+}
+
+// StartObservedSidecar is StartSidecar with HAProxy run through
+// ObservedHAProxy: the sidecar's own configuration, plus a worker-level
+// stats socket (Sidecar.Observe) for the benchmark to observe it by.
+func (e *Env) StartObservedSidecar(consul *testenv.ConsulProc, id string, extra ...string) (*Sidecar, error) {
+	bin, sock, err := e.ObservedHAProxy()
+	if err != nil {
+		return nil, err
+	}
+	s, err := e.StartSidecar(consul, id, append([]string{"-haproxy-bin", bin}, extra...)...)
+	if s != nil {
+		s.Observe = sock
+	}
 	return s, err
 }
 
@@ -325,4 +345,52 @@ func (s *Sidecar) Profile(dir, name string, d time.Duration) <-chan error {
 		done <- err
 	}()
 	return done
+}
+
+// WaitUpstreams waits until GET through each client upstream port answers
+// the app's body.
+func WaitUpstreams(ctx context.Context, body string, ports ...int) error {
+	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	return WaitFor(ctx, 30*time.Second, func() error {
+		for _, p := range ports {
+			resp, err := client.Get(fmt.Sprintf("http://127.0.0.1:%d/", p))
+			if err != nil {
+				return fmt.Errorf("upstream port %d: %w", p, err)
+			}
+			got, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if err != nil {
+				return err
+			}
+			if resp.StatusCode != 200 || string(got) != body {
+				return fmt.Errorf("upstream port %d: %d %q", p, resp.StatusCode, got)
+			}
+		}
+		return nil
+	})
+}
+
+// WriteFiles writes each file (mode 0600) before HAProxy reads them.
+func WriteFiles(files []bootstrap.File) error {
+	for _, f := range files {
+		if err := os.WriteFile(f.Path, []byte(f.Content), 0o600); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Stop stops a process started with Env.Start before the end of the run
+// (Env.Close then finds it already gone); a nil p is ignored.
+func (p *Proc) Stop() {
+	if p == nil {
+		return
+	}
+	_ = p.Cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.Done():
+	case <-time.After(10 * time.Second):
+		_ = syscall.Kill(-p.Cmd.Process.Pid, syscall.SIGKILL)
+		<-p.Done()
+	}
 }

@@ -1,24 +1,24 @@
-package main
+// Package runtimecost is the workload "runtime": what one endpoint change
+// costs on HAProxy's master socket, applied the ways compared.
+package runtimecost
 
 import (
 	"context"
 	"fmt"
-	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/haproxy-connect/haproxy-connect/bootstrap"
+	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/bench"
 	"github.com/haproxy-connect/haproxy-connect/controller"
 	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/slots"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
-func init() { workloads = append(workloads, workload{"runtime", runRuntimeCost}) }
-
-// runtimeWays are the ways of applying one endpoint change through the
+// ways are the ways of applying one endpoint change through the
 // master socket that the workload compares, the sidecar's first.
-var runtimeWays = []struct {
+var ways = []struct {
 	name string
 	// kept: one client whose session stays open between batches;
 	// otherwise a new session (connect, prompt mode) per batch.
@@ -32,22 +32,22 @@ var runtimeWays = []struct {
 	{"new session per batch, park = state maint + set addr (before)", false, true},
 }
 
-// runRuntimeCost: what one endpoint change costs on the master socket, on
+// Run: what one endpoint change costs on the master socket, on
 // an idle machine, for the batches the sidecar's planner produces at steady
 // churn (an add into a free slot, a removal), applied the ways compared.
 // This is the part of the sidecar's own share of propagation spent in
 // HAProxy, without Consul or load around it.
-func runRuntimeCost(ctx context.Context, b *Bench) error {
+func Run(ctx context.Context, b *bench.Bench) error {
 	changes := 6000
 	if b.Quick {
 		changes = 600
 	}
 	sec := b.Report.Add("Master CLI: one endpoint change through the master socket",
 		"way", "change", "commands", "p50", "p99", "p50 ÷ haproxy-connect", "p99 ÷ haproxy-connect")
-	p50, p99 := map[runtimeKey]Rounds{}, map[runtimeKey]Rounds{}
-	cmds := map[runtimeKey]float64{}
+	p50, p99 := map[cellKey]bench.Rounds{}, map[cellKey]bench.Rounds{}
+	cmds := map[cellKey]float64{}
 	for round := 0; round < b.Rounds; round++ {
-		res, n, err := runtimeCostRound(ctx, b, changes)
+		res, n, err := measureRound(ctx, b, changes)
 		if err != nil {
 			return err
 		}
@@ -58,14 +58,14 @@ func runRuntimeCost(ctx context.Context, b *Bench) error {
 		}
 	}
 	for _, add := range []bool{true, false} {
-		for w, way := range runtimeWays {
-			k, ref := runtimeKey{w, add}, runtimeKey{0, add}
+		for w, way := range ways {
+			k, ref := cellKey{w, add}, cellKey{0, add}
 			kind := "remove"
 			if add {
 				kind = "add"
 			}
-			sec.Row(way.name, kind, Num(cmds[k]), p50[k].Format(Dur), p99[k].Format(Dur),
-				Ratio(p50[k].Median(), p50[ref].Median()), Ratio(p99[k].Median(), p99[ref].Median()))
+			sec.Row(way.name, kind, bench.Num(cmds[k]), p50[k].Format(bench.Dur), p99[k].Format(bench.Dur),
+				bench.Ratio(p50[k].Median(), p50[ref].Median()), bench.Ratio(p99[k].Median(), p99[ref].Median()))
 		}
 	}
 	sec.Note("What: %d endpoint changes per round on a HAProxy running the sidecar's rendered configuration (bootstrap.Render: one upstream, 128 TLS server-template slots, 100 endpoints in service), adds and removes alternating as in the churn workload; each change is planned with slots.Plan, translated as the sidecar does (controller.SlotCommand), sent with runtime.Client and timed from the batch's start to its last reply. The ways take turns change by change, so each sees the same mix and the same moment; the time of a batch is p50/p99 over the changes of one kind, median (min–max) over %d rounds. Idle machine: nothing else runs, so this is the floor of the sidecar's runtime step; under the churn workload's load the same batches took several times longer (see the churn sections' own share).", changes, b.Rounds)
@@ -73,13 +73,13 @@ func runRuntimeCost(ctx context.Context, b *Bench) error {
 	return nil
 }
 
-type runtimeKey struct {
+type cellKey struct {
 	way int
 	add bool
 }
 
-func runtimeCostRound(ctx context.Context, b *Bench, changes int) (map[runtimeKey]Samples, map[runtimeKey]float64, error) {
-	env := &Env{Dir: b.Dir, HAProxy: b.HAProxy}
+func measureRound(ctx context.Context, b *bench.Bench, changes int) (map[cellKey]bench.Samples, map[cellKey]float64, error) {
+	env := &bench.Env{Dir: b.Dir, HAProxy: b.HAProxy}
 	defer env.Close()
 	dir, err := env.Subdir("rc")
 	if err != nil {
@@ -115,7 +115,7 @@ func runtimeCostRound(ctx context.Context, b *Bench, changes int) (map[runtimeKe
 		return nil, nil, err
 	}
 	files = append(files, bootstrap.File{Path: spec.LeafFile, Content: cert + key}, bootstrap.File{Path: spec.RootsFile, Content: ca.CertPEM})
-	if err := writeFiles(files); err != nil {
+	if err := bench.WriteFiles(files); err != nil {
 		return nil, nil, err
 	}
 	h, err := env.StartHAProxy(cfg)
@@ -156,8 +156,8 @@ func runtimeCostRound(ctx context.Context, b *Bench, changes int) (map[runtimeKe
 	}
 	table = next
 
-	res := map[runtimeKey]Samples{}
-	ncmds := map[runtimeKey]float64{}
+	res := map[cellKey]bench.Samples{}
+	ncmds := map[cellKey]float64{}
 	nextID := window
 	for i := 0; i < changes && ctx.Err() == nil; i++ {
 		add := i%2 == 0
@@ -171,8 +171,8 @@ func runtimeCostRound(ctx context.Context, b *Bench, changes int) (map[runtimeKe
 		if len(rejected) > 0 {
 			return nil, nil, fmt.Errorf("plan rejected %v", rejected)
 		}
-		w := (i / 2) % len(runtimeWays)
-		way := runtimeWays[w]
+		w := (i / 2) % len(ways)
+		way := ways[w]
 		if way.parkAddr {
 			for _, op := range ops {
 				if op.Kind == slots.OpMaint {
@@ -198,7 +198,7 @@ func runtimeCostRound(ctx context.Context, b *Bench, changes int) (map[runtimeKe
 		if err != nil {
 			return nil, nil, fmt.Errorf("change %d (%s): %w", i, way.name, err)
 		}
-		k := runtimeKey{w, add}
+		k := cellKey{w, add}
 		res[k] = append(res[k], took.Seconds())
 		ncmds[k] += float64(len(ops))
 		table = next
@@ -207,14 +207,4 @@ func runtimeCostRound(ctx context.Context, b *Bench, changes int) (map[runtimeKe
 		ncmds[k] /= float64(len(res[k])) // commands per change
 	}
 	return res, ncmds, ctx.Err()
-}
-
-// writeFiles writes each file (mode 0600) before HAProxy reads them.
-func writeFiles(files []bootstrap.File) error {
-	for _, f := range files {
-		if err := os.WriteFile(f.Path, []byte(f.Content), 0o600); err != nil {
-			return err
-		}
-	}
-	return nil
 }

@@ -1,9 +1,8 @@
-package main
-
-// The L7 workload: the keep-alive request rate through a sidecar whose
+// Package l7 is the L7 workload: the keep-alive request rate through a sidecar whose
 // source is under an L7 intention (every request decided by permissions)
 // against one under an L4 allow (decided once per connection), paired in
 // each round.
+package l7
 
 import (
 	"context"
@@ -14,30 +13,29 @@ import (
 
 	"github.com/hashicorp/consul/api"
 
+	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/bench"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
-func init() { workloads = append(workloads, workload{"l7", runL7}) }
+// clients is the keep-alive concurrency of the comparison.
+const clients = 16
 
-// l7Clients is the keep-alive concurrency of the comparison.
-const l7Clients = 16
-
-// l7Paths: one path (every L7 request has the same shape, which HAProxy's
+// paths: one path (every L7 request has the same shape, which HAProxy's
 // remembered allows serve) or a random path per request (each L7 request
 // is the agent's).
-var l7Paths = []struct {
+var paths = []struct {
 	name   string
 	unique bool
 }{{"one path", false}, {"a new path per request", true}}
 
-type l7Figures struct {
-	l4, l7, l4p99, l7p99 Rounds
+type figures struct {
+	l4, l7, l4p99, l7p99 bench.Rounds
 	// ratio is the L7 rate over the L4 rate, one per round (each the sum
 	// of two runs of each, in mirrored order).
-	ratio Rounds
+	ratio bench.Rounds
 }
 
-func runL7(ctx context.Context, b *Bench) error {
+func Run(ctx context.Context, b *bench.Bench) error {
 	if b.Wrk == "" {
 		return errors.New("wrk not found (apt-get install -y wrk, or set WRK_BIN)")
 	}
@@ -60,16 +58,16 @@ func runL7(ctx context.Context, b *Bench) error {
 	}
 	serverSidecar, l7App, l7Sidecar, l7Up, l4App, l4Sidecar, l4Up := ports[0], ports[1], ports[2], ports[3], ports[4], ports[5], ports[6]
 	httpCfg := map[string]any{"protocol": "http", "bind_address": "127.0.0.1"}
-	if err := RegisterWithSidecar(c, "server", app, serverSidecar, httpCfg); err != nil {
+	if err := bench.RegisterWithSidecar(c, "server", app, serverSidecar, httpCfg); err != nil {
 		return err
 	}
 	up := func(port int) api.Upstream {
 		return api.Upstream{DestinationName: "server", LocalBindAddress: "127.0.0.1", LocalBindPort: port, Config: map[string]any{"protocol": "http"}}
 	}
-	if err := RegisterWithSidecar(c, "l7client", l7App, l7Sidecar, httpCfg, up(l7Up)); err != nil {
+	if err := bench.RegisterWithSidecar(c, "l7client", l7App, l7Sidecar, httpCfg, up(l7Up)); err != nil {
 		return err
 	}
-	if err := RegisterWithSidecar(c, "l4client", l4App, l4Sidecar, httpCfg, up(l4Up)); err != nil {
+	if err := bench.RegisterWithSidecar(c, "l4client", l4App, l4Sidecar, httpCfg, up(l4Up)); err != nil {
 		return err
 	}
 	// Three permissions, as a user writes them: every request runs all
@@ -98,7 +96,7 @@ func runL7(ctx context.Context, b *Bench) error {
 		}
 	}
 	body := "hello from server\n"
-	if err := waitUpstreams(ctx, body, l7Up, l4Up); err != nil {
+	if err := bench.WaitUpstreams(ctx, body, l7Up, l4Up); err != nil {
 		return err
 	}
 	dir, err := b.Subdir("l7")
@@ -109,17 +107,17 @@ func runL7(ctx context.Context, b *Bench) error {
 	if err := os.WriteFile(script, []byte(`request = function() return wrk.format("GET", "/r/" .. math.random(1, 1000000000)) end`+"\n"), 0o644); err != nil {
 		return err
 	}
-	d := wrkCellTime(b)
-	figs := make([]l7Figures, len(l7Paths))
+	d := b.WrkTime()
+	figs := make([]figures, len(paths))
 	for r := 0; r < b.Rounds; r++ {
 		b.Logf("l7 round %d/%d", r+1, b.Rounds)
-		for i, p := range l7Paths {
+		for i, p := range paths {
 			var extra []string
 			if p.unique {
 				extra = []string{"-s", script}
 			}
-			run := func(port int) (wrkResult, error) {
-				res, err := runWrkArgs(ctx, b.Wrk, fmt.Sprintf("http://127.0.0.1:%d/", port), l7Clients, d, extra...)
+			run := func(port int) (bench.WrkResult, error) {
+				res, err := bench.RunWrkArgs(ctx, b.Wrk, fmt.Sprintf("http://127.0.0.1:%d/", port), clients, d, extra...)
 				if err == nil && res.Errors() > 0 {
 					err = fmt.Errorf("%s: %s", p.name, res.ErrorText())
 				}
@@ -150,19 +148,19 @@ func runL7(ctx context.Context, b *Bench) error {
 			figs[i].ratio = append(figs[i].ratio, sum7/sum4)
 		}
 	}
-	sec := b.Report.Add(fmt.Sprintf("Authorization: keep-alive rate under L7 permissions (%d clients)", l7Clients),
+	sec := b.Report.Add(fmt.Sprintf("Authorization: keep-alive rate under L7 permissions (%d clients)", clients),
 		"requests", "L4 allow req/s", "L7 req/s", "L7 ÷ L4 (per round)", "L4 p99", "L7 p99")
-	for i, p := range l7Paths {
+	for i, p := range paths {
 		f := figs[i]
-		sec.Row(p.name, Num(f.l4.Median()), Num(f.l7.Median()),
+		sec.Row(p.name, bench.Num(f.l4.Median()), bench.Num(f.l7.Median()),
 			f.ratio.Format(func(v float64) string { return fmt.Sprintf("%.1f %%", 100*v) }),
-			Dur(f.l4p99.Median()), Dur(f.l7p99.Median()))
+			bench.Dur(f.l4p99.Median()), bench.Dur(f.l7p99.Median()))
 	}
 	sec.Note("client sidecar -> server sidecar (HTTP listener) -> app, wrk -c %d for %s per run, keep-alive. The source l7client is under an "+
 		"L7 intention of three permissions (deny PathPrefix /admin, deny header X-Debug present, allow PathPrefix /: every request runs the "+
 		"three and is allowed by the last); l4client under an L4 allow. Each round runs L4 and L7 twice in mirrored order (ABBA, flipped "+
 		"every round) and pairs their rates; the ratio column is the median of the rounds' ratios (lowest–highest). "+
 		"With one path HAProxy serves repeated request shapes from its remembered allows; with a new path per request (wrk script) every "+
-		"L7 request is decided by the agent. The issue's target: L7 at least 90 %% of L4. Sidecars at log level info, access logs off.", l7Clients, d)
+		"L7 request is decided by the agent. The issue's target: L7 at least 90 %% of L4. Sidecars at their defaults: log level info, access logs on (to a file).", clients, d)
 	return nil
 }

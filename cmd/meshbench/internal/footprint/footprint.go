@@ -1,25 +1,29 @@
-package main
+// Package footprint is the footprint workload: one haproxy-connect sidecar
+// with many upstreams and endpoints under churn, its CPU and memory.
+package footprint
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/hashicorp/consul/api"
 
+	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/bench"
+	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
-func init() { workloads = append(workloads, workload{"footprint", runFootprint}) }
-
-// runFootprint: one haproxy-connect sidecar with 50 upstreams and 1 000
+// Run: one haproxy-connect sidecar with 50 upstreams and 1 000
 // endpoints in all, under churn; the controller's CPU seconds and peak RSS
 // (from /proc), HAProxy's own memory, and the HAProxy worker count sampled
 // every 250 ms (old workers must not pile up: churn never reloads).
-func runFootprint(ctx context.Context, b *Bench) error {
+func Run(ctx context.Context, b *bench.Bench) error {
 	const upstreams, perUpstream = 50, 20
 	churnFor := 30 * time.Second
 	if b.Quick {
@@ -27,34 +31,39 @@ func runFootprint(ctx context.Context, b *Bench) error {
 	}
 	const churnRate = 100 // changes per second
 	sec := b.Report.Add(fmt.Sprintf("Footprint: %d upstreams, %d endpoints, churn at %d changes/s for %s", upstreams, upstreams*perUpstream, churnRate, churnFor),
-		"round", "changes", "changes/s", "startup CPU", "churn CPU", "churn CPU per 1 000 changes", "controller peak RSS", "HAProxy worker RSS", "workers (max seen)", "reloads")
-	var cpuPer1k, peak Rounds
+		"round", "start to ready", "start to all served", "changes", "changes/s", "startup CPU", "churn CPU", "churn CPU per 1 000 changes", "sidecar peak memory", "controller peak RSS", "HAProxy worker RSS", "workers (max seen)", "reloads")
+	var cpuPer1k, peak, mem bench.Rounds
 	for round := 1; round <= b.Rounds; round++ {
-		r, err := footprintRound(ctx, b, upstreams, perUpstream, churnFor, churnRate)
+		r, err := measureRound(ctx, b, upstreams, perUpstream, churnFor, churnRate)
 		if err != nil {
 			return err
 		}
 		cpuPer1k = append(cpuPer1k, r.cpu.Seconds()/float64(r.changes)*1000)
 		peak = append(peak, float64(r.peakRSS))
-		sec.Row(fmt.Sprint(round), fmt.Sprint(r.changes), Num(r.rate), Dur(r.startCPU.Seconds()), Dur(r.cpu.Seconds()), Dur(r.cpu.Seconds()/float64(r.changes)*1000),
-			MiB(float64(r.peakRSS)), MiB(float64(r.workerRSS)), fmt.Sprint(r.maxWorkers), fmt.Sprint(r.reloads))
+		mem = append(mem, float64(r.peakMem))
+		sec.Row(fmt.Sprint(round), bench.Dur(r.ready.Seconds()), bench.Dur(r.serving.Seconds()), fmt.Sprint(r.changes), bench.Num(r.rate), bench.Dur(r.startCPU.Seconds()), bench.Dur(r.cpu.Seconds()), bench.Dur(r.cpu.Seconds()/float64(r.changes)*1000),
+			bench.MiB(float64(r.peakMem)), bench.MiB(float64(r.peakRSS)), bench.MiB(float64(r.workerRSS)), fmt.Sprint(r.maxWorkers), fmt.Sprint(r.reloads))
 	}
-	sec.Note("Median over %d rounds: controller CPU %s per 1 000 endpoint changes, peak RSS %s (target: under 40 MB).",
-		b.Rounds, cpuPer1k.Format(Dur), peak.Format(MiB))
-	sec.Note("Controller = the haproxy-connect process (watches, planner, runtime client, SPOE agent), read from /proc/<pid>/stat and VmHWM. Startup CPU is until HAProxy serves all 1 000 endpoints; churn CPU is the rest. Changes are issued on a 100/s ticker, each in its own goroutine (Consul's register call takes longer than 10 ms under load). HAProxy worker RSS is the current worker's VmRSS (50 backends of TLS server slots). Workers are counted from the master's `show proc` every 250 ms.")
+	sec.Note("Median over %d rounds: whole-sidecar CPU %s per 1 000 endpoint changes; whole-sidecar peak memory %s (target %s), controller peak RSS %s.",
+		b.Rounds, cpuPer1k.Format(bench.Dur), mem.Format(bench.MiB), bench.Target(mem.Median(), 64<<20, bench.MiB), peak.Format(bench.MiB))
+	sec.Note("Sidecar = the process tree of haproxy-connect: the controller (watches, planner, runtime client, SPOE agent), the HAProxy master and its workers, at the sidecar's defaults (access logs on). CPU is user + system time from /proc/<pid>/stat of every process in the tree, plus the time of children they reaped (old workers). Start to ready: from starting haproxy-connect to its /readyz answering 200 (polled every 10 ms); start to all served: to `show servers state` on a worker-level stats socket added for the benchmark (bench.ObservedHAProxy) listing all 1 000 endpoints in service (polled every 10 ms; each endpoint is proven by a TLS handshake before it is placed). Startup CPU is until HAProxy serves all 1 000 endpoints; churn CPU is the rest. Sidecar peak memory is the largest sum of the tree's Pss (proportional set size: pages the master shares with its forked workers counted once), sampled every 250 ms from start to end; the target is 64 MB for the whole sidecar at 1 000 endpoints. Controller peak RSS is the haproxy-connect process's own VmHWM. Changes are issued on a 100/s ticker, each in its own goroutine (Consul's register call takes longer than 10 ms under load). HAProxy worker RSS is the current worker's VmRSS at the end (50 backends of TLS server slots). Workers are counted from the master's `show proc` every 250 ms.")
 	return nil
 }
 
-type footprintResult struct {
+type result struct {
 	changes, maxWorkers, reloads int
 	rate                         float64 // changes per second reached
 	cpu, startCPU                time.Duration
 	peakRSS, workerRSS           int64
+	peakMem                      int64 // the whole sidecar's (bench.PeakMem)
+	// ready is from starting the sidecar to its /readyz answering 200;
+	// serving, to HAProxy serving every endpoint.
+	ready, serving time.Duration
 }
 
-func footprintRound(ctx context.Context, b *Bench, upstreams, perUpstream int, churnFor time.Duration, rate int) (footprintResult, error) {
-	var res footprintResult
-	env := &Env{Dir: b.Dir, HAProxy: b.HAProxy, Consul: b.Consul, Sidecar: b.Sidecar}
+func measureRound(ctx context.Context, b *bench.Bench, upstreams, perUpstream int, churnFor time.Duration, rate int) (result, error) {
+	var res result
+	env := &bench.Env{Dir: b.Dir, HAProxy: b.HAProxy, Consul: b.Consul, Sidecar: b.Sidecar}
 	defer env.Close()
 	consul, err := env.StartConsul(testenv.ConsulOptions{})
 	if err != nil {
@@ -70,7 +79,11 @@ func footprintRound(ctx context.Context, b *Bench, upstreams, perUpstream int, c
 	// (the churn workload explains why not on the local agent: each local
 	// connect-proxy starts the agent's per-proxy machinery, and 1 000 of
 	// them overloaded it here so that its catalog sync lagged by minutes).
-	// They need not listen: this workload measures the control plane.
+	// Each listens with a leaf of its service (fetched from Consul's CA)
+	// and only completes TLS handshakes: the sidecar proves an endpoint's
+	// identity with a handshake before it places it, and an endpoint that
+	// cannot be reached is never placed. No traffic is sent: this workload
+	// measures the control plane.
 	endpoint := func(svc, j int) (*api.CatalogRegistration, *api.CatalogDeregistration) {
 		name := fmt.Sprintf("svc%02d", svc)
 		id, node, addr := fmt.Sprintf("%s-ep%03d", name, j), fmt.Sprintf("%s-node%03d", name, j), fmt.Sprintf("127.1.%d.%d", svc, j+1)
@@ -79,6 +92,9 @@ func footprintRound(ctx context.Context, b *Bench, upstreams, perUpstream int, c
 					Address: addr, Port: 20000, Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: name}},
 				Check: &api.AgentCheck{Node: node, CheckID: "alive", Name: "alive", Status: api.HealthPassing, ServiceID: id}},
 			&api.CatalogDeregistration{Node: node, ServiceID: id}
+	}
+	if err := serveEndpoints(env, c, upstreams, perUpstream); err != nil {
+		return res, err
 	}
 	if err := parallel(8, upstreams*perUpstream, func(k int) error {
 		reg, _ := endpoint(k/perUpstream, k%perUpstream)
@@ -91,17 +107,27 @@ func footprintRound(ctx context.Context, b *Bench, upstreams, perUpstream int, c
 	for i := 0; i < upstreams; i++ {
 		ups = append(ups, api.Upstream{DestinationName: fmt.Sprintf("svc%02d", i), LocalBindPort: ports[3+i]})
 	}
-	if err := RegisterWithSidecar(c, "client", ports[0], ports[1], nil, ups...); err != nil {
+	if err := bench.RegisterWithSidecar(c, "client", ports[0], ports[1], nil, ups...); err != nil {
 		return res, err
 	}
-	sc, err := env.StartSidecar(consul, "client")
+	started := time.Now()
+	sc, err := env.StartObservedSidecar(consul, "client")
 	if err != nil {
 		return res, err
 	}
+	res.ready = time.Since(started)
 	pid := sc.Cmd.Process.Pid
-	// Wait until HAProxy serves all 1 000 endpoints.
-	if err := WaitFor(ctx, 60*time.Second, func() error {
-		st, err := sc.RT.ServersState(ctx, "")
+	stopPeak := bench.PeakMem(ctx, pid, 250*time.Millisecond)
+	defer stopPeak()
+	// Wait until HAProxy serves all 1 000 endpoints, read on the worker's
+	// observation socket, not on the master socket the sidecar steers
+	// HAProxy with.
+	if err := bench.WaitFor(ctx, 60*time.Second, func() error {
+		text, err := bench.Command(sc.Observe, "show servers state")
+		if err != nil {
+			return err
+		}
+		st, err := runtime.ParseServersState(text)
 		if err != nil {
 			return err
 		}
@@ -118,11 +144,12 @@ func footprintRound(ctx context.Context, b *Bench, upstreams, perUpstream int, c
 	}); err != nil {
 		return res, err
 	}
+	res.serving = time.Since(started)
 	before, err := sc.RT.Procs(ctx)
 	if err != nil {
 		return res, err
 	}
-	atStart, err := Usage(pid)
+	atStart, err := bench.Tree(pid)
 	if err != nil {
 		return res, err
 	}
@@ -226,26 +253,28 @@ func footprintRound(ctx context.Context, b *Bench, upstreams, perUpstream int, c
 		}
 	}
 
-	u, err := Usage(pid)
+	u, err := bench.Tree(pid)
 	if err != nil {
 		return res, err
 	}
-	res.cpu, res.peakRSS = u.CPU-res.startCPU, u.PeakRSS
+	res.cpu, res.peakMem = u.CPU-res.startCPU, stopPeak()
+	ctl, err := bench.Usage(pid)
+	if err != nil {
+		return res, err
+	}
+	res.peakRSS = ctl.PeakRSS
 	after, err := sc.RT.Procs(ctx)
 	if err != nil {
 		return res, err
 	}
 	res.reloads = after.Master.Reloads - before.Master.Reloads
 	if cur, ok := after.Current(); ok {
-		if wu, err := Usage(cur.PID); err == nil {
+		if wu, err := bench.Usage(cur.PID); err == nil {
 			res.workerRSS = wu.RSS
 		}
 	}
 	return res, nil
 }
-
-// MiB formats bytes in MiB.
-func MiB(v float64) string { return fmt.Sprintf("%.1f MiB", v/(1<<20)) }
 
 // parallel runs f(0..n-1) on w goroutines and returns the first error.
 func parallel(w, n int, f func(int) error) error {
@@ -278,4 +307,33 @@ func parallel(w, n int, f func(int) error) error {
 	}
 	wg.Wait()
 	return first
+}
+
+// serveEndpoints listens on every endpoint's address (127.1.<svc>.<j+1>,
+// port 20000) with a leaf certificate of svc<svc> and completes TLS
+// handshakes there until env closes.
+func serveEndpoints(env *bench.Env, c *api.Client, upstreams, perUpstream int) error {
+	for svc := range upstreams {
+		leaf, _, err := c.Agent().ConnectCALeaf(fmt.Sprintf("svc%02d", svc), nil)
+		if err != nil {
+			return fmt.Errorf("leaf of svc%02d: %w", svc, err)
+		}
+		cert, err := tls.X509KeyPair([]byte(leaf.CertPEM), []byte(leaf.PrivateKeyPEM))
+		if err != nil {
+			return fmt.Errorf("leaf of svc%02d: %w", svc, err)
+		}
+		cfg := &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequestClientCert}
+		for j := range perUpstream {
+			ln, err := net.Listen("tcp", fmt.Sprintf("127.1.%d.%d:20000", svc, j+1))
+			if err != nil {
+				return err
+			}
+			env.Defer(func() { ln.Close() })
+			go testenv.Serve(tls.NewListener(ln, cfg), func(conn net.Conn) {
+				_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+				_ = conn.(*tls.Conn).Handshake()
+			})
+		}
+	}
+	return nil
 }

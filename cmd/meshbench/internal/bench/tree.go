@@ -1,0 +1,164 @@
+package bench
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// A sidecar is a process tree: haproxy-connect, the HAProxy master it
+// starts, and the master's workers (old ones too, while they drain). Its
+// cost is the tree's, not the controller's alone.
+
+// TreeUsage is the CPU time and memory of a process tree.
+type TreeUsage struct {
+	// CPU is user + system time of every live process in the tree, plus
+	// the time of the children each has reaped (cutime, cstime: an HAProxy
+	// master reaps its old workers, so their time stays counted).
+	CPU time.Duration
+	// Mem is the tree's proportional set size (Pss: pages shared between
+	// the master and its forked workers counted once), or the sum of RSS
+	// where smaps_rollup cannot be read.
+	Mem   int64
+	Procs int
+}
+
+// Tree reads /proc for pid and all its descendants.
+func Tree(pid int) (TreeUsage, error) {
+	var u TreeUsage
+	pids, err := descendants(pid)
+	if err != nil {
+		return u, err
+	}
+	for _, p := range pids {
+		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p))
+		if err != nil {
+			if p == pid {
+				return u, err
+			}
+			continue // exited meanwhile
+		}
+		f := statFields(stat)
+		if len(f) < 15 {
+			return u, fmt.Errorf("short /proc/%d/stat", p)
+		}
+		var ticks int64
+		for _, i := range []int{11, 12, 13, 14} { // utime stime cutime cstime
+			v, _ := strconv.ParseInt(f[i], 10, 64)
+			ticks += v
+		}
+		u.CPU += time.Duration(ticks) * time.Second / 100 // USER_HZ is 100 on Linux
+		u.Mem += memOf(p)
+		u.Procs++
+	}
+	return u, nil
+}
+
+// statFields are the fields of /proc/<pid>/stat after the command name
+// (in parentheses, and it may hold spaces): f[0] is the state, f[1] the
+// parent pid.
+func statFields(stat []byte) []string {
+	i := bytes.LastIndexByte(stat, ')')
+	if i < 0 || i+2 > len(stat) {
+		return nil
+	}
+	return strings.Fields(string(stat[i+2:]))
+}
+
+// descendants returns pid and every process below it, from the parent
+// pids in /proc/*/stat.
+func descendants(pid int) ([]int, error) {
+	dirs, err := filepath.Glob("/proc/[0-9]*/stat")
+	if err != nil {
+		return nil, err
+	}
+	children := map[int][]int{}
+	for _, d := range dirs {
+		stat, err := os.ReadFile(d)
+		if err != nil {
+			continue
+		}
+		f := statFields(stat)
+		if len(f) < 2 {
+			continue
+		}
+		p, _ := strconv.Atoi(filepath.Base(filepath.Dir(d)))
+		pp, _ := strconv.Atoi(f[1])
+		children[pp] = append(children[pp], p)
+	}
+	out := []int{pid}
+	for i := 0; i < len(out); i++ {
+		out = append(out, children[out[i]]...)
+	}
+	return out, nil
+}
+
+// memOf is a process's Pss in bytes, else its VmRSS; 0 when gone.
+func memOf(pid int) int64 {
+	read := func(path, key string) (int64, bool) {
+		f, err := os.Open(path)
+		if err != nil {
+			return 0, false
+		}
+		defer f.Close()
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			if v, ok := strings.CutPrefix(sc.Text(), key+":"); ok {
+				kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+				return kb << 10, err == nil
+			}
+		}
+		return 0, false
+	}
+	if v, ok := read(fmt.Sprintf("/proc/%d/smaps_rollup", pid), "Pss"); ok {
+		return v
+	}
+	v, _ := read(fmt.Sprintf("/proc/%d/status", pid), "VmRSS")
+	return v
+}
+
+// PeakMem samples the tree's memory (TreeUsage.Mem) every period until
+// the returned stop is called, and returns the largest sample: the peak of
+// the whole tree, which a sum of each process's own peak (VmHWM) would
+// overstate, those peaks being at different times.
+func PeakMem(ctx context.Context, pid int, period time.Duration) (stop func() int64) {
+	ctx, cancel := context.WithCancel(ctx)
+	var mu sync.Mutex
+	var peak int64
+	sample := func() {
+		if u, err := Tree(pid); err == nil {
+			mu.Lock()
+			peak = max(peak, u.Mem)
+			mu.Unlock()
+		}
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(period)
+		defer t.Stop()
+		for {
+			sample()
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return func() int64 {
+		cancel()
+		<-done
+		sample()
+		mu.Lock()
+		defer mu.Unlock()
+		return peak
+	}
+}

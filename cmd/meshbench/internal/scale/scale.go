@@ -1,0 +1,429 @@
+// Package scale is the workload "scale": one haproxy-connect sidecar with
+// one upstream of 1 000 and of 10 000 endpoints, and with 100 upstreams:
+// time from start to ready and to every endpoint served, whole-sidecar
+// peak memory, and, in the one-upstream cases, propagation at 100
+// changes/s observed on a worker-level stats socket.
+package scale
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"net"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/bench"
+	"github.com/haproxy-connect/haproxy-connect/runtime"
+	"github.com/haproxy-connect/haproxy-connect/testenv"
+)
+
+// shape is one case: upstreams of perUpstream endpoints each; churn says
+// whether propagation is measured (one upstream only).
+type shape struct {
+	name                   string
+	upstreams, perUpstream int
+	churn                  bool
+}
+
+func shapes(quick bool) []shape {
+	if quick {
+		return []shape{{"1 upstream, 1 000 endpoints", 1, 1000, true}, {"100 upstreams, 10 endpoints each", 100, 10, false}}
+	}
+	return []shape{
+		{"1 upstream, 1 000 endpoints", 1, 1000, true},
+		{"1 upstream, 10 000 endpoints", 1, 10000, true},
+		{"100 upstreams, 10 endpoints each", 100, 10, false},
+	}
+}
+
+const (
+	changeRate = 100 // changes per second
+	// pollPeriod paces the observer as in the churn workload: one poll
+	// every millisecond at most, never more than half of the time busy.
+	pollPeriod = time.Millisecond
+)
+
+// figures are one case's rounds.
+type figures struct {
+	ready, served, mem, p50, p99, max, poll, cpuPer1k bench.Rounds
+	unseen, changes                                   int
+}
+
+// Run measures every shape, one fresh Consul and sidecar per shape and
+// round.
+func Run(ctx context.Context, b *bench.Bench) error {
+	churnFor := 20 * time.Second
+	if b.Quick {
+		churnFor = 5 * time.Second
+	}
+	sec := b.Report.Add("Scale: one sidecar, large upstreams",
+		"case", "start to ready", "start to all served", "sidecar peak memory", "propagation p50", "p99", "max",
+		"poll interval", "CPU s / 1000 changes", "never in effect")
+	var targets []string
+	for _, sh := range shapes(b.Quick) {
+		f := &figures{}
+		for round := 0; round < b.Rounds; round++ {
+			b.Logf("scale: round %d/%d, %s", round+1, b.Rounds, sh.name)
+			if err := measure(ctx, b, sh, churnFor, f); err != nil {
+				return fmt.Errorf("%s: %w", sh.name, err)
+			}
+		}
+		dash := func(r bench.Rounds, fm func(float64) string) string {
+			if len(r) == 0 {
+				return "—"
+			}
+			return r.Format(fm)
+		}
+		unseen := "—"
+		if sh.churn {
+			unseen = fmt.Sprintf("%d / %d", f.unseen, f.changes)
+		}
+		sec.Row(sh.name, f.ready.Format(bench.Dur), f.served.Format(bench.Dur), f.mem.Format(bench.MiB),
+			dash(f.p50, bench.Dur), dash(f.p99, bench.Dur), dash(f.max, bench.Dur), dash(f.poll, bench.Dur),
+			dash(f.cpuPer1k, func(v float64) string { return fmt.Sprintf("%.2f", v) }), unseen)
+		switch {
+		case sh.upstreams == 1 && sh.perUpstream == 1000:
+			targets = append(targets, "whole-sidecar memory at 1 000 endpoints "+bench.Target(f.mem.Median(), 64<<20, bench.MiB))
+		case sh.upstreams == 1 && sh.perUpstream == 10000:
+			targets = append(targets, "propagation p99 at 100 changes/s with 10 000 endpoints "+bench.Target(f.p99.Median(), 0.1, bench.Dur))
+		}
+	}
+	if len(targets) > 0 {
+		sec.Note("Targets (medians over rounds of this run): %s.", strings.Join(targets, "; "))
+	}
+	sec.Note("Each case and round: a fresh Consul dev agent; the endpoints are connect-proxy instances written to the catalog, each on a node of its own (instances on other hosts), each listening on its own loopback address with a leaf of its service from Consul's CA and completing TLS handshakes (the sidecar proves an endpoint's identity with a handshake before it places it); a client registered with the upstreams; one haproxy-connect sidecar at its defaults, started when all endpoints are registered. Start to ready: to /readyz answering 200; start to all served: to `show servers state` on a worker-level stats socket added for the benchmark (bench.ObservedHAProxy, not the master socket the sidecar steers HAProxy with) listing every endpoint in service, both polled every 10 ms. Sidecar peak memory: the largest sum of Pss over the sidecar's process tree (controller, HAProxy master, workers), sampled every 250 ms from start to end.")
+	sec.Note("Propagation (one-upstream cases): for %s after all are served, one change every 10 ms (%d/s): first deregistrations of distinct endpoints, then their registrations again, each timed from Consul's write acknowledgement to the first poll of `show servers state <backend>` on the worker socket that shows it (in service with its address and port, or gone); polls as in the churn workload (one per %s at most, never more than half of the time busy), so a figure is an upper bound by up to one poll interval, shown. CPU s / 1000 changes: the sidecar's whole process tree, from the first change to the last one observed. With 10 000 servers a poll takes several milliseconds: read the poll interval with the figures.", churnFor, changeRate, pollPeriod)
+	return nil
+}
+
+// endpointAddr is endpoint j of upstream u: 127.<5+u/250>.<...> so that
+// every endpoint of every case has an address of its own.
+func endpointAddr(u, j int) string {
+	k := u*20000 + j
+	return fmt.Sprintf("127.%d.%d.%d", 5+k/62500, k/250%250, k%250+1)
+}
+
+const endpointPort = 20000
+
+// endpoint is one registration of the case.
+type endpoint struct {
+	key   string
+	reg   *api.CatalogRegistration
+	dereg *api.CatalogDeregistration
+}
+
+func endpoints(sh shape) [][]endpoint {
+	out := make([][]endpoint, sh.upstreams)
+	for u := range sh.upstreams {
+		name := fmt.Sprintf("big%03d", u)
+		for j := range sh.perUpstream {
+			addr := endpointAddr(u, j)
+			id, node := fmt.Sprintf("%s-ep%05d", name, j), fmt.Sprintf("%s-node%05d", name, j)
+			out[u] = append(out[u], endpoint{key: net.JoinHostPort(addr, strconv.Itoa(endpointPort)),
+				reg: &api.CatalogRegistration{Node: node, Address: addr,
+					Service: &api.AgentService{ID: id, Service: name + "-sidecar-proxy", Kind: api.ServiceKindConnectProxy,
+						Address: addr, Port: endpointPort, Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: name}},
+					Check: &api.AgentCheck{Node: node, CheckID: "alive", Name: "alive", Status: api.HealthPassing, ServiceID: id}},
+				dereg: &api.CatalogDeregistration{Node: node, ServiceID: id}})
+		}
+	}
+	return out
+}
+
+// serve listens on every endpoint's address with a leaf of its upstream's
+// service and completes TLS handshakes until env closes.
+func serve(env *bench.Env, c *api.Client, eps [][]endpoint) error {
+	for u, ups := range eps {
+		leaf, _, err := c.Agent().ConnectCALeaf(fmt.Sprintf("big%03d", u), nil)
+		if err != nil {
+			return fmt.Errorf("leaf of big%03d: %w", u, err)
+		}
+		cert, err := tls.X509KeyPair([]byte(leaf.CertPEM), []byte(leaf.PrivateKeyPEM))
+		if err != nil {
+			return err
+		}
+		cfg := &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequestClientCert}
+		for _, e := range ups {
+			ln, err := net.Listen("tcp", e.key)
+			if err != nil {
+				return err
+			}
+			env.Defer(func() { ln.Close() })
+			go testenv.Serve(tls.NewListener(ln, cfg), func(conn net.Conn) {
+				_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+				_ = conn.(*tls.Conn).Handshake()
+			})
+		}
+	}
+	return nil
+}
+
+// inService reads the servers in service (address:port) of backend, or of
+// every upstream backend when backend is "", on the worker socket.
+func inService(sock, backend string) (map[string]bool, error) {
+	text, err := bench.Command(sock, strings.TrimSpace("show servers state "+backend))
+	if err != nil {
+		return nil, err
+	}
+	st, err := runtime.ParseServersState(text)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]bool, len(st))
+	for _, s := range st {
+		if strings.HasPrefix(s.Backend, "up_") && !s.Maint() {
+			out[net.JoinHostPort(s.Addr, strconv.Itoa(s.Port))] = true
+		}
+	}
+	return out, nil
+}
+
+func measure(ctx context.Context, b *bench.Bench, sh shape, churnFor time.Duration, f *figures) error {
+	env := &bench.Env{Dir: b.Dir, HAProxy: b.HAProxy, Consul: b.Consul, Sidecar: b.Sidecar}
+	defer env.Close()
+	consul, err := env.StartConsul(testenv.ConsulOptions{})
+	if err != nil {
+		return err
+	}
+	c := consul.Client
+	eps := endpoints(sh)
+	if err := serve(env, c, eps); err != nil {
+		return err
+	}
+	var all []endpoint
+	for _, ups := range eps {
+		all = append(all, ups...)
+	}
+	if err := parallel(16, len(all), func(k int) error {
+		_, err := c.Catalog().Register(all[k].reg, nil)
+		return err
+	}); err != nil {
+		return fmt.Errorf("register endpoints: %w", err)
+	}
+	ports, err := env.Ports(sh.upstreams + 2)
+	if err != nil {
+		return err
+	}
+	var ups []api.Upstream
+	for u := range sh.upstreams {
+		ups = append(ups, api.Upstream{DestinationName: fmt.Sprintf("big%03d", u), LocalBindPort: ports[2+u]})
+	}
+	if err := bench.RegisterWithSidecar(c, "client", ports[0], ports[1], nil, ups...); err != nil {
+		return err
+	}
+	started := time.Now()
+	sc, err := env.StartObservedSidecar(consul, "client")
+	if err != nil {
+		return err
+	}
+	f.ready = append(f.ready, time.Since(started).Seconds())
+	pid := sc.Cmd.Process.Pid
+	stopPeak := bench.PeakMem(ctx, pid, 250*time.Millisecond)
+	defer stopPeak()
+	want := len(all)
+	if err := bench.WaitFor(ctx, 10*time.Minute, func() error {
+		in, err := inService(sc.Observe, "")
+		if err != nil {
+			return err
+		}
+		if len(in) != want {
+			return fmt.Errorf("%d of %d endpoints in service", len(in), want)
+		}
+		return nil
+	}); err != nil {
+		return err
+	}
+	f.served = append(f.served, time.Since(started).Seconds())
+	if sh.churn {
+		if err := propagate(ctx, c, sc, eps[0], churnFor, f); err != nil {
+			return err
+		}
+	}
+	f.mem = append(f.mem, float64(stopPeak()))
+	return nil
+}
+
+// propagate removes, then adds back, distinct endpoints of ups at
+// changeRate, and matches each change with the first poll that shows it.
+func propagate(ctx context.Context, c *api.Client, sc *bench.Sidecar, ups []endpoint, churnFor time.Duration, f *figures) error {
+	n := min(int(churnFor.Seconds()*changeRate)/2, len(ups)/2)
+	type change struct {
+		key string
+		add bool
+		ack time.Time
+	}
+	// The observer keeps, per endpoint, the times it came into service
+	// and went out of it (a map per poll of 10 000 servers would not fit).
+	type transition struct {
+		at      time.Time
+		present bool
+	}
+	var mu sync.Mutex
+	var cur map[string]bool
+	trans := map[string][]transition{}
+	var polls int
+	var first, last time.Time
+	pctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for pctx.Err() == nil {
+			start := time.Now()
+			in, err := inService(sc.Observe, "up_big000")
+			if err == nil {
+				at := time.Now()
+				mu.Lock()
+				if cur != nil {
+					for k := range in {
+						if !cur[k] {
+							trans[k] = append(trans[k], transition{at, true})
+						}
+					}
+					for k := range cur {
+						if !in[k] {
+							trans[k] = append(trans[k], transition{at, false})
+						}
+					}
+				}
+				cur = in
+				if polls == 0 {
+					first = at
+				}
+				last = at
+				polls++
+				mu.Unlock()
+			}
+			took := time.Since(start)
+			time.Sleep(max(pollPeriod-took, took))
+		}
+	}()
+	cpu0, err := bench.Tree(sc.Cmd.Process.Pid)
+	if err != nil {
+		cancel()
+		wg.Wait()
+		return err
+	}
+	changes := make([]change, 0, 2*n)
+	var cmu sync.Mutex
+	var werr error
+	var calls sync.WaitGroup
+	tick := time.NewTicker(time.Second / changeRate)
+	for k := 0; k < 2*n && ctx.Err() == nil; k++ {
+		<-tick.C
+		e, add := ups[k%n], k >= n
+		calls.Add(1)
+		go func() {
+			defer calls.Done()
+			var err error
+			if add {
+				_, err = c.Catalog().Register(e.reg, nil)
+			} else {
+				_, err = c.Catalog().Deregister(e.dereg, nil)
+			}
+			now := time.Now()
+			cmu.Lock()
+			defer cmu.Unlock()
+			if err != nil {
+				werr = err
+				return
+			}
+			changes = append(changes, change{e.key, add, now})
+		}()
+	}
+	tick.Stop()
+	calls.Wait()
+	if werr != nil {
+		cancel()
+		wg.Wait()
+		return werr
+	}
+	// The end state: every endpoint back in service.
+	_ = bench.WaitFor(ctx, time.Minute, func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(cur) != len(ups) {
+			return fmt.Errorf("not all back in service")
+		}
+		return nil
+	})
+	cancel()
+	wg.Wait()
+	cpu1, err := bench.Tree(sc.Cmd.Process.Pid)
+	if err != nil {
+		return err
+	}
+	var lat bench.Samples
+	unseen := 0
+	slices.SortFunc(changes, func(a, b change) int { return a.ack.Compare(b.ack) })
+	// Each endpoint changes twice (out, then in again), and its
+	// transitions alternate the same way: the first transition to the
+	// change's state, after the one matched to its previous change.
+	used := map[string]int{}
+	for _, ch := range changes {
+		trs, found := trans[ch.key], false
+		for j := used[ch.key]; j < len(trs); j++ {
+			if trs[j].present == ch.add {
+				lat = append(lat, trs[j].at.Sub(ch.ack).Seconds())
+				used[ch.key], found = j+1, true
+				break
+			}
+		}
+		if !found {
+			unseen++
+		}
+	}
+	f.unseen += unseen
+	f.changes += len(changes)
+	if len(lat) > 0 {
+		f.p50 = append(f.p50, lat.Percentile(50))
+		f.p99 = append(f.p99, lat.Percentile(99))
+		f.max = append(f.max, lat.Max())
+	}
+	if polls > 1 {
+		f.poll = append(f.poll, last.Sub(first).Seconds()/float64(polls-1))
+	}
+	if len(changes) > 0 {
+		f.cpuPer1k = append(f.cpuPer1k, (cpu1.CPU-cpu0.CPU).Seconds()/float64(len(changes))*1000)
+	}
+	return nil
+}
+
+// parallel runs f(0..n-1) on w goroutines and returns the first error.
+func parallel(w, n int, f func(int) error) error {
+	var mu sync.Mutex
+	var first error
+	next := 0
+	var wg sync.WaitGroup
+	for range w {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				mu.Lock()
+				if next >= n || first != nil {
+					mu.Unlock()
+					return
+				}
+				k := next
+				next++
+				mu.Unlock()
+				if err := f(k); err != nil {
+					mu.Lock()
+					if first == nil {
+						first = err
+					}
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	return first
+}
