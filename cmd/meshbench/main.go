@@ -22,6 +22,7 @@ import (
 	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/datapath"
 	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/footprint"
 	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/l7"
+	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/routing"
 	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/runtimecost"
 	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/scale"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
@@ -34,6 +35,7 @@ var workloads = []bench.Workload{
 	{Name: "datapath", Run: datapath.Run},
 	{Name: "authz", Run: authz.Run},
 	{Name: "l7", Run: l7.Run},
+	{Name: "routing", Run: routing.Run},
 	{Name: "footprint", Run: footprint.Run},
 	{Name: "scale", Run: scale.Run},
 }

@@ -1,0 +1,144 @@
+// Package routing is the routed-upstream workload: the keep-alive request
+// rate through an upstream whose discovery chain has a router, a splitter
+// and a resolver with subsets (each request matched against the routes,
+// split by weight and sent to a target's backend, all from maps at run
+// time) against a plain upstream of the same app, paired in each round.
+package routing
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/bench"
+	"github.com/haproxy-connect/haproxy-connect/testenv"
+)
+
+// clients is the keep-alive concurrency of the comparison.
+const clients = 16
+
+const body = "hello from server\n"
+
+type figures struct {
+	plain, routed, plainP99, routedP99 bench.Rounds
+	// ratio is the routed rate over the plain rate, one per round (each
+	// the sum of two runs of each, in mirrored order).
+	ratio bench.Rounds
+}
+
+// Run measures the routed and the plain upstream of one client sidecar.
+func Run(ctx context.Context, b *bench.Bench) error {
+	if b.Wrk == "" {
+		return errors.New("wrk not found (apt-get install -y wrk, or set WRK_BIN)")
+	}
+	consul, err := b.StartConsul(testenv.ConsulOptions{})
+	if err != nil {
+		return err
+	}
+	c := consul.Client
+	app, err := b.HTTPApp(body)
+	if err != nil {
+		return err
+	}
+	ports, err := b.Ports(6)
+	if err != nil {
+		return err
+	}
+	plainSidecar, routedSidecar, clientApp, clientSidecar, upPlain, upRouted := ports[0], ports[1], ports[2], ports[3], ports[4], ports[5]
+	httpCfg := map[string]any{"protocol": "http", "bind_address": "127.0.0.1"}
+	// "plain" and "routed" front the same app, each with a sidecar of its
+	// own; "routed" is one instance tagged for both subsets, so each
+	// target's backend has that one endpoint and what differs from plain
+	// is only the routing.
+	if err := bench.RegisterWithSidecar(c, "plain", app, plainSidecar, httpCfg); err != nil {
+		return err
+	}
+	if err := c.Agent().ServiceRegister(&api.AgentServiceRegistration{
+		ID: "routed", Name: "routed", Tags: []string{"v1", "v2"}, Port: app, Address: "127.0.0.1", Checks: bench.Passing(),
+		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
+			Port: routedSidecar, Address: "127.0.0.1", Checks: bench.Passing(),
+			Proxy: &api.AgentServiceConnectProxyConfig{Config: httpCfg},
+		}},
+	}); err != nil {
+		return err
+	}
+	for _, e := range []api.ConfigEntry{
+		&api.ServiceConfigEntry{Kind: api.ServiceDefaults, Name: "plain", Protocol: "http"},
+		&api.ServiceConfigEntry{Kind: api.ServiceDefaults, Name: "routed", Protocol: "http"},
+		&api.ServiceResolverConfigEntry{Kind: api.ServiceResolver, Name: "routed", DefaultSubset: "v1",
+			Subsets: map[string]api.ServiceResolverSubset{
+				"v1": {Filter: "Service.Tags contains v1"},
+				"v2": {Filter: "Service.Tags contains v2"},
+			}},
+		&api.ServiceSplitterConfigEntry{Kind: api.ServiceSplitter, Name: "routed", Splits: []api.ServiceSplit{
+			{Weight: 90, ServiceSubset: "v1"}, {Weight: 10, ServiceSubset: "v2"},
+		}},
+		&api.ServiceRouterConfigEntry{Kind: api.ServiceRouter, Name: "routed", Routes: []api.ServiceRoute{
+			{Match: &api.ServiceRouteMatch{HTTP: &api.ServiceRouteHTTPMatch{PathPrefix: "/admin"}},
+				Destination: &api.ServiceRouteDestination{ServiceSubset: "v2"}},
+			{Match: &api.ServiceRouteMatch{HTTP: &api.ServiceRouteHTTPMatch{Header: []api.ServiceRouteHTTPMatchHeader{{Name: "X-Canary", Exact: "1"}}}},
+				Destination: &api.ServiceRouteDestination{ServiceSubset: "v2"}},
+		}},
+	} {
+		if _, _, err := c.ConfigEntries().Set(e, nil); err != nil {
+			return fmt.Errorf("config entry %s/%s: %w", e.GetKind(), e.GetName(), err)
+		}
+	}
+	up := func(name string, port int) api.Upstream {
+		return api.Upstream{DestinationName: name, LocalBindAddress: "127.0.0.1", LocalBindPort: port, Config: map[string]any{"protocol": "http"}}
+	}
+	if err := bench.RegisterWithSidecar(c, "client", clientApp, clientSidecar, httpCfg, up("plain", upPlain), up("routed", upRouted)); err != nil {
+		return err
+	}
+	for _, id := range []string{"plain", "routed", "client"} {
+		if _, err := b.StartSidecar(consul, id); err != nil {
+			return err
+		}
+	}
+	if err := bench.WaitUpstreams(ctx, body, upPlain, upRouted); err != nil {
+		return err
+	}
+	d := b.WrkTime()
+	var f figures
+	for r := 0; r < b.Rounds; r++ {
+		b.Logf("routing round %d/%d", r+1, b.Rounds)
+		// ABBA, starting with the other side every round.
+		order := []bool{r%2 == 0, r%2 != 0, r%2 != 0, r%2 == 0} // true: routed
+		var sumRouted, sumPlain float64
+		for _, routed := range order {
+			port := upPlain
+			if routed {
+				port = upRouted
+			}
+			res, err := bench.RunWrkArgs(ctx, b.Wrk, fmt.Sprintf("http://127.0.0.1:%d/", port), clients, d)
+			if err == nil && res.Errors() > 0 {
+				err = errors.New(res.ErrorText())
+			}
+			if err != nil {
+				return err
+			}
+			if routed {
+				sumRouted += res.RPS
+				f.routed, f.routedP99 = append(f.routed, res.RPS), append(f.routedP99, res.P99)
+			} else {
+				sumPlain += res.RPS
+				f.plain, f.plainP99 = append(f.plain, res.RPS), append(f.plainP99, res.P99)
+			}
+		}
+		f.ratio = append(f.ratio, sumRouted/sumPlain)
+	}
+	sec := b.Report.Add(fmt.Sprintf("Traffic management: keep-alive rate through a routed upstream (%d clients)", clients),
+		"plain req/s", "routed req/s", "routed ÷ plain (per round)", "plain p99", "routed p99")
+	sec.Row(bench.Num(f.plain.Median()), bench.Num(f.routed.Median()),
+		f.ratio.Format(func(v float64) string { return fmt.Sprintf("%.2f", v) }),
+		bench.Dur(f.plainP99.Median()), bench.Dur(f.routedP99.Median()))
+	sec.Note("wrk -c %d for %s per run, keep-alive, GET / → the client sidecar's upstream → a server sidecar → the same app. Plain: an "+
+		"upstream without config entries. Routed: its discovery chain has a service-router (two routes, a path prefix and a header, "+
+		"neither matching these requests), a service-splitter (90/10 over two subsets) and a service-resolver (subsets by tag; the one "+
+		"instance has both tags), so every request is matched against the routes, draws its split bucket and is sent to a target's "+
+		"backend from the chain map. Each round runs both twice in mirrored order (ABBA, flipped every round) and pairs their rates; "+
+		"the ratio column is the median of the rounds' ratios (lowest–highest). Sidecars at their defaults.", clients, d)
+	return nil
+}
