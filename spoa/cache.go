@@ -38,6 +38,10 @@ type verdict struct {
 	// refused is the index in refusals of the reason the agent refused
 	// the certificate itself, without asking Consul; -1 otherwise.
 	refused int
+	// l7: the intention that decided is L7 (a local decision; a Decider
+	// answers allow or deny only). Kept with the verdict, so that the
+	// connection is made L7 from the very intentions that decided it.
+	l7 bool
 }
 
 // origin says how a decision was reached.

@@ -139,12 +139,20 @@ func (a *Authorizer) l7Connection(d *decision, httpListener bool) {
 	if rules == nil || d.allowed || d.undecided || d.err != nil {
 		return
 	}
-	src, err := a.sourceID(d.source)
-	if err != nil {
-		return
+	// A local verdict says itself whether an L7 intention made it: the
+	// rules may have moved on since (an intentions change under way), and
+	// asking them would turn an L7 verdict into a plain deny. A Decider's
+	// answer says only allow or deny, so the rules say whether it is L7.
+	isL7 := d.l7Intention
+	if a.decider != nil {
+		src, err := a.sourceID(d.source)
+		if err != nil {
+			return
+		}
+		lk := rules.Lookup(src)
+		isL7 = lk.Intention != nil || lk.Err != nil
 	}
-	lk := rules.Lookup(src)
-	if lk.Intention == nil && lk.Err == nil {
+	if !isL7 {
 		return
 	}
 	if !httpListener {

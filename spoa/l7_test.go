@@ -189,3 +189,29 @@ func TestSetRulesLookup(t *testing.T) {
 		})
 	}
 }
+
+// TestL7ConnectionFromTheDecidingIntentions: a local verdict made by an L7
+// intention makes the connection L7 even when the intentions held have
+// moved on since (here to an L4 allow): the rules are not asked again, so
+// an intentions change under way cannot turn it into a plain deny (a 403).
+func TestL7ConnectionFromTheDecidingIntentions(t *testing.T) {
+	a := New("web", nil, nil)
+	defer a.Close()
+	set, _ := intentions.New(destination("web"), []*api.Intention{{SourceNS: "default", SourceName: "client",
+		DestinationNS: "default", DestinationName: "web", Action: api.IntentionActionAllow}}, intentions.Default{})
+	a.SetIntentions(set)
+	for _, tt := range []struct {
+		name      string
+		d         decision
+		allow, l7 bool
+	}{
+		{"decided by an L7 intention", decision{source: clientID, l7Intention: true}, true, true},
+		{"decided by an L4 deny", decision{source: clientID}, false, false},
+	} {
+		d := tt.d
+		a.l7Connection(&d, true)
+		if d.allowed != tt.allow || d.l7 != tt.l7 {
+			t.Errorf("%s: allowed %v l7 %v, want %v %v", tt.name, d.allowed, d.l7, tt.allow, tt.l7)
+		}
+	}
+}

@@ -79,7 +79,7 @@ func (a *Authorizer) decideLocal(id certs.ID) answer {
 	}
 	a.stats.localDecisions.Add(1)
 	d := s.Decide(intentions.Peer{Partition: id.Partition, Namespace: id.Namespace, Service: id.Service})
-	return answer{v: verdict{allowed: d.Allowed(), reason: d.Reason, refused: -1}}
+	return answer{v: verdict{allowed: d.Allowed(), reason: d.Reason, refused: -1, l7: d.Verdict == intentions.L7}}
 }
 
 // destination is the target as the intentions name it. Consul CE has one

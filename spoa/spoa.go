@@ -406,8 +406,11 @@ type decision struct {
 	gen     uint64 // the intentions generation the decision was made under
 	// l7: the source is under an L7 intention; each request is decided
 	// by its permissions (allowed is then true for the connection).
-	l7  bool
-	err error
+	l7 bool
+	// l7Intention: the verdict came from an L7 intention (local
+	// decisions; see verdict.l7).
+	l7Intention bool
+	err         error
 	// undecided: no verdict could be had (the Decider failed or timed
 	// out); err says why. A failure that asking again cannot change (no
 	// or bad certificate) is a deny instead.
@@ -451,7 +454,7 @@ func (a *Authorizer) decideNow(der []byte, argErr error) decision {
 		if d.err == nil {
 			var v verdict
 			v, d.how, d.gen, d.err = a.lookup(r)
-			d.allowed, d.reason = v.allowed, v.reason
+			d.allowed, d.reason, d.l7Intention = v.allowed, v.reason, v.l7
 			d.undecided = d.err != nil
 			if d.err == nil && v.refused >= 0 {
 				a.stats.refused[v.refused].Add(1)
