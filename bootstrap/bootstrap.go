@@ -860,8 +860,11 @@ func renderConfig(s Spec) (string, error) {
 			// streams, each request in HTTP and each connection in tcp,
 			// whatever connections carry them. Nothing waits in a queue
 			// here (no server has a maxconn), so max_pending_requests has
-			// nothing to bound.
-			if mode == "http" {
+			// nothing to bound. A routed upstream counts every backend
+			// its frontend can pick (renderRoutedLimit).
+			if u.Routing != nil {
+				renderRoutedLimit(w, u, n)
+			} else if mode == "http" {
 				w("    http-request deny deny_status 503 if { be_conn(%s) ge %d }", u.Name, n)
 			} else {
 				w("    tcp-request content reject if { be_conn(%s) ge %d }", u.Name, n)

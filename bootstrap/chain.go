@@ -75,6 +75,9 @@ const (
 	routeVar   = "txn." + VarPrefix + ".rt"
 	bucketVar  = "txn." + VarPrefix + ".bucket"
 	backendVar = "txn." + VarPrefix + ".be"
+	// activeVar is a routed upstream's requests in progress, summed over
+	// its backends (renderRoutedLimit).
+	activeVar = "txn." + VarPrefix + ".active"
 	// noTimeout is the request timeout of a route without one: the
 	// defaults' "timeout server".
 	noTimeout = "3600000"
@@ -363,6 +366,35 @@ func renderRouting(w func(string, ...any), u Upstream) {
 		renderMods(w, "http-response", d.ResponseHeaders, on)
 	}
 	w("    use_backend %%[var(%s)] if { var(%s) -m found }", backendVar, backendVar)
+}
+
+// renderRoutedLimit writes a routed upstream's limits (n requests in
+// progress): the sum of be_conn over the upstream's own backend and every
+// target backend, which is every backend its frontend can pick. be_conn
+// counts the streams a backend holds, one per HTTP request from the moment
+// use_backend assigns it until it ends, whatever connection carries it,
+// so the sum is the upstream's requests in progress. The frontend-level
+// samples count something else on 2.6: fe_conn and a stick table's
+// conn_cur count client connections, idle kept-alive ones included, and
+// one h2c connection carries many requests. Envoy applies the limits to
+// each cluster of the chain; here the upstream as a whole gets n, so a
+// split never lets more than n requests through where Envoy would let n
+// per target. As for a plain upstream, the count is read before this
+// request is assigned, so simultaneous arrivals on different threads can
+// pass n by a few.
+func renderRoutedLimit(w func(string, ...any), u Upstream, n int) {
+	bes := make([]string, 0, len(u.Routing.Backends))
+	for _, be := range u.Routing.Backends {
+		if be != u.Name && !slices.Contains(bes, be) {
+			bes = append(bes, be)
+		}
+	}
+	slices.Sort(bes)
+	w("    http-request set-var(%s) be_conn(%s)", activeVar, u.Name)
+	for _, be := range bes {
+		w("    http-request set-var(%s) be_conn(%s),add(%s)", activeVar, be, activeVar)
+	}
+	w("    http-request deny deny_status 503 if { var(%s) -m int ge %d }", activeVar, n)
 }
 
 func renderMods(w func(string, ...any), rule string, h chain.HeaderMods, on string) {

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/hashicorp/consul/api"
@@ -18,7 +19,8 @@ import (
 
 // chainSpec is an http sidecar with one upstream, web, routed by the
 // discovery chain of chain/testdata/full.json (a router, a 90/10
-// splitter, a resolver with subsets, failover and a hash policy).
+// splitter, a resolver with subsets, failover and a hash policy), with
+// limits and a passive health check, which every target backend gets.
 func chainSpec(t *testing.T) (Spec, Routing) {
 	t.Helper()
 	b, err := os.ReadFile("../chain/testdata/full.json")
@@ -38,13 +40,15 @@ func chainSpec(t *testing.T) (Spec, Routing) {
 	web := upstream("web", 9191, "http", 4, slots.Endpoint{Addr: "10.0.0.1", Port: 21000, Weight: 1})
 	routing, tbs := NewRouting(web.Name, c, goldenState+"/chain_up_web.map")
 	web.Routing = &routing
+	web.Limits = Limits{MaxConnections: 100, MaxConcurrentRequests: 50}
+	web.Passive = PassiveCheck{Interval: 5 * time.Second, MaxFailures: 3}
 	s.Upstreams = []Upstream{web}
 	for i, tg := range c.Targets {
 		name := TargetBackendName(web.Name, tg.Name)
 		_, table, _ := slots.Plan(slots.New(name, SlotPrefix, 2), []slots.Endpoint{{Addr: "10.0.1." + string(rune('1'+i)), Port: 21000, Weight: 1}})
 		tb := tbs[tg.Name]
 		s.Upstreams = append(s.Upstreams, Upstream{Name: name, Destination: tg.Service, Protocol: "http", Slots: table, Target: &tb,
-			ConnectTimeout: tg.ConnectTimeout})
+			ConnectTimeout: tg.ConnectTimeout, Passive: web.Passive})
 	}
 	return s, routing
 }
