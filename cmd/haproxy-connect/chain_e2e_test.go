@@ -528,3 +528,105 @@ func TestChainHashPolicy(t *testing.T) {
 		t.Fatalf("20 users all on one instance: %v", by)
 	}
 }
+
+// failingApp answers nothing: it reads each request and closes the
+// connection, with a TCP RST when reset (SO_LINGER 0, then close), else
+// with a FIN; it counts the requests it failed.
+func failingApp(hits *atomic.Int64, reset bool) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		c, _, err := w.(http.Hijacker).Hijack()
+		if err != nil {
+			return
+		}
+		if tc, ok := c.(*net.TCPConn); ok && reset {
+			_ = tc.SetLinger(0)
+		}
+		c.Close()
+	})
+}
+
+// hammer sends requests to the upstream port on new connections (two
+// loops) and on kept-alive ones (two loops, one transport) until each
+// kind has sent n and 3 s have passed, and returns the counts and the
+// first failure of each kind.
+func hammer(t *testing.T, port, n int) (okNew, failedNew, okKept, failedKept int64, errNew, errKept error) {
+	t.Helper()
+	tr := &http.Transport{MaxIdleConnsPerHost: 4}
+	kept, reused := keptAlive(t, tr, fmt.Sprintf("http://127.0.0.1:%d/", port))
+	var newN, keptN atomic.Int64
+	var keptReused atomic.Bool
+	stopKept := loadN(2, func() error {
+		keptN.Add(1)
+		code, err := kept()
+		if err == nil && reused.Load() {
+			keptReused.Store(true)
+		}
+		if err == nil && code != 200 {
+			err = fmt.Errorf("status %d", code)
+		}
+		return err
+	})
+	stopNew := loadN(2, func() error {
+		newN.Add(1)
+		return get200(port)()
+	})
+	start := time.Now()
+	eventually(t, 2*time.Minute, fmt.Sprintf("%d requests of each kind", n), func() error {
+		if newN.Load() < int64(n) || keptN.Load() < int64(n) || time.Since(start) < 3*time.Second {
+			return fmt.Errorf("%d new-connection and %d kept-alive requests after %s", newN.Load(), keptN.Load(), time.Since(start))
+		}
+		return nil
+	})
+	okKept, failedKept, errKept = stopKept()
+	okNew, failedNew, errNew = stopNew()
+	if !keptReused.Load() {
+		t.Fatalf("no kept-alive request reused a connection")
+	}
+	return
+}
+
+// TestRetriesResettingInstance: next to a good instance, one whose
+// application resets (or closes without answering) every connection it
+// reads a request on. First without a router, then with one (NumRetries
+// 3, RetryOnConnectFailure): thousands of requests on new and kept-alive
+// connections, for seconds, and none fails. The failing instance's
+// sidecar closes the stream without a response, which the calling
+// sidecar retries on another server ("retry-on empty-response", on every
+// http upstream backend, with or without a router).
+func TestRetriesResettingInstance(t *testing.T) {
+	for _, tt := range []struct {
+		name  string
+		reset bool
+	}{{"reset", true}, {"close", false}} {
+		t.Run(tt.name, func(t *testing.T) {
+			m := startChainMesh(t, "server")
+			var failed atomic.Int64
+			m.addInstance(t, "server", "server-1", nil, nil)
+			m.addInstance(t, "server", "server-bad", nil, failingApp(&failed, tt.reset))
+			m.client = startSidecar(t, m.consul, "client")
+			eventually(t, 20*time.Second, "both instances placed", m.client.inBackendCount("up_server", 2))
+			for _, phase := range []string{"without a router", "with a router"} {
+				if phase == "with a router" {
+					m.setEntry(t, &api.ServiceRouterConfigEntry{Kind: api.ServiceRouter, Name: "server", Routes: []api.ServiceRoute{{
+						Match:       &api.ServiceRouteMatch{HTTP: &api.ServiceRouteHTTPMatch{PathPrefix: "/"}},
+						Destination: &api.ServiceRouteDestination{NumRetries: 3, RetryOnConnectFailure: true},
+					}}})
+					m.client.waitLog(t, 20*time.Second, "discovery chain target up_server:server::dc1 added", 1)
+					eventually(t, 20*time.Second, "both instances placed in the target", m.client.inBackendCount("up_server:server::dc1", 2))
+				}
+				before := failed.Load()
+				okN, failedN, okK, failedK, errN, errK := hammer(t, m.upstream, 1500)
+				bad := failed.Load() - before
+				t.Logf("%s: new connections %d ok, %d failed; kept-alive %d ok, %d failed; the application failed %d requests",
+					phase, okN, failedN, okK, failedK, bad)
+				if bad == 0 {
+					t.Fatalf("%s: the failing instance got no request", phase)
+				}
+				if failedN+failedK > 0 {
+					t.Fatalf("%s: %d new-connection requests failed (first: %v), %d kept-alive (first: %v)", phase, failedN, errN, failedK, errK)
+				}
+			}
+		})
+	}
+}
