@@ -66,6 +66,14 @@ type TargetBackend struct {
 	// them retries on.
 	Retries int
 	RetryOn []int
+	// NoConnFailure: every route that reaches the target has a retry
+	// policy (NumRetries or RetryOnStatusCodes) with
+	// RetryOnConnectFailure false, so a failed connection is not retried
+	// (retry-on without conn-failure). A route without a retry policy
+	// keeps what every upstream backend retries. Left out of the JSON
+	// when false, so the chain shapes (controller) of chains without it
+	// are what they were.
+	NoConnFailure bool `json:",omitzero"`
 	// Map is the chain map holding request timeouts by route.
 	Map string
 }
@@ -436,9 +444,15 @@ func balanceLines(b chain.Balance) []string {
 	return []string{"balance roundrobin"}
 }
 
-// retryOn is a target backend's retry-on list.
+// retryOn is a target backend's retry-on list. empty-response stays in
+// it whatever the routes say: it is what hides the other sidecar's
+// reloads and an application that resets a connection (README, "What is
+// retried").
 func retryOn(t *TargetBackend) string {
 	s := "conn-failure empty-response"
+	if t.NoConnFailure {
+		s = "empty-response"
+	}
 	for _, c := range t.RetryOn {
 		s += " " + strconv.Itoa(c)
 	}
@@ -461,8 +475,17 @@ func NewRouting(name string, c chain.Chain, mapPath string) (Routing, map[string
 		r.Backends[t.Name] = TargetBackendName(name, t.Name)
 		tbs[t.Name] = TargetBackend{Balance: t.Balance, Map: mapPath}
 	}
+	// connRetry: a route reaching the target retries failed connections
+	// (RetryOnConnectFailure, or no retry policy at all).
+	reached, connRetry := map[string]bool{}, map[string]bool{}
 	for _, rt := range c.Routes {
+		d := rt.Dest
+		policy := d.NumRetries > 0 || len(d.RetryOnStatusCodes) > 0 || d.RetryOnConnectFailure
 		for _, s := range rt.Splits {
+			reached[s.Target] = true
+			if !policy || d.RetryOnConnectFailure {
+				connRetry[s.Target] = true
+			}
 			tb := tbs[s.Target]
 			tb.Retries = max(tb.Retries, rt.Dest.NumRetries)
 			for _, code := range rt.Dest.RetryOnStatusCodes {
@@ -473,6 +496,10 @@ func NewRouting(name string, c chain.Chain, mapPath string) (Routing, map[string
 			slices.Sort(tb.RetryOn)
 			tbs[s.Target] = tb
 		}
+	}
+	for name, tb := range tbs {
+		tb.NoConnFailure = reached[name] && !connRetry[name]
+		tbs[name] = tb
 	}
 	return r, tbs
 }

@@ -180,3 +180,49 @@ func cloneMap(m map[string]string) map[string]string {
 	}
 	return out
 }
+
+// TestRetryOnConnectFailure: a target backend leaves conn-failure out of
+// retry-on only when every route that reaches it has a retry policy with
+// RetryOnConnectFailure false; empty-response always stays.
+func TestRetryOnConnectFailure(t *testing.T) {
+	route := func(d chain.Dest, targets ...string) chain.Route {
+		r := chain.Route{Dest: d}
+		for _, tg := range targets {
+			r.Splits = append(r.Splits, chain.Split{Weight: chain.TotalWeight / len(targets), Target: tg})
+		}
+		return r
+	}
+	noConn := chain.Dest{NumRetries: 2, RetryOnStatusCodes: []int{503}}
+	conn := chain.Dest{NumRetries: 2, RetryOnConnectFailure: true}
+	tests := []struct {
+		name   string
+		routes []chain.Route
+		want   map[string]string // target -> retry-on
+	}{
+		{"no retry policy", []chain.Route{route(chain.Dest{}, "a")},
+			map[string]string{"a": "conn-failure empty-response", "b": "conn-failure empty-response"}},
+		{"RetryOnConnectFailure", []chain.Route{route(conn, "a")},
+			map[string]string{"a": "conn-failure empty-response", "b": "conn-failure empty-response"}},
+		{"a policy without it", []chain.Route{route(noConn, "a")},
+			map[string]string{"a": "empty-response 503", "b": "conn-failure empty-response"}},
+		{"NumRetries alone", []chain.Route{route(chain.Dest{NumRetries: 1}, "a", "b")},
+			map[string]string{"a": "empty-response", "b": "empty-response"}},
+		{"another route without a policy reaches it", []chain.Route{route(noConn, "a"), route(chain.Dest{}, "a", "b")},
+			map[string]string{"a": "conn-failure empty-response 503", "b": "conn-failure empty-response"}},
+		{"another route retries connections", []chain.Route{route(noConn, "a", "b"), route(conn, "b")},
+			map[string]string{"a": "empty-response 503", "b": "conn-failure empty-response 503"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := chain.Chain{Routes: tt.routes, Targets: []chain.Target{{Name: "a"}, {Name: "b"}}}
+			_, tbs := NewRouting("up_web", c, "/state/chain_up_web.map")
+			got := map[string]string{}
+			for name, tb := range tbs {
+				got[name] = retryOn(&tb)
+			}
+			if d := cmp.Diff(tt.want, got); d != "" {
+				t.Errorf("retry-on (-want +got):\n%s", d)
+			}
+		})
+	}
+}

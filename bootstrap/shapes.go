@@ -108,7 +108,7 @@ var configShapes = []string{
 	`    balance (leastconn|random|hash (src|(req\.hdr|req\.cook|url_param)\([A-Za-z0-9_.-]+\)))`,
 	`    hash-type consistent`,
 	`    retries \d+`,
-	`    retry-on conn-failure empty-response( \d{3})*`,
+	`    retry-on (conn-failure )?empty-response( \d{3})*`,
 	`    http-request set-timeout server var\(txn\.hc\.rt\),map\(` + shapePath + `,3600000\)`,
 }
 
