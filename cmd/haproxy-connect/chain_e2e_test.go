@@ -630,3 +630,67 @@ func TestRetriesResettingInstance(t *testing.T) {
 		})
 	}
 }
+
+// TestChainPassiveHealthCheck: an upstream routed by a discovery chain
+// (a resolver) with passive_health_check: the target backend's server of
+// the instance whose application answers 500 is marked down, and while it
+// is down every request is served by the other instance.
+func TestChainPassiveHealthCheck(t *testing.T) {
+	m := &chainMesh{consul: testenv.Consul(t, testenv.ConsulOptions{})}
+	m.c = m.consul.Client
+	m.setEntry(t, &api.ServiceConfigEntry{Kind: api.ServiceDefaults, Name: "server", Protocol: "http"})
+	m.setEntry(t, &api.ServiceResolverConfigEntry{Kind: api.ServiceResolver, Name: "server", ConnectTimeout: 4 * time.Second})
+	ports := testenv.FreePorts(t, 3)
+	m.upstream = ports[2]
+	register(t, m.c, "client", ports[0], ports[1], nil, api.Upstream{DestinationName: "server", LocalBindPort: m.upstream,
+		Config: map[string]any{"protocol": "http", "passive_health_check": map[string]any{"interval": "5s", "max_failures": 3}}})
+	m.addInstance(t, "server", "server-1", nil, nil)
+	m.addInstance(t, "server", "server-bad", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { http.Error(w, "broken", 500) }))
+	m.client = startSidecar(t, m.consul, "client")
+	const target = "up_server:server::dc1"
+	eventually(t, 20*time.Second, "both instances in the target backend", m.client.inBackendCount(target, 2))
+	svc, _, err := m.c.Agent().Service("server-bad-sidecar-proxy", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	badAddr := fmt.Sprintf("127.0.0.1:%d", svc.Port)
+	badStatus := func() (string, error) {
+		st, err := m.client.rt.ServerStats(context.Background())
+		if err != nil {
+			return "", err
+		}
+		for _, s := range st {
+			if s.Backend == target && s.Addr == badAddr {
+				return s.Status, nil
+			}
+		}
+		return "", fmt.Errorf("no server of %s at %s: %+v", target, badAddr, st)
+	}
+	eventually(t, 20*time.Second, "the failing instance marked down in the target backend", func() error {
+		_, _, _ = get(m.upstream)
+		st, err := badStatus()
+		if err == nil && !strings.HasPrefix(st, "DOWN") {
+			err = fmt.Errorf("status %q", st)
+		}
+		return err
+	})
+	served := 0
+	for range 200 {
+		before, err := badStatus()
+		if err != nil {
+			t.Fatal(err)
+		}
+		code, body, err := get(m.upstream)
+		after, _ := badStatus()
+		if !strings.HasPrefix(before, "DOWN") || !strings.HasPrefix(after, "DOWN") {
+			continue
+		}
+		served++
+		if err != nil || code != 200 || body != "hello from server-1" {
+			t.Fatalf("a request while the failing instance is down: %d %q %v", code, body, err)
+		}
+	}
+	if served < 20 {
+		t.Errorf("only %d requests ran while the failing instance was down", served)
+	}
+}
