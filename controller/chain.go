@@ -210,6 +210,7 @@ func (c *Controller) watchChain(ctx context.Context, u Upstream) {
 			d.chainSeen[u.Name] = true
 			if ch != nil {
 				d.chains[u.Name] = ch
+				d.chainSince = time.Now()
 				d.sidecar = expand(d.registration, d.chains)
 			}
 		})

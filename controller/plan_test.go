@@ -281,6 +281,7 @@ func TestPlanTranscript(t *testing.T) {
 	roots := func(pem string) *certs.Roots { return &certs.Roots{PEM: pem, TrustDomain: "td.consul"} }
 	leaf1 := leaf("01", 72*time.Hour)
 	api, db := up("api", 9191), up("db", 9192)
+	target := Upstream{Name: "up_api:api:v2:dc1", Type: "service", Destination: "api", Target: "api:v2:dc1", Parent: "up_api"}
 	const initialWait = 3 * time.Second
 
 	type step struct {
@@ -357,6 +358,28 @@ func TestPlanTranscript(t *testing.T) {
 				"batch: set server up_cache/s1 addr 10.0.0.9 port 21000; set server up_cache/s1 state ready",
 			}},
 			{"nothing changed: nothing planned", 11 * time.Second, func(s *planSim) {}, nil},
+		}},
+		{"a new chain target waits for its endpoints before the reload", started, []step{
+			{"the chain adds a target: no list yet", 10 * time.Second, func(s *planSim) {
+				s.d.sidecar, s.d.chainSince = sidecar(api, db, target), s.now
+			}, []string{"wait 3s"}},
+			{"its list: verified, then the reload places it", 10500 * time.Millisecond, func(s *planSim) {
+				s.endpoints(target.Name, ep(7, 21000))
+			}, []string{
+				"verify up_api:api:v2:dc1: 10.0.0.7:21000",
+				"wait 2.5s",
+				"reload (registration: discovery chain target up_api:api:v2:dc1 added) up_api[8]{s1=10.0.0.1:21000 s2=10.0.0.2:21000} up_api:api:v2:dc1[8]{s1=10.0.0.7:21000} up_db[8]{s1=10.0.0.5:21000}",
+			}},
+			{"nothing changed: nothing planned", 11 * time.Second, func(s *planSim) {}, nil},
+		}},
+		{"a new chain target without endpoints: the reload waits InitialWait at most", started, []step{
+			{"the chain adds a target", 10 * time.Second, func(s *planSim) {
+				s.d.sidecar, s.d.chainSince = sidecar(api, db, target), s.now
+			}, []string{"wait 3s"}},
+			{"still no list: waiting", 12 * time.Second, func(s *planSim) {}, []string{"wait 1s"}},
+			{"InitialWait passed: reloaded without it", 13 * time.Second, func(s *planSim) {}, []string{
+				"reload (registration: discovery chain target up_api:api:v2:dc1 added) up_api[8]{s1=10.0.0.1:21000 s2=10.0.0.2:21000} up_api:api:v2:dc1[8]{} up_db[8]{s1=10.0.0.5:21000}",
+			}},
 		}},
 		{"new CA roots are a reload", started, []step{
 			{"roots change", 10 * time.Second, func(s *planSim) { s.d.roots = roots("root-1\nroot-2") }, []string{
