@@ -694,3 +694,36 @@ func TestChainPassiveHealthCheck(t *testing.T) {
 		t.Errorf("only %d requests ran while the failing instance was down", served)
 	}
 }
+
+// TestChainOnlyPassing: a chain target takes an instance whose check is
+// a warning while its resolver leaves OnlyPassing false (Consul's
+// default, as Envoy does), and leaves it out once a subset says
+// OnlyPassing; traffic flows through the change without a failure.
+func TestChainOnlyPassing(t *testing.T) {
+	m := startChainMesh(t, "server")
+	m.setEntry(t, &api.ServiceResolverConfigEntry{Kind: api.ServiceResolver, Name: "server", ConnectTimeout: 4 * time.Second})
+	m.addInstance(t, "server", "server-1", []string{"v1"}, nil)
+	m.addInstance(t, "server", "server-warn", []string{"v1"}, nil)
+	m.checksOf(t, "server-warn-sidecar-proxy", api.HealthWarning)
+	m.client = startSidecar(t, m.consul, "client")
+	eventually(t, 20*time.Second, "the warning instance placed", m.client.inBackendCount("up_server:server::dc1", 2))
+	eventually(t, 20*time.Second, "the warning instance serves", serves(m.upstream, "hello from server-warn"))
+
+	stop := loadN(2, get200(m.upstream))
+	m.setEntry(t, &api.ServiceResolverConfigEntry{Kind: api.ServiceResolver, Name: "server", ConnectTimeout: 4 * time.Second, DefaultSubset: "v1",
+		Subsets: map[string]api.ServiceResolverSubset{"v1": {Filter: "Service.Tags contains v1", OnlyPassing: true}}})
+	m.client.waitLog(t, 20*time.Second, "discovery chain target up_server:server:v1:dc1 added", 1)
+	eventually(t, 20*time.Second, "only the passing instance in the OnlyPassing target", m.client.inBackendCount("up_server:server:v1:dc1", 1))
+	for range 200 {
+		if err := serves(m.upstream, "hello from server-1")(); err != nil {
+			t.Fatalf("with OnlyPassing: %v", err)
+		}
+	}
+	m.checksOf(t, "server-warn-sidecar-proxy", api.HealthPassing)
+	eventually(t, 20*time.Second, "the instance back once passing", m.client.inBackendCount("up_server:server:v1:dc1", 2))
+	ok, failed, first := stop()
+	t.Logf("%d requests through the change, %d failed", ok, failed)
+	if failed > 0 {
+		t.Fatalf("%d of %d requests failed: %v", failed, ok+failed, first)
+	}
+}
