@@ -276,17 +276,36 @@ func plan(in planInput) []action {
 		acts = append(acts, publishAuthzGenAction{gen: in.authzGen})
 	}
 	acts = append(acts, in.planEndpoints()...)
-	if in.chainFile != nil && len(reasons) == 0 {
-		// Not while a reload is due: the desired entries may name
-		// target backends HAProxy does not have yet (a request sent to
-		// one would take the upstream's own backend), and the reload
-		// writes the map file whole.
-		acts = append(acts, planChainMaps(in.chainMaps, ap.chainMaps, in.chainFile)...)
+	if in.chainFile != nil {
+		acts = append(acts, planChainMaps(in.runningChainMaps(), ap.chainMaps, in.chainFile)...)
 	}
 	if !wait.IsZero() {
 		acts = append(acts, waitAction{at: wait})
 	}
 	return acts
+}
+
+// runningChainMaps is the desired chain maps of the routed upstreams
+// whose chain shape HAProxy runs. The others wait for their reload (which
+// writes the map file whole): their entries may name target backends
+// HAProxy does not have yet (a request sent to one would take the
+// upstream's own backend), or routes it numbers otherwise. So does every
+// map of an adopted HAProxy that runs another configuration.
+func (in planInput) runningChainMaps() map[string]map[string]string {
+	if in.applied.foreign != "" {
+		return nil
+	}
+	running := map[string]string{}
+	for _, u := range in.applied.sidecar.Upstreams {
+		running[u.Name] = u.Chain
+	}
+	out := map[string]map[string]string{}
+	for _, u := range in.desired.sidecar.Upstreams {
+		if m, ok := in.chainMaps[u.Name]; ok && u.Chain != "" && running[u.Name] == u.Chain {
+			out[u.Name] = m
+		}
+	}
+	return out
 }
 
 // warming reports whether the due reload should wait for new chain

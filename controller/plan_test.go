@@ -594,3 +594,37 @@ func TestChainOnly(t *testing.T) {
 		}
 	}
 }
+
+// TestRunningChainMaps: chain map entries are set at run time only for
+// routed upstreams whose chain shape HAProxy runs.
+func TestRunningChainMaps(t *testing.T) {
+	routed := func(name, shape string) Upstream { u := up(name, 9000); u.Chain = shape; return u }
+	maps := map[string]map[string]string{"up_a": {"r0": "1"}, "up_b": {"r0": "2"}, "up_c": {"r0": "3"}}
+	tests := []struct {
+		name    string
+		applied []Upstream
+		desired []Upstream
+		foreign string
+		want    []string
+	}{
+		{"same shapes", []Upstream{routed("a", "s1"), routed("b", "s1")}, []Upstream{routed("a", "s1"), routed("b", "s1")}, "", []string{"up_a", "up_b"}},
+		{"a shape changed: that one waits for its reload", []Upstream{routed("a", "s1"), routed("b", "s1")}, []Upstream{routed("a", "s2"), routed("b", "s1")}, "", []string{"up_b"}},
+		{"a new routed upstream waits", []Upstream{routed("a", "s1")}, []Upstream{routed("a", "s1"), routed("c", "s1")}, "", []string{"up_a"}},
+		{"plain before, routed now: waits", []Upstream{up("a", 9000)}, []Upstream{routed("a", "s1")}, "", nil},
+		{"an adopted foreign configuration: none", []Upstream{routed("a", "s1")}, []Upstream{routed("a", "s1")}, "another configuration", nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			in := planInput{desired: &desired{sidecar: sidecar(tt.desired...)},
+				applied: &applied{sidecar: *sidecar(tt.applied...), foreign: tt.foreign}, chainMaps: maps}
+			var got []string
+			for n := range in.runningChainMaps() {
+				got = append(got, n)
+			}
+			slices.Sort(got)
+			if d := cmp.Diff(tt.want, got); d != "" {
+				t.Errorf("(-want +got):\n%s", d)
+			}
+		})
+	}
+}
