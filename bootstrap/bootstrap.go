@@ -860,8 +860,11 @@ func renderConfig(s Spec) (string, error) {
 			// streams, each request in HTTP and each connection in tcp,
 			// whatever connections carry them. Nothing waits in a queue
 			// here (no server has a maxconn), so max_pending_requests has
-			// nothing to bound.
-			if mode == "http" {
+			// nothing to bound. A routed upstream counts every backend
+			// its frontend can pick (renderRoutedLimit).
+			if u.Routing != nil {
+				renderRoutedLimit(w, u, n)
+			} else if mode == "http" {
 				w("    http-request deny deny_status 503 if { be_conn(%s) ge %d }", u.Name, n)
 			} else {
 				w("    tcp-request content reject if { be_conn(%s) ge %d }", u.Name, n)
@@ -892,12 +895,16 @@ func renderConfig(s Spec) (string, error) {
 		// Consul says so) is retried on another; in HTTP mode so is a
 		// request the other sidecar closed without answering (a reused
 		// connection it was closing, or its worker stopping after a
-		// reload): nothing was forwarded to the application then.
+		// reload: nothing was forwarded to the application then; or its
+		// application resetting or closing the connection on the
+		// request, which it then gets again on another instance).
 		w("    option redispatch")
 		if mode == "http" && u.Target != nil {
 			w("    retry-on %s", retryOn(u.Target))
 		} else if mode == "http" {
 			w("    retry-on conn-failure empty-response")
+		}
+		if mode == "http" {
 			// Every connection to another sidecar carries this sidecar's
 			// identity, whichever local client opened it, so any request
 			// may take any idle one: a local client that opens a

@@ -66,6 +66,14 @@ type TargetBackend struct {
 	// them retries on.
 	Retries int
 	RetryOn []int
+	// NoConnFailure: every route that reaches the target has a retry
+	// policy (NumRetries or RetryOnStatusCodes) with
+	// RetryOnConnectFailure false, so a failed connection is not retried
+	// (retry-on without conn-failure). A route without a retry policy
+	// keeps what every upstream backend retries. Left out of the JSON
+	// when false, so the chain shapes (controller) of chains without it
+	// are what they were.
+	NoConnFailure bool `json:",omitzero"`
 	// Map is the chain map holding request timeouts by route.
 	Map string
 }
@@ -75,6 +83,9 @@ const (
 	routeVar   = "txn." + VarPrefix + ".rt"
 	bucketVar  = "txn." + VarPrefix + ".bucket"
 	backendVar = "txn." + VarPrefix + ".be"
+	// activeVar is a routed upstream's requests in progress, summed over
+	// its backends (renderRoutedLimit).
+	activeVar = "txn." + VarPrefix + ".active"
 	// noTimeout is the request timeout of a route without one: the
 	// defaults' "timeout server".
 	noTimeout = "3600000"
@@ -365,6 +376,35 @@ func renderRouting(w func(string, ...any), u Upstream) {
 	w("    use_backend %%[var(%s)] if { var(%s) -m found }", backendVar, backendVar)
 }
 
+// renderRoutedLimit writes a routed upstream's limits (n requests in
+// progress): the sum of be_conn over the upstream's own backend and every
+// target backend, which is every backend its frontend can pick. be_conn
+// counts the streams a backend holds, one per HTTP request from the moment
+// use_backend assigns it until it ends, whatever connection carries it,
+// so the sum is the upstream's requests in progress. The frontend-level
+// samples count something else on 2.6: fe_conn and a stick table's
+// conn_cur count client connections, idle kept-alive ones included, and
+// one h2c connection carries many requests. Envoy applies the limits to
+// each cluster of the chain; here the upstream as a whole gets n, so a
+// split never lets more than n requests through where Envoy would let n
+// per target. As for a plain upstream, the count is read before this
+// request is assigned, so simultaneous arrivals on different threads can
+// pass n by a few.
+func renderRoutedLimit(w func(string, ...any), u Upstream, n int) {
+	bes := make([]string, 0, len(u.Routing.Backends))
+	for _, be := range u.Routing.Backends {
+		if be != u.Name && !slices.Contains(bes, be) {
+			bes = append(bes, be)
+		}
+	}
+	slices.Sort(bes)
+	w("    http-request set-var(%s) be_conn(%s)", activeVar, u.Name)
+	for _, be := range bes {
+		w("    http-request set-var(%s) be_conn(%s),add(%s)", activeVar, be, activeVar)
+	}
+	w("    http-request deny deny_status 503 if { var(%s) -m int ge %d }", activeVar, n)
+}
+
 func renderMods(w func(string, ...any), rule string, h chain.HeaderMods, on string) {
 	for _, n := range h.Remove {
 		w("    %s del-header %s%s", rule, quote(n), on)
@@ -404,9 +444,15 @@ func balanceLines(b chain.Balance) []string {
 	return []string{"balance roundrobin"}
 }
 
-// retryOn is a target backend's retry-on list.
+// retryOn is a target backend's retry-on list. empty-response stays in
+// it whatever the routes say: it is what hides the other sidecar's
+// reloads and an application that resets a connection (README, "What is
+// retried").
 func retryOn(t *TargetBackend) string {
 	s := "conn-failure empty-response"
+	if t.NoConnFailure {
+		s = "empty-response"
+	}
 	for _, c := range t.RetryOn {
 		s += " " + strconv.Itoa(c)
 	}
@@ -429,8 +475,17 @@ func NewRouting(name string, c chain.Chain, mapPath string) (Routing, map[string
 		r.Backends[t.Name] = TargetBackendName(name, t.Name)
 		tbs[t.Name] = TargetBackend{Balance: t.Balance, Map: mapPath}
 	}
+	// connRetry: a route reaching the target retries failed connections
+	// (RetryOnConnectFailure, or no retry policy at all).
+	reached, connRetry := map[string]bool{}, map[string]bool{}
 	for _, rt := range c.Routes {
+		d := rt.Dest
+		policy := d.NumRetries > 0 || len(d.RetryOnStatusCodes) > 0 || d.RetryOnConnectFailure
 		for _, s := range rt.Splits {
+			reached[s.Target] = true
+			if !policy || d.RetryOnConnectFailure {
+				connRetry[s.Target] = true
+			}
 			tb := tbs[s.Target]
 			tb.Retries = max(tb.Retries, rt.Dest.NumRetries)
 			for _, code := range rt.Dest.RetryOnStatusCodes {
@@ -441,6 +496,10 @@ func NewRouting(name string, c chain.Chain, mapPath string) (Routing, map[string
 			slices.Sort(tb.RetryOn)
 			tbs[s.Target] = tb
 		}
+	}
+	for name, tb := range tbs {
+		tb.NoConnFailure = reached[name] && !connRetry[name]
+		tbs[name] = tb
 	}
 	return r, tbs
 }

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/hashicorp/consul/api"
@@ -18,7 +19,8 @@ import (
 
 // chainSpec is an http sidecar with one upstream, web, routed by the
 // discovery chain of chain/testdata/full.json (a router, a 90/10
-// splitter, a resolver with subsets, failover and a hash policy).
+// splitter, a resolver with subsets, failover and a hash policy), with
+// limits and a passive health check, which every target backend gets.
 func chainSpec(t *testing.T) (Spec, Routing) {
 	t.Helper()
 	b, err := os.ReadFile("../chain/testdata/full.json")
@@ -38,13 +40,15 @@ func chainSpec(t *testing.T) (Spec, Routing) {
 	web := upstream("web", 9191, "http", 4, slots.Endpoint{Addr: "10.0.0.1", Port: 21000, Weight: 1})
 	routing, tbs := NewRouting(web.Name, c, goldenState+"/chain_up_web.map")
 	web.Routing = &routing
+	web.Limits = Limits{MaxConnections: 100, MaxConcurrentRequests: 50}
+	web.Passive = PassiveCheck{Interval: 5 * time.Second, MaxFailures: 3}
 	s.Upstreams = []Upstream{web}
 	for i, tg := range c.Targets {
 		name := TargetBackendName(web.Name, tg.Name)
 		_, table, _ := slots.Plan(slots.New(name, SlotPrefix, 2), []slots.Endpoint{{Addr: "10.0.1." + string(rune('1'+i)), Port: 21000, Weight: 1}})
 		tb := tbs[tg.Name]
 		s.Upstreams = append(s.Upstreams, Upstream{Name: name, Destination: tg.Service, Protocol: "http", Slots: table, Target: &tb,
-			ConnectTimeout: tg.ConnectTimeout})
+			ConnectTimeout: tg.ConnectTimeout, Passive: web.Passive})
 	}
 	return s, routing
 }
@@ -175,4 +179,50 @@ func cloneMap(m map[string]string) map[string]string {
 		out[k] = v
 	}
 	return out
+}
+
+// TestRetryOnConnectFailure: a target backend leaves conn-failure out of
+// retry-on only when every route that reaches it has a retry policy with
+// RetryOnConnectFailure false; empty-response always stays.
+func TestRetryOnConnectFailure(t *testing.T) {
+	route := func(d chain.Dest, targets ...string) chain.Route {
+		r := chain.Route{Dest: d}
+		for _, tg := range targets {
+			r.Splits = append(r.Splits, chain.Split{Weight: chain.TotalWeight / len(targets), Target: tg})
+		}
+		return r
+	}
+	noConn := chain.Dest{NumRetries: 2, RetryOnStatusCodes: []int{503}}
+	conn := chain.Dest{NumRetries: 2, RetryOnConnectFailure: true}
+	tests := []struct {
+		name   string
+		routes []chain.Route
+		want   map[string]string // target -> retry-on
+	}{
+		{"no retry policy", []chain.Route{route(chain.Dest{}, "a")},
+			map[string]string{"a": "conn-failure empty-response", "b": "conn-failure empty-response"}},
+		{"RetryOnConnectFailure", []chain.Route{route(conn, "a")},
+			map[string]string{"a": "conn-failure empty-response", "b": "conn-failure empty-response"}},
+		{"a policy without it", []chain.Route{route(noConn, "a")},
+			map[string]string{"a": "empty-response 503", "b": "conn-failure empty-response"}},
+		{"NumRetries alone", []chain.Route{route(chain.Dest{NumRetries: 1}, "a", "b")},
+			map[string]string{"a": "empty-response", "b": "empty-response"}},
+		{"another route without a policy reaches it", []chain.Route{route(noConn, "a"), route(chain.Dest{}, "a", "b")},
+			map[string]string{"a": "conn-failure empty-response 503", "b": "conn-failure empty-response"}},
+		{"another route retries connections", []chain.Route{route(noConn, "a", "b"), route(conn, "b")},
+			map[string]string{"a": "empty-response 503", "b": "conn-failure empty-response 503"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := chain.Chain{Routes: tt.routes, Targets: []chain.Target{{Name: "a"}, {Name: "b"}}}
+			_, tbs := NewRouting("up_web", c, "/state/chain_up_web.map")
+			got := map[string]string{}
+			for name, tb := range tbs {
+				got[name] = retryOn(&tb)
+			}
+			if d := cmp.Diff(tt.want, got); d != "" {
+				t.Errorf("retry-on (-want +got):\n%s", d)
+			}
+		})
+	}
 }

@@ -102,11 +102,13 @@ var configShapes = []string{
 	`    http-request set-var\(txn\.hc\.be\) str\(` + shapeIdent + `\) if \{ var\(txn\.hc\.be\) -m str ` + shapeIdent + ` \} !\{ nbsrv\(` + shapeIdent + `\) gt 0 \} \{ nbsrv\(` + shapeIdent + `\) gt 0 \}`,
 	`    http-request replace-path ` + shapeQuoted + ` ` + shapeQuoted + shapeOnRoute,
 	`    http-(request|response) (del-header ` + shapeQuoted + `|(set|add)-header ` + shapeQuoted + ` '[ -$&(-~]*')` + shapeOnRoute,
+	`    http-request set-var\(txn\.hc\.active\) be_conn\(` + shapeIdent + `\)(,add\(txn\.hc\.active\))?`,
+	`    http-request deny deny_status 503 if \{ var\(txn\.hc\.active\) -m int ge \d+ \}`,
 	`    use_backend %\[var\(txn\.hc\.be\)\] if \{ var\(txn\.hc\.be\) -m found \}`,
 	`    balance (leastconn|random|hash (src|(req\.hdr|req\.cook|url_param)\([A-Za-z0-9_.-]+\)))`,
 	`    hash-type consistent`,
 	`    retries \d+`,
-	`    retry-on conn-failure empty-response( \d{3})*`,
+	`    retry-on (conn-failure )?empty-response( \d{3})*`,
 	`    http-request set-timeout server var\(txn\.hc\.rt\),map\(` + shapePath + `,3600000\)`,
 }
 

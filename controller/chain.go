@@ -62,10 +62,15 @@ func expand(reg *Sidecar, chains map[string]*chain.Chain) *Sidecar {
 		u.Chain = chainShape(*ch)
 		sc.Upstreams = append(sc.Upstreams, u)
 		for _, t := range ch.Targets {
+			// Each target's servers get the upstream's passive health
+			// check, as Envoy applies it to each cluster of the chain.
+			// Its limits stay on the upstream: its frontend counts the
+			// requests of every target backend (bootstrap/chain.go).
 			sc.Upstreams = append(sc.Upstreams, Upstream{
 				Name: bootstrap.TargetBackendName(u.Name, t.Name), Type: string(api.UpstreamDestTypeService),
 				Destination: t.Service, Datacenter: t.Datacenter, Protocol: u.Protocol,
 				ConnectTimeout: t.ConnectTimeout, Target: t.Name, Parent: u.Name, Filter: t.Filter, OnlyPassing: t.OnlyPassing,
+				Passive: u.Passive,
 			})
 		}
 	}
@@ -205,6 +210,7 @@ func (c *Controller) watchChain(ctx context.Context, u Upstream) {
 			d.chainSeen[u.Name] = true
 			if ch != nil {
 				d.chains[u.Name] = ch
+				d.chainSince = time.Now()
 				d.sidecar = expand(d.registration, d.chains)
 			}
 		})

@@ -5,10 +5,13 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/consul/api"
+	"go.uber.org/zap"
 
 	"github.com/haproxy-connect/haproxy-connect/bootstrap"
+	"github.com/haproxy-connect/haproxy-connect/certs"
 	"github.com/haproxy-connect/haproxy-connect/chain"
 )
 
@@ -118,5 +121,42 @@ func TestCheckBackendNames(t *testing.T) {
 	}
 	if err := checkBackendNames("up_"+strings.Repeat("w", 150), *ch); err == nil {
 		t.Fatal("a backend name over 160 bytes accepted")
+	}
+}
+
+// TestChainTargetsGetPassive: every target backend of a routed upstream
+// gets the upstream's passive health check, not its limits (counted in
+// the upstream's frontend), and renders with it.
+func TestChainTargetsGetPassive(t *testing.T) {
+	passive := bootstrap.PassiveCheck{Interval: 5 * time.Second, MaxFailures: 3}
+	limits := bootstrap.Limits{MaxConcurrentRequests: 10}
+	reg := &Sidecar{ProxyID: "p", Service: "client", Upstreams: []Upstream{
+		{Name: "up_web", Type: "service", Destination: "web", BindAddr: "127.0.0.1", BindPort: 9191, Protocol: "http", Passive: passive, Limits: limits},
+	}}
+	sc := expand(reg, map[string]*chain.Chain{"up_web": loadChain(t, "split", nil)})
+	targets := 0
+	for _, u := range sc.Upstreams {
+		switch {
+		case u.Target != "":
+			targets++
+			if u.Passive != passive || u.Limits != (bootstrap.Limits{}) {
+				t.Errorf("target %s: passive %+v limits %+v", u.Name, u.Passive, u.Limits)
+			}
+		case u.Passive != passive || u.Limits != limits:
+			t.Errorf("upstream %s: passive %+v limits %+v", u.Name, u.Passive, u.Limits)
+		}
+	}
+	if targets != 2 {
+		t.Fatalf("%d targets, want 2", targets)
+	}
+	c := &Controller{log: zap.NewNop()}
+	c.cfg.StateDir = "/state"
+	c.desired.leaf, c.desired.roots = &certs.Bundle{}, &certs.Roots{}
+	c.desired.chains = map[string]*chain.Chain{"up_web": loadChain(t, "split", nil)}
+	spec := c.spec(*sc, nil)
+	for _, u := range spec.Upstreams {
+		if u.Passive != passive {
+			t.Errorf("rendered upstream %s without the passive check: %+v", u.Name, u.Passive)
+		}
 	}
 }

@@ -164,6 +164,9 @@ type desired struct {
 	// Consul: only those are planned, so one endpoint event costs one
 	// plan, not one per upstream.
 	dirty map[string]time.Time
+	// chainSince is when a chain watch last published a chain: the
+	// reload that adds its new targets waits from then (plan, warming).
+	chainSince time.Time
 }
 
 // setEndpoints records an upstream's new endpoint list, which arrived from

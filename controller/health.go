@@ -70,6 +70,11 @@ type healthEntry struct {
 	NodeAddress string // the node's address, used when Address is empty
 	Port        int
 	Weight      int // Weights.Passing; 0 when absent
+	// Read only for a query that keeps instances with warnings
+	// (connectFiltered, onlyPassing false): the instance's worst check
+	// status, and its Weights.Warning.
+	Warning, Critical bool
+	WarningWeight     int
 }
 
 // connect runs one blocking query for the passing Connect-capable
@@ -77,15 +82,24 @@ type healthEntry struct {
 // entries, the entries it could not read (each as an error naming it), the
 // answer's X-Consul-Index and when the answer arrived.
 func (h *healthReader) connect(ctx context.Context, service, dc string, index uint64, wait time.Duration) (entries []healthEntry, bad []error, next uint64, at time.Time, err error) {
-	return h.connectFiltered(ctx, service, dc, "", index, wait)
+	return h.connectFiltered(ctx, service, dc, "", true, index, wait)
 }
 
 // connectFiltered is connect with a Consul filter expression (a
 // service-resolver subset's), sent URL-encoded as the query's filter.
-func (h *healthReader) connectFiltered(ctx context.Context, service, dc, filter string, index uint64, wait time.Duration) (entries []healthEntry, bad []error, next uint64, at time.Time, err error) {
+// With onlyPassing false (a resolver subset's OnlyPassing = false, Consul's
+// default for a chain target), instances whose worst check is a warning
+// are kept too, as Envoy gets them: the query drops "passing", and the
+// answer's checks are read to leave out critical instances (maintenance
+// is a critical check) and give warning ones their Weights.Warning, as
+// Consul does for Envoy's endpoints.
+func (h *healthReader) connectFiltered(ctx context.Context, service, dc, filter string, onlyPassing bool, index uint64, wait time.Duration) (entries []healthEntry, bad []error, next uint64, at time.Time, err error) {
 	u := h.base
 	u.Path = strings.TrimSuffix(u.Path, "/") + "/v1/health/connect/" + url.PathEscape(service)
-	params := url.Values{"passing": {"1"}}
+	params := url.Values{}
+	if onlyPassing {
+		params.Set("passing", "1")
+	}
 	for k, v := range h.params {
 		params[k] = v
 	}
@@ -145,11 +159,34 @@ func (h *healthReader) connectFiltered(ctx context.Context, service, dc, filter 
 	if err != nil || next == 0 {
 		return nil, nil, 0, at, fmt.Errorf("health of %s: answer without a valid X-Consul-Index (%q)", service, resp.Header.Get("X-Consul-Index"))
 	}
-	entries, bad, err = h.parse(buf.Bytes())
+	entries, bad, err = h.parseEntries(buf.Bytes(), !onlyPassing)
 	if err != nil {
 		return nil, nil, 0, at, fmt.Errorf("health of %s: %w", service, err)
 	}
+	if !onlyPassing {
+		entries = usable(entries)
+	}
 	return entries, bad, next, at, nil
+}
+
+// usable keeps the entries of a query without "passing" that Envoy would
+// use: not critical, a warning one with its warning weight (Consul's
+// agent/xds endpoints: critical is unhealthy, a warning takes
+// Weights.Warning, a weight below 1 is unhealthy).
+func usable(entries []healthEntry) []healthEntry {
+	out := entries[:0]
+	for _, e := range entries {
+		// A warning weight of 0 takes the instance out, as Consul marks
+		// it unhealthy for Envoy.
+		if e.Critical || (e.Warning && e.WarningWeight < 1) {
+			continue
+		}
+		if e.Warning {
+			e.Weight = e.WarningWeight
+		}
+		out = append(out, e)
+	}
+	return out
 }
 
 // parse reads a health answer: a JSON array of {Node, Service, Checks}. An
@@ -157,6 +194,12 @@ func (h *healthReader) connectFiltered(ctx context.Context, service, dc, filter 
 // sidecar needs, or has it with the wrong type, is returned in bad and the
 // others are kept.
 func (h *healthReader) parse(body []byte) (entries []healthEntry, bad []error, err error) {
+	return h.parseEntries(body, false)
+}
+
+// parseEntries is parse, which also reads each entry's checks and warning
+// weight when checks is set.
+func (h *healthReader) parseEntries(body []byte, checks bool) (entries []healthEntry, bad []error, err error) {
 	p := h.parsers.Get()
 	defer h.parsers.Put(p)
 	v, err := p.ParseBytes(body)
@@ -170,6 +213,9 @@ func (h *healthReader) parse(body []byte) (entries []healthEntry, bad []error, e
 	entries = make([]healthEntry, 0, len(list))
 	for i, e := range list {
 		he, err := readHealthEntry(e)
+		if err == nil && checks {
+			err = readChecks(e, &he)
+		}
 		if err != nil {
 			bad = append(bad, &entryError{Index: i, ID: he.ID, Err: err})
 			continue
@@ -223,6 +269,40 @@ func readHealthEntry(e *fastjson.Value) (healthEntry, error) {
 		}
 	}
 	return he, nil
+}
+
+// readChecks reads an entry's worst check status (node and service
+// checks: Consul's aggregate) and its Weights.Warning. A status other
+// than passing, warning and critical (maintenance is critical) counts as
+// critical: unknown is not usable.
+func readChecks(e *fastjson.Value, he *healthEntry) error {
+	if checks := e.Get("Checks"); checks != nil && checks.Type() != fastjson.TypeNull {
+		list, err := checks.Array()
+		if err != nil {
+			return fmt.Errorf("Checks: %w", err)
+		}
+		for _, c := range list {
+			st, err := optString(c, "Status")
+			if err != nil {
+				return fmt.Errorf("Checks.%w", err)
+			}
+			switch st {
+			case api.HealthPassing:
+			case api.HealthWarning:
+				he.Warning = true
+			default:
+				he.Critical = true
+			}
+		}
+	}
+	he.WarningWeight = 1 // Consul's default
+	if w := e.Get("Service", "Weights", "Warning"); w != nil && w.Type() != fastjson.TypeNull {
+		var err error
+		if he.WarningWeight, err = w.Int(); err != nil {
+			return fmt.Errorf("Service.Weights.Warning: %w", err)
+		}
+	}
+	return nil
 }
 
 // optString reads a string field that may be absent or null.

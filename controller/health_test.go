@@ -172,6 +172,7 @@ func TestHealthConnectConsul(t *testing.T) {
 	register(1, api.HealthPassing)
 	register(2, api.HealthCritical)
 	register(3, api.HealthPassing)
+	register(4, api.HealthWarning)
 
 	cfg := &api.Config{Address: c.Addr}
 	if _, err := api.NewClient(cfg); err != nil {
@@ -194,6 +195,21 @@ func TestHealthConnectConsul(t *testing.T) {
 	}
 	if got := strings.Join(ids, " "); got != "api-1@127.1.0.1:21001/w1 api-3@127.1.0.3:21003/w3" {
 		t.Errorf("passing entries: %s", got)
+	}
+
+	// Without "passing" (a chain target whose subset says OnlyPassing =
+	// false): the warning instance too, with its warning weight; never
+	// the critical one.
+	entries, bad, _, _, err = q.connectFiltered(ctx, "api", "", "", false, 0, time.Minute)
+	if err != nil || len(bad) > 0 {
+		t.Fatal(err, bad)
+	}
+	ids = nil
+	for _, e := range entries {
+		ids = append(ids, fmt.Sprintf("%s/w%d", e.ID, e.Weight))
+	}
+	if got := strings.Join(ids, " "); got != "api-1/w1 api-3/w3 api-4/w1" {
+		t.Errorf("entries not only passing: %s", got)
 	}
 
 	// No change within the wait: the same index comes back.
@@ -263,5 +279,66 @@ func TestACLFilteredIsLogged(t *testing.T) {
 	want := []string{"warn consul leaves instances of an upstream o", "info consul no longer leaves instances of an "}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("log lines (-want +got):\n%s", diff)
+	}
+}
+
+// TestHealthNotOnlyPassing: what a query without "passing" keeps (a chain
+// target whose resolver subset says OnlyPassing = false): the worst check
+// of an instance decides, a warning one takes its warning weight.
+func TestHealthNotOnlyPassing(t *testing.T) {
+	entry := func(id, weights string, statuses ...string) string {
+		var checks []string
+		for _, st := range statuses {
+			checks = append(checks, fmt.Sprintf(`{"Status":%q}`, st))
+		}
+		return fmt.Sprintf(`{"Service":{"ID":%q,"Address":"10.0.0.1","Port":80%s},"Checks":[%s]}`, id, weights, strings.Join(checks, ","))
+	}
+	tests := []struct {
+		name string
+		body string
+		want string // id/weight, kept ones
+		bad  int
+	}{
+		{"passing", `[` + entry("a", `,"Weights":{"Passing":5,"Warning":2}`, "passing", "passing") + `]`, "a/5", 0},
+		{"warning takes the warning weight", `[` + entry("a", `,"Weights":{"Passing":5,"Warning":2}`, "passing", "warning") + `]`, "a/2", 0},
+		{"warning without weights: 1", `[` + entry("a", "", "warning") + `]`, "a/1", 0},
+		{"warning weight 0: out", `[` + entry("a", `,"Weights":{"Passing":5,"Warning":0}`, "warning") + `]`, "", 0},
+		{"critical node check: out", `[` + entry("a", "", "critical", "passing") + `]`, "", 0},
+		{"critical beats warning", `[` + entry("a", "", "warning", "critical") + `]`, "", 0},
+		{"maintenance is critical", `[` + entry("a", "", "maintenance") + `]`, "", 0},
+		{"unknown status: out", `[` + entry("a", "", "bogus") + `]`, "", 0},
+		{"no checks: kept", `[{"Service":{"ID":"a","Address":"10.0.0.1","Port":80}}]`, "a/0", 0},
+		{"checks not a list: refused", `[{"Service":{"ID":"a","Address":"10.0.0.1","Port":80},"Checks":{}}]`, "", 1},
+		{"warning weight not a number: refused", `[` + entry("a", `,"Weights":{"Warning":"x"}`, "warning") + `]`, "", 1},
+		{"mixed", `[` + entry("a", "", "passing") + `,` + entry("b", "", "critical") + `,` + entry("c", `,"Weights":{"Passing":3,"Warning":1}`, "warning") + `]`, "a/0 c/1", 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var h healthReader
+			entries, bad, err := h.parseEntries([]byte(tt.body), true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, e := range usable(entries) {
+				got = append(got, fmt.Sprintf("%s/%d", e.ID, e.Weight))
+			}
+			if g := strings.Join(got, " "); g != tt.want || len(bad) != tt.bad {
+				t.Errorf("kept %q, %d refused; want %q, %d", g, len(bad), tt.want, tt.bad)
+			}
+		})
+	}
+	// Which watches keep instances with warnings.
+	for _, tt := range []struct {
+		u    Upstream
+		want bool
+	}{
+		{Upstream{Name: "up_web"}, true},
+		{Upstream{Name: "up_web:web::dc1", Target: "web::dc1"}, false},
+		{Upstream{Name: "up_web:web:v1:dc1", Target: "web:v1:dc1", OnlyPassing: true}, true},
+	} {
+		if got := onlyPassing(tt.u); got != tt.want {
+			t.Errorf("onlyPassing(%s) = %v, want %v", tt.u.Name, got, tt.want)
+		}
 	}
 }

@@ -249,6 +249,11 @@ func plan(in planInput) []action {
 			// A reload failed recently: retry later, and meanwhile keep the
 			// running configuration's endpoints and certificates current.
 			waitUntil(in.pacing.reloadAfter)
+		} else if at, verify, ok := in.warming(); ok {
+			// New chain targets wait for their endpoints (see warming);
+			// the verifications run meanwhile.
+			acts = append(acts, verify...)
+			waitUntil(at)
 		} else {
 			tables, verify, _ := in.plannedTables()
 			return append(verify, reloadAction{reason: strings.Join(reasons, "; "), cause: strings.Join(causes, "+"), sidecar: *d.sidecar,
@@ -272,12 +277,78 @@ func plan(in planInput) []action {
 	}
 	acts = append(acts, in.planEndpoints()...)
 	if in.chainFile != nil {
-		acts = append(acts, planChainMaps(in.chainMaps, ap.chainMaps, in.chainFile)...)
+		acts = append(acts, planChainMaps(in.runningChainMaps(), ap.chainMaps, in.chainFile)...)
 	}
 	if !wait.IsZero() {
 		acts = append(acts, waitAction{at: wait})
 	}
 	return acts
+}
+
+// runningChainMaps is the desired chain maps of the routed upstreams
+// whose chain shape HAProxy runs. The others wait for their reload (which
+// writes the map file whole): their entries may name target backends
+// HAProxy does not have yet (a request sent to one would take the
+// upstream's own backend), or routes it numbers otherwise. So does every
+// map of an adopted HAProxy that runs another configuration.
+func (in planInput) runningChainMaps() map[string]map[string]string {
+	if in.applied.foreign != "" {
+		return nil
+	}
+	running := map[string]string{}
+	for _, u := range in.applied.sidecar.Upstreams {
+		running[u.Name] = u.Chain
+	}
+	out := map[string]map[string]string{}
+	for _, u := range in.desired.sidecar.Upstreams {
+		if m, ok := in.chainMaps[u.Name]; ok && u.Chain != "" && running[u.Name] == u.Chain {
+			out[u.Name] = m
+		}
+	}
+	return out
+}
+
+// warming reports whether the due reload should wait for new chain
+// targets, until when, and the verifications to run meanwhile. A target
+// the running configuration lacks, whose endpoint list has not arrived or
+// whose endpoints are still being verified, would be rendered without
+// servers while the chain map already sends requests to it: every such
+// request would get a 503 until the runtime batch places its endpoints
+// (TestChainOnlyPassing saw 41 of 700 fail). As Envoy warms a new
+// cluster (its endpoints) before routes use it, the reload waits for
+// them, for at most InitialWait from the chain's arrival; past it, the
+// reload goes ahead with what is there.
+func (in planInput) warming() (time.Time, []action, bool) {
+	d := in.desired
+	deadline := d.chainSince.Add(in.initialWait)
+	if !in.now.Before(deadline) {
+		return time.Time{}, nil, false
+	}
+	running := map[string]bool{}
+	for _, u := range in.applied.sidecar.Upstreams {
+		running[u.Name] = true
+	}
+	var verify []action
+	waiting := false
+	for _, u := range d.sidecar.Upstreams {
+		if u.Target == "" || running[u.Name] {
+			continue
+		}
+		eps, seen := d.endpoints[u.Name]
+		if !seen {
+			waiting = true
+			continue
+		}
+		_, pending, v := in.verifiedEndpoints(u.Name, eps)
+		if v != nil {
+			verify = append(verify, *v)
+		}
+		waiting = waiting || pending
+	}
+	if !waiting {
+		return time.Time{}, nil, false
+	}
+	return deadline, verify, true
 }
 
 // planStart plans HAProxy's start. It waits up to InitialWait from the

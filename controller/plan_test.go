@@ -281,6 +281,7 @@ func TestPlanTranscript(t *testing.T) {
 	roots := func(pem string) *certs.Roots { return &certs.Roots{PEM: pem, TrustDomain: "td.consul"} }
 	leaf1 := leaf("01", 72*time.Hour)
 	api, db := up("api", 9191), up("db", 9192)
+	target := Upstream{Name: "up_api:api:v2:dc1", Type: "service", Destination: "api", Target: "api:v2:dc1", Parent: "up_api"}
 	const initialWait = 3 * time.Second
 
 	type step struct {
@@ -357,6 +358,28 @@ func TestPlanTranscript(t *testing.T) {
 				"batch: set server up_cache/s1 addr 10.0.0.9 port 21000; set server up_cache/s1 state ready",
 			}},
 			{"nothing changed: nothing planned", 11 * time.Second, func(s *planSim) {}, nil},
+		}},
+		{"a new chain target waits for its endpoints before the reload", started, []step{
+			{"the chain adds a target: no list yet", 10 * time.Second, func(s *planSim) {
+				s.d.sidecar, s.d.chainSince = sidecar(api, db, target), s.now
+			}, []string{"wait 3s"}},
+			{"its list: verified, then the reload places it", 10500 * time.Millisecond, func(s *planSim) {
+				s.endpoints(target.Name, ep(7, 21000))
+			}, []string{
+				"verify up_api:api:v2:dc1: 10.0.0.7:21000",
+				"wait 2.5s",
+				"reload (registration: discovery chain target up_api:api:v2:dc1 added) up_api[8]{s1=10.0.0.1:21000 s2=10.0.0.2:21000} up_api:api:v2:dc1[8]{s1=10.0.0.7:21000} up_db[8]{s1=10.0.0.5:21000}",
+			}},
+			{"nothing changed: nothing planned", 11 * time.Second, func(s *planSim) {}, nil},
+		}},
+		{"a new chain target without endpoints: the reload waits InitialWait at most", started, []step{
+			{"the chain adds a target", 10 * time.Second, func(s *planSim) {
+				s.d.sidecar, s.d.chainSince = sidecar(api, db, target), s.now
+			}, []string{"wait 3s"}},
+			{"still no list: waiting", 12 * time.Second, func(s *planSim) {}, []string{"wait 1s"}},
+			{"InitialWait passed: reloaded without it", 13 * time.Second, func(s *planSim) {}, []string{
+				"reload (registration: discovery chain target up_api:api:v2:dc1 added) up_api[8]{s1=10.0.0.1:21000 s2=10.0.0.2:21000} up_api:api:v2:dc1[8]{} up_db[8]{s1=10.0.0.5:21000}",
+			}},
 		}},
 		{"new CA roots are a reload", started, []step{
 			{"roots change", 10 * time.Second, func(s *planSim) { s.d.roots = roots("root-1\nroot-2") }, []string{
@@ -569,5 +592,39 @@ func TestChainOnly(t *testing.T) {
 		if got := chainOnly(diff); got != want {
 			t.Errorf("chainOnly(%q) = %v, want %v", diff, got, want)
 		}
+	}
+}
+
+// TestRunningChainMaps: chain map entries are set at run time only for
+// routed upstreams whose chain shape HAProxy runs.
+func TestRunningChainMaps(t *testing.T) {
+	routed := func(name, shape string) Upstream { u := up(name, 9000); u.Chain = shape; return u }
+	maps := map[string]map[string]string{"up_a": {"r0": "1"}, "up_b": {"r0": "2"}, "up_c": {"r0": "3"}}
+	tests := []struct {
+		name    string
+		applied []Upstream
+		desired []Upstream
+		foreign string
+		want    []string
+	}{
+		{"same shapes", []Upstream{routed("a", "s1"), routed("b", "s1")}, []Upstream{routed("a", "s1"), routed("b", "s1")}, "", []string{"up_a", "up_b"}},
+		{"a shape changed: that one waits for its reload", []Upstream{routed("a", "s1"), routed("b", "s1")}, []Upstream{routed("a", "s2"), routed("b", "s1")}, "", []string{"up_b"}},
+		{"a new routed upstream waits", []Upstream{routed("a", "s1")}, []Upstream{routed("a", "s1"), routed("c", "s1")}, "", []string{"up_a"}},
+		{"plain before, routed now: waits", []Upstream{up("a", 9000)}, []Upstream{routed("a", "s1")}, "", nil},
+		{"an adopted foreign configuration: none", []Upstream{routed("a", "s1")}, []Upstream{routed("a", "s1")}, "another configuration", nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			in := planInput{desired: &desired{sidecar: sidecar(tt.desired...)},
+				applied: &applied{sidecar: *sidecar(tt.applied...), foreign: tt.foreign}, chainMaps: maps}
+			var got []string
+			for n := range in.runningChainMaps() {
+				got = append(got, n)
+			}
+			slices.Sort(got)
+			if d := cmp.Diff(tt.want, got); d != "" {
+				t.Errorf("(-want +got):\n%s", d)
+			}
+		})
 	}
 }

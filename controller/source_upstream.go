@@ -75,7 +75,7 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 		return
 	}
 	watch.Loop(ctx, watch.Options{Name: "upstream " + u.Name, Log: c.log, MinInterval: 10 * time.Millisecond}, func(ctx context.Context, cur watch.Cursor) (endpointList, watch.Cursor, error) {
-		entries, bad, index, at, err := c.health.connectFiltered(ctx, u.Destination, u.Datacenter, u.Filter, cur.Index, 5*time.Minute)
+		entries, bad, index, at, err := c.health.connectFiltered(ctx, u.Destination, u.Datacenter, u.Filter, onlyPassing(u), cur.Index, 5*time.Minute)
 		if err != nil {
 			return endpointList{}, cur, err
 		}
@@ -232,3 +232,9 @@ func (c *Controller) aclFiltered() func(service string, filtered bool) {
 		c.log.Info("consul no longer leaves instances of an upstream out", zap.String("service", service))
 	}
 }
+
+// onlyPassing reports whether upstream u's watch takes passing instances
+// only: every upstream but a chain target whose resolver subset says
+// OnlyPassing = false (Consul's default for a target), which takes
+// instances with warnings too, as Envoy does.
+func onlyPassing(u Upstream) bool { return u.Target == "" || u.OnlyPassing }

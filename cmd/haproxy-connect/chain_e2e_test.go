@@ -528,3 +528,202 @@ func TestChainHashPolicy(t *testing.T) {
 		t.Fatalf("20 users all on one instance: %v", by)
 	}
 }
+
+// failingApp answers nothing: it reads each request and closes the
+// connection, with a TCP RST when reset (SO_LINGER 0, then close), else
+// with a FIN; it counts the requests it failed.
+func failingApp(hits *atomic.Int64, reset bool) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		c, _, err := w.(http.Hijacker).Hijack()
+		if err != nil {
+			return
+		}
+		if tc, ok := c.(*net.TCPConn); ok && reset {
+			_ = tc.SetLinger(0)
+		}
+		c.Close()
+	})
+}
+
+// hammer sends requests to the upstream port on new connections (two
+// loops) and on kept-alive ones (two loops, one transport) until each
+// kind has sent n and 3 s have passed, and returns the counts and the
+// first failure of each kind.
+func hammer(t *testing.T, port, n int) (okNew, failedNew, okKept, failedKept int64, errNew, errKept error) {
+	t.Helper()
+	tr := &http.Transport{MaxIdleConnsPerHost: 4}
+	kept, reused := keptAlive(t, tr, fmt.Sprintf("http://127.0.0.1:%d/", port))
+	var newN, keptN atomic.Int64
+	var keptReused atomic.Bool
+	stopKept := loadN(2, func() error {
+		keptN.Add(1)
+		code, err := kept()
+		if err == nil && reused.Load() {
+			keptReused.Store(true)
+		}
+		if err == nil && code != 200 {
+			err = fmt.Errorf("status %d", code)
+		}
+		return err
+	})
+	stopNew := loadN(2, func() error {
+		newN.Add(1)
+		return get200(port)()
+	})
+	start := time.Now()
+	eventually(t, 2*time.Minute, fmt.Sprintf("%d requests of each kind", n), func() error {
+		if newN.Load() < int64(n) || keptN.Load() < int64(n) || time.Since(start) < 3*time.Second {
+			return fmt.Errorf("%d new-connection and %d kept-alive requests after %s", newN.Load(), keptN.Load(), time.Since(start))
+		}
+		return nil
+	})
+	okKept, failedKept, errKept = stopKept()
+	okNew, failedNew, errNew = stopNew()
+	if !keptReused.Load() {
+		t.Fatalf("no kept-alive request reused a connection")
+	}
+	return
+}
+
+// TestRetriesResettingInstance: next to a good instance, one whose
+// application resets (or closes without answering) every connection it
+// reads a request on. First without a router, then with one (NumRetries
+// 3, RetryOnConnectFailure): thousands of requests on new and kept-alive
+// connections, for seconds, and none fails. The failing instance's
+// sidecar closes the stream without a response, which the calling
+// sidecar retries on another server ("retry-on empty-response", on every
+// http upstream backend, with or without a router).
+func TestRetriesResettingInstance(t *testing.T) {
+	for _, tt := range []struct {
+		name  string
+		reset bool
+	}{{"reset", true}, {"close", false}} {
+		t.Run(tt.name, func(t *testing.T) {
+			m := startChainMesh(t, "server")
+			var failed atomic.Int64
+			m.addInstance(t, "server", "server-1", nil, nil)
+			m.addInstance(t, "server", "server-bad", nil, failingApp(&failed, tt.reset))
+			m.client = startSidecar(t, m.consul, "client")
+			eventually(t, 20*time.Second, "both instances placed", m.client.inBackendCount("up_server", 2))
+			for _, phase := range []string{"without a router", "with a router"} {
+				if phase == "with a router" {
+					m.setEntry(t, &api.ServiceRouterConfigEntry{Kind: api.ServiceRouter, Name: "server", Routes: []api.ServiceRoute{{
+						Match:       &api.ServiceRouteMatch{HTTP: &api.ServiceRouteHTTPMatch{PathPrefix: "/"}},
+						Destination: &api.ServiceRouteDestination{NumRetries: 3, RetryOnConnectFailure: true},
+					}}})
+					m.client.waitLog(t, 20*time.Second, "discovery chain target up_server:server::dc1 added", 1)
+					eventually(t, 20*time.Second, "both instances placed in the target", m.client.inBackendCount("up_server:server::dc1", 2))
+				}
+				before := failed.Load()
+				okN, failedN, okK, failedK, errN, errK := hammer(t, m.upstream, 1500)
+				bad := failed.Load() - before
+				t.Logf("%s: new connections %d ok, %d failed; kept-alive %d ok, %d failed; the application failed %d requests",
+					phase, okN, failedN, okK, failedK, bad)
+				if bad == 0 {
+					t.Fatalf("%s: the failing instance got no request", phase)
+				}
+				if failedN+failedK > 0 {
+					t.Fatalf("%s: %d new-connection requests failed (first: %v), %d kept-alive (first: %v)", phase, failedN, errN, failedK, errK)
+				}
+			}
+		})
+	}
+}
+
+// TestChainPassiveHealthCheck: an upstream routed by a discovery chain
+// (a resolver) with passive_health_check: the target backend's server of
+// the instance whose application answers 500 is marked down, and while it
+// is down every request is served by the other instance.
+func TestChainPassiveHealthCheck(t *testing.T) {
+	m := &chainMesh{consul: testenv.Consul(t, testenv.ConsulOptions{})}
+	m.c = m.consul.Client
+	m.setEntry(t, &api.ServiceConfigEntry{Kind: api.ServiceDefaults, Name: "server", Protocol: "http"})
+	m.setEntry(t, &api.ServiceResolverConfigEntry{Kind: api.ServiceResolver, Name: "server", ConnectTimeout: 4 * time.Second})
+	ports := testenv.FreePorts(t, 3)
+	m.upstream = ports[2]
+	register(t, m.c, "client", ports[0], ports[1], nil, api.Upstream{DestinationName: "server", LocalBindPort: m.upstream,
+		Config: map[string]any{"protocol": "http", "passive_health_check": map[string]any{"interval": "5s", "max_failures": 3}}})
+	m.addInstance(t, "server", "server-1", nil, nil)
+	m.addInstance(t, "server", "server-bad", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { http.Error(w, "broken", 500) }))
+	m.client = startSidecar(t, m.consul, "client")
+	const target = "up_server:server::dc1"
+	eventually(t, 20*time.Second, "both instances in the target backend", m.client.inBackendCount(target, 2))
+	svc, _, err := m.c.Agent().Service("server-bad-sidecar-proxy", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	badAddr := fmt.Sprintf("127.0.0.1:%d", svc.Port)
+	badStatus := func() (string, error) {
+		st, err := m.client.rt.ServerStats(context.Background())
+		if err != nil {
+			return "", err
+		}
+		for _, s := range st {
+			if s.Backend == target && s.Addr == badAddr {
+				return s.Status, nil
+			}
+		}
+		return "", fmt.Errorf("no server of %s at %s: %+v", target, badAddr, st)
+	}
+	eventually(t, 20*time.Second, "the failing instance marked down in the target backend", func() error {
+		_, _, _ = get(m.upstream)
+		st, err := badStatus()
+		if err == nil && !strings.HasPrefix(st, "DOWN") {
+			err = fmt.Errorf("status %q", st)
+		}
+		return err
+	})
+	served := 0
+	for range 200 {
+		before, err := badStatus()
+		if err != nil {
+			t.Fatal(err)
+		}
+		code, body, err := get(m.upstream)
+		after, _ := badStatus()
+		if !strings.HasPrefix(before, "DOWN") || !strings.HasPrefix(after, "DOWN") {
+			continue
+		}
+		served++
+		if err != nil || code != 200 || body != "hello from server-1" {
+			t.Fatalf("a request while the failing instance is down: %d %q %v", code, body, err)
+		}
+	}
+	if served < 20 {
+		t.Errorf("only %d requests ran while the failing instance was down", served)
+	}
+}
+
+// TestChainOnlyPassing: a chain target takes an instance whose check is
+// a warning while its resolver leaves OnlyPassing false (Consul's
+// default, as Envoy does), and leaves it out once a subset says
+// OnlyPassing; traffic flows through the change without a failure.
+func TestChainOnlyPassing(t *testing.T) {
+	m := startChainMesh(t, "server")
+	m.setEntry(t, &api.ServiceResolverConfigEntry{Kind: api.ServiceResolver, Name: "server", ConnectTimeout: 4 * time.Second})
+	m.addInstance(t, "server", "server-1", []string{"v1"}, nil)
+	m.addInstance(t, "server", "server-warn", []string{"v1"}, nil)
+	m.checksOf(t, "server-warn-sidecar-proxy", api.HealthWarning)
+	m.client = startSidecar(t, m.consul, "client")
+	eventually(t, 20*time.Second, "the warning instance placed", m.client.inBackendCount("up_server:server::dc1", 2))
+	eventually(t, 20*time.Second, "the warning instance serves", serves(m.upstream, "hello from server-warn"))
+
+	stop := loadN(2, get200(m.upstream))
+	m.setEntry(t, &api.ServiceResolverConfigEntry{Kind: api.ServiceResolver, Name: "server", ConnectTimeout: 4 * time.Second, DefaultSubset: "v1",
+		Subsets: map[string]api.ServiceResolverSubset{"v1": {Filter: "Service.Tags contains v1", OnlyPassing: true}}})
+	m.client.waitLog(t, 20*time.Second, "discovery chain target up_server:server:v1:dc1 added", 1)
+	eventually(t, 20*time.Second, "only the passing instance in the OnlyPassing target", m.client.inBackendCount("up_server:server:v1:dc1", 1))
+	for range 200 {
+		if err := serves(m.upstream, "hello from server-1")(); err != nil {
+			t.Fatalf("with OnlyPassing: %v", err)
+		}
+	}
+	m.checksOf(t, "server-warn-sidecar-proxy", api.HealthPassing)
+	eventually(t, 20*time.Second, "the instance back once passing", m.client.inBackendCount("up_server:server:v1:dc1", 2))
+	ok, failed, first := stop()
+	t.Logf("%d requests through the change, %d failed", ok, failed)
+	if failed > 0 {
+		t.Fatalf("%d of %d requests failed: %v", failed, ok+failed, first)
+	}
+}

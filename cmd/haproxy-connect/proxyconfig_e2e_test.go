@@ -448,3 +448,142 @@ func TestPassiveHealthCheck(t *testing.T) {
 		t.Errorf("only %d requests ran while the failing instance was down", served)
 	}
 }
+
+// holdHandler answers "hello from <id>" at once, except /hold, which
+// waits until release is closed; inFlight counts the /hold requests it
+// holds, hits the others.
+func holdHandler(id string, release chan struct{}, inFlight, hits *atomic.Int64) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/hold" {
+			inFlight.Add(1)
+			defer inFlight.Add(-1)
+			select {
+			case <-release:
+			case <-r.Context().Done():
+				return
+			}
+		} else {
+			hits.Add(1)
+		}
+		fmt.Fprintf(w, "hello from %s\n", id)
+	})
+}
+
+// TestUpstreamLimits: an upstream's limits, on a plain upstream
+// (max_connections) and on one routed by a 50/50 splitter over two
+// subsets (max_concurrent_requests, counted over every target backend).
+// Traffic flows on new and kept-alive connections; then n held requests
+// fill the limit, and under load every other request, new or kept-alive,
+// is refused with a 503 and none reaches an application; released, the
+// held ones are answered and traffic flows again without a failure.
+func TestUpstreamLimits(t *testing.T) {
+	const n = 6
+	for _, tt := range []struct {
+		name   string
+		limits map[string]any
+		routed bool
+	}{
+		{"plain", map[string]any{"max_connections": n, "max_concurrent_requests": 100}, false},
+		{"routed", map[string]any{"max_concurrent_requests": n}, true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			m := &chainMesh{consul: testenv.Consul(t, testenv.ConsulOptions{})}
+			m.c = m.consul.Client
+			m.setEntry(t, &api.ServiceConfigEntry{Kind: api.ServiceDefaults, Name: "server", Protocol: "http"})
+			if tt.routed {
+				m.setEntry(t, versionSubsets())
+				m.setEntry(t, split(50, 50))
+			}
+			ports := testenv.FreePorts(t, 3)
+			m.upstream = ports[2]
+			register(t, m.c, "client", ports[0], ports[1], nil, api.Upstream{DestinationName: "server", LocalBindPort: m.upstream,
+				Config: map[string]any{"protocol": "http", "limits": tt.limits}})
+			release := make(chan struct{})
+			var inFlight, hits atomic.Int64
+			m.addInstance(t, "server", "server-1", []string{"v1"}, holdHandler("server-1", release, &inFlight, &hits))
+			m.addInstance(t, "server", "server-2", []string{"v2"}, holdHandler("server-2", release, &inFlight, &hits))
+			m.client = startSidecar(t, m.consul, "client")
+			backends := []string{"up_server"}
+			if tt.routed {
+				backends = []string{"up_server:server:v1:dc1", "up_server:server:v2:dc1"}
+			}
+			for _, be := range backends {
+				eventually(t, 20*time.Second, "an instance in "+be, m.client.inBackendCount(be, map[bool]int{false: 2, true: 1}[tt.routed]))
+			}
+
+			// Before: traffic flows.
+			okN, failedN, okK, failedK, errN, errK := hammer(t, m.upstream, 300)
+			if failedN+failedK > 0 {
+				t.Fatalf("before the limit: %d new-connection requests failed (%v), %d kept-alive (%v)", failedN, errN, failedK, errK)
+			}
+			t.Logf("before: %d new-connection and %d kept-alive requests", okN, okK)
+
+			// n held requests fill the limit.
+			held := make(chan error, n)
+			for range n {
+				go func() {
+					code, body, err := getPath(m.upstream, "/hold", 60*time.Second)
+					if err == nil && code != 200 {
+						err = fmt.Errorf("%d %q", code, body)
+					}
+					held <- err
+				}()
+			}
+			eventually(t, 10*time.Second, fmt.Sprintf("%d requests held", n), func() error {
+				if h := inFlight.Load(); h != n {
+					return fmt.Errorf("%d held", h)
+				}
+				return nil
+			})
+			// Under load, every other request is refused.
+			hitsBefore := hits.Load()
+			tr := &http.Transport{MaxIdleConnsPerHost: 4}
+			kept, _ := keptAlive(t, tr, fmt.Sprintf("http://127.0.0.1:%d/", m.upstream))
+			var sentN, sentK atomic.Int64
+			want503 := func(sent *atomic.Int64, call func() (int, error)) func() error {
+				return func() error {
+					sent.Add(1)
+					code, err := call()
+					if err == nil && code != 503 {
+						err = fmt.Errorf("status %d, want 503", code)
+					}
+					return err
+				}
+			}
+			stopNew := loadN(2, want503(&sentN, func() (int, error) { code, _, err := get(m.upstream); return code, err }))
+			stopKept := loadN(2, want503(&sentK, kept))
+			eventually(t, 30*time.Second, "requests past the limit", func() error {
+				if sentN.Load() < 500 || sentK.Load() < 500 {
+					return fmt.Errorf("%d new-connection and %d kept-alive requests", sentN.Load(), sentK.Load())
+				}
+				return nil
+			})
+			refusedN, wrongN, firstN := stopNew()
+			refusedK, wrongK, firstK := stopKept()
+			t.Logf("at the limit: %d new-connection and %d kept-alive requests refused", refusedN, refusedK)
+			if wrongN+wrongK > 0 {
+				t.Errorf("at the limit: %d new-connection (%v) and %d kept-alive (%v) requests not refused", wrongN, firstN, wrongK, firstK)
+			}
+			if refusedN == 0 || refusedK == 0 {
+				t.Errorf("no request of a kind was refused: %d new, %d kept-alive", refusedN, refusedK)
+			}
+			if h := hits.Load() - hitsBefore; h != 0 || inFlight.Load() != n {
+				t.Errorf("past the limit, %d requests reached an application (held %d)", h, inFlight.Load())
+			}
+
+			// Released: the held requests are answered, and traffic
+			// flows again.
+			close(release)
+			for range n {
+				if err := <-held; err != nil {
+					t.Errorf("a held request: %v", err)
+				}
+			}
+			okN, failedN, okK, failedK, errN, errK = hammer(t, m.upstream, 300)
+			if failedN+failedK > 0 {
+				t.Fatalf("after the limit: %d new-connection requests failed (%v), %d kept-alive (%v)", failedN, errN, failedK, errK)
+			}
+			t.Logf("after: %d new-connection and %d kept-alive requests", okN, okK)
+		})
+	}
+}
