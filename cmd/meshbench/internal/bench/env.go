@@ -31,7 +31,6 @@ type Env struct {
 	Verbose                                       bool
 	mu                                            sync.Mutex
 	cleanups                                      []func()
-	n                                             int
 }
 
 // Logf prints progress to stderr.
@@ -60,12 +59,10 @@ func (e *Env) Close() {
 // Subdir makes a new short directory under the work dir (unix socket paths
 // must stay under 108 bytes).
 func (e *Env) Subdir(prefix string) (string, error) {
-	e.mu.Lock()
-	e.n++
-	n := e.n
-	e.mu.Unlock()
-	d := filepath.Join(e.Dir, fmt.Sprintf("%s%d", prefix, n))
-	return d, os.MkdirAll(d, 0o700)
+	// MkdirTemp, not a counter: workloads make Envs of their own on the
+	// same Dir (one per round), and a name taken twice gave a new
+	// sidecar the state dir of one still running (its lock refused it).
+	return os.MkdirTemp(e.Dir, prefix)
 }
 
 // Ports returns n free loopback ports.

@@ -137,3 +137,33 @@ var (
 	wrkSocket     = regexp.MustCompile(`^\s*Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)\s*$`)
 	wrkNon2xx     = regexp.MustCompile(`^\s*Non-2xx or 3xx responses: (\d+)\s*$`)
 )
+
+// Paired runs wrk against urlA and urlB twice each, in mirrored order
+// (ABBA, or BAAB on odd rounds), so that a drift in the machine's load
+// weighs on both, and returns each side's two runs and the ratio of B's
+// summed rate over A's. A run with any error or non-2xx response fails.
+func Paired(ctx context.Context, wrkBin string, round int, urlA, urlB string, clients int, d time.Duration, extra ...string) (a, b []WrkResult, ratio float64, err error) {
+	order := []bool{round%2 != 0, round%2 == 0, round%2 == 0, round%2 != 0} // true: B
+	var sumA, sumB float64
+	for _, isB := range order {
+		url := urlA
+		if isB {
+			url = urlB
+		}
+		res, err := RunWrkArgs(ctx, wrkBin, url, clients, d, extra...)
+		if err == nil && res.Errors() > 0 {
+			err = fmt.Errorf("%s: %s", url, res.ErrorText())
+		}
+		if err != nil {
+			return nil, nil, 0, err
+		}
+		if isB {
+			sumB += res.RPS
+			b = append(b, res)
+		} else {
+			sumA += res.RPS
+			a = append(a, res)
+		}
+	}
+	return a, b, sumB / sumA, nil
+}

@@ -96,7 +96,7 @@ func measureRound(ctx context.Context, b *bench.Bench, upstreams, perUpstream in
 	if err := serveEndpoints(env, c, upstreams, perUpstream); err != nil {
 		return res, err
 	}
-	if err := parallel(8, upstreams*perUpstream, func(k int) error {
+	if err := bench.Parallel(8, upstreams*perUpstream, func(k int) error {
 		reg, _ := endpoint(k/perUpstream, k%perUpstream)
 		_, err := c.Catalog().Register(reg, nil)
 		return err
@@ -274,39 +274,6 @@ func measureRound(ctx context.Context, b *bench.Bench, upstreams, perUpstream in
 		}
 	}
 	return res, nil
-}
-
-// parallel runs f(0..n-1) on w goroutines and returns the first error.
-func parallel(w, n int, f func(int) error) error {
-	var mu sync.Mutex
-	var first error
-	next := 0
-	var wg sync.WaitGroup
-	for range w {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				mu.Lock()
-				if next >= n || first != nil {
-					mu.Unlock()
-					return
-				}
-				k := next
-				next++
-				mu.Unlock()
-				if err := f(k); err != nil {
-					mu.Lock()
-					if first == nil {
-						first = err
-					}
-					mu.Unlock()
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	return first
 }
 
 // serveEndpoints listens on every endpoint's address (127.1.<svc>.<j+1>,

@@ -116,36 +116,19 @@ func Run(ctx context.Context, b *bench.Bench) error {
 			if p.unique {
 				extra = []string{"-s", script}
 			}
-			run := func(port int) (bench.WrkResult, error) {
-				res, err := bench.RunWrkArgs(ctx, b.Wrk, fmt.Sprintf("http://127.0.0.1:%d/", port), clients, d, extra...)
-				if err == nil && res.Errors() > 0 {
-					err = fmt.Errorf("%s: %s", p.name, res.ErrorText())
-				}
-				return res, err
+			l4, l7, ratio, err := bench.Paired(ctx, b.Wrk, r, fmt.Sprintf("http://127.0.0.1:%d/", l4Up),
+				fmt.Sprintf("http://127.0.0.1:%d/", l7Up), clients, d, extra...)
+			if err != nil {
+				return fmt.Errorf("%s: %w", p.name, err)
 			}
-			// ABBA, starting with the other side every round: a drift in
-			// the machine's load weighs on both.
-			order := []bool{r%2 == 0, r%2 != 0, r%2 != 0, r%2 == 0} // true: L7
-			var sum7, sum4 float64
-			for _, isL7 := range order {
-				port := l4Up
-				if isL7 {
-					port = l7Up
-				}
-				res, err := run(port)
-				if err != nil {
-					return err
-				}
-				f := &figs[i]
-				if isL7 {
-					sum7 += res.RPS
-					f.l7, f.l7p99 = append(f.l7, res.RPS), append(f.l7p99, res.P99)
-				} else {
-					sum4 += res.RPS
-					f.l4, f.l4p99 = append(f.l4, res.RPS), append(f.l4p99, res.P99)
-				}
+			f := &figs[i]
+			for _, res := range l4 {
+				f.l4, f.l4p99 = append(f.l4, res.RPS), append(f.l4p99, res.P99)
 			}
-			figs[i].ratio = append(figs[i].ratio, sum7/sum4)
+			for _, res := range l7 {
+				f.l7, f.l7p99 = append(f.l7, res.RPS), append(f.l7p99, res.P99)
+			}
+			f.ratio = append(f.ratio, ratio)
 		}
 	}
 	sec := b.Report.Add(fmt.Sprintf("Authorization: keep-alive rate under L7 permissions (%d clients)", clients),

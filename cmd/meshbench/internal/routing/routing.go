@@ -104,30 +104,18 @@ func Run(ctx context.Context, b *bench.Bench) error {
 	var f figures
 	for r := 0; r < b.Rounds; r++ {
 		b.Logf("routing round %d/%d", r+1, b.Rounds)
-		// ABBA, starting with the other side every round.
-		order := []bool{r%2 == 0, r%2 != 0, r%2 != 0, r%2 == 0} // true: routed
-		var sumRouted, sumPlain float64
-		for _, routed := range order {
-			port := upPlain
-			if routed {
-				port = upRouted
-			}
-			res, err := bench.RunWrkArgs(ctx, b.Wrk, fmt.Sprintf("http://127.0.0.1:%d/", port), clients, d)
-			if err == nil && res.Errors() > 0 {
-				err = errors.New(res.ErrorText())
-			}
-			if err != nil {
-				return err
-			}
-			if routed {
-				sumRouted += res.RPS
-				f.routed, f.routedP99 = append(f.routed, res.RPS), append(f.routedP99, res.P99)
-			} else {
-				sumPlain += res.RPS
-				f.plain, f.plainP99 = append(f.plain, res.RPS), append(f.plainP99, res.P99)
-			}
+		plain, routed, ratio, err := bench.Paired(ctx, b.Wrk, r, fmt.Sprintf("http://127.0.0.1:%d/", upPlain),
+			fmt.Sprintf("http://127.0.0.1:%d/", upRouted), clients, d)
+		if err != nil {
+			return err
 		}
-		f.ratio = append(f.ratio, sumRouted/sumPlain)
+		for _, res := range plain {
+			f.plain, f.plainP99 = append(f.plain, res.RPS), append(f.plainP99, res.P99)
+		}
+		for _, res := range routed {
+			f.routed, f.routedP99 = append(f.routed, res.RPS), append(f.routedP99, res.P99)
+		}
+		f.ratio = append(f.ratio, ratio)
 	}
 	sec := b.Report.Add(fmt.Sprintf("Traffic management: keep-alive rate through a routed upstream (%d clients)", clients),
 		"plain req/s", "routed req/s", "routed ÷ plain (per round)", "plain p99", "routed p99")

@@ -200,7 +200,7 @@ func measure(ctx context.Context, b *bench.Bench, sh shape, churnFor time.Durati
 	for _, ups := range eps {
 		all = append(all, ups...)
 	}
-	if err := parallel(16, len(all), func(k int) error {
+	if err := bench.Parallel(16, len(all), func(k int) error {
 		_, err := c.Catalog().Register(all[k].reg, nil)
 		return err
 	}); err != nil {
@@ -393,37 +393,4 @@ func propagate(ctx context.Context, c *api.Client, sc *bench.Sidecar, ups []endp
 		f.cpuPer1k = append(f.cpuPer1k, (cpu1.CPU-cpu0.CPU).Seconds()/float64(len(changes))*1000)
 	}
 	return nil
-}
-
-// parallel runs f(0..n-1) on w goroutines and returns the first error.
-func parallel(w, n int, f func(int) error) error {
-	var mu sync.Mutex
-	var first error
-	next := 0
-	var wg sync.WaitGroup
-	for range w {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				mu.Lock()
-				if next >= n || first != nil {
-					mu.Unlock()
-					return
-				}
-				k := next
-				next++
-				mu.Unlock()
-				if err := f(k); err != nil {
-					mu.Lock()
-					if first == nil {
-						first = err
-					}
-					mu.Unlock()
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	return first
 }
