@@ -653,46 +653,7 @@ func TestChainPassiveHealthCheck(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	badAddr := fmt.Sprintf("127.0.0.1:%d", svc.Port)
-	badStatus := func() (string, error) {
-		st, err := m.client.rt.ServerStats(context.Background())
-		if err != nil {
-			return "", err
-		}
-		for _, s := range st {
-			if s.Backend == target && s.Addr == badAddr {
-				return s.Status, nil
-			}
-		}
-		return "", fmt.Errorf("no server of %s at %s: %+v", target, badAddr, st)
-	}
-	eventually(t, 20*time.Second, "the failing instance marked down in the target backend", func() error {
-		_, _, _ = get(m.upstream)
-		st, err := badStatus()
-		if err == nil && !strings.HasPrefix(st, "DOWN") {
-			err = fmt.Errorf("status %q", st)
-		}
-		return err
-	})
-	served := 0
-	for range 200 {
-		before, err := badStatus()
-		if err != nil {
-			t.Fatal(err)
-		}
-		code, body, err := get(m.upstream)
-		after, _ := badStatus()
-		if !strings.HasPrefix(before, "DOWN") || !strings.HasPrefix(after, "DOWN") {
-			continue
-		}
-		served++
-		if err != nil || code != 200 || body != "hello from server-1" {
-			t.Fatalf("a request while the failing instance is down: %d %q %v", code, body, err)
-		}
-	}
-	if served < 20 {
-		t.Errorf("only %d requests ran while the failing instance was down", served)
-	}
+	servedWhileDown(t, m.client, target, fmt.Sprintf("127.0.0.1:%d", svc.Port), m.upstream, "hello from server-1")
 }
 
 // TestChainOnlyPassing: a chain target takes an instance whose check is

@@ -561,3 +561,53 @@ func meshCert(t *testing.T, c *api.Client, service string) tls.Certificate {
 	}
 	return cert
 }
+
+// servedWhileDown waits until the server at addr in backend is marked DOWN
+// by passive checks (requests through the upstream port up make it fail),
+// then sends 200 requests: each one that starts and ends while that
+// server is DOWN must be answered by the healthy instance with wantBody,
+// and at least 20 must. The failing server comes back after its good
+// checks and is marked down again by its next errors, so requests outside
+// a DOWN window are not judged.
+func servedWhileDown(t *testing.T, sc *sidecar, backend, addr string, up int, wantBody string) {
+	t.Helper()
+	status := func() (string, error) {
+		st, err := sc.rt.ServerStats(context.Background())
+		if err != nil {
+			return "", err
+		}
+		for _, s := range st {
+			if s.Backend == backend && s.Addr == addr {
+				return s.Status, nil
+			}
+		}
+		return "", fmt.Errorf("no server of %s at %s: %+v", backend, addr, st)
+	}
+	eventually(t, 20*time.Second, "the failing instance marked down in "+backend, func() error {
+		_, _, _ = get(up)
+		st, err := status()
+		if err == nil && !strings.HasPrefix(st, "DOWN") {
+			err = fmt.Errorf("status %q", st)
+		}
+		return err
+	})
+	served := 0
+	for range 200 {
+		before, err := status()
+		if err != nil {
+			t.Fatal(err)
+		}
+		code, body, err := get(up)
+		after, _ := status()
+		if !strings.HasPrefix(before, "DOWN") || !strings.HasPrefix(after, "DOWN") {
+			continue
+		}
+		served++
+		if err != nil || code != 200 || body != wantBody {
+			t.Fatalf("a request while the failing instance is down: %d %q %v", code, body, err)
+		}
+	}
+	if served < 20 {
+		t.Errorf("only %d requests ran while the failing instance was down", served)
+	}
+}

@@ -399,54 +399,13 @@ func TestPassiveHealthCheck(t *testing.T) {
 	startSidecar(t, consul, "server-bad")
 	client := startSidecar(t, consul, "client")
 	up := ports[4]
-	badStatus := func() (string, error) {
-		st, err := client.rt.ServerStats(context.Background())
-		if err != nil {
-			return "", err
-		}
-		for _, s := range st {
-			if s.Backend == "up_server" && s.Addr == fmt.Sprintf("127.0.0.1:%d", ports[1]) {
-				return s.Status, nil
-			}
-		}
-		return "", fmt.Errorf("no server of up_server at the bad sidecar: %+v", st)
-	}
 	eventually(t, 20*time.Second, "both instances in up_server", func() error {
 		if err := client.inBackend("up_server", ports[0])(); err != nil {
 			return err
 		}
 		return client.inBackend("up_server", ports[1])()
 	})
-	eventually(t, 20*time.Second, "the failing instance marked down", func() error {
-		_, _, _ = get(up)
-		st, err := badStatus()
-		if err == nil && !strings.HasPrefix(st, "DOWN") {
-			err = fmt.Errorf("status %q", st)
-		}
-		return err
-	})
-	// Requests that start and end while it is down all reach the good
-	// instance (it comes back after two good checks, 2 x 5 s later, and
-	// is marked down again by its next three errors).
-	served := 0
-	for range 200 {
-		before, err := badStatus()
-		if err != nil {
-			t.Fatal(err)
-		}
-		code, body, err := get(up)
-		after, _ := badStatus()
-		if !strings.HasPrefix(before, "DOWN") || !strings.HasPrefix(after, "DOWN") {
-			continue
-		}
-		served++
-		if err != nil || code != 200 || body != "hello from server" {
-			t.Fatalf("a request while the failing instance is down: %d %q %v", code, body, err)
-		}
-	}
-	if served < 20 {
-		t.Errorf("only %d requests ran while the failing instance was down", served)
-	}
+	servedWhileDown(t, client, "up_server", fmt.Sprintf("127.0.0.1:%d", ports[1]), up, "hello from server")
 }
 
 // holdHandler answers "hello from <id>" at once, except /hold, which
