@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -390,4 +391,31 @@ func (p *Proc) Stop() {
 		_ = syscall.Kill(-p.Cmd.Process.Pid, syscall.SIGKILL)
 		<-p.Done()
 	}
+}
+
+// ServeHandshakes listens on each of addrs with a leaf of service from
+// Consul's CA and completes TLS handshakes there until e closes: endpoints
+// a sidecar can prove the identity of, which serve nothing else.
+func (e *Env) ServeHandshakes(c *api.Client, service string, addrs []string) error {
+	leaf, _, err := c.Agent().ConnectCALeaf(service, nil)
+	if err != nil {
+		return fmt.Errorf("leaf of %s: %w", service, err)
+	}
+	cert, err := tls.X509KeyPair([]byte(leaf.CertPEM), []byte(leaf.PrivateKeyPEM))
+	if err != nil {
+		return fmt.Errorf("leaf of %s: %w", service, err)
+	}
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequestClientCert}
+	for _, addr := range addrs {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return err
+		}
+		e.Defer(func() { ln.Close() })
+		go testenv.Serve(tls.NewListener(ln, cfg), func(conn net.Conn) {
+			_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+			_ = conn.(*tls.Conn).Handshake()
+		})
+	}
+	return nil
 }

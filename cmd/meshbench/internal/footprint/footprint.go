@@ -4,10 +4,8 @@ package footprint
 
 import (
 	"context"
-	"crypto/tls"
 	"fmt"
 	"math/rand/v2"
-	"net"
 	"strings"
 	"sync"
 	"time"
@@ -281,25 +279,12 @@ func measureRound(ctx context.Context, b *bench.Bench, upstreams, perUpstream in
 // handshakes there until env closes.
 func serveEndpoints(env *bench.Env, c *api.Client, upstreams, perUpstream int) error {
 	for svc := range upstreams {
-		leaf, _, err := c.Agent().ConnectCALeaf(fmt.Sprintf("svc%02d", svc), nil)
-		if err != nil {
-			return fmt.Errorf("leaf of svc%02d: %w", svc, err)
+		addrs := make([]string, perUpstream)
+		for j := range addrs {
+			addrs[j] = fmt.Sprintf("127.1.%d.%d:20000", svc, j+1)
 		}
-		cert, err := tls.X509KeyPair([]byte(leaf.CertPEM), []byte(leaf.PrivateKeyPEM))
-		if err != nil {
-			return fmt.Errorf("leaf of svc%02d: %w", svc, err)
-		}
-		cfg := &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequestClientCert}
-		for j := range perUpstream {
-			ln, err := net.Listen("tcp", fmt.Sprintf("127.1.%d.%d:20000", svc, j+1))
-			if err != nil {
-				return err
-			}
-			env.Defer(func() { ln.Close() })
-			go testenv.Serve(tls.NewListener(ln, cfg), func(conn net.Conn) {
-				_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
-				_ = conn.(*tls.Conn).Handshake()
-			})
+		if err := env.ServeHandshakes(c, fmt.Sprintf("svc%02d", svc), addrs); err != nil {
+			return err
 		}
 	}
 	return nil

@@ -7,7 +7,6 @@ package scale
 
 import (
 	"context"
-	"crypto/tls"
 	"fmt"
 	"net"
 	"slices"
@@ -140,25 +139,12 @@ func endpoints(sh shape) [][]endpoint {
 // service and completes TLS handshakes until env closes.
 func serve(env *bench.Env, c *api.Client, eps [][]endpoint) error {
 	for u, ups := range eps {
-		leaf, _, err := c.Agent().ConnectCALeaf(fmt.Sprintf("big%03d", u), nil)
-		if err != nil {
-			return fmt.Errorf("leaf of big%03d: %w", u, err)
+		addrs := make([]string, len(ups))
+		for j, e := range ups {
+			addrs[j] = e.key
 		}
-		cert, err := tls.X509KeyPair([]byte(leaf.CertPEM), []byte(leaf.PrivateKeyPEM))
-		if err != nil {
+		if err := env.ServeHandshakes(c, fmt.Sprintf("big%03d", u), addrs); err != nil {
 			return err
-		}
-		cfg := &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequestClientCert}
-		for _, e := range ups {
-			ln, err := net.Listen("tcp", e.key)
-			if err != nil {
-				return err
-			}
-			env.Defer(func() { ln.Close() })
-			go testenv.Serve(tls.NewListener(ln, cfg), func(conn net.Conn) {
-				_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
-				_ = conn.(*tls.Conn).Handshake()
-			})
 		}
 	}
 	return nil
