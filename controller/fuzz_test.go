@@ -176,3 +176,70 @@ func FuzzHealthParse(f *testing.F) {
 		}
 	})
 }
+
+// FuzzRegistrationPaths: the paths a registration puts into HAProxy's
+// configuration (an expose path, an upstream's unix socket and its mode,
+// the local application's unix socket) are either refused or rendered,
+// never a configuration Render refuses, and an accepted one is the value
+// given.
+func FuzzRegistrationPaths(f *testing.F) {
+	f.Add("/health", "/run/hc/db.sock", "0600", "/run/app.sock")
+	f.Add("/metrics", "", "", "")
+	for _, h := range append(hostile, "/h\nprogram pwn", "/a b", "/a#b", "/a'b", "relative/x", "/"+strings.Repeat("p", 300), "0777\n", "8000") {
+		f.Add(h, "/run/hc/db.sock", "0600", "")
+		f.Add("/health", h, "0600", "")
+		f.Add("/health", "/run/hc/db.sock", h, "")
+		f.Add("/health", "", "", h)
+	}
+	// The first seed is accepted whole: the target checks something.
+	if sc, _, err := ParseRegistration(pathsRegistration("/health", "/run/hc/db.sock", "0600", "/run/app.sock")); err != nil ||
+		len(sc.Expose) != 1 || len(sc.Upstreams) != 1 || sc.Upstreams[0].SocketPath == "" {
+		f.Fatalf("the valid seed: %+v, %v", sc, err)
+	}
+	f.Fuzz(func(t *testing.T, exposePath, socketPath, socketMode, localSocket string) {
+		sc, _, err := ParseRegistration(pathsRegistration(exposePath, socketPath, socketMode, localSocket))
+		if err != nil {
+			return
+		}
+		for _, e := range sc.Expose {
+			if e.Path != exposePath {
+				t.Fatalf("expose path %q from %q", e.Path, exposePath)
+			}
+		}
+		spec := bootstrap.Spec{Service: sc.Service, LeafFile: "/s/leaf.pem", RootsFile: "/s/roots.pem", SPOEFile: "/s/spoe.cfg",
+			AuthzMap: "/s/authz.map", CrtList: "/s/leaf.crtlist", SNI: bootstrap.FallbackSNI, SPOASocket: "/s/spoa.sock", HardStopAfter: 1e9,
+			Public: sc.Public, Expose: sc.Expose}
+		for _, u := range sc.Upstreams {
+			if u.SocketPath != "" && u.SocketPath != socketPath {
+				t.Fatalf("socket path %q from %q", u.SocketPath, socketPath)
+			}
+			spec.Upstreams = append(spec.Upstreams, bootstrap.Upstream{Name: u.Name, Destination: u.Destination, BindAddr: u.BindAddr,
+				BindPort: u.BindPort, Protocol: u.Protocol, SocketPath: u.SocketPath, SocketMode: u.SocketMode,
+				Slots: slots.New(u.Name, bootstrap.SlotPrefix, 2)})
+		}
+		if _, err := bootstrap.Render(spec); err != nil {
+			t.Fatalf("ParseRegistration accepted what Render refuses: %v", err)
+		}
+	})
+}
+
+// pathsRegistration is a sidecar registration with an expose path, an
+// upstream on a unix socket (or port 9191 without one) and a local
+// application socket.
+func pathsRegistration(exposePath, socketPath, socketMode, localSocket string) *api.AgentService {
+	bindPort := 9191 // an upstream binds a socket or a port, not both
+	if socketPath != "" {
+		bindPort = 0
+	}
+	return &api.AgentService{
+		ID: "web-sidecar-proxy", Kind: api.ServiceKindConnectProxy, Address: "127.0.0.1", Port: 21000,
+		Proxy: &api.AgentServiceConnectProxyConfig{
+			DestinationServiceName: "web", LocalServiceAddress: "127.0.0.1", LocalServicePort: 8080,
+			LocalServiceSocketPath: localSocket,
+			Config:                 map[string]any{"protocol": "http"},
+			Expose:                 api.ExposeConfig{Paths: []api.ExposePath{{ListenerPort: 21500, Path: exposePath, LocalPathPort: 8080, Protocol: "http"}}},
+			Upstreams: []api.Upstream{{DestinationName: "db", LocalBindSocketPath: socketPath, LocalBindSocketMode: socketMode,
+				LocalBindPort: bindPort}},
+		},
+	}
+}
