@@ -49,6 +49,12 @@ type identity struct {
 // parseIdentity parses a DER leaf. What the certificate claims is checked
 // later (checkCert), on a cache miss.
 func parseIdentity(der []byte) (identity, *x509.Certificate, error) {
+	return parseIdentitySum(der, sha256.Sum256(der))
+}
+
+// parseIdentitySum is parseIdentity for a caller that has the DER's
+// SHA-256 already (the decision path looks the certificate up by it).
+func parseIdentitySum(der []byte, sum [32]byte) (identity, *x509.Certificate, error) {
 	if len(der) == 0 {
 		return identity{}, nil, errNoCert
 	}
@@ -56,7 +62,7 @@ func parseIdentity(der []byte) (identity, *x509.Certificate, error) {
 	if err != nil {
 		return identity{}, nil, fmt.Errorf("%w: %v", errBadCert, err)
 	}
-	id := identity{serial: hexSerial(cert.SerialNumber), sum: sha256.Sum256(der)}
+	id := identity{serial: hexSerial(cert.SerialNumber), sum: sum}
 	if len(cert.URIs) == 1 {
 		id.uri = cert.URIs[0].String()
 	}

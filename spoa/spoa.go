@@ -437,11 +437,12 @@ func (a *Authorizer) decideNow(der []byte, argErr error) decision {
 		// A certificate asked about before is not parsed again: after an
 		// intentions change every source is decided again, and parsing
 		// is most of that decision's time and allocations.
-		r, ok := a.certs.get(sha256.Sum256(der))
+		sum := sha256.Sum256(der)
+		r, ok := a.certs.get(sum)
 		if !ok {
 			var id identity
 			var cert *x509.Certificate
-			if id, cert, d.err = parseIdentity(der); d.err == nil {
+			if id, cert, d.err = parseIdentitySum(der, sum); d.err == nil {
 				r = newRemembered(id, cert)
 				a.certs.remember(r)
 			}
