@@ -1,7 +1,6 @@
 package controller
 
 import (
-	"regexp"
 	"slices"
 	"strings"
 	"time"
@@ -222,10 +221,9 @@ func plan(in planInput) []action {
 	}
 	var reasons, causes []string
 	if !d.sidecar.Equal(ap.sidecar) {
-		diff := ap.sidecar.Diff(*d.sidecar)
-		reasons = append(reasons, "registration: "+diff)
+		reasons = append(reasons, "registration: "+ap.sidecar.Diff(*d.sidecar))
 		cause := reloadRegistration
-		if chainOnly(diff) {
+		if ap.sidecar.withoutChains().Equal(d.sidecar.withoutChains()) {
 			cause = reloadChain
 		}
 		causes = append(causes, cause)
@@ -539,21 +537,4 @@ func (sc *Sidecar) upstream(name string) (Upstream, bool) {
 		}
 	}
 	return Upstream{}, false
-}
-
-// parenthesized is a detail in a Diff part, which may hold ", ".
-var parenthesized = regexp.MustCompile(`\([^)]*\)`)
-
-// chainOnly reports whether every part of a Sidecar.Diff is about a
-// discovery chain (the reload metric's "chain" cause).
-func chainOnly(diff string) bool {
-	if diff == "" {
-		return false
-	}
-	for _, p := range strings.Split(parenthesized.ReplaceAllString(diff, ""), ", ") {
-		if !strings.HasPrefix(p, "discovery chain ") {
-			return false
-		}
-	}
-	return true
 }

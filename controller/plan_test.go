@@ -581,16 +581,42 @@ func testLeaf(t *testing.T) *certs.Bundle {
 	return &certs.Bundle{PEM: "leaf", Serial: "00", NotAfter: t0.Add(72 * time.Hour), SPIFFE: "spiffe://td.consul/ns/default/dc/dc1/svc/web"}
 }
 
-func TestChainOnly(t *testing.T) {
-	for diff, want := range map[string]bool{
-		"": false,
-		"discovery chain of up_web changed (matches, header changes, rewrites or retries)":                                         true,
-		"discovery chain target up_web~v2 added, discovery chain of up_web changed (matches, header changes, rewrites or retries)": true,
-		"discovery chain target up_web~v2 added, upstream up_db added":                                                             false,
-		"public listener changed": false,
-	} {
-		if got := chainOnly(diff); got != want {
-			t.Errorf("chainOnly(%q) = %v, want %v", diff, got, want)
+// TestWithoutChains: a registration that differs only in its discovery
+// chains (a chain's fingerprint, a target added) reloads with the "chain"
+// cause; any other difference is the registration's.
+func TestWithoutChains(t *testing.T) {
+	base := Sidecar{ProxyID: "web-sidecar-proxy", Service: "web", Upstreams: []Upstream{
+		{Name: "up_api", Destination: "api", BindAddr: "127.0.0.1", BindPort: 9191, Protocol: "http", Chain: "c1"},
+		{Name: "up_api:api:v1:dc1", Destination: "api", Target: "api:v1:dc1", Parent: "up_api"},
+	}}
+	with := func(f func(*Sidecar)) Sidecar {
+		s := base
+		s.Upstreams = slices.Clone(base.Upstreams)
+		f(&s)
+		return s
+	}
+	tests := []struct {
+		name      string
+		s         Sidecar
+		chainOnly bool
+	}{
+		{"chain fingerprint", with(func(s *Sidecar) { s.Upstreams[0].Chain = "c2" }), true},
+		{"target added", with(func(s *Sidecar) {
+			s.Upstreams = append(s.Upstreams, Upstream{Name: "up_api:api:v2:dc1", Destination: "api", Target: "api:v2:dc1", Parent: "up_api"})
+		}), true},
+		{"target removed", with(func(s *Sidecar) { s.Upstreams = s.Upstreams[:1] }), true},
+		{"bind port", with(func(s *Sidecar) { s.Upstreams[0].BindPort = 9292 }), false},
+		{"bind port and chain", with(func(s *Sidecar) { s.Upstreams[0].BindPort, s.Upstreams[0].Chain = 9292, "c2" }), false},
+		{"upstream added", with(func(s *Sidecar) {
+			s.Upstreams = append(s.Upstreams, Upstream{Name: "up_db", Destination: "db", BindAddr: "127.0.0.1", BindPort: 9393})
+		}), false},
+	}
+	for _, tt := range tests {
+		if base.Equal(tt.s) {
+			t.Fatalf("%s: no difference", tt.name)
+		}
+		if got := base.withoutChains().Equal(tt.s.withoutChains()); got != tt.chainOnly {
+			t.Errorf("%s: chains only %v, want %v", tt.name, got, tt.chainOnly)
 		}
 	}
 }

@@ -110,6 +110,22 @@ func (s Sidecar) Equal(o Sidecar) bool {
 		slices.Equal(s.Expose, o.Expose)
 }
 
+// withoutChains is s without what discovery chains add to it (their
+// targets' upstreams and the routed upstreams' chain fingerprints): two
+// Sidecars equal this way differ in their chains only.
+func (s Sidecar) withoutChains() Sidecar {
+	out := s
+	out.Upstreams = nil
+	for _, u := range s.Upstreams {
+		if u.Target != "" {
+			continue
+		}
+		u.Chain = ""
+		out.Upstreams = append(out.Upstreams, u)
+	}
+	return out
+}
+
 // Diff says in a few words what differs, for the reload reason.
 func (s Sidecar) Diff(o Sidecar) string {
 	var parts []string
