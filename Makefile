@@ -89,6 +89,7 @@ test: deps
 	$(GO) test ./chain -run '^$$' -fuzz '^FuzzCompile$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./spoa -run '^$$' -fuzz '^FuzzSPOPDecode$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./l7 -run '^$$' -fuzz '^FuzzParseDecide$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./l7 -run '^$$' -fuzz '^FuzzCompile$$' -fuzztime $(FUZZTIME)
 
 # Tests too slow for every run: a leaf renewal with a realistic TTL
 # (about 10 minutes).

@@ -47,6 +47,12 @@ const (
 	// VarL7 (session scope, a bool) marks a connection whose source is
 	// under an L7 intention: each request is sent as MessageL7.
 	VarL7 = "l7"
+	// VarL7Rules (session scope, a string) names the entries of the L7
+	// map that decide the connection's requests inside HAProxy (see
+	// package l7: the subject is "<VarL7Rules>:<method>:<path>"); unset
+	// when there are none. A request the map does not decide goes to
+	// the agent as MessageL7.
+	VarL7Rules = "l7rules"
 	// VarL7Allowed, VarIntention and VarPerm (transaction scope) are a
 	// request's L7 verdict, the intention that decided it (its source
 	// name) and the permission ("<index>:<allow|deny>", "default" when

@@ -38,6 +38,11 @@ type Spec struct {
 	// configuration is loaded (a reload's reason, or the start), and
 	// ConfigID an identifier of it, both for the state map.
 	InstanceMap, StateMap, Reason, ConfigID string
+	// L7Map, when set, is the L7 map (an absolute path): the L7
+	// permissions HAProxy decides itself (package l7, Compile), which
+	// the controller writes and keeps current at run time. Empty: every
+	// request under an L7 intention goes to the agent.
+	L7Map string
 	// SNI is the public listener's certificate list filter: the service's
 	// Consul SNI name (certs.ID.SNI). What matters is that there is one;
 	// see RenderCrtList.
@@ -472,7 +477,7 @@ func (s Spec) Validate() error {
 			return invalid(err)
 		}
 	}
-	for _, f := range []string{s.InstanceMap, s.StateMap} {
+	for _, f := range []string{s.InstanceMap, s.StateMap, s.L7Map} {
 		if _, err := input.Path("map path", f); f != "" && err != nil {
 			return invalid(err)
 		}
@@ -653,42 +658,68 @@ func renderConfig(s Spec) (string, error) {
 		w("    acl authz_stale str(%s),map_str_int(%s,0),sub(%s) -m int gt 0", AuthzGenKey, s.AuthzMap, authzgen.SessVar(authzgen.VarGen))
 		w("    http-request unset-var(%s) if authz_stale", authzgen.SessVar(authzgen.VarAllowed))
 		w("    http-request unset-var(%s) if authz_stale", authzgen.SessVar(authzgen.VarL7))
+		w("    http-request unset-var(%s) if authz_stale", authzgen.SessVar(authzgen.VarL7Rules))
 		w("    http-request send-spoe-group %s %s if !{ var(%s) -m found }", SPOEEngine, SPOEGroup, authzgen.SessVar(authzgen.VarAllowed))
 		w("    http-request reject if !{ var(%s) -m found } { stopping }", authzgen.SessVar(authzgen.VarAllowed))
 		w("    http-request deny deny_status 503 unless { var(%s) -m found }", authzgen.SessVar(authzgen.VarAllowed))
 		w("    http-request deny deny_status 403 unless { var(%s) -m bool }", authzgen.SessVar(authzgen.VarAllowed))
 		// A source under an L7 intention (the agent set sess.hc.l7 with
 		// its allow) has each request decided by the intention's
-		// permissions: method, path and headers go to the agent, which
-		// answers txn.hc.l7allowed with the intention and permission
-		// that decided, for the access log. No answer: as above, closed
-		// in a stopping worker, else 503. Other sources skip these
-		// lines at the cost of one variable lookup.
+		// permissions. Other sources skip these lines at the cost of one
+		// variable lookup.
 		//
-		// An allow is remembered per worker, as the tcp listener does
-		// for connections: keyed by the SHA-256 of everything the
+		// First HAProxy itself, from the L7 map (when the spec names
+		// one): the connection's verdict names its intention's entries
+		// (sess.hc.l7rules), and the first entry matching
+		// "<l7rules>:<method>:/<header names>/:<path>" (l7.Subject) gives
+		// the action, the intention and the permission (package l7,
+		// Compile). Allow (A) and deny (D)
+		// decide the request there, with no agent round trip; an entry
+		// for a permission the map cannot decide (S), or no entry, sends
+		// it to the agent.
+		//
+		// The agent gets the source, method, path and headers, and
+		// answers txn.hc.l7allowed with the intention and permission that
+		// decided, for the access log. No answer: as above, closed in a
+		// stopping worker, else 503.
+		//
+		// An agent's allow is remembered per worker, as the tcp listener
+		// does for connections: keyed by the SHA-256 of everything the
 		// decision depends on (the source, the method, the path and
 		// every request header with its value; the rules are the
 		// generation's), with the generation plus one. The same request
 		// shape again under the same generation is allowed without an
 		// agent round trip (access log perm=cached). A deny is never
-		// remembered, so every 403 is the agent's, with its intention
-		// and permission in the log; a new generation (any intentions
-		// or permissions change) makes every remembered allow stale.
+		// remembered, so every 403 is the agent's or the map's, with its
+		// intention and permission in the log; a new generation (any
+		// intentions or permissions change) makes every remembered allow
+		// stale.
 		l7 := fmt.Sprintf("{ var(%s) -m bool }", authzgen.SessVar(authzgen.VarL7))
+		ask := l7
 		w("    stick-table type binary len 32 size %d expire 10m store gpt0", AuthzCacheSize)
 		w("    http-request set-var(txn.%s.method) method if %s", VarPrefix, l7)
 		w("    http-request set-var(txn.%s.path) path if %s", VarPrefix, l7)
-		w("    http-request set-var(txn.%s.hdrs) req.hdrs if %s", VarPrefix, l7)
+		if s.L7Map != "" {
+			w("    http-request set-var(txn.%s.names) req.hdr_names(/) if %s", VarPrefix, l7)
+			w("    http-request set-var(txn.%[1]s.l7rule) var(%[2]s),concat(:,txn.%[1]s.method,:/),concat(,txn.%[1]s.names,/:),concat(,txn.%[1]s.path,),map_reg(%[3]s) if %[4]s",
+				VarPrefix, authzgen.SessVar(authzgen.VarL7Rules), s.L7Map, l7)
+			w("    http-request set-var(txn.%[1]s.l7map) var(txn.%[1]s.l7rule),field(1,/) if %[2]s { var(txn.%[1]s.l7rule) -m beg A/ D/ }", VarPrefix, l7)
+			w("    http-request set-var(%s) bool(1) if %s { var(txn.%s.l7map) -m str A }", authzgen.TxnVar(authzgen.VarL7Allowed), l7, VarPrefix)
+			w("    http-request set-var(%s) bool(0) if %s { var(txn.%s.l7map) -m str D }", authzgen.TxnVar(authzgen.VarL7Allowed), l7, VarPrefix)
+			w("    http-request set-var(%s) var(txn.%s.l7rule),field(2,/) if %s { var(txn.%s.l7map) -m found }", authzgen.TxnVar(authzgen.VarIntention), VarPrefix, l7, VarPrefix)
+			w("    http-request set-var(%s) var(txn.%s.l7rule),field(3,/) if %s { var(txn.%s.l7map) -m found }", authzgen.TxnVar(authzgen.VarPerm), VarPrefix, l7, VarPrefix)
+			ask = fmt.Sprintf("%s !{ var(txn.%s.l7map) -m found }", l7, VarPrefix)
+		}
+		w("    http-request set-var(txn.%s.hdrs) req.hdrs if %s", VarPrefix, ask)
 		w("    http-request set-var(txn.%[1]s.l7key) var(%[2]s),concat(|,txn.%[1]s.method,|),concat(,txn.%[1]s.path,|),concat(,txn.%[1]s.hdrs,),sha2(256) if %[3]s",
-			VarPrefix, authzgen.SessVar(authzgen.VarSource), l7)
-		w("    http-request track-sc1 var(txn.%s.l7key) if %s", VarPrefix, l7)
-		w("    http-request set-var(txn.%s.l7cached) sc1_get_gpt0 if %s", VarPrefix, l7)
+			VarPrefix, authzgen.SessVar(authzgen.VarSource), ask)
+		w("    http-request track-sc1 var(txn.%s.l7key) if %s", VarPrefix, ask)
+		w("    http-request set-var(txn.%s.l7cached) sc1_get_gpt0 if %s", VarPrefix, ask)
 		w("    acl l7_cached str(%s),map_str_int(%s,0),add(1),sub(txn.%s.l7cached) -m int eq 0", AuthzGenKey, s.AuthzMap, VarPrefix)
-		w("    http-request set-var(%s) bool(1) if %s l7_cached", authzgen.TxnVar(authzgen.VarL7Allowed), l7)
-		w("    http-request set-var(%s) str(cached) if %s l7_cached", authzgen.TxnVar(authzgen.VarPerm), l7)
-		w("    http-request send-spoe-group %s %s if %s !l7_cached", SPOEEngine, authzgen.GroupL7, l7)
-		w("    http-request sc-set-gpt0(1) var(%s),add(1) if %s !l7_cached { var(%s) -m bool }", authzgen.SessVar(authzgen.VarGen), l7, authzgen.TxnVar(authzgen.VarL7Allowed))
+		w("    http-request set-var(%s) bool(1) if %s l7_cached", authzgen.TxnVar(authzgen.VarL7Allowed), ask)
+		w("    http-request set-var(%s) str(cached) if %s l7_cached", authzgen.TxnVar(authzgen.VarPerm), ask)
+		w("    http-request send-spoe-group %s %s if %s !l7_cached", SPOEEngine, authzgen.GroupL7, ask)
+		w("    http-request sc-set-gpt0(1) var(%s),add(1) if %s !l7_cached { var(%s) -m bool }", authzgen.SessVar(authzgen.VarGen), ask, authzgen.TxnVar(authzgen.VarL7Allowed))
 		w("    http-request reject if %s !{ var(%s) -m found } { stopping }", l7, authzgen.TxnVar(authzgen.VarL7Allowed))
 		w("    http-request deny deny_status 503 if %s !{ var(%s) -m found }", l7, authzgen.TxnVar(authzgen.VarL7Allowed))
 		w("    http-request deny deny_status 403 if %s !{ var(%s) -m bool }", l7, authzgen.TxnVar(authzgen.VarL7Allowed))

@@ -11,7 +11,9 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/hashicorp/consul/api"
 
+	"github.com/haproxy-connect/haproxy-connect/l7"
 	"github.com/haproxy-connect/haproxy-connect/slots"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
@@ -29,6 +31,7 @@ func baseSpec() Spec {
 		RootsFile:     goldenState + "/roots.pem",
 		SPOEFile:      goldenState + "/spoe.cfg",
 		AuthzMap:      goldenState + "/authz.map",
+		L7Map:         goldenState + "/l7.map",
 		CrtList:       goldenState + "/public.crtlist",
 		SNI:           "web.default.dc1.internal.11111111-2222-3333-4444-555555555555.consul",
 		SPOASocket:    goldenState + "/spoa.sock",
@@ -171,6 +174,22 @@ func TestRenderGolden(t *testing.T) {
 	}
 }
 
+// sampleL7 is an L7 intention compiled for the L7 map, with every kind of
+// entry: allow, deny, for the agent, the default.
+func sampleL7(t testing.TB) l7.Compiled {
+	t.Helper()
+	in, err := l7.Parse("api", []*api.IntentionPermission{
+		{Action: api.IntentionActionDeny, HTTP: &api.IntentionHTTPPermission{PathPrefix: "/admin.x", Methods: []string{"POST", "DELETE"}}},
+		{Action: api.IntentionActionAllow, HTTP: &api.IntentionHTTPPermission{PathExact: "/v1/(a)+$*"}},
+		{Action: api.IntentionActionAllow, HTTP: &api.IntentionHTTPPermission{PathRegex: "/x/.*"}},
+		{Action: api.IntentionActionDeny, HTTP: &api.IntentionHTTPPermission{PathPrefix: "/h", Header: []api.IntentionHTTPHeaderPermission{{Name: "X-A", Present: true}}}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return in.Compile(false)
+}
+
 // TestGoldenFilesPassHAProxyCheck runs haproxy -c on every golden
 // configuration, with its golden SPOE file and real certificates in place.
 func TestGoldenFilesPassHAProxyCheck(t *testing.T) {
@@ -183,6 +202,7 @@ func TestGoldenFilesPassHAProxyCheck(t *testing.T) {
 			testenv.WriteFile(t, dir, "leaf.pem", cert+key)
 			testenv.WriteFile(t, dir, "roots.pem", ca.CertPEM)
 			testenv.WriteFile(t, dir, "authz.map", RenderAuthzMap(0))
+			testenv.WriteFile(t, dir, "l7.map", l7.MapContent(sampleL7(t).Entries))
 			read := func(file string) string {
 				b, err := os.ReadFile(filepath.Join("testdata", file))
 				if err != nil {

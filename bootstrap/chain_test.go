@@ -13,6 +13,7 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/haproxy-connect/haproxy-connect/chain"
+	"github.com/haproxy-connect/haproxy-connect/l7"
 	"github.com/haproxy-connect/haproxy-connect/slots"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
@@ -93,6 +94,7 @@ func TestRenderChainGolden(t *testing.T) {
 	testenv.WriteFile(t, dir, "leaf.pem", cert+key)
 	testenv.WriteFile(t, dir, "roots.pem", ca.CertPEM)
 	testenv.WriteFile(t, dir, "authz.map", RenderAuthzMap(0))
+	testenv.WriteFile(t, dir, "l7.map", l7.MapContent(sampleL7(t).Entries))
 	testenv.WriteFile(t, dir, "spoe.cfg", local(spoe))
 	testenv.WriteFile(t, dir, "public.crtlist", local(crt))
 	testenv.WriteFile(t, dir, "chain_up_web.map", chainMap)

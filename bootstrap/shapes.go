@@ -14,6 +14,9 @@ const (
 	shapeAddrPort = `([0-9.]+|\[[0-9a-f:.]+\]):[0-9]+`
 	shapeIdent    = `[A-Za-z0-9_.:-]+`
 	shapePath     = `/[A-Za-z0-9_./+-]+`
+	// shapeL7Ask is the condition of a request under an L7 intention that
+	// the L7 map did not decide (with no L7 map: every such request).
+	shapeL7Ask = `\{ var\(sess\.hc\.l7\) -m bool \}( !\{ var\(txn\.hc\.l7map\) -m found \})?`
 )
 
 // configShapes lists every line shape Render may produce. It is the
@@ -63,17 +66,23 @@ var configShapes = []string{
 	`    tcp-request content sc-set-gpt0\(0\) var\(sess\.hc\.gen\),add\(1\) if \{ var\(sess\.hc\.allowed\) -m bool \} !authz_cached`,
 	`    tcp-request content reject unless \{ var\(sess\.hc\.allowed\) -m bool \}`,
 	`    acl authz_stale str\(gen\),map_str_int\(` + shapePath + `,0\),sub\(sess\.hc\.gen\) -m int gt 0`,
-	`    http-request unset-var\(sess\.hc\.(allowed|l7)\) if authz_stale`,
+	`    http-request unset-var\(sess\.hc\.(allowed|l7|l7rules)\) if authz_stale`,
 	`    stick-table type binary len 32 size \d+ expire 10m store gpt0`,
-	`    http-request set-var\(txn\.hc\.(method|path|hdrs)\) (method|path|req\.hdrs) if \{ var\(sess\.hc\.l7\) -m bool \}`,
-	`    http-request set-var\(txn\.hc\.l7key\) var\(sess\.hc\.source\),concat\(\|,txn\.hc\.method,\|\),concat\(,txn\.hc\.path,\|\),concat\(,txn\.hc\.hdrs,\),sha2\(256\) if \{ var\(sess\.hc\.l7\) -m bool \}`,
-	`    http-request track-sc1 var\(txn\.hc\.l7key\) if \{ var\(sess\.hc\.l7\) -m bool \}`,
-	`    http-request set-var\(txn\.hc\.l7cached\) sc1_get_gpt0 if \{ var\(sess\.hc\.l7\) -m bool \}`,
+	`    http-request set-var\(txn\.hc\.(method|path)\) (method|path) if \{ var\(sess\.hc\.l7\) -m bool \}`,
+	`    http-request set-var\(txn\.hc\.names\) req\.hdr_names\(/\) if \{ var\(sess\.hc\.l7\) -m bool \}`,
+	`    http-request set-var\(txn\.hc\.l7rule\) var\(sess\.hc\.l7rules\),concat\(:,txn\.hc\.method,:/\),concat\(,txn\.hc\.names,/:\),concat\(,txn\.hc\.path,\),map_reg\(` + shapePath + `\) if \{ var\(sess\.hc\.l7\) -m bool \}`,
+	`    http-request set-var\(txn\.hc\.l7map\) var\(txn\.hc\.l7rule\),field\(1,/\) if \{ var\(sess\.hc\.l7\) -m bool \} \{ var\(txn\.hc\.l7rule\) -m beg A/ D/ \}`,
+	`    http-request set-var\(txn\.hc\.l7allowed\) bool\([01]\) if \{ var\(sess\.hc\.l7\) -m bool \} \{ var\(txn\.hc\.l7map\) -m str [AD] \}`,
+	`    http-request set-var\(txn\.hc\.(intention|perm)\) var\(txn\.hc\.l7rule\),field\([23],/\) if \{ var\(sess\.hc\.l7\) -m bool \} \{ var\(txn\.hc\.l7map\) -m found \}`,
+	`    http-request set-var\(txn\.hc\.hdrs\) req\.hdrs if ` + shapeL7Ask,
+	`    http-request set-var\(txn\.hc\.l7key\) var\(sess\.hc\.source\),concat\(\|,txn\.hc\.method,\|\),concat\(,txn\.hc\.path,\|\),concat\(,txn\.hc\.hdrs,\),sha2\(256\) if ` + shapeL7Ask,
+	`    http-request track-sc1 var\(txn\.hc\.l7key\) if ` + shapeL7Ask,
+	`    http-request set-var\(txn\.hc\.l7cached\) sc1_get_gpt0 if ` + shapeL7Ask,
 	`    acl l7_cached str\(gen\),map_str_int\(` + shapePath + `,0\),add\(1\),sub\(txn\.hc\.l7cached\) -m int eq 0`,
-	`    http-request set-var\(txn\.hc\.l7allowed\) bool\(1\) if \{ var\(sess\.hc\.l7\) -m bool \} l7_cached`,
-	`    http-request set-var\(txn\.hc\.perm\) str\(cached\) if \{ var\(sess\.hc\.l7\) -m bool \} l7_cached`,
-	`    http-request send-spoe-group intentions authz_l7 if \{ var\(sess\.hc\.l7\) -m bool \} !l7_cached`,
-	`    http-request sc-set-gpt0\(1\) var\(sess\.hc\.gen\),add\(1\) if \{ var\(sess\.hc\.l7\) -m bool \} !l7_cached \{ var\(txn\.hc\.l7allowed\) -m bool \}`,
+	`    http-request set-var\(txn\.hc\.l7allowed\) bool\(1\) if ` + shapeL7Ask + ` l7_cached`,
+	`    http-request set-var\(txn\.hc\.perm\) str\(cached\) if ` + shapeL7Ask + ` l7_cached`,
+	`    http-request send-spoe-group intentions authz_l7 if ` + shapeL7Ask + ` !l7_cached`,
+	`    http-request sc-set-gpt0\(1\) var\(sess\.hc\.gen\),add\(1\) if ` + shapeL7Ask + ` !l7_cached \{ var\(txn\.hc\.l7allowed\) -m bool \}`,
 	`    http-request reject if \{ var\(sess\.hc\.l7\) -m bool \} !\{ var\(txn\.hc\.l7allowed\) -m found \} \{ stopping \}`,
 	`    http-request deny deny_status 503 if \{ var\(sess\.hc\.l7\) -m bool \} !\{ var\(txn\.hc\.l7allowed\) -m found \}`,
 	`    http-request deny deny_status 403 if \{ var\(sess\.hc\.l7\) -m bool \} !\{ var\(txn\.hc\.l7allowed\) -m bool \}`,

@@ -102,7 +102,10 @@ func (c *Controller) readBack(ctx context.Context) (applied, error) {
 		}
 		tables[u.Name] = slots.FromObserved(u.Name, bootstrap.SlotPrefix, len(obs), obs)
 	}
-	ap := applied{sidecar: *d.sidecar, rootsPEM: d.roots.PEM, tables: tables, authzGen: gen, leaf: d.leaf}
+	// The L7 map's entries are not read back (show map prints them, but
+	// which table they came from is not worth trusting): it is cleared
+	// and filled again.
+	ap := applied{sidecar: *d.sidecar, rootsPEM: d.roots.PEM, tables: tables, authzGen: gen, leaf: d.leaf, l7Unknown: true}
 	want, running := c.configID(*d.sidecar, d.roots.PEM), mapValue(state, bootstrap.StateConfigIDKey)
 	if running != want {
 		// A reload renders the desired configuration; until then the

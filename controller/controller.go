@@ -29,6 +29,7 @@ import (
 	"github.com/haproxy-connect/haproxy-connect/authzgen"
 	"github.com/haproxy-connect/haproxy-connect/certs"
 	"github.com/haproxy-connect/haproxy-connect/chain"
+	"github.com/haproxy-connect/haproxy-connect/l7"
 	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/slots"
 	"github.com/haproxy-connect/haproxy-connect/watch"
@@ -112,6 +113,10 @@ type Controller struct {
 	// authz is the intentions generation: published by the SPOE agent
 	// (its Kick wakes the loop to apply it), applied by the loop.
 	authz *authzgen.Generation
+	// l7want is the L7 map's table the SPOE agent published (SetL7Map);
+	// l7kick wakes the loop to apply it.
+	l7want atomic.Pointer[[]l7.Compiled]
+	l7kick chan struct{}
 
 	// Owned by the loop goroutine.
 	desired  desired
@@ -196,6 +201,13 @@ type applied struct {
 	foreign string
 	// chainMaps are the routed upstreams' chain map entries HAProxy has.
 	chainMaps map[string]map[string]string
+	// l7 is the L7 map's keys HAProxy has (true), or refused (false);
+	// l7Held the table they come from; l7Unknown: what HAProxy's map
+	// holds is unknown (adopted, or a change failed half way), and it is
+	// cleared and filled again (l7map.go).
+	l7        map[string]bool
+	l7Held    []l7.Compiled
+	l7Unknown bool
 }
 
 type upstreamWatch struct {
@@ -270,6 +282,7 @@ func New(cfg Config) (*Controller, error) {
 		rt:      runtime.New(filepath.Join(cfg.StateDir, MasterSocket), cfg.Log.Named("runtime")),
 		events:  make(chan func(*desired), 1024),
 		authz:   authzgen.NewGeneration(),
+		l7kick:  make(chan struct{}, 1),
 		metrics: newMetrics(cfg.AnswerLimit),
 		ident:   newIdentities(),
 		desired: desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}, instances: map[string]map[string]instance{},
@@ -365,6 +378,7 @@ func (c *Controller) Run(ctx context.Context) error {
 		case <-c.retry.C:
 			c.retryAt = time.Time{}
 		case <-c.authz.Kick():
+		case <-c.l7kick:
 		}
 		if err := c.reconcile(ctx); err != nil {
 			return err
@@ -474,6 +488,7 @@ func (c *Controller) planInput() planInput {
 		minSlots:    c.cfg.MinSlots,
 		chainMaps:   c.chainMaps(c.desired.sidecar),
 		chainFile:   c.chainMapFile,
+		l7:          c.l7Table(),
 	}
 }
 
@@ -483,7 +498,8 @@ func (c *Controller) start(ctx context.Context, a startAction) error {
 	if c.started {
 		reason = "haproxy exited"
 	}
-	if err := c.writeConfig(c.spec(sc, tables), gen, reason); err != nil {
+	l7t, err := c.writeConfig(c.spec(sc, tables), gen, reason)
+	if err != nil {
 		return fmt.Errorf("render configuration: %w", err)
 	}
 	c.rootsServed(a.roots.PEM, true)
@@ -495,7 +511,7 @@ func (c *Controller) start(ctx context.Context, a startAction) error {
 	}
 	c.master, c.started = m, true
 	c.applied = applied{known: true, sidecar: sc, leaf: a.leaf, rootsPEM: a.roots.PEM, tables: tables, authzGen: gen,
-		chainMaps: c.chainMaps(&sc)}
+		chainMaps: c.chainMaps(&sc), l7: l7Keys(l7t), l7Held: l7t}
 	c.authzGenerationApplied(gen)
 	clear(c.desired.dirty)
 	c.ready.Store(true)

@@ -13,6 +13,7 @@ import (
 	"github.com/haproxy-connect/haproxy-connect/authzgen"
 	"github.com/haproxy-connect/haproxy-connect/bootstrap"
 	"github.com/haproxy-connect/haproxy-connect/certs"
+	"github.com/haproxy-connect/haproxy-connect/l7"
 	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/slots"
 )
@@ -66,6 +67,8 @@ func (c *Controller) execute(ctx context.Context, acts []action) (again bool, er
 			if !c.rotateLeaf(ctx, a.leaf) {
 				return true, nil
 			}
+		case l7MapAction:
+			c.applyL7Map(ctx, a)
 		case publishAuthzGenAction:
 			c.applyAuthzGeneration(ctx, a.gen)
 		case verifyAction:
@@ -159,6 +162,7 @@ func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.S
 		RootsFile:      c.path("roots.pem"),
 		SPOEFile:       c.path("spoe.cfg"),
 		AuthzMap:       c.path("authz.map"),
+		L7Map:          c.path(L7MapFile),
 		InstanceMap:    c.path(InstanceMapFile),
 		StateMap:       c.path(StateMapFile),
 		CrtList:        c.path("public.crtlist"),
@@ -206,12 +210,16 @@ func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.S
 
 // writeConfig renders and writes every file HAProxy reads; reason is why
 // HAProxy loads it (recorded in the state map, with the configuration id).
-func (c *Controller) writeConfig(spec bootstrap.Spec, authzGen uint64, reason string) error {
+//
+// It returns the L7 map's table it wrote (l7map.go).
+func (c *Controller) writeConfig(spec bootstrap.Spec, authzGen uint64, reason string) ([]l7.Compiled, error) {
 	spec.ConfigID, spec.Reason = c.configID(*c.desired.sidecar, c.desired.roots.PEM), reason
 	cfg, files, err := bootstrap.RenderFiles(spec, authzGen)
 	if err != nil {
-		return err
+		return nil, err
 	}
+	l7t := c.l7Table()
+	files = append(files, bootstrap.File{Path: spec.L7Map, Content: l7MapContent(l7t)})
 	for _, u := range spec.Upstreams {
 		if u.Routing != nil {
 			files = append(files, bootstrap.File{Path: u.Routing.Map, Content: bootstrap.RenderChainMap(*u.Routing)})
@@ -223,17 +231,18 @@ func (c *Controller) writeConfig(spec bootstrap.Spec, authzGen uint64, reason st
 		bootstrap.File{Path: c.path("haproxy.cfg"), Content: cfg}) // last: it names the others
 	for _, f := range files {
 		if err := certs.WriteFile(f.Path, f.Content); err != nil {
-			return err
+			return nil, err
 		}
 	}
-	return nil
+	return l7t, nil
 }
 
 // reload renders the desired configuration and reloads HAProxy; it reports
 // whether the reload was applied.
 func (c *Controller) reload(ctx context.Context, a reloadAction) bool {
 	sc, tables, gen, reason := a.sidecar, a.tables, a.gen, a.reason
-	if err := c.writeConfig(c.spec(sc, tables), gen, reason); err != nil {
+	l7t, err := c.writeConfig(c.spec(sc, tables), gen, reason)
+	if err != nil {
 		c.log.Error("reload skipped: configuration not rendered", zap.String("reason", reason), zap.Error(err))
 		c.reloadFailed()
 		return false
@@ -250,7 +259,7 @@ func (c *Controller) reload(ctx context.Context, a reloadAction) bool {
 	c.pacing = c.pacing.reloaded()
 	c.metrics.reloaded(a.cause)
 	c.applied = applied{known: true, sidecar: sc, leaf: a.leaf, rootsPEM: a.roots.PEM, tables: tables, authzGen: gen,
-		chainMaps: c.chainMaps(&sc)}
+		chainMaps: c.chainMaps(&sc), l7: l7Keys(l7t), l7Held: l7t}
 	c.authzGenerationApplied(gen)
 	clear(c.desired.dirty)
 	c.metrics.setEndpoints(tables)

@@ -9,6 +9,7 @@ import (
 
 	"github.com/haproxy-connect/haproxy-connect/bootstrap"
 	"github.com/haproxy-connect/haproxy-connect/certs"
+	"github.com/haproxy-connect/haproxy-connect/l7"
 	"github.com/haproxy-connect/haproxy-connect/slots"
 )
 
@@ -41,6 +42,8 @@ type planInput struct {
 	// chainFile names an upstream's chain map file (chain.go).
 	chainMaps map[string]map[string]string
 	chainFile func(upstream string) string
+	// l7 is the L7 map's table the SPOE agent published (l7map.go).
+	l7 []l7.Compiled
 }
 
 // pacing is the plan's memory of time: when the leaf was last swapped,
@@ -267,6 +270,11 @@ func plan(in planInput) []action {
 		} else {
 			acts = append(acts, rotateLeafAction{leaf: d.leaf})
 		}
+	}
+	if ap.foreign == "" {
+		// Before the generation: a connection the agent decides under
+		// new intentions finds its entries (l7map.go).
+		acts = append(acts, planL7Map(in.l7, ap.l7, ap.l7Unknown, ap.l7Held)...)
 	}
 	if in.authzGen > ap.authzGen {
 		// Never backwards: an adopted HAProxy may hold a later generation

@@ -377,4 +377,7 @@ type Lookup struct {
 	// Err is set when the governing intention has permissions that were
 	// refused (see Parse): every request of the source is denied.
 	Err error
+	// Key names the intention's entries in HAProxy's L7 map (Compile);
+	// empty when it has none, and the agent decides each request.
+	Key string
 }

@@ -122,6 +122,12 @@ const (
 	// loads it so).
 	gMapKey   = `[A-Za-z0-9_.:/-]{1,200}`
 	gMapValue = `[A-Za-z0-9_.:/@\[\]~?-]{1,512}`
+	// An L7 map entry (package l7, Compile): a regex anchored on a
+	// ruleset key, then "<action>/<intention>/<permission>". Words of
+	// checkLine; the regex's first character is '^', so a map file line
+	// holding it is no comment.
+	gL7Pattern = `\^[0-9a-f]{16}:[A-Za-z0-9/._~!()*+,=:@\[\]^?-]*` // checkLine bounds the line
+	gL7Value   = `[ADS]/([A-Za-z0-9_.-]{1,128}|\*)/[a-z0-9:-]{1,32}`
 )
 
 var (
@@ -133,6 +139,7 @@ var (
 	shapeSSLCert     = regexp.MustCompile(`^(set|commit|abort|show) ssl cert ` + gPath + `$`)
 	shapeSetMap      = regexp.MustCompile(`^(set|add) map ` + gPath + ` ` + gMapKey + ` ` + gMapValue + `$`)
 	shapeShowMap     = regexp.MustCompile(`^show map ` + gPath + `$`)
+	shapeL7Map       = regexp.MustCompile(`^(add map ` + gPath + ` ` + gL7Pattern + ` ` + gL7Value + `|del map ` + gPath + ` ` + gL7Pattern + `|clear map ` + gPath + `)$`)
 	shapeShowCAFile  = regexp.MustCompile(`^show ssl ca-file ` + gPath + `$`)
 	shapeShowServers = regexp.MustCompile(`^show servers state( ` + gIdent + `)?$`)
 	shapeShowSess    = regexp.MustCompile(`^show sess$`)
@@ -373,6 +380,35 @@ func SetMap(file, key, value string) (Command, error) { return mapCommand("set",
 // AddMap adds an entry to the map loaded from file. A key may be added
 // twice; a lookup then finds the first, and SetMap changes both.
 func AddMap(file, key, value string) (Command, error) { return mapCommand("add", file, key, value) }
+
+// AddL7Entry appends an entry of the L7 map loaded from file (a regex
+// map: the first entry matching a subject, in the order entries were
+// added, gives its value). A pattern HAProxy's regex engine refuses is
+// ErrInvalidArgument.
+func AddL7Entry(file, pattern, value string) (Command, error) {
+	if err := checkPath("map path", file); err != nil {
+		return Command{}, err
+	}
+	return worker(shapeL7Map, fmt.Sprintf("add map %s %s %s", file, pattern, value), expectEmpty)
+}
+
+// DelL7Entry removes every entry of the L7 map loaded from file with
+// this pattern. None is ErrNoSuchMapEntry.
+func DelL7Entry(file, pattern string) (Command, error) {
+	if err := checkPath("map path", file); err != nil {
+		return Command{}, err
+	}
+	return worker(shapeL7Map, fmt.Sprintf("del map %s %s", file, pattern), expectEmpty)
+}
+
+// ClearMap removes every entry of the map loaded from file (an L7 map:
+// the one map this package clears).
+func ClearMap(file string) (Command, error) {
+	if err := checkPath("map path", file); err != nil {
+		return Command{}, err
+	}
+	return worker(shapeL7Map, "clear map "+file, expectEmpty)
+}
 
 // ShowMap lists the entries of the map loaded from file; a map the
 // configuration does not load is ErrNoSuchMap.

@@ -50,6 +50,9 @@ func commandsOf(backend, server, addr, file, token string, port, weight int) []C
 	add(SetMap(file, token, strconv.Itoa(weight)))
 	add(AddMap(file, backend+"/"+server, token+"@"+addr))
 	add(ShowMap(file))
+	add(AddL7Entry(file, "^0123456789abcdef:"+token, "A/"+server+"/"+backend))
+	add(DelL7Entry(file, "^0123456789abcdef:"+token))
+	add(ClearMap(file))
 	add(ShowSSLCAFile(file))
 	add(ShowServersState(backend))
 	add(ShowTable(backend))
@@ -71,6 +74,8 @@ func FuzzCommands(f *testing.F) {
 		f.Add("up_web", h, "10.0.0.1", "/s/"+h, "gen", 0, 257)
 	}
 	f.Add("authz_conns", "s1", "10.0.0.1", "/s/leaf.pem", "0x55b5677c42f0", 80, 1)
+	f.Add("0:allow", "web", "10.0.0.1", "/s/l7.map", "[^:]*:/a[.]b(?!.)", 80, 1)
+	f.Add("0:allow", "*", "10.0.0.1", "/s/l7.map", "GET:/a$b|c&d%e;f", 80, 1)
 	f.Add("authz_conns", "s1", "10.0.0.1", "/s/leaf.pem", "0x55b5677c42f0\n@1 shutdown sessions server local_app/app", 80, 1)
 	f.Fuzz(func(t *testing.T, backend, server, addr, file, token string, port, weight int) {
 		for _, c := range commandsOf(backend, server, addr, file, token, port, weight) {

@@ -66,6 +66,10 @@ var knownErrors = []struct {
 	{"The ongoing transaction is about", ErrTransactionBusy},
 	{"Unknown map identifier", ErrNoSuchMap},
 	{"entry not found.", ErrNoSuchMapEntry},
+	{"Key not found.", ErrNoSuchMapEntry}, // "del map"
+	// "add map" with a pattern the map's regex match refuses
+	// (src/pattern.c: "regex '<re>' is invalid (error=...)").
+	{"regex '", ErrInvalidArgument},
 	// "show table <name>" and "shutdown session <id>" (src/stick_table.c,
 	// src/stream.c; checked by hand on 2.6.12).
 	{"No such table", ErrNoSuchTable},

@@ -42,6 +42,9 @@ type verdict struct {
 	// answers allow or deny only). Kept with the verdict, so that the
 	// connection is made L7 from the very intentions that decided it.
 	l7 bool
+	// l7Key names that intention's entries in HAProxy's L7 map (empty
+	// when it has none).
+	l7Key string
 }
 
 // origin says how a decision was reached.

@@ -3,6 +3,7 @@ package spoa
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 
 	"go.uber.org/zap"
@@ -70,6 +71,7 @@ func (a *Authorizer) rules() L7Rules {
 type setRules struct {
 	set      *intentions.Set
 	compiled map[*intentions.Intention]l7.Lookup
+	table    []l7.Compiled
 }
 
 // newSetRules compiles s's L7 intentions. Permissions that are refused
@@ -85,10 +87,22 @@ func newSetRules(s *intentions.Set) (*setRules, []error) {
 			err = fmt.Errorf("intention %s: %w", x, err)
 			errs = append(errs, err)
 		}
-		r.compiled[x] = l7.Lookup{Intention: in, Err: err}
+		lk := l7.Lookup{Intention: in, Err: err}
+		if err == nil {
+			c := in.Compile(s.Default().Allow)
+			lk.Key = c.Key
+			if !slices.ContainsFunc(r.table, func(o l7.Compiled) bool { return o.Key == c.Key }) {
+				r.table = append(r.table, c)
+			}
+		}
+		r.compiled[x] = lk
 	}
 	return r, errs
 }
+
+// Table is the intentions compiled for HAProxy's L7 map, one per key, in
+// the Set's order.
+func (r *setRules) Table() []l7.Compiled { return r.table }
 
 // Lookup implements L7Rules.
 func (r *setRules) Lookup(src certs.ID) l7.Lookup {
@@ -151,6 +165,7 @@ func (a *Authorizer) l7Connection(d *decision, httpListener bool) {
 		}
 		lk := rules.Lookup(src)
 		isL7 = lk.Intention != nil || lk.Err != nil
+		d.l7Key = lk.Key
 	}
 	if !isL7 {
 		return

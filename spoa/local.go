@@ -50,6 +50,9 @@ func (a *Authorizer) SetIntentions(s *intentions.Set) bool {
 		a.log.Warn("L7 intention refused; its source's requests are denied", zap.Error(err))
 	}
 	h := &heldIntentions{set: s, rules: rules}
+	if a.onL7Map != nil {
+		a.onL7Map(rules.Table())
+	}
 	a.invalidate(func() { a.held.Store(h) })
 	return true
 }
@@ -73,13 +76,17 @@ func (a *Authorizer) Intentions() *intentions.Set {
 // decideLocal decides for the source id from the held intentions; its
 // certificate has passed checkCert, so id is a service of this cluster.
 func (a *Authorizer) decideLocal(id certs.ID) answer {
-	s := a.Intentions()
-	if s == nil {
+	h := a.held.Load()
+	if h == nil {
 		return answer{err: errNoIntentions}
 	}
 	a.stats.localDecisions.Add(1)
-	d := s.Decide(intentions.Peer{Partition: id.Partition, Namespace: id.Namespace, Service: id.Service})
-	return answer{v: verdict{allowed: d.Allowed(), reason: d.Reason, refused: -1, l7: d.Verdict == intentions.L7}}
+	d := h.set.Decide(intentions.Peer{Partition: id.Partition, Namespace: id.Namespace, Service: id.Service})
+	v := verdict{allowed: d.Allowed(), reason: d.Reason, refused: -1, l7: d.Verdict == intentions.L7}
+	if v.l7 {
+		v.l7Key = h.rules.compiled[d.Intention].Key
+	}
+	return answer{v: v}
 }
 
 // destination is the target as the intentions name it. Consul CE has one

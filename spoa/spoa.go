@@ -20,6 +20,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/haproxy-connect/haproxy-connect/authzgen"
+	"github.com/haproxy-connect/haproxy-connect/l7"
 )
 
 // The names HAProxy's SPOE configuration and listener rules share with the
@@ -80,6 +81,13 @@ func WithTimeout(d time.Duration) Option { return func(a *Authorizer) { a.timeou
 // watch and the switch wait for it.
 func WithInvalidateHook(f func(gen uint64)) Option { return func(a *Authorizer) { a.onInvalidate = f } }
 
+// WithL7MapHook calls f with the L7 intentions compiled for HAProxy's L7
+// map (l7.Compile, one per key) each time the intentions held change,
+// before the switch to them: the controller keeps the map current, and
+// the agent hands a connection under an L7 intention its key
+// (authzgen.VarL7Rules). f must not block.
+func WithL7MapHook(f func([]l7.Compiled)) Option { return func(a *Authorizer) { a.onL7Map = f } }
+
 // WithObserver calls f after every decision with how long the agent took
 // to make it (parsing the certificate, cache or Consul) and whether it came
 // from the cache. f must be cheap: it runs on the decision path.
@@ -116,6 +124,7 @@ type Authorizer struct {
 	cancel context.CancelFunc
 
 	onInvalidate func(gen uint64)
+	onL7Map      func([]l7.Compiled)
 	onSwitch     func(gen uint64)
 	// l7 holds the L7 intentions (WithL7Rules); nil: L7 is not decided.
 	l7      L7Rules
@@ -321,6 +330,9 @@ func (a *Authorizer) handle(payload []byte) (ack []byte) {
 	acts := verdictActions(d.allowed, d.source, d.gen)
 	if d.l7 {
 		acts = append(acts, setVar{authzgen.VarL7, true})
+		if d.l7Key != "" {
+			acts = append(acts, setVar{authzgen.VarL7Rules, d.l7Key})
+		}
 	}
 	return appendActions(nil, acts)
 }
@@ -410,7 +422,11 @@ type decision struct {
 	// l7Intention: the verdict came from an L7 intention (local
 	// decisions; see verdict.l7).
 	l7Intention bool
-	err         error
+	// l7Key names the L7 intention's entries in HAProxy's L7 map: with
+	// it, HAProxy decides the requests the map can (l7.Compile) and
+	// asks the agent for the rest.
+	l7Key string
+	err   error
 	// undecided: no verdict could be had (the Decider failed or timed
 	// out); err says why. A failure that asking again cannot change (no
 	// or bad certificate) is a deny instead.
@@ -455,7 +471,7 @@ func (a *Authorizer) decideNow(der []byte, argErr error) decision {
 		if d.err == nil {
 			var v verdict
 			v, d.how, d.gen, d.err = a.lookup(r)
-			d.allowed, d.reason, d.l7Intention = v.allowed, v.reason, v.l7
+			d.allowed, d.reason, d.l7Intention, d.l7Key = v.allowed, v.reason, v.l7, v.l7Key
 			d.undecided = d.err != nil
 			if d.err == nil && v.refused >= 0 {
 				a.stats.refused[v.refused].Add(1)

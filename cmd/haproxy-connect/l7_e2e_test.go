@@ -10,6 +10,7 @@ import (
 	"regexp"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -47,6 +48,13 @@ func denyHeader(name string) *api.IntentionPermission {
 		HTTP: &api.IntentionHTTPPermission{Header: []api.IntentionHTTPHeaderPermission{{Name: name, Present: true}}}}
 }
 
+// denyHeaderValue denies requests whose header name has value v: a match
+// on a value, which the agent decides (not the L7 map).
+func denyHeaderValue(name, v string) *api.IntentionPermission {
+	return &api.IntentionPermission{Action: api.IntentionActionDeny,
+		HTTP: &api.IntentionHTTPPermission{Header: []api.IntentionHTTPHeaderPermission{{Name: name, Exact: v}}}}
+}
+
 func allowRest() *api.IntentionPermission {
 	return &api.IntentionPermission{Action: api.IntentionActionAllow, HTTP: &api.IntentionHTTPPermission{PathPrefix: "/"}}
 }
@@ -76,8 +84,8 @@ func keptAliveReq(t *testing.T, base string) (call func(path string, hdr ...stri
 }
 
 // TestL7Permissions: an intention with Permissions (deny /admin, deny a
-// request carrying X-Debug, allow the rest) is enforced per request on the
-// server's HTTP listener: 403 for the denied ones, 200 for the rest, on one
+// request carrying X-Debug: 1, allow the rest) is enforced per request on
+// the server's HTTP listener, the header match by the agent: 403 for the denied ones, 200 for the rest, on one
 // kept-alive connection and on new ones; each 403 has an access-log line
 // naming the source, the intention and the permission. An edit of the
 // permissions applies within a second, with no reload.
@@ -88,7 +96,7 @@ func TestL7Permissions(t *testing.T) {
 	ports := testenv.FreePorts(t, 4)
 	register(t, c, "server", httpApp(t, "server"), ports[0], map[string]any{"protocol": "http"})
 	register(t, c, "client", ports[1], ports[2], nil, api.Upstream{DestinationName: "server", LocalBindPort: ports[3], Config: map[string]any{"protocol": "http"}})
-	l7Intention(t, c, "client", "server", denyPrefix("/admin"), denyHeader("X-Debug"), allowRest())
+	l7Intention(t, c, "client", "server", denyPrefix("/admin"), denyHeaderValue("X-Debug", "1"), allowRest())
 	server := startSidecar(t, consul, "server")
 	startSidecar(t, consul, "client")
 	base := fmt.Sprintf("http://127.0.0.1:%d", ports[3])
@@ -115,6 +123,7 @@ func TestL7Permissions(t *testing.T) {
 		{"/api/items?x=/admin", nil, 200},
 		{"/admin", nil, 403},
 		{"/", []string{"X-Other", "1"}, 200},
+		{"/", []string{"X-Debug", "2"}, 200},
 	}
 	for round := range 3 { // the same kept-alive connection, again and again
 		for _, tc := range cases {
@@ -159,11 +168,15 @@ func TestL7Permissions(t *testing.T) {
 		})
 	}
 
-	// The agent decided the denies, and fewer allows than were served:
-	// repeated requests were HAProxy's remembered allows.
+	// HAProxy's L7 map decided the /admin denies (the first permission:
+	// a path prefix), the agent the X-Debug ones (a match on a header's
+	// value, which the map hands to the agent for every request past
+	// /admin), and
+	// fewer allows than were served: repeated requests were HAProxy's
+	// remembered allows.
 	denied, err := server.metric("haproxy_connect_authz_l7_requests_total", "result", "deny")
-	if err != nil || denied < 3*3 {
-		t.Fatalf("agent L7 denies %v (%v), want at least the 9 sent", denied, err)
+	if err != nil || denied < 3 || denied >= 3*3 {
+		t.Fatalf("agent L7 denies %v (%v), want the 3 X-Debug ones at least, and none of the 6 /admin ones", denied, err)
 	}
 	allowed, err := server.metric("haproxy_connect_authz_l7_requests_total", "result", "allow")
 	if err != nil || allowed < 1 || allowed >= 3*3 {
@@ -312,5 +325,184 @@ func TestL4L7SwitchKeepsTraffic(t *testing.T) {
 	}
 	if r := server.reloads(t); r != reloads {
 		t.Errorf("server reloaded %d times for intention switches", r-reloads)
+	}
+}
+
+// TestL7DecidedInHAProxy: permissions on the method, the path and the
+// presence of a header are decided by HAProxy from the L7 map the controller keeps current, not by
+// the agent: a kept-alive connection and new ones get the right 403s and
+// 200s for a new path on every request while the agent's L7 decision
+// counters stay still, and each 403 has its access-log line with the
+// intention and the permission. An edit of the permissions reaches the
+// map within a second with no reload, under load on kept-alive and new
+// connections, and the agent still decides nothing.
+func TestL7DecidedInHAProxy(t *testing.T) {
+	consul := testenv.Consul(t, testenv.ConsulOptions{DefaultDeny: true})
+	c := consul.Client
+	httpServiceDefaults(t, c, "server")
+	ports := testenv.FreePorts(t, 4)
+	register(t, c, "server", httpApp(t, "server"), ports[0], map[string]any{"protocol": "http"})
+	register(t, c, "client", ports[1], ports[2], nil, api.Upstream{DestinationName: "server", LocalBindPort: ports[3], Config: map[string]any{"protocol": "http"}})
+	postSecret := &api.IntentionPermission{Action: api.IntentionActionDeny,
+		HTTP: &api.IntentionHTTPPermission{PathExact: "/v1/secret", Methods: []string{"POST", "PUT"}}}
+	l7Intention(t, c, "client", "server", denyPrefix("/admin"), postSecret, denyHeader("X-Debug"), allowRest())
+	server := startSidecar(t, consul, "server")
+	startSidecar(t, consul, "client")
+	base := fmt.Sprintf("http://127.0.0.1:%d", ports[3])
+
+	tr := &http.Transport{MaxIdleConnsPerHost: 1}
+	t.Cleanup(tr.CloseIdleConnections)
+	kept := &http.Client{Timeout: 5 * time.Second, Transport: tr}
+	do := func(client *http.Client, method, path string, fresh bool, hdr ...string) (int, error) {
+		req, _ := http.NewRequest(method, base+path, nil)
+		req.Close = fresh
+		for i := 0; i+1 < len(hdr); i += 2 {
+			req.Header.Set(hdr[i], hdr[i+1])
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			return 0, err
+		}
+		defer resp.Body.Close()
+		_, _ = io.Copy(io.Discard, resp.Body)
+		return resp.StatusCode, nil
+	}
+	var n atomic.Int64
+	// check sends a new path under each rule and checks the answers.
+	check := func(adminCode, itemsCode int) func() error {
+		return func() error {
+			i := n.Add(1)
+			for _, r := range []struct {
+				method, path string
+				code         int
+				fresh        bool
+				hdr          []string
+			}{
+				{"GET", fmt.Sprintf("/admin/%d", i), adminCode, false, nil},
+				{"GET", fmt.Sprintf("/items/%d", i), itemsCode, false, nil},
+				{"POST", "/v1/secret", 403, false, nil},
+				{"GET", "/v1/secret", 200, false, nil},
+				{"POST", fmt.Sprintf("/v1/secret/%d", i), 200, false, nil},
+				{"GET", fmt.Sprintf("/v1/x/%d", i), 403, false, []string{"X-Debug", fmt.Sprint(i)}},
+				{"GET", fmt.Sprintf("/v1/x/%d", i), 200, false, []string{"X-Debugger", "1"}},
+				{"GET", fmt.Sprintf("/admin/%d/new", i), adminCode, true, nil},
+				{"GET", fmt.Sprintf("/items/%d/new", i), itemsCode, true, nil},
+			} {
+				client := kept
+				if r.fresh {
+					client = http.DefaultClient
+				}
+				if code, err := do(client, r.method, r.path, r.fresh, r.hdr...); err != nil || code != r.code {
+					return fmt.Errorf("%s %s (new connection %v): %d %v, want %d", r.method, r.path, r.fresh, code, err, r.code)
+				}
+			}
+			return nil
+		}
+	}
+	agentL7 := func() float64 {
+		var sum float64
+		for _, result := range []string{"allow", "deny"} {
+			v, err := server.metric("haproxy_connect_authz_l7_requests_total", "result", result)
+			if err != nil {
+				t.Fatal(err)
+			}
+			sum += v
+		}
+		return sum
+	}
+	// The intentions came before HAProxy started: the map file had them.
+	eventually(t, 10*time.Second, "permissions enforced", check(403, 200))
+	before := agentL7()
+	for range 50 {
+		if err := check(403, 200)(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if after := agentL7(); after != before {
+		t.Fatalf("the agent decided %v L7 requests the map should have", after-before)
+	}
+	for _, re := range []string{
+		`src=spiffe://[^ ]+/svc/client .* GET /admin/\d+ 403 .* intention=client perm=0:deny`,
+		`src=spiffe://[^ ]+/svc/client .* POST /v1/secret 403 .* intention=client perm=1:deny`,
+		`src=spiffe://[^ ]+/svc/client .* GET /v1/x/\d+ 403 .* intention=client perm=2:deny`,
+		`src=spiffe://[^ ]+/svc/client .* GET /items/\d+ 200 .* intention=client perm=3:allow`,
+	} {
+		if !regexp.MustCompile(re).MatchString(server.out.String()) {
+			t.Fatalf("no access-log line %s", re)
+		}
+	}
+
+	// An edit: /admin allowed, /items denied; under load.
+	reloads := server.reloads(t)
+	before = agentL7()
+	stops := []func() (int64, int64, error){load(func() error {
+		code, err := do(kept, "GET", fmt.Sprintf("/v1/other/%d", n.Add(1)), false)
+		if err != nil || code != 200 {
+			return fmt.Errorf("kept-alive GET /v1/other: %d %v", code, err)
+		}
+		return nil
+	}), load(func() error {
+		code, err := do(http.DefaultClient, "GET", fmt.Sprintf("/v1/other/%d", n.Add(1)), true)
+		if err != nil || code != 200 {
+			return fmt.Errorf("new connection GET /v1/other: %d %v", code, err)
+		}
+		return nil
+	})}
+	l7Intention(t, c, "client", "server", denyPrefix("/items"), postSecret, denyHeader("X-Debug"), allowRest())
+	took := eventually(t, time.Second, "edited permissions applied", check(200, 403))
+	t.Logf("permission edit effective after %s", took)
+	time.Sleep(2 * time.Second) // traffic keeps flowing after the change
+	for i, stop := range stops {
+		if ok, failed, first := stop(); ok == 0 || failed > 0 {
+			t.Errorf("load %d: %d of %d calls failed; first: %v", i, failed, ok+failed, first)
+		}
+	}
+	for range 20 {
+		if err := check(200, 403)(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if r := server.reloads(t); r != reloads {
+		t.Errorf("server reloaded %d times for a permissions edit", r-reloads)
+	}
+	if !strings.Contains(server.out.String(), "L7 map applied at run time") {
+		t.Error("no log line for the L7 map's change at run time")
+	}
+	// Right after the edit, connections re-authorized under the new
+	// generation before the map had its entries may have asked the agent;
+	// once applied, the map decides again.
+	before = agentL7()
+	for range 20 {
+		if err := check(200, 403)(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if after := agentL7(); after != before {
+		t.Fatalf("after the edit, the agent decided %v L7 requests the map should have", after-before)
+	}
+
+	// A controller that adopts the running HAProxy does not know what its
+	// L7 map holds: it clears it and adds its table again, and the map
+	// decides as before. The agent decides meanwhile.
+	if err := server.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	<-server.done
+	server = launchSidecar(t, consul, "server", server.stateDir)
+	server.waitReady(t)
+	eventually(t, 10*time.Second, "the adopted HAProxy's L7 map filled again", func() error {
+		if !regexp.MustCompile(`L7 map applied at run time.*"cleared": true`).MatchString(server.out.String()) {
+			return errors.New("no log line yet")
+		}
+		return nil
+	})
+	before = agentL7()
+	for range 20 {
+		if err := check(200, 403)(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if after := agentL7(); after != before {
+		t.Fatalf("after the adoption, the agent decided %v L7 requests the map should have", after-before)
 	}
 }

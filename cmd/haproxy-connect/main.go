@@ -32,6 +32,7 @@ import (
 
 	"github.com/haproxy-connect/haproxy-connect/bootstrap"
 	"github.com/haproxy-connect/haproxy-connect/controller"
+	"github.com/haproxy-connect/haproxy-connect/l7"
 	"github.com/haproxy-connect/haproxy-connect/promex"
 	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/spoa"
@@ -182,6 +183,7 @@ func run(o options) error {
 	auth := spoa.New(proxy.Proxy.DestinationServiceName, nil, log.Named("spoa"),
 		spoa.WithInvalidateHook(func(gen uint64) { ctl.SetAuthzGeneration(gen); ctl.WaitAuthzGeneration(gen) }),
 		spoa.WithSwitchHook(func(uint64) { sweeper.Kick() }),
+		spoa.WithL7MapHook(func(t []l7.Compiled) { ctl.SetL7Map(t) }),
 		spoa.WithServedRootsGrace(o.hardStopAfter))
 	sweeper = tcpdeny.New(runtime.New(filepath.Join(stateDir, controller.MasterSocket), log.Named("tcpdeny")),
 		auth, bootstrap.PublicFrontend, log.Named("tcpdeny"))
