@@ -703,12 +703,15 @@ func renderConfig(s Spec) (string, error) {
 			w("    http-request set-var(txn.%s.names) req.hdr_names(/) if %s", VarPrefix, l7)
 			w("    http-request set-var(txn.%[1]s.l7rule) var(%[2]s),concat(:,txn.%[1]s.method,:/),concat(,txn.%[1]s.names,/:),concat(,txn.%[1]s.path,),map_reg(%[3]s) if %[4]s",
 				VarPrefix, authzgen.SessVar(authzgen.VarL7Rules), s.L7Map, l7)
-			w("    http-request set-var(txn.%[1]s.l7map) var(txn.%[1]s.l7rule),field(1,/) if %[2]s { var(txn.%[1]s.l7rule) -m beg A/ D/ }", VarPrefix, l7)
-			w("    http-request set-var(%s) bool(1) if %s { var(txn.%s.l7map) -m str A }", authzgen.TxnVar(authzgen.VarL7Allowed), l7, VarPrefix)
-			w("    http-request set-var(%s) bool(0) if %s { var(txn.%s.l7map) -m str D }", authzgen.TxnVar(authzgen.VarL7Allowed), l7, VarPrefix)
-			w("    http-request set-var(%s) var(txn.%s.l7rule),field(2,/) if %s { var(txn.%s.l7map) -m found }", authzgen.TxnVar(authzgen.VarIntention), VarPrefix, l7, VarPrefix)
-			w("    http-request set-var(%s) var(txn.%s.l7rule),field(3,/) if %s { var(txn.%s.l7map) -m found }", authzgen.TxnVar(authzgen.VarPerm), VarPrefix, l7, VarPrefix)
-			ask = fmt.Sprintf("%s !{ var(txn.%s.l7map) -m found }", l7, VarPrefix)
+			decided := fmt.Sprintf("{ var(%s) -m found }", authzgen.TxnVar(authzgen.VarL7Allowed))
+			w("    http-request set-var(%s) bool(1) if %s { var(txn.%s.l7rule) -m beg A/ }", authzgen.TxnVar(authzgen.VarL7Allowed), l7, VarPrefix)
+			w("    http-request set-var(%s) bool(0) if %s { var(txn.%s.l7rule) -m beg D/ }", authzgen.TxnVar(authzgen.VarL7Allowed), l7, VarPrefix)
+			w("    http-request set-var(%s) var(txn.%s.l7rule),field(2,/) if %s %s", authzgen.TxnVar(authzgen.VarIntention), VarPrefix, l7, decided)
+			w("    http-request set-var(%s) var(txn.%s.l7rule),field(3,/) if %s %s", authzgen.TxnVar(authzgen.VarPerm), VarPrefix, l7, decided)
+			// Not "!decided": the agent's answer and a remembered allow
+			// set txn.hc.l7allowed too, and the lines after them read
+			// this condition.
+			ask = fmt.Sprintf("%s !{ var(txn.%s.l7rule) -m beg A/ D/ }", l7, VarPrefix)
 		}
 		w("    http-request set-var(txn.%s.hdrs) req.hdrs if %s", VarPrefix, ask)
 		w("    http-request set-var(txn.%[1]s.l7key) var(%[2]s),concat(|,txn.%[1]s.method,|),concat(,txn.%[1]s.path,|),concat(,txn.%[1]s.hdrs,),sha2(256) if %[3]s",

@@ -16,7 +16,7 @@ const (
 	shapePath     = `/[A-Za-z0-9_./+-]+`
 	// shapeL7Ask is the condition of a request under an L7 intention that
 	// the L7 map did not decide (with no L7 map: every such request).
-	shapeL7Ask = `\{ var\(sess\.hc\.l7\) -m bool \}( !\{ var\(txn\.hc\.l7map\) -m found \})?`
+	shapeL7Ask = `\{ var\(sess\.hc\.l7\) -m bool \}( !\{ var\(txn\.hc\.l7rule\) -m beg A/ D/ \})?`
 )
 
 // configShapes lists every line shape Render may produce. It is the
@@ -71,9 +71,8 @@ var configShapes = []string{
 	`    http-request set-var\(txn\.hc\.(method|path)\) (method|path) if \{ var\(sess\.hc\.l7\) -m bool \}`,
 	`    http-request set-var\(txn\.hc\.names\) req\.hdr_names\(/\) if \{ var\(sess\.hc\.l7\) -m bool \}`,
 	`    http-request set-var\(txn\.hc\.l7rule\) var\(sess\.hc\.l7rules\),concat\(:,txn\.hc\.method,:/\),concat\(,txn\.hc\.names,/:\),concat\(,txn\.hc\.path,\),map_reg\(` + shapePath + `\) if \{ var\(sess\.hc\.l7\) -m bool \}`,
-	`    http-request set-var\(txn\.hc\.l7map\) var\(txn\.hc\.l7rule\),field\(1,/\) if \{ var\(sess\.hc\.l7\) -m bool \} \{ var\(txn\.hc\.l7rule\) -m beg A/ D/ \}`,
-	`    http-request set-var\(txn\.hc\.l7allowed\) bool\([01]\) if \{ var\(sess\.hc\.l7\) -m bool \} \{ var\(txn\.hc\.l7map\) -m str [AD] \}`,
-	`    http-request set-var\(txn\.hc\.(intention|perm)\) var\(txn\.hc\.l7rule\),field\([23],/\) if \{ var\(sess\.hc\.l7\) -m bool \} \{ var\(txn\.hc\.l7map\) -m found \}`,
+	`    http-request set-var\(txn\.hc\.l7allowed\) bool\([01]\) if \{ var\(sess\.hc\.l7\) -m bool \} \{ var\(txn\.hc\.l7rule\) -m beg [AD]/ \}`,
+	`    http-request set-var\(txn\.hc\.(intention|perm)\) var\(txn\.hc\.l7rule\),field\([23],/\) if \{ var\(sess\.hc\.l7\) -m bool \} \{ var\(txn\.hc\.l7allowed\) -m found \}`,
 	`    http-request set-var\(txn\.hc\.hdrs\) req\.hdrs if ` + shapeL7Ask,
 	`    http-request set-var\(txn\.hc\.l7key\) var\(sess\.hc\.source\),concat\(\|,txn\.hc\.method,\|\),concat\(,txn\.hc\.path,\|\),concat\(,txn\.hc\.hdrs,\),sha2\(256\) if ` + shapeL7Ask,
 	`    http-request track-sc1 var\(txn\.hc\.l7key\) if ` + shapeL7Ask,
