@@ -69,18 +69,25 @@ func keptAliveReq(t *testing.T, base string) (call func(path string, hdr ...stri
 	})
 	client := &http.Client{Timeout: 5 * time.Second, Transport: tr}
 	return func(path string, hdr ...string) (int, error) {
-		req, _ := http.NewRequestWithContext(ctx, "GET", base+path, nil)
-		for i := 0; i+1 < len(hdr); i += 2 {
-			req.Header.Set(hdr[i], hdr[i+1])
-		}
-		resp, err := client.Do(req)
-		if err != nil {
-			return 0, err
-		}
-		defer resp.Body.Close()
-		_, _ = io.Copy(io.Discard, resp.Body)
-		return resp.StatusCode, nil
+		return send(ctx, client, "GET", base+path, false, hdr...)
 	}, reused
+}
+
+// send sends one request with headers hdr (name, value, ...), on a
+// connection closed after it when closeConn, and returns its status.
+func send(ctx context.Context, client *http.Client, method, url string, closeConn bool, hdr ...string) (int, error) {
+	req, _ := http.NewRequestWithContext(ctx, method, url, nil)
+	req.Close = closeConn
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Set(hdr[i], hdr[i+1])
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	_, _ = io.Copy(io.Discard, resp.Body)
+	return resp.StatusCode, nil
 }
 
 // TestL7Permissions: an intention with Permissions (deny /admin, deny a
@@ -354,18 +361,7 @@ func TestL7DecidedInHAProxy(t *testing.T) {
 	t.Cleanup(tr.CloseIdleConnections)
 	kept := &http.Client{Timeout: 5 * time.Second, Transport: tr}
 	do := func(client *http.Client, method, path string, fresh bool, hdr ...string) (int, error) {
-		req, _ := http.NewRequest(method, base+path, nil)
-		req.Close = fresh
-		for i := 0; i+1 < len(hdr); i += 2 {
-			req.Header.Set(hdr[i], hdr[i+1])
-		}
-		resp, err := client.Do(req)
-		if err != nil {
-			return 0, err
-		}
-		defer resp.Body.Close()
-		_, _ = io.Copy(io.Discard, resp.Body)
-		return resp.StatusCode, nil
+		return send(context.Background(), client, method, base+path, fresh, hdr...)
 	}
 	var n atomic.Int64
 	// check sends a new path under each rule and checks the answers.

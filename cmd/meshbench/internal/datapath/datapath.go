@@ -30,13 +30,14 @@ import (
 // Contender names, as the tables show them.
 const (
 	contHC      = "haproxy-connect"
+	contHC1     = "haproxy-connect, 1 thread"
 	contHCTCP   = "haproxy-connect, tcp mode"
 	contBuiltin = "consul built-in"
 	contDirect  = "direct"
 )
 
 // rowOrder is the order of the tables' rows.
-var rowOrder = []string{contDirect, contBuiltin, contHC, contHCTCP}
+var rowOrder = []string{contDirect, contBuiltin, contHC, contHC1, contHCTCP}
 
 var (
 	modes = []bench.HTTPMode{bench.ModeKeepAlive, bench.ModeNewConn}
@@ -190,6 +191,8 @@ func Run(ctx context.Context, b *bench.Bench) error {
 		{name: contDirect, start: s.startDirect},
 		{name: contBuiltin, start: s.startBuiltin},
 		{name: contHC, start: func(ctx context.Context) (*target, error) { return s.startHC(ctx, "server", s.upHTTP) }},
+		// The thread-count lever: one HAProxy thread per sidecar.
+		{name: contHC1, start: func(ctx context.Context) (*target, error) { return s.startHC(ctx, "server", s.upHTTP, "-threads", "1") }},
 		{name: contHCTCP, start: func(ctx context.Context) (*target, error) { return s.startHC(ctx, "server-tcp", s.upTCP) }},
 	}
 	contenders = slices.DeleteFunc(contenders, func(c *contender) bool { return !b.Wants(c.name) })
@@ -404,12 +407,12 @@ func (s *setup) registeredPorts() []int {
 // startHC starts haproxy-connect sidecars for serverID ("server" in http
 // mode, "server-tcp" in tcp mode), bulk and client; the HTTP load goes to
 // the client's upstream port for serverID.
-func (s *setup) startHC(ctx context.Context, serverID string, upPort int) (*target, error) {
+func (s *setup) startHC(ctx context.Context, serverID string, upPort int, extra ...string) (*target, error) {
 	var procs []*bench.Proc
 	stop := func() error { return stopContender(s.registeredPorts(), procs...) }
 	var server *bench.Sidecar
 	for _, id := range []string{serverID, "bulk", "client"} {
-		sc, err := s.b.StartSidecar(s.consul, id)
+		sc, err := s.b.StartSidecar(s.consul, id, extra...)
 		if sc != nil && sc.Proc != nil {
 			procs = append(procs, sc.Proc)
 		}
@@ -560,9 +563,10 @@ func (s *setup) report(figs map[row]*figures, bulk map[string]bench.Rounds) {
 		"median (min–max) over rounds is shown. "+
 		"Contenders: %s = two haproxy-connect sidecars (client and server, at their defaults: access logs on, written to a file, and -threads: 2 here), "+
 		"protocol http (h2 between the sidecars, which the client's upstream offers and the server's listener accepts); "+
+		"%s = the same with -threads 1 on every sidecar (the thread-count lever); "+
 		"%s = the same with protocol tcp on the registrations (L4 at both sidecars, as the built-in proxy); %s = `consul connect "+
 		"proxy -sidecar-for` for client and server (L4: it forwards HTTP as TCP); %s = wrk straight to the app.",
-		cellTime(b).Round(time.Second), contHC, contHCTCP, contBuiltin, contDirect)
+		cellTime(b).Round(time.Second), contHC, contHC1, contHCTCP, contBuiltin, contDirect)
 	sec.Note("Proxy CPU: user + system seconds of the proxies' whole process trees (client and server: for haproxy-connect " +
 		"the controller, the HAProxy master and its workers; for the built-in proxy its two processes), from /proc/<pid>/stat " +
 		"before and after each wrk run, per 1000 requests wrk completed. The target for haproxy-connect is at most half the " +
