@@ -459,26 +459,7 @@ func (c *Controller) command(backend string, op slots.Op) (runtime.Command, erro
 			}
 		}
 	}
-	return SlotCommand(backend, op, o)
-}
-
-// SlotCommand is the runtime command for a planned slot operation; add
-// holds the server options of "add server" (its weight is the op's).
-func SlotCommand(backend string, op slots.Op, add runtime.ServerOptions) (runtime.Command, error) {
-	switch op.Kind {
-	case slots.OpSetAddr:
-		return runtime.SetServerAddr(backend, op.Server, op.Addr, op.Port)
-	case slots.OpSetWeight:
-		return runtime.SetServerWeight(backend, op.Server, op.Weight)
-	case slots.OpReady:
-		return runtime.SetServerState(backend, op.Server, runtime.StateReady)
-	case slots.OpMaint:
-		return runtime.SetServerState(backend, op.Server, runtime.StateMaint)
-	case slots.OpAdd:
-		add.Weight = op.Weight
-		return runtime.AddServer(backend, op.Server, op.Addr, op.Port, add)
-	}
-	return runtime.Command{}, fmt.Errorf("unknown slot operation %d", op.Kind)
+	return runtime.SlotCommand(backend, op, o)
 }
 
 // rootsServed tells Config.OnRootsServed the roots HAProxy verifies client

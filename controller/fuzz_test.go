@@ -165,7 +165,7 @@ func FuzzHealthParse(f *testing.F) {
 				t.Fatalf("endpoint %+v kept", e)
 			}
 			for _, op := range []slots.Op{{Kind: slots.OpSetAddr, Server: "s1", Addr: e.Addr, Port: e.Port}, {Kind: slots.OpAdd, Server: "s9", Addr: e.Addr, Port: e.Port, Weight: e.Weight}} {
-				cmd, err := SlotCommand("up_api", op, runtime.ServerOptions{SSL: true, CrtFile: "/s/leaf.pem", CAFile: "/s/roots.pem"})
+				cmd, err := runtime.SlotCommand("up_api", op, runtime.ServerOptions{SSL: true, CrtFile: "/s/leaf.pem", CAFile: "/s/roots.pem"})
 				if err != nil {
 					t.Fatalf("endpoint %+v kept, but its command is refused: %v", e, err)
 				}

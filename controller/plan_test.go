@@ -235,7 +235,7 @@ func describe(a action, now time.Time) string {
 		var cmds []string
 		for _, u := range a.upstreams {
 			for _, op := range u.ops {
-				cmd, err := SlotCommand(u.name, op, runtime.ServerOptions{})
+				cmd, err := runtime.SlotCommand(u.name, op, runtime.ServerOptions{})
 				if err != nil {
 					return err.Error()
 				}

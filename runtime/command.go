@@ -1,6 +1,8 @@
 // Package runtime drives HAProxy through its master socket: it builds runtime
 // commands from validated values, sends them in batches over one connection,
-// classifies every reply, and confirms reloads. It knows HAProxy, not Consul.
+// classifies every reply, and confirms reloads. It knows HAProxy, not Consul;
+// of the slot model (package slots) it knows only the operations a plan
+// turns into commands (SlotCommand).
 package runtime
 
 import (

@@ -10,7 +10,6 @@ import (
 
 	"github.com/haproxy-connect/haproxy-connect/bootstrap"
 	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/bench"
-	"github.com/haproxy-connect/haproxy-connect/controller"
 	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/slots"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
@@ -68,7 +67,7 @@ func Run(ctx context.Context, b *bench.Bench) error {
 				bench.Ratio(p50[k].Median(), p50[ref].Median()), bench.Ratio(p99[k].Median(), p99[ref].Median()))
 		}
 	}
-	sec.Note("What: %d endpoint changes per round on a HAProxy running the sidecar's rendered configuration (bootstrap.Render: one upstream, 128 TLS server-template slots, 100 endpoints in service), adds and removes alternating as in the churn workload; each change is planned with slots.Plan, translated as the sidecar does (controller.SlotCommand), sent with runtime.Client and timed from the batch's start to its last reply. The ways take turns change by change, so each sees the same mix and the same moment; the time of a batch is p50/p99 over the changes of one kind, median (min–max) over %d rounds. Idle machine: nothing else runs, so this is the floor of the sidecar's runtime step; under the churn workload's load the same batches took several times longer (see the churn sections' own share).", changes, b.Rounds)
+	sec.Note("What: %d endpoint changes per round on a HAProxy running the sidecar's rendered configuration (bootstrap.Render: one upstream, 128 TLS server-template slots, 100 endpoints in service), adds and removes alternating as in the churn workload; each change is planned with slots.Plan, translated as the sidecar does (runtime.SlotCommand), sent with runtime.Client and timed from the batch's start to its last reply. The ways take turns change by change, so each sees the same mix and the same moment; the time of a batch is p50/p99 over the changes of one kind, median (min–max) over %d rounds. Idle machine: nothing else runs, so this is the floor of the sidecar's runtime step; under the churn workload's load the same batches took several times longer (see the churn sections' own share).", changes, b.Rounds)
 	sec.Note("add: a new endpoint into a free slot (`set server addr` + `state ready`). remove: the slot is parked. A new session is what the sidecar did before it kept its sessions: connect to the master socket, `prompt`, the commands, then close.")
 	return nil
 }
@@ -138,7 +137,7 @@ func measureRound(ctx context.Context, b *bench.Bench, changes int) (map[cellKey
 	apply := func(rt *runtime.Client, ops []slots.Op) error {
 		var batch []runtime.Command
 		for _, op := range ops {
-			c, err := controller.SlotCommand(name, op, opts)
+			c, err := runtime.SlotCommand(name, op, opts)
 			if err != nil {
 				return err
 			}
