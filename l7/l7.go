@@ -1,8 +1,10 @@
 // Package l7 is the model of Consul's L7 intentions: the Permissions of a
 // service-intentions source, validated as hostile input, and the per-request
 // decision with Consul's semantics (first matching permission wins; none
-// matching falls to the default intention policy). It is pure: no I/O, no
-// HAProxy, no Consul client; the SPOE agent feeds it requests.
+// matching falls to the default intention policy), and the same decisions
+// compiled into entries of HAProxy's L7 map (haproxy.go). It is pure: no
+// I/O, no HAProxy process, no Consul client; the SPOE agent feeds it
+// requests, the controller sends the entries.
 package l7
 
 import (
