@@ -2,6 +2,7 @@ package spoa
 
 import (
 	"crypto/x509"
+	"fmt"
 	"sync"
 
 	"github.com/haproxy-connect/haproxy-connect/certs"
@@ -35,8 +36,13 @@ type certMemory struct {
 }
 
 type rememberedCert struct {
-	id   identity
+	id identity
+	// cert is x509's parse of the certificate; nil when parseLeaf read it
+	// (leaf; der is the certificate, parsed by x509 only if the agent
+	// must verify its chain: see checkOnce).
 	cert *x509.Certificate
+	leaf *leaf
+	der  []byte
 	// svc is the certificate's URI parsed as a Consul service SPIFFE ID,
 	// or why it is not one (svcErr): parsed once per certificate.
 	svc    certs.ID
@@ -50,6 +56,19 @@ func newRemembered(id identity, cert *x509.Certificate) rememberedCert {
 		r.svc, r.svcErr = certs.ParseSPIFFE(id.uri)
 	}
 	return r
+}
+
+// full is x509's parse of r's certificate.
+func (r rememberedCert) full() (*x509.Certificate, error) {
+	if r.cert != nil {
+		return r.cert, nil
+	}
+	cert, err := x509.ParseCertificate(r.der)
+	if err != nil {
+		// parseLeaf accepts only what x509 accepts: not expected.
+		return nil, fmt.Errorf("%w: %v", errBadCert, err)
+	}
+	return cert, nil
 }
 
 // remember records r unless its certificate is known already.

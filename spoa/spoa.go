@@ -440,13 +440,9 @@ func (a *Authorizer) decideNow(der []byte, argErr error) decision {
 		sum := sha256.Sum256(der)
 		r, ok := a.certs.get(sum)
 		if !ok {
-			var id identity
-			var cert *x509.Certificate
-			if id, cert, d.err = parseIdentitySum(der, sum); d.err == nil {
-				r = newRemembered(id, cert)
+			if r, d.err = readCert(der, sum); d.err == nil {
 				a.certs.remember(r)
 			}
-			r.id = id
 		}
 		d.serial = r.id.serial
 		if r.id.uri != "" {

@@ -67,7 +67,7 @@ func leafDER(t testing.TB, ca *testenv.CA, serial int64, uris ...string) []byte 
 	return der
 }
 
-func pemDER(t *testing.T, certPEM string) []byte {
+func pemDER(t testing.TB, certPEM string) []byte {
 	t.Helper()
 	b, _ := pem.Decode([]byte(certPEM))
 	if b == nil {
@@ -90,7 +90,7 @@ func TestParseIdentity(t *testing.T) {
 		want    id
 		wantErr error
 	}{
-		{"consul-like leaf", consulLike, id{clientID, hexSerial(parsed.SerialNumber)}, nil},
+		{"consul-like leaf", consulLike, id{clientID, hexSerial(parsed.SerialNumber.Bytes())}, nil},
 		{"serial is colon hex", leafDER(t, ca, 0x0a1b2c, webID), id{webID, "0a:1b:2c"}, nil},
 		{"no URI SAN: checked later", leafDER(t, ca, 2), id{"", "02"}, nil},
 		{"two URI SANs: checked later", leafDER(t, ca, 3, clientID, webID), id{"", "03"}, nil},
