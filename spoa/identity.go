@@ -10,6 +10,8 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+
+	"github.com/haproxy-connect/haproxy-connect/certs"
 )
 
 // Reasons a client certificate gives no identity. Each one is a deny, not
@@ -70,9 +72,10 @@ func parseIdentitySum(der []byte, sum [32]byte) (identity, *x509.Certificate, er
 
 // readCert reads a client certificate the agent has not seen (sum is its
 // DER's SHA-256): with parseLeaf, or with x509 when parseLeaf declines it.
-func readCert(der []byte, sum [32]byte) (rememberedCert, error) {
+// Its URI is parsed with spiffe (see newRemembered).
+func readCert(der []byte, sum [32]byte, spiffe func(string) (certs.ID, error)) (rememberedCert, error) {
 	if l, ok := parseLeaf(der); ok {
-		r := newRemembered(identity{uri: l.uri, serial: hexSerial(l.serial), sum: sum}, nil)
+		r := newRemembered(identity{uri: l.uri, serial: hexSerial(l.serial), sum: sum}, nil, spiffe)
 		r.leaf, r.der = &l, der
 		return r, nil
 	}
@@ -80,7 +83,7 @@ func readCert(der []byte, sum [32]byte) (rememberedCert, error) {
 	if err != nil {
 		return rememberedCert{}, err
 	}
-	return newRemembered(id, cert), nil
+	return newRemembered(id, cert, spiffe), nil
 }
 
 // trust is what client certificates are checked against: the cluster's

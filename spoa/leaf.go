@@ -5,7 +5,6 @@ import (
 	"crypto/ecdh"
 	"crypto/x509"
 	"encoding/asn1"
-	"strings"
 	"time"
 	"unicode/utf8"
 
@@ -339,29 +338,28 @@ func readURISAN(value *cryptobyte.String, l *leaf) bool {
 		return false
 	}
 	const scheme = "spiffe://"
-	rest, ok := strings.CutPrefix(string(uri), scheme)
-	if !ok {
+	if !bytes.HasPrefix(uri, []byte(scheme)) {
 		return false
 	}
-	slash := strings.IndexByte(rest, '/')
+	rest := uri[len(scheme):]
+	slash := bytes.IndexByte(rest, '/')
 	if slash <= 0 || !leafHost(rest[:slash]) {
 		return false
 	}
-	for i := slash; i < len(rest); i++ {
-		c := rest[i]
+	for _, c := range rest[slash:] {
 		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' ||
 			c == '-' || c == '.' || c == '_' || c == '~' || c == '/') {
 			return false
 		}
 	}
 	// One string for both: the URI is what the decision keys on and logs.
-	l.uri = scheme + rest
+	l.uri = string(uri)
 	l.host = l.uri[len(scheme) : len(scheme)+slash]
 	return true
 }
 
 // leafHost: h is dot-separated non-empty labels of [a-z0-9-].
-func leafHost(h string) bool {
+func leafHost(h []byte) bool {
 	label := 0
 	for i := 0; i <= len(h); i++ {
 		if i == len(h) || h[i] == '.' {

@@ -24,6 +24,7 @@ import (
 	"golang.org/x/crypto/cryptobyte"
 	cbasn1 "golang.org/x/crypto/cryptobyte/asn1"
 
+	"github.com/haproxy-connect/haproxy-connect/certs"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
@@ -56,7 +57,7 @@ func checkLeafAgainstX509(t *testing.T, der []byte, tr *trust, now time.Time) bo
 		t.Fatalf("parseLeaf read a certificate with unhandled critical extensions %v", cert.UnhandledCriticalExtensions)
 	}
 	sum := sha256.Sum256(der)
-	r, err := readCert(der, sum)
+	r, err := readCert(der, sum, certs.ParseSPIFFE)
 	if err != nil || r.leaf == nil || r.cert != nil {
 		t.Fatalf("readCert: %v, leaf %v, x509 parse %v: want the leaf read", err, r.leaf, r.cert)
 	}
@@ -66,7 +67,7 @@ func checkLeafAgainstX509(t *testing.T, der []byte, tr *trust, now time.Time) bo
 	}
 	for _, fast := range []bool{false, true} {
 		_, got := checkRemembered(r, tr, now, fast, nil)
-		want := checkCert(cert, newRemembered(id, cert).svcErr, tr, now, fast, nil)
+		want := checkCert(cert, newRemembered(id, cert, certs.ParseSPIFFE).svcErr, tr, now, fast, nil)
 		if (got == nil) != (want == nil) || (got != nil && got.Error() != want.Error()) {
 			t.Fatalf("handshake verified %v: checked from the leaf read: %v; from x509's parse: %v", fast, got, want)
 		}
@@ -207,7 +208,7 @@ func TestConsulLeafFastPath(t *testing.T) {
 		t.Fatal(err)
 	}
 	der := pemDER(t, readFile(t, "testdata/consul-leaf.pem"))
-	r, err := readCert(der, sha256.Sum256(der))
+	r, err := readCert(der, sha256.Sum256(der), certs.ParseSPIFFE)
 	if err != nil || r.leaf == nil || r.svcErr != nil {
 		t.Fatalf("readCert: %v, leaf read %v, service %v", err, r.leaf != nil, r.svcErr)
 	}

@@ -49,11 +49,12 @@ type rememberedCert struct {
 	svcErr error
 }
 
-// newRemembered parses what the agent needs of cert (whose identity is id).
-func newRemembered(id identity, cert *x509.Certificate) rememberedCert {
+// newRemembered parses what the agent needs of cert (whose identity is
+// id), its URI with spiffe (certs.ParseSPIFFE, or the agent's memo of it).
+func newRemembered(id identity, cert *x509.Certificate, spiffe func(string) (certs.ID, error)) rememberedCert {
 	r := rememberedCert{id: id, cert: cert, svcErr: errNotService}
 	if id.uri != "" {
-		r.svc, r.svcErr = certs.ParseSPIFFE(id.uri)
+		r.svc, r.svcErr = spiffe(id.uri)
 	}
 	return r
 }

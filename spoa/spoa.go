@@ -440,7 +440,9 @@ func (a *Authorizer) decideNow(der []byte, argErr error) decision {
 		sum := sha256.Sum256(der)
 		r, ok := a.certs.get(sum)
 		if !ok {
-			if r, d.err = readCert(der, sum); d.err == nil {
+			// The source's SPIFFE ID is parsed once per URI (sourceID),
+			// not once per certificate: a renewed leaf, another instance.
+			if r, d.err = readCert(der, sum, a.sourceID); d.err == nil {
 				a.certs.remember(r)
 			}
 		}

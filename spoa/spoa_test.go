@@ -22,6 +22,7 @@ import (
 	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/haproxy-connect/haproxy-connect/certs"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
@@ -173,7 +174,7 @@ func TestCheckCert(t *testing.T) {
 			// on or not (served.go): what the agent skips then is only
 			// a signature check HAProxy made.
 			for _, handshake := range []bool{false, true} {
-				got := checkCert(cert, newRemembered(id, cert).svcErr, tt.trust, time.Now(), handshake, nil)
+				got := checkCert(cert, newRemembered(id, cert, certs.ParseSPIFFE).svcErr, tt.trust, time.Now(), handshake, nil)
 				if !errors.Is(got, tt.want) || (got == nil) != (tt.want == nil) {
 					t.Errorf("checkCert (handshake verified: %v): %v, want %v", handshake, got, tt.want)
 				}
