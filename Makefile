@@ -88,6 +88,7 @@ test: deps
 	$(GO) test ./bootstrap -run '^$$' -fuzz '^FuzzToken$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./chain -run '^$$' -fuzz '^FuzzCompile$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./spoa -run '^$$' -fuzz '^FuzzSPOPDecode$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./spoa -run '^$$' -fuzz '^FuzzParseLeaf$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./l7 -run '^$$' -fuzz '^FuzzParseDecide$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./l7 -run '^$$' -fuzz '^FuzzCompile$$' -fuzztime $(FUZZTIME)
 

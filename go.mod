@@ -13,6 +13,7 @@ require (
 	github.com/valyala/fastjson v1.6.4
 	github.com/zclconf/go-cty v1.8.0
 	go.uber.org/zap v1.27.0
+	golang.org/x/crypto v0.41.0
 	golang.org/x/sync v0.16.0
 	golang.org/x/sys v0.35.0
 	google.golang.org/grpc v1.75.0

@@ -223,7 +223,11 @@ func DefaultOf(c AgentConfig) (Default, error) {
 type Set struct {
 	dest Peer
 	list []Intention
-	def  Default
+	// reasons[i] is Decide's reason when list[i] matches, made once by
+	// New rather than on each decision (a first decision for a source is
+	// on HAProxy's wait).
+	reasons []string
+	def     Default
 }
 
 // New builds the Set for destination dest (partition "" is "default") from
@@ -255,7 +259,20 @@ func New(dest Peer, served []*api.Intention, def Default) (s *Set, skipped []err
 		s.list = append(s.list, x)
 	}
 	slices.SortStableFunc(s.list, func(a, b Intention) int { return less(&a, &b) })
+	s.reasons = make([]string, len(s.list))
+	for i := range s.list {
+		s.reasons[i] = matchedReason(&s.list[i])
+	}
 	return s, skipped
+}
+
+// matchedReason is Decide's reason when x matches, as Consul words it.
+func matchedReason(x *Intention) string {
+	kind := "L4"
+	if x.verdict() == L7 {
+		kind = "L7"
+	}
+	return "Matched " + kind + " intention: " + x.String()
 }
 
 var errNotOurs = errors.New("destination is not this service")
@@ -327,12 +344,13 @@ func (s *Set) Decide(p Peer) Decision {
 		if !x.matches(p) {
 			continue
 		}
-		v := x.verdict()
-		kind := "L4"
-		if v == L7 {
-			kind = "L7"
+		reason := ""
+		if i < len(s.reasons) {
+			reason = s.reasons[i]
+		} else {
+			reason = matchedReason(x)
 		}
-		return Decision{Verdict: v, Intention: x, Reason: "Matched " + kind + " intention: " + x.String()}
+		return Decision{Verdict: x.verdict(), Intention: x, Reason: reason}
 	}
 	v := Deny
 	if s.def.Allow {

@@ -28,7 +28,10 @@ import (
 // ECDSA P-256 signature check, most of the time), as when HAProxy's roots
 // are not known to be the agent's (served.go). uncached_new_cert_served is
 // the same with HAProxy's roots announced (RootsServed), the sidecar's
-// steady state: HAProxy verified the chain at the handshake. The
+// steady state: HAProxy verified the chain at the handshake, and the agent
+// reads only the fields it checks (parseLeaf, leaf.go). Both keep the
+// source's parsed SPIFFE ID (sourceID), as for a renewed leaf or another
+// instance of a source seen before. The
 // destination holds 64 intentions and the source matches the 48th.
 // Reported: mean (ns/op) and p50/p99/p99.9 per decision (ns). Logging as
 // the sidecar does: info, JSON, to nowhere.

@@ -115,7 +115,7 @@ type answer struct {
 // in its goroutine, and a late answer still fills the cache.
 func (a *Authorizer) fly(k cacheKey, f *flight, gen uint64, r rememberedCert) {
 	var ans answer
-	if err := a.checkOnce(r.cert, r.id.sum, r.svcErr); err != nil {
+	if err := a.checkOnce(r); err != nil {
 		ans.err = err
 		if i := refusal(err); i >= 0 {
 			ans = answer{v: verdict{reason: err.Error(), refused: i}}

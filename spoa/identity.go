@@ -5,12 +5,13 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"math/big"
 	"regexp"
 	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
+
+	"github.com/haproxy-connect/haproxy-connect/certs"
 )
 
 // Reasons a client certificate gives no identity. Each one is a deny, not
@@ -62,11 +63,27 @@ func parseIdentitySum(der []byte, sum [32]byte) (identity, *x509.Certificate, er
 	if err != nil {
 		return identity{}, nil, fmt.Errorf("%w: %v", errBadCert, err)
 	}
-	id := identity{serial: hexSerial(cert.SerialNumber), sum: sum}
+	id := identity{serial: hexSerial(cert.SerialNumber.Bytes()), sum: sum}
 	if len(cert.URIs) == 1 {
 		id.uri = cert.URIs[0].String()
 	}
 	return id, cert, nil
+}
+
+// readCert reads a client certificate the agent has not seen (sum is its
+// DER's SHA-256): with parseLeaf, or with x509 when parseLeaf declines it.
+// Its URI is parsed with spiffe (see newRemembered).
+func readCert(der []byte, sum [32]byte, spiffe func(string) (certs.ID, error)) (rememberedCert, error) {
+	if l, ok := parseLeaf(der); ok {
+		r := newRemembered(identity{uri: l.uri, serial: hexSerial(l.serial), sum: sum}, nil, spiffe)
+		r.leaf, r.der = &l, der
+		return r, nil
+	}
+	id, cert, err := parseIdentitySum(der, sum)
+	if err != nil {
+		return rememberedCert{}, err
+	}
+	return newRemembered(id, cert, spiffe), nil
 }
 
 // trust is what client certificates are checked against: the cluster's
@@ -162,7 +179,7 @@ func checkCert(cert *x509.Certificate, svcErr error, t *trust, now time.Time, ha
 	if svcErr != nil {
 		return fmt.Errorf("%w: %q", errNotService, u.String())
 	}
-	if handshakeVerified && issuedByTrusted(cert, t, now) {
+	if handshakeVerified && issuedByTrusted(leafOf(cert), t, now) {
 		return nil
 	}
 	if verified != nil {
@@ -178,6 +195,27 @@ func checkCert(cert *x509.Certificate, svcErr error, t *trust, now time.Time, ha
 		return fmt.Errorf("%w: %v", errChain, err)
 	}
 	return nil
+}
+
+// checkRemembered is checkCert for r's certificate, with its expiry. One
+// parseLeaf read (r.leaf), with HAProxy's verification relied on (fast),
+// is passed from what parseLeaf read when that is enough: checkCert would
+// pass it too, since parseLeaf reads the same fields as x509 and only a
+// URI of the shape spiffe://<host>/<path>, which passes checkCert's URI
+// checks. Every other case (a refusal included, for its reason) is
+// checkCert's, on x509's parse.
+func checkRemembered(r rememberedCert, t *trust, now time.Time, fast bool, verified *atomic.Uint64) (notAfter time.Time, err error) {
+	if fast && t != nil && r.leaf != nil && r.leaf.host == t.domain && r.svcErr == nil && issuedByTrusted(*r.leaf, t, now) {
+		return r.leaf.notAfter, nil
+	}
+	cert, err := r.full()
+	if err != nil {
+		return time.Time{}, err
+	}
+	if err := checkCert(cert, r.svcErr, t, now, fast, verified); err != nil {
+		return time.Time{}, err
+	}
+	return cert.NotAfter, nil
 }
 
 // refusals are the reasons checkCert refuses a certificate, with their
@@ -197,10 +235,10 @@ func refusal(err error) int {
 	return -1
 }
 
-// hexSerial formats a serial number as Consul's connect.HexString does:
-// lower-case hex bytes joined by colons ("0a:1b:...").
-func hexSerial(n *big.Int) string {
-	b := n.Bytes()
+// hexSerial formats a serial number (its magnitude, big-endian, as
+// big.Int.Bytes gives it) as Consul's connect.HexString does: lower-case
+// hex bytes joined by colons ("0a:1b:...").
+func hexSerial(b []byte) string {
 	if len(b) == 0 {
 		b = []byte{0}
 	}
@@ -224,15 +262,16 @@ type verifiedCert struct {
 	notAfter time.Time
 }
 
-// checkOnce is checkCert, remembered per certificate (its SHA-256): the
-// chain check, a signature verification (most of an uncached decision's
-// time), is not repeated when an intention change drops the decision
-// cache and every source is decided again. What it depends on is kept
-// with it: the trust it was checked under (a roots change makes it stale)
-// and the certificate's expiry. Refusals are not remembered here (the
-// decision cache holds them). Bounded like the decision cache: a full map
-// evicts one arbitrary entry.
-func (a *Authorizer) checkOnce(cert *x509.Certificate, sum [32]byte, svcErr error) error {
+// checkOnce is checkCert of r's certificate, remembered per certificate
+// (its SHA-256): the chain check, a signature verification (most of an
+// uncached decision's time), is not repeated when an intention change
+// drops the decision cache and every source is decided again. What it
+// depends on is kept with it: the trust it was checked under (a roots
+// change makes it stale) and the certificate's expiry. Refusals are not
+// remembered here (the decision cache holds them). Bounded like the
+// decision cache: a full map evicts one arbitrary entry.
+func (a *Authorizer) checkOnce(r rememberedCert) error {
+	sum := r.id.sum
 	t, now := a.trust.Load(), time.Now()
 	a.verifiedMu.Lock()
 	v, ok := a.verified[sum]
@@ -248,7 +287,8 @@ func (a *Authorizer) checkOnce(cert *x509.Certificate, sum [32]byte, svcErr erro
 			a.log.Info("client certificate chains: the agent verifies each one itself (the roots HAProxy holds are unknown or not all Consul's)")
 		}
 	}
-	if err := checkCert(cert, svcErr, t, now, fast, &a.stats.chainVerifications); err != nil {
+	notAfter, err := checkRemembered(r, t, now, fast, &a.stats.chainVerifications)
+	if err != nil {
 		return err
 	}
 	a.verifiedMu.Lock()
@@ -259,6 +299,6 @@ func (a *Authorizer) checkOnce(cert *x509.Certificate, sum [32]byte, svcErr erro
 			break
 		}
 	}
-	a.verified[sum] = verifiedCert{trust: t, notAfter: cert.NotAfter}
+	a.verified[sum] = verifiedCert{trust: t, notAfter: notAfter}
 	return nil
 }

@@ -129,11 +129,13 @@ func (r *setRules) L4(src certs.ID) (bool, string) {
 const maxRequestHeaders = 256
 
 // maxSourceIDs bounds the parsed source SPIFFE IDs the agent keeps for
-// per-request decisions; past it, sources are parsed on each request.
+// per-request decisions and new certificates; past it, sources are parsed
+// each time.
 const maxSourceIDs = 16384
 
-// sourceID parses a source SPIFFE ID as the L7 decisions need it,
-// remembered: every request of an L7 connection names its source.
+// sourceID parses a source SPIFFE ID (certs.ParseSPIFFE), remembered:
+// every request of an L7 connection names its source, and so does every
+// new certificate of a source (renewals, instances).
 func (a *Authorizer) sourceID(uri string) (certs.ID, error) {
 	if v, ok := a.sourceIDs.Load(uri); ok {
 		return v.(certs.ID), nil

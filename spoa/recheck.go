@@ -2,6 +2,7 @@ package spoa
 
 import (
 	"crypto/x509"
+	"fmt"
 	"sync"
 
 	"github.com/haproxy-connect/haproxy-connect/certs"
@@ -35,21 +36,40 @@ type certMemory struct {
 }
 
 type rememberedCert struct {
-	id   identity
+	id identity
+	// cert is x509's parse of the certificate; nil when parseLeaf read it
+	// (leaf; der is the certificate, parsed by x509 only if the agent
+	// must verify its chain: see checkOnce).
 	cert *x509.Certificate
+	leaf *leaf
+	der  []byte
 	// svc is the certificate's URI parsed as a Consul service SPIFFE ID,
 	// or why it is not one (svcErr): parsed once per certificate.
 	svc    certs.ID
 	svcErr error
 }
 
-// newRemembered parses what the agent needs of cert (whose identity is id).
-func newRemembered(id identity, cert *x509.Certificate) rememberedCert {
+// newRemembered parses what the agent needs of cert (whose identity is
+// id), its URI with spiffe (certs.ParseSPIFFE, or the agent's memo of it).
+func newRemembered(id identity, cert *x509.Certificate, spiffe func(string) (certs.ID, error)) rememberedCert {
 	r := rememberedCert{id: id, cert: cert, svcErr: errNotService}
 	if id.uri != "" {
-		r.svc, r.svcErr = certs.ParseSPIFFE(id.uri)
+		r.svc, r.svcErr = spiffe(id.uri)
 	}
 	return r
+}
+
+// full is x509's parse of r's certificate.
+func (r rememberedCert) full() (*x509.Certificate, error) {
+	if r.cert != nil {
+		return r.cert, nil
+	}
+	cert, err := x509.ParseCertificate(r.der)
+	if err != nil {
+		// parseLeaf accepts only what x509 accepts: not expected.
+		return nil, fmt.Errorf("%w: %v", errBadCert, err)
+	}
+	return cert, nil
 }
 
 // remember records r unless its certificate is known already.

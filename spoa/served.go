@@ -2,7 +2,6 @@ package spoa
 
 import (
 	"crypto/sha256"
-	"crypto/x509"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -172,21 +171,14 @@ func pemSums(b string) (map[[32]byte]bool, error) {
 // against roots the agent trusts (see handshakeVerified): it names a
 // trusted issuer, is valid now, and may authenticate a client. A false
 // answer sends the certificate to the full chain verification, which then
-// says why it fails.
-func issuedByTrusted(cert *x509.Certificate, t *trust, now time.Time) bool {
-	if len(cert.AuthorityKeyId) == 0 || !t.skids[string(cert.AuthorityKeyId)] {
+// says why it fails. l is the certificate as parseLeaf reads it, or
+// leafOf x509's parse.
+func issuedByTrusted(l leaf, t *trust, now time.Time) bool {
+	if len(l.authorityKeyID) == 0 || !t.skids[string(l.authorityKeyID)] {
 		return false
 	}
-	if now.Before(cert.NotBefore) || now.After(cert.NotAfter) {
+	if now.Before(l.notBefore) || now.After(l.notAfter) {
 		return false
 	}
-	if len(cert.ExtKeyUsage) == 0 {
-		return true
-	}
-	for _, u := range cert.ExtKeyUsage {
-		if u == x509.ExtKeyUsageClientAuth || u == x509.ExtKeyUsageAny {
-			return true
-		}
-	}
-	return false
+	return l.clientAuth
 }

@@ -456,13 +456,11 @@ func (a *Authorizer) decideNow(der []byte, argErr error) decision {
 		sum := sha256.Sum256(der)
 		r, ok := a.certs.get(sum)
 		if !ok {
-			var id identity
-			var cert *x509.Certificate
-			if id, cert, d.err = parseIdentitySum(der, sum); d.err == nil {
-				r = newRemembered(id, cert)
+			// The source's SPIFFE ID is parsed once per URI (sourceID),
+			// not once per certificate: a renewed leaf, another instance.
+			if r, d.err = readCert(der, sum, a.sourceID); d.err == nil {
 				a.certs.remember(r)
 			}
-			r.id = id
 		}
 		d.serial = r.id.serial
 		if r.id.uri != "" {

@@ -22,6 +22,7 @@ import (
 	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/haproxy-connect/haproxy-connect/certs"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
@@ -67,7 +68,7 @@ func leafDER(t testing.TB, ca *testenv.CA, serial int64, uris ...string) []byte 
 	return der
 }
 
-func pemDER(t *testing.T, certPEM string) []byte {
+func pemDER(t testing.TB, certPEM string) []byte {
 	t.Helper()
 	b, _ := pem.Decode([]byte(certPEM))
 	if b == nil {
@@ -90,7 +91,7 @@ func TestParseIdentity(t *testing.T) {
 		want    id
 		wantErr error
 	}{
-		{"consul-like leaf", consulLike, id{clientID, hexSerial(parsed.SerialNumber)}, nil},
+		{"consul-like leaf", consulLike, id{clientID, hexSerial(parsed.SerialNumber.Bytes())}, nil},
 		{"serial is colon hex", leafDER(t, ca, 0x0a1b2c, webID), id{webID, "0a:1b:2c"}, nil},
 		{"no URI SAN: checked later", leafDER(t, ca, 2), id{"", "02"}, nil},
 		{"two URI SANs: checked later", leafDER(t, ca, 3, clientID, webID), id{"", "03"}, nil},
@@ -173,7 +174,7 @@ func TestCheckCert(t *testing.T) {
 			// on or not (served.go): what the agent skips then is only
 			// a signature check HAProxy made.
 			for _, handshake := range []bool{false, true} {
-				got := checkCert(cert, newRemembered(id, cert).svcErr, tt.trust, time.Now(), handshake, nil)
+				got := checkCert(cert, newRemembered(id, cert, certs.ParseSPIFFE).svcErr, tt.trust, time.Now(), handshake, nil)
 				if !errors.Is(got, tt.want) || (got == nil) != (tt.want == nil) {
 					t.Errorf("checkCert (handshake verified: %v): %v, want %v", handshake, got, tt.want)
 				}
