@@ -385,8 +385,13 @@ func (s *setup) measure(ctx context.Context, name string, t *target, figs map[ro
 		}
 	}
 	// Bulk: a small transfer first (connection paths, buffers), then the
-	// measured one.
-	if _, err := bulkTransfer(ctx, t.bulkPort, 1<<20); err != nil {
+	// measured one. The warm-up is retried for a few seconds: once, on a
+	// loaded machine, the built-in proxy reset its first bulk connection
+	// after the HTTP cells, and the whole workload failed on it.
+	if err := bench.WaitFor(ctx, 10*time.Second, func() error {
+		_, err := bulkTransfer(ctx, t.bulkPort, 1<<20)
+		return err
+	}); err != nil {
 		return 0, fmt.Errorf("bulk warm-up: %w", err)
 	}
 	n := bulkBytes(s.b)
