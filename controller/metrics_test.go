@@ -7,9 +7,9 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/haproxy-connect/haproxy-connect/scrape"
+	"github.com/haproxy-connect/haproxy-connect/scrape/scrapetest"
 	"github.com/haproxy-connect/haproxy-connect/slots"
 )
 
@@ -117,18 +117,10 @@ func TestMetricsLint(t *testing.T) {
 	m.reloaded(reloadRegistration)
 	m.invalidInstance("up_web", "address")
 	m.mismatch("up_web")
-	reg := prometheus.NewPedanticRegistry()
-	reg.MustRegister(m)
-	problems, err := testutil.GatherAndLint(reg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range problems {
-		t.Errorf("%s: %s", p.Metric, p.Text)
-	}
-	f := gather(t, m)
+	f := scrapetest.Linted(t, m)
 	got := map[string]float64{}
 	for _, name := range []string{"haproxy_connect_upstream_endpoints", "haproxy_connect_upstream_slots", "haproxy_connect_upstream_free_slots"} {
+		var err error
 		got[name], err = f.Value(name, "upstream", "up_web")
 		if err != nil {
 			t.Error(err)

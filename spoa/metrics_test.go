@@ -3,11 +3,9 @@ package spoa
 import (
 	"testing"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/zap"
 
-	"github.com/haproxy-connect/haproxy-connect/scrape"
+	"github.com/haproxy-connect/haproxy-connect/scrape/scrapetest"
 )
 
 // TestCollector: the agent's metrics pass the registry's checks and
@@ -15,19 +13,7 @@ import (
 // start.
 func TestCollector(t *testing.T) {
 	a := New("web", nil, zap.NewNop())
-	reg := prometheus.NewPedanticRegistry()
-	reg.MustRegister(a.Collector())
-	problems, err := testutil.GatherAndLint(reg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range problems {
-		t.Errorf("%s: %s", p.Metric, p.Text)
-	}
-	f, err := scrape.Gather(reg)
-	if err != nil {
-		t.Fatal(err)
-	}
+	f := scrapetest.Linted(t, a.Collector())
 	for _, s := range [][]string{
 		{"haproxy_connect_authz_decisions_total", "result", "allow"},
 		{"haproxy_connect_authz_decisions_total", "result", "deny"},

@@ -3,10 +3,7 @@ package tcpdeny
 import (
 	"testing"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/testutil"
-
-	"github.com/haproxy-connect/haproxy-connect/scrape"
+	"github.com/haproxy-connect/haproxy-connect/scrape/scrapetest"
 )
 
 // TestCollector: the sweeper's metrics pass the registry's checks and
@@ -15,19 +12,7 @@ func TestCollector(t *testing.T) {
 	s := New(&fakeRuntime{}, &fakeJudge{}, "public_listener", nil)
 	s.closed.Add(2)
 	s.unknown.Add(1)
-	reg := prometheus.NewPedanticRegistry()
-	reg.MustRegister(s.Collector())
-	problems, err := testutil.GatherAndLint(reg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range problems {
-		t.Errorf("%s: %s", p.Metric, p.Text)
-	}
-	f, err := scrape.Gather(reg)
-	if err != nil {
-		t.Fatal(err)
-	}
+	f := scrapetest.Linted(t, s.Collector())
 	for _, c := range []struct {
 		sample []string
 		want   float64
