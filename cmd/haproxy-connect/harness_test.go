@@ -322,7 +322,9 @@ func load(f func() error) (stop func() (ok, failed int64, first error)) {
 // loadN is load with n concurrent loops.
 func loadN(n int, f func() error) (stop func() (ok, failed int64, first error)) {
 	var okN, failedN atomic.Int64
-	var firstErr atomic.Value
+	// A pointer: errors of several types may come, and atomic.Value
+	// panics when a swap brings another type than the one it holds.
+	var firstErr atomic.Pointer[error]
 	done := make(chan struct{})
 	var wg sync.WaitGroup
 	for range n {
@@ -337,7 +339,7 @@ func loadN(n int, f func() error) (stop func() (ok, failed int64, first error)) 
 				}
 				if err := f(); err != nil {
 					failedN.Add(1)
-					firstErr.CompareAndSwap(nil, err)
+					firstErr.CompareAndSwap(nil, &err)
 					continue
 				}
 				okN.Add(1)
@@ -347,7 +349,10 @@ func loadN(n int, f func() error) (stop func() (ok, failed int64, first error)) 
 	return func() (int64, int64, error) {
 		close(done)
 		wg.Wait()
-		err, _ := firstErr.Load().(error)
+		var err error
+		if p := firstErr.Load(); p != nil {
+			err = *p
+		}
 		return okN.Load(), failedN.Load(), err
 	}
 }
