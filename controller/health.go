@@ -279,7 +279,7 @@ func readChecks(e *fastjson.Value, he *healthEntry) error {
 	if checks := e.Get("Checks"); checks != nil && checks.Type() != fastjson.TypeNull {
 		list, err := checks.Array()
 		if err != nil {
-			return fmt.Errorf("Checks: %w", err)
+			return fmt.Errorf("field Checks: %w", err)
 		}
 		for _, c := range list {
 			st, err := optString(c, "Status")

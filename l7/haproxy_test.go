@@ -182,7 +182,7 @@ func TestCompileKey(t *testing.T) {
 		}
 		return in.Compile(def).Key
 	}
-	if key("api", a, false) != key("api", a, false) {
+	if k1, k2 := key("api", a, false), key("api", a, false); k1 != k2 {
 		t.Error("equal intentions, different keys")
 	}
 	for name, other := range map[string]string{

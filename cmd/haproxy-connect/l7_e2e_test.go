@@ -430,7 +430,6 @@ func TestL7DecidedInHAProxy(t *testing.T) {
 
 	// An edit: /admin allowed, /items denied; under load.
 	reloads := server.reloads(t)
-	before = agentL7()
 	stops := []func() (int64, int64, error){load(func() error {
 		code, err := do(kept, "GET", fmt.Sprintf("/v1/other/%d", n.Add(1)), false)
 		if err != nil || code != 200 {
