@@ -406,17 +406,23 @@ func TestL7DecidedInHAProxy(t *testing.T) {
 		}
 		return sum
 	}
-	// The intentions came before HAProxy started: the map file had them.
-	eventually(t, 10*time.Second, "permissions enforced", check(403, 200))
-	before := agentL7()
-	for range 50 {
-		if err := check(403, 200)(); err != nil {
-			t.Fatal(err)
+	// mapDecides runs check rounds times and requires that the agent
+	// decided none of those requests.
+	mapDecides := func(when string, rounds, adminCode, itemsCode int) {
+		t.Helper()
+		before := agentL7()
+		for range rounds {
+			if err := check(adminCode, itemsCode)(); err != nil {
+				t.Fatalf("%s: %v", when, err)
+			}
+		}
+		if after := agentL7(); after != before {
+			t.Fatalf("%s: the agent decided %v L7 requests the map should have", when, after-before)
 		}
 	}
-	if after := agentL7(); after != before {
-		t.Fatalf("the agent decided %v L7 requests the map should have", after-before)
-	}
+	// The intentions came before HAProxy started: the map file had them.
+	eventually(t, 10*time.Second, "permissions enforced", check(403, 200))
+	mapDecides("at start", 50, 403, 200)
 	for _, re := range []string{
 		`src=spiffe://[^ ]+/svc/client .* GET /admin/\d+ 403 .* intention=client perm=0:deny`,
 		`src=spiffe://[^ ]+/svc/client .* POST /v1/secret 403 .* intention=client perm=1:deny`,
@@ -466,15 +472,7 @@ func TestL7DecidedInHAProxy(t *testing.T) {
 	// Right after the edit, connections re-authorized under the new
 	// generation before the map had its entries may have asked the agent;
 	// once applied, the map decides again.
-	before = agentL7()
-	for range 20 {
-		if err := check(200, 403)(); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if after := agentL7(); after != before {
-		t.Fatalf("after the edit, the agent decided %v L7 requests the map should have", after-before)
-	}
+	mapDecides("after the edit", 20, 200, 403)
 
 	// A controller that adopts the running HAProxy does not know what its
 	// L7 map holds: it clears it and adds its table again, and the map
@@ -491,13 +489,5 @@ func TestL7DecidedInHAProxy(t *testing.T) {
 		}
 		return nil
 	})
-	before = agentL7()
-	for range 20 {
-		if err := check(200, 403)(); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if after := agentL7(); after != before {
-		t.Fatalf("after the adoption, the agent decided %v L7 requests the map should have", after-before)
-	}
+	mapDecides("after the adoption", 20, 200, 403)
 }

@@ -167,3 +167,23 @@ func Paired(ctx context.Context, wrkBin string, round int, urlA, urlB string, cl
 	}
 	return a, b, sumB / sumA, nil
 }
+
+// PairFigures gathers Paired's results over rounds: each side's rates and
+// p99s (two runs per round) and the per-round ratio of B's rate over A's.
+type PairFigures struct {
+	A, B, AP99, BP99, Ratio Rounds
+	// BRequests is the requests B's runs completed, all rounds summed.
+	BRequests int64
+}
+
+// Add records one round of Paired.
+func (f *PairFigures) Add(a, b []WrkResult, ratio float64) {
+	for _, res := range a {
+		f.A, f.AP99 = append(f.A, res.RPS), append(f.AP99, res.P99)
+	}
+	for _, res := range b {
+		f.B, f.BP99 = append(f.B, res.RPS), append(f.BP99, res.P99)
+		f.BRequests += res.Requests
+	}
+	f.Ratio = append(f.Ratio, ratio)
+}

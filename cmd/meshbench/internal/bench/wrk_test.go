@@ -76,3 +76,16 @@ func TestParseStot(t *testing.T) {
 		t.Error("missing frontend found")
 	}
 }
+
+func TestPairFiguresAdd(t *testing.T) {
+	var f PairFigures
+	f.Add([]WrkResult{{RPS: 100, P99: 2, Requests: 500}, {RPS: 110, P99: 3, Requests: 550}},
+		[]WrkResult{{RPS: 90, P99: 4, Requests: 450}, {RPS: 95, P99: 5, Requests: 475}}, 185.0/210)
+	f.Add([]WrkResult{{RPS: 120}}, []WrkResult{{RPS: 60, Requests: 300}}, 0.5)
+	if len(f.A) != 3 || len(f.B) != 3 || len(f.AP99) != 3 || len(f.BP99) != 3 || len(f.Ratio) != 2 {
+		t.Fatalf("rounds: %+v", f)
+	}
+	if f.B[2] != 60 || f.BP99[1] != 5 || f.Ratio[1] != 0.5 || f.BRequests != 1225 {
+		t.Fatalf("figures: %+v", f)
+	}
+}

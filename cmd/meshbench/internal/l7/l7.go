@@ -29,14 +29,13 @@ var paths = []struct {
 }{{"one path", false}, {"a new path per request", true}}
 
 type figures struct {
-	l4, l7, l4p99, l7p99 bench.Rounds
-	// ratio is the L7 rate over the L4 rate, one per round (each the sum
-	// of two runs of each, in mirrored order).
-	ratio bench.Rounds
-	// l7Reqs is the L7 requests wrk completed, agent the server agent's
-	// L7 decisions meanwhile (haproxy_connect_authz_l7_requests_total):
-	// what HAProxy's L7 map did not decide.
-	l7Reqs, agent int64
+	// A is L4, B is L7: the ratio is the L7 rate over the L4 rate, one per
+	// round (each the sum of two runs of each, in mirrored order).
+	bench.PairFigures
+	// agent is the server agent's L7 decisions during the L7 runs
+	// (haproxy_connect_authz_l7_requests_total): what HAProxy's L7 map did
+	// not decide, of the PairFigures.BRequests.
+	agent int64
 }
 
 func Run(ctx context.Context, b *bench.Bench) error {
@@ -148,25 +147,16 @@ func Run(ctx context.Context, b *bench.Bench) error {
 			}
 			f := &figs[i]
 			f.agent += after - before
-			for _, res := range l7 {
-				f.l7Reqs += res.Requests
-			}
-			for _, res := range l4 {
-				f.l4, f.l4p99 = append(f.l4, res.RPS), append(f.l4p99, res.P99)
-			}
-			for _, res := range l7 {
-				f.l7, f.l7p99 = append(f.l7, res.RPS), append(f.l7p99, res.P99)
-			}
-			f.ratio = append(f.ratio, ratio)
+			f.Add(l4, l7, ratio)
 		}
 	}
 	sec := b.Report.Add(fmt.Sprintf("Authorization: keep-alive rate under L7 permissions (%d clients)", clients),
 		"requests", "L4 allow req/s", "L7 req/s", "L7 ÷ L4 (per round)", "L4 p99", "L7 p99", "L7 requests decided by the agent")
 	for i, p := range paths {
 		f := figs[i]
-		sec.Row(p.name, bench.Num(f.l4.Median()), bench.Num(f.l7.Median()),
-			f.ratio.Format(func(v float64) string { return fmt.Sprintf("%.1f %%", 100*v) }),
-			bench.Dur(f.l4p99.Median()), bench.Dur(f.l7p99.Median()), fmt.Sprintf("%d of %d", f.agent, f.l7Reqs))
+		sec.Row(p.name, bench.Num(f.A.Median()), bench.Num(f.B.Median()),
+			f.Ratio.Format(func(v float64) string { return fmt.Sprintf("%.1f %%", 100*v) }),
+			bench.Dur(f.AP99.Median()), bench.Dur(f.BP99.Median()), fmt.Sprintf("%d of %d", f.agent, f.BRequests))
 	}
 	sec.Note("client sidecar -> server sidecar (HTTP listener) -> app, wrk -c %d for %s per run, keep-alive. The source l7client is under an "+
 		"L7 intention of three permissions (deny PathPrefix /admin, deny header X-Debug present, allow PathPrefix /: every request runs the "+

@@ -21,13 +21,6 @@ const clients = 16
 
 const body = "hello from server\n"
 
-type figures struct {
-	plain, routed, plainP99, routedP99 bench.Rounds
-	// ratio is the routed rate over the plain rate, one per round (each
-	// the sum of two runs of each, in mirrored order).
-	ratio bench.Rounds
-}
-
 // Run measures the routed and the plain upstream of one client sidecar.
 func Run(ctx context.Context, b *bench.Bench) error {
 	if b.Wrk == "" {
@@ -101,7 +94,9 @@ func Run(ctx context.Context, b *bench.Bench) error {
 		return err
 	}
 	d := b.WrkTime()
-	var f figures
+	// A is the plain upstream, B the routed one: the ratio is the routed
+	// rate over the plain rate, one per round.
+	var f bench.PairFigures
 	for r := 0; r < b.Rounds; r++ {
 		b.Logf("routing round %d/%d", r+1, b.Rounds)
 		plain, routed, ratio, err := bench.Paired(ctx, b.Wrk, r, fmt.Sprintf("http://127.0.0.1:%d/", upPlain),
@@ -109,19 +104,13 @@ func Run(ctx context.Context, b *bench.Bench) error {
 		if err != nil {
 			return err
 		}
-		for _, res := range plain {
-			f.plain, f.plainP99 = append(f.plain, res.RPS), append(f.plainP99, res.P99)
-		}
-		for _, res := range routed {
-			f.routed, f.routedP99 = append(f.routed, res.RPS), append(f.routedP99, res.P99)
-		}
-		f.ratio = append(f.ratio, ratio)
+		f.Add(plain, routed, ratio)
 	}
 	sec := b.Report.Add(fmt.Sprintf("Traffic management: keep-alive rate through a routed upstream (%d clients)", clients),
 		"plain req/s", "routed req/s", "routed ÷ plain (per round)", "plain p99", "routed p99")
-	sec.Row(bench.Num(f.plain.Median()), bench.Num(f.routed.Median()),
-		f.ratio.Format(func(v float64) string { return fmt.Sprintf("%.2f", v) }),
-		bench.Dur(f.plainP99.Median()), bench.Dur(f.routedP99.Median()))
+	sec.Row(bench.Num(f.A.Median()), bench.Num(f.B.Median()),
+		f.Ratio.Format(func(v float64) string { return fmt.Sprintf("%.2f", v) }),
+		bench.Dur(f.AP99.Median()), bench.Dur(f.BP99.Median()))
 	sec.Note("wrk -c %d for %s per run, keep-alive, GET / → the client sidecar's upstream → a server sidecar → the same app. Plain: an "+
 		"upstream without config entries. Routed: its discovery chain has a service-router (two routes, a path prefix and a header, "+
 		"neither matching these requests), a service-splitter (90/10 over two subsets) and a service-resolver (subsets by tag; the one "+
