@@ -156,19 +156,7 @@ func TestRenderGolden(t *testing.T) {
 				goldens[name+".state.golden"] = RenderStateMap(spec)
 			}
 			for file, got := range goldens {
-				path := filepath.Join("testdata", file)
-				if *update {
-					if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
-						t.Fatal(err)
-					}
-				}
-				want, err := os.ReadFile(path)
-				if err != nil {
-					t.Fatalf("%v (run go test ./bootstrap -update)", err)
-				}
-				if diff := cmp.Diff(string(want), got); diff != "" {
-					t.Errorf("%s (-golden +rendered):\n%s", file, diff)
-				}
+				checkGolden(t, file, got)
 			}
 		})
 	}
@@ -190,40 +178,67 @@ func sampleL7(t testing.TB) l7.Compiled {
 	return in.Compile(false)
 }
 
+// checkGolden compares got with testdata/file, after writing it there
+// with -update.
+func checkGolden(t *testing.T, file, got string) {
+	t.Helper()
+	path := filepath.Join("testdata", file)
+	if *update {
+		if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("%v (run go test ./bootstrap -update)", err)
+	}
+	if diff := cmp.Diff(string(want), got); diff != "" {
+		t.Errorf("%s (-golden +rendered):\n%s", file, diff)
+	}
+}
+
+// haproxyCheck runs haproxy -c on cfg (rendered for goldenState) in a new
+// state directory holding real certificates, the authz and L7 maps, and
+// files (name: content, rendered for goldenState too); it fails t on an
+// error, a warning or an alert.
+func haproxyCheck(t *testing.T, cfg string, files map[string]string) {
+	t.Helper()
+	ca := testenv.NewCA(t, "test root")
+	cert, key := ca.Leaf(t, "spiffe://test.consul/ns/default/dc/dc1/svc/web")
+	dir := t.TempDir()
+	local := func(s string) string { return strings.ReplaceAll(s, goldenState+"/", dir+"/") }
+	testenv.WriteFile(t, dir, "leaf.pem", cert+key)
+	testenv.WriteFile(t, dir, "roots.pem", ca.CertPEM)
+	testenv.WriteFile(t, dir, "authz.map", RenderAuthzMap(0))
+	testenv.WriteFile(t, dir, "l7.map", l7.MapContent(sampleL7(t).Entries))
+	for name, content := range files {
+		testenv.WriteFile(t, dir, name, local(content))
+	}
+	path := testenv.WriteFile(t, dir, "haproxy.cfg", local(cfg))
+	out, err := exec.Command(testenv.HAProxyBin(t), "-c", "-f", path).CombinedOutput()
+	if err != nil || strings.Contains(string(out), "[WARNING]") || strings.Contains(string(out), "[ALERT]") {
+		t.Fatalf("haproxy -c: %v\n%s", err, out)
+	}
+}
+
 // TestGoldenFilesPassHAProxyCheck runs haproxy -c on every golden
 // configuration, with its golden SPOE file and real certificates in place.
 func TestGoldenFilesPassHAProxyCheck(t *testing.T) {
-	bin := testenv.HAProxyBin(t)
-	ca := testenv.NewCA(t, "test root")
-	cert, key := ca.Leaf(t, "spiffe://test.consul/ns/default/dc/dc1/svc/web")
 	for name := range goldenSpecs() {
 		t.Run(name, func(t *testing.T) {
-			dir := t.TempDir()
-			testenv.WriteFile(t, dir, "leaf.pem", cert+key)
-			testenv.WriteFile(t, dir, "roots.pem", ca.CertPEM)
-			testenv.WriteFile(t, dir, "authz.map", RenderAuthzMap(0))
-			testenv.WriteFile(t, dir, "l7.map", l7.MapContent(sampleL7(t).Entries))
 			read := func(file string) string {
 				b, err := os.ReadFile(filepath.Join("testdata", file))
 				if err != nil {
 					t.Fatal(err)
 				}
-				return strings.ReplaceAll(string(b), goldenState+"/", dir+"/")
+				return string(b)
 			}
-			testenv.WriteFile(t, dir, "spoe.cfg", read(name+".spoe.golden"))
-			testenv.WriteFile(t, dir, "public.crtlist", read(name+".crtlist.golden"))
+			files := map[string]string{"spoe.cfg": read(name + ".spoe.golden"), "public.crtlist": read(name + ".crtlist.golden")}
 			if spec := goldenSpecs()[name]; spec.InstanceMap != "" {
-				testenv.WriteFile(t, dir, "instances.map", read(name+".instances.golden"))
-				testenv.WriteFile(t, dir, "state.map", read(name+".state.golden"))
+				files["instances.map"] = read(name + ".instances.golden")
+				files["state.map"] = read(name + ".state.golden")
 			}
-			cfg := testenv.WriteFile(t, dir, "haproxy.cfg", read(name+".golden"))
-			out, err := exec.Command(bin, "-c", "-f", cfg).CombinedOutput()
-			if err != nil {
-				t.Fatalf("haproxy -c: %v\n%s", err, out)
-			}
-			if strings.Contains(string(out), "[WARNING]") || strings.Contains(string(out), "[ALERT]") {
-				t.Errorf("haproxy -c warns:\n%s", out)
-			}
+			haproxyCheck(t, read(name+".golden"), files)
 		})
 	}
 }

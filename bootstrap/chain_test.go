@@ -3,9 +3,6 @@ package bootstrap
 import (
 	"encoding/json"
 	"os"
-	"os/exec"
-	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
@@ -13,9 +10,7 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/haproxy-connect/haproxy-connect/chain"
-	"github.com/haproxy-connect/haproxy-connect/l7"
 	"github.com/haproxy-connect/haproxy-connect/slots"
-	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
 // chainSpec is an http sidecar with one upstream, web, routed by the
@@ -72,37 +67,9 @@ func TestRenderChainGolden(t *testing.T) {
 	}
 	chainMap := RenderChainMap(routing)
 	for file, got := range map[string]string{"http_discovery_chain.golden": cfg, "http_discovery_chain.chainmap.golden": chainMap} {
-		path := filepath.Join("testdata", file)
-		if *update {
-			if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
-				t.Fatal(err)
-			}
-		}
-		want, err := os.ReadFile(path)
-		if err != nil {
-			t.Fatalf("%v (run go test ./bootstrap -update)", err)
-		}
-		if d := cmp.Diff(string(want), got); d != "" {
-			t.Errorf("%s (-golden +rendered):\n%s", file, d)
-		}
+		checkGolden(t, file, got)
 	}
-	bin := testenv.HAProxyBin(t)
-	ca := testenv.NewCA(t, "test root")
-	cert, key := ca.Leaf(t, "spiffe://test.consul/ns/default/dc/dc1/svc/web")
-	dir := t.TempDir()
-	local := func(s string) string { return strings.ReplaceAll(s, goldenState+"/", dir+"/") }
-	testenv.WriteFile(t, dir, "leaf.pem", cert+key)
-	testenv.WriteFile(t, dir, "roots.pem", ca.CertPEM)
-	testenv.WriteFile(t, dir, "authz.map", RenderAuthzMap(0))
-	testenv.WriteFile(t, dir, "l7.map", l7.MapContent(sampleL7(t).Entries))
-	testenv.WriteFile(t, dir, "spoe.cfg", local(spoe))
-	testenv.WriteFile(t, dir, "public.crtlist", local(crt))
-	testenv.WriteFile(t, dir, "chain_up_web.map", chainMap)
-	path := testenv.WriteFile(t, dir, "haproxy.cfg", local(cfg))
-	out, err := exec.Command(bin, "-c", "-f", path).CombinedOutput()
-	if err != nil || strings.Contains(string(out), "[WARNING]") || strings.Contains(string(out), "[ALERT]") {
-		t.Fatalf("haproxy -c: %v\n%s", err, out)
-	}
+	haproxyCheck(t, cfg, map[string]string{"spoe.cfg": spoe, "public.crtlist": crt, "chain_up_web.map": chainMap})
 }
 
 func TestAssignBuckets(t *testing.T) {
