@@ -75,7 +75,9 @@ type l7MapAction struct {
 	// it first, then add every key.
 	clear    bool
 	add, del []l7.Compiled
-	want     []l7.Compiled
+	// forget are keys HAProxy refused that the table no longer has.
+	forget []string
+	want   []l7.Compiled
 }
 
 func (l7MapAction) isAction() {}
@@ -99,13 +101,12 @@ func planL7Map(want []l7.Compiled, applied map[string]bool, unknown bool, held [
 			}
 		}
 	}
-	stale := false
-	for k := range applied {
-		if !wantKeys[k] {
-			stale = true
+	for k, ok := range applied {
+		if !ok && !wantKeys[k] {
+			a.forget = append(a.forget, k)
 		}
 	}
-	if !a.clear && len(a.add) == 0 && len(a.del) == 0 && !stale {
+	if !a.clear && len(a.add) == 0 && len(a.del) == 0 && len(a.forget) == 0 {
 		return nil
 	}
 	return []action{a}
@@ -152,11 +153,8 @@ func (c *Controller) applyL7Map(ctx context.Context, a l7MapAction) {
 		}
 		delete(c.applied.l7, x.Key)
 	}
-	wantKeys := l7Keys(a.want)
-	for k, ok := range c.applied.l7 {
-		if !ok && !wantKeys[k] {
-			delete(c.applied.l7, k) // refused, and gone from the table
-		}
+	for _, k := range a.forget {
+		delete(c.applied.l7, k)
 	}
 	added := 0
 	for _, x := range a.add {
