@@ -202,23 +202,11 @@ func validateRouting(u Upstream) error {
 		}
 		for _, h := range m.Headers {
 			_, err := input.HeaderName("route header", h.Name)
-			checks = append(checks, err)
-			if h.Kind == chain.Regex {
-				_, err = input.Regex("route header regex", h.Value)
-			} else if h.Kind != chain.Present {
-				_, err = input.HeaderValue("route header value", h.Value)
-			}
-			checks = append(checks, err)
+			checks = append(checks, err, checkMatchValue("route header", h.Kind, h.Value))
 		}
 		for _, q := range m.Query {
 			_, err := input.QueryParam("route query parameter", q.Name)
-			checks = append(checks, err)
-			if q.Kind == chain.Regex {
-				_, err = input.Regex("route query regex", q.Value)
-			} else if q.Kind != chain.Present {
-				_, err = input.HeaderValue("route query value", q.Value)
-			}
-			checks = append(checks, err)
+			checks = append(checks, err, checkMatchValue("route query", q.Kind, q.Value))
 		}
 		for _, meth := range m.Methods {
 			_, err := input.Method("route method", meth)
@@ -502,4 +490,18 @@ func NewRouting(name string, c chain.Chain, mapPath string) (Routing, map[string
 		tbs[name] = tb
 	}
 	return r, tbs
+}
+
+// checkMatchValue validates the value a route's header or query match
+// (what) compares with: a regex, or a value, none for a presence match.
+func checkMatchValue(what string, kind chain.Kind, v string) error {
+	var err error
+	switch kind {
+	case chain.Present:
+	case chain.Regex:
+		_, err = input.Regex(what+" regex", v)
+	default:
+		_, err = input.HeaderValue(what+" value", v)
+	}
+	return err
 }
