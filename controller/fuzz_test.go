@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/hashicorp/consul/api"
+	"github.com/valyala/fastjson"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
@@ -144,9 +145,19 @@ func FuzzParseRegistration(f *testing.F) {
 // let a value through that would make a runtime command carry more than
 // one command; every endpoint's address is canonical with no zone, and
 // every kept endpoint makes a "set server addr" and an "add server" that
-// pass the runtime's own grammar.
+// pass the runtime's own grammar. And the parser, which reads an answer
+// one entry at a time, reads what a parse of the whole answer would:
+// wholeParse, the way it read answers before.
 func FuzzHealthParse(f *testing.F) {
 	f.Add(`[{"Node":{"Address":"10.0.0.1"},"Service":{"ID":"a","Address":"","Port":80,"Weights":{"Passing":3}}}]`)
+	for _, body := range []string{
+		`[]`, ` [ ] `, `[,]`, `[+]`, `[01]`, `[1,]`, `[1 2]`, `[1,2]`, `[]x`, `[] ]`, `[`, `[{`, `"[]"`, `{"a":[]}`, `[[]]`, `[{]}`, `[{"a":"]"}]`,
+		`[{"Service":{"ID":"a\"],","Address":"10.0.0.1","Port":1}} ,{"Service":{"ID":"b","Address":"10.0.0.2","Port":2}}]`,
+		"[\t{\"Service\":{\"ID\":\"a\",\"Address\":\"10.0.0.1\",\"Port\":1}}\r\n]\n", `[null,true,"s",{"Service":null}]`,
+		`[{"Service":{"ID":"a","Port":1}}}]`, `[{"Service":{"ID":"a\\","Port":1}}]`, `[{"Service":{"ID":"\u005d","Port":1}}]`,
+	} {
+		f.Add(body)
+	}
 	for _, h := range hostile {
 		addr, _ := json.Marshal(h)
 		f.Add(`[{"Service":{"ID":"x","Address":` + string(addr) + `,"Port":21000}},{"Service":{"ID":"ok","Address":"10.0.0.8","Port":80}}]`)
@@ -155,6 +166,17 @@ func FuzzHealthParse(f *testing.F) {
 	f.Fuzz(func(t *testing.T, body string) {
 		var h healthReader
 		entries, bad, err := h.parse([]byte(body))
+		{
+			wEntries, wBad, wErr := wholeParse([]byte(body))
+			if (err == nil) != (wErr == nil) || len(entries) != len(wEntries) || len(bad) != len(wBad) {
+				t.Fatalf("parse: %d entries, %d bad, %v; whole parse: %d entries, %d bad, %v", len(entries), len(bad), err, len(wEntries), len(wBad), wErr)
+			}
+			for i := range entries {
+				if entries[i] != wEntries[i] {
+					t.Fatalf("entry %d: %+v; whole parse: %+v", i, entries[i], wEntries[i])
+				}
+			}
+		}
 		if err != nil {
 			return
 		}
@@ -175,6 +197,29 @@ func FuzzHealthParse(f *testing.F) {
 			}
 		}
 	})
+}
+
+// wholeParse reads a health answer as one fastjson value, then each entry:
+// the model FuzzHealthParse holds the parser to.
+func wholeParse(body []byte) (entries []healthEntry, bad []error, err error) {
+	var p fastjson.Parser
+	v, err := p.ParseBytes(body)
+	if err != nil {
+		return nil, nil, err
+	}
+	list, err := v.Array()
+	if err != nil {
+		return nil, nil, err
+	}
+	for i, e := range list {
+		he, err := readHealthEntry(e)
+		if err != nil {
+			bad = append(bad, &entryError{Index: i, ID: he.ID, Err: err})
+			continue
+		}
+		entries = append(entries, he)
+	}
+	return entries, bad, nil
 }
 
 // FuzzRegistrationPaths: the paths a registration puts into HAProxy's

@@ -199,30 +199,183 @@ func (h *healthReader) parse(body []byte) (entries []healthEntry, bad []error, e
 
 // parseEntries is parse, which also reads each entry's checks and warning
 // weight when checks is set.
+//
+// The answer is parsed one entry at a time: fastjson keeps every value it
+// parsed in its parser until the next parse, so a whole answer of a
+// thousand instances (about 2 MB) held tens of MB per pooled parser, most
+// of the sidecar's heap (meshbench scale). One entry at a time, a parser
+// holds one instance's values.
 func (h *healthReader) parseEntries(body []byte, checks bool) (entries []healthEntry, bad []error, err error) {
 	p := h.parsers.Get()
 	defer h.parsers.Put(p)
-	v, err := p.ParseBytes(body)
-	if err != nil {
-		return nil, nil, fmt.Errorf("answer is not JSON: %w", err)
-	}
-	list, err := v.Array()
-	if err != nil {
-		return nil, nil, fmt.Errorf("answer is not a JSON array: %w", err)
-	}
-	entries = make([]healthEntry, 0, len(list))
-	for i, e := range list {
+	// Each entry is parsed as the one element of an array, as it sits in
+	// the answer: fastjson reads a value at the top level more loosely
+	// than inside an array ("+" is a number there), and counts nesting
+	// from the top.
+	var one []byte
+	err = eachElement(body, func(i int, elem []byte) error {
+		one = append(append(append(one[:0], '['), elem...), ']')
+		v, err := p.ParseBytes(one)
+		if err != nil {
+			return fmt.Errorf("answer is not JSON: %w", err)
+		}
+		list := v.GetArray()
+		if len(list) != 1 {
+			return fmt.Errorf("answer is not JSON: element %d holds %d values", i, len(list))
+		}
+		e := list[0]
 		he, err := readHealthEntry(e)
 		if err == nil && checks {
 			err = readChecks(e, &he)
 		}
 		if err != nil {
 			bad = append(bad, &entryError{Index: i, ID: he.ID, Err: err})
-			continue
+			return nil
 		}
 		entries = append(entries, he)
+		return nil
+	})
+	if errors.Is(err, errNotArray) {
+		// Say whether the answer is JSON at all, as a whole parse would.
+		if _, perr := p.ParseBytes(body); perr != nil {
+			return nil, nil, fmt.Errorf("answer is not JSON: %w", perr)
+		}
+		return nil, nil, fmt.Errorf("answer is not a JSON array: %w", err)
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	if entries == nil {
+		entries = []healthEntry{}
 	}
 	return entries, bad, nil
+}
+
+var errNotArray = errors.New("value doesn't contain array")
+
+// eachElement calls fn with each element of the JSON array body, as bytes
+// for fastjson to parse, and stops at fn's first error. It checks only the
+// array's own shape (brackets, commas, whitespace, nothing after it); each
+// element is whole JSON once fn has parsed it (as the one element of an
+// array: elem never holds more than one value): strings are skipped with
+// their escapes, and nesting is followed by brackets alone. A body that is
+// not an array is errNotArray.
+func eachElement(body []byte, fn func(i int, elem []byte) error) error {
+	ws := func(k int) int {
+		for k < len(body) && (body[k] == ' ' || body[k] == '\t' || body[k] == '\n' || body[k] == '\r') {
+			k++
+		}
+		return k
+	}
+	k := ws(0)
+	if k == len(body) || body[k] != '[' {
+		return errNotArray
+	}
+	k = ws(k + 1)
+	if k < len(body) && body[k] == ']' {
+		if ws(k+1) != len(body) {
+			return fmt.Errorf("answer is not JSON: unexpected tail after the array: %q", tail(body[k+1:]))
+		}
+		return nil
+	}
+	for i := 0; ; i++ {
+		end, err := elementEnd(body, k)
+		if err != nil {
+			return fmt.Errorf("answer is not JSON: element %d: %w", i, err)
+		}
+		if err := fn(i, body[k:end]); err != nil {
+			return err
+		}
+		k = ws(end)
+		if k == len(body) {
+			return errors.New("answer is not JSON: the array is not closed")
+		}
+		switch body[k] {
+		case ',':
+			k = ws(k + 1)
+		case ']':
+			if ws(k+1) != len(body) {
+				return fmt.Errorf("answer is not JSON: unexpected tail after the array: %q", tail(body[k+1:]))
+			}
+			return nil
+		default:
+			return fmt.Errorf("answer is not JSON: %q after element %d", tail(body[k:]), i)
+		}
+	}
+}
+
+// elementEnd is the end of the JSON value starting at body[k]: past its
+// closing bracket or quote, or, for a scalar, at the next comma, bracket or
+// whitespace.
+func elementEnd(body []byte, k int) (int, error) {
+	if k >= len(body) {
+		return 0, errors.New("missing value")
+	}
+	depth := 0
+	for j := k; j < len(body); j++ {
+		c := body[j]
+		if !structural[c] {
+			continue
+		}
+		switch c {
+		case '"':
+			// To the closing quote: the next one not after a backslash
+			// (an escape skips the byte after it).
+			for j++; ; j++ {
+				if j >= len(body) {
+					return 0, errors.New("unexpected end in a string")
+				}
+				if b := body[j]; b == '\\' {
+					j++
+				} else if b == '"' {
+					break
+				}
+			}
+			if depth == 0 {
+				return j + 1, nil
+			}
+		case '{', '[':
+			depth++
+		case '}', ']':
+			if depth == 0 {
+				if j == k {
+					return 0, fmt.Errorf("unexpected %q", c)
+				}
+				return j, nil
+			}
+			depth--
+			if depth == 0 {
+				return j + 1, nil
+			}
+		default: // a comma or whitespace
+			if depth == 0 {
+				if j == k {
+					return 0, fmt.Errorf("unexpected %q", c)
+				}
+				return j, nil
+			}
+		}
+	}
+	if depth == 0 {
+		return len(body), nil
+	}
+	return 0, errors.New("unexpected end")
+}
+
+// structural are the bytes elementEnd stops at outside strings.
+var structural = func() (t [256]bool) {
+	for _, c := range []byte("\"{}[], \t\n\r") {
+		t[c] = true
+	}
+	return t
+}()
+
+// tail is the start of b, for an error message.
+func tail(b []byte) string {
+	if len(b) > 20 {
+		return string(b[:20]) + "..."
+	}
+	return string(b)
 }
 
 // entryError is an instance of a health answer that could not be read: a
