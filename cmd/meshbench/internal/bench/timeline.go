@@ -1,56 +1,54 @@
-package churn
+package bench
 
 import (
 	"errors"
 	"fmt"
 	"sync"
 	"time"
-
-	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/bench"
 )
 
-// change is one Consul write and when Consul acknowledged it.
-type change struct {
-	key  string
-	add  bool
-	ack  time.Time
-	took time.Duration
+// Change is one Consul write and when Consul acknowledged it.
+type Change struct {
+	Key  string // address:port
+	Add  bool
+	Ack  time.Time     // when Consul's write call returned
+	Took time.Duration // the write call's duration
 }
 
-// transition is an observed change of one endpoint: in effect or not.
-type transition struct {
-	at      time.Time
-	present bool
+// Transition is an observed Change of one endpoint: in effect or not.
+type Transition struct {
+	At      time.Time
+	Present bool
 }
 
-// timeline records what an observer saw: the current set and, per
-// endpoint, every transition since the last restart.
-type timeline struct {
+// Timeline records what an observer saw: the current set and, per
+// endpoint, every Transition since the last restart.
+type Timeline struct {
 	mu     sync.Mutex
 	cur    map[string]bool
-	seen   map[string][]transition
+	seen   map[string][]Transition
 	first  time.Time
 	last   time.Time
 	snaps  int
 	inited bool
 }
 
-func newTimeline() *timeline {
-	return &timeline{cur: map[string]bool{}, seen: map[string][]transition{}}
+func NewTimeline() *Timeline {
+	return &Timeline{cur: map[string]bool{}, seen: map[string][]Transition{}}
 }
 
-// observe records a full snapshot taken at at.
-func (t *timeline) observe(at time.Time, now map[string]bool) {
+// Observe records a full snapshot taken at at.
+func (t *Timeline) Observe(at time.Time, now map[string]bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for k := range now {
 		if !t.cur[k] {
-			t.seen[k] = append(t.seen[k], transition{at, true})
+			t.seen[k] = append(t.seen[k], Transition{at, true})
 		}
 	}
 	for k := range t.cur {
 		if !now[k] {
-			t.seen[k] = append(t.seen[k], transition{at, false})
+			t.seen[k] = append(t.seen[k], Transition{at, false})
 		}
 	}
 	t.cur = now
@@ -62,15 +60,15 @@ func (t *timeline) observe(at time.Time, now map[string]bool) {
 	t.inited = true
 }
 
-// restart forgets the transitions so far, keeping the current set.
-func (t *timeline) restart() {
+// Restart forgets the transitions so far, keeping the current set.
+func (t *Timeline) Restart() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.seen = map[string][]transition{}
+	t.seen = map[string][]Transition{}
 	t.snaps = 0
 }
 
-func (t *timeline) check(want map[string]bool) error {
+func (t *Timeline) Check(want map[string]bool) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if !t.inited {
@@ -93,13 +91,13 @@ func (t *timeline) check(want map[string]bool) error {
 	return nil
 }
 
-func (t *timeline) transitions() map[string][]transition {
+func (t *Timeline) Transitions() map[string][]Transition {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return t.seen
 }
 
-func (t *timeline) meanInterval() time.Duration {
+func (t *Timeline) MeanInterval() time.Duration {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.snaps < 2 {
@@ -108,39 +106,39 @@ func (t *timeline) meanInterval() time.Duration {
 	return t.last.Sub(t.first) / time.Duration(t.snaps-1)
 }
 
-// match pairs each change with the observation that shows it in
+// Match pairs each Change with the observation that shows it in
 // effect: per endpoint, changes and transitions both alternate, and the
-// n-th change is matched with the first later transition to its state that
-// comes before the endpoint's next change of the same kind. Latencies are
-// in seconds; unmatched changes are counted as unseen. A transition may come
+// n-th Change is matched with the first later Transition to its state that
+// comes before the endpoint's next Change of the same kind. Latencies are
+// in seconds; unmatched changes are counted as unseen. A Transition may come
 // a little before the acknowledgement (Consul can notify watchers before the
 // HTTP answer reaches the writer): that latency is negative, and kept.
-func match(changes []change, seen map[string][]transition) (lat bench.Samples, unseen int) {
+func Match(changes []Change, seen map[string][]Transition) (lat Samples, unseen int) {
 	byKey := map[string][]int{}
 	for i, ch := range changes {
-		byKey[ch.key] = append(byKey[ch.key], i)
+		byKey[ch.Key] = append(byKey[ch.Key], i)
 	}
-	lat = bench.Samples{}
+	lat = Samples{}
 	for key, idx := range byKey {
 		trs := seen[key]
 		cur := 0
 		for n, i := range idx {
 			ch := changes[i]
-			// The same endpoint's next change of the same kind bounds the
-			// match: a transition after it belongs to that change.
+			// The same endpoint's next Change of the same kind bounds the
+			// match: a Transition after it belongs to that Change.
 			var bound time.Time
 			for _, j := range idx[n+1:] {
-				if changes[j].add == ch.add {
-					bound = changes[j].ack
+				if changes[j].Add == ch.Add {
+					bound = changes[j].Ack
 					break
 				}
 			}
 			found := -1
 			for j := cur; j < len(trs); j++ {
-				if !bound.IsZero() && trs[j].at.After(bound) {
+				if !bound.IsZero() && trs[j].At.After(bound) {
 					break
 				}
-				if trs[j].present == ch.add {
+				if trs[j].Present == ch.Add {
 					found = j
 					break
 				}
@@ -149,15 +147,15 @@ func match(changes []change, seen map[string][]transition) (lat bench.Samples, u
 				unseen++
 				continue
 			}
-			lat = append(lat, trs[found].at.Sub(ch.ack).Seconds())
+			lat = append(lat, trs[found].At.Sub(ch.Ack).Seconds())
 			cur = found + 1
 		}
 	}
 	return lat, unseen
 }
 
-// polls is the number of snapshots observed since the last restart.
-func (t *timeline) polls() int {
+// Polls is the number of snapshots observed since the last restart.
+func (t *Timeline) Polls() int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return t.snaps

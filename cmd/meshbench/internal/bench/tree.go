@@ -26,8 +26,11 @@ type TreeUsage struct {
 	// Mem is the tree's proportional set size (Pss: pages shared between
 	// the master and its forked workers counted once), or the sum of RSS
 	// where smaps_rollup cannot be read.
-	Mem   int64
-	Procs int
+	Mem int64
+	// RootMem is the root process's own share of Mem (haproxy-connect's,
+	// for a sidecar): the rest is HAProxy's.
+	RootMem int64
+	Procs   int
 }
 
 // Tree reads /proc for pid and all its descendants.
@@ -55,7 +58,11 @@ func Tree(pid int) (TreeUsage, error) {
 			ticks += v
 		}
 		u.CPU += time.Duration(ticks) * time.Second / 100 // USER_HZ is 100 on Linux
-		u.Mem += memOf(p)
+		m := memOf(p)
+		u.Mem += m
+		if p == pid {
+			u.RootMem = m
+		}
 		u.Procs++
 	}
 	return u, nil
@@ -127,15 +134,18 @@ func memOf(pid int) int64 {
 // PeakMem samples the tree's memory (TreeUsage.Mem) every period until
 // the returned stop is called, and returns the largest sample: the peak of
 // the whole tree, which a sum of each process's own peak (VmHWM) would
-// overstate, those peaks being at different times.
-func PeakMem(ctx context.Context, pid int, period time.Duration) (stop func() int64) {
+// overstate, those peaks being at different times. The sample's RootMem
+// says how much of it was the root process's.
+func PeakMem(ctx context.Context, pid int, period time.Duration) (stop func() TreeUsage) {
 	ctx, cancel := context.WithCancel(ctx)
 	var mu sync.Mutex
-	var peak int64
+	var peak TreeUsage
 	sample := func() {
 		if u, err := Tree(pid); err == nil {
 			mu.Lock()
-			peak = max(peak, u.Mem)
+			if u.Mem > peak.Mem {
+				peak = u
+			}
 			mu.Unlock()
 		}
 	}
@@ -153,7 +163,7 @@ func PeakMem(ctx context.Context, pid int, period time.Duration) (stop func() in
 			}
 		}
 	}()
-	return func() int64 {
+	return func() TreeUsage {
 		cancel()
 		<-done
 		sample()

@@ -47,11 +47,11 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 	defer cancel()
 
 	// Observers: Consul's blocking query, and the contender.
-	consulTL, seenTL := newTimeline(), newTimeline()
+	consulTL, seenTL := bench.NewTimeline(), bench.NewTimeline()
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		watchConsul(pctx, cb.consul.Addr, !c.plain, serviceName(c.plain), consulTL)
+		bench.WatchConsul(pctx, cb.consul.Addr, !c.plain, serviceName(c.plain), consulTL.Observe)
 	}()
 	switch {
 	case c.alone:
@@ -95,7 +95,7 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 		reloadsBefore = n
 	}
 	if c.poll != nil && c.cpu != nil {
-		if err := c.calibrate(ctx, seenTL.polls); err != nil {
+		if err := c.calibrate(ctx, seenTL.Polls); err != nil {
 			return r, err
 		}
 	}
@@ -107,8 +107,8 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 			return r, err
 		}
 	}
-	consulTL.restart()
-	seenTL.restart()
+	consulTL.Restart()
+	seenTL.Restart()
 	var share0 histogram
 	if c.share != nil {
 		var err error
@@ -131,7 +131,7 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 			}
 		}()
 	}
-	var changes []change
+	var changes []bench.Change
 	var err error
 	switch {
 	case p.rate > 0:
@@ -142,7 +142,7 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 			if err := settle(ctx, c, seenTL, consulTL, wantOf(ops2eps(ops))); err != nil {
 				cb.b.Logf("churn: %s, %s: after the adds: %v", c.name, p.name, err)
 			}
-			var removes []change
+			var removes []bench.Change
 			removes, err = cb.writeAll(pctx, opsOf(ops2eps(ops), false))
 			changes = append(changes, removes...)
 		}
@@ -185,20 +185,20 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 	wg.Wait()
 
 	r.changes = len(changes)
-	r.lat, r.unseen = match(changes, seenTL.transitions())
-	r.base, r.baseUnseen = match(changes, consulTL.transitions())
-	r.pollInterval = seenTL.meanInterval()
+	r.lat, r.unseen = bench.Match(changes, seenTL.Transitions())
+	r.base, r.baseUnseen = bench.Match(changes, consulTL.Transitions())
+	r.pollInterval = seenTL.MeanInterval()
 	if c.alone {
 		r.lat, r.unseen = r.base, r.baseUnseen
 	}
 	var first, last time.Time
 	for _, ch := range changes {
-		r.writeDurations = append(r.writeDurations, ch.took.Seconds())
-		if first.IsZero() || ch.ack.Before(first) {
-			first = ch.ack
+		r.writeDurations = append(r.writeDurations, ch.Took.Seconds())
+		if first.IsZero() || ch.Ack.Before(first) {
+			first = ch.Ack
 		}
-		if ch.ack.After(last) {
-			last = ch.ack
+		if ch.Ack.After(last) {
+			last = ch.Ack
 		}
 	}
 	if len(changes) > 1 && last.After(first) {
@@ -220,12 +220,12 @@ func serviceName(plain bool) string {
 }
 
 // settle waits until both the contender and Consul show exactly want.
-func settle(ctx context.Context, c *contender, seen, consul *timeline, want map[string]bool) error {
-	if err := bench.WaitFor(ctx, time.Minute, func() error { return consul.check(want) }); err != nil {
+func settle(ctx context.Context, c *contender, seen, consul *bench.Timeline, want map[string]bool) error {
+	if err := bench.WaitFor(ctx, time.Minute, func() error { return consul.Check(want) }); err != nil {
 		return fmt.Errorf("consul: %w", err)
 	}
 	if c.alone {
 		return nil
 	}
-	return bench.WaitFor(ctx, c.settle, func() error { return seen.check(want) })
+	return bench.WaitFor(ctx, c.settle, func() error { return seen.Check(want) })
 }

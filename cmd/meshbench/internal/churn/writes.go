@@ -7,6 +7,8 @@ import (
 	"slices"
 	"sync"
 	"time"
+
+	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/bench"
 )
 
 // writeOp is one write of a schedule: register (add) or deregister e.
@@ -57,7 +59,7 @@ func rateOps(eps []endpoint, window, changes int) (start []endpoint, ops []write
 }
 
 // write performs one op and records its acknowledgement.
-func (cb *workload) write(op writeOp) (change, error) {
+func (cb *workload) write(op writeOp) (bench.Change, error) {
 	start := time.Now()
 	var err error
 	if op.add {
@@ -67,15 +69,15 @@ func (cb *workload) write(op writeOp) (change, error) {
 	}
 	now := time.Now()
 	if err != nil {
-		return change{}, fmt.Errorf("write %s (add %t): %w", op.e.id, op.add, err)
+		return bench.Change{}, fmt.Errorf("write %s (add %t): %w", op.e.id, op.add, err)
 	}
-	return change{key: op.e.key, add: op.add, ack: now, took: now.Sub(start)}, nil
+	return bench.Change{Key: op.e.key, Add: op.add, Ack: now, Took: now.Sub(start)}, nil
 }
 
 // writeAll performs ops as fast as Consul takes them, writers at a
 // time; the changes are returned in op order.
-func (cb *workload) writeAll(ctx context.Context, ops []writeOp) ([]change, error) {
-	out := make([]change, len(ops))
+func (cb *workload) writeAll(ctx context.Context, ops []writeOp) ([]bench.Change, error) {
+	out := make([]bench.Change, len(ops))
 	idx := make(chan int)
 	errs := make([]error, writers)
 	var wg sync.WaitGroup
@@ -110,8 +112,8 @@ func (cb *workload) writeAll(ctx context.Context, ops []writeOp) ([]change, erro
 // writers in flight; when Consul is slower than that, the schedule
 // slips, which the achieved rate shows. Writes to one endpoint stay in
 // order. The changes are returned in op order.
-func (cb *workload) writeAt(ctx context.Context, ops []writeOp, rate float64) ([]change, error) {
-	out := make([]change, len(ops))
+func (cb *workload) writeAt(ctx context.Context, ops []writeOp, rate float64) ([]bench.Change, error) {
+	out := make([]bench.Change, len(ops))
 	errs := make([]error, len(ops))
 	slots := make(chan struct{}, writers)
 	prev := map[string]chan struct{}{} // the last write of each endpoint

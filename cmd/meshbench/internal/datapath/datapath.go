@@ -153,13 +153,18 @@ type setup struct {
 	// client's upstream binds for "server" (http), "server-tcp" (the same
 	// app, tcp) and "bulk" (tcp).
 	serverSidecar, serverTCPSidecar, bulkSidecar, clientSidecar, upHTTP, upTCP, upBulk int
-	// capacity is the open-loop generator's own closed-loop rate straight
-	// to the app (req/s), measured once before the rounds: the open-loop
-	// rates are fractions of it.
-	capacity float64
+	// direct is the open-loop generator's own closed-loop rate straight
+	// to the app (req/s); capacity is its rate through haproxy-connect
+	// (or direct's when haproxy-connect is not run). Both are measured
+	// once before the rounds: the open-loop rates are fractions of
+	// capacity, because on a small machine a fraction of direct's rate is
+	// above what any proxied path carries, and a saturated run measures
+	// queueing, not added latency.
+	direct, capacity float64
 }
 
-// openLoads are the open-loop rates, as fractions of direct's capacity.
+// openLoads are the open-loop rates, as fractions of the capacity through
+// haproxy-connect.
 var openLoads = []float64{0.25, 0.50, 0.75}
 
 // openConns are the keep-alive connections the open-loop generator may
@@ -169,6 +174,17 @@ const openConns = 64
 // openRow is the row key of an open-loop load.
 func openRow(name string, load float64) row {
 	return row{contender: name, mode: fmt.Sprintf("open %.0f%%", load*100)}
+}
+
+// closedLoopRate is the open-loop generator's closed-loop rate to url over
+// 16 connections, after a one-second warm-up.
+func closedLoopRate(ctx context.Context, b *bench.Bench, url string) (float64, error) {
+	bench.ClosedLoop(ctx, url, 16, time.Second)
+	res := bench.ClosedLoop(ctx, url, 16, b.WrkTime())
+	if res.Rate() <= 0 || res.Failed > 0 {
+		return 0, fmt.Errorf("%d ok, %d failed (%v)", res.OK, res.Failed, res.FirstErr)
+	}
+	return res.Rate(), nil
 }
 
 // bulkBytes is the size of one measured bulk transfer.
@@ -196,15 +212,25 @@ func Run(ctx context.Context, b *bench.Bench) error {
 		{name: contHCTCP, start: func(ctx context.Context) (*target, error) { return s.startHC(ctx, "server-tcp", s.upTCP) }},
 	}
 	contenders = slices.DeleteFunc(contenders, func(c *contender) bool { return !b.Wants(c.name) })
-	// The open-loop generator's capacity straight to the app, after a
-	// warm-up: the open-loop rates are fractions of it.
+	// The open-loop generator's capacity straight to the app and through
+	// haproxy-connect, each after a warm-up.
 	direct := fmt.Sprintf("http://127.0.0.1:%d/", s.http.Port)
-	bench.ClosedLoop(ctx, direct, 16, time.Second)
-	capRes := bench.ClosedLoop(ctx, direct, 16, b.WrkTime())
-	if s.capacity = capRes.Rate(); s.capacity <= 0 {
-		return fmt.Errorf("open-loop generator capacity against the app: %d ok, %d failed (%v)", capRes.OK, capRes.Failed, capRes.FirstErr)
+	if s.direct, err = closedLoopRate(ctx, b, direct); err != nil {
+		return fmt.Errorf("open-loop generator capacity against the app: %w", err)
 	}
-	b.Logf("datapath: open-loop generator capacity straight to the app: %.0f req/s", s.capacity)
+	s.capacity = s.direct
+	if i := slices.IndexFunc(contenders, func(c *contender) bool { return c.name == contHC }); i >= 0 {
+		c := contenders[i]
+		if err := c.Start(ctx); err != nil {
+			return fmt.Errorf("%s: %w", c.name, err)
+		}
+		s.capacity, err = closedLoopRate(ctx, b, fmt.Sprintf("http://127.0.0.1:%d/", c.t.httpPort))
+		c.Stop()
+		if err != nil {
+			return fmt.Errorf("open-loop generator capacity through %s: %w", c.name, err)
+		}
+	}
+	b.Logf("datapath: open-loop generator capacity: %.0f req/s straight to the app, %.0f req/s through haproxy-connect", s.direct, s.capacity)
 	figs := map[row]*figures{}
 	bulk := map[string]bench.Rounds{}
 	for r := 0; r < b.Rounds; r++ {
@@ -694,7 +720,8 @@ func (s *setup) reportOpenLoop(figs map[row]*figures) {
 					added999 = bench.DiffRounds(f.p999, direct.p999).Format(bench.SignedDur)
 				}
 				if name == contHC && load == 0.50 {
-					targets = append(targets, "haproxy-connect p99 − direct at 50 % load: "+bench.Target(d.Median(), 0.0003, bench.SignedDur))
+					targets = append(targets, fmt.Sprintf("haproxy-connect p99 − direct at 50 %% load (%.0f req/s, %.0f %% of direct's capacity): ",
+						load*s.capacity, 100*load*s.capacity/s.direct)+bench.Target(d.Median(), 0.0003, bench.SignedDur))
 				}
 			}
 			achieved := f.rps.Format(bench.Num)
@@ -713,12 +740,14 @@ func (s *setup) reportOpenLoop(figs map[row]*figures) {
 		"finds them all busy waits for one), for %s per measurement, twice per round in the mirrored order of the section "+
 		"above; each latency is measured from the request's intended send time, so a stall of the proxy or of the generator "+
 		"is charged to the requests it delays (no coordinated omission). Rates are 25 %%, 50 %% and 75 %% of the same "+
-		"generator's capacity straight to the app (16 connections, closed loop, measured once before the rounds: %.0f req/s), "+
-		"so every contender gets the same rate and direct runs below saturation; the generator shares the 2 CPUs with the "+
-		"proxies. \"saturated\": the achieved rate stayed below 95 %% of the intended one, so that contender (or the "+
+		"generator's capacity through haproxy-connect (16 connections, closed loop, measured once before the rounds: %.0f req/s; "+
+		"straight to the app it is %.0f req/s, so the rates are %.0f %%, %.0f %% and %.0f %% of direct's), so every contender "+
+		"gets the same rate; the generator shares the 2 CPUs with the proxies, and 50 %% of direct's capacity is above what a "+
+		"proxied path carries here, which would measure queueing, not added latency. \"saturated\": the achieved rate stayed below 95 %% of the intended one, so that contender (or the "+
 		"generator beside it) could not carry the load, and its latencies are queueing, not added latency. p99.9 is shown "+
 		"where a run has 1000 samples or more. p99 − direct pairs each round's figures.",
-		openConns, cellTime(b).Round(time.Second), s.capacity)
+		openConns, cellTime(b).Round(time.Second), s.capacity, s.direct,
+		100*openLoads[0]*s.capacity/s.direct, 100*openLoads[1]*s.capacity/s.direct, 100*openLoads[2]*s.capacity/s.direct)
 }
 
 // httpTargets are issue 15's data path targets, met or missed: keep-alive

@@ -255,7 +255,7 @@ func measureRound(ctx context.Context, b *bench.Bench, upstreams, perUpstream in
 	if err != nil {
 		return res, err
 	}
-	res.cpu, res.peakMem = u.CPU-res.startCPU, stopPeak()
+	res.cpu, res.peakMem = u.CPU-res.startCPU, stopPeak().Mem
 	ctl, err := bench.Usage(pid)
 	if err != nil {
 		return res, err

@@ -9,7 +9,6 @@ import (
 	"context"
 	"fmt"
 	"net"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -50,8 +49,8 @@ const (
 
 // figures are one case's rounds.
 type figures struct {
-	ready, served, mem, p50, p99, max, poll, cpuPer1k bench.Rounds
-	unseen, changes                                   int
+	ready, served, mem, ctlMem, p50, p99, max, consulP99, poll, cpuPer1k bench.Rounds
+	unseen, changes                                                      int
 }
 
 // Run measures every shape, one fresh Consul and sidecar per shape and
@@ -62,8 +61,8 @@ func Run(ctx context.Context, b *bench.Bench) error {
 		churnFor = 5 * time.Second
 	}
 	sec := b.Report.Add("Scale: one sidecar, large upstreams",
-		"case", "start to ready", "start to all served", "sidecar peak memory", "propagation p50", "p99", "max",
-		"poll interval", "CPU s / 1000 changes", "never in effect")
+		"case", "start to ready", "start to all served", "sidecar peak memory", "of which controller", "propagation p50", "p99", "max",
+		"Consul p99 (same pass)", "p99 ÷ Consul p99", "poll interval", "CPU s / 1000 changes", "never in effect")
 	var targets []string
 	for _, sh := range shapes(b.Quick) {
 		f := &figures{}
@@ -83,22 +82,32 @@ func Run(ctx context.Context, b *bench.Bench) error {
 		if sh.churn {
 			unseen = fmt.Sprintf("%d / %d", f.unseen, f.changes)
 		}
-		sec.Row(sh.name, f.ready.Format(bench.Dur), f.served.Format(bench.Dur), f.mem.Format(bench.MiB),
-			dash(f.p50, bench.Dur), dash(f.p99, bench.Dur), dash(f.max, bench.Dur), dash(f.poll, bench.Dur),
+		sec.Row(sh.name, f.ready.Format(bench.Dur), f.served.Format(bench.Dur), f.mem.Format(bench.MiB), f.ctlMem.Format(bench.MiB),
+			dash(f.p50, bench.Dur), dash(f.p99, bench.Dur), dash(f.max, bench.Dur), dash(f.consulP99, bench.Dur),
+			ratio(f.p99, f.consulP99), dash(f.poll, bench.Dur),
 			dash(f.cpuPer1k, func(v float64) string { return fmt.Sprintf("%.2f", v) }), unseen)
 		switch {
 		case sh.upstreams == 1 && sh.perUpstream == 1000:
 			targets = append(targets, "whole-sidecar memory at 1 000 endpoints "+bench.Target(f.mem.Median(), 64<<20, bench.MiB))
 		case sh.upstreams == 1 && sh.perUpstream == 10000:
-			targets = append(targets, "propagation p99 at 100 changes/s with 10 000 endpoints "+bench.Target(f.p99.Median(), 0.1, bench.Dur))
+			targets = append(targets, "propagation p99 at 100 changes/s with 10 000 endpoints "+bench.Target(f.p99.Median(), 0.1, bench.Dur)+
+				fmt.Sprintf(" (Consul's own notification in the same pass: p99 %s)", bench.Dur(f.consulP99.Median())))
 		}
 	}
 	if len(targets) > 0 {
 		sec.Note("Targets (medians over rounds of this run): %s.", strings.Join(targets, "; "))
 	}
-	sec.Note("Each case and round: a fresh Consul dev agent; the endpoints are connect-proxy instances written to the catalog, each on a node of its own (instances on other hosts), each listening on its own loopback address with a leaf of its service from Consul's CA and completing TLS handshakes (the sidecar proves an endpoint's identity with a handshake before it places it); a client registered with the upstreams; one haproxy-connect sidecar at its defaults, started when all endpoints are registered. Start to ready: to /readyz answering 200; start to all served: to `show servers state` on a worker-level stats socket added for the benchmark (bench.ObservedHAProxy, not the master socket the sidecar steers HAProxy with) listing every endpoint in service, both polled every 10 ms. Sidecar peak memory: the largest sum of Pss over the sidecar's process tree (controller, HAProxy master, workers), sampled every 250 ms from start to end.")
-	sec.Note("Propagation (one-upstream cases): for %s after all are served, one change every 10 ms (%d/s): first deregistrations of distinct endpoints, then their registrations again, each timed from Consul's write acknowledgement to the first poll of `show servers state <backend>` on the worker socket that shows it (in service with its address and port, or gone); polls as in the churn workload (one per %s at most, never more than half of the time busy), so a figure is an upper bound by up to one poll interval, shown. CPU s / 1000 changes: the sidecar's whole process tree, from the first change to the last one observed. With 10 000 servers a poll takes several milliseconds: read the poll interval with the figures.", churnFor, changeRate, pollPeriod)
+	sec.Note("Each case and round: a fresh Consul dev agent; the endpoints are connect-proxy instances written to the catalog, each on a node of its own (instances on other hosts), each listening on its own loopback address with a leaf of its service from Consul's CA and completing TLS handshakes (the sidecar proves an endpoint's identity with a handshake before it places it); a client registered with the upstreams; one haproxy-connect sidecar at its defaults, started when all endpoints are registered. Start to ready: to /readyz answering 200; start to all served: to `show servers state` on a worker-level stats socket added for the benchmark (bench.ObservedHAProxy, not the master socket the sidecar steers HAProxy with) listing every endpoint in service, both polled every 10 ms. Sidecar peak memory: the largest sum of Pss over the sidecar's process tree (controller, HAProxy master, workers), sampled every 250 ms from start to end; of which controller: haproxy-connect's own Pss in that peak sample (the rest is HAProxy's master and workers).")
+	sec.Note("Propagation (one-upstream cases): for %s after all are served, one change every 10 ms (%d/s): first deregistrations of distinct endpoints, then their registrations again, each timed from Consul's write acknowledgement to the first poll of `show servers state <backend>` on the worker socket that shows it (in service with its address and port, or gone); polls as in the churn workload (one per %s at most, never more than half of the time busy), so a figure is an upper bound by up to one poll interval, shown. Consul p99: Consul's own notification of the same changes, a blocking query on health/connect/big000 (passing only, no gzip, addresses and ports read with fastjson) run through the same pass on the same agent, matched to the changes the same way; p99 ÷ Consul p99 pairs each round's figures. Each answer carries the whole instance list (about 2 KB per instance), so at these sizes Consul's own answer is the bulk of the work, and two watchers (the sidecar's and this one) share the 2 CPUs with Consul and HAProxy. CPU s / 1000 changes: the sidecar's whole process tree, from the first change to the last one observed. With 10 000 servers a poll takes several milliseconds: read the poll interval with the figures.", churnFor, changeRate, pollPeriod)
 	return nil
+}
+
+// ratio is the median of the per-round ratios a ÷ b, or a dash.
+func ratio(a, b bench.Rounds) string {
+	if len(a) == 0 || len(a) != len(b) {
+		return "—"
+	}
+	return bench.X(bench.PerRound(a, b).Median())
 }
 
 // endpointAddr is endpoint j of upstream u: 127.<5+u/250>.<...> so that
@@ -227,76 +236,73 @@ func measure(ctx context.Context, b *bench.Bench, sh shape, churnFor time.Durati
 	}
 	f.served = append(f.served, time.Since(started).Seconds())
 	if sh.churn {
-		if err := propagate(ctx, c, sc, eps[0], churnFor, f); err != nil {
+		name := ""
+		if b.ProfileDir != "" {
+			name = fmt.Sprintf("scale-%d-%d-round%d", sh.upstreams, sh.perUpstream, len(f.p99)+1)
+		}
+		if err := propagate(ctx, c, consul.Addr, sc, eps[0], churnFor, b.ProfileDir, name, f); err != nil {
 			return err
 		}
 	}
-	f.mem = append(f.mem, float64(stopPeak()))
+	peak := stopPeak()
+	f.mem = append(f.mem, float64(peak.Mem))
+	f.ctlMem = append(f.ctlMem, float64(peak.RootMem))
 	return nil
 }
 
 // propagate removes, then adds back, distinct endpoints of ups at
-// changeRate, and matches each change with the first poll that shows it.
-func propagate(ctx context.Context, c *api.Client, sc *bench.Sidecar, ups []endpoint, churnFor time.Duration, f *figures) error {
+// changeRate, and matches each change with the first poll of HAProxy that
+// shows it, and with the first answer of Consul's own blocking query on the
+// upstream (the floor, in the same pass).
+func propagate(ctx context.Context, c *api.Client, consulAddr string, sc *bench.Sidecar, ups []endpoint, churnFor time.Duration, profileDir, profileName string, f *figures) error {
 	n := min(int(churnFor.Seconds()*changeRate)/2, len(ups)/2)
-	type change struct {
-		key string
-		add bool
-		ack time.Time
-	}
-	// The observer keeps, per endpoint, the times it came into service
-	// and went out of it (a map per poll of 10 000 servers would not fit).
-	type transition struct {
-		at      time.Time
-		present bool
-	}
-	var mu sync.Mutex
-	var cur map[string]bool
-	trans := map[string][]transition{}
-	var polls int
-	var first, last time.Time
+	seen, consul := bench.NewTimeline(), bench.NewTimeline()
 	pctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
-	wg.Add(1)
+	wg.Add(2)
 	go func() {
 		defer wg.Done()
 		for pctx.Err() == nil {
 			start := time.Now()
-			in, err := inService(sc.Observe, "up_big000")
-			if err == nil {
-				at := time.Now()
-				mu.Lock()
-				if cur != nil {
-					for k := range in {
-						if !cur[k] {
-							trans[k] = append(trans[k], transition{at, true})
-						}
-					}
-					for k := range cur {
-						if !in[k] {
-							trans[k] = append(trans[k], transition{at, false})
-						}
-					}
-				}
-				cur = in
-				if polls == 0 {
-					first = at
-				}
-				last = at
-				polls++
-				mu.Unlock()
+			if in, err := inService(sc.Observe, "up_big000"); err == nil {
+				seen.Observe(time.Now(), in)
 			}
 			took := time.Since(start)
 			time.Sleep(max(pollPeriod-took, took))
 		}
 	}()
-	cpu0, err := bench.Tree(sc.Cmd.Process.Pid)
-	if err != nil {
-		cancel()
-		wg.Wait()
+	go func() {
+		defer wg.Done()
+		bench.WatchConsul(pctx, consulAddr, true, "big000", consul.Observe)
+	}()
+	stop := func() { cancel(); wg.Wait() }
+	want := map[string]bool{}
+	for _, e := range ups {
+		want[e.key] = true
+	}
+	// Both observers start from the whole set, so that every change of the
+	// pass is a transition of theirs.
+	if err := bench.WaitFor(ctx, time.Minute, func() error {
+		if err := seen.Check(want); err != nil {
+			return fmt.Errorf("HAProxy: %w", err)
+		}
+		return consul.Check(want)
+	}); err != nil {
+		stop()
 		return err
 	}
-	changes := make([]change, 0, 2*n)
+	seen.Restart()
+	consul.Restart()
+	cpu0, err := bench.Tree(sc.Cmd.Process.Pid)
+	if err != nil {
+		stop()
+		return err
+	}
+	var profiled <-chan error
+	if profileDir != "" {
+		profiled = sc.Profile(profileDir, profileName, time.Duration(2*n)*time.Second/changeRate)
+	}
+	changes := make([]bench.Change, 0, 2*n)
 	var cmu sync.Mutex
 	var werr error
 	var calls sync.WaitGroup
@@ -307,6 +313,7 @@ func propagate(ctx context.Context, c *api.Client, sc *bench.Sidecar, ups []endp
 		calls.Add(1)
 		go func() {
 			defer calls.Done()
+			start := time.Now()
 			var err error
 			if add {
 				_, err = c.Catalog().Register(e.reg, nil)
@@ -320,60 +327,42 @@ func propagate(ctx context.Context, c *api.Client, sc *bench.Sidecar, ups []endp
 				werr = err
 				return
 			}
-			changes = append(changes, change{e.key, add, now})
+			changes = append(changes, bench.Change{Key: e.key, Add: add, Ack: now, Took: now.Sub(start)})
 		}()
 	}
 	tick.Stop()
 	calls.Wait()
 	if werr != nil {
-		cancel()
-		wg.Wait()
+		stop()
 		return werr
 	}
 	// The end state: every endpoint back in service.
-	_ = bench.WaitFor(ctx, time.Minute, func() error {
-		mu.Lock()
-		defer mu.Unlock()
-		if len(cur) != len(ups) {
-			return fmt.Errorf("not all back in service")
-		}
-		return nil
-	})
-	cancel()
-	wg.Wait()
+	endErr := bench.WaitFor(ctx, time.Minute, func() error { return seen.Check(want) })
+	stop()
+	if endErr != nil {
+		return fmt.Errorf("after the changes: %w", endErr)
+	}
 	cpu1, err := bench.Tree(sc.Cmd.Process.Pid)
 	if err != nil {
 		return err
 	}
-	var lat bench.Samples
-	unseen := 0
-	slices.SortFunc(changes, func(a, b change) int { return a.ack.Compare(b.ack) })
-	// Each endpoint changes twice (out, then in again), and its
-	// transitions alternate the same way: the first transition to the
-	// change's state, after the one matched to its previous change.
-	used := map[string]int{}
-	for _, ch := range changes {
-		trs, found := trans[ch.key], false
-		for j := used[ch.key]; j < len(trs); j++ {
-			if trs[j].present == ch.add {
-				lat = append(lat, trs[j].at.Sub(ch.ack).Seconds())
-				used[ch.key], found = j+1, true
-				break
-			}
-		}
-		if !found {
-			unseen++
+	if profiled != nil {
+		if err := <-profiled; err != nil {
+			return fmt.Errorf("profile: %w", err)
 		}
 	}
+	lat, unseen := bench.Match(changes, seen.Transitions())
+	clat, _ := bench.Match(changes, consul.Transitions())
 	f.unseen += unseen
 	f.changes += len(changes)
-	if len(lat) > 0 {
+	if len(lat) > 0 && len(clat) > 0 {
 		f.p50 = append(f.p50, lat.Percentile(50))
 		f.p99 = append(f.p99, lat.Percentile(99))
 		f.max = append(f.max, lat.Max())
+		f.consulP99 = append(f.consulP99, clat.Percentile(99))
 	}
-	if polls > 1 {
-		f.poll = append(f.poll, last.Sub(first).Seconds()/float64(polls-1))
+	if iv := seen.MeanInterval(); iv > 0 {
+		f.poll = append(f.poll, iv.Seconds())
 	}
 	if len(changes) > 0 {
 		f.cpuPer1k = append(f.cpuPer1k, (cpu1.CPU-cpu0.CPU).Seconds()/float64(len(changes))*1000)
