@@ -110,9 +110,24 @@ const openLoopTick = 200 * time.Microsecond
 // connections: a request that finds them all busy waits for one, and that
 // wait is part of its latency), and measures each latency from its
 // intended send time.
+//
+// The conns connections are opened before the schedule starts (one
+// request on each, at once, not measured): through a proxy that makes a
+// new mTLS connection onward for each (tcp mode), opening them is tens of
+// handshakes on a small machine, which would otherwise land on the first
+// requests and make the p99 a measure of connection setup.
 func OpenLoop(ctx context.Context, url string, rate float64, conns int, d time.Duration) LoadResult {
 	c := loadClient(conns)
 	defer c.CloseIdleConnections()
+	var warm sync.WaitGroup
+	for range conns {
+		warm.Add(1)
+		go func() {
+			defer warm.Done()
+			_ = getOnce(ctx, c, url)
+		}()
+	}
+	warm.Wait()
 	interval := time.Duration(float64(time.Second) / rate)
 	n := int(d / interval)
 	lat := make([]float64, n)

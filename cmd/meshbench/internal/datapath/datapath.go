@@ -611,7 +611,10 @@ func (s *setup) report(figs map[row]*figures, bulk map[string]bench.Rounds) {
 		"(`http-reuse always`: each carries the client's identity, whichever local connection it serves) and multiplexes " +
 		"requests on them (h2), so a new " +
 		"local connection costs no handshake and conns/req stays near 0; in tcp mode, and for the built-in proxy, " +
-		"each local connection is one mTLS connection onward.")
+		"each local connection is one mTLS connection onward. wrk opens its connections afresh in each run, so in keep-alive " +
+		"mode too a cell's p99 includes their setup at its start: at 128 clients, through the tcp mode sidecars and the " +
+		"built-in proxy, 128 mTLS handshakes at once on 2 CPUs, which is most of their p99 there (conns/req about 128 " +
+		"over the cell's requests).")
 	sec.Note("authz/req is the server sidecar's SPOE authorization decisions (its /metrics, allow + deny) per " +
 		"request, for haproxy-connect only; the built-in proxy authorizes once per inbound connection (conns/req).")
 	sec.Note("Latency is wrk's, from writing a request to reading its response; it does not include wrk's own TCP " +
@@ -736,8 +739,8 @@ func (s *setup) reportOpenLoop(figs map[row]*figures) {
 		sec.Note("Targets (medians of per-round differences of this run): %s.", strings.Join(targets, "; "))
 	}
 	sec.Note("Load: meshbench's own open-loop generator (bench.OpenLoop): GET requests at a fixed rate, each started at its "+
-		"intended time whether or not earlier ones have been answered, over up to %d keep-alive connections (a request that "+
-		"finds them all busy waits for one), for %s per measurement, twice per round in the mirrored order of the section "+
+		"intended time whether or not earlier ones have been answered, over up to %d keep-alive connections, opened before "+
+		"the schedule starts (a request that finds them all busy waits for one), for %s per measurement, twice per round in the mirrored order of the section "+
 		"above; each latency is measured from the request's intended send time, so a stall of the proxy or of the generator "+
 		"is charged to the requests it delays (no coordinated omission). Rates are 25 %%, 50 %% and 75 %% of the same "+
 		"generator's capacity through haproxy-connect (16 connections, closed loop, measured once before the rounds: %.0f req/s; "+
