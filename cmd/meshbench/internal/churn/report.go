@@ -69,6 +69,15 @@ func (a *agg) add(r result) {
 	}
 }
 
+// failedOf is a "failed / requests" cell, saying how many of the failed
+// are load ticks missed (a stall, not an error) when any are.
+func failedOf(failed, missed, requests int64) string {
+	if missed > 0 {
+		return fmt.Sprintf("%d / %d (%d missed ticks)", failed, requests, missed)
+	}
+	return fmt.Sprintf("%d / %d", failed, requests)
+}
+
 // report adds the section of one plan; the first one carries the method.
 func (cb *workload) report(p plan, first bool, contenders []*contender, res map[string]*agg) {
 	b := cb.b
@@ -91,7 +100,7 @@ func (cb *workload) report(p plan, first bool, contenders []*contender, res map[
 			reloads = a.reloadsPer1k.Format(bench.Num)
 		}
 		name := c.name
-		base99, vsBase, diff, failed := a.base99.Format(bench.Dur), bench.PerRound(a.p99, a.base99).Format(bench.X), a.diff.Format(bench.SignedDur), fmt.Sprintf("%d / %d", a.failed, a.ok+a.failed)
+		base99, vsBase, diff, failed := a.base99.Format(bench.Dur), bench.PerRound(a.p99, a.base99).Format(bench.X), a.diff.Format(bench.SignedDur), failedOf(a.failed, a.missed, a.ok+a.failed)
 		p999, cpu := "—", "—"
 		if len(a.p999) > 0 {
 			p999 = a.p999.Format(bench.Dur)
@@ -210,7 +219,7 @@ func (cb *workload) endurance(ctx context.Context) error {
 		cpu = fmt.Sprintf("%.2f", r.cpu.Seconds()/float64(r.changes)*1000)
 	}
 	s.Row(bench.Dur(r.lat.Percentile(50)), bench.Dur(r.lat.Percentile(99)), bench.Dur(r.lat.Percentile(99.9)), bench.Dur(r.lat.Max()), bench.Dur(r.base.Percentile(99)),
-		bench.SignedDur(r.lat.Percentile(99)-r.base.Percentile(99)), strconv.Itoa(r.reloads), cpu, fmt.Sprintf("%d / %d", r.failed, r.ok+r.failed),
+		bench.SignedDur(r.lat.Percentile(99)-r.base.Percentile(99)), strconv.Itoa(r.reloads), cpu, failedOf(r.failed, r.missed, r.ok+r.failed),
 		fmt.Sprintf("%d / %d", r.unseen, r.changes))
 	verdict := "met"
 	if r.reloads != 0 || r.failed != 0 {
