@@ -92,6 +92,13 @@ func Endpoint(ctx context.Context, cfg Config, addr, want string) (Result, error
 		Certificates: []tls.Certificate{cfg.Leaf},
 		NextProtos:   cfg.ALPN,
 		MinVersion:   tls.VersionTLS12, // as HAProxy's ssl-default-server-options
+		// Classic key exchange only. A proof sends no byte after the
+		// handshake, so a post-quantum key share protects nothing here,
+		// and Go's default offers X25519MLKEM768: generating its ML-KEM
+		// key was a seventh of the sidecar's CPU in a burst of new
+		// endpoints (meshbench churn -profile), for a share the other
+		// sidecar's OpenSSL 3.0 does not even take.
+		CurvePreferences: []tls.CurveID{tls.X25519, tls.CurveP256},
 		// The chain and the URI SAN are checked in VerifyConnection below:
 		// Go's own verification would match a host name, and the leaf has
 		// none.

@@ -33,6 +33,7 @@ type server struct {
 	addr      string
 	bytesRead atomic.Int64
 	alpn      atomic.Value // []string
+	curves    atomic.Value // []tls.CurveID offered
 	handshake atomic.Int64 // completed handshakes
 }
 
@@ -45,6 +46,7 @@ func serve(t testing.TB, cert tls.Certificate, roots *x509.CertPool) *server {
 		ClientCAs:    roots,
 		GetConfigForClient: func(hi *tls.ClientHelloInfo) (*tls.Config, error) {
 			s.alpn.Store(hi.SupportedProtos)
+			s.curves.Store(hi.SupportedCurves)
 			return nil, nil
 		},
 	})
@@ -195,6 +197,33 @@ func TestServiceID(t *testing.T) {
 // BenchmarkVerify is the cost of one verification: connect, an mTLS
 // handshake with ECDSA P-256 leaves (Consul's default), chain and SAN check,
 // close, against a Go TLS server on loopback.
+// TestEndpointClassicKeyExchange: a proof offers no post-quantum key
+// share (it protects nothing that is sent, and costs an ML-KEM key per
+// proof), and still completes with a server that would take one.
+func TestEndpointClassicKeyExchange(t *testing.T) {
+	ca := testenv.NewCA(t, "mesh root")
+	roots := x509.NewCertPool()
+	roots.AddCert(ca.Cert)
+	clientCert, clientKey := ca.Leaf(t, clientID)
+	cfg, err := NewConfig(clientCert+clientKey, ca.CertPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	web := serve(t, leafOf(t, ca, webID), roots)
+	if _, err := Endpoint(context.Background(), cfg, web.addr, webID); err != nil {
+		t.Fatal(err)
+	}
+	offered, _ := web.curves.Load().([]tls.CurveID)
+	if len(offered) == 0 {
+		t.Fatal("no key exchange offered")
+	}
+	for _, c := range offered {
+		if c == tls.X25519MLKEM768 {
+			t.Errorf("offered %v, with a post-quantum key share", offered)
+		}
+	}
+}
+
 func BenchmarkVerify(b *testing.B) {
 	ca := testenv.NewCA(b, "mesh root")
 	roots := x509.NewCertPool()
