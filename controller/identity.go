@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/consul/api"
@@ -91,12 +92,15 @@ type idCheck struct {
 	users      map[string]struct{} // upstreams listing it
 	instance   string              // Consul service ID, for logs
 	inflight   bool
-	known      bool   // a verification completed
-	good       bool   // the last conclusive one proved want
-	shown      string // the identity presented at the last one
-	serial     string // and the serial of that certificate
-	at, due    time.Time
-	failures   int
+	// unlisted is set by the loop while a queued proof waits and no
+	// upstream lists the endpoint: its worker drops it unproven.
+	unlisted atomic.Bool
+	known    bool   // a verification completed
+	good     bool   // the last conclusive one proved want
+	shown    string // the identity presented at the last one
+	serial   string // and the serial of that certificate
+	at, due  time.Time
+	failures int
 }
 
 // identities is the controller's record of proofs. Owned by the loop.
@@ -107,13 +111,15 @@ type identities struct {
 	checks   map[string]*idCheck
 	listedBy map[string]map[string]struct{} // upstream -> check keys it lists
 	errs     map[string]uint64              // backend/server -> econ+ssl_failed_handshake last read
-	sem      chan struct{}
-	wg       sync.WaitGroup // verifications in flight (tests wait on it)
+	mu       sync.Mutex                     // guards running and queue, shared with the workers
+	running  int                            // workers running
+	queue    []queuedVerify                 // verifications waiting for one of verifyWorkers
+	wg       sync.WaitGroup                 // workers running (tests wait on it)
 }
 
 func newIdentities() *identities {
 	return &identities{verify: verify.Endpoint, checks: map[string]*idCheck{}, listedBy: map[string]map[string]struct{}{},
-		errs: map[string]uint64{}, sem: make(chan struct{}, verifyWorkers)}
+		errs: map[string]uint64{}}
 }
 
 // verifyConfig is the verification's TLS material for the current leaf and
@@ -230,6 +236,7 @@ func (c *Controller) track(ctx context.Context, v verifyAction) {
 			id.checks[r.key] = ch
 		}
 		ch.users[v.upstream] = struct{}{}
+		ch.unlisted.Store(false)
 		if r.instance != "" {
 			ch.instance = r.instance
 		}
@@ -243,8 +250,12 @@ func (c *Controller) track(ctx context.Context, v verifyAction) {
 		}
 		if ch := id.checks[k]; ch != nil {
 			delete(ch.users, v.upstream)
-			if len(ch.users) == 0 && !ch.inflight {
-				delete(id.checks, k)
+			if len(ch.users) == 0 {
+				if !ch.inflight {
+					delete(id.checks, k)
+				} else {
+					ch.unlisted.Store(true)
+				}
 			}
 		}
 	}
@@ -281,8 +292,13 @@ func alpnList(protocol string) []string {
 	return nil
 }
 
-// startVerify runs one verification of ch in the background; its result
-// comes back to the loop through c.events.
+// startVerify runs one verification of ch in the background, or queues it
+// while verifyWorkers run; its result comes back to the loop through
+// c.events. Queued, not a goroutine each waiting its turn: a sidecar that
+// starts with 10 000 endpoints would hold 10 000 parked goroutines and
+// their stacks until the proofs are through. A worker takes the next
+// queued proof itself when it is done with one, so the proofs' pace does
+// not depend on how soon the loop reads their results.
 func (c *Controller) startVerify(ctx context.Context, k string, ch *idCheck) {
 	cfg, err := c.verifyConfig()
 	if err != nil {
@@ -292,19 +308,64 @@ func (c *Controller) startVerify(ctx context.Context, k string, ch *idCheck) {
 	cfg.ALPN = ch.alpn
 	ch.inflight = true
 	id := c.ident
+	q := queuedVerify{k, ch, cfg}
+	id.mu.Lock()
+	if id.running >= verifyWorkers {
+		id.queue = append(id.queue, q)
+		id.mu.Unlock()
+		return
+	}
+	id.running++
+	id.mu.Unlock()
 	id.wg.Add(1)
-	go func() {
-		defer id.wg.Done()
-		select {
-		case id.sem <- struct{}{}:
-		case <-ctx.Done():
+	go c.verifyWorker(ctx, q)
+}
+
+// queuedVerify is a verification waiting for a worker, with the TLS
+// material of when it was asked for.
+type queuedVerify struct {
+	k   string
+	ch  *idCheck
+	cfg verify.Config
+}
+
+// verifyWorker proves q's endpoint, then the queued ones, first in first
+// out, until the queue is empty. A proof whose endpoint no upstream lists
+// any more is dropped unproven: a burst of adds undone before its proofs
+// ran costs none.
+func (c *Controller) verifyWorker(ctx context.Context, q queuedVerify) {
+	id := c.ident
+	defer id.wg.Done()
+	for {
+		k, ch := q.k, q.ch
+		if ch.unlisted.Load() {
+			c.send(ctx, func(*desired) { c.unlistedProof(k, ch) })
+		} else {
+			res, err := id.verify(ctx, q.cfg, ch.addr, ch.want)
+			c.metrics.verifyDuration.Observe(res.Took.Seconds())
+			c.send(ctx, func(d *desired) { c.verified(d, k, ch, res, err) })
+		}
+		id.mu.Lock()
+		if len(id.queue) == 0 || ctx.Err() != nil {
+			id.running--
+			id.queue = nil // let a burst's backing array go
+			id.mu.Unlock()
 			return
 		}
-		res, err := id.verify(ctx, cfg, ch.addr, ch.want)
-		<-id.sem
-		c.metrics.verifyDuration.Observe(res.Took.Seconds())
-		c.send(ctx, func(d *desired) { c.verified(d, k, ch, res, err) })
-	}()
+		q = id.queue[0]
+		id.queue[0] = queuedVerify{}
+		id.queue = id.queue[1:]
+		id.mu.Unlock()
+	}
+}
+
+// unlistedProof ends a queued proof its worker dropped: the endpoint's
+// result is forgotten unless an upstream listed it again meanwhile.
+func (c *Controller) unlistedProof(k string, ch *idCheck) {
+	ch.inflight = false
+	if len(ch.users) == 0 && c.ident.checks[k] == ch {
+		delete(c.ident.checks, k)
+	}
 }
 
 // verified records a verification's result and re-plans the upstreams that
@@ -402,6 +463,8 @@ func (c *Controller) sweepIdentities(ctx context.Context, d *desired) {
 		if len(ch.users) == 0 {
 			if !ch.inflight {
 				delete(c.ident.checks, k)
+			} else {
+				ch.unlisted.Store(true)
 			}
 			continue
 		}
