@@ -13,10 +13,8 @@ import (
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap/zaptest"
 
-	"github.com/haproxy-connect/haproxy-connect/certs"
 	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/slots"
-	"github.com/haproxy-connect/haproxy-connect/testenv"
 	"github.com/haproxy-connect/haproxy-connect/verify"
 )
 
@@ -27,16 +25,7 @@ import (
 // changes, exactly one reload for another upstream set. Without
 // readApplied, finding a master is an error.
 func TestAdoptTranscript(t *testing.T) {
-	ca := testenv.NewCA(t, "root")
-	cert, key := ca.Leaf(t, "spiffe://td.consul/ns/default/dc/dc1/svc/web")
-	leaf, err := certs.NewBundle(cert, key, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	roots, err := certs.NewRoots([]string{ca.CertPEM})
-	if err != nil {
-		t.Fatal(err)
-	}
+	leaf, roots := webLeaf(t)
 	api9, db := up("api", 9191), up("db", 9192)
 	// served is what the running master serves: sc, with eps per
 	// upstream in 8 slots, the leaf and the roots, generation 0.

@@ -82,6 +82,35 @@ func ep(last, port int) slots.Endpoint {
 	return slots.Endpoint{Addr: fmt.Sprintf("10.0.0.%d", last), Port: port, Weight: 1}
 }
 
+// webLeaf is a leaf of service web, from a new CA, and that CA as the
+// roots.
+func webLeaf(tb testing.TB) (certs.Bundle, certs.Roots) {
+	tb.Helper()
+	ca := testenv.NewCA(tb, "root")
+	cert, key := ca.Leaf(tb, "spiffe://td.consul/ns/default/dc/dc1/svc/web")
+	leaf, err := certs.NewBundle(cert, key, time.Now())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	roots, err := certs.NewRoots([]string{ca.CertPEM})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return leaf, roots
+}
+
+// drainEvents runs every event waiting in c.events, as the loop would.
+func drainEvents(c *Controller) {
+	for {
+		select {
+		case f := <-c.events:
+			f(&c.desired)
+		default:
+			return
+		}
+	}
+}
+
 func sidecar(ups ...Upstream) *Sidecar {
 	return &Sidecar{ProxyID: "web-sidecar-proxy", Service: "web", Upstreams: ups,
 		Public: bootstrap.Public{BindAddr: "127.0.0.1", BindPort: 21000, Protocol: "http", LocalAddr: "127.0.0.1", LocalPort: 8080}}

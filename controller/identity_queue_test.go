@@ -6,13 +6,10 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap/zaptest"
 
-	"github.com/haproxy-connect/haproxy-connect/certs"
-	"github.com/haproxy-connect/haproxy-connect/testenv"
 	"github.com/haproxy-connect/haproxy-connect/verify"
 )
 
@@ -21,16 +18,7 @@ import (
 // the loop reading results in between, and a queued proof of an endpoint
 // no upstream lists any more is dropped without a handshake.
 func TestVerifyQueue(t *testing.T) {
-	ca := testenv.NewCA(t, "root")
-	cert, key := ca.Leaf(t, "spiffe://td.consul/ns/default/dc/dc1/svc/web")
-	leaf, err := certs.NewBundle(cert, key, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	roots, err := certs.NewRoots([]string{ca.CertPEM})
-	if err != nil {
-		t.Fatal(err)
-	}
+	leaf, roots := webLeaf(t)
 	c, err := New(Config{Consul: api.DefaultConfig(), ProxyID: "web-sidecar-proxy", StateDir: t.TempDir(), SPOASocket: "/state/spoa.sock", Log: zaptest.NewLogger(t), MinSlots: 2})
 	if err != nil {
 		t.Fatal(err)
@@ -77,14 +65,7 @@ func TestVerifyQueue(t *testing.T) {
 	// c.events once they are done.
 	close(release)
 	c.ident.wg.Wait()
-	for drained := false; !drained; {
-		select {
-		case f := <-c.events:
-			f(&c.desired)
-		default:
-			drained = true
-		}
-	}
+	drainEvents(c)
 	if most.Load() > verifyWorkers {
 		t.Errorf("%d proofs at once, want at most %d", most.Load(), verifyWorkers)
 	}

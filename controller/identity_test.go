@@ -16,16 +16,7 @@ import (
 // BenchmarkVerifiedEndpoints is what the identity gate adds to every plan
 // of an upstream of 1000 endpoints that have all proved their identity.
 func BenchmarkVerifiedEndpoints(b *testing.B) {
-	ca := testenv.NewCA(b, "root")
-	cert, key := ca.Leaf(b, "spiffe://td.consul/ns/default/dc/dc1/svc/web")
-	leaf, err := certs.NewBundle(cert, key, time.Now())
-	if err != nil {
-		b.Fatal(err)
-	}
-	roots, err := certs.NewRoots([]string{ca.CertPEM})
-	if err != nil {
-		b.Fatal(err)
-	}
+	leaf, roots := webLeaf(b)
 	c, err := New(Config{Consul: api.DefaultConfig(), ProxyID: "web-sidecar-proxy", StateDir: b.TempDir(), SPOASocket: "/state/spoa.sock", Log: zap.NewNop()})
 	if err != nil {
 		b.Fatal(err)

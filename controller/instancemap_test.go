@@ -13,10 +13,8 @@ import (
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap/zaptest"
 
-	"github.com/haproxy-connect/haproxy-connect/certs"
 	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/slots"
-	"github.com/haproxy-connect/haproxy-connect/testenv"
 	"github.com/haproxy-connect/haproxy-connect/verify"
 )
 
@@ -85,16 +83,7 @@ func TestInstanceMapCommands(t *testing.T) {
 // the map and the reload's reason into the state directory at start and
 // at each reload.
 func TestInstanceMapTranscript(t *testing.T) {
-	ca := testenv.NewCA(t, "root")
-	cert, key := ca.Leaf(t, "spiffe://td.consul/ns/default/dc/dc1/svc/web")
-	leaf, err := certs.NewBundle(cert, key, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	roots, err := certs.NewRoots([]string{ca.CertPEM})
-	if err != nil {
-		t.Fatal(err)
-	}
+	leaf, roots := webLeaf(t)
 	dir := t.TempDir()
 	c, err := New(Config{Consul: api.DefaultConfig(), ProxyID: "web-sidecar-proxy", StateDir: dir, SPOASocket: "/state/spoa.sock", Log: zaptest.NewLogger(t), MinSlots: 2, AccessLog: true})
 	if err != nil {

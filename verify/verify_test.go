@@ -194,22 +194,26 @@ func TestServiceID(t *testing.T) {
 	}
 }
 
-// BenchmarkVerify is the cost of one verification: connect, an mTLS
-// handshake with ECDSA P-256 leaves (Consul's default), chain and SAN check,
-// close, against a Go TLS server on loopback.
+// webServer is a server of webID under a new mesh CA, and the Config of a
+// client of that mesh.
+func webServer(tb testing.TB) (Config, *server) {
+	tb.Helper()
+	ca := testenv.NewCA(tb, "mesh root")
+	roots := x509.NewCertPool()
+	roots.AddCert(ca.Cert)
+	clientCert, clientKey := ca.Leaf(tb, clientID)
+	cfg, err := NewConfig(clientCert+clientKey, ca.CertPEM)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return cfg, serve(tb, leafOf(tb, ca, webID), roots)
+}
+
 // TestEndpointClassicKeyExchange: a proof offers no post-quantum key
 // share (it protects nothing that is sent, and costs an ML-KEM key per
 // proof), and still completes with a server that would take one.
 func TestEndpointClassicKeyExchange(t *testing.T) {
-	ca := testenv.NewCA(t, "mesh root")
-	roots := x509.NewCertPool()
-	roots.AddCert(ca.Cert)
-	clientCert, clientKey := ca.Leaf(t, clientID)
-	cfg, err := NewConfig(clientCert+clientKey, ca.CertPEM)
-	if err != nil {
-		t.Fatal(err)
-	}
-	web := serve(t, leafOf(t, ca, webID), roots)
+	cfg, web := webServer(t)
 	if _, err := Endpoint(context.Background(), cfg, web.addr, webID); err != nil {
 		t.Fatal(err)
 	}
@@ -224,16 +228,11 @@ func TestEndpointClassicKeyExchange(t *testing.T) {
 	}
 }
 
+// BenchmarkVerify is the cost of one verification: connect, an mTLS
+// handshake with ECDSA P-256 leaves (Consul's default), chain and SAN check,
+// close, against a Go TLS server on loopback.
 func BenchmarkVerify(b *testing.B) {
-	ca := testenv.NewCA(b, "mesh root")
-	roots := x509.NewCertPool()
-	roots.AddCert(ca.Cert)
-	clientCert, clientKey := ca.Leaf(b, clientID)
-	cfg, err := NewConfig(clientCert+clientKey, ca.CertPEM)
-	if err != nil {
-		b.Fatal(err)
-	}
-	web := serve(b, leafOf(b, ca, webID), roots)
+	cfg, web := webServer(b)
 	b.ResetTimer()
 	for b.Loop() {
 		if _, err := Endpoint(context.Background(), cfg, web.addr, webID); err != nil {
