@@ -191,11 +191,14 @@ func TestL7Permissions(t *testing.T) {
 	}
 
 	// An edit: /admin allowed now, /internal and /api denied (/api
-	// requests were allowed, and remembered, before). It applies within a
-	// second on the kept-alive connection, without a reload.
+	// requests were allowed, and remembered, before). It applies on the
+	// kept-alive connection, without a reload. How soon is logged, not
+	// asserted (about 25 ms on an idle machine): the window only bounds
+	// the wait. A full make test once went past a 1 s window here, on a
+	// loaded machine.
 	reloads := server.reloads(t)
 	l7Intention(t, c, "client", "server", denyPrefix("/internal"), denyPrefix("/api"), allowRest())
-	took := eventually(t, time.Second, "edited permissions applied on the kept-alive connection", func() error {
+	took := eventually(t, 10*time.Second, "edited permissions applied on the kept-alive connection", func() error {
 		if err := want("/admin", 200)(); err != nil {
 			return err
 		}
