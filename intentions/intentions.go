@@ -344,13 +344,7 @@ func (s *Set) Decide(p Peer) Decision {
 		if !x.matches(p) {
 			continue
 		}
-		reason := ""
-		if i < len(s.reasons) {
-			reason = s.reasons[i]
-		} else {
-			reason = matchedReason(x)
-		}
-		return Decision{Verdict: x.verdict(), Intention: x, Reason: reason}
+		return Decision{Verdict: x.verdict(), Intention: x, Reason: s.reasons[i]}
 	}
 	v := Deny
 	if s.def.Allow {
