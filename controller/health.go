@@ -271,12 +271,17 @@ func eachElement(body []byte, fn func(i int, elem []byte) error) error {
 	if k == len(body) || body[k] != '[' {
 		return errNotArray
 	}
-	k = ws(k + 1)
-	if k < len(body) && body[k] == ']' {
+	// closed checks that nothing but whitespace follows the closing
+	// bracket at k.
+	closed := func(k int) error {
 		if ws(k+1) != len(body) {
 			return fmt.Errorf("answer is not JSON: unexpected tail after the array: %q", tail(body[k+1:]))
 		}
 		return nil
+	}
+	k = ws(k + 1)
+	if k < len(body) && body[k] == ']' {
+		return closed(k)
 	}
 	for i := 0; ; i++ {
 		end, err := elementEnd(body, k)
@@ -294,10 +299,7 @@ func eachElement(body []byte, fn func(i int, elem []byte) error) error {
 		case ',':
 			k = ws(k + 1)
 		case ']':
-			if ws(k+1) != len(body) {
-				return fmt.Errorf("answer is not JSON: unexpected tail after the array: %q", tail(body[k+1:]))
-			}
-			return nil
+			return closed(k)
 		default:
 			return fmt.Errorf("answer is not JSON: %q after element %d", tail(body[k:]), i)
 		}

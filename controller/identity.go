@@ -251,11 +251,7 @@ func (c *Controller) track(ctx context.Context, v verifyAction) {
 		if ch := id.checks[k]; ch != nil {
 			delete(ch.users, v.upstream)
 			if len(ch.users) == 0 {
-				if !ch.inflight {
-					delete(id.checks, k)
-				} else {
-					ch.unlisted.Store(true)
-				}
+				id.unlist(k, ch)
 			}
 		}
 	}
@@ -357,6 +353,17 @@ func (c *Controller) verifyWorker(ctx context.Context, q queuedVerify) {
 		id.queue = id.queue[1:]
 		id.mu.Unlock()
 	}
+}
+
+// unlist forgets the check k, which no upstream lists any more; one in
+// flight is kept until its proof ends, and a queued one is marked for its
+// worker to drop.
+func (id *identities) unlist(k string, ch *idCheck) {
+	if ch.inflight {
+		ch.unlisted.Store(true)
+		return
+	}
+	delete(id.checks, k)
 }
 
 // unlistedProof ends a queued proof its worker dropped: the endpoint's
@@ -461,11 +468,7 @@ func (c *Controller) sweepIdentities(ctx context.Context, d *desired) {
 			}
 		}
 		if len(ch.users) == 0 {
-			if !ch.inflight {
-				delete(c.ident.checks, k)
-			} else {
-				ch.unlisted.Store(true)
-			}
+			c.ident.unlist(k, ch)
 			continue
 		}
 		if !ch.inflight && ch.known && !now.Before(ch.due) {
