@@ -33,7 +33,7 @@
 //   - "In effect" for HAProxy contenders: polling "show servers state
 //     <backend>" on a worker-level stats socket added for the benchmark
 //     (bench.ObserveSocket; haproxy-connect runs HAProxy through a wrapper
-//     that adds it), every millisecond (pollPeriod), never on the master
+//     that adds it), every millisecond (bench.PollPeriod), never on the master
 //     socket haproxy-connect steers HAProxy with; an endpoint is in effect
 //     when a server that is not in maintenance has its address and port.
 //     Every observation is timestamped when the reply has been read, so

@@ -128,7 +128,7 @@ func (c *contender) Stop() {
 // serversPoll is a poll of "show servers state <backend>" on the worker's
 // stats socket sock: the address:port of every server not in maintenance.
 // While a reload replaces the worker the socket may refuse a connection:
-// the poll fails and pollLoop tries again.
+// the poll fails and bench.PollLoop tries again.
 func serversPoll(sock, backend string) func(ctx context.Context) (map[string]bool, error) {
 	return func(ctx context.Context) (map[string]bool, error) {
 		text, err := bench.Command(sock, "show servers state "+backend)

@@ -57,7 +57,7 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 	case c.alone:
 	default:
 		wg.Add(1)
-		go func() { defer wg.Done(); pollLoop(pctx, c.poll, seenTL) }()
+		go func() { defer wg.Done(); bench.PollLoop(pctx, c.poll, seenTL) }()
 	}
 
 	// The schedule: a starting set, the measured writes, the end set.

@@ -40,12 +40,9 @@ func shapes(quick bool) []shape {
 	}
 }
 
-const (
-	changeRate = 100 // changes per second
-	// pollPeriod paces the observer as in the churn workload: one poll
-	// every millisecond at most, never more than half of the time busy.
-	pollPeriod = time.Millisecond
-)
+// changeRate is the propagation pass's changes per second; HAProxy is
+// polled at bench.PollPeriod, as in the churn workload.
+const changeRate = 100
 
 // figures are one case's rounds.
 type figures struct {
@@ -98,7 +95,7 @@ func Run(ctx context.Context, b *bench.Bench) error {
 		sec.Note("Targets (medians over rounds of this run): %s.", strings.Join(targets, "; "))
 	}
 	sec.Note("Each case and round: a fresh Consul dev agent; the endpoints are connect-proxy instances written to the catalog, each on a node of its own (instances on other hosts), each listening on its own loopback address with a leaf of its service from Consul's CA and completing TLS handshakes (the sidecar proves an endpoint's identity with a handshake before it places it); a client registered with the upstreams; one haproxy-connect sidecar at its defaults, started when all endpoints are registered. Start to ready: to /readyz answering 200; start to all served: to `show servers state` on a worker-level stats socket added for the benchmark (bench.ObservedHAProxy, not the master socket the sidecar steers HAProxy with) listing every endpoint in service, both polled every 10 ms. Sidecar peak memory: the largest sum of Pss over the sidecar's process tree (controller, HAProxy master, workers), sampled every 250 ms from start to end; of which controller: haproxy-connect's own Pss in that peak sample (the rest is HAProxy's master and workers).")
-	sec.Note("Propagation (one-upstream cases): for %s after all are served, one change every 10 ms (%d/s): first deregistrations of distinct endpoints, then their registrations again, each timed from Consul's write acknowledgement to the first poll of `show servers state <backend>` on the worker socket that shows it (in service with its address and port, or gone); polls as in the churn workload (one per %s at most, never more than half of the time busy), so a figure is an upper bound by up to one poll interval, shown. Consul p99: Consul's own notification of the same changes, a blocking query on health/connect/big000 (passing only, no gzip, addresses and ports read with fastjson) run through the same pass on the same agent, matched to the changes the same way; p99 ÷ Consul p99 pairs each round's figures. Each answer carries the whole instance list (about 2 KB per instance), so at these sizes Consul's own answer is the bulk of the work, and two watchers (the sidecar's and this one) share the 2 CPUs with Consul and HAProxy. CPU s / 1000 changes: the sidecar's whole process tree, from the first change to the last one observed. With 10 000 servers a poll takes several milliseconds: read the poll interval with the figures.", churnFor, changeRate, pollPeriod)
+	sec.Note("Propagation (one-upstream cases): for %s after all are served, one change every 10 ms (%d/s): first deregistrations of distinct endpoints, then their registrations again, each timed from Consul's write acknowledgement to the first poll of `show servers state <backend>` on the worker socket that shows it (in service with its address and port, or gone); polls as in the churn workload (one per %s at most, never more than half of the time busy), so a figure is an upper bound by up to one poll interval, shown. Consul p99: Consul's own notification of the same changes, a blocking query on health/connect/big000 (passing only, no gzip, addresses and ports read with fastjson) run through the same pass on the same agent, matched to the changes the same way; p99 ÷ Consul p99 pairs each round's figures. Each answer carries the whole instance list (about 2 KB per instance), so at these sizes Consul's own answer is the bulk of the work, and two watchers (the sidecar's and this one) share the 2 CPUs with Consul and HAProxy. CPU s / 1000 changes: the sidecar's whole process tree, from the first change to the last one observed. With 10 000 servers a poll takes several milliseconds: read the poll interval with the figures.", churnFor, changeRate, bench.PollPeriod)
 	return nil
 }
 
@@ -262,14 +259,7 @@ func propagate(ctx context.Context, c *api.Client, consulAddr string, sc *bench.
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
-		for pctx.Err() == nil {
-			start := time.Now()
-			if in, err := inService(sc.Observe, "up_big000"); err == nil {
-				seen.Observe(time.Now(), in)
-			}
-			took := time.Since(start)
-			time.Sleep(max(pollPeriod-took, took))
-		}
+		bench.PollLoop(pctx, func(context.Context) (map[string]bool, error) { return inService(sc.Observe, "up_big000") }, seen)
 	}()
 	go func() {
 		defer wg.Done()
