@@ -982,7 +982,20 @@ func renderConfig(s Spec) (string, error) {
 				w("    tcp-response content reject unless { ssl_s_der,hex -m sub %s }", sanPattern(u.ServerID))
 			}
 		}
-		w("    default-server ssl crt %s ca-file %s verify required%s%s", s.LeafFile, s.RootsFile, alpn, passive(u.Passive, mode))
+		// no-ssl-reuse: a connection to another sidecar never resumes a
+		// TLS session, so it presents the leaf HAProxy holds now. On
+		// 2.6.12, "commit ssl cert" empties each server's session cache,
+		// but a handshake in flight at that moment stores its session,
+		// made with the old leaf, after the flush; each resumption of it
+		// stores a fresh ticket (OpenSSL 3.0 restarts a TLS 1.3 session's
+		// lifetime on resumption), so under steady new connections the
+		// old leaf is presented indefinitely, past its expiry. The other
+		// sidecar's agent then refuses it as expired whenever it decides
+		// again (an intentions change): new connections denied on a
+		// healthy mesh. HTTP modes pool their server connections, so the
+		// full handshakes are rare there; tcp mode makes one per
+		// connection.
+		w("    default-server ssl crt %s ca-file %s verify required%s no-ssl-reuse%s", s.LeafFile, s.RootsFile, alpn, passive(u.Passive, mode))
 		renderSlots(w, u.Slots)
 	}
 	for _, e := range s.Expose {

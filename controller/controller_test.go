@@ -245,7 +245,7 @@ func TestReconcileTranscript(t *testing.T) {
 			"@1 set server up_api/s7 state ready",
 			"@1 set server up_api/s8 addr 10.0.0.9 port 21000",
 			"@1 set server up_api/s8 state ready",
-			fmt.Sprintf("@1 add server up_api/s9 10.0.0.10:21000 weight 1 ssl crt %[1]s/leaf.pem ca-file %[1]s/roots.pem verify required", dir),
+			fmt.Sprintf("@1 add server up_api/s9 10.0.0.10:21000 weight 1 ssl crt %[1]s/leaf.pem ca-file %[1]s/roots.pem verify required no-ssl-reuse", dir),
 			"@1 set server up_api/s9 state ready",
 		}},
 		{"a new upstream is a reload with its reason", func(d *desired) {
@@ -426,11 +426,11 @@ func TestWaitAuthzGeneration(t *testing.T) {
 // "add server").
 func TestAddServerALPN(t *testing.T) {
 	tests := []struct{ protocol, want string }{
-		{"", "verify required"},
-		{"tcp", "verify required"},
-		{"http", "verify required alpn h2,http/1.1"},
-		{"http2", "verify required alpn h2"},
-		{"grpc", "verify required alpn h2"},
+		{"", "verify required no-ssl-reuse"},
+		{"tcp", "verify required no-ssl-reuse"},
+		{"http", "verify required alpn h2,http/1.1 no-ssl-reuse"},
+		{"http2", "verify required alpn h2 no-ssl-reuse"},
+		{"grpc", "verify required alpn h2 no-ssl-reuse"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.protocol, func(t *testing.T) {

@@ -451,7 +451,9 @@ func (c *Controller) observe(ctx context.Context, name string) ([]slots.Observed
 
 // command translates a planned slot operation into a runtime command.
 func (c *Controller) command(backend string, op slots.Op) (runtime.Command, error) {
-	o := runtime.ServerOptions{Weight: op.Weight, SSL: true, CrtFile: c.path("leaf.pem"), CAFile: c.path("roots.pem")}
+	// The TLS settings of the template slots' default-server line (see
+	// bootstrap.Render), which a dynamic server does not inherit on 2.6.
+	o := runtime.ServerOptions{Weight: op.Weight, SSL: true, CrtFile: c.path("leaf.pem"), CAFile: c.path("roots.pem"), NoSSLReuse: true}
 	if op.Kind == slots.OpAdd {
 		for _, u := range c.applied.sidecar.Upstreams {
 			if u.Name == backend {

@@ -137,7 +137,7 @@ var (
 	shapeSetState  = regexp.MustCompile(`^set server ` + gServer + ` state (ready|drain|maint)$`)
 	shapeSetWeight = regexp.MustCompile(`^set server ` + gServer + ` weight ` + gWeight + `$`)
 	shapeAddServer = regexp.MustCompile(`^add server ` + gServer + ` (` + gAddr + `|\[` + gAddr + `\]):` + gPort + ` weight ` + gWeight +
-		`( ssl crt ` + gPath + ` ca-file ` + gPath + ` verify required( sni str\(` + gIdent + `\))?( alpn [a-z0-9/.-]+(,[a-z0-9/.-]+)*)?)?$`)
+		`( ssl crt ` + gPath + ` ca-file ` + gPath + ` verify required( sni str\(` + gIdent + `\))?( alpn [a-z0-9/.-]+(,[a-z0-9/.-]+)*)?( no-ssl-reuse)?)?$`)
 	shapeSSLCert     = regexp.MustCompile(`^(set|commit|abort|show) ssl cert ` + gPath + `$`)
 	shapeSetMap      = regexp.MustCompile(`^(set|add) map ` + gPath + ` ` + gMapKey + ` ` + gMapValue + `$`)
 	shapeShowMap     = regexp.MustCompile(`^show map ` + gPath + `$`)
@@ -266,6 +266,9 @@ type ServerOptions struct {
 	CAFile  string
 	SNI     string // optional constant SNI
 	ALPN    string // optional ALPN list, e.g. "h2"
+	// NoSSLReuse: every connection makes a full handshake ("no-ssl-reuse"),
+	// none resumes a session of an earlier one.
+	NoSSLReuse bool
 }
 
 var alpnRE = regexp.MustCompile(`^[a-z0-9/.-]+(,[a-z0-9/.-]+)*$`)
@@ -308,6 +311,9 @@ func AddServer(backend, server, addr string, port int, o ServerOptions) (Command
 				return Command{}, fmt.Errorf("%w: alpn %q", ErrInvalidArgument, o.ALPN)
 			}
 			line += " alpn " + o.ALPN
+		}
+		if o.NoSSLReuse {
+			line += " no-ssl-reuse"
 		}
 	}
 	return worker(shapeAddServer, line, expectPrefix("New server registered."))

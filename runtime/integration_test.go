@@ -193,7 +193,7 @@ func TestAddServerBeyondTemplate(t *testing.T) {
 	sk := startSkeleton(t)
 	m := must(t)
 	port := tlsEcho(t, sk.ca, "dyn")
-	opts := runtime.ServerOptions{Weight: 1, SSL: true, CrtFile: sk.leafFile, CAFile: sk.spec.RootsFile}
+	opts := runtime.ServerOptions{Weight: 1, SSL: true, CrtFile: sk.leafFile, CAFile: sk.spec.RootsFile, NoSSLReuse: true}
 	// Added in maintenance (the default), it serves once ready.
 	mustExec(t, sk.rt,
 		m(runtime.AddServer("up_api", "s3", "127.0.0.1", port, opts)),

@@ -272,8 +272,9 @@ func (s *sidecar) seenClientCert(serial string) func() error {
 // leaves they last swapped in: the server sidecar's public listener serves
 // its own and still asks callers for theirs; the client sidecar holds its
 // own as the upstream servers' client certificate, and in tcp mode, where
-// every call is a new connection between the sidecars, the server's access
-// log shows it.
+// every call is a new connection between the sidecars and a full handshake
+// (no session of an earlier leaf is resumed, see bootstrap.Render), the
+// server's access log shows it.
 func newLeavesInUse(t *testing.T, m *mesh, proto string) {
 	t.Helper()
 	eventually(t, afterSwap, "the server sidecar serves its last leaf", m.server.servesLatestLeaf(m.ports[0]))
