@@ -154,6 +154,16 @@ func newTrust(domain string, roots, intermediates []*x509.Certificate) (*trust, 
 // depth, should HAProxy's ca-file ever hold more than Consul's roots.
 // verified counts the full verifications.
 //
+// The certificate's validity period is HAProxy's to check, at the
+// handshake that authenticated the connection (verify required), and the
+// chain is verified at a time within it (now, unless the leaf has expired
+// or is not yet valid): the agent also decides again for connections made
+// earlier (an intentions change, see Recheck), and for TLS sessions
+// resumed from an earlier handshake, whose leaf may have expired since.
+// Refusing those would close a kept-alive tcp connection, and answer 403
+// on every request of a pooled HTTP connection, once the client has
+// renewed the leaf it opened them with and that leaf has run out.
+//
 // svcErr says why the URI is not a Consul service SPIFFE ID, nil if it is
 // (certs.ParseSPIFFE, parsed once per certificate).
 func checkCert(cert *x509.Certificate, svcErr error, t *trust, now time.Time, handshakeVerified bool, verified *atomic.Uint64) error {
@@ -179,16 +189,23 @@ func checkCert(cert *x509.Certificate, svcErr error, t *trust, now time.Time, ha
 	if svcErr != nil {
 		return fmt.Errorf("%w: %q", errNotService, u.String())
 	}
-	if handshakeVerified && issuedByTrusted(leafOf(cert), t, now) {
+	if handshakeVerified && issuedByTrusted(leafOf(cert), t) {
 		return nil
 	}
 	if verified != nil {
 		verified.Add(1)
 	}
+	at := now
+	if at.After(cert.NotAfter) {
+		at = cert.NotAfter
+	}
+	if at.Before(cert.NotBefore) {
+		at = cert.NotBefore
+	}
 	_, err := cert.Verify(x509.VerifyOptions{
 		Roots:         t.roots,
 		Intermediates: t.intermediates,
-		CurrentTime:   now,
+		CurrentTime:   at,
 		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 	})
 	if err != nil {
@@ -197,25 +214,22 @@ func checkCert(cert *x509.Certificate, svcErr error, t *trust, now time.Time, ha
 	return nil
 }
 
-// checkRemembered is checkCert for r's certificate, with its expiry. One
+// checkRemembered is checkCert for r's certificate. One
 // parseLeaf read (r.leaf), with HAProxy's verification relied on (fast),
 // is passed from what parseLeaf read when that is enough: checkCert would
 // pass it too, since parseLeaf reads the same fields as x509 and only a
 // URI of the shape spiffe://<host>/<path>, which passes checkCert's URI
 // checks. Every other case (a refusal included, for its reason) is
 // checkCert's, on x509's parse.
-func checkRemembered(r rememberedCert, t *trust, now time.Time, fast bool, verified *atomic.Uint64) (notAfter time.Time, err error) {
-	if fast && t != nil && r.leaf != nil && r.leaf.host == t.domain && r.svcErr == nil && issuedByTrusted(*r.leaf, t, now) {
-		return r.leaf.notAfter, nil
+func checkRemembered(r rememberedCert, t *trust, now time.Time, fast bool, verified *atomic.Uint64) error {
+	if fast && t != nil && r.leaf != nil && r.leaf.host == t.domain && r.svcErr == nil && issuedByTrusted(*r.leaf, t) {
+		return nil
 	}
 	cert, err := r.full()
 	if err != nil {
-		return time.Time{}, err
+		return err
 	}
-	if err := checkCert(cert, r.svcErr, t, now, fast, verified); err != nil {
-		return time.Time{}, err
-	}
-	return cert.NotAfter, nil
+	return checkCert(cert, r.svcErr, t, now, fast, verified)
 }
 
 // refusals are the reasons checkCert refuses a certificate, with their
@@ -255,19 +269,12 @@ func hexSerial(b []byte) string {
 	return s.String()
 }
 
-// verifiedCert is a certificate checkCert passed: under which trust, and
-// until when it is valid.
-type verifiedCert struct {
-	trust    *trust
-	notAfter time.Time
-}
-
 // checkOnce is checkCert of r's certificate, remembered per certificate
 // (its SHA-256): the chain check, a signature verification (most of an
 // uncached decision's time), is not repeated when an intention change
 // drops the decision cache and every source is decided again. What it
 // depends on is kept with it: the trust it was checked under (a roots
-// change makes it stale) and the certificate's expiry. Refusals are not
+// change makes it stale). Refusals are not
 // remembered here (the decision cache holds them). Bounded like the
 // decision cache: a full map evicts one arbitrary entry.
 func (a *Authorizer) checkOnce(r rememberedCert) error {
@@ -276,7 +283,7 @@ func (a *Authorizer) checkOnce(r rememberedCert) error {
 	a.verifiedMu.Lock()
 	v, ok := a.verified[sum]
 	a.verifiedMu.Unlock()
-	if ok && t != nil && v.trust == t && now.Before(v.notAfter) {
+	if ok && t != nil && v == t {
 		return nil
 	}
 	fast := t != nil && a.served.handshakeVerified(t, now)
@@ -287,8 +294,7 @@ func (a *Authorizer) checkOnce(r rememberedCert) error {
 			a.log.Info("client certificate chains: the agent verifies each one itself (the roots HAProxy holds are unknown or not all Consul's)")
 		}
 	}
-	notAfter, err := checkRemembered(r, t, now, fast, &a.stats.chainVerifications)
-	if err != nil {
+	if err := checkRemembered(r, t, now, fast, &a.stats.chainVerifications); err != nil {
 		return err
 	}
 	a.verifiedMu.Lock()
@@ -299,6 +305,6 @@ func (a *Authorizer) checkOnce(r rememberedCert) error {
 			break
 		}
 	}
-	a.verified[sum] = verifiedCert{trust: t, notAfter: notAfter}
+	a.verified[sum] = t
 	return nil
 }

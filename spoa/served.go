@@ -169,15 +169,13 @@ func pemSums(b string) (map[[32]byte]bool, error) {
 
 // issuedByTrusted is the agent's check of a certificate HAProxy verified
 // against roots the agent trusts (see handshakeVerified): it names a
-// trusted issuer, is valid now, and may authenticate a client. A false
-// answer sends the certificate to the full chain verification, which then
-// says why it fails. l is the certificate as parseLeaf reads it, or
+// trusted issuer and may authenticate a client. Its validity period is
+// not checked here: HAProxy checked it at the handshake (see checkCert). A
+// false answer sends the certificate to the full chain verification, which
+// then says why it fails. l is the certificate as parseLeaf reads it, or
 // leafOf x509's parse.
-func issuedByTrusted(l leaf, t *trust, now time.Time) bool {
+func issuedByTrusted(l leaf, t *trust) bool {
 	if len(l.authorityKeyID) == 0 || !t.skids[string(l.authorityKeyID)] {
-		return false
-	}
-	if now.Before(l.notBefore) || now.After(l.notAfter) {
 		return false
 	}
 	return l.clientAuth

@@ -164,9 +164,10 @@ type Authorizer struct {
 	// served is what HAProxy verifies client certificates against
 	// (RootsServed, served.go).
 	served servedRoots
-	// verified holds the certificates checkCert passed (see checkOnce).
+	// verified holds the certificates checkCert passed, with the trust they
+	// were checked under (see checkOnce).
 	verifiedMu sync.Mutex
-	verified   map[[32]byte]verifiedCert
+	verified   map[[32]byte]*trust
 }
 
 // New returns an Authorizer for connections to the target service (its
@@ -189,7 +190,7 @@ func New(target string, d Decider, log *zap.Logger, opts ...Option) *Authorizer 
 		cancel:           cancel,
 		cache:            map[cacheKey]verdict{},
 		inflight:         map[cacheKey]*flight{},
-		verified:         map[[32]byte]verifiedCert{},
+		verified:         map[[32]byte]*trust{},
 		listeners:        map[net.Listener]struct{}{},
 		conns:            map[*trackedConn]struct{}{},
 	}

@@ -138,12 +138,29 @@ func TestCheckCert(t *testing.T) {
 		}
 		return der
 	}()
+	// A service leaf valid from notBefore to notAfter, from now.
+	leafFor := func(signer *testenv.CA, serial int64, notBefore, notAfter time.Duration) []byte {
+		u, _ := url.Parse(clientID)
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(serial), NotBefore: time.Now().Add(notBefore), NotAfter: time.Now().Add(notAfter),
+			URIs: []*url.URL{u}, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, AuthorityKeyId: signer.Cert.SubjectKeyId}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, signer.Cert, signer.Key.Public(), signer.Key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return der
+	}
 	tests := []struct {
 		name  string
 		der   []byte
 		trust *trust
 		want  error // nil: passes to Consul
 	}{
+		// HAProxy checked the validity period at the handshake; the
+		// agent also decides for connections made earlier, and sessions
+		// resumed from an earlier handshake.
+		{"leaf expired since", leafFor(ca, 20, -2*time.Hour, -time.Hour), trusted, nil},
+		{"leaf of an intermediate, expired since", leafFor(inter, 21, -2*time.Hour, -time.Hour), withInter, nil},
+		{"another CA, leaf expired", leafFor(other, 22, -2*time.Hour, -time.Hour), trusted, errChain},
 		{"service leaf", leafDER(t, ca, 1, clientID), trusted, nil},
 		{"service leaf in a partition", leafDER(t, ca, 2, "spiffe://"+testTD+"/ap/team/ns/default/dc/dc1/svc/client"), trusted, nil},
 		{"leaf of an intermediate", leafDER(t, inter, 3, clientID), withInter, nil},

@@ -490,3 +490,61 @@ func TestTCPRemembersAllowsUntilIntentionsChange(t *testing.T) {
 		}
 	}
 }
+
+var rotatedNotAfterRE = regexp.MustCompile(`leaf certificate rotated.*"not_after": "([^"]+)"`)
+
+// lastLeafExpiry is when the last leaf the sidecar logged as swapped in
+// expires.
+func (s *sidecar) lastLeafExpiry(t *testing.T) time.Time {
+	t.Helper()
+	all := rotatedNotAfterRE.FindAllStringSubmatch(s.out.String(), -1)
+	if len(all) == 0 {
+		t.Fatal("no leaf swap logged")
+	}
+	at, err := time.Parse(time.RFC3339Nano, all[len(all)-1][1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return at
+}
+
+// TestExpiredLeafKeepsConnections: connections the server sidecar accepted
+// with a leaf of the client's that has expired since (the client renewed
+// it meanwhile) are not refused when the server decides again, after an
+// intentions change: in tcp mode the kept-alive connection stays open, in
+// http mode the client sidecar's pooled connection keeps serving. The
+// leaf's validity is HAProxy's to check, at the handshake; a decision
+// after it is about the identity. Before that rule, the tcp connection was
+// closed and the pooled one answered 403 to every request. The subtests
+// run in parallel: each waits about 40 s for a leaf to expire.
+func TestExpiredLeafKeepsConnections(t *testing.T) {
+	for _, proto := range []string{"tcp", "http"} {
+		t.Run(proto, func(t *testing.T) {
+			t.Parallel()
+			m := startRotationMesh(t, testenv.ConsulOptions{LeafCertTTL: "100s", SkipCAValidation: true}, proto)
+			stop := meshTraffic(t, m, proto)
+			// Every leaf the client held when its kept-alive connections
+			// were made expires by then.
+			eventually(t, 10*time.Second, "the client sidecar swapped its leaf", func() error {
+				if m.client.rotations(t) < 1 {
+					return errors.New("no swap yet")
+				}
+				return nil
+			})
+			expired := m.client.lastLeafExpiry(t).Add(time.Second)
+			t.Logf("waiting for the client's leaves of the first connections to expire at %s", expired.Format(time.RFC3339))
+			eventually(t, time.Until(expired)+10*time.Second, "those leaves expired", func() error {
+				if time.Now().Before(expired) {
+					return errors.New("not yet")
+				}
+				return nil
+			})
+			index := intention(t, m.c, "client", "server", api.IntentionActionAllow)
+			eventually(t, 10*time.Second, "the server sidecar sees the intentions change", m.server.sawIntentions(index))
+			// Traffic goes on for a while after the change reached the
+			// server sidecar.
+			<-time.After(afterSwap / 2)
+			checkNoFailures(t, "an intentions change after the first leaves expired", stop())
+		})
+	}
+}
