@@ -32,14 +32,28 @@ const (
 type server struct {
 	addr      string
 	bytesRead atomic.Int64
-	alpn      atomic.Value // []string
-	curves    atomic.Value // []tls.CurveID offered
-	handshake atomic.Int64 // completed handshakes
+	alpn      atomic.Value  // []string
+	curves    atomic.Value  // []tls.CurveID offered
+	handshake atomic.Int64  // completed handshakes
+	ended     chan struct{} // one per connection the server is done with
+}
+
+// waitEnded waits until the server is done with n connections: its
+// counts are final for them.
+func (s *server) waitEnded(t *testing.T, n int) {
+	t.Helper()
+	for range n {
+		select {
+		case <-s.ended:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s: a connection did not end", s.addr)
+		}
+	}
 }
 
 func serve(t testing.TB, cert tls.Certificate, roots *x509.CertPool) *server {
 	t.Helper()
-	s := &server{}
+	s := &server{ended: make(chan struct{}, 64)}
 	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{
 		Certificates: []tls.Certificate{cert},
 		ClientAuth:   tls.RequireAndVerifyClientCert,
@@ -62,6 +76,12 @@ func serve(t testing.TB, cert tls.Certificate, roots *x509.CertPool) *server {
 				return
 			}
 			go func() {
+				defer func() {
+					select {
+					case s.ended <- struct{}{}:
+					default:
+					}
+				}()
 				defer c.Close()
 				if err := c.(*tls.Conn).Handshake(); err != nil {
 					return
@@ -164,6 +184,8 @@ func TestEndpoint(t *testing.T) {
 	}
 	// The destination saw a full mTLS handshake with the ALPN offered, and
 	// no application byte, from the verifier; the impostor not even that.
+	web.waitEnded(t, 1)
+	other.waitEnded(t, 1)
 	if web.handshake.Load() != 1 || web.bytesRead.Load() != 0 {
 		t.Errorf("destination: %d handshakes, %d bytes read; want 1 and 0", web.handshake.Load(), web.bytesRead.Load())
 	}
