@@ -172,7 +172,7 @@ func TestACL(t *testing.T) {
 
 			deny := intention(t, mgmt, "client", "server", api.IntentionActionDeny)
 			eventually(t, 10*time.Second, "the server sidecar sees the deny", server.sawIntentions(deny))
-			eventually(t, 2*time.Second, "refused after the deny", func() error {
+			eventually(t, 10*time.Second, "refused after the deny", func() error {
 				if err := serves(ports[3], "hello from server")(); err == nil {
 					return errors.New("still allowed")
 				}

@@ -478,7 +478,7 @@ func TestTCPRemembersAllowsUntilIntentionsChange(t *testing.T) {
 	}
 	index := intention(t, m.c, "client", "server", api.IntentionActionDeny)
 	eventually(t, 10*time.Second, "the server sidecar sees the deny", m.server.sawIntentions(index))
-	eventually(t, 2*time.Second, "a new connection is refused", func() error {
+	eventually(t, 10*time.Second, "a new connection is refused", func() error {
 		if err := call(); err == nil {
 			return errors.New("still allowed")
 		}
