@@ -72,13 +72,3 @@ func TestStartErrors(t *testing.T) {
 		})
 	}
 }
-
-// TestDefaultThreads: one HAProxy thread where the sidecar may use 2 CPUs
-// or fewer, one per CPU above that.
-func TestDefaultThreads(t *testing.T) {
-	for _, tt := range []struct{ cpus, want int }{{1, 1}, {2, 1}, {3, 3}, {4, 4}, {64, 64}} {
-		if got := defaultThreads(tt.cpus); got != tt.want {
-			t.Errorf("defaultThreads(%d) = %d, want %d", tt.cpus, got, tt.want)
-		}
-	}
-}
