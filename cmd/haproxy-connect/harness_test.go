@@ -184,34 +184,73 @@ func (s *sidecar) masterPID() int {
 }
 
 // failureLog is a sidecar's output for a failed test: its own lines (the
-// sidecar's log and HAProxy's notices; the last own of them) and only the
-// last access lines of HAProxy's traffic log, which would otherwise hide
-// them under a load.
+// sidecar's log and HAProxy's notices; the last own of them, and before
+// them every HAProxy notice and every warning or error of the sidecar's,
+// which the debug lines of a load would otherwise push out), and of
+// HAProxy's traffic log the lines of requests or connections that did not
+// succeed (up to access of them) and the last access lines.
 func failureLog(out string, own, access int) string {
-	var mine, traffic []string
+	var mine, traffic, failed []string
+	keep := map[int]bool{} // indexes in mine kept above the last own
 	for _, l := range strings.Split(strings.TrimRight(out, "\n"), "\n") {
-		if accessLine.MatchString(l) {
+		switch {
+		case accessLine.MatchString(l):
 			traffic = append(traffic, l)
-		} else {
+			if failedAccess.MatchString(l) {
+				failed = append(failed, l)
+			}
+		default:
+			if notable.MatchString(l) {
+				keep[len(mine)] = true
+			}
 			mine = append(mine, l)
 		}
 	}
 	var b strings.Builder
-	if n := len(mine) - own; n > 0 {
-		fmt.Fprintf(&b, "(%d earlier lines of its own left out)\n", n)
-		mine = mine[n:]
+	from := max(0, len(mine)-own)
+	left := 0
+	for i, l := range mine {
+		if i < from && !keep[i] {
+			left++
+			continue
+		}
+		if left > 0 {
+			fmt.Fprintf(&b, "(%d lines of its own left out)\n", left)
+			left = 0
+		}
+		b.WriteString(l + "\n")
 	}
-	b.WriteString(strings.Join(mine, "\n"))
+	if n := len(failed); n > 0 && access > 0 {
+		fmt.Fprintf(&b, "(%d access log lines of a failure; the first %d:)\n", n, min(n, access))
+		for _, l := range failed[:min(n, access)] {
+			b.WriteString(l + "\n")
+		}
+	}
 	if n := len(traffic); n > 0 {
-		fmt.Fprintf(&b, "\n(%d access log lines; the last %d:)\n", n, min(n, access))
-		b.WriteString(strings.Join(traffic[max(0, n-access):], "\n"))
+		fmt.Fprintf(&b, "(%d access log lines; the last %d:)\n", n, min(n, access))
+		for _, l := range traffic[max(0, n-access):] {
+			b.WriteString(l + "\n")
+		}
 	}
-	return b.String()
+	return strings.TrimSuffix(b.String(), "\n")
 }
 
 // accessLine matches HAProxy's access log lines: they start with the
 // client's address and port.
 var accessLine = regexp.MustCompile(`^(\d{1,3}\.){3}\d{1,3}:\d+ |^\[[0-9a-f:]+\]:\d+ `)
+
+// failedAccess matches the access log lines of a failure, in any of the
+// sidecar's formats: a 4xx or 5xx status, a request HAProxy could not
+// parse or route, or a termination state other than a normal end.
+//
+// The status follows the timers (httplog) or the path (the public
+// listener's format); HAProxy's termination states start with one of
+// CSPRIDLKUcs and then one of RQCHDLT, "----" or "--" for a normal end.
+var failedAccess = regexp.MustCompile(`/\S* [45]\d\d |<BADREQ>|<NOSRV>| [CSPRIDLKUcs][RQCHDLT-][-A-Z]{2} | [CSPRIDLKUcs][RQCHDLT-]$`)
+
+// notable matches HAProxy's own notices and the sidecar's warnings and
+// errors.
+var notable = regexp.MustCompile(`^\[(NOTICE|WARNING|ALERT)\]|^\S+\t(warn|error|dpanic|panic|fatal)\t`)
 
 // reloads is the master's reload counter. The master socket refuses
 // connections while the master re-executes for a reload: retry briefly.
@@ -530,20 +569,45 @@ func TestFailureLog(t *testing.T) {
 		"2026-12-01T21:21:00.084Z\tinfo\tserving connect proxy",
 		"127.0.0.1:41784 src=spiffe://td/ns/default/dc/dc1/svc/client GET / 200 138 11 local_app/app",
 		"[NOTICE]   (16607) : New worker (16609) forked",
-		"[::1]:5000 [01/Dec/2026:21:21:00.1] up_server up_server/s1 0/0/0/0/0 200 183",
+		"2026-12-01T21:21:00.090Z\tdebug\truntime command",
+		"[::1]:5000 [01/Dec/2026:21:21:00.1] up_server up_server/s1 0/0/0/0/0 200 183 - - ---- 1/1/0/0/0 0/0 \"POST / HTTP/1.1\"",
 		"127.0.0.1:41786 src=- GET / 403 192 0 public_listener/<NOSRV>",
+		"127.0.0.1:53240 [03/Dec/2026:22:11:41.283] up_server up_server/s1 0/240/0/-1/244 502 209 - - SH-- 497/497/352/352/3 0/0 \"GET / HTTP/1.1\"",
+		"127.0.0.1:39884 src=- crt=08 spoe_err=- <BADREQ> <BADREQ> 0 0 298 public_listener/<NOSRV>",
+		"127.0.0.1:39886 src=spiffe://td/ns/default/dc/dc1/svc/client crt=08 spoe_err=- 1412 5 local_app/app --",
+		"127.0.0.1:39888 src=spiffe://td/ns/default/dc/dc1/svc/client crt=08 spoe_err=- 0 3 local_app/app SD",
+		"2026-12-01T21:21:01.000Z\tdebug\truntime command",
 		"2026-12-01T21:21:01.936Z\twarn\tinbound connection not decided",
+		"2026-12-01T21:21:02.000Z\tinfo\tstopped",
 	}, "\n") + "\n"
 	tests := []struct {
 		name        string
 		own, access int
 		want        string
 	}{
-		{"all", 10, 10, "2026-12-01T21:21:00.084Z\tinfo\tserving connect proxy\n[NOTICE]   (16607) : New worker (16609) forked\n2026-12-01T21:21:01.936Z\twarn\tinbound connection not decided\n" +
-			"(3 access log lines; the last 3:)\n" +
-			"127.0.0.1:41784 src=spiffe://td/ns/default/dc/dc1/svc/client GET / 200 138 11 local_app/app\n[::1]:5000 [01/Dec/2026:21:21:00.1] up_server up_server/s1 0/0/0/0/0 200 183\n127.0.0.1:41786 src=- GET / 403 192 0 public_listener/<NOSRV>"},
-		{"capped", 1, 1, "(2 earlier lines of its own left out)\n2026-12-01T21:21:01.936Z\twarn\tinbound connection not decided\n" +
-			"(3 access log lines; the last 1:)\n127.0.0.1:41786 src=- GET / 403 192 0 public_listener/<NOSRV>"},
+		{"all", 10, 10, "2026-12-01T21:21:00.084Z\tinfo\tserving connect proxy\n[NOTICE]   (16607) : New worker (16609) forked\n2026-12-01T21:21:00.090Z\tdebug\truntime command\n" +
+			"2026-12-01T21:21:01.000Z\tdebug\truntime command\n2026-12-01T21:21:01.936Z\twarn\tinbound connection not decided\n2026-12-01T21:21:02.000Z\tinfo\tstopped\n" +
+			"(4 access log lines of a failure; the first 4:)\n" +
+			"127.0.0.1:41786 src=- GET / 403 192 0 public_listener/<NOSRV>\n" +
+			"127.0.0.1:53240 [03/Dec/2026:22:11:41.283] up_server up_server/s1 0/240/0/-1/244 502 209 - - SH-- 497/497/352/352/3 0/0 \"GET / HTTP/1.1\"\n" +
+			"127.0.0.1:39884 src=- crt=08 spoe_err=- <BADREQ> <BADREQ> 0 0 298 public_listener/<NOSRV>\n" +
+			"127.0.0.1:39888 src=spiffe://td/ns/default/dc/dc1/svc/client crt=08 spoe_err=- 0 3 local_app/app SD\n" +
+			"(7 access log lines; the last 7:)\n" +
+			"127.0.0.1:41784 src=spiffe://td/ns/default/dc/dc1/svc/client GET / 200 138 11 local_app/app\n" +
+			"[::1]:5000 [01/Dec/2026:21:21:00.1] up_server up_server/s1 0/0/0/0/0 200 183 - - ---- 1/1/0/0/0 0/0 \"POST / HTTP/1.1\"\n" +
+			"127.0.0.1:41786 src=- GET / 403 192 0 public_listener/<NOSRV>\n" +
+			"127.0.0.1:53240 [03/Dec/2026:22:11:41.283] up_server up_server/s1 0/240/0/-1/244 502 209 - - SH-- 497/497/352/352/3 0/0 \"GET / HTTP/1.1\"\n" +
+			"127.0.0.1:39884 src=- crt=08 spoe_err=- <BADREQ> <BADREQ> 0 0 298 public_listener/<NOSRV>\n" +
+			"127.0.0.1:39886 src=spiffe://td/ns/default/dc/dc1/svc/client crt=08 spoe_err=- 1412 5 local_app/app --\n" +
+			"127.0.0.1:39888 src=spiffe://td/ns/default/dc/dc1/svc/client crt=08 spoe_err=- 0 3 local_app/app SD"},
+		// The notice and the warning stay; the debug lines before the last
+		// own go.
+		{"capped", 1, 1, "(1 lines of its own left out)\n[NOTICE]   (16607) : New worker (16609) forked\n(2 lines of its own left out)\n" +
+			"2026-12-01T21:21:01.936Z\twarn\tinbound connection not decided\n2026-12-01T21:21:02.000Z\tinfo\tstopped\n" +
+			"(4 access log lines of a failure; the first 1:)\n127.0.0.1:41786 src=- GET / 403 192 0 public_listener/<NOSRV>\n" +
+			"(7 access log lines; the last 1:)\n127.0.0.1:39888 src=spiffe://td/ns/default/dc/dc1/svc/client crt=08 spoe_err=- 0 3 local_app/app SD"},
+		{"no access lines", 2, 0, "(1 lines of its own left out)\n[NOTICE]   (16607) : New worker (16609) forked\n(2 lines of its own left out)\n" +
+			"2026-12-01T21:21:01.936Z\twarn\tinbound connection not decided\n2026-12-01T21:21:02.000Z\tinfo\tstopped\n(7 access log lines; the last 0:)"},
 	}
 	for _, tt := range tests {
 		if got := failureLog(out, tt.own, tt.access); got != tt.want {

@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/csv"
 	"errors"
 	"fmt"
 	"io"
@@ -272,6 +273,40 @@ func closedIdle(c net.Conn, rd *bufio.Reader) bool {
 	return closed || err != nil
 }
 
+// serverCounters is the non-zero failure and retry counters of backend's
+// servers in s's current worker ("show stat": eresp, wretr, wredis,
+// srv_abrt, cli_abrt, econ), or why they could not be read.
+func serverCounters(t *testing.T, s *sidecar, backend string) string {
+	t.Helper()
+	text, err := s.rt.Do(context.Background(), runtime.ShowServerStats())
+	if err != nil {
+		return err.Error()
+	}
+	rows, err := csv.NewReader(strings.NewReader(strings.TrimPrefix(text, "# "))).ReadAll()
+	if err != nil || len(rows) == 0 {
+		return fmt.Sprintf("show stat: %v", err)
+	}
+	col := map[string]int{}
+	for i, name := range rows[0] {
+		col[name] = i
+	}
+	var out []string
+	for _, row := range rows[1:] {
+		if len(row) != len(rows[0]) || row[col["pxname"]] != backend {
+			continue
+		}
+		for _, name := range []string{"eresp", "wretr", "wredis", "srv_abrt", "cli_abrt", "econ"} {
+			if v := row[col[name]]; v != "" && v != "0" {
+				out = append(out, fmt.Sprintf("%s %s=%s", row[col["svname"]], name, v))
+			}
+		}
+	}
+	if len(out) == 0 {
+		return "none"
+	}
+	return strings.Join(out, ", ")
+}
+
 // TestReloadUnderLoad: a sidecar reloads for a new upstream while 500
 // local clients, each on its own kept-alive connection, and a few clients
 // opening a connection per request, call the client's upstream. Not one
@@ -451,6 +486,10 @@ func testReloadUnderLoad(t *testing.T, m *mesh, proto, side string) {
 	t.Logf("kept-alive clients: %d requests ok, %d failed (first: %v); until the old worker went: %d ok, %d failed, %d connections opened; after: %d ok, %d failed, %d on reused connections",
 		keptN.ok, keptN.failed, keptErr, during.ok, during.failed, during.opened, after.ok, after.failed, after.reused)
 	t.Logf("new connection per request: %d ok, %d failed (first: %v)", freshN.ok, freshN.failed, freshErr)
+	// HAProxy does not log a request it closes without a response on a
+	// kept-alive local connection (so that the client retries): the
+	// calling sidecar's counters say what its servers did.
+	t.Logf("client sidecar's %s servers: %s", "up_server", serverCounters(t, m.client, "up_server"))
 	for name, l := range map[string]*connLoad{"kept-alive": kept, "new connection": fresh} {
 		fs := l.failuresBetween(time.Time{}, time.Now())
 		for _, f := range fs[:min(len(fs), 5)] {
