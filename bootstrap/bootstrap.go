@@ -654,7 +654,12 @@ func renderConfig(s Spec) (string, error) {
 		// after a reload (its SPOE applets are gone) the connection is
 		// closed without a response, which the calling sidecar retries on a
 		// new connection, so on the new worker; otherwise 503. A deny is
-		// 403. Nothing reaches the application without an allow.
+		// 403. Nothing reaches the application without an allow. On
+		// HTTP/2 the close takes every stream of the connection with it
+		// (2.6 has no rule that refuses one stream), and the calling
+		// sidecar retries those too, one the application was already
+		// serving included: it happens only to a connection whose verdict
+		// is missing or stale while its worker stops.
 		w("    acl authz_stale str(%s),map_str_int(%s,0),sub(%s) -m int gt 0", AuthzGenKey, s.AuthzMap, authzgen.SessVar(authzgen.VarGen))
 		w("    http-request unset-var(%s) if authz_stale", authzgen.SessVar(authzgen.VarAllowed))
 		w("    http-request unset-var(%s) if authz_stale", authzgen.SessVar(authzgen.VarL7))
