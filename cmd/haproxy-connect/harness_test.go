@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"encoding/csv"
 	"fmt"
 	"io"
 	"net"
@@ -251,6 +252,25 @@ var failedAccess = regexp.MustCompile(`/\S* [45]\d\d |<BADREQ>|<NOSRV>| [CSPRIDL
 // notable matches HAProxy's own notices and the sidecar's warnings and
 // errors.
 var notable = regexp.MustCompile(`^\[(NOTICE|WARNING|ALERT)\]|^\S+\t(warn|error|dpanic|panic|fatal)\t`)
+
+// statRows reads "show stat" CSV: a map of column to value per row.
+func statRows(out string) ([]map[string]string, error) {
+	rows, err := csv.NewReader(strings.NewReader(strings.TrimPrefix(out, "# "))).ReadAll()
+	if err != nil || len(rows) == 0 {
+		return nil, fmt.Errorf("show stat: %v: %q", err, out)
+	}
+	var ms []map[string]string
+	for _, r := range rows[1:] {
+		m := make(map[string]string, len(r))
+		for i, v := range r {
+			if i < len(rows[0]) {
+				m[rows[0][i]] = v
+			}
+		}
+		ms = append(ms, m)
+	}
+	return ms, nil
+}
 
 // reloads is the master's reload counter. The master socket refuses
 // connections while the master re-executes for a reload: retry briefly.

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/csv"
 	"fmt"
 	"io"
 	"net"
@@ -84,17 +83,13 @@ func (s *sidecar) backendQueue(backend string) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	rows, err := csv.NewReader(strings.NewReader(strings.TrimPrefix(out, "# "))).ReadAll()
-	if err != nil || len(rows) < 2 {
-		return 0, fmt.Errorf("show stat: %v: %q", err, out)
+	rows, err := statRows(out)
+	if err != nil {
+		return 0, err
 	}
-	col := map[string]int{}
-	for i, h := range rows[0] {
-		col[h] = i
-	}
-	for _, r := range rows[1:] {
-		if len(r) > col["qcur"] && r[col["pxname"]] == backend && r[col["svname"]] == "BACKEND" {
-			return strconv.Atoi(r[col["qcur"]])
+	for _, r := range rows {
+		if r["pxname"] == backend && r["svname"] == "BACKEND" {
+			return strconv.Atoi(r["qcur"])
 		}
 	}
 	return 0, fmt.Errorf("no backend %s in show stat", backend)

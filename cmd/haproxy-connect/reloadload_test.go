@@ -3,7 +3,6 @@ package main
 import (
 	"bufio"
 	"context"
-	"encoding/csv"
 	"errors"
 	"fmt"
 	"io"
@@ -276,35 +275,30 @@ func closedIdle(c net.Conn, rd *bufio.Reader) bool {
 // serverCounters is the non-zero failure and retry counters of backend's
 // servers in s's current worker ("show stat": eresp, wretr, wredis,
 // srv_abrt, cli_abrt, econ), or why they could not be read.
-func serverCounters(t *testing.T, s *sidecar, backend string) string {
-	t.Helper()
-	text, err := s.rt.Do(context.Background(), runtime.ShowServerStats())
+func serverCounters(s *sidecar, backend string) string {
+	out, err := s.masterCommand("@1 show stat -1 4 -1")
 	if err != nil {
 		return err.Error()
 	}
-	rows, err := csv.NewReader(strings.NewReader(strings.TrimPrefix(text, "# "))).ReadAll()
-	if err != nil || len(rows) == 0 {
-		return fmt.Sprintf("show stat: %v", err)
+	rows, err := statRows(out)
+	if err != nil {
+		return err.Error()
 	}
-	col := map[string]int{}
-	for i, name := range rows[0] {
-		col[name] = i
-	}
-	var out []string
-	for _, row := range rows[1:] {
-		if len(row) != len(rows[0]) || row[col["pxname"]] != backend {
+	var counts []string
+	for _, r := range rows {
+		if r["pxname"] != backend {
 			continue
 		}
 		for _, name := range []string{"eresp", "wretr", "wredis", "srv_abrt", "cli_abrt", "econ"} {
-			if v := row[col[name]]; v != "" && v != "0" {
-				out = append(out, fmt.Sprintf("%s %s=%s", row[col["svname"]], name, v))
+			if v := r[name]; v != "" && v != "0" {
+				counts = append(counts, fmt.Sprintf("%s %s=%s", r["svname"], name, v))
 			}
 		}
 	}
-	if len(out) == 0 {
+	if len(counts) == 0 {
 		return "none"
 	}
-	return strings.Join(out, ", ")
+	return strings.Join(counts, ", ")
 }
 
 // TestReloadUnderLoad: a sidecar reloads for a new upstream while 500
@@ -489,7 +483,7 @@ func testReloadUnderLoad(t *testing.T, m *mesh, proto, side string) {
 	// HAProxy does not log a request it closes without a response on a
 	// kept-alive local connection (so that the client retries): the
 	// calling sidecar's counters say what its servers did.
-	t.Logf("client sidecar's %s servers: %s", "up_server", serverCounters(t, m.client, "up_server"))
+	t.Logf("client sidecar's %s servers: %s", "up_server", serverCounters(m.client, "up_server"))
 	for name, l := range map[string]*connLoad{"kept-alive": kept, "new connection": fresh} {
 		fs := l.failuresBetween(time.Time{}, time.Now())
 		for _, f := range fs[:min(len(fs), 5)] {
