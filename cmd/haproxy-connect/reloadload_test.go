@@ -301,6 +301,45 @@ func serverCounters(s *sidecar, backend string) string {
 	return strings.Join(counts, ", ")
 }
 
+// serverConns is what "show servers conn" says of the connections of
+// backend's servers that have had any: in use now, most in use at once,
+// HAProxy's estimate of those needed, and idle; or why it could not be
+// read.
+func serverConns(s *sidecar, backend string) string {
+	out, err := s.masterCommand("@1 show servers conn " + backend)
+	if err != nil {
+		return err.Error()
+	}
+	var head []string
+	var conns []string
+	for _, l := range strings.Split(out, "\n") {
+		f := strings.Fields(l)
+		if len(f) > 1 && f[0] == "#" {
+			head = f[1:]
+			continue
+		}
+		// idle_per_thr[N] is N columns: the row is longer than the head.
+		if len(f) < len(head) || len(head) == 0 {
+			continue
+		}
+		row := map[string]string{}
+		for i, name := range head {
+			row[name] = f[i]
+		}
+		if row["used_max"] == "0" {
+			continue
+		}
+		conns = append(conns, fmt.Sprintf("%s used_cur=%s used_max=%s need_est=%s idle_cur=%s", f[0], row["used_cur"], row["used_max"], row["need_est"], row["idle_cur"]))
+	}
+	if head == nil {
+		return fmt.Sprintf("show servers conn: %q", out)
+	}
+	if len(conns) == 0 {
+		return "none"
+	}
+	return strings.Join(conns, ", ")
+}
+
 // TestReloadUnderLoad: a sidecar reloads for a new upstream while 500
 // local clients, each on its own kept-alive connection, and a few clients
 // opening a connection per request, call the client's upstream. Not one
@@ -426,6 +465,9 @@ func testReloadUnderLoad(t *testing.T, m *mesh, proto, side string) {
 		t.Fatalf("no current worker: %+v", pl)
 	}
 	atReload := kept.counts()
+	// The connections a reload of the server sidecar's HAProxy sends a
+	// GOAWAY on (runtime/HAPROXY26.md).
+	t.Logf("client sidecar's connections to up_server before the reload: %s", serverConns(m.client, "up_server"))
 
 	// A new upstream in the registration is one reload; its endpoints do
 	// not matter.
