@@ -525,7 +525,7 @@ func testReloadUnderLoad(t *testing.T, m *mesh, proto, side string) {
 	// HAProxy does not log a request it closes without a response on a
 	// kept-alive local connection (so that the client retries): the
 	// calling sidecar's counters say what its servers did.
-	t.Logf("client sidecar's %s servers: %s", "up_server", serverCounters(m.client, "up_server"))
+	t.Logf("client sidecar's up_server servers: %s", serverCounters(m.client, "up_server"))
 	for name, l := range map[string]*connLoad{"kept-alive": kept, "new connection": fresh} {
 		fs := l.failuresBetween(time.Time{}, time.Now())
 		for _, f := range fs[:min(len(fs), 5)] {
