@@ -421,29 +421,46 @@ func TestWaitAuthzGeneration(t *testing.T) {
 	c.WaitAuthzGeneration(1) // an older generation: already there
 }
 
-// TestAddServerALPN: a dynamic server offers the other sidecar the same ALPN
-// as the upstream's template slots (2.6 does not apply default-server to
-// "add server").
-func TestAddServerALPN(t *testing.T) {
-	tests := []struct{ protocol, want string }{
-		{"", "verify required no-ssl-reuse"},
-		{"tcp", "verify required no-ssl-reuse"},
-		{"http", "verify required alpn h2,http/1.1 no-ssl-reuse"},
-		{"http2", "verify required alpn h2 no-ssl-reuse"},
-		{"grpc", "verify required alpn h2 no-ssl-reuse"},
+// TestAddServerOptions: a dynamic server offers the other sidecar the same
+// ALPN and carries the same passive health check as the upstream's template
+// slots (2.6 does not apply default-server to "add server"), and its checks
+// are started.
+func TestAddServerOptions(t *testing.T) {
+	passive := bootstrap.PassiveCheck{MaxFailures: 5, Interval: 2 * time.Second}
+	tests := []struct {
+		protocol string
+		passive  bootstrap.PassiveCheck
+		want     []string
+	}{
+		{"", bootstrap.PassiveCheck{}, []string{"verify required no-ssl-reuse"}},
+		{"tcp", bootstrap.PassiveCheck{}, []string{"verify required no-ssl-reuse"}},
+		{"http", bootstrap.PassiveCheck{}, []string{"verify required alpn h2,http/1.1 no-ssl-reuse"}},
+		{"http2", bootstrap.PassiveCheck{}, []string{"verify required alpn h2 no-ssl-reuse"}},
+		{"grpc", bootstrap.PassiveCheck{}, []string{"verify required alpn h2 no-ssl-reuse"}},
+		{"tcp", passive, []string{"verify required no-ssl-reuse check check-ssl inter 2000ms observe layer4 error-limit 5 on-error mark-down",
+			"enable health up_api/s9"}},
+		{"http", passive, []string{"verify required alpn h2,http/1.1 no-ssl-reuse check check-ssl inter 2000ms observe layer7 error-limit 5 on-error mark-down",
+			"enable health up_api/s9"}},
+		{"grpc", passive, []string{"verify required alpn h2 no-ssl-reuse check check-ssl inter 2000ms observe layer7 error-limit 5 on-error mark-down",
+			"enable health up_api/s9"}},
 	}
 	for _, tt := range tests {
-		t.Run(tt.protocol, func(t *testing.T) {
+		t.Run(fmt.Sprintf("%s/%d", tt.protocol, tt.passive.MaxFailures), func(t *testing.T) {
 			u := up("api", 9191)
-			u.Protocol = tt.protocol
+			u.Protocol, u.Passive = tt.protocol, tt.passive
 			c := &Controller{cfg: Config{StateDir: "/s"}}
 			c.applied.sidecar = *sidecar(u)
-			cmd, err := c.command("up_api", slots.Op{Kind: slots.OpAdd, Server: "s9", Addr: "10.0.0.1", Port: 80, Weight: 1})
+			cmds, err := c.commands("up_api", slots.Op{Kind: slots.OpAdd, Server: "s9", Addr: "10.0.0.1", Port: 80, Weight: 1})
 			if err != nil {
 				t.Fatal(err)
 			}
-			if !strings.HasSuffix(cmd.Line, tt.want) {
-				t.Errorf("%q does not end with %q", cmd.Line, tt.want)
+			if len(cmds) != len(tt.want) {
+				t.Fatalf("%d commands %v, want %d", len(cmds), cmds, len(tt.want))
+			}
+			for i, cmd := range cmds {
+				if !strings.HasSuffix(cmd.Line, tt.want[i]) {
+					t.Errorf("%q does not end with %q", cmd.Line, tt.want[i])
+				}
 			}
 		})
 	}

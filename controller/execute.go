@@ -358,13 +358,13 @@ func (c *Controller) applyEndpoints(ctx context.Context, batch runtimeBatchActio
 			// op needs (for the same slot) is appended here too and
 			// counted in p.cmds, so that its reply is checked with the
 			// upstream's and a failure re-reads the backend.
-			cmd, err := c.command(u.name, op)
+			cs, err := c.commands(u.name, op)
 			if err != nil {
 				c.log.Error("cannot build runtime command", zap.String("upstream", u.name), zap.Error(err))
 				continue
 			}
-			cmds = append(cmds, cmd)
-			p.cmds++
+			cmds = append(cmds, cs...)
+			p.cmds += len(cs)
 		}
 		plans[u.name] = p
 		mapCmds = append(mapCmds, c.instanceMapCommands(u.name, u.ops, u.next)...)
@@ -449,19 +449,23 @@ func (c *Controller) observe(ctx context.Context, name string) ([]slots.Observed
 	return obs, nil
 }
 
-// command translates a planned slot operation into a runtime command.
-func (c *Controller) command(backend string, op slots.Op) (runtime.Command, error) {
-	// The TLS settings of the template slots' default-server line (see
-	// bootstrap.Render), which a dynamic server does not inherit on 2.6.
+// commands translates a planned slot operation into runtime commands.
+func (c *Controller) commands(backend string, op slots.Op) ([]runtime.Command, error) {
+	// The TLS settings and passive check of the template slots'
+	// default-server line (see bootstrap.Render), which a dynamic server
+	// does not inherit on 2.6.
 	o := runtime.ServerOptions{Weight: op.Weight, SSL: true, CrtFile: c.path("leaf.pem"), CAFile: c.path("roots.pem"), NoSSLReuse: true}
 	if op.Kind == slots.OpAdd {
 		for _, u := range c.applied.sidecar.Upstreams {
 			if u.Name == backend {
 				o.ALPN = bootstrap.UpstreamALPN(u.Protocol)
+				if u.Passive.MaxFailures > 0 {
+					o.Passive = runtime.PassiveCheck{Inter: u.Passive.Interval, Layer7: bootstrap.Mode(u.Protocol) == "http", ErrorLimit: u.Passive.MaxFailures}
+				}
 			}
 		}
 	}
-	return runtime.SlotCommand(backend, op, o)
+	return runtime.SlotCommands(backend, op, o)
 }
 
 // rootsServed tells Config.OnRootsServed the roots HAProxy verifies client

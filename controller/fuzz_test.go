@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"net/netip"
 	"strings"
+	"time"
 	"testing"
 
 	"github.com/hashicorp/consul/api"
@@ -187,12 +188,15 @@ func FuzzHealthParse(f *testing.F) {
 				t.Fatalf("endpoint %+v kept", e)
 			}
 			for _, op := range []slots.Op{{Kind: slots.OpSetAddr, Server: "s1", Addr: e.Addr, Port: e.Port}, {Kind: slots.OpAdd, Server: "s9", Addr: e.Addr, Port: e.Port, Weight: e.Weight}} {
-				cmd, err := runtime.SlotCommand("up_api", op, runtime.ServerOptions{SSL: true, CrtFile: "/s/leaf.pem", CAFile: "/s/roots.pem"})
+				cs, err := runtime.SlotCommands("up_api", op, runtime.ServerOptions{SSL: true, CrtFile: "/s/leaf.pem", CAFile: "/s/roots.pem",
+					Passive: runtime.PassiveCheck{Inter: time.Second, Layer7: true, ErrorLimit: 5}})
 				if err != nil {
 					t.Fatalf("endpoint %+v kept, but its command is refused: %v", e, err)
 				}
-				if cmd.Check() != nil || strings.ContainsAny(cmd.String(), "\n;#%") {
-					t.Fatalf("command %q", cmd.String())
+				for _, cmd := range cs {
+					if cmd.Check() != nil || strings.ContainsAny(cmd.String(), "\n;#%") {
+						t.Fatalf("command %q", cmd.String())
+					}
 				}
 			}
 		}

@@ -235,11 +235,13 @@ func describe(a action, now time.Time) string {
 		var cmds []string
 		for _, u := range a.upstreams {
 			for _, op := range u.ops {
-				cmd, err := runtime.SlotCommand(u.name, op, runtime.ServerOptions{})
+				cs, err := runtime.SlotCommands(u.name, op, runtime.ServerOptions{})
 				if err != nil {
 					return err.Error()
 				}
-				cmds = append(cmds, strings.TrimPrefix(cmd.String(), "@1 "))
+				for _, cmd := range cs {
+					cmds = append(cmds, strings.TrimPrefix(cmd.String(), "@1 "))
+				}
 			}
 			if u.pending {
 				cmds = append(cmds, u.name+" stays dirty")

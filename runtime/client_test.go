@@ -159,6 +159,19 @@ func TestCommandValidation(t *testing.T) {
 		{"add server sni injection", func() (Command, error) {
 			return AddServer("b", "d1", "10.0.0.1", 80, ServerOptions{SSL: true, CrtFile: "/a.pem", CAFile: "/b.pem", SNI: "x) crt /etc/passwd"})
 		}},
+		{"passive check without interval", func() (Command, error) {
+			return AddServer("b", "d1", "10.0.0.1", 80, ServerOptions{Passive: PassiveCheck{ErrorLimit: 3}})
+		}},
+		{"passive check error limit negative", func() (Command, error) {
+			return AddServer("b", "d1", "10.0.0.1", 80, ServerOptions{Passive: PassiveCheck{Inter: time.Second, ErrorLimit: -1}})
+		}},
+		{"passive check error limit too large", func() (Command, error) {
+			return AddServer("b", "d1", "10.0.0.1", 80, ServerOptions{Passive: PassiveCheck{Inter: time.Second, ErrorLimit: MaxErrorLimit + 1}})
+		}},
+		{"passive check interval too long", func() (Command, error) {
+			return AddServer("b", "d1", "10.0.0.1", 80, ServerOptions{Passive: PassiveCheck{Inter: 2 * time.Hour, ErrorLimit: 3}})
+		}},
+		{"enable health newline", func() (Command, error) { return EnableHealth("b", "s1\nreload") }},
 	}
 	for _, tt := range bad {
 		t.Run(tt.name, func(t *testing.T) {

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"regexp"
 	"strings"
+	"time"
 
 	"github.com/haproxy-connect/haproxy-connect/input"
 )
@@ -137,7 +138,9 @@ var (
 	shapeSetState  = regexp.MustCompile(`^set server ` + gServer + ` state (ready|drain|maint)$`)
 	shapeSetWeight = regexp.MustCompile(`^set server ` + gServer + ` weight ` + gWeight + `$`)
 	shapeAddServer = regexp.MustCompile(`^add server ` + gServer + ` (` + gAddr + `|\[` + gAddr + `\]):` + gPort + ` weight ` + gWeight +
-		`( ssl crt ` + gPath + ` ca-file ` + gPath + ` verify required( sni str\(` + gIdent + `\))?( alpn [a-z0-9/.-]+(,[a-z0-9/.-]+)*)?( no-ssl-reuse)?)?$`)
+		`( ssl crt ` + gPath + ` ca-file ` + gPath + ` verify required( sni str\(` + gIdent + `\))?( alpn [a-z0-9/.-]+(,[a-z0-9/.-]+)*)?( no-ssl-reuse)?)?` +
+		`( check( check-ssl)? inter [0-9]{1,10}ms observe layer[47] error-limit [0-9]{1,5} on-error mark-down)?$`)
+	shapeEnableHealth = regexp.MustCompile(`^enable health ` + gServer + `$`)
 	shapeSSLCert     = regexp.MustCompile(`^(set|commit|abort|show) ssl cert ` + gPath + `$`)
 	shapeSetMap      = regexp.MustCompile(`^(set|add) map ` + gPath + ` ` + gMapKey + ` ` + gMapValue + `$`)
 	shapeShowMap     = regexp.MustCompile(`^show map ` + gPath + `$`)
@@ -269,6 +272,47 @@ type ServerOptions struct {
 	// NoSSLReuse: every connection makes a full handshake ("no-ssl-reuse"),
 	// none resumes a session of an earlier one.
 	NoSSLReuse bool
+	// Passive is the passive health check of the template slots'
+	// default-server line, which 2.6 does not apply to a dynamic server.
+	Passive PassiveCheck
+}
+
+// PassiveCheck makes HAProxy watch the traffic to a server and mark it
+// down after ErrorLimit errors in a row, then check it every Inter with
+// a connection (a TLS handshake for an ssl server) and put it back after
+// two good ones. Layer7 counts a 5xx answer as an error too (http
+// mode); otherwise only failed connections count. ErrorLimit 0: off.
+type PassiveCheck struct {
+	Inter      time.Duration
+	Layer7     bool
+	ErrorLimit int
+}
+
+// MaxErrorLimit bounds PassiveCheck.ErrorLimit.
+const MaxErrorLimit = 10000
+
+// options renders the check's server keywords. A template slot's checks
+// inherit TLS from its "ssl" server (a handshake, L6OK); a dynamic server's
+// do not on 2.6 (a bare connection, L4OK) unless asked with "check-ssl".
+func (p PassiveCheck) options(ssl bool) (string, error) {
+	if p.ErrorLimit == 0 {
+		return "", nil
+	}
+	if p.ErrorLimit < 0 || p.ErrorLimit > MaxErrorLimit {
+		return "", fmt.Errorf("%w: error-limit %d out of range 1-%d", ErrInvalidArgument, p.ErrorLimit, MaxErrorLimit)
+	}
+	if p.Inter < time.Millisecond || p.Inter > time.Hour {
+		return "", fmt.Errorf("%w: check interval %s out of range 1ms-1h", ErrInvalidArgument, p.Inter)
+	}
+	layer := 4
+	if p.Layer7 {
+		layer = 7
+	}
+	check := " check"
+	if ssl {
+		check += " check-ssl"
+	}
+	return fmt.Sprintf("%s inter %dms observe layer%d error-limit %d on-error mark-down", check, p.Inter.Milliseconds(), layer, p.ErrorLimit), nil
 }
 
 var alpnRE = regexp.MustCompile(`^[a-z0-9/.-]+(,[a-z0-9/.-]+)*$`)
@@ -316,7 +360,21 @@ func AddServer(backend, server, addr string, port int, o ServerOptions) (Command
 			line += " no-ssl-reuse"
 		}
 	}
+	check, err := o.Passive.options(o.SSL)
+	if err != nil {
+		return Command{}, err
+	}
+	line += check
 	return worker(shapeAddServer, line, expectPrefix("New server registered."))
+}
+
+// EnableHealth starts the health checks of a server added with "check":
+// on 2.6 a dynamic server's checks stay off until this command.
+func EnableHealth(backend, server string) (Command, error) {
+	if err := checkServer(backend, server); err != nil {
+		return Command{}, err
+	}
+	return worker(shapeEnableHealth, fmt.Sprintf("enable health %s/%s", backend, server), expectEmpty)
 }
 
 // SetSSLCert opens (or updates) a transaction that replaces the certificate

@@ -38,7 +38,7 @@ type skeleton struct {
 	leafFile string
 }
 
-func startSkeleton(t *testing.T) *skeleton {
+func startSkeleton(t *testing.T, edit ...func(*bootstrap.Spec)) *skeleton {
 	t.Helper()
 	dir := testenv.ShortTempDir(t)
 	ca := testenv.NewCA(t, "root")
@@ -54,6 +54,9 @@ func startSkeleton(t *testing.T) *skeleton {
 		Public: bootstrap.Public{BindAddr: "127.0.0.1", BindPort: ports[1], LocalAddr: "127.0.0.1", LocalPort: ports[2]},
 		Upstreams: []bootstrap.Upstream{{Name: name, Destination: "api", BindAddr: "127.0.0.1", BindPort: ports[3],
 			Slots: slots.New(name, bootstrap.SlotPrefix, 2)}},
+	}
+	for _, e := range edit {
+		e(&spec)
 	}
 	cfg, files, err := bootstrap.RenderFiles(spec, 0)
 	if err != nil {
@@ -204,6 +207,63 @@ func TestAddServerBeyondTemplate(t *testing.T) {
 	_, err := sk.rt.Do(context.Background(), m(runtime.AddServer("up_api", "s3", "127.0.0.1", port, opts)))
 	if !errors.Is(err, runtime.ErrServerExists) {
 		t.Fatalf("second add: %v, want ErrServerExists", err)
+	}
+}
+
+// TestAddServerPassiveCheck: a dynamic server carries the upstream's
+// passive health check, as a template slot does: once its checks are
+// enabled, a live endpoint passes them and a dead one is marked down and
+// takes no traffic.
+func TestAddServerPassiveCheck(t *testing.T) {
+	sk := startSkeleton(t, func(s *bootstrap.Spec) {
+		s.Upstreams[0].Passive = bootstrap.PassiveCheck{MaxFailures: 2, Interval: 100 * time.Millisecond}
+	})
+	m := must(t)
+	live := tlsEcho(t, sk.ca, "live")
+	dead := testenv.FreePorts(t, 1)[0]
+	opts := runtime.ServerOptions{Weight: 1, SSL: true, CrtFile: sk.leafFile, CAFile: sk.spec.RootsFile, NoSSLReuse: true,
+		Passive: runtime.PassiveCheck{Inter: 100 * time.Millisecond, ErrorLimit: 2}}
+	var cmds []runtime.Command
+	for _, s := range []struct {
+		name string
+		port int
+	}{{"s3", live}, {"s4", dead}} {
+		add, err := runtime.SlotCommands("up_api", slots.Op{Kind: slots.OpAdd, Server: s.name, Addr: "127.0.0.1", Port: s.port, Weight: 1}, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cmds = append(cmds, add...)
+		cmds = append(cmds, m(runtime.SetServerState("up_api", s.name, runtime.StateReady)))
+	}
+	mustExec(t, sk.rt, cmds...)
+	// A template slot at the same live endpoint, for its check's result.
+	mustExec(t, sk.rt,
+		m(runtime.SetServerAddr("up_api", "s1", "127.0.0.1", live)),
+		m(runtime.SetServerState("up_api", "s1", runtime.StateReady)))
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st, err := sk.rt.ServerStats(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		by := map[string]runtime.ServerStat{}
+		for _, s := range st {
+			by[s.Server] = s
+		}
+		s1, s3, s4 := by["s1"], by["s3"], by["s4"]
+		if s1.CheckStatus != "" && s3.CheckStatus == s1.CheckStatus && s3.Status == "UP" && s4.Status == "DOWN" {
+			t.Logf("template slot %s %s, dynamic servers %s %s and %s %s", s1.Status, s1.CheckStatus, s3.Status, s3.CheckStatus, s4.Status, s4.CheckStatus)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("checks: template slot %+v, live dynamic %+v, dead dynamic %+v", s1, s3, s4)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	for i := range 20 {
+		if got, err := call(sk.upPort); err != nil || !strings.HasPrefix(got, "live ") {
+			t.Fatalf("call %d with the dead endpoint marked down: %q, %v", i, got, err)
+		}
 	}
 }
 

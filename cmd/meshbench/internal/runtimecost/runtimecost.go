@@ -137,11 +137,11 @@ func measureRound(ctx context.Context, b *bench.Bench, changes int) (map[cellKey
 	apply := func(rt *runtime.Client, ops []slots.Op) error {
 		var batch []runtime.Command
 		for _, op := range ops {
-			c, err := runtime.SlotCommand(name, op, opts)
+			cs, err := runtime.SlotCommands(name, op, opts)
 			if err != nil {
 				return err
 			}
-			batch = append(batch, c)
+			batch = append(batch, cs...)
 		}
 		rs, err := rt.Exec(ctx, batch...)
 		if err != nil {
