@@ -359,7 +359,7 @@ func TestReconcileTranscript(t *testing.T) {
 	// line): the trust domain is the leaf's when the roots name none.
 	apiID := "spiffe://td.consul/ns/default/dc/dc1/svc/api"
 	serverIDLine := fmt.Sprintf("tcp-response content reject unless { ssl_s_der,hex -m sub %X }", append([]byte{0x86, byte(len(apiID))}, apiID...))
-	for _, want := range []string{serverIDLine, "server s9 10.0.0.10:21000 weight 1", "server s1 10.0.0.4:21000 weight 1", "server s3 10.0.0.3:21000 weight 9", "backend up_db", "server-template s 10-24 127.0.0.1:1 disabled"} {
+	for _, want := range []string{serverIDLine, "server s9 10.0.0.10:21000 weight 1", "server s1 10.0.0.4:21000 weight 1", "server s3 10.0.0.3:21000 weight 9", "backend up_db", "server-template s 10-16 127.0.0.1:1 disabled"} {
 		if !strings.Contains(string(cfg), want) {
 			t.Errorf("rendered config lacks %q:\n%s", want, cfg)
 		}

@@ -328,10 +328,15 @@ func FromObserved(backend, prefix string, templates int, obs []Observed) Table {
 }
 
 // Size is the number of template slots to render at a reload for a backend
-// serving used endpoints: room to double before "add server" is needed, at
-// least min, rounded up to a multiple of 8.
+// serving used endpoints: room for a quarter more (a rolling deployment's
+// usual surge) before "add server" is needed, at least min, rounded up to a
+// multiple of 8. On 2.6 every slot under an ssl default-server holds its
+// own TLS context, parked or not, so the headroom is memory; a server
+// added past it is equal to a slot (same TLS settings and passive check),
+// costs one more command, and is parked and reused like one until the next
+// reload sizes the template again.
 func Size(used, min int) int {
-	n := max(min, 2*used, 1)
+	n := max(min, used+(used+3)/4, 1)
 	return (n + 7) / 8 * 8
 }
 
