@@ -345,6 +345,29 @@ func (s *Sidecar) Profile(dir, name string, d time.Duration) <-chan error {
 	return done
 }
 
+// HeapProfile saves the sidecar's heap profile (in-use and allocated
+// memory as of its last garbage collection) into dir/name.pprof.
+func (s *Sidecar) HeapProfile(dir, name string) error {
+	resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/heap", s.Pprof))
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("heap profile: %s", resp.Status)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	f, err := os.Create(filepath.Join(dir, name+".pprof"))
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	_, err = io.Copy(f, resp.Body)
+	return err
+}
+
 // WaitUpstreams waits until GET through each client upstream port answers
 // the app's body.
 func WaitUpstreams(ctx context.Context, body string, ports ...int) error {

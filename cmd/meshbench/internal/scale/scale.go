@@ -290,6 +290,12 @@ func propagate(ctx context.Context, c *api.Client, consulAddr string, sc *bench.
 	}
 	var profiled <-chan error
 	if profileDir != "" {
+		// The heap with every endpoint served, before the churn: what
+		// the controller's share of the memory figure holds.
+		if err := sc.HeapProfile(profileDir, profileName+"-heap"); err != nil {
+			stop()
+			return err
+		}
 		profiled = sc.Profile(profileDir, profileName, time.Duration(2*n)*time.Second/changeRate)
 	}
 	changes := make([]bench.Change, 0, 2*n)
