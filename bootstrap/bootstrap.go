@@ -192,8 +192,11 @@ const (
 	GoawayIdleTimeout = 5 * time.Second
 )
 
-// serverIDRE is the shape of a Consul service SPIFFE ID.
-var serverIDRE = regexp.MustCompile(`^spiffe://[A-Za-z0-9.-]{1,253}(/ap/[A-Za-z0-9_.-]{1,63})?/ns/[A-Za-z0-9_.-]{1,63}/dc/[A-Za-z0-9_.-]{1,63}/svc/[A-Za-z0-9_.-]{1,63}$`)
+// serverIDRE is the shape of a Consul service SPIFFE ID: a trust domain
+// of at most 253 bytes, then partition, namespace, datacenter and service
+// names of at most 63 (checked by CheckServerID: a bounded repetition
+// compiles to that many copies of its class).
+var serverIDRE = regexp.MustCompile(`^spiffe://([A-Za-z0-9.-]+)(?:/ap/([A-Za-z0-9_.-]+))?/ns/([A-Za-z0-9_.-]+)/dc/([A-Za-z0-9_.-]+)/svc/([A-Za-z0-9_.-]+)$`)
 
 // UpstreamName derives the HAProxy identifier of an upstream from its
 // destination and datacenter ("up_web", "up_web_dc2"). It fails for names
@@ -412,7 +415,12 @@ func CheckExpose(e ExposePath) error {
 // CheckServerID reports whether id is a Consul service SPIFFE ID that
 // Upstream.ServerID can carry.
 func CheckServerID(id string) error {
-	if !serverIDRE.MatchString(id) {
+	m := serverIDRE.FindStringSubmatch(id)
+	ok := m != nil && len(m[1]) <= 253
+	for _, name := range m[min(len(m), 2):] {
+		ok = ok && len(name) <= 63
+	}
+	if !ok {
 		return fmt.Errorf("%w: server identity %q is not a Consul service SPIFFE ID", ErrInvalid, id)
 	}
 	return nil

@@ -326,6 +326,15 @@ func TestValidateRejects(t *testing.T) {
 			s.Expose = []ExposePath{{ListenerPort: 21500, Path: "/h", LocalPort: 8080}, {ListenerPort: 21500, Path: "/m", LocalPort: 8080}}
 		}},
 		{"server identity not a SPIFFE ID", func(s *Spec) { s.Upstreams[0].ServerID = "spiffe://td/ns/default/dc/dc1/svc/x\nprogram p" }},
+		{"server identity service name too long", func(s *Spec) {
+			s.Upstreams[0].ServerID = "spiffe://td/ns/default/dc/dc1/svc/" + strings.Repeat("x", 64)
+		}},
+		{"server identity partition too long", func(s *Spec) {
+			s.Upstreams[0].ServerID = "spiffe://td/ap/" + strings.Repeat("p", 64) + "/ns/default/dc/dc1/svc/x"
+		}},
+		{"server identity trust domain too long", func(s *Spec) {
+			s.Upstreams[0].ServerID = "spiffe://" + strings.Repeat("t", 254) + "/ns/default/dc/dc1/svc/x"
+		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -453,5 +462,18 @@ func TestLocalAppLimits(t *testing.T) {
 				t.Errorf("upstream limit %d, want %d", got, tt.upstreamLimit)
 			}
 		})
+	}
+}
+
+// TestCheckServerIDLengths: names at their longest pass.
+func TestCheckServerIDLengths(t *testing.T) {
+	for _, id := range []string{
+		"spiffe://td/ns/default/dc/dc1/svc/" + strings.Repeat("x", 63),
+		"spiffe://td/ap/" + strings.Repeat("p", 63) + "/ns/" + strings.Repeat("n", 63) + "/dc/" + strings.Repeat("d", 63) + "/svc/x",
+		"spiffe://" + strings.Repeat("t", 253) + "/ns/default/dc/dc1/svc/x",
+	} {
+		if err := CheckServerID(id); err != nil {
+			t.Errorf("%s: %v", id, err)
+		}
 	}
 }

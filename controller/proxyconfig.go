@@ -322,8 +322,12 @@ const grpcHealthPath = "/grpc.health.v1.Health/Check"
 
 // checkURLRE finds the URL an HTTP check asked in its output: Consul
 // writes "HTTP GET <url>: 200 OK Output: ..." for an answer and
-// `Get "<url>": dial tcp ...` for a failed request.
-var checkURLRE = regexp.MustCompile(`^(?:HTTP [A-Z]{1,16} (http://[^\s"]{1,1000}): |[A-Z][a-z]{1,16} "(http://[^\s"]{1,1000})": )`)
+// `Get "<url>": dial tcp ...` for a failed request. A URL longer than
+// maxCheckURL bytes is not read (its length is checked beside the
+// expression: a bounded repetition compiles to that many copies).
+var checkURLRE = regexp.MustCompile(`^(?:HTTP [A-Z]{1,16} (http://[^\s"]+): |[A-Z][a-z]{1,16} "(http://[^\s"]+)": )`)
+
+const maxCheckURL = 1000
 
 // exposedCheckPaths are the expose paths of the destination service's
 // checks when the registration says Expose.Checks. The agent does not add
@@ -350,7 +354,7 @@ func exposedCheckPaths(checks map[string]*api.AgentCheck, serviceID string, loca
 		switch ch.Type {
 		case "http":
 			m := checkURLRE.FindStringSubmatch(ch.Output)
-			if m == nil {
+			if m == nil || len(m[1]+m[2]) > maxCheckURL {
 				continue // not run yet
 			}
 			u, err := url.Parse(m[1] + m[2])

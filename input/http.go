@@ -20,7 +20,7 @@ var (
 	// tokenRE is an HTTP header or query parameter name as the sidecar
 	// accepts it: a subset of RFC 9110's token alphabet without the bytes
 	// HAProxy's sample syntax gives meaning to (',', '(', ')', '$', ...).
-	tokenRE = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,64}$`)
+	tokenRE = regexp.MustCompile(`^[A-Za-z0-9_.-]+$`)
 	// methodRE is an HTTP method: upper-case letters.
 	methodRE = regexp.MustCompile(`^[A-Z]{1,16}$`)
 	// urlPathRE is a URL path: '/' then printable ASCII without space,
@@ -29,10 +29,10 @@ var (
 	// headerValueRE is a header value or a pattern of one: printable
 	// ASCII with space, without quotes, backslash and '%' (a set-header
 	// value is a log-format string, where '%' starts a sample fetch).
-	headerValueRE = regexp.MustCompile(`^[ !#$&(-\[\]-~]{1,256}$`)
+	headerValueRE = regexp.MustCompile(`^[ !#$&(-\[\]-~]+$`)
 	// regexRE is the alphabet of a regular expression: printable ASCII
 	// with space and backslash, without quotes.
-	regexRE = regexp.MustCompile(`^[ !#-&(-~]{1,256}$`)
+	regexRE = regexp.MustCompile(`^[ !#-&(-~]+$`)
 	// filterRE is a Consul filter expression (go-bexpr): printable ASCII.
 	// It is only ever sent to Consul, URL-encoded, as a query's filter.
 	filterRE = regexp.MustCompile(`^[ -~]*$`)
@@ -40,7 +40,7 @@ var (
 
 // HeaderName checks an HTTP header name.
 func HeaderName(field, s string) (string, error) {
-	if !tokenRE.MatchString(s) {
+	if !within(tokenRE, s, 1, 64) {
 		return "", reject(field, s, "want 1-64 letters, digits, '-', '_' or '.'")
 	}
 	return s, nil
@@ -48,7 +48,7 @@ func HeaderName(field, s string) (string, error) {
 
 // QueryParam checks a URL query parameter name.
 func QueryParam(field, s string) (string, error) {
-	if !tokenRE.MatchString(s) {
+	if !within(tokenRE, s, 1, 64) {
 		return "", reject(field, s, "want 1-64 letters, digits, '-', '_' or '.'")
 	}
 	return s, nil
@@ -75,7 +75,7 @@ func URLPath(field, s string) (string, error) {
 // 1-256 printable ASCII bytes, space included, other than quotes,
 // backslash and '%'.
 func HeaderValue(field, s string) (string, error) {
-	if !headerValueRE.MatchString(s) {
+	if !within(headerValueRE, s, 1, 256) {
 		return "", reject(field, s, "want 1-256 printable ASCII bytes other than quotes, backslash and '%'")
 	}
 	return s, nil
@@ -86,7 +86,7 @@ func HeaderValue(field, s string) (string, error) {
 // compile. HAProxy compiles it with PCRE2, which reads RE2's syntax the
 // same way for what RE2 accepts (RE2 is, as syntax, a subset of PCRE's).
 func Regex(field, s string) (string, error) {
-	if !regexRE.MatchString(s) {
+	if !within(regexRE, s, 1, 256) {
 		return "", reject(field, s, "want 1-256 printable ASCII bytes other than quotes")
 	}
 	if _, err := regexp.Compile(s); err != nil {

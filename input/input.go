@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"regexp"
 	"strconv"
+	"strings"
 )
 
 // ErrInvalid is wrapped by every rejection.
@@ -111,31 +112,56 @@ func AddrPort(field, s string) (netip.AddrPort, error) {
 	return ap, nil
 }
 
+// The regular expressions of this package bound the alphabet and the
+// structure; lengths are checked beside them (within). A bounded repetition
+// such as {1,255} compiles to that many copies of its character class,
+// held for the life of the process.
 var (
 	// nameRE is a Consul service (or prepared query) name as the sidecar
 	// accepts it: letters, digits, '-', '_' and '.', starting with a letter
 	// or digit, at most 63 bytes (a DNS label, which is what Consul
 	// recommends for service names).
-	nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
+	nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]*$`)
 	// datacenterRE is Consul's own rule for datacenter names (agent config
 	// builder: ^[a-z0-9_-]+$), in either case, at most 63 bytes.
-	datacenterRE = regexp.MustCompile(`^[A-Za-z0-9_-]{1,63}$`)
+	datacenterRE = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
 	// identRE is HAProxy's identifier alphabet for proxy and server names
-	// (src/tools.c invalid_char: letters, digits, '-', '_', '.', ':'). 160
-	// bytes holds the longest name this project derives: "qup_" + a
-	// 63-byte name + "_" + a 63-byte datacenter.
-	identRE = regexp.MustCompile(`^[A-Za-z0-9_.:-]{1,160}$`)
+	// (src/tools.c invalid_char: letters, digits, '-', '_', '.', ':'), at
+	// most maxIdent bytes.
+	identRE = regexp.MustCompile(`^[A-Za-z0-9_.:-]+$`)
 	// pathRE limits the file names handed to HAProxy: absolute, no spaces,
-	// nothing the CLI or the configuration parser would split on.
-	pathRE = regexp.MustCompile(`^/[A-Za-z0-9_./+-]{1,255}$`)
+	// nothing the CLI or the configuration parser would split on; at most
+	// 256 bytes.
+	pathRE = regexp.MustCompile(`^/[A-Za-z0-9_./+-]+$`)
 	// dnsNameRE is a DNS name of at least two lower-case labels, as
-	// Consul's trust domains and SNI names are.
-	dnsNameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$`)
+	// Consul's trust domains and SNI names are; labels of at most 63
+	// bytes.
+	dnsNameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$`)
 )
+
+// maxIdent holds the longest name this project derives: "qup_" + a 63-byte
+// name + "_" + a 63-byte datacenter.
+const maxIdent = 160
+
+// within reports whether s is min to max bytes long and matches re.
+func within(re *regexp.Regexp, s string, min, max int) bool {
+	return len(s) >= min && len(s) <= max && re.MatchString(s)
+}
+
+// labelsWithin reports whether every dot-separated label of s is at most
+// max bytes long.
+func labelsWithin(s string, max int) bool {
+	for l := range strings.SplitSeq(s, ".") {
+		if len(l) > max {
+			return false
+		}
+	}
+	return true
+}
 
 // Name checks a service, upstream destination or prepared query name.
 func Name(field, s string) (string, error) {
-	if !nameRE.MatchString(s) {
+	if !within(nameRE, s, 1, 63) {
 		return "", reject(field, s, "want 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit")
 	}
 	return s, nil
@@ -143,7 +169,7 @@ func Name(field, s string) (string, error) {
 
 // Datacenter checks a datacenter name.
 func Datacenter(field, s string) (string, error) {
-	if !datacenterRE.MatchString(s) {
+	if !within(datacenterRE, s, 1, 63) {
 		return "", reject(field, s, "want 1-63 letters, digits, '-' or '_'")
 	}
 	return s, nil
@@ -151,7 +177,7 @@ func Datacenter(field, s string) (string, error) {
 
 // Ident checks an HAProxy proxy or server name.
 func Ident(field, s string) (string, error) {
-	if !identRE.MatchString(s) {
+	if !within(identRE, s, 1, maxIdent) {
 		return "", reject(field, s, "want 1-160 letters, digits, '-', '_', '.' or ':'")
 	}
 	return s, nil
@@ -161,7 +187,7 @@ func Ident(field, s string) (string, error) {
 // trust domain, or a TLS server name for a crt-list filter (nothing HAProxy
 // would read as an option, a negation or a wildcard).
 func DNSName(field, s string) (string, error) {
-	if len(s) > 253 || !dnsNameRE.MatchString(s) {
+	if !within(dnsNameRE, s, 1, 253) || !labelsWithin(s, 63) {
 		return "", reject(field, s, "want a DNS name of two or more lower-case labels of letters, digits and '-'")
 	}
 	return s, nil
@@ -169,7 +195,7 @@ func DNSName(field, s string) (string, error) {
 
 // Path checks an absolute file path handed to HAProxy.
 func Path(field, s string) (string, error) {
-	if !pathRE.MatchString(s) {
+	if !within(pathRE, s, 2, 256) {
 		return "", reject(field, s, "want an absolute path of letters, digits and _ . / + -")
 	}
 	return s, nil
@@ -242,12 +268,12 @@ func (e Endpoint) Weight() int { return e.weight }
 // to HAProxy (the slot-to-instance map, see package bootstrap): HAProxy's
 // identifier alphabet, at most 128 bytes. Consul takes IDs of almost any
 // bytes; one outside this is not written anywhere HAProxy reads.
-var instanceIDRE = regexp.MustCompile(`^[A-Za-z0-9_.:-]{1,128}$`)
+var instanceIDRE = regexp.MustCompile(`^[A-Za-z0-9_.:-]+$`)
 
 // InstanceID checks a Consul service instance ID that is to reach HAProxy
 // as one word of a map value.
 func InstanceID(field, s string) (string, error) {
-	if !instanceIDRE.MatchString(s) {
+	if !within(instanceIDRE, s, 1, 128) {
 		return "", reject(field, s, "want 1-128 letters, digits, '-', '_', '.' or ':'")
 	}
 	return s, nil
@@ -259,7 +285,7 @@ var (
 	// conservative subset of RFC 3986's path characters. Nothing
 	// HAProxy's configuration parser reads specially passes: no space,
 	// quote, backslash, '#' (a comment), brace or newline.
-	exposePathRE = regexp.MustCompile(`^/[A-Za-z0-9_./~%+=:@,!$*-]{0,254}$`)
+	exposePathRE = regexp.MustCompile(`^/[A-Za-z0-9_./~%+=:@,!$*-]*$`)
 	// socketModeRE is a unix socket's permission bits in octal, as Consul
 	// documents local_bind_socket_mode ("0700"), with or without the
 	// leading zero.
@@ -269,7 +295,7 @@ var (
 // ExposePath checks an expose path (stricter than URLPath: it is matched
 // unquoted).
 func ExposePath(field, s string) (string, error) {
-	if !exposePathRE.MatchString(s) {
+	if !within(exposePathRE, s, 1, 255) {
 		return "", reject(field, s, "want an absolute HTTP path of at most 255 letters, digits and _ . / ~ % + = : @ , ! $ * -")
 	}
 	return s, nil

@@ -77,8 +77,13 @@ var pathChars = regexp.MustCompile(`^[A-Za-z0-9/._~!()*+,=:@-]*$`)
 // methodRE is a method the map can hold: Consul's are upper-case tokens.
 var methodRE = regexp.MustCompile(`^[A-Z][A-Z0-9_-]*$`)
 
-// intentionRE is an intention source name a map value can hold.
-var intentionRE = regexp.MustCompile(`^([A-Za-z0-9_.-]{1,128}|\*)$`)
+// intentionRE is an intention source name a map value can hold, of at
+// most maxName bytes. (Lengths are checked beside the expressions here: a
+// bounded repetition compiles to that many copies of its class.)
+var intentionRE = regexp.MustCompile(`^([A-Za-z0-9_.-]+|\*)$`)
+
+// maxName bounds an intention source name and a header name in an entry.
+const maxName = 128
 
 // Compile compiles in for HAProxy, with defaultAllow the default
 // intention policy its unmatched requests fall to.
@@ -86,7 +91,7 @@ func (in *Intention) Compile(defaultAllow bool) Compiled {
 	key := in.key(defaultAllow)
 	prefix := "^" + key + ":"
 	source := in.Source
-	if !intentionRE.MatchString(source) {
+	if len(source) > maxName || !intentionRE.MatchString(source) {
 		// No such name comes from Consul; the agent decides, and logs it.
 		return Compiled{Key: key, Entries: []MapEntry{{prefix, ActionAgent + "/-/-"}}}
 	}
@@ -147,7 +152,7 @@ func methodPatterns(methods []string) ([]string, bool) {
 }
 
 // headerNameRE is a header name an entry can hold (lower case).
-var headerNameRE = regexp.MustCompile(`^[a-z0-9_.-]{1,128}$`)
+var headerNameRE = regexp.MustCompile(`^[a-z0-9_.-]+$`)
 
 // headerPattern matches the subject's header names field: any names, or
 // names that include the one header the permission requires present. ok
@@ -159,7 +164,7 @@ func (p Permission) headerPattern() (string, bool) {
 		return "[^:]*", true
 	case len(p.headers) == 1:
 		h := p.headers[0]
-		if h.kind == matchPresent && !h.invert && headerNameRE.MatchString(h.name) {
+		if h.kind == matchPresent && !h.invert && len(h.name) <= maxName && headerNameRE.MatchString(h.name) {
 			return "[^:]*/" + strings.ReplaceAll(h.name, ".", "[.]") + "/[^:]*", true
 		}
 	}

@@ -105,32 +105,34 @@ func checkWeight(weight int) error {
 }
 
 // The grammar of each command this package builds, with its arguments at
-// their narrowest: the last check before a Command is returned (see
-// worker). The constructors validate every argument already; this holds
-// even if one of them is wrong, since a line that matches cannot hold a
-// second command, a comment or a quoted string.
+// their narrowest alphabet: the last check before a Command is returned
+// (see worker). The constructors validate every argument already, lengths
+// included (package input); this holds even if one of them is wrong, since
+// a line that matches cannot hold a second command, a comment or a quoted
+// string. Long words are unbounded here (checkLine bounds the line): a
+// bounded repetition such as {1,255} compiles to that many copies of its
+// character class, which every shape holds for the life of the process.
 const (
-	gIdent  = `[A-Za-z0-9_.:-]{1,160}`
+	gIdent  = `[A-Za-z0-9_.:-]+`
 	gServer = gIdent + `/` + gIdent
 	gAddr   = `[0-9a-f.:]{2,45}`
 	gPort   = `[1-9][0-9]{0,4}`
 	gWeight = `[0-9]{1,3}`
-	gPath   = `/[A-Za-z0-9_./+-]{1,255}`
-	gToken  = `[A-Za-z0-9_.:/-]{1,128}`
+	gPath   = `/[A-Za-z0-9_./+-]+`
 	// A map key, and a map value: one word each, on the CLI line and in a
 	// map file (which reads a key, blanks, and the value up to the end of
 	// the line; '#' would start a comment). '@', '[', ']', '~' and '?' mean
 	// nothing to either (checked on 2.6.12: "add map" and "set map" store
 	// "db-7@[fd00::7]:21000" as given, and a map file line holding it
 	// loads it so).
-	gMapKey   = `[A-Za-z0-9_.:/-]{1,200}`
-	gMapValue = `[A-Za-z0-9_.:/@\[\]~?-]{1,512}`
+	gMapKey   = `[A-Za-z0-9_.:/-]+`
+	gMapValue = `[A-Za-z0-9_.:/@\[\]~?-]+`
 	// An L7 map entry (package l7, Compile): a regex anchored on a
 	// ruleset key, then "<action>/<intention>/<permission>". Words of
 	// checkLine; the regex's first character is '^', so a map file line
 	// holding it is no comment.
 	gL7Pattern = `\^[0-9a-f]{16}:[A-Za-z0-9/._~!()*+,=:@\[\]^?-]*` // checkLine bounds the line
-	gL7Value   = `[ADS]/([A-Za-z0-9_.-]{1,128}|\*)/[a-z0-9:-]{1,32}`
+	gL7Value   = `[ADS]/([A-Za-z0-9_.-]+|\*)/[a-z0-9:-]{1,32}`
 )
 
 var (
@@ -141,14 +143,14 @@ var (
 		`( ssl crt ` + gPath + ` ca-file ` + gPath + ` verify required( sni str\(` + gIdent + `\))?( alpn [a-z0-9/.-]+(,[a-z0-9/.-]+)*)?( no-ssl-reuse)?)?` +
 		`( check( check-ssl)? inter [0-9]{1,10}ms observe layer[47] error-limit [0-9]{1,5} on-error mark-down)?$`)
 	shapeEnableHealth = regexp.MustCompile(`^enable health ` + gServer + `$`)
-	shapeSSLCert     = regexp.MustCompile(`^(set|commit|abort|show) ssl cert ` + gPath + `$`)
-	shapeSetMap      = regexp.MustCompile(`^(set|add) map ` + gPath + ` ` + gMapKey + ` ` + gMapValue + `$`)
-	shapeShowMap     = regexp.MustCompile(`^show map ` + gPath + `$`)
-	shapeL7Map       = regexp.MustCompile(`^(add map ` + gPath + ` ` + gL7Pattern + ` ` + gL7Value + `|del map ` + gPath + ` ` + gL7Pattern + `|clear map ` + gPath + `)$`)
-	shapeShowCAFile  = regexp.MustCompile(`^show ssl ca-file ` + gPath + `$`)
-	shapeShowServers = regexp.MustCompile(`^show servers state( ` + gIdent + `)?$`)
-	shapeShowSess    = regexp.MustCompile(`^show sess$`)
-	shapeShowTable   = regexp.MustCompile(`^show table ` + gIdent + `$`)
+	shapeSSLCert      = regexp.MustCompile(`^(set|commit|abort|show) ssl cert ` + gPath + `$`)
+	shapeSetMap       = regexp.MustCompile(`^(set|add) map ` + gPath + ` ` + gMapKey + ` ` + gMapValue + `$`)
+	shapeShowMap      = regexp.MustCompile(`^show map ` + gPath + `$`)
+	shapeL7Map        = regexp.MustCompile(`^(add map ` + gPath + ` ` + gL7Pattern + ` ` + gL7Value + `|del map ` + gPath + ` ` + gL7Pattern + `|clear map ` + gPath + `)$`)
+	shapeShowCAFile   = regexp.MustCompile(`^show ssl ca-file ` + gPath + `$`)
+	shapeShowServers  = regexp.MustCompile(`^show servers state( ` + gIdent + `)?$`)
+	shapeShowSess     = regexp.MustCompile(`^show sess$`)
+	shapeShowTable    = regexp.MustCompile(`^show table ` + gIdent + `$`)
 	// A stream's id is its address in the worker, as "show sess" prints it.
 	shapeShutdownSession = regexp.MustCompile(`^shutdown session 0x[0-9a-f]{1,16}$`)
 )
@@ -417,16 +419,25 @@ func AbortSSLCert(file string) (Command, error) {
 }
 
 // mapKeyRE and mapValueRE bound what "set map" and "add map" may carry:
-// one word each (gMapKey, gMapValue).
+// one word each (gMapKey, gMapValue), of at most maxMapKey and maxMapValue
+// bytes.
 var (
 	mapKeyRE   = regexp.MustCompile(`^` + gMapKey + `$`)
 	mapValueRE = regexp.MustCompile(`^` + gMapValue + `$`)
 )
 
+const (
+	maxMapKey   = 200
+	maxMapValue = 512
+	// maxL7Value is the longest L7 map value: an action, an intention
+	// name of at most 128 bytes (or "*") and a permission of at most 32.
+	maxL7Value = len("A//") + 128 + 32
+)
+
 // ValidMapEntry reports whether key and value can be a map entry that
 // SetMap and AddMap send (and a map file line holds as one entry).
 func ValidMapEntry(key, value string) bool {
-	return mapKeyRE.MatchString(key) && mapValueRE.MatchString(value)
+	return len(key) <= maxMapKey && len(value) <= maxMapValue && mapKeyRE.MatchString(key) && mapValueRE.MatchString(value)
 }
 
 func mapCommand(verb, file, key, value string) (Command, error) {
@@ -454,6 +465,9 @@ func AddMap(file, key, value string) (Command, error) { return mapCommand("add",
 func AddL7Entry(file, pattern, value string) (Command, error) {
 	if err := checkPath("map path", file); err != nil {
 		return Command{}, err
+	}
+	if len(value) > maxL7Value {
+		return Command{}, fmt.Errorf("%w: L7 map value %q longer than %d bytes", ErrInvalidArgument, value, maxL7Value)
 	}
 	return worker(shapeL7Map, fmt.Sprintf("add map %s %s %s", file, pattern, value), expectEmpty)
 }
