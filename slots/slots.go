@@ -46,6 +46,12 @@ func (e Endpoint) Compare(o Endpoint) int {
 	return netip.AddrPortFrom(netip.MustParseAddr(e.Addr), uint16(e.Port)).Compare(netip.AddrPortFrom(netip.MustParseAddr(o.Addr), uint16(o.Port)))
 }
 
+// addrPort is Key as a comparable value, which Plan keys its maps with:
+// equal exactly when the keys are, without formatting a string.
+func addrPort(addr string, port int) netip.AddrPort {
+	return netip.AddrPortFrom(netip.MustParseAddr(addr), uint16(port))
+}
+
 // Validate rejects an endpoint the runtime API cannot take.
 func (e Endpoint) Validate() error {
 	if _, err := netip.ParseAddr(e.Addr); err != nil {
@@ -75,18 +81,18 @@ func (s Slot) Key() string {
 	return Endpoint{Addr: s.Addr, Port: s.Port}.Key()
 }
 
-// parkedKey is the endpoint key a free slot still points at, if its
-// address (which may come from HAProxy, see FromObserved) is one.
-func (s Slot) parkedKey() (string, bool) {
+// parkedKey is the endpoint a free slot still points at, if its address
+// (which may come from HAProxy, see FromObserved) is one.
+func (s Slot) parkedKey() (netip.AddrPort, bool) {
 	a, err := input.Addr(input.FieldAddress, s.Addr)
 	if err != nil {
-		return "", false
+		return netip.AddrPort{}, false
 	}
 	p, err := input.Port(input.FieldPort, s.Port)
 	if err != nil {
-		return "", false
+		return netip.AddrPort{}, false
 	}
-	return netip.AddrPortFrom(a, p).String(), true
+	return netip.AddrPortFrom(a, p), true
 }
 
 // Table is the assignment of one backend's slots. It is a value: Plan
@@ -172,14 +178,14 @@ type Op struct {
 // keeps its address), and only when every slot is taken does the backend
 // grow with "add server". An endpoint keeps its slot while it lives.
 func Plan(applied Table, desired []Endpoint) (ops []Op, next Table, rejected []error) {
-	want := map[string]Endpoint{}
+	want := make(map[netip.AddrPort]Endpoint, len(desired))
 	for _, e := range desired {
 		if err := e.Validate(); err != nil {
 			rejected = append(rejected, err)
 			continue
 		}
 		e.Weight = min(e.Weight, MaxWeight)
-		k := e.Key()
+		k := addrPort(e.Addr, e.Port)
 		if old, ok := want[k]; ok && old.Weight >= e.Weight {
 			continue
 		}
@@ -193,23 +199,28 @@ func Plan(applied Table, desired []Endpoint) (ops []Op, next Table, rejected []e
 			free = append(free, i)
 			continue
 		}
-		if e, ok := want[s.Key()]; ok {
+		k := addrPort(s.Addr, s.Port)
+		if e, ok := want[k]; ok {
 			if e.Weight != s.Weight {
 				ops = append(ops, Op{Kind: OpSetWeight, Server: s.Name, Weight: e.Weight})
 				next.Slots[i].Weight = e.Weight
 			}
-			delete(want, s.Key())
+			delete(want, k)
 			continue
 		}
 		freed = append(freed, i)
 	}
 
 	// New endpoints in a stable order, so that plans are reproducible.
-	adds := make([]Endpoint, 0, len(want))
-	for _, e := range want {
-		adds = append(adds, e)
+	keys := make([]netip.AddrPort, 0, len(want))
+	for k := range want {
+		keys = append(keys, k)
 	}
-	slices.SortFunc(adds, Endpoint.Compare)
+	slices.SortFunc(keys, netip.AddrPort.Compare)
+	adds := make([]Endpoint, 0, len(keys))
+	for _, k := range keys {
+		adds = append(adds, want[k])
+	}
 
 	// fill points slot i at e (unless it already does: a parked slot keeps
 	// its address); a free slot is then put in service, a slot changing
@@ -231,7 +242,7 @@ func Plan(applied Table, desired []Endpoint) (ops []Op, next Table, rejected []e
 	// Free slots still pointing at a new endpoint: it comes back with
 	// "state ready" alone there, so slots changing hands go to the others
 	// first.
-	parked := map[string]int{}
+	parked := map[netip.AddrPort]int{}
 	for _, i := range free {
 		if k, ok := next.Slots[i].parkedKey(); ok {
 			parked[k] = i
@@ -239,7 +250,7 @@ func Plan(applied Table, desired []Endpoint) (ops []Op, next Table, rejected []e
 	}
 	var back []Endpoint
 	adds = slices.DeleteFunc(adds, func(e Endpoint) bool {
-		if _, ok := parked[e.Key()]; ok {
+		if _, ok := parked[addrPort(e.Addr, e.Port)]; ok {
 			back = append(back, e)
 			return true
 		}
@@ -256,7 +267,7 @@ func Plan(applied Table, desired []Endpoint) (ops []Op, next Table, rejected []e
 		freed, adds = freed[1:], adds[1:]
 	}
 	adds = slices.DeleteFunc(adds, func(e Endpoint) bool {
-		i, ok := parked[e.Key()]
+		i, ok := parked[addrPort(e.Addr, e.Port)]
 		if ok {
 			fill(i, e)
 		}
