@@ -1,6 +1,8 @@
 package slots
 
 import (
+	"fmt"
+	"net/netip"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -188,4 +190,94 @@ func TestSize(t *testing.T) {
 			t.Errorf("Size(%d, %d) = %d, want %d", tt.used, tt.min, got, tt.want)
 		}
 	}
+}
+
+// replay applies ops to t as HAProxy would: the table the commands leave.
+func replay(t *testing.T, tab Table, ops []Op) Table {
+	t.Helper()
+	out := tab.Clone()
+	idx := map[string]int{}
+	for i, s := range out.Slots {
+		idx[s.Name] = i
+	}
+	for _, op := range ops {
+		if op.Kind == OpAdd {
+			if _, dup := idx[op.Server]; dup {
+				t.Fatalf("add server %s: exists", op.Server)
+			}
+			idx[op.Server] = len(out.Slots)
+			out.Slots = append(out.Slots, Slot{Name: op.Server, Dynamic: true, Addr: op.Addr, Port: op.Port, Weight: op.Weight})
+			continue
+		}
+		i, ok := idx[op.Server]
+		if !ok {
+			t.Fatalf("%+v: no such slot", op)
+		}
+		s := &out.Slots[i]
+		switch op.Kind {
+		case OpSetAddr:
+			s.Addr, s.Port = op.Addr, op.Port
+		case OpSetWeight:
+			s.Weight = op.Weight
+		case OpReady:
+			s.Used = true
+		case OpMaint:
+			s.Used = false
+		}
+	}
+	return out
+}
+
+// FuzzPlan: over successive plans, the operations take the applied table
+// to the returned one; it serves every valid desired endpoint once, at its
+// highest weight (clamped), and nothing else; an endpoint served before
+// and still desired keeps its slot, in service throughout.
+func FuzzPlan(f *testing.F) {
+	f.Add([]byte{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, []byte{3, 4, 5, 11, 12}, []byte{5, 6, 7, 13, 14, 15, 16, 17, 18, 19, 20}, uint8(4))
+	f.Add([]byte{0x41, 0x42, 0x81, 0xc1, 0xff}, []byte{}, []byte{0x41, 0x41, 0x42}, uint8(0))
+	f.Fuzz(func(t *testing.T, a, b, c []byte, size uint8) {
+		addrs := []string{"10.0.0.%d", "fd00::%d", "::ffff:10.0.0.%d", "10.0.0.0%d", "host%d"}
+		ep := func(x byte) Endpoint {
+			return Endpoint{Addr: fmt.Sprintf(addrs[int(x>>5)%len(addrs)], x%8), Port: 1 + int(x%3), Weight: int(x>>3)%4*100 - 1}
+		}
+		tab := New("b", "s", int(size%16))
+		for _, set := range [][]byte{a, b, c} {
+			var desired []Endpoint
+			want := map[netip.AddrPort]int{}
+			for _, x := range set {
+				e := ep(x)
+				desired = append(desired, e)
+				if e.Validate() == nil {
+					k := addrPort(e.Addr, e.Port)
+					want[k] = max(want[k], min(e.Weight, MaxWeight))
+				}
+			}
+			ops, next, _ := Plan(tab, desired)
+			if got := replay(t, tab, ops); !cmp.Equal(got, next) {
+				t.Fatalf("ops %+v take %+v to %+v, not %+v", ops, tab, got, next)
+			}
+			served := map[netip.AddrPort]int{}
+			for _, s := range next.Slots {
+				if s.Used {
+					k := addrPort(s.Addr, s.Port)
+					if _, dup := served[k]; dup {
+						t.Fatalf("%s served twice: %+v", k, next)
+					}
+					served[k] = s.Weight
+				}
+			}
+			if !cmp.Equal(served, want) {
+				t.Fatalf("served %v, want %v", served, want)
+			}
+			for i, s := range tab.Slots {
+				if s.Used && want[addrPort(s.Addr, s.Port)] > 0 && !next.Slots[i].Used {
+					t.Fatalf("%s left slot %s", s.Key(), s.Name)
+				}
+				if s.Used && want[addrPort(s.Addr, s.Port)] > 0 && next.Slots[i].Key() != s.Key() {
+					t.Fatalf("%s moved off slot %s", s.Key(), s.Name)
+				}
+			}
+			tab = next
+		}
+	})
 }
