@@ -2,7 +2,7 @@
 // commands from validated values, sends them in batches over one connection,
 // classifies every reply, and confirms reloads. It knows HAProxy, not Consul;
 // of the slot model (package slots) it knows only the operations a plan
-// turns into commands (SlotCommand).
+// turns into commands (SlotCommands).
 package runtime
 
 import (
