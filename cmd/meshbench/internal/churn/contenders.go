@@ -44,7 +44,7 @@ type contender struct {
 	pollCost float64
 	// share reads the contender's own propagation histogram
 	// (haproxy-connect's /metrics); nil when it has none.
-	share func() (histogram, error)
+	share func() (shares, error)
 }
 
 const (
@@ -178,7 +178,7 @@ func (cb *workload) haproxyConnect() *contender {
 		}
 		c.observeHAProxy(s.RT.Socket(), s.Observe, "up_api", s.Cmd.Process.Pid)
 		stats := s.Stats
-		c.share = func() (histogram, error) { return scrapeShare(stats) }
+		c.share = func() (shares, error) { return scrapeShare(stats) }
 		return nil
 	}
 	if cb.b.ProfileDir != "" {

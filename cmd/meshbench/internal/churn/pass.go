@@ -22,8 +22,10 @@ type result struct {
 	pollInterval time.Duration // mean time between two observations
 	// share50 and share99 bound the contender's own share of propagation
 	// (the upper bounds of its histogram buckets holding p50 and p99);
-	// NaN without one.
+	// NaN without one. proof50 and proof99 bound its identity proofs the
+	// same way (NaN when it made none).
 	share50, share99 float64
+	proof50, proof99 float64
 	rate             float64 // achieved changes per second (rate passes)
 	baseUnseen       int
 	// cpu is the contender's CPU time (its whole process trees) from the
@@ -109,7 +111,7 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 	}
 	consulTL.Restart()
 	seenTL.Restart()
-	var share0 histogram
+	var share0 shares
 	if c.share != nil {
 		var err error
 		if share0, err = c.share(); err != nil {
@@ -163,14 +165,15 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 		r.cpu = cpu1 - cpu0
 	}
 	r.ok, r.failed, r.missed, r.firstErr = stopLoad()
-	r.share50, r.share99 = math.NaN(), math.NaN()
+	r.share50, r.share99, r.proof50, r.proof99 = math.NaN(), math.NaN(), math.NaN(), math.NaN()
 	if c.share != nil {
 		share1, err := c.share()
 		if err != nil {
 			return r, err
 		}
 		d := share1.sub(share0)
-		r.share50, r.share99 = d.bound(0.50), d.bound(0.99)
+		r.share50, r.share99 = d.prop.bound(0.50), d.prop.bound(0.99)
+		r.proof50, r.proof99 = d.proof.bound(0.50), d.proof.bound(0.99)
 	}
 	if c.reloads != nil {
 		n, err := c.reloads(ctx)

@@ -22,6 +22,7 @@ type agg struct {
 	writeP99                    bench.Rounds
 	baseUnseen                  int
 	share50, share99            bench.Rounds
+	proof50, proof99            bench.Rounds
 	cpuPer1k                    bench.Rounds // contender CPU seconds per 1000 changes
 	pollCost                    bench.Rounds // observer: contender CPU seconds per poll
 	p999                        bench.Rounds
@@ -66,6 +67,10 @@ func (a *agg) add(r result) {
 	if !math.IsNaN(r.share99) {
 		a.share50 = append(a.share50, r.share50)
 		a.share99 = append(a.share99, r.share99)
+	}
+	if !math.IsNaN(r.proof99) {
+		a.proof50 = append(a.proof50, r.proof50)
+		a.proof99 = append(a.proof99, r.proof99)
 	}
 }
 
@@ -155,12 +160,17 @@ func (cb *workload) report(p plan, first bool, contenders []*contender, res map[
 	var shares []string
 	for _, c := range contenders {
 		if a := res[c.name]; a != nil && len(a.share99) > 0 {
-			shares = append(shares, fmt.Sprintf("%s: p50 ≤ %s (%s), p99 ≤ %s (%s)", c.name,
-				bench.Dur(a.share50.Median()), a.share50.Format(bench.Dur), bench.Dur(a.share99.Median()), a.share99.Format(bench.Dur)))
+			share := fmt.Sprintf("%s: p50 ≤ %s (%s), p99 ≤ %s (%s)", c.name,
+				bench.Dur(a.share50.Median()), a.share50.Format(bench.Dur), bench.Dur(a.share99.Median()), a.share99.Format(bench.Dur))
+			if len(a.proof99) > 0 {
+				share += fmt.Sprintf(", of which identity proofs p50 ≤ %s (%s), p99 ≤ %s (%s)",
+					bench.Dur(a.proof50.Median()), a.proof50.Format(bench.Dur), bench.Dur(a.proof99.Median()), a.proof99.Format(bench.Dur))
+			}
+			shares = append(shares, share)
 		}
 	}
 	if len(shares) > 0 {
-		s.Note("Own share of propagation, from the sidecar's own histogram (haproxy_connect_endpoint_propagation_seconds: from an answer's headers arriving from Consul to HAProxy confirming the runtime batch that applies it, one sample per applied update of the upstream), as the upper bound of the bucket holding the quantile (buckets 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 50 ms, ...), median (min–max) over rounds: %s. The rest of its latency is Consul's notification and the observation's resolution.", strings.Join(shares, "; "))
+		s.Note("Own share of propagation, from the sidecar's own histogram (haproxy_connect_endpoint_propagation_seconds: from an answer's headers arriving from Consul to HAProxy confirming the runtime batch that applies it, one sample per applied update of the upstream), as the upper bound of the bucket holding the quantile (buckets 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 50 ms, ...), median (min–max) over rounds: %s. Identity proofs: haproxy_connect_upstream_verification_seconds, the sidecar's own connect and mTLS handshake to each new endpoint before it takes traffic (same buckets), one sample per proof; an added endpoint's share holds its proof, and a removal that lets a new endpoint take its slot waits for that proof. The rest of its latency is Consul's notification and the observation's resolution.", strings.Join(shares, "; "))
 	}
 	s.Note("Achieved write rate, changes/s (first to last acknowledgement): %s.", strings.Join(rates, "; "))
 	if len(errs) > 0 {

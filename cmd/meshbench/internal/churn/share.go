@@ -9,36 +9,55 @@ import (
 	"github.com/haproxy-connect/haproxy-connect/scrape"
 )
 
-// histogram is a snapshot of haproxy-connect's
-// haproxy_connect_endpoint_propagation_seconds histogram: each bucket's
-// upper bound (seconds, +Inf last) and cumulative count.
+// histogram is a snapshot of one of haproxy-connect's histograms: each
+// bucket's upper bound (seconds, +Inf last) and cumulative count.
 type histogram struct {
 	le  []float64
 	cum []float64
 }
 
-const propagationMetric = "haproxy_connect_endpoint_propagation_seconds"
+// shares are the histograms of the sidecar's own share of propagation:
+// from an answer arriving to HAProxy confirming it, and, within that, the
+// identity proofs of new endpoints.
+type shares struct {
+	prop, proof histogram
+}
 
-// scrapeShare reads the histogram from a sidecar's /metrics.
-func scrapeShare(statsAddr string) (histogram, error) {
+const (
+	propagationMetric = "haproxy_connect_endpoint_propagation_seconds"
+	proofMetric       = "haproxy_connect_upstream_verification_seconds"
+)
+
+// scrapeShare reads the histograms from a sidecar's /metrics.
+func scrapeShare(statsAddr string) (shares, error) {
 	f, err := bench.SidecarMetrics(statsAddr)
 	if err != nil {
-		return histogram{}, err
+		return shares{}, err
 	}
 	return shareOf(f)
 }
 
-// shareOf takes the histogram's buckets from a sidecar's metrics.
-func shareOf(f scrape.Families) (histogram, error) {
-	bs, err := f.Histogram(propagationMetric)
-	if err != nil {
-		return histogram{}, fmt.Errorf("propagation histogram: %w", err)
+// shareOf takes the histograms' buckets from a sidecar's metrics.
+func shareOf(f scrape.Families) (shares, error) {
+	var s shares
+	for _, h := range []struct {
+		name string
+		to   *histogram
+	}{{propagationMetric, &s.prop}, {proofMetric, &s.proof}} {
+		bs, err := f.Histogram(h.name)
+		if err != nil {
+			return shares{}, fmt.Errorf("%s: %w", h.name, err)
+		}
+		for _, b := range bs {
+			h.to.le, h.to.cum = append(h.to.le, b.UpperBound), append(h.to.cum, b.Count)
+		}
 	}
-	var h histogram
-	for _, b := range bs {
-		h.le, h.cum = append(h.le, b.UpperBound), append(h.cum, b.Count)
-	}
-	return h, nil
+	return s, nil
+}
+
+// sub returns the counts added to both histograms since before.
+func (s shares) sub(before shares) shares {
+	return shares{prop: s.prop.sub(before.prop), proof: s.proof.sub(before.proof)}
 }
 
 // sub returns the counts added since before (same buckets).
