@@ -91,6 +91,7 @@ test: deps
 	$(GO) test ./spoa -run '^$$' -fuzz '^FuzzParseLeaf$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./l7 -run '^$$' -fuzz '^FuzzParseDecide$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./l7 -run '^$$' -fuzz '^FuzzCompile$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./slots -run '^$$' -fuzz '^FuzzPlan$$' -fuzztime $(FUZZTIME)
 
 # Tests too slow for every run: a leaf renewal with a realistic TTL
 # (about 10 minutes).
