@@ -104,7 +104,10 @@ func run(ctx context.Context, rounds int, only string, quick bool, md, dir, prof
 		start := time.Now()
 		// A failed workload is reported and the others still run: the
 		// report is written, and meshbench exits non-zero at the end.
-		if err := w.Run(ctx, b); err != nil {
+		b.Env = env.ForWorkload()
+		err := w.Run(ctx, b)
+		b.Env.Close()
+		if err != nil {
 			env.Logf("workload %s failed: %v", w.Name, err)
 			b.Report.Add(fmt.Sprintf("Workload %s FAILED", w.Name)).Note("%v", err)
 			failed = append(failed, w.Name)

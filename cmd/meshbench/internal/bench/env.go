@@ -46,6 +46,15 @@ func (e *Env) Defer(f func()) {
 	e.cleanups = append(e.cleanups, f)
 }
 
+// ForWorkload returns an Env with the same binaries and work dir and
+// nothing started. Each workload runs in one, closed when it ends: what a
+// workload leaves running would share the binaries' pages with the next
+// workload's sidecar (lowering its Pss) and take CPU from it.
+func (e *Env) ForWorkload() *Env {
+	return &Env{Dir: e.Dir, HAProxy: e.HAProxy, Consul: e.Consul, Sidecar: e.Sidecar,
+		ConsulTemplate: e.ConsulTemplate, Wrk: e.Wrk, Verbose: e.Verbose}
+}
+
 // Close stops everything, newest first.
 func (e *Env) Close() {
 	e.mu.Lock()
