@@ -104,10 +104,7 @@ func run(ctx context.Context, rounds int, only string, quick bool, md, dir, prof
 		start := time.Now()
 		// A failed workload is reported and the others still run: the
 		// report is written, and meshbench exits non-zero at the end.
-		b.Env = env.ForWorkload()
-		err := w.Run(ctx, b)
-		b.Env.Close()
-		if err != nil {
+		if err := b.RunWorkload(ctx, w); err != nil {
 			env.Logf("workload %s failed: %v", w.Name, err)
 			b.Report.Add(fmt.Sprintf("Workload %s FAILED", w.Name)).Note("%v", err)
 			failed = append(failed, w.Name)

@@ -45,6 +45,19 @@ type Workload struct {
 	Run  func(ctx context.Context, b *Bench) error
 }
 
+// RunWorkload runs w in an Env of its own (Env.ForWorkload) and stops
+// everything w started before it returns, so that no workload measures
+// beside another's processes.
+func (b *Bench) RunWorkload(ctx context.Context, w Workload) error {
+	root := b.Env
+	b.Env = root.ForWorkload()
+	defer func() {
+		b.Env.Close()
+		b.Env = root
+	}()
+	return w.Run(ctx, b)
+}
+
 // Contender is one system under test, started fresh for each measurement
 // and stopped after it. Workloads keep what they measure through it
 // (ports, observers) in their own types.
