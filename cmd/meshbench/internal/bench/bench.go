@@ -45,12 +45,12 @@ type Workload struct {
 	Run  func(ctx context.Context, b *Bench) error
 }
 
-// RunWorkload runs w in an Env of its own (Env.ForWorkload) and stops
+// RunWorkload runs w in an Env of its own (Env.Fresh) and stops
 // everything w started before it returns, so that no workload measures
 // beside another's processes.
 func (b *Bench) RunWorkload(ctx context.Context, w Workload) error {
 	root := b.Env
-	b.Env = root.ForWorkload()
+	b.Env = root.Fresh()
 	defer func() {
 		b.Env.Close()
 		b.Env = root

@@ -29,7 +29,6 @@ import (
 type Env struct {
 	Dir                                           string
 	HAProxy, Consul, Sidecar, ConsulTemplate, Wrk string
-	Verbose                                       bool
 	mu                                            sync.Mutex
 	cleanups                                      []func()
 }
@@ -46,13 +45,15 @@ func (e *Env) Defer(f func()) {
 	e.cleanups = append(e.cleanups, f)
 }
 
-// ForWorkload returns an Env with the same binaries and work dir and
-// nothing started. Each workload runs in one, closed when it ends: what a
-// workload leaves running would share the binaries' pages with the next
-// workload's sidecar (lowering its Pss) and take CPU from it.
-func (e *Env) ForWorkload() *Env {
+// Fresh returns an Env with the same binaries and work dir and nothing
+// started. Each workload runs in one (Bench.RunWorkload), and rounds that
+// start their own Consul and sidecar run in one of the workload's, each
+// closed when it ends: what is left running would share the binaries'
+// pages with the next sidecar measured (lowering its Pss) and take CPU
+// from it.
+func (e *Env) Fresh() *Env {
 	return &Env{Dir: e.Dir, HAProxy: e.HAProxy, Consul: e.Consul, Sidecar: e.Sidecar,
-		ConsulTemplate: e.ConsulTemplate, Wrk: e.Wrk, Verbose: e.Verbose}
+		ConsulTemplate: e.ConsulTemplate, Wrk: e.Wrk}
 }
 
 // Close stops everything, newest first.

@@ -61,7 +61,7 @@ type result struct {
 
 func measureRound(ctx context.Context, b *bench.Bench, upstreams, perUpstream int, churnFor time.Duration, rate int) (result, error) {
 	var res result
-	env := &bench.Env{Dir: b.Dir, HAProxy: b.HAProxy, Consul: b.Consul, Sidecar: b.Sidecar}
+	env := b.Fresh()
 	defer env.Close()
 	consul, err := env.StartConsul(testenv.ConsulOptions{})
 	if err != nil {

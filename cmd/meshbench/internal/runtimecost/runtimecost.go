@@ -78,7 +78,7 @@ type cellKey struct {
 }
 
 func measureRound(ctx context.Context, b *bench.Bench, changes int) (map[cellKey]bench.Samples, map[cellKey]float64, error) {
-	env := &bench.Env{Dir: b.Dir, HAProxy: b.HAProxy}
+	env := b.Fresh()
 	defer env.Close()
 	dir, err := env.Subdir("rc")
 	if err != nil {

@@ -177,7 +177,7 @@ func inService(sock, backend string) (map[string]bool, error) {
 }
 
 func measure(ctx context.Context, b *bench.Bench, sh shape, churnFor time.Duration, f *figures) error {
-	env := &bench.Env{Dir: b.Dir, HAProxy: b.HAProxy, Consul: b.Consul, Sidecar: b.Sidecar}
+	env := b.Fresh()
 	defer env.Close()
 	consul, err := env.StartConsul(testenv.ConsulOptions{})
 	if err != nil {
