@@ -4,8 +4,9 @@ import (
 	"encoding/json"
 	"net/netip"
 	"strings"
-	"time"
 	"testing"
+	"testing/iotest"
+	"time"
 
 	"github.com/hashicorp/consul/api"
 	"github.com/valyala/fastjson"
@@ -148,7 +149,8 @@ func FuzzParseRegistration(f *testing.F) {
 // every kept endpoint makes a "set server addr" and an "add server" that
 // pass the runtime's own grammar. And the parser, which reads an answer
 // one entry at a time, reads what a parse of the whole answer would:
-// wholeParse, the way it read answers before.
+// wholeParse, the way it read answers before, whether the answer arrives
+// whole or a byte at a time.
 func FuzzHealthParse(f *testing.F) {
 	f.Add(`[{"Node":{"Address":"10.0.0.1"},"Service":{"ID":"a","Address":"","Port":80,"Weights":{"Passing":3}}}]`)
 	for _, body := range []string{
@@ -167,6 +169,19 @@ func FuzzHealthParse(f *testing.F) {
 	f.Fuzz(func(t *testing.T, body string) {
 		var h healthReader
 		entries, bad, err := h.parse([]byte(body))
+		// The answer arrives in pieces of any size: a byte at a time
+		// reads the same.
+		{
+			oEntries, oBad, oErr := h.parseEntriesFrom(iotest.OneByteReader(strings.NewReader(body)), false)
+			if (err == nil) != (oErr == nil) || len(entries) != len(oEntries) || len(bad) != len(oBad) {
+				t.Fatalf("whole: %d entries, %d bad, %v; a byte at a time: %d entries, %d bad, %v", len(entries), len(bad), err, len(oEntries), len(oBad), oErr)
+			}
+			for i := range entries {
+				if entries[i] != oEntries[i] {
+					t.Fatalf("entry %d: %+v; a byte at a time: %+v", i, entries[i], oEntries[i])
+				}
+			}
+		}
 		{
 			wEntries, wBad, wErr := wholeParse([]byte(body))
 			if (err == nil) != (wErr == nil) || len(entries) != len(wEntries) || len(bad) != len(wBad) {

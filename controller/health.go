@@ -23,19 +23,19 @@ import (
 // list (about 1.8 KB per instance from an agent in dev mode, 0.9 KB from
 // others), once per change, and api decodes all of it into ServiceEntry
 // values with encoding/json. That decode was 90 % of the sidecar's CPU under
-// churn (meshbench churn -profile). Here an answer is read into a pooled
-// buffer and parsed with a pooled parser, keeping only the five fields the
-// sidecar uses: BenchmarkHealthDecode compares both on a real answer of
-// Consul's. Pooled, not one per watch: a parser keeps what it parsed until
-// its next parse, and 50 idle watches each holding theirs doubled the
-// sidecar's peak RSS (meshbench footprint).
+// churn (meshbench churn -profile). Here an answer is parsed as it is read,
+// one instance at a time, with a pooled scanner and parser, keeping only
+// the fields the sidecar uses: BenchmarkHealthDecode compares both on a
+// real answer of Consul's. Pooled, not one per watch: a parser keeps what
+// it parsed until its next parse, and 50 idle watches each holding theirs
+// doubled the sidecar's peak RSS (meshbench footprint).
 type healthReader struct {
-	client  *http.Client
-	base    url.URL // scheme, host and path prefix of the agent
-	token   string
-	params  url.Values // dc, ns, partition from the client configuration
-	parsers fastjson.ParserPool
-	bufs    sync.Pool // *bytes.Buffer
+	client   *http.Client
+	base     url.URL // scheme, host and path prefix of the agent
+	token    string
+	params   url.Values // dc, ns, partition from the client configuration
+	parsers  fastjson.ParserPool
+	scanners sync.Pool // *elementScanner
 	// filtered, when set, learns per answer whether Consul left
 	// instances out because the token may not read them
 	// (X-Consul-Results-Filtered-By-ACLs): the only sign of a token that
@@ -133,20 +133,13 @@ func (h *healthReader) connectFiltered(ctx context.Context, service, dc, filter 
 	}
 	defer resp.Body.Close()
 	at = time.Now()
-	buf, _ := h.bufs.Get().(*bytes.Buffer)
-	if buf == nil {
-		buf = new(bytes.Buffer)
-	}
-	defer h.bufs.Put(buf)
-	buf.Reset()
-	if resp.ContentLength > 0 {
-		buf.Grow(int(resp.ContentLength))
-	}
-	if _, err := io.Copy(buf, resp.Body); err != nil {
-		return nil, nil, 0, at, fmt.Errorf("health of %s: reading the answer: %w", service, err)
-	}
 	if resp.StatusCode != http.StatusOK {
-		msg := strings.TrimSpace(buf.String())
+		// The start of Consul's error text is enough to say what it was.
+		b, rerr := io.ReadAll(io.LimitReader(resp.Body, 512))
+		if rerr != nil {
+			return nil, nil, 0, at, fmt.Errorf("health of %s: Consul answered %s, and reading its answer failed: %w", service, resp.Status, rerr)
+		}
+		msg := strings.TrimSpace(string(b))
 		if len(msg) > 200 {
 			msg = msg[:200] + "..."
 		}
@@ -159,7 +152,7 @@ func (h *healthReader) connectFiltered(ctx context.Context, service, dc, filter 
 	if err != nil || next == 0 {
 		return nil, nil, 0, at, fmt.Errorf("health of %s: answer without a valid X-Consul-Index (%q)", service, resp.Header.Get("X-Consul-Index"))
 	}
-	entries, bad, err = h.parseEntries(buf.Bytes(), !onlyPassing)
+	entries, bad, err = h.parseEntriesFrom(resp.Body, !onlyPassing)
 	if err != nil {
 		return nil, nil, 0, at, fmt.Errorf("health of %s: %w", service, err)
 	}
@@ -189,33 +182,45 @@ func usable(entries []healthEntry) []healthEntry {
 	return out
 }
 
-// parse reads a health answer: a JSON array of {Node, Service, Checks}. An
-// answer that is not an array is an error; an entry that lacks a field the
-// sidecar needs, or has it with the wrong type, is returned in bad and the
-// others are kept.
+// parse reads a health answer held in memory: see parseEntriesFrom.
 func (h *healthReader) parse(body []byte) (entries []healthEntry, bad []error, err error) {
-	return h.parseEntries(body, false)
+	return h.parseEntriesFrom(bytes.NewReader(body), false)
 }
 
 // parseEntries is parse, which also reads each entry's checks and warning
 // weight when checks is set.
-//
-// The answer is parsed one entry at a time: fastjson keeps every value it
-// parsed in its parser until the next parse, so a whole answer of a
-// thousand instances (about 2 MB) held tens of MB per pooled parser, most
-// of the sidecar's heap (meshbench scale). One entry at a time, a parser
-// holds one instance's values.
 func (h *healthReader) parseEntries(body []byte, checks bool) (entries []healthEntry, bad []error, err error) {
+	return h.parseEntriesFrom(bytes.NewReader(body), checks)
+}
+
+// parseEntriesFrom reads a health answer from r as it arrives: a JSON
+// array of {Node, Service, Checks}. An answer that is not an array is an
+// error; an entry that lacks a field the sidecar needs, or has it with the
+// wrong type, is returned in bad and the others are kept. With checks set,
+// it also reads each entry's checks and warning weight.
+//
+// The answer is never held whole. An answer carries every instance (about
+// 2 MB for a thousand), once per change: buffering it made a buffer that
+// grew by doubling on every answer, most of the garbage the sidecar made
+// under churn and so most of its heap (meshbench scale). Here one chunk
+// of the stream and one entry are held at a time, and each entry is parsed
+// alone: fastjson keeps every value it parsed until its next parse, so a
+// parser holds one instance's values.
+func (h *healthReader) parseEntriesFrom(r io.Reader, checks bool) (entries []healthEntry, bad []error, err error) {
 	p := h.parsers.Get()
 	defer h.parsers.Put(p)
+	s, _ := h.scanners.Get().(*elementScanner)
+	if s == nil {
+		s = &elementScanner{buf: make([]byte, scanChunk)}
+	}
+	defer h.scanners.Put(s)
+	s.reset(r)
 	// Each entry is parsed as the one element of an array, as it sits in
 	// the answer: fastjson reads a value at the top level more loosely
 	// than inside an array ("+" is a number there), and counts nesting
 	// from the top.
-	var one []byte
-	err = eachElement(body, func(i int, elem []byte) error {
-		one = append(append(append(one[:0], '['), elem...), ']')
-		v, err := p.ParseBytes(one)
+	err = s.each(func(i int, elem []byte) error {
+		v, err := p.ParseBytes(elem)
 		if err != nil {
 			return fmt.Errorf("answer is not JSON: %w", err)
 		}
@@ -235,12 +240,19 @@ func (h *healthReader) parseEntries(body []byte, checks bool) (entries []healthE
 		entries = append(entries, he)
 		return nil
 	})
-	if errors.Is(err, errNotArray) {
-		// Say whether the answer is JSON at all, as a whole parse would.
-		if _, perr := p.ParseBytes(body); perr != nil {
+	var notArray *notArrayError
+	if errors.As(err, &notArray) {
+		// Say whether the answer is JSON at all, as a whole parse would:
+		// an answer that is not an array is refused anyway, so the start
+		// of it is read whole for the message.
+		rest, rerr := io.ReadAll(io.LimitReader(r, maxNotArray))
+		if rerr != nil {
+			return nil, nil, fmt.Errorf("reading the answer: %w", rerr)
+		}
+		if _, perr := p.ParseBytes(append(notArray.start, rest...)); perr != nil {
 			return nil, nil, fmt.Errorf("answer is not JSON: %w", perr)
 		}
-		return nil, nil, fmt.Errorf("answer is not a JSON array: %w", err)
+		return nil, nil, fmt.Errorf("answer is not a JSON array: %w", errNotArray)
 	}
 	if err != nil {
 		return nil, nil, err
@@ -253,132 +265,246 @@ func (h *healthReader) parseEntries(body []byte, checks bool) (entries []healthE
 
 var errNotArray = errors.New("value doesn't contain array")
 
-// eachElement calls fn with each element of the JSON array body, as bytes
-// for fastjson to parse, and stops at fn's first error. It checks only the
-// array's own shape (brackets, commas, whitespace, nothing after it); each
-// element is whole JSON once fn has parsed it (as the one element of an
-// array: elem never holds more than one value): strings are skipped with
-// their escapes, and nesting is followed by brackets alone. A body that is
-// not an array is errNotArray.
-func eachElement(body []byte, fn func(i int, elem []byte) error) error {
-	ws := func(k int) int {
-		for k < len(body) && (body[k] == ' ' || body[k] == '\t' || body[k] == '\n' || body[k] == '\r') {
-			k++
+// notArrayError is an answer that does not start with '['; start is what
+// was read of it.
+type notArrayError struct{ start []byte }
+
+func (e *notArrayError) Error() string { return errNotArray.Error() }
+
+// maxNotArray bounds what is read of an answer that is not an array, to
+// say whether it is JSON.
+const maxNotArray = 1 << 20
+
+// scanChunk is how much of an answer is read at a time.
+const scanChunk = 32 << 10
+
+// elementScanner reads a JSON array from a stream one element at a time.
+// It checks only the array's own shape (brackets, commas, whitespace,
+// nothing after it); each element is whole JSON once its caller has parsed
+// it (as the one element of an array: an element never holds more than
+// one value): strings are skipped with their escapes, and nesting is
+// followed by brackets alone.
+type elementScanner struct {
+	r        io.Reader
+	buf      []byte // the chunk being read: buf[pos:end] is unread
+	pos, end int
+	err      error  // the reader's error once it has returned one; io.EOF at the end
+	elem     []byte // the current element, wrapped in brackets
+}
+
+func (s *elementScanner) reset(r io.Reader) {
+	s.r, s.pos, s.end, s.err, s.elem = r, 0, 0, nil, s.elem[:0]
+}
+
+// fill reads the next chunk when the current one is used up; false when
+// nothing is left (s.err says why).
+func (s *elementScanner) fill() bool {
+	for s.pos == s.end {
+		if s.err != nil {
+			return false
 		}
-		return k
+		var n int
+		n, s.err = s.r.Read(s.buf)
+		s.pos, s.end = 0, n
 	}
-	k := ws(0)
-	if k == len(body) || body[k] != '[' {
-		return errNotArray
+	return true
+}
+
+// readErr is the reader's error when it is not the end of the answer.
+func (s *elementScanner) readErr() error {
+	if s.err != nil && s.err != io.EOF {
+		return fmt.Errorf("reading the answer: %w", s.err)
 	}
-	// closed checks that nothing but whitespace follows the closing
-	// bracket at k.
-	closed := func(k int) error {
-		if ws(k+1) != len(body) {
-			return fmt.Errorf("answer is not JSON: unexpected tail after the array: %q", tail(body[k+1:]))
+	return nil
+}
+
+// skipSpace skips JSON whitespace and says whether anything follows.
+func (s *elementScanner) skipSpace() bool {
+	for s.fill() {
+		for ; s.pos < s.end; s.pos++ {
+			switch s.buf[s.pos] {
+			case ' ', '\t', '\n', '\r':
+			default:
+				return true
+			}
 		}
-		return nil
 	}
-	k = ws(k + 1)
-	if k < len(body) && body[k] == ']' {
-		return closed(k)
-	}
-	for i := 0; ; i++ {
-		end, err := elementEnd(body, k)
-		if err != nil {
-			return fmt.Errorf("answer is not JSON: element %d: %w", i, err)
-		}
-		if err := fn(i, body[k:end]); err != nil {
+	return false
+}
+
+// each calls fn with each element of the array, wrapped in brackets for
+// fastjson to parse, and stops at fn's first error. elem is only valid
+// during the call. A stream that does not start with an array is a
+// *notArrayError.
+func (s *elementScanner) each(fn func(i int, elem []byte) error) error {
+	if !s.skipSpace() {
+		if err := s.readErr(); err != nil {
 			return err
 		}
-		k = ws(end)
-		if k == len(body) {
+		return &notArrayError{}
+	}
+	if s.buf[s.pos] != '[' {
+		start := append([]byte(nil), s.buf[s.pos:s.end]...)
+		s.pos = s.end
+		return &notArrayError{start: start}
+	}
+	s.pos++
+	if !s.skipSpace() {
+		if err := s.readErr(); err != nil {
+			return err
+		}
+		return errors.New("answer is not JSON: the array is not closed")
+	}
+	if s.buf[s.pos] == ']' {
+		s.pos++
+		return s.closed()
+	}
+	for i := 0; ; i++ {
+		if err := s.element(); err != nil {
+			return fmt.Errorf("answer is not JSON: element %d: %w", i, err)
+		}
+		if err := fn(i, s.elem); err != nil {
+			return err
+		}
+		if !s.skipSpace() {
+			if err := s.readErr(); err != nil {
+				return err
+			}
 			return errors.New("answer is not JSON: the array is not closed")
 		}
-		switch body[k] {
+		switch c := s.buf[s.pos]; c {
 		case ',':
-			k = ws(k + 1)
+			s.pos++
+			if !s.skipSpace() {
+				if err := s.readErr(); err != nil {
+					return err
+				}
+				return fmt.Errorf("answer is not JSON: element %d: missing value", i+1)
+			}
 		case ']':
-			return closed(k)
+			s.pos++
+			return s.closed()
 		default:
-			return fmt.Errorf("answer is not JSON: %q after element %d", tail(body[k:]), i)
+			return fmt.Errorf("answer is not JSON: %q after element %d", s.tail(), i)
 		}
 	}
 }
 
-// elementEnd is the end of the JSON value starting at body[k]: past its
-// closing bracket or quote, or, for a scalar, at the next comma, bracket or
-// whitespace.
-func elementEnd(body []byte, k int) (int, error) {
-	if k >= len(body) {
-		return 0, errors.New("missing value")
+// closed checks that nothing but whitespace follows the closing bracket.
+func (s *elementScanner) closed() error {
+	if s.skipSpace() {
+		return fmt.Errorf("answer is not JSON: unexpected tail after the array: %q", s.tail())
 	}
-	depth := 0
-	for j := k; j < len(body); j++ {
-		c := body[j]
-		if !structural[c] {
-			continue
-		}
-		switch c {
-		case '"':
-			// To the closing quote: the next one not after a backslash
-			// (an escape skips the byte after it).
-			for j++; ; j++ {
-				if j >= len(body) {
-					return 0, errors.New("unexpected end in a string")
+	return s.readErr()
+}
+
+// tail is the start of what is unread, for an error message.
+func (s *elementScanner) tail() string {
+	b := s.buf[s.pos:s.end]
+	if len(b) > 20 {
+		return string(b[:20]) + "..."
+	}
+	return string(b)
+}
+
+// element reads the JSON value that starts at the next unread byte (not
+// whitespace) into s.elem, in brackets: up to its closing bracket or
+// quote, or, for a scalar, up to the next comma, bracket or whitespace,
+// which is left unread.
+func (s *elementScanner) element() error {
+	s.elem = append(s.elem[:0], '[')
+	depth, inString, escaped, n := 0, false, false, 0
+	for s.fill() {
+		chunk := s.buf[s.pos:s.end]
+		end := -1 // the element ends before chunk[end]
+	scan:
+		for j := 0; j < len(chunk); j++ {
+			if inString {
+				// To the closing quote: the next one not after a
+				// backslash (an escape skips the byte after it, which
+				// may be in the next chunk).
+				for ; j < len(chunk); j++ {
+					if escaped {
+						escaped = false
+					} else if c := chunk[j]; c == '\\' {
+						escaped = true
+					} else if c == '"' {
+						break
+					}
 				}
-				if b := body[j]; b == '\\' {
-					j++
-				} else if b == '"' {
+				if j == len(chunk) {
 					break
 				}
-			}
-			if depth == 0 {
-				return j + 1, nil
-			}
-		case '{', '[':
-			depth++
-		case '}', ']':
-			if depth == 0 {
-				if j == k {
-					return 0, fmt.Errorf("unexpected %q", c)
+				inString = false
+				if depth == 0 {
+					end = j + 1
+					break scan
 				}
-				return j, nil
+				continue
 			}
-			depth--
-			if depth == 0 {
-				return j + 1, nil
+			c := chunk[j]
+			if !structural[c] {
+				continue
 			}
-		default: // a comma or whitespace
-			if depth == 0 {
-				if j == k {
-					return 0, fmt.Errorf("unexpected %q", c)
+			switch c {
+			case '"':
+				inString = true
+			case '{', '[':
+				depth++
+			case '}', ']':
+				if depth == 0 {
+					if n+j == 0 {
+						return fmt.Errorf("unexpected %q", c)
+					}
+					end = j
+					break scan
 				}
-				return j, nil
+				depth--
+				if depth == 0 {
+					end = j + 1
+					break scan
+				}
+			default: // a comma or whitespace
+				if depth == 0 {
+					if n+j == 0 {
+						return fmt.Errorf("unexpected %q", c)
+					}
+					end = j
+					break scan
+				}
 			}
 		}
+		if end >= 0 {
+			s.elem = append(append(s.elem, chunk[:end]...), ']')
+			s.pos += end
+			return nil
+		}
+		s.elem = append(s.elem, chunk...)
+		n += len(chunk)
+		s.pos = s.end
 	}
-	if depth == 0 {
-		return len(body), nil
+	if err := s.readErr(); err != nil {
+		return err
 	}
-	return 0, errors.New("unexpected end")
+	switch {
+	case inString:
+		return errors.New("unexpected end in a string")
+	case n == 0:
+		return errors.New("missing value")
+	case depth == 0:
+		s.elem = append(s.elem, ']')
+		return nil
+	}
+	return errors.New("unexpected end")
 }
 
-// structural are the bytes elementEnd stops at outside strings.
+// structural are the bytes element stops at outside strings.
 var structural = func() (t [256]bool) {
 	for _, c := range []byte("\"{}[], \t\n\r") {
 		t[c] = true
 	}
 	return t
 }()
-
-// tail is the start of b, for an error message.
-func tail(b []byte) string {
-	if len(b) > 20 {
-		return string(b[:20]) + "..."
-	}
-	return string(b)
-}
 
 // entryError is an instance of a health answer that could not be read: a
 // field the sidecar needs is missing or of the wrong type. ID is the

@@ -1,15 +1,19 @@
 package controller
 
 import (
+	"bytes"
 	"context"
+	"errors"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	"github.com/google/go-cmp/cmp"
@@ -69,6 +73,12 @@ func TestHealthParse(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			var h healthReader
 			entries, bad, err := h.parse([]byte(tt.body))
+			// Read a byte at a time, as a slow answer arrives, it reads
+			// the same.
+			oEntries, oBad, oErr := h.parseEntriesFrom(iotest.OneByteReader(strings.NewReader(tt.body)), false)
+			if fmt.Sprint(oEntries, oBad, oErr) != fmt.Sprint(entries, bad, err) {
+				t.Errorf("a byte at a time: %v %v %v; whole: %v %v %v", oEntries, oBad, oErr, entries, bad, err)
+			}
 			if tt.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
 					t.Fatalf("err = %v, want %q", err, tt.wantErr)
@@ -93,6 +103,25 @@ func TestHealthParse(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestHealthParseReadError: an answer cut by a failed read is that
+// error, not a JSON one, and nothing of it is used: a watch then retries
+// rather than serving the entries read before the failure.
+func TestHealthParseReadError(t *testing.T) {
+	real, err := os.ReadFile(healthAnswer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reset := errors.New("connection reset by peer")
+	for _, cut := range []int{0, 1, len(real) / 2, len(real) - 1, len(real)} {
+		r := io.MultiReader(bytes.NewReader(real[:cut]), iotest.ErrReader(reset))
+		var h healthReader
+		entries, bad, err := h.parseEntriesFrom(r, false)
+		if !errors.Is(err, reset) || !strings.Contains(err.Error(), "reading the answer") || entries != nil || bad != nil {
+			t.Errorf("cut at %d: %d entries, %d bad, err %v; want the read error alone", cut, len(entries), len(bad), err)
+		}
 	}
 }
 
