@@ -111,6 +111,12 @@ func run(o options) error {
 	if (o.sidecarFor == "") == (o.proxyID == "") {
 		return errors.New("give exactly one of -sidecar-for <service-id> or -proxy-id <proxy-id>")
 	}
+	if o.pprofAddr == "" {
+		// Nothing can read a heap profile: stop sampling for one. Every
+		// sampled allocation site keeps a record for the life of the
+		// process, in a hash table whose pages each new site touches.
+		goruntime.MemProfileRate = 0
+	}
 	log, err := newLogger(o.logLevel, o.logFormat)
 	if err != nil {
 		return err
