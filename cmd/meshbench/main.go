@@ -79,6 +79,7 @@ func run(ctx context.Context, rounds int, only string, quick bool, md, dir, prof
 		defer os.RemoveAll(dir)
 	}
 	env.Dir = dir
+	env.Profiling = profile != ""
 	defer env.Close()
 
 	b := &bench.Bench{Env: env, Rounds: rounds, Quick: quick, ProfileDir: profile, Report: &bench.Report{

@@ -29,6 +29,10 @@ import (
 type Env struct {
 	Dir                                           string
 	HAProxy, Consul, Sidecar, ConsulTemplate, Wrk string
+	// Profiling starts sidecars with -pprof-addr (meshbench -profile).
+	// Off, they run at their defaults, without it: serving pprof keeps
+	// heap profiling on, which costs memory.
+	Profiling bool
 	mu                                            sync.Mutex
 	cleanups                                      []func()
 }
@@ -53,7 +57,7 @@ func (e *Env) Defer(f func()) {
 // from it.
 func (e *Env) Fresh() *Env {
 	return &Env{Dir: e.Dir, HAProxy: e.HAProxy, Consul: e.Consul, Sidecar: e.Sidecar,
-		ConsulTemplate: e.ConsulTemplate, Wrk: e.Wrk}
+		ConsulTemplate: e.ConsulTemplate, Wrk: e.Wrk, Profiling: e.Profiling}
 }
 
 // Close stops everything, newest first.
@@ -166,7 +170,7 @@ type Sidecar struct {
 	*Proc
 	StateDir string
 	Stats    string
-	Pprof    string // the -pprof-addr listener
+	Pprof    string // the -pprof-addr listener; empty unless Env.Profiling
 	// Observe is the worker-level stats socket of StartObservedSidecar
 	// (empty otherwise).
 	Observe string
@@ -184,10 +188,15 @@ func (e *Env) StartSidecar(consul *testenv.ConsulProc, id string, extra ...strin
 	if err != nil {
 		return nil, err
 	}
-	s := &Sidecar{StateDir: dir, Stats: fmt.Sprintf("127.0.0.1:%d", ports[0]), Pprof: fmt.Sprintf("127.0.0.1:%d", ports[1]),
+	s := &Sidecar{StateDir: dir, Stats: fmt.Sprintf("127.0.0.1:%d", ports[0]),
 		RT: runtime.New(filepath.Join(dir, "master.sock"), nil)}
-	args := append([]string{"-sidecar-for", id, "-http-addr", consul.Addr, "-haproxy-bin", e.HAProxy,
-		"-state-dir", dir, "-stats-addr", s.Stats, "-pprof-addr", s.Pprof}, extra...)
+	args := []string{"-sidecar-for", id, "-http-addr", consul.Addr, "-haproxy-bin", e.HAProxy,
+		"-state-dir", dir, "-stats-addr", s.Stats}
+	if e.Profiling {
+		s.Pprof = fmt.Sprintf("127.0.0.1:%d", ports[1])
+		args = append(args, "-pprof-addr", s.Pprof)
+	}
+	args = append(args, extra...)
 	if s.Proc, err = e.Start("sidecar-"+id, e.Sidecar, args...); err != nil {
 		return nil, err
 	}
@@ -328,10 +337,16 @@ func Usage(pid int) (ProcUsage, error) {
 	return u, nil
 }
 
+var errNoPprof = errors.New("the sidecar serves no pprof: set Env.Profiling")
+
 // Profile saves a CPU profile of the sidecar over d into dir/name.pprof, in
 // the background; wait on the returned channel.
 func (s *Sidecar) Profile(dir, name string, d time.Duration) <-chan error {
 	done := make(chan error, 1)
+	if s.Pprof == "" {
+		done <- errNoPprof
+		return done
+	}
 	go func() {
 		resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", s.Pprof, int(d.Seconds())))
 		if err != nil {
@@ -358,6 +373,9 @@ func (s *Sidecar) Profile(dir, name string, d time.Duration) <-chan error {
 // HeapProfile saves the sidecar's heap profile (in-use and allocated
 // memory as of its last garbage collection) into dir/name.pprof.
 func (s *Sidecar) HeapProfile(dir, name string) error {
+	if s.Pprof == "" {
+		return errNoPprof
+	}
 	resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/heap", s.Pprof))
 	if err != nil {
 		return err
