@@ -340,16 +340,23 @@ func FromObserved(backend, prefix string, templates int, obs []Observed) Table {
 
 // Size is the number of template slots to render at a reload for a backend
 // serving used endpoints: room for a quarter more (a rolling deployment's
-// usual surge) before "add server" is needed, at least min, rounded up to a
-// multiple of 8. On 2.6 every slot under an ssl default-server holds its
-// own TLS context, parked or not, so the headroom is memory; a server
-// added past it is equal to a slot (same TLS settings and passive check),
-// costs one more command, and is parked and reused like one until the next
+// usual surge), at most MaxHeadroom more, before "add server" is needed; at
+// least minSlots, rounded up to a multiple of 8. On 2.6 every slot under an ssl
+// default-server holds its own TLS context, parked or not, so the headroom
+// is memory, paid for the life of the configuration; a server added past
+// it is equal to a slot (same TLS settings and passive check), costs one
+// more command once, and is parked and reused like one until the next
 // reload sizes the template again.
-func Size(used, min int) int {
-	n := max(min, used+(used+3)/4, 1)
+func Size(used, minSlots int) int {
+	n := max(minSlots, used+min((used+3)/4, MaxHeadroom), 1)
 	return (n + 7) / 8 * 8
 }
+
+// MaxHeadroom caps the parked slots Size adds: a quarter of a thousand
+// endpoints would be 250 TLS contexts held in case of a surge, where 64
+// cover most surges, and the endpoints past them in a larger one are
+// placed with "add server", still without a reload.
+const MaxHeadroom = 64
 
 // Resize returns a table of size template slots serving the same endpoints,
 // for rendering into the configuration of a reload. An endpoint keeps its
