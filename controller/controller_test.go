@@ -140,7 +140,7 @@ func TestReconcileTranscript(t *testing.T) {
 		return &r
 	}
 	dir := t.TempDir()
-	c, err := New(Config{Consul: api.DefaultConfig(), ProxyID: "web-sidecar-proxy", StateDir: dir, SPOASocket: "/state/spoa.sock", Log: zaptest.NewLogger(t), MinSlots: 2})
+	c, err := New(Config{Consul: api.DefaultConfig(), ProxyID: "web-sidecar-proxy", StateDir: dir, SPOASocket: "/state/spoa.sock", Log: zaptest.NewLogger(t), MinSlots: 8})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -354,12 +354,13 @@ func TestReconcileTranscript(t *testing.T) {
 		t.Fatal(err)
 	}
 	// After the reloads, the rendered config carries the assignment, the
-	// dynamic server included, in a template sized with room to grow.
+	// dynamic server included, in a template sized with room to grow (9
+	// endpoints, a quarter more: 12 slots).
 	// HAProxy checks the servers' identity on their responses (the second
 	// line): the trust domain is the leaf's when the roots name none.
 	apiID := "spiffe://td.consul/ns/default/dc/dc1/svc/api"
 	serverIDLine := fmt.Sprintf("tcp-response content reject unless { ssl_s_der,hex -m sub %X }", append([]byte{0x86, byte(len(apiID))}, apiID...))
-	for _, want := range []string{serverIDLine, "server s9 10.0.0.10:21000 weight 1", "server s1 10.0.0.4:21000 weight 1", "server s3 10.0.0.3:21000 weight 9", "backend up_db", "server-template s 10-16 127.0.0.1:1 disabled"} {
+	for _, want := range []string{serverIDLine, "server s9 10.0.0.10:21000 weight 1", "server s1 10.0.0.4:21000 weight 1", "server s3 10.0.0.3:21000 weight 9", "backend up_db", "server-template s 10-12 127.0.0.1:1 disabled"} {
 		if !strings.Contains(string(cfg), want) {
 			t.Errorf("rendered config lacks %q:\n%s", want, cfg)
 		}

@@ -19,7 +19,7 @@ import (
 // no upstream lists any more is dropped without a handshake.
 func TestVerifyQueue(t *testing.T) {
 	leaf, roots := webLeaf(t)
-	c, err := New(Config{Consul: api.DefaultConfig(), ProxyID: "web-sidecar-proxy", StateDir: t.TempDir(), SPOASocket: "/state/spoa.sock", Log: zaptest.NewLogger(t), MinSlots: 2})
+	c, err := New(Config{Consul: api.DefaultConfig(), ProxyID: "web-sidecar-proxy", StateDir: t.TempDir(), SPOASocket: "/state/spoa.sock", Log: zaptest.NewLogger(t), MinSlots: 8})
 	if err != nil {
 		t.Fatal(err)
 	}

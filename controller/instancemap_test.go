@@ -85,7 +85,7 @@ func TestInstanceMapCommands(t *testing.T) {
 func TestInstanceMapTranscript(t *testing.T) {
 	leaf, roots := webLeaf(t)
 	dir := t.TempDir()
-	c, err := New(Config{Consul: api.DefaultConfig(), ProxyID: "web-sidecar-proxy", StateDir: dir, SPOASocket: "/state/spoa.sock", Log: zaptest.NewLogger(t), MinSlots: 2, AccessLog: true})
+	c, err := New(Config{Consul: api.DefaultConfig(), ProxyID: "web-sidecar-proxy", StateDir: dir, SPOASocket: "/state/spoa.sock", Log: zaptest.NewLogger(t), MinSlots: 8, AccessLog: true})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -72,7 +72,7 @@ func newPlanSim(sc *Sidecar, leaf *certs.Bundle, roots *certs.Roots) *planSim {
 
 func (s *planSim) input() planInput {
 	return planInput{now: s.now, desired: &s.d, applied: &s.ap, masterAlive: s.masterAlive, authzGen: s.authzGen,
-		proofs: s.proofs, pacing: s.pacing, initialWait: 3 * time.Second, minSlots: 2}
+		proofs: s.proofs, pacing: s.pacing, initialWait: 3 * time.Second, minSlots: 8}
 }
 
 // endpoints is a new endpoint list from Consul, now.

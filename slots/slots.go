@@ -341,15 +341,14 @@ func FromObserved(backend, prefix string, templates int, obs []Observed) Table {
 // Size is the number of template slots to render at a reload for a backend
 // serving used endpoints: room for a quarter more (a rolling deployment's
 // usual surge), at most MaxHeadroom more, before "add server" is needed; at
-// least minSlots, rounded up to a multiple of 8. On 2.6 every slot under an ssl
+// least minSlots. Not rounded up: on 2.6 every slot under an ssl
 // default-server holds its own TLS context, parked or not, so the headroom
 // is memory, paid for the life of the configuration; a server added past
 // it is equal to a slot (same TLS settings and passive check), costs one
 // more command once, and is parked and reused like one until the next
 // reload sizes the template again.
 func Size(used, minSlots int) int {
-	n := max(minSlots, used+min((used+3)/4, MaxHeadroom), 1)
-	return (n + 7) / 8 * 8
+	return max(minSlots, used+min((used+3)/4, MaxHeadroom), 1)
 }
 
 // MaxHeadroom caps the parked slots Size adds: a quarter of a thousand

@@ -185,7 +185,7 @@ func TestResizeKeepsSlots(t *testing.T) {
 }
 
 func TestSize(t *testing.T) {
-	for _, tt := range []struct{ used, min, want int }{{0, 8, 8}, {3, 8, 8}, {7, 8, 16}, {40, 8, 56}, {200, 8, 256}, {256, 8, 320}, {257, 8, 328}, {1000, 8, 1064}, {10000, 8, 10064}, {1000, 2000, 2000}, {0, 0, 8}, {1, 0, 8}} {
+	for _, tt := range []struct{ used, min, want int }{{0, 8, 8}, {3, 8, 8}, {7, 8, 9}, {10, 8, 13}, {20, 8, 25}, {40, 8, 50}, {200, 8, 250}, {256, 8, 320}, {257, 8, 321}, {1000, 8, 1064}, {10000, 8, 10064}, {1000, 2000, 2000}, {0, 0, 1}, {1, 0, 2}} {
 		if got := Size(tt.used, tt.min); got != tt.want {
 			t.Errorf("Size(%d, %d) = %d, want %d", tt.used, tt.min, got, tt.want)
 		}
