@@ -83,8 +83,10 @@ func FuzzRender(f *testing.F) {
 			}
 		}
 		frontends, backends := 0, 0
+		shapes := shapeSets.Get().([]shape)
+		defer shapeSets.Put(shapes)
 		for _, line := range strings.Split(strings.TrimSuffix(out, "\n"), "\n") {
-			if !knownLine(line) {
+			if !knownLine(shapes, line) {
 				t.Fatalf("unexpected config line %q from inputs service=%q dest=%q bind=%q proto=%q ep=%q local=%q", line, service, dest, bindAddr, protocol, epAddr, localAddr)
 			}
 			if strings.HasPrefix(line, "frontend ") {
