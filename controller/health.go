@@ -213,7 +213,7 @@ func (h *healthReader) parseEntriesFrom(r io.Reader, checks bool) (entries []hea
 	if s == nil {
 		s = &elementScanner{buf: make([]byte, scanChunk)}
 	}
-	defer h.scanners.Put(s)
+	defer func() { s.r = nil; h.scanners.Put(s) }()
 	s.reset(r)
 	// Each entry is parsed as the one element of an array, as it sits in
 	// the answer: fastjson reads a value at the top level more loosely
@@ -245,11 +245,15 @@ func (h *healthReader) parseEntriesFrom(r io.Reader, checks bool) (entries []hea
 		// Say whether the answer is JSON at all, as a whole parse would:
 		// an answer that is not an array is refused anyway, so the start
 		// of it is read whole for the message.
-		rest, rerr := io.ReadAll(io.LimitReader(r, maxNotArray))
+		rest, rerr := io.ReadAll(io.LimitReader(r, int64(maxNotArray+1-len(notArray.start))))
 		if rerr != nil {
 			return nil, nil, fmt.Errorf("reading the answer: %w", rerr)
 		}
-		if _, perr := p.ParseBytes(append(notArray.start, rest...)); perr != nil {
+		whole := append(notArray.start, rest...)
+		if len(whole) > maxNotArray {
+			return nil, nil, fmt.Errorf("answer is not a JSON array: it starts with %q", tail(whole))
+		}
+		if _, perr := p.ParseBytes(whole); perr != nil {
 			return nil, nil, fmt.Errorf("answer is not JSON: %w", perr)
 		}
 		return nil, nil, fmt.Errorf("answer is not a JSON array: %w", errNotArray)
@@ -399,8 +403,10 @@ func (s *elementScanner) closed() error {
 }
 
 // tail is the start of what is unread, for an error message.
-func (s *elementScanner) tail() string {
-	b := s.buf[s.pos:s.end]
+func (s *elementScanner) tail() string { return tail(s.buf[s.pos:s.end]) }
+
+// tail is the start of b, for an error message.
+func tail(b []byte) string {
 	if len(b) > 20 {
 		return string(b[:20]) + "..."
 	}

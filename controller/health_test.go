@@ -3,8 +3,8 @@ package controller
 import (
 	"bytes"
 	"context"
-	"errors"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -68,6 +68,7 @@ func TestHealthParse(t *testing.T) {
 		{name: "not JSON", body: `<html>`, wantErr: "answer is not JSON"},
 		{name: "truncated", body: string(real[:len(real)/2]), wantErr: "answer is not JSON"},
 		{name: "an object, not a list", body: `{"Service":{}}`, wantErr: "not a JSON array"},
+		{name: "a long answer, not a list", body: `{"a":"` + strings.Repeat("x", maxNotArray) + `"}`, wantErr: `not a JSON array: it starts with "{\"a\":\"xxxxxxxxxxxxxx..."`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
