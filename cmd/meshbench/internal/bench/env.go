@@ -33,8 +33,8 @@ type Env struct {
 	// Off, they run at their defaults, without it: serving pprof keeps
 	// heap profiling on, which costs memory.
 	Profiling bool
-	mu                                            sync.Mutex
-	cleanups                                      []func()
+	mu        sync.Mutex
+	cleanups  []func()
 }
 
 // Logf prints progress to stderr.
