@@ -157,7 +157,7 @@ func FuzzHealthParse(f *testing.F) {
 		`[]`, ` [ ] `, `[,]`, `[+]`, `[01]`, `[1,]`, `[1 2]`, `[1,2]`, `[]x`, `[] ]`, `[`, `[{`, `"[]"`, `{"a":[]}`, `[[]]`, `[{]}`, `[{"a":"]"}]`,
 		`[{"Service":{"ID":"a\"],","Address":"10.0.0.1","Port":1}} ,{"Service":{"ID":"b","Address":"10.0.0.2","Port":2}}]`,
 		"[\t{\"Service\":{\"ID\":\"a\",\"Address\":\"10.0.0.1\",\"Port\":1}}\r\n]\n", `[null,true,"s",{"Service":null}]`,
-		`[{"Service":{"ID":"a","Port":1}}}]`, "[]\nshow proc\n", "[1]\x00;quit", `[{"Service":{"ID":"a","Address":"10.0.0.1","Port":1}}]` + "\r\n@1 disable server up/s1", `[{"Service":{"ID":"a\\","Port":1}}]`, `[{"Service":{"ID":"\u005d","Port":1}}]`,
+		`[{"Service":{"ID":"a","Port":1}}}]`, "[]\nshow proc\n", "[1]\x00;quit", `[{"Service":{"ID":"a","Address":"10.0.0.1","Port":1}}]` + "\r\n@1 disable server up/s1", `[{"Service":{"ID":"a\\","Port":1}}]`, `[{"Service":{"ID":"\u005d","Port":1}}]`, " \t\n{\"Service\":{\"ID\":\"a\"}}", "\n[\n", "[{\"Service\":{\"ID\":\"a\",\"Port\":1}} \n,",
 	} {
 		f.Add(body)
 	}

@@ -1,7 +1,6 @@
 package controller
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -182,17 +181,6 @@ func usable(entries []healthEntry) []healthEntry {
 	return out
 }
 
-// parse reads a health answer held in memory: see parseEntriesFrom.
-func (h *healthReader) parse(body []byte) (entries []healthEntry, bad []error, err error) {
-	return h.parseEntriesFrom(bytes.NewReader(body), false)
-}
-
-// parseEntries is parse, which also reads each entry's checks and warning
-// weight when checks is set.
-func (h *healthReader) parseEntries(body []byte, checks bool) (entries []healthEntry, bad []error, err error) {
-	return h.parseEntriesFrom(bytes.NewReader(body), checks)
-}
-
 // parseEntriesFrom reads a health answer from r as it arrives: a JSON
 // array of {Node, Service, Checks}. An answer that is not an array is an
 // error; an entry that lacks a field the sidecar needs, or has it with the
@@ -267,7 +255,10 @@ func (h *healthReader) parseEntriesFrom(r io.Reader, checks bool) (entries []hea
 	return entries, bad, nil
 }
 
-var errNotArray = errors.New("value doesn't contain array")
+var (
+	errNotArray  = errors.New("value doesn't contain array")
+	errNotClosed = errors.New("answer is not JSON: the array is not closed")
+)
 
 // notArrayError is an answer that does not start with '['; start is what
 // was read of it.
@@ -322,6 +313,15 @@ func (s *elementScanner) readErr() error {
 	return nil
 }
 
+// atEnd is the error of an answer that ended where something was still
+// due: the reader's own error when a read failed, else err.
+func (s *elementScanner) atEnd(err error) error {
+	if rerr := s.readErr(); rerr != nil {
+		return rerr
+	}
+	return err
+}
+
 // skipSpace skips JSON whitespace and says whether anything follows.
 func (s *elementScanner) skipSpace() bool {
 	for s.fill() {
@@ -342,10 +342,7 @@ func (s *elementScanner) skipSpace() bool {
 // *notArrayError.
 func (s *elementScanner) each(fn func(i int, elem []byte) error) error {
 	if !s.skipSpace() {
-		if err := s.readErr(); err != nil {
-			return err
-		}
-		return &notArrayError{}
+		return s.atEnd(&notArrayError{})
 	}
 	if s.buf[s.pos] != '[' {
 		start := append([]byte(nil), s.buf[s.pos:s.end]...)
@@ -354,10 +351,7 @@ func (s *elementScanner) each(fn func(i int, elem []byte) error) error {
 	}
 	s.pos++
 	if !s.skipSpace() {
-		if err := s.readErr(); err != nil {
-			return err
-		}
-		return errors.New("answer is not JSON: the array is not closed")
+		return s.atEnd(errNotClosed)
 	}
 	if s.buf[s.pos] == ']' {
 		s.pos++
@@ -371,19 +365,13 @@ func (s *elementScanner) each(fn func(i int, elem []byte) error) error {
 			return err
 		}
 		if !s.skipSpace() {
-			if err := s.readErr(); err != nil {
-				return err
-			}
-			return errors.New("answer is not JSON: the array is not closed")
+			return s.atEnd(errNotClosed)
 		}
 		switch c := s.buf[s.pos]; c {
 		case ',':
 			s.pos++
 			if !s.skipSpace() {
-				if err := s.readErr(); err != nil {
-					return err
-				}
-				return fmt.Errorf("answer is not JSON: element %d: missing value", i+1)
+				return s.atEnd(fmt.Errorf("answer is not JSON: element %d: missing value", i+1))
 			}
 		case ']':
 			s.pos++

@@ -30,6 +30,17 @@ import (
 // registered through the catalog (re-encoded without indentation).
 const healthAnswer = "testdata/health_connect_100.json"
 
+// parse reads a health answer held in memory: see parseEntriesFrom.
+func (h *healthReader) parse(body []byte) (entries []healthEntry, bad []error, err error) {
+	return h.parseEntriesFrom(bytes.NewReader(body), false)
+}
+
+// parseEntries is parse, which also reads each entry's checks and warning
+// weight when checks is set.
+func (h *healthReader) parseEntries(body []byte, checks bool) (entries []healthEntry, bad []error, err error) {
+	return h.parseEntriesFrom(bytes.NewReader(body), checks)
+}
+
 func TestHealthParse(t *testing.T) {
 	real, err := os.ReadFile(healthAnswer)
 	if err != nil {
