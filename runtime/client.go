@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unsafe"
 
 	"go.uber.org/zap"
 )
@@ -273,18 +274,20 @@ func (c *Client) exchange(ctx context.Context, cmds []Command) (string, error) {
 	defer cancel()
 	body := encodeBatch(cmds)
 	if s := c.takeIdle(); s != nil {
-		out, done, err := s.run(ctx, body, len(cmds))
+		// The kept session's prompt is not printed again before the first
+		// reply: run starts the output with it, as on a new session.
+		out, done, err := s.run(ctx, body, len(cmds), s.prompt)
 		switch {
 		case err == nil && done:
 			c.putIdle(s)
-			return s.prompt + out, nil
-		case out != "" || ctx.Err() != nil:
+			return out, nil
+		case len(out) > len(s.prompt) || ctx.Err() != nil:
 			// The master answered on this session: what it answered stands.
 			_ = s.conn.Close()
 			if err != nil {
 				return "", c.ioError(ctx, err)
 			}
-			return s.prompt + out, nil
+			return out, nil
 		}
 		// Closed before any reply: the master re-executed since the
 		// session's last batch. Start over on a new session.
@@ -296,7 +299,7 @@ func (c *Client) exchange(ctx context.Context, cmds []Command) (string, error) {
 		return "", fmt.Errorf("%w: %v", ErrMasterUnreachable, err)
 	}
 	s := &session{conn: conn}
-	out, done, err := s.run(ctx, append([]byte("prompt\n"), body...), len(cmds)+1)
+	out, done, err := s.run(ctx, append([]byte("prompt\n"), body...), len(cmds)+1, "")
 	if err != nil {
 		_ = conn.Close()
 		return "", c.ioError(ctx, err)
@@ -318,8 +321,13 @@ func (c *Client) ioError(ctx context.Context, err error) error {
 
 // run writes req and reads until want prompts have come back (done), or
 // until the master closes the session (not done, no error: a routing error
-// closes it). It learns the session's prompt from the first one.
-func (s *session) run(ctx context.Context, req []byte, want int) (out string, done bool, err error) {
+// closes it). It learns the session's prompt from the first one. The output
+// starts with prefix, which is not counted.
+//
+// A reply can be large ("show stat" of every server is about 400 bytes per
+// server), so the output is read into one buffer and returned as a string
+// over that buffer's memory, without a copy.
+func (s *session) run(ctx context.Context, req []byte, want int, prefix string) (out string, done bool, err error) {
 	if dl, ok := ctx.Deadline(); ok {
 		_ = s.conn.SetDeadline(dl)
 	}
@@ -332,8 +340,8 @@ func (s *session) run(ctx context.Context, req []byte, want int) (out string, do
 		_, err := s.conn.Write(req)
 		werr <- err
 	}()
-	buf := make([]byte, 0, 4096)
-	seen, from := 0, 0 // prompts counted, and where counting resumes
+	buf := append(make([]byte, 0, 4096), prefix...)
+	seen, from := 0, len(prefix) // prompts counted, and where counting resumes
 	for seen < want {
 		if len(buf) == cap(buf) {
 			buf = append(buf, 0)[:len(buf)]
@@ -341,7 +349,7 @@ func (s *session) run(ctx context.Context, req []byte, want int) (out string, do
 		n, rerr := s.conn.Read(buf[len(buf):cap(buf)])
 		buf = buf[:len(buf)+n]
 		if s.prompt == "" {
-			if m := promptRE.Find(buf); m != nil {
+			if m := promptRE.Find(buf); m != nil { // prefix is empty here
 				s.prompt = string(m)
 			} else if len(buf) > 64 || rerr != nil && len(buf) > 0 {
 				<-werr
@@ -365,15 +373,21 @@ func (s *session) run(ctx context.Context, req []byte, want int) (out string, do
 			// is expected: the replies read so far tell what ran.
 			<-werr
 			if errors.Is(rerr, io.EOF) || isReset(rerr) {
-				return string(buf), false, nil
+				return bufString(buf), false, nil
 			}
-			return string(buf), false, rerr
+			return bufString(buf), false, rerr
 		}
 	}
 	if err := <-werr; err != nil {
-		return string(buf), false, err
+		return bufString(buf), false, err
 	}
-	return string(buf), true, nil
+	return bufString(buf), true, nil
+}
+
+// bufString is buf as a string without a copy. The caller must not write to
+// buf afterwards: run's buffer is its own and is dropped on return.
+func bufString(buf []byte) string {
+	return unsafe.String(unsafe.SliceData(buf), len(buf))
 }
 
 // promptRE matches the interactive prompt the master prints: "master> " on
@@ -402,7 +416,9 @@ func splitReplies(out string) ([]string, error) {
 		parts = parts[:len(parts)-1]
 	}
 	for i, p := range parts {
-		p = payloadPromptRE.ReplaceAllString(p, "")
+		if strings.HasPrefix(p, "+ ") { // ReplaceAllString copies even without a match
+			p = payloadPromptRE.ReplaceAllString(p, "")
+		}
 		p = strings.TrimSuffix(p, "\n")
 		p = strings.TrimSuffix(p, "\n")
 		parts[i] = p

@@ -269,14 +269,19 @@ func TestParseCertInfo(t *testing.T) {
 func TestSessionRunFraming(t *testing.T) {
 	tests := []struct {
 		name     string
+		prompt   string // a kept session's: the output starts with it
 		out      string
 		want     int
 		close    bool
 		wantDone bool
 	}{
-		{"complete batch on a new session", capturedBatch, 7, false, true},
-		{"closed early", "master> \nmaster> Can't find the target PID matching the prefix '@9'\n", 3, true, false},
-		{"not a master", "HTTP/1.1 400 Bad Request\r\n" + strings.Repeat("x", 80), 2, true, false},
+		{"complete batch on a new session", "", capturedBatch, 7, false, true},
+		{"closed early", "", "master> \nmaster> Can't find the target PID matching the prefix '@9'\n", 3, true, false},
+		{"not a master", "", "HTTP/1.1 400 Bad Request\r\n" + strings.Repeat("x", 80), 2, true, false},
+		// On a kept session the master prints no prompt before the first
+		// reply; the prefix must not count as one.
+		{"kept session", "master> ", "\nmaster> \nmaster> ", 2, false, true},
+		{"kept session, short of prompts", "master> ", "\nmaster> ", 2, true, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -293,10 +298,10 @@ func TestSessionRunFraming(t *testing.T) {
 					server.Close()
 				}
 			}()
-			s := &session{conn: client}
+			s := &session{conn: client, prompt: tt.prompt}
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 			defer cancel()
-			out, done, err := s.run(ctx, []byte("x\ny\nz"), tt.want)
+			out, done, err := s.run(ctx, []byte("x\ny\nz"), tt.want, tt.prompt)
 			if tt.name == "not a master" {
 				if !errors.Is(err, ErrUnrecognizedReply) {
 					t.Fatalf("err %v, want ErrUnrecognizedReply", err)
@@ -306,7 +311,7 @@ func TestSessionRunFraming(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if done != tt.wantDone || out != tt.out || s.prompt != "master> " {
+			if done != tt.wantDone || out != tt.prompt+tt.out || s.prompt != "master> " {
 				t.Errorf("done %v (want %v), prompt %q, out %q", done, tt.wantDone, s.prompt, out)
 			}
 		})

@@ -131,7 +131,7 @@ func expectAny(prefixes ...string) func(string) error {
 		for _, p := range prefixes {
 			// The reply is trimmed, so a prefix that ends in a newline
 			// also matches a reply of just its first line.
-			if strings.HasPrefix(text+"\n", p) {
+			if strings.HasPrefix(text, p) || text == strings.TrimSuffix(p, "\n") {
 				return nil
 			}
 		}

@@ -148,6 +148,7 @@ func FuzzParseReplies(f *testing.F) {
 	f.Add("#<PID> <type> <reloads> <uptime> <version>\n2596 master 2 [failed: 1] 0d00h01m52s 2.6.12\n# workers\n3555 worker 1 0d 2.6.12\n")
 	f.Add("1\n# be_id be_name\n3 up_web 1 s1 10.0.0.1 2 0 1 1 7 6 3 4 6 0 0 0 - 21000 - 0 0 - - 0\n")
 	f.Add("# pxname,svname,scur,econ,status,addr\nup_web,s1,3,0,UP,10.0.0.1:21000\n")
+	f.Add("# pxname,svname,addr,econ,check_desc\nb,s1,10.0.0.1:1,0,\"a,\"\"b\"\nb,FRONTEND,,,\nb,s2\n")
 	f.Add("Filename: /s/leaf.pem\nSerial: 01\n")
 	for _, h := range hostile {
 		f.Add(h)

@@ -3,6 +3,7 @@ package runtime
 import (
 	"encoding/csv"
 	"fmt"
+	"io"
 	"strconv"
 	"strings"
 )
@@ -38,16 +39,22 @@ type ServerStat struct {
 // added by other versions or stats modules do not shift it. Rows that are
 // not servers (FRONTEND, BACKEND) are skipped; a missing column or a
 // malformed number is ErrUnrecognizedReply.
+//
+// It reads one row at a time and keeps only the fields it returns: the
+// reply has about a hundred columns, and the sidecar reads it every second
+// (statPoll), so holding every row's fields at once would cost about 1 KB
+// per server for each read.
 func ParseServerStats(text string) ([]ServerStat, error) {
 	text = strings.TrimPrefix(strings.TrimSpace(text), "# ")
 	r := csv.NewReader(strings.NewReader(text))
 	r.FieldsPerRecord = -1
-	rows, err := r.ReadAll()
-	if err != nil || len(rows) == 0 {
+	r.ReuseRecord = true
+	header, err := r.Read()
+	if err != nil {
 		return nil, fmt.Errorf("%w: show stat: %v", ErrUnrecognizedReply, err)
 	}
 	col := map[string]int{}
-	for i, name := range rows[0] {
+	for i, name := range header {
 		col[name] = i
 	}
 	for _, name := range []string{"pxname", "svname", "econ", "addr"} {
@@ -55,33 +62,59 @@ func ParseServerStats(text string) ([]ServerStat, error) {
 			return nil, fmt.Errorf("%w: show stat has no %s column", ErrUnrecognizedReply, name)
 		}
 	}
-	num := func(row []string, name string) (uint64, error) {
-		i, ok := col[name]
-		if !ok || i >= len(row) || row[i] == "" {
-			return 0, nil
+	at := func(name string) int { // -1: no such column
+		if i, ok := col[name]; ok {
+			return i
 		}
-		return strconv.ParseUint(row[i], 10, 64)
+		return -1
 	}
-	field := func(row []string, name string) string {
-		if i, ok := col[name]; ok && i < len(row) {
+	pxname, svname, addr := col["pxname"], col["svname"], col["addr"]
+	econ, hsfail, dresp, scur := at("econ"), at("ssl_failed_handshake"), at("dresp"), at("scur")
+	status, checkStatus := at("status"), at("check_status")
+	field := func(row []string, i int) string {
+		if i >= 0 && i < len(row) {
 			return row[i]
 		}
 		return ""
 	}
+	num := func(row []string, i int) (uint64, error) {
+		if f := field(row, i); f != "" {
+			return strconv.ParseUint(f, 10, 64)
+		}
+		return 0, nil
+	}
+	// Row fields share one string per row; what is kept is copied out of
+	// it, and the values that repeat (backend names, statuses) once.
+	seen := map[string]string{}
+	intern := func(f string) string {
+		if v, ok := seen[f]; ok {
+			return v
+		}
+		v := strings.Clone(f)
+		seen[v] = v
+		return v
+	}
 	var out []ServerStat
-	for _, row := range rows[1:] {
-		if len(row) <= col["addr"] || len(row) <= col["svname"] {
+	for {
+		row, err := r.Read()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%w: show stat: %v", ErrUnrecognizedReply, err)
+		}
+		if len(row) <= addr || len(row) <= svname || len(row) <= pxname {
 			return nil, fmt.Errorf("%w: show stat row %q", ErrUnrecognizedReply, strings.Join(row, ","))
 		}
-		if sv := row[col["svname"]]; sv == "FRONTEND" || sv == "BACKEND" {
+		if sv := row[svname]; sv == "FRONTEND" || sv == "BACKEND" {
 			continue
 		}
-		s := ServerStat{Backend: row[col["pxname"]], Server: row[col["svname"]], Addr: row[col["addr"]],
-			Status: field(row, "status"), CheckStatus: field(row, "check_status")}
-		if s.ConnErrors, err = num(row, "econ"); err == nil {
-			if s.HandshakeFailures, err = num(row, "ssl_failed_handshake"); err == nil {
-				if s.DeniedResponses, err = num(row, "dresp"); err == nil {
-					s.Sessions, err = num(row, "scur")
+		s := ServerStat{Backend: intern(row[pxname]), Server: strings.Clone(row[svname]), Addr: strings.Clone(row[addr]),
+			Status: intern(field(row, status)), CheckStatus: intern(field(row, checkStatus))}
+		if s.ConnErrors, err = num(row, econ); err == nil {
+			if s.HandshakeFailures, err = num(row, hsfail); err == nil {
+				if s.DeniedResponses, err = num(row, dresp); err == nil {
+					s.Sessions, err = num(row, scur)
 				}
 			}
 		}

@@ -34,6 +34,14 @@ func TestParseServerStats(t *testing.T) {
 			"# addr,svname,pxname,econ,scur,status,check_status\n,FRONTEND,f,,,,\n[::1]:80,s2,up_web,7,12,UP,L4OK\n", []ServerStat{
 				{Backend: "up_web", Server: "s2", Addr: "[::1]:80", ConnErrors: 7, Sessions: 12, Status: "UP", CheckStatus: "L4OK"},
 			}, false},
+		{"a quoted field with commas and quotes; a short row; values that repeat",
+			"# pxname,svname,addr,econ,status,check_desc\nb,s1,10.0.0.1:1,0,UP,\"Layer4 \"\"x,y\"\"\"\nb,s2,10.0.0.2:1,3,UP\nb,BACKEND,,,UP,\n", []ServerStat{
+				{Backend: "b", Server: "s1", Addr: "10.0.0.1:1", Status: "UP"},
+				{Backend: "b", Server: "s2", Addr: "10.0.0.2:1", ConnErrors: 3, Status: "UP"},
+			}, false},
+		{"a row without its address", "# pxname,svname,econ,addr\nb,s1,0,1.2.3.4:5\nb,s2,0\n", nil, true},
+		{"an unterminated quote", "# pxname,svname,econ,addr\nb,\"s1,0,1.2.3.4:5\n", nil, true},
+		{"a header alone", "# pxname,svname,econ,addr\n", nil, false},
 		{"sessions not a number", "# pxname,svname,econ,addr,scur\nb,s1,0,1.2.3.4:5,many\n", nil, true},
 		{"no econ column", "# pxname,svname,addr\nb,s1,1.2.3.4:5\n", nil, true},
 		{"not a number", "# pxname,svname,econ,addr\nb,s1,x,1.2.3.4:5\n", nil, true},
