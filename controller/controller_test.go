@@ -285,7 +285,7 @@ func TestReconcileTranscript(t *testing.T) {
 			d.setEndpoints("up_db", []slots.Endpoint{ep(20, 21000)}, time.Now())
 		}, "", []string{"@1 set server up_db/s1 state ready"}},
 		{"a leaving endpoint keeps its slot while its successor is being verified", func(d *desired) {
-			c.ident.checks[dbID+" 10.0.0.31:21000"] = &idCheck{want: dbID, addr: "10.0.0.31:21000", users: map[string]struct{}{}, inflight: true}
+			c.ident.checks[dbID+" 10.0.0.31:21000"] = &idCheck{want: dbID, addr: "10.0.0.31:21000", inflight: true}
 			d.setEndpoints("up_db", []slots.Endpoint{ep(31, 21000)}, time.Now())
 		}, "", nil},
 		{"but not past maxHold", func(d *desired) {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"math/rand/v2"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -85,12 +86,15 @@ type instance struct {
 	service, dc string
 }
 
+// serverRef names a server of a backend.
+type serverRef struct{ backend, server string }
+
 // idCheck is the verification state of one (expected identity, address).
 type idCheck struct {
 	want, addr string
 	alpn       []string
-	users      map[string]struct{} // upstreams listing it
-	instance   string              // Consul service ID, for logs
+	users      upstreamSet // upstreams listing it
+	instance   string      // Consul service ID, for logs
 	inflight   bool
 	// unlisted is set by the loop while a queued proof waits and no
 	// upstream lists the endpoint: its worker drops it unproven.
@@ -110,7 +114,7 @@ type identities struct {
 	cfgFrom  [2]string // leaf and roots PEM cfg was built from
 	checks   map[string]*idCheck
 	listedBy map[string]map[string]struct{} // upstream -> check keys it lists
-	errs     map[string]uint64              // backend/server -> econ+ssl_failed_handshake last read
+	errs     map[serverRef]uint64           // econ+ssl_failed_handshake+dresp last read
 	mu       sync.Mutex                     // guards running and queue, shared with the workers
 	running  int                            // workers running
 	queue    []queuedVerify                 // verifications waiting for one of verifyWorkers
@@ -119,7 +123,7 @@ type identities struct {
 
 func newIdentities() *identities {
 	return &identities{verify: verify.Endpoint, checks: map[string]*idCheck{}, listedBy: map[string]map[string]struct{}{},
-		errs: map[string]uint64{}}
+		errs: map[serverRef]uint64{}}
 }
 
 // verifyConfig is the verification's TLS material for the current leaf and
@@ -210,7 +214,7 @@ func (id *identities) listed(upstream string) map[string]struct{} { return id.li
 func (id *identities) inherit(v verifyAction, now time.Time) {
 	for _, r := range v.checks {
 		if id.checks[r.key] == nil {
-			id.checks[r.key] = &idCheck{want: r.want, addr: r.addr, users: map[string]struct{}{}, alpn: v.alpn,
+			id.checks[r.key] = &idCheck{want: r.want, addr: r.addr, alpn: v.alpn,
 				instance: r.instance, known: true, good: true, due: now}
 		}
 	}
@@ -232,10 +236,10 @@ func (c *Controller) track(ctx context.Context, v verifyAction) {
 		listed[r.key] = struct{}{}
 		ch := id.checks[r.key]
 		if ch == nil {
-			ch = &idCheck{want: r.want, addr: r.addr, users: map[string]struct{}{}, alpn: v.alpn}
+			ch = &idCheck{want: r.want, addr: r.addr, alpn: v.alpn}
 			id.checks[r.key] = ch
 		}
-		ch.users[v.upstream] = struct{}{}
+		ch.users.add(v.upstream)
 		ch.unlisted.Store(false)
 		if r.instance != "" {
 			ch.instance = r.instance
@@ -249,7 +253,7 @@ func (c *Controller) track(ctx context.Context, v verifyAction) {
 			continue
 		}
 		if ch := id.checks[k]; ch != nil {
-			delete(ch.users, v.upstream)
+			ch.users.remove(v.upstream)
 			if len(ch.users) == 0 {
 				id.unlist(k, ch)
 			}
@@ -385,7 +389,7 @@ func (c *Controller) verified(d *desired, k string, ch *idCheck, res verify.Resu
 	now := c.now()
 	ch.at, ch.shown, ch.serial = now, res.ID, res.Serial
 	wasGood := ch.good
-	log := c.log.With(zap.Strings("upstreams", keys(ch.users)), zap.String("instance", ch.instance),
+	log := c.log.With(zap.Strings("upstreams", ch.users), zap.String("instance", ch.instance),
 		zap.String("address", ch.addr), zap.String("want", ch.want))
 	switch {
 	case err == nil:
@@ -403,7 +407,7 @@ func (c *Controller) verified(d *desired, k string, ch *idCheck, res verify.Resu
 		c.metrics.verifications.WithLabelValues(result).Inc()
 		ch.known, ch.good = true, false
 		ch.due = now.Add(backoffStep(&ch.failures, 5*time.Second, 5*time.Minute))
-		for u := range ch.users {
+		for _, u := range ch.users {
 			c.metrics.mismatch(u)
 		}
 		log.Error("upstream endpoint presents another identity; it gets no traffic", zap.String("identity", res.ID),
@@ -427,7 +431,7 @@ func (c *Controller) verified(d *desired, k string, ch *idCheck, res verify.Resu
 	if ch.good == wasGood && wasGood {
 		return // still proven: nothing to re-plan
 	}
-	for u := range ch.users {
+	for _, u := range ch.users {
 		if _, ok := d.endpoints[u]; !ok {
 			continue
 		}
@@ -448,12 +452,19 @@ func backoffStep(failures *int, lo, hi time.Duration) time.Duration {
 	return d
 }
 
-func keys(m map[string]struct{}) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
+// upstreamSet is the upstreams that list an endpoint: nearly always one,
+// so a slice, not a map (a map of one entry costs about ten times the
+// memory, and there is one set per endpoint).
+type upstreamSet []string
+
+func (s *upstreamSet) add(u string) {
+	if !slices.Contains(*s, u) {
+		*s = append(*s, u)
 	}
-	return out
+}
+
+func (s *upstreamSet) remove(u string) {
+	*s = slices.DeleteFunc(*s, func(v string) bool { return v == u })
 }
 
 // sweepIdentities renews due proofs of listed endpoints and drops results
@@ -461,12 +472,13 @@ func keys(m map[string]struct{}) []string {
 func (c *Controller) sweepIdentities(ctx context.Context, d *desired) {
 	now := c.now()
 	for k, ch := range c.ident.checks {
-		for u := range ch.users {
-			if _, ok := d.endpoints[u]; !ok {
-				delete(ch.users, u)
-				delete(c.ident.listedBy, u)
+		ch.users = slices.DeleteFunc(ch.users, func(u string) bool {
+			if _, ok := d.endpoints[u]; ok {
+				return false
 			}
-		}
+			delete(c.ident.listedBy, u)
+			return true
+		})
 		if len(ch.users) == 0 {
 			c.ident.unlist(k, ch)
 			continue
@@ -486,12 +498,12 @@ func (c *Controller) serverErrors(ctx context.Context, stats []runtime.ServerSta
 	}
 	grew := map[string]bool{}
 	last := c.ident.errs
-	c.ident.errs = make(map[string]uint64, len(last))
+	c.ident.errs = make(map[serverRef]uint64, len(last))
 	for _, s := range stats {
 		if _, ok := c.applied.tables[s.Backend]; !ok {
 			continue
 		}
-		k := s.Backend + "/" + s.Server
+		k := serverRef{s.Backend, s.Server}
 		n := s.ConnErrors + s.HandshakeFailures + s.DeniedResponses
 		prev, seen := last[k]
 		c.ident.errs[k] = n // a new worker starts at 0: then n < prev

@@ -44,7 +44,7 @@ func TestVerifyQueue(t *testing.T) {
 	for i := range total {
 		addr := fmt.Sprintf("10.0.0.%d:21000", i+1)
 		k := "api|" + addr
-		ch := &idCheck{want: "spiffe://td.consul/ns/default/dc/dc1/svc/api", addr: addr, users: map[string]struct{}{"api": {}}}
+		ch := &idCheck{want: "spiffe://td.consul/ns/default/dc/dc1/svc/api", addr: addr, users: upstreamSet{"api"}}
 		c.ident.checks[k], checks[addr] = ch, ch
 		c.startVerify(context.Background(), k, ch)
 	}
@@ -58,7 +58,7 @@ func TestVerifyQueue(t *testing.T) {
 	// track marks them.
 	for i := total - dropped; i < total; i++ {
 		ch := checks[fmt.Sprintf("10.0.0.%d:21000", i+1)]
-		clear(ch.users)
+		ch.users = nil
 		ch.unlisted.Store(true)
 	}
 	// The workers go on without the loop: every result is waiting in

@@ -28,7 +28,7 @@ func BenchmarkVerifiedEndpoints(b *testing.B) {
 	}
 	want := "spiffe://td.consul/ns/default/dc/dc1/svc/api"
 	for _, e := range eps {
-		c.ident.checks[want+" "+e.Key()] = &idCheck{want: want, addr: e.Key(), users: map[string]struct{}{}, known: true, good: true, due: time.Now().Add(time.Hour)}
+		c.ident.checks[want+" "+e.Key()] = &idCheck{want: want, addr: e.Key(), known: true, good: true, due: time.Now().Add(time.Hour)}
 	}
 	c.ident.listedBy["up_api"] = map[string]struct{}{}
 	for _, e := range eps {
