@@ -362,9 +362,14 @@ func (in planInput) warming() (time.Time, []action, bool) {
 // verification results of the endpoints listed (which come back within
 // milliseconds; they start as soon as a list is there), so that HAProxy
 // starts with endpoints; past it, it starts with what it has.
+//
+// While it waits, each verification result re-plans: only the
+// verifications are planned then, and the slot tables once, when HAProxy
+// starts. Planning every table on every result would cost
+// O(endpoints²) before the start.
 func (in planInput) planStart() []action {
 	d := in.desired
-	tables, acts, pending := in.plannedTables()
+	acts, pending := in.verifications()
 	var missing []string
 	for _, u := range d.sidecar.Upstreams {
 		if _, ok := d.endpoints[u.Name]; !ok {
@@ -377,8 +382,25 @@ func (in planInput) planStart() []action {
 	if deadline := d.sidecarSince.Add(in.initialWait); (len(missing) > 0 || pending) && in.now.Before(deadline) {
 		return append(acts, waitAction{at: deadline})
 	}
+	tables, acts, pending := in.plannedTables()
 	return append(acts, startAction{sidecar: *d.sidecar, leaf: d.leaf, roots: d.roots, tables: tables,
 		gen: in.authzGen, missing: missing, unverified: pending})
+}
+
+// verifications is what plannedTables returns besides the tables: the
+// verifications to record or start, and whether some endpoints have no
+// result yet.
+func (in planInput) verifications() (verify []action, pending bool) {
+	for _, u := range in.desired.sidecar.Upstreams {
+		if eps, seen := in.desired.endpoints[u.Name]; seen {
+			_, p, v := in.verifiedEndpoints(u.Name, eps)
+			if v != nil {
+				verify = append(verify, *v)
+			}
+			pending = pending || p
+		}
+	}
+	return verify, pending
 }
 
 // plannedTables is the slot assignment to render into a new configuration:
