@@ -163,7 +163,7 @@ type desired struct {
 	endpoints    map[string][]slots.Endpoint // by upstream name; absent until the first answer
 	// instances names each upstream's endpoints (by key) for logs and,
 	// for a prepared query, the service they must prove.
-	instances map[string]map[string]instance
+	instances map[string]map[netip.AddrPort]instance
 	// dirty names the upstreams whose endpoints changed since they were
 	// last applied, with when the oldest unapplied change arrived from
 	// Consul: only those are planned, so one endpoint event costs one
@@ -285,7 +285,7 @@ func New(cfg Config) (*Controller, error) {
 		l7kick:  make(chan struct{}, 1),
 		metrics: newMetrics(cfg.AnswerLimit),
 		ident:   newIdentities(),
-		desired: desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}, instances: map[string]map[string]instance{},
+		desired: desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}, instances: map[string]map[netip.AddrPort]instance{},
 			chains: map[string]*chain.Chain{}},
 		watches: map[string]*upstreamWatch{},
 	}

@@ -285,14 +285,14 @@ func TestReconcileTranscript(t *testing.T) {
 			d.setEndpoints("up_db", []slots.Endpoint{ep(20, 21000)}, time.Now())
 		}, "", []string{"@1 set server up_db/s1 state ready"}},
 		{"a leaving endpoint keeps its slot while its successor is being verified", func(d *desired) {
-			c.ident.checks[dbID+" 10.0.0.31:21000"] = &idCheck{want: dbID, addr: "10.0.0.31:21000", inflight: true}
+			c.ident.checks[checkKey{dbID, netip.MustParseAddrPort("10.0.0.31:21000")}] = &idCheck{want: dbID, addr: "10.0.0.31:21000", inflight: true}
 			d.setEndpoints("up_db", []slots.Endpoint{ep(31, 21000)}, time.Now())
 		}, "", nil},
 		{"but not past maxHold", func(d *desired) {
 			d.dirty["up_db"] = time.Now().Add(-2 * maxHold)
 		}, "", []string{"@1 set server up_db/s1 state maint"}},
 		{"the successor gone, the first one back: verified again, ready", func(d *desired) {
-			delete(c.ident.checks, dbID+" 10.0.0.31:21000")
+			delete(c.ident.checks, checkKey{dbID, netip.MustParseAddrPort("10.0.0.31:21000")})
 			d.setEndpoints("up_db", []slots.Endpoint{ep(20, 21000)}, time.Now())
 		}, "", []string{"@1 set server up_db/s1 state ready"}},
 		{"new CA roots are a reload on 2.6", func(d *desired) { d.roots = roots(ca.CertPEM, otherCA.CertPEM) }, "", []string{"reload: CA roots changed"}},

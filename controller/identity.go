@@ -86,6 +86,13 @@ type instance struct {
 	service, dc string
 }
 
+// checkKey names one identity check: the identity an endpoint must
+// present, and the endpoint.
+type checkKey struct {
+	want string
+	addr netip.AddrPort
+}
+
 // serverRef names a server of a backend.
 type serverRef struct{ backend, server string }
 
@@ -112,17 +119,17 @@ type identities struct {
 	verify   func(ctx context.Context, cfg verify.Config, addr, want string) (verify.Result, error)
 	cfg      verify.Config
 	cfgFrom  [2]string // leaf and roots PEM cfg was built from
-	checks   map[string]*idCheck
-	listedBy map[string]map[string]struct{} // upstream -> check keys it lists
-	errs     map[serverRef]uint64           // econ+ssl_failed_handshake+dresp last read
-	mu       sync.Mutex                     // guards running and queue, shared with the workers
-	running  int                            // workers running
-	queue    []queuedVerify                 // verifications waiting for one of verifyWorkers
-	wg       sync.WaitGroup                 // workers running (tests wait on it)
+	checks   map[checkKey]*idCheck
+	listedBy map[string]map[checkKey]struct{} // upstream -> check keys it lists
+	errs     map[serverRef]uint64             // econ+ssl_failed_handshake+dresp last read
+	mu       sync.Mutex                       // guards running and queue, shared with the workers
+	running  int                              // workers running
+	queue    []queuedVerify                   // verifications waiting for one of verifyWorkers
+	wg       sync.WaitGroup                   // workers running (tests wait on it)
 }
 
 func newIdentities() *identities {
-	return &identities{verify: verify.Endpoint, checks: map[string]*idCheck{}, listedBy: map[string]map[string]struct{}{},
+	return &identities{verify: verify.Endpoint, checks: map[checkKey]*idCheck{}, listedBy: map[string]map[checkKey]struct{}{},
 		errs: map[serverRef]uint64{}}
 }
 
@@ -197,7 +204,7 @@ func (c *Controller) serverID(u Upstream) string {
 }
 
 // proof implements proofs for the plan.
-func (id *identities) proof(k string, now time.Time) (proof, bool) {
+func (id *identities) proof(k checkKey, now time.Time) (proof, bool) {
 	ch := id.checks[k]
 	if ch == nil {
 		return proof{}, false
@@ -207,14 +214,14 @@ func (id *identities) proof(k string, now time.Time) (proof, bool) {
 }
 
 // listed implements proofs for the plan.
-func (id *identities) listed(upstream string) map[string]struct{} { return id.listedBy[upstream] }
+func (id *identities) listed(upstream string) map[checkKey]struct{} { return id.listedBy[upstream] }
 
 // inherit records v's checks as proven and due (see inheritedChecks), but
 // those it already has.
 func (id *identities) inherit(v verifyAction, now time.Time) {
 	for _, r := range v.checks {
 		if id.checks[r.key] == nil {
-			id.checks[r.key] = &idCheck{want: r.want, addr: r.addr, alpn: v.alpn,
+			id.checks[r.key] = &idCheck{want: r.key.want, addr: r.key.addr.String(), alpn: v.alpn,
 				instance: r.instance, known: true, good: true, due: now}
 		}
 	}
@@ -231,12 +238,12 @@ func (c *Controller) track(ctx context.Context, v verifyAction) {
 	}
 	id := c.ident
 	now := c.now()
-	listed := make(map[string]struct{}, len(v.checks))
+	listed := make(map[checkKey]struct{}, len(v.checks))
 	for _, r := range v.checks {
 		listed[r.key] = struct{}{}
 		ch := id.checks[r.key]
 		if ch == nil {
-			ch = &idCheck{want: r.want, addr: r.addr, alpn: v.alpn}
+			ch = &idCheck{want: r.key.want, addr: r.key.addr.String(), alpn: v.alpn}
 			id.checks[r.key] = ch
 		}
 		ch.users.add(v.upstream)
@@ -299,7 +306,7 @@ func alpnList(protocol string) []string {
 // their stacks until the proofs are through. A worker takes the next
 // queued proof itself when it is done with one, so the proofs' pace does
 // not depend on how soon the loop reads their results.
-func (c *Controller) startVerify(ctx context.Context, k string, ch *idCheck) {
+func (c *Controller) startVerify(ctx context.Context, k checkKey, ch *idCheck) {
 	cfg, err := c.verifyConfig()
 	if err != nil {
 		c.log.Error("cannot verify upstream endpoints: TLS material rejected", zap.Error(err))
@@ -324,7 +331,7 @@ func (c *Controller) startVerify(ctx context.Context, k string, ch *idCheck) {
 // queuedVerify is a verification waiting for a worker, with the TLS
 // material of when it was asked for.
 type queuedVerify struct {
-	k   string
+	k   checkKey
 	ch  *idCheck
 	cfg verify.Config
 }
@@ -362,7 +369,7 @@ func (c *Controller) verifyWorker(ctx context.Context, q queuedVerify) {
 // unlist forgets the check k, which no upstream lists any more; one in
 // flight is kept until its proof ends, and a queued one is marked for its
 // worker to drop.
-func (id *identities) unlist(k string, ch *idCheck) {
+func (id *identities) unlist(k checkKey, ch *idCheck) {
 	if ch.inflight {
 		ch.unlisted.Store(true)
 		return
@@ -372,7 +379,7 @@ func (id *identities) unlist(k string, ch *idCheck) {
 
 // unlistedProof ends a queued proof its worker dropped: the endpoint's
 // result is forgotten unless an upstream listed it again meanwhile.
-func (c *Controller) unlistedProof(k string, ch *idCheck) {
+func (c *Controller) unlistedProof(k checkKey, ch *idCheck) {
 	ch.inflight = false
 	if len(ch.users) == 0 && c.ident.checks[k] == ch {
 		delete(c.ident.checks, k)
@@ -381,7 +388,7 @@ func (c *Controller) unlistedProof(k string, ch *idCheck) {
 
 // verified records a verification's result and re-plans the upstreams that
 // list the endpoint.
-func (c *Controller) verified(d *desired, k string, ch *idCheck, res verify.Result, err error) {
+func (c *Controller) verified(d *desired, k checkKey, ch *idCheck, res verify.Result, err error) {
 	ch.inflight = false
 	if c.ident.checks[k] != ch {
 		return // dropped meanwhile: no upstream lists it
@@ -496,7 +503,7 @@ func (c *Controller) serverErrors(ctx context.Context, stats []runtime.ServerSta
 	if c.applied.tables == nil {
 		return
 	}
-	grew := map[string]bool{}
+	grew := map[netip.AddrPort]bool{}
 	last := c.ident.errs
 	c.ident.errs = make(map[serverRef]uint64, len(last))
 	for _, s := range stats {
@@ -511,14 +518,14 @@ func (c *Controller) serverErrors(ctx context.Context, stats []runtime.ServerSta
 			continue
 		}
 		if ap, err := netip.ParseAddrPort(s.Addr); err == nil {
-			grew[ap.String()] = true
+			grew[ap] = true
 		}
 	}
 	if len(grew) == 0 {
 		return
 	}
 	for k, ch := range c.ident.checks {
-		if grew[ch.addr] && !ch.inflight && ch.known {
+		if grew[k.addr] && !ch.inflight && ch.known {
 			c.log.Info("HAProxy counts errors for an upstream endpoint; verifying it again",
 				zap.String("address", ch.addr), zap.String("instance", ch.instance))
 			c.startVerify(ctx, k, ch)
@@ -573,8 +580,8 @@ func (c *Controller) watchIdentities(ctx context.Context) {
 
 // healthInstances maps the endpoint keys of a health answer to their
 // instances (for logs). Entries endpointsOf rejects are skipped here too.
-func healthInstances(entries []healthEntry) map[string]instance {
-	out := make(map[string]instance, len(entries))
+func healthInstances(entries []healthEntry) map[netip.AddrPort]instance {
+	out := make(map[netip.AddrPort]instance, len(entries))
 	for _, e := range entries {
 		addr := e.Address
 		if addr == "" {
@@ -591,8 +598,8 @@ func healthInstances(entries []healthEntry) map[string]instance {
 // their instances: the service each serves (a sidecar's destination, or a
 // Connect-native service itself) and the datacenter that answered, which
 // together are the identity the instance must present.
-func queryInstances(resp *api.PreparedQueryExecuteResponse) map[string]instance {
-	out := make(map[string]instance, len(resp.Nodes))
+func queryInstances(resp *api.PreparedQueryExecuteResponse) map[netip.AddrPort]instance {
+	out := make(map[netip.AddrPort]instance, len(resp.Nodes))
 	for _, e := range resp.Nodes {
 		if e.Service == nil {
 			continue
@@ -612,10 +619,12 @@ func queryInstances(resp *api.PreparedQueryExecuteResponse) map[string]instance 
 	return out
 }
 
-func endpointKey(addr string, port int) (string, bool) {
+// endpointKey is the endpoint at addr and port as a map key: an address
+// and port compare as values, so no key is formatted to look one up.
+func endpointKey(addr string, port int) (netip.AddrPort, bool) {
 	a, err := netip.ParseAddr(addr)
 	if err != nil || port < 1 || port > 65535 {
-		return "", false
+		return netip.AddrPort{}, false
 	}
-	return netip.AddrPortFrom(a, uint16(port)).String(), true
+	return netip.AddrPortFrom(a, uint16(port)), true
 }

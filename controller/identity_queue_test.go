@@ -3,6 +3,7 @@ package controller
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -43,7 +44,7 @@ func TestVerifyQueue(t *testing.T) {
 	checks := map[string]*idCheck{}
 	for i := range total {
 		addr := fmt.Sprintf("10.0.0.%d:21000", i+1)
-		k := "api|" + addr
+		k := checkKey{"api", netip.MustParseAddrPort(addr)}
 		ch := &idCheck{want: "spiffe://td.consul/ns/default/dc/dc1/svc/api", addr: addr, users: upstreamSet{"api"}}
 		c.ident.checks[k], checks[addr] = ch, ch
 		c.startVerify(context.Background(), k, ch)
@@ -78,7 +79,7 @@ func TestVerifyQueue(t *testing.T) {
 		if ch.inflight {
 			t.Errorf("%s still in flight", addr)
 		}
-		if _, kept := c.ident.checks["api|"+addr]; kept != want {
+		if _, kept := c.ident.checks[checkKey{"api", netip.MustParseAddrPort(addr)}]; kept != want {
 			t.Errorf("%s kept: %t, want %t", addr, kept, want)
 		}
 	}

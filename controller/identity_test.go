@@ -2,6 +2,7 @@ package controller
 
 import (
 	"fmt"
+	"net/netip"
 	"testing"
 	"time"
 
@@ -28,11 +29,11 @@ func BenchmarkVerifiedEndpoints(b *testing.B) {
 	}
 	want := "spiffe://td.consul/ns/default/dc/dc1/svc/api"
 	for _, e := range eps {
-		c.ident.checks[want+" "+e.Key()] = &idCheck{want: want, addr: e.Key(), known: true, good: true, due: time.Now().Add(time.Hour)}
+		c.ident.checks[checkKey{want, netip.MustParseAddrPort(e.Key())}] = &idCheck{want: want, addr: e.Key(), known: true, good: true, due: time.Now().Add(time.Hour)}
 	}
-	c.ident.listedBy["up_api"] = map[string]struct{}{}
+	c.ident.listedBy["up_api"] = map[checkKey]struct{}{}
 	for _, e := range eps {
-		c.ident.listedBy["up_api"][want+" "+e.Key()] = struct{}{}
+		c.ident.listedBy["up_api"][checkKey{want, netip.MustParseAddrPort(e.Key())}] = struct{}{}
 	}
 	in := c.planInput()
 	b.ResetTimer()
@@ -93,9 +94,9 @@ func TestQueryInstances(t *testing.T) {
 		{Node: &api.Node{Address: "10.0.0.3"}},
 	}}
 	got := queryInstances(resp)
-	want := map[string]instance{
-		"10.0.0.1:21000": {id: "api-1-sidecar-proxy", service: "api", dc: "dc2"},
-		"10.0.0.2:8443":  {id: "native-1", service: "native", dc: "dc2"},
+	want := map[netip.AddrPort]instance{
+		netip.MustParseAddrPort("10.0.0.1:21000"): {id: "api-1-sidecar-proxy", service: "api", dc: "dc2"},
+		netip.MustParseAddrPort("10.0.0.2:8443"):  {id: "native-1", service: "native", dc: "dc2"},
 	}
 	if len(got) != len(want) {
 		t.Fatalf("got %v, want %v", got, want)

@@ -2,6 +2,7 @@ package controller
 
 import (
 	"go.uber.org/zap"
+	"net/netip"
 
 	"github.com/haproxy-connect/haproxy-connect/bootstrap"
 	"github.com/haproxy-connect/haproxy-connect/runtime"
@@ -29,7 +30,7 @@ const (
 //
 // An instance that changes its ID but keeps its address and port gets no
 // op, so no new value: the map names the ID the slot was filled with.
-func InstanceMapCommands(file, backend string, ops []slots.Op, next slots.Table, insts map[string]instance) ([]runtime.Command, []error) {
+func InstanceMapCommands(file, backend string, ops []slots.Op, next slots.Table, insts map[netip.AddrPort]instance) ([]runtime.Command, []error) {
 	added := map[string]bool{}
 	var order []string
 	for _, op := range ops {
@@ -49,9 +50,11 @@ func InstanceMapCommands(file, backend string, ops []slots.Op, next slots.Table,
 	if len(order) == 0 {
 		return nil, nil
 	}
-	byName := make(map[string]slots.Slot, len(next.Slots))
+	byName := make(map[string]slots.Slot, len(order))
 	for _, s := range next.Slots {
-		byName[s.Name] = s
+		if _, ok := added[s.Name]; ok {
+			byName[s.Name] = s
+		}
 	}
 	var cmds []runtime.Command
 	var errs []error
@@ -59,7 +62,11 @@ func InstanceMapCommands(file, backend string, ops []slots.Op, next slots.Table,
 		s := byName[name]
 		value := bootstrap.FreeSlot
 		if s.Used {
-			value = bootstrap.InstanceValue(insts[s.Key()].id, s.Addr, s.Port)
+			var id string
+			if k, ok := endpointKey(s.Addr, s.Port); ok {
+				id = insts[k].id
+			}
+			value = bootstrap.InstanceValue(id, s.Addr, s.Port)
 		}
 		build := runtime.SetMap
 		if added[name] {
@@ -100,10 +107,10 @@ func (c *Controller) checkInstanceMap(rs runtime.Results) {
 
 // instanceIDs is the Consul instance ID of each endpoint of insts, by
 // endpoint key, for rendering the instance map.
-func instanceIDs(insts map[string]instance) map[string]string {
+func instanceIDs(insts map[netip.AddrPort]instance) map[string]string {
 	out := make(map[string]string, len(insts))
 	for k, in := range insts {
-		out[k] = in.id
+		out[k.String()] = in.id
 	}
 	return out
 }

@@ -3,6 +3,7 @@ package controller
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -20,11 +21,11 @@ import (
 
 func TestInstanceMapCommands(t *testing.T) {
 	const file = "/s/instances.map"
-	insts := map[string]instance{
-		"10.0.0.1:21000":  {id: "web-1"},
-		"10.0.0.2:21000":  {id: "web-2"},
-		"10.0.0.3:21000":  {id: "web 3;@1 reload"},
-		"[fd00::9]:21000": {id: "web-9"},
+	insts := map[netip.AddrPort]instance{
+		netip.MustParseAddrPort("10.0.0.1:21000"):  {id: "web-1"},
+		netip.MustParseAddrPort("10.0.0.2:21000"):  {id: "web-2"},
+		netip.MustParseAddrPort("10.0.0.3:21000"):  {id: "web 3;@1 reload"},
+		netip.MustParseAddrPort("[fd00::9]:21000"): {id: "web-9"},
 	}
 	table := func(eps ...slots.Endpoint) slots.Table {
 		_, t, _ := slots.Plan(slots.New("up_web", "s", 2), eps)
@@ -106,14 +107,14 @@ func TestInstanceMapTranscript(t *testing.T) {
 	}
 	endpoints := func(d *desired, ids ...string) {
 		var eps []slots.Endpoint
-		insts := map[string]instance{}
+		insts := map[netip.AddrPort]instance{}
 		for i, id := range ids {
 			e := ep(i+1, 21000)
 			if id == "" {
 				continue
 			}
 			eps = append(eps, e)
-			insts[e.Key()] = instance{id: id}
+			insts[netip.MustParseAddrPort(e.Key())] = instance{id: id}
 		}
 		d.setEndpoints("up_api", eps, time.Now())
 		d.instances["up_api"] = insts

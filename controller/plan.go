@@ -81,9 +81,9 @@ func (p pacing) reloaded() pacing {
 type proofs interface {
 	// proof is the state of the check key (expected identity and
 	// address); ok is false when there is none.
-	proof(key string, now time.Time) (p proof, ok bool)
+	proof(key checkKey, now time.Time) (p proof, ok bool)
 	// listed is the set of check keys upstream lists.
-	listed(upstream string) map[string]struct{}
+	listed(upstream string) map[checkKey]struct{}
 }
 
 // proof is what the plan needs of one identity check.
@@ -166,8 +166,11 @@ type verifyAction struct {
 	err      error // the upstream's identity is unknown: nothing is placed
 }
 
-// checkRef names one identity check.
-type checkRef struct{ key, want, addr, instance string }
+// checkRef names one identity check, and the Consul instance listed there.
+type checkRef struct {
+	key      checkKey
+	instance string
+}
 
 // waitAction: plan again at the latest at at (initial wait, reload
 // backoff, leaf swap interval). One per plan, the earliest.
@@ -492,20 +495,28 @@ func (in planInput) verifiedEndpoints(name string, eps []slots.Endpoint) (ok []s
 	}
 	insts := d.instances[name]
 	query := u.Type == string(api.UpstreamDestTypePreparedQuery)
-	prev := in.proofs.listed(name)
-	checks := make([]checkRef, 0, len(eps))
-	changed := false
-	for _, e := range eps {
-		addr := e.Key()
+	keyOf := func(e slots.Endpoint) (checkKey, instance, bool) {
+		addr, valid := endpointKey(e.Addr, e.Port)
+		if !valid {
+			return checkKey{}, instance{}, false // slots.Plan rejects it too
+		}
 		inst := insts[addr]
 		if query {
 			// Each answer entry names the service it serves.
-			if want, err = wantID(d.leaf, d.roots, u, inst); err != nil {
-				continue
-			}
+			want, err := wantID(d.leaf, d.roots, u, inst)
+			return checkKey{want, addr}, inst, err == nil
 		}
-		k := want + " " + addr
-		checks = append(checks, checkRef{key: k, want: want, addr: addr, instance: inst.id})
+		return checkKey{want, addr}, inst, true
+	}
+	prev := in.proofs.listed(name)
+	changed, n := false, 0
+	ok = make([]slots.Endpoint, 0, len(eps))
+	for _, e := range eps {
+		k, inst, valid := keyOf(e)
+		if !valid {
+			continue
+		}
+		n++
 		if _, listed := prev[k]; !listed {
 			changed = true
 		}
@@ -520,10 +531,18 @@ func (in planInput) verifiedEndpoints(name string, eps []slots.Endpoint) (ok []s
 			pending = true
 		}
 	}
-	if changed || len(checks) != len(prev) {
-		v = &verifyAction{upstream: name, alpn: alpnList(u.Protocol), checks: checks}
+	if !changed && n == len(prev) {
+		return ok, pending, nil
 	}
-	return ok, pending, v
+	// The list is recorded again: most plans (a verification result, a
+	// batch retried) find it unchanged and skip this.
+	checks := make([]checkRef, 0, n)
+	for _, e := range eps {
+		if k, inst, valid := keyOf(e); valid {
+			checks = append(checks, checkRef{key: k, instance: inst.id})
+		}
+	}
+	return ok, pending, &verifyAction{upstream: name, alpn: alpnList(u.Protocol), checks: checks}
 }
 
 // inheritedChecks lists, per upstream, the identity checks of the
@@ -547,12 +566,15 @@ func inheritedChecks(d *desired, ap *applied) []verifyAction {
 			if !s.Used {
 				continue
 			}
-			addr := s.Key()
+			addr, valid := endpointKey(s.Addr, s.Port)
+			if !valid {
+				continue
+			}
 			want, err := wantID(d.leaf, d.roots, u, insts[addr])
 			if err != nil {
 				continue // not proven here: its first proof places it
 			}
-			v.checks = append(v.checks, checkRef{key: want + " " + addr, want: want, addr: addr, instance: insts[addr].id})
+			v.checks = append(v.checks, checkRef{key: checkKey{want, addr}, instance: insts[addr].id})
 		}
 		out = append(out, v)
 	}

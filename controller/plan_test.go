@@ -3,6 +3,7 @@ package controller
 import (
 	"fmt"
 	"maps"
+	"net/netip"
 	"slices"
 	"strings"
 	"testing"
@@ -46,25 +47,29 @@ type planSim struct {
 	results []checkResult
 }
 
-type checkResult struct{ upstream, key, instance string }
-
-type fakeProofs struct {
-	checks map[string]proof
-	lists  map[string]map[string]struct{}
+type checkResult struct {
+	upstream string
+	key      checkKey
+	instance string
 }
 
-func (f *fakeProofs) proof(k string, _ time.Time) (proof, bool) {
+type fakeProofs struct {
+	checks map[checkKey]proof
+	lists  map[string]map[checkKey]struct{}
+}
+
+func (f *fakeProofs) proof(k checkKey, _ time.Time) (proof, bool) {
 	p, ok := f.checks[k]
 	return p, ok
 }
 
-func (f *fakeProofs) listed(u string) map[string]struct{} { return f.lists[u] }
+func (f *fakeProofs) listed(u string) map[checkKey]struct{} { return f.lists[u] }
 
 func newPlanSim(sc *Sidecar, leaf *certs.Bundle, roots *certs.Roots) *planSim {
 	return &planSim{
 		d: desired{sidecar: sc, sidecarSince: t0, leaf: leaf, roots: roots,
-			endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}, instances: map[string]map[string]instance{}},
-		proofs:   &fakeProofs{checks: map[string]proof{}, lists: map[string]map[string]struct{}{}},
+			endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}, instances: map[string]map[netip.AddrPort]instance{}},
+		proofs:   &fakeProofs{checks: map[checkKey]proof{}, lists: map[string]map[checkKey]struct{}{}},
 		now:      t0,
 		inflight: map[string]bool{},
 	}
@@ -114,7 +119,7 @@ func (s *planSim) deliverResults() {
 // result records a verification result of key, listed by upstream, as
 // Controller.verified does: a result that changes nothing for a proven
 // endpoint plans nothing.
-func (s *planSim) result(upstream, key string, good bool) {
+func (s *planSim) result(upstream string, key checkKey, good bool) {
 	p := s.proofs.checks[key]
 	wasGood := p.good
 	p.known, p.good, p.due = true, good, false
@@ -171,7 +176,7 @@ func (s *planSim) take(acts []action) (again bool) {
 		case publishAuthzGenAction:
 			s.ap.authzGen = a.gen
 		case verifyAction:
-			list := map[string]struct{}{}
+			list := map[checkKey]struct{}{}
 			for _, r := range a.checks {
 				list[r.key] = struct{}{}
 				if p, ok := s.proofs.checks[r.key]; !ok || p.due {
@@ -180,7 +185,7 @@ func (s *planSim) take(acts []action) (again bool) {
 					// flight.
 					p.due, p.instance = false, r.instance
 					s.proofs.checks[r.key] = p
-					if !s.inflight[r.addr] {
+					if !s.inflight[r.key.addr.String()] {
 						s.results = append(s.results, checkResult{upstream: a.upstream, key: r.key, instance: r.instance})
 					}
 				}
@@ -226,7 +231,7 @@ func describe(a action, now time.Time) string {
 	case verifyAction:
 		addrs := make([]string, 0, len(a.checks))
 		for _, r := range a.checks {
-			addrs = append(addrs, r.addr)
+			addrs = append(addrs, r.key.addr.String())
 		}
 		return strings.Join(append([]string{"verify " + a.upstream + ":"}, addrs...), " ")
 	case settleAction:
@@ -493,7 +498,7 @@ func TestPlanTranscript(t *testing.T) {
 				"settle up_api up_db",
 			}},
 			{"2 proves another identity: parked", time.Second, func(s *planSim) {
-				s.result("up_api", "spiffe://td.consul/ns/default/dc/dc1/svc/api 10.0.0.2:21000", false)
+				s.result("up_api", checkKey{"spiffe://td.consul/ns/default/dc/dc1/svc/api", netip.MustParseAddrPort("10.0.0.2:21000")}, false)
 			}, []string{"batch: set server up_api/s2 state maint"}},
 		}},
 		{"adopted state with another upstream set: exactly one reload", nil, []step{
@@ -560,9 +565,9 @@ func runningMaster(s *planSim, sc Sidecar, leaf *certs.Bundle, rootsPEM string, 
 		_, t, _ := slots.Plan(slots.New(u.Name, "s", 8), eps[u.Name])
 		s.readBack.tables[u.Name] = t
 		want := "spiffe://td.consul/ns/default/dc/dc1/svc/" + u.Destination
-		list := map[string]struct{}{}
+		list := map[checkKey]struct{}{}
 		for _, e := range eps[u.Name] {
-			k := want + " " + e.Key()
+			k := checkKey{want, netip.MustParseAddrPort(e.Key())}
 			list[k] = struct{}{}
 			s.proofs.checks[k] = proof{known: true, good: true}
 		}

@@ -3,6 +3,7 @@ package controller
 import (
 	"context"
 	"errors"
+	"net/netip"
 	"slices"
 	"sync"
 	"time"
@@ -86,7 +87,7 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 // endpointList is one answer of an upstream's watch, and when it arrived.
 type endpointList struct {
 	eps  []slots.Endpoint
-	inst map[string]instance // by endpoint key
+	inst map[netip.AddrPort]instance // by endpoint
 	at   time.Time
 }
 
