@@ -3,6 +3,7 @@ package slots
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -280,4 +281,22 @@ func FuzzPlan(f *testing.F) {
 			tab = next
 		}
 	})
+}
+
+// BenchmarkPlan is one change to an upstream of 1 000 endpoints: one
+// endpoint replaced by another, planned from the table that serves the
+// others (each change the controller applies plans its upstream whole).
+func BenchmarkPlan(b *testing.B) {
+	var eps []Endpoint
+	for i := range 1000 {
+		eps = append(eps, Endpoint{Addr: fmt.Sprintf("10.0.%d.%d", i/250, i%250+1), Port: 21000, Weight: 1})
+	}
+	_, applied, _ := Plan(New("up_api", "s", Size(len(eps), 8)), eps)
+	next := slices.Clone(eps)
+	next[500] = Endpoint{Addr: "10.9.9.9", Port: 21000, Weight: 1}
+	for b.Loop() {
+		if ops, _, _ := Plan(applied, next); len(ops) != 1 {
+			b.Fatalf("%d ops, want 1 (set server addr)", len(ops))
+		}
+	}
 }
