@@ -280,13 +280,20 @@ func (c *Controller) track(ctx context.Context, v verifyAction) {
 // next verification result brings (one is in flight or queued while any is
 // pending, and each ends within verify.DefaultTimeout).
 func holdLeaving(table slots.Table, listed, ok []slots.Endpoint) []slots.Endpoint {
-	want := make(map[string]struct{}, len(listed))
+	want := make(map[netip.AddrPort]struct{}, len(listed))
 	for _, e := range listed {
-		want[e.Key()] = struct{}{}
+		if k, valid := endpointKey(e.Addr, e.Port); valid {
+			want[k] = struct{}{}
+		}
 	}
-	for _, e := range table.Endpoints() {
-		if _, still := want[e.Key()]; !still {
-			ok = append(ok, e)
+	for _, s := range table.Slots {
+		if !s.Used {
+			continue
+		}
+		if k, valid := endpointKey(s.Addr, s.Port); valid {
+			if _, still := want[k]; !still {
+				ok = append(ok, slots.Endpoint{Addr: s.Addr, Port: s.Port, Weight: s.Weight})
+			}
 		}
 	}
 	return ok

@@ -178,18 +178,24 @@ type Op struct {
 // keeps its address), and only when every slot is taken does the backend
 // grow with "add server". An endpoint keeps its slot while it lives.
 func Plan(applied Table, desired []Endpoint) (ops []Op, next Table, rejected []error) {
-	want := make(map[netip.AddrPort]Endpoint, len(desired))
-	for _, e := range desired {
+	// want indexes desired by key (an index is a fifth of an Endpoint's
+	// size, and the map is built on every plan).
+	want := make(map[netip.AddrPort]int, len(desired))
+	endpoint := func(i int) Endpoint {
+		e := desired[i]
+		e.Weight = min(e.Weight, MaxWeight)
+		return e
+	}
+	for i, e := range desired {
 		if err := e.Validate(); err != nil {
 			rejected = append(rejected, err)
 			continue
 		}
-		e.Weight = min(e.Weight, MaxWeight)
 		k := addrPort(e.Addr, e.Port)
-		if old, ok := want[k]; ok && old.Weight >= e.Weight {
+		if j, ok := want[k]; ok && endpoint(j).Weight >= endpoint(i).Weight {
 			continue
 		}
-		want[k] = e
+		want[k] = i
 	}
 
 	next = applied.Clone()
@@ -200,8 +206,8 @@ func Plan(applied Table, desired []Endpoint) (ops []Op, next Table, rejected []e
 			continue
 		}
 		k := addrPort(s.Addr, s.Port)
-		if e, ok := want[k]; ok {
-			if e.Weight != s.Weight {
+		if j, ok := want[k]; ok {
+			if e := endpoint(j); e.Weight != s.Weight {
 				ops = append(ops, Op{Kind: OpSetWeight, Server: s.Name, Weight: e.Weight})
 				next.Slots[i].Weight = e.Weight
 			}
@@ -219,7 +225,7 @@ func Plan(applied Table, desired []Endpoint) (ops []Op, next Table, rejected []e
 	slices.SortFunc(keys, netip.AddrPort.Compare)
 	adds := make([]Endpoint, 0, len(keys))
 	for _, k := range keys {
-		adds = append(adds, want[k])
+		adds = append(adds, endpoint(want[k]))
 	}
 
 	// fill points slot i at e (unless it already does: a parked slot keeps
