@@ -65,6 +65,10 @@ func Dur(sec float64) string {
 	if math.IsNaN(sec) {
 		return "n/a"
 	}
+	if math.IsInf(sec, 0) {
+		// A histogram's last bucket (le="+Inf"): no Duration holds it.
+		return fmt.Sprintf("%+.0f", sec)
+	}
 	d := time.Duration(sec * float64(time.Second))
 	switch {
 	case d < time.Millisecond:

@@ -18,6 +18,14 @@ func TestPercentileAndRounds(t *testing.T) {
 	if !math.IsNaN(Samples(nil).Percentile(50)) {
 		t.Error("empty percentile is not NaN")
 	}
+	for _, tt := range []struct {
+		sec  float64
+		want string
+	}{{0.0005, "500µs"}, {0.0042, "4.20ms"}, {0.25, "250.0ms"}, {5, "5.00s"}, {math.Inf(1), "+Inf"}, {math.NaN(), "n/a"}} {
+		if got := Dur(tt.sec); got != tt.want {
+			t.Errorf("Dur(%v) = %q, want %q", tt.sec, got, tt.want)
+		}
+	}
 	r := Rounds{0.003, 0.001, 0.002}
 	if got := r.Format(Dur); got != "2.00ms (1.00ms–3.00ms)" {
 		t.Errorf("rounds format %q", got)
