@@ -384,9 +384,15 @@ func (s *session) run(ctx context.Context, req []byte, want int, prefix string) 
 	return bufString(buf), true, nil
 }
 
-// bufString is buf as a string without a copy. The caller must not write to
-// buf afterwards: run's buffer is its own and is dropped on return.
+// bufString is buf as a string, without a copy when most of buf's capacity
+// is used (a large reply). The caller must not write to buf afterwards:
+// run's buffer is its own and is dropped on return. A short reply is
+// copied: a substring of it kept for long (a certificate's serial, a
+// version) would otherwise hold the whole 4 KB buffer.
 func bufString(buf []byte) string {
+	if len(buf) < cap(buf)/2 {
+		return string(buf)
+	}
 	return unsafe.String(unsafe.SliceData(buf), len(buf))
 }
 

@@ -1,6 +1,7 @@
 package runtime
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -8,6 +9,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/google/go-cmp/cmp"
 )
@@ -315,5 +317,20 @@ func TestSessionRunFraming(t *testing.T) {
 				t.Errorf("done %v (want %v), prompt %q, out %q", done, tt.wantDone, s.prompt, out)
 			}
 		})
+	}
+}
+
+// TestBufString: a reply that fills most of its buffer becomes a string
+// over that buffer; a short one is copied, so that a substring kept from
+// it does not hold the whole buffer.
+func TestBufString(t *testing.T) {
+	short := append(make([]byte, 0, 4096), "master> "...)
+	s := bufString(short)
+	if s != "master> " || unsafe.StringData(s) == &short[0] {
+		t.Errorf("short reply %q not copied", s)
+	}
+	long := bytes.Repeat([]byte("x"), 3000)
+	if s := bufString(long); s != string(long) || unsafe.StringData(s) != &long[0] {
+		t.Error("long reply copied")
 	}
 }
