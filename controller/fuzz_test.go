@@ -158,6 +158,10 @@ func FuzzHealthParse(f *testing.F) {
 		`[{"Service":{"ID":"a\"],","Address":"10.0.0.1","Port":1}} ,{"Service":{"ID":"b","Address":"10.0.0.2","Port":2}}]`,
 		"[\t{\"Service\":{\"ID\":\"a\",\"Address\":\"10.0.0.1\",\"Port\":1}}\r\n]\n", `[null,true,"s",{"Service":null}]`,
 		`[{"Service":{"ID":"a","Port":1}}}]`, "[]\nshow proc\n", "[1]\x00;quit", `[{"Service":{"ID":"a","Address":"10.0.0.1","Port":1}}]` + "\r\n@1 disable server up/s1", `[{"Service":{"ID":"a\\","Port":1}}]`, `[{"Service":{"ID":"\u005d","Port":1}}]`, " \t\n{\"Service\":{\"ID\":\"a\"}}", "\n[\n", "[{\"Service\":{\"ID\":\"a\",\"Port\":1}} \n,",
+		// One endpoint in IPv4-mapped and in plain form, and one under a
+		// zone: as map keys they are three addresses, and only the plain
+		// one is kept.
+		`[{"Service":{"ID":"m","Address":"::ffff:10.0.0.8","Port":80}},{"Service":{"ID":"p","Address":"10.0.0.8","Port":80}},{"Service":{"ID":"z","Address":"fe80::1%eth0","Port":80}}]`,
 	} {
 		f.Add(body)
 	}
@@ -197,6 +201,16 @@ func FuzzHealthParse(f *testing.F) {
 			return
 		}
 		eps := newInstanceFilter("up_api", zap.NewNop(), newMetrics(nil)).endpoints(entries, bad)
+		// The instance map is keyed by netip.AddrPort, from the same
+		// answer: every endpoint kept finds its instance by its own key.
+		insts := healthInstances(entries)
+		for _, e := range eps {
+			if k, ok := endpointKey(e.Addr, e.Port); !ok {
+				t.Fatalf("endpoint %+v kept, but it has no key", e)
+			} else if _, ok := insts[k]; !ok {
+				t.Fatalf("endpoint %+v kept, but no instance has its key %v", e, k)
+			}
+		}
 		for _, e := range eps {
 			a, err := netip.ParseAddr(e.Addr)
 			if err != nil || a.Zone() != "" || a.String() != e.Addr || e.Port < 1 || e.Port > 65535 || e.Weight < 1 || e.Weight > slots.MaxWeight {
