@@ -190,6 +190,18 @@ const (
 	// connection it sent a GOAWAY on (after a reload, in the old
 	// worker) once no stream is left on it ("timeout client-fin").
 	GoawayIdleTimeout = 5 * time.Second
+	// H2MaxStreams is how many concurrent streams a listener lets one
+	// HTTP/2 connection carry (HAProxy's default: 100). A calling sidecar
+	// whose connections to an endpoint are full opens another for each
+	// request, and with ALPN a new connection carries nothing until its
+	// handshake ends: while the endpoint's sidecar is slow, during its
+	// reload, a burst of requests opens hundreds. Its old worker accepts
+	// them, then stops and sends a GOAWAY on each, which fails every
+	// request waiting on it; each of those retries on the next such
+	// connection and can run out of retries (runtime/HAPROXY26.md). With
+	// room for a whole burst on the connections already open, the burst
+	// opens none.
+	H2MaxStreams = 1000
 )
 
 // serverIDRE is the shape of a Consul service SPIFFE ID: a trust domain
@@ -604,6 +616,7 @@ func renderConfig(s Spec) (string, error) {
 	w("    ssl-default-bind-options ssl-min-ver TLSv1.2")
 	w("    ssl-default-server-options ssl-min-ver TLSv1.2")
 	w("    tune.ssl.default-dh-param 2048")
+	w("    tune.h2.max-concurrent-streams %d", H2MaxStreams)
 	if s.AccessLog {
 		w("    log stdout format raw local0 info")
 	}

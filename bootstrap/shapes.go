@@ -34,6 +34,7 @@ var configShapes = []string{
 	`    nbthread \d+`,
 	`    ssl-default-(bind|server)-options ssl-min-ver TLSv1\.2`,
 	`    tune\.ssl\.default-dh-param 2048`,
+	`    tune\.h2\.max-concurrent-streams \d+`,
 	`    log stdout format raw local0 info`,
 	`    log global`, `    no log`, `    option (http|tcp)log`,
 	`    log-format "[ !#-~]*"`,
