@@ -242,6 +242,23 @@ func Mode(protocol string) string {
 	return "tcp"
 }
 
+// UpstreamProto is the mux an upstream's servers speak whatever ALPN
+// says: "h2" for http2 and grpc, whose application answers only HTTP/2,
+// none otherwise. A peer that negotiates no ALPN (Consul's built-in
+// proxy, which hands the bytes to the application) would otherwise get
+// HTTP/1.1. And a connection with a fixed mux takes streams during its
+// handshake: with ALPN, every request that finds the open connections
+// full opens one more until a handshake ends (runtime/HAPROXY26.md).
+// Dynamic servers do not inherit default-server on 2.6, so the
+// controller adds it to each.
+func UpstreamProto(protocol string) string {
+	switch protocol {
+	case "http2", "grpc":
+		return "h2"
+	}
+	return ""
+}
+
 // UpstreamALPN is the ALPN list an upstream's servers offer the other
 // sidecar for protocol: "h2,http/1.1" for http (see Render), "h2" for
 // http2 and grpc, none for tcp. Dynamic servers ("add server") do not
@@ -990,6 +1007,9 @@ func renderConfig(s Spec) (string, error) {
 		alpn := ""
 		if a := UpstreamALPN(u.Protocol); a != "" {
 			alpn = " alpn " + a
+		}
+		if p := UpstreamProto(u.Protocol); p != "" {
+			alpn += " proto " + p
 		}
 		if u.ServerID != "" {
 			// The second line of upstream identity (the first: the

@@ -98,7 +98,7 @@ var configShapes = []string{
 	`    tcp-response content reject unless \{ ssl_s_der,hex -m sub [0-9A-F]+ \}`,
 	`    default_backend ` + shapeIdent,
 	`    balance roundrobin`,
-	`    default-server ssl crt ` + shapePath + ` ca-file ` + shapePath + ` verify required( alpn (h2|h2,http/1\.1))? no-ssl-reuse( check inter \d+ms observe layer[47] error-limit \d+ on-error mark-down)?`,
+	`    default-server ssl crt ` + shapePath + ` ca-file ` + shapePath + ` verify required( alpn (h2|h2,http/1\.1))?( proto h2)? no-ssl-reuse( check inter \d+ms observe layer[47] error-limit \d+ on-error mark-down)?`,
 	`    server app (` + shapeAddrPort + `|unix@` + shapePath + `)( maxconn \d+)?( proto h2)?`,
 	`    server agent unix@` + shapePath,
 	`    bind unix@` + shapePath + ` mode 600`,

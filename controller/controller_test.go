@@ -423,7 +423,7 @@ func TestWaitAuthzGeneration(t *testing.T) {
 }
 
 // TestAddServerOptions: a dynamic server offers the other sidecar the same
-// ALPN and carries the same passive health check as the upstream's template
+// ALPN, speaks the same fixed mux (HTTP/2 for http2 and grpc) and carries the same passive health check as the upstream's template
 // slots (2.6 does not apply default-server to "add server"), and its checks
 // are started.
 func TestAddServerOptions(t *testing.T) {
@@ -436,13 +436,13 @@ func TestAddServerOptions(t *testing.T) {
 		{"", bootstrap.PassiveCheck{}, []string{"verify required no-ssl-reuse"}},
 		{"tcp", bootstrap.PassiveCheck{}, []string{"verify required no-ssl-reuse"}},
 		{"http", bootstrap.PassiveCheck{}, []string{"verify required alpn h2,http/1.1 no-ssl-reuse"}},
-		{"http2", bootstrap.PassiveCheck{}, []string{"verify required alpn h2 no-ssl-reuse"}},
-		{"grpc", bootstrap.PassiveCheck{}, []string{"verify required alpn h2 no-ssl-reuse"}},
+		{"http2", bootstrap.PassiveCheck{}, []string{"verify required alpn h2 proto h2 no-ssl-reuse"}},
+		{"grpc", bootstrap.PassiveCheck{}, []string{"verify required alpn h2 proto h2 no-ssl-reuse"}},
 		{"tcp", passive, []string{"verify required no-ssl-reuse check check-ssl inter 2000ms observe layer4 error-limit 5 on-error mark-down",
 			"enable health up_api/s9"}},
 		{"http", passive, []string{"verify required alpn h2,http/1.1 no-ssl-reuse check check-ssl inter 2000ms observe layer7 error-limit 5 on-error mark-down",
 			"enable health up_api/s9"}},
-		{"grpc", passive, []string{"verify required alpn h2 no-ssl-reuse check check-ssl inter 2000ms observe layer7 error-limit 5 on-error mark-down",
+		{"grpc", passive, []string{"verify required alpn h2 proto h2 no-ssl-reuse check check-ssl inter 2000ms observe layer7 error-limit 5 on-error mark-down",
 			"enable health up_api/s9"}},
 	}
 	for _, tt := range tests {

@@ -459,6 +459,7 @@ func (c *Controller) commands(backend string, op slots.Op) ([]runtime.Command, e
 		for _, u := range c.applied.sidecar.Upstreams {
 			if u.Name == backend {
 				o.ALPN = bootstrap.UpstreamALPN(u.Protocol)
+				o.Proto = bootstrap.UpstreamProto(u.Protocol)
 				if u.Passive.MaxFailures > 0 {
 					o.Passive = runtime.PassiveCheck{Inter: u.Passive.Interval, Layer7: bootstrap.Mode(u.Protocol) == "http", ErrorLimit: u.Passive.MaxFailures}
 				}

@@ -161,6 +161,12 @@ func TestCommandValidation(t *testing.T) {
 		{"add server sni injection", func() (Command, error) {
 			return AddServer("b", "d1", "10.0.0.1", 80, ServerOptions{SSL: true, CrtFile: "/a.pem", CAFile: "/b.pem", SNI: "x) crt /etc/passwd"})
 		}},
+		{"add server proto injection", func() (Command, error) {
+			return AddServer("b", "d1", "10.0.0.1", 80, ServerOptions{SSL: true, CrtFile: "/a.pem", CAFile: "/b.pem", Proto: "h2 crt /etc/passwd"})
+		}},
+		{"add server proto with newline", func() (Command, error) {
+			return AddServer("b", "d1", "10.0.0.1", 80, ServerOptions{SSL: true, CrtFile: "/a.pem", CAFile: "/b.pem", Proto: "h2\nreload"})
+		}},
 		{"passive check without interval", func() (Command, error) {
 			return AddServer("b", "d1", "10.0.0.1", 80, ServerOptions{Passive: PassiveCheck{ErrorLimit: 3}})
 		}},

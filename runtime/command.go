@@ -140,7 +140,7 @@ var (
 	shapeSetState  = regexp.MustCompile(`^set server ` + gServer + ` state (ready|drain|maint)$`)
 	shapeSetWeight = regexp.MustCompile(`^set server ` + gServer + ` weight ` + gWeight + `$`)
 	shapeAddServer = regexp.MustCompile(`^add server ` + gServer + ` (` + gAddr + `|\[` + gAddr + `\]):` + gPort + ` weight ` + gWeight +
-		`( ssl crt ` + gPath + ` ca-file ` + gPath + ` verify required( sni str\(` + gIdent + `\))?( alpn [a-z0-9/.-]+(,[a-z0-9/.-]+)*)?( no-ssl-reuse)?)?` +
+		`( ssl crt ` + gPath + ` ca-file ` + gPath + ` verify required( sni str\(` + gIdent + `\))?( alpn [a-z0-9/.-]+(,[a-z0-9/.-]+)*)?( proto [a-z0-9]{1,16})?( no-ssl-reuse)?)?` +
 		`( check( check-ssl)? inter [0-9]{1,10}ms observe layer[47] error-limit [0-9]{1,5} on-error mark-down)?$`)
 	shapeEnableHealth = regexp.MustCompile(`^enable health ` + gServer + `$`)
 	shapeSSLCert      = regexp.MustCompile(`^(set|commit|abort|show) ssl cert ` + gPath + `$`)
@@ -271,6 +271,9 @@ type ServerOptions struct {
 	CAFile  string
 	SNI     string // optional constant SNI
 	ALPN    string // optional ALPN list, e.g. "h2"
+	// Proto is the mux the server speaks whatever ALPN negotiates
+	// (optional, e.g. "h2").
+	Proto string
 	// NoSSLReuse: every connection makes a full handshake ("no-ssl-reuse"),
 	// none resumes a session of an earlier one.
 	NoSSLReuse bool
@@ -317,7 +320,10 @@ func (p PassiveCheck) options(ssl bool) (string, error) {
 	return fmt.Sprintf("%s inter %dms observe layer%d error-limit %d on-error mark-down", check, p.Inter.Milliseconds(), layer, p.ErrorLimit), nil
 }
 
-var alpnRE = regexp.MustCompile(`^[a-z0-9/.-]+(,[a-z0-9/.-]+)*$`)
+var (
+	alpnRE  = regexp.MustCompile(`^[a-z0-9/.-]+(,[a-z0-9/.-]+)*$`)
+	protoRE = regexp.MustCompile(`^[a-z0-9]{1,16}$`)
+)
 
 // AddServer adds a dynamic server. HAProxy 2.6 needs a backend with a dynamic
 // balance algorithm, and the server starts in maintenance: "state ready"
@@ -357,6 +363,12 @@ func AddServer(backend, server, addr string, port int, o ServerOptions) (Command
 				return Command{}, fmt.Errorf("%w: alpn %q", ErrInvalidArgument, o.ALPN)
 			}
 			line += " alpn " + o.ALPN
+		}
+		if o.Proto != "" {
+			if !protoRE.MatchString(o.Proto) {
+				return Command{}, fmt.Errorf("%w: proto %q", ErrInvalidArgument, o.Proto)
+			}
+			line += " proto " + o.Proto
 		}
 		if o.NoSSLReuse {
 			line += " no-ssl-reuse"

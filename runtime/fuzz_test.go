@@ -42,7 +42,7 @@ func commandsOf(backend, server, addr, file, token string, port, weight int) []C
 	add(SetServerWeight(backend, server, weight))
 	add(SetServerState(backend, server, ServerState(token)))
 	add(AddServer(backend, server, addr, port, ServerOptions{Weight: weight}))
-	add(AddServer(backend, server, addr, port, ServerOptions{Weight: weight, SSL: true, CrtFile: file, CAFile: file, SNI: token, ALPN: token, NoSSLReuse: weight%2 == 0,
+	add(AddServer(backend, server, addr, port, ServerOptions{Weight: weight, SSL: true, CrtFile: file, CAFile: file, SNI: token, ALPN: token, Proto: token, NoSSLReuse: weight%2 == 0,
 		Passive: PassiveCheck{Inter: time.Duration(port) * time.Millisecond, Layer7: weight%3 == 0, ErrorLimit: weight}}))
 	add(EnableHealth(backend, server))
 	add(SetSSLCert(file, token))

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -32,6 +33,13 @@ import (
 // client's upstream. It returns the client's upstream port, once the
 // client sidecar has the server sidecar as endpoint.
 func startProtocolMesh(t *testing.T, protocol string, app int) (upstream int) {
+	t.Helper()
+	return startProtocolMeshWith(t, protocol, app, func(consul *testenv.ConsulProc) { startSidecar(t, consul, "server") })
+}
+
+// startProtocolMeshWith is startProtocolMesh with the server's sidecar
+// started by startServer.
+func startProtocolMeshWith(t *testing.T, protocol string, app int, startServer func(*testenv.ConsulProc)) (upstream int) {
 	t.Helper()
 	consul := testenv.Consul(t, testenv.ConsulOptions{})
 	c := consul.Client
@@ -60,7 +68,7 @@ func startProtocolMesh(t *testing.T, protocol string, app int) (upstream int) {
 			return nil
 		})
 	}
-	startSidecar(t, consul, "server")
+	startServer(consul)
 	client := startSidecar(t, consul, "client")
 	eventually(t, 10*time.Second, "client sidecar has the server endpoint", client.inBackend("up_server", ports[0]))
 	return ports[3]
@@ -370,4 +378,94 @@ func TestHTTP2(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestGRPCBehindBuiltinProxy: the server's sidecar is Consul's built-in
+// proxy, which negotiates no ALPN and hands the decrypted bytes to the
+// application. A grpc upstream still reaches the grpc-go server: the
+// client sidecar speaks HTTP/2 to it whatever ALPN said (HTTP/1.1 would
+// reach a server that answers only HTTP/2). Calls, a trailer and a
+// server stream pass.
+func TestGRPCBehindBuiltinProxy(t *testing.T) {
+	app, _ := grpcApp(t)
+	upstream := startProtocolMeshWith(t, "grpc", app, func(consul *testenv.ConsulProc) { startBuiltinProxy(t, consul, "server") })
+	conn, err := grpc.NewClient(fmt.Sprintf("127.0.0.1:%d", upstream), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	echo := func() error {
+		ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		var trailer metadata.MD
+		out := new(wrapperspb.StringValue)
+		if err := conn.Invoke(ctx, "/"+testService+"/Echo", wrapperspb.String("hi"), out, grpc.Trailer(&trailer)); err != nil {
+			return err
+		}
+		if out.Value != "hi" {
+			return fmt.Errorf("Echo answered %q, want %q", out.Value, "hi")
+		}
+		if got := trailer.Get("x-probe-trailer"); len(got) != 1 || got[0] != "echo hi" {
+			return fmt.Errorf("Echo trailer x-probe-trailer = %q, want [\"echo hi\"]", got)
+		}
+		return nil
+	}
+	eventually(t, 10*time.Second, "the first Echo call succeeds", echo)
+	failed := 0
+	var first error
+	for range 20 {
+		if err := echo(); err != nil {
+			failed++
+			first = cmp.Or(first, err)
+		}
+	}
+	if failed > 0 {
+		t.Errorf("%d of 20 Echo calls failed; first: %v", failed, first)
+	}
+	stream, err := conn.NewStream(ctx, &grpc.StreamDesc{ServerStreams: true}, "/"+testService+"/Count")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.SendMsg(wrapperspb.UInt32(5)); err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for {
+		m := new(wrapperspb.StringValue)
+		err := stream.RecvMsg(m)
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("after %d messages: %v", n, err)
+		}
+		n++
+	}
+	if n != 5 {
+		t.Errorf("Count(5) streamed %d messages", n)
+	}
+}
+
+// startBuiltinProxy runs "consul connect proxy -sidecar-for id" until the
+// end of the test.
+func startBuiltinProxy(t *testing.T, consul *testenv.ConsulProc, id string) {
+	t.Helper()
+	out := &syncBuf{}
+	cmd := exec.Command(testenv.ConsulBin(t), "connect", "proxy", "-sidecar-for", id, "-http-addr", consul.Addr)
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		if t.Failed() {
+			t.Logf("built-in proxy %s output:\n%s", id, out.String())
+		}
+	})
 }
