@@ -174,11 +174,7 @@ func grpcApp(t *testing.T) (int, *probeServer) {
 func TestGRPC(t *testing.T) {
 	app, probe := grpcApp(t)
 	upstream := startProtocolMesh(t, "grpc", app)
-	conn, err := grpc.NewClient(fmt.Sprintf("127.0.0.1:%d", upstream), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
+	conn := grpcConn(t, upstream)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	healthClient := healthpb.NewHealthClient(conn)
@@ -198,61 +194,15 @@ func TestGRPC(t *testing.T) {
 	eventually(t, 10*time.Second, "the first Health/Check call succeeds", check)
 
 	t.Run("unary", func(t *testing.T) {
-		failed := 0
-		var first error
-		for range 50 {
-			if err := check(); err != nil {
-				failed++
-				first = cmp.Or(first, err)
-			}
-		}
-		if failed > 0 {
+		if failed, first := failures(50, check); failed > 0 {
 			t.Errorf("%d of 50 Health/Check calls failed; first: %v", failed, first)
 		}
-		var trailer metadata.MD
-		out := new(wrapperspb.StringValue)
-		if err := conn.Invoke(ctx, "/"+testService+"/Echo", wrapperspb.String("hi"), out, grpc.Trailer(&trailer)); err != nil {
+		if err := echo(ctx, conn); err != nil {
 			t.Fatal(err)
-		}
-		if out.Value != "hi" {
-			t.Errorf("Echo answered %q, want %q", out.Value, "hi")
-		}
-		if got := trailer.Get("x-probe-trailer"); len(got) != 1 || got[0] != "echo hi" {
-			t.Errorf("Echo trailer x-probe-trailer = %q, want [\"echo hi\"] (all trailers: %v)", got, trailer)
 		}
 	})
 
-	t.Run("server streaming", func(t *testing.T) {
-		const n = 20
-		stream, err := conn.NewStream(ctx, &grpc.StreamDesc{ServerStreams: true}, "/"+testService+"/Count")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := stream.SendMsg(wrapperspb.UInt32(n)); err != nil {
-			t.Fatal(err)
-		}
-		if err := stream.CloseSend(); err != nil {
-			t.Fatal(err)
-		}
-		var got []string
-		for {
-			m := new(wrapperspb.StringValue)
-			err := stream.RecvMsg(m)
-			if errors.Is(err, io.EOF) {
-				break
-			}
-			if err != nil {
-				t.Fatalf("after %d messages: %v", len(got), err)
-			}
-			got = append(got, m.Value)
-		}
-		if len(got) != n || got[0] != "1" || got[n-1] != fmt.Sprint(n) {
-			t.Errorf("received %d messages %v, want \"1\"..\"%d\"", len(got), got, n)
-		}
-		if tr := stream.Trailer().Get("x-probe-trailer"); len(tr) != 1 || tr[0] != fmt.Sprintf("counted %d", n) {
-			t.Errorf("stream trailer x-probe-trailer = %q, want [\"counted %d\"]", tr, n)
-		}
-	})
+	t.Run("server streaming", func(t *testing.T) { checkCount(ctx, t, conn, 20) })
 
 	t.Run("deadline", func(t *testing.T) {
 		const timeout = 500 * time.Millisecond
@@ -389,52 +339,76 @@ func TestHTTP2(t *testing.T) {
 func TestGRPCBehindBuiltinProxy(t *testing.T) {
 	app, _ := grpcApp(t)
 	upstream := startProtocolMeshWith(t, "grpc", app, func(consul *testenv.ConsulProc) { startBuiltinProxy(t, consul, "server") })
-	conn, err := grpc.NewClient(fmt.Sprintf("127.0.0.1:%d", upstream), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn := grpcConn(t, upstream)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	call := func() error {
+		ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		return echo(ctx, conn)
+	}
+	eventually(t, 10*time.Second, "the first Echo call succeeds", call)
+	if failed, first := failures(20, call); failed > 0 {
+		t.Errorf("%d of 20 Echo calls failed; first: %v", failed, first)
+	}
+	checkCount(ctx, t, conn, 5)
+}
+
+// grpcConn is a grpc-go client of 127.0.0.1:port without TLS, closed at
+// the end of the test.
+func grpcConn(t *testing.T, port int) *grpc.ClientConn {
+	t.Helper()
+	conn, err := grpc.NewClient(fmt.Sprintf("127.0.0.1:%d", port), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	echo := func() error {
-		ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		defer cancel()
-		var trailer metadata.MD
-		out := new(wrapperspb.StringValue)
-		if err := conn.Invoke(ctx, "/"+testService+"/Echo", wrapperspb.String("hi"), out, grpc.Trailer(&trailer)); err != nil {
-			return err
-		}
-		if out.Value != "hi" {
-			return fmt.Errorf("Echo answered %q, want %q", out.Value, "hi")
-		}
-		if got := trailer.Get("x-probe-trailer"); len(got) != 1 || got[0] != "echo hi" {
-			return fmt.Errorf("Echo trailer x-probe-trailer = %q, want [\"echo hi\"]", got)
-		}
-		return nil
+	return conn
+}
+
+// echo calls testService's Echo("hi") on conn: the answer and the
+// trailer must come back.
+func echo(ctx context.Context, conn *grpc.ClientConn) error {
+	var trailer metadata.MD
+	out := new(wrapperspb.StringValue)
+	if err := conn.Invoke(ctx, "/"+testService+"/Echo", wrapperspb.String("hi"), out, grpc.Trailer(&trailer)); err != nil {
+		return err
 	}
-	eventually(t, 10*time.Second, "the first Echo call succeeds", echo)
-	failed := 0
-	var first error
-	for range 20 {
-		if err := echo(); err != nil {
+	if out.Value != "hi" {
+		return fmt.Errorf("Echo answered %q, want %q", out.Value, "hi")
+	}
+	if got := trailer.Get("x-probe-trailer"); len(got) != 1 || got[0] != "echo hi" {
+		return fmt.Errorf("Echo trailer x-probe-trailer = %q, want [\"echo hi\"] (all trailers: %v)", got, trailer)
+	}
+	return nil
+}
+
+// failures calls f n times and counts the calls that failed.
+func failures(n int, f func() error) (failed int, first error) {
+	for range n {
+		if err := f(); err != nil {
 			failed++
 			first = cmp.Or(first, err)
 		}
 	}
-	if failed > 0 {
-		t.Errorf("%d of 20 Echo calls failed; first: %v", failed, first)
-	}
+	return failed, first
+}
+
+// checkCount calls testService's Count(n) on conn: the stream must bring
+// "1".."n", then the trailer.
+func checkCount(ctx context.Context, t *testing.T, conn *grpc.ClientConn, n int) {
+	t.Helper()
 	stream, err := conn.NewStream(ctx, &grpc.StreamDesc{ServerStreams: true}, "/"+testService+"/Count")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := stream.SendMsg(wrapperspb.UInt32(5)); err != nil {
+	if err := stream.SendMsg(wrapperspb.UInt32(uint32(n))); err != nil {
 		t.Fatal(err)
 	}
 	if err := stream.CloseSend(); err != nil {
 		t.Fatal(err)
 	}
-	n := 0
+	var got []string
 	for {
 		m := new(wrapperspb.StringValue)
 		err := stream.RecvMsg(m)
@@ -442,12 +416,15 @@ func TestGRPCBehindBuiltinProxy(t *testing.T) {
 			break
 		}
 		if err != nil {
-			t.Fatalf("after %d messages: %v", n, err)
+			t.Fatalf("after %d messages: %v", len(got), err)
 		}
-		n++
+		got = append(got, m.Value)
 	}
-	if n != 5 {
-		t.Errorf("Count(5) streamed %d messages", n)
+	if len(got) != n || got[0] != "1" || got[n-1] != fmt.Sprint(n) {
+		t.Errorf("received %d messages %v, want \"1\"..\"%d\"", len(got), got, n)
+	}
+	if tr := stream.Trailer().Get("x-probe-trailer"); len(tr) != 1 || tr[0] != fmt.Sprintf("counted %d", n) {
+		t.Errorf("stream trailer x-probe-trailer = %q, want [\"counted %d\"]", tr, n)
 	}
 }
 
