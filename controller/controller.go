@@ -174,6 +174,27 @@ type desired struct {
 	chainSince time.Time
 }
 
+// startWaitLog is how often a controller whose HAProxy has not started
+// says what it still waits for from Consul. A blocking query that never
+// answers is otherwise silent: the watches log only failures.
+const startWaitLog = 5 * time.Second
+
+// waitingFor names what the first start lacks from Consul: plan starts
+// nothing without all three.
+func (d *desired) waitingFor() []string {
+	var w []string
+	if d.sidecar == nil {
+		w = append(w, "registration")
+	}
+	if d.roots == nil {
+		w = append(w, "CA roots")
+	}
+	if d.leaf == nil {
+		w = append(w, "leaf certificate")
+	}
+	return w
+}
+
 // setEndpoints records an upstream's new endpoint list, which arrived from
 // Consul at at, and marks it for planning.
 func (d *desired) setEndpoints(name string, eps []slots.Endpoint, at time.Time) {
@@ -346,6 +367,9 @@ func (c *Controller) path(name string) string { return filepath.Join(c.cfg.State
 func (c *Controller) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	began := time.Now()
+	startWait := time.NewTicker(startWaitLog)
+	defer startWait.Stop()
 	go watch.Loop(ctx, watch.Options{Name: "registration", Log: c.log, MinInterval: time.Second}, c.fetchRegistration, func(svc *api.AgentService) {
 		c.publishRegistration(ctx, svc)
 	})
@@ -375,6 +399,14 @@ func (c *Controller) Run(ctx context.Context) error {
 					drained = true
 				}
 			}
+		case <-startWait.C:
+			if c.master != nil {
+				startWait.Stop()
+			} else if w := c.desired.waitingFor(); len(w) > 0 {
+				c.log.Warn("haproxy not started: still waiting for Consul", zap.Strings("waiting_for", w),
+					zap.Duration("waited", time.Since(began).Round(time.Second)))
+			}
+			continue
 		case <-c.retry.C:
 			c.retryAt = time.Time{}
 		case <-c.authz.Kick():

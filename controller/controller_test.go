@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -464,5 +465,25 @@ func TestAddServerOptions(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestWaitingFor: what the first start still lacks from Consul, named.
+func TestWaitingFor(t *testing.T) {
+	leaf, roots, sc := &certs.Bundle{}, &certs.Roots{}, sidecar(up("api", 9191))
+	tests := []struct {
+		d    desired
+		want []string
+	}{
+		{desired{}, []string{"registration", "CA roots", "leaf certificate"}},
+		{desired{sidecar: sc}, []string{"CA roots", "leaf certificate"}},
+		{desired{sidecar: sc, roots: roots}, []string{"leaf certificate"}},
+		{desired{roots: roots, leaf: leaf}, []string{"registration"}},
+		{desired{sidecar: sc, roots: roots, leaf: leaf}, nil},
+	}
+	for _, tt := range tests {
+		if got := tt.d.waitingFor(); !slices.Equal(got, tt.want) {
+			t.Errorf("waitingFor() = %q, want %q", got, tt.want)
+		}
 	}
 }

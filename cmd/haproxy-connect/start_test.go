@@ -3,11 +3,17 @@ package main
 import (
 	"errors"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"os/exec"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/consul/api"
 
@@ -71,4 +77,51 @@ func TestStartErrors(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestStartSaysWhatItWaitsFor: a sidecar whose leaf certificate Consul does
+// not answer for (its requests held in front of a real agent) serves
+// nothing and says, every few seconds, that it waits for the leaf and
+// for nothing else; once Consul answers, it starts and becomes ready.
+func TestStartSaysWhatItWaitsFor(t *testing.T) {
+	consul := testenv.Consul(t, testenv.ConsulOptions{})
+	ports := testenv.FreePorts(t, 2)
+	register(t, consul.Client, "web", ports[0], ports[1], nil)
+	agent, err := url.Parse("http://" + consul.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	forward := httputil.NewSingleHostReverseProxy(agent)
+	// Blocking queries end cancelled when the sidecar stops: not news.
+	forward.ErrorHandler = func(w http.ResponseWriter, _ *http.Request, _ error) { w.WriteHeader(http.StatusBadGateway) }
+	hold := make(chan struct{})
+	var held atomic.Int32
+	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasPrefix(r.URL.Path, "/v1/agent/connect/ca/leaf/") {
+			held.Add(1)
+			select {
+			case <-hold:
+			case <-r.Context().Done():
+				return
+			}
+		}
+		forward.ServeHTTP(w, r)
+	}))
+	t.Cleanup(front.Close)
+	// The last -http-addr wins: the sidecar talks to Consul through front.
+	s := launchSidecar(t, consul, "web", testenv.ShortTempDir(t), "-http-addr", strings.TrimPrefix(front.URL, "http://"))
+	eventually(t, 20*time.Second, "the sidecar says it waits for the leaf", func() error {
+		if !strings.Contains(s.out.String(), `haproxy not started: still waiting for Consul	{"waiting_for": ["leaf certificate"]`) {
+			return fmt.Errorf("not logged yet (%d leaf requests held)", held.Load())
+		}
+		return nil
+	})
+	if resp, err := s.http.Get("http://" + s.stats + "/readyz"); err == nil {
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusOK {
+			t.Fatal("ready without a leaf certificate")
+		}
+	}
+	close(hold)
+	s.waitReady(t)
 }
