@@ -1,8 +1,9 @@
 package controller
 
 import (
-	"go.uber.org/zap"
 	"net/netip"
+
+	"go.uber.org/zap"
 
 	"github.com/haproxy-connect/haproxy-connect/bootstrap"
 	"github.com/haproxy-connect/haproxy-connect/runtime"

@@ -259,9 +259,9 @@ func plan(in planInput) []action {
 			acts = append(acts, verify...)
 			waitUntil(at)
 		} else {
-			tables, verify, _ := in.plannedTables()
+			verified, verify, _ := in.verifications()
 			return append(verify, reloadAction{reason: strings.Join(reasons, "; "), cause: strings.Join(causes, "+"), sidecar: *d.sidecar,
-				leaf: d.leaf, roots: d.roots, tables: tables, gen: in.authzGen})
+				leaf: d.leaf, roots: d.roots, tables: in.plannedTables(verified), gen: in.authzGen})
 		}
 	}
 	if ap.leaf == nil || d.leaf.PEM != ap.leaf.PEM {
@@ -372,7 +372,7 @@ func (in planInput) warming() (time.Time, []action, bool) {
 // O(endpoints²) before the start.
 func (in planInput) planStart() []action {
 	d := in.desired
-	acts, pending := in.verifications()
+	verified, acts, pending := in.verifications()
 	var missing []string
 	for _, u := range d.sidecar.Upstreams {
 		if _, ok := d.endpoints[u.Name]; !ok {
@@ -385,51 +385,47 @@ func (in planInput) planStart() []action {
 	if deadline := d.sidecarSince.Add(in.initialWait); (len(missing) > 0 || pending) && in.now.Before(deadline) {
 		return append(acts, waitAction{at: deadline})
 	}
-	tables, acts, pending := in.plannedTables()
-	return append(acts, startAction{sidecar: *d.sidecar, leaf: d.leaf, roots: d.roots, tables: tables,
+	return append(acts, startAction{sidecar: *d.sidecar, leaf: d.leaf, roots: d.roots, tables: in.plannedTables(verified),
 		gen: in.authzGen, missing: missing, unverified: pending})
 }
 
-// verifications is what plannedTables returns besides the tables: the
-// verifications to record or start, and whether some endpoints have no
-// result yet.
-func (in planInput) verifications() (verify []action, pending bool) {
+// verifications checks every upstream's listed endpoints against their
+// identity proofs: verified holds, by upstream, those that proved their
+// identity (an upstream absent from it has no endpoint list yet); verify
+// lists the verifications to record or start, and pending says some
+// endpoints have no result yet.
+func (in planInput) verifications() (verified map[string][]slots.Endpoint, verify []action, pending bool) {
+	verified = make(map[string][]slots.Endpoint, len(in.desired.sidecar.Upstreams))
 	for _, u := range in.desired.sidecar.Upstreams {
 		if eps, seen := in.desired.endpoints[u.Name]; seen {
-			_, p, v := in.verifiedEndpoints(u.Name, eps)
-			if v != nil {
-				verify = append(verify, *v)
-			}
-			pending = pending || p
-		}
-	}
-	return verify, pending
-}
-
-// plannedTables is the slot assignment to render into a new configuration:
-// each upstream's table moved to its desired endpoints and resized to have
-// room to grow, keeping slots where they are. Only endpoints that proved
-// their identity are placed; verify lists the verifications to record or
-// start, and pending says some endpoints have no result yet.
-func (in planInput) plannedTables() (tables map[string]slots.Table, verify []action, pending bool) {
-	d := in.desired
-	tables = map[string]slots.Table{}
-	for _, u := range d.sidecar.Upstreams {
-		t, ok := in.applied.tables[u.Name]
-		if !ok {
-			t = slots.New(u.Name, bootstrap.SlotPrefix, in.minSlots)
-		}
-		if eps, seen := d.endpoints[u.Name]; seen {
 			ok, p, v := in.verifiedEndpoints(u.Name, eps)
 			if v != nil {
 				verify = append(verify, *v)
 			}
 			pending = pending || p
-			_, t, _ = slots.Plan(t, ok)
+			verified[u.Name] = ok
+		}
+	}
+	return verified, verify, pending
+}
+
+// plannedTables is the slot assignment to render into a new configuration:
+// each upstream's table moved to its verified endpoints (verifications)
+// and resized to have room to grow, keeping slots where they are. Only
+// endpoints that proved their identity are placed.
+func (in planInput) plannedTables(verified map[string][]slots.Endpoint) map[string]slots.Table {
+	tables := map[string]slots.Table{}
+	for _, u := range in.desired.sidecar.Upstreams {
+		t, ok := in.applied.tables[u.Name]
+		if !ok {
+			t = slots.New(u.Name, bootstrap.SlotPrefix, in.minSlots)
+		}
+		if eps, seen := verified[u.Name]; seen {
+			_, t, _ = slots.Plan(t, eps)
 		}
 		tables[u.Name] = slots.Resize(t, slots.Size(t.Used(), in.minSlots))
 	}
-	return tables, verify, pending
+	return tables
 }
 
 // planEndpoints plans every dirty upstream's slot operations as one
