@@ -15,7 +15,8 @@ import (
 
 // hostile are seeds every fuzz target here starts from: IPv6 zones holding
 // a second command or a config section, ';', '#', quotes, backslashes,
-// spaces, control bytes and non-ASCII.
+// spaces, a value that goes on with another server keyword, control
+// bytes and non-ASCII.
 var hostile = []string{
 	"fe80::1%x\n@1 set server local_app/app addr 127.0.0.9 port 9",
 	"fe80::1%lo]:80\nprogram pwn\n command /bin/true",
@@ -27,6 +28,7 @@ var hostile = []string{
 	"a\rb\x00c",
 	"wéb",
 	"::ffff:1.2.3.4",
+	"h2 crt /etc/passwd",
 }
 
 // commandsOf builds every command this package has from the same fuzzed
