@@ -169,6 +169,10 @@ type desired struct {
 	// Consul: only those are planned, so one endpoint event costs one
 	// plan, not one per upstream.
 	dirty map[string]time.Time
+	// changes are the endpoints that joined or left an upstream HAProxy
+	// serves, not yet in effect, for the propagation histogram
+	// (propagation.go).
+	changes map[string]map[netip.AddrPort]endpointChange
 	// chainSince is when a chain watch last published a chain: the
 	// reload that adds its new targets waits from then (plan, warming).
 	chainSince time.Time
@@ -307,7 +311,7 @@ func New(cfg Config) (*Controller, error) {
 		metrics: newMetrics(cfg.AnswerLimit),
 		ident:   newIdentities(),
 		desired: desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}, instances: map[string]map[netip.AddrPort]instance{},
-			chains: map[string]*chain.Chain{}},
+			chains: map[string]*chain.Chain{}, changes: map[string]map[netip.AddrPort]endpointChange{}},
 		watches: map[string]*upstreamWatch{},
 	}
 	c.retry = time.NewTimer(time.Hour)
@@ -546,6 +550,7 @@ func (c *Controller) start(ctx context.Context, a startAction) error {
 		chainMaps: c.chainMaps(&sc), l7: l7Keys(l7t), l7Held: l7t}
 	c.authzGenerationApplied(gen)
 	clear(c.desired.dirty)
+	c.tablesApplied(tables)
 	c.ready.Store(true)
 	c.metrics.setEndpoints(tables)
 	c.log.Info("haproxy started", zap.Int("master_pid", m.PID()), zap.String("master_socket", c.rt.Socket()),

@@ -76,6 +76,7 @@ func (c *Controller) execute(ctx context.Context, acts []action) (again bool, er
 		case settleAction:
 			for _, name := range a.upstreams {
 				delete(c.desired.dirty, name)
+				c.changesApplied(name, c.applied.tables[name], true)
 			}
 		case runtimeBatchAction:
 			c.applyEndpoints(ctx, a)
@@ -105,6 +106,7 @@ func (c *Controller) adopt(ctx context.Context) error {
 		c.rootsServed(ap.rootsPEM, false)
 	}
 	c.authzGenerationApplied(ap.authzGen)
+	c.tablesApplied(ap.tables)
 	for _, v := range inheritedChecks(&c.desired, &c.applied) {
 		c.ident.inherit(v, c.now())
 	}
@@ -262,6 +264,7 @@ func (c *Controller) reload(ctx context.Context, a reloadAction) bool {
 		chainMaps: c.chainMaps(&sc), l7: l7Keys(l7t), l7Held: l7t}
 	c.authzGenerationApplied(gen)
 	clear(c.desired.dirty)
+	c.tablesApplied(tables)
 	c.metrics.setEndpoints(tables)
 	c.log.Info("reload applied", zap.String("reason", reason), zap.Duration("took", time.Since(start)))
 	return true
@@ -400,8 +403,8 @@ func (c *Controller) applyEndpoints(ctx context.Context, batch runtimeBatchActio
 		}
 		if len(errs) == 0 {
 			c.applied.tables[name] = p.next
+			c.changesApplied(name, p.next, !p.pending)
 			if !p.pending {
-				c.metrics.propagation.Observe(time.Since(p.since).Seconds())
 				delete(c.desired.dirty, name)
 			}
 			continue

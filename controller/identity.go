@@ -37,8 +37,8 @@ import (
 // result is known and good; the others are verified concurrently (at most
 // verifyWorkers at once) and each result comes back to the loop as an
 // event that re-plans the upstreams listing the endpoint. An upstream with
-// verifications in flight stays dirty, so the propagation histogram counts
-// the verification's time.
+// verifications in flight stays dirty, and an endpoint's propagation
+// sample (propagation.go) counts its verification's time.
 //
 // A result is kept per (expected identity, address:port) while some
 // upstream lists it, and is proven again: every reverifyEvery (jittered);

@@ -100,7 +100,7 @@ func newMetrics(answerLimit *AnswerLimit) *Metrics {
 			return float64(answerLimit.Hits())
 		}),
 		propagation: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "haproxy_connect_endpoint_propagation_seconds",
-			Help:    "Time from an upstream's changed endpoint list arriving from Consul to HAProxy confirming it (runtime batch done).",
+			Help:    "Time from the Consul answer in which an endpoint joined or left an upstream to HAProxy confirming the runtime batch or reload that put it in or out of service, one sample per endpoint change.",
 			Buckets: propagationBuckets[:]}),
 		verifications: counterVec("haproxy_connect_upstream_verifications_total",
 			"Upstream endpoint identity verifications (own mTLS handshake) by result: ok, mismatch (another service's identity), untrusted (not the mesh's CA, or not one URI SAN), unreachable.", "result"),

@@ -146,10 +146,8 @@ type upstreamOps struct {
 	ops  []slots.Op
 	next slots.Table // the table once every op succeeded
 	// pending: endpoints still being verified, so the upstream stays
-	// dirty; since is when its oldest unapplied change arrived (for the
-	// propagation histogram).
+	// dirty.
 	pending bool
-	since   time.Time
 }
 
 // settleAction records that the upstreams' endpoints are applied (they
@@ -462,7 +460,7 @@ func (in planInput) planEndpoints() []action {
 			}
 			continue
 		}
-		batch.upstreams = append(batch.upstreams, upstreamOps{name: name, ops: ops, next: next, pending: pending, since: d.dirty[name]})
+		batch.upstreams = append(batch.upstreams, upstreamOps{name: name, ops: ops, next: next, pending: pending})
 	}
 	if len(settled) > 0 {
 		acts = append(acts, settleAction{upstreams: settled})

@@ -48,6 +48,9 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 			}
 			if w, ok := c.watches[u.Name]; ok && w.up == u { // not a stale watch
 				d.setEndpoints(u.Name, l.eps, l.at)
+				if _, served := c.applied.tables[u.Name]; served {
+					d.noteChanges(u.Name, d.instances[u.Name], l.inst, l.at)
+				}
 				d.instances[u.Name] = l.inst
 			}
 		})
@@ -102,8 +105,8 @@ type pendingList struct {
 
 // put stores l and reports whether the slot was empty (the caller then
 // tells the loop). A list that replaces a waiting one keeps the waiting
-// one's arrival time: the propagation histogram measures from the oldest
-// change not yet applied.
+// one's arrival time: propagation is measured from the oldest change not
+// yet applied, an upper bound for the changes the newer one made.
 func (p *pendingList) put(l endpointList) (wasEmpty bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
