@@ -70,11 +70,7 @@ func main() {
 	fs.IntVar(&o.minSlots, "min-slots", 8, "smallest number of server slots per upstream")
 	fs.IntVar(&o.maxEndpoints, "max-endpoints", controller.DefaultMaxEndpoints, "most endpoints of one upstream; past it a stable subset is kept (logged and counted)")
 	fs.Int64Var(&o.maxAnswerBytes, "max-answer-bytes", controller.DefaultMaxAnswerBytes, "most bytes read from one Consul answer; a longer one is dropped (logged and counted)")
-	// Go sizes GOMAXPROCS from the CPU affinity and the cgroup CPU limit;
-	// HAProxy's own default counts every CPU it may run on, so in a
-	// container limited to 2 CPUs of a 64-CPU node it would start 64
-	// threads, each waking for the same traffic.
-	fs.IntVar(&o.threads, "threads", goruntime.GOMAXPROCS(0), "HAProxy worker threads (default: the CPUs this process may use, after cgroup limits; 0: HAProxy's default)")
+	fs.IntVar(&o.threads, "threads", defaultThreads(goruntime.GOMAXPROCS(0)), "HAProxy worker threads (default: 1 when this process may use 2 CPUs or fewer, after cgroup limits, else that many; 0: HAProxy's default)")
 	fs.BoolVar(&o.accessLog, "access-log", true, "HAProxy logs each connection/request (with the client SPIFFE ID) to stdout")
 	fs.DurationVar(&o.startTimeout, "start-timeout", 30*time.Second, "how long to retry Consul at start")
 	fs.DurationVar(&o.hardStopAfter, "hard-stop-after", controller.DefaultHardStopAfter, "how long an old HAProxy worker keeps the connections it holds after a reload (HTTP ones move to the new worker on their next request, or once idle after a GOAWAY; TCP ones are cut after this)")
@@ -549,4 +545,18 @@ type zapPrintln struct{ log *zap.Logger }
 
 func (z zapPrintln) Println(v ...any) {
 	z.log.Warn("metrics collection failed", zap.String("error", strings.TrimSuffix(fmt.Sprintln(v...), "\n")))
+}
+
+// defaultThreads is -threads' default for a process that may use cpus CPUs
+// (GOMAXPROCS: Go sizes it from the CPU affinity and the cgroup CPU limit,
+// where HAProxy's own default counts every CPU it may run on, so in a
+// container limited to 2 CPUs of a 64-CPU node it would start 64 threads,
+// each waking for the same traffic). On 2 CPUs or fewer, one thread: the
+// sidecar shares them with its application, and one thread served more
+// requests per CPU second there (BENCHMARKS.md, the thread lever).
+func defaultThreads(cpus int) int {
+	if cpus <= 2 {
+		return 1
+	}
+	return cpus
 }

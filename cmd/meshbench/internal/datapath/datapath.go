@@ -30,14 +30,14 @@ import (
 // Contender names, as the tables show them.
 const (
 	contHC      = "haproxy-connect"
-	contHC1     = "haproxy-connect, 1 thread"
+	contHC2     = "haproxy-connect, 2 threads"
 	contHCTCP   = "haproxy-connect, tcp mode"
 	contBuiltin = "consul built-in"
 	contDirect  = "direct"
 )
 
 // rowOrder is the order of the tables' rows.
-var rowOrder = []string{contDirect, contBuiltin, contHC, contHC1, contHCTCP}
+var rowOrder = []string{contDirect, contBuiltin, contHC, contHC2, contHCTCP}
 
 var (
 	modes = []bench.HTTPMode{bench.ModeKeepAlive, bench.ModeNewConn}
@@ -208,7 +208,7 @@ func Run(ctx context.Context, b *bench.Bench) error {
 		{name: contBuiltin, start: s.startBuiltin},
 		{name: contHC, start: func(ctx context.Context) (*target, error) { return s.startHC(ctx, "server", s.upHTTP) }},
 		// The thread-count lever: one HAProxy thread per sidecar.
-		{name: contHC1, start: func(ctx context.Context) (*target, error) { return s.startHC(ctx, "server", s.upHTTP, "-threads", "1") }},
+		{name: contHC2, start: func(ctx context.Context) (*target, error) { return s.startHC(ctx, "server", s.upHTTP, "-threads", "2") }},
 		{name: contHCTCP, start: func(ctx context.Context) (*target, error) { return s.startHC(ctx, "server-tcp", s.upTCP) }},
 	}
 	contenders = slices.DeleteFunc(contenders, func(c *contender) bool { return !b.Wants(c.name) })
@@ -592,12 +592,12 @@ func (s *setup) report(figs map[row]*figures, bulk map[string]bench.Rounds) {
 		"round), and a round's figure of a cell is the mean of its two measurements (for p50 and p99: the mean of the two "+
 		"percentiles). Ratios to the built-in proxy and differences to direct are paired within each round, then the "+
 		"median (min–max) over rounds is shown. "+
-		"Contenders: %s = two haproxy-connect sidecars (client and server, at their defaults: access logs on, written to a file, and -threads: 2 here), "+
+		"Contenders: %s = two haproxy-connect sidecars (client and server, at their defaults: access logs on, written to a file, and -threads: 1 on 2 CPUs or fewer, as here), "+
 		"protocol http (h2 between the sidecars, which the client's upstream offers and the server's listener accepts); "+
-		"%s = the same with -threads 1 on every sidecar (the thread-count lever); "+
+		"%s = the same with -threads 2 on every sidecar (the thread-count lever); "+
 		"%s = the same with protocol tcp on the registrations (L4 at both sidecars, as the built-in proxy); %s = `consul connect "+
 		"proxy -sidecar-for` for client and server (L4: it forwards HTTP as TCP); %s = wrk straight to the app.",
-		cellTime(b).Round(time.Second), contHC, contHC1, contHCTCP, contBuiltin, contDirect)
+		cellTime(b).Round(time.Second), contHC, contHC2, contHCTCP, contBuiltin, contDirect)
 	sec.Note("Proxy CPU: user + system seconds of the proxies' whole process trees (client and server: for haproxy-connect " +
 		"the controller, the HAProxy master and its workers; for the built-in proxy its two processes), from /proc/<pid>/stat " +
 		"before and after each wrk run, per 1000 requests wrk completed. The target for haproxy-connect is at most half the " +
