@@ -202,6 +202,13 @@ const (
 	// room for a whole burst on the connections already open, the burst
 	// opens none.
 	H2MaxStreams = 1000
+	// SSLSessionCache is how many TLS sessions the listeners keep for
+	// resumption by session ID (HAProxy's default: 20 000, about 5 MB,
+	// which a one-thread worker holds as private memory it touches). The
+	// public listener's callers are sidecars, whose upstream servers
+	// never resume (no-ssl-reuse), and TLS 1.3 tickets need no cache; a
+	// small one keeps resumption for other callers.
+	SSLSessionCache = 1000
 )
 
 // serverIDRE is the shape of a Consul service SPIFFE ID: a trust domain
@@ -634,6 +641,7 @@ func renderConfig(s Spec) (string, error) {
 	w("    ssl-default-server-options ssl-min-ver TLSv1.2")
 	w("    tune.ssl.default-dh-param 2048")
 	w("    tune.h2.max-concurrent-streams %d", H2MaxStreams)
+	w("    tune.ssl.cachesize %d", SSLSessionCache)
 	if s.AccessLog {
 		w("    log stdout format raw local0 info")
 	}

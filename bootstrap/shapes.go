@@ -35,6 +35,7 @@ var configShapes = []string{
 	`    ssl-default-(bind|server)-options ssl-min-ver TLSv1\.2`,
 	`    tune\.ssl\.default-dh-param 2048`,
 	`    tune\.h2\.max-concurrent-streams \d+`,
+	`    tune\.ssl\.cachesize \d+`,
 	`    log stdout format raw local0 info`,
 	`    log global`, `    no log`, `    option (http|tcp)log`,
 	`    log-format "[ !#-~]*"`,
