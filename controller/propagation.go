@@ -67,12 +67,10 @@ func (c *Controller) changesApplied(name string, t slots.Table, settled bool) {
 		if !s.Used {
 			continue
 		}
-		a, err := netip.ParseAddr(s.Addr)
-		if err != nil {
-			continue
-		}
-		if k := netip.AddrPortFrom(a, uint16(s.Port)); hasKey(ch, k) {
-			serving[k] = true
+		if k, valid := endpointKey(s.Addr, s.Port); valid {
+			if _, changed := ch[k]; changed {
+				serving[k] = true
+			}
 		}
 	}
 	now := c.now()
@@ -99,9 +97,4 @@ func (c *Controller) tablesApplied(tables map[string]slots.Table) {
 		}
 		c.changesApplied(name, t, false)
 	}
-}
-
-func hasKey[K comparable, V any](m map[K]V, k K) bool {
-	_, ok := m[k]
-	return ok
 }
