@@ -207,7 +207,8 @@ func Run(ctx context.Context, b *bench.Bench) error {
 		{name: contDirect, start: s.startDirect},
 		{name: contBuiltin, start: s.startBuiltin},
 		{name: contHC, start: func(ctx context.Context) (*target, error) { return s.startHC(ctx, "server", s.upHTTP) }},
-		// The thread-count lever: one HAProxy thread per sidecar.
+		// The thread-count lever: two HAProxy threads per sidecar, where
+		// the default on these 2 CPUs is one.
 		{name: contHC2, start: func(ctx context.Context) (*target, error) { return s.startHC(ctx, "server", s.upHTTP, "-threads", "2") }},
 		{name: contHCTCP, start: func(ctx context.Context) (*target, error) { return s.startHC(ctx, "server-tcp", s.upTCP) }},
 	}
