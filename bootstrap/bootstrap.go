@@ -202,12 +202,15 @@ const (
 	// room for a whole burst on the connections already open, the burst
 	// opens none.
 	H2MaxStreams = 1000
-	// SSLSessionCache is how many TLS sessions the listeners keep for
-	// resumption by session ID (HAProxy's default: 20 000, about 5 MB,
-	// which a one-thread worker holds as private memory it touches). The
-	// public listener's callers are sidecars, whose upstream servers
-	// never resume (no-ssl-reuse), and TLS 1.3 tickets need no cache; a
-	// small one keeps resumption for other callers.
+	// SSLSessionCache is the size of the listeners' TLS session cache,
+	// in HAProxy's blocks of about 200 bytes; a session holding the
+	// caller's certificate takes several (HAProxy's default: 20 000
+	// blocks, about 5 MB, which a one-thread worker holds as private
+	// memory it touches). The public listener's callers are sidecars,
+	// whose upstream servers never resume (no-ssl-reuse), so a small
+	// cache is enough: it keeps resumption for other callers, TLS 1.3
+	// ones included since the listener issues no stateless tickets
+	// (no-tls-tickets, rendered below).
 	SSLSessionCache = 1000
 )
 
@@ -637,7 +640,14 @@ func renderConfig(s Spec) (string, error) {
 	if s.Threads > 0 {
 		w("    nbthread %d", s.Threads)
 	}
-	w("    ssl-default-bind-options ssl-min-ver TLSv1.2")
+	// no-tls-tickets: the public listener keeps resumable sessions in
+	// its session cache (SSLSessionCache) instead of sealing each one
+	// into two stateless TLS 1.3 tickets per handshake. Its callers are
+	// sidecars, which never resume (no-ssl-reuse) and identity proofs,
+	// which never resume either, so the sealed tickets were thrown away:
+	// with OpenSSL 3.0 they were about a quarter of the listener's CPU
+	// per handshake. Other callers still resume through the cache.
+	w("    ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets")
 	w("    ssl-default-server-options ssl-min-ver TLSv1.2")
 	w("    tune.ssl.default-dh-param 2048")
 	w("    tune.h2.max-concurrent-streams %d", H2MaxStreams)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -136,4 +137,81 @@ func TestInboundRefusesForeignIdentities(t *testing.T) {
 	if got, err := s.metric("haproxy_connect_authz_local_decisions_total"); err != nil || got != callsBefore {
 		t.Errorf("uncached decisions = %v, %v; want %v: a refusal decides nothing from intentions, and the service leaf's decision is cached", got, err, callsBefore)
 	}
+}
+
+// TestInboundResumption: a caller that resumes TLS sessions (not a
+// haproxy-connect sidecar: those never resume) still does, on TLS 1.3, and
+// a resumed connection is authorized from the certificate of the session
+// it resumes. The listener keeps sessions in its cache and hands out
+// references to them, not stateless tickets that seal the whole session
+// (no-tls-tickets in bootstrap): the ticket a caller gets back is short.
+func TestInboundResumption(t *testing.T) {
+	ca := testenv.NewCA(t, "cluster root")
+	consul := testenv.Consul(t, testenv.ConsulOptions{CA: ca})
+	roots, _, err := consul.Client.Agent().ConnectCARoots(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ports := testenv.FreePorts(t, 1)
+	register(t, consul.Client, "web", tcpApp(t, "hello from web"), ports[0], map[string]any{"protocol": "tcp"})
+	startSidecar(t, consul, "web")
+
+	c, k, err := ca.IssueLeafURIs("spiffe://" + roots.TrustDomain + "/ns/default/dc/dc1/svc/client")
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := tls.X509KeyPair([]byte(c), []byte(k))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cache := &recordingCache{ClientSessionCache: tls.NewLRUClientSessionCache(4)}
+	// call returns the application's line and whether the connection
+	// resumed a session. Reading the line also takes in the tickets the
+	// listener sends after the handshake.
+	call := func() (string, bool, error) {
+		conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 2 * time.Second}, "tcp", fmt.Sprintf("127.0.0.1:%d", ports[0]), &tls.Config{
+			Certificates:       []tls.Certificate{leaf},
+			InsecureSkipVerify: true, // the client side is under test
+			ClientSessionCache: cache,
+			MinVersion:         tls.VersionTLS13,
+		})
+		if err != nil {
+			return "", false, err
+		}
+		defer conn.Close()
+		_ = conn.SetDeadline(time.Now().Add(3 * time.Second))
+		line, err := bufio.NewReader(conn).ReadString('\n')
+		return strings.TrimSpace(line), conn.ConnectionState().DidResume, err
+	}
+	// The agent's roots watch may answer after /readyz.
+	eventually(t, 10*time.Second, "a service leaf gets through", func() error {
+		if line, _, err := call(); line != "hello from web" {
+			return fmt.Errorf("got %q, %v", line, err)
+		}
+		return nil
+	})
+	for i := range 3 {
+		line, resumed, err := call()
+		if line != "hello from web" || !resumed {
+			t.Fatalf("call %d: got %q, resumed %v, %v; want the line over a resumed session", i, line, resumed, err)
+		}
+	}
+	if n := cache.longest.Load(); n == 0 || n > 64 {
+		t.Errorf("longest ticket %d bytes: want a session cache reference (OpenSSL's are 32 bytes), not a sealed session", n)
+	}
+}
+
+// recordingCache records the length of the longest ticket put in it.
+type recordingCache struct {
+	tls.ClientSessionCache
+	longest atomic.Int64
+}
+
+func (c *recordingCache) Put(key string, cs *tls.ClientSessionState) {
+	if cs != nil {
+		if ticket, _, err := cs.ResumptionState(); err == nil && int64(len(ticket)) > c.longest.Load() {
+			c.longest.Store(int64(len(ticket)))
+		}
+	}
+	c.ClientSessionCache.Put(key, cs)
 }
