@@ -6,14 +6,13 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"strconv"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/haproxy-connect/haproxy-connect/bootstrap"
+	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
@@ -59,13 +58,13 @@ func BenchmarkProofHAProxy(b *testing.B) {
 	} {
 		b.Run(bm.name, func(b *testing.B) {
 			addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(bm.port))
-			w0, c0 := procCPU(b, worker), selfCPU()
+			w0, c0 := cpuOf(b, worker), selfCPU()
 			for b.Loop() {
 				if err := bm.proof(addr); err != nil {
 					b.Fatal(err)
 				}
 			}
-			b.ReportMetric(float64((procCPU(b, worker)-w0).Microseconds())/float64(b.N), "haproxy-µs/op")
+			b.ReportMetric(float64((cpuOf(b, worker)-w0).Microseconds())/float64(b.N), "haproxy-µs/op")
 			b.ReportMetric(float64((selfCPU()-c0).Microseconds())/float64(b.N), "client-µs/op")
 		})
 	}
@@ -100,36 +99,32 @@ func stopAtServerFinished(cfg Config, addr string) error {
 	return nil
 }
 
-// workerPID is the pid of h's one worker, from the master's "show proc".
+// workerPID is the pid of h's current worker.
 func workerPID(tb testing.TB, h *testenv.HAProxyProc) int {
 	tb.Helper()
 	out, err := h.MasterCommand("show proc")
 	if err != nil {
 		tb.Fatal(err)
 	}
-	for _, l := range strings.Split(out, "\n") {
-		if f := strings.Fields(l); len(f) > 1 && f[1] == "worker" {
-			if pid, err := strconv.Atoi(f[0]); err == nil {
-				return pid
-			}
-		}
-	}
-	tb.Fatalf("no worker in:\n%s", out)
-	return 0
-}
-
-// procCPU is pid's user and system time, from /proc/<pid>/stat.
-func procCPU(tb testing.TB, pid int) time.Duration {
-	tb.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	procs, err := runtime.ParseProcList(out)
 	if err != nil {
 		tb.Fatal(err)
 	}
-	s := string(b)
-	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
-	utime, _ := strconv.ParseInt(f[11], 10, 64)
-	stime, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(utime+stime) * time.Second / 100 // USER_HZ
+	w, ok := procs.Current()
+	if !ok {
+		tb.Fatalf("no current worker in:\n%s", out)
+	}
+	return w.PID
+}
+
+// cpuOf is pid's CPU time so far.
+func cpuOf(tb testing.TB, pid int) time.Duration {
+	tb.Helper()
+	d, err := testenv.CPUTime(pid)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return d
 }
 
 // selfCPU is this process's user and system time.

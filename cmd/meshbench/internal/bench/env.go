@@ -305,18 +305,10 @@ type ProcUsage struct {
 // Usage reads /proc/<pid>/stat and /proc/<pid>/status.
 func Usage(pid int) (ProcUsage, error) {
 	var u ProcUsage
-	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
+	var err error
+	if u.CPU, err = testenv.CPUTime(pid); err != nil {
 		return u, err
 	}
-	// Fields after the command name, which is in parentheses.
-	f := strings.Fields(string(stat[strings.LastIndexByte(string(stat), ')')+2:]))
-	if len(f) < 13 {
-		return u, fmt.Errorf("short /proc/%d/stat", pid)
-	}
-	ut, _ := strconv.ParseInt(f[11], 10, 64)
-	st, _ := strconv.ParseInt(f[12], 10, 64)
-	u.CPU = time.Duration(ut+st) * time.Second / 100 // USER_HZ is 100 on Linux
 	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return u, err
