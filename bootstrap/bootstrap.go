@@ -643,10 +643,11 @@ func renderConfig(s Spec) (string, error) {
 	// no-tls-tickets: the public listener keeps resumable sessions in
 	// its session cache (SSLSessionCache) instead of sealing each one
 	// into two stateless TLS 1.3 tickets per handshake. Its callers are
-	// sidecars, which never resume (no-ssl-reuse) and identity proofs,
-	// which never resume either, so the sealed tickets were thrown away:
-	// with OpenSSL 3.0 they were about a quarter of the listener's CPU
-	// per handshake. Other callers still resume through the cache.
+	// sidecars, whose servers are no-ssl-reuse, and their identity
+	// proofs: neither resumes, so the sealed tickets were thrown away,
+	// and with OpenSSL 3.0 sealing them was a large share of the
+	// listener's CPU per handshake (BenchmarkProofHAProxy in verify).
+	// Other callers still resume through the cache.
 	w("    ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets")
 	w("    ssl-default-server-options ssl-min-ver TLSv1.2")
 	w("    tune.ssl.default-dh-param 2048")
