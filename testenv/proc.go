@@ -162,12 +162,22 @@ func CPUTime(pid int) (time.Duration, error) {
 	if err != nil {
 		return 0, err
 	}
-	// Fields after the command name, which is in parentheses.
-	f := strings.Fields(string(stat[strings.LastIndexByte(string(stat), ')')+2:]))
+	f := StatFields(stat)
 	if len(f) < 13 {
 		return 0, fmt.Errorf("short /proc/%d/stat", pid)
 	}
 	ut, _ := strconv.ParseInt(f[11], 10, 64)
 	st, _ := strconv.ParseInt(f[12], 10, 64)
 	return time.Duration(ut+st) * time.Second / 100, nil // USER_HZ is 100 on Linux
+}
+
+// StatFields are the fields of /proc/<pid>/stat after the command name
+// (in parentheses, and it may hold spaces): f[0] is the state, f[1] the
+// parent pid, f[11] and f[12] utime and stime.
+func StatFields(stat []byte) []string {
+	i := bytes.LastIndexByte(stat, ')')
+	if i < 0 || i+2 > len(stat) {
+		return nil
+	}
+	return strings.Fields(string(stat[i+2:]))
 }

@@ -399,3 +399,13 @@ func TestConsulClientAgent(t *testing.T) {
 		t.Errorf("client agent Self: Server = %v, %v", info["Config"]["Server"], err)
 	}
 }
+
+func TestStatFields(t *testing.T) {
+	f := StatFields([]byte("42 (a b) c) S 7 42 42 0 -1 0 0 0 0 0 5 6 7 8 20 0 1 0"))
+	if len(f) < 15 || f[0] != "S" || f[1] != "7" || f[11] != "5" || f[14] != "8" {
+		t.Errorf("fields %q", f)
+	}
+	if f := StatFields([]byte("42 (no end")); f != nil {
+		t.Errorf("fields of a stat without the command's end: %q", f)
+	}
+}

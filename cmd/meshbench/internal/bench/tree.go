@@ -2,7 +2,6 @@ package bench
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -11,6 +10,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
 // A sidecar is a process tree: haproxy-connect, the HAProxy master it
@@ -48,7 +49,7 @@ func Tree(pid int) (TreeUsage, error) {
 			}
 			continue // exited meanwhile
 		}
-		f := statFields(stat)
+		f := testenv.StatFields(stat)
 		if len(f) < 15 {
 			return u, fmt.Errorf("short /proc/%d/stat", p)
 		}
@@ -68,17 +69,6 @@ func Tree(pid int) (TreeUsage, error) {
 	return u, nil
 }
 
-// statFields are the fields of /proc/<pid>/stat after the command name
-// (in parentheses, and it may hold spaces): f[0] is the state, f[1] the
-// parent pid.
-func statFields(stat []byte) []string {
-	i := bytes.LastIndexByte(stat, ')')
-	if i < 0 || i+2 > len(stat) {
-		return nil
-	}
-	return strings.Fields(string(stat[i+2:]))
-}
-
 // descendants returns pid and every process below it, from the parent
 // pids in /proc/*/stat.
 func descendants(pid int) ([]int, error) {
@@ -92,7 +82,7 @@ func descendants(pid int) ([]int, error) {
 		if err != nil {
 			continue
 		}
-		f := statFields(stat)
+		f := testenv.StatFields(stat)
 		if len(f) < 2 {
 			continue
 		}

@@ -27,10 +27,3 @@ func TestTreeCountsChildren(t *testing.T) {
 		t.Errorf("memory: self tree %d, child %d", self.Mem, child.Mem)
 	}
 }
-
-func TestStatFields(t *testing.T) {
-	f := statFields([]byte("42 (a b) c) S 7 42 42 0 -1 0 0 0 0 0 5 6 7 8 20 0 1 0"))
-	if len(f) < 15 || f[0] != "S" || f[1] != "7" || f[11] != "5" || f[14] != "8" {
-		t.Errorf("fields %q", f)
-	}
-}
