@@ -21,44 +21,14 @@ import (
 // the certificates a compromised or misused issuer could. Intentions
 // allow everything: each refusal is the agent's own.
 func TestInboundRefusesForeignIdentities(t *testing.T) {
-	ca := testenv.NewCA(t, "cluster root")
-	consul := testenv.Consul(t, testenv.ConsulOptions{CA: ca})
-	roots, _, err := consul.Client.Agent().ConnectCARoots(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	td := roots.TrustDomain
-	ports := testenv.FreePorts(t, 1)
-	register(t, consul.Client, "web", tcpApp(t, "hello from web"), ports[0], map[string]any{"protocol": "tcp"})
-	s := startSidecar(t, consul, "web")
-
-	cert := func(uris ...string) tls.Certificate {
-		c, k, err := ca.IssueLeafURIs(uris...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		kp, err := tls.X509KeyPair([]byte(c), []byte(k))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return kp
-	}
+	w := startInboundWeb(t)
+	td, s := w.td, w.sidecar
+	cert := func(uris ...string) tls.Certificate { return w.leaf(t, uris...) }
 	// call opens a connection to the public listener with c and returns
 	// the line the application wrote, or the error that ended it.
 	call := func(c tls.Certificate) (string, error) {
-		conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 2 * time.Second}, "tcp", fmt.Sprintf("127.0.0.1:%d", ports[0]), &tls.Config{
-			Certificates: []tls.Certificate{c},
-			// The sidecar's leaf has only a URI SAN; what is under
-			// test is the client side.
-			InsecureSkipVerify: true,
-		})
-		if err != nil {
-			return "", err
-		}
-		defer conn.Close()
-		_ = conn.SetDeadline(time.Now().Add(3 * time.Second))
-		line, err := bufio.NewReader(conn).ReadString('\n')
-		return strings.TrimSpace(line), err
+		line, _, err := w.call(&tls.Config{Certificates: []tls.Certificate{c}})
+		return line, err
 	}
 	service := cert("spiffe://" + td + "/ns/default/dc/dc1/svc/client")
 	allowed := func() error {
@@ -146,42 +116,19 @@ func TestInboundRefusesForeignIdentities(t *testing.T) {
 // references to them, not stateless tickets that seal the whole session
 // (no-tls-tickets in bootstrap): the ticket a caller gets back is short.
 func TestInboundResumption(t *testing.T) {
-	ca := testenv.NewCA(t, "cluster root")
-	consul := testenv.Consul(t, testenv.ConsulOptions{CA: ca})
-	roots, _, err := consul.Client.Agent().ConnectCARoots(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ports := testenv.FreePorts(t, 1)
-	register(t, consul.Client, "web", tcpApp(t, "hello from web"), ports[0], map[string]any{"protocol": "tcp"})
-	startSidecar(t, consul, "web")
-
-	c, k, err := ca.IssueLeafURIs("spiffe://" + roots.TrustDomain + "/ns/default/dc/dc1/svc/client")
-	if err != nil {
-		t.Fatal(err)
-	}
-	leaf, err := tls.X509KeyPair([]byte(c), []byte(k))
-	if err != nil {
-		t.Fatal(err)
-	}
+	w := startInboundWeb(t)
+	leaf := w.leaf(t, "spiffe://"+w.td+"/ns/default/dc/dc1/svc/client")
 	cache := &recordingCache{ClientSessionCache: tls.NewLRUClientSessionCache(4)}
 	// call returns the application's line and whether the connection
 	// resumed a session. Reading the line also takes in the tickets the
 	// listener sends after the handshake.
 	call := func() (string, bool, error) {
-		conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 2 * time.Second}, "tcp", fmt.Sprintf("127.0.0.1:%d", ports[0]), &tls.Config{
+		line, cs, err := w.call(&tls.Config{
 			Certificates:       []tls.Certificate{leaf},
-			InsecureSkipVerify: true, // the client side is under test
 			ClientSessionCache: cache,
 			MinVersion:         tls.VersionTLS13,
 		})
-		if err != nil {
-			return "", false, err
-		}
-		defer conn.Close()
-		_ = conn.SetDeadline(time.Now().Add(3 * time.Second))
-		line, err := bufio.NewReader(conn).ReadString('\n')
-		return strings.TrimSpace(line), conn.ConnectionState().DidResume, err
+		return line, cs.DidResume, err
 	}
 	// The agent's roots watch may answer after /readyz.
 	eventually(t, 10*time.Second, "a service leaf gets through", func() error {
@@ -199,6 +146,58 @@ func TestInboundResumption(t *testing.T) {
 	if n := cache.longest.Load(); n == 0 || n > 64 {
 		t.Errorf("longest ticket %d bytes: want a session cache reference (OpenSSL's are 32 bytes), not a sealed session", n)
 	}
+}
+
+// inboundWeb is "web", a tcp app that writes one line to each connection,
+// behind its sidecar, in a Consul whose CA key the test holds.
+type inboundWeb struct {
+	ca      *testenv.CA
+	td      string // the cluster's trust domain
+	port    int    // the sidecar's public listener
+	sidecar *sidecar
+}
+
+func startInboundWeb(t *testing.T) *inboundWeb {
+	t.Helper()
+	ca := testenv.NewCA(t, "cluster root")
+	consul := testenv.Consul(t, testenv.ConsulOptions{CA: ca})
+	roots, _, err := consul.Client.Agent().ConnectCARoots(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := testenv.FreePorts(t, 1)[0]
+	register(t, consul.Client, "web", tcpApp(t, "hello from web"), port, map[string]any{"protocol": "tcp"})
+	return &inboundWeb{ca: ca, td: roots.TrustDomain, port: port, sidecar: startSidecar(t, consul, "web")}
+}
+
+// leaf is a certificate of the cluster's CA with uris as its URI SANs.
+func (w *inboundWeb) leaf(t *testing.T, uris ...string) tls.Certificate {
+	t.Helper()
+	c, k, err := w.ca.IssueLeafURIs(uris...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kp, err := tls.X509KeyPair([]byte(c), []byte(k))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kp
+}
+
+// call opens a connection to the public listener with cfg and returns the
+// line the application wrote, or the error that ended it, and the
+// connection's TLS state. It sets cfg.InsecureSkipVerify: the sidecar's
+// leaf has only a URI SAN, and what is under test is the client side.
+func (w *inboundWeb) call(cfg *tls.Config) (string, tls.ConnectionState, error) {
+	cfg.InsecureSkipVerify = true
+	conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 2 * time.Second}, "tcp", fmt.Sprintf("127.0.0.1:%d", w.port), cfg)
+	if err != nil {
+		return "", tls.ConnectionState{}, err
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(3 * time.Second))
+	line, err := bufio.NewReader(conn).ReadString('\n')
+	return strings.TrimSpace(line), conn.ConnectionState(), err
 }
 
 // recordingCache records the length of the longest ticket put in it.
