@@ -58,8 +58,11 @@ func TestAdoptTranscript(t *testing.T) {
 			serving: ptr(served(sidecar(api9, db), map[string][]slots.Endpoint{"up_api": {ep(1, 21000), ep(2, 21000)}, "up_db": {ep(5, 21000)}})),
 			desired: sidecar(api9, db),
 			eps:     map[string][]slots.Endpoint{"up_api": {ep(2, 21000), ep(3, 21000)}, "up_db": {ep(5, 21000)}},
+			// 1 leaves at once, and 3 takes its slot once proven.
 			want: []string{
+				"@1 set server up_api/s1 state maint",
 				"@1 set server up_api/s1 addr 10.0.0.3 port 21000",
+				"@1 set server up_api/s1 state ready",
 			},
 		},
 		{

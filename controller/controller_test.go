@@ -319,7 +319,9 @@ func TestReconcileTranscript(t *testing.T) {
 		{"a failed command re-reads the backend", func(d *desired) {
 			d.setEndpoints("up_db", []slots.Endpoint{ep(20, 21000), ep(21, 21000)}, time.Now())
 		}, "up_db/s2 addr 10.0.0.21", []string{
+			"@1 set server up_db/s2 state maint",
 			"@1 set server up_db/s2 addr 10.0.0.21 port 21000",
+			"@1 set server up_db/s2 state ready",
 			"show servers state up_db",
 		}},
 	}

@@ -72,8 +72,8 @@ const (
 	// about 400 bytes of CSV per server.
 	statPoll = time.Second
 	// maxHold bounds how long endpoints that left the list keep their
-	// slots while the new ones are verified (holdLeaving): a burst of new
-	// endpoints, or slow ones, must not keep gone endpoints in service.
+	// slots while none of the listed ones is proven yet (holdLeaving):
+	// slow proofs must not keep gone endpoints in service.
 	maxHold = time.Second
 )
 
@@ -270,14 +270,15 @@ func (c *Controller) track(ctx context.Context, v verifyAction) {
 }
 
 // holdLeaving adds to ok the endpoints table serves that have left listed
-// (Consul's list), while the upstream's new endpoints are still being
-// verified: make before break. Their slots then change hands in one
-// "set server addr" once the new endpoints are proven, as without
-// verification, instead of being parked at once and filled a few
-// milliseconds later; and a list that replaces every endpoint at once
-// never leaves the backend empty meanwhile. The hold is bounded: it ends at
-// the first plan after maxHold from the oldest unapplied change, which the
-// next verification result brings (one is in flight or queued while any is
+// (Consul's list). The plan calls it only while none of the upstream's
+// listed endpoints has proven its identity and some are still being
+// verified: a list that replaces every endpoint at once then does not
+// empty the backend meanwhile (make before break). While any listed
+// endpoint is proven, a leaving endpoint leaves at once: its removal does
+// not wait for another endpoint's proof, since an instance leaves the list
+// because it is going away. The hold is bounded: it ends at the first plan
+// after maxHold from the oldest unapplied change, which the next
+// verification result brings (one is in flight or queued while any is
 // pending, and each ends within verify.DefaultTimeout).
 func holdLeaving(table slots.Table, listed, ok []slots.Endpoint) []slots.Endpoint {
 	want := make(map[netip.AddrPort]struct{}, len(listed))

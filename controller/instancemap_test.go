@@ -141,11 +141,14 @@ func TestInstanceMapTranscript(t *testing.T) {
 		wantSlots []string
 		wantMaps  []string
 	}{
-		{"one instance replaced by another: the slot changes hands and the map names the new one", func(d *desired) {
+		{"one instance replaced by another: the old one's slot is freed at once, the new one takes it once proven, and the map names it", func(d *desired) {
 			endpoints(d, "", "api-2", "api-3")
 		}, []string{
+			"@1 set server up_api/s1 state maint",
 			"@1 set server up_api/s1 addr 10.0.0.3 port 21000",
+			"@1 set server up_api/s1 state ready",
 		}, []string{
+			fmt.Sprintf("@1 set map %s up_api/s1 -", m),
 			fmt.Sprintf("@1 set map %s up_api/s1 api-3@10.0.0.3:21000", m),
 		}},
 		{"an instance leaves: its slot is free in the map", func(d *desired) {

@@ -450,7 +450,7 @@ func (in planInput) planEndpoints() []action {
 		if v != nil {
 			acts = append(acts, *v)
 		}
-		if pending && in.now.Sub(d.dirty[name]) < maxHold {
+		if pending && len(ok) == 0 && in.now.Sub(d.dirty[name]) < maxHold {
 			ok = holdLeaving(table, eps, ok)
 		}
 		ops, next, _ := slots.Plan(table, ok)

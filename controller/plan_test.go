@@ -456,12 +456,19 @@ func TestPlanTranscript(t *testing.T) {
 			{"an unchanged list settles without a command", 12 * time.Second, func(s *planSim) {
 				s.endpoints("up_api", ep(2, 21000), ep(3, 21000))
 			}, []string{"settle up_api"}},
-			{"a new endpoint being verified: the leaving one keeps its slot meanwhile", 13 * time.Second, func(s *planSim) {
+			{"a new endpoint being verified does not hold back one that leaves while another is proven", 13 * time.Second, func(s *planSim) {
 				s.inflight["10.0.0.4:21000"] = true
 				s.endpoints("up_api", ep(3, 21000), ep(4, 21000))
-			}, []string{"verify up_api: 10.0.0.3:21000 10.0.0.4:21000"}},
-			{"but not past maxHold", 13*time.Second + maxHold, func(s *planSim) {}, []string{
+			}, []string{
+				"verify up_api: 10.0.0.3:21000 10.0.0.4:21000",
 				"batch: set server up_api/s2 state maint; up_api stays dirty",
+			}},
+			{"the last proven endpoint leaves while its successors are verified: it keeps its slot meanwhile", 13*time.Second + maxHold/2, func(s *planSim) {
+				s.inflight["10.0.0.5:21000"] = true
+				s.endpoints("up_api", ep(4, 21000), ep(5, 21000))
+			}, []string{"verify up_api: 10.0.0.4:21000 10.0.0.5:21000"}},
+			{"but not past maxHold from the oldest unapplied change", 13*time.Second + maxHold, func(s *planSim) {}, []string{
+				"batch: set server up_api/s3 state maint; up_api stays dirty",
 			}},
 			{"an intentions change publishes its generation", 14 * time.Second, func(s *planSim) { s.authzGen = 7 }, []string{
 				"publish authz generation 7",
