@@ -3,6 +3,7 @@ package bench
 import (
 	"errors"
 	"fmt"
+	"math"
 	"sync"
 	"time"
 )
@@ -114,11 +115,41 @@ func (t *Timeline) MeanInterval() time.Duration {
 // a little before the acknowledgement (Consul can notify watchers before the
 // HTTP answer reaches the writer): that latency is negative, and kept.
 func Match(changes []Change, seen map[string][]Transition) (lat Samples, unseen int) {
+	lat = Samples{}
+	for _, l := range matchEach(changes, seen) {
+		if math.IsNaN(l) {
+			unseen++
+			continue
+		}
+		lat = append(lat, l)
+	}
+	return lat, unseen
+}
+
+// MatchByKind is Match's latencies apart: of the adds and of the removes.
+// An add carries what a removal does not (haproxy-connect proves a new
+// endpoint's identity before it takes traffic), so the two tails differ.
+func MatchByKind(changes []Change, seen map[string][]Transition) (adds, removes Samples) {
+	adds, removes = Samples{}, Samples{}
+	for i, l := range matchEach(changes, seen) {
+		switch {
+		case math.IsNaN(l):
+		case changes[i].Add:
+			adds = append(adds, l)
+		default:
+			removes = append(removes, l)
+		}
+	}
+	return adds, removes
+}
+
+// matchEach is Match per change: the latency of changes[i], NaN when unseen.
+func matchEach(changes []Change, seen map[string][]Transition) []float64 {
+	lat := make([]float64, len(changes))
 	byKey := map[string][]int{}
 	for i, ch := range changes {
 		byKey[ch.Key] = append(byKey[ch.Key], i)
 	}
-	lat = Samples{}
 	for key, idx := range byKey {
 		trs := seen[key]
 		cur := 0
@@ -144,14 +175,14 @@ func Match(changes []Change, seen map[string][]Transition) (lat Samples, unseen 
 				}
 			}
 			if found < 0 {
-				unseen++
+				lat[i] = math.NaN()
 				continue
 			}
-			lat = append(lat, trs[found].At.Sub(ch.Ack).Seconds())
+			lat[i] = trs[found].At.Sub(ch.Ack).Seconds()
 			cur = found + 1
 		}
 	}
-	return lat, unseen
+	return lat
 }
 
 // Polls is the number of snapshots observed since the last restart.

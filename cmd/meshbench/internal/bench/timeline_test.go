@@ -20,18 +20,22 @@ func TestMatchChanges(t *testing.T) {
 		seen       map[string][]Transition
 		wantMS     []float64 // latencies in ms, sorted
 		wantUnseen int
+		// MatchByKind's, in ms, sorted
+		wantAdds, wantRemoves []float64
 	}{
 		{
-			name:    "each change seen once",
-			changes: []Change{add("a", 0), add("b", 10), del("a", 20), del("b", 30)},
-			seen:    map[string][]Transition{"a": {on(2), off(25)}, "b": {on(13), off(31)}},
-			wantMS:  []float64{1, 2, 3, 5},
+			name:     "each change seen once",
+			changes:  []Change{add("a", 0), add("b", 10), del("a", 20), del("b", 30)},
+			seen:     map[string][]Transition{"a": {on(2), off(25)}, "b": {on(13), off(31)}},
+			wantMS:   []float64{1, 2, 3, 5},
+			wantAdds: []float64{2, 3}, wantRemoves: []float64{1, 5},
 		},
 		{
-			name:    "seen before the ack is kept, negative",
-			changes: []Change{add("a", 10)},
-			seen:    map[string][]Transition{"a": {on(9)}},
-			wantMS:  []float64{-1},
+			name:     "seen before the ack is kept, negative",
+			changes:  []Change{add("a", 10)},
+			seen:     map[string][]Transition{"a": {on(9)}},
+			wantMS:   []float64{-1},
+			wantAdds: []float64{-1},
 		},
 		{
 			name:       "never seen",
@@ -47,24 +51,36 @@ func TestMatchChanges(t *testing.T) {
 			seen:       map[string][]Transition{"a": {on(205), off(310)}},
 			wantMS:     []float64{5, 10},
 			wantUnseen: 2,
+			wantAdds:   []float64{5}, wantRemoves: []float64{10},
 		},
 		{
-			name:    "re-added endpoint matched in order",
-			changes: []Change{add("a", 0), del("a", 100), add("a", 200), del("a", 300)},
-			seen:    map[string][]Transition{"a": {on(1), off(101), on(201), off(301)}},
-			wantMS:  []float64{1, 1, 1, 1},
+			name:     "re-added endpoint matched in order",
+			changes:  []Change{add("a", 0), del("a", 100), add("a", 200), del("a", 300)},
+			seen:     map[string][]Transition{"a": {on(1), off(101), on(201), off(301)}},
+			wantMS:   []float64{1, 1, 1, 1},
+			wantAdds: []float64{1, 1}, wantRemoves: []float64{1, 1},
 		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			lat, unseen := Match(tt.changes, tt.seen)
-			var gotMS []float64
-			for _, s := range lat {
-				gotMS = append(gotMS, float64(time.Duration(s*float64(time.Second)).Round(time.Microsecond))/float64(time.Millisecond))
+			ms := func(lat Samples) []float64 {
+				var got []float64
+				for _, s := range lat {
+					got = append(got, float64(time.Duration(s*float64(time.Second)).Round(time.Microsecond))/float64(time.Millisecond))
+				}
+				slices.Sort(got)
+				return got
 			}
-			slices.Sort(gotMS)
-			if !slices.Equal(gotMS, tt.wantMS) {
-				t.Errorf("latencies = %v ms, want %v", gotMS, tt.wantMS)
+			lat, unseen := Match(tt.changes, tt.seen)
+			if got := ms(lat); !slices.Equal(got, tt.wantMS) {
+				t.Errorf("latencies = %v ms, want %v", got, tt.wantMS)
+			}
+			adds, removes := MatchByKind(tt.changes, tt.seen)
+			if got := ms(adds); !slices.Equal(got, tt.wantAdds) {
+				t.Errorf("adds = %v ms, want %v", got, tt.wantAdds)
+			}
+			if got := ms(removes); !slices.Equal(got, tt.wantRemoves) {
+				t.Errorf("removes = %v ms, want %v", got, tt.wantRemoves)
 			}
 			if unseen != tt.wantUnseen {
 				t.Errorf("unseen = %d, want %d", unseen, tt.wantUnseen)

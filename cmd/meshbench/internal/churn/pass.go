@@ -12,14 +12,16 @@ import (
 
 // result is one contender's figures for one pass.
 type result struct {
-	lat, base    bench.Samples // seconds from ack to in effect: contender, Consul
-	unseen       int           // changes never in effect in the contender
-	changes      int
-	reloads      int // -1: not applicable
-	ok, failed   int64
-	missed       int64 // load ticks missed, counted in failed too
-	firstErr     error
-	pollInterval time.Duration // mean time between two observations
+	lat, base bench.Samples // seconds from ack to in effect: contender, Consul
+	// the same apart: of the adds and of the removes
+	latAdd, latRemove, baseAdd, baseRemove bench.Samples
+	unseen                                 int // changes never in effect in the contender
+	changes                                int
+	reloads                                int // -1: not applicable
+	ok, failed                             int64
+	missed                                 int64 // load ticks missed, counted in failed too
+	firstErr                               error
+	pollInterval                           time.Duration // mean time between two observations
 	// share50 and share99 bound the contender's own share of propagation
 	// (the upper bounds of its histogram buckets holding p50 and p99);
 	// NaN without one. proof50 and proof99 bound its identity proofs the
@@ -190,9 +192,12 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 	r.changes = len(changes)
 	r.lat, r.unseen = bench.Match(changes, seenTL.Transitions())
 	r.base, r.baseUnseen = bench.Match(changes, consulTL.Transitions())
+	r.latAdd, r.latRemove = bench.MatchByKind(changes, seenTL.Transitions())
+	r.baseAdd, r.baseRemove = bench.MatchByKind(changes, consulTL.Transitions())
 	r.pollInterval = seenTL.MeanInterval()
 	if c.alone {
 		r.lat, r.unseen = r.base, r.baseUnseen
+		r.latAdd, r.latRemove = r.baseAdd, r.baseRemove
 	}
 	var first, last time.Time
 	for _, ch := range changes {

@@ -26,6 +26,34 @@ type agg struct {
 	cpuPer1k                    bench.Rounds // contender CPU seconds per 1000 changes
 	pollCost                    bench.Rounds // observer: contender CPU seconds per poll
 	p999                        bench.Rounds
+	// adds and removes apart: p50, p99, and p99 − Consul's p99 of the
+	// same kind in the same pass
+	adds, removes kindRounds
+}
+
+// kindRounds are one kind of change's figures over the rounds.
+type kindRounds struct{ p50, p99, diff bench.Rounds }
+
+func (k *kindRounds) add(lat, base bench.Samples) {
+	if len(lat) == 0 {
+		return
+	}
+	k.p50 = append(k.p50, lat.Percentile(50))
+	k.p99 = append(k.p99, lat.Percentile(99))
+	k.diff = append(k.diff, lat.Percentile(99)-base.Percentile(99))
+}
+
+// String is the kind's figures for a note: p50, p99 and, where Consul's
+// same-kind p99 was measured alongside, the difference to it.
+func (k kindRounds) String(alone bool) string {
+	if len(k.p99) == 0 {
+		return "none seen"
+	}
+	s := fmt.Sprintf("p50 %s, p99 %s", k.p50.Format(bench.Dur), k.p99.Format(bench.Dur))
+	if !alone {
+		s += fmt.Sprintf(" (%s over Consul's)", k.diff.Format(bench.SignedDur))
+	}
+	return s
 }
 
 func (a *agg) add(r result) {
@@ -60,6 +88,8 @@ func (a *agg) add(r result) {
 	if r.pollCost > 0 {
 		a.pollCost = append(a.pollCost, r.pollCost)
 	}
+	a.adds.add(r.latAdd, r.baseAdd)
+	a.removes.add(r.latRemove, r.baseRemove)
 	// p99.9 only where a pass has the samples for it (1000 or more).
 	if len(r.lat) >= 1000 {
 		a.p999 = append(a.p999, r.lat.Percentile(99.9))
@@ -90,7 +120,7 @@ func (cb *workload) report(p plan, first bool, contenders []*contender, res map[
 		"Contender", "p50", "p99", "p99.9", "max", "Consul p99 (same pass)", "p99 ÷ Consul p99", "p99 − Consul p99",
 		"p99 ÷ haproxy-connect p99", "reloads / 1000 changes", "CPU s / 1000 changes", "failed / requests", "never in effect")
 	hc := res[nameHC]
-	var polls, rates, errs []string
+	var polls, rates, errs, kinds []string
 	for _, c := range contenders {
 		a := res[c.name]
 		if a == nil {
@@ -120,6 +150,7 @@ func (cb *workload) report(p plan, first bool, contenders []*contender, res map[
 		}
 		s.Row(name, a.p50.Format(bench.Dur), a.p99.Format(bench.Dur), p999, a.max.Format(bench.Dur), base99, vsBase, diff, vsHC, reloads,
 			cpu, failed, fmt.Sprintf("%d / %d", a.unseen, a.changes))
+		kinds = append(kinds, fmt.Sprintf("%s: adds %s; removes %s", c.name, a.adds.String(c.alone), a.removes.String(c.alone)))
 		if len(a.pollIntervals) > 0 {
 			poll := fmt.Sprintf("%s: one poll per %s", c.name, a.pollIntervals.Format(bench.Dur))
 			if len(a.pollCost) > 0 && a.pollIntervals.Median() > 0 {
@@ -157,6 +188,7 @@ func (cb *workload) report(p plan, first bool, contenders []*contender, res map[
 	}
 	s.Note("Observer (resolution and own cost, see below): %s.", strings.Join(polls, "; "))
 	cb.targets(s, p, res)
+	s.Note("Adds and removes apart, median (min–max) over rounds, each p99 also against Consul's own p99 of the same kind in the same pass: %s.", strings.Join(kinds, "; "))
 	var shares []string
 	for _, c := range contenders {
 		if a := res[c.name]; a != nil && len(a.share99) > 0 {
@@ -170,7 +202,7 @@ func (cb *workload) report(p plan, first bool, contenders []*contender, res map[
 		}
 	}
 	if len(shares) > 0 {
-		s.Note("Own share of propagation, from the sidecar's own histogram (haproxy_connect_endpoint_propagation_seconds: one sample per endpoint that joined or left the upstream: from the headers of the Consul answer that changed it arriving to HAProxy confirming the runtime batch that put it in or out of service), as the upper bound of the bucket holding the quantile (buckets 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 50 ms, ...), median (min–max) over rounds: %s. Identity proofs: haproxy_connect_upstream_verification_seconds, the sidecar's own connect and mTLS handshake to each new endpoint before it takes traffic (same buckets), one sample per proof; an added endpoint's share holds its proof, and a removal that lets a new endpoint take its slot waits for that proof (up to 1 s). The rest of its latency is Consul's notification and the observation's resolution.", strings.Join(shares, "; "))
+		s.Note("Own share of propagation, from the sidecar's own histogram (haproxy_connect_endpoint_propagation_seconds: one sample per endpoint that joined or left the upstream: from the headers of the Consul answer that changed it arriving to HAProxy confirming the runtime batch that put it in or out of service), as the upper bound of the bucket holding the quantile (buckets 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 50 ms, ...), median (min–max) over rounds: %s. Identity proofs: haproxy_connect_upstream_verification_seconds, the sidecar's own connect and mTLS handshake to each new endpoint before it takes traffic (same buckets), one sample per proof; an added endpoint's share holds its proof; a removal waits for a new endpoint's proof only when no other endpoint of the upstream is proven (up to 1 s), which these passes, with the base instance always listed, never have. The rest of its latency is Consul's notification and the observation's resolution.", strings.Join(shares, "; "))
 	}
 	s.Note("Achieved write rate, changes/s (first to last acknowledgement): %s.", strings.Join(rates, "; "))
 	if len(errs) > 0 {
@@ -237,6 +269,10 @@ func (cb *workload) endurance(ctx context.Context) error {
 	}
 	s.Note("One run, not rounds: the rate pass above at %d changes/s (the issue's sustained 1 000 changes/s) and %d changes long (%d churn endpoints live, adds and removes alternating), with a fresh client sidecar and the same steady load (%d GET/s, a new connection each). Achieved write rate %s changes/s (below the schedule when Consul cannot take the writes that fast); mean poll interval %s. Target: zero reloads and zero failed requests: %s.",
 		enduranceRate, changes, p.window, loadRate, bench.Num(r.rate), bench.Dur(r.pollInterval.Seconds()), verdict)
+	var add, remove kindRounds
+	add.add(r.latAdd, r.baseAdd)
+	remove.add(r.latRemove, r.baseRemove)
+	s.Note("Adds and removes apart, each p99 also against Consul's own p99 of the same kind in the same pass: adds %s; removes %s.", add.String(false), remove.String(false))
 	if r.missed > 0 {
 		s.Note("%d load ticks missed (counted as failed).", r.missed)
 	}
