@@ -833,6 +833,18 @@ func renderConfig(s Spec) (string, error) {
 	}
 	if s.AccessLog {
 		if mode == "http" {
+			// A line per request and per failed handshake, none for a
+			// connection that carries no request: each calling sidecar's
+			// identity proof (a handshake, then close), and each
+			// connect-and-close probe such as Consul's TCP check, would
+			// otherwise write one ("<fe>/1: Success", "Connection closed
+			// during SSL handshake"). 2.6 still logs every other
+			// connection error with dontlognull, handshake failures
+			// (no or untrusted client certificate) included. tcp mode
+			// keeps logging empty connections: there one may be a
+			// refused caller of a protocol in which the server speaks
+			// first.
+			w("    option dontlognull")
 			// intention= and perm= name what decided a request under
 			// an L7 intention ("-" for other sources).
 			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] crt=%%[ssl_c_serial,hex] spoe_err=%%[var(txn.%s.error)] %%HM %%HU %%ST %%B %%Tt %%b/%%s intention=%%[var(%s)] perm=%%[var(%s)]"`,

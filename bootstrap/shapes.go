@@ -38,7 +38,7 @@ var configShapes = []string{
 	`    tune\.h2\.max-concurrent-streams \d+`,
 	`    tune\.ssl\.cachesize \d+`,
 	`    log stdout format raw local0 info`,
-	`    log global`, `    no log`, `    option (http|tcp)log`,
+	`    log global`, `    no log`, `    option (http|tcp)log`, `    option dontlognull`,
 	`    log-format "[ !#-~]*"`,
 	"    log-format \"" + regexp.QuoteMeta(httpLogFormat) + ` inst=%\[srv_name,regsub\(\^,` + shapeIdent + `/\),map\(` + shapePath + `,-\)\]"`,
 	"    log-format \"" + regexp.QuoteMeta(tcpLogFormat) + ` inst=%\[srv_name,regsub\(\^,` + shapeIdent + `/\),map\(` + shapePath + `,-\)\]"`,

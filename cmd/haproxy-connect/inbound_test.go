@@ -214,3 +214,61 @@ func (c *recordingCache) Put(key string, cs *tls.ClientSessionState) {
 	}
 	c.ClientSessionCache.Put(key, cs)
 }
+
+// TestPublicListenerLog: an HTTP public listener logs each request and
+// each failed handshake, and nothing for a connection that carries no
+// request: the calling sidecar's identity proof of this endpoint (a
+// handshake, then close), and a connect-and-close probe such as Consul's
+// TCP check. Without "option dontlognull" each of those wrote a line.
+func TestPublicListenerLog(t *testing.T) {
+	m := startMesh(t, testenv.ConsulOptions{}, "http")
+	public := fmt.Sprintf("127.0.0.1:%d", m.ports[0])
+	// The client sidecar placed the server only after proving it: a
+	// full handshake with the public listener, closed without a request.
+	eventually(t, 10*time.Second, "a request through both sidecars", get200(m.ports[3]))
+
+	for range 3 {
+		c, err := net.Dial("tcp", public)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+	}
+	// A caller without a client certificate: TLS 1.3 completes its side
+	// of the handshake, then the listener refuses it.
+	conn, err := tls.Dial("tcp", public, &tls.Config{InsecureSkipVerify: true})
+	if err == nil {
+		_ = conn.SetDeadline(time.Now().Add(3 * time.Second))
+		_, err = conn.Read(make([]byte, 1))
+		conn.Close()
+	}
+	if err == nil {
+		t.Fatal("a connection without a client certificate was served")
+	}
+	// HAProxy writes each line as the connection ends, in order: once the
+	// refused handshake's line and a later request's are there, the
+	// probes' and the proof's would be too.
+	eventually(t, 10*time.Second, "the refused handshake is logged", func() error {
+		if !strings.Contains(m.server.out.String(), "public_listener/1: SSL handshake failure") {
+			return fmt.Errorf("no handshake failure line yet")
+		}
+		return nil
+	})
+	if err := get200(m.ports[3])(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "two requests logged", func() error {
+		if n := strings.Count(m.server.out.String(), " GET / 200 "); n < 2 {
+			return fmt.Errorf("%d request lines", n)
+		}
+		return nil
+	})
+	for _, l := range strings.Split(m.server.out.String(), "\n") {
+		if strings.Contains(l, "public_listener/1: ") && !strings.Contains(l, "SSL handshake failure") {
+			t.Errorf("a line for a connection that carried no request: %s", l)
+		}
+		if strings.Contains(l, "<BADREQ>") {
+			t.Errorf("a line for a connection that carried no request: %s", l)
+		}
+	}
+}
