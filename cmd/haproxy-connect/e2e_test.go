@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -170,6 +171,172 @@ func TestChurn(t *testing.T) {
 		t.Errorf("%d of %d requests failed during churn; first: %v", failed, ok+failed, firstErr)
 	}
 	t.Logf("200 endpoint events, %d requests ok, %d failed", ok, failed)
+}
+
+// TestReplaceEveryEndpoint: one Consul update replaces every endpoint of an
+// upstream (a transaction deletes the one instance and adds two others).
+// The new ones carry no request before they proved their identity, and the
+// leaving one, the last proven, keeps serving until one of them has (at
+// most maxHold, 1 s): no request fails, on new connections or kept-alive
+// ones, while the proofs wait, through the swap and after it. A leaving
+// endpoint otherwise leaves at once (the planner's transcripts); this is
+// the one case where it waits.
+func TestReplaceEveryEndpoint(t *testing.T) {
+	m := startMesh(t, testenv.ConsulOptions{}, "http")
+	c, ports, client := m.c, m.ports, m.client
+	server := fmt.Sprintf("127.0.0.1:%d", ports[0])
+
+	// Instances on nodes of their own, each a relay to the real server
+	// sidecar, so that every one of them proves the server's identity.
+	// The new instances' relays hold every connection, their proofs
+	// included, until the gate opens.
+	gate := make(chan struct{})
+	var openOnce sync.Once
+	openGate := func() { openOnce.Do(func() { close(gate) }) }
+	var arrived [3]atomic.Int64
+	type instance struct {
+		node, id string
+		port     int
+	}
+	var insts []instance
+	for i, name := range []string{"old", "new-1", "new-2"} {
+		in := instance{node: "node-" + name, id: "server-" + name}
+		in.port = testenv.ServeTCP(t, func(conn net.Conn) {
+			arrived[i].Add(1)
+			if i > 0 {
+				<-gate
+			}
+			testenv.Pipe(conn, server)
+		})
+		if _, err := c.Catalog().Register(&api.CatalogRegistration{Node: in.node, Address: fmt.Sprintf("127.0.0.%d", 10+i)}, nil); err != nil {
+			t.Fatal(err)
+		}
+		insts = append(insts, in)
+	}
+	t.Cleanup(openGate) // before the relays close: cleanups run last first
+	svc := func(in instance) api.AgentService {
+		return api.AgentService{ID: in.id, Service: "server-sidecar-proxy", Kind: api.ServiceKindConnectProxy, Address: "127.0.0.1", Port: in.port,
+			Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: "server", DestinationServiceID: "server"}}
+	}
+	txn := func(ops ...*api.TxnOp) {
+		t.Helper()
+		ok, resp, _, err := c.Txn().Txn(ops, nil)
+		if err != nil || !ok {
+			var errs []string
+			if resp != nil {
+				for _, e := range resp.Errors {
+					errs = append(errs, e.What)
+				}
+			}
+			t.Fatalf("txn: %v %v", err, errs)
+		}
+	}
+	set := func(in instance) *api.TxnOp {
+		return &api.TxnOp{Service: &api.ServiceTxnOp{Verb: api.ServiceSet, Node: in.node, Service: svc(in)}}
+	}
+	del := func(in instance) *api.TxnOp {
+		return &api.TxnOp{Service: &api.ServiceTxnOp{Verb: api.ServiceDelete, Node: in.node, Service: svc(in)}}
+	}
+	only := func(want ...int) func() error {
+		return func() error {
+			st, err := client.rt.ServersState(context.Background(), "up_server")
+			if err != nil {
+				return err
+			}
+			var got []int
+			for _, s := range st {
+				if !s.Maint() {
+					got = append(got, s.Port)
+				}
+			}
+			slices.Sort(got)
+			slices.Sort(want)
+			if !slices.Equal(got, want) {
+				return fmt.Errorf("in service %v, want %v", got, want)
+			}
+			return nil
+		}
+	}
+
+	// The old instance alone: the server sidecar's own registration turns
+	// critical (the sidecar keeps serving behind the relays).
+	txn(set(insts[0]))
+	checks, err := c.Agent().Checks()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for id, ch := range checks {
+		if ch.ServiceID == "server-sidecar-proxy" {
+			if err := c.Agent().UpdateTTL(id, "out of the list for this test", api.HealthCritical); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	eventually(t, 10*time.Second, "the old instance alone in service", only(insts[0].port))
+
+	kept, reused := keptAlive(t, &http.Transport{MaxIdleConnsPerHost: 1}, fmt.Sprintf("http://127.0.0.1:%d/", ports[3]))
+	var newN, keptN, failedN atomic.Int64
+	counted := func(n *atomic.Int64, f func() error) func() error {
+		return func() error {
+			err := f()
+			if err != nil {
+				failedN.Add(1)
+			} else {
+				n.Add(1)
+			}
+			return err
+		}
+	}
+	stopNew := loadN(2, counted(&newN, get200(ports[3])))
+	stopKept := load(counted(&keptN, func() error {
+		code, err := kept()
+		if err == nil && code != 200 {
+			err = fmt.Errorf("status %d", code)
+		}
+		return err
+	}))
+	// more waits until each kind of connection has served n more requests.
+	more := func(what string, n int64) {
+		t.Helper()
+		n0, k0 := newN.Load(), keptN.Load()
+		eventually(t, 20*time.Second, what, func() error {
+			if nn, k := newN.Load()-n0, keptN.Load()-k0; nn < n || k < n {
+				return fmt.Errorf("%d on new connections, %d kept alive", nn, k)
+			}
+			return nil
+		})
+	}
+	more("requests before the swap", 20)
+
+	txn(del(insts[0]), set(insts[1]), set(insts[2]))
+	// The sidecar read the new list: both proofs wait at the gate. The
+	// requests meanwhile, far fewer than 1 s of them, go to the old one.
+	eventually(t, 10*time.Second, "the new instances' proofs started", func() error {
+		if arrived[1].Load() == 0 || arrived[2].Load() == 0 {
+			return fmt.Errorf("connections to the new instances: %d, %d", arrived[1].Load(), arrived[2].Load())
+		}
+		return nil
+	})
+	more("requests while the proofs wait", 20)
+	if n := failedN.Load(); n > 0 {
+		t.Errorf("%d requests failed while the new instances' proofs waited", n)
+	}
+	openGate()
+	eventually(t, 10*time.Second, "the two new instances alone in service", only(insts[1].port, insts[2].port))
+	more("requests through the new instances", 200)
+	for _, l := range []struct {
+		name string
+		stop func() (int64, int64, error)
+	}{{"new connections", stopNew}, {"kept alive", stopKept}} {
+		ok, failed, first := l.stop()
+		if failed > 0 {
+			t.Errorf("%s: %d of %d requests failed; first: %v", l.name, failed, ok+failed, first)
+		}
+		t.Logf("%s: %d requests", l.name, ok)
+	}
+	if !reused.Load() {
+		t.Error("the kept-alive client's last request was on a new connection")
+	}
 }
 
 // relay listens on a free loopback port and forwards to target: a stand-in
