@@ -654,6 +654,11 @@ func renderConfig(s Spec) (string, error) {
 	w("    tune.h2.max-concurrent-streams %d", H2MaxStreams)
 	w("    tune.ssl.cachesize %d", SSLSessionCache)
 	if s.AccessLog {
+		// Only frontends name this logger ("log global" in each that
+		// logs), not the defaults: a backend without a logger reports a
+		// server's state change once, on stderr, where HAProxy 2.6 prints
+		// it anyway ("[WARNING] ... is going DOWN for maintenance"), not
+		// twice. One line per slot change is what endpoint churn costs.
 		w("    log stdout format raw local0 info")
 	}
 	if s.StateMap != "" {
@@ -665,7 +670,6 @@ func renderConfig(s Spec) (string, error) {
 	}
 	w("")
 	w("defaults")
-	w("    log global")
 	w("    timeout connect 5s")
 	w("    timeout client 1h")
 	w("    timeout server 1h")
@@ -844,12 +848,14 @@ func renderConfig(s Spec) (string, error) {
 			// keeps logging empty connections: there one may be a
 			// refused caller of a protocol in which the server speaks
 			// first.
+			w("    log global")
 			w("    option dontlognull")
 			// intention= and perm= name what decided a request under
 			// an L7 intention ("-" for other sources).
 			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] crt=%%[ssl_c_serial,hex] spoe_err=%%[var(txn.%s.error)] %%HM %%HU %%ST %%B %%Tt %%b/%%s intention=%%[var(%s)] perm=%%[var(%s)]"`,
 				VarPrefix, VarPrefix, authzgen.TxnVar(authzgen.VarIntention), authzgen.TxnVar(authzgen.VarPerm))
 		} else {
+			w("    log global")
 			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] crt=%%[ssl_c_serial,hex] spoe_err=%%[var(txn.%s.error)] %%B %%Tt %%b/%%s %%ts"`, VarPrefix, VarPrefix)
 		}
 	} else {
@@ -931,12 +937,14 @@ func renderConfig(s Spec) (string, error) {
 			// frontend's own, written in by regsub (2.6 can concatenate
 			// a sample only with a variable). No slot: "-".
 			inst := fmt.Sprintf("inst=%%[srv_name,regsub(^,%s/),map(%s,%s)]", u.Name, s.InstanceMap, FreeSlot)
+			w("    log global")
 			if mode == "http" {
 				w(`    log-format "%s %s"`, httpLogFormat, inst)
 			} else {
 				w(`    log-format "%s %s"`, tcpLogFormat, inst)
 			}
 		} else if s.AccessLog {
+			w("    log global")
 			if mode == "http" {
 				w("    option httplog")
 			} else {
@@ -1088,6 +1096,7 @@ func renderConfig(s Spec) (string, error) {
 		w("    mode http")
 		w("    bind %s", addr(p.BindAddr, e.ListenerPort))
 		if s.AccessLog {
+			w("    log global")
 			w("    option httplog")
 		} else {
 			w("    no log")

@@ -171,6 +171,21 @@ func TestChurn(t *testing.T) {
 		t.Errorf("%d of %d requests failed during churn; first: %v", failed, ok+failed, firstErr)
 	}
 	t.Logf("200 endpoint events, %d requests ok, %d failed", ok, failed)
+
+	// Each slot's state change is reported once, by HAProxy on stderr,
+	// not again through a backend's logger.
+	reported := 0
+	for _, l := range strings.Split(client.out.String(), "\n") {
+		if strings.Contains(l, "Server up_server/") && (strings.Contains(l, " for maintenance") || strings.Contains(l, " is UP")) {
+			if !strings.HasPrefix(l, "[WARNING]") {
+				t.Errorf("a slot's state change reported a second time: %s", l)
+			}
+			reported++
+		}
+	}
+	if reported == 0 {
+		t.Error("no slot state change reported by HAProxy")
+	}
 }
 
 // TestReplaceEveryEndpoint: one Consul update replaces every endpoint of an
