@@ -269,10 +269,10 @@ func (c *Controller) track(ctx context.Context, v verifyAction) {
 	id.listedBy[v.upstream] = listed
 }
 
-// holdLeaving adds to ok the endpoints table serves that have left listed
-// (Consul's list). The plan calls it only while none of the upstream's
-// listed endpoints has proven its identity and some are still being
-// verified: a list that replaces every endpoint at once then does not
+// holdLeaving is the endpoints table serves that have left listed
+// (Consul's list), to keep in service. The plan calls it only while none
+// of the upstream's listed endpoints has proven its identity and some are
+// still being verified: a list that replaces every endpoint at once then does not
 // empty the backend meanwhile (make before break). While any listed
 // endpoint is proven, a leaving endpoint leaves at once: its removal does
 // not wait for another endpoint's proof, since an instance leaves the list
@@ -280,7 +280,8 @@ func (c *Controller) track(ctx context.Context, v verifyAction) {
 // after maxHold from the oldest unapplied change, which the next
 // verification result brings (one is in flight or queued while any is
 // pending, and each ends within verify.DefaultTimeout).
-func holdLeaving(table slots.Table, listed, ok []slots.Endpoint) []slots.Endpoint {
+func holdLeaving(table slots.Table, listed []slots.Endpoint) []slots.Endpoint {
+	var held []slots.Endpoint
 	want := make(map[netip.AddrPort]struct{}, len(listed))
 	for _, e := range listed {
 		if k, valid := endpointKey(e.Addr, e.Port); valid {
@@ -293,11 +294,11 @@ func holdLeaving(table slots.Table, listed, ok []slots.Endpoint) []slots.Endpoin
 		}
 		if k, valid := endpointKey(s.Addr, s.Port); valid {
 			if _, still := want[k]; !still {
-				ok = append(ok, slots.Endpoint{Addr: s.Addr, Port: s.Port, Weight: s.Weight})
+				held = append(held, slots.Endpoint{Addr: s.Addr, Port: s.Port, Weight: s.Weight})
 			}
 		}
 	}
-	return ok
+	return held
 }
 
 func alpnList(protocol string) []string {

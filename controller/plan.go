@@ -451,7 +451,7 @@ func (in planInput) planEndpoints() []action {
 			acts = append(acts, *v)
 		}
 		if pending && len(ok) == 0 && in.now.Sub(d.dirty[name]) < maxHold {
-			ok = holdLeaving(table, eps, ok)
+			ok = holdLeaving(table, eps) // ok is empty here
 		}
 		ops, next, _ := slots.Plan(table, ok)
 		if len(ops) == 0 {
