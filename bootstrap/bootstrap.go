@@ -836,6 +836,7 @@ func renderConfig(s Spec) (string, error) {
 		}
 	}
 	if s.AccessLog {
+		w("    log global")
 		if mode == "http" {
 			// A line per request and per failed handshake, none for a
 			// connection that carries no request: each calling sidecar's
@@ -848,14 +849,12 @@ func renderConfig(s Spec) (string, error) {
 			// keeps logging empty connections: there one may be a
 			// refused caller of a protocol in which the server speaks
 			// first.
-			w("    log global")
 			w("    option dontlognull")
 			// intention= and perm= name what decided a request under
 			// an L7 intention ("-" for other sources).
 			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] crt=%%[ssl_c_serial,hex] spoe_err=%%[var(txn.%s.error)] %%HM %%HU %%ST %%B %%Tt %%b/%%s intention=%%[var(%s)] perm=%%[var(%s)]"`,
 				VarPrefix, VarPrefix, authzgen.TxnVar(authzgen.VarIntention), authzgen.TxnVar(authzgen.VarPerm))
 		} else {
-			w("    log global")
 			w(`    log-format "%%ci:%%cp src=%%[var(sess.%s.source)] crt=%%[ssl_c_serial,hex] spoe_err=%%[var(txn.%s.error)] %%B %%Tt %%b/%%s %%ts"`, VarPrefix, VarPrefix)
 		}
 	} else {
@@ -928,6 +927,9 @@ func renderConfig(s Spec) (string, error) {
 		} else {
 			w("    bind %s", addr(u.BindAddr, u.BindPort))
 		}
+		if s.AccessLog {
+			w("    log global")
+		}
 		if s.AccessLog && s.InstanceMap != "" {
 			// HAProxy's httplog and tcplog formats (2.6, doc
 			// configuration.txt 8.2.3 and 8.2.2), then the instance that
@@ -937,14 +939,12 @@ func renderConfig(s Spec) (string, error) {
 			// frontend's own, written in by regsub (2.6 can concatenate
 			// a sample only with a variable). No slot: "-".
 			inst := fmt.Sprintf("inst=%%[srv_name,regsub(^,%s/),map(%s,%s)]", u.Name, s.InstanceMap, FreeSlot)
-			w("    log global")
 			if mode == "http" {
 				w(`    log-format "%s %s"`, httpLogFormat, inst)
 			} else {
 				w(`    log-format "%s %s"`, tcpLogFormat, inst)
 			}
 		} else if s.AccessLog {
-			w("    log global")
 			if mode == "http" {
 				w("    option httplog")
 			} else {
