@@ -126,21 +126,23 @@ func Match(changes []Change, seen map[string][]Transition) (lat Samples, unseen 
 	return lat, unseen
 }
 
-// MatchByKind is Match's latencies apart: of the adds and of the removes.
-// An add carries what a removal does not (haproxy-connect proves a new
-// endpoint's identity before it takes traffic), so the two tails differ.
-func MatchByKind(changes []Change, seen map[string][]Transition) (adds, removes Samples) {
+// MatchByKind is Match with its latencies apart: of the adds and of the
+// removes. An add carries what a removal does not (haproxy-connect proves
+// a new endpoint's identity before it takes traffic), so the two tails
+// differ.
+func MatchByKind(changes []Change, seen map[string][]Transition) (adds, removes Samples, unseen int) {
 	adds, removes = Samples{}, Samples{}
 	for i, l := range matchEach(changes, seen) {
 		switch {
 		case math.IsNaN(l):
+			unseen++
 		case changes[i].Add:
 			adds = append(adds, l)
 		default:
 			removes = append(removes, l)
 		}
 	}
-	return adds, removes
+	return adds, removes, unseen
 }
 
 // matchEach is Match per change: the latency of changes[i], NaN when unseen.

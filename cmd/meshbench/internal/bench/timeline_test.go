@@ -75,12 +75,15 @@ func TestMatchChanges(t *testing.T) {
 			if got := ms(lat); !slices.Equal(got, tt.wantMS) {
 				t.Errorf("latencies = %v ms, want %v", got, tt.wantMS)
 			}
-			adds, removes := MatchByKind(tt.changes, tt.seen)
+			adds, removes, unseenByKind := MatchByKind(tt.changes, tt.seen)
 			if got := ms(adds); !slices.Equal(got, tt.wantAdds) {
 				t.Errorf("adds = %v ms, want %v", got, tt.wantAdds)
 			}
 			if got := ms(removes); !slices.Equal(got, tt.wantRemoves) {
 				t.Errorf("removes = %v ms, want %v", got, tt.wantRemoves)
+			}
+			if unseenByKind != tt.wantUnseen {
+				t.Errorf("MatchByKind: unseen = %d, want %d", unseenByKind, tt.wantUnseen)
 			}
 			if unseen != tt.wantUnseen {
 				t.Errorf("unseen = %d, want %d", unseen, tt.wantUnseen)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"slices"
 	"sync"
 	"time"
 
@@ -190,10 +191,9 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 	wg.Wait()
 
 	r.changes = len(changes)
-	r.lat, r.unseen = bench.Match(changes, seenTL.Transitions())
-	r.base, r.baseUnseen = bench.Match(changes, consulTL.Transitions())
-	r.latAdd, r.latRemove = bench.MatchByKind(changes, seenTL.Transitions())
-	r.baseAdd, r.baseRemove = bench.MatchByKind(changes, consulTL.Transitions())
+	r.latAdd, r.latRemove, r.unseen = bench.MatchByKind(changes, seenTL.Transitions())
+	r.baseAdd, r.baseRemove, r.baseUnseen = bench.MatchByKind(changes, consulTL.Transitions())
+	r.lat, r.base = slices.Concat(r.latAdd, r.latRemove), slices.Concat(r.baseAdd, r.baseRemove)
 	r.pollInterval = seenTL.MeanInterval()
 	if c.alone {
 		r.lat, r.unseen = r.base, r.baseUnseen

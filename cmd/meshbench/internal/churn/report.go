@@ -43,9 +43,9 @@ func (k *kindRounds) add(lat, base bench.Samples) {
 	k.diff = append(k.diff, lat.Percentile(99)-base.Percentile(99))
 }
 
-// String is the kind's figures for a note: p50, p99 and, where Consul's
+// note is the kind's figures for a note: p50, p99 and, where Consul's
 // same-kind p99 was measured alongside, the difference to it.
-func (k kindRounds) String(alone bool) string {
+func (k kindRounds) note(alone bool) string {
 	if len(k.p99) == 0 {
 		return "none seen"
 	}
@@ -150,7 +150,7 @@ func (cb *workload) report(p plan, first bool, contenders []*contender, res map[
 		}
 		s.Row(name, a.p50.Format(bench.Dur), a.p99.Format(bench.Dur), p999, a.max.Format(bench.Dur), base99, vsBase, diff, vsHC, reloads,
 			cpu, failed, fmt.Sprintf("%d / %d", a.unseen, a.changes))
-		kinds = append(kinds, fmt.Sprintf("%s: adds %s; removes %s", c.name, a.adds.String(c.alone), a.removes.String(c.alone)))
+		kinds = append(kinds, fmt.Sprintf("%s: adds %s; removes %s", c.name, a.adds.note(c.alone), a.removes.note(c.alone)))
 		if len(a.pollIntervals) > 0 {
 			poll := fmt.Sprintf("%s: one poll per %s", c.name, a.pollIntervals.Format(bench.Dur))
 			if len(a.pollCost) > 0 && a.pollIntervals.Median() > 0 {
@@ -272,7 +272,7 @@ func (cb *workload) endurance(ctx context.Context) error {
 	var add, remove kindRounds
 	add.add(r.latAdd, r.baseAdd)
 	remove.add(r.latRemove, r.baseRemove)
-	s.Note("Adds and removes apart, each p99 also against Consul's own p99 of the same kind in the same pass: adds %s; removes %s.", add.String(false), remove.String(false))
+	s.Note("Adds and removes apart, each p99 also against Consul's own p99 of the same kind in the same pass: adds %s; removes %s.", add.note(false), remove.note(false))
 	if r.missed > 0 {
 		s.Note("%d load ticks missed (counted as failed).", r.missed)
 	}
