@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -119,18 +118,11 @@ func TestChurn(t *testing.T) {
 			for _, e := range entries {
 				want = append(want, fmt.Sprintf("127.0.0.1:%d", e.Service.Port))
 			}
-			st, err := client.rt.ServersState(context.Background(), "up_server")
+			got, err := client.inService("up_server")
 			if err != nil {
 				return err
 			}
-			var got []string
-			for _, s := range st {
-				if !s.Maint() {
-					got = append(got, fmt.Sprintf("%s:%d", s.Addr, s.Port))
-				}
-			}
 			slices.Sort(want)
-			slices.Sort(got)
 			if !slices.Equal(want, got) {
 				return fmt.Errorf("consul %v, haproxy %v", want, got)
 			}
@@ -252,20 +244,17 @@ func TestReplaceEveryEndpoint(t *testing.T) {
 	del := func(in instance) *api.TxnOp {
 		return &api.TxnOp{Service: &api.ServiceTxnOp{Verb: api.ServiceDelete, Node: in.node, Service: svc(in)}}
 	}
-	only := func(want ...int) func() error {
+	only := func(ports ...int) func() error {
+		var want []string
+		for _, p := range ports {
+			want = append(want, fmt.Sprintf("127.0.0.1:%d", p))
+		}
+		slices.Sort(want)
 		return func() error {
-			st, err := client.rt.ServersState(context.Background(), "up_server")
+			got, err := client.inService("up_server")
 			if err != nil {
 				return err
 			}
-			var got []int
-			for _, s := range st {
-				if !s.Maint() {
-					got = append(got, s.Port)
-				}
-			}
-			slices.Sort(got)
-			slices.Sort(want)
 			if !slices.Equal(got, want) {
 				return fmt.Errorf("in service %v, want %v", got, want)
 			}

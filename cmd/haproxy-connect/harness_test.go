@@ -14,6 +14,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -468,6 +470,23 @@ func addServerEndpoint(t *testing.T, c *api.Client, id string, sidecarPort int) 
 		t.Fatal(err)
 	}
 	return port
+}
+
+// inService lists the servers of backend not in maintenance, as sorted
+// "addr:port".
+func (s *sidecar) inService(backend string) ([]string, error) {
+	st, err := s.rt.ServersState(context.Background(), backend)
+	if err != nil {
+		return nil, err
+	}
+	var got []string
+	for _, srv := range st {
+		if !srv.Maint() {
+			got = append(got, net.JoinHostPort(srv.Addr, strconv.Itoa(srv.Port)))
+		}
+	}
+	slices.Sort(got)
+	return got, nil
 }
 
 // inBackend is a check that a server of backend, not in maintenance,

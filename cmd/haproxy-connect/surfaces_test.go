@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -119,17 +118,11 @@ func TestEndpointLimit(t *testing.T) {
 	}
 	// Three servers in service, each one of Consul's endpoints.
 	inService := func() error {
-		st, err := m.client.rt.ServersState(context.Background(), "up_server")
+		got, err := m.client.inService("up_server")
 		if err != nil {
 			return err
 		}
-		var got []string
-		for _, s := range st {
-			k := fmt.Sprintf("%s:%d", s.Addr, s.Port)
-			if s.Maint() {
-				continue
-			}
-			got = append(got, k)
+		for _, k := range got {
 			if !slices.ContainsFunc(entries, func(e *api.ServiceEntry) bool { return fmt.Sprintf("127.0.0.1:%d", e.Service.Port) == k }) {
 				return fmt.Errorf("server %s in service is not one of Consul's passing endpoints", k)
 			}
