@@ -176,7 +176,7 @@ func FuzzHealthParse(f *testing.F) {
 		// The answer arrives in pieces of any size: a byte at a time
 		// reads the same.
 		{
-			oEntries, oBad, oErr := h.parseEntriesFrom(iotest.OneByteReader(strings.NewReader(body)), false)
+			oEntries, oBad, oErr := h.parseEntriesFrom(iotest.OneByteReader(strings.NewReader(body)))
 			if (err == nil) != (oErr == nil) || len(entries) != len(oEntries) || len(bad) != len(oBad) {
 				t.Fatalf("whole: %d entries, %d bad, %v; a byte at a time: %d entries, %d bad, %v", len(entries), len(bad), err, len(oEntries), len(oBad), oErr)
 			}
@@ -200,7 +200,14 @@ func FuzzHealthParse(f *testing.F) {
 		if err != nil {
 			return
 		}
-		eps := newInstanceFilter("up_api", zap.NewNop(), newMetrics(nil)).endpoints(entries, bad)
+		filter := newInstanceFilter("up_api", zap.NewNop(), newMetrics(nil))
+		// Standby instances pass the same checks: each kept one has a key.
+		for _, e := range filter.standby(entries) {
+			if _, ok := endpointKey(e.Addr, e.Port); !ok {
+				t.Fatalf("standby endpoint %+v kept, but it has no key", e)
+			}
+		}
+		eps := filter.endpoints(entries, bad)
 		// The instance map is keyed by netip.AddrPort, from the same
 		// answer: every endpoint kept finds its instance by its own key.
 		insts := healthInstances(entries)
@@ -246,6 +253,9 @@ func wholeParse(body []byte) (entries []healthEntry, bad []error, err error) {
 	}
 	for i, e := range list {
 		he, err := readHealthEntry(e)
+		if err == nil {
+			err = readChecks(e, &he)
+		}
 		if err != nil {
 			bad = append(bad, &entryError{Index: i, ID: he.ID, Err: err})
 			continue

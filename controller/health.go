@@ -17,7 +17,7 @@ import (
 )
 
 // healthReader runs the upstream watches' blocking queries on
-// /v1/health/connect/<service>?passing itself, instead of through api's
+// /v1/health/connect/<service> itself, instead of through api's
 // Health().Connect, for one reason: every answer carries the whole instance
 // list (about 1.8 KB per instance from an agent in dev mode, 0.9 KB from
 // others), once per change, and api decodes all of it into ServiceEntry
@@ -69,11 +69,33 @@ type healthEntry struct {
 	NodeAddress string // the node's address, used when Address is empty
 	Port        int
 	Weight      int // Weights.Passing; 0 when absent
-	// Read only for a query that keeps instances with warnings
-	// (connectFiltered, onlyPassing false): the instance's worst check
-	// status, and its Weights.Warning.
+	// The instance's worst check status (node and service checks), and
+	// its Weights.Warning.
 	Warning, Critical bool
 	WarningWeight     int
+}
+
+// addr is the instance's address: the service's, else its node's.
+func (e healthEntry) addr() string {
+	if e.Address != "" {
+		return e.Address
+	}
+	return e.NodeAddress
+}
+
+// healthAnswer is one answer of an upstream's health query.
+type healthAnswer struct {
+	// usable are the instances that take traffic, with the weight they
+	// take it at.
+	usable []healthEntry
+	// standby are the instances listed whose checks keep them out of
+	// traffic for now (critical, or a warning where only passing ones
+	// serve): the sidecar proves their identity ahead, so that a check
+	// turning passing places one at once (identity.go).
+	standby []healthEntry
+	bad     []error // the entries it could not read, each naming it
+	index   uint64  // X-Consul-Index
+	at      time.Time
 }
 
 // connect runs one blocking query for the passing Connect-capable
@@ -81,24 +103,43 @@ type healthEntry struct {
 // entries, the entries it could not read (each as an error naming it), the
 // answer's X-Consul-Index and when the answer arrived.
 func (h *healthReader) connect(ctx context.Context, service, dc string, index uint64, wait time.Duration) (entries []healthEntry, bad []error, next uint64, at time.Time, err error) {
-	return h.connectFiltered(ctx, service, dc, "", true, index, wait)
+	a, err := h.connectFiltered(ctx, service, dc, "", true, index, wait)
+	return a.usable, a.bad, a.index, a.at, err
 }
 
-// connectFiltered is connect with a Consul filter expression (a
-// service-resolver subset's), sent URL-encoded as the query's filter.
-// With onlyPassing false (a resolver subset's OnlyPassing = false, Consul's
+// connectFiltered runs one blocking query for the Connect-capable
+// instances of service from index, waiting at most wait, with a Consul
+// filter expression (a service-resolver subset's), sent URL-encoded, when
+// filter is set; and splits them into the usable ones and the standby.
+//
+// The query asks for every instance, not only passing ones ("passing"
+// left out), and reads each one's checks: the standby instances are what
+// lets the sidecar prove an instance while its checks still fail (a new
+// instance is registered critical until its first check runs, which
+// Consul staggers over the check's interval), so that it takes traffic as
+// soon as they pass instead of after a handshake.
+//
+// With onlyPassing, an instance is usable when all its checks pass. With
+// onlyPassing false (a resolver subset's OnlyPassing = false, Consul's
 // default for a chain target), instances whose worst check is a warning
-// are kept too, as Envoy gets them: the query drops "passing", and the
-// answer's checks are read to leave out critical instances (maintenance
-// is a critical check) and give warning ones their Weights.Warning, as
+// are usable too, as Envoy gets them: critical ones are not (maintenance
+// is a critical check), and warning ones take their Weights.Warning, as
 // Consul does for Envoy's endpoints.
-func (h *healthReader) connectFiltered(ctx context.Context, service, dc, filter string, onlyPassing bool, index uint64, wait time.Duration) (entries []healthEntry, bad []error, next uint64, at time.Time, err error) {
+func (h *healthReader) connectFiltered(ctx context.Context, service, dc, filter string, onlyPassing bool, index uint64, wait time.Duration) (healthAnswer, error) {
+	entries, bad, next, at, err := h.query(ctx, service, dc, filter, index, wait)
+	if err != nil {
+		return healthAnswer{at: at}, err
+	}
+	a := healthAnswer{bad: bad, index: next, at: at}
+	a.usable, a.standby = split(entries, onlyPassing)
+	return a, nil
+}
+
+// query runs the health query and reads its answer.
+func (h *healthReader) query(ctx context.Context, service, dc, filter string, index uint64, wait time.Duration) (entries []healthEntry, bad []error, next uint64, at time.Time, err error) {
 	u := h.base
 	u.Path = strings.TrimSuffix(u.Path, "/") + "/v1/health/connect/" + url.PathEscape(service)
 	params := url.Values{}
-	if onlyPassing {
-		params.Set("passing", "1")
-	}
 	for k, v := range h.params {
 		params[k] = v
 	}
@@ -151,41 +192,39 @@ func (h *healthReader) connectFiltered(ctx context.Context, service, dc, filter 
 	if err != nil || next == 0 {
 		return nil, nil, 0, at, fmt.Errorf("health of %s: answer without a valid X-Consul-Index (%q)", service, resp.Header.Get("X-Consul-Index"))
 	}
-	entries, bad, err = h.parseEntriesFrom(resp.Body, !onlyPassing)
+	entries, bad, err = h.parseEntriesFrom(resp.Body)
 	if err != nil {
 		return nil, nil, 0, at, fmt.Errorf("health of %s: %w", service, err)
-	}
-	if !onlyPassing {
-		entries = usable(entries)
 	}
 	return entries, bad, next, at, nil
 }
 
-// usable keeps the entries of a query without "passing" that Envoy would
-// use: not critical, a warning one with its warning weight (Consul's
-// agent/xds endpoints: critical is unhealthy, a warning takes
-// Weights.Warning, a weight below 1 is unhealthy).
-func usable(entries []healthEntry) []healthEntry {
-	out := entries[:0]
+// split sorts entries into the usable ones and the standby (see
+// connectFiltered). A usable entry's Weight is the one it serves at.
+// It reuses entries' backing array for usable.
+func split(entries []healthEntry, onlyPassing bool) (usable, standby []healthEntry) {
+	usable = entries[:0]
 	for _, e := range entries {
-		// A warning weight of 0 takes the instance out, as Consul marks
-		// it unhealthy for Envoy.
-		if e.Critical || (e.Warning && e.WarningWeight < 1) {
+		switch {
+		case !e.Warning && !e.Critical:
+		case onlyPassing || e.Critical || e.WarningWeight < 1:
+			// A warning weight of 0 takes the instance out, as Consul
+			// marks it unhealthy for Envoy.
+			standby = append(standby, e)
 			continue
-		}
-		if e.Warning {
+		default:
 			e.Weight = e.WarningWeight
 		}
-		out = append(out, e)
+		usable = append(usable, e)
 	}
-	return out
+	return usable, standby
 }
 
 // parseEntriesFrom reads a health answer from r as it arrives: a JSON
 // array of {Node, Service, Checks}. An answer that is not an array is an
 // error; an entry that lacks a field the sidecar needs, or has it with the
-// wrong type, is returned in bad and the others are kept. With checks set,
-// it also reads each entry's checks and warning weight.
+// wrong type, is returned in bad and the others are kept. It reads each
+// entry's checks and warning weight too.
 //
 // The answer is never held whole. An answer carries every instance (about
 // 2 MB for a thousand), once per change: buffering it made a buffer that
@@ -194,7 +233,7 @@ func usable(entries []healthEntry) []healthEntry {
 // of the stream and one entry are held at a time, and each entry is parsed
 // alone: fastjson keeps every value it parsed until its next parse, so a
 // parser holds one instance's values.
-func (h *healthReader) parseEntriesFrom(r io.Reader, checks bool) (entries []healthEntry, bad []error, err error) {
+func (h *healthReader) parseEntriesFrom(r io.Reader) (entries []healthEntry, bad []error, err error) {
 	p := h.parsers.Get()
 	defer h.parsers.Put(p)
 	s, _ := h.scanners.Get().(*elementScanner)
@@ -218,7 +257,7 @@ func (h *healthReader) parseEntriesFrom(r io.Reader, checks bool) (entries []hea
 		}
 		e := list[0]
 		he, err := readHealthEntry(e)
-		if err == nil && checks {
+		if err == nil {
 			err = readChecks(e, &he)
 		}
 		if err != nil {

@@ -28,21 +28,15 @@ import (
 // testdata/health_connect_100.json is a real answer of Consul 1.22.3 to
 // /v1/health/connect/api?passing=1 with 100 connect-proxy instances
 // registered through the catalog (re-encoded without indentation).
-const healthAnswer = "testdata/health_connect_100.json"
+const healthAnswerFile = "testdata/health_connect_100.json"
 
 // parse reads a health answer held in memory: see parseEntriesFrom.
 func (h *healthReader) parse(body []byte) (entries []healthEntry, bad []error, err error) {
-	return h.parseEntriesFrom(bytes.NewReader(body), false)
-}
-
-// parseEntries is parse, which also reads each entry's checks and warning
-// weight when checks is set.
-func (h *healthReader) parseEntries(body []byte, checks bool) (entries []healthEntry, bad []error, err error) {
-	return h.parseEntriesFrom(bytes.NewReader(body), checks)
+	return h.parseEntriesFrom(bytes.NewReader(body))
 }
 
 func TestHealthParse(t *testing.T) {
-	real, err := os.ReadFile(healthAnswer)
+	real, err := os.ReadFile(healthAnswerFile)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -55,14 +49,14 @@ func TestHealthParse(t *testing.T) {
 		wantErr string
 	}{
 		{name: "real answer", body: string(real), n: 100,
-			first: healthEntry{ID: "api-1", Address: "127.1.0.1", NodeAddress: "127.1.0.1", Port: 20001, Weight: 1}},
+			first: healthEntry{ID: "api-1", Address: "127.1.0.1", NodeAddress: "127.1.0.1", Port: 20001, Weight: 1, WarningWeight: 1}},
 		{name: "empty list", body: `[]`},
 		{name: "node address only, no weights", body: `[{"Node":{"Address":"10.0.0.1"},"Service":{"ID":"a","Address":"","Port":80}}]`, n: 1,
-			first: healthEntry{ID: "a", NodeAddress: "10.0.0.1", Port: 80}},
+			first: healthEntry{ID: "a", NodeAddress: "10.0.0.1", Port: 80, WarningWeight: 1}},
 		{name: "nulls are absent", body: `[{"Node":null,"Service":{"ID":null,"Address":null,"Port":80,"Weights":{"Passing":null}}}]`, n: 1,
-			first: healthEntry{Port: 80}},
+			first: healthEntry{Port: 80, WarningWeight: 1}},
 		{name: "weight kept", body: `[{"Service":{"ID":"w","Address":"10.0.0.2","Port":81,"Weights":{"Passing":7,"Warning":1}}}]`, n: 1,
-			first: healthEntry{ID: "w", Address: "10.0.0.2", Port: 81, Weight: 7}},
+			first: healthEntry{ID: "w", Address: "10.0.0.2", Port: 81, Weight: 7, WarningWeight: 1}},
 		{name: "bad entries dropped, the others kept",
 			body: `[{"Service":{"ID":"s","Address":"10.0.0.3","Port":"80"}},
 				{"Node":{"Address":"10.0.0.4"}},
@@ -71,11 +65,11 @@ func TestHealthParse(t *testing.T) {
 				{"Service":{"ID":"w","Address":"10.0.0.7","Port":80,"Weights":{"Passing":"x"}}},
 				{"Node":{"Address":[]},"Service":{"ID":"na","Port":80}},
 				{"Service":{"ID":"ok","Address":"10.0.0.8","Port":80}}]`, n: 1,
-			first: healthEntry{ID: "ok", Address: "10.0.0.8", Port: 80},
+			first: healthEntry{ID: "ok", Address: "10.0.0.8", Port: 80, WarningWeight: 1},
 			bad: []string{"instance 0 (s): Service.Port", "instance 1 (): no Service object", "instance 2 (n): Address",
 				"instance 3 (f): Service.Port", "instance 4 (w): Service.Weights.Passing", "instance 5 (na): Node.Address"}},
 		{name: "absent port is 0 (Consul omits it)", body: `[{"Service":{"ID":"p","Address":"10.0.0.5","SocketPath":"/x.sock"}}]`, n: 1,
-			first: healthEntry{ID: "p", Address: "10.0.0.5"}},
+			first: healthEntry{ID: "p", Address: "10.0.0.5", WarningWeight: 1}},
 		{name: "not JSON", body: `<html>`, wantErr: "answer is not JSON"},
 		{name: "truncated", body: string(real[:len(real)/2]), wantErr: "answer is not JSON"},
 		{name: "an object, not a list", body: `{"Service":{}}`, wantErr: "not a JSON array"},
@@ -87,7 +81,7 @@ func TestHealthParse(t *testing.T) {
 			entries, bad, err := h.parse([]byte(tt.body))
 			// Read a byte at a time, as a slow answer arrives, it reads
 			// the same.
-			oEntries, oBad, oErr := h.parseEntriesFrom(iotest.OneByteReader(strings.NewReader(tt.body)), false)
+			oEntries, oBad, oErr := h.parseEntriesFrom(iotest.OneByteReader(strings.NewReader(tt.body)))
 			if fmt.Sprint(oEntries, oBad, oErr) != fmt.Sprint(entries, bad, err) {
 				t.Errorf("a byte at a time: %v %v %v; whole: %v %v %v", oEntries, oBad, oErr, entries, bad, err)
 			}
@@ -122,7 +116,7 @@ func TestHealthParse(t *testing.T) {
 // error, not a JSON one, and nothing of it is used: a watch then retries
 // rather than serving the entries read before the failure.
 func TestHealthParseReadError(t *testing.T) {
-	real, err := os.ReadFile(healthAnswer)
+	real, err := os.ReadFile(healthAnswerFile)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -130,7 +124,7 @@ func TestHealthParseReadError(t *testing.T) {
 	for _, cut := range []int{0, 1, len(real) / 2, len(real) - 1, len(real)} {
 		r := io.MultiReader(bytes.NewReader(real[:cut]), iotest.ErrReader(reset))
 		var h healthReader
-		entries, bad, err := h.parseEntriesFrom(r, false)
+		entries, bad, err := h.parseEntriesFrom(r)
 		if !errors.Is(err, reset) || !strings.Contains(err.Error(), "reading the answer") || entries != nil || bad != nil {
 			t.Errorf("cut at %d: %d entries, %d bad, err %v; want the read error alone", cut, len(entries), len(bad), err)
 		}
@@ -140,7 +134,7 @@ func TestHealthParseReadError(t *testing.T) {
 // TestHealthParseMatchesAPI checks the parser against api's own decoding of
 // the same real answer, field by field.
 func TestHealthParseMatchesAPI(t *testing.T) {
-	body, err := os.ReadFile(healthAnswer)
+	body, err := os.ReadFile(healthAnswerFile)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -157,7 +151,14 @@ func TestHealthParseMatchesAPI(t *testing.T) {
 		t.Fatalf("%d entries, api has %d", len(got), len(want))
 	}
 	for i, w := range want {
-		exp := healthEntry{ID: w.Service.ID, Address: w.Service.Address, NodeAddress: w.Node.Address, Port: w.Service.Port, Weight: w.Service.Weights.Passing}
+		exp := healthEntry{ID: w.Service.ID, Address: w.Service.Address, NodeAddress: w.Node.Address, Port: w.Service.Port,
+			Weight: w.Service.Weights.Passing, WarningWeight: w.Service.Weights.Warning}
+		switch w.Checks.AggregatedStatus() {
+		case api.HealthWarning:
+			exp.Warning = true
+		case api.HealthCritical, api.HealthMaint:
+			exp.Critical = true
+		}
 		if got[i] != exp {
 			t.Errorf("entry %d: %+v, api reads %+v", i, got[i], exp)
 		}
@@ -167,7 +168,7 @@ func TestHealthParseMatchesAPI(t *testing.T) {
 // BenchmarkHealthDecode: one real answer (100 instances) decoded as api's
 // Health().Connect does, and as the watches do.
 func BenchmarkHealthDecode(b *testing.B) {
-	body, err := os.ReadFile(healthAnswer)
+	body, err := os.ReadFile(healthAnswerFile)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -241,16 +242,31 @@ func TestHealthConnectConsul(t *testing.T) {
 	// Without "passing" (a chain target whose subset says OnlyPassing =
 	// false): the warning instance too, with its warning weight; never
 	// the critical one.
-	entries, bad, _, _, err = q.connectFiltered(ctx, "api", "", "", false, 0, time.Minute)
-	if err != nil || len(bad) > 0 {
-		t.Fatal(err, bad)
+	a, err := q.connectFiltered(ctx, "api", "", "", false, 0, time.Minute)
+	if err != nil || len(a.bad) > 0 {
+		t.Fatal(err, a.bad)
 	}
 	ids = nil
-	for _, e := range entries {
+	for _, e := range a.usable {
 		ids = append(ids, fmt.Sprintf("%s/w%d", e.ID, e.Weight))
 	}
-	if got := strings.Join(ids, " "); got != "api-1/w1 api-3/w3 api-4/w1" {
+	for _, e := range a.standby {
+		ids = append(ids, "standby "+e.ID)
+	}
+	if got := strings.Join(ids, " "); got != "api-1/w1 api-3/w3 api-4/w1 standby api-2" {
 		t.Errorf("entries not only passing: %s", got)
+	}
+	// Only passing: the warning and critical instances are standby.
+	a, err = q.connectFiltered(ctx, "api", "", "", true, 0, time.Minute)
+	if err != nil || len(a.bad) > 0 {
+		t.Fatal(err, a.bad)
+	}
+	ids = nil
+	for _, e := range a.standby {
+		ids = append(ids, e.ID)
+	}
+	if got := strings.Join(ids, " "); got != "api-2 api-4" {
+		t.Errorf("standby entries: %s", got)
 	}
 
 	// No change within the wait: the same index comes back.
@@ -323,9 +339,9 @@ func TestACLFilteredIsLogged(t *testing.T) {
 	}
 }
 
-// TestHealthNotOnlyPassing: what a query without "passing" keeps (a chain
-// target whose resolver subset says OnlyPassing = false): the worst check
-// of an instance decides, a warning one takes its warning weight.
+// TestHealthNotOnlyPassing: what a chain target whose resolver subset says
+// OnlyPassing = false uses: the worst check of an instance decides, a
+// warning one takes its warning weight, and the others are standby.
 func TestHealthNotOnlyPassing(t *testing.T) {
 	entry := func(id, weights string, statuses ...string) string {
 		var checks []string
@@ -335,37 +351,42 @@ func TestHealthNotOnlyPassing(t *testing.T) {
 		return fmt.Sprintf(`{"Service":{"ID":%q,"Address":"10.0.0.1","Port":80%s},"Checks":[%s]}`, id, weights, strings.Join(checks, ","))
 	}
 	tests := []struct {
-		name string
-		body string
-		want string // id/weight, kept ones
-		bad  int
+		name    string
+		body    string
+		want    string // id/weight, usable ones
+		standby string // ids
+		bad     int
 	}{
-		{"passing", `[` + entry("a", `,"Weights":{"Passing":5,"Warning":2}`, "passing", "passing") + `]`, "a/5", 0},
-		{"warning takes the warning weight", `[` + entry("a", `,"Weights":{"Passing":5,"Warning":2}`, "passing", "warning") + `]`, "a/2", 0},
-		{"warning without weights: 1", `[` + entry("a", "", "warning") + `]`, "a/1", 0},
-		{"warning weight 0: out", `[` + entry("a", `,"Weights":{"Passing":5,"Warning":0}`, "warning") + `]`, "", 0},
-		{"critical node check: out", `[` + entry("a", "", "critical", "passing") + `]`, "", 0},
-		{"critical beats warning", `[` + entry("a", "", "warning", "critical") + `]`, "", 0},
-		{"maintenance is critical", `[` + entry("a", "", "maintenance") + `]`, "", 0},
-		{"unknown status: out", `[` + entry("a", "", "bogus") + `]`, "", 0},
-		{"no checks: kept", `[{"Service":{"ID":"a","Address":"10.0.0.1","Port":80}}]`, "a/0", 0},
-		{"checks not a list: refused", `[{"Service":{"ID":"a","Address":"10.0.0.1","Port":80},"Checks":{}}]`, "", 1},
-		{"warning weight not a number: refused", `[` + entry("a", `,"Weights":{"Warning":"x"}`, "warning") + `]`, "", 1},
-		{"mixed", `[` + entry("a", "", "passing") + `,` + entry("b", "", "critical") + `,` + entry("c", `,"Weights":{"Passing":3,"Warning":1}`, "warning") + `]`, "a/0 c/1", 0},
+		{"passing", `[` + entry("a", `,"Weights":{"Passing":5,"Warning":2}`, "passing", "passing") + `]`, "a/5", "", 0},
+		{"warning takes the warning weight", `[` + entry("a", `,"Weights":{"Passing":5,"Warning":2}`, "passing", "warning") + `]`, "a/2", "", 0},
+		{"warning without weights: 1", `[` + entry("a", "", "warning") + `]`, "a/1", "", 0},
+		{"warning weight 0: standby", `[` + entry("a", `,"Weights":{"Passing":5,"Warning":0}`, "warning") + `]`, "", "a", 0},
+		{"critical node check: standby", `[` + entry("a", "", "critical", "passing") + `]`, "", "a", 0},
+		{"critical beats warning", `[` + entry("a", "", "warning", "critical") + `]`, "", "a", 0},
+		{"maintenance is critical", `[` + entry("a", "", "maintenance") + `]`, "", "a", 0},
+		{"unknown status: standby", `[` + entry("a", "", "bogus") + `]`, "", "a", 0},
+		{"no checks: usable", `[{"Service":{"ID":"a","Address":"10.0.0.1","Port":80}}]`, "a/0", "", 0},
+		{"checks not a list: refused", `[{"Service":{"ID":"a","Address":"10.0.0.1","Port":80},"Checks":{}}]`, "", "", 1},
+		{"warning weight not a number: refused", `[` + entry("a", `,"Weights":{"Warning":"x"}`, "warning") + `]`, "", "", 1},
+		{"mixed", `[` + entry("a", "", "passing") + `,` + entry("b", "", "critical") + `,` + entry("c", `,"Weights":{"Passing":3,"Warning":1}`, "warning") + `]`, "a/0 c/1", "b", 0},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			var h healthReader
-			entries, bad, err := h.parseEntries([]byte(tt.body), true)
+			entries, bad, err := h.parse([]byte(tt.body))
 			if err != nil {
 				t.Fatal(err)
 			}
-			var got []string
-			for _, e := range usable(entries) {
+			usable, standby := split(entries, false)
+			var got, gotStandby []string
+			for _, e := range usable {
 				got = append(got, fmt.Sprintf("%s/%d", e.ID, e.Weight))
 			}
-			if g := strings.Join(got, " "); g != tt.want || len(bad) != tt.bad {
-				t.Errorf("kept %q, %d refused; want %q, %d", g, len(bad), tt.want, tt.bad)
+			for _, e := range standby {
+				gotStandby = append(gotStandby, e.ID)
+			}
+			if g, gs := strings.Join(got, " "), strings.Join(gotStandby, " "); g != tt.want || gs != tt.standby || len(bad) != tt.bad {
+				t.Errorf("usable %q, standby %q, %d refused; want %q, %q, %d", g, gs, len(bad), tt.want, tt.standby, tt.bad)
 			}
 		})
 	}

@@ -40,8 +40,16 @@ import (
 // verifications in flight stays dirty, and an endpoint's propagation
 // sample (propagation.go) counts its verification's time.
 //
+// Proofs are made ahead too: an instance Consul lists while its checks
+// fail (desired.standby; a new instance is critical until its first check
+// runs) is proven while it waits, within standbyWindow of turning standby
+// and only while workers are free, so that the check passing places it
+// without a handshake in between. Its result is what places it then, if
+// it is not due; a due one of a standby-only check is forgotten.
+//
 // A result is kept per (expected identity, address:port) while some
-// upstream lists it, and is proven again: every reverifyEvery (jittered);
+// upstream lists it, as an endpoint or standby, and is proven again:
+// every reverifyEvery (jittered);
 // when HAProxy counts connection or handshake errors, or denied responses,
 // for a server at that address ("show stat" econ, ssl_failed_handshake and
 // dresp, polled every statPoll); and when the endpoint leaves every list and comes back (its
@@ -71,6 +79,19 @@ const (
 	// line. One "show stat" of every server costs HAProxy and the sidecar
 	// about 400 bytes of CSV per server.
 	statPoll = time.Second
+	// standbyWindow is how long after an instance turns standby (listed,
+	// its checks failing) its identity is proven ahead, retried with
+	// backoff while it does not answer: a new instance is critical until
+	// its first check runs, which Consul staggers over the check's
+	// interval (10 s for a sidecar's), and an orchestrator's readiness
+	// can take longer. An instance that stays standby longer is not
+	// probed again; a proof of it that falls due is forgotten
+	// (sweepIdentities), so that it is proven again before it is placed.
+	standbyWindow = 2 * time.Minute
+	// standbyRoom is how many verification workers may run when a proof
+	// ahead starts: it never queues, and never takes the workers above
+	// this, so that the proofs of listed endpoints always find room.
+	standbyRoom = verifyWorkers / 2
 	// maxHold bounds how long endpoints that left the list keep their
 	// slots while none of the listed ones is proven yet (holdLeaving):
 	// slow proofs must not keep gone endpoints in service.
@@ -101,8 +122,12 @@ type idCheck struct {
 	want, addr string
 	alpn       []string
 	users      upstreamSet // upstreams listing it
-	instance   string      // Consul service ID, for logs
-	inflight   bool
+	// standby are the upstreams listing it as standby (desired.standby);
+	// standbySince is when that set last became non-empty.
+	standby      upstreamSet
+	standbySince time.Time
+	instance     string // Consul service ID, for logs
+	inflight     bool
 	// unlisted is set by the loop while a queued proof waits and no
 	// upstream lists the endpoint: its worker drops it unproven.
 	unlisted atomic.Bool
@@ -121,16 +146,18 @@ type identities struct {
 	cfgFrom  [2]string // leaf and roots PEM cfg was built from
 	checks   map[checkKey]*idCheck
 	listedBy map[string]map[checkKey]struct{} // upstream -> check keys it lists
-	errs     map[serverRef]uint64             // econ+ssl_failed_handshake+dresp last read
-	mu       sync.Mutex                       // guards running and queue, shared with the workers
-	running  int                              // workers running
-	queue    []queuedVerify                   // verifications waiting for one of verifyWorkers
-	wg       sync.WaitGroup                   // workers running (tests wait on it)
+	// standbyBy: upstream -> check keys it lists as standby
+	standbyBy map[string]map[checkKey]struct{}
+	errs      map[serverRef]uint64 // econ+ssl_failed_handshake+dresp last read
+	mu        sync.Mutex           // guards running and queue, shared with the workers
+	running   int                  // workers running
+	queue     []queuedVerify       // verifications waiting for one of verifyWorkers
+	wg        sync.WaitGroup       // workers running (tests wait on it)
 }
 
 func newIdentities() *identities {
 	return &identities{verify: verify.Endpoint, checks: map[checkKey]*idCheck{}, listedBy: map[string]map[checkKey]struct{}{},
-		errs: map[serverRef]uint64{}}
+		standbyBy: map[string]map[checkKey]struct{}{}, errs: map[serverRef]uint64{}}
 }
 
 // verifyConfig is the verification's TLS material for the current leaf and
@@ -209,12 +236,28 @@ func (id *identities) proof(k checkKey, now time.Time) (proof, bool) {
 	if ch == nil {
 		return proof{}, false
 	}
-	return proof{known: ch.known, good: ch.good, instance: ch.instance,
-		due: !ch.inflight && (!ch.known || !now.Before(ch.due))}, true
+	return proof{known: ch.known, good: ch.good, instance: ch.instance, due: ch.wanted(now)}, true
 }
 
 // listed implements proofs for the plan.
 func (id *identities) listed(upstream string) map[checkKey]struct{} { return id.listedBy[upstream] }
+
+// standby implements proofs for the plan.
+func (id *identities) standby(upstream string) map[checkKey]struct{} { return id.standbyBy[upstream] }
+
+// standbyOnly says no upstream lists ch but as standby: its proof is one
+// made ahead.
+func (ch *idCheck) standbyOnly() bool { return len(ch.users) == 0 && len(ch.standby) > 0 }
+
+// wanted says ch is to be proven now: none is in flight, and it has no
+// result yet or its result is due; a standby-only check only within
+// standbyWindow of turning standby.
+func (ch *idCheck) wanted(now time.Time) bool {
+	if ch.inflight || (ch.known && now.Before(ch.due)) {
+		return false
+	}
+	return !ch.standbyOnly() || now.Sub(ch.standbySince) < standbyWindow
+}
 
 // inherit records v's checks as proven and due (see inheritedChecks), but
 // those it already has.
@@ -227,10 +270,10 @@ func (id *identities) inherit(v verifyAction, now time.Time) {
 	}
 }
 
-// track records the endpoints v lists for its upstream, starts the
-// verifications that are missing or due, and drops the results no
-// upstream lists any more (so an endpoint that comes back is proven
-// again).
+// track records the endpoints v lists for its upstream, and its standby
+// ones, starts the verifications that are missing or due, and drops the
+// results no upstream lists any more (so an endpoint that comes back is
+// proven again).
 func (c *Controller) track(ctx context.Context, v verifyAction) {
 	if v.err != nil {
 		c.log.Error("upstream identity unknown; endpoints not placed", zap.String("upstream", v.upstream), zap.Error(v.err))
@@ -238,35 +281,74 @@ func (c *Controller) track(ctx context.Context, v verifyAction) {
 	}
 	id := c.ident
 	now := c.now()
-	listed := make(map[checkKey]struct{}, len(v.checks))
-	for _, r := range v.checks {
-		listed[r.key] = struct{}{}
+	listed := id.record(v.upstream, v.checks, v.alpn, false, now)
+	standby := id.record(v.upstream, v.standby, v.alpn, true, now)
+	id.forget(v.upstream, id.listedBy[v.upstream], listed, false)
+	id.forget(v.upstream, id.standbyBy[v.upstream], standby, true)
+	id.listedBy[v.upstream] = listed
+	if len(standby) > 0 {
+		id.standbyBy[v.upstream] = standby
+	} else {
+		delete(id.standbyBy, v.upstream)
+	}
+	for _, refs := range [][]checkRef{v.checks, v.standby} {
+		for _, r := range refs {
+			if ch := id.checks[r.key]; ch.wanted(now) {
+				c.startVerify(ctx, r.key, ch)
+			}
+		}
+	}
+}
+
+// record adds upstream to the users (or, with standby, the standby
+// upstreams) of each check refs names, creating the missing ones, and
+// returns the set of their keys.
+func (id *identities) record(upstream string, refs []checkRef, alpn []string, standby bool, now time.Time) map[checkKey]struct{} {
+	keys := make(map[checkKey]struct{}, len(refs))
+	for _, r := range refs {
+		keys[r.key] = struct{}{}
 		ch := id.checks[r.key]
 		if ch == nil {
-			ch = &idCheck{want: r.key.want, addr: r.key.addr.String(), alpn: v.alpn}
+			ch = &idCheck{want: r.key.want, addr: r.key.addr.String(), alpn: alpn}
 			id.checks[r.key] = ch
 		}
-		ch.users.add(v.upstream)
+		if standby {
+			if len(ch.standby) == 0 {
+				ch.standbySince = now
+			}
+			ch.standby.add(upstream)
+		} else {
+			ch.users.add(upstream)
+		}
 		ch.unlisted.Store(false)
 		if r.instance != "" {
 			ch.instance = r.instance
 		}
-		if !ch.inflight && (!ch.known || !now.Before(ch.due)) {
-			c.startVerify(ctx, r.key, ch)
-		}
 	}
-	for k := range id.listedBy[v.upstream] {
-		if _, still := listed[k]; still {
+	return keys
+}
+
+// forget removes upstream from the users (or standby upstreams) of the
+// checks in prev that now lacks, and unlists those no upstream lists any
+// more.
+func (id *identities) forget(upstream string, prev, now map[checkKey]struct{}, standby bool) {
+	for k := range prev {
+		if _, still := now[k]; still {
 			continue
 		}
-		if ch := id.checks[k]; ch != nil {
-			ch.users.remove(v.upstream)
-			if len(ch.users) == 0 {
-				id.unlist(k, ch)
-			}
+		ch := id.checks[k]
+		if ch == nil {
+			continue
+		}
+		if standby {
+			ch.standby.remove(upstream)
+		} else {
+			ch.users.remove(upstream)
+		}
+		if len(ch.users) == 0 && len(ch.standby) == 0 {
+			id.unlist(k, ch)
 		}
 	}
-	id.listedBy[v.upstream] = listed
 }
 
 // holdLeaving is the endpoints table serves that have left listed
@@ -309,7 +391,8 @@ func alpnList(protocol string) []string {
 }
 
 // startVerify runs one verification of ch in the background, or queues it
-// while verifyWorkers run; its result comes back to the loop through
+// while verifyWorkers run (a proof ahead of a standby-only check is not
+// queued: it starts only while fewer than standbyRoom run); its result comes back to the loop through
 // c.events. Queued, not a goroutine each waiting its turn: a sidecar that
 // starts with 10 000 endpoints would hold 10 000 parked goroutines and
 // their stacks until the proofs are through. A worker takes the next
@@ -322,10 +405,15 @@ func (c *Controller) startVerify(ctx context.Context, k checkKey, ch *idCheck) {
 		return
 	}
 	cfg.ALPN = ch.alpn
-	ch.inflight = true
 	id := c.ident
 	q := queuedVerify{k, ch, cfg}
 	id.mu.Lock()
+	if ch.standbyOnly() && id.running >= standbyRoom {
+		// Not queued: the next sweep tries it again.
+		id.mu.Unlock()
+		return
+	}
+	ch.inflight = true
 	if id.running >= verifyWorkers {
 		id.queue = append(id.queue, q)
 		id.mu.Unlock()
@@ -390,7 +478,7 @@ func (id *identities) unlist(k checkKey, ch *idCheck) {
 // result is forgotten unless an upstream listed it again meanwhile.
 func (c *Controller) unlistedProof(k checkKey, ch *idCheck) {
 	ch.inflight = false
-	if len(ch.users) == 0 && c.ident.checks[k] == ch {
+	if len(ch.users) == 0 && len(ch.standby) == 0 && c.ident.checks[k] == ch {
 		delete(c.ident.checks, k)
 	}
 }
@@ -414,7 +502,8 @@ func (c *Controller) verified(d *desired, k checkKey, ch *idCheck, res verify.Re
 		// A proof holds reverifyEvery, give or take 10 %, so that the
 		// endpoints verified in one burst are not proven again at once.
 		ch.due = now.Add(reverifyEvery - reverifyEvery/10 + rand.N(reverifyEvery/5))
-		log.Debug("upstream endpoint proved its identity", zap.Duration("took", res.Took), zap.String("serial", res.Serial))
+		log.Debug("upstream endpoint proved its identity", zap.Duration("took", res.Took), zap.String("serial", res.Serial),
+			zap.Bool("standby", ch.standbyOnly()))
 	case errors.Is(err, verify.ErrMismatch), errors.Is(err, verify.ErrUntrusted):
 		result := "mismatch"
 		if errors.Is(err, verify.ErrUntrusted) {
@@ -441,8 +530,13 @@ func (c *Controller) verified(d *desired, k checkKey, ch *idCheck, res verify.Re
 		c.metrics.verifications.WithLabelValues("unreachable").Inc()
 		ch.due = now.Add(backoffStep(&ch.failures, time.Second, 30*time.Second))
 		ch.known = true
-		log.Warn("upstream endpoint not reachable for verification", zap.Bool("kept_in_service", ch.good),
-			zap.Error(err), zap.Time("retry_at", ch.due))
+		lvl := zap.WarnLevel
+		if ch.standbyOnly() {
+			// Its checks fail: it may well not listen yet.
+			lvl = zap.DebugLevel
+		}
+		log.Log(lvl, "upstream endpoint not reachable for verification", zap.Bool("kept_in_service", ch.good),
+			zap.Bool("standby", ch.standbyOnly()), zap.Error(err), zap.Time("retry_at", ch.due))
 	}
 	if ch.good == wasGood && wasGood {
 		return // still proven: nothing to re-plan
@@ -483,24 +577,34 @@ func (s *upstreamSet) remove(u string) {
 	*s = slices.DeleteFunc(*s, func(v string) bool { return v == u })
 }
 
-// sweepIdentities renews due proofs of listed endpoints and drops results
-// that no current upstream lists.
+// sweepIdentities renews due proofs of listed endpoints, makes the proofs
+// ahead that are missing or due within standbyWindow, forgets due results
+// of standby-only checks past it, and drops results that no current
+// upstream lists.
 func (c *Controller) sweepIdentities(ctx context.Context, d *desired) {
 	now := c.now()
+	gone := func(u string) bool {
+		if _, ok := d.endpoints[u]; ok {
+			return false
+		}
+		delete(c.ident.listedBy, u)
+		delete(c.ident.standbyBy, u)
+		return true
+	}
 	for k, ch := range c.ident.checks {
-		ch.users = slices.DeleteFunc(ch.users, func(u string) bool {
-			if _, ok := d.endpoints[u]; ok {
-				return false
-			}
-			delete(c.ident.listedBy, u)
-			return true
-		})
-		if len(ch.users) == 0 {
+		ch.users = slices.DeleteFunc(ch.users, gone)
+		ch.standby = slices.DeleteFunc(ch.standby, gone)
+		if len(ch.users) == 0 && len(ch.standby) == 0 {
 			c.ident.unlist(k, ch)
 			continue
 		}
-		if !ch.inflight && ch.known && !now.Before(ch.due) {
+		switch {
+		case ch.wanted(now):
 			c.startVerify(ctx, k, ch)
+		case ch.standbyOnly() && ch.known && !ch.inflight && !now.Before(ch.due):
+			// Past its window: a due proof of it places nothing. It is
+			// proven again when its checks pass.
+			ch.known, ch.good, ch.failures = false, false, 0
 		}
 	}
 }
@@ -592,11 +696,7 @@ func (c *Controller) watchIdentities(ctx context.Context) {
 func healthInstances(entries []healthEntry) map[netip.AddrPort]instance {
 	out := make(map[netip.AddrPort]instance, len(entries))
 	for _, e := range entries {
-		addr := e.Address
-		if addr == "" {
-			addr = e.NodeAddress
-		}
-		if k, ok := endpointKey(addr, e.Port); ok {
+		if k, ok := endpointKey(e.addr(), e.Port); ok {
 			out[k] = instance{id: e.ID}
 		}
 	}

@@ -2,11 +2,13 @@ package controller
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap/zaptest"
@@ -82,5 +84,111 @@ func TestVerifyQueue(t *testing.T) {
 		if _, kept := c.ident.checks[checkKey{"api", netip.MustParseAddrPort(addr)}]; kept != want {
 			t.Errorf("%s kept: %t, want %t", addr, kept, want)
 		}
+	}
+}
+
+// TestStandbyProofs: an instance listed as standby (its checks failing)
+// is proven ahead, retried while it does not answer, but only within
+// standbyWindow and only while workers are free for the listed endpoints;
+// past the window a due proof of it is forgotten, so that it is proven
+// again before it is placed.
+func TestStandbyProofs(t *testing.T) {
+	leaf, roots := webLeaf(t)
+	c, err := New(Config{Consul: api.DefaultConfig(), ProxyID: "web-sidecar-proxy", StateDir: t.TempDir(), SPOASocket: "/state/spoa.sock", Log: zaptest.NewLogger(t), MinSlots: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.desired.sidecar, c.desired.leaf, c.desired.roots = sidecar(up("api", 9191)), &leaf, &roots
+	c.desired.endpoints["up_api"] = nil
+	now := t0
+	c.now = func() time.Time { return now }
+	const want = "spiffe://td.consul/ns/default/dc/dc1/svc/api"
+	var mu sync.Mutex
+	proofs := map[string]int{}
+	c.ident.verify = func(_ context.Context, _ verify.Config, addr, want string) (verify.Result, error) {
+		mu.Lock()
+		proofs[addr]++
+		mu.Unlock()
+		if addr == "10.0.0.2:21000" {
+			return verify.Result{}, errors.New("connection refused")
+		}
+		return verify.Result{ID: want}, nil
+	}
+	key := func(i int) checkKey {
+		return checkKey{want, netip.MustParseAddrPort(fmt.Sprintf("10.0.0.%d:21000", i))}
+	}
+	settle := func() {
+		c.ident.wg.Wait()
+		drainEvents(c)
+	}
+	count := func(i int) int {
+		mu.Lock()
+		defer mu.Unlock()
+		return proofs[fmt.Sprintf("10.0.0.%d:21000", i)]
+	}
+	sweep := func(at time.Duration) {
+		now = t0.Add(at)
+		c.sweepIdentities(context.Background(), &c.desired)
+		settle()
+	}
+
+	// Endpoint 1 answers, endpoint 2 refuses: both standby.
+	c.track(context.Background(), verifyAction{upstream: "up_api", standby: []checkRef{{key: key(1)}, {key: key(2)}}})
+	settle()
+	one, two := c.ident.checks[key(1)], c.ident.checks[key(2)]
+	if !one.known || !one.good || count(1) != 1 {
+		t.Fatalf("standby endpoint 1: known %t good %t after %d proofs", one.known, one.good, count(1))
+	}
+	if !two.known || two.good || count(2) != 1 {
+		t.Fatalf("standby endpoint 2: known %t good %t after %d proofs", two.known, two.good, count(2))
+	}
+	// Retried with backoff within the window; endpoint 1 holds.
+	sweep(time.Second)
+	if count(1) != 1 || count(2) != 2 {
+		t.Errorf("after 1 s: %d and %d proofs, want 1 and 2", count(1), count(2))
+	}
+	// Past the window: no more tries.
+	sweep(standbyWindow + time.Second)
+	n2 := count(2)
+	sweep(standbyWindow + time.Minute)
+	if count(2) != n2 {
+		t.Errorf("past the window: endpoint 2 proven %d more times", count(2)-n2)
+	}
+	if p, _ := c.ident.proof(key(2), now); p.due {
+		t.Errorf("past the window, endpoint 2 is due for the plan")
+	}
+	// Endpoint 1's proof falls due past the window: forgotten, not renewed.
+	sweep(reverifyEvery + reverifyEvery/5)
+	if p, _ := c.ident.proof(key(1), now); p.known || p.good || p.due || count(1) != 1 {
+		t.Errorf("endpoint 1, due past the window: %+v after %d proofs; want forgotten and not proven again", p, count(1))
+	}
+	// Its checks pass: it is listed, so it is proven at once.
+	c.track(context.Background(), verifyAction{upstream: "up_api", checks: []checkRef{{key: key(1)}}, standby: []checkRef{{key: key(2)}}})
+	settle()
+	if p, _ := c.ident.proof(key(1), now); !p.good || count(1) != 2 {
+		t.Errorf("endpoint 1 listed: %+v after %d proofs; want proven again", p, count(1))
+	}
+	// A proof ahead never queues, nor takes the workers past standbyRoom.
+	c.ident.mu.Lock()
+	c.ident.running = standbyRoom
+	c.ident.mu.Unlock()
+	c.track(context.Background(), verifyAction{upstream: "up_api", checks: []checkRef{{key: key(1)}}, standby: []checkRef{{key: key(2)}, {key: key(3)}}})
+	three := c.ident.checks[key(3)]
+	c.ident.mu.Lock()
+	queued := len(c.ident.queue)
+	c.ident.running = 0
+	c.ident.mu.Unlock()
+	if three == nil || three.inflight || queued != 0 || count(3) != 0 {
+		t.Fatalf("standby endpoint 3 with %d workers running: %+v, %d queued", standbyRoom, three, queued)
+	}
+	// The next sweep starts it.
+	sweep(reverifyEvery + reverifyEvery/5 + time.Second)
+	if !three.good || count(3) != 1 {
+		t.Errorf("standby endpoint 3 after the sweep: good %t after %d proofs", three.good, count(3))
+	}
+	// Endpoint 2 leaves Consul's list: its check is dropped.
+	c.track(context.Background(), verifyAction{upstream: "up_api", checks: []checkRef{{key: key(1)}}, standby: []checkRef{{key: key(3)}}})
+	if _, kept := c.ident.checks[key(2)]; kept {
+		t.Errorf("endpoint 2 no longer listed, its check kept")
 	}
 }

@@ -1,6 +1,7 @@
 package controller
 
 import (
+	"net/netip"
 	"slices"
 	"strings"
 	"time"
@@ -84,6 +85,8 @@ type proofs interface {
 	proof(key checkKey, now time.Time) (p proof, ok bool)
 	// listed is the set of check keys upstream lists.
 	listed(upstream string) map[checkKey]struct{}
+	// standby is the set of check keys upstream lists as standby.
+	standby(upstream string) map[checkKey]struct{}
 }
 
 // proof is what the plan needs of one identity check.
@@ -161,7 +164,10 @@ type verifyAction struct {
 	upstream string
 	alpn     []string
 	checks   []checkRef
-	err      error // the upstream's identity is unknown: nothing is placed
+	// standby are the upstream's standby endpoints (desired.standby):
+	// proven ahead, never placed by the plan while they stay standby.
+	standby []checkRef
+	err     error // the upstream's identity is unknown: nothing is placed
 }
 
 // checkRef names one identity check, and the Consul instance listed there.
@@ -473,8 +479,10 @@ func (in planInput) planEndpoints() []action {
 
 // verifiedEndpoints returns the endpoints of upstream name that have proved
 // its identity and whether some endpoint has no result yet, and the
-// verifyAction that records its list and starts the verifications that are
-// missing or due (nil when there is nothing to record or start).
+// verifyAction that records its list and its standby endpoints, and
+// starts the verifications that are missing or due (nil when there is
+// nothing to record or start). Standby endpoints are never placed and
+// never pending: they are proven ahead only.
 func (in planInput) verifiedEndpoints(name string, eps []slots.Endpoint) (ok []slots.Endpoint, pending bool, v *verifyAction) {
 	d := in.desired
 	u, found := d.sidecar.upstream(name)
@@ -487,9 +495,8 @@ func (in planInput) verifiedEndpoints(name string, eps []slots.Endpoint) (ok []s
 	if err != nil {
 		return nil, false, &verifyAction{upstream: name, err: err}
 	}
-	insts := d.instances[name]
 	query := u.Type == string(api.UpstreamDestTypePreparedQuery)
-	keyOf := func(e slots.Endpoint) (checkKey, instance, bool) {
+	keyOf := func(e slots.Endpoint, insts map[netip.AddrPort]instance) (checkKey, instance, bool) {
 		addr, valid := endpointKey(e.Addr, e.Port)
 		if !valid {
 			return checkKey{}, instance{}, false // slots.Plan rejects it too
@@ -502,22 +509,25 @@ func (in planInput) verifiedEndpoints(name string, eps []slots.Endpoint) (ok []s
 		}
 		return checkKey{want, addr}, inst, true
 	}
-	prev := in.proofs.listed(name)
-	changed, n := false, 0
+	// stale says the list is to be recorded again: an endpoint it does
+	// not list yet, a proof due, or another instance at the address.
+	stale := func(k checkKey, inst instance, prev map[checkKey]struct{}) (proof, bool) {
+		p, exists := in.proofs.proof(k, in.now)
+		_, listed := prev[k]
+		return p, !listed || !exists || p.due || (inst.id != "" && inst.id != p.instance)
+	}
+	insts, sb := d.instances[name], d.standby[name]
+	prev, prevStandby := in.proofs.listed(name), in.proofs.standby(name)
+	changed, n, m := false, 0, 0
 	ok = make([]slots.Endpoint, 0, len(eps))
 	for _, e := range eps {
-		k, inst, valid := keyOf(e)
+		k, inst, valid := keyOf(e, insts)
 		if !valid {
 			continue
 		}
 		n++
-		if _, listed := prev[k]; !listed {
-			changed = true
-		}
-		p, exists := in.proofs.proof(k, in.now)
-		if !exists || p.due || (inst.id != "" && inst.id != p.instance) {
-			changed = true
-		}
+		p, st := stale(k, inst, prev)
+		changed = changed || st
 		switch {
 		case p.good:
 			ok = append(ok, e)
@@ -525,18 +535,32 @@ func (in planInput) verifiedEndpoints(name string, eps []slots.Endpoint) (ok []s
 			pending = true
 		}
 	}
-	if !changed && n == len(prev) {
+	for _, e := range sb.eps {
+		if k, inst, valid := keyOf(e, sb.inst); valid {
+			m++
+			_, st := stale(k, inst, prevStandby)
+			changed = changed || st
+		}
+	}
+	if !changed && n == len(prev) && m == len(prevStandby) {
 		return ok, pending, nil
 	}
 	// The list is recorded again: most plans (a verification result, a
 	// batch retried) find it unchanged and skip this.
-	checks := make([]checkRef, 0, n)
-	for _, e := range eps {
-		if k, inst, valid := keyOf(e); valid {
-			checks = append(checks, checkRef{key: k, instance: inst.id})
+	refs := func(eps []slots.Endpoint, insts map[netip.AddrPort]instance, n int) []checkRef {
+		out := make([]checkRef, 0, n)
+		for _, e := range eps {
+			if k, inst, valid := keyOf(e, insts); valid {
+				out = append(out, checkRef{key: k, instance: inst.id})
+			}
 		}
+		return out
 	}
-	return ok, pending, &verifyAction{upstream: name, alpn: alpnList(u.Protocol), checks: checks}
+	v = &verifyAction{upstream: name, alpn: alpnList(u.Protocol), checks: refs(eps, insts, n)}
+	if m > 0 {
+		v.standby = refs(sb.eps, sb.inst, m)
+	}
+	return ok, pending, v
 }
 
 // inheritedChecks lists, per upstream, the identity checks of the

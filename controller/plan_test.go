@@ -51,11 +51,13 @@ type checkResult struct {
 	upstream string
 	key      checkKey
 	instance string
+	standby  bool // a proof ahead: it re-plans nothing
 }
 
 type fakeProofs struct {
-	checks map[checkKey]proof
-	lists  map[string]map[checkKey]struct{}
+	checks   map[checkKey]proof
+	lists    map[string]map[checkKey]struct{}
+	standbys map[string]map[checkKey]struct{}
 }
 
 func (f *fakeProofs) proof(k checkKey, _ time.Time) (proof, bool) {
@@ -65,11 +67,15 @@ func (f *fakeProofs) proof(k checkKey, _ time.Time) (proof, bool) {
 
 func (f *fakeProofs) listed(u string) map[checkKey]struct{} { return f.lists[u] }
 
+func (f *fakeProofs) standby(u string) map[checkKey]struct{} { return f.standbys[u] }
+
 func newPlanSim(sc *Sidecar, leaf *certs.Bundle, roots *certs.Roots) *planSim {
 	return &planSim{
 		d: desired{sidecar: sc, sidecarSince: t0, leaf: leaf, roots: roots,
-			endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}, instances: map[string]map[netip.AddrPort]instance{}},
-		proofs:   &fakeProofs{checks: map[checkKey]proof{}, lists: map[string]map[checkKey]struct{}{}},
+			endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}, instances: map[string]map[netip.AddrPort]instance{},
+			standby: map[string]standbyList{}},
+		proofs: &fakeProofs{checks: map[checkKey]proof{}, lists: map[string]map[checkKey]struct{}{},
+			standbys: map[string]map[checkKey]struct{}{}},
 		now:      t0,
 		inflight: map[string]bool{},
 	}
@@ -83,6 +89,13 @@ func (s *planSim) input() planInput {
 // endpoints is a new endpoint list from Consul, now.
 func (s *planSim) endpoints(upstream string, eps ...slots.Endpoint) {
 	s.d.setEndpoints(upstream, eps, s.now)
+}
+
+// standby is a new list of standby endpoints from Consul, now, with the
+// same endpoint list (as the watch publishes both).
+func (s *planSim) standby(upstream string, eps ...slots.Endpoint) {
+	s.d.setStandby(upstream, eps, nil)
+	s.d.setEndpoints(upstream, s.d.endpoints[upstream], s.now)
 }
 
 // step plans, describes the actions, and takes them as execute would
@@ -111,6 +124,12 @@ func (s *planSim) step() []string {
 // upstreams listing it are planned again.
 func (s *planSim) deliverResults() {
 	for _, r := range s.results {
+		if r.standby {
+			p := s.proofs.checks[r.key]
+			p.known, p.good, p.due = true, true, false
+			s.proofs.checks[r.key] = p
+			continue
+		}
 		s.result(r.upstream, r.key, true)
 	}
 	s.results = nil
@@ -176,21 +195,25 @@ func (s *planSim) take(acts []action) (again bool) {
 		case publishAuthzGenAction:
 			s.ap.authzGen = a.gen
 		case verifyAction:
-			list := map[checkKey]struct{}{}
-			for _, r := range a.checks {
-				list[r.key] = struct{}{}
-				if p, ok := s.proofs.checks[r.key]; !ok || p.due {
-					// A new or due check is in flight; it proves the
-					// identity at once, unless the scenario holds it in
-					// flight.
-					p.due, p.instance = false, r.instance
-					s.proofs.checks[r.key] = p
-					if !s.inflight[r.key.addr.String()] {
-						s.results = append(s.results, checkResult{upstream: a.upstream, key: r.key, instance: r.instance})
+			record := func(refs []checkRef, standby bool) map[checkKey]struct{} {
+				list := map[checkKey]struct{}{}
+				for _, r := range refs {
+					list[r.key] = struct{}{}
+					if p, ok := s.proofs.checks[r.key]; !ok || p.due {
+						// A new or due check is in flight; it proves
+						// the identity at once, unless the scenario
+						// holds it in flight.
+						p.due, p.instance = false, r.instance
+						s.proofs.checks[r.key] = p
+						if !s.inflight[r.key.addr.String()] {
+							s.results = append(s.results, checkResult{upstream: a.upstream, key: r.key, instance: r.instance, standby: standby})
+						}
 					}
 				}
+				return list
 			}
-			s.proofs.lists[a.upstream] = list
+			s.proofs.lists[a.upstream] = record(a.checks, false)
+			s.proofs.standbys[a.upstream] = record(a.standby, true)
 		case settleAction:
 			for _, n := range a.upstreams {
 				delete(s.d.dirty, n)
@@ -232,6 +255,12 @@ func describe(a action, now time.Time) string {
 		addrs := make([]string, 0, len(a.checks))
 		for _, r := range a.checks {
 			addrs = append(addrs, r.key.addr.String())
+		}
+		if len(a.standby) > 0 {
+			addrs = append(addrs, "standby")
+			for _, r := range a.standby {
+				addrs = append(addrs, r.key.addr.String())
+			}
 		}
 		return strings.Join(append([]string{"verify " + a.upstream + ":"}, addrs...), " ")
 	case settleAction:
@@ -472,6 +501,49 @@ func TestPlanTranscript(t *testing.T) {
 			}},
 			{"an intentions change publishes its generation", 14 * time.Second, func(s *planSim) { s.authzGen = 7 }, []string{
 				"publish authz generation 7",
+			}},
+		}},
+		{"a standby endpoint is proven ahead, and placed at once when its checks pass", started, []step{
+			{"endpoint 3 is listed, its checks failing: proven, not placed", 10 * time.Second, func(s *planSim) {
+				s.standby("up_api", ep(3, 21000))
+			}, []string{
+				"verify up_api: 10.0.0.1:21000 10.0.0.2:21000 standby 10.0.0.3:21000",
+				"settle up_api",
+			}},
+			{"its checks pass: placed by the first plan, though a new proof would not complete", 11 * time.Second, func(s *planSim) {
+				s.inflight["10.0.0.3:21000"] = true
+				s.endpoints("up_api", ep(1, 21000), ep(2, 21000), ep(3, 21000))
+				s.standby("up_api")
+			}, []string{
+				"verify up_api: 10.0.0.1:21000 10.0.0.2:21000 10.0.0.3:21000",
+				"batch: set server up_api/s3 addr 10.0.0.3 port 21000; set server up_api/s3 state ready",
+			}},
+			{"they fail again: out of service, still proven", 12 * time.Second, func(s *planSim) {
+				s.endpoints("up_api", ep(1, 21000), ep(2, 21000))
+				s.standby("up_api", ep(3, 21000))
+			}, []string{
+				"verify up_api: 10.0.0.1:21000 10.0.0.2:21000 standby 10.0.0.3:21000",
+				"batch: set server up_api/s3 state maint",
+			}},
+			{"and pass: back at once, in the slot that kept its address", 13 * time.Second, func(s *planSim) {
+				s.endpoints("up_api", ep(1, 21000), ep(2, 21000), ep(3, 21000))
+				s.standby("up_api")
+			}, []string{
+				"verify up_api: 10.0.0.1:21000 10.0.0.2:21000 10.0.0.3:21000",
+				"batch: set server up_api/s3 state ready",
+			}},
+		}},
+		{"start does not wait for standby endpoints' proofs", nil, []step{
+			{"both lists; api's standby endpoint is not proven", time.Second, func(s *planSim) {
+				s.inflight["10.0.0.9:21000"] = true
+				s.d.setStandby("up_api", []slots.Endpoint{ep(9, 21000)}, nil)
+				s.endpoints("up_api", ep(1, 21000))
+				s.endpoints("up_db", ep(5, 21000))
+			}, []string{
+				"verify up_api: 10.0.0.1:21000 standby 10.0.0.9:21000",
+				"verify up_db: 10.0.0.5:21000",
+				"wait 2s",
+				"start up_api[8]{s1=10.0.0.1:21000} up_db[8]{s1=10.0.0.5:21000}",
 			}},
 		}},
 		{"a running master not yet adopted: adopt before anything else", nil, []step{

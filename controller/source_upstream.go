@@ -22,11 +22,12 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 	p := &pendingList{taken: make(chan struct{}, 1)}
 	filter := newInstanceFilter(u.Name, c.log, c.metrics)
 	filter.max, filter.proxyID = c.cfg.MaxEndpoints, c.cfg.ProxyID
+	var lastStandby []slots.Endpoint
 	publish := func(l endpointList) {
-		if !first && slices.Equal(l.eps, last) {
+		if !first && slices.Equal(l.eps, last) && slices.Equal(l.standby, lastStandby) {
 			return
 		}
-		first, last = false, l.eps
+		first, last, lastStandby = false, l.eps, l.standby
 		c.metrics.endpointUpdates.Add(1)
 		if !p.put(l) {
 			// The loop has not taken the previous list yet (it is
@@ -52,6 +53,7 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 					d.noteChanges(u.Name, d.instances[u.Name], l.inst, l.at)
 				}
 				d.instances[u.Name] = l.inst
+				d.setStandby(u.Name, l.standby, l.standbyInst)
 			}
 		})
 	}
@@ -79,11 +81,12 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 		return
 	}
 	watch.Loop(ctx, watch.Options{Name: "upstream " + u.Name, Log: c.log, MinInterval: 10 * time.Millisecond}, func(ctx context.Context, cur watch.Cursor) (endpointList, watch.Cursor, error) {
-		entries, bad, index, at, err := c.health.connectFiltered(ctx, u.Destination, u.Datacenter, u.Filter, onlyPassing(u), cur.Index, 5*time.Minute)
+		a, err := c.health.connectFiltered(ctx, u.Destination, u.Datacenter, u.Filter, onlyPassing(u), cur.Index, 5*time.Minute)
 		if err != nil {
 			return endpointList{}, cur, err
 		}
-		return endpointList{eps: filter.endpoints(entries, bad), inst: healthInstances(entries), at: at}, watch.Cursor{Index: index}, nil
+		return endpointList{eps: filter.endpoints(a.usable, a.bad), inst: healthInstances(a.usable),
+			standby: filter.standby(a.standby), standbyInst: healthInstances(a.standby), at: a.at}, watch.Cursor{Index: a.index}, nil
 	}, publish)
 }
 
@@ -91,7 +94,11 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 type endpointList struct {
 	eps  []slots.Endpoint
 	inst map[netip.AddrPort]instance // by endpoint
-	at   time.Time
+	// standby are the instances listed that do not take traffic yet
+	// (healthAnswer.standby), proven ahead; none for a prepared query.
+	standby     []slots.Endpoint
+	standbyInst map[netip.AddrPort]instance
+	at          time.Time
 }
 
 // pendingList holds an upstream's newest list between its watch and the
@@ -192,11 +199,7 @@ func (f *instanceFilter) endpoints(entries []healthEntry, bad []error) []slots.E
 	}
 	out := make([]slots.Endpoint, 0, len(entries))
 	for _, e := range entries {
-		addr := e.Address
-		if addr == "" {
-			addr = e.NodeAddress
-		}
-		ep, err := input.NewEndpoint(e.ID, addr, e.Port, e.Weight)
+		ep, err := input.NewEndpoint(e.ID, e.addr(), e.Port, e.Weight)
 		if err != nil {
 			drop(e.ID, input.FieldOf(err), err)
 			continue
@@ -209,6 +212,28 @@ func (f *instanceFilter) endpoints(entries []healthEntry, bad []error) []slots.E
 		f.metrics.endpointLimitHits.Add(1)
 		f.log.Warn("upstream has more endpoints than the limit; keeping a stable subset (rendezvous hash of proxy ID and endpoint)",
 			zap.String("upstream", f.upstream), zap.Int("endpoints", n), zap.Int("kept", f.max))
+		out = capEndpoints(out, f.max, f.proxyID)
+	}
+	return out
+}
+
+// standby turns an upstream's standby instances into endpoints, as
+// endpoints does, but silently: one with an invalid value is logged and
+// counted by endpoints when its checks pass. Past max endpoints, a stable
+// subset (capEndpoints), so that the proofs made ahead are bounded as the
+// placed endpoints are.
+func (f *instanceFilter) standby(entries []healthEntry) []slots.Endpoint {
+	if len(entries) == 0 {
+		return nil
+	}
+	out := make([]slots.Endpoint, 0, len(entries))
+	for _, e := range entries {
+		if ep, err := input.NewEndpoint(e.ID, e.addr(), e.Port, e.Weight); err == nil {
+			out = append(out, slots.Endpoint{Addr: ep.Addr().String(), Port: int(ep.Port()), Weight: ep.Weight()})
+		}
+	}
+	slices.SortFunc(out, slots.Endpoint.Compare)
+	if f.max > 0 && len(out) > f.max {
 		out = capEndpoints(out, f.max, f.proxyID)
 	}
 	return out

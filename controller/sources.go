@@ -23,6 +23,7 @@ func (c *Controller) syncWatches(ctx context.Context) {
 			delete(c.watches, name)
 			delete(c.desired.endpoints, name)
 			delete(c.desired.instances, name)
+			delete(c.desired.standby, name)
 		}
 	}
 	for name, u := range want {

@@ -278,39 +278,8 @@ func TestReplaceEveryEndpoint(t *testing.T) {
 	}
 	eventually(t, 10*time.Second, "the old instance alone in service", only(insts[0].port))
 
-	kept, reused := keptAlive(t, &http.Transport{MaxIdleConnsPerHost: 1}, fmt.Sprintf("http://127.0.0.1:%d/", ports[3]))
-	var newN, keptN, failedN atomic.Int64
-	counted := func(n *atomic.Int64, f func() error) func() error {
-		return func() error {
-			err := f()
-			if err != nil {
-				failedN.Add(1)
-			} else {
-				n.Add(1)
-			}
-			return err
-		}
-	}
-	stopNew := loadN(2, counted(&newN, get200(ports[3])))
-	stopKept := load(counted(&keptN, func() error {
-		code, err := kept()
-		if err == nil && code != 200 {
-			err = fmt.Errorf("status %d", code)
-		}
-		return err
-	}))
-	// more waits until each kind of connection has served n more requests.
-	more := func(what string, n int64) {
-		t.Helper()
-		n0, k0 := newN.Load(), keptN.Load()
-		eventually(t, 20*time.Second, what, func() error {
-			if nn, k := newN.Load()-n0, keptN.Load()-k0; nn < n || k < n {
-				return fmt.Errorf("%d on new connections, %d kept alive", nn, k)
-			}
-			return nil
-		})
-	}
-	more("requests before the swap", 20)
+	tr := startTraffic(t, ports[3])
+	tr.moreEach(t, "requests before the swap", 20)
 
 	txn(del(insts[0]), set(insts[1]), set(insts[2]))
 	// The sidecar read the new list: both proofs wait at the gate. The
@@ -321,24 +290,110 @@ func TestReplaceEveryEndpoint(t *testing.T) {
 		}
 		return nil
 	})
-	more("requests while the proofs wait", 20)
-	if n := failedN.Load(); n > 0 {
-		t.Errorf("%d requests failed while the new instances' proofs waited", n)
-	}
+	tr.moreEach(t, "requests while the proofs wait", 20)
+	tr.requireNoFailures(t, time.Time{}, "while the new instances' proofs waited")
 	openGate()
 	eventually(t, 10*time.Second, "the two new instances alone in service", only(insts[1].port, insts[2].port))
-	more("requests through the new instances", 200)
-	for _, l := range []struct {
-		name string
-		stop func() (int64, int64, error)
-	}{{"new connections", stopNew}, {"kept alive", stopKept}} {
-		ok, failed, first := l.stop()
-		if failed > 0 {
-			t.Errorf("%s: %d of %d requests failed; first: %v", l.name, failed, ok+failed, first)
-		}
-		t.Logf("%s: %d requests", l.name, ok)
+	tr.moreEach(t, "requests through the new instances", 200)
+	tr.halt()
+	tr.requireNoFailures(t, time.Time{}, "through the swap and after it")
+	if !tr.reused.Load() {
+		t.Error("the kept-alive client's last request was on a new connection")
 	}
-	if !reused.Load() {
+}
+
+// TestStandbyProvenAhead: an instance Consul lists with a failing check
+// (as a new instance is until its first check runs) is proven while it
+// waits, and placed as soon as its check passes, with no handshake of its
+// own then: its relay holds every connection from the moment it was
+// proven, and it comes into service meanwhile. Requests on new and
+// kept-alive connections flow through it all, with none failed.
+func TestStandbyProvenAhead(t *testing.T) {
+	m := startMesh(t, testenv.ConsulOptions{}, "http")
+	c, ports, client := m.c, m.ports, m.client
+	server := fmt.Sprintf("127.0.0.1:%d", ports[0])
+
+	// The gate is open until closed; a closed gate holds each new
+	// connection until it opens.
+	var gate atomic.Pointer[chan struct{}]
+	open := make(chan struct{})
+	close(open)
+	gate.Store(&open)
+	closeGate := func() { held := make(chan struct{}); gate.Store(&held) }
+	openGate := func() {
+		if g := *gate.Load(); g != open {
+			close(g)
+			gate.Store(&open)
+		}
+	}
+	var arrived atomic.Int64
+	port := testenv.ServeTCP(t, func(conn net.Conn) {
+		arrived.Add(1)
+		<-*gate.Load()
+		testenv.Pipe(conn, server)
+	})
+	t.Cleanup(openGate)
+	reg := func(status string) {
+		t.Helper()
+		_, err := c.Catalog().Register(&api.CatalogRegistration{Node: "node-new", Address: "127.0.0.20",
+			Service: &api.AgentService{ID: "server-new", Service: "server-sidecar-proxy", Kind: api.ServiceKindConnectProxy, Address: "127.0.0.1", Port: port,
+				Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: "server", DestinationServiceID: "server"}},
+			Check: &api.AgentCheck{Node: "node-new", CheckID: "alive", Name: "alive", Status: status, ServiceID: "server-new"}}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	newKey := fmt.Sprintf("127.0.0.1:%d", port)
+	serving := func() (bool, error) {
+		got, err := client.inService("up_server")
+		return slices.Contains(got, newKey), err
+	}
+	eventually(t, 10*time.Second, "the server sidecar in service", func() error {
+		got, err := client.inService("up_server")
+		if err == nil && len(got) != 1 {
+			err = fmt.Errorf("in service %v", got)
+		}
+		return err
+	})
+
+	tr := startTraffic(t, ports[3])
+	tr.moreEach(t, "requests before the new instance", 20)
+
+	// Listed, its check critical: proven, not placed.
+	reg(api.HealthCritical)
+	eventually(t, 10*time.Second, "the standby instance proven", func() error {
+		if arrived.Load() == 0 {
+			return errors.New("no connection to the standby instance yet")
+		}
+		return nil
+	})
+	tr.moreEach(t, "requests while it is standby", 20)
+	if in, err := serving(); err != nil || in {
+		t.Fatalf("the standby instance in service: %t, %v", in, err)
+	}
+	proofs := arrived.Load()
+
+	// From here a handshake with it waits at the gate: its check passes,
+	// and it must come into service without one.
+	closeGate()
+	reg(api.HealthPassing)
+	eventually(t, 10*time.Second, "the instance in service while its relay holds every connection", func() error {
+		if in, err := serving(); err != nil || !in {
+			return fmt.Errorf("not in service (%v)", err)
+		}
+		return nil
+	})
+	openGate()
+	tr.moreEach(t, "requests through both instances", 200)
+	eventually(t, 10*time.Second, "requests through the new instance", func() error {
+		if n := arrived.Load() - proofs; n == 0 {
+			return errors.New("no connection to the new instance since it was placed")
+		}
+		return nil
+	})
+	tr.halt()
+	tr.requireNoFailures(t, time.Time{}, "through the standby instance's proof, its placement and after")
+	if !tr.reused.Load() {
 		t.Error("the kept-alive client's last request was on a new connection")
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -27,9 +28,13 @@ import (
 type traffic struct {
 	mu       sync.Mutex
 	ok       int
+	okBy     map[string]int // by kind
 	failures []failure
 	stop     chan struct{}
 	wg       sync.WaitGroup
+	// reused: the kept-alive client's last call went over a reused
+	// connection.
+	reused *atomic.Bool
 }
 
 type failure struct {
@@ -40,9 +45,10 @@ type failure struct {
 
 func startTraffic(t *testing.T, port int) *traffic {
 	t.Helper()
-	tr := &traffic{stop: make(chan struct{})}
+	tr := &traffic{stop: make(chan struct{}), okBy: map[string]int{}}
 	url := fmt.Sprintf("http://127.0.0.1:%d/", port)
-	kept, _ := keptAlive(t, &http.Transport{MaxIdleConnsPerHost: 1}, url)
+	var kept func() (int, error)
+	kept, tr.reused = keptAlive(t, &http.Transport{MaxIdleConnsPerHost: 1}, url)
 	run := func(kind string, call func() (int, error)) {
 		defer tr.wg.Done()
 		for {
@@ -55,6 +61,7 @@ func startTraffic(t *testing.T, port int) *traffic {
 			tr.mu.Lock()
 			if err == nil && code == 200 {
 				tr.ok++
+				tr.okBy[kind]++
 			} else {
 				tr.failures = append(tr.failures, failure{time.Now(), kind, fmt.Sprintf("%d %v", code, err)})
 			}
@@ -107,6 +114,23 @@ func (tr *traffic) flowFor(t *testing.T, d time.Duration, n int) {
 	eventually(t, d+30*time.Second, fmt.Sprintf("%s of traffic and %d more calls served", d, n), func() error {
 		if time.Now().Before(end) || tr.served() < want {
 			return errors.New("still observing")
+		}
+		return nil
+	})
+}
+
+// moreEach waits until each kind of connection served n more calls.
+func (tr *traffic) moreEach(t *testing.T, what string, n int) {
+	t.Helper()
+	count := func() (int, int) {
+		tr.mu.Lock()
+		defer tr.mu.Unlock()
+		return tr.okBy["new connection"], tr.okBy["kept-alive"]
+	}
+	n0, k0 := count()
+	eventually(t, 20*time.Second, what, func() error {
+		if nn, k := count(); nn-n0 < n || k-k0 < n {
+			return fmt.Errorf("%d more on new connections, %d kept alive", nn-n0, k-k0)
 		}
 		return nil
 	})
