@@ -71,6 +71,10 @@ type plan struct {
 	rate    float64 // changes per second; 0 for a burst
 	changes int     // rate: measured changes; burst: endpoints added, then removed
 	window  int     // rate: churn endpoints live during the pass
+	// flip: every churn endpoint of the ring stays registered through
+	// the pass, its check critical; an add turns it passing, a remove
+	// critical again (rate passes only).
+	flip bool
 }
 
 const (
@@ -97,10 +101,11 @@ func plansFor(quick bool) (rates []plan, burst plan) {
 	// the slowest contender's propagation (HAProxy DNS with default timers,
 	// ~1 s), so that no contender misses a change only because the endpoint
 	// was gone again before its next look.
-	rates = []plan{{name: "10 changes/s", rate: 10, changes: 100, window: 20}, {name: "100 changes/s", rate: 100, changes: 1000, window: 100}}
+	rates = []plan{{name: "10 changes/s", rate: 10, changes: 100, window: 20}, {name: "100 changes/s", rate: 100, changes: 1000, window: 100},
+		{name: "100 changes/s as check flips", rate: 100, changes: 1000, window: 100, flip: true}}
 	burst = plan{name: "burst of 1000", changes: 1000}
 	if quick {
-		rates[0].changes, rates[1].changes = 30, 300
+		rates[0].changes, rates[1].changes, rates[2].changes = 30, 300, 300
 		burst = plan{name: "burst of 200", changes: 200}
 	}
 	return rates, burst

@@ -73,7 +73,23 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 		start, ops, end = rateOps(pl.eps, p.window, p.changes)
 	default:
 		for _, e := range pl.eps[:p.changes] {
-			ops = append(ops, writeOp{e, true})
+			ops = append(ops, writeOp{e: e, add: true})
+		}
+	}
+	// With check flips, the whole ring is listed from the start, its
+	// checks critical, and is deregistered at the end.
+	var ring []endpoint
+	if p.flip {
+		ring = pl.eps[:2*p.window+1]
+		for i := range ops {
+			ops[i].flip = true
+		}
+		flips := opsOf(ring, false)
+		for i := range flips {
+			flips[i].flip = true
+		}
+		if _, err := cb.writeAll(ctx, flips); err != nil {
+			return r, err
 		}
 	}
 	wantOf := func(eps []endpoint) map[string]bool {
@@ -214,6 +230,9 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 	}
 
 	// Back to the base state for the next pass, not measured.
+	if p.flip {
+		end = ring
+	}
 	if _, err := cb.writeAll(ctx, opsOf(end, false)); err != nil {
 		return r, err
 	}

@@ -15,8 +15,10 @@ import (
 // registered in the catalog on a node of its own.
 type endpoint struct {
 	id, key string
-	reg     *api.CatalogRegistration
-	dereg   *api.CatalogDeregistration
+	reg     *api.CatalogRegistration // its check passing
+	// critical is reg with its check critical: listed, not to be used.
+	critical *api.CatalogRegistration
+	dereg    *api.CatalogDeregistration
 }
 
 // pool is a set of endpoints of one service, all listening for the whole
@@ -27,7 +29,8 @@ type pool struct {
 
 // newPool opens n relays on 127.<octet>.x.y to target and prepares
 // their registrations: service ID <prefix>-<i> on node <prefix>-node-<i>
-// (with the endpoint's address), a check passing from the start; kind sets
+// (with the endpoint's address), a check passing from the start (or
+// critical, for the check flips); kind sets
 // the service's name and kind.
 //
 // Endpoints go to the catalog, each on a node of its own, because they
@@ -51,9 +54,12 @@ func newPool(e *bench.Env, prefix string, octet, n int, target string, kind func
 		id, node := fmt.Sprintf("%s-%d", prefix, i), fmt.Sprintf("%s-node-%d", prefix, i)
 		svc := &api.AgentService{ID: id, Address: addr, Port: port}
 		kind(svc)
+		reg := func(status string) *api.CatalogRegistration {
+			return &api.CatalogRegistration{Node: node, Address: addr, Service: svc,
+				Check: &api.AgentCheck{Node: node, CheckID: "alive", Name: "alive", Status: status, ServiceID: id}}
+		}
 		p.eps = append(p.eps, endpoint{id: id, key: net.JoinHostPort(addr, strconv.Itoa(port)),
-			reg: &api.CatalogRegistration{Node: node, Address: addr, Service: svc,
-				Check: &api.AgentCheck{Node: node, CheckID: "alive", Name: "alive", Status: api.HealthPassing, ServiceID: id}},
+			reg: reg(api.HealthPassing), critical: reg(api.HealthCritical),
 			dereg: &api.CatalogDeregistration{Node: node, ServiceID: id}})
 		go p.serve(ln, net.JoinHostPort(addr, strconv.Itoa(port)), target)
 	}

@@ -180,8 +180,11 @@ func (cb *workload) report(p plan, first bool, contenders []*contender, res map[
 		s.Note("haproxy-connect p99 − Consul-alone p99 (each round's two passes): %s. The in-pass Consul p99 is the limit under the same load (haproxy-connect's own watch and work share the two CPUs with it); Consul alone is its notification with nothing else running.", d.Format(bench.SignedDur))
 	}
 	if p.rate > 0 {
-		s.Note("What: %d changes at %s, adds and removes alternating, with %d churn endpoints live besides the base instance (each lives %d changes). Median of %d round(s), (min–max); ratios are paired within each round.",
-			p.changes, p.name, p.window, 2*p.window, b.Rounds)
+		s.Note("What: %d changes at %g changes/s, adds and removes alternating, with %d churn endpoints live besides the base instance (each lives %d changes). Median of %d round(s), (min–max); ratios are paired within each round.",
+			p.changes, p.rate, p.window, 2*p.window, b.Rounds)
+		if p.flip {
+			s.Note("Check flips: the %d churn endpoints of the ring stay registered through the pass, each with its check critical until its add, which registers it again with the check passing; a remove turns the check critical again. That is how a new instance enters (registered with its checks critical until the first run, which Consul staggers over the check's interval) and how a failing one leaves; between flips every contender's source lists it as not passing. The other churn sections register and deregister instead.", 2*p.window+1)
+		}
 	} else {
 		s.Note("What: %d endpoints registered at once (%d concurrent writers), in effect, then all deregistered at once: %d changes. Median of %d round(s), (min–max); ratios are paired within each round.",
 			p.changes, writers, 2*p.changes, b.Rounds)

@@ -11,16 +11,18 @@ import (
 	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/bench"
 )
 
-// writeOp is one write of a schedule: register (add) or deregister e.
+// writeOp is one write of a schedule: register (add) or deregister e; with
+// flip, register e with its check passing (add) or critical.
 type writeOp struct {
-	e   endpoint
-	add bool
+	e    endpoint
+	add  bool
+	flip bool
 }
 
 func opsOf(eps []endpoint, add bool) []writeOp {
 	ops := make([]writeOp, len(eps))
 	for i, e := range eps {
-		ops[i] = writeOp{e, add}
+		ops[i] = writeOp{e: e, add: add}
 	}
 	return ops
 }
@@ -49,9 +51,9 @@ func rateOps(eps []endpoint, window, changes int) (start []endpoint, ops []write
 			e := ring[next%len(ring)]
 			next++
 			live = append(live, e)
-			ops = append(ops, writeOp{e, true})
+			ops = append(ops, writeOp{e: e, add: true})
 		} else {
-			ops = append(ops, writeOp{live[0], false})
+			ops = append(ops, writeOp{e: live[0]})
 			live = live[1:]
 		}
 	}
@@ -62,9 +64,12 @@ func rateOps(eps []endpoint, window, changes int) (start []endpoint, ops []write
 func (cb *workload) write(op writeOp) (bench.Change, error) {
 	start := time.Now()
 	var err error
-	if op.add {
+	switch {
+	case op.add:
 		_, err = cb.writer.Catalog().Register(op.e.reg, nil)
-	} else {
+	case op.flip:
+		_, err = cb.writer.Catalog().Register(op.e.critical, nil)
+	default:
 		_, err = cb.writer.Catalog().Deregister(op.e.dereg, nil)
 	}
 	now := time.Now()
