@@ -392,8 +392,9 @@ func alpnList(protocol string) []string {
 
 // startVerify runs one verification of ch in the background, or queues it
 // while verifyWorkers run (a proof ahead of a standby-only check is not
-// queued: it starts only while fewer than standbyRoom run); its result comes back to the loop through
-// c.events. Queued, not a goroutine each waiting its turn: a sidecar that
+// queued: it starts only while fewer than standbyRoom run); its result
+// comes back to the loop through c.events. Queued, not a goroutine each
+// waiting its turn: a sidecar that
 // starts with 10 000 endpoints would hold 10 000 parked goroutines and
 // their stacks until the proofs are through. A worker takes the next
 // queued proof itself when it is done with one, so the proofs' pace does
