@@ -166,8 +166,9 @@ type desired struct {
 	instances map[string]map[netip.AddrPort]instance
 	// standby are each upstream's instances that Consul lists but whose
 	// checks keep them out of traffic (healthAnswer.standby): their
-	// identity is proven ahead, none is placed. Absent when there are none.
-	standby map[string]standbyList
+	// identity is proven ahead, none is placed. Absent for an upstream
+	// without a standby watch, or before its first answer.
+	standby map[string]*standbySet
 	// dirty names the upstreams whose endpoints changed since they were
 	// last applied, with when the oldest unapplied change arrived from
 	// Consul: only those are planned, so one endpoint event costs one
@@ -210,22 +211,6 @@ func (d *desired) setEndpoints(name string, eps []slots.Endpoint, at time.Time) 
 	if _, ok := d.dirty[name]; !ok {
 		d.dirty[name] = at
 	}
-}
-
-// standbyList is an upstream's standby endpoints and their instances.
-type standbyList struct {
-	eps  []slots.Endpoint
-	inst map[netip.AddrPort]instance
-}
-
-// setStandby records an upstream's standby endpoints; it is called with
-// setEndpoints, which marks the upstream for planning.
-func (d *desired) setStandby(name string, eps []slots.Endpoint, inst map[netip.AddrPort]instance) {
-	if len(eps) == 0 {
-		delete(d.standby, name)
-		return
-	}
-	d.standby[name] = standbyList{eps: eps, inst: inst}
 }
 
 // applied is what HAProxy runs, as the executor last reached or read it.
@@ -331,7 +316,7 @@ func New(cfg Config) (*Controller, error) {
 		metrics: newMetrics(cfg.AnswerLimit),
 		ident:   newIdentities(),
 		desired: desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}, instances: map[string]map[netip.AddrPort]instance{},
-			standby: map[string]standbyList{},
+			standby: map[string]*standbySet{},
 			chains:  map[string]*chain.Chain{}, changes: map[string]map[netip.AddrPort]endpointChange{}},
 		watches: map[string]*upstreamWatch{},
 	}

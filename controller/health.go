@@ -110,23 +110,35 @@ func (h *healthReader) connect(ctx context.Context, service, dc string, index ui
 // connectFiltered runs one blocking query for the Connect-capable
 // instances of service from index, waiting at most wait, with a Consul
 // filter expression (a service-resolver subset's), sent URL-encoded, when
-// filter is set; and splits them into the usable ones and the standby.
-//
-// The query asks for every instance, not only passing ones ("passing"
-// left out), and reads each one's checks: the standby instances are what
-// lets the sidecar prove an instance while its checks still fail (a new
-// instance is registered critical until its first check runs, which
-// Consul staggers over the check's interval), so that it takes traffic as
-// soon as they pass instead of after a handshake.
-//
-// With onlyPassing, an instance is usable when all its checks pass. With
-// onlyPassing false (a resolver subset's OnlyPassing = false, Consul's
-// default for a chain target), instances whose worst check is a warning
-// are usable too, as Envoy gets them: critical ones are not (maintenance
-// is a critical check), and warning ones take their Weights.Warning, as
-// Consul does for Envoy's endpoints.
+// filter is set. With onlyPassing, Consul answers the passing ones only
+// ("passing"). With onlyPassing false (a resolver subset's OnlyPassing =
+// false, Consul's default for a chain target), instances whose worst
+// check is a warning are usable too, as Envoy gets them: critical ones are
+// not (maintenance is a critical check), and warning ones take their
+// Weights.Warning, as Consul does for Envoy's endpoints; the others are
+// standby.
 func (h *healthReader) connectFiltered(ctx context.Context, service, dc, filter string, onlyPassing bool, index uint64, wait time.Duration) (healthAnswer, error) {
-	entries, bad, next, at, err := h.query(ctx, service, dc, filter, index, wait)
+	entries, bad, next, at, err := h.query(ctx, service, dc, filter, onlyPassing, index, wait)
+	return answer(entries, bad, next, at, err, onlyPassing)
+}
+
+// notAllPassing is Consul's filter for the instances "passing" leaves out:
+// on a list of checks, != holds when any one differs.
+const notAllPassing = `Checks.Status != "passing"`
+
+// standby runs one blocking query for the instances of service that are
+// listed but not usable (connectFiltered): those with a check that does
+// not pass, filtered by Consul, so that an answer carries them alone. The
+// sidecar proves them ahead (identity.go).
+func (h *healthReader) standby(ctx context.Context, service, dc string, onlyPassing bool, index uint64, wait time.Duration) (healthAnswer, error) {
+	entries, bad, next, at, err := h.query(ctx, service, dc, notAllPassing, false, index, wait)
+	a, err := answer(entries, bad, next, at, err, onlyPassing)
+	a.usable = nil
+	return a, err
+}
+
+// answer is a query's result as an answer for onlyPassing.
+func answer(entries []healthEntry, bad []error, next uint64, at time.Time, err error, onlyPassing bool) (healthAnswer, error) {
 	if err != nil {
 		return healthAnswer{at: at}, err
 	}
@@ -135,11 +147,15 @@ func (h *healthReader) connectFiltered(ctx context.Context, service, dc, filter 
 	return a, nil
 }
 
-// query runs the health query and reads its answer.
-func (h *healthReader) query(ctx context.Context, service, dc, filter string, index uint64, wait time.Duration) (entries []healthEntry, bad []error, next uint64, at time.Time, err error) {
+// query runs the health query and reads its answer; with passing, Consul
+// leaves out every instance with a check that does not pass.
+func (h *healthReader) query(ctx context.Context, service, dc, filter string, passing bool, index uint64, wait time.Duration) (entries []healthEntry, bad []error, next uint64, at time.Time, err error) {
 	u := h.base
 	u.Path = strings.TrimSuffix(u.Path, "/") + "/v1/health/connect/" + url.PathEscape(service)
 	params := url.Values{}
+	if passing {
+		params.Set("passing", "1")
+	}
 	for k, v := range h.params {
 		params[k] = v
 	}

@@ -256,19 +256,25 @@ func TestHealthConnectConsul(t *testing.T) {
 	if got := strings.Join(ids, " "); got != "api-1/w1 api-3/w3 api-4/w1 standby api-2" {
 		t.Errorf("entries not only passing: %s", got)
 	}
-	// Only passing: the warning and critical instances are standby.
-	a, err = q.connectFiltered(ctx, "api", "", "", true, 0, time.Minute)
-	if err != nil || len(a.bad) > 0 {
-		t.Fatal(err, a.bad)
+	// The standby query: only the instances with a check that does not
+	// pass, from Consul's filter; for a watch of passing ones, the warning
+	// one is standby too.
+	for _, tt := range []struct {
+		onlyPassing bool
+		want        string
+	}{{true, "api-2 api-4"}, {false, "api-2"}} {
+		a, err := q.standby(ctx, "api", "", tt.onlyPassing, 0, time.Minute)
+		if err != nil || len(a.bad) > 0 || len(a.usable) > 0 {
+			t.Fatal(err, a.bad, a.usable)
+		}
+		ids = nil
+		for _, e := range a.standby {
+			ids = append(ids, e.ID)
+		}
+		if got := strings.Join(ids, " "); got != tt.want {
+			t.Errorf("standby entries, only passing %t: %s, want %s", tt.onlyPassing, got, tt.want)
+		}
 	}
-	ids = nil
-	for _, e := range a.standby {
-		ids = append(ids, e.ID)
-	}
-	if got := strings.Join(ids, " "); got != "api-2 api-4" {
-		t.Errorf("standby entries: %s", got)
-	}
-
 	// No change within the wait: the same index comes back.
 	_, _, same, _, err := q.connect(ctx, "api", "", index, 200*time.Millisecond)
 	if err != nil || same != index {

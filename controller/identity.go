@@ -41,10 +41,10 @@ import (
 // sample (propagation.go) counts its verification's time.
 //
 // Proofs are made ahead too: an instance Consul lists while its checks
-// fail (desired.standby; a new instance is critical until its first check
-// runs) is proven while it waits, within standbyWindow of turning standby
-// and only while workers are free, so that the check passing places it
-// without a handshake in between. Its result is what places it then, if
+// fail (desired.standby, watchStandby; a new instance is critical until
+// its first check runs) is proven while it waits, within standbyWindow of
+// turning standby and behind every proof of a listed endpoint, so that
+// the check passing places it without a handshake in between. Its result is what places it then, if
 // it is not due; a due one of a standby-only check is forgotten.
 //
 // A result is kept per (expected identity, address:port) while some
@@ -89,8 +89,9 @@ const (
 	// (sweepIdentities), so that it is proven again before it is placed.
 	standbyWindow = 2 * time.Minute
 	// standbyRoom is how many verification workers may run when a proof
-	// ahead starts: it never queues, and never takes the workers above
-	// this, so that the proofs of listed endpoints always find room.
+	// ahead starts: past it, the proof waits in a queue of its own, taken
+	// only when the listed endpoints' queue is empty and fewer workers
+	// run, so that the proofs of listed endpoints always find room.
 	standbyRoom = verifyWorkers / 2
 	// maxHold bounds how long endpoints that left the list keep their
 	// slots while none of the listed ones is proven yet (holdLeaving):
@@ -131,6 +132,8 @@ type idCheck struct {
 	// unlisted is set by the loop while a queued proof waits and no
 	// upstream lists the endpoint: its worker drops it unproven.
 	unlisted atomic.Bool
+	// ahead is set while its proof waits in the ahead queue.
+	ahead    atomic.Bool
 	known    bool   // a verification completed
 	good     bool   // the last conclusive one proved want
 	shown    string // the identity presented at the last one
@@ -149,9 +152,10 @@ type identities struct {
 	// standbyBy: upstream -> check keys it lists as standby
 	standbyBy map[string]map[checkKey]struct{}
 	errs      map[serverRef]uint64 // econ+ssl_failed_handshake+dresp last read
-	mu        sync.Mutex           // guards running and queue, shared with the workers
+	mu        sync.Mutex           // guards running and the queues, shared with the workers
 	running   int                  // workers running
 	queue     []queuedVerify       // verifications waiting for one of verifyWorkers
+	ahead     []queuedVerify       // proofs ahead waiting for fewer than standbyRoom to run
 	wg        sync.WaitGroup       // workers running (tests wait on it)
 }
 
@@ -298,6 +302,11 @@ func (c *Controller) track(ctx context.Context, v verifyAction) {
 			}
 		}
 	}
+	for _, r := range v.checks {
+		if ch := id.checks[r.key]; ch.ahead.Load() {
+			c.promote(ctx, ch)
+		}
+	}
 }
 
 // record adds upstream to the users (or, with standby, the standby
@@ -391,10 +400,10 @@ func alpnList(protocol string) []string {
 }
 
 // startVerify runs one verification of ch in the background, or queues it
-// while verifyWorkers run (a proof ahead of a standby-only check is not
-// queued: it starts only while fewer than standbyRoom run); its result
-// comes back to the loop through c.events. Queued, not a goroutine each
-// waiting its turn: a sidecar that
+// while verifyWorkers run (a proof ahead of a standby-only check runs only
+// while fewer than standbyRoom do, and waits in the ahead queue
+// otherwise); its result comes back to the loop through c.events. Queued,
+// not a goroutine each waiting its turn: a sidecar that
 // starts with 10 000 endpoints would hold 10 000 parked goroutines and
 // their stacks until the proofs are through. A worker takes the next
 // queued proof itself when it is done with one, so the proofs' pace does
@@ -408,13 +417,21 @@ func (c *Controller) startVerify(ctx context.Context, k checkKey, ch *idCheck) {
 	cfg.ALPN = ch.alpn
 	id := c.ident
 	q := queuedVerify{k, ch, cfg}
+	ch.inflight = true
 	id.mu.Lock()
 	if ch.standbyOnly() && id.running >= standbyRoom {
-		// Not queued: the next sweep tries it again.
+		ch.ahead.Store(true)
+		id.ahead = append(id.ahead, q)
 		id.mu.Unlock()
 		return
 	}
-	ch.inflight = true
+	c.runOrQueue(ctx, q)
+}
+
+// runOrQueue starts a worker for q, or queues q while verifyWorkers run.
+// It is called with the identities' mu held, and releases it.
+func (c *Controller) runOrQueue(ctx context.Context, q queuedVerify) {
+	id := c.ident
 	if id.running >= verifyWorkers {
 		id.queue = append(id.queue, q)
 		id.mu.Unlock()
@@ -451,17 +468,57 @@ func (c *Controller) verifyWorker(ctx context.Context, q queuedVerify) {
 			c.send(ctx, func(d *desired) { c.verified(d, k, ch, res, err) })
 		}
 		id.mu.Lock()
-		if len(id.queue) == 0 || ctx.Err() != nil {
+		var ok bool
+		if q, ok = id.next(ctx); !ok {
 			id.running--
-			id.queue = nil // let a burst's backing array go
 			id.mu.Unlock()
 			return
 		}
-		q = id.queue[0]
-		id.queue[0] = queuedVerify{}
-		id.queue = id.queue[1:]
 		id.mu.Unlock()
 	}
+}
+
+// next takes the proof a worker runs next, with mu held: the first queued
+// one, else, while fewer than standbyRoom other workers run, the first
+// proof ahead. An empty queue lets its backing array go (a burst's).
+func (id *identities) next(ctx context.Context) (queuedVerify, bool) {
+	take := func(queue *[]queuedVerify) queuedVerify {
+		q := (*queue)[0]
+		(*queue)[0] = queuedVerify{}
+		if *queue = (*queue)[1:]; len(*queue) == 0 {
+			*queue = nil
+		}
+		return q
+	}
+	switch {
+	case ctx.Err() != nil:
+		id.queue, id.ahead = nil, nil
+		return queuedVerify{}, false
+	case len(id.queue) > 0:
+		return take(&id.queue), true
+	case len(id.ahead) > 0 && id.running <= standbyRoom:
+		q := take(&id.ahead)
+		q.ch.ahead.Store(false)
+		return q, true
+	}
+	return queuedVerify{}, false
+}
+
+// promote moves ch's proof from the ahead queue to the listed endpoints'
+// queue, or to a worker of its own, once an upstream lists it: an
+// endpoint waiting to be placed does not wait behind proofs ahead.
+func (c *Controller) promote(ctx context.Context, ch *idCheck) {
+	id := c.ident
+	id.mu.Lock()
+	i := slices.IndexFunc(id.ahead, func(q queuedVerify) bool { return q.ch == ch })
+	if i < 0 {
+		id.mu.Unlock()
+		return
+	}
+	q := id.ahead[i]
+	id.ahead = slices.Delete(id.ahead, i, i+1)
+	ch.ahead.Store(false)
+	c.runOrQueue(ctx, q)
 }
 
 // unlist forgets the check k, which no upstream lists any more; one in

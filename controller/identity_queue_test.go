@@ -89,9 +89,9 @@ func TestVerifyQueue(t *testing.T) {
 
 // TestStandbyProofs: an instance listed as standby (its checks failing)
 // is proven ahead, retried while it does not answer, but only within
-// standbyWindow and only while workers are free for the listed endpoints;
-// past the window a due proof of it is forgotten, so that it is proven
-// again before it is placed.
+// standbyWindow, and behind the listed endpoints' proofs; past the window
+// a due proof of it is forgotten, so that it is proven again before it is
+// placed.
 func TestStandbyProofs(t *testing.T) {
 	leaf, roots := webLeaf(t)
 	c, err := New(Config{Consul: api.DefaultConfig(), ProxyID: "web-sidecar-proxy", StateDir: t.TempDir(), SPOASocket: "/state/spoa.sock", Log: zaptest.NewLogger(t), MinSlots: 8})
@@ -168,23 +168,45 @@ func TestStandbyProofs(t *testing.T) {
 	if p, _ := c.ident.proof(key(1), now); !p.good || count(1) != 2 {
 		t.Errorf("endpoint 1 listed: %+v after %d proofs; want proven again", p, count(1))
 	}
-	// A proof ahead never queues, nor takes the workers past standbyRoom.
-	c.ident.mu.Lock()
-	c.ident.running = standbyRoom
-	c.ident.mu.Unlock()
+	// A proof ahead does not take the workers past standbyRoom: it waits
+	// in a queue of its own, which a worker takes when it is done and no
+	// proof of a listed endpoint waits.
+	setRunning := func(n int) {
+		c.ident.mu.Lock()
+		c.ident.running = n
+		c.ident.mu.Unlock()
+	}
+	setRunning(standbyRoom)
 	c.track(context.Background(), verifyAction{upstream: "up_api", checks: []checkRef{{key: key(1)}}, standby: []checkRef{{key: key(2)}, {key: key(3)}}})
 	three := c.ident.checks[key(3)]
-	c.ident.mu.Lock()
-	queued := len(c.ident.queue)
-	c.ident.running = 0
-	c.ident.mu.Unlock()
-	if three == nil || three.inflight || queued != 0 || count(3) != 0 {
-		t.Fatalf("standby endpoint 3 with %d workers running: %+v, %d queued", standbyRoom, three, queued)
+	if c.ident.wg.Wait(); three == nil || !three.ahead.Load() || count(3) != 0 {
+		t.Fatalf("standby endpoint 3 with %d workers running: %+v, %d proofs", standbyRoom, three, count(3))
 	}
-	// The next sweep starts it.
-	sweep(reverifyEvery + reverifyEvery/5 + time.Second)
-	if !three.good || count(3) != 1 {
-		t.Errorf("standby endpoint 3 after the sweep: good %t after %d proofs", three.good, count(3))
+	setRunning(0)
+	c.track(context.Background(), verifyAction{upstream: "up_api", checks: []checkRef{{key: key(1)}, {key: key(4)}}, standby: []checkRef{{key: key(2)}, {key: key(3)}}})
+	settle()
+	if !three.good || count(3) != 1 || count(4) != 1 {
+		t.Errorf("after endpoint 4's proof: 3 good %t after %d proofs, 4 proven %d times", three.good, count(3), count(4))
+	}
+	// One waiting ahead that an upstream lists is proven as listed ones are.
+	setRunning(standbyRoom)
+	c.track(context.Background(), verifyAction{upstream: "up_api", checks: []checkRef{{key: key(1)}, {key: key(4)}}, standby: []checkRef{{key: key(3)}, {key: key(5)}}})
+	five := c.ident.checks[key(5)]
+	if !five.ahead.Load() {
+		t.Fatalf("standby endpoint 5 not waiting ahead")
+	}
+	c.track(context.Background(), verifyAction{upstream: "up_api", checks: []checkRef{{key: key(1)}, {key: key(4)}, {key: key(5)}}, standby: []checkRef{{key: key(3)}}})
+	c.ident.wg.Wait()
+	setRunning(0)
+	drainEvents(c)
+	if five.ahead.Load() || !five.good || count(5) != 1 {
+		t.Errorf("endpoint 5 listed: waiting ahead %t, good %t after %d proofs", five.ahead.Load(), five.good, count(5))
+	}
+	c.ident.mu.Lock()
+	left := len(c.ident.ahead) + len(c.ident.queue)
+	c.ident.mu.Unlock()
+	if left != 0 {
+		t.Errorf("%d proofs left queued", left)
 	}
 	// Endpoint 2 leaves Consul's list: its check is dropped.
 	c.track(context.Background(), verifyAction{upstream: "up_api", checks: []checkRef{{key: key(1)}}, standby: []checkRef{{key: key(3)}}})

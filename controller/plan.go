@@ -477,6 +477,9 @@ func (in planInput) planEndpoints() []action {
 	return acts
 }
 
+// noStandby is the standby set of an upstream that has none.
+var noStandby standbySet
+
 // verifiedEndpoints returns the endpoints of upstream name that have proved
 // its identity and whether some endpoint has no result yet, and the
 // verifyAction that records its list and its standby endpoints, and
@@ -517,6 +520,9 @@ func (in planInput) verifiedEndpoints(name string, eps []slots.Endpoint) (ok []s
 		return p, !listed || !exists || p.due || (inst.id != "" && inst.id != p.instance)
 	}
 	insts, sb := d.instances[name], d.standby[name]
+	if sb == nil {
+		sb = &noStandby
+	}
 	prev, prevStandby := in.proofs.listed(name), in.proofs.standby(name)
 	changed, n, m := false, 0, 0
 	ok = make([]slots.Endpoint, 0, len(eps))

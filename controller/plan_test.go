@@ -73,7 +73,7 @@ func newPlanSim(sc *Sidecar, leaf *certs.Bundle, roots *certs.Roots) *planSim {
 	return &planSim{
 		d: desired{sidecar: sc, sidecarSince: t0, leaf: leaf, roots: roots,
 			endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}, instances: map[string]map[netip.AddrPort]instance{},
-			standby: map[string]standbyList{}},
+			standby: map[string]*standbySet{}},
 		proofs: &fakeProofs{checks: map[checkKey]proof{}, lists: map[string]map[checkKey]struct{}{},
 			standbys: map[string]map[checkKey]struct{}{}},
 		now:      t0,
@@ -91,11 +91,9 @@ func (s *planSim) endpoints(upstream string, eps ...slots.Endpoint) {
 	s.d.setEndpoints(upstream, eps, s.now)
 }
 
-// standby is a new list of standby endpoints from Consul, now, with the
-// same endpoint list (as the watch publishes both).
+// standby is a new list of standby endpoints from Consul, now.
 func (s *planSim) standby(upstream string, eps ...slots.Endpoint) {
-	s.d.setStandby(upstream, eps, nil)
-	s.d.setEndpoints(upstream, s.d.endpoints[upstream], s.now)
+	s.d.standbyAnswer(upstream, standbyList{eps: eps, at: s.now})
 }
 
 // step plans, describes the actions, and takes them as execute would
@@ -536,7 +534,7 @@ func TestPlanTranscript(t *testing.T) {
 		{"start does not wait for standby endpoints' proofs", nil, []step{
 			{"both lists; api's standby endpoint is not proven", time.Second, func(s *planSim) {
 				s.inflight["10.0.0.9:21000"] = true
-				s.d.setStandby("up_api", []slots.Endpoint{ep(9, 21000)}, nil)
+				s.d.standbyAnswer("up_api", standbyList{eps: []slots.Endpoint{ep(9, 21000)}, at: s.now})
 				s.endpoints("up_api", ep(1, 21000))
 				s.endpoints("up_db", ep(5, 21000))
 			}, []string{

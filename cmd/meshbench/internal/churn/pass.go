@@ -107,6 +107,14 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 	if err := settle(ctx, c, seenTL, consulTL, wantOf(start)); err != nil {
 		return r, fmt.Errorf("starting state: %w", err)
 	}
+	if p.flip && c.share != nil {
+		// The ring's instances were listed critical before the start:
+		// a sidecar that proves them ahead does it now, not in the
+		// measured changes.
+		if err := proofsQuiet(ctx, c); err != nil {
+			return r, fmt.Errorf("starting state: %w", err)
+		}
+	}
 	reloadsBefore := -1
 	if c.reloads != nil {
 		n, err := c.reloads(ctx)
@@ -244,6 +252,30 @@ func serviceName(plain bool) string {
 		return "api-plain"
 	}
 	return "api"
+}
+
+// proofsQuiet waits until the contender has made no identity proof for
+// quietFor (its proof histogram's count unchanged).
+func proofsQuiet(ctx context.Context, c *contender) error {
+	const quietFor = 500 * time.Millisecond
+	last, since := -1.0, time.Now()
+	return bench.WaitFor(ctx, time.Minute, func() error {
+		s, err := c.share()
+		if err != nil {
+			return err
+		}
+		n := 0.0
+		if cum := s.proof.cum; len(cum) > 0 {
+			n = cum[len(cum)-1]
+		}
+		if n != last {
+			last, since = n, time.Now()
+		}
+		if time.Since(since) < quietFor {
+			return fmt.Errorf("%g proofs, the last under %s ago", n, quietFor)
+		}
+		return nil
+	})
 }
 
 // settle waits until both the contender and Consul show exactly want.
