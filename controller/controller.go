@@ -110,6 +110,8 @@ type Controller struct {
 	regNotes map[Note]bool
 	// ident is which upstream endpoints proved their identity (identity.go).
 	ident *identities
+	// standby reads the upstreams' standby instances (standby.go).
+	standby *standbyReader
 	// authz is the intentions generation: published by the SPOE agent
 	// (its Kick wakes the loop to apply it), applied by the loop.
 	authz *authzgen.Generation
@@ -315,6 +317,7 @@ func New(cfg Config) (*Controller, error) {
 		l7kick:  make(chan struct{}, 1),
 		metrics: newMetrics(cfg.AnswerLimit),
 		ident:   newIdentities(),
+		standby: newStandbyReader(),
 		desired: desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}, instances: map[string]map[netip.AddrPort]instance{},
 			standby: map[string]*standbySet{},
 			chains:  map[string]*chain.Chain{}, changes: map[string]map[netip.AddrPort]endpointChange{}},
@@ -387,6 +390,7 @@ func (c *Controller) Run(ctx context.Context) error {
 		c.send(ctx, func(d *desired) { d.roots = r })
 	})
 	go c.watchIdentities(ctx)
+	go c.readStandby(ctx)
 	defer c.ready.Store(false)
 	for {
 		var masterDone <-chan struct{}

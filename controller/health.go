@@ -126,12 +126,12 @@ func (h *healthReader) connectFiltered(ctx context.Context, service, dc, filter 
 // on a list of checks, != holds when any one differs.
 const notAllPassing = `Checks.Status != "passing"`
 
-// standby runs one blocking query for the instances of service that are
-// listed but not usable (connectFiltered): those with a check that does
-// not pass, filtered by Consul, so that an answer carries them alone. The
-// sidecar proves them ahead (identity.go).
-func (h *healthReader) standby(ctx context.Context, service, dc string, onlyPassing bool, index uint64, wait time.Duration) (healthAnswer, error) {
-	entries, bad, next, at, err := h.query(ctx, service, dc, notAllPassing, false, index, wait)
+// standby asks for the instances of service that are listed but not
+// usable (connectFiltered): those with a check that does not pass,
+// filtered by Consul, so that the answer carries them alone; it does not
+// block. The sidecar proves them ahead (standby.go).
+func (h *healthReader) standby(ctx context.Context, service, dc string, onlyPassing bool) (healthAnswer, error) {
+	entries, bad, next, at, err := h.query(ctx, service, dc, notAllPassing, false, 0, 0)
 	a, err := answer(entries, bad, next, at, err, onlyPassing)
 	a.usable = nil
 	return a, err

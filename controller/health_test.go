@@ -263,7 +263,7 @@ func TestHealthConnectConsul(t *testing.T) {
 		onlyPassing bool
 		want        string
 	}{{true, "api-2 api-4"}, {false, "api-2"}} {
-		a, err := q.standby(ctx, "api", "", tt.onlyPassing, 0, time.Minute)
+		a, err := q.standby(ctx, "api", "", tt.onlyPassing)
 		if err != nil || len(a.bad) > 0 || len(a.usable) > 0 {
 			t.Fatal(err, a.bad, a.usable)
 		}

@@ -41,7 +41,7 @@ import (
 // sample (propagation.go) counts its verification's time.
 //
 // Proofs are made ahead too: an instance Consul lists while its checks
-// fail (desired.standby, watchStandby; a new instance is critical until
+// fail (desired.standby, standby.go; a new instance is critical until
 // its first check runs) is proven while it waits, within standbyWindow of
 // turning standby and behind every proof of a listed endpoint, so that
 // the check passing places it without a handshake in between. Its result is what places it then, if

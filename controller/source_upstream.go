@@ -17,7 +17,10 @@ import (
 )
 
 func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
-	go c.watchStandby(ctx, u)
+	standby := u.Type != string(api.UpstreamDestTypePreparedQuery) && u.Filter == ""
+	if standby {
+		defer c.standby.forget(u)
+	}
 	var last []slots.Endpoint
 	first := true
 	p := &pendingList{taken: make(chan struct{}, 1)}
@@ -48,7 +51,7 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 				return
 			}
 			if w, ok := c.watches[u.Name]; ok && w.up == u { // not a stale watch
-				d.listAnswer(u.Name, d.endpoints[u.Name], l.eps, d.instances[u.Name], l.index)
+				d.listAnswer(u.Name, d.endpoints[u.Name], l.eps, d.instances[u.Name], l.index, l.at)
 				d.setEndpoints(u.Name, l.eps, l.at)
 				if _, served := c.applied.tables[u.Name]; served {
 					d.noteChanges(u.Name, d.instances[u.Name], l.inst, l.at)
@@ -85,6 +88,11 @@ func (c *Controller) watchUpstream(ctx context.Context, u Upstream) {
 		if err != nil {
 			return endpointList{}, cur, err
 		}
+		if standby && a.index != cur.Index {
+			// Something of the service's instances changed, maybe
+			// only an instance this answer leaves out.
+			c.standby.due(u)
+		}
 		return endpointList{eps: filter.endpoints(a.usable, a.bad), inst: healthInstances(a.usable), index: a.index, at: a.at}, watch.Cursor{Index: a.index}, nil
 	}, publish)
 }
@@ -95,46 +103,6 @@ type endpointList struct {
 	inst  map[netip.AddrPort]instance // by endpoint
 	index uint64                      // X-Consul-Index; 0 for a prepared query
 	at    time.Time
-}
-
-// standbyPoll is the least time between two answers of an upstream's
-// standby watch: an instance is standby for seconds (a new one until its
-// first check runs, staggered over the check's interval), so one answer a
-// second finds most of them in time, and bounds what the watch costs
-// Consul and the sidecar when checks change many times a second.
-const standbyPoll = time.Second
-
-// watchStandby keeps desired.standby of service upstream u: the instances
-// Consul lists whose checks keep them out of traffic, which the sidecar
-// proves ahead (identity.go). Its own blocking query, which Consul filters
-// to those instances, so that the upstream's own answers stay the passing
-// ones alone; at most one answer per standbyPoll. None for an upstream
-// with a subset filter: its expression is not combined with another.
-func (c *Controller) watchStandby(ctx context.Context, u Upstream) {
-	if u.Type == string(api.UpstreamDestTypePreparedQuery) || u.Filter != "" {
-		return
-	}
-	filter := newInstanceFilter(u.Name, c.log, c.metrics)
-	filter.max, filter.proxyID = c.cfg.MaxEndpoints, c.cfg.ProxyID
-	var last []slots.Endpoint
-	first := true
-	watch.Loop(ctx, watch.Options{Name: "standby " + u.Name, Log: c.log, MinInterval: 10 * time.Millisecond, Spacing: standbyPoll}, func(ctx context.Context, cur watch.Cursor) (standbyList, watch.Cursor, error) {
-		a, err := c.health.standby(ctx, u.Destination, u.Datacenter, onlyPassing(u), cur.Index, 5*time.Minute)
-		if err != nil {
-			return standbyList{}, cur, err
-		}
-		return standbyList{eps: filter.standby(a.standby), inst: healthInstances(a.standby), index: a.index, at: a.at}, watch.Cursor{Index: a.index}, nil
-	}, func(l standbyList) {
-		if !first && slices.Equal(l.eps, last) {
-			return
-		}
-		first, last = false, l.eps
-		c.send(ctx, func(d *desired) {
-			if w, ok := c.watches[u.Name]; ok && w.up == u { // not a stale watch
-				d.standbyAnswer(u.Name, l)
-			}
-		})
-	})
 }
 
 // pendingList holds an upstream's newest list between its watch and the

@@ -11,7 +11,8 @@ import (
 
 // TestStandbyCarried: an endpoint one watch drops stays standby until the
 // other watch has answered as of the same change or a later one, whichever
-// of the two answers first; then it is what the newest answers say.
+// of the two answers first, or carryMax has passed; then it is what the
+// newest answers say.
 func TestStandbyCarried(t *testing.T) {
 	list := func(ns ...int) []slots.Endpoint {
 		var eps []slots.Endpoint
@@ -24,6 +25,7 @@ func TestStandbyCarried(t *testing.T) {
 		standby bool // else the upstream's own
 		index   uint64
 		eps     []slots.Endpoint
+		after   time.Duration // since the previous answer; 10 ms when 0
 	}
 	tests := []struct {
 		name    string
@@ -31,44 +33,53 @@ func TestStandbyCarried(t *testing.T) {
 		want    []string // standby endpoints (last octet) after each answer
 	}{
 		{"checks pass: the standby answer comes first", []answer{
-			{false, 10, list(1)}, {true, 10, list(2)},
-			{true, 11, nil}, // 2 passes: dropped here first
-			{false, 11, list(1, 2)},
+			{standby: false, index: 10, eps: list(1)}, {standby: true, index: 10, eps: list(2)},
+			{standby: true, index: 11, eps: nil}, // 2 passes: dropped here first
+			{standby: false, index: 11, eps: list(1, 2)},
 		}, []string{"", "2", "2", ""}},
 		{"checks pass: the upstream's answer comes first", []answer{
-			{false, 10, list(1)}, {true, 10, list(2)},
-			{false, 11, list(1, 2)}, {true, 11, nil},
+			{standby: false, index: 10, eps: list(1)}, {standby: true, index: 10, eps: list(2)},
+			{standby: false, index: 11, eps: list(1, 2)}, {standby: true, index: 11, eps: nil},
 		}, []string{"", "2", "2", ""}},
 		{"checks fail: the upstream's answer drops it first", []answer{
-			{false, 10, list(1, 2)}, {true, 10, nil},
-			{false, 11, list(1)}, // 2 fails: standby until the standby watch answers
-			{true, 11, list(2)},
+			{standby: false, index: 10, eps: list(1, 2)}, {standby: true, index: 10, eps: nil},
+			{standby: false, index: 11, eps: list(1)}, // 2 fails: standby until the standby watch answers
+			{standby: true, index: 11, eps: list(2)},
 		}, []string{"", "", "2", "2"}},
 		{"deregistered: carried until the other watch answers, then gone", []answer{
-			{false, 10, list(1, 2)}, {true, 10, nil},
-			{false, 11, list(1)}, {true, 11, nil},
+			{standby: false, index: 10, eps: list(1, 2)}, {standby: true, index: 10, eps: nil},
+			{standby: false, index: 11, eps: list(1)}, {standby: true, index: 11, eps: nil},
 		}, []string{"", "", "2", ""}},
 		{"an older answer of the other watch does not end it", []answer{
-			{false, 10, list(1, 2)}, {true, 9, nil},
-			{false, 12, list(1)}, {true, 11, nil}, {true, 12, nil},
+			{standby: false, index: 10, eps: list(1, 2)}, {standby: true, index: 9, eps: nil},
+			{standby: false, index: 12, eps: list(1)}, {standby: true, index: 11, eps: nil}, {standby: true, index: 12, eps: nil},
 		}, []string{"", "", "2", "2", ""}},
 		{"dropped by an answer no newer than the other's: not carried", []answer{
-			{true, 12, list(2)}, {false, 12, list(1)},
-			{true, 12, nil},
+			{standby: true, index: 12, eps: list(2)}, {standby: false, index: 12, eps: list(1)},
+			{standby: true, index: 12, eps: nil},
 		}, []string{"2", "2", ""}},
 		{"before the standby watch answered, nothing is carried", []answer{
-			{false, 10, list(1, 2)}, {false, 11, list(1)},
+			{standby: false, index: 10, eps: list(1, 2)}, {standby: false, index: 11, eps: list(1)},
 		}, []string{"", ""}},
+		{"not past carryMax, though the other watch has not answered", []answer{
+			{standby: false, index: 10, eps: list(1, 2)}, {standby: true, index: 10, eps: nil},
+			{standby: false, index: 11, eps: list(1)}, {standby: false, index: 12, eps: list(1, 3), after: carryMax + time.Millisecond},
+		}, []string{"", "", "2", ""}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			d := &desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}, standby: map[string]*standbySet{}}
+			at := t0
 			for i, a := range tt.answers {
+				if a.after == 0 {
+					a.after = 10 * time.Millisecond
+				}
+				at = at.Add(a.after)
 				if a.standby {
-					d.standbyAnswer("up_api", standbyList{eps: a.eps, index: a.index})
+					d.standbyAnswer("up_api", standbyList{eps: a.eps, index: a.index, at: at})
 				} else {
-					d.listAnswer("up_api", d.endpoints["up_api"], a.eps, nil, a.index)
-					d.setEndpoints("up_api", a.eps, time.Time{})
+					d.listAnswer("up_api", d.endpoints["up_api"], a.eps, nil, a.index, at)
+					d.setEndpoints("up_api", a.eps, at)
 				}
 				var got []string
 				if s := d.standby["up_api"]; s != nil {
