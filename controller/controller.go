@@ -169,7 +169,7 @@ type desired struct {
 	// standby are each upstream's instances that Consul lists but whose
 	// checks keep them out of traffic (healthAnswer.standby): their
 	// identity is proven ahead, none is placed. Absent for an upstream
-	// without a standby watch, or before its first answer.
+	// without standby queries (standby.go), or before the first answer.
 	standby map[string]*standbySet
 	// dirty names the upstreams whose endpoints changed since they were
 	// last applied, with when the oldest unapplied change arrived from

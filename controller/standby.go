@@ -148,7 +148,7 @@ func (c *Controller) readStandby(ctx context.Context) {
 	}
 }
 
-// standbyList is one answer of an upstream's standby watch (watchStandby).
+// standbyList is one answer of a standby query (readStandby).
 type standbyList struct {
 	eps   []slots.Endpoint
 	inst  map[netip.AddrPort]instance
@@ -158,34 +158,35 @@ type standbyList struct {
 
 // standbySet is an upstream's standby endpoints as the plan sees them.
 //
-// Two watches answer each change of an upstream's instances, each on its
-// own: the upstream's, of the usable instances, and its standby watch. An
-// instance that moves from one answer to the other would be in neither
-// between the two answers, and its proof forgotten meanwhile (track drops
-// a check nothing lists), to be made again before it is placed: the very
-// handshake proving ahead saves. So an endpoint that one watch's answer
-// drops stays standby (carried) until the other watch has answered as of
-// the same change or a later one: Consul's X-Consul-Index orders them,
-// both being queries of the same service's health.
+// Two queries answer each change of an upstream's instances, each on its
+// own: the upstream's watch, of the usable instances, and the standby
+// query. An instance that moves from one answer to the other would be in
+// neither between the two answers, and its proof forgotten meanwhile
+// (track drops a check nothing lists), to be made again before it is
+// placed: the very handshake proving ahead saves. So an endpoint that one
+// side's answer drops stays standby (carried) until the other side has
+// answered as of the same change or a later one (Consul's X-Consul-Index
+// orders them, both being queries of the same service's health), or
+// carryMax has passed.
 type standbySet struct {
-	latest    standbyList                        // the standby watch's newest answer
+	latest    standbyList                        // the newest standby answer
 	listIndex uint64                             // the index of the upstream's own newest answer
-	carried   map[netip.AddrPort]carriedEndpoint // dropped by one watch, not yet answered by the other
+	carried   map[netip.AddrPort]carriedEndpoint // dropped by one side, not yet answered by the other
 	// eps and inst are latest and carried together, eps sorted: what the
 	// plan proves ahead.
 	eps  []slots.Endpoint
 	inst map[netip.AddrPort]instance
 }
 
-// carriedEndpoint is an endpoint one watch dropped.
+// carriedEndpoint is an endpoint one side dropped.
 type carriedEndpoint struct {
 	ep   slots.Endpoint
 	inst instance
-	// until: an answer of the other watch at this index or later ends it;
+	// until: an answer of the other side at this index or later ends it;
 	// byStandby says which watch that is.
 	until     uint64
 	byStandby bool
-	// since: when it was dropped. The other watch answers only when the
+	// since: when it was dropped. The other side answers only when the
 	// service changes, so a carried endpoint also ends after carryMax.
 	since time.Time
 }
@@ -193,7 +194,7 @@ type carriedEndpoint struct {
 // carryMax bounds how long an endpoint stays carried.
 const carryMax = 2 * standbyPoll
 
-// standbyAnswer records an answer of upstream name's standby watch, and
+// standbyAnswer records a standby answer of upstream name, and
 // marks the upstream for planning: the plan records the endpoints for
 // their proofs.
 func (d *desired) standbyAnswer(name string, l standbyList) {
@@ -227,7 +228,7 @@ func (d *desired) standbyAnswer(name string, l standbyList) {
 func (d *desired) listAnswer(name string, old, now []slots.Endpoint, oldInst map[netip.AddrPort]instance, index uint64, at time.Time) {
 	s := d.standby[name]
 	if s == nil {
-		return // no standby watch, or none of its answers yet
+		return // no standby query, or none of its answers yet
 	}
 	for k, c := range s.carried {
 		if !c.byStandby && index >= c.until {

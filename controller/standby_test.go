@@ -9,8 +9,8 @@ import (
 	"github.com/haproxy-connect/haproxy-connect/slots"
 )
 
-// TestStandbyCarried: an endpoint one watch drops stays standby until the
-// other watch has answered as of the same change or a later one, whichever
+// TestStandbyCarried: an endpoint one side drops stays standby until the
+// other side has answered as of the same change or a later one, whichever
 // of the two answers first, or carryMax has passed; then it is what the
 // newest answers say.
 func TestStandbyCarried(t *testing.T) {
@@ -43,14 +43,14 @@ func TestStandbyCarried(t *testing.T) {
 		}, []string{"", "2", "2", ""}},
 		{"checks fail: the upstream's answer drops it first", []answer{
 			{standby: false, index: 10, eps: list(1, 2)}, {standby: true, index: 10, eps: nil},
-			{standby: false, index: 11, eps: list(1)}, // 2 fails: standby until the standby watch answers
+			{standby: false, index: 11, eps: list(1)}, // 2 fails: standby until the standby query answers
 			{standby: true, index: 11, eps: list(2)},
 		}, []string{"", "", "2", "2"}},
-		{"deregistered: carried until the other watch answers, then gone", []answer{
+		{"deregistered: carried until the other side answers, then gone", []answer{
 			{standby: false, index: 10, eps: list(1, 2)}, {standby: true, index: 10, eps: nil},
 			{standby: false, index: 11, eps: list(1)}, {standby: true, index: 11, eps: nil},
 		}, []string{"", "", "2", ""}},
-		{"an older answer of the other watch does not end it", []answer{
+		{"an older answer of the other side does not end it", []answer{
 			{standby: false, index: 10, eps: list(1, 2)}, {standby: true, index: 9, eps: nil},
 			{standby: false, index: 12, eps: list(1)}, {standby: true, index: 11, eps: nil}, {standby: true, index: 12, eps: nil},
 		}, []string{"", "", "2", "2", ""}},
@@ -58,10 +58,10 @@ func TestStandbyCarried(t *testing.T) {
 			{standby: true, index: 12, eps: list(2)}, {standby: false, index: 12, eps: list(1)},
 			{standby: true, index: 12, eps: nil},
 		}, []string{"2", "2", ""}},
-		{"before the standby watch answered, nothing is carried", []answer{
+		{"before the first standby answer, nothing is carried", []answer{
 			{standby: false, index: 10, eps: list(1, 2)}, {standby: false, index: 11, eps: list(1)},
 		}, []string{"", ""}},
-		{"not past carryMax, though the other watch has not answered", []answer{
+		{"not past carryMax, though the other side has not answered", []answer{
 			{standby: false, index: 10, eps: list(1, 2)}, {standby: true, index: 10, eps: nil},
 			{standby: false, index: 11, eps: list(1)}, {standby: false, index: 12, eps: list(1, 3), after: carryMax + time.Millisecond},
 		}, []string{"", "", "2", ""}},
