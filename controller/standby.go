@@ -61,6 +61,17 @@ func (r *standbyReader) due(u Upstream) {
 	}
 }
 
+// retry asks again for a standby query of u, whose query failed, unless
+// u's watch ended meanwhile.
+func (r *standbyReader) retry(u Upstream) {
+	r.mu.Lock()
+	_, known := r.last[u.Name]
+	r.mu.Unlock()
+	if known {
+		r.due(u)
+	}
+}
+
 // forget drops u, whose watch ended.
 func (r *standbyReader) forget(u Upstream) {
 	r.mu.Lock()
@@ -99,16 +110,9 @@ func (c *Controller) readStandby(ctx context.Context) {
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	failing := false
-	filters := map[string]*instanceFilter{}
 	for {
 		ready, wait := r.next(time.Now())
 		for _, u := range ready {
-			f := filters[u.Name]
-			if f == nil {
-				f = newInstanceFilter(u.Name, c.log, c.metrics)
-				f.max, f.proxyID = c.cfg.MaxEndpoints, c.cfg.ProxyID
-				filters[u.Name] = f
-			}
 			a, err := c.health.standby(ctx, u.Destination, u.Datacenter, onlyPassing(u))
 			if err != nil {
 				if ctx.Err() != nil {
@@ -118,22 +122,21 @@ func (c *Controller) readStandby(ctx context.Context) {
 					c.log.Warn("reading an upstream's standby instances failed; they are not proven ahead", zap.String("upstream", u.Name), zap.Error(err))
 				}
 				failing = true
-				r.due(u) // again, at the next poll
+				r.retry(u) // at the next poll
 				continue
 			}
 			if failing {
 				c.log.Info("reading standby instances works again", zap.String("upstream", u.Name))
 				failing = false
 			}
+			f := newInstanceFilter(u.Name, c.log, c.metrics)
+			f.max, f.proxyID = c.cfg.MaxEndpoints, c.cfg.ProxyID
 			l := standbyList{eps: f.standby(a.standby), inst: healthInstances(a.standby), index: a.index, at: a.at}
 			c.send(ctx, func(d *desired) {
 				if w, ok := c.watches[u.Name]; ok && w.up == u { // not a stale watch
 					d.standbyAnswer(u.Name, l)
 				}
 			})
-		}
-		if len(filters) > 64 {
-			clear(filters) // upstreams come and go: a filter holds nothing a new one lacks
 		}
 		if wait < 0 {
 			wait = time.Hour

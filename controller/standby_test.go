@@ -94,3 +94,49 @@ func TestStandbyCarried(t *testing.T) {
 		})
 	}
 }
+
+// TestStandbyReaderPacing: an upstream's standby query runs at once when
+// due, then at most once per standbyPoll; a failed one is retried unless
+// the upstream's watch ended.
+func TestStandbyReaderPacing(t *testing.T) {
+	r := newStandbyReader()
+	a, b := Upstream{Name: "up_a"}, Upstream{Name: "up_b"}
+	names := func(us []Upstream) string {
+		var out []string
+		for _, u := range us {
+			out = append(out, u.Name)
+		}
+		return strings.Join(out, " ")
+	}
+	steps := []struct {
+		at       time.Duration
+		due      []Upstream
+		retry    []Upstream
+		forget   []Upstream
+		want     string
+		wantWait time.Duration // -1: nothing pending
+	}{
+		{at: 0, due: []Upstream{a, b}, want: "up_a up_b", wantWait: -1},
+		{at: 100 * time.Millisecond, due: []Upstream{a}, want: "", wantWait: 900 * time.Millisecond},
+		{at: 600 * time.Millisecond, due: []Upstream{a}, want: "", wantWait: 400 * time.Millisecond},
+		{at: time.Second, want: "up_a", wantWait: -1},
+		{at: 1500 * time.Millisecond, retry: []Upstream{a}, want: "", wantWait: 500 * time.Millisecond},
+		{at: 2 * time.Second, want: "up_a", wantWait: -1},
+		{at: 2100 * time.Millisecond, forget: []Upstream{b}, retry: []Upstream{b}, want: "", wantWait: -1},
+	}
+	for _, st := range steps {
+		for _, u := range st.due {
+			r.due(u)
+		}
+		for _, u := range st.forget {
+			r.forget(u)
+		}
+		for _, u := range st.retry {
+			r.retry(u)
+		}
+		ready, wait := r.next(t0.Add(st.at))
+		if got := names(ready); got != st.want || wait != st.wantWait {
+			t.Errorf("at %s: ready %q, wait %s; want %q, %s", st.at, got, wait, st.want, st.wantWait)
+		}
+	}
+}
