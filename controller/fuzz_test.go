@@ -200,14 +200,13 @@ func FuzzHealthParse(f *testing.F) {
 		if err != nil {
 			return
 		}
-		filter := newInstanceFilter("up_api", zap.NewNop(), newMetrics(nil))
 		// Standby instances pass the same checks: each kept one has a key.
-		for _, e := range filter.standby(entries) {
+		for _, e := range standbyEndpoints(entries, 0, "") {
 			if _, ok := endpointKey(e.Addr, e.Port); !ok {
 				t.Fatalf("standby endpoint %+v kept, but it has no key", e)
 			}
 		}
-		eps := filter.endpoints(entries, bad)
+		eps := newInstanceFilter("up_api", zap.NewNop(), newMetrics(nil)).endpoints(entries, bad)
 		// The instance map is keyed by netip.AddrPort, from the same
 		// answer: every endpoint kept finds its instance by its own key.
 		insts := healthInstances(entries)

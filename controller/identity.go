@@ -44,8 +44,9 @@ import (
 // fail (desired.standby, standby.go; a new instance is critical until
 // its first check runs) is proven while it waits, within standbyWindow of
 // turning standby and behind every proof of a listed endpoint, so that
-// the check passing places it without a handshake in between. Its result is what places it then, if
-// it is not due; a due one of a standby-only check is forgotten.
+// the check passing places it without a handshake in between. Its result
+// is what places it then, if it is not due; a due one of a standby-only
+// check is forgotten.
 //
 // A result is kept per (expected identity, address:port) while some
 // upstream lists it, as an endpoint or standby, and is proven again:
@@ -253,6 +254,9 @@ func (id *identities) standby(upstream string) map[checkKey]struct{} { return id
 // made ahead.
 func (ch *idCheck) standbyOnly() bool { return len(ch.users) == 0 && len(ch.standby) > 0 }
 
+// listed says some upstream lists ch, as an endpoint or standby.
+func (ch *idCheck) listed() bool { return len(ch.users) > 0 || len(ch.standby) > 0 }
+
 // wanted says ch is to be proven now: none is in flight, and it has no
 // result yet or its result is due; a standby-only check only within
 // standbyWindow of turning standby.
@@ -354,7 +358,7 @@ func (id *identities) forget(upstream string, prev, now map[checkKey]struct{}, s
 		} else {
 			ch.users.remove(upstream)
 		}
-		if len(ch.users) == 0 && len(ch.standby) == 0 {
+		if !ch.listed() {
 			id.unlist(k, ch)
 		}
 	}
@@ -536,7 +540,7 @@ func (id *identities) unlist(k checkKey, ch *idCheck) {
 // result is forgotten unless an upstream listed it again meanwhile.
 func (c *Controller) unlistedProof(k checkKey, ch *idCheck) {
 	ch.inflight = false
-	if len(ch.users) == 0 && len(ch.standby) == 0 && c.ident.checks[k] == ch {
+	if !ch.listed() && c.ident.checks[k] == ch {
 		delete(c.ident.checks, k)
 	}
 }
@@ -652,7 +656,7 @@ func (c *Controller) sweepIdentities(ctx context.Context, d *desired) {
 	for k, ch := range c.ident.checks {
 		ch.users = slices.DeleteFunc(ch.users, gone)
 		ch.standby = slices.DeleteFunc(ch.standby, gone)
-		if len(ch.users) == 0 && len(ch.standby) == 0 {
+		if !ch.listed() {
 			c.ident.unlist(k, ch)
 			continue
 		}

@@ -203,12 +203,12 @@ func (f *instanceFilter) endpoints(entries []healthEntry, bad []error) []slots.E
 	}
 	out := make([]slots.Endpoint, 0, len(entries))
 	for _, e := range entries {
-		ep, err := input.NewEndpoint(e.ID, e.addr(), e.Port, e.Weight)
+		ep, err := endpointOf(e)
 		if err != nil {
 			drop(e.ID, input.FieldOf(err), err)
 			continue
 		}
-		out = append(out, slots.Endpoint{Addr: ep.Addr().String(), Port: int(ep.Port()), Weight: ep.Weight()})
+		out = append(out, ep)
 	}
 	f.logged = seen
 	slices.SortFunc(out, slots.Endpoint.Compare)
@@ -221,26 +221,34 @@ func (f *instanceFilter) endpoints(entries []healthEntry, bad []error) []slots.E
 	return out
 }
 
-// standby turns an upstream's standby instances into endpoints, as
-// endpoints does, but silently: one with an invalid value is logged and
-// counted by endpoints when its checks pass. Past max endpoints, a stable
-// subset (capEndpoints), so that the proofs made ahead are bounded as the
-// placed endpoints are.
-func (f *instanceFilter) standby(entries []healthEntry) []slots.Endpoint {
+// endpointOf is the endpoint of a health entry, checked by
+// input.NewEndpoint.
+func endpointOf(e healthEntry) (slots.Endpoint, error) {
+	ep, err := input.NewEndpoint(e.ID, e.addr(), e.Port, e.Weight)
+	if err != nil {
+		return slots.Endpoint{}, err
+	}
+	return slots.Endpoint{Addr: ep.Addr().String(), Port: int(ep.Port()), Weight: ep.Weight()}, nil
+}
+
+// standbyEndpoints turns an upstream's standby instances into endpoints,
+// as instanceFilter.endpoints does, but silently: one with an invalid
+// value is logged and counted by endpoints when its checks pass. Past max
+// endpoints (when max > 0), the stable subset capEndpoints keeps for
+// proxyID, so that the proofs made ahead are bounded as the placed
+// endpoints are.
+func standbyEndpoints(entries []healthEntry, max int, proxyID string) []slots.Endpoint {
 	if len(entries) == 0 {
 		return nil
 	}
 	out := make([]slots.Endpoint, 0, len(entries))
 	for _, e := range entries {
-		if ep, err := input.NewEndpoint(e.ID, e.addr(), e.Port, e.Weight); err == nil {
-			out = append(out, slots.Endpoint{Addr: ep.Addr().String(), Port: int(ep.Port()), Weight: ep.Weight()})
+		if ep, err := endpointOf(e); err == nil {
+			out = append(out, ep)
 		}
 	}
 	slices.SortFunc(out, slots.Endpoint.Compare)
-	if f.max > 0 && len(out) > f.max {
-		out = capEndpoints(out, f.max, f.proxyID)
-	}
-	return out
+	return capEndpoints(out, max, proxyID)
 }
 
 // aclFiltered logs, once each time it starts and once when it ends, that

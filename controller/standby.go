@@ -129,9 +129,7 @@ func (c *Controller) readStandby(ctx context.Context) {
 				c.log.Info("reading standby instances works again", zap.String("upstream", u.Name))
 				failing = false
 			}
-			f := newInstanceFilter(u.Name, c.log, c.metrics)
-			f.max, f.proxyID = c.cfg.MaxEndpoints, c.cfg.ProxyID
-			l := standbyList{eps: f.standby(a.standby), inst: healthInstances(a.standby), index: a.index, at: a.at}
+			l := standbyList{eps: standbyEndpoints(a.standby, c.cfg.MaxEndpoints, c.cfg.ProxyID), inst: healthInstances(a.standby), index: a.index, at: a.at}
 			c.send(ctx, func(d *desired) {
 				if w, ok := c.watches[u.Name]; ok && w.up == u { // not a stale watch
 					d.standbyAnswer(u.Name, l)
