@@ -81,14 +81,8 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 	var ring []endpoint
 	if p.flip {
 		ring = pl.eps[:2*p.window+1]
-		for i := range ops {
-			ops[i].flip = true
-		}
-		flips := opsOf(ring, false)
-		for i := range flips {
-			flips[i].flip = true
-		}
-		if _, err := cb.writeAll(ctx, flips); err != nil {
+		ops = flipped(ops)
+		if _, err := cb.writeAll(ctx, flipped(opsOf(ring, false))); err != nil {
 			return r, err
 		}
 	}
@@ -264,10 +258,7 @@ func proofsQuiet(ctx context.Context, c *contender) error {
 		if err != nil {
 			return err
 		}
-		n := 0.0
-		if cum := s.proof.cum; len(cum) > 0 {
-			n = cum[len(cum)-1]
-		}
+		n := s.proof.count()
 		if n != last {
 			last, since = n, time.Now()
 		}

@@ -71,13 +71,21 @@ func (h histogram) sub(before histogram) histogram {
 	return d
 }
 
+// count is the number of samples.
+func (h histogram) count() float64 {
+	if len(h.cum) == 0 {
+		return 0
+	}
+	return h.cum[len(h.cum)-1]
+}
+
 // bound returns the upper bound of the bucket holding quantile q; NaN when
 // the histogram is empty.
 func (h histogram) bound(q float64) float64 {
-	if len(h.cum) == 0 || h.cum[len(h.cum)-1] <= 0 {
+	if h.count() <= 0 {
 		return math.NaN()
 	}
-	want := q * h.cum[len(h.cum)-1]
+	want := q * h.count()
 	for i, n := range h.cum {
 		if n >= want {
 			return h.le[i]

@@ -27,6 +27,15 @@ func opsOf(eps []endpoint, add bool) []writeOp {
 	return ops
 }
 
+// flipped is ops as check flips: a remove registers the endpoint with its
+// check critical instead of deregistering it.
+func flipped(ops []writeOp) []writeOp {
+	for i := range ops {
+		ops[i].flip = true
+	}
+	return ops
+}
+
 func ops2eps(ops []writeOp) []endpoint {
 	eps := make([]endpoint, len(ops))
 	for i, op := range ops {
