@@ -5,8 +5,10 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"sync/atomic"
+	"sync"
 	"time"
+
+	"github.com/haproxy-connect/haproxy-connect/cmd/meshbench/internal/bench"
 )
 
 // loadHTTP opens a new connection per request: every request goes
@@ -29,19 +31,56 @@ func get(port int) error {
 	return nil
 }
 
+// maxInFlight bounds the steady load's requests running at once; a
+// request due while that many still run is not sent, and counts as
+// failed.
+const maxInFlight = 64
+
+// loadFigures are a steady load's outcome.
+type loadFigures struct {
+	ok, failed int64
+	// dropped are the requests due while maxInFlight still ran: not
+	// sent, counted in failed too.
+	dropped int64
+	// lat is each answered request's time from when it was due (not
+	// when it was sent) to its answer, in seconds.
+	lat   bench.Samples
+	first error // the first failure
+}
+
 // steadyLoad sends GET requests to port at rate per second, each on a new
-// connection, one at a time, on a fixed schedule, until the returned stop
-// is called. A request still running when the next one is due makes that
-// one late: it is sent at once, and a request whose whole period passed
-// before it could be sent is a missed tick, counted as failed (missed
-// reports how many), so that a stall shows as failures instead of
-// vanishing from the count (no coordinated omission).
-func steadyLoad(ctx context.Context, port, rate int) (stop func() (ok, failed, missed int64, first error)) {
-	var okN, failedN, missedN atomic.Int64
-	var firstErr atomic.Value
+// connection, on a fixed schedule, until the returned stop is called.
+// The schedule is open: a request is sent when it is due, whether or not
+// the ones before it have been answered, and its latency counts from when
+// it was due, so that a stall of the data plane (or of the generator
+// itself, on busy CPUs) shows in the latencies of every request it held
+// instead of thinning the requests sent (no coordinated omission). stop
+// sends no more and waits for the requests in flight (at most the client's
+// timeout).
+func steadyLoad(ctx context.Context, port, rate int) (stop func() loadFigures) {
+	var (
+		mu       sync.Mutex
+		f        loadFigures
+		inFlight sync.WaitGroup
+	)
+	finish := func(due time.Time, err error) {
+		took := time.Since(due).Seconds()
+		mu.Lock()
+		defer mu.Unlock()
+		if err != nil {
+			f.failed++
+			if f.first == nil {
+				f.first = err
+			}
+			return
+		}
+		f.ok++
+		f.lat = append(f.lat, took)
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	period := time.Second / time.Duration(rate)
+	slots := make(chan struct{}, maxInFlight)
 	go func() {
 		defer close(done)
 		start := time.Now()
@@ -53,31 +92,33 @@ func steadyLoad(ctx context.Context, port, rate int) (stop func() (ok, failed, m
 					return
 				case <-time.After(d):
 				}
-			} else if late := -d; late >= period {
-				// Ticks that passed in full while the previous request ran.
-				n := int(late / period)
-				missedN.Add(int64(n))
-				failedN.Add(int64(n))
-				k += n
 			}
 			if ctx.Err() != nil {
 				return
 			}
-			if err := get(port); err != nil {
-				if ctx.Err() != nil {
-					return
-				}
-				failedN.Add(1)
-				firstErr.CompareAndSwap(nil, err)
+			select {
+			case slots <- struct{}{}:
+			default:
+				finish(due, fmt.Errorf("not sent: %d requests still in flight", maxInFlight))
+				mu.Lock()
+				f.dropped++
+				mu.Unlock()
 				continue
 			}
-			okN.Add(1)
+			inFlight.Add(1)
+			go func() {
+				defer inFlight.Done()
+				defer func() { <-slots }()
+				finish(due, get(port))
+			}()
 		}
 	}()
-	return func() (int64, int64, int64, error) {
+	return func() loadFigures {
 		cancel()
 		<-done
-		err, _ := firstErr.Load().(error)
-		return okN.Load(), failedN.Load(), missedN.Load(), err
+		inFlight.Wait()
+		mu.Lock()
+		defer mu.Unlock()
+		return f
 	}
 }

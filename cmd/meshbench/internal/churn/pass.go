@@ -18,10 +18,8 @@ type result struct {
 	latAdd, latRemove, baseAdd, baseRemove bench.Samples
 	unseen                                 int // changes never in effect in the contender
 	changes                                int
-	reloads                                int // -1: not applicable
-	ok, failed                             int64
-	missed                                 int64 // load ticks missed, counted in failed too
-	firstErr                               error
+	reloads                                int           // -1: not applicable
+	load                                   loadFigures   // the steady load's requests
 	pollInterval                           time.Duration // mean time between two observations
 	// share50 and share99 bound the contender's own share of propagation
 	// (the upper bounds of its histogram buckets holding p50 and p99);
@@ -140,7 +138,7 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 		}
 	}
 
-	stopLoad := func() (int64, int64, int64, error) { return 0, 0, 0, nil }
+	stopLoad := func() loadFigures { return loadFigures{} }
 	if !c.alone {
 		stopLoad = steadyLoad(pctx, c.port, loadRate)
 	}
@@ -185,7 +183,7 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 		}
 		r.cpu = cpu1 - cpu0
 	}
-	r.ok, r.failed, r.missed, r.firstErr = stopLoad()
+	r.load = stopLoad()
 	r.share50, r.share99, r.proof50, r.proof99 = math.NaN(), math.NaN(), math.NaN(), math.NaN()
 	if c.share != nil {
 		share1, err := c.share()

@@ -15,8 +15,9 @@ type agg struct {
 	p50, p99, max, base99, diff bench.Rounds
 	reloadsPer1k                bench.Rounds
 	ok, failed                  int64
-	missed                      int64
+	dropped                     int64 // load requests not sent, counted in failed too
 	firstErr                    error
+	load50, load99              bench.Rounds // the steady load's requests, from due to answer
 	unseen, changes             int
 	pollIntervals, rates        bench.Rounds
 	writeP99                    bench.Rounds
@@ -66,11 +67,15 @@ func (a *agg) add(r result) {
 	if r.reloads >= 0 && r.changes > 0 {
 		a.reloadsPer1k = append(a.reloadsPer1k, float64(r.reloads)*1000/float64(r.changes))
 	}
-	a.ok += r.ok
-	a.failed += r.failed
-	a.missed += r.missed
+	a.ok += r.load.ok
+	a.failed += r.load.failed
+	a.dropped += r.load.dropped
 	if a.firstErr == nil {
-		a.firstErr = r.firstErr
+		a.firstErr = r.load.first
+	}
+	if len(r.load.lat) > 0 {
+		a.load50 = append(a.load50, r.load.lat.Percentile(50))
+		a.load99 = append(a.load99, r.load.lat.Percentile(99))
 	}
 	a.unseen += r.unseen
 	a.changes += r.changes
@@ -105,10 +110,10 @@ func (a *agg) add(r result) {
 }
 
 // failedOf is a "failed / requests" cell, saying how many of the failed
-// are load ticks missed (a stall, not an error) when any are.
-func failedOf(failed, missed, requests int64) string {
-	if missed > 0 {
-		return fmt.Sprintf("%d / %d (%d missed ticks)", failed, requests, missed)
+// were not sent (maxInFlight still running) when any were.
+func failedOf(failed, dropped, requests int64) string {
+	if dropped > 0 {
+		return fmt.Sprintf("%d / %d (%d not sent)", failed, requests, dropped)
 	}
 	return fmt.Sprintf("%d / %d", failed, requests)
 }
@@ -120,7 +125,7 @@ func (cb *workload) report(p plan, first bool, contenders []*contender, res map[
 		"Contender", "p50", "p99", "p99.9", "max", "Consul p99 (same pass)", "p99 ÷ Consul p99", "p99 − Consul p99",
 		"p99 ÷ haproxy-connect p99", "reloads / 1000 changes", "CPU s / 1000 changes", "failed / requests", "never in effect")
 	hc := res[nameHC]
-	var polls, rates, errs, kinds []string
+	var polls, rates, errs, kinds, loads []string
 	for _, c := range contenders {
 		a := res[c.name]
 		if a == nil {
@@ -135,7 +140,7 @@ func (cb *workload) report(p plan, first bool, contenders []*contender, res map[
 			reloads = a.reloadsPer1k.Format(bench.Num)
 		}
 		name := c.name
-		base99, vsBase, diff, failed := a.base99.Format(bench.Dur), bench.PerRound(a.p99, a.base99).Format(bench.X), a.diff.Format(bench.SignedDur), failedOf(a.failed, a.missed, a.ok+a.failed)
+		base99, vsBase, diff, failed := a.base99.Format(bench.Dur), bench.PerRound(a.p99, a.base99).Format(bench.X), a.diff.Format(bench.SignedDur), failedOf(a.failed, a.dropped, a.ok+a.failed)
 		p999, cpu := "—", "—"
 		if len(a.p999) > 0 {
 			p999 = a.p999.Format(bench.Dur)
@@ -162,8 +167,11 @@ func (cb *workload) report(p plan, first bool, contenders []*contender, res map[
 		if len(a.rates) > 0 {
 			rates = append(rates, fmt.Sprintf("%s %s (write p99 %s)", c.name, a.rates.Format(bench.Num), a.writeP99.Format(bench.Dur)))
 		}
-		if a.missed > 0 {
-			errs = append(errs, fmt.Sprintf("%s: %d load ticks missed (counted as failed)", c.name, a.missed))
+		if len(a.load99) > 0 {
+			loads = append(loads, fmt.Sprintf("%s: p50 %s, p99 %s", c.name, a.load50.Format(bench.Dur), a.load99.Format(bench.Dur)))
+		}
+		if a.dropped > 0 {
+			errs = append(errs, fmt.Sprintf("%s: %d load requests not sent, %d still in flight (counted as failed)", c.name, a.dropped, maxInFlight))
 		}
 		if a.firstErr != nil {
 			errs = append(errs, fmt.Sprintf("%s: %v", c.name, a.firstErr))
@@ -192,6 +200,9 @@ func (cb *workload) report(p plan, first bool, contenders []*contender, res map[
 	s.Note("Observer (resolution and own cost, see below): %s.", strings.Join(polls, "; "))
 	cb.targets(s, p, res)
 	s.Note("Adds and removes apart, median (min–max) over rounds, each p99 also against Consul's own p99 of the same kind in the same pass: %s.", strings.Join(kinds, "; "))
+	if len(loads) > 0 {
+		s.Note("The steady load's requests (see Failed / requests), from when each was due to its answer, median (min–max) over rounds: %s.", strings.Join(loads, "; "))
+	}
 	var shares []string
 	for _, c := range contenders {
 		if a := res[c.name]; a != nil && len(a.share99) > 0 {
@@ -224,7 +235,7 @@ func (cb *workload) report(p plan, first bool, contenders []*contender, res map[
 	s.Note("Resolution and observer: HAProxy contenders are observed by polling `show servers state <backend>` on a worker-level stats socket added for the benchmark (`stats socket ... level user`; for haproxy-connect through a wrapper of its -haproxy-bin that adds a configuration fragment with that line, its own configuration unchanged), one poll every %s, or, when a poll takes longer than half of that, a pause as long as the poll; the master socket, which haproxy-connect steers HAProxy with, is not used during the measured changes (only `show proc` before and after them, for the reload count). An endpoint is in effect when a server not in maintenance has its address and port, and each observation is timestamped when its reply has been read: a latency is an upper bound, by up to one poll interval; while a reload replaces the worker, polls fail and are retried, which lengthens consul-template's intervals. The observer's own cost is calibrated in every pass, once the starting state is in effect and before the measured changes: %d polls back to back, divided into the contender's CPU time over them (its whole process trees, as for CPU s / 1000 changes, which includes the observer's polls).", bench.PollPeriod, calibrationPolls)
 	s.Note("CPU s / 1000 changes: user + system CPU seconds of the contender's whole process trees (haproxy-connect: controller, HAProxy master and workers; consul-template: consul-template, its reload scripts, and HAProxy; DNS SRV: HAProxy), from /proc/<pid>/stat, between the first measured write and the end state, per 1000 changes; this includes serving the steady load and answering the observer. p99.9 is shown where a pass has 1000 samples or more. Ratios are paired within each round (each round runs every contender's pass of a plan back to back), then the median (min–max) over rounds is shown.")
 	s.Note("Writes: in a rate pass, each write is issued at its scheduled time without waiting for the previous one (up to %d in flight; writes to one endpoint stay in order), as independent instances would; in a burst, %d writers back to back. Endpoints are written with the catalog API, each on a node of its own, as instances on other hosts (which a client's agent never holds): the acknowledgement is the catalog commit. On the one local agent instead, each connect-proxy registration started the agent's per-proxy machinery (proxycfg): 51 against 201 plain registrations/s here, a cost only the mTLS contenders would have paid.", writers, writers)
-	s.Note("Failed / requests: a steady load of %d GET/s, each on a new connection (no keep-alive), one at a time on a fixed schedule, through the contender's upstream port during each whole measured pass (all rounds summed); a request due while the previous one still ran is sent late, and one whose whole period passed is a missed tick, counted as failed (no coordinated omission: a stall cannot hide requests). Deregistered endpoints keep serving (as an instance that deregisters before it stops), so a failure means the data plane sent a request nowhere. \"Never in effect\": changes not observed before the same endpoint's next change of the same kind or before the pass ended (all rounds summed); they are left out of the latencies.", loadRate)
+	s.Note("Failed / requests: a steady load of %d GET/s, each on a new connection (no keep-alive), through the contender's upstream port during each whole measured pass (all rounds summed). The schedule is open: each request is sent when due, whether or not the ones before it were answered (up to %d in flight; one due beyond that is not sent and counts as failed), and its time counts from when it was due, so a stall shows in the load's latencies (noted under each table) instead of thinning the requests (no coordinated omission). Deregistered endpoints keep serving (as an instance that deregisters before it stops), so a failure means the data plane sent a request nowhere. \"Never in effect\": changes not observed before the same endpoint's next change of the same kind or before the pass ended (all rounds summed); they are left out of the latencies.", loadRate, maxInFlight)
 	s.Note("Consul's built-in proxy is not in this comparison: it resolves the upstream with a health query on every new connection and picks a passing instance at random, so it has no moment at which a change is in effect beyond Consul's own answer, and the earlier figure (the first connection that happened to land on a new endpoint) was mostly the wait for such a landing. Its per-connection cost shows in the data path workload instead (new conn rows).")
 	s.Note("Consul: two agents, as deployed. The churn endpoints (instances on other hosts) are written to a server (a dev agent); every contender, the baseline watch, the DNS queries and the local registrations (the api server and its sidecar, and each client with its sidecar) use a client agent joined to it, the host's own agent. A client's registration exists only during its contender's passes: for each connect-proxy registration with an upstream, the agent runs a proxy-config watch of that upstream whether or not any proxy consumes it, and Consul's cost for it lands in every pass it is registered in (two of them took the baseline p99 at 100 changes/s from about 25 ms to 85 ms when checked by hand). A dev agent alone would also indent every JSON answer (twice the bytes) and run those watches against its own state store, hashing every result on each change: 42 %% of its CPU in a profile at 100 changes/s.")
 	s.Note("Fairness: haproxy-connect serves \"api\" over mTLS: its endpoints are connect-proxy registrations, each a relay to the real api server sidecar. consul-template and DNS SRV have no mTLS, so they serve \"api-plain\": plain registrations, each a relay to the plain HTTP app. Same number of endpoints, same schedule, same check passing from the start; only the data plane differs. Every endpoint has its own loopback address (127.1.x.y or 127.2.x.y), as instances on separate hosts would: HAProxy 2.6 left the third of three SRV records sharing one target name (Consul names the target after the address) in maintenance without an address.")
@@ -258,17 +269,17 @@ func (cb *workload) endurance(ctx context.Context) error {
 		return fmt.Errorf("endurance: %w", err)
 	}
 	s := cb.b.Report.Add(fmt.Sprintf("Churn endurance: haproxy-connect, %d changes at %d changes/s", changes, enduranceRate),
-		"p50", "p99", "p99.9", "max", "Consul p99 (same pass)", "p99 − Consul p99", "reloads", "CPU s / 1000 changes", "failed / requests", "never in effect")
+		"p50", "p99", "p99.9", "max", "Consul p99 (same pass)", "p99 − Consul p99", "reloads", "CPU s / 1000 changes", "failed / requests", "request p99 (from due)", "never in effect")
 	cpu := "—"
 	if r.cpu >= 0 && r.changes > 0 {
 		cpu = fmt.Sprintf("%.2f", r.cpu.Seconds()/float64(r.changes)*1000)
 	}
 	s.Row(bench.Dur(r.lat.Percentile(50)), bench.Dur(r.lat.Percentile(99)), bench.Dur(r.lat.Percentile(99.9)), bench.Dur(r.lat.Max()), bench.Dur(r.base.Percentile(99)),
-		bench.SignedDur(r.lat.Percentile(99)-r.base.Percentile(99)), strconv.Itoa(r.reloads), cpu, failedOf(r.failed, r.missed, r.ok+r.failed),
-		fmt.Sprintf("%d / %d", r.unseen, r.changes))
+		bench.SignedDur(r.lat.Percentile(99)-r.base.Percentile(99)), strconv.Itoa(r.reloads), cpu, failedOf(r.load.failed, r.load.dropped, r.load.ok+r.load.failed),
+		bench.Dur(r.load.lat.Percentile(99)), fmt.Sprintf("%d / %d", r.unseen, r.changes))
 	verdict := "met"
-	if r.reloads != 0 || r.failed != 0 {
-		verdict = fmt.Sprintf("missed: %d reloads, %d failed requests", r.reloads, r.failed)
+	if r.reloads != 0 || r.load.failed != 0 {
+		verdict = fmt.Sprintf("missed: %d reloads, %d failed requests", r.reloads, r.load.failed)
 	}
 	s.Note("One run, not rounds: the rate pass above at %d changes/s (the issue's sustained 1 000 changes/s) and %d changes long (%d churn endpoints live, adds and removes alternating), with a fresh client sidecar and the same steady load (%d GET/s, a new connection each). Achieved write rate %s changes/s (below the schedule when Consul cannot take the writes that fast); mean poll interval %s. Target: zero reloads and zero failed requests: %s.",
 		enduranceRate, changes, p.window, loadRate, bench.Num(r.rate), bench.Dur(r.pollInterval.Seconds()), verdict)
@@ -276,11 +287,11 @@ func (cb *workload) endurance(ctx context.Context) error {
 	add.add(r.latAdd, r.baseAdd)
 	remove.add(r.latRemove, r.baseRemove)
 	s.Note("Adds and removes apart, each p99 also against Consul's own p99 of the same kind in the same pass: adds %s; removes %s.", add.note(false), remove.note(false))
-	if r.missed > 0 {
-		s.Note("%d load ticks missed (counted as failed).", r.missed)
+	if len(r.load.lat) > 0 {
+		s.Note("The steady load's requests, from when each was due to its answer: p50 %s, p99 %s, max %s.", bench.Dur(r.load.lat.Percentile(50)), bench.Dur(r.load.lat.Percentile(99)), bench.Dur(r.load.lat.Max()))
 	}
-	if r.firstErr != nil {
-		s.Note("First failed request: %v.", r.firstErr)
+	if r.load.first != nil {
+		s.Note("First failed request: %v.", r.load.first)
 	}
 	if r.baseUnseen > 0 {
 		s.Note("%d changes were never seen by the Consul watch.", r.baseUnseen)
