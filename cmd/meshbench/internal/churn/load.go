@@ -31,17 +31,9 @@ func get(port int) error {
 	return nil
 }
 
-// maxInFlight bounds the steady load's requests running at once; a
-// request due while that many still run is not sent, and counts as
-// failed.
-const maxInFlight = 64
-
 // loadFigures are a steady load's outcome.
 type loadFigures struct {
 	ok, failed int64
-	// dropped are the requests due while maxInFlight still ran: not
-	// sent, counted in failed too.
-	dropped int64
 	// lat is each answered request's time from when it was due (not
 	// when it was sent) to its answer, in seconds.
 	lat   bench.Samples
@@ -54,9 +46,10 @@ type loadFigures struct {
 // the ones before it have been answered, and its latency counts from when
 // it was due, so that a stall of the data plane (or of the generator
 // itself, on busy CPUs) shows in the latencies of every request it held
-// instead of thinning the requests sent (no coordinated omission). stop
-// sends no more and waits for the requests in flight (at most the client's
-// timeout).
+// instead of thinning the requests sent (no coordinated omission). The
+// client's timeout bounds a request, and so the requests in flight (rate
+// times the timeout). stop sends no more and waits for the requests in
+// flight.
 func steadyLoad(ctx context.Context, port, rate int) (stop func() loadFigures) {
 	var (
 		mu       sync.Mutex
@@ -80,7 +73,6 @@ func steadyLoad(ctx context.Context, port, rate int) (stop func() loadFigures) {
 	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	period := time.Second / time.Duration(rate)
-	slots := make(chan struct{}, maxInFlight)
 	go func() {
 		defer close(done)
 		start := time.Now()
@@ -96,19 +88,9 @@ func steadyLoad(ctx context.Context, port, rate int) (stop func() loadFigures) {
 			if ctx.Err() != nil {
 				return
 			}
-			select {
-			case slots <- struct{}{}:
-			default:
-				finish(due, fmt.Errorf("not sent: %d requests still in flight", maxInFlight))
-				mu.Lock()
-				f.dropped++
-				mu.Unlock()
-				continue
-			}
 			inFlight.Add(1)
 			go func() {
 				defer inFlight.Done()
-				defer func() { <-slots }()
 				finish(due, get(port))
 			}()
 		}
