@@ -6,7 +6,6 @@ import (
 	"io"
 	"net/http"
 	"sync"
-	"sync/atomic"
 	"time"
 )
 
@@ -100,8 +99,9 @@ func ClosedLoop(ctx context.Context, url string, conns int, d time.Duration) Loa
 	return r
 }
 
-// openLoopTick is how often OpenLoop's scheduler wakes up: every request
-// due since its last wake-up starts then, with its intended time kept.
+// openLoopTick is how often an open loop's scheduler wakes up: every
+// request due since its last wake-up starts then, with its intended time
+// kept.
 const openLoopTick = 200 * time.Microsecond
 
 // OpenLoop sends GET requests to url at a fixed rate per second for d,
@@ -128,43 +128,80 @@ func OpenLoop(ctx context.Context, url string, rate float64, conns int, d time.D
 		}()
 	}
 	warm.Wait()
+	n := int(d / time.Duration(float64(time.Second)/rate))
+	sent, stop := StartOpenLoop(ctx, c, url, rate, n)
+	select {
+	case <-sent:
+	case <-ctx.Done():
+	}
+	return stop()
+}
+
+// StartOpenLoop sends GET requests to url with c at a fixed rate per
+// second, each at its intended time whether or not earlier ones have been
+// answered (each in its own goroutine), until n have been sent (n > 0;
+// sent is closed then) or stop is called. stop sends no more, waits for
+// the requests in flight, and returns what they saw, each latency
+// measured from the request's intended send time: a stall of the target
+// or of the generator is charged to every request it delays, and does not
+// thin the requests sent (no coordinated omission). c's timeout bounds a
+// request, and so the requests in flight.
+func StartOpenLoop(ctx context.Context, c *http.Client, url string, rate float64, n int) (sent <-chan struct{}, stop func() LoadResult) {
 	interval := time.Duration(float64(time.Second) / rate)
-	n := int(d / interval)
-	lat := make([]float64, n)
-	var failed atomic.Int64
-	var firstErr atomic.Value
-	okAt := make([]bool, n)
-	var wg sync.WaitGroup
+	var (
+		mu       sync.Mutex
+		r        LoadResult
+		inFlight sync.WaitGroup
+	)
+	all, quit, done := make(chan struct{}), make(chan struct{}), make(chan struct{})
 	start := time.Now()
-	next := 0
-	for next < n && ctx.Err() == nil {
-		now := time.Now()
-		for ; next < n; next++ {
-			due := start.Add(time.Duration(next) * interval)
-			if due.After(now) {
-				break
+	go func() {
+		defer close(done)
+		next := 0
+		for n <= 0 || next < n {
+			select {
+			case <-quit:
+				return
+			default:
 			}
-			wg.Add(1)
-			go func(i int, due time.Time) {
-				defer wg.Done()
-				if err := getOnce(ctx, c, url); err != nil {
-					failed.Add(1)
-					firstErr.CompareAndSwap(nil, err)
-					return
+			if ctx.Err() != nil {
+				return
+			}
+			now := time.Now()
+			for ; n <= 0 || next < n; next++ {
+				due := start.Add(time.Duration(next) * interval)
+				if due.After(now) {
+					break
 				}
-				lat[i], okAt[i] = time.Since(due).Seconds(), true
-			}(next, due)
+				inFlight.Add(1)
+				go func() {
+					defer inFlight.Done()
+					err := getOnce(ctx, c, url)
+					took := time.Since(due).Seconds()
+					mu.Lock()
+					defer mu.Unlock()
+					if err != nil {
+						r.Failed++
+						if r.FirstErr == nil {
+							r.FirstErr = err
+						}
+						return
+					}
+					r.OK++
+					r.Lat = append(r.Lat, took)
+				}()
+			}
+			time.Sleep(openLoopTick)
 		}
-		time.Sleep(openLoopTick)
+		close(all)
+	}()
+	return all, func() LoadResult {
+		close(quit)
+		<-done
+		inFlight.Wait()
+		mu.Lock()
+		defer mu.Unlock()
+		r.Seconds = time.Since(start).Seconds()
+		return r
 	}
-	wg.Wait()
-	r := LoadResult{Failed: failed.Load(), Seconds: time.Since(start).Seconds()}
-	r.FirstErr, _ = firstErr.Load().(error)
-	for i := range lat {
-		if okAt[i] {
-			r.OK++
-			r.Lat = append(r.Lat, lat[i])
-		}
-	}
-	return r
 }

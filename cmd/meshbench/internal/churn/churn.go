@@ -216,7 +216,7 @@ func Run(ctx context.Context, b *bench.Bench) error {
 				}
 				b.Logf("churn:   %s: p50 %s p99 %s (Consul p50 %s p99 %s), %d/%d never in effect, %d/%d requests failed, %d reloads, %s changes/s, %s",
 					p.name, bench.Dur(r.lat.Percentile(50)), bench.Dur(r.lat.Percentile(99)), bench.Dur(r.base.Percentile(50)), bench.Dur(r.base.Percentile(99)),
-					r.unseen, r.changes, r.load.failed, r.load.ok+r.load.failed, r.reloads, bench.Num(r.rate), time.Since(passStart).Round(100*time.Millisecond))
+					r.unseen, r.changes, r.load.Failed, r.load.OK+r.load.Failed, r.reloads, bench.Num(r.rate), time.Since(passStart).Round(100*time.Millisecond))
 				add(p.name, c.name, r)
 				if ctx.Err() != nil {
 					return ctx.Err()

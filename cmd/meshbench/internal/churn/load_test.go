@@ -47,15 +47,15 @@ func TestSteadyLoadOpen(t *testing.T) {
 	mu.Unlock()
 	close(gate)
 	f := stop()
-	if f.failed != 0 {
-		t.Fatalf("failed %d, first error %v; want none", f.failed, f.first)
+	if f.Failed != 0 {
+		t.Fatalf("failed %d, first error %v; want none", f.Failed, f.FirstErr)
 	}
-	if f.ok < held || int(f.ok) != len(f.lat) {
-		t.Fatalf("ok %d with %d latencies; want at least %d, one latency each", f.ok, len(f.lat), held)
+	if f.OK < held || int(f.OK) != len(f.Lat) {
+		t.Fatalf("ok %d with %d latencies; want at least %d, one latency each", f.OK, len(f.Lat), held)
 	}
 	// The first request was due before it reached the server and was
 	// answered after the gate opened: its time counts the whole hold.
-	if max := f.lat.Max(); max < heldFor.Seconds() {
+	if max := f.Lat.Max(); max < heldFor.Seconds() {
 		t.Errorf("longest latency %.3fs, shorter than the %.3fs the first request was held", max, heldFor.Seconds())
 	}
 }

@@ -18,9 +18,9 @@ type result struct {
 	latAdd, latRemove, baseAdd, baseRemove bench.Samples
 	unseen                                 int // changes never in effect in the contender
 	changes                                int
-	reloads                                int           // -1: not applicable
-	load                                   loadFigures   // the steady load's requests
-	pollInterval                           time.Duration // mean time between two observations
+	reloads                                int              // -1: not applicable
+	load                                   bench.LoadResult // the steady load's requests
+	pollInterval                           time.Duration    // mean time between two observations
 	// share50 and share99 bound the contender's own share of propagation
 	// (the upper bounds of its histogram buckets holding p50 and p99);
 	// NaN without one. proof50 and proof99 bound its identity proofs the
@@ -138,7 +138,7 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 		}
 	}
 
-	stopLoad := func() loadFigures { return loadFigures{} }
+	stopLoad := func() bench.LoadResult { return bench.LoadResult{} }
 	if !c.alone {
 		stopLoad = steadyLoad(pctx, c.port, loadRate)
 	}

@@ -66,14 +66,14 @@ func (a *agg) add(r result) {
 	if r.reloads >= 0 && r.changes > 0 {
 		a.reloadsPer1k = append(a.reloadsPer1k, float64(r.reloads)*1000/float64(r.changes))
 	}
-	a.ok += r.load.ok
-	a.failed += r.load.failed
+	a.ok += r.load.OK
+	a.failed += r.load.Failed
 	if a.firstErr == nil {
-		a.firstErr = r.load.first
+		a.firstErr = r.load.FirstErr
 	}
-	if len(r.load.lat) > 0 {
-		a.load50 = append(a.load50, r.load.lat.Percentile(50))
-		a.load99 = append(a.load99, r.load.lat.Percentile(99))
+	if len(r.load.Lat) > 0 {
+		a.load50 = append(a.load50, r.load.Lat.Percentile(50))
+		a.load99 = append(a.load99, r.load.Lat.Percentile(99))
 	}
 	a.unseen += r.unseen
 	a.changes += r.changes
@@ -266,11 +266,11 @@ func (cb *workload) endurance(ctx context.Context) error {
 		cpu = fmt.Sprintf("%.2f", r.cpu.Seconds()/float64(r.changes)*1000)
 	}
 	s.Row(bench.Dur(r.lat.Percentile(50)), bench.Dur(r.lat.Percentile(99)), bench.Dur(r.lat.Percentile(99.9)), bench.Dur(r.lat.Max()), bench.Dur(r.base.Percentile(99)),
-		bench.SignedDur(r.lat.Percentile(99)-r.base.Percentile(99)), strconv.Itoa(r.reloads), cpu, failedOf(r.load.failed, r.load.ok+r.load.failed),
-		bench.Dur(r.load.lat.Percentile(99)), fmt.Sprintf("%d / %d", r.unseen, r.changes))
+		bench.SignedDur(r.lat.Percentile(99)-r.base.Percentile(99)), strconv.Itoa(r.reloads), cpu, failedOf(r.load.Failed, r.load.OK+r.load.Failed),
+		bench.Dur(r.load.Lat.Percentile(99)), fmt.Sprintf("%d / %d", r.unseen, r.changes))
 	verdict := "met"
-	if r.reloads != 0 || r.load.failed != 0 {
-		verdict = fmt.Sprintf("missed: %d reloads, %d failed requests", r.reloads, r.load.failed)
+	if r.reloads != 0 || r.load.Failed != 0 {
+		verdict = fmt.Sprintf("missed: %d reloads, %d failed requests", r.reloads, r.load.Failed)
 	}
 	if r.rate < 0.95*enduranceRate {
 		// What was sustained is what Consul took, not the schedule.
@@ -282,11 +282,11 @@ func (cb *workload) endurance(ctx context.Context) error {
 	add.add(r.latAdd, r.baseAdd)
 	remove.add(r.latRemove, r.baseRemove)
 	s.Note("Adds and removes apart, each p99 also against Consul's own p99 of the same kind in the same pass: adds %s; removes %s.", add.note(false), remove.note(false))
-	if len(r.load.lat) > 0 {
-		s.Note("The steady load's requests, from when each was due to its answer: p50 %s, p99 %s, max %s.", bench.Dur(r.load.lat.Percentile(50)), bench.Dur(r.load.lat.Percentile(99)), bench.Dur(r.load.lat.Max()))
+	if len(r.load.Lat) > 0 {
+		s.Note("The steady load's requests, from when each was due to its answer: p50 %s, p99 %s, max %s.", bench.Dur(r.load.Lat.Percentile(50)), bench.Dur(r.load.Lat.Percentile(99)), bench.Dur(r.load.Lat.Max()))
 	}
-	if r.load.first != nil {
-		s.Note("First failed request: %v.", r.load.first)
+	if r.load.FirstErr != nil {
+		s.Note("First failed request: %v.", r.load.FirstErr)
 	}
 	if r.baseUnseen > 0 {
 		s.Note("%d changes were never seen by the Consul watch.", r.baseUnseen)
