@@ -109,7 +109,7 @@ func (c *Controller) readStandby(ctx context.Context) {
 	r := c.standby
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
-	failing := false
+	failing := map[string]bool{} // by upstream: its last query failed
 	for {
 		ready, wait := r.next(time.Now())
 		for _, u := range ready {
@@ -118,16 +118,16 @@ func (c *Controller) readStandby(ctx context.Context) {
 				if ctx.Err() != nil {
 					return
 				}
-				if !failing {
+				if !failing[u.Name] {
 					c.log.Warn("reading an upstream's standby instances failed; they are not proven ahead", zap.String("upstream", u.Name), zap.Error(err))
 				}
-				failing = true
+				failing[u.Name] = true
 				r.retry(u) // at the next poll
 				continue
 			}
-			if failing {
+			if failing[u.Name] {
 				c.log.Info("reading standby instances works again", zap.String("upstream", u.Name))
-				failing = false
+				delete(failing, u.Name)
 			}
 			l := standbyList{eps: standbyEndpoints(a.standby, c.cfg.MaxEndpoints, c.cfg.ProxyID), inst: healthInstances(a.standby), index: a.index, at: a.at}
 			c.send(ctx, func(d *desired) {
