@@ -43,6 +43,13 @@ type Spec struct {
 	// the controller writes and keeps current at run time. Empty: every
 	// request under an L7 intention goes to the agent.
 	L7Map string
+	// SourcesMap, when set, is an HTTP public listener's sources map (an
+	// absolute path): the SPIFFE ID of each client certificate whose
+	// allow the listener remembers, keyed by the certificate's SHA-256
+	// (hex), written by HAProxy's own rules and cleared by the
+	// controller (see Render). Empty: an HTTP listener remembers no
+	// allow, and asks the agent on every new connection.
+	SourcesMap string `json:",omitzero"`
 	// SNI is the public listener's certificate list filter: the service's
 	// Consul SNI name (certs.ID.SNI). What matters is that there is one;
 	// see RenderCrtList.
@@ -179,9 +186,10 @@ const (
 	// AuthzGenKey is the AuthzMap key holding the intentions generation.
 	AuthzGenKey = authzgen.MapKey
 	SlotPrefix  = "s"
-	// AuthzCacheSize bounds the client certificates a tcp listener's
-	// worker remembers an allow for (see Render); past it HAProxy drops
-	// the least recently used, which are asked about again.
+	// AuthzCacheSize bounds the allows a listener's worker remembers
+	// (see Render): client certificates, and on an HTTP listener the
+	// request shapes of L7 sources too; past it HAProxy drops the least
+	// recently used, which are asked about again.
 	AuthzCacheSize = 20000
 	// MaxThreads is HAProxy's build-time thread limit (MAX_THREADS, 64
 	// on the 64-bit builds Debian ships).
@@ -524,7 +532,7 @@ func (s Spec) Validate() error {
 			return invalid(err)
 		}
 	}
-	for _, f := range []string{s.InstanceMap, s.StateMap, s.L7Map} {
+	for _, f := range []string{s.InstanceMap, s.StateMap, s.L7Map, s.SourcesMap} {
 		if _, err := input.Path("map path", f); f != "" && err != nil {
 			return invalid(err)
 		}
@@ -721,11 +729,49 @@ func renderConfig(s Spec) (string, error) {
 		// sidecar retries those too, one the application was already
 		// serving included: it happens only to a connection whose verdict
 		// is missing or stale while its worker stops.
+		//
+		// With a sources map (Spec.SourcesMap), an allow is remembered per
+		// worker, as the tcp listener does (below): by the SHA-256 of the
+		// client certificate, with the generation it was made under plus
+		// one, in the listener's stick table (the one the L7 shapes use);
+		// and the certificate's SPIFFE ID is kept in the sources map
+		// under the same key, for the access log. A connection with no
+		// verdict whose certificate was allowed under the current
+		// generation and is named there takes that allow, its generation
+		// and its source without an agent round trip. The map holds only
+		// what the agent read from a certificate it allowed, which no
+		// later decision changes; the controller clears it periodically,
+		// which bounds it, and a certificate missing from it is asked
+		// about again. Only an allow
+		// of a source under no L7 intention is remembered: an L7 verdict
+		// carries the intention's entries (sess.hc.l7rules), which a
+		// stick table cannot hold, so such a source asks the agent on
+		// each new connection. A deny is never remembered, and a new
+		// generation makes every remembered allow stale.
+		noVerdict := fmt.Sprintf("!{ var(%s) -m found }", authzgen.SessVar(authzgen.VarAllowed))
 		w("    acl authz_stale str(%s),map_str_int(%s,0),sub(%s) -m int gt 0", AuthzGenKey, s.AuthzMap, authzgen.SessVar(authzgen.VarGen))
 		w("    http-request unset-var(%s) if authz_stale", authzgen.SessVar(authzgen.VarAllowed))
 		w("    http-request unset-var(%s) if authz_stale", authzgen.SessVar(authzgen.VarL7))
 		w("    http-request unset-var(%s) if authz_stale", authzgen.SessVar(authzgen.VarL7Rules))
-		w("    http-request send-spoe-group %s %s if !{ var(%s) -m found }", SPOEEngine, SPOEGroup, authzgen.SessVar(authzgen.VarAllowed))
+		w("    stick-table type binary len 32 size %d expire 10m store gpt0", AuthzCacheSize)
+		if s.SourcesMap != "" {
+			named := fmt.Sprintf("{ var(txn.%s.name) -m found }", VarPrefix)
+			w("    http-request set-var(txn.%s.cert) ssl_c_der,sha2(256) if %s", VarPrefix, noVerdict)
+			w("    http-request track-sc0 var(txn.%s.cert) if %s", VarPrefix, noVerdict)
+			w("    http-request set-var(txn.%s.cached) sc0_get_gpt0 if %s", VarPrefix, noVerdict)
+			w("    acl authz_cached str(%s),map_str_int(%s,0),add(1),sub(txn.%s.cached) -m int eq 0", AuthzGenKey, s.AuthzMap, VarPrefix)
+			w("    http-request set-var(txn.%s.name) var(txn.%s.cert),hex,map(%s) if authz_cached", VarPrefix, VarPrefix, s.SourcesMap)
+			w("    http-request set-var(%s) var(txn.%s.cached),sub(1) if %s", authzgen.SessVar(authzgen.VarGen), VarPrefix, named)
+			w("    http-request set-var(%s) var(txn.%s.name) if %s", authzgen.SessVar(authzgen.VarSource), VarPrefix, named)
+			w("    http-request set-var(%s) bool(1) if %s", authzgen.SessVar(authzgen.VarAllowed), named)
+			w("    http-request send-spoe-group %s %s if %s", SPOEEngine, SPOEGroup, noVerdict)
+			record := fmt.Sprintf("{ var(txn.%s.cert) -m found } !%s { var(%s) -m bool } !{ var(%s) -m bool } { var(%s) -m beg spiffe:// }",
+				VarPrefix, named, authzgen.SessVar(authzgen.VarAllowed), authzgen.SessVar(authzgen.VarL7), authzgen.SessVar(authzgen.VarSource))
+			w("    http-request sc-set-gpt0(0) var(%s),add(1) if %s", authzgen.SessVar(authzgen.VarGen), record)
+			w("    http-request set-map(%s) %%[var(txn.%s.cert),hex] %%[var(%s)] if %s", s.SourcesMap, VarPrefix, authzgen.SessVar(authzgen.VarSource), record)
+		} else {
+			w("    http-request send-spoe-group %s %s if %s", SPOEEngine, SPOEGroup, noVerdict)
+		}
 		w("    http-request reject if !{ var(%s) -m found } { stopping }", authzgen.SessVar(authzgen.VarAllowed))
 		w("    http-request deny deny_status 503 unless { var(%s) -m found }", authzgen.SessVar(authzgen.VarAllowed))
 		w("    http-request deny deny_status 403 unless { var(%s) -m bool }", authzgen.SessVar(authzgen.VarAllowed))
@@ -749,8 +795,8 @@ func renderConfig(s Spec) (string, error) {
 		// decided, for the access log. No answer: as above, closed in a
 		// stopping worker, else 503.
 		//
-		// An agent's allow is remembered per worker, as the tcp listener
-		// does for connections: keyed by the SHA-256 of everything the
+		// An agent's allow is remembered per worker in the same table, as
+		// a connection's is (above): keyed by the SHA-256 of everything the
 		// decision depends on (the source, the method, the path and
 		// every request header with its value; the rules are the
 		// generation's), with the generation plus one. The same request
@@ -762,7 +808,6 @@ func renderConfig(s Spec) (string, error) {
 		// stale.
 		l7 := fmt.Sprintf("{ var(%s) -m bool }", authzgen.SessVar(authzgen.VarL7))
 		ask := l7
-		w("    stick-table type binary len 32 size %d expire 10m store gpt0", AuthzCacheSize)
 		w("    http-request set-var(txn.%s.method) method if %s", VarPrefix, l7)
 		w("    http-request set-var(txn.%s.path) path if %s", VarPrefix, l7)
 		if s.L7Map != "" {
@@ -1355,6 +1400,10 @@ func RenderFiles(s Spec, gen uint64) (cfg string, files []File, err error) {
 	}
 	if s.StateMap != "" {
 		files = append(files, File{s.StateMap, RenderStateMap(s)})
+	}
+	if s.SourcesMap != "" {
+		// Empty: a new worker remembers no allow.
+		files = append(files, File{s.SourcesMap, ""})
 	}
 	return cfg, files, nil
 }

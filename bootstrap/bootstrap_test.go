@@ -32,6 +32,7 @@ func baseSpec() Spec {
 		SPOEFile:      goldenState + "/spoe.cfg",
 		AuthzMap:      goldenState + "/authz.map",
 		L7Map:         goldenState + "/l7.map",
+		SourcesMap:    goldenState + "/sources.map",
 		CrtList:       goldenState + "/public.crtlist",
 		SNI:           "web.default.dc1.internal.11111111-2222-3333-4444-555555555555.consul",
 		SPOASocket:    goldenState + "/spoa.sock",
@@ -198,7 +199,8 @@ func checkGolden(t *testing.T, file, got string) {
 }
 
 // haproxyCheck runs haproxy -c on cfg (rendered for goldenState) in a new
-// state directory holding real certificates, the authz and L7 maps, and
+// state directory holding real certificates, the authz, L7 and sources
+// maps, and
 // files (name: content, rendered for goldenState too); it fails t on an
 // error, a warning or an alert.
 func haproxyCheck(t *testing.T, cfg string, files map[string]string) {
@@ -211,6 +213,7 @@ func haproxyCheck(t *testing.T, cfg string, files map[string]string) {
 	testenv.WriteFile(t, dir, "roots.pem", ca.CertPEM)
 	testenv.WriteFile(t, dir, "authz.map", RenderAuthzMap(0))
 	testenv.WriteFile(t, dir, "l7.map", l7.MapContent(sampleL7(t).Entries))
+	testenv.WriteFile(t, dir, "sources.map", "")
 	for name, content := range files {
 		testenv.WriteFile(t, dir, name, local(content))
 	}
@@ -374,14 +377,14 @@ func TestRenderFiles(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []File{{spec.SPOEFile, wantSPOE}, {spec.CrtList, wantCrtList}, {spec.AuthzMap, "gen 7\n"}}
+	want := []File{{spec.SPOEFile, wantSPOE}, {spec.CrtList, wantCrtList}, {spec.AuthzMap, "gen 7\n"}, {spec.SourcesMap, ""}}
 	withMaps := spec
 	withMaps.InstanceMap, withMaps.StateMap, withMaps.Reason = "/state/instances.map", "/state/state.map", "start"
 	_, mapFiles, err := RenderFiles(withMaps, 7)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if diff := cmp.Diff(append(want, File{"/state/instances.map", ""}, File{"/state/state.map", "reload_reason start\n"}), mapFiles); diff != "" {
+	if diff := cmp.Diff(append(want[:3:3], File{"/state/instances.map", ""}, File{"/state/state.map", "reload_reason start\n"}, want[3]), mapFiles); diff != "" {
 		t.Errorf("files with the maps (-want +got):\n%s", diff)
 	}
 	if cfg != wantCfg {

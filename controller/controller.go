@@ -390,6 +390,7 @@ func (c *Controller) Run(ctx context.Context) error {
 		c.send(ctx, func(d *desired) { d.roots = r })
 	})
 	go c.watchIdentities(ctx)
+	go c.pruneSourcesMap(ctx)
 	go c.readStandby(ctx)
 	defer c.ready.Store(false)
 	for {

@@ -493,8 +493,8 @@ func DelL7Entry(file, pattern string) (Command, error) {
 	return worker(shapeL7Map, fmt.Sprintf("del map %s %s", file, pattern), expectEmpty)
 }
 
-// ClearMap removes every entry of the map loaded from file (an L7 map:
-// the one map this package clears).
+// ClearMap removes every entry of the map loaded from file (an L7 map, or
+// an HTTP listener's sources map).
 func ClearMap(file string) (Command, error) {
 	if err := checkPath("map path", file); err != nil {
 		return Command{}, err

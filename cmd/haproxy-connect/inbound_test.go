@@ -2,14 +2,20 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"crypto/tls"
 	"fmt"
 	"net"
+	"net/http"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/hashicorp/consul/api"
+
+	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
@@ -270,5 +276,138 @@ func TestPublicListenerLog(t *testing.T) {
 		if strings.Contains(l, "<BADREQ>") {
 			t.Errorf("a line for a connection that carried no request: %s", l)
 		}
+	}
+}
+
+// TestHTTPRemembersAllows: an HTTP listener remembers an allow per client
+// certificate and intentions generation, as a tcp listener does. New
+// connections with a certificate allowed before are served with no agent
+// round trip, and the access log still names their caller (from the
+// sources map); a deny moves the generation, so the next new connection
+// is refused, and so is the next request of a kept-alive connection whose
+// verdict came from the remembered allow: it carries the generation it was
+// remembered under.
+func TestHTTPRemembersAllows(t *testing.T) {
+	// No intentions and no ACLs: Consul's default allows.
+	consul := testenv.Consul(t, testenv.ConsulOptions{})
+	c := consul.Client
+	port := testenv.FreePort(t)
+	register(t, c, "server", httpApp(t, "server"), port, map[string]any{"protocol": "http"})
+	server := startSidecar(t, consul, "server")
+	tlsCfg := &tls.Config{Certificates: []tls.Certificate{meshCert(t, c, "other")}, InsecureSkipVerify: true}
+	url := fmt.Sprintf("https://127.0.0.1:%d/", port)
+	fresh := freshCaller(tlsCfg, url)
+	eventually(t, 10*time.Second, "a new connection is served", func() error {
+		if code, err := fresh(); err != nil || code != 200 {
+			return fmt.Errorf("%d %v", code, err)
+		}
+		return nil
+	})
+	allows := func() float64 {
+		v, err := server.metric("haproxy_connect_authz_decisions_total", "result", "allow")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	before := allows()
+	for i := range 50 {
+		if code, err := fresh(); err != nil || code != 200 {
+			t.Fatalf("new connection %d with a remembered allow: %d %v", i, code, err)
+		}
+	}
+	if after := allows(); after != before {
+		t.Errorf("the agent was asked %v more times for 50 connections with a remembered allow, want 0", after-before)
+	}
+	// Every request names its caller, the first decided by the agent and
+	// the 50 others from the remembered allow.
+	roots, _, err := c.Agent().ConnectCARoots(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	named := strings.Count(server.out.String(), " src=spiffe://"+roots.TrustDomain+"/ns/default/dc/dc1/svc/other ")
+	if named < 51 || strings.Contains(server.out.String(), "src=cached") || strings.Contains(server.out.String(), "src=- ") {
+		t.Errorf("%d access log lines name the caller, want 51 or more and none without it:\n%s", named, server.out.String())
+	}
+	// What an operator sees with socat: one entry, the certificate's
+	// SHA-256 and the caller. Cleared (the controller's prune), the next
+	// new connection asks the agent once, and the caller is named again.
+	sources := filepath.Join(server.stateDir, "sources.map")
+	showSources := func() []runtime.MapEntry {
+		cmd, err := runtime.ShowMap(sources)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rs, err := server.rt.Exec(context.Background(), cmd)
+		if err == nil {
+			err = rs.Err()
+		}
+		var entries []runtime.MapEntry
+		if err == nil {
+			entries, err = runtime.ParseMap(rs[0].Reply)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return entries
+	}
+	other := "spiffe://" + roots.TrustDomain + "/ns/default/dc/dc1/svc/other"
+	if e := showSources(); len(e) != 1 || len(e[0].Key) != 64 || e[0].Value != other {
+		t.Errorf("sources map %v, want one entry naming %s", e, other)
+	}
+	clear, err := runtime.ClearMap(sources)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rs, err := server.rt.Exec(context.Background(), clear); err != nil || rs.Err() != nil {
+		t.Fatalf("clear map: %v %v", err, rs.Err())
+	}
+	if code, err := fresh(); err != nil || code != 200 {
+		t.Fatalf("new connection after the sources map was cleared: %d %v", code, err)
+	}
+	if after := allows(); after != before+1 {
+		t.Errorf("the agent was asked %v times for a certificate missing from the sources map, want 1", after-before)
+	}
+	if e := showSources(); len(e) != 1 || e[0].Value != other {
+		t.Errorf("sources map after the next connection %v, want one entry naming %s", e, other)
+	}
+	before = allows()
+
+	// Its verdict is the remembered one: the agent is not asked for it.
+	kept, reused := keptAlive(t, &http.Transport{MaxIdleConnsPerHost: 1, TLSClientConfig: tlsCfg}, url)
+	if code, err := kept(); err != nil || code != 200 {
+		t.Fatalf("kept-alive connection's first request: %d %v", code, err)
+	}
+	if after := allows(); after != before {
+		t.Errorf("the agent was asked for a kept-alive connection with a remembered allow")
+	}
+
+	index := intention(t, c, "other", "server", api.IntentionActionDeny)
+	eventually(t, 10*time.Second, "the server sidecar sees the deny", server.sawIntentions(index))
+	eventually(t, 10*time.Second, "the kept-alive connection is refused", func() error {
+		code, err := kept()
+		if err != nil || code != 403 || !reused.Load() {
+			return fmt.Errorf("%d %v (reused %v), want 403 on the same connection", code, err, reused.Load())
+		}
+		return nil
+	})
+	for i := range 20 {
+		if code, err := fresh(); err != nil || code != 403 {
+			t.Fatalf("new connection %d after the deny: %d %v, want 403", i, code, err)
+		}
+	}
+}
+
+// freshCaller returns a call of url on a new connection each time.
+func freshCaller(tlsCfg *tls.Config, url string) func() (int, error) {
+	return func() (int, error) {
+		tr := &http.Transport{TLSClientConfig: tlsCfg, DisableKeepAlives: true}
+		defer tr.CloseIdleConnections()
+		resp, err := (&http.Client{Timeout: 5 * time.Second, Transport: tr}).Get(url)
+		if err != nil {
+			return 0, err
+		}
+		resp.Body.Close()
+		return resp.StatusCode, nil
 	}
 }

@@ -349,32 +349,35 @@ func TestGracefulStop(t *testing.T) {
 
 // TestInboundWhileControllerAway: the SPOE agent lives in the controller,
 // so with the controller dead the sidecar fails closed for new inbound
-// connections, while connections already authorized keep being served;
-// once a new controller adopts HAProxy, new connections are authorized
-// again.
+// connections with a certificate it never allowed, while connections
+// already authorized keep being served, and so do new connections with a
+// certificate HAProxy remembers allowing; once a new controller adopts
+// HAProxy, new certificates are authorized again.
 func TestInboundWhileControllerAway(t *testing.T) {
 	consul := testenv.Consul(t, testenv.ConsulOptions{DefaultDeny: true})
 	c := consul.Client
 	port := testenv.FreePort(t)
 	register(t, c, "server", httpApp(t, "server"), port, map[string]any{"protocol": "http"})
 	server := startSidecar(t, consul, "server")
-	index := intention(t, c, "other", "server", api.IntentionActionAllow)
-	eventually(t, 10*time.Second, "the server sidecar sees the intention", server.sawIntentions(index))
+	_, _, err := c.ConfigEntries().Set(&api.ServiceIntentionsConfigEntry{
+		Kind: api.ServiceIntentions, Name: "server",
+		Sources: []*api.SourceIntention{{Name: "other", Action: api.IntentionActionAllow}, {Name: "unseen", Action: api.IntentionActionAllow}},
+	}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	entry, _, err := c.ConfigEntries().Get(api.ServiceIntentions, "server", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "the server sidecar sees the intentions", server.sawIntentions(entry.GetModifyIndex()))
 
-	cert := meshCert(t, c, "other")
-	tlsCfg := &tls.Config{Certificates: []tls.Certificate{cert}, InsecureSkipVerify: true}
+	tlsCfg := &tls.Config{Certificates: []tls.Certificate{meshCert(t, c, "other")}, InsecureSkipVerify: true}
 	url := fmt.Sprintf("https://127.0.0.1:%d/", port)
 	kept, reused := keptAlive(t, &http.Transport{MaxIdleConnsPerHost: 1, TLSClientConfig: tlsCfg}, url)
-	fresh := func() (int, error) {
-		tr := &http.Transport{TLSClientConfig: tlsCfg, DisableKeepAlives: true}
-		defer tr.CloseIdleConnections()
-		resp, err := (&http.Client{Timeout: 5 * time.Second, Transport: tr}).Get(url)
-		if err != nil {
-			return 0, err
-		}
-		resp.Body.Close()
-		return resp.StatusCode, nil
-	}
+	fresh := freshCaller(tlsCfg, url)
+	// A source allowed too, whose certificate HAProxy has never seen.
+	unseen := freshCaller(&tls.Config{Certificates: []tls.Certificate{meshCert(t, c, "unseen")}, InsecureSkipVerify: true}, url)
 	for name, call := range map[string]func() (int, error){"kept-alive": kept, "new connection": fresh} {
 		if code, err := call(); err != nil || code != 200 {
 			t.Fatalf("%s before the kill: %d %v", name, code, err)
@@ -390,21 +393,29 @@ func TestInboundWhileControllerAway(t *testing.T) {
 			t.Fatalf("kept-alive request %d with the controller dead: %d %v (reused %v), want 200 on the same connection", i, code, err, reused.Load())
 		}
 	}
-	if code, err := fresh(); err == nil && code == 200 {
-		t.Fatalf("a new connection was served with no agent to authorize it")
+	for i := range 20 {
+		if code, err := fresh(); err != nil || code != 200 {
+			t.Fatalf("new connection %d with a remembered allow and the controller dead: %d %v, want 200", i, code, err)
+		}
+	}
+	if code, err := unseen(); err == nil && code == 200 {
+		t.Fatalf("a new connection with a certificate never allowed was served with no agent to authorize it")
 	} else {
-		t.Logf("new connection with the controller dead: %d %v", code, err)
+		t.Logf("new connection with an unseen certificate and the controller dead: %d %v", code, err)
 	}
 
 	next := launchSidecar(t, consul, "server", server.stateDir)
 	next.waitReady(t)
-	eventually(t, 10*time.Second, "new connections are authorized again", func() error {
-		code, err := fresh()
+	eventually(t, 10*time.Second, "new certificates are authorized again", func() error {
+		code, err := unseen()
 		if err == nil && code != 200 {
 			err = fmt.Errorf("status %d", code)
 		}
 		return err
 	})
+	if code, err := fresh(); err != nil || code != 200 {
+		t.Errorf("new connection after the adoption: %d %v", code, err)
+	}
 	if code, err := kept(); err != nil || code != 200 {
 		t.Errorf("kept-alive request after the adoption: %d %v", code, err)
 	}
