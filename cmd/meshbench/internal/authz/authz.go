@@ -456,9 +456,9 @@ func startRenderedPair(b *bench.Bench, consul *testenv.ConsulProc, agentAddr str
 // withoutSPOE removes the public listener's SPOE filter, the rules that
 // check its verdict (any line reading var(<scope>.hc.allowed): the
 // tcp-request rule in TCP mode, the http-request rules in HTTP mode), the
-// tcp-request inspect-delay that waits for it, and a tcp listener's
-// remembered allows (its stick table and the rules that read it), and an
-// HTTP listener's L7 rules. It fails unless it
+// tcp-request inspect-delay that waits for it, a listener's remembered
+// allows (its stick table and the rules that read it), and an HTTP
+// listener's L7 rules. It fails unless it
 // removed the filter and at least one verdict rule and nothing mentioning
 // either is left, so that a change in the renderer cannot silently make
 // "off" equal to "on".
@@ -474,7 +474,7 @@ func withoutSPOE(cfg string) (string, error) {
 		case strings.Contains(t, verdict):
 			rules++
 		case strings.HasPrefix(t, "tcp-request inspect-delay "),
-			// the tcp listener's remembered allows (bootstrap.Render)
+			// a listener's remembered allows (bootstrap.Render)
 			strings.HasPrefix(t, "stick-table "), strings.Contains(t, "track-sc0"),
 			strings.Contains(t, "authz_cached"), strings.Contains(t, "."+bootstrap.VarPrefix+".cached"),
 			// an HTTP listener's per-request L7 rules, every one of
@@ -707,16 +707,17 @@ func reportOnOff(b *bench.Bench, variants []variant, figs map[string]map[shape]*
 		"are reused (authz/req shows whether requests on them are still authorized one by one). Inbound sides: the haproxy-connect "+
 		"sidecar of `server`; and, for a like-for-like pair, HAProxy run by meshbench from bootstrap.Render "+
 		"(the sidecar's renderer, own leaf, Consul's roots), once as rendered with its SPOE messages going to the "+
-		"server sidecar's agent (in the haproxy-connect process), once with the `filter spoe` line and the rules "+
-		"that check its verdict removed: the like-for-like pair differs only in those lines. "+
+		"server sidecar's agent (in the haproxy-connect process), once with the `filter spoe` line, the rules "+
+		"that check its verdict and the remembered allows removed: the like-for-like pair differs only in those lines. "+
 		"Each cell runs every inbound side twice per round, in mirrored order (ABC then CBA, rotated every round), "+
 		"so req/s, p99, conns/req and authz/req are median (min–max) over 2 × rounds runs; ÷ off is the rate of the "+
 		"side over that of the last side (off), paired within each round (both runs summed), median (min–max) over "+
 		"rounds: the machine drifts more over a run than the few per cent sought. "+
 		"The target is at least 0.9 for authorization on in new-conn mode. "+
 		"conns/req is the inbound public listener's new sessions per request (HAProxy stats), so about 1 means one mTLS handshake "+
-		"per request; authz/req is the agent's decisions per request (all cached after the first: one client "+
-		"identity).", b.WrkTime())
+		"per request; authz/req is the agent's decisions per request: with one client certificate, HAProxy "+
+		"allows every connection after the first from its remembered allow (access log src=cached), so about 0 "+
+		"means the agent is not asked at all.", b.WrkTime())
 	errText := "no wrk errors (socket errors or non-2xx responses) in any cell."
 	if len(errNotes) > 0 {
 		errText = "wrk errors (socket errors + non-2xx responses, summed over rounds): " + strings.Join(errNotes, "; ") + "."
