@@ -418,6 +418,9 @@ func startRenderedPair(b *bench.Bench, consul *testenv.ConsulProc, agentAddr str
 			SNI:           bootstrap.FallbackSNI,
 			SPOASocket:    agentAddr,
 			HardStopAfter: 30 * time.Second, // as the sidecar renders it
+			// The sidecar's default, so that the pair differs from the
+			// haproxy-connect sidecar only in what it leaves out.
+			AccessLog: true,
 			Public: bootstrap.Public{BindAddr: "127.0.0.1", BindPort: port, Protocol: "http",
 				LocalAddr: "127.0.0.1", LocalPort: appPort},
 		}
@@ -706,7 +709,7 @@ func reportOnOff(b *bench.Bench, variants []variant, figs map[string]map[shape]*
 		"the sidecars, a new mTLS handshake (req/s is then new connections per second); keep-alive: connections "+
 		"are reused (authz/req shows whether requests on them are still authorized one by one). Inbound sides: the haproxy-connect "+
 		"sidecar of `server`; and, for a like-for-like pair, HAProxy run by meshbench from bootstrap.Render "+
-		"(the sidecar's renderer, own leaf, Consul's roots), once as rendered with its SPOE messages going to the "+
+		"(the sidecar's renderer, own leaf, Consul's roots, access logs on as the sidecar's default), once as rendered with its SPOE messages going to the "+
 		"server sidecar's agent (in the haproxy-connect process), once with the `filter spoe` line, the rules "+
 		"that check its verdict and the remembered allows removed: the like-for-like pair differs only in those lines. "+
 		"Each cell runs every inbound side twice per round, in mirrored order (ABC then CBA, rotated every round), "+
