@@ -35,7 +35,8 @@ import (
 //
 // The usual plan then moves that state to Consul's through runtime
 // commands, and reloads only if the configuration differs (an upstream
-// added or removed while no controller ran).
+// added or removed while no controller ran, or a build that renders
+// another configuration for the same registration).
 
 // findMaster returns a master to adopt, or nil when none runs. A master
 // that runs but cannot be adopted is killed, with its workers: starting a
@@ -135,6 +136,10 @@ type certReader interface {
 
 // configID identifies the configuration rendered for sc and roots apart
 // from its slot assignment and its reason: two equal ones need no reload.
+// It hashes the spec and what this build renders from it (configuration,
+// SPOE and certificate list files), so that a controller whose renderer
+// changed reloads the HAProxy an earlier build left running, once, instead
+// of keeping its older rules until some other reload.
 func (c *Controller) configID(sc Sidecar, rootsPEM string) string {
 	spec := c.spec(sc, nil)
 	spec.ConfigID, spec.Reason = "", ""
@@ -159,8 +164,27 @@ func (c *Controller) configID(sc Sidecar, rootsPEM string) string {
 	h.Write(b)
 	h.Write([]byte{0})
 	h.Write([]byte(rootsPEM))
+	// Rendered with one free slot per upstream: the slots never count.
+	for i := range spec.Upstreams {
+		spec.Upstreams[i].Slots = slots.New(spec.Upstreams[i].Name, bootstrap.SlotPrefix, 1)
+	}
+	if cfg, files, err := renderForID(spec, 0); err == nil {
+		h.Write([]byte{0})
+		h.Write([]byte(cfg))
+		for _, f := range files {
+			if f.Path == spec.SPOEFile || f.Path == spec.CrtList {
+				h.Write([]byte{0})
+				h.Write([]byte(f.Content))
+			}
+		}
+	}
+	// An invalid spec is refused by the start or reload that would render
+	// it; its id is the spec's alone.
 	return hex.EncodeToString(h.Sum(nil)[:16])
 }
+
+// renderForID renders the files configID hashes; a seam for its test.
+var renderForID = bootstrap.RenderFiles
 
 // mapValue is key's value in a map listing: its first entry, the one
 // HAProxy's lookups return ("" when absent).

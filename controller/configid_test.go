@@ -11,6 +11,7 @@ import (
 
 	"github.com/haproxy-connect/haproxy-connect/bootstrap"
 	"github.com/haproxy-connect/haproxy-connect/certs"
+	"github.com/haproxy-connect/haproxy-connect/chain"
 	"github.com/haproxy-connect/haproxy-connect/slots"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
@@ -101,5 +102,46 @@ func TestConfigIDWithoutNewKeys(t *testing.T) {
 		if strings.Contains(string(b), `"`+field+`"`) {
 			t.Errorf("%s is in the JSON of a spec without it: %s", field, b)
 		}
+	}
+}
+
+// TestConfigIDHashesRendering: the id covers what this build renders, so
+// a controller whose renderer changed reloads an HAProxy an earlier build
+// left running; for every kind of sidecar the rendering succeeds and
+// counts.
+func TestConfigIDHashesRendering(t *testing.T) {
+	leaf, roots := webLeaf(t)
+	c, err := New(Config{Consul: api.DefaultConfig(), ProxyID: "web-sidecar-proxy", StateDir: "/state", SPOASocket: "/state/spoa.sock", Log: zaptest.NewLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.desired.leaf, c.desired.roots = &leaf, &roots
+	c.desired.chains = map[string]*chain.Chain{"up_web": loadChain(t, "split", nil)}
+	httpUp := up("web", 9191)
+	httpUp.Protocol = "http"
+	tcp := sidecar(up("db", 9000))
+	tcp.Public.Protocol = "tcp"
+	for name, sc := range map[string]*Sidecar{
+		"http listener": sidecar(up("db", 9000)),
+		"tcp listener":  tcp,
+		"routed":        expand(sidecar(httpUp), c.desired.chains),
+	} {
+		t.Run(name, func(t *testing.T) {
+			real := c.configID(*sc, roots.PEM)
+			defer func(r func(bootstrap.Spec, uint64) (string, []bootstrap.File, error)) { renderForID = r }(renderForID)
+			renderForID = func(bootstrap.Spec, uint64) (string, []bootstrap.File, error) {
+				return "", nil, bootstrap.ErrInvalid
+			}
+			if specOnly := c.configID(*sc, roots.PEM); specOnly == real {
+				t.Fatalf("configID %s does not cover the rendering (the same without it)", real)
+			}
+			renderForID = func(s bootstrap.Spec, gen uint64) (string, []bootstrap.File, error) {
+				cfg, files, err := bootstrap.RenderFiles(s, gen)
+				return cfg + "    # a rule a later build renders\n", files, err
+			}
+			if changed := c.configID(*sc, roots.PEM); changed == real {
+				t.Errorf("configID %s did not move with the rendered configuration", real)
+			}
+		})
 	}
 }
