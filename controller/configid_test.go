@@ -89,9 +89,9 @@ func with(sc *Sidecar, f func(*Sidecar)) *Sidecar {
 }
 
 // TestConfigIDWithoutNewKeys: a sidecar that sets none of issue 14's keys
-// has the configuration id it had before them (their fields are left out
-// of the JSON the id hashes), so an upgraded controller adopts the HAProxy
-// the previous one left without a reload.
+// has the spec JSON it had before them (their fields are left out of the
+// JSON the id hashes), so an upgraded controller that renders the same
+// configuration adopts the HAProxy the previous one left without a reload.
 func TestConfigIDWithoutNewKeys(t *testing.T) {
 	spec := bootstrap.Spec{Public: bootstrap.Public{BindAddr: "0.0.0.0", BindPort: 21000}, Upstreams: []bootstrap.Upstream{{Name: "up_db"}}}
 	b, err := json.Marshal(spec)
