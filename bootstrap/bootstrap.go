@@ -742,20 +742,20 @@ func renderConfig(s Spec) (string, error) {
 		// what the agent read from a certificate it allowed, which no
 		// later decision changes; the controller clears it periodically,
 		// which bounds it, and a certificate missing from it is asked
-		// about again. Only an allow
-		// of a source under no L7 intention is remembered: an L7 verdict
-		// carries the intention's entries (sess.hc.l7rules), which a
-		// stick table cannot hold, so such a source asks the agent on
-		// each new connection. A deny is never remembered, and a new
-		// generation makes every remembered allow stale.
+		// about again. Only an allow of a source under no L7 intention is
+		// remembered: an L7 verdict carries the intention's entries
+		// (sess.hc.l7rules), which a stick table cannot hold, so such a
+		// source asks the agent on each new connection. A deny is never
+		// remembered, and a new generation makes every remembered allow
+		// stale.
 		noVerdict := fmt.Sprintf("!{ var(%s) -m found }", authzgen.SessVar(authzgen.VarAllowed))
 		w("    acl authz_stale str(%s),map_str_int(%s,0),sub(%s) -m int gt 0", AuthzGenKey, s.AuthzMap, authzgen.SessVar(authzgen.VarGen))
 		w("    http-request unset-var(%s) if authz_stale", authzgen.SessVar(authzgen.VarAllowed))
 		w("    http-request unset-var(%s) if authz_stale", authzgen.SessVar(authzgen.VarL7))
 		w("    http-request unset-var(%s) if authz_stale", authzgen.SessVar(authzgen.VarL7Rules))
 		w("    stick-table type binary len 32 size %d expire 10m store gpt0", AuthzCacheSize)
+		named := fmt.Sprintf("{ var(txn.%s.name) -m found }", VarPrefix)
 		if s.SourcesMap != "" {
-			named := fmt.Sprintf("{ var(txn.%s.name) -m found }", VarPrefix)
 			w("    http-request set-var(txn.%s.cert) ssl_c_der,sha2(256) if %s", VarPrefix, noVerdict)
 			w("    http-request track-sc0 var(txn.%s.cert) if %s", VarPrefix, noVerdict)
 			w("    http-request set-var(txn.%s.cached) sc0_get_gpt0 if %s", VarPrefix, noVerdict)
@@ -764,13 +764,13 @@ func renderConfig(s Spec) (string, error) {
 			w("    http-request set-var(%s) var(txn.%s.cached),sub(1) if %s", authzgen.SessVar(authzgen.VarGen), VarPrefix, named)
 			w("    http-request set-var(%s) var(txn.%s.name) if %s", authzgen.SessVar(authzgen.VarSource), VarPrefix, named)
 			w("    http-request set-var(%s) bool(1) if %s", authzgen.SessVar(authzgen.VarAllowed), named)
-			w("    http-request send-spoe-group %s %s if %s", SPOEEngine, SPOEGroup, noVerdict)
+		}
+		w("    http-request send-spoe-group %s %s if %s", SPOEEngine, SPOEGroup, noVerdict)
+		if s.SourcesMap != "" {
 			record := fmt.Sprintf("{ var(txn.%s.cert) -m found } !%s { var(%s) -m bool } !{ var(%s) -m bool } { var(%s) -m beg spiffe:// }",
 				VarPrefix, named, authzgen.SessVar(authzgen.VarAllowed), authzgen.SessVar(authzgen.VarL7), authzgen.SessVar(authzgen.VarSource))
 			w("    http-request sc-set-gpt0(0) var(%s),add(1) if %s", authzgen.SessVar(authzgen.VarGen), record)
 			w("    http-request set-map(%s) %%[var(txn.%s.cert),hex] %%[var(%s)] if %s", s.SourcesMap, VarPrefix, authzgen.SessVar(authzgen.VarSource), record)
-		} else {
-			w("    http-request send-spoe-group %s %s if %s", SPOEEngine, SPOEGroup, noVerdict)
 		}
 		w("    http-request reject if !{ var(%s) -m found } { stopping }", authzgen.SessVar(authzgen.VarAllowed))
 		w("    http-request deny deny_status 503 unless { var(%s) -m found }", authzgen.SessVar(authzgen.VarAllowed))

@@ -292,6 +292,9 @@ func TestValidateRejects(t *testing.T) {
 		{"threads over haproxy's limit", func(s *Spec) { s.Threads = MaxThreads + 1 }},
 		{"instance map relative", func(s *Spec) { s.InstanceMap = "instances.map" }},
 		{"state map with a space", func(s *Spec) { s.StateMap = "/state/state.map x" }},
+		{"sources map ending the line", func(s *Spec) {
+			s.Public.Protocol, s.SourcesMap = "http", "/state/sources.map) %[src] x\n    http-request set-var(sess.hc.allowed) bool(1)"
+		}},
 		{"config ID with a newline", func(s *Spec) { s.ConfigID = "c1\nprogram p" }},
 		{"upstream socket relative", func(s *Spec) { s.Upstreams[0].SocketPath = "db.sock" }},
 		{"upstream socket with a space", func(s *Spec) { s.Upstreams[0].SocketPath = "/run/db.sock mode 777" }},

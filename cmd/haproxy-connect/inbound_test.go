@@ -334,18 +334,7 @@ func TestHTTPRemembersAllows(t *testing.T) {
 	// new connection asks the agent once, and the caller is named again.
 	sources := filepath.Join(server.stateDir, "sources.map")
 	showSources := func() []runtime.MapEntry {
-		cmd, err := runtime.ShowMap(sources)
-		if err != nil {
-			t.Fatal(err)
-		}
-		rs, err := server.rt.Exec(context.Background(), cmd)
-		if err == nil {
-			err = rs.Err()
-		}
-		var entries []runtime.MapEntry
-		if err == nil {
-			entries, err = runtime.ParseMap(rs[0].Reply)
-		}
+		entries, err := server.rt.Map(context.Background(), sources)
 		if err != nil {
 			t.Fatal(err)
 		}

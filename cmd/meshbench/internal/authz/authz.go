@@ -711,7 +711,9 @@ func reportOnOff(b *bench.Bench, variants []variant, figs map[string]map[shape]*
 		"sidecar of `server`; and, for a like-for-like pair, HAProxy run by meshbench from bootstrap.Render "+
 		"(the sidecar's renderer, own leaf, Consul's roots, access logs on as the sidecar's default), once as rendered with its SPOE messages going to the "+
 		"server sidecar's agent (in the haproxy-connect process), once with the `filter spoe` line, the rules "+
-		"that check its verdict and the remembered allows removed: the like-for-like pair differs only in those lines. "+
+		"that check its verdict and its stick table removed: the like-for-like pair differs only in those lines. "+
+		"The pair is rendered without a sources map, so, unlike the sidecar, its HTTP listener remembers no allow "+
+		"and asks the agent on every new connection. "+
 		"Each cell runs every inbound side twice per round, in mirrored order (ABC then CBA, rotated every round), "+
 		"so req/s, p99, conns/req and authz/req are median (min–max) over 2 × rounds runs; ÷ off is the rate of the "+
 		"side over that of the last side (off), paired within each round (both runs summed), median (min–max) over "+
@@ -719,7 +721,7 @@ func reportOnOff(b *bench.Bench, variants []variant, figs map[string]map[shape]*
 		"The target is at least 0.9 for authorization on in new-conn mode. "+
 		"conns/req is the inbound public listener's new sessions per request (HAProxy stats), so about 1 means one mTLS handshake "+
 		"per request; authz/req is the agent's decisions per request: with one client certificate, HAProxy "+
-		"allows every connection after the first from its remembered allow (access log src=cached), so about 0 "+
+		"allows every connection after the first from its remembered allow (the access log still names the caller), so about 0 "+
 		"means the agent is not asked at all.", b.WrkTime())
 	errText := "no wrk errors (socket errors or non-2xx responses) in any cell."
 	if len(errNotes) > 0 {
