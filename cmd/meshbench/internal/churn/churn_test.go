@@ -93,15 +93,15 @@ haproxy_connect_upstream_verification_seconds_count 12
 	for _, tt := range []struct {
 		q, want float64
 	}{{0.5, 0.0005}, {0.9, 0.001}, {0.99, 0.002}, {1, math.Inf(1)}} {
-		if got := d.prop.bound(tt.q); got != tt.want {
+		if got := d.prop.Bound(tt.q); got != tt.want {
 			t.Errorf("bound(%g) = %g, want %g", tt.q, got, tt.want)
 		}
 	}
 	// 10 more proofs: 1 under 1 ms, 9 under 10 ms.
-	if got50, got99 := d.proof.bound(0.5), d.proof.bound(0.99); got50 != 0.01 || got99 != 0.01 {
+	if got50, got99 := d.proof.Bound(0.5), d.proof.Bound(0.99); got50 != 0.01 || got99 != 0.01 {
 		t.Errorf("proofs: p50 %g, p99 %g, want 0.01 and 0.01", got50, got99)
 	}
-	if got := h0.sub(h0).prop.bound(0.99); !math.IsNaN(got) {
+	if got := h0.sub(h0).prop.Bound(0.99); !math.IsNaN(got) {
 		t.Errorf("empty delta: bound = %g, want NaN", got)
 	}
 	const typ = "# TYPE haproxy_connect_endpoint_propagation_seconds histogram\n"

@@ -191,8 +191,8 @@ func (cb *workload) pass(ctx context.Context, c *contender, p plan) (result, err
 			return r, err
 		}
 		d := share1.sub(share0)
-		r.share50, r.share99 = d.prop.bound(0.50), d.prop.bound(0.99)
-		r.proof50, r.proof99 = d.proof.bound(0.50), d.proof.bound(0.99)
+		r.share50, r.share99 = d.prop.Bound(0.50), d.prop.Bound(0.99)
+		r.proof50, r.proof99 = d.proof.Bound(0.50), d.proof.Bound(0.99)
 	}
 	if c.reloads != nil {
 		n, err := c.reloads(ctx)
@@ -256,7 +256,7 @@ func proofsQuiet(ctx context.Context, c *contender) error {
 		if err != nil {
 			return err
 		}
-		n := s.proof.count()
+		n := s.proof.Count()
 		if n != last {
 			last, since = n, time.Now()
 		}
