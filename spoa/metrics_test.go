@@ -22,6 +22,7 @@ func TestCollector(t *testing.T) {
 		{"haproxy_connect_authz_refused_total", "reason", "chain"},
 		{"haproxy_connect_authz_refused_total", "reason", "uri_sans"},
 		{"haproxy_connect_authz_remembered_certs"},
+		{"haproxy_connect_authz_decision_seconds_count"},
 	} {
 		if v, err := f.Value(s[0], s[1:]...); err != nil || v != 0 {
 			t.Errorf("%q = %v %v, want 0", s, v, err)

@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
@@ -88,13 +89,6 @@ func WithInvalidateHook(f func(gen uint64)) Option { return func(a *Authorizer) 
 // (authzgen.VarL7Rules). f must not block.
 func WithL7MapHook(f func([]l7.Compiled)) Option { return func(a *Authorizer) { a.onL7Map = f } }
 
-// WithObserver calls f after every decision with how long the agent took
-// to make it (parsing the certificate, cache or Consul) and whether it came
-// from the cache. f must be cheap: it runs on the decision path.
-func WithObserver(f func(cached bool, took time.Duration)) Option {
-	return func(a *Authorizer) { a.observe = f }
-}
-
 // WithCacheSize bounds the number of cached decisions (default
 // DefaultCacheSize). A full cache evicts one arbitrary entry per insert.
 func WithCacheSize(n int) Option { return func(a *Authorizer) { a.cacheSize = n } }
@@ -127,8 +121,9 @@ type Authorizer struct {
 	onL7Map      func([]l7.Compiled)
 	onSwitch     func(gen uint64)
 	// l7 holds the L7 intentions (WithL7Rules); nil: L7 is not decided.
-	l7      L7Rules
-	observe func(cached bool, took time.Duration)
+	l7 L7Rules
+	// decisionTime is haproxy_connect_authz_decision_seconds (metrics.go).
+	decisionTime prometheus.Histogram
 	// certs are the client certificates asked about, for Recheck.
 	certs certMemory
 
@@ -193,6 +188,7 @@ func New(target string, d Decider, log *zap.Logger, opts ...Option) *Authorizer 
 		verified:         map[[32]byte]*trust{},
 		listeners:        map[net.Listener]struct{}{},
 		conns:            map[*trackedConn]struct{}{},
+		decisionTime:     newDecisionTime(),
 	}
 	for _, o := range opts {
 		o(a)
@@ -314,7 +310,9 @@ func (a *Authorizer) handle(payload []byte) (ack []byte) {
 		}
 	}()
 
+	start := time.Now()
 	if seen, r := readL7(payload); seen {
+		defer a.timeDecision(start)
 		return appendTxnActions(nil, a.decideL7(r))
 	}
 	seen, der, argErr, httpListener := readAuthorizeArgs(payload)
@@ -323,6 +321,7 @@ func (a *Authorizer) handle(payload []byte) (ack []byte) {
 		// treats as a deny.
 		return nil
 	}
+	defer a.timeDecision(start)
 	d := a.decide(der, argErr)
 	if d.undecided {
 		return appendActions(nil, undecidedActions(d.source))
@@ -439,16 +438,6 @@ type decision struct {
 // Decider failure leaves the connection undecided. Both refuse. It logs
 // one line.
 func (a *Authorizer) decide(der []byte, argErr error) decision {
-	if a.observe == nil {
-		return a.decideNow(der, argErr)
-	}
-	start := time.Now()
-	d := a.decideNow(der, argErr)
-	a.observe(d.err == nil && d.how == originCache, time.Since(start))
-	return d
-}
-
-func (a *Authorizer) decideNow(der []byte, argErr error) decision {
 	d := decision{source: noSource, err: argErr}
 	if d.err == nil {
 		// A certificate asked about before is not parsed again: after an

@@ -17,11 +17,13 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/haproxy-connect/haproxy-connect/authzgen"
 	"github.com/haproxy-connect/haproxy-connect/certs"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
@@ -650,22 +652,56 @@ func TestGenerationAndHook(t *testing.T) {
 	}
 }
 
-func TestObserver(t *testing.T) {
+// authorizeMessage encodes a NOTIFY payload holding one authorize
+// message with the client certificate der.
+func authorizeMessage(der []byte) []byte {
+	b := append(putString(nil, authzgen.Message), 1)
+	return putString(append(putString(b, authzgen.ArgCert), typeBinary), string(der))
+}
+
+// TestDecisionTime: every message the agent answers is timed in
+// haproxy_connect_authz_decision_seconds, cached, uncached, refused and
+// L7 alike; a message it does not handle is not.
+func TestDecisionTime(t *testing.T) {
 	ca := testCA()
 	der := leafDER(t, ca, 1, clientID)
-	var cached []bool
-	a := newTest(t, &fakeDecider{allowed: map[string]bool{clientID: true}},
-		WithObserver(func(c bool, took time.Duration) {
-			if took <= 0 {
-				t.Errorf("non-positive duration %v", took)
+	a := newTest(t, &fakeDecider{allowed: map[string]bool{clientID: true}})
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(a.Collector())
+	samples := func() uint64 {
+		t.Helper()
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mf := range mfs {
+			if mf.GetName() == "haproxy_connect_authz_decision_seconds" {
+				h := mf.GetMetric()[0].GetHistogram()
+				if n := h.GetBucket()[len(h.GetBucket())-1].GetCumulativeCount(); n > h.GetSampleCount() {
+					t.Errorf("last bucket %d above the sample count %d", n, h.GetSampleCount())
+				}
+				return h.GetSampleCount()
 			}
-			cached = append(cached, c)
-		}))
-	a.decide(der, nil)
-	a.decide(der, nil)
-	a.decide([]byte("garbage"), nil)
-	if diff := cmp.Diff([]bool{false, true, false}, cached); diff != "" {
-		t.Errorf("observed cached flags (-want +got):\n%s", diff)
+		}
+		t.Fatal("no haproxy_connect_authz_decision_seconds")
+		return 0
+	}
+	for _, tt := range []struct {
+		name    string
+		payload []byte
+		counted bool
+	}{
+		{"uncached", authorizeMessage(der), true},
+		{"cached", authorizeMessage(der), true},
+		{"unreadable certificate", authorizeMessage([]byte("garbage")), true},
+		{"l7 request", l7Message(clientID, "GET", "/", hdrsBin()), true},
+		{"another message", append(putString(nil, "not-ours"), 0), false},
+	} {
+		before := samples()
+		a.handle(tt.payload)
+		if got := samples() - before; got != map[bool]uint64{true: 1}[tt.counted] {
+			t.Errorf("%s: %d samples added, want counted=%v", tt.name, got, tt.counted)
+		}
 	}
 }
 
