@@ -191,6 +191,10 @@ const (
 	// request shapes of L7 sources too; past it HAProxy drops the least
 	// recently used, which are asked about again.
 	AuthzCacheSize = 20000
+	// AuthzCacheExpire is how long a listener's worker remembers an
+	// allow its certificate has not used (the stick table's expire, in
+	// whole minutes). The controller clears the sources map as often.
+	AuthzCacheExpire = 10 * time.Minute
 	// MaxThreads is HAProxy's build-time thread limit (MAX_THREADS, 64
 	// on the 64-bit builds Debian ships).
 	MaxThreads = 64
@@ -753,7 +757,7 @@ func renderConfig(s Spec) (string, error) {
 		w("    http-request unset-var(%s) if authz_stale", authzgen.SessVar(authzgen.VarAllowed))
 		w("    http-request unset-var(%s) if authz_stale", authzgen.SessVar(authzgen.VarL7))
 		w("    http-request unset-var(%s) if authz_stale", authzgen.SessVar(authzgen.VarL7Rules))
-		w("    stick-table type binary len 32 size %d expire 10m store gpt0", AuthzCacheSize)
+		w("    stick-table type binary len 32 size %d expire %dm store gpt0", AuthzCacheSize, AuthzCacheExpire/time.Minute)
 		named := fmt.Sprintf("{ var(txn.%s.name) -m found }", VarPrefix)
 		if s.SourcesMap != "" {
 			w("    http-request set-var(txn.%s.cert) ssl_c_der,sha2(256) if %s", VarPrefix, noVerdict)
@@ -851,7 +855,7 @@ func renderConfig(s Spec) (string, error) {
 		// calling sidecar cannot retry a tcp connection after its
 		// handshake. A deny is never remembered, and a new generation
 		// (any intentions change) makes every remembered allow stale.
-		w("    stick-table type binary len 20 size %d expire 10m store gpt0", AuthzCacheSize)
+		w("    stick-table type binary len 20 size %d expire %dm store gpt0", AuthzCacheSize, AuthzCacheExpire/time.Minute)
 		w("    tcp-request inspect-delay 5s")
 		// Every connection is recorded, before it is authorized, in the
 		// connections table (authzgen.ConnTable): so a deny reaches the

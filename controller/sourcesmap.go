@@ -24,9 +24,9 @@ import (
 const SourcesMapFile = "sources.map"
 
 // sourcesPrune is how often the sources map is cleared: the stick table's
-// expiry of a remembered allow (bootstrap.Render), so that a certificate
-// in use is asked about again at most as often as it is when idle.
-const sourcesPrune = 10 * time.Minute
+// expiry of a remembered allow, so that a certificate in use is asked
+// about again at most as often as it is when idle.
+const sourcesPrune = bootstrap.AuthzCacheExpire
 
 // sourcesMapPath is the sources map's path for sidecar sc, "" when its public
 // listener has none (tcp: HAProxy's tcp rules cannot write a map).
