@@ -34,6 +34,12 @@ const (
 	// ArgL7 is present (a bool) in the Message of an HTTP listener: the
 	// listener can decide L7 permissions per request.
 	ArgL7 = "l7"
+	// ArgNamed is present in the Message of a tcp listener with a
+	// sources map, which the controller fills from the agent's allows
+	// (2.6's tcp rules cannot write a map): the name the map holds for
+	// the client certificate, or NULL when it holds none, which the
+	// agent then hands to the controller with its allow.
+	ArgNamed = "named"
 	// GroupL7 and MessageL7 decide one request of a connection whose
 	// source is under an L7 intention (VarL7): its arguments are
 	// ArgSource (the verdict's VarSource), ArgMethod, ArgPath (without

@@ -43,12 +43,14 @@ type Spec struct {
 	// the controller writes and keeps current at run time. Empty: every
 	// request under an L7 intention goes to the agent.
 	L7Map string
-	// SourcesMap, when set, is an HTTP public listener's sources map (an
+	// SourcesMap, when set, is the public listener's sources map (an
 	// absolute path): the SPIFFE ID of each client certificate whose
 	// allow the listener remembers, keyed by the certificate's SHA-256
-	// (hex), written by HAProxy's own rules and cleared by the
-	// controller (see Render). Empty: an HTTP listener remembers no
-	// allow, and asks the agent on every new connection.
+	// (upper-case hex), written by an HTTP listener's own rules or by the
+	// controller for a tcp listener, and cleared by the controller (see
+	// Render). Empty: an HTTP listener remembers no allow, and asks the
+	// agent on every new connection; a tcp listener remembers allows
+	// without the caller's name (access log src=cached).
 	SourcesMap string `json:",omitzero"`
 	// SNI is the public listener's certificate list filter: the service's
 	// Consul SNI name (certs.ID.SNI). What matters is that there is one;
@@ -844,7 +846,7 @@ func renderConfig(s Spec) (string, error) {
 	} else {
 		// A connection is authorized once, before its first byte reaches
 		// the application. An allow is remembered per worker, by the
-		// client certificate's SHA-1, with the generation it was made
+		// client certificate's SHA-256, with the generation it was made
 		// under plus one (0 is "never allowed"): the next connection with
 		// that certificate under the same intentions generation is
 		// allowed without asking the agent. Besides the round trip it
@@ -855,19 +857,43 @@ func renderConfig(s Spec) (string, error) {
 		// calling sidecar cannot retry a tcp connection after its
 		// handshake. A deny is never remembered, and a new generation
 		// (any intentions change) makes every remembered allow stale.
-		w("    stick-table type binary len 20 size %d expire %dm store gpt0", AuthzCacheSize, AuthzCacheExpire/time.Minute)
+		//
+		// With a sources map (Spec.SourcesMap), a remembered allow also
+		// takes the caller's SPIFFE ID from it, for the access log, as on
+		// an HTTP listener; 2.6's tcp-request rules cannot write a map,
+		// so the controller adds each name the agent allows that the map
+		// lacks (spoa WithSourceHook). A remembered certificate the map
+		// does not name yet asks the agent, which names it; if it gives no
+		// verdict (unreachable, or the SPOE of a stopping worker), the
+		// remembered allow stands, logged src=cached as without a map.
+		noVerdict := fmt.Sprintf("!{ var(%s) -m found }", authzgen.SessVar(authzgen.VarAllowed))
+		w("    stick-table type binary len 32 size %d expire %dm store gpt0", AuthzCacheSize, AuthzCacheExpire/time.Minute)
 		w("    tcp-request inspect-delay 5s")
 		// Every connection is recorded, before it is authorized, in the
 		// connections table (authzgen.ConnTable): so a deny reaches the
 		// ones already established (see package authzgen).
 		w("    tcp-request content set-var-fmt(txn.%s.conn) \"%s\"", VarPrefix, authzgen.ConnKeyFormat)
 		w("    tcp-request content track-sc1 var(txn.%s.conn) table %s", VarPrefix, authzgen.ConnTable)
-		w("    tcp-request content track-sc0 ssl_c_sha1")
+		w("    tcp-request content set-var(txn.%s.cert) ssl_c_der,sha2(256)", VarPrefix)
+		w("    tcp-request content track-sc0 var(txn.%s.cert)", VarPrefix)
 		w("    tcp-request content set-var(txn.%s.cached) sc0_get_gpt0", VarPrefix)
 		w("    acl authz_cached str(%s),map_str_int(%s,0),add(1),sub(txn.%s.cached) -m int eq 0", AuthzGenKey, s.AuthzMap, VarPrefix)
-		w("    tcp-request content set-var(%s) bool(1) if authz_cached", authzgen.SessVar(authzgen.VarAllowed))
-		w("    tcp-request content set-var(%s) str(cached) if authz_cached", authzgen.SessVar(authzgen.VarSource))
-		w("    tcp-request content send-spoe-group %s %s if !{ var(%s) -m found }", SPOEEngine, SPOEGroup, authzgen.SessVar(authzgen.VarAllowed))
+		if s.SourcesMap != "" {
+			// The name is looked up for every connection, remembered or
+			// not: the agent is told whether the map has it (ArgNamed),
+			// and hands the controller only the names it lacks.
+			named := fmt.Sprintf("authz_cached { var(txn.%s.name) -m found }", VarPrefix)
+			w("    tcp-request content set-var(txn.%s.name) var(txn.%s.cert),hex,map(%s)", VarPrefix, VarPrefix, s.SourcesMap)
+			w("    tcp-request content set-var(%s) bool(1) if %s", authzgen.SessVar(authzgen.VarAllowed), named)
+			w("    tcp-request content set-var(%s) var(txn.%s.name) if %s", authzgen.SessVar(authzgen.VarSource), VarPrefix, named)
+			w("    tcp-request content send-spoe-group %s %s if %s", SPOEEngine, SPOEGroup, noVerdict)
+			w("    tcp-request content set-var(%s) str(cached) if authz_cached %s !{ var(%s) -m found }", authzgen.SessVar(authzgen.VarSource), noVerdict, authzgen.SessVar(authzgen.VarSource))
+			w("    tcp-request content set-var(%s) bool(1) if authz_cached %s", authzgen.SessVar(authzgen.VarAllowed), noVerdict)
+		} else {
+			w("    tcp-request content set-var(%s) bool(1) if authz_cached", authzgen.SessVar(authzgen.VarAllowed))
+			w("    tcp-request content set-var(%s) str(cached) if authz_cached", authzgen.SessVar(authzgen.VarSource))
+			w("    tcp-request content send-spoe-group %s %s if %s", SPOEEngine, SPOEGroup, noVerdict)
+		}
 		w("    tcp-request content sc-set-gpt0(0) var(%s),add(1) if { var(%s) -m bool } !authz_cached", authzgen.SessVar(authzgen.VarGen), authzgen.SessVar(authzgen.VarAllowed))
 		w("    tcp-request content reject unless { var(%s) -m bool }", authzgen.SessVar(authzgen.VarAllowed))
 	}
@@ -1365,6 +1391,8 @@ func RenderSPOE(s Spec) (string, error) {
 		fmt.Fprintf(&b, "\nspoe-message %s\n", authzgen.MessageL7)
 		fmt.Fprintf(&b, "    args %s=var(%s) %s=method %s=path %s=req.hdrs_bin\n", authzgen.ArgSource, authzgen.SessVar(authzgen.VarSource),
 			authzgen.ArgMethod, authzgen.ArgPath, authzgen.ArgHeaders)
+	} else if s.SourcesMap != "" {
+		fmt.Fprintf(&b, "    args %s=ssl_c_der %s=var(txn.%s.name)\n", authzgen.ArgCert, authzgen.ArgNamed, VarPrefix)
 	} else {
 		fmt.Fprintf(&b, "    args %s=ssl_c_der\n", authzgen.ArgCert)
 	}

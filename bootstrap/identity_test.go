@@ -97,7 +97,7 @@ func TestServerIdentityLine(t *testing.T) {
 
 	spec := baseSpec()
 	spec.LeafFile, spec.RootsFile, spec.SPOEFile, spec.AuthzMap = dir+"/leaf.pem", dir+"/roots.pem", dir+"/spoe.cfg", dir+"/authz.map"
-	spec.CrtList, spec.StateMap = dir+"/public.crtlist", dir+"/state.map"
+	spec.CrtList, spec.StateMap, spec.SourcesMap = dir+"/public.crtlist", dir+"/state.map", dir+"/sources.map"
 	ports := testenv.FreePorts(t, 5)
 	spec.Public.BindAddr, spec.Public.BindPort = "127.0.0.1", ports[0]
 	type tc struct {

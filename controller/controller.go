@@ -119,6 +119,11 @@ type Controller struct {
 	// l7kick wakes the loop to apply it.
 	l7want atomic.Pointer[[]l7.Compiled]
 	l7kick chan struct{}
+	// names are the sources the SPOE agent allowed on a tcp listener
+	// whose sources map lacked them (NameSource), that the loop has not
+	// added yet; nameKick wakes the loop to add them (sourcesmap.go).
+	names    pendingNames
+	nameKick chan struct{}
 
 	// Owned by the loop goroutine.
 	desired  desired
@@ -307,17 +312,19 @@ func New(cfg Config) (*Controller, error) {
 	// The health reader shares this one.
 	cfg.AnswerLimit.Limit(cfg.Consul.HttpClient)
 	c := &Controller{
-		cfg:     cfg,
-		consul:  consul,
-		health:  newHealthReader(cfg.Consul),
-		log:     cfg.Log,
-		rt:      runtime.New(filepath.Join(cfg.StateDir, MasterSocket), cfg.Log.Named("runtime")),
-		events:  make(chan func(*desired), 1024),
-		authz:   authzgen.NewGeneration(),
-		l7kick:  make(chan struct{}, 1),
-		metrics: newMetrics(cfg.AnswerLimit),
-		ident:   newIdentities(),
-		standby: newStandbyReader(),
+		cfg:      cfg,
+		consul:   consul,
+		health:   newHealthReader(cfg.Consul),
+		log:      cfg.Log,
+		rt:       runtime.New(filepath.Join(cfg.StateDir, MasterSocket), cfg.Log.Named("runtime")),
+		events:   make(chan func(*desired), 1024),
+		authz:    authzgen.NewGeneration(),
+		l7kick:   make(chan struct{}, 1),
+		names:    pendingNames{m: map[[32]byte]string{}},
+		nameKick: make(chan struct{}, 1),
+		metrics:  newMetrics(cfg.AnswerLimit),
+		ident:    newIdentities(),
+		standby:  newStandbyReader(),
 		desired: desired{endpoints: map[string][]slots.Endpoint{}, dirty: map[string]time.Time{}, instances: map[string]map[netip.AddrPort]instance{},
 			standby: map[string]*standbySet{},
 			chains:  map[string]*chain.Chain{}, changes: map[string]map[netip.AddrPort]endpointChange{}},
@@ -426,6 +433,7 @@ func (c *Controller) Run(ctx context.Context) error {
 			c.retryAt = time.Time{}
 		case <-c.authz.Kick():
 		case <-c.l7kick:
+		case <-c.nameKick:
 		}
 		if err := c.reconcile(ctx); err != nil {
 			return err
@@ -536,6 +544,8 @@ func (c *Controller) planInput() planInput {
 		chainMaps:   c.chainMaps(c.desired.sidecar),
 		chainFile:   c.chainMapFile,
 		l7:          c.l7Table(),
+		namesMap:    c.namesMap(c.applied.sidecar),
+		names:       c.names.snapshot(),
 	}
 }
 

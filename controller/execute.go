@@ -69,6 +69,8 @@ func (c *Controller) execute(ctx context.Context, acts []action) (again bool, er
 			}
 		case l7MapAction:
 			c.applyL7Map(ctx, a)
+		case nameSourcesAction:
+			c.nameSources(ctx, a)
 		case publishAuthzGenAction:
 			c.applyAuthzGeneration(ctx, a.gen)
 		case verifyAction:

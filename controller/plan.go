@@ -45,6 +45,11 @@ type planInput struct {
 	chainFile func(upstream string) string
 	// l7 is the L7 map's table the SPOE agent published (l7map.go).
 	l7 []l7.Compiled
+	// namesMap is the applied listener's sources map when the controller
+	// names its sources (a tcp listener), else ""; names are the sources
+	// the agent allowed that wait for it (sourcesmap.go).
+	namesMap string
+	names    map[[32]byte]string
 }
 
 // pacing is the plan's memory of time: when the leaf was last swapped,
@@ -282,6 +287,9 @@ func plan(in planInput) []action {
 		// Before the generation: a connection the agent decides under
 		// new intentions finds its entries (l7map.go).
 		acts = append(acts, planL7Map(in.l7, ap.l7, ap.l7Unknown, ap.l7Held)...)
+	}
+	if ap.foreign == "" && in.namesMap != "" {
+		acts = append(acts, planSourceNames(in.names)...)
 	}
 	if in.authzGen > ap.authzGen {
 		// Never backwards: an adopted HAProxy may hold a later generation

@@ -89,6 +89,16 @@ func WithInvalidateHook(f func(gen uint64)) Option { return func(a *Authorizer) 
 // (authzgen.VarL7Rules). f must not block.
 func WithL7MapHook(f func([]l7.Compiled)) Option { return func(a *Authorizer) { a.onL7Map = f } }
 
+// WithSourceHook calls f after each allow of a connection whose listener
+// says its sources map has no name for the client certificate
+// (authzgen.ArgNamed NULL: a tcp listener, whose rules cannot write that
+// map on HAProxy 2.6, so the controller does with "add map"), with the
+// certificate's SHA-256 and its SPIFFE ID. f runs on the decision path:
+// it must not block.
+func WithSourceHook(f func(cert [32]byte, source string)) Option {
+	return func(a *Authorizer) { a.onSource = f }
+}
+
 // WithCacheSize bounds the number of cached decisions (default
 // DefaultCacheSize). A full cache evicts one arbitrary entry per insert.
 func WithCacheSize(n int) Option { return func(a *Authorizer) { a.cacheSize = n } }
@@ -119,6 +129,7 @@ type Authorizer struct {
 
 	onInvalidate func(gen uint64)
 	onL7Map      func([]l7.Compiled)
+	onSource     func(cert [32]byte, source string)
 	onSwitch     func(gen uint64)
 	// l7 holds the L7 intentions (WithL7Rules); nil: L7 is not decided.
 	l7 L7Rules
@@ -315,18 +326,21 @@ func (a *Authorizer) handle(payload []byte) (ack []byte) {
 		defer a.timeDecision(start)
 		return appendTxnActions(nil, a.decideL7(r))
 	}
-	seen, der, argErr, httpListener := readAuthorizeArgs(payload)
-	if !seen {
+	m := readAuthorizeArgs(payload)
+	if !m.seen {
 		// Not ours: leave the variables unset, which the listener
 		// treats as a deny.
 		return nil
 	}
 	defer a.timeDecision(start)
-	d := a.decide(der, argErr)
+	d := a.decide(m.der, m.argErr)
 	if d.undecided {
 		return appendActions(nil, undecidedActions(d.source))
 	}
-	a.l7Connection(&d, httpListener)
+	a.l7Connection(&d, m.httpListener)
+	if a.onSource != nil && m.unnamed && d.allowed && d.err == nil && d.source != noSource {
+		a.onSource(d.cert, d.source)
+	}
 	acts := verdictActions(d.allowed, d.source, d.gen)
 	if d.l7 {
 		acts = append(acts, setVar{authzgen.VarL7, true})
@@ -342,23 +356,36 @@ func (a *Authorizer) handle(payload []byte) (ack []byte) {
 // and its cert argument. seen is false when there is no such message; a
 // payload that cannot be decoded counts as one, with an error.
 func readAuthorize(b []byte) (seen bool, der []byte, argErr error) {
-	seen, der, argErr, _ = readAuthorizeArgs(b)
-	return seen, der, argErr
+	m := readAuthorizeArgs(b)
+	return m.seen, m.der, m.argErr
 }
 
-// readAuthorizeArgs is readAuthorize, and whether the message carries
-// authzgen.ArgL7 (an HTTP listener, which decides L7 per request).
-func readAuthorizeArgs(b []byte) (seen bool, der []byte, argErr error, httpListener bool) {
+// authorizeArgs is what an authorize message carries.
+type authorizeArgs struct {
+	// seen: the payload holds the message (see readAuthorize).
+	seen   bool
+	der    []byte
+	argErr error
+	// httpListener: authzgen.ArgL7 (the listener decides L7 per request).
+	httpListener bool
+	// unnamed: authzgen.ArgNamed is NULL (the listener's sources map has
+	// no name for the certificate, and the controller fills it).
+	unnamed bool
+}
+
+// readAuthorizeArgs is readAuthorize, with the listener's arguments.
+func readAuthorizeArgs(b []byte) authorizeArgs {
+	var m authorizeArgs
 	for len(b) > 0 {
 		name, rest, err := getString(b)
 		if err != nil || len(rest) == 0 {
-			return true, nil, fmt.Errorf("decode spoe message: %w", errTruncated), false
+			return authorizeArgs{seen: true, argErr: fmt.Errorf("decode spoe message: %w", errTruncated)}
 		}
 		n := int(rest[0])
 		b = rest[1:]
 		mine := name == authzgen.Message
 		if mine {
-			seen, der, argErr = true, nil, errNoCert
+			m = authorizeArgs{seen: true, argErr: errNoCert}
 		}
 		for range n {
 			var arg string
@@ -367,27 +394,31 @@ func readAuthorizeArgs(b []byte) (seen bool, der []byte, argErr error, httpListe
 				v, b, err = getValue(b)
 			}
 			if err != nil {
-				return true, nil, fmt.Errorf("decode spoe message %q: %w", name, err), false
+				return authorizeArgs{seen: true, argErr: fmt.Errorf("decode spoe message %q: %w", name, err)}
 			}
-			if mine && arg == authzgen.ArgL7 {
-				httpListener = v.typ == typeBool && v.boolean
+			if !mine {
 				continue
 			}
-			if !mine || arg != authzgen.ArgCert {
-				continue
-			}
-			switch v.typ {
-			case typeBinary:
-				der, argErr = v.bytes, nil
-			case typeNull:
-				// HAProxy sends NULL when the sample fetch fails.
-				der, argErr = nil, errNoCert
-			default:
-				der, argErr = nil, fmt.Errorf("%w: argument %q has type %s, want binary", errBadCert, authzgen.ArgCert, typeName(v.typ))
+			switch arg {
+			case authzgen.ArgL7:
+				m.httpListener = v.typ == typeBool && v.boolean
+			case authzgen.ArgNamed:
+				// HAProxy sends NULL for a variable that is not set.
+				m.unnamed = v.typ == typeNull
+			case authzgen.ArgCert:
+				switch v.typ {
+				case typeBinary:
+					m.der, m.argErr = v.bytes, nil
+				case typeNull:
+					// HAProxy sends NULL when the sample fetch fails.
+					m.der, m.argErr = nil, errNoCert
+				default:
+					m.der, m.argErr = nil, fmt.Errorf("%w: argument %q has type %s, want binary", errBadCert, authzgen.ArgCert, typeName(v.typ))
+				}
 			}
 		}
 	}
-	return seen, der, argErr, httpListener
+	return m
 }
 
 // verdictActions sets the verdict, its source and its generation in the
@@ -413,9 +444,12 @@ type decision struct {
 	allowed bool
 	source  string // SPIFFE ID, or noSource
 	serial  string
-	reason  string
-	how     origin
-	gen     uint64 // the intentions generation the decision was made under
+	// cert is the SHA-256 of the client certificate's DER (when there
+	// was one).
+	cert   [32]byte
+	reason string
+	how    origin
+	gen    uint64 // the intentions generation the decision was made under
 	// l7: the source is under an L7 intention; each request is decided
 	// by its permissions (allowed is then true for the connection).
 	l7 bool
@@ -444,6 +478,7 @@ func (a *Authorizer) decide(der []byte, argErr error) decision {
 		// intentions change every source is decided again, and parsing
 		// is most of that decision's time and allocations.
 		sum := sha256.Sum256(der)
+		d.cert = sum
 		r, ok := a.certs.get(sum)
 		if !ok {
 			// The source's SPIFFE ID is parsed once per URI (sourceID),

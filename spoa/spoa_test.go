@@ -659,6 +659,64 @@ func authorizeMessage(der []byte) []byte {
 	return putString(append(putString(b, authzgen.ArgCert), typeBinary), string(der))
 }
 
+// httpAuthorizeMessage is authorizeMessage as an HTTP listener sends it
+// (authzgen.ArgL7 true).
+func httpAuthorizeMessage(der []byte) []byte {
+	b := append(putString(nil, authzgen.Message), 2)
+	b = append(putString(b, authzgen.ArgL7), typeBool|flagTrue)
+	return putString(append(putString(b, authzgen.ArgCert), typeBinary), string(der))
+}
+
+// namedAuthorizeMessage is authorizeMessage as a tcp listener with a
+// sources map sends it: authzgen.ArgNamed carries the name the map holds,
+// NULL for none.
+func namedAuthorizeMessage(der []byte, name string) []byte {
+	b := append(putString(nil, authzgen.Message), 2)
+	b = putString(append(putString(b, authzgen.ArgCert), typeBinary), string(der))
+	b = putString(b, authzgen.ArgNamed)
+	if name == "" {
+		return append(b, typeNull)
+	}
+	return putTypedString(b, name)
+}
+
+// TestSourceHook: an allow whose listener's sources map has no name for
+// the certificate hands its SHA-256 and SPIFFE ID to the hook (the
+// controller adds the name); an allow the map names already, a deny, a
+// certificate that cannot be read, and a listener without such a map (an
+// HTTP listener's own rules write it) do not.
+func TestSourceHook(t *testing.T) {
+	ca := testCA()
+	allowed := leafDER(t, ca, 1, clientID)
+	denied := leafDER(t, ca, 2, "spiffe://"+testTD+"/ns/default/dc/dc1/svc/intruder")
+	type named struct {
+		cert   [32]byte
+		source string
+	}
+	var got []named
+	a := newTest(t, &fakeDecider{allowed: map[string]bool{clientID: true}},
+		WithSourceHook(func(cert [32]byte, source string) { got = append(got, named{cert, source}) }))
+	for _, tt := range []struct {
+		name    string
+		payload []byte
+		want    []named
+	}{
+		{"allow, unnamed", namedAuthorizeMessage(allowed, ""), []named{{sha256.Sum256(allowed), clientID}}},
+		{"allow from the cache, unnamed", namedAuthorizeMessage(allowed, ""), []named{{sha256.Sum256(allowed), clientID}}},
+		{"allow, named", namedAuthorizeMessage(allowed, clientID), nil},
+		{"deny, unnamed", namedAuthorizeMessage(denied, ""), nil},
+		{"unreadable certificate", namedAuthorizeMessage([]byte("garbage"), ""), nil},
+		{"no sources map (tcp)", authorizeMessage(allowed), nil},
+		{"http listener", httpAuthorizeMessage(allowed), nil},
+	} {
+		got = nil
+		a.handle(tt.payload)
+		if diff := cmp.Diff(tt.want, got, cmp.AllowUnexported(named{})); diff != "" {
+			t.Errorf("%s: hook calls (-want +got):\n%s", tt.name, diff)
+		}
+	}
+}
+
 // TestDecisionTime: every message the agent answers is timed in
 // haproxy_connect_authz_decision_seconds, cached, uncached, refused and
 // L7 alike; a message it does not handle is not.

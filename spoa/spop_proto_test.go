@@ -271,9 +271,15 @@ func FuzzSPOPDecode(f *testing.F) {
 	f.Add(append(msg, typeIPv6, 1, 2))
 	f.Add(append(msg, 0x0f))
 	f.Add(l7Message(clientID, "GET", "/admin", hdrsBin("x-debug", "1")))
+	f.Add(namedAuthorizeMessage([]byte("x"), ""))
+	f.Add(namedAuthorizeMessage([]byte("x"), clientID)[:20])
+	f.Add(httpAuthorizeMessage(nil))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		_, _ = parseHello(b)
-		_, _, _ = readAuthorize(b)
+		// Only an authorize message carries anything.
+		if m := readAuthorizeArgs(b); !m.seen && (m.argErr != nil || m.der != nil || m.httpListener || m.unnamed) {
+			t.Errorf("no authorize message, yet %+v", m)
+		}
 		// The L7 message: decoding, then deciding what was decoded.
 		if seen, r := readL7(b); seen && r.err == nil && r.req.Header != nil {
 			r.req.Header("x-debug")

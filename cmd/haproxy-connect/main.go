@@ -186,6 +186,7 @@ func run(o options) error {
 		spoa.WithInvalidateHook(func(gen uint64) { ctl.SetAuthzGeneration(gen); ctl.WaitAuthzGeneration(gen) }),
 		spoa.WithSwitchHook(func(uint64) { sweeper.Kick() }),
 		spoa.WithL7MapHook(func(t []l7.Compiled) { ctl.SetL7Map(t) }),
+		spoa.WithSourceHook(func(cert [32]byte, source string) { ctl.NameSource(cert, source) }),
 		spoa.WithServedRootsGrace(o.hardStopAfter))
 	sweeper = tcpdeny.New(runtime.New(filepath.Join(stateDir, controller.MasterSocket), log.Named("tcpdeny")),
 		auth, bootstrap.PublicFrontend, log.Named("tcpdeny"))

@@ -20,6 +20,8 @@ import (
 
 	"github.com/hashicorp/consul/api"
 
+	"github.com/haproxy-connect/haproxy-connect/controller"
+	"github.com/haproxy-connect/haproxy-connect/runtime"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
@@ -456,8 +458,11 @@ func keyID(b []byte) string {
 
 // TestTCPRemembersAllowsUntilIntentionsChange: a tcp listener asks the SPOE
 // agent about a client certificate once per intentions generation; later
-// connections with it are allowed by HAProxy itself (access log
-// src=cached). A deny still reaches the next new connection: the
+// connections with it are allowed by HAProxy itself, and their access log
+// lines still name the caller, from the sources map the controller fills
+// from the agent's allows (a tcp rule cannot write a map on 2.6). Cleared
+// (the controller's prune), the next connection asks the agent once and
+// the name comes back. A deny still reaches the next new connection: the
 // intentions change moves the generation, which makes the remembered allow
 // stale.
 func TestTCPRemembersAllowsUntilIntentionsChange(t *testing.T) {
@@ -474,7 +479,27 @@ func TestTCPRemembersAllowsUntilIntentionsChange(t *testing.T) {
 		}
 		return v
 	}
+	roots, _, err := m.c.Agent().ConnectCARoots(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := "spiffe://" + roots.TrustDomain + "/ns/default/dc/dc1/svc/client"
+	sources := filepath.Join(m.server.stateDir, controller.SourcesMapFile)
+	named := func() error {
+		e, err := m.server.rt.Map(context.Background(), sources)
+		switch {
+		case err != nil:
+			return err
+		case len(e) != 1 || len(e[0].Key) != 64 || e[0].Value != client:
+			return fmt.Errorf("sources map %v, want one entry naming %s", e, client)
+		}
+		return nil
+	}
+	// What an operator sees with socat: the certificate's SHA-256 and the
+	// caller, added by the controller after the agent's allow.
+	eventually(t, 5*time.Second, "the sources map names the client", named)
 	before := decisions()
+	lines := strings.Count(m.server.out.String(), " src="+client+" ")
 	for range 50 {
 		if err := call(); err != nil {
 			t.Fatalf("an allowed call failed: %v", err)
@@ -483,9 +508,31 @@ func TestTCPRemembersAllowsUntilIntentionsChange(t *testing.T) {
 	if after := decisions(); after != before {
 		t.Errorf("the agent was asked %v more times for 50 connections with a remembered allow, want 0", after-before)
 	}
-	if !strings.Contains(m.server.out.String(), "src=cached") {
-		t.Errorf("no connection allowed from the remembered verdict in the access log")
+	// A tcp connection's line is written when it ends.
+	eventually(t, 5*time.Second, "50 more access log lines name the caller", func() error {
+		if n := strings.Count(m.server.out.String(), " src="+client+" ") - lines; n < 50 {
+			return fmt.Errorf("%d", n)
+		}
+		return nil
+	})
+	if strings.Contains(m.server.out.String(), "src=cached") || strings.Contains(m.server.out.String(), "src=- ") {
+		t.Errorf("an access log line without the caller:\n%s", m.server.out.String())
 	}
+	clear, err := runtime.ClearMap(sources)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.server.rt.Exec(context.Background(), clear); err != nil {
+		t.Fatal(err)
+	}
+	before = decisions()
+	if err := call(); err != nil {
+		t.Fatalf("a call after the sources map was cleared: %v", err)
+	}
+	if after := decisions(); after != before+1 {
+		t.Errorf("the agent was asked %v times for a certificate missing from the sources map, want 1", after-before)
+	}
+	eventually(t, 5*time.Second, "the sources map names the client again", named)
 	index := intention(t, m.c, "client", "server", api.IntentionActionDeny)
 	eventually(t, 10*time.Second, "the server sidecar sees the deny", m.server.sawIntentions(index))
 	eventually(t, 10*time.Second, "a new connection is refused", func() error {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"regexp"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -180,9 +181,11 @@ func TestDenyClosesEstablishedTCP(t *testing.T) {
 	if n := strings.Count(s.out.String(), "tcp connection closed: its source is denied now"); n != 2 {
 		t.Errorf("%d log lines of a closed connection, want 2", n)
 	}
-	// A tcp connection's access log line is written when it ends.
-	if !strings.Contains(s.out.String(), "src=cached") {
-		t.Errorf("no connection allowed from the remembered verdict in the access log")
+	// A tcp connection's access log line is written when it ends; beta's
+	// new connections, allowed from the remembered verdict, name it (the
+	// sources map), as its first did.
+	if n := len(regexp.MustCompile(`src=spiffe://\S+/svc/beta crt=`).FindAllString(s.out.String(), -1)); n < 10 || strings.Contains(s.out.String(), "src=cached") {
+		t.Errorf("%d access log lines name beta, want 10 or more, and none without the caller", n)
 	}
 	if errors.Is(beta1.err, net.ErrClosed) {
 		t.Errorf("beta's connection closed: %v", beta1.err)
