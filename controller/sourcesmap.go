@@ -71,8 +71,9 @@ func (p *pendingNames) snapshot() map[[32]byte]string {
 	return maps.Clone(p.m)
 }
 
-// done forgets the names of certs that still map to what was planned.
-func (p *pendingNames) done(planned map[[32]byte]string, certs [][32]byte) {
+// done forgets the names of certs that still map to what was planned,
+// and returns how many names wait still.
+func (p *pendingNames) done(planned map[[32]byte]string, certs [][32]byte) int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for _, k := range certs {
@@ -80,6 +81,7 @@ func (p *pendingNames) done(planned map[[32]byte]string, certs [][32]byte) {
 			delete(p.m, k)
 		}
 	}
+	return len(p.m)
 }
 
 // NameSource is the SPOE agent's allow of a connection whose tcp listener
@@ -106,10 +108,26 @@ type nameSourcesAction struct {
 
 func (nameSourcesAction) isAction() {}
 
-// planSourceNames is the sources map's step when names wait.
+// maxNamesPerBatch bounds one plan's "add map" batch, so that the loop's
+// endpoint changes never wait behind a long one (a sidecar starting under
+// many callers at once): what is left waits for the next plan.
+const maxNamesPerBatch = 128
+
+// planSourceNames is the sources map's step when names wait: at most
+// maxNamesPerBatch of them.
 func planSourceNames(names map[[32]byte]string) []action {
 	if len(names) == 0 {
 		return nil
+	}
+	if len(names) > maxNamesPerBatch {
+		some := make(map[[32]byte]string, maxNamesPerBatch)
+		for k, v := range names {
+			if len(some) == maxNamesPerBatch {
+				break
+			}
+			some[k] = v
+		}
+		names = some
 	}
 	return []action{nameSourcesAction{names: names}}
 }
@@ -158,7 +176,13 @@ func (c *Controller) nameSources(ctx context.Context, a nameSourcesAction) {
 		}
 		c.log.Debug("sources map: names added", zap.Int("names", len(sent)))
 	}
-	c.names.done(a.names, done)
+	if c.names.done(a.names, done) > 0 {
+		// More than one batch waited: the next plan takes the rest.
+		select {
+		case c.nameKick <- struct{}{}:
+		default:
+		}
+	}
 }
 
 // pruneSourcesMap clears the sources map every sourcesPrune until ctx ends.

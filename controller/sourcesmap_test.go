@@ -3,6 +3,7 @@ package controller
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -130,5 +131,50 @@ func TestNameSources(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestNameSourcesInBatches: many names waiting at once (a sidecar starting
+// under many callers) go in batches of at most maxNamesPerBatch, one per
+// plan, each but the last waking the loop for the next.
+func TestNameSourcesInBatches(t *testing.T) {
+	tcp := *sidecar()
+	tcp.Public.Protocol = "tcp"
+	c, fake := mapController(t, t.TempDir(), applied{known: true, sidecar: tcp})
+	const n = 2*maxNamesPerBatch + 44
+	for i := range n {
+		c.NameSource([32]byte{byte(i), byte(i >> 8)}, fmt.Sprintf("spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/s%d", i))
+	}
+	<-c.nameKick
+	var batches []int
+	added := map[string]bool{}
+	for range 10 {
+		in := c.planInput()
+		acts := planSourceNames(in.names)
+		if len(acts) == 0 {
+			break
+		}
+		c.nameSources(context.Background(), acts[0].(nameSourcesAction))
+		got := fake.take()
+		batches = append(batches, len(got))
+		for _, line := range got {
+			added[line] = true
+		}
+		select {
+		case <-c.nameKick:
+			if len(c.names.snapshot()) == 0 {
+				t.Errorf("batch %d: the loop woken with nothing left", len(batches))
+			}
+		default:
+			if len(c.names.snapshot()) != 0 {
+				t.Errorf("batch %d: names left, and the loop not woken", len(batches))
+			}
+		}
+	}
+	if want := []int{maxNamesPerBatch, maxNamesPerBatch, 44}; !slices.Equal(batches, want) {
+		t.Errorf("batches of %v commands, want %v", batches, want)
+	}
+	if len(added) != n {
+		t.Errorf("%d distinct names added, want %d", len(added), n)
 	}
 }
