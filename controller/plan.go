@@ -288,8 +288,8 @@ func plan(in planInput) []action {
 		// new intentions finds its entries (l7map.go).
 		acts = append(acts, planL7Map(in.l7, ap.l7, ap.l7Unknown, ap.l7Held)...)
 	}
-	if ap.foreign == "" && in.namesMap != "" {
-		acts = append(acts, planSourceNames(in.names)...)
+	if ap.foreign == "" {
+		acts = append(acts, planSourceNames(in.names, in.namesMap == "")...)
 	}
 	if in.authzGen > ap.authzGen {
 		// Never backwards: an adopted HAProxy may hold a later generation

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -101,9 +102,12 @@ func (c *Controller) NameSource(cert [32]byte, source string) {
 }
 
 // nameSourcesAction adds the names waiting to a tcp listener's sources
-// map.
+// map, or forgets them (drop) when the listener HAProxy runs now names its
+// own sources: an HTTP listener replaced a tcp one, whose old worker's
+// connections may still have handed names over.
 type nameSourcesAction struct {
 	names map[[32]byte]string
+	drop  bool
 }
 
 func (nameSourcesAction) isAction() {}
@@ -114,10 +118,13 @@ func (nameSourcesAction) isAction() {}
 const maxNamesPerBatch = 128
 
 // planSourceNames is the sources map's step when names wait: at most
-// maxNamesPerBatch of them.
-func planSourceNames(names map[[32]byte]string) []action {
+// maxNamesPerBatch of them, or all of them to forget (drop).
+func planSourceNames(names map[[32]byte]string, drop bool) []action {
 	if len(names) == 0 {
 		return nil
+	}
+	if drop {
+		return []action{nameSourcesAction{names: names, drop: true}}
 	}
 	if len(names) > maxNamesPerBatch {
 		some := make(map[[32]byte]string, maxNamesPerBatch)
@@ -140,6 +147,10 @@ func planSourceNames(names map[[32]byte]string) []action {
 // a lookup finds the first entry, and both carry what the agent read from
 // the same certificate.
 func (c *Controller) nameSources(ctx context.Context, a nameSourcesAction) {
+	if a.drop {
+		c.names.done(a.names, slices.Collect(maps.Keys(a.names)))
+		return
+	}
 	file := c.namesMap(c.applied.sidecar)
 	var cmds []runtime.Command
 	var sent, done [][32]byte
