@@ -76,6 +76,11 @@ const (
 	VarSource = "source"
 	// VarGen is the intentions generation the verdict was made under.
 	VarGen = "gen"
+	// VarCert (transaction scope, binary) is the SHA-256 of the client
+	// certificate's DER, computed once per connection by the listener's
+	// rules: the key of its remembered allows, its sources map (as hex)
+	// and, on a tcp listener, its connections table (ConnKeyFormat).
+	VarCert = "cert"
 	// MapKey is the authz map's key holding the current generation.
 	MapKey = "gen"
 )

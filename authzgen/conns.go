@@ -28,7 +28,8 @@ const (
 	// ConnKeyFormat is the log-format of a connection's key:
 	// "<SHA-256 of the client certificate, upper-case hex>-<client
 	// address>-<client port>".
-	ConnKeyFormat = "%[ssl_c_der,sha2(256),hex]-%ci-%cp"
+	// The digest is the rules' VarCert, set before the key is made.
+	ConnKeyFormat = "%[var(txn." + VarPrefix + "." + VarCert + "),hex]-%ci-%cp"
 	// ConnKeyLen bounds a key: 64 hex digits, an IPv6 address (at most
 	// 45 characters as HAProxy prints it), a port and two dashes.
 	ConnKeyLen = 128

@@ -718,6 +718,7 @@ func renderConfig(s Spec) (string, error) {
 	// bind too, for the handshake's initial context.
 	w("    bind %s ssl crt-list %s ca-file %s verify required%s", addr(p.BindAddr, p.BindPort), s.CrtList, s.RootsFile, alpn)
 	w("    filter spoe engine %s config %s", SPOEEngine, s.SPOEFile)
+	noVerdict := fmt.Sprintf("!{ var(%s) -m found }", authzgen.SessVar(authzgen.VarAllowed))
 	if mode == "http" {
 		// A connection is authorized on its first request, and again on
 		// the first request after the intentions changed: the verdict
@@ -754,7 +755,6 @@ func renderConfig(s Spec) (string, error) {
 		// source asks the agent on each new connection. A deny is never
 		// remembered, and a new generation makes every remembered allow
 		// stale.
-		noVerdict := fmt.Sprintf("!{ var(%s) -m found }", authzgen.SessVar(authzgen.VarAllowed))
 		w("    acl authz_stale str(%s),map_str_int(%s,0),sub(%s) -m int gt 0", AuthzGenKey, s.AuthzMap, authzgen.SessVar(authzgen.VarGen))
 		w("    http-request unset-var(%s) if authz_stale", authzgen.SessVar(authzgen.VarAllowed))
 		w("    http-request unset-var(%s) if authz_stale", authzgen.SessVar(authzgen.VarL7))
@@ -866,16 +866,17 @@ func renderConfig(s Spec) (string, error) {
 		// does not name yet asks the agent, which names it; if it gives no
 		// verdict (unreachable, or the SPOE of a stopping worker), the
 		// remembered allow stands, logged src=cached as without a map.
-		noVerdict := fmt.Sprintf("!{ var(%s) -m found }", authzgen.SessVar(authzgen.VarAllowed))
 		w("    stick-table type binary len 32 size %d expire %dm store gpt0", AuthzCacheSize, AuthzCacheExpire/time.Minute)
 		w("    tcp-request inspect-delay 5s")
+		// The certificate's digest, once: the connections table's key,
+		// the remembered allow's and the sources map's.
+		w("    tcp-request content set-var(%s) ssl_c_der,sha2(256)", authzgen.TxnVar(authzgen.VarCert))
 		// Every connection is recorded, before it is authorized, in the
 		// connections table (authzgen.ConnTable): so a deny reaches the
 		// ones already established (see package authzgen).
 		w("    tcp-request content set-var-fmt(txn.%s.conn) \"%s\"", VarPrefix, authzgen.ConnKeyFormat)
 		w("    tcp-request content track-sc1 var(txn.%s.conn) table %s", VarPrefix, authzgen.ConnTable)
-		w("    tcp-request content set-var(txn.%s.cert) ssl_c_der,sha2(256)", VarPrefix)
-		w("    tcp-request content track-sc0 var(txn.%s.cert)", VarPrefix)
+		w("    tcp-request content track-sc0 var(%s)", authzgen.TxnVar(authzgen.VarCert))
 		w("    tcp-request content set-var(txn.%s.cached) sc0_get_gpt0", VarPrefix)
 		w("    acl authz_cached str(%s),map_str_int(%s,0),add(1),sub(txn.%s.cached) -m int eq 0", AuthzGenKey, s.AuthzMap, VarPrefix)
 		if s.SourcesMap != "" {

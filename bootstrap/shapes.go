@@ -59,7 +59,7 @@ var configShapes = []string{
 	`    tcp-request inspect-delay 5s`,
 	`    tcp-request content set-var\(txn\.hc\.cert\) ssl_c_der,sha2\(256\)`,
 	`    tcp-request content track-sc0 var\(txn\.hc\.cert\)`,
-	`    tcp-request content set-var-fmt\(txn\.hc\.conn\) "%\[ssl_c_der,sha2\(256\),hex\]-%ci-%cp"`,
+	`    tcp-request content set-var-fmt\(txn\.hc\.conn\) "%\[var\(txn\.hc\.cert\),hex\]-%ci-%cp"`,
 	`    tcp-request content track-sc1 var\(txn\.hc\.conn\) table authz_conns`,
 	`    stick-table type string len \d+ size \d+ expire \d+s`,
 	`    tcp-request content set-var\(txn\.hc\.cached\) sc0_get_gpt0`,
