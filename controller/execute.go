@@ -167,7 +167,7 @@ func (c *Controller) spec(sc Sidecar, tables map[string]slots.Table) bootstrap.S
 		SPOEFile:       c.path("spoe.cfg"),
 		AuthzMap:       c.path("authz.map"),
 		L7Map:          c.path(L7MapFile),
-		SourcesMap:     c.sourcesMapPath(sc),
+		SourcesMap:     c.sourcesMapPath(),
 		InstanceMap:    c.path(InstanceMapFile),
 		StateMap:       c.path(StateMapFile),
 		CrtList:        c.path("public.crtlist"),

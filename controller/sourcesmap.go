@@ -36,8 +36,8 @@ const SourcesMapFile = "sources.map"
 // about again at most as often as it is when idle.
 const sourcesPrune = bootstrap.AuthzCacheExpire
 
-// sourcesMapPath is the sources map's path for sidecar sc.
-func (c *Controller) sourcesMapPath(Sidecar) string { return c.path(SourcesMapFile) }
+// sourcesMapPath is the sources map's path: every public listener has one.
+func (c *Controller) sourcesMapPath() string { return c.path(SourcesMapFile) }
 
 // namesMap is the sources map of sidecar sc when the loop names its
 // sources (a tcp public listener), else "".
@@ -45,7 +45,7 @@ func (c *Controller) namesMap(sc Sidecar) string {
 	if bootstrap.Mode(sc.Public.Protocol) == "http" {
 		return ""
 	}
-	return c.sourcesMapPath(sc)
+	return c.sourcesMapPath()
 }
 
 // maxPendingNames bounds the names waiting for the loop: no more than the
@@ -210,17 +210,13 @@ func (c *Controller) pruneSourcesMap(ctx context.Context) {
 	}
 }
 
-// clearSourcesMap clears the sources map of the HAProxy the loop applied, if
-// its configuration has one. A failure waits for the next prune: the map
-// only grows meanwhile.
+// clearSourcesMap clears the sources map of the HAProxy the loop applied. A
+// failure waits for the next prune: the map only grows meanwhile.
 func (c *Controller) clearSourcesMap(ctx context.Context) {
 	if !c.applied.known || c.applied.foreign != "" {
 		return
 	}
-	file := c.sourcesMapPath(c.applied.sidecar)
-	if file == "" {
-		return
-	}
+	file := c.sourcesMapPath()
 	cmd, err := runtime.ClearMap(file)
 	if err == nil {
 		err = c.execAll(ctx, cmd)

@@ -494,7 +494,7 @@ func DelL7Entry(file, pattern string) (Command, error) {
 }
 
 // ClearMap removes every entry of the map loaded from file (an L7 map, or
-// an HTTP listener's sources map).
+// a listener's sources map).
 func ClearMap(file string) (Command, error) {
 	if err := checkPath("map path", file); err != nil {
 		return Command{}, err
