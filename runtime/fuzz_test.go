@@ -53,6 +53,7 @@ func commandsOf(backend, server, addr, file, token string, port, weight int) []C
 	add(ShowSSLCert(file))
 	add(SetMap(file, token, strconv.Itoa(weight)))
 	add(AddMap(file, backend+"/"+server, token+"@"+addr))
+	add(AddMap(file, backend, token)) // a sources map entry: certificate digest, SPIFFE ID
 	add(ShowMap(file))
 	add(AddL7Entry(file, "^0123456789abcdef:"+token, "A/"+server+"/"+backend))
 	add(DelL7Entry(file, "^0123456789abcdef:"+token))
@@ -81,6 +82,11 @@ func FuzzCommands(f *testing.F) {
 	f.Add("0:allow", "web", "10.0.0.1", "/s/l7.map", "[^:]*:/a[.]b(?!.)", 80, 1)
 	f.Add("0:allow", "*", "10.0.0.1", "/s/l7.map", "GET:/a$b|c&d%e;f", 80, 1)
 	f.Add("authz_conns", "s1", "10.0.0.1", "/s/leaf.pem", "0x55b5677c42f0\n@1 shutdown sessions server local_app/app", 80, 1)
+	// A tcp listener's sources map entry, as the controller adds it, and
+	// SPIFFE IDs that would end the line or add words.
+	f.Add("438879D607FA038518C01306BB2A72700997A360D1578C46DD9B83BC85515D9F", "s1", "10.0.0.1", "/s/sources.map", "spiffe://2fad43b6-81f1-5688-b702-44a6bf413c44.consul/ns/default/dc/dc1/svc/client", 80, 1)
+	f.Add("438879D607FA038518C01306BB2A72700997A360D1578C46DD9B83BC85515D9F", "s1", "10.0.0.1", "/s/sources.map", "spiffe://td.consul/ns/default/dc/dc1/svc/a b\n@1 shutdown sessions", 80, 1)
+	f.Add("438879D607FA038518C01306BB2A72700997A360D1578C46DD9B83BC85515D9F", "s1", "10.0.0.1", "/s/sources.map", "spiffe://td.consul/ns/default/dc/dc1/svc/a;@1 reload", 80, 1)
 	f.Fuzz(func(t *testing.T, backend, server, addr, file, token string, port, weight int) {
 		for _, c := range commandsOf(backend, server, addr, file, token, port, weight) {
 			if err := c.Check(); err != nil {
