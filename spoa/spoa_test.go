@@ -25,6 +25,7 @@ import (
 
 	"github.com/haproxy-connect/haproxy-connect/authzgen"
 	"github.com/haproxy-connect/haproxy-connect/certs"
+	"github.com/haproxy-connect/haproxy-connect/scrape"
 	"github.com/haproxy-connect/haproxy-connect/testenv"
 )
 
@@ -728,21 +729,20 @@ func TestDecisionTime(t *testing.T) {
 	reg.MustRegister(a.Collector())
 	samples := func() uint64 {
 		t.Helper()
-		mfs, err := reg.Gather()
+		f, err := scrape.Gather(reg)
 		if err != nil {
 			t.Fatal(err)
 		}
-		for _, mf := range mfs {
-			if mf.GetName() == "haproxy_connect_authz_decision_seconds" {
-				h := mf.GetMetric()[0].GetHistogram()
-				if n := h.GetBucket()[len(h.GetBucket())-1].GetCumulativeCount(); n > h.GetSampleCount() {
-					t.Errorf("last bucket %d above the sample count %d", n, h.GetSampleCount())
-				}
-				return h.GetSampleCount()
-			}
+		bs, err := f.Histogram("haproxy_connect_authz_decision_seconds")
+		if err != nil {
+			t.Fatal(err)
 		}
-		t.Fatal("no haproxy_connect_authz_decision_seconds")
-		return 0
+		// The +Inf bucket counts every sample; the last finite one no more.
+		n, last := bs[len(bs)-1].Count, bs[len(bs)-2].Count
+		if last > n {
+			t.Errorf("last bucket %v above the sample count %v", last, n)
+		}
+		return uint64(n)
 	}
 	for _, tt := range []struct {
 		name    string

@@ -316,13 +316,9 @@ type agent struct {
 // decisionTime reads the agent's own decision-time histogram, as a
 // sidecar serves it.
 func (ag *agent) decisionTime() (bench.Histogram, error) {
-	mfs, err := ag.metrics.Gather()
+	f, err := scrape.Gather(ag.metrics)
 	if err != nil {
 		return bench.Histogram{}, err
-	}
-	f := scrape.Families{}
-	for _, mf := range mfs {
-		f[mf.GetName()] = mf
 	}
 	return bench.HistogramOf(f, decisionTimeMetric)
 }
