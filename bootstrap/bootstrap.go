@@ -719,6 +719,8 @@ func renderConfig(s Spec) (string, error) {
 	w("    bind %s ssl crt-list %s ca-file %s verify required%s", addr(p.BindAddr, p.BindPort), s.CrtList, s.RootsFile, alpn)
 	w("    filter spoe engine %s config %s", SPOEEngine, s.SPOEFile)
 	noVerdict := fmt.Sprintf("!{ var(%s) -m found }", authzgen.SessVar(authzgen.VarAllowed))
+	// cert is the client certificate's SHA-256 (authzgen.VarCert).
+	cert := authzgen.TxnVar(authzgen.VarCert)
 	if mode == "http" {
 		// A connection is authorized on its first request, and again on
 		// the first request after the intentions changed: the verdict
@@ -762,21 +764,21 @@ func renderConfig(s Spec) (string, error) {
 		w("    stick-table type binary len 32 size %d expire %dm store gpt0", AuthzCacheSize, AuthzCacheExpire/time.Minute)
 		named := fmt.Sprintf("{ var(txn.%s.name) -m found }", VarPrefix)
 		if s.SourcesMap != "" {
-			w("    http-request set-var(txn.%s.cert) ssl_c_der,sha2(256) if %s", VarPrefix, noVerdict)
-			w("    http-request track-sc0 var(txn.%s.cert) if %s", VarPrefix, noVerdict)
+			w("    http-request set-var(%s) ssl_c_der,sha2(256) if %s", cert, noVerdict)
+			w("    http-request track-sc0 var(%s) if %s", cert, noVerdict)
 			w("    http-request set-var(txn.%s.cached) sc0_get_gpt0 if %s", VarPrefix, noVerdict)
 			w("    acl authz_cached str(%s),map_str_int(%s,0),add(1),sub(txn.%s.cached) -m int eq 0", AuthzGenKey, s.AuthzMap, VarPrefix)
-			w("    http-request set-var(txn.%s.name) var(txn.%s.cert),hex,map(%s) if authz_cached", VarPrefix, VarPrefix, s.SourcesMap)
+			w("    http-request set-var(txn.%s.name) var(%s),hex,map(%s) if authz_cached", VarPrefix, cert, s.SourcesMap)
 			w("    http-request set-var(%s) var(txn.%s.cached),sub(1) if %s", authzgen.SessVar(authzgen.VarGen), VarPrefix, named)
 			w("    http-request set-var(%s) var(txn.%s.name) if %s", authzgen.SessVar(authzgen.VarSource), VarPrefix, named)
 			w("    http-request set-var(%s) bool(1) if %s", authzgen.SessVar(authzgen.VarAllowed), named)
 		}
 		w("    http-request send-spoe-group %s %s if %s", SPOEEngine, SPOEGroup, noVerdict)
 		if s.SourcesMap != "" {
-			record := fmt.Sprintf("{ var(txn.%s.cert) -m found } !%s { var(%s) -m bool } !{ var(%s) -m bool } { var(%s) -m beg spiffe:// }",
-				VarPrefix, named, authzgen.SessVar(authzgen.VarAllowed), authzgen.SessVar(authzgen.VarL7), authzgen.SessVar(authzgen.VarSource))
+			record := fmt.Sprintf("{ var(%s) -m found } !%s { var(%s) -m bool } !{ var(%s) -m bool } { var(%s) -m beg spiffe:// }",
+				cert, named, authzgen.SessVar(authzgen.VarAllowed), authzgen.SessVar(authzgen.VarL7), authzgen.SessVar(authzgen.VarSource))
 			w("    http-request sc-set-gpt0(0) var(%s),add(1) if %s", authzgen.SessVar(authzgen.VarGen), record)
-			w("    http-request set-map(%s) %%[var(txn.%s.cert),hex] %%[var(%s)] if %s", s.SourcesMap, VarPrefix, authzgen.SessVar(authzgen.VarSource), record)
+			w("    http-request set-map(%s) %%[var(%s),hex] %%[var(%s)] if %s", s.SourcesMap, cert, authzgen.SessVar(authzgen.VarSource), record)
 		}
 		w("    http-request reject if !{ var(%s) -m found } { stopping }", authzgen.SessVar(authzgen.VarAllowed))
 		w("    http-request deny deny_status 503 unless { var(%s) -m found }", authzgen.SessVar(authzgen.VarAllowed))
@@ -870,13 +872,13 @@ func renderConfig(s Spec) (string, error) {
 		w("    tcp-request inspect-delay 5s")
 		// The certificate's digest, once: the connections table's key,
 		// the remembered allow's and the sources map's.
-		w("    tcp-request content set-var(%s) ssl_c_der,sha2(256)", authzgen.TxnVar(authzgen.VarCert))
+		w("    tcp-request content set-var(%s) ssl_c_der,sha2(256)", cert)
 		// Every connection is recorded, before it is authorized, in the
 		// connections table (authzgen.ConnTable): so a deny reaches the
 		// ones already established (see package authzgen).
 		w("    tcp-request content set-var-fmt(txn.%s.conn) \"%s\"", VarPrefix, authzgen.ConnKeyFormat)
 		w("    tcp-request content track-sc1 var(txn.%s.conn) table %s", VarPrefix, authzgen.ConnTable)
-		w("    tcp-request content track-sc0 var(%s)", authzgen.TxnVar(authzgen.VarCert))
+		w("    tcp-request content track-sc0 var(%s)", cert)
 		w("    tcp-request content set-var(txn.%s.cached) sc0_get_gpt0", VarPrefix)
 		w("    acl authz_cached str(%s),map_str_int(%s,0),add(1),sub(txn.%s.cached) -m int eq 0", AuthzGenKey, s.AuthzMap, VarPrefix)
 		if s.SourcesMap != "" {
@@ -884,7 +886,7 @@ func renderConfig(s Spec) (string, error) {
 			// not: the agent is told whether the map has it (ArgNamed),
 			// and hands the controller only the names it lacks.
 			named := fmt.Sprintf("authz_cached { var(txn.%s.name) -m found }", VarPrefix)
-			w("    tcp-request content set-var(txn.%s.name) var(txn.%s.cert),hex,map(%s)", VarPrefix, VarPrefix, s.SourcesMap)
+			w("    tcp-request content set-var(txn.%s.name) var(%s),hex,map(%s)", VarPrefix, cert, s.SourcesMap)
 			w("    tcp-request content set-var(%s) bool(1) if %s", authzgen.SessVar(authzgen.VarAllowed), named)
 			w("    tcp-request content set-var(%s) var(txn.%s.name) if %s", authzgen.SessVar(authzgen.VarSource), VarPrefix, named)
 			w("    tcp-request content send-spoe-group %s %s if %s", SPOEEngine, SPOEGroup, noVerdict)
