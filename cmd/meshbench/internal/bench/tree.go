@@ -24,6 +24,10 @@ type TreeUsage struct {
 	// the time of the children each has reaped (cutime, cstime: an HAProxy
 	// master reaps its old workers, so their time stays counted).
 	CPU time.Duration
+	// Sys is the part of CPU spent in the kernel (stime, cstime): on
+	// loopback, each send also runs the receiving socket's network stack
+	// in the sender's system time.
+	Sys time.Duration
 	// Mem is the tree's proportional set size (Pss: pages shared between
 	// the master and its forked workers counted once), or the sum of RSS
 	// where smaps_rollup cannot be read.
@@ -53,12 +57,16 @@ func Tree(pid int) (TreeUsage, error) {
 		if len(f) < 15 {
 			return u, fmt.Errorf("short /proc/%d/stat", p)
 		}
-		var ticks int64
+		var ticks, sys int64
 		for _, i := range []int{11, 12, 13, 14} { // utime stime cutime cstime
 			v, _ := strconv.ParseInt(f[i], 10, 64)
 			ticks += v
+			if i == 12 || i == 14 {
+				sys += v
+			}
 		}
 		u.CPU += time.Duration(ticks) * time.Second / 100 // USER_HZ is 100 on Linux
+		u.Sys += time.Duration(sys) * time.Second / 100
 		m := memOf(p)
 		u.Mem += m
 		if p == pid {

@@ -63,17 +63,18 @@ type target struct {
 	stop  func() error
 }
 
-// cpu is the CPU time the target's proxy process trees have used so far.
-func (t *target) cpu() (time.Duration, error) {
-	var sum time.Duration
+// cpu is the CPU time the target's proxy process trees have used so far,
+// and the part of it in the kernel.
+func (t *target) cpu() (all, sys time.Duration, err error) {
 	for _, p := range t.procs {
 		u, err := bench.Tree(p.Cmd.Process.Pid)
 		if err != nil {
-			return 0, err
+			return 0, 0, err
 		}
-		sum += u.CPU
+		all += u.CPU
+		sys += u.Sys
 	}
-	return sum, nil
+	return all, sys, nil
 }
 
 // contender is one way of carrying the load (a bench.Contender): Start
@@ -114,6 +115,7 @@ type row struct {
 type figures struct {
 	rps, p50, p99, connsPerReq, authzPerReq bench.Rounds
 	cpuPer1k                                bench.Rounds // proxy CPU seconds per 1000 requests
+	sysPer1k                                bench.Rounds // of which in the kernel
 	p999                                    bench.Rounds // open loop only, where a run has 1000 samples
 	requests, errors                        int64
 	firstErr                                string
@@ -124,7 +126,7 @@ type figures struct {
 func (f *figures) addRound(r *figures) {
 	for _, p := range []struct{ to, from *bench.Rounds }{
 		{&f.rps, &r.rps}, {&f.p50, &r.p50}, {&f.p99, &r.p99}, {&f.connsPerReq, &r.connsPerReq},
-		{&f.authzPerReq, &r.authzPerReq}, {&f.cpuPer1k, &r.cpuPer1k}, {&f.p999, &r.p999},
+		{&f.authzPerReq, &r.authzPerReq}, {&f.cpuPer1k, &r.cpuPer1k}, {&f.sysPer1k, &r.sysPer1k}, {&f.p999, &r.p999},
 	} {
 		if len(*p.from) > 0 {
 			*p.to = append(*p.to, bench.Mean(*p.from))
@@ -346,7 +348,7 @@ func (s *setup) measure(ctx context.Context, name string, t *target, figs map[ro
 					return 0, err
 				}
 			}
-			cpuBefore, err := t.cpu()
+			cpuBefore, sysBefore, err := t.cpu()
 			if err != nil {
 				return 0, err
 			}
@@ -354,12 +356,13 @@ func (s *setup) measure(ctx context.Context, name string, t *target, figs map[ro
 			if err != nil {
 				return 0, fmt.Errorf("%s c=%d: %w", m.Name, n, err)
 			}
-			cpuAfter, err := t.cpu()
+			cpuAfter, sysAfter, err := t.cpu()
 			if err != nil {
 				return 0, err
 			}
 			if len(t.procs) > 0 && res.Requests > 0 {
 				f.cpuPer1k = append(f.cpuPer1k, (cpuAfter-cpuBefore).Seconds()/float64(res.Requests)*1000)
+				f.sysPer1k = append(f.sysPer1k, (sysAfter-sysBefore).Seconds()/float64(res.Requests)*1000)
 			}
 			after, err := t.inbound()
 			if err != nil {
@@ -548,7 +551,7 @@ func (s *setup) report(figs map[row]*figures, bulk map[string]bench.Rounds) {
 	b := s.b
 	sec := b.Report.Add("Data path: HTTP through client sidecar → server sidecar → app",
 		"mode", "clients", "contender", "req/s", "p50", "p99", "conns/req", "authz/req", "errors",
-		"req/s ÷ built-in", "p99 ÷ built-in", "p99 − direct", "proxy CPU s / 1000 req", "CPU ÷ built-in")
+		"req/s ÷ built-in", "p99 ÷ built-in", "p99 − direct", "proxy CPU s / 1000 req", "of which kernel", "CPU ÷ built-in")
 	var errNotes []string
 	for _, m := range modes {
 		for _, n := range clients {
@@ -571,13 +574,14 @@ func (s *setup) report(figs map[row]*figures, bulk map[string]bench.Rounds) {
 						vsCPU = bench.PerRound(f.cpuPer1k, base.cpuPer1k).Format(bench.X)
 					}
 				}
-				cpu := "–"
+				cpu, sys := "–", "–"
 				if len(f.cpuPer1k) > 0 {
 					cpu = f.cpuPer1k.Format(func(v float64) string { return fmt.Sprintf("%.3f", v) })
+					sys = f.sysPer1k.Format(func(v float64) string { return fmt.Sprintf("%.3f", v) })
 				}
 				sec.Row(m.Name, strconv.Itoa(n), name, f.rps.Format(bench.Num), f.p50.Format(bench.Dur), f.p99.Format(bench.Dur),
 					f.connsPerReq.Format(bench.PerReq), bench.OptPerReq(f.authzPerReq),
-					strconv.FormatInt(f.errors, 10), vsRPS, vsP99, added, cpu, vsCPU)
+					strconv.FormatInt(f.errors, 10), vsRPS, vsP99, added, cpu, sys, vsCPU)
 				if f.errors > 0 {
 					errNotes = append(errNotes, fmt.Sprintf("%s, %s, %d clients: %d errors in %d requests (%s)",
 						name, m.Name, n, f.errors, f.requests, f.firstErr))
@@ -601,8 +605,11 @@ func (s *setup) report(figs map[row]*figures, bulk map[string]bench.Rounds) {
 		cellTime(b).Round(time.Second), contHC, contHC2, contHCTCP, contBuiltin, contDirect)
 	sec.Note("Proxy CPU: user + system seconds of the proxies' whole process trees (client and server: for haproxy-connect " +
 		"the controller, the HAProxy master and its workers; for the built-in proxy its two processes), from /proc/<pid>/stat " +
-		"before and after each wrk run, per 1000 requests wrk completed. The target for haproxy-connect is at most half the " +
-		"built-in proxy's CPU per request (CPU ÷ built-in ≤ 0.5x). Direct has no proxy.")
+		"before and after each wrk run, per 1000 requests wrk completed; \"of which kernel\" is their system time (stime), where " +
+		"the proxies' socket calls run, and, on loopback, the receiving side's network stack for every segment a proxy sends. " +
+		"The target for haproxy-connect is at most half the built-in proxy's CPU per request (CPU ÷ built-in ≤ 0.5x); each " +
+		"target line below splits haproxy-connect's CPU per request into its kernel and user time, each as a ratio to the " +
+		"built-in proxy's whole CPU per request, paired per round. Direct has no proxy.")
 	sec.Note("new conn = wrk sends `Connection: close`, and wrk reconnects for each request. " +
 		"conns/req counts new connections at the server side per request: mTLS sessions on the server " +
 		"sidecar's public listener (HAProxy stats) for haproxy-connect, connections the app accepted for the " +
@@ -774,6 +781,11 @@ func httpTargets(figs map[row]*figures) []string {
 		}
 		if len(hc.cpuPer1k) > 0 && len(bi.cpuPer1k) > 0 {
 			t += ", CPU per request ÷ built-in " + bench.TargetRatio(bench.PerRound(hc.cpuPer1k, bi.cpuPer1k).Median(), 0.5)
+			if len(hc.sysPer1k) == len(hc.cpuPer1k) {
+				t += fmt.Sprintf(" (of the built-in proxy's whole CPU per request, haproxy-connect's kernel time is %s and its user time %s)",
+					bench.PerRound(hc.sysPer1k, bi.cpuPer1k).Format(bench.X),
+					bench.PerRound(bench.DiffRounds(hc.cpuPer1k, hc.sysPer1k), bi.cpuPer1k).Format(bench.X))
+			}
 		}
 		out = append(out, t)
 	}
